@@ -1,0 +1,174 @@
+"""Environment overrides for ``code/config.py`` and loading of that file.
+
+``code/config.py`` keeps the reference's constant names and defaults; this module lets every
+constant be overridden by an environment variable of the same name without editing the file, so
+one launch line configures every rank of a ``torchrun`` job::
+
+    PATCH_NUM_LAYERS=2 M3_HIDDEN_SIZE=128 torchrun --nproc_per_node=2 code/train_m3.py
+
+Values are parsed by the type of the default (bool, int, float, str, list) and type-checked.
+An environment variable that starts with one of the config's own prefixes (``M3_``, ``CLAMP2_``)
+but names no constant is an error, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping, MutableMapping
+
+# Prefixes reserved for config names: an unknown variable with one of them is a typo.
+RESERVED_PREFIXES = ("M3_", "CLAMP2_")
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+class ConfigError(ValueError):
+    """An environment override that cannot be applied."""
+
+
+def _is_config_name(name: str) -> bool:
+    return name.isupper() and not name.startswith("_")
+
+
+def parse_value(name: str, raw: str, default: Any) -> Any:
+    """Parse the text ``raw`` of variable ``name`` into the type of ``default``."""
+    text = raw.strip()
+    if isinstance(default, bool):
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{name}={raw!r}: expected a boolean (1/0, true/false, yes/no, on/off)")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a number") from None
+    if isinstance(default, (list, tuple)):
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:
+                try:
+                    items = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    raise ConfigError(f"{name}={raw!r}: expected a JSON list or comma-separated values") from None
+            if not isinstance(items, list):
+                raise ConfigError(f"{name}={raw!r}: expected a list")
+        else:
+            items = [part.strip() for part in text.split(",") if part.strip()]
+        if default:
+            element_default = default[0]
+            items = [parse_value(name, str(item), element_default) if isinstance(item, str) else item for item in items]
+        return type(default)(items)
+    if default is None:
+        if text.lower() in {"none", "null", ""}:
+            return None
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return raw
+    return raw
+
+
+def apply_env_overrides(namespace: MutableMapping[str, Any], names=None,
+                        environ: Mapping[str, str] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Replace the constants of ``namespace`` found in ``environ``; return ``{name: (default, value)}``.
+
+    ``names`` restricts the pass to some constants (used for the derived paths, which are computed
+    after the first pass and may be overridden on their own). Every applied override is also
+    recorded in ``namespace['_OVERRIDES']`` so scripts can print it.
+    """
+    environ = os.environ if environ is None else environ
+    candidates = [n for n in (names if names is not None else list(namespace)) if _is_config_name(n)]
+    applied: dict[str, tuple[Any, Any]] = {}
+    for name in candidates:
+        if name not in environ:
+            continue
+        default = namespace[name]
+        value = parse_value(name, environ[name], default)
+        namespace[name] = value
+        if value != default:
+            applied[name] = (default, value)
+    record = namespace.setdefault("_OVERRIDES", {})
+    record.update(applied)
+    return applied
+
+
+def check_unknown_overrides(namespace: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> None:
+    """Fail on an environment variable with a reserved prefix that names no constant."""
+    environ = os.environ if environ is None else environ
+    known = [n for n in namespace if _is_config_name(n)]
+    unknown = sorted(n for n in environ if n.startswith(RESERVED_PREFIXES) and n not in known)
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise ConfigError(
+            "unknown config override(s) in the environment: " + ", ".join(hints)
+            + ". Every M3_*/CLAMP2_* variable must name a constant of code/config.py; unset it or fix the name."
+        )
+
+
+def derived_log_path(weights_path: str) -> str:
+    """The log file of a weights file: ``weights``→``logs`` and ``.pth``→``.txt`` in the file name."""
+    folder, name = os.path.split(weights_path)
+    name = name.replace("weights", "logs", 1)
+    if name.endswith(".pth"):
+        name = name[: -len(".pth")] + ".txt"
+    return os.path.join(folder, name)
+
+
+def load_config(path: str | os.PathLike, report: bool = True) -> ModuleType:
+    """Execute a config file afresh (so the current environment's overrides apply) and return it.
+
+    With ``report`` the values that differ from the defaults are printed once, by the main process.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"clamp2_config_{abs(hash(str(path.resolve())))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if report:
+        print_overrides(module)
+    return module
+
+
+def overrides_of(config: ModuleType | Any) -> dict[str, tuple[Any, Any]]:
+    return dict(getattr(config, "_OVERRIDES", {}))
+
+
+def print_overrides(config: ModuleType | Any, file=None) -> None:
+    """Print the config values that differ from the defaults (main process only)."""
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    overrides = overrides_of(config)
+    if not overrides:
+        return
+    file = sys.stderr if file is None else file
+    items = ", ".join(f"{k}={v!r} (default {d!r})" for k, (d, v) in overrides.items())
+    print(f"config overrides from the environment: {items}", file=file)
+
+
+def config_dict(config: ModuleType | Any) -> dict[str, Any]:
+    """The constants of a config module as a plain dict (stored inside checkpoints)."""
+    return {k: getattr(config, k) for k in dir(config)
+            if _is_config_name(k) and isinstance(getattr(config, k), (bool, int, float, str, list, tuple, type(None)))}

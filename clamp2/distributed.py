@@ -1,0 +1,91 @@
+"""The one module that owns ``torch.distributed``: setup, rank/device info, barrier, teardown.
+
+Reads the variables of ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and of the
+legacy ``python -m torch.distributed.launch`` (which passes ``--local_rank`` or, with
+``--use_env``, LOCAL_RANK). Picks NCCL on CUDA and gloo on CPU. One process without those
+variables runs undistributed. Use it as a context manager so teardown happens in ``finally``::
+
+    with distributed_context() as dist_info:
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, timeout_minutes: int = 30) -> DistInfo:
+    """Initialise the process group when launched with several processes; return this process's info."""
+    world_size = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local_rank = env_int("LOCAL_RANK", local_rank_arg if local_rank_arg is not None and local_rank_arg >= 0 else 0)
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+    backend = None
+    if world_size > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device, backend=backend)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_context(local_rank_arg: Optional[int] = None, device: Optional[str] = None) -> Iterator[DistInfo]:
+    info = setup(local_rank_arg, device)
+    try:
+        yield info
+    finally:
+        teardown()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    """The mean of a Python number over all processes (itself when undistributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()

@@ -1,0 +1,82 @@
+"""File discovery, output-path mirroring and atomic writes: the one place batch scripts share.
+
+Every batch tool in this project walks an input folder recursively, writes one output per input
+under the same relative folder of an output folder, skips outputs that already exist (so a
+re-run resumes), and never leaves a truncated file behind (write to a temporary name in the same
+folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+
+def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+
+
+def find_files(root: str | os.PathLike, extensions: Iterable[str]) -> list[Path]:
+    """All files under ``root`` (recursively) whose suffix is one of ``extensions``, sorted.
+
+    Matching is case-insensitive; hidden files and folders (name starting with ``.``) and our own
+    temporary files are ignored. Sorting makes the order, and so every run, deterministic.
+    """
+    root = Path(root)
+    wanted = normalize_extensions(extensions)
+    if root.is_file():
+        return [root] if root.suffix.lower() in wanted else []
+    found = []
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith(".") or name.endswith(TMP_SUFFIX):
+                continue
+            if os.path.splitext(name)[1].lower() in wanted:
+                found.append(Path(folder) / name)
+    return sorted(found)
+
+
+def mirror_path(input_path: str | os.PathLike, input_root: str | os.PathLike,
+                output_root: str | os.PathLike, new_suffix: str) -> Path:
+    """``output_root / <input's folder relative to input_root> / <stem><new_suffix>``."""
+    input_path, input_root = Path(input_path), Path(input_root)
+    relative = input_path.relative_to(input_root) if input_root.is_dir() else Path(input_path.name)
+    return Path(output_root) / relative.parent / (relative.stem + new_suffix)
+
+
+TMP_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    # newline="" so the bytes written are exactly the string's (no \r\n translation anywhere).
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding=encoding, newline="") as f:
+            f.write(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+

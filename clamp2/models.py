@@ -1,0 +1,174 @@
+"""M3 and CLaMP 2 models (SPEC §5–6), with the published checkpoints' state-dict layout.
+
+The module names (``encoder.patch_embedding``, ``encoder.base``, ``decoder.base``, ``text_model``,
+``text_proj``, ``music_model``, ``music_proj``) are the published keys: do not rename them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+from .patchilizer import NUM_CLASSES, PAD_TOKEN_ID
+
+
+@dataclass(frozen=True)
+class M3Dims:
+    """The sizes that define an M3 model (config.py's PATCH_* / TOKEN_* / M3_HIDDEN_SIZE)."""
+
+    patch_size: int = 64
+    patch_length: int = 512
+    patch_num_layers: int = 12
+    token_num_layers: int = 3
+    hidden_size: int = 768
+
+    @classmethod
+    def from_config(cls, config) -> "M3Dims":
+        return cls(config.PATCH_SIZE, config.PATCH_LENGTH, config.PATCH_NUM_LAYERS,
+                   config.TOKEN_NUM_LAYERS, config.M3_HIDDEN_SIZE)
+
+
+def m3_encoder_config(dims: M3Dims) -> BertConfig:
+    return BertConfig(vocab_size=1, hidden_size=dims.hidden_size, num_hidden_layers=dims.patch_num_layers,
+                      num_attention_heads=dims.hidden_size // 64, intermediate_size=dims.hidden_size * 4,
+                      max_position_embeddings=dims.patch_length)
+
+
+def m3_decoder_config(dims: M3Dims) -> GPT2Config:
+    # bos/eos default to 50256, out of this 128-token vocabulary: unset them.
+    return GPT2Config(vocab_size=NUM_CLASSES, n_positions=dims.patch_size, n_embd=dims.hidden_size,
+                      n_layer=dims.token_num_layers, n_head=dims.hidden_size // 64,
+                      n_inner=dims.hidden_size * 4, bos_token_id=None, eos_token_id=None)
+
+
+def one_hot_patches(patches: torch.Tensor, patch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N*patch_size] or [B, N, patch_size] ids → [B, N, patch_size*128] one-hot, on the ids' device."""
+    patches = patches.reshape(patches.shape[0], -1, patch_size)
+    one_hot = F.one_hot(patches.long(), num_classes=NUM_CLASSES)
+    return one_hot.reshape(patches.shape[0], patches.shape[1], patch_size * NUM_CLASSES).to(dtype)
+
+
+class M3PatchEncoder(nn.Module):
+    """One-hot patches → Linear → BERT (via ``inputs_embeds``)."""
+
+    def __init__(self, dims: M3Dims):
+        super().__init__()
+        self.dims = dims
+        self.patch_embedding = nn.Linear(dims.patch_size * NUM_CLASSES, dims.hidden_size)
+        nn.init.normal_(self.patch_embedding.weight, std=0.02)
+        self.base = BertModel(m3_encoder_config(dims))
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def forward(self, input_patches: torch.Tensor, input_masks: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, N, hidden] of patches [B, N, patch_size] under mask [B, N]."""
+        weight = self.patch_embedding.weight
+        # The one-hot is built where the model lives (the reference builds it on the CPU).
+        embeds = self.patch_embedding(one_hot_patches(input_patches.to(weight.device), self.dims.patch_size, weight.dtype))
+        out = self.base(inputs_embeds=embeds, attention_mask=input_masks.to(weight.device))
+        return out.last_hidden_state
+
+
+class M3TokenDecoder(nn.Module):
+    """GPT-2 that reconstructs a patch's characters from its encoder vector."""
+
+    def __init__(self, dims: M3Dims):
+        super().__init__()
+        self.dims = dims
+        self.base = GPT2LMHeadModel(m3_decoder_config(dims))
+
+    def forward(self, patch_features: torch.Tensor, target_patches: torch.Tensor) -> torch.Tensor:
+        """LM loss of ``target_patches`` [K, patch_size] given ``patch_features`` [K, hidden]."""
+        token_embeds = F.embedding(target_patches, self.base.transformer.wte.weight)
+        # The encoder vector takes the place of the bos token: position 0 conditions the patch.
+        inputs_embeds = torch.cat((patch_features.unsqueeze(1), token_embeds[:, 1:, :]), dim=1)
+        is_pad = target_patches == PAD_TOKEN_ID
+        labels = target_patches.masked_fill(is_pad, -100)
+        attention_mask = (~is_pad).long()
+        return self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels).loss
+
+
+class M3Model(nn.Module):
+    """M3: patch encoder + token decoder, pre-trained by masked-patch reconstruction."""
+
+    def __init__(self, dims: M3Dims):
+        super().__init__()
+        self.dims = dims
+        self.encoder = M3PatchEncoder(dims)
+        self.decoder = M3TokenDecoder(dims)
+
+    def forward(self, input_patches, input_masks, selected_indices, target_patches) -> torch.Tensor:
+        """Reconstruction loss of the selected (corrupted) patches."""
+        device = self.encoder.device
+        size = self.dims.patch_size
+        input_patches = input_patches.reshape(len(input_patches), -1, size).to(device)
+        target_patches = target_patches.reshape(len(target_patches), -1, size).to(device)
+        selected = selected_indices.to(device).bool()
+        hidden = self.encoder(input_patches, input_masks.to(device))
+        return self.decoder(hidden[selected], target_patches[selected])
+
+
+def masked_mean(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where ``masks`` is 1: [B, L, H], [B, L] → [B, H]."""
+    masks = masks.unsqueeze(-1).to(features.dtype)
+    return (features * masks).sum(dim=1) / masks.sum(dim=1)
+
+
+class CLaMP2Model(nn.Module):
+    """XLM-R text encoder + M3 patch encoder, each with a projection into the joint space.
+
+    ``text_model`` is passed in (see :mod:`clamp2.text_model`): from pretrained weights for training,
+    from a config alone when a CLaMP 2 checkpoint will overwrite it anyway.
+    """
+
+    def __init__(self, text_model: nn.Module, m3_dims: M3Dims, hidden_size: int = 768):
+        super().__init__()
+        self.text_model = text_model
+        self.text_proj = nn.Linear(text_model.config.hidden_size, hidden_size)
+        nn.init.normal_(self.text_proj.weight, std=0.02)
+        self.music_model = M3PatchEncoder(m3_dims)
+        self.music_proj = nn.Linear(m3_dims.hidden_size, hidden_size)
+        nn.init.normal_(self.music_proj.weight, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_proj.weight.device
+
+    def text_states(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        device = self.device
+        return self.text_model(input_ids.to(device), attention_mask=masks.to(device)).last_hidden_state
+
+    def music_states(self, patches: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.music_model(patches, masks)
+
+    def text_global(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Masked mean of the text states, projected. Not L2-normalised."""
+        states = self.text_states(input_ids, masks)
+        return self.text_proj(masked_mean(states, masks.to(states.device)))
+
+    def music_global(self, patches: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Masked mean of the music states, projected. Not L2-normalised."""
+        states = self.music_states(patches, masks)
+        return self.music_proj(masked_mean(states, masks.to(states.device)))
+
+    def forward(self, text_inputs, text_masks, music_inputs, music_masks, logit_scale: float = 1.0,
+                loss_fn: Optional[nn.Module] = None) -> torch.Tensor:
+        """Symmetric contrastive loss of a batch of (text, music) pairs."""
+        from .loss import ContrastiveLoss
+
+        loss_fn = loss_fn or ContrastiveLoss()
+        text = self.text_global(text_inputs, text_masks)
+        music = self.music_global(music_inputs, music_masks)
+        return loss_fn(text, music, logit_scale)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

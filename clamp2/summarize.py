@@ -1,0 +1,623 @@
+"""Multilingual summaries of music metadata by an LLM (SPEC §11) and their merge into training JSONL (§7).
+
+For every metadata ``.json`` file (one per piece, with ``filepaths``) an OpenAI-compatible
+chat-completions endpoint is asked for an English summary plus the same summary in one language
+of the 100 CLaMP 2 languages (``clamp2/data/languages.txt``). Users run this over hundreds of
+thousands of files and pay per request, so the batch driver is built so that nothing is lost or
+paid for twice:
+
+- an output that exists is skipped (re-running resumes), outputs are written atomically;
+- the language of a file is a function of ``(seed, relative path)`` only, so it does not depend on
+  worker scheduling or on which files were skipped on a resume;
+- rate limits, 5xx answers, timeouts and connection errors are retried with capped exponential
+  back-off and full jitter; other API errors fail the file without retry;
+- 401/403/404 (wrong key, no access to the model, wrong model name or base URL) would fail every
+  file identically, so they abort the whole run instead of paying nothing for a log full of them;
+- the API key is only ever held by the client; every failure reason is redacted before it is
+  logged.
+
+Public API: :func:`load_languages`, :func:`choose_language`, :func:`build_messages`,
+:func:`strip_code_fence`, :func:`parse_answer`, :func:`build_output`, :func:`make_client`,
+:func:`request_summary`, :func:`backoff_delay`, :func:`summarize_folder`, :func:`merge_summaries`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import openai
+
+from clamp2.files import atomic_write_text, find_files, mirror_path
+
+FAILURE_LOG_NAME = "failed_summaries.log"
+DEFAULT_SEED = 0
+# Fields the pipeline itself adds; an input that already has them must not send them as metadata.
+SUMMARY_FIELDS = ("summary_en", "summary_nen")
+
+
+# --------------------------------------------------------------------------------------------------
+# Languages
+
+
+def load_languages(path: str | os.PathLike | None = None) -> list[str]:
+    """The non-English languages to choose from: the packaged list of 100, or one per line of ``path``.
+
+    Blank lines are ignored and duplicates kept once (first occurrence), so the order, and with it
+    every seeded choice, is that of the file. English is refused: ``summary_nen`` is by definition
+    a non-English summary.
+    """
+    if path is None:
+        # clamp2.data is a regular package so that this works however clamp2 itself was installed.
+        text = resources.files("clamp2.data").joinpath("languages.txt").read_text(encoding="utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    languages = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    if not languages:
+        raise ValueError(f"no languages in {path or 'the packaged list'}")
+    if any(language.casefold() == "english" for language in languages):
+        raise ValueError("the language list must not contain English (summary_nen is non-English)")
+    return languages
+
+
+def choose_language(seed: int, relative_path: str, languages: list[str]) -> str:
+    """The language of one file: ``random.Random(f"{seed}:{relative_path}").choice(languages)``.
+
+    Seeding from the file's own relative path (POSIX form) instead of drawing from one shared
+    generator makes the choice independent of worker scheduling and of which files a resumed run
+    skips; a string seed is hashed with SHA-512 by ``random``, so it is stable across processes
+    and Python's hash randomisation.
+    """
+    return random.Random(f"{seed}:{relative_path}").choice(languages)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt
+
+SYSTEM_PROMPT = (
+    "You are a music expert. You will be given the metadata of a piece of music in JSON format. "
+    "Using only this metadata, write a concise, comprehensive and coherent summary of the piece "
+    "in English, then translate that summary into the language given by the \"nen_language\" "
+    "field. Output only JSON in exactly this format:\n"
+    '{"summary_en": "<the summary in English>", "summary_nen": {"language": "<the language given '
+    'by nen_language>", "summary": "<the summary in that language>"}}\n'
+    "If there is too little musical information in the metadata to write a meaningful summary, "
+    "output only the word None."
+)
+
+# One rich example answered in full and one sparse example answered None, as in the reference.
+FEW_SHOT_EXAMPLES: list[tuple[dict[str, Any], str]] = [
+    (
+        {
+            "title": "Hard Times Come Again No More",
+            "composer": "Stephen Foster",
+            "genres": ["Folk", "Parlor song"],
+            "description": "An American parlor song published in 1854 that asks listeners to "
+                           "remember the poor and the suffering amid their own comforts.",
+            "lyrics": "Let us pause in life's pleasures and count its many tears,\n"
+                      "While we all sup sorrow with the poor;",
+            "tags": ["19th century", "ballad"],
+            "ensembles": ["Voice and piano"],
+            "instruments": ["Voice", "Piano"],
+            "nen_language": "German",
+        },
+        json.dumps(
+            {
+                "summary_en": "\"Hard Times Come Again No More\" is a parlor song by Stephen Foster, "
+                              "published in 1854. Set for voice and piano, this folk ballad asks "
+                              "listeners to pause amid life's pleasures and remember the poor; its "
+                              "gentle, sorrowful melody and refrain turn private comfort into "
+                              "compassion.",
+                "summary_nen": {
+                    "language": "German",
+                    "summary": "„Hard Times Come Again No More“ ist ein 1854 veröffentlichtes "
+                               "Salonlied von Stephen Foster. Die volksliedhafte Ballade für Gesang "
+                               "und Klavier bittet die Zuhörer, inmitten der Freuden des Lebens "
+                               "innezuhalten und an die Armen zu denken; ihre sanfte, wehmütige "
+                               "Melodie und ihr Refrain verwandeln privates Behagen in Mitgefühl.",
+                },
+            },
+            ensure_ascii=False,
+        ),
+    ),
+    ({"title": "Track 07", "nen_language": "Japanese"}, "None"),
+]
+
+
+def drop_nulls(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in metadata.items() if value is not None}
+
+
+def request_metadata(metadata: dict[str, Any], language: str) -> dict[str, Any]:
+    """What the model sees: the fields without nulls, ``filepaths`` or earlier summaries, plus ``nen_language``."""
+    sent = {key: value for key, value in drop_nulls(metadata).items()
+            if key != "filepaths" and key not in SUMMARY_FIELDS}
+    sent["nen_language"] = language
+    return sent
+
+
+def build_messages(metadata: dict[str, Any], language: str) -> list[dict[str, str]]:
+    """System prompt, the two few-shot exchanges, then this piece's metadata as the user message."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for example, answer in FEW_SHOT_EXAMPLES:
+        messages.append({"role": "user", "content": json.dumps(example, ensure_ascii=False)})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user",
+                     "content": json.dumps(request_metadata(metadata, language), ensure_ascii=False)})
+    return messages
+
+
+# --------------------------------------------------------------------------------------------------
+# Answers
+
+
+class AnswerError(ValueError):
+    """The model's answer cannot be used; the message is the reason logged for the file."""
+
+
+_CODE_FENCE = re.compile(r"^```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL)
+
+
+def strip_code_fence(text: str) -> str:
+    """The answer without surrounding whitespace and a Markdown fence (```json ... ```), which chat
+    models add often enough that refusing it would pay again for a usable answer."""
+    stripped = text.strip()
+    match = _CODE_FENCE.match(stripped)
+    return match.group(1).strip() if match else stripped
+
+
+def _non_empty_string(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def parse_answer(content: str | None, language: str,
+                 finish_reason: str | None = None) -> tuple[str, dict[str, str]]:
+    """``(summary_en, summary_nen)`` from the model's answer, or :class:`AnswerError` with the reason.
+
+    Failures: no content, ``None`` (too little musical information), invalid JSON (a truncated
+    answer says so), not an object, missing or empty summaries, or a ``summary_nen.language``
+    other than the one asked for. The language is compared ignoring case and surrounding spaces,
+    and the returned ``summary_nen`` names it as the list does, so the data stays canonical.
+    """
+    if content is None or not content.strip():
+        raise AnswerError("empty answer")
+    text = strip_code_fence(content)
+    if text.strip("`'\". ").casefold() == "none":
+        raise AnswerError("model answered None (too little musical information)")
+    try:
+        answer = json.loads(text)
+    except json.JSONDecodeError as error:
+        if finish_reason == "length":
+            raise AnswerError("answer truncated (finish_reason=length), invalid JSON") from None
+        raise AnswerError(f"invalid JSON in answer ({error.msg} at char {error.pos})") from None
+    if not isinstance(answer, dict):
+        raise AnswerError(f"answer is JSON {type(answer).__name__}, not an object")
+    for key in SUMMARY_FIELDS:
+        if key not in answer:
+            raise AnswerError(f"answer has no {key}")
+    summary_en, summary_nen = answer["summary_en"], answer["summary_nen"]
+    if not _non_empty_string(summary_en):
+        raise AnswerError("summary_en is empty or not a string")
+    if not isinstance(summary_nen, dict):
+        raise AnswerError("summary_nen is not an object")
+    if not _non_empty_string(summary_nen.get("summary")):
+        raise AnswerError("summary_nen.summary is empty or not a string")
+    answered = summary_nen.get("language")
+    if not isinstance(answered, str) or answered.strip().casefold() != language.casefold():
+        raise AnswerError(f"summary_nen.language is {answered!r}, asked for {language!r}")
+    return summary_en.strip(), {"language": language, "summary": summary_nen["summary"].strip()}
+
+
+def build_output(metadata: dict[str, Any], summary_en: str, summary_nen: dict[str, str]) -> dict[str, Any]:
+    """The output record: input fields without nulls, then ``summary_en``, ``summary_nen``, ``filepaths``."""
+    record = {key: value for key, value in drop_nulls(metadata).items()
+              if key != "filepaths" and key not in SUMMARY_FIELDS}
+    record["summary_en"] = summary_en
+    record["summary_nen"] = summary_nen
+    record["filepaths"] = metadata["filepaths"]
+    return record
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """One input file as a dict; :class:`ValueError` with the reason when it cannot be summarised.
+
+    ``filepaths`` is required before any request is paid for: a summary without music files is
+    useless for training and would be dropped by the merge.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"input is not UTF-8 ({error.reason})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"input is not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"input is JSON {type(metadata).__name__}, not an object")
+    filepaths = metadata.get("filepaths")
+    if (not isinstance(filepaths, list) or not filepaths
+            or not all(_non_empty_string(entry) for entry in filepaths)):
+        raise ValueError("input has no filepaths list of file names")
+    return metadata
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try one request: ``max_retries`` re-sends after the first attempt, each after a
+    full-jitter delay of ``uniform(0, min(backoff_cap, backoff_base * 2**retry))`` seconds, each
+    attempt limited to ``timeout`` seconds."""
+
+    max_retries: int = 5
+    timeout: float = 60.0
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+
+
+RETRYABLE_ERRORS = (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError,
+                    openai.InternalServerError)
+# Errors that would be the same for every file of the run.
+FATAL_ERRORS = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+
+
+class SummaryRequestError(Exception):
+    """A request that produced no answer; ``reason`` is redacted, ``retries`` counts re-sends."""
+
+    def __init__(self, reason: str, retries: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.retries = retries
+
+
+class RequestFailed(SummaryRequestError):
+    """This file failed (non-retryable error, or retries exhausted)."""
+
+
+class FatalAPIError(SummaryRequestError):
+    """The run cannot succeed for any file (wrong key, no access, wrong model or URL)."""
+
+
+class RequestCancelled(SummaryRequestError):
+    """The run was aborted while this request waited; the file is neither done nor failed."""
+
+
+@dataclass
+class RequestResult:
+    content: str | None
+    finish_reason: str | None
+    retries: int
+
+
+def make_client(api_key: str, base_url: str | None = None, timeout: float = 60.0) -> openai.OpenAI:
+    """The official client with its own retries off: :func:`request_summary` retries and counts.
+
+    ``base_url=None`` keeps the client's default (``OPENAI_BASE_URL`` or api.openai.com).
+    """
+    return openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+
+
+def redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A reason fit for a ``path<TAB>reason`` log line: no tabs or newlines, bounded length."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def describe_error(error: BaseException, secret: str | None = None) -> str:
+    if isinstance(error, openai.APIStatusError):
+        text = f"HTTP {error.status_code} {type(error).__name__}: {error.message}"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return one_line(redact(text, secret))
+
+
+def retry_after_seconds(error: BaseException) -> float | None:
+    """The server's ``Retry-After`` (seconds form) when it sent one, else None."""
+    response = getattr(error, "response", None)
+    if response is None:
+        return None
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 else None
+
+
+def backoff_delay(retry: int, policy: RetryPolicy, rng: random.Random | None = None,
+                  retry_after: float | None = None) -> float:
+    """Seconds to wait before re-send number ``retry + 1``.
+
+    Full jitter spreads the retries of many workers hit by the same rate limit instead of
+    re-sending them in lock-step; a server's ``Retry-After`` is honoured, but never beyond the cap.
+    """
+    rng = rng or random
+    delay = rng.uniform(0.0, min(policy.backoff_cap, policy.backoff_base * 2 ** retry))
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, policy.backoff_cap))
+    return delay
+
+
+def request_summary(client: openai.OpenAI, model: str, messages: list[dict[str, str]],
+                    policy: RetryPolicy = RetryPolicy(), *, secret: str | None = None,
+                    stop: threading.Event | None = None,
+                    rng: random.Random | None = None) -> RequestResult:
+    """One chat completion with retries; raises a :class:`SummaryRequestError` subclass on failure.
+
+    ``stop`` (set when the run aborts) is checked before every attempt and interrupts back-off, so
+    an abort sends no further paid requests.
+    """
+    stop = stop or threading.Event()
+    retries = 0
+    while True:
+        if stop.is_set():
+            raise RequestCancelled("run aborted", retries)
+        try:
+            response = client.chat.completions.create(model=model, messages=messages,
+                                                      timeout=policy.timeout)
+        except FATAL_ERRORS as error:
+            raise FatalAPIError(describe_error(error, secret), retries) from None
+        except RETRYABLE_ERRORS as error:
+            if retries >= policy.max_retries:
+                raise RequestFailed(f"gave up after {retries} retries: {describe_error(error, secret)}",
+                                    retries) from None
+            delay = backoff_delay(retries, policy, rng, retry_after_seconds(error))
+            retries += 1
+            if stop.wait(delay):
+                raise RequestCancelled("run aborted", retries) from None
+            continue
+        except openai.OpenAIError as error:
+            raise RequestFailed(describe_error(error, secret), retries) from None
+        if not response.choices:
+            raise RequestFailed("response has no choices", retries)
+        choice = response.choices[0]
+        return RequestResult(choice.message.content if choice.message else None,
+                             choice.finish_reason, retries)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch driver
+
+
+@dataclass
+class SummaryCounts:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    retries: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    aborted: str | None = None  # the fatal error's reason when the run stopped early
+
+    def summary_line(self) -> str:
+        return f"done {self.done}, skipped {self.skipped}, failed {self.failed}, retries {self.retries}"
+
+
+@dataclass
+class _Outcome:
+    relative_path: str
+    status: str  # "done", "failed", "fatal" or "cancelled"
+    reason: str = ""
+    retries: int = 0
+
+
+def _relative_posix(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                     client: openai.OpenAI, model: str, *, languages: list[str] | None = None,
+                     seed: int = DEFAULT_SEED, workers: int = 8,
+                     policy: RetryPolicy = RetryPolicy(), secret: str | None = None,
+                     progress: bool = True,
+                     echo: Callable[[str], None] | None = None) -> SummaryCounts:
+    """Summarise every ``.json`` under ``input_dir`` into ``output_dir/<rel folder>/<stem>.json``.
+
+    Existing outputs are skipped; the rest go to a pool of ``workers`` threads. Each failure is
+    written as ``relative_path<TAB>reason`` to ``output_dir/failed_summaries.log`` (rewritten by
+    every run, flushed per line so it survives a crash) and passed to ``echo`` (default: stderr).
+    A file that failed is simply retried by the next run, since it has no output. A fatal API
+    error (401/403/404) stops the run: queued files are not sent, in-flight ones give up before
+    their next attempt, and ``counts.aborted`` holds the reason.
+    """
+    from tqdm import tqdm
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    languages = languages if languages is not None else load_languages()
+    counts = SummaryCounts()
+    stop = threading.Event()
+    echo = echo or (lambda line: tqdm.write(line, file=sys.stderr))
+
+    jobs: list[tuple[str, Path, Path]] = []
+    claimed: dict[Path, str] = {}
+    early_failures: list[tuple[str, str]] = []
+    for input_path in find_files(input_dir, [".json"]):
+        relative_path = _relative_posix(input_path, input_dir)
+        output_path = mirror_path(input_path, input_dir, output_dir, ".json")
+        # a.json and a.JSON in one folder would share an output: never overwrite silently.
+        if output_path in claimed:
+            early_failures.append((relative_path, f"same output as {claimed[output_path]}"))
+            continue
+        claimed[output_path] = relative_path
+        if output_path.exists():
+            counts.skipped += 1
+        else:
+            jobs.append((relative_path, input_path, output_path))
+
+    def summarize_one(relative_path: str, input_path: Path, output_path: Path) -> _Outcome:
+        if stop.is_set():
+            return _Outcome(relative_path, "cancelled")
+        try:
+            metadata = read_metadata(input_path)
+        except (OSError, ValueError) as error:
+            return _Outcome(relative_path, "failed", one_line(str(error)))
+        language = choose_language(seed, relative_path, languages)
+        retries = 0
+        try:
+            result = request_summary(client, model, build_messages(metadata, language), policy,
+                                     secret=secret, stop=stop)
+            retries = result.retries
+            summary_en, summary_nen = parse_answer(result.content, language, result.finish_reason)
+            text = json.dumps(build_output(metadata, summary_en, summary_nen), indent=4,
+                              ensure_ascii=False)
+            atomic_write_text(output_path, text)
+        except FatalAPIError as error:
+            stop.set()  # before returning, so no queued file starts a request after this one
+            return _Outcome(relative_path, "fatal", error.reason, error.retries)
+        except RequestCancelled as error:
+            return _Outcome(relative_path, "cancelled", error.reason, error.retries)
+        except RequestFailed as error:
+            return _Outcome(relative_path, "failed", error.reason, error.retries)
+        except AnswerError as error:
+            return _Outcome(relative_path, "failed", one_line(redact(str(error), secret)), retries)
+        except Exception as error:  # noqa: BLE001 - one odd file must not end a paid-for batch
+            return _Outcome(relative_path, "failed", describe_error(error, secret), retries)
+        return _Outcome(relative_path, "done", retries=retries)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / FAILURE_LOG_NAME, "w", encoding="utf-8", newline="\n") as log, \
+            tqdm(total=len(jobs), desc="summaries", unit="file", disable=not progress,
+                 file=sys.stderr) as bar:
+
+        def record(outcome: _Outcome) -> None:
+            counts.retries += outcome.retries
+            if outcome.status == "done":
+                counts.done += 1
+            elif outcome.status == "failed":
+                fail(outcome.relative_path, outcome.reason)
+            elif outcome.status == "fatal" and counts.aborted is None:
+                counts.aborted = outcome.reason
+            bar.update(1)
+
+        def fail(relative_path: str, reason: str) -> None:
+            counts.failed += 1
+            counts.failures.append((relative_path, reason))
+            log.write(f"{relative_path}\t{reason}\n")
+            log.flush()
+            echo(f"failed: {relative_path}: {reason}")
+
+        for relative_path, reason in early_failures:
+            fail(relative_path, reason)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(summarize_one, *job) for job in jobs]
+            handled = set()
+            try:
+                for future in as_completed(futures):
+                    handled.add(future)
+                    record(future.result())
+                    if stop.is_set():
+                        break
+            except BaseException:
+                # Ctrl-C: leaving the pool would otherwise run every queued (paid) request first.
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                raise
+            if stop.is_set():
+                for future in futures:
+                    future.cancel()
+                # Requests already answered are kept (and paid for); the rest return cancelled.
+                for future in futures:
+                    if future not in handled and not future.cancelled():
+                        record(future.result())
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge into training JSONL
+
+
+@dataclass
+class MergeResult:
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+
+
+def _check_summaries(record: dict[str, Any]) -> None:
+    """SPEC §7 *fix*: ``summary_en`` may be a string or a list of strings, ``summary_nen`` an
+    object or a list of objects; each must carry text."""
+    summary_en = record.get("summary_en")
+    items = summary_en if isinstance(summary_en, list) else [summary_en]
+    if not items or not all(_non_empty_string(item) for item in items):
+        raise ValueError("summary_en is missing or empty (string or list of strings expected)")
+    summary_nen = record.get("summary_nen")
+    items = summary_nen if isinstance(summary_nen, list) else [summary_nen]
+    if not items or not all(isinstance(item, dict) and _non_empty_string(item.get("summary"))
+                            and _non_empty_string(item.get("language")) for item in items):
+        raise ValueError("summary_nen is missing or malformed (object or list of objects with "
+                         "language and summary expected)")
+
+
+def resolve_filepath(entry: Any, data_root: str | os.PathLike, jsonl_dir: str | os.PathLike) -> str:
+    """``entry`` (relative to ``data_root``, or absolute inside it) rewritten relative to ``jsonl_dir``.
+
+    Raises :class:`ValueError` when the entry is not a non-empty string, leaves the data root
+    (``..`` or an absolute path elsewhere) or names no existing file. The containment test is
+    lexical (``normpath``), so a symlink the user placed inside the root is followed, not refused.
+    """
+    if not _non_empty_string(entry):
+        raise ValueError(f"filepaths entry {entry!r} is not a file name")
+    root = os.path.normpath(os.path.abspath(data_root))
+    candidate = os.path.normpath(os.path.join(root, entry))  # join keeps an absolute entry as is
+    if os.path.commonpath([root, candidate]) != root:
+        raise ValueError(f"filepaths entry {entry!r} is outside the data root {root}")
+    if not os.path.isfile(candidate):
+        raise ValueError(f"filepaths entry {entry!r} does not exist under the data root {root}")
+    return Path(os.path.relpath(candidate, os.path.abspath(jsonl_dir))).as_posix()
+
+
+def merge_summaries(summaries_dir: str | os.PathLike, jsonl_path: str | os.PathLike,
+                    data_root: str | os.PathLike | None = None,
+                    echo: Callable[[str], None] | None = None) -> MergeResult:
+    """Write every summary ``.json`` under ``summaries_dir`` as one line of ``jsonl_path``.
+
+    Records are ordered by relative path (deterministic output), written with
+    ``ensure_ascii=False`` through an atomic write. ``filepaths`` are read relative to
+    ``data_root`` (default: the JSONL's folder) and written relative to the JSONL's folder, as
+    training reads them (SPEC §7). A record that is not valid JSON, lacks usable summaries, or has
+    a bad ``filepaths`` entry is reported through ``echo`` and left out. Summary shapes are kept as
+    they are.
+    """
+    summaries_dir, jsonl_path = Path(summaries_dir), Path(jsonl_path)
+    jsonl_dir = jsonl_path.parent
+    data_root = Path(data_root) if data_root is not None else jsonl_dir
+    echo = echo or (lambda line: print(line, file=sys.stderr))
+    result = MergeResult()
+    lines = []
+    paths = sorted(find_files(summaries_dir, [".json"]),
+                   key=lambda path: _relative_posix(path, summaries_dir))
+    for path in paths:
+        relative_path = _relative_posix(path, summaries_dir)
+        try:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    record = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"not valid JSON ({error})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"JSON {type(record).__name__}, not an object")
+            _check_summaries(record)
+            filepaths = record.get("filepaths")
+            if not isinstance(filepaths, list) or not filepaths:
+                raise ValueError("no filepaths list")
+            record["filepaths"] = [resolve_filepath(entry, data_root, jsonl_dir) for entry in filepaths]
+        except ValueError as error:
+            result.skipped.append((relative_path, one_line(str(error))))
+            echo(f"skipped: {relative_path}: {one_line(str(error))}")
+            continue
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write_text(jsonl_path, "".join(lines))
+    result.written = len(lines)
+    return result

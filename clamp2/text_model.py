@@ -1,0 +1,88 @@
+"""Loading the text encoder (XLM-R) and its tokenizer from a hub id or a local folder.
+
+Training starts from pretrained text weights (``AutoModel.from_pretrained``). Extraction from a
+CLaMP 2 checkpoint only needs the architecture (``AutoModel.from_config``), because the checkpoint
+holds the text model's weights: that avoids reading ~1 GB of weights that are overwritten anyway.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+
+class TextModelUnavailable(OSError):
+    """The text model or tokenizer could not be found locally or on the hub."""
+
+
+def _unavailable(name: str, exc: Exception) -> TextModelUnavailable:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
+    where = "a local folder" if Path(name).exists() else "a Hugging Face hub id"
+    msg = (f"cannot load the text model/tokenizer '{name}' ({where}): {exc}\n"
+           f"  If this machine is offline{' (HF_HUB_OFFLINE is set)' if offline else ''}, download it where you have "
+           f"network access, e.g. `huggingface-cli download {name}` (cached under ~/.cache/huggingface) or "
+           f"`huggingface-cli download {name} --local-dir DIR`, and pass DIR with --text_model "
+           f"(or set TEXT_MODEL_NAME=DIR).")
+    return TextModelUnavailable(msg)
+
+
+def load_tokenizer(name_or_path: str):
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise _unavailable(name_or_path, exc) from exc
+
+
+def load_text_model(name_or_path: str, pretrained: bool = True):
+    """The text encoder with its pooler; ``pretrained=False`` builds it from the config alone."""
+    try:
+        if pretrained:
+            return AutoModel.from_pretrained(name_or_path)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name_or_path))
+    except (OSError, ValueError) as exc:
+        raise _unavailable(name_or_path, exc) from exc
+
+
+def build_small_text_model(out_dir: str | os.PathLike, texts, hidden_size: int = 32, num_layers: int = 2,
+                           num_heads: int = 2, max_positions: int = 130, max_words: int = 2000, seed: int = 0):
+    """Save a small XLM-R-architecture encoder and a Unigram tokenizer built from ``texts`` to ``out_dir``.
+
+    For tests and demos on machines that cannot download ``xlm-roberta-base``. The vocabulary is
+    deterministic (word pieces scored by log frequency, then single characters), with XLM-R's
+    special ids (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` last). Returns
+    ``(tokenizer, model)``.
+    """
+    import math
+    from collections import Counter
+
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizer
+
+    counts = Counter(word for text in texts for word in text.lower().split())
+    chars = sorted({c for word in counts for c in word} | set("abcdefghijklmnopqrstuvwxyz0123456789.,;:'-"))
+    total = sum(counts.values()) or 1
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_words]
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + word, math.log(n / total)) for word, n in top]
+    floor = math.log(1 / total) - 2.0
+    vocab += [("\u2581", floor)] + [(c, floor - 1.0) for c in chars] + [("\u2581" + c, floor - 2.0) for c in chars]
+    seen, unique = set(), []
+    for piece, score in vocab:
+        if piece not in seen:
+            seen.add(piece)
+            unique.append((piece, score))
+    unique.append(("<mask>", 0.0))
+    tokenizer = XLMRobertaTokenizer(vocab=unique)
+    config = XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                              num_attention_heads=num_heads, intermediate_size=hidden_size * 4,
+                              max_position_embeddings=max_positions, type_vocab_size=1, pad_token_id=1,
+                              bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    model = XLMRobertaModel(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    return tokenizer, model

@@ -1,0 +1,64 @@
+"""CLaMP 2 / M3 configuration: the one file researchers edit.
+
+Names and defaults are the reference's. Every constant can also be overridden without editing
+this file by an environment variable of the same name, e.g.
+``PATCH_NUM_LAYERS=2 M3_HIDDEN_SIZE=128 torchrun --nproc_per_node=2 code/train_m3.py``
+(bools: 1/0/true/false; lists: comma-separated or a JSON list). The weight and log file names
+are derived after the overrides, so they follow them.
+"""
+
+from clamp2.configuration import apply_env_overrides, check_unknown_overrides, derived_log_path
+
+# Configuration for the data
+EVAL_SPLIT = 0.01  # Fraction of training data used for evaluation when no eval set is given
+
+# Configuration for the M3 model
+TRAIN_FOLDERS = []  # Folders of .abc/.mtf files for M3 training (or --train_folders)
+EVAL_FOLDERS = []  # Folders of .abc/.mtf files for M3 evaluation (or --eval_folders)
+PATCH_SIZE = 64  # Size of each patch (characters, including bos/eos)
+PATCH_LENGTH = 512  # Maximum number of patches per sequence
+PATCH_NUM_LAYERS = 12  # Number of layers in the patch encoder
+TOKEN_NUM_LAYERS = 3  # Number of layers in the token decoder
+M3_HIDDEN_SIZE = 768  # Hidden size of the M3 model
+M3_NUM_EPOCH = 100  # Maximum number of epochs for M3 training
+M3_LEARNING_RATE = 1e-4  # Learning rate for the M3 optimizer
+M3_BATCH_SIZE = 16  # Batch size per GPU (single card) for M3 training
+M3_MASK_RATIO = 0.45  # Ratio of patches corrupted during M3 pre-training
+M3_DETERMINISTIC = True  # Seed 42 + rank and deterministic kernels for M3 training
+M3_WANDB_LOG = False  # Log M3 training to Weights & Biases (needs wandb and WANDB_API_KEY)
+M3_LOAD_CKPT = True  # Resume M3 training from the latest checkpoint if it exists
+
+# Configuration for the CLaMP 2 model
+TRAIN_JSONL = ""  # JSONL of training pairs for CLaMP 2 (or --train_jsonl)
+EVAL_JSONL = ""  # JSONL of evaluation pairs for CLaMP 2 (or --eval_jsonl)
+CLAMP2_HIDDEN_SIZE = 768  # Size of the joint text-music embedding space
+TEXT_MODEL_NAME = "FacebookAI/xlm-roberta-base"  # Text encoder: hub id or local directory
+CLAMP2_NUM_EPOCH = 100  # Maximum number of epochs for CLaMP 2 training
+CLAMP2_LEARNING_RATE = 5e-5  # Learning rate for the CLaMP 2 optimizer
+CLAMP2_BATCH_SIZE = 128  # Batch size per GPU (single card) for CLaMP 2 training
+LOGIT_SCALE = 1  # Scaling factor of the contrastive logits
+MAX_TEXT_LENGTH = 128  # Maximum length of text sequences (tokens)
+TEXT_DROPOUT = True  # Build training texts from random metadata/summaries (SPEC section 7)
+CLAMP2_DETERMINISTIC = True  # Seed 42 + rank and deterministic kernels for CLaMP 2 training
+CLAMP2_LOAD_M3 = True  # Start the music encoder from the M3 weights file if it exists
+CLAMP2_WANDB_LOG = False  # Log CLaMP 2 training to Weights & Biases (needs wandb and WANDB_API_KEY)
+CLAMP2_LOAD_CKPT = True  # Resume CLaMP 2 training from the latest checkpoint if it exists
+
+apply_env_overrides(globals())
+
+# Derived file names (after the overrides, so they follow them); overridable on their own too.
+M3_WEIGHTS_PATH = (
+    f"weights_m3_p_size_{PATCH_SIZE}_p_length_{PATCH_LENGTH}_t_layers_{TOKEN_NUM_LAYERS}"
+    f"_p_layers_{PATCH_NUM_LAYERS}_h_size_{M3_HIDDEN_SIZE}_lr_{M3_LEARNING_RATE}"
+    f"_batch_{M3_BATCH_SIZE}_mask_{M3_MASK_RATIO}.pth"
+)
+CLAMP2_WEIGHTS_PATH = (
+    f"weights_clamp2_h_size_{CLAMP2_HIDDEN_SIZE}_lr_{CLAMP2_LEARNING_RATE}_batch_{CLAMP2_BATCH_SIZE}"
+    f"_scale_{LOGIT_SCALE}_t_length_{MAX_TEXT_LENGTH}_t_model_{TEXT_MODEL_NAME.replace('/', '_')}"
+    f"_t_dropout_{TEXT_DROPOUT}_m3_{CLAMP2_LOAD_M3}.pth"
+)
+apply_env_overrides(globals(), names=["M3_WEIGHTS_PATH", "CLAMP2_WEIGHTS_PATH"])
+M3_LOGS_PATH = derived_log_path(M3_WEIGHTS_PATH)
+CLAMP2_LOGS_PATH = derived_log_path(CLAMP2_WEIGHTS_PATH)
+apply_env_overrides(globals(), names=["M3_LOGS_PATH", "CLAMP2_LOGS_PATH"])
+check_unknown_overrides(globals())

@@ -1,0 +1,44 @@
+"""Shared test fixtures: paths of the repo, the spec's conformance vectors, and script loading."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# shared/ sits beside the checkout (../shared from the project root); CLAMP2_SPEC_DIR is not used
+# because CLAMP2_* names are reserved for config overrides.
+SPEC_DIR = Path(os.environ.get("SPEC_DIR", REPO_ROOT.parent / "shared" / "spec"))
+VECTORS = SPEC_DIR / "vectors"
+
+
+def load_script(relative_path: str):
+    """Import a script such as ``code/train_m3.py`` as a module (no sys.path edits), to call ``main``."""
+    path = REPO_ROOT / relative_path
+    name = "script_" + relative_path.replace("/", "_").replace(".py", "")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def vectors() -> Path:
+    if not VECTORS.is_dir():
+        pytest.fail(f"conformance vectors not found at {VECTORS}: shared/spec must sit beside the checkout")
+    return VECTORS
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory) -> Path:
+    """A 2-layer XLM-R encoder + hand-built Unigram tokenizer, made on the fly (nothing downloaded)."""
+    from clamp2.text_model import build_small_text_model
+
+    out = tmp_path_factory.mktemp("tiny_text_model")
+    texts = ["a folk tune from scotland", "chorale by johann sebastian bach", "string quartet by mozart",
+             "a lively reel in d major", "music piece composed in the baroque period"]
+    build_small_text_model(out, texts, hidden_size=32, num_layers=2, num_heads=2, max_positions=40)
+    return out

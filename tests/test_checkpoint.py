@@ -1,0 +1,101 @@
+"""Checkpoint helper: published dict or bare state dict, strict, weights_only, atomic saves."""
+
+import os
+import pytest
+import torch
+
+from clamp2.checkpoint import (CheckpointError, latest_path, load_model_weights, read_checkpoint, save_checkpoint,
+                               strip_prefix)
+from clamp2.models import M3Dims, M3Model, M3PatchEncoder
+
+TINY = M3Dims(64, 32, 2, 1, 64)
+
+
+def fresh(seed):
+    torch.manual_seed(seed)
+    return M3Model(TINY)
+
+
+def same_params(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_published_tiny_checkpoint_has_published_fields(vectors):
+    ckpt = read_checkpoint(vectors / "tiny_m3.pth")
+    assert {"model", "optimizer", "lr_sched", "epoch", "best_epoch", "min_eval_loss"} <= set(ckpt)
+
+
+def test_save_then_load_dict_format(tmp_path):
+    src, dst = fresh(0), fresh(1)
+    opt = torch.optim.AdamW(src.parameters(), lr=1e-3)
+    path = tmp_path / "w.pth"
+    save_checkpoint(path, src, optimizer=opt, epoch=3, best_epoch=2, min_eval_loss=0.5, config={"PATCH_LENGTH": 32})
+    assert not same_params(src, dst)
+    ckpt = load_model_weights(dst, path)
+    assert same_params(src, dst)
+    assert ckpt["epoch"] == 3 and ckpt["min_eval_loss"] == 0.5 and ckpt["config"] == {"PATCH_LENGTH": 32}
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]  # no temporary file left
+
+
+def test_bare_state_dict_and_ddp_prefix(tmp_path):
+    src, dst = fresh(0), fresh(1)
+    torch.save({"module." + k: v for k, v in src.state_dict().items()}, tmp_path / "bare.pth")
+    load_model_weights(dst, tmp_path / "bare.pth")
+    assert same_params(src, dst)
+
+
+def test_encoder_entries_of_m3_checkpoint(tmp_path, vectors):
+    encoder = M3PatchEncoder(TINY)
+    load_model_weights(encoder, vectors / "tiny_m3.pth", prefix="encoder.")
+    full = M3Model(TINY)
+    load_model_weights(full, vectors / "tiny_m3.pth")
+    assert same_params(encoder, full.encoder)
+
+
+def test_mismatch_names_the_keys(tmp_path):
+    src = fresh(0)
+    state = src.state_dict()
+    state.pop("encoder.patch_embedding.bias")
+    state["encoder.extra.weight"] = torch.zeros(1)
+    state["decoder.base.lm_head.weight"] = torch.zeros(3, 3)
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_model_weights(fresh(1), tmp_path / "bad.pth")
+    msg = str(info.value)
+    assert "missing keys (1): encoder.patch_embedding.bias" in msg
+    assert "unexpected keys (1): encoder.extra.weight" in msg
+    assert "decoder.base.lm_head.weight: checkpoint (3, 3) vs model (128, 64)" in msg
+
+
+def test_missing_file_says_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_model_weights(fresh(0), tmp_path / "weights_clamp2_x.pth")
+    assert "sander-wood/clamp2" in str(info.value) and "weights_clamp2_x.pth" in str(info.value)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, path)  # what a malicious checkpoint looks like
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(path)
+
+
+def test_failed_save_keeps_previous_file(tmp_path):
+    path = tmp_path / "w.pth"
+    save_checkpoint(path, fresh(0), epoch=1)
+    before = path.read_bytes()
+    # A lambda cannot be pickled: torch.save fails after it has started writing the archive.
+    with pytest.raises(Exception):
+        save_checkpoint(path, fresh(1), epoch=2, extra={"unpicklable": lambda: 0})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]
+
+
+def test_latest_path_and_strip_prefix(tmp_path):
+    assert latest_path("runs/a/weights_x.pth").as_posix() == "runs/a/latest_weights_x.pth"
+    assert strip_prefix({"module.a": 1, "b": 2}, "module.") == {"a": 1, "b": 2}

@@ -1,0 +1,130 @@
+"""M3 patch tokenizer (SPEC §4): the reference's patches for real pieces, and every edge case."""
+
+import json
+import random
+
+import pytest
+
+from clamp2.patchilizer import M3Patchilizer, split_bars, truncate
+
+P = M3Patchilizer(patch_size=64, patch_length=512)
+
+
+def ids(s):
+    return P.patch_to_ids(s)
+
+
+@pytest.mark.parametrize("kind,name", [("abc", "bwv10.7.abc"), ("abc", "airds_tune3.abc"),
+                                       ("mtf", "bwv10.7.mtf"), ("mtf", "handmade.mtf")])
+def test_reference_patches(vectors, kind, name):
+    text = (vectors / "extract_in" / kind / name).read_text(encoding="utf-8")
+    expected = json.loads((vectors / "expected" / "patches" / kind / f"{name}.json").read_text())
+    assert P.encode(text, add_special_patches=True) == expected
+
+
+def test_patch_ids_bos_eos_pad_and_cut():
+    assert ids("ab") == [1, 97, 98, 2] + [0] * 60
+    long = ids("x" * 100)
+    assert len(long) == 64 and long[0] == 1 and long[1:] == [120] * 63  # eos cut off
+    assert ids("x" * 62)[-1] == 2 and ids("x" * 63)[-1] == 120
+
+
+def test_special_patches():
+    patches = P.encode("K:C\n", add_special_patches=True)
+    assert patches[0] == [1] * 64
+    assert patches[-1] == [1] + [2] * 63
+    assert P.decode(patches[1:-1]) == "K:C\n"
+
+
+def test_mtf_lines_group_by_type_prefix_and_length():
+    text = "ticks_per_beat 480\nnote_on 0 0 60 80\nnote_on 0 0 64 80\nnote_off 10 0 60 0\nnote_on 0 0 67 80"
+    patches = P.patch_strings(text)
+    assert patches == ["ticks_per_beat 480\n", "note_on 0 0 60 80\t0 0 64 80\n", "note_off 10 0 60 0\n", "note_on 0 0 67 80"]
+
+
+def test_mtf_prefix_test_is_plain_string_prefix():
+    # "note" is a prefix of the current patch "note_on ...", so a (fictional) type "note" joins it.
+    patches = P.patch_strings("ticks_per_beat 1\nnote_on 1 2\nnote 3 4\n")
+    assert patches == ["ticks_per_beat 1\n", "note_on 1 2\t3 4\n"]
+
+
+def test_mtf_patch_length_limit():
+    line = "note_on 0 0 60 80\n"  # values "0 0 60 80\n" are 10 chars
+    text = "ticks_per_beat 1\n" + line * 10
+    patches = P.patch_strings(text)[1:]
+    assert all(len(p) <= 62 for p in patches)
+    # 18 + 5 joins of 11 chars = 73 > 62: the first patch holds exactly the joins that fit.
+    first = patches[0]
+    assert len(first) + 10 > 62 and first.count("\t") == (62 - 18) // 11
+    assert "".join(p.replace("\t", "\nnote_on ") for p in patches) == line * 10
+
+
+@pytest.mark.parametrize("barline", ["|:", "::", ":|", "[|", "||", "|]", "|"])
+def test_each_barline_token_ends_a_bar(barline):
+    assert P.patch_strings(f"ab{barline}cd{barline}\n") == [f"ab{barline}", f"cd{barline}\n"]
+
+
+def test_barline_tokens_are_tried_longest_first():
+    assert split_bars("a||b|]c:|d\n") == ["a||", "b|]", "c:|"]
+    assert split_bars("|:abc|\n") == ["|:abc|"]
+
+
+def test_leading_barline_glued_to_first_bar():
+    assert P.patch_strings("|abc|def|\n") == ["|abc|", "def|\n"]
+
+
+def test_last_bar_without_barline_is_dropped():
+    # The reference pairs (text, barline); the trailing unbarred piece is dropped and the
+    # newline goes onto the last complete bar.
+    assert P.patch_strings("abc|def\n") == ["abc|\n"]
+    assert P.patch_strings("abc def\n") == []
+    assert P.patch_strings("abc|") == ["abc|\n"]  # last line without newline still gets one
+
+
+def test_interleaved_line_gives_one_patch_per_voice_bar():
+    assert P.patch_strings("[V:1]abc|[V:2]def|\n") == ["[V:1]abc|", "[V:2]def|\n"]
+
+
+def test_info_field_and_directive_lines_are_single_patches():
+    text = "X:1\nT:A|B title\n%%score 1 | 2\nV:1 treble\n%comment|x|\nK:D\n"
+    patches = P.patch_strings(text)
+    assert patches[:5] == ["X:1\n", "T:A|B title\n", "%%score 1 | 2\n", "V:1 treble\n", "%comment|"]
+    assert patches[-1] == "K:D\n"
+    assert P.patch_strings("w|x\n") == ["w|\n"]  # one char before a barline is music, not a field
+
+
+def test_non_ascii_input_is_transliterated():
+    patches = P.encode("T:Dvořák Ünïcode\nK:C\n")
+    assert P.decode(patches) == "T:Dvorak Unicode\nK:C\n"
+    assert all(0 <= i < 128 for p in patches for i in p)
+    mtf = P.patch_strings("ticks_per_beat 1\ntrack_name Caf\\xe9 0\n")
+    assert mtf[1] == "track_name Caf\\xe9 0\n"  # MTF escapes are ASCII already
+
+
+def test_empty_input_has_only_special_patches():
+    assert P.encode("") == []
+    assert len(P.encode("", add_special_patches=True)) == 2
+
+
+def test_truncation_modes():
+    items = list(range(10))
+    assert truncate(items, 4, "head") == [0, 1, 2, 3]
+    assert truncate(items, 4, "tail") == [6, 7, 8, 9]
+    starts = {truncate(items, 4, "middle", random.Random(s))[0] for s in range(200)}
+    assert starts == set(range(1, 7))  # a middle window starts at >= 1 and ends inside
+    assert truncate(items, 20, "tail") == items
+    with pytest.raises(ValueError):
+        truncate(items, 4, "sideways")
+
+
+def test_encode_truncation_head_and_random():
+    short = M3Patchilizer(patch_size=64, patch_length=5)
+    text = "".join(f"a{i}|" for i in range(20)) + "\n"
+    head = short.encode(text, add_special_patches=True, truncate_patches=True)
+    assert len(head) == 5 and head[0] == [1] * 64 and short.decode(head[1:]) == "a0|a1|a2|a3|"
+    tail = short.encode(text, add_special_patches=True, truncate_patches=True, truncate_mode="tail")
+    assert tail[-1] == [1] + [2] * 63
+    seen = {tuple(map(tuple, short.encode(text, True, True, random_truncate=True, rng=random.Random(s))))[0] for s in range(60)}
+    assert len(seen) > 3  # head, tail and several middle windows are all drawn
+    untouched = short.encode(text, add_special_patches=True)
+    assert len(untouched) == 22

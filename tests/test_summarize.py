@@ -1,0 +1,479 @@
+"""Tests of clamp2.summarize and its scripts against a real chat-completions server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from clamp2 import summarize
+from clamp2.summarize import (AnswerError, RetryPolicy, backoff_delay, build_messages, build_output,
+                              choose_language, load_languages, parse_answer, strip_code_fence)
+from conftest import SPEC_DIR, load_script
+
+SECRET = "sk-test-SECRET-123"
+FAST = ["--timeout", "1.0", "--backoff_base", "0.01", "--backoff_cap", "0.05", "--max_retries", "3",
+        "--no_progress"]
+
+
+# --------------------------------------------------------------------------------------------------
+# A scripted OpenAI-compatible server
+
+
+def valid_answer(language: str, title: str) -> str:
+    return json.dumps({"summary_en": f"A summary of {title}.",
+                       "summary_nen": {"language": language, "summary": f"[{language}] {title}"}},
+                      ensure_ascii=False)
+
+
+class ScriptedLLM:
+    """``POST /v1/chat/completions`` answering by the requested piece's title.
+
+    ``script[title]`` is a list of steps used one per request (the last repeats): "ok", "fenced",
+    "none", "invalid", "wrong_language", "slow" (sleeps past the client timeout, then answers),
+    or an HTTP status code to fail with.
+    """
+
+    def __init__(self, script: dict[str, list], slow_seconds: float = 3.0):
+        self.script = script
+        self.slow_seconds = slow_seconds
+        self.requests: list[dict] = []  # {"title", "language", "authorization", "body"}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        llm = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                llm.handle(self, body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def titles_requested(self) -> list[str]:
+        return sorted(request["title"] for request in self.requests)
+
+    def handle(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+        metadata = json.loads(body["messages"][-1]["content"])
+        title, language = metadata["title"], metadata["nen_language"]
+        with self.lock:
+            attempt = sum(1 for request in self.requests if request["title"] == title)
+            self.requests.append({"title": title, "language": language, "body": body,
+                                  "path": handler.path,
+                                  "authorization": handler.headers.get("Authorization")})
+        steps = self.script[title]
+        step = steps[min(attempt, len(steps) - 1)]
+        if isinstance(step, int):
+            message = f"scripted {step}"
+            if step == 401:  # a careless server echoing the key: it must still never be logged
+                message = f"Incorrect API key provided: {SECRET}"
+            return self.reply(handler, step, {"error": {"message": message, "type": "test"}},
+                              {"Retry-After": "0"} if step == 429 else {})
+        if step == "slow":
+            if self.stopping.wait(self.slow_seconds):
+                return
+            content = valid_answer(language, title)
+        elif step == "ok":
+            content = valid_answer(language, title)
+        elif step == "fenced":
+            content = "```json\n" + valid_answer(language, title) + "\n```"
+        elif step == "none":
+            content = "None"
+        elif step == "invalid":
+            content = '{"summary_en": "cut off'
+        elif step == "wrong_language":
+            other = "Welsh" if language != "Welsh" else "Basque"
+            content = valid_answer(other, title)
+        else:
+            raise AssertionError(step)
+        self.reply(handler, 200, {
+            "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    @staticmethod
+    def reply(handler, status: int, payload: dict, headers: dict | None = None) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode()
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                handler.send_header(name, value)
+            handler.end_headers()
+            handler.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out and hung up
+            pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def api_env(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    for name in ("OPENAI_BASE_URL", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def write_metadata(root: Path, relative: str, title: str, **fields) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"title": title, "composer": None, "genres": ["Folk"], **fields,
+              "filepaths": [f"abc/{Path(relative).stem}.abc", f"mtf/{Path(relative).stem}.mtf"]}
+    path.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def assert_secret_absent(root: Path, *texts: str) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    for text in texts:
+        assert SECRET not in text
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_packaged_languages_match_spec():
+    languages = load_languages()
+    assert len(languages) == 100 and "English" not in languages
+    spec_list = SPEC_DIR / "languages.txt"
+    if spec_list.is_file():
+        assert languages == [line for line in spec_list.read_text(encoding="utf-8").splitlines() if line]
+
+
+def test_load_languages_from_file(tmp_path):
+    (tmp_path / "few.txt").write_text("Welsh\n\nBasque\nWelsh\n", encoding="utf-8")
+    assert load_languages(tmp_path / "few.txt") == ["Welsh", "Basque"]
+    (tmp_path / "en.txt").write_text("English\nWelsh\n", encoding="utf-8")
+    with pytest.raises(ValueError):
+        load_languages(tmp_path / "en.txt")
+
+
+def test_choose_language_depends_only_on_seed_and_path():
+    languages = load_languages()
+    paths = [f"folder/{i}.json" for i in range(300)]
+    first = [choose_language(0, path, languages) for path in paths]
+    assert first == [choose_language(0, path, languages) for path in reversed(paths)][::-1]
+    assert choose_language(0, "folder/7.json", languages) == first[7]
+    assert len(set(first)) > 50  # spread over the list, not one language
+    assert [choose_language(1, path, languages) for path in paths] != first
+    # Stable across processes (a string seed is hashed with SHA-512, not hash()).
+    assert choose_language(0, "a/b.json", languages) == random.Random("0:a/b.json").choice(languages)
+
+
+def test_build_messages_sends_clean_metadata_after_two_examples():
+    metadata = {"title": "Été", "composer": None, "genres": ["Chanson"], "filepaths": ["abc/x.abc"]}
+    messages = build_messages(metadata, "Welsh")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert "None" in messages[0]["content"] and "nen_language" in messages[0]["content"]
+    rich_answer = json.loads(messages[2]["content"])
+    assert rich_answer["summary_nen"]["language"] == json.loads(messages[1]["content"])["nen_language"]
+    assert messages[4]["content"] == "None"
+    assert messages[5]["content"] == '{"title": "Été", "genres": ["Chanson"], "nen_language": "Welsh"}'
+    assert metadata["filepaths"] == ["abc/x.abc"]  # the caller's dict is untouched
+
+
+def test_strip_code_fence():
+    assert strip_code_fence('```json\n{"a": 1}\n```') == '{"a": 1}'
+    assert strip_code_fence('  ```\n{"a": 1}```  ') == '{"a": 1}'
+    assert strip_code_fence('{"a": 1}') == '{"a": 1}'
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "empty answer"),
+    ("None", "None"),
+    ("`None`", "None"),
+    ('{"summary_en": "x"', "invalid JSON"),
+    ("[1, 2]", "not an object"),
+    ('{"summary_nen": {"language": "Welsh", "summary": "y"}}', "no summary_en"),
+    ('{"summary_en": "x"}', "no summary_nen"),
+    ('{"summary_en": " ", "summary_nen": {"language": "Welsh", "summary": "y"}}', "summary_en is empty"),
+    ('{"summary_en": "x", "summary_nen": {"language": "Welsh", "summary": ""}}', "summary is empty"),
+    ('{"summary_en": "x", "summary_nen": {"language": "Basque", "summary": "y"}}', "asked for 'Welsh'"),
+    ('{"summary_en": "x", "summary_nen": "y"}', "not an object"),
+])
+def test_parse_answer_failures(content, reason):
+    with pytest.raises(AnswerError, match=reason.replace("(", r"\(")):
+        parse_answer(content, "Welsh")
+
+
+def test_parse_answer_accepts_fenced_answer_and_canonicalises_language():
+    content = '```json\n{"summary_en": " x ", "summary_nen": {"language": "welsh ", "summary": "y"}}\n```'
+    assert parse_answer(content, "Welsh") == ("x", {"language": "Welsh", "summary": "y"})
+    with pytest.raises(AnswerError, match="truncated"):
+        parse_answer('{"summary_en": "x', "Welsh", finish_reason="length")
+
+
+def test_build_output_order_and_nulls():
+    metadata = {"title": "T", "lyrics": None, "filepaths": ["abc/t.abc"], "tags": ["a"]}
+    record = build_output(metadata, "en", {"language": "Welsh", "summary": "cy"})
+    assert list(record) == ["title", "tags", "summary_en", "summary_nen", "filepaths"]
+
+
+def test_backoff_delay_full_jitter_with_cap():
+    policy = RetryPolicy(backoff_base=1.0, backoff_cap=5.0)
+    rng = random.Random(0)
+    delays = [backoff_delay(retry, policy, rng) for retry in range(10) for _ in range(50)]
+    assert all(0.0 <= d <= 5.0 for d in delays)
+    assert max(backoff_delay(0, policy, rng) for _ in range(200)) <= 1.0
+    assert max(delays) > 4.0  # ceilings grow to the cap
+    assert backoff_delay(0, policy, rng, retry_after=3.0) >= 3.0
+    assert backoff_delay(0, policy, rng, retry_after=100.0) == 5.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The script against the local server
+
+
+SCRIPT = {
+    "good": ["ok"],
+    "fenced": ["fenced"],
+    "none": ["none"],
+    "invalid": ["invalid"],
+    "wrong language": ["wrong_language"],
+    "rate limited": [429, "ok"],
+    "flaky": [500, 500, "ok"],
+    "slow": ["slow", "ok"],
+    "always 500": [500],
+    "bad request": [400],
+}
+
+
+def make_inputs(root: Path) -> None:
+    write_metadata(root, "good.json", "good", description="A lively reel.")
+    write_metadata(root, "nested/deeper/fenced.json", "fenced", lyrics="Ça ira, ça ira")
+    write_metadata(root, "nested/none.json", "none")
+    write_metadata(root, "invalid.json", "invalid")
+    write_metadata(root, "wrong.json", "wrong language")
+    write_metadata(root, "rate.json", "rate limited")
+    write_metadata(root, "flaky.json", "flaky")
+    write_metadata(root, "slow.json", "slow")
+    write_metadata(root, "always500.json", "always 500")
+    write_metadata(root, "badrequest.json", "bad request")
+    (root / "broken.json").write_text("{not json", encoding="utf-8")
+    (root / "nested" / "list.json").write_text("[1, 2]", encoding="utf-8")
+    (root / "notes.txt").write_text("not an input", encoding="utf-8")
+
+
+def test_summarize_end_to_end_failures_retries_and_resume(tmp_path, api_env, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs, outputs = tmp_path / "metadata", tmp_path / "summaries"
+    make_inputs(inputs)
+    argv = [str(inputs), str(outputs), "--model", "test-model", "--workers", "4", "--seed", "3", *FAST]
+    with ScriptedLLM(SCRIPT) as llm:
+        argv += ["--base_url", llm.base_url]
+        assert script.main(argv) == 1
+        first = capsys.readouterr()
+
+        # 429 then ok: 1 retry; 500, 500, ok: 2; timeout then ok: 1; 500 forever: 3 (the cap).
+        assert first.out.strip().splitlines()[-1] == "done 5, skipped 0, failed 7, retries 7"
+        written = sorted(p.relative_to(outputs).as_posix() for p in outputs.rglob("*.json"))
+        assert written == ["flaky.json", "good.json", "nested/deeper/fenced.json", "rate.json", "slow.json"]
+        assert not list(outputs.rglob("*.partial"))
+
+        good = json.loads((outputs / "good.json").read_text(encoding="utf-8"))
+        language = choose_language(3, "good.json", load_languages())
+        assert good == {"title": "good", "genres": ["Folk"], "description": "A lively reel.",
+                        "summary_en": "A summary of good.",
+                        "summary_nen": {"language": language, "summary": f"[{language}] good"},
+                        "filepaths": ["abc/good.abc", "mtf/good.mtf"]}
+        fenced_text = (outputs / "nested/deeper/fenced.json").read_text(encoding="utf-8")
+        assert "Ça ira" in fenced_text and fenced_text.startswith('{\n    "title"')  # indent=4, UTF-8
+
+        log_lines = (outputs / "failed_summaries.log").read_text(encoding="utf-8").splitlines()
+        reasons = dict(line.split("\t") for line in log_lines)
+        assert sorted(reasons) == ["always500.json", "badrequest.json", "broken.json", "invalid.json",
+                                   "nested/list.json", "nested/none.json", "wrong.json"]
+        assert "None" in reasons["nested/none.json"]
+        assert "invalid JSON" in reasons["invalid.json"]
+        assert "asked for" in reasons["wrong.json"]
+        assert "gave up after 3 retries" in reasons["always500.json"] and "500" in reasons["always500.json"]
+        assert "HTTP 400" in reasons["badrequest.json"]
+        assert "not valid JSON" in reasons["broken.json"]
+        assert "not an object" in reasons["nested/list.json"]
+        for path in reasons:
+            assert f"failed: {path}" in first.err
+
+        # Requests: bad inputs never sent; the model saw no filepaths and no nulls.
+        counts = {title: llm.titles_requested().count(title) for title in SCRIPT}
+        assert counts == {"good": 1, "fenced": 1, "none": 1, "invalid": 1, "wrong language": 1,
+                          "rate limited": 2, "flaky": 3, "slow": 2, "always 500": 4, "bad request": 1}
+        assert all(r["authorization"] == f"Bearer {SECRET}" for r in llm.requests)
+        assert all(r["path"] == "/v1/chat/completions" for r in llm.requests)
+        sent = json.loads(llm.requests[0]["body"]["messages"][-1]["content"])
+        assert "filepaths" not in sent and "composer" not in sent
+        first_languages = {r["title"]: r["language"] for r in llm.requests}
+
+        # Re-run: only the files without output are requested, with the same languages.
+        before = len(llm.requests)
+        assert script.main(argv) == 1
+        second = capsys.readouterr()
+        rerun = llm.requests[before:]
+        assert sorted(r["title"] for r in rerun if r["title"] != "always 500") == [
+            "bad request", "invalid", "none", "wrong language"]
+        assert all(first_languages[r["title"]] == r["language"] for r in rerun)
+        assert second.out.strip().splitlines()[-1] == "done 0, skipped 5, failed 7, retries 3"
+        assert len((outputs / "failed_summaries.log").read_text(encoding="utf-8").splitlines()) == 7
+
+    assert_secret_absent(tmp_path, first.out, first.err, second.out, second.err)
+
+
+def test_summarize_all_done_exits_zero_and_rerun_sends_nothing(tmp_path, api_env, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    write_metadata(inputs, "a/one.json", "good")
+    write_metadata(inputs, "b/two.json", "fenced")
+    languages_file = tmp_path / "languages.txt"
+    languages_file.write_text("Welsh\n", encoding="utf-8")
+    with ScriptedLLM(SCRIPT) as llm:
+        argv = [str(inputs), str(outputs), "--model", "m", "--base_url", llm.base_url,
+                "--languages", str(languages_file), *FAST]
+        assert script.main(argv) == 0
+        assert capsys.readouterr().out.strip().endswith("done 2, skipped 0, failed 0, retries 0")
+        assert {r["language"] for r in llm.requests} == {"Welsh"}
+        assert script.main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.strip().endswith("done 0, skipped 2, failed 0, retries 0")
+        assert len(llm.requests) == 2
+    record = json.loads((outputs / "b/two.json").read_text(encoding="utf-8"))
+    assert record["summary_nen"]["language"] == "Welsh"
+    assert (outputs / "failed_summaries.log").read_text(encoding="utf-8") == ""
+
+
+def test_unauthorized_aborts_run_without_leaking_key(tmp_path, api_env, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    for i in range(6):
+        write_metadata(inputs, f"{i}.json", "unauthorized")
+    with ScriptedLLM({"unauthorized": [401]}) as llm:
+        code = script.main([str(inputs), str(outputs), "--model", "m", "--base_url", llm.base_url,
+                            "--workers", "1", *FAST])
+        assert code == 2
+        assert len(llm.requests) == 1  # stopped at the first 401, no retries, nothing else sent
+    captured = capsys.readouterr()
+    assert "aborted" in captured.err and "OPENAI_API_KEY" in captured.err and "***" in captured.err
+    assert captured.out.strip().endswith("done 0, skipped 0, failed 0, retries 0")
+    assert not list(outputs.rglob("*.json"))
+    assert_secret_absent(tmp_path, captured.out, captured.err)
+
+
+def test_usage_errors(tmp_path, monkeypatch, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs = tmp_path / "in"
+    write_metadata(inputs, "a.json", "good")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert script.main([str(inputs), str(tmp_path / "out"), "--model", "m"]) == 2
+    assert "export OPENAI_API_KEY" in capsys.readouterr().err
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    assert script.main([str(tmp_path / "missing"), str(tmp_path / "out"), "--model", "m"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert script.main([str(tmp_path / "empty"), str(tmp_path / "out"), "--model", "m"]) == 2
+    assert "no .json files" in capsys.readouterr().err
+    assert script.main([str(inputs), str(inputs / "out"), "--model", "m"]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(inputs), str(tmp_path / "out")])  # --model is required
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "OPENAI_API_KEY" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# merge_jsonl
+
+
+def write_summary(root: Path, relative: str, filepaths, summary_en="An English summary.",
+                  summary_nen=None) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"title": Path(relative).stem, "summary_en": summary_en,
+              "summary_nen": summary_nen or {"language": "Welsh", "summary": "Crynodeb."},
+              "filepaths": filepaths}
+    path.write_text(json.dumps(record, ensure_ascii=False, indent=4), encoding="utf-8")
+
+
+def test_merge_jsonl(tmp_path, capsys):
+    script = load_script("process_data/merge_jsonl.py")
+    data = tmp_path / "data"
+    for name in ("abc/a.abc", "mtf/a.mtf", "abc/b.abc", "abc/c.abc"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text("x", encoding="utf-8")
+    outside = tmp_path / "secret.abc"
+    outside.write_text("x", encoding="utf-8")
+    summaries = tmp_path / "summaries"
+    write_summary(summaries, "z/a.json", ["abc/a.abc", "mtf/a.mtf"])
+    write_summary(summaries, "b.json", ["abc/b.abc"], summary_en=["One.", "Two."],
+                  summary_nen=[{"language": "Welsh", "summary": "Un."},
+                               {"language": "Basque", "summary": "Bat."}])
+    write_summary(summaries, "c.json", [str((data / "abc/c.abc").resolve())])  # absolute, inside
+    write_summary(summaries, "missing.json", ["abc/missing.abc"])
+    write_summary(summaries, "escape.json", ["../secret.abc"])
+    write_summary(summaries, "absolute.json", [str(outside)])
+    write_summary(summaries, "nosummary.json", ["abc/a.abc"], summary_en="")
+    (summaries / "failed_summaries.log").write_text("x.json\treason\n", encoding="utf-8")
+
+    out = tmp_path / "jsonl" / "train.jsonl"
+    assert script.main([str(summaries), str(out), "--data_root", str(data)]) == 1
+    captured = capsys.readouterr()
+    for name in ("missing.json", "escape.json", "absolute.json", "nosummary.json"):
+        assert f"skipped: {name}" in captured.err
+    assert "does not exist" in captured.err and "outside the data root" in captured.err
+    assert "wrote 3 records" in captured.out and "skipped 4" in captured.out
+
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["title"] for r in records] == ["b", "c", "a"]  # b.json, c.json, z/a.json
+    assert records[0]["summary_en"] == ["One.", "Two."] and isinstance(records[0]["summary_nen"], list)
+    assert records[2]["filepaths"] == ["../data/abc/a.abc", "../data/mtf/a.mtf"]
+    assert records[1]["filepaths"] == ["../data/abc/c.abc"]
+    for record in records:  # relative to the JSONL's own folder, as training reads them
+        assert all((out.parent / p).is_file() for p in record["filepaths"])
+
+
+def test_merge_jsonl_default_root_is_jsonl_folder(tmp_path, capsys):
+    script = load_script("process_data/merge_jsonl.py")
+    (tmp_path / "abc").mkdir()
+    (tmp_path / "abc" / "é.abc").write_text("x", encoding="utf-8")
+    write_summary(tmp_path / "summaries", "é.json", ["abc/é.abc"], summary_en="Ünïcode")
+    out = tmp_path / "train.jsonl"
+    assert script.main([str(tmp_path / "summaries"), str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.endswith("\n") and len(text.splitlines()) == 1 and "Ünïcode" in text  # ensure_ascii=False
+    assert json.loads(text)["filepaths"] == ["abc/é.abc"]
+    capsys.readouterr()
+    assert script.main([str(tmp_path / "nowhere"), str(out)]) == 2
+
+
+def test_module_has_public_api():
+    for name in ("load_languages", "choose_language", "build_messages", "parse_answer", "make_client",
+                 "request_summary", "summarize_folder", "merge_summaries", "RetryPolicy"):
+        assert hasattr(summarize, name)
