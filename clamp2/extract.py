@@ -1,0 +1,389 @@
+"""Feature extraction (SPEC §8): windows, their combination, and a fast batched driver.
+
+A file's feature depends on the file alone. Windows are consecutive slices of the model's maximum
+length (the last one replaced by the final full-length slice); the reference runs every window
+alone, padded to the maximum. Here windows of many files are grouped by length and run together,
+padded only to the longest in their batch; padded positions are masked, so the numbers are the
+same (tests check this within 1e-5).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .files import atomic_path, find_files, mirror_path
+from .patchilizer import M3Patchilizer, is_mtf
+
+TEXT_EXTENSIONS = (".txt",)
+MUSIC_EXTENSIONS = (".abc", ".mtf")
+
+
+class InputError(ValueError):
+    """A file that cannot be turned into model input (empty, undecodable, no content)."""
+
+
+# -- windows -------------------------------------------------------------------------------------
+
+def window_starts(length: int, max_length: int) -> List[int]:
+    """Start of each window: consecutive slices, the last replaced by the final full-length slice."""
+    if length <= max_length:
+        return [0]
+    starts = list(range(0, length, max_length))
+    starts[-1] = length - max_length
+    return starts
+
+
+def window_weights(length: int, max_length: int) -> List[int]:
+    """Weights of the windows' global features: max length each, the remainder for the last."""
+    full, remainder = divmod(length, max_length)
+    if length <= max_length:
+        return [max(length, 1)]
+    return [max_length] * full + ([remainder] if remainder else [])
+
+
+def combine_global(window_features: torch.Tensor, length: int, max_length: int) -> torch.Tensor:
+    """Weighted mean of per-window global features [W, H] → [H]."""
+    weights = torch.tensor(window_weights(length, max_length), dtype=window_features.dtype).view(-1, 1)
+    return (window_features * weights).sum(dim=0) / weights.sum()
+
+
+def combine_positions(window_states: Sequence[torch.Tensor], length: int, max_length: int) -> torch.Tensor:
+    """Per-position states of the whole sequence [L, H]; the last window gives only new positions."""
+    remainder = length % max_length
+    parts = list(window_states)
+    if len(parts) > 1 and remainder:
+        parts[-1] = parts[-1][-remainder:]
+    return torch.cat(parts, dim=0)
+
+
+# -- reading files -------------------------------------------------------------------------------
+
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
+
+
+def text_lines(text: str) -> List[str]:
+    """Non-empty lines, de-duplicated in first-occurrence order (the reference's set order is random)."""
+    seen = dict.fromkeys(line for line in text.split("\n") if line)
+    return list(seen)
+
+
+class TextEncoder:
+    """``.txt`` → token ids: lines joined with the tokenizer's sep token, special tokens added."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        lines = text_lines(read_text_file(path))
+        if not lines:
+            raise InputError("no non-empty line of text")
+        joined = self.tokenizer.sep_token.join(lines)
+        # verbose=False: a long text is windowed here, so the tokenizer's length warning is noise.
+        ids = self.tokenizer(joined, verbose=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+
+class MusicEncoder:
+    """``.abc``/``.mtf`` → patches [N, patch_size] with special patches, no truncation.
+
+    ``remove_unit_length`` drops ``L:1/8\\n`` from ABC first (M3 extraction does, CLaMP 2 does not).
+    """
+
+    def __init__(self, patchilizer: M3Patchilizer, remove_unit_length: bool = False):
+        self.patchilizer = patchilizer
+        self.remove_unit_length = remove_unit_length
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        text = read_text_file(path)
+        if not text.strip():
+            raise InputError("empty music file")
+        if self.remove_unit_length and not is_mtf(text):
+            text = text.replace("L:1/8\n", "")
+        patches = self.patchilizer.encode(text, add_special_patches=True)
+        # uint8 halves nothing on the model side but makes the host→device copy 8× smaller.
+        return torch.tensor(patches, dtype=torch.uint8)
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    path: Path
+    output: Path
+    kind: str  # "text" or "music"
+
+
+@dataclass
+class Plan:
+    jobs: List[Job] = field(default_factory=list)
+    skipped: List[Path] = field(default_factory=list)
+    failures: List[Tuple[Path, str]] = field(default_factory=list)
+
+
+def plan_jobs(input_dir: Path, output_dir: Path, text: bool, overwrite: bool = False) -> Plan:
+    """Inputs → output paths (mirrored folders, ``.npy``); collisions are failures, existing outputs skipped."""
+    extensions = MUSIC_EXTENSIONS + (TEXT_EXTENSIONS if text else ())
+    by_output: Dict[Path, List[Path]] = {}
+    for path in find_files(input_dir, extensions):
+        by_output.setdefault(mirror_path(path, input_dir, output_dir, ".npy"), []).append(path)
+    plan = Plan()
+    for output, paths in by_output.items():
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            for path in paths:
+                plan.failures.append((path, f"{names} would all write {output}; rename all but one"))
+            continue
+        path = paths[0]
+        if output.exists() and not overwrite:
+            plan.skipped.append(path)
+            continue
+        kind = "text" if path.suffix.lower() in TEXT_EXTENSIONS else "music"
+        plan.jobs.append(Job(path, output, kind))
+    return plan
+
+
+# -- batched model runs --------------------------------------------------------------------------
+
+@dataclass
+class Window:
+    file_index: int
+    ids: torch.Tensor  # [n] text or [n, patch_size] music
+
+
+def pad_batch(windows: Sequence[torch.Tensor], pad_value: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest window; returns ids and the 0/1 attention mask."""
+    longest = max(len(w) for w in windows)
+    shape = (len(windows), longest) + tuple(windows[0].shape[1:])
+    ids = torch.full(shape, pad_value, dtype=windows[0].dtype)
+    masks = torch.zeros(len(windows), longest, dtype=torch.long)
+    for i, w in enumerate(windows):
+        ids[i, : len(w)] = w
+        masks[i, : len(w)] = 1
+    return ids, masks
+
+
+def run_windows(windows: Sequence[torch.Tensor], forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                batch_size: int, pad_value: int, device: torch.device, per_position: bool) -> List[torch.Tensor]:
+    """Model outputs of every window (float32, CPU), in input order, batched by similar length."""
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i]), reverse=True)
+    outputs: List[Optional[torch.Tensor]] = [None] * len(windows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, masks = pad_batch([windows[i] for i in chunk], pad_value)
+        ids = ids.to(device, non_blocking=True).long()
+        masks = masks.to(device, non_blocking=True)
+        result = forward(ids, masks).float().cpu()
+        for row, i in enumerate(chunk):
+            outputs[i] = result[row, : len(windows[i])] if per_position else result[row]
+    return outputs
+
+
+@dataclass
+class KindRunner:
+    """How one input kind (text or music) is encoded and run."""
+
+    encode: Callable[[Path], torch.Tensor]
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    max_length: int
+    pad_value: int
+
+
+def file_feature(outputs: Sequence[torch.Tensor], length: int, max_length: int, per_position: bool) -> np.ndarray:
+    if per_position:
+        feature = combine_positions(outputs, length, max_length)
+    else:
+        feature = combine_global(torch.stack(list(outputs)), length, max_length)
+    return feature.unsqueeze(0).numpy().astype(np.float32, copy=False)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+class _EncodeDataset(torch.utils.data.Dataset):
+    """Encodes files in DataLoader workers so reading/tokenizing overlaps the model's compute."""
+
+    def __init__(self, jobs: Sequence[Job], runners: Dict[str, KindRunner]):
+        self.jobs, self.runners = jobs, runners
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, index):
+        job = self.jobs[index]
+        try:
+            return index, self.runners[job.kind].encode(job.path), None
+        except InputError as exc:
+            return index, None, str(exc)
+        except (OSError, ValueError, UnicodeError) as exc:
+            return index, None, f"{type(exc).__name__}: {exc}"
+
+
+def _identity(items):
+    return items
+
+
+@dataclass
+class ExtractResult:
+    written: int = 0
+    failures: List[Tuple[Path, str]] = field(default_factory=list)
+
+
+def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
+                 batch_size: int = 16, files_per_chunk: int = 64, num_workers: int = 0,
+                 on_file_done: Optional[Callable[[Job, Optional[str]], None]] = None) -> ExtractResult:
+    """Extract and save the feature of every job; a bad file is recorded and skipped, never fatal."""
+    result = ExtractResult()
+    loader = torch.utils.data.DataLoader(_EncodeDataset(jobs, runners), batch_size=files_per_chunk, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_identity,
+                                         persistent_workers=False, prefetch_factor=2 if num_workers else None)
+
+    def done(job, error):
+        if error is not None:
+            result.failures.append((job.path, error))
+        else:
+            result.written += 1
+        if on_file_done:
+            on_file_done(job, error)
+
+    with torch.inference_mode():
+        for chunk in loader:
+            encoded: Dict[int, torch.Tensor] = {}
+            for index, ids, error in chunk:
+                if error is not None:
+                    done(jobs[index], error)
+                else:
+                    encoded[index] = ids
+            for kind, runner in runners.items():
+                members = [i for i in encoded if jobs[i].kind == kind]
+                if not members:
+                    continue
+                windows: List[Window] = []
+                for i in members:
+                    ids = encoded[i]
+                    for start in window_starts(len(ids), runner.max_length):
+                        windows.append(Window(i, ids[start:start + runner.max_length]))
+                outputs = run_windows([w.ids for w in windows], runner.forward, batch_size, runner.pad_value,
+                                      device, per_position)
+                per_file: Dict[int, List[torch.Tensor]] = {}
+                for window, output in zip(windows, outputs):
+                    per_file.setdefault(window.file_index, []).append(output)
+                for i in members:
+                    feature = file_feature(per_file[i], len(encoded[i]), runner.max_length, per_position)
+                    try:
+                        save_npy(jobs[i].output, feature)
+                    except OSError as exc:
+                        done(jobs[i], f"cannot write {jobs[i].output}: {exc}")
+                        continue
+                    done(jobs[i], None)
+    return result
+
+
+def shard(items: Sequence, index: int, count: int) -> list:
+    """This process's share of ``items`` under ``accelerate launch`` (round-robin, order kept)."""
+    return list(items[index::count])
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """fp32 is exact and the default; bf16/fp16 autocast only on CUDA."""
+    import contextlib
+
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise ValueError(f"--dtype {dtype} needs a CUDA device; on {device.type} use fp32")
+    return torch.autocast("cuda", dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def describe_inputs(paths: Iterable[Path]) -> str:
+    counts: Dict[str, int] = {}
+    for p in paths:
+        counts[p.suffix.lower()] = counts.get(p.suffix.lower(), 0) + 1
+    return ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
+
+
+def default_workers() -> int:
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+# -- command-line driver shared by code/extract_clamp2.py and code/extract_m3.py -------------------
+
+def add_common_arguments(parser) -> None:
+    parser.add_argument("input_dir", type=Path, help="folder searched recursively for input files")
+    parser.add_argument("output_dir", type=Path, help="features are written here as <relative folder>/<stem>.npy")
+    parser.add_argument("--weights", type=Path, default=None, help="checkpoint file (default: config.py's weights path)")
+    parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass (default 16)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="compute precision; bf16/fp16 need CUDA (default fp32, exact)")
+    parser.add_argument("--num_workers", type=int, default=default_workers(),
+                        help="processes that read and tokenize files ahead of the model (0: in the main process)")
+    parser.add_argument("--files_per_chunk", type=int, default=256,
+                        help="files whose windows are pooled and grouped by length at a time")
+    parser.add_argument("--overwrite", action="store_true", help="recompute features that already exist")
+    parser.add_argument("--device", default=None, help="torch device (default: the accelerate process's device)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path, str]]) -> Optional[Path]:
+    if not failures:
+        return None
+    log = output_dir / name
+    text = "".join(f"{path}\t{reason}\n" for path, reason in failures)
+    with atomic_path(log) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return log
+
+
+def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, include_text: bool, device: torch.device,
+                   process_index: int = 0, num_processes: int = 1, tool: str = "extract") -> int:
+    """Plan, shard across processes, extract, report. Returns the exit status (0 ok, 1 some failed, 2 usage)."""
+    import sys
+
+    from tqdm import tqdm
+
+    if not args.input_dir.is_dir():
+        print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
+        return 2
+    plan = plan_jobs(args.input_dir, args.output_dir, text=include_text, overwrite=args.overwrite)
+    total = len(plan.jobs) + len(plan.skipped) + len(plan.failures)
+    if total == 0:
+        wanted = ", ".join(MUSIC_EXTENSIONS + (TEXT_EXTENSIONS if include_text else ()))
+        print(f"error: no input files ({wanted}) under {args.input_dir}", file=sys.stderr)
+        return 2
+    jobs = shard(plan.jobs, process_index, num_processes)
+    failures = list(plan.failures) if process_index == 0 else []
+    bar = tqdm(total=len(jobs), desc=f"{tool} [{process_index}]" if num_processes > 1 else tool, unit="file",
+               disable=args.no_progress or None, dynamic_ncols=True)
+
+    def on_done(job, error):
+        bar.update(1)
+        if error is not None:
+            tqdm.write(f"failed: {job.path}: {error}", file=sys.stderr)
+
+    for path, reason in failures:
+        print(f"failed: {path}: {reason}", file=sys.stderr)
+    try:
+        result = extract_jobs(jobs, runners, device, per_position, batch_size=args.batch_size,
+                              files_per_chunk=args.files_per_chunk, num_workers=args.num_workers, on_file_done=on_done)
+    finally:
+        bar.close()
+    failures += result.failures
+    suffix = f"_{process_index}" if num_processes > 1 else ""
+    log = write_failure_log(args.output_dir, f"failed_{tool}{suffix}.log", failures)
+    skipped = len(plan.skipped) if process_index == 0 else 0
+    where = f" (process {process_index}/{num_processes})" if num_processes > 1 else ""
+    print(f"{tool}{where}: extracted {result.written}, skipped {skipped} existing, failed {len(failures)}"
+          + (f" (see {log})" if log else ""), file=sys.stderr)
+    return 1 if failures else 0

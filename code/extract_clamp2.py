@@ -1,0 +1,82 @@
+"""Extract CLaMP 2 features of text (.txt) and music (.abc interleaved ABC, .mtf) files to .npy.
+
+    python code/extract_clamp2.py <input_dir> <output_dir> [--normalize] [--weights PATH]
+                                  [--text_model NAME_OR_PATH] [--batch_size B] [--dtype fp32|bf16|fp16]
+    accelerate launch code/extract_clamp2.py <input_dir> <output_dir> --normalize   # files split across processes
+
+With --normalize each file gets its global feature, shape [1, CLAMP2_HIDDEN_SIZE] (the weighted mean
+of its windows' projected features; not L2-normalised: use cosine similarity). Without it, the
+per-position last hidden states [1, L, hidden] of the text or music encoder (SPEC section 8).
+The weights default to config.py's CLAMP2_WEIGHTS_PATH (download it from the Hugging Face repo
+sander-wood/clamp2). Existing outputs are skipped; failures are listed in
+<output_dir>/failed_extract_clamp2.log; exit status 0 when every file succeeded, 1 when some failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from clamp2.checkpoint import load_model_weights
+from clamp2.configuration import load_config
+from clamp2.extract import KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context, run_extraction
+from clamp2.models import CLaMP2Model, M3Dims
+from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
+from clamp2.text_model import load_text_model, load_tokenizer
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--normalize", action="store_true",
+                        help="save one global feature per file [1, CLAMP2_HIDDEN_SIZE] instead of per-position states")
+    parser.add_argument("--text_model", default=None,
+                        help="text model hub id or local folder for the tokenizer/architecture (default: config TEXT_MODEL_NAME)")
+    return parser.parse_args(argv)
+
+
+def build_clamp2(cfg, weights: Path, text_model_name: str, device: torch.device):
+    """CLaMP 2 with its weights; the text model is built from its config (the checkpoint holds its weights)."""
+    tokenizer = load_tokenizer(text_model_name)
+    model = CLaMP2Model(load_text_model(text_model_name, pretrained=False), M3Dims.from_config(cfg),
+                        hidden_size=cfg.CLAMP2_HIDDEN_SIZE)
+    load_model_weights(model, weights)
+    return model.eval().to(device), tokenizer
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(Path(__file__).with_name("config.py"))
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu")
+    device = torch.device(args.device) if args.device else state.device
+    weights = args.weights or Path(cfg.CLAMP2_WEIGHTS_PATH)
+    try:
+        model, tokenizer = build_clamp2(cfg, weights, args.text_model or cfg.TEXT_MODEL_NAME, device)
+        precision = autocast_context(device, args.dtype)
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def forward(states, global_):
+        def run(ids, masks):
+            with precision:
+                return global_(ids, masks) if args.normalize else states(ids, masks)
+        return run
+
+    runners = {
+        "text": KindRunner(TextEncoder(tokenizer), forward(model.text_states, model.text_global),
+                           cfg.MAX_TEXT_LENGTH, tokenizer.pad_token_id),
+        "music": KindRunner(MusicEncoder(M3Patchilizer(cfg.PATCH_SIZE, cfg.PATCH_LENGTH)),
+                            forward(model.music_states, model.music_global), cfg.PATCH_LENGTH, PAD_TOKEN_ID),
+    }
+    return run_extraction(args, runners, per_position=not args.normalize, include_text=True, device=device,
+                          process_index=state.process_index, num_processes=state.num_processes, tool="extract_clamp2")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Extract M3 per-position features of music files (.abc interleaved ABC, .mtf) to .npy.
+
+    python code/extract_m3.py <input_dir> <output_dir> [--weights PATH] [--batch_size B] [--dtype fp32|bf16|fp16]
+    accelerate launch code/extract_m3.py <input_dir> <output_dir>   # files split across processes
+
+Each file gets the last hidden states of the M3 patch encoder, shape [1, L, M3_HIDDEN_SIZE], one row
+per patch (special patches included; `L:1/8` lines are removed from ABC first, as the reference
+does). The weights default to config.py's M3_WEIGHTS_PATH (download it from the Hugging Face repo
+sander-wood/clamp2). Existing outputs are skipped; failures are listed in
+<output_dir>/failed_extract_m3.log; exit status 0 when every file succeeded, 1 when some failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from clamp2.checkpoint import load_model_weights
+from clamp2.configuration import load_config
+from clamp2.extract import KindRunner, MusicEncoder, add_common_arguments, autocast_context, run_extraction
+from clamp2.models import M3Dims, M3PatchEncoder
+from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def build_m3_encoder(cfg, weights: Path, device: torch.device) -> M3PatchEncoder:
+    """The M3 patch encoder, loaded strictly from the ``encoder.*`` entries of an M3 checkpoint."""
+    encoder = M3PatchEncoder(M3Dims.from_config(cfg))
+    load_model_weights(encoder, weights, prefix="encoder.")
+    return encoder.eval().to(device)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(Path(__file__).with_name("config.py"))
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu")
+    device = torch.device(args.device) if args.device else state.device
+    try:
+        encoder = build_m3_encoder(cfg, args.weights or Path(cfg.M3_WEIGHTS_PATH), device)
+        precision = autocast_context(device, args.dtype)
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def forward(ids, masks):
+        with precision:
+            return encoder(ids, masks)
+
+    patchilizer = M3Patchilizer(cfg.PATCH_SIZE, cfg.PATCH_LENGTH)
+    runners = {"music": KindRunner(MusicEncoder(patchilizer, remove_unit_length=True), forward,
+                                   cfg.PATCH_LENGTH, PAD_TOKEN_ID)}
+    return run_extraction(args, runners, per_position=True, include_text=False, device=device,
+                          process_index=state.process_index, num_processes=state.num_processes, tool="extract_m3")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

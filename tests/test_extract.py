@@ -1,0 +1,138 @@
+"""Feature extraction (SPEC §8): the reference's numbers, independence from batching, bad inputs."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from clamp2.extract import combine_global, combine_positions, text_lines, window_starts, window_weights
+from conftest import load_script
+
+TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
+            "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
+
+
+@pytest.fixture
+def tiny_env(monkeypatch):
+    for k, v in TINY_ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope="module")
+def extract_clamp2():
+    return load_script("code/extract_clamp2.py")
+
+
+@pytest.fixture(scope="module")
+def extract_m3():
+    return load_script("code/extract_m3.py")
+
+
+def clamp2_args(vectors, inp, out, *extra):
+    return [str(inp), str(out), "--weights", str(vectors / "tiny_clamp2.pth"),
+            "--text_model", str(vectors / "tiny_text_model"), "--num_workers", "0", "--no_progress", *extra]
+
+
+def compare_tree(expected_root, got_root):
+    files = sorted(expected_root.rglob("*.npy"))
+    assert files
+    for ref in files:
+        rel = ref.relative_to(expected_root)
+        got = np.load(got_root / rel)
+        want = np.load(ref)
+        assert got.dtype == np.float32 and got.shape == want.shape, rel
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=str(rel))
+    assert sorted(p.relative_to(got_root) for p in got_root.rglob("*.npy")) == [p.relative_to(expected_root) for p in files]
+
+
+@pytest.mark.parametrize("normalize,expected", [(True, "feat_clamp2_global"), (False, "feat_clamp2_raw")])
+def test_clamp2_reproduces_reference(tiny_env, vectors, tmp_path, extract_clamp2, normalize, expected):
+    out = tmp_path / "out"
+    args = clamp2_args(vectors, vectors / "extract_in", out, *(["--normalize"] if normalize else []))
+    assert extract_clamp2.main(args) == 0
+    compare_tree(vectors / "expected" / expected, out)
+
+
+def test_m3_reproduces_reference(tiny_env, vectors, tmp_path, extract_m3):
+    out = tmp_path / "out"
+    args = [str(vectors / "extract_in"), str(out), "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0",
+            "--no_progress"]
+    assert extract_m3.main(args) == 0
+    compare_tree(vectors / "expected" / "feat_m3", out)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_features_do_not_depend_on_batching(tiny_env, vectors, tmp_path, extract_clamp2, normalize):
+    # The inputs include music longer than PATCH_LENGTH (420 patches vs 32) and texts longer than
+    # MAX_TEXT_LENGTH (49 tokens vs 16): overlapping last windows and their weights are exercised.
+    flag = ["--normalize"] if normalize else []
+    one, many = tmp_path / "b1", tmp_path / "b16"
+    assert extract_clamp2.main(clamp2_args(vectors, vectors / "extract_in", one, "--batch_size", "1", *flag)) == 0
+    assert extract_clamp2.main(clamp2_args(vectors, vectors / "extract_in", many, "--batch_size", "16",
+                                           "--num_workers", "2", "--files_per_chunk", "3", *flag)) == 0
+    for path in one.rglob("*.npy"):
+        np.testing.assert_allclose(np.load(many / path.relative_to(one)), np.load(path), atol=1e-5)
+
+
+def test_bad_inputs_are_reported_and_skipped(tiny_env, vectors, tmp_path, extract_clamp2, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(vectors / "extract_in", inp)
+    (inp / "abc" / "empty.abc").write_text("")
+    (inp / "txt" / "blank.txt").write_text("\n\n\n")
+    (inp / "txt" / "latin1.txt").write_bytes("caf\xe9 music".encode("latin-1"))
+    (inp / "mtf" / "handmade.abc").write_text((inp / "abc" / "airds_tune3.abc").read_text())  # collides with handmade.mtf
+    assert extract_clamp2.main(clamp2_args(vectors, inp, out, "--normalize")) == 1
+    err = capsys.readouterr().err
+    for name in ("empty.abc", "blank.txt", "latin1.txt", "handmade.abc", "handmade.mtf"):
+        assert name in err
+    assert "extracted 6, skipped 0 existing, failed 5" in err
+    log = (out / "failed_extract_clamp2.log").read_text()
+    assert "empty music file" in log and "no non-empty line" in log and "not UTF-8" in log and "rename" in log
+    for stem in ("abc/empty", "txt/blank", "txt/latin1", "mtf/handmade"):
+        assert not (out / f"{stem}.npy").exists()
+    assert not list(out.rglob("*.partial"))
+    # A re-run skips what exists and extracts only what was fixed.
+    (inp / "mtf" / "handmade.abc").unlink()
+    before = (out / "abc" / "bwv10.7.npy").stat().st_mtime_ns
+    assert extract_clamp2.main(clamp2_args(vectors, inp, out, "--normalize")) == 1
+    err = capsys.readouterr().err
+    assert "extracted 1, skipped 6 existing, failed 3" in err
+    assert (out / "abc" / "bwv10.7.npy").stat().st_mtime_ns == before
+    np.testing.assert_allclose(np.load(out / "mtf/handmade.npy"),
+                               np.load(vectors / "expected/feat_clamp2_global/mtf/handmade.npy"), atol=1e-5)
+
+
+def test_usage_errors(tiny_env, vectors, tmp_path, extract_clamp2, extract_m3, capsys):
+    assert extract_m3.main([str(tmp_path / "nope"), str(tmp_path / "out"), "--weights", str(vectors / "tiny_m3.pth")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert extract_m3.main([str(tmp_path / "empty"), str(tmp_path / "out"), "--weights", str(vectors / "tiny_m3.pth")]) == 2
+    assert "no input files" in capsys.readouterr().err
+    assert extract_m3.main([str(vectors / "extract_in"), str(tmp_path / "out"), "--weights", str(tmp_path / "weights_m3.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "weights_m3.pth" in err and "sander-wood/clamp2" in err
+    # A CLaMP 2 checkpoint is not an M3 checkpoint: the mismatch is named, nothing is written.
+    assert extract_m3.main([str(vectors / "extract_in"), str(tmp_path / "out"), "--weights", str(vectors / "tiny_clamp2.pth")]) == 2
+    assert "missing keys" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as info:
+        extract_clamp2.main(["--help"])
+    assert info.value.code == 0
+
+
+def test_window_arithmetic():
+    assert window_starts(10, 32) == [0]
+    assert window_starts(64, 32) == [0, 32]
+    assert window_starts(70, 32) == [0, 32, 38]
+    assert window_weights(70, 32) == [32, 32, 6]
+    assert window_weights(64, 32) == [32, 32]
+    assert window_weights(10, 32) == [10]
+    feats = torch.tensor([[1.0], [2.0], [4.0]])
+    assert torch.allclose(combine_global(feats, 70, 32), torch.tensor([(32 + 64 + 24) / 70]))
+    states = [torch.arange(32.0), torch.arange(32.0, 64.0), torch.arange(38.0, 70.0)]
+    assert torch.equal(combine_positions(states, 70, 32), torch.arange(70.0))
+    assert torch.equal(combine_positions(states[:2], 64, 32), torch.arange(64.0))
+
+
+def test_text_lines_keep_first_occurrence_order():
+    assert text_lines("b\n\na\nb\nc\na\n") == ["b", "a", "c"]
