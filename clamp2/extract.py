@@ -336,11 +336,20 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
-def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path, str]]) -> Optional[Path]:
+def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path, str]],
+                      input_dir: Optional[Path] = None) -> Optional[Path]:
+    """``relative/path<TAB>reason`` lines, the format of the batch converters' logs."""
     if not failures:
         return None
     log = output_dir / name
-    text = "".join(f"{path}\t{reason}\n" for path, reason in failures)
+
+    def shown(path: Path) -> str:
+        try:
+            return path.relative_to(input_dir).as_posix() if input_dir else str(path)
+        except ValueError:
+            return str(path)
+
+    text = "".join(f"{shown(path)}\t{' '.join(reason.split())}\n" for path, reason in failures)
     with atomic_path(log) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return log
@@ -381,7 +390,7 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
         bar.close()
     failures += result.failures
     suffix = f"_{process_index}" if num_processes > 1 else ""
-    log = write_failure_log(args.output_dir, f"failed_{tool}{suffix}.log", failures)
+    log = write_failure_log(args.output_dir, f"failed_{tool}{suffix}.log", failures, args.input_dir)
     skipped = len(plan.skipped) if process_index == 0 else 0
     where = f" (process {process_index}/{num_processes})" if num_processes > 1 else ""
     print(f"{tool}{where}: extracted {result.written}, skipped {skipped} existing, failed {len(failures)}"

@@ -44,11 +44,22 @@ def mirror_path(input_path: str | os.PathLike, input_root: str | os.PathLike,
                 output_root: str | os.PathLike, new_suffix: str) -> Path:
     """``output_root / <input's folder relative to input_root> / <stem><new_suffix>``."""
     input_path, input_root = Path(input_path), Path(input_root)
-    relative = input_path.relative_to(input_root) if input_root.is_dir() else Path(input_path.name)
+    try:
+        relative = input_path.relative_to(input_root)
+    except ValueError:  # a single input file given as the "root"
+        relative = Path(input_path.name)
+    if relative == Path("."):
+        relative = Path(input_path.name)
     return Path(output_root) / relative.parent / (relative.stem + new_suffix)
 
 
 TMP_SUFFIX = ".partial"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -61,6 +72,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes the file private (0600); give the output the permissions of a normal file.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

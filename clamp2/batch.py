@@ -1,0 +1,324 @@
+"""The one parallel batch runner behind every per-file converter (process_data/batch_*.py).
+
+Users convert tens of thousands of files at once, so a run must survive any single file:
+
+- inputs are found recursively and each gets ``<output_dir>/<same relative folder>/<stem><suffix>``;
+  an output that exists is skipped unless ``overwrite`` (so re-running converts only what is
+  missing), and two inputs that would share an output (``a.mid`` and ``a.midi``) are a failure
+  for the second instead of a silent overwrite;
+- files are converted in worker processes (all cores by default; with one worker, in this
+  process), each output is written atomically (``clamp2.files``), so no partial file is ever
+  left behind;
+- a file whose conversion raises is a failure, reported on stderr and as
+  ``relative/path<TAB>reason`` in ``<output_dir>/failed_<tool>.log`` (rewritten by every run,
+  flushed per line); a worker process that dies (crash, out-of-memory kill) fails only the file
+  it was converting: the files in flight beside it are retried one by one;
+- ``UserWarning``\\ s a conversion issues (e.g. unaligned bars) go to
+  ``<output_dir>/warnings_<tool>.log`` in the same format, and the file still counts as converted;
+- the run ends with one line ``converted N, skipped N, failed N``; the exit status is 0 when
+  nothing failed, 1 when a file failed, 2 for a usage error (no input folder, no matching files,
+  an output folder that would overwrite the inputs).
+
+A conversion is any picklable callable ``convert(input_path) -> str | bytes`` (a module-level
+function or a ``functools.partial`` of one); ``str`` is written as UTF-8 with no newline
+translation.
+
+Public API: :func:`add_batch_arguments`, :func:`batch_argument_parser`, :func:`positive_int`,
+:func:`plan_jobs`, :func:`run_batch`, :func:`convert_folder`, :class:`Job`, :class:`BatchResult`,
+:class:`BatchUsageError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from clamp2.files import atomic_write_bytes, atomic_write_text, find_files, mirror_path
+
+Convert = Callable[[Path], "str | bytes"]
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Enough queued work to keep every worker busy without holding a future per file of a huge batch.
+TASKS_PER_WORKER = 4
+MAX_REASON_LENGTH = 2000
+
+
+class BatchUsageError(ValueError):
+    """The command line cannot be run as given (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    target: Path
+    name: str  # what reports show: the source relative to the input folder, POSIX style
+
+
+@dataclass
+class BatchResult:
+    converted: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILURES if self.failures else EXIT_OK
+
+    def summary(self) -> str:
+        return f"converted {self.converted}, skipped {self.skipped}, failed {self.failed}"
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    # Plain strings only: an exception object may not survive pickling back from a worker.
+    ok: bool
+    reason: str = ""
+    warnings: tuple[str, ...] = ()
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser, input_kind: str, output_kind: str) -> None:
+    """The arguments every batch converter shares: input_dir output_dir [--workers N] [--overwrite]."""
+    parser.add_argument("input_dir", help=f"folder of {input_kind} files (searched recursively)")
+    parser.add_argument("output_dir",
+                        help=f"folder for the {output_kind} files, mirroring input_dir's sub-folders")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="worker processes (default: all cores, os.cpu_count())")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="convert again files whose output exists (default: skip them)")
+
+
+def batch_argument_parser(description: str, input_kind: str, output_kind: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    add_batch_arguments(parser, input_kind, output_kind)
+    return parser
+
+
+def one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON_LENGTH else text[:MAX_REASON_LENGTH] + "..."
+
+
+def describe_error(error: BaseException) -> str:
+    message = str(error)
+    return one_line(f"{type(error).__name__}: {message}" if message else type(error).__name__)
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def plan_jobs(input_dir: str | os.PathLike, output_dir: str | os.PathLike, extensions: Iterable[str],
+              output_suffix: str) -> tuple[list[Job], list[tuple[str, str]]]:
+    """Jobs for every matching input, and ``(name, reason)`` for inputs that cannot have one.
+
+    Raises :class:`BatchUsageError` when the input folder is missing, holds no matching file, or
+    an output would be written over its own input.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.exists():
+        raise BatchUsageError(f"input folder {input_dir} does not exist")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BatchUsageError(f"output folder {output_dir} is a file")
+    resolved_output = output_dir.resolve()
+    sources = find_files(input_dir, extensions)
+    if input_dir.is_dir() and resolved_output != input_dir.resolve():
+        # An output folder inside the input folder must not feed its outputs back in as inputs.
+        sources = [s for s in sources if not is_within(s.resolve(), resolved_output)]
+    if not sources:
+        raise BatchUsageError(f"no {'/'.join(extensions)} files under {input_dir}")
+
+    jobs: list[Job] = []
+    rejected: list[tuple[str, str]] = []
+    claimed: dict[Path, str] = {}
+    for source in sources:
+        name = source.relative_to(input_dir).as_posix() if input_dir.is_dir() else source.name
+        target = mirror_path(source, input_dir, output_dir, output_suffix)
+        if target.resolve() == source.resolve():
+            raise BatchUsageError(f"output {target} would overwrite its input: choose another output folder")
+        if target in claimed:
+            rejected.append((name, f"same output {target.name} as {claimed[target]}"))
+            continue
+        claimed[target] = name
+        jobs.append(Job(source, target, name))
+    return jobs, rejected
+
+
+def is_about_the_file(category: type[Warning]) -> bool:
+    # Deprecation notices of libraries (pyparsing's are UserWarnings too) say nothing about the file.
+    return (issubclass(category, UserWarning)
+            and not issubclass(category, (DeprecationWarning, PendingDeprecationWarning)))
+
+
+def convert_file(convert: Convert, source: Path, target: Path) -> FileOutcome:
+    """Convert one file and write its output atomically; never raises for a bad file."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = convert(source)
+        if isinstance(data, str):
+            atomic_write_text(target, data)
+        elif isinstance(data, (bytes, bytearray)):
+            atomic_write_bytes(target, bytes(data))
+        else:
+            raise TypeError(f"conversion returned {type(data).__name__}, not str or bytes")
+    except Exception as error:  # noqa: BLE001 - one bad file must never cost the batch
+        return FileOutcome(False, describe_error(error))
+    notes = tuple(one_line(str(w.message)) for w in caught if is_about_the_file(w.category))
+    return FileOutcome(True, warnings=notes)
+
+
+WORKER_DIED = "worker process died while converting this file (crash or out of memory)"
+
+
+def convert_in_own_process(convert: Convert, job: Job) -> FileOutcome:
+    with ProcessPoolExecutor(max_workers=1) as executor:
+        try:
+            return executor.submit(convert_file, convert, job.source, job.target).result()
+        except BrokenProcessPool:
+            return FileOutcome(False, WORKER_DIED)
+
+
+def run_in_pool(convert: Convert, jobs: list[Job], workers: int,
+                on_outcome: Callable[[Job, FileOutcome], None]) -> None:
+    queue = iter(jobs)
+    executor = ProcessPoolExecutor(max_workers=workers)
+    in_flight: dict = {}
+    try:
+        while True:
+            while len(in_flight) < workers * TASKS_PER_WORKER:
+                job = next(queue, None)
+                if job is None:
+                    break
+                in_flight[executor.submit(convert_file, convert, job.source, job.target)] = job
+            if not in_flight:
+                break
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            suspects = []
+            for future in done:
+                job = in_flight.pop(future)
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool:
+                    suspects.append(job)
+                    continue
+                except Exception as error:  # noqa: BLE001 - e.g. a conversion that cannot be pickled
+                    outcome = FileOutcome(False, describe_error(error))
+                on_outcome(job, outcome)
+            if suspects:
+                # A worker died and took the pool with it. Any file in flight may be the culprit:
+                # each one is retried alone, so only the culprit fails, then a fresh pool goes on.
+                suspects.extend(in_flight.values())
+                in_flight.clear()
+                executor.shutdown(wait=True, cancel_futures=True)
+                for job in suspects:
+                    on_outcome(job, convert_in_own_process(convert, job))
+                executor = ProcessPoolExecutor(max_workers=workers)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLike, tool: str,
+              workers: int | None = None, overwrite: bool = False,
+              rejected: Iterable[tuple[str, str]] = (), progress: bool = True) -> BatchResult:
+    """Run ``convert`` over ``jobs`` (see the module docstring for what happens to each file).
+
+    Failures and warnings are logged in ``output_dir/failed_<tool>.log`` and
+    ``output_dir/warnings_<tool>.log``; ``rejected`` are ``(name, reason)`` failures known before
+    the run (see :func:`plan_jobs`). ``workers`` defaults to ``os.cpu_count()``.
+    """
+    from tqdm import tqdm
+
+    output_dir = Path(output_dir)
+    workers = workers or os.cpu_count() or 1
+    result = BatchResult()
+    todo = []
+    for job in jobs:
+        if not overwrite and job.target.exists():
+            result.skipped += 1
+        else:
+            todo.append(job)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / f"failed_{tool}.log", "w", encoding="utf-8", newline="\n") as failure_log, \
+            open(output_dir / f"warnings_{tool}.log", "w", encoding="utf-8", newline="\n") as warning_log, \
+            tqdm(total=len(todo), desc=tool, unit="file", file=sys.stderr, disable=not progress) as bar:
+
+        def fail(name: str, reason: str) -> None:
+            result.failures.append((name, reason))
+            failure_log.write(f"{name}\t{reason}\n")
+            failure_log.flush()
+            tqdm.write(f"failed: {name}: {reason}", file=sys.stderr)
+
+        def record(job: Job, outcome: FileOutcome) -> None:
+            if outcome.ok:
+                result.converted += 1
+                for note in outcome.warnings:
+                    result.warnings.append((job.name, note))
+                    warning_log.write(f"{job.name}\t{note}\n")
+                warning_log.flush()
+            else:
+                fail(job.name, outcome.reason)
+            bar.update(1)
+
+        for name, reason in rejected:
+            fail(name, reason)
+        if workers == 1 or len(todo) <= 1:
+            # In-process: no start-up cost, and the converters reset their libraries' state per call.
+            for job in todo:
+                record(job, convert_file(convert, job.source, job.target))
+        else:
+            run_in_pool(convert, todo, min(workers, len(todo)), record)
+    return result
+
+
+def convert_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, convert: Convert,
+                   extensions: Iterable[str], output_suffix: str, tool: str, workers: int | None = None,
+                   overwrite: bool = False, progress: bool = True) -> int:
+    """The whole command line of a batch converter; returns its exit status (0, 1, 2; 130 on Ctrl-C)."""
+    extensions = tuple(extensions)
+    try:
+        jobs, rejected = plan_jobs(input_dir, output_dir, extensions, output_suffix)
+    except BatchUsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = run_batch(jobs, convert, output_dir=output_dir, tool=tool, workers=workers,
+                           overwrite=overwrite, rejected=rejected, progress=progress)
+    except KeyboardInterrupt:
+        # Outputs written so far are complete files; a re-run converts only the rest.
+        print("interrupted: run the same command again to convert the remaining files", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    output_dir = Path(output_dir)
+    if result.failures:
+        print(f"{result.failed} failed files listed in {output_dir / f'failed_{tool}.log'}", file=sys.stderr)
+    if result.warnings:
+        print(f"{len(result.warnings)} warnings listed in {output_dir / f'warnings_{tool}.log'}",
+              file=sys.stderr)
+    print(result.summary())
+    return result.exit_code

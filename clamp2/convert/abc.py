@@ -1,0 +1,242 @@
+"""MusicXML -> ABC -> interleaved ABC -> MusicXML, through ``abctoolkit`` (SPEC §3).
+
+- ``xml_to_abc``: Wim Vree's xml2abc as shipped in abctoolkit, with ``-d 8 -x``, run in-process
+  (about 10x faster than a subprocess per file) and giving exactly the bytes that
+  ``python -m abctoolkit.xml2abc -d 8 -x FILE`` writes to stdout. *fix*: an ``.mxl`` whose score is
+  a ``.musicxml`` is read through ``META-INF/container.xml``.
+- ``abc_to_interleaved``: the CLaMP 2 cleaning + rotation pipeline, so that every line holds one
+  bar of every voice: ``[V:1]...|[V:2]...|``. *fix*: a single-voice tune without a ``V:1`` line
+  gets one after its first ``K:`` line.
+- ``interleaved_to_xml``: abctoolkit's abc2xml, the same bytes its command line writes with ``-o``.
+
+The abctoolkit modules keep module-level state between calls (xml2abc's global ``abcOut``,
+abc2xml's ``prevloc`` and ``mxm``); each call here resets it so that a conversion depends on its
+input only, as it would in a fresh ``python -m`` process. They also print diagnostics to
+stdout/stderr: those are captured and end up in the error message or in an ``AbcWarning``.
+
+``abctoolkit.convert`` and ``abctoolkit.data`` are never imported: the former runs a shell
+command at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import warnings
+import xml.etree.ElementTree as ElementTree
+import zipfile
+from optparse import Values
+from pathlib import Path
+
+MUSICXML_EXTENSIONS = (".xml", ".mxl", ".musicxml")
+XML2ABC_UNIT_LENGTH = 8
+
+# Dropped from standard ABC before interleaving: titles, composers, lyrics, notes and MIDI hints
+# carry no music the model should see (SPEC §3).
+INTERLEAVE_REMOVED_FIELDS = ["X:", "T:", "C:", "W:", "w:", "Z:", "%%MIDI"]
+FIELD_LINE_RE = re.compile(r"^[A-Za-z]:")
+
+
+class AbcWarning(UserWarning):
+    """A conversion that succeeded but whose result may be musically off (e.g. unaligned bars)."""
+
+
+def xml2abc_options() -> Values:
+    """The option values ``python -m abctoolkit.xml2abc -d 8 -x`` ends up with."""
+    return Values({
+        "u": None, "m": 0, "c": 0, "d": XML2ABC_UNIT_LENGTH, "n": 0, "b": 0, "o": "", "v": 0,
+        "x": True, "p": [], "j": None, "t": None, "s": None, "i": None, "v1": None,
+        "ped": True, "stm": False,
+    })
+
+
+def container_rootfile(archive: zipfile.ZipFile) -> str | None:
+    try:
+        container = ElementTree.fromstring(archive.read("META-INF/container.xml"))
+    except (KeyError, ElementTree.ParseError):
+        return None
+    for element in container.iter():
+        # Some writers put the OCF namespace on the element, some do not.
+        if element.tag.rsplit("}", 1)[-1] == "rootfile" and element.get("full-path"):
+            return element.get("full-path")
+    return None
+
+
+def score_name_in_mxl(archive: zipfile.ZipFile) -> str:
+    """The member xml2abc converts: its own rule first (first non-META ``*.xml``) so that the bytes
+    stay the reference's, else the rootfile named by ``META-INF/container.xml`` (the *fix* for
+    archives whose score is a ``.musicxml``)."""
+    for name in archive.namelist():
+        if name[:4] != "META" and name[-4:].lower() == ".xml":
+            return name
+    rootfile = container_rootfile(archive)
+    if rootfile is None:
+        raise ValueError("no MusicXML score in the .mxl archive (no *.xml and no container rootfile)")
+    if rootfile not in archive.namelist():
+        raise ValueError(f"container.xml names {rootfile!r}, which is not in the .mxl archive")
+    return rootfile
+
+
+def read_musicxml(path: str | os.PathLike) -> bytes:
+    path = Path(path)
+    if path.suffix.lower() != ".mxl":
+        return path.read_bytes()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(score_name_in_mxl(archive))
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"not an .mxl (zip) archive: {error}") from error
+
+
+def last_message(captured: str) -> str:
+    lines = [line.strip() for line in captured.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def xml_to_abc(path: str | os.PathLike) -> str:
+    """Standard ABC (``-d 8 -x``) of a MusicXML file; raises ``ValueError`` when xml2abc gives nothing."""
+    from abctoolkit import xml2abc
+
+    data = read_musicxml(path)
+    options = xml2abc_options()
+    abc_text = io.StringIO()
+    diagnostics = io.StringIO()
+    with contextlib.redirect_stderr(diagnostics):
+        # xml2abc's Parser writes through the module-global ``abcOut``; a fresh one per call is
+        # exactly what its command line does per file (tune number X:1, as for a single file).
+        output = xml2abc.ABCoutput(os.path.splitext(os.fspath(path))[0] + ".abc", "", 0, options)
+        output.outfile = abc_text
+        xml2abc.abcOut = output
+        try:
+            xml2abc.Parser(options).parse(io.BytesIO(data))
+        except Exception as error:
+            raise ValueError(f"xml2abc failed: {type(error).__name__}: {error}") from error
+        finally:
+            xml2abc.abcOut = None
+    text = abc_text.getvalue()
+    if not text:
+        reason = last_message(diagnostics.getvalue()) or "no output"
+        raise ValueError(f"xml2abc wrote no ABC ({reason})")
+    return text
+
+
+def has_v1_line(abc_lines: list[str]) -> bool:
+    # The same test abctoolkit uses to find the tune body.
+    return any(line.strip() == "V:1" for line in abc_lines)
+
+
+def add_v1_line(abc_lines: list[str]) -> list[str]:
+    """*fix*: a tune without a ``V:1`` line is one voice: insert ``V:1`` after its first ``K:`` line."""
+    for index, line in enumerate(abc_lines):
+        if line.startswith("K:"):
+            head = abc_lines[:index + 1]
+            if not head[-1].endswith("\n"):
+                head[-1] += "\n"
+            return head + ["V:1\n"] + abc_lines[index + 1:]
+    raise ValueError("not an ABC tune: no K: line")
+
+
+def clean_quotes(line: str) -> str:
+    """SPEC §3 quirk, kept because it changes bytes: a music line loses its ``\\"`` escapes, unless a
+    quoted string of the original line holds a barline, in which case those quoted strings are
+    removed from the original line instead (its ``\\"`` kept)."""
+    from abctoolkit.utils import Barlines, Quote_re
+
+    cleaned = line.replace(r"\"", "")
+    current = line
+    for quoted in re.findall(Quote_re, line):
+        if any(barline in quoted for barline in Barlines):
+            current = current.replace(quoted, "")
+            cleaned = current
+    return cleaned
+
+
+def is_music_line(line: str) -> bool:
+    return not (FIELD_LINE_RE.match(line) or line.startswith("%"))
+
+
+def printed_lines(captured: str) -> list[str]:
+    return [line.strip() for line in captured.splitlines() if line.strip()]
+
+
+def abc_to_interleaved(abc_text: str) -> str:
+    """Interleaved ABC of a standard ABC tune (SPEC §3).
+
+    Raises ``ValueError`` when abctoolkit cannot align the voices (different bar counts, an empty
+    piece, an exception). Unequal bar durations or barlines between voices only issue an
+    ``AbcWarning``: the reference keeps such pieces.
+    """
+    from abctoolkit.check import check_alignment_unrotated
+    from abctoolkit.rotate import rotate_abc
+    from abctoolkit.utils import remove_bar_no_annotations, remove_information_field, strip_empty_bars
+
+    # StringIO().readlines() splits on "\n" only, as the reference's file.readlines() does.
+    abc_lines = [line for line in io.StringIO(abc_text).readlines() if line.strip() != ""]
+    if not has_v1_line(abc_lines):
+        abc_lines = add_v1_line(abc_lines)
+    abc_lines = remove_information_field(abc_lines=abc_lines, info_fields=INTERLEAVE_REMOVED_FIELDS)
+    abc_lines = remove_bar_no_annotations(abc_lines)
+    abc_lines = [clean_quotes(line) if is_music_line(line) else line for line in abc_lines]
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            stripped_lines, _ = strip_empty_bars(abc_lines)
+    except Exception as error:
+        raise ValueError(f"cannot split the voices into bars: {type(error).__name__}: {error}") from error
+    messages = printed_lines(printed.getvalue())
+    if stripped_lines is None:
+        raise ValueError("cannot align the voices: " + (" ".join(messages) or "strip_empty_bars failed"))
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            _, bar_numbers_equal, bar_durations_equal = check_alignment_unrotated(stripped_lines)
+            interleaved_lines = rotate_abc(stripped_lines)
+    except Exception as error:
+        raise ValueError(f"cannot interleave the voices: {type(error).__name__}: {error}") from error
+    if not bar_numbers_equal:
+        raise ValueError("cannot align the voices: unequal bar numbers")
+    messages += printed_lines(printed.getvalue())
+    if not bar_durations_equal:
+        messages.insert(0, "bar durations differ between voices or cannot be computed")
+    if messages:
+        warnings.warn("; ".join(messages), AbcWarning, stacklevel=2)
+    return "".join(interleaved_lines)
+
+
+def interleaved_to_xml(abc_text: str) -> str:
+    """MusicXML of the first tune of an ABC text, as ``abctoolkit.abc2xml -o DIR`` writes it."""
+    from abctoolkit import abc2xml
+
+    # What a fresh process would start with: abc2xml keeps its parser instance and the position
+    # of the previous note (used to detect beam breaks) at module level.
+    abc2xml.prevloc = 0
+    abc2xml.mxm = abc2xml.MusicXml()
+    diagnostics = io.StringIO()
+    with contextlib.redirect_stderr(diagnostics):
+        scores = abc2xml.getXmlDocs(abc_text, 0, 1, False, False, False)
+    if not scores:
+        reason = last_message(diagnostics.getvalue()) or "no tune"
+        raise ValueError(f"abc2xml produced no score ({reason})")
+    return abc2xml.fixDoctype(scores[0])
+
+
+def decode_abc_for_abc2xml(data: bytes) -> str:
+    # abc2xml's own rule: UTF-8, else Latin-1.
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def abc_file_to_interleaved(path: str | os.PathLike) -> str:
+    # Strict UTF-8 with universal newlines, as the reference reads: other encodings are failures.
+    with open(path, encoding="utf-8") as f:
+        return abc_to_interleaved(f.read())
+
+
+def interleaved_file_to_xml(path: str | os.PathLike) -> str:
+    return interleaved_to_xml(decode_abc_for_abc2xml(Path(path).read_bytes()))

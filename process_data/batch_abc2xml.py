@@ -1,0 +1,37 @@
+"""Convert (interleaved) ABC back to MusicXML with abctoolkit's abc2xml (SPEC §3).
+
+    python process_data/batch_abc2xml.py <input_dir> <output_dir> [--workers N] [--overwrite]
+
+Each ``.abc`` becomes ``<output_dir>/<same relative folder>/<stem>.xml``: the first tune of the
+file, the same bytes ``python -m abctoolkit.abc2xml -o DIR FILE`` writes (input read as UTF-8,
+else Latin-1), converted in-process. Existing outputs are skipped unless ``--overwrite``; failures
+go to ``<output_dir>/failed_abc2xml.log`` and stderr. Exit status: 0 all converted, 1 some file
+failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from clamp2.batch import batch_argument_parser
+
+    parser = batch_argument_parser("Convert ABC files to MusicXML (abc2xml).", "ABC (.abc)",
+                                   "MusicXML (.xml)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from clamp2.batch import convert_folder
+    from clamp2.convert.abc import interleaved_file_to_xml
+
+    return convert_folder(args.input_dir, args.output_dir, convert=interleaved_file_to_xml,
+                          extensions=[".abc"], output_suffix=".xml", tool="abc2xml",
+                          workers=args.workers, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

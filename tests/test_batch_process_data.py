@@ -1,0 +1,334 @@
+"""The five process_data batch converters and clamp2.batch: real files, bad files, re-runs."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mido
+import pytest
+
+from clamp2 import batch
+from clamp2.convert.abc import abc_to_interleaved, interleaved_to_xml, xml_to_abc
+from clamp2.files import TMP_SUFFIX
+from conftest import REPO_ROOT, load_script
+
+
+def read_exact(path) -> str:
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def run(script: str, *args) -> int:
+    return load_script(f"process_data/{script}.py").main([str(a) for a in args])
+
+
+def failure_log(output_dir: Path, tool: str) -> dict[str, str]:
+    lines = read_exact(output_dir / f"failed_{tool}.log").splitlines()
+    return dict(line.split("\t", 1) for line in lines)
+
+
+def output_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.suffix != ".log"}
+
+
+def assert_no_partial_files(folder: Path) -> None:
+    assert not [p for p in folder.rglob("*") if p.name.endswith(TMP_SUFFIX)]
+
+
+def without_date(xml_text: str) -> str:
+    return re.sub(r"<encoding-date>[^<]*</encoding-date>", "", xml_text)
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def corpus_tree(tmp_path_factory) -> Path:
+    """Corpus scores in sub-folders: chorales, a quartet movement, songs."""
+    from music21 import corpus
+
+    root = tmp_path_factory.mktemp("scores")
+    for folder, work in (("chorales", "bach/bwv10.7"), ("chorales", "bach/bwv113.8"),
+                         ("quartets", "mozart/k80/movement3"), ("songs/lead", "leadSheet/fosterBrownHair")):
+        source = Path(str(corpus.getWork(work)))
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, root / folder / source.name)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs are the reference bytes
+
+
+def test_scripts_reproduce_the_conformance_vectors(vectors, tmp_path, capsys):
+    inputs, expected = vectors / "inputs", vectors / "expected"
+    assert run("batch_xml2abc", inputs / "xml", tmp_path / "abc") == 0
+    assert last_line(capsys.readouterr().out) == "converted 1, skipped 0, failed 0"
+    assert read_exact(tmp_path / "abc" / "bwv10.7.abc") == read_exact(expected / "abc_from_xml" / "bwv10.7.abc")
+
+    abc_in = tmp_path / "abc_in"
+    (abc_in / "folk").mkdir(parents=True)
+    shutil.copy(expected / "abc_from_xml" / "bwv10.7.abc", abc_in)
+    # the single-voice tune as folk collections write it: no V:1 line
+    (abc_in / "folk" / "airds_tune3.abc").write_text(
+        read_exact(inputs / "abc" / "airds_tune3.abc").replace("K:G\nV:1\n", "K:G\n"), encoding="utf-8")
+    assert run("batch_interleaved_abc", abc_in, tmp_path / "interleaved", "--workers", 2) == 0
+    assert read_exact(tmp_path / "interleaved" / "bwv10.7.abc") == read_exact(expected / "interleaved" / "bwv10.7.abc")
+    assert read_exact(tmp_path / "interleaved" / "folk" / "airds_tune3.abc") == read_exact(
+        expected / "interleaved" / "airds_tune3.abc")
+    # the tune's ` cannot be timed by abctoolkit: logged as a warning, not a failure
+    assert "folk/airds_tune3.abc\t" in read_exact(tmp_path / "interleaved" / "warnings_interleaved_abc.log")
+    assert read_exact(tmp_path / "interleaved" / "failed_interleaved_abc.log") == ""
+
+    for flags, folder in (((), "mtf"), (("--m3_compatible",), "mtf"), (("--keep_all",), "mtf_all")):
+        out = tmp_path / ("midi" + "".join(flags))
+        assert run("batch_midi2mtf", inputs / "midi", out, *flags) == 0
+        for name in ("bwv10.7", "handmade"):
+            assert read_exact(out / f"{name}.mtf") == read_exact(expected / folder / f"{name}.mtf")
+
+    assert run("batch_mtf2midi", tmp_path / "midi--keep_all", tmp_path / "midi_back") == 0
+    for name in ("bwv10.7", "handmade"):
+        original = mido.MidiFile(inputs / "midi" / f"{name}.mid")
+        rebuilt = mido.MidiFile(tmp_path / "midi_back" / f"{name}.mid")
+        assert rebuilt.type == 1 and list(rebuilt.merged_track) == list(original.merged_track)
+
+
+def test_corpus_chain_mirrors_folders_and_matches_the_converters(corpus_tree, tmp_path, capsys):
+    abc, interleaved, xml = tmp_path / "abc", tmp_path / "interleaved", tmp_path / "xml"
+    assert run("batch_xml2abc", corpus_tree, abc, "--workers", 2) == 0
+    assert output_files(abc) == {"chorales/bwv10.7.abc", "chorales/bwv113.8.abc",
+                                 "quartets/movement3.abc", "songs/lead/fosterBrownHair.abc"}
+    assert run("batch_interleaved_abc", abc, interleaved, "--workers", 2) == 0
+    assert run("batch_abc2xml", interleaved, xml, "--workers", 2) == 0
+    assert output_files(xml) == {"chorales/bwv10.7.xml", "chorales/bwv113.8.xml",
+                                 "quartets/movement3.xml", "songs/lead/fosterBrownHair.xml"}
+    assert last_line(capsys.readouterr().out) == "converted 4, skipped 0, failed 0"
+    # worker processes give the bytes of the converters called directly
+    for score in corpus_tree.rglob("*.mxl"):
+        relative = score.relative_to(corpus_tree).with_suffix(".abc")
+        assert read_exact(abc / relative) == xml_to_abc(score)
+    quartet_abc = read_exact(abc / "quartets" / "movement3.abc")
+    assert read_exact(interleaved / "quartets" / "movement3.abc") == abc_to_interleaved(quartet_abc)
+    first_bar = next(line for line in read_exact(interleaved / "quartets" / "movement3.abc").splitlines()
+                     if line.startswith("[V:"))
+    assert first_bar.startswith("[V:1]") and first_bar.count("[V:") == 4
+    assert read_exact(xml / "songs" / "lead" / "fosterBrownHair.xml").startswith("<?xml version='1.0' encoding='utf-8'?>")
+    song = read_exact(interleaved / "songs" / "lead" / "fosterBrownHair.abc")
+    assert without_date(read_exact(xml / "songs" / "lead" / "fosterBrownHair.xml")) == without_date(
+        interleaved_to_xml(song))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: reported, the rest converts, nothing partial, re-runs convert only what is missing
+
+
+def write_midi_inputs(folder: Path, vectors: Path) -> None:
+    (folder / "good").mkdir(parents=True)
+    (folder / "bad").mkdir()
+    for name in ("bwv10.7", "handmade"):
+        shutil.copy(vectors / "inputs" / "midi" / f"{name}.mid", folder / "good")
+    (folder / "bad" / "empty.mid").write_bytes(b"")
+    full = (vectors / "inputs" / "midi" / "bwv10.7.mid").read_bytes()
+    (folder / "bad" / "truncated.mid").write_bytes(full[: len(full) // 2])
+    (folder / "bad" / "text.mid").write_text("Just some notes about a piece, not MIDI.\n")
+
+
+def test_bad_midi_files_are_reported_and_the_rest_converts(vectors, tmp_path, capsys):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_midi_inputs(inputs, vectors)
+    assert run("batch_midi2mtf", inputs, out, "--workers", 2) == 1
+    captured = capsys.readouterr()
+    assert last_line(captured.out) == "converted 2, skipped 0, failed 3"
+    failures = failure_log(out, "midi2mtf")
+    assert set(failures) == {"bad/empty.mid", "bad/truncated.mid", "bad/text.mid"}
+    assert "not a complete MIDI file" in failures["bad/empty.mid"]
+    assert "not a complete MIDI file" in failures["bad/truncated.mid"]
+    assert "MThd not found" in failures["bad/text.mid"]
+    for name, reason in failures.items():
+        assert f"failed: {name}: {reason}" in captured.err
+    assert output_files(out) == {"good/bwv10.7.mtf", "good/handmade.mtf"}
+    assert_no_partial_files(out)
+
+    # re-running converts nothing new and reports the same failures
+    assert run("batch_midi2mtf", inputs, out) == 1
+    assert last_line(capsys.readouterr().out) == "converted 0, skipped 2, failed 3"
+    # once a bad file is replaced, only that file is converted
+    shutil.copy(vectors / "inputs" / "midi" / "handmade.mid", inputs / "bad" / "text.mid")
+    assert run("batch_midi2mtf", inputs, out) == 1
+    assert last_line(capsys.readouterr().out) == "converted 1, skipped 2, failed 2"
+    assert read_exact(out / "bad" / "text.mtf") == read_exact(vectors / "expected" / "mtf" / "handmade.mtf")
+    assert set(failure_log(out, "midi2mtf")) == {"bad/empty.mid", "bad/truncated.mid"}
+
+
+def test_bad_abc_and_xml_files(vectors, tmp_path, capsys):
+    xml_in = tmp_path / "xml_in"
+    xml_in.mkdir()
+    shutil.copy(vectors / "inputs" / "xml" / "bwv10.7.mxl", xml_in)
+    (xml_in / "malformed.xml").write_text("<score-partwise><part id='P1'><measure number='1'>")
+    (xml_in / "empty.musicxml").write_bytes(b"")
+    assert run("batch_xml2abc", xml_in, tmp_path / "abc") == 1
+    failures = failure_log(tmp_path / "abc", "xml2abc")
+    assert set(failures) == {"malformed.xml", "empty.musicxml"}
+    assert "ParseError" in failures["malformed.xml"]
+    assert output_files(tmp_path / "abc") == {"bwv10.7.abc"}
+
+    abc_in = tmp_path / "abc_in"
+    abc_in.mkdir()
+    shutil.copy(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc", abc_in)
+    (abc_in / "latin1.abc").write_bytes("X:1\nT:Chanson fran\xe7aise\nK:C\nV:1\ncdef|\n".encode("latin-1"))
+    (abc_in / "unequal_bars.abc").write_text("X:1\nL:1/8\nM:2/4\nK:C\nV:1\ncdef|gabc|\nV:2\nCDEF|\n")
+    (abc_in / "unequal_durations.abc").write_text("X:1\nL:1/8\nM:2/4\nK:C\nV:1\ncdef|gabc|\nV:2\nCDE|G,A,B,C|\n")
+    (abc_in / "empty.abc").write_bytes(b"")
+    capsys.readouterr()
+    assert run("batch_interleaved_abc", abc_in, tmp_path / "interleaved", "--workers", 2) == 1
+    assert last_line(capsys.readouterr().out) == "converted 2, skipped 0, failed 3"
+    failures = failure_log(tmp_path / "interleaved", "interleaved_abc")
+    assert set(failures) == {"latin1.abc", "unequal_bars.abc", "empty.abc"}
+    assert "UnicodeDecodeError" in failures["latin1.abc"]
+    assert "Unequal bar numbers" in failures["unequal_bars.abc"]
+    assert "no K: line" in failures["empty.abc"]
+    warnings_log = read_exact(tmp_path / "interleaved" / "warnings_interleaved_abc.log")
+    assert warnings_log.startswith("unequal_durations.abc\tbar durations differ")
+    assert output_files(tmp_path / "interleaved") == {"bwv10.7.abc", "unequal_durations.abc"}
+    assert_no_partial_files(tmp_path / "interleaved")
+
+    assert run("batch_abc2xml", abc_in, tmp_path / "xml") == 1
+    # abc2xml reads Latin-1 as its command line does; an empty file has no tune
+    assert set(failure_log(tmp_path / "xml", "abc2xml")) == {"empty.abc"}
+    assert "latin1.xml" in output_files(tmp_path / "xml")
+
+    mtf_in = tmp_path / "mtf_in"
+    mtf_in.mkdir()
+    shutil.copy(vectors / "expected" / "mtf" / "handmade.mtf", mtf_in)
+    (mtf_in / "broken.mtf").write_text("ticks_per_beat 96\nnote_on 0 0 60\n")
+    assert run("batch_mtf2midi", mtf_in, tmp_path / "midi") == 1
+    assert "line 2" in failure_log(tmp_path / "midi", "mtf2midi")["broken.mtf"]
+    assert output_files(tmp_path / "midi") == {"handmade.mid"}
+
+
+def test_a_file_that_disappears_mid_run(vectors, tmp_path, monkeypatch, capsys):
+    inputs = tmp_path / "in"
+    write_midi_inputs(inputs, vectors)
+    shutil.rmtree(inputs / "bad")
+    vanishing = inputs / "good" / "handmade.mid"
+    real_find_files = batch.find_files
+
+    def find_then_delete(*args, **kwargs):
+        found = real_find_files(*args, **kwargs)
+        vanishing.unlink()  # gone after discovery, before conversion
+        return found
+
+    monkeypatch.setattr(batch, "find_files", find_then_delete)
+    assert run("batch_midi2mtf", inputs, tmp_path / "out", "--workers", 1) == 1
+    assert last_line(capsys.readouterr().out) == "converted 1, skipped 0, failed 1"
+    assert "FileNotFoundError" in failure_log(tmp_path / "out", "midi2mtf")["good/handmade.mid"]
+    assert output_files(tmp_path / "out") == {"good/bwv10.7.mtf"}
+    assert_no_partial_files(tmp_path / "out")
+
+
+def test_inputs_sharing_an_output_do_not_overwrite_each_other(vectors, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(vectors / "inputs" / "midi" / "handmade.mid", inputs / "piece.mid")
+    shutil.copy(vectors / "inputs" / "midi" / "bwv10.7.mid", inputs / "piece.midi")
+    assert run("batch_midi2mtf", inputs, tmp_path / "out") == 1
+    assert failure_log(tmp_path / "out", "midi2mtf") == {"piece.midi": "same output piece.mtf as piece.mid"}
+    assert read_exact(tmp_path / "out" / "piece.mtf") == read_exact(vectors / "expected" / "mtf" / "handmade.mtf")
+
+
+def crash_on_marked_files(path: Path) -> str:
+    if "crash" in path.name:
+        os._exit(3)  # a worker dying outright, as on a segfault or an out-of-memory kill
+    return path.read_text()
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
+                    reason="the test's conversion function must be importable in spawned workers")
+def test_a_dying_worker_fails_only_its_file(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for index in range(6):
+        (inputs / f"ok{index}.txt").write_text(f"piece {index}")
+    (inputs / "crash.txt").write_text("boom")
+    jobs, rejected = batch.plan_jobs(inputs, tmp_path / "out", [".txt"], ".out")
+    result = batch.run_batch(jobs, crash_on_marked_files, output_dir=tmp_path / "out", tool="test",
+                             workers=2, progress=False)
+    assert result.failures == [("crash.txt", batch.WORKER_DIED)]
+    assert result.converted == 6
+    assert output_files(tmp_path / "out") == {f"ok{i}.out" for i in range(6)}
+    assert read_exact(tmp_path / "out" / "ok3.out") == "piece 3"
+
+
+# ------------------------------------------------------------------------------------------------
+# Skipping, overwriting, usage errors, command line
+
+
+def test_skip_existing_and_overwrite(vectors, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("batch_midi2mtf", vectors / "inputs" / "midi", out) == 0
+    (out / "handmade.mtf").write_text("stale")
+    assert run("batch_midi2mtf", vectors / "inputs" / "midi", out) == 0
+    assert last_line(capsys.readouterr().out) == "converted 0, skipped 2, failed 0"
+    assert read_exact(out / "handmade.mtf") == "stale"
+    assert run("batch_midi2mtf", vectors / "inputs" / "midi", out, "--overwrite") == 0
+    assert last_line(capsys.readouterr().out) == "converted 2, skipped 0, failed 0"
+    assert read_exact(out / "handmade.mtf") == read_exact(vectors / "expected" / "mtf" / "handmade.mtf")
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(vectors, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc", inputs)
+    assert run("batch_interleaved_abc", inputs, inputs / "interleaved") == 0
+    assert run("batch_interleaved_abc", inputs, inputs / "interleaved") == 0
+    assert last_line(capsys.readouterr().out) == "converted 0, skipped 1, failed 0"
+    assert output_files(inputs / "interleaved") == {"bwv10.7.abc"}
+
+
+def test_usage_errors_exit_2(vectors, tmp_path, capsys):
+    assert run("batch_midi2mtf", tmp_path / "missing", tmp_path / "out") == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no music here")
+    assert run("batch_xml2abc", tmp_path / "notes", tmp_path / "out") == 2
+    assert "no .xml/.mxl/.musicxml files" in capsys.readouterr().err
+    abc_in = tmp_path / "abc"
+    abc_in.mkdir()
+    shutil.copy(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc", abc_in)
+    assert run("batch_interleaved_abc", abc_in, abc_in, "--overwrite") == 2
+    assert "overwrite its input" in capsys.readouterr().err
+    assert read_exact(abc_in / "bwv10.7.abc") == read_exact(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc")
+    for bad_args in (["--workers", "0"], ["--keep_all", "--m3_compatible"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            run("batch_midi2mtf", *([vectors / "inputs" / "midi", tmp_path / "o"] if bad_args else []), *bad_args)
+        assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("script", ["batch_xml2abc", "batch_interleaved_abc", "batch_abc2xml",
+                                    "batch_midi2mtf", "batch_mtf2midi"])
+def test_help_and_documented_interface(script, capsys):
+    module = load_script(f"process_data/{script}.py")
+    assert module.__doc__ and f"python process_data/{script}.py <input_dir> <output_dir>" in module.__doc__
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--workers" in help_text and "--overwrite" in help_text
+    args = module.parse_args(["in", "out"])
+    assert args.workers is None and args.overwrite is False
+
+
+def test_runs_as_a_script(vectors, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "process_data" / "batch_midi2mtf.py"), str(vectors / "inputs" / "midi"),
+         str(tmp_path / "out"), "--keep_all", "--workers", "2"], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "converted 2, skipped 0, failed 0"
+    assert read_exact(tmp_path / "out" / "handmade.mtf") == read_exact(vectors / "expected" / "mtf_all" / "handmade.mtf")

@@ -1,0 +1,266 @@
+"""MusicXML -> ABC -> interleaved ABC -> MusicXML through abctoolkit (SPEC §3), on real scores."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import warnings
+import xml.etree.ElementTree as ElementTree
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from clamp2.convert.abc import (
+    AbcWarning,
+    abc_file_to_interleaved,
+    abc_to_interleaved,
+    clean_quotes,
+    interleaved_file_to_xml,
+    interleaved_to_xml,
+    read_musicxml,
+    xml_to_abc,
+)
+
+# Multi-part chorales (bwv113.8 is an .mxl whose score is a .musicxml), a string quartet
+# movement, single-part songs (a lead sheet, a song whose piano staff has two voices).
+CORPUS_WORKS = {
+    "chorale": "bach/bwv10.7",
+    "chorale_musicxml_inside": "bach/bwv113.8",
+    "quartet": "mozart/k80/movement3",
+    "lead_sheet": "leadSheet/fosterBrownHair",
+    "song": "verdi/laDonnaEMobile",
+}
+REMOVED_FIELDS = ("X:", "T:", "C:", "W:", "w:", "Z:", "%%MIDI")
+
+
+def read_exact(path) -> str:
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def corpus_path(work: str) -> Path:
+    from music21 import corpus
+
+    return Path(str(corpus.getWork(work)))
+
+
+@pytest.fixture(scope="module")
+def corpus_scores() -> dict[str, Path]:
+    return {kind: corpus_path(work) for kind, work in CORPUS_WORKS.items()}
+
+
+def cli_xml2abc(path: Path) -> str:
+    completed = subprocess.run([sys.executable, "-m", "abctoolkit.xml2abc", "-d", "8", "-x", str(path)],
+                               capture_output=True, check=True)
+    return completed.stdout.decode("utf-8")
+
+
+def cli_abc2xml(path: Path, out_dir: Path) -> str:
+    subprocess.run([sys.executable, "-m", "abctoolkit.abc2xml", "-o", str(out_dir), str(path)],
+                   capture_output=True, check=True)
+    return read_exact(out_dir / (path.stem + ".xml"))
+
+
+def without_date(xml_text: str) -> str:
+    # abc2xml stamps today's date: a run across midnight must not fail the comparison.
+    return re.sub(r"<encoding-date>[^<]*</encoding-date>", "", xml_text)
+
+
+def interleave_quietly(abc_text: str) -> tuple[str, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = abc_to_interleaved(abc_text)
+    return text, [str(w.message) for w in caught if issubclass(w.category, AbcWarning)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Conformance vectors
+
+
+def test_xml_to_abc_vector(vectors):
+    assert xml_to_abc(vectors / "inputs" / "xml" / "bwv10.7.mxl") == read_exact(
+        vectors / "expected" / "abc_from_xml" / "bwv10.7.abc")
+
+
+def test_interleaved_vectors(vectors):
+    expected = vectors / "expected" / "interleaved"
+    assert abc_file_to_interleaved(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc") == read_exact(
+        expected / "bwv10.7.abc")
+    # abctoolkit cannot time the ` (beaming) in this tune: a warning, not a failure
+    with pytest.warns(AbcWarning, match="bar durations"):
+        assert abc_file_to_interleaved(vectors / "inputs" / "abc" / "airds_tune3.abc") == read_exact(
+            expected / "airds_tune3.abc")
+
+
+def test_single_voice_tune_without_v1_line_is_fixed(vectors, tmp_path):
+    with_v1 = read_exact(vectors / "inputs" / "abc" / "airds_tune3.abc")
+    assert "\nK:G\nV:1\n" in with_v1
+    without_v1 = tmp_path / "tune3.abc"
+    without_v1.write_text(with_v1.replace("\nK:G\nV:1\n", "\nK:G\n"), encoding="utf-8")
+    with pytest.warns(AbcWarning):
+        assert abc_file_to_interleaved(without_v1) == read_exact(vectors / "expected" / "interleaved" / "airds_tune3.abc")
+
+
+def test_not_a_tune_is_a_failure():
+    with pytest.raises(ValueError, match="no K: line"):
+        abc_to_interleaved("X:1\nT:no key\nabc|def|\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process xml2abc / abc2xml == their command lines, independent of what ran before
+
+
+def test_in_process_xml2abc_equals_command_line_after_other_files(corpus_scores, vectors):
+    # Convert other scores first: leftover module state would change the bytes of the next one.
+    for path in corpus_scores.values():
+        xml_to_abc(path)
+    for kind in ("quartet", "lead_sheet"):
+        assert xml_to_abc(corpus_scores[kind]) == cli_xml2abc(corpus_scores[kind])
+
+
+def test_mxl_with_musicxml_score_reads_container(corpus_scores, tmp_path):
+    path = corpus_scores["chorale_musicxml_inside"]
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        assert not [n for n in names if n.lower().endswith(".xml") and not n.startswith("META")]
+        unpacked = tmp_path / "bwv113.8.musicxml"
+        unpacked.write_bytes(archive.read("bwv113.8.musicxml"))
+    # The command line gives nothing for the archive (the bug being fixed) ...
+    assert cli_xml2abc(path) == ""
+    # ... and the fix gives exactly what it gives for the unpacked score.
+    abc = xml_to_abc(path)
+    assert abc and abc == cli_xml2abc(unpacked)
+
+
+def test_mxl_container_rootfile_is_followed(tmp_path, vectors):
+    score = read_musicxml(vectors / "inputs" / "xml" / "bwv10.7.mxl")
+    archive_path = tmp_path / "packed.mxl"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("META-INF/container.xml",
+                         '<?xml version="1.0"?><container xmlns="urn:oasis:names:tc:opendocument:xmlns:container">'
+                         '<rootfiles><rootfile full-path="scores/main.musicxml"/></rootfiles></container>')
+        archive.writestr("scores/part1.musicxml", b"<not-the-score/>")
+        archive.writestr("scores/main.musicxml", score)
+    assert xml_to_abc(archive_path) == read_exact(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc")
+
+
+def test_in_process_abc2xml_equals_command_line_after_other_files(corpus_scores, tmp_path):
+    interleaved = {}
+    for kind in ("chorale", "lead_sheet"):
+        interleaved[kind] = tmp_path / f"{kind}.abc"
+        interleaved[kind].write_text(interleave_quietly(xml_to_abc(corpus_scores[kind]))[0], encoding="utf-8")
+    interleaved_file_to_xml(interleaved["chorale"])
+    first = interleaved_file_to_xml(interleaved["lead_sheet"])
+    cli_out = tmp_path / "cli"
+    assert without_date(first) == without_date(cli_abc2xml(interleaved["lead_sheet"], cli_out))
+    assert without_date(interleaved_file_to_xml(interleaved["chorale"])) == without_date(
+        cli_abc2xml(interleaved["chorale"], cli_out))
+
+
+def test_failures_raise_with_a_reason(tmp_path):
+    broken = tmp_path / "broken.xml"
+    broken.write_text("<score-partwise><part id='P1'><measure>")
+    with pytest.raises(ValueError, match="xml2abc failed: ParseError"):
+        xml_to_abc(broken)
+    not_zip = tmp_path / "fake.mxl"
+    not_zip.write_bytes(b"plain text")
+    with pytest.raises(ValueError, match="zip"):
+        xml_to_abc(not_zip)
+    empty_score = tmp_path / "empty.xml"
+    empty_score.write_text("<score-partwise><part-list/></score-partwise>")
+    with pytest.raises(ValueError, match="xml2abc wrote no ABC"):
+        xml_to_abc(empty_score)
+    with pytest.raises(ValueError, match="abc2xml produced no score"):
+        interleaved_to_xml("")
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole chain on real scores, checking the formats of SPEC §3
+
+
+def body_voice_ids(abc_text: str) -> list[str]:
+    return [line.split()[0][2:] for line in abc_text.splitlines() if re.match(r"V:\S+", line)]
+
+
+@pytest.mark.parametrize("kind", list(CORPUS_WORKS))
+def test_corpus_chain_formats(corpus_scores, kind):
+    abc = xml_to_abc(corpus_scores[kind])
+    lines = abc.split("\n")
+    # standard ABC from xml2abc -d 8 -x: header, unit length 1/8, no $ line breaks, %N bar numbers
+    assert lines[0] == "X:1" and "L:1/8" in lines and any(line.startswith("K:") for line in lines)
+    assert "V:1" in lines and abc.endswith("\n\n")
+    music = [line for line in lines if line.startswith(" ") or line.startswith("[")]
+    assert music and all(re.search(r" %\d+$", line) for line in music if not line.startswith("w:"))
+    assert "$" not in "".join(music)
+
+    interleaved, warned = interleave_quietly(abc)
+    assert interleaved.endswith("\n") and "\n\n" not in interleaved
+    header = [line for line in interleaved.splitlines() if not line.startswith("[V:")]
+    body = [line for line in interleaved.splitlines() if line.startswith("[V:")]
+    assert not [line for line in header if line.startswith(REMOVED_FIELDS)]
+    # header voice definitions, then one line per bar with one [V:n] chunk per voice, in order
+    voices = [v for v in dict.fromkeys(body_voice_ids("\n".join(header)))]
+    assert interleaved.splitlines()[len(header):] == body and body
+    for line in body:
+        chunks = re.findall(r"\[V:([^\]]+)\]", line)
+        assert chunks == voices, line
+        assert not re.search(r"%\d+$", line)
+        for chunk in re.split(r"(?=\[V:)", line)[1:]:
+            assert re.search(r"[|:\]][\d,.\-]*$", chunk), chunk  # a barline, maybe a volta number
+    for message in warned:
+        assert message  # unequal bar durations are only warnings
+
+    xml_text = interleaved_to_xml(interleaved)
+    assert xml_text.startswith("<?xml version='1.0' encoding='utf-8'?>\n<!DOCTYPE score-partwise")
+    root = ElementTree.fromstring(xml_text.split("\n", 2)[2])
+    assert root.tag == "score-partwise"
+    parts = root.findall("part")
+    assert parts and len(parts) <= len(voices)
+    for part in parts:
+        assert len(part.findall("measure")) == len(body)  # one interleaved line per bar
+
+
+def test_quartet_and_chorales_keep_their_voices(corpus_scores):
+    for kind, expected_voices in (("chorale", 4), ("quartet", 4), ("lead_sheet", 1)):
+        interleaved, _ = interleave_quietly(xml_to_abc(corpus_scores[kind]))
+        first_bar = next(line for line in interleaved.splitlines() if line.startswith("[V:"))
+        assert first_bar.count("[V:") == expected_voices
+
+
+# ------------------------------------------------------------------------------------------------
+# Interleaving rules and failures
+
+TWO_VOICES = "X:1\nT:t\nM:2/4\nL:1/8\nK:C\nV:1\n{v1}\nV:2\n{v2}\n"
+
+
+def test_unequal_bar_counts_fail():
+    with pytest.raises(ValueError, match="cannot align the voices"):
+        abc_to_interleaved(TWO_VOICES.format(v1="cdef|gabc|", v2="CDEF|"))
+
+
+def test_unequal_bar_durations_only_warn():
+    text, warned = interleave_quietly(TWO_VOICES.format(v1="cdef|gabc|", v2="CDE|G,A,B,C|"))
+    assert text.splitlines()[-2:] == ["[V:1]cdef|[V:2]CDE|", "[V:1]gabc|[V:2]G,A,B,C|"]
+    assert warned and "bar durations" in warned[0]
+
+
+def test_empty_piece_fails():
+    with pytest.raises(ValueError, match="Empty piece"):
+        abc_to_interleaved(TWO_VOICES.format(v1="z4|z4|", v2="z4|z4|"))
+
+
+def test_information_fields_and_bar_numbers_removed():
+    abc = "X:3\nT:title\nC:me\nZ:who\n%%MIDI program 1\nM:2/4\nL:1/8\nK:C\n\nV:1\ncdef|gabc| %2\nw: la la\n"
+    text, _ = interleave_quietly(abc)
+    assert text == "M:2/4\nL:1/8\nK:C\n[V:1]cdef|\n[V:1]gabc|\n"
+
+
+def test_quote_quirk():
+    # no barline inside quotes: every \" is deleted
+    assert clean_quotes('"C"cd \\"x\\" ef|\n') == '"C"cd x ef|\n'
+    # a quoted string with a barline is removed from the original line, whose \" stay
+    assert clean_quotes('"^a|b"cd \\"x\\" "D"ef|\n') == 'cd \\"x\\" "D"ef|\n'
+    text, _ = interleave_quietly("M:2/4\nL:1/8\nK:C\nV:1\n\"^x||y\"cdef|gabc|\n")
+    assert text.splitlines()[-2:] == ["[V:1]cdef|", "[V:1]gabc|"]

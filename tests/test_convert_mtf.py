@@ -1,0 +1,254 @@
+"""MIDI <-> MTF (SPEC §2) on the conformance vectors, hand-built MIDI and MIDI rendered from corpus scores."""
+
+from __future__ import annotations
+
+import io
+
+import mido
+import pytest
+from mido import Message, MetaMessage, MidiFile, MidiTrack
+
+from clamp2.convert.mtf import (
+    M3_DROPPED_MESSAGE_TYPES,
+    M3_DROPPED_META_TYPES,
+    line_to_message,
+    message_to_line,
+    midi_file_to_mtf,
+    midi_to_bytes,
+    midi_to_mtf,
+    mtf_to_midi,
+)
+
+SPEC_M3_DROPPED = {"text", "copyright", "track_name", "instrument_name", "lyrics", "marker",
+                   "cue_marker", "device_name", "sequencer_specific", "sysex"}
+
+
+def read_exact(path) -> str:
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def handmade_midi(tmp_path_factory):
+    """Three tracks with every kind of message SPEC §2 has to survive."""
+    path = tmp_path_factory.mktemp("midi") / "handmade.mid"
+    conductor = MidiTrack([
+        MetaMessage("track_name", name="Conductor"),
+        MetaMessage("copyright", text="(c) 2024"),
+        MetaMessage("time_signature", numerator=4, denominator=4),
+        MetaMessage("key_signature", key="D"),
+        MetaMessage("set_tempo", tempo=500000),
+        MetaMessage("smpte_offset", frame_rate=25, hours=1, minutes=2, seconds=3, frames=4, sub_frames=5),
+        # runs of spaces, a backslash, a newline and a trailing space must all come back
+        MetaMessage("text", text="a  b \\ c\nd "),
+        MetaMessage("marker", text="A"),
+        MetaMessage("cue_marker", text="cue"),
+        MetaMessage("sequencer_specific", data=[1, 2, 3]),
+        MetaMessage("device_name", name="Synth"),
+        mido.midifiles.meta.UnknownMetaMessage(type_byte=0x08, data=(65, 66)),
+        MetaMessage("set_tempo", tempo=400000, time=480),
+        MetaMessage("time_signature", numerator=3, denominator=4),
+    ])
+    violin = MidiTrack([
+        MetaMessage("track_name", name="Violín"),  # Latin-1 byte 0xED in the file
+        # UTF-8 bytes in the file, as most editors write them; mido reads them as Latin-1
+        MetaMessage("instrument_name", name="Flöte".encode("utf-8").decode("latin-1")),
+        MetaMessage("channel_prefix", channel=1),
+        MetaMessage("midi_port", port=0),
+        Message("program_change", channel=1, program=40),
+        Message("control_change", channel=1, control=7, value=100),
+        Message("note_on", channel=1, note=62, velocity=90),
+        MetaMessage("lyrics", text="Hal-"),
+        Message("pitchwheel", channel=1, pitch=-8192, time=120),
+        Message("pitchwheel", channel=1, pitch=8191, time=120),
+        Message("aftertouch", channel=1, value=50, time=10),
+        Message("polytouch", channel=1, note=62, value=30, time=10),
+        Message("note_off", channel=1, note=62, velocity=0, time=220),
+        MetaMessage("lyrics", text="le"),
+        Message("note_on", channel=1, note=64, velocity=80),
+        Message("note_on", channel=1, note=64, velocity=0, time=480),
+    ])
+    system = MidiTrack([
+        Message("sysex", data=[0x7E, 0x7F, 0x09, 0x01]),
+        Message("sysex", data=[], time=10),
+        MetaMessage("sequence_number", number=7, time=5),
+    ])
+    midi = MidiFile(ticks_per_beat=480)
+    midi.tracks += [conductor, violin, system]
+    midi.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus_midis(tmp_path_factory):
+    """MIDI rendered by music21 from corpus scores: a chorale, a quartet movement, a lead sheet."""
+    from music21 import corpus, midi
+
+    folder = tmp_path_factory.mktemp("corpus_midi")
+    paths = []
+    for work in ("bach/bwv1.6", "schumann_robert/opus48no2", "leadSheet/fosterBrownHair"):
+        score = corpus.parse(work)
+        midi_file = midi.translate.streamToMidiFile(score)
+        path = folder / (work.replace("/", "_") + ".mid")
+        midi_file.open(str(path), "wb")
+        midi_file.write()
+        midi_file.close()
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("name", ["bwv10.7", "handmade"])
+@pytest.mark.parametrize("m3_compatible, folder", [(True, "mtf"), (False, "mtf_all")])
+def test_vectors_byte_for_byte(vectors, name, m3_compatible, folder):
+    text = midi_to_mtf(vectors / "inputs" / "midi" / f"{name}.mid", m3_compatible=m3_compatible)
+    assert text == read_exact(vectors / "expected" / folder / f"{name}.mtf")
+
+
+def test_spec_example_lines():
+    assert message_to_line(MetaMessage("time_signature", numerator=3, denominator=4)) == "time_signature 3 4 24 8 0"
+    assert message_to_line(MetaMessage("set_tempo", tempo=500000)) == "set_tempo 500000 0"
+    assert message_to_line(Message("note_on", note=74, velocity=80)) == "note_on 0 0 74 80"
+    assert message_to_line(Message("note_on", note=74, velocity=0, time=455)) == "note_on 455 0 74 0"
+
+
+def test_handmade_lines_follow_spec(handmade_midi):
+    lines = midi_to_mtf(handmade_midi, m3_compatible=False).split("\n")
+    assert lines[0] == "ticks_per_beat 480"
+    expected_in_order = [
+        "track_name Conductor 0",
+        "copyright (c) 2024 0",
+        "time_signature 4 4 24 8 0",
+        "key_signature D 0",
+        "set_tempo 500000 0",
+        "smpte_offset 25 1 2 3 4 5 0",
+        r"text a  b \\ c\nd  0",
+        "marker A 0",
+        "cue_marker cue 0",
+        "sequencer_specific (1, 2, 3) 0",  # read from a file, mido holds a tuple
+        "device_name Synth 0",
+        "unknown_meta 8 (65, 66) 0",
+        r"track_name Viol\xedn 0",
+        r"instrument_name Fl\xc3\xb6te 0",
+        "channel_prefix 1 0",
+        "midi_port 0 0",
+        "program_change 0 1 40",  # channel messages: time second
+        "control_change 0 1 7 100",
+        "note_on 0 1 62 90",
+        "lyrics Hal- 0",
+        "sysex 0 [126, 127, 9, 1]",  # msg.dict() gives sysex data as a list
+        "sysex 10 []",
+        "sequence_number 7 5",
+        "pitchwheel 105 1 -8192",
+        "pitchwheel 120 1 8191",
+        "aftertouch 10 1 50",
+        "polytouch 10 1 62 30",
+        "set_tempo 400000 220",  # tempo and meter change mid-piece
+        "time_signature 3 4 24 8 0",
+        "note_off 0 1 62 0",
+        "lyrics le 0",
+        "note_on 0 1 64 80",
+        "note_on 480 1 64 0",
+        "end_of_track 0",  # merge_tracks keeps a single one, at the end
+    ]
+    assert lines[1:] == expected_in_order
+    assert all(line.isascii() for line in lines)
+
+
+def test_writer_is_str_join_unicode_escape(handmade_midi, corpus_midis):
+    for path in [handmade_midi, *corpus_midis]:
+        midi = MidiFile(path)
+        expected = [f"ticks_per_beat {midi.ticks_per_beat}"] + [
+            " ".join(str(v) for v in m.dict().values()).encode("unicode_escape").decode()
+            for m in midi.merged_track]
+        assert midi_to_mtf(path, m3_compatible=False) == "\n".join(expected)
+
+
+def test_m3_mode_drops_exactly_the_listed_types(handmade_midi, corpus_midis):
+    assert M3_DROPPED_META_TYPES | M3_DROPPED_MESSAGE_TYPES == SPEC_M3_DROPPED
+    for path in [handmade_midi, *corpus_midis]:
+        all_lines = midi_to_mtf(path, m3_compatible=False).split("\n")
+        m3_lines = midi_to_mtf(path).split("\n")
+        assert m3_lines == [line for line in all_lines if line.split(" ")[0] not in SPEC_M3_DROPPED]
+    kept_types = {line.split(" ")[0] for line in midi_to_mtf(handmade_midi).split("\n")[1:]}
+    assert kept_types == {"time_signature", "key_signature", "set_tempo", "smpte_offset", "unknown_meta",
+                          "channel_prefix", "midi_port", "program_change", "control_change", "note_on",
+                          "note_off", "sequence_number", "pitchwheel", "aftertouch", "polytouch", "end_of_track"}
+
+
+def test_corpus_midi_is_m3_by_default(corpus_midis):
+    for path in corpus_midis:
+        text = midi_to_mtf(path)
+        assert text == midi_to_mtf(path, m3_compatible=True)
+        assert "track_name" not in text and text.startswith("ticks_per_beat ")
+        assert "\n" + "note_on " in text and not text.endswith("\n")
+
+
+def without_unknown_meta(messages):
+    return [m for m in messages if m.type != "unknown_meta"]
+
+
+def test_keep_all_round_trip_gives_the_same_messages(handmade_midi, corpus_midis, vectors):
+    for path in [handmade_midi, *corpus_midis, *sorted((vectors / "inputs" / "midi").glob("*.mid"))]:
+        original = MidiFile(path)
+        text = midi_to_mtf(path, m3_compatible=False)
+        rebuilt = mtf_to_midi(text)
+        assert rebuilt.ticks_per_beat == original.ticks_per_beat
+        assert len(rebuilt.tracks) == 1
+        # SPEC: unknown_meta lines are skipped on reading; everything else comes back as it was.
+        assert list(rebuilt.tracks[0]) == without_unknown_meta(original.merged_track)
+        # ... and survives being written and read again as a standard MIDI file.
+        reread = MidiFile(file=io.BytesIO(midi_to_bytes(rebuilt)))
+        assert list(reread.merged_track) == without_unknown_meta(original.merged_track)
+        assert midi_file_to_mtf(reread, m3_compatible=False) == "\n".join(
+            line for line in text.split("\n") if "unknown_meta" not in line)
+
+
+def test_mtf_to_midi_is_type_1_with_mido_header(vectors):
+    data = midi_to_bytes(mtf_to_midi(read_exact(vectors / "expected" / "mtf" / "handmade.mtf")))
+    assert data[:14] == b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x00\x60"
+
+
+def test_line_parsing_rules():
+    message = line_to_message(r"text a  b \\ c\nd  12")
+    assert message.is_meta and message.text == "a  b \\ c\nd " and message.time == 12
+    assert line_to_message("track_name  0").name == ""
+    assert line_to_message("sysex 3 [1, 2, 3]").data == (1, 2, 3)
+    assert line_to_message("sysex 0 []").data == ()
+    assert line_to_message("sequencer_specific (4, 5) 0").data == (4, 5)
+    note = line_to_message("note_on 7.0 2 60 100")  # integral numbers become int
+    assert note == Message("note_on", time=7, channel=2, note=60, velocity=100) and type(note.time) is int
+    assert line_to_message("key_signature F#m 0").key == "F#m"
+    # text values are never taken for lists
+    assert line_to_message("marker [1, 2] 0").text == "[1, 2]"
+
+
+def test_reader_skips_unknown_meta_and_splits_lines():
+    midi = mtf_to_midi("ticks_per_beat 96\r\nunknown_meta 8 (65, 66) 0\nset_tempo 400000 0\nend_of_track 0\n")
+    assert midi.ticks_per_beat == 96 and midi.type == 1
+    assert [m.type for m in midi.tracks[0]] == ["set_tempo", "end_of_track"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "empty"),
+    ("note_on 0 0 60 64", "ticks_per_beat"),
+    ("ticks_per_beat 96\nnot_a_type 0", "line 2: unknown MIDI message type"),
+    ("ticks_per_beat 96\nnote_on 0 0 60", "line 2: note_on has 4 fields"),
+    ("ticks_per_beat 96\nnote_on 0 0 600 64", "line 2"),
+])
+def test_reader_rejects_malformed_mtf(text, match):
+    with pytest.raises(ValueError, match=match):
+        mtf_to_midi(text)
+
+
+def test_unreadable_midi_raises(tmp_path):
+    empty = tmp_path / "empty.mid"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.mid"
+    truncated.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x00\x60MTrk\x00\x00\x00\x10\x00\x90\x3c")
+    text = tmp_path / "text.mid"
+    text.write_text("this is not MIDI\n")
+    for path in (empty, truncated):
+        with pytest.raises(ValueError, match="not a complete MIDI file"):
+            midi_to_mtf(path)
+    with pytest.raises(OSError, match="MThd not found"):
+        midi_to_mtf(text)

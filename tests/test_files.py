@@ -1,0 +1,34 @@
+"""File discovery, mirrored output paths and atomic writes."""
+
+import os
+import stat
+
+import pytest
+
+from clamp2.files import atomic_write_text, find_files, mirror_path
+
+
+def test_find_files_is_recursive_sorted_and_case_insensitive(tmp_path):
+    for rel in ("b/x.ABC", "a/y.abc", "a/.hidden.abc", ".git/z.abc", "a/w.txt", "a/.v.abc.123.partial"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_files(tmp_path, ["abc"])] == ["a/y.abc", "b/x.ABC"]
+
+
+def test_mirror_path_keeps_relative_folder(tmp_path):
+    assert mirror_path(tmp_path / "in/a/b/c.mid", tmp_path / "in", tmp_path / "out", ".mtf") == tmp_path / "out/a/b/c.mtf"
+    single = tmp_path / "one.mid"
+    assert mirror_path(single, single, tmp_path / "out", ".mtf") == tmp_path / "out/one.mtf"
+
+
+def test_atomic_write_leaves_nothing_on_failure_and_normal_permissions(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    atomic_write_text(target, "ok\r\n")
+    assert target.read_bytes() == b"ok\r\n"
+    mode = stat.S_IMODE(os.stat(target).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    with pytest.raises(TypeError):
+        atomic_write_text(target, None)
+    assert target.read_bytes() == b"ok\r\n" and os.listdir(target.parent) == ["out.txt"]
