@@ -152,3 +152,67 @@ def latest_path(weights_path: str | os.PathLike) -> Path:
     """``latest_`` + the weights file name, in the same folder (the reference prefixes the whole path)."""
     path = Path(weights_path)
     return path.with_name("latest_" + path.name)
+
+
+# -- resuming training ---------------------------------------------------------------------------
+
+def resume_source(weights_path: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint a resumed run starts from: ``latest_`` if present, else the best file, else None.
+
+    The best file alone (e.g. written by the reference, which has no usable latest file) is used
+    rather than ignored, so a fresh start never overwrites trained weights.
+    """
+    latest = latest_path(weights_path)
+    if latest.is_file():
+        return latest
+    return Path(weights_path) if Path(weights_path).is_file() else None
+
+
+def capture_rng_state() -> dict:
+    """This process's Python, NumPy, torch and CUDA generator states, in ``weights_only``-loadable types."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states only where CUDA is in use)."""
+    import random
+
+    import numpy as np
+
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def restore_training_state(checkpoint: Mapping[str, Any], *, optimizer=None, lr_sched=None, scaler=None) -> dict:
+    """Load optimizer, scheduler and scaler states (in that order); return the counters.
+
+    The model is loaded before (it must be, so that the optimizer's state maps onto its
+    parameters); the RNG state is restored last, by the caller, once nothing else draws numbers.
+    """
+    if optimizer is not None and checkpoint.get("optimizer"):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if lr_sched is not None and checkpoint.get("lr_sched"):
+        lr_sched.load_state_dict(checkpoint["lr_sched"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    return {"epoch": int(checkpoint.get("epoch", 0)), "best_epoch": int(checkpoint.get("best_epoch", 0)),
+            "min_eval_loss": float(checkpoint.get("min_eval_loss", float("inf")))}

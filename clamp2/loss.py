@@ -13,13 +13,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of this rank's slice.
+
+    The same maths as ``torch.distributed.nn.all_gather`` (deprecated in torch 2.13), written out
+    so no deprecated or private API is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.world_size, ctx.rows = dist.get_rank(), dist.get_world_size(), tensor.shape[0]
+        gathered = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``features`` of all ranks in rank order; gradients flow back to every rank."""
+    """Concatenate ``features`` of all ranks in rank order; gradients flow back to every rank.
+
+    Every rank must pass the same number of rows (batches are equal: incomplete ones are dropped).
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features
-    import torch.distributed.nn  # noqa: F401  (registers the autograd-aware collectives)
-
-    return torch.cat(torch.distributed.nn.all_gather(features), dim=0)
+    return _AllGatherWithGrad.apply(features)
 
 
 def contrastive_loss(text_features: torch.Tensor, music_features: torch.Tensor, logit_scale: float = 1.0) -> torch.Tensor:

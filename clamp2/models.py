@@ -83,6 +83,8 @@ class M3TokenDecoder(nn.Module):
         super().__init__()
         self.dims = dims
         self.base = GPT2LMHeadModel(m3_decoder_config(dims))
+        # Named explicitly: transformers otherwise warns that it guessed this default loss.
+        self.base.loss_type = "ForCausalLM"
 
     def forward(self, patch_features: torch.Tensor, target_patches: torch.Tensor) -> torch.Tensor:
         """LM loss of ``target_patches`` [K, patch_size] given ``patch_features`` [K, hidden]."""

@@ -1,0 +1,389 @@
+"""Training data of M3 and CLaMP 2 (SPEC §7): files, JSONL pairs, text construction, batches.
+
+Every random draw of a sample comes from its own ``random.Random`` seeded by (data seed, epoch,
+index), not from the process-wide generators: a sample is then the same whatever the number of
+data-loader workers or ranks, and a resumed run sees exactly the samples an uninterrupted run
+would. Evaluation samples do not depend on the epoch, so eval losses of different epochs compare.
+
+The whole data set is checked before training (:func:`check_music_files`, :func:`read_pairs`),
+so a missing file fails the launch, not a step hours later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+from ..files import find_files
+from ..patchilizer import PAD_TOKEN_ID, TRUNCATE_MODES, M3Patchilizer, split_lines, truncate
+from .corruption import corrupt_patches
+
+MUSIC_EXTENSIONS = (".abc", ".mtf")
+ABC_UNIT_LENGTH = "L:1/8\n"
+INSTRUMENT_REMOVAL_PROB = 0.9
+# Fields of a JSONL line that are not metadata (never part of a metadata text).
+NON_METADATA_FIELDS = ("summary_en", "summary_nen", "filepaths")
+MAX_LISTED = 20  # problems listed in full before "... and N more"
+
+
+class DataError(ValueError):
+    """A problem with the training data found before training starts."""
+
+
+def sample_rng(seed: int, stream: str, epoch: int, index: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by random.Random: stable across processes and runs.
+    return random.Random(f"{seed}:{stream}:{epoch}:{index}")
+
+
+def listing(title: str, items: Sequence[str]) -> str:
+    shown = "\n".join(f"  {item}" for item in items[:MAX_LISTED])
+    more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"{title} ({len(items)}):\n{shown}{more}"
+
+
+def split_eval(items: Sequence, fraction: float, seed: int) -> Tuple[list, list]:
+    """``(train, eval)``: ceil(fraction · n) items after a seeded shuffle go to eval.
+
+    The seed is the base seed, not base + rank, so every rank holds the same split (the
+    reference shuffles after seeding 42 + rank, so its ranks disagree on the split).
+    """
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    count = math.ceil(len(shuffled) * fraction)
+    return shuffled[count:], shuffled[:count]
+
+
+def read_music(path: Path) -> str:
+    """A music file's text; ABC loses its ``L:1/8`` line (the unit length every converted file has)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the music file {path}: {exc}") from exc
+    if path.suffix.lower() == ".abc":
+        text = text.replace(ABC_UNIT_LENGTH, "")
+    return text
+
+
+def remove_instrument_info(text: str) -> str:
+    """Drop instrument names from ABC ``V:`` lines and set MTF ``program_change`` programs to 0.
+
+    A changed line always ends with ``\\n``, even if it was the file's last line (as in the reference).
+    """
+    lines = split_lines(text)
+    if not lines:
+        return text
+    mtf = lines[0].split(" ")[0] == "ticks_per_beat"
+    cleaned = []
+    for line in lines:
+        if not mtf and line.startswith("V:"):
+            cut = line.find(" nm=")
+            if cut == -1:
+                cut = line.find(" snm=")
+            if cut != -1:
+                line = line[:cut] + "\n"
+        elif mtf and line.startswith("program_change"):
+            line = " ".join(line.split(" ")[:-1]) + " 0\n"
+        cleaned.append(line)
+    return "".join(cleaned)
+
+
+# -- M3: folders of .abc / .mtf ------------------------------------------------------------------
+
+def find_music_files(folders: Sequence[str | os.PathLike]) -> List[Path]:
+    """All .abc/.mtf files under ``folders`` (sorted per folder); a missing folder is an error."""
+    missing = [str(f) for f in folders if not Path(f).is_dir()]
+    if missing:
+        raise DataError(listing("data folders not found", missing))
+    files: List[Path] = []
+    for folder in folders:
+        files.extend(find_files(folder, MUSIC_EXTENSIONS))
+    return files
+
+
+def check_music_files(paths: Sequence[Path]) -> None:
+    """Fail listing every file that is missing or empty (an empty file is not a piece)."""
+    missing, empty = [], []
+    for path in paths:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            missing.append(str(path))
+            continue
+        if size == 0:
+            empty.append(str(path))
+    problems = []
+    if missing:
+        problems.append(listing("missing files", missing))
+    if empty:
+        problems.append(listing("empty files", empty))
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+class M3Dataset(Dataset):
+    """Music files → (corrupted input patches, mask, picked positions, original patches)."""
+
+    def __init__(self, paths: Sequence[Path], patchilizer: M3Patchilizer, mask_ratio: float, training: bool,
+                 seed: int = 42):
+        self.paths = list(paths)
+        self.patchilizer = patchilizer
+        self.mask_ratio = mask_ratio
+        self.training = training
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        stream, epoch = ("train", self.epoch) if self.training else ("eval", 0)
+        rng = sample_rng(self.seed, stream, epoch, index)
+        patches = self.patchilizer.encode(read_music(self.paths[index]), add_special_patches=True,
+                                          truncate_patches=True, random_truncate=self.training, rng=rng)
+        target = torch.tensor(patches, dtype=torch.long)
+        inputs, selected = corrupt_patches(target, self.mask_ratio, self.training, rng)
+        return {"input_patches": inputs, "input_masks": torch.ones(len(target)), "selected_indices": selected,
+                "target_patches": target}
+
+
+def collate_m3(samples: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Pad every field to the longest sample of the batch (pad id 0, mask 0, not selected)."""
+    return {key: pad_sequence([s[key] for s in samples], batch_first=True, padding_value=PAD_TOKEN_ID)
+            for key in samples[0]}
+
+
+# -- CLaMP 2: JSONL of (metadata, summaries, music files) -----------------------------------------
+
+@dataclass
+class PairItem:
+    """One JSONL line: its fields and its music files (absolute, checked to exist)."""
+
+    fields: Dict[str, Any]
+    music_paths: List[Path]
+    line_number: int = 0
+    source: str = ""
+
+
+def english_summaries(fields: Dict[str, Any]) -> List[str]:
+    """``summary_en`` as a list: the README documents a string, the reference indexes a list."""
+    return _strings(fields.get("summary_en"))
+
+
+def non_english_summaries(fields: Dict[str, Any]) -> List[str]:
+    """``summary_nen`` as a list of texts: a ``{"language", "summary"}`` dict, a list of them, or strings."""
+    value = fields.get("summary_nen")
+    items = value if isinstance(value, list) else [value]
+    texts = []
+    for item in items:
+        if isinstance(item, dict):
+            item = item.get("summary")
+        if isinstance(item, str) and item.strip():
+            texts.append(item)
+    return texts
+
+
+def _strings(value) -> List[str]:
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if isinstance(item, str) and item.strip()]
+
+
+def metadata_lines(fields: Dict[str, Any]) -> List[str]:
+    """Non-empty lines of every metadata value (strings and list items), values de-duplicated in order.
+
+    The reference de-duplicates with a ``set`` (order depends on the hash seed) and keeps empty
+    lines for its fallback; here the order is first occurrence and empty lines never appear.
+    """
+    values: List[str] = []
+    for key, value in fields.items():
+        if key in NON_METADATA_FIELDS or value is None:
+            continue
+        if isinstance(value, str):
+            values.append(value)
+        elif isinstance(value, list):
+            values.extend(v for v in value if isinstance(v, str))
+    unique = list(dict.fromkeys(values))
+    return [line for line in "\n".join(unique).split("\n") if line]
+
+
+def training_text(fields: Dict[str, Any], sep_token: str, rng: random.Random) -> str:
+    """TEXT_DROPOUT: random metadata lines (p 0.5), else an English (p 0.5) or non-English summary.
+
+    A piece with no metadata line falls through to the summaries rather than train on an empty text.
+    """
+    if rng.random() < 0.5:
+        lines = metadata_lines(fields)
+        if lines:
+            kept = [line for line in lines if rng.random() < 0.5] or lines
+            rng.shuffle(kept)
+            return sep_token.join(kept)
+    non_english = non_english_summaries(fields)
+    if rng.random() < 0.5 or not non_english:
+        return rng.choice(english_summaries(fields))
+    return rng.choice(non_english)
+
+
+def eval_text(fields: Dict[str, Any]) -> str:
+    return english_summaries(fields)[0]
+
+
+def eval_music_path(paths: Sequence[Path]) -> Path:
+    """The .abc if listed first, else the second entry (the only one when there is one: the reference fails)."""
+    if paths[0].suffix.lower() == ".abc" or len(paths) == 1:
+        return paths[0]
+    return paths[1]
+
+
+def resolve_inside(root: Path, relative: str) -> Optional[Path]:
+    """``root / relative`` when it stays inside ``root`` (lexically: symlinked data folders still work)."""
+    if not relative or os.path.isabs(relative):
+        return None
+    joined = Path(os.path.normpath(root / relative))
+    return joined if joined == root or root in joined.parents else None
+
+
+def read_pairs(jsonl: str | os.PathLike, require_non_english: bool) -> List[PairItem]:
+    """Parse and check a whole JSONL; every problem (bad line, unsafe or missing file) is reported at once.
+
+    ``filepaths`` are relative to the JSONL's folder; absolute paths and paths leaving that folder
+    are rejected. ``summary_en`` is needed by every line (evaluation text), ``summary_nen`` by
+    training lines when TEXT_DROPOUT is on (``require_non_english``).
+    """
+    jsonl = Path(jsonl)
+    if not jsonl.is_file():
+        raise DataError(f"JSONL file not found: {jsonl}")
+    root = Path(os.path.normpath(jsonl.resolve().parent))
+    items: List[PairItem] = []
+    problems: List[str] = []
+    missing: List[str] = []
+    with open(jsonl, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{jsonl}:{number}"
+            try:
+                fields = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{where}: not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(fields, dict):
+                problems.append(f"{where}: not a JSON object")
+                continue
+            filepaths = fields.get("filepaths")
+            if isinstance(filepaths, str):
+                filepaths = [filepaths]
+            if not isinstance(filepaths, list) or not filepaths:
+                problems.append(f"{where}: no 'filepaths'")
+                continue
+            if not english_summaries(fields):
+                problems.append(f"{where}: no 'summary_en' text")
+            if require_non_english and not non_english_summaries(fields):
+                problems.append(f"{where}: no 'summary_nen' summary (needed by TEXT_DROPOUT)")
+            paths = []
+            for relative in filepaths:
+                path = resolve_inside(root, relative) if isinstance(relative, str) else None
+                if path is None:
+                    problems.append(f"{where}: file path {relative!r} is not inside the JSONL's folder {root}")
+                elif path.suffix.lower() not in MUSIC_EXTENSIONS:
+                    problems.append(f"{where}: {relative!r} is not an .abc or .mtf file")
+                elif not path.is_file():
+                    missing.append(f"{path} ({where})")
+                else:
+                    paths.append(path)
+            items.append(PairItem(fields, paths, number, str(jsonl)))
+    if missing:
+        problems.append(listing("missing files", missing))
+    if problems:
+        raise DataError(f"{jsonl} has problems:\n" + "\n".join(problems))
+    if not items:
+        raise DataError(f"{jsonl} holds no items")
+    return items
+
+
+class TextMusicDataset(Dataset):
+    """Pairs → (text token ids, music patches), unpadded: the collator pads."""
+
+    def __init__(self, items: Sequence[PairItem], tokenizer, patchilizer: M3Patchilizer, max_text_length: int,
+                 training: bool, text_dropout: bool = True, seed: int = 42):
+        self.items = list(items)
+        self.tokenizer = tokenizer
+        self.patchilizer = patchilizer
+        self.max_text_length = max_text_length
+        self.training = training
+        self.text_dropout = text_dropout
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def text_ids(self, text: str, rng: random.Random) -> List[int]:
+        # verbose=False: long lyrics would otherwise warn about the model's maximum length every time.
+        ids = self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+        if len(ids) > self.max_text_length:
+            mode = rng.choice(TRUNCATE_MODES) if self.training else "head"
+            ids = truncate(ids, self.max_text_length, mode, rng)
+        return ids
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        item = self.items[index]
+        rng = sample_rng(self.seed, "train" if self.training else "eval", self.epoch if self.training else 0, index)
+        if self.training and self.text_dropout:
+            text = training_text(item.fields, self.tokenizer.sep_token, rng)
+        else:
+            text = eval_text(item.fields)
+        text_ids = self.text_ids(text, rng)
+        path = rng.choice(item.music_paths) if self.training else eval_music_path(item.music_paths)
+        music = read_music(path)
+        if self.training and rng.random() < INSTRUMENT_REMOVAL_PROB:
+            music = remove_instrument_info(music)
+        patches = self.patchilizer.encode(music, add_special_patches=True, truncate_patches=True,
+                                          random_truncate=self.training, rng=rng)
+        return {"text_ids": torch.tensor(text_ids, dtype=torch.long),
+                "music_patches": torch.tensor(patches, dtype=torch.long)}
+
+
+@dataclass(frozen=True)
+class TextMusicCollator:
+    """Pad texts and music to the fixed maxima (the reference) or to the batch's longest sample.
+
+    Padded positions are masked out everywhere, so both give the same numbers (SPEC §8); the
+    longest-sample padding only saves compute.
+    """
+
+    text_pad_id: int
+    max_text_length: int
+    patch_length: int
+    patch_size: int
+    pad_to_longest: bool = False
+
+    def __call__(self, samples: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        texts = [s["text_ids"] for s in samples]
+        music = [s["music_patches"] for s in samples]
+        text_length = max(len(t) for t in texts) if self.pad_to_longest else self.max_text_length
+        music_length = max(len(m) for m in music) if self.pad_to_longest else self.patch_length
+        text_inputs = torch.full((len(samples), text_length), self.text_pad_id, dtype=torch.long)
+        text_masks = torch.zeros(len(samples), text_length)
+        music_inputs = torch.full((len(samples), music_length, self.patch_size), PAD_TOKEN_ID, dtype=torch.long)
+        music_masks = torch.zeros(len(samples), music_length)
+        for row, (text, patches) in enumerate(zip(texts, music)):
+            text_inputs[row, :len(text)] = text
+            text_masks[row, :len(text)] = 1
+            music_inputs[row, :len(patches)] = patches
+            music_masks[row, :len(patches)] = 1
+        return {"text_inputs": text_inputs, "text_masks": text_masks, "music_inputs": music_inputs,
+                "music_masks": music_masks}

@@ -1,0 +1,73 @@
+"""Train CLaMP 2 (contrastive text–music learning, SPEC §6–7) on a JSONL of pieces and summaries.
+
+    python code/train_clamp2.py --train_jsonl data/train.jsonl [--eval_jsonl data/eval.jsonl]
+    torchrun --nproc_per_node=8 code/train_clamp2.py --train_jsonl data/train.jsonl
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
+        code/train_clamp2.py --train_jsonl ...      # the same on node 1 with --node_rank=1
+    python -m torch.distributed.launch --use_env --nproc_per_node=8 code/train_clamp2.py ...   # legacy launcher
+
+Each JSONL line holds metadata, `summary_en` (a string or a list), `summary_nen` (a
+{"language", "summary"} dict, a list of them, or strings) and `filepaths`: .abc/.mtf files relative
+to the JSONL's folder. The whole file is checked before training. Defaults come from code/config.py
+(CLAMP2_* constants, TRAIN_JSONL/EVAL_JSONL, TEXT_MODEL_NAME), each overridable by an environment
+variable of the same name. With CLAMP2_LOAD_M3 the music encoder starts from the M3 weights file
+(M3_WEIGHTS_PATH or --m3_weights) when it exists. Each epoch appends to CLAMP2_LOGS_PATH, writes
+latest_<weights name> and, when the eval loss improves, the weights file; with CLAMP2_LOAD_CKPT a
+run resumes from latest_ exactly. Exit status: 0 done, 2 bad data, model or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from clamp2.checkpoint import CheckpointError
+from clamp2.configuration import load_config
+from clamp2.distributed import distributed_context
+from clamp2.text_model import TextModelUnavailable
+from clamp2.training.data import DataError
+from clamp2.training.loop import add_training_arguments, report_error, run_training, say, settings_from
+from clamp2.training.tasks import clamp2_task
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train_jsonl", default=None, help="training pairs (default: config TRAIN_JSONL)")
+    parser.add_argument("--eval_jsonl", default=None,
+                        help="evaluation pairs (default: config EVAL_JSONL; none: EVAL_SPLIT of the training pairs)")
+    parser.add_argument("--text_model", default=None,
+                        help="hub id or local folder of the text encoder (default: config TEXT_MODEL_NAME; the "
+                             "weights file name keeps following TEXT_MODEL_NAME, so a local copy of it fits here)")
+    parser.add_argument("--m3_weights", type=Path, default=None,
+                        help="M3 checkpoint for the music encoder when CLAMP2_LOAD_M3 is set "
+                             "(default: M3_WEIGHTS_PATH)")
+    parser.add_argument("--pad_to_longest", action="store_true",
+                        help="pad each batch to its longest text and piece instead of MAX_TEXT_LENGTH/PATCH_LENGTH "
+                             "(same numbers, less compute)")
+    add_training_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = load_config(Path(__file__).with_name("config.py"))
+    settings = settings_from(args, config, "CLAMP2_", "clamp2")
+    with distributed_context(args.local_rank, args.device) as dist_info:
+        try:
+            task = clamp2_task(config, args.train_jsonl or config.TRAIN_JSONL,
+                               args.eval_jsonl if args.eval_jsonl is not None else config.EVAL_JSONL,
+                               text_model=args.text_model, m3_weights=args.m3_weights,
+                               pad_to_longest=args.pad_to_longest, log=functools.partial(say, dist_info))
+        except (DataError, TextModelUnavailable) as exc:
+            return report_error(exc, dist_info)
+        try:
+            run_training(task, settings, dist_info)
+        except (DataError, CheckpointError, TextModelUnavailable) as exc:
+            return report_error(exc, dist_info, every_rank=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Pre-train M3 (masked-patch reconstruction, SPEC §5) on folders of interleaved ABC and MTF files.
+
+    python code/train_m3.py --train_folders data/abc data/mtf [--eval_folders data/eval]
+    torchrun --nproc_per_node=8 code/train_m3.py --train_folders data/abc data/mtf
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
+        code/train_m3.py --train_folders ...        # the same on node 1 with --node_rank=1
+    python -m torch.distributed.launch --use_env --nproc_per_node=8 code/train_m3.py ...   # legacy launcher
+
+Defaults come from code/config.py (M3_* constants, TRAIN_FOLDERS/EVAL_FOLDERS), each overridable
+by an environment variable of the same name. Without eval folders EVAL_SPLIT of the files are held
+out. Each epoch appends to M3_LOGS_PATH, writes latest_<weights name> and, when the eval loss
+improves, the weights file itself; with M3_LOAD_CKPT a run resumes from latest_ exactly where it
+stopped (model, optimizer, schedule, scaler, epoch, best loss, random state). NCCL on CUDA, gloo
+on CPU; AMP on CUDA only (see --precision). Exit status: 0 done, 2 bad data or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from clamp2.checkpoint import CheckpointError
+from clamp2.configuration import load_config
+from clamp2.distributed import distributed_context
+from clamp2.training.data import DataError
+from clamp2.training.loop import add_training_arguments, report_error, run_training, settings_from
+from clamp2.training.tasks import m3_task
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train_folders", nargs="+", default=None,
+                        help="folders searched recursively for .abc/.mtf files (default: config TRAIN_FOLDERS)")
+    parser.add_argument("--eval_folders", nargs="+", default=None,
+                        help="evaluation folders (default: config EVAL_FOLDERS; none: EVAL_SPLIT of the "
+                             "training files)")
+    add_training_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = load_config(Path(__file__).with_name("config.py"))
+    settings = settings_from(args, config, "M3_", "m3")
+    with distributed_context(args.local_rank, args.device) as dist_info:
+        try:
+            task = m3_task(config, args.train_folders or config.TRAIN_FOLDERS,
+                           args.eval_folders if args.eval_folders is not None else config.EVAL_FOLDERS)
+        except DataError as exc:
+            return report_error(exc, dist_info)
+        try:
+            run_training(task, settings, dist_info)
+        except (DataError, CheckpointError) as exc:
+            return report_error(exc, dist_info, every_rank=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
