@@ -105,10 +105,10 @@ class MusicEncoder:
 
     def __call__(self, path: Path) -> torch.Tensor:
         text = read_text_file(path)
-        if not text.strip():
-            raise InputError("empty music file")
-        if self.remove_unit_length and not is_mtf(text):
+        if self.remove_unit_length and text and not is_mtf(text):
             text = text.replace("L:1/8\n", "")
+        if not text:
+            raise InputError("empty music file" + (" (after removing L:1/8)" if self.remove_unit_length else ""))
         patches = self.patchilizer.encode(text, add_special_patches=True)
         # uint8 halves nothing on the model side but makes the host→device copy 8× smaller.
         return torch.tensor(patches, dtype=torch.uint8)
@@ -131,7 +131,12 @@ class Plan:
 
 
 def plan_jobs(input_dir: Path, output_dir: Path, text: bool, overwrite: bool = False) -> Plan:
-    """Inputs → output paths (mirrored folders, ``.npy``); collisions are failures, existing outputs skipped."""
+    """Inputs → output paths (mirrored folders, ``.npy``); collisions are failures, existing outputs skipped.
+
+    Under several processes call it with ``overwrite=True`` (a plan that depends only on the file
+    listing, identical in every process), shard ``jobs``, then :func:`skip_existing` per process:
+    outputs written meanwhile by a faster process must not shift the shards.
+    """
     extensions = MUSIC_EXTENSIONS + (TEXT_EXTENSIONS if text else ())
     by_output: Dict[Path, List[Path]] = {}
     for path in find_files(input_dir, extensions):
@@ -213,10 +218,15 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class _EncodeDataset(torch.utils.data.Dataset):
-    """Encodes files in DataLoader workers so reading/tokenizing overlaps the model's compute."""
+    """Encodes files in DataLoader workers so reading/tokenizing overlaps the model's compute.
 
-    def __init__(self, jobs: Sequence[Job], runners: Dict[str, KindRunner]):
-        self.jobs, self.runners = jobs, runners
+    It holds only the encoders (picklable under any start method, and no model copied into the
+    workers) and returns numpy arrays: those travel by value, whereas every tensor returned by a
+    worker would hold an open file descriptor until consumed (thousands with large chunks).
+    """
+
+    def __init__(self, jobs: Sequence[Job], encoders: Dict[str, Callable[[Path], torch.Tensor]]):
+        self.jobs, self.encoders = jobs, encoders
 
     def __len__(self):
         return len(self.jobs)
@@ -224,10 +234,10 @@ class _EncodeDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         job = self.jobs[index]
         try:
-            return index, self.runners[job.kind].encode(job.path), None
+            return index, self.encoders[job.kind](job.path).numpy(), None
         except InputError as exc:
             return index, None, str(exc)
-        except (OSError, ValueError, UnicodeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
             return index, None, f"{type(exc).__name__}: {exc}"
 
 
@@ -246,7 +256,8 @@ def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: to
                  on_file_done: Optional[Callable[[Job, Optional[str]], None]] = None) -> ExtractResult:
     """Extract and save the feature of every job; a bad file is recorded and skipped, never fatal."""
     result = ExtractResult()
-    loader = torch.utils.data.DataLoader(_EncodeDataset(jobs, runners), batch_size=files_per_chunk, shuffle=False,
+    encoders = {kind: runner.encode for kind, runner in runners.items()}
+    loader = torch.utils.data.DataLoader(_EncodeDataset(jobs, encoders), batch_size=files_per_chunk, shuffle=False,
                                          num_workers=num_workers, collate_fn=_identity,
                                          persistent_workers=False, prefetch_factor=2 if num_workers else None)
 
@@ -265,7 +276,7 @@ def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: to
                 if error is not None:
                     done(jobs[index], error)
                 else:
-                    encoded[index] = ids
+                    encoded[index] = torch.from_numpy(ids)
             for kind, runner in runners.items():
                 members = [i for i in encoded if jobs[i].kind == kind]
                 if not members:
@@ -291,9 +302,35 @@ def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: to
     return result
 
 
+def skip_existing(jobs: Sequence[Job]) -> Tuple[List[Job], List[Path]]:
+    todo, skipped = [], []
+    for job in jobs:
+        (skipped.append(job.path) if job.output.exists() else todo.append(job))
+    return todo, skipped
+
+
 def shard(items: Sequence, index: int, count: int) -> list:
     """This process's share of ``items`` under ``accelerate launch`` (round-robin, order kept)."""
     return list(items[index::count])
+
+
+def process_state(device_arg: Optional[str]):
+    """(accelerate state, device) of this process; files are split by the state's process index.
+
+    accelerate sets up several CPU processes only when asked for the CPU, so ask whenever CUDA is
+    not in use; a launch that still ends up with one process per WORLD_SIZE>1 would extract every
+    file in every process, so it is refused.
+    """
+    from accelerate import PartialState
+
+    use_cpu = device_arg == "cpu" or (device_arg is None and not torch.cuda.is_available())
+    state = PartialState(cpu=use_cpu)
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and state.num_processes == 1:
+        raise RuntimeError(f"launched with WORLD_SIZE={world_size} but accelerate set up a single process; "
+                           "launch with `accelerate launch` or `torchrun`, or pass --device cpu")
+    device = torch.device(device_arg) if device_arg else state.device
+    return state, device
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -338,10 +375,14 @@ def add_common_arguments(parser) -> None:
 
 def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path, str]],
                       input_dir: Optional[Path] = None) -> Optional[Path]:
-    """``relative/path<TAB>reason`` lines, the format of the batch converters' logs."""
-    if not failures:
-        return None
+    """``relative/path<TAB>reason`` lines, the format of the batch converters' logs.
+
+    A run without failures removes the log of an earlier run, so the folder tells the current state.
+    """
     log = output_dir / name
+    if not failures:
+        log.unlink(missing_ok=True)
+        return None
 
     def shown(path: Path) -> str:
         try:
@@ -365,16 +406,19 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     if not args.input_dir.is_dir():
         print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
         return 2
-    plan = plan_jobs(args.input_dir, args.output_dir, text=include_text, overwrite=args.overwrite)
-    total = len(plan.jobs) + len(plan.skipped) + len(plan.failures)
-    if total == 0:
+    plan = plan_jobs(args.input_dir, args.output_dir, text=include_text, overwrite=True)
+    if not plan.jobs and not plan.failures:
         wanted = ", ".join(MUSIC_EXTENSIONS + (TEXT_EXTENSIONS if include_text else ()))
         print(f"error: no input files ({wanted}) under {args.input_dir}", file=sys.stderr)
         return 2
     jobs = shard(plan.jobs, process_index, num_processes)
+    skipped: List[Path] = []
+    if not args.overwrite:
+        jobs, skipped = skip_existing(jobs)
     failures = list(plan.failures) if process_index == 0 else []
-    bar = tqdm(total=len(jobs), desc=f"{tool} [{process_index}]" if num_processes > 1 else tool, unit="file",
-               disable=args.no_progress or None, dynamic_ncols=True)
+    # One progress bar, on the main process (it shows that process's share).
+    bar = tqdm(total=len(jobs), desc=tool, unit="file", disable=args.no_progress or process_index != 0 or None,
+               dynamic_ncols=True)
 
     def on_done(job, error):
         bar.update(1)
@@ -391,8 +435,7 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     failures += result.failures
     suffix = f"_{process_index}" if num_processes > 1 else ""
     log = write_failure_log(args.output_dir, f"failed_{tool}{suffix}.log", failures, args.input_dir)
-    skipped = len(plan.skipped) if process_index == 0 else 0
     where = f" (process {process_index}/{num_processes})" if num_processes > 1 else ""
-    print(f"{tool}{where}: extracted {result.written}, skipped {skipped} existing, failed {len(failures)}"
+    print(f"{tool}{where}: extracted {result.written}, skipped {len(skipped)} existing, failed {len(failures)}"
           + (f" (see {log})" if log else ""), file=sys.stderr)
     return 1 if failures else 0

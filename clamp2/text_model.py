@@ -24,7 +24,7 @@ def _unavailable(name: str, exc: Exception) -> TextModelUnavailable:
            f"  If this machine is offline{' (HF_HUB_OFFLINE is set)' if offline else ''}, download it where you have "
            f"network access, e.g. `huggingface-cli download {name}` (cached under ~/.cache/huggingface) or "
            f"`huggingface-cli download {name} --local-dir DIR`, and pass DIR with --text_model "
-           f"(or set TEXT_MODEL_NAME=DIR).")
+           f"(setting TEXT_MODEL_NAME=DIR instead would also rename the expected weights file).")
     return TextModelUnavailable(msg)
 
 
@@ -36,11 +36,17 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_text_model(name_or_path: str, pretrained: bool = True):
-    """The text encoder with its pooler; ``pretrained=False`` builds it from the config alone."""
+    """The text encoder with its pooler, in float32; ``pretrained=False`` builds it from the config alone.
+
+    float32 explicitly: transformers 5 otherwise takes the dtype of the saved config (a bf16 copy
+    would give bf16 features or clash with the float32 projection).
+    """
+    import torch
+
     try:
         if pretrained:
-            return AutoModel.from_pretrained(name_or_path)
-        return AutoModel.from_config(AutoConfig.from_pretrained(name_or_path))
+            return AutoModel.from_pretrained(name_or_path, dtype=torch.float32)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name_or_path), dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise _unavailable(name_or_path, exc) from exc
 

@@ -9,7 +9,8 @@ of its windows' projected features; not L2-normalised: use cosine similarity). W
 per-position last hidden states [1, L, hidden] of the text or music encoder (SPEC section 8).
 The weights default to config.py's CLAMP2_WEIGHTS_PATH (download it from the Hugging Face repo
 sander-wood/clamp2). Existing outputs are skipped; failures are listed in
-<output_dir>/failed_extract_clamp2.log; exit status 0 when every file succeeded, 1 when some failed.
+<output_dir>/failed_extract_clamp2.log (failed_extract_clamp2_<process>.log per process under a multi-process
+launch); exit status 0 when every file succeeded, 1 when some failed, 2 for a usage or model error.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from clamp2.checkpoint import load_model_weights
 from clamp2.configuration import load_config
-from clamp2.extract import KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context, run_extraction
+from clamp2.extract import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
+                            process_state, run_extraction)
 from clamp2.models import CLaMP2Model, M3Dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 from clamp2.text_model import load_text_model, load_tokenizer
@@ -50,12 +52,9 @@ def build_clamp2(cfg, weights: Path, text_model_name: str, device: torch.device)
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(Path(__file__).with_name("config.py"))
-    from accelerate import PartialState
-
-    state = PartialState(cpu=args.device == "cpu")
-    device = torch.device(args.device) if args.device else state.device
     weights = args.weights or Path(cfg.CLAMP2_WEIGHTS_PATH)
     try:
+        state, device = process_state(args.device)
         model, tokenizer = build_clamp2(cfg, weights, args.text_model or cfg.TEXT_MODEL_NAME, device)
         precision = autocast_context(device, args.dtype)
     except (OSError, RuntimeError, ValueError) as exc:

@@ -7,7 +7,8 @@ Each file gets the last hidden states of the M3 patch encoder, shape [1, L, M3_H
 per patch (special patches included; `L:1/8` lines are removed from ABC first, as the reference
 does). The weights default to config.py's M3_WEIGHTS_PATH (download it from the Hugging Face repo
 sander-wood/clamp2). Existing outputs are skipped; failures are listed in
-<output_dir>/failed_extract_m3.log; exit status 0 when every file succeeded, 1 when some failed.
+<output_dir>/failed_extract_m3.log (failed_extract_m3_<process>.log per process under a multi-process
+launch); exit status 0 when every file succeeded, 1 when some failed, 2 for a usage or model error.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 from clamp2.checkpoint import load_model_weights
 from clamp2.configuration import load_config
-from clamp2.extract import KindRunner, MusicEncoder, add_common_arguments, autocast_context, run_extraction
+from clamp2.extract import (KindRunner, MusicEncoder, add_common_arguments, autocast_context, process_state,
+                            run_extraction)
 from clamp2.models import M3Dims, M3PatchEncoder
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
@@ -41,11 +43,8 @@ def build_m3_encoder(cfg, weights: Path, device: torch.device) -> M3PatchEncoder
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(Path(__file__).with_name("config.py"))
-    from accelerate import PartialState
-
-    state = PartialState(cpu=args.device == "cpu")
-    device = torch.device(args.device) if args.device else state.device
     try:
+        state, device = process_state(args.device)
         encoder = build_m3_encoder(cfg, args.weights or Path(cfg.M3_WEIGHTS_PATH), device)
         precision = autocast_context(device, args.dtype)
     except (OSError, RuntimeError, ValueError) as exc:

@@ -136,3 +136,72 @@ def test_window_arithmetic():
 
 def test_text_lines_keep_first_occurrence_order():
     assert text_lines("b\n\na\nb\nc\na\n") == ["b", "a", "c"]
+
+
+def test_whitespace_music_gets_special_patch_features_and_l18_only_fails(tiny_env, vectors, tmp_path, extract_m3,
+                                                                          capsys):
+    # As the reference: "\n" encodes to the two special patches; an ABC that is only "L:1/8\n"
+    # is empty once M3 extraction removes that line (the reference crashes on it).
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "blank.abc").write_text("\n")
+    (inp / "unit.abc").write_text("L:1/8\n")
+    args = [str(inp), str(tmp_path / "out"), "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0",
+            "--no_progress"]
+    assert extract_m3.main(args) == 1
+    assert np.load(tmp_path / "out/blank.npy").shape == (1, 2, 64)
+    assert not (tmp_path / "out/unit.npy").exists()
+    assert "unit.abc" in capsys.readouterr().err
+
+
+def test_worker_dataset_pickles_without_the_model(vectors):
+    # Spawn/forkserver start methods (macOS, Windows, Python 3.14) pickle the dataset.
+    import pickle
+
+    from clamp2.extract import Job, MusicEncoder, _EncodeDataset
+    from clamp2.patchilizer import M3Patchilizer
+
+    path = vectors / "extract_in/abc/bwv10.7.abc"
+    dataset = _EncodeDataset([Job(path, path.with_suffix(".npy"), "music")], {"music": MusicEncoder(M3Patchilizer(64, 32))})
+    index, ids, error = pickle.loads(pickle.dumps(dataset))[0]
+    assert error is None and isinstance(ids, np.ndarray) and ids.shape == (98, 64)
+
+
+class FakeState:
+    def __init__(self, index, count):
+        self.process_index, self.num_processes = index, count
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_process_shards_do_not_shift_when_another_process_finished_first(tiny_env, vectors, tmp_path, extract_m3,
+                                                                          monkeypatch, first):
+    out = tmp_path / "out"
+    args = [str(vectors / "extract_in"), str(out), "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0",
+            "--no_progress"]
+    for index in (first, 1 - first):
+        monkeypatch.setattr(extract_m3, "process_state", lambda device: (FakeState(index, 2), torch.device("cpu")))
+        assert extract_m3.main(args) == 0
+    assert len(list(out.rglob("*.npy"))) == 4
+    compare_tree(vectors / "expected" / "feat_m3", out)
+
+
+def test_torchrun_two_cpu_processes_split_the_files(vectors, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **TINY_ENV)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(REPO_ROOT / "code/extract_m3.py"), str(vectors / "extract_in"), str(tmp_path / "out"),
+           "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0", "--no_progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("extracted 2, skipped 0 existing, failed 0") == 2, proc.stderr[-3000:]
+    compare_tree(vectors / "expected" / "feat_m3", tmp_path / "out")

@@ -53,3 +53,17 @@ def test_missing_hub_model_offline_is_a_plain_error(tmp_path):
 def test_missing_local_folder_is_a_plain_error(tmp_path):
     with pytest.raises(TextModelUnavailable, match="missing_dir"):
         load_text_model(str(tmp_path / "missing_dir"))
+
+
+def test_text_model_loads_in_float32_whatever_the_saved_dtype(tmp_path, vectors):
+    import json
+    import shutil
+
+    copy = tmp_path / "bf16_model"
+    shutil.copytree(vectors / "tiny_text_model", copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    (copy / "config.json").write_text(json.dumps(config))
+    for pretrained in (True, False):
+        model = load_text_model(str(copy), pretrained=pretrained)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
