@@ -37,13 +37,26 @@ def missing_weights_message(path: str | os.PathLike, what: str = "weights") -> s
     )
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint file safely (``weights_only=True``); a missing file says where to get it."""
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint file safely (``weights_only=True``); a missing file says where to get it.
+
+    ``mmap`` maps the file instead of reading it whole: for weights that are copied into a model
+    right away (not for training state that is then updated in place).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(missing_weights_message(path))
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: the published CLaMP 2 file carries ~2 GB of optimizer state that extraction never
+        # reads; mapped, only the tensors actually used are paged in (per process under accelerate).
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except RuntimeError as exc:
+        if not mmap or "mmap" not in str(exc):
+            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        try:  # legacy (non-zip) serialization cannot be mapped
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as inner:
+            raise CheckpointError(f"cannot read checkpoint {path}: {inner}") from inner
     except Exception as exc:  # unpickling errors, truncated zip, non-tensor objects
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(obj, Mapping):
@@ -109,7 +122,7 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, prefix: str = 
     ``prefix`` selects a sub-module's entries, e.g. ``"encoder."`` to start CLaMP 2's music encoder
     from an M3 checkpoint.
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, mmap=True)
     state = state_dict_of(checkpoint)
     if prefix:
         state = sub_state_dict(state, prefix)

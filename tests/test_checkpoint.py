@@ -99,3 +99,10 @@ def test_failed_save_keeps_previous_file(tmp_path):
 def test_latest_path_and_strip_prefix(tmp_path):
     assert latest_path("runs/a/weights_x.pth").as_posix() == "runs/a/latest_weights_x.pth"
     assert strip_prefix({"module.a": 1, "b": 2}, "module.") == {"a": 1, "b": 2}
+
+
+def test_legacy_serialization_loads_without_mmap(tmp_path):
+    src, dst = fresh(0), fresh(1)
+    torch.save({"model": src.state_dict()}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    load_model_weights(dst, tmp_path / "old.pth")  # mapped loading falls back to reading
+    assert same_params(src, dst)
