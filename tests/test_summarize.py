@@ -48,7 +48,7 @@ class ScriptedLLM:
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep test output clean
-                pass
+                return
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -115,7 +115,7 @@ class ScriptedLLM:
             handler.end_headers()
             handler.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client timed out and hung up
-            pass
+            return
 
     def __enter__(self):
         self.thread.start()
