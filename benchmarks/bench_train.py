@@ -38,7 +38,7 @@ from clamp2.training.loop import Precision, train_step, warmup_then_constant
 from clamp2.training.tasks import ContrastiveStep, m3_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MUSIC_DIR = REPO_ROOT.parent / "shared" / "spec" / "vectors" / "extract_in"
+MUSIC_DIR = REPO_ROOT / "tests" / "data" / "vectors" / "extract_in"
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def music_windows(dims: M3Dims, count: int) -> list[torch.Tensor]:
     patchilizer = M3Patchilizer(dims.patch_size, dims.patch_length)
     files = sorted(MUSIC_DIR.glob("*/*.abc")) + sorted(MUSIC_DIR.glob("*/*.mtf"))
     if not files:
-        sys.exit(f"no music files under {MUSIC_DIR}: shared/spec must sit beside the checkout")
+        sys.exit(f"no music files under {MUSIC_DIR}: the checkout is incomplete")
     windows = []
     for index in range(count):
         patches = patchilizer.encode(read_music(files[index % len(files)]), add_special_patches=True)

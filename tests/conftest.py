@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# shared/ sits beside the checkout (../shared from the project root); CLAMP2_SPEC_DIR is not used
-# because CLAMP2_* names are reserved for config overrides.
-SPEC_DIR = Path(os.environ.get("SPEC_DIR", REPO_ROOT.parent / "shared" / "spec"))
-VECTORS = SPEC_DIR / "vectors"
+# Reference data copied into the repository (tests/data/README.md says what each file is).
+DATA_DIR = REPO_ROOT / "tests" / "data"
+SPEC_DIR = DATA_DIR  # state-dict key lists and the language list
+VECTORS = DATA_DIR / "vectors"
 
 
 def load_script(relative_path: str):
@@ -28,7 +27,7 @@ def load_script(relative_path: str):
 @pytest.fixture
 def vectors() -> Path:
     if not VECTORS.is_dir():
-        pytest.fail(f"conformance vectors not found at {VECTORS}: shared/spec must sit beside the checkout")
+        pytest.fail(f"conformance vectors not found at {VECTORS}: the checkout is incomplete")
     return VECTORS
 
 

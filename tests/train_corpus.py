@@ -121,5 +121,5 @@ def split_jsonl(root: Path, eval_count: int = 4) -> tuple[Path, Path]:
 def corpus(tmp_path_factory) -> Path:
     """The corpus, built once per session (import this fixture into a test module to use it)."""
     if not VECTORS.is_dir():
-        pytest.fail(f"conformance vectors not found at {VECTORS}: shared/spec must sit beside the checkout")
+        pytest.fail(f"conformance vectors not found at {VECTORS}: the checkout is incomplete")
     return build_corpus(tmp_path_factory.getbasetemp() / "train_corpus", VECTORS)
