@@ -10,12 +10,12 @@ against the reference's scheme: one window at a time, every window padded to PAT
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
+from clamp2.cli import ArgumentParser
 from clamp2.corpus import build_music_files, corpus_musicxml_paths
 from clamp2.extract import KindRunner, MusicEncoder, autocast_context, extract_jobs, plan_jobs, window_starts
 from clamp2.models import M3Dims, M3PatchEncoder, masked_mean
@@ -23,7 +23,7 @@ from clamp2.patchilizer import M3Patchilizer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("/tmp/clamp2_bench_music"), help="cache of corpus-derived files")
     parser.add_argument("--files", type=int, default=120, help="number of music files (half ABC, half MTF)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16])

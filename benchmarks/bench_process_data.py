@@ -17,10 +17,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from clamp2.cli import ArgumentParser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Files/s of midi->mtf and of ABC interleaving.")
+    parser = ArgumentParser(description="Files/s of midi->mtf and of ABC interleaving.")
     parser.add_argument("--pieces", type=int, default=20, help="corpus chorales to render (default 20)")
     parser.add_argument("--copies", type=int, default=10, help="copies of each rendered file (default 10)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,

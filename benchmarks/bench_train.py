@@ -19,7 +19,6 @@ are random token ids of MAX_TEXT_LENGTH, so every sample costs the most it can.
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from clamp2.cli import ArgumentParser
 from clamp2.models import CLaMP2Model, M3Dims, M3Model
 from clamp2.patchilizer import M3Patchilizer
 from clamp2.training.corruption import corrupt_patches
@@ -144,7 +144,7 @@ def run(task: str, name: str, config: BenchConfig, device: torch.device, precisi
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: the small config on CPU, plus the default config on CUDA when available")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None)

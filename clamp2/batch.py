@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from clamp2.files import atomic_write_bytes, atomic_write_text, find_files, mirror_path
+from clamp2.cli import ArgumentParser
+from clamp2.files import atomic_write_bytes, atomic_write_text, find_files, mirror_path, remove_partial_files
 
 Convert = Callable[[Path], "str | bytes"]
 
@@ -110,7 +111,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser, input_kind: str, output
 
 
 def batch_argument_parser(description: str, input_kind: str, output_kind: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     add_batch_arguments(parser, input_kind, output_kind)
     return parser
 
@@ -237,6 +238,8 @@ def run_in_pool(convert: Convert, jobs: list[Job], workers: int,
                 in_flight.clear()
                 executor.shutdown(wait=True, cancel_futures=True)
                 for job in suspects:
+                    # The pool's teardown kills the other workers too, maybe mid-write.
+                    remove_partial_files(job.target)
                     on_outcome(job, convert_in_own_process(convert, job))
                 executor = ProcessPoolExecutor(max_workers=workers)
     finally:
@@ -252,7 +255,7 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
     ``output_dir/warnings_<tool>.log``; ``rejected`` are ``(name, reason)`` failures known before
     the run (see :func:`plan_jobs`). ``workers`` defaults to ``os.cpu_count()``.
     """
-    from tqdm import tqdm
+    from clamp2.progress import progress_bar, write_line
 
     output_dir = Path(output_dir)
     workers = workers or os.cpu_count() or 1
@@ -267,13 +270,13 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / f"failed_{tool}.log", "w", encoding="utf-8", newline="\n") as failure_log, \
             open(output_dir / f"warnings_{tool}.log", "w", encoding="utf-8", newline="\n") as warning_log, \
-            tqdm(total=len(todo), desc=tool, unit="file", file=sys.stderr, disable=not progress) as bar:
+            progress_bar(total=len(todo), desc=tool, unit="file", enabled=progress) as bar:
 
         def fail(name: str, reason: str) -> None:
             result.failures.append((name, reason))
             failure_log.write(f"{name}\t{reason}\n")
             failure_log.flush()
-            tqdm.write(f"failed: {name}: {reason}", file=sys.stderr)
+            write_line(f"failed: {name}: {reason}")
 
         def record(job: Job, outcome: FileOutcome) -> None:
             if outcome.ok:

@@ -8,7 +8,8 @@ one launch line configures every rank of a ``torchrun`` job::
 
 Values are parsed by the type of the default (bool, int, float, str, list) and type-checked.
 An environment variable that starts with one of the config's own prefixes (``M3_``, ``CLAMP2_``)
-but names no constant is an error, so a typo never silently trains the wrong model.
+and is a near-miss of a constant is an error, so a typo never silently trains the wrong model;
+other unknown names with those prefixes (other tools' settings) are only warned about.
 """
 
 from __future__ import annotations
@@ -111,20 +112,40 @@ def apply_env_overrides(namespace: MutableMapping[str, Any], names=None,
     return applied
 
 
-def check_unknown_overrides(namespace: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> None:
-    """Fail on an environment variable with a reserved prefix that names no constant."""
+# How close (difflib ratio) an unknown M3_*/CLAMP2_* name must be to a real constant to count as a
+# misspelling of it (an error). Other such names belong to other tools (CLAMP2_HOME on a cluster,
+# say): they get a one-line warning, never an abort.
+MISSPELLING_RATIO = 0.85
+
+
+def closest_constant(name: str, known) -> str | None:
+    """The constant that ``name`` is a near-miss of, or None when it is not close to any."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=MISSPELLING_RATIO)
+    return close[0] if close else None
+
+
+def check_unknown_overrides(namespace: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                            warn=None) -> None:
+    """Fail on a misspelt config name in the environment; warn about other unknown reserved names."""
     environ = os.environ if environ is None else environ
     known = [n for n in namespace if _is_config_name(n)]
     unknown = sorted(n for n in environ if n.startswith(RESERVED_PREFIXES) and n not in known)
-    if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, known, n=1)
-            hints.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
-        raise ConfigError(
-            "unknown config override(s) in the environment: " + ", ".join(hints)
-            + ". Every M3_*/CLAMP2_* variable must name a constant of code/config.py; unset it or fix the name."
-        )
+    misspelt = [(name, closest_constant(name, known)) for name in unknown]
+    errors = [f"{name} (did you mean {match}?)" for name, match in misspelt if match]
+    if errors:
+        raise ConfigError("unknown config override in the environment: " + ", ".join(errors)
+                          + "; fix the name or unset it")
+    others = [name for name, match in misspelt if not match]
+    if others and _is_main_process():
+        (warn or _warn)(f"warning: ignoring {', '.join(others)}: not a constant of code/config.py")
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def derived_log_path(weights_path: str) -> str:
@@ -158,7 +179,7 @@ def overrides_of(config: ModuleType | Any) -> dict[str, tuple[Any, Any]]:
 
 def print_overrides(config: ModuleType | Any, file=None) -> None:
     """Print the config values that differ from the defaults (main process only)."""
-    if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+    if not _is_main_process():
         return
     overrides = overrides_of(config)
     if not overrides:

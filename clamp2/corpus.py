@@ -62,12 +62,12 @@ def build_music_files(out_dir: str | os.PathLike, scores: Sequence[Path], kinds:
     """Write ``out_dir/abc/<name>.abc`` and/or ``out_dir/mtf/<name>.mtf`` for each score; existing files are kept."""
     import tempfile
 
-    from tqdm import tqdm
+    from clamp2.progress import progress_bar
 
     out_dir = Path(out_dir)
     written: List[Path] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for score in tqdm(scores, desc="corpus", unit="score", disable=not progress):
+        for score in progress_bar(iterable=scores, total=len(scores), desc="corpus", unit="score", enabled=progress):
             for kind in kinds:
                 target = out_dir / kind / f"{piece_name(score)}.{kind}"
                 if not target.exists():

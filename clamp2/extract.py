@@ -401,7 +401,7 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     """Plan, shard across processes, extract, report. Returns the exit status (0 ok, 1 some failed, 2 usage)."""
     import sys
 
-    from tqdm import tqdm
+    from clamp2.progress import progress_bar, write_line
 
     if not args.input_dir.is_dir():
         print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
@@ -417,13 +417,12 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
         jobs, skipped = skip_existing(jobs)
     failures = list(plan.failures) if process_index == 0 else []
     # One progress bar, on the main process (it shows that process's share).
-    bar = tqdm(total=len(jobs), desc=tool, unit="file", disable=args.no_progress or process_index != 0 or None,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(jobs), desc=tool, unit="file", enabled=not args.no_progress and process_index == 0)
 
     def on_done(job, error):
         bar.update(1)
         if error is not None:
-            tqdm.write(f"failed: {job.path}: {error}", file=sys.stderr)
+            write_line(f"failed: {job.path}: {error}")
 
     for path, reason in failures:
         print(f"failed: {path}: {reason}", file=sys.stderr)

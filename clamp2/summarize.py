@@ -432,13 +432,13 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     error (401/403/404) stops the run: queued files are not sent, in-flight ones give up before
     their next attempt, and ``counts.aborted`` holds the reason.
     """
-    from tqdm import tqdm
+    from clamp2.progress import progress_bar, write_line
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     languages = languages if languages is not None else load_languages()
     counts = SummaryCounts()
     stop = threading.Event()
-    echo = echo or (lambda line: tqdm.write(line, file=sys.stderr))
+    echo = echo or write_line
 
     jobs: list[tuple[str, Path, Path]] = []
     claimed: dict[Path, str] = {}
@@ -488,8 +488,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
 
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / FAILURE_LOG_NAME, "w", encoding="utf-8", newline="\n") as log, \
-            tqdm(total=len(jobs), desc="summaries", unit="file", disable=not progress,
-                 file=sys.stderr) as bar:
+            progress_bar(total=len(jobs), desc="summaries", unit="file", enabled=progress) as bar:
 
         def record(outcome: _Outcome) -> None:
             counts.retries += outcome.retries

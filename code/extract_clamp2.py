@@ -15,14 +15,13 @@ launch); exit status 0 when every file succeeded, 1 when some failed, 2 for a us
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 from clamp2.checkpoint import load_model_weights
-from clamp2.configuration import load_config
+from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.extract import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
                             process_state, run_extraction)
 from clamp2.models import CLaMP2Model, M3Dims
@@ -31,7 +30,7 @@ from clamp2.text_model import load_text_model, load_tokenizer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_common_arguments(parser)
     parser.add_argument("--normalize", action="store_true",
                         help="save one global feature per file [1, CLAMP2_HIDDEN_SIZE] instead of per-position states")
@@ -51,7 +50,7 @@ def build_clamp2(cfg, weights: Path, text_model_name: str, device: torch.device)
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(Path(__file__).with_name("config.py"))
+    cfg = load_script_config(__file__)
     weights = args.weights or Path(cfg.CLAMP2_WEIGHTS_PATH)
     try:
         state, device = process_state(args.device)

@@ -13,14 +13,13 @@ launch); exit status 0 when every file succeeded, 1 when some failed, 2 for a us
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 from clamp2.checkpoint import load_model_weights
-from clamp2.configuration import load_config
+from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.extract import (KindRunner, MusicEncoder, add_common_arguments, autocast_context, process_state,
                             run_extraction)
 from clamp2.models import M3Dims, M3PatchEncoder
@@ -28,7 +27,7 @@ from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -42,7 +41,7 @@ def build_m3_encoder(cfg, weights: Path, device: torch.device) -> M3PatchEncoder
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(Path(__file__).with_name("config.py"))
+    cfg = load_script_config(__file__)
     try:
         state, device = process_state(args.device)
         encoder = build_m3_encoder(cfg, args.weights or Path(cfg.M3_WEIGHTS_PATH), device)

@@ -16,7 +16,6 @@ Everything is written under --out; re-running reuses what exists (each step resu
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from clamp2.cli import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 # A small M3 that trains in minutes on two CPU cores; the published model is the config default.
@@ -33,7 +33,7 @@ MAX_SCORE_BYTES = 40_000
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("quickstart_run"), help="working folder (default quickstart_run)")
     parser.add_argument("--pieces", type=int, default=24, help="number of corpus scores (default 24)")
     parser.add_argument("--epochs", type=int, default=12, help="M3 training epochs (default 12)")
@@ -77,11 +77,11 @@ def pick_scores(count: int):
 
 def render_midi(scores, xml_dir: Path, midi_dir: Path) -> None:
     from music21 import converter
-    from tqdm import tqdm
+    from clamp2.progress import progress_bar
 
     from clamp2.files import atomic_path
 
-    for score in tqdm(scores, desc="music21 → MIDI", unit="score"):
+    for score in progress_bar(iterable=scores, total=len(scores), desc="music21 → MIDI", unit="score"):
         rel = score.relative_to(xml_dir)
         target = midi_dir / rel.parent / (rel.stem + ".mid")
         if target.exists():

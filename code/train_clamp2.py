@@ -18,13 +18,12 @@ run resumes from latest_ exactly. Exit status: 0 done, 2 bad data, model or conf
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
 
 from clamp2.checkpoint import CheckpointError
-from clamp2.configuration import load_config
+from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.distributed import distributed_context
 from clamp2.text_model import TextModelUnavailable
 from clamp2.training.data import DataError
@@ -33,7 +32,7 @@ from clamp2.training.tasks import clamp2_task
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--train_jsonl", default=None, help="training pairs (default: config TRAIN_JSONL)")
     parser.add_argument("--eval_jsonl", default=None,
                         help="evaluation pairs (default: config EVAL_JSONL; none: EVAL_SPLIT of the training pairs)")
@@ -52,7 +51,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(Path(__file__).with_name("config.py"))
+    config = load_script_config(__file__)
     settings = settings_from(args, config, "CLAMP2_", "clamp2")
     with distributed_context(args.local_rank, args.device) as dist_info:
         try:

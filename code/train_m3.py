@@ -16,12 +16,10 @@ on CPU; AMP on CUDA only (see --precision). Exit status: 0 done, 2 bad data or c
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from clamp2.checkpoint import CheckpointError
-from clamp2.configuration import load_config
+from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.distributed import distributed_context
 from clamp2.training.data import DataError
 from clamp2.training.loop import add_training_arguments, report_error, run_training, settings_from
@@ -29,7 +27,7 @@ from clamp2.training.tasks import m3_task
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--train_folders", nargs="+", default=None,
                         help="folders searched recursively for .abc/.mtf files (default: config TRAIN_FOLDERS)")
     parser.add_argument("--eval_folders", nargs="+", default=None,
@@ -41,7 +39,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(Path(__file__).with_name("config.py"))
+    config = load_script_config(__file__)
     settings = settings_from(args, config, "M3_", "m3")
     with distributed_context(args.local_rank, args.device) as dist_info:
         try:

@@ -30,12 +30,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from clamp2.cli import ArgumentParser
 
 ENV_KEY = "OPENAI_API_KEY"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Summarise music metadata JSON files in English and one of 100 other languages "
                     "with an OpenAI-compatible chat-completions endpoint (key from $OPENAI_API_KEY).")
     parser.add_argument("input_dir", help="folder of metadata .json files (searched recursively)")

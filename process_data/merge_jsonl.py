@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from clamp2.cli import ArgumentParser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Merge summary .json files (from gpt4_summarize.py) into one training JSONL.")
     parser.add_argument("summaries_dir", help="folder of summary .json files (searched recursively)")
     parser.add_argument("output_jsonl", help="the JSONL to write")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
+from clamp2.progress import progress_bar
 
 from ..checkpoint import (capture_rng_state, latest_path, load_state, read_checkpoint, restore_rng_state,
                           restore_training_state, resume_source, save_checkpoint, state_dict_of, unwrap)
@@ -200,8 +200,8 @@ def train_epoch(model, loader, compute_loss, optimizer, lr_sched, scaler, precis
     model.train()
     steps_in_epoch = len(loader) if not settings.max_steps_per_epoch else min(len(loader), settings.max_steps_per_epoch)
     samples_per_step = settings.batch_size * dist_info.world_size
-    bar = tqdm(total=steps_in_epoch, desc=f"{settings.name} epoch {epoch}", dynamic_ncols=True,
-               disable=not (dist_info.is_main and settings.progress), file=sys.stderr)
+    bar = progress_bar(total=steps_in_epoch, desc=f"{settings.name} epoch {epoch}", unit="step",
+                       enabled=dist_info.is_main and settings.progress)
     total, steps, start = 0.0, 0, time.perf_counter()
     for batch in loader:
         loss = train_step(model, move_batch(batch, dist_info.device), compute_loss, optimizer, lr_sched, scaler,

@@ -1,0 +1,64 @@
+"""Progress bars that also show up in log files.
+
+tqdm redraws one line with carriage returns, which is right in a terminal and useless in a batch
+job's log (``nohup``, SLURM, ``2> log``): the log gets one endless line, or nothing when the bar is
+disabled for non-TTYs. ``progress_bar`` keeps tqdm in a terminal and, when stderr is not a terminal,
+writes a plain line (same text) at most every ``log_interval`` seconds, plus the first and last.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Optional
+
+LOG_INTERVAL_SECONDS = 30.0
+
+
+class _LineWriter:
+    """A file-like wrapper that turns tqdm's carriage-return redraws into whole lines."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_bar(total: Optional[int] = None, desc: str = "", unit: str = "it", enabled: bool = True,
+                 stream: Optional[IO[str]] = None, log_interval: float = LOG_INTERVAL_SECONDS, **kwargs):
+    """A tqdm bar on ``stream`` (stderr): live in a terminal, a line every ``log_interval`` s in a log.
+
+    ``enabled=False`` (``--no_progress``, or a process other than the main one) gives a silent bar
+    with the same interface, so callers never branch on it.
+    """
+    from tqdm import tqdm
+
+    stream = stream if stream is not None else sys.stderr
+    if not enabled:
+        return tqdm(total=total, desc=desc, unit=unit, disable=True, **kwargs)
+    if is_terminal(stream):
+        return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, **kwargs)
+    # Not a terminal: fixed width, no ANSI, throttled by time only (miniters=1 keeps tqdm from
+    # skipping the check when updates are rare).
+    return tqdm(total=total, desc=desc, unit=unit, file=_LineWriter(stream), ncols=100, ascii=True,
+                mininterval=log_interval, maxinterval=log_interval, miniters=1, **kwargs)
+
+
+def write_line(message: str, stream: Optional[IO[str]] = None) -> None:
+    """Print a message without breaking a live progress bar (tqdm.write), on stderr by default."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=stream if stream is not None else sys.stderr)
