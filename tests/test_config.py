@@ -93,3 +93,17 @@ def test_parse_value_types():
     assert parse_value("X", "1,2", [3]) == [1, 2]
     assert parse_value("X", "", []) == []
     assert derived_log_path("a/weights_x.pth") == "a/logs_x.txt"
+
+
+def test_other_tools_reserved_names_only_warn(clean_env, capsys):
+    clean_env.setenv("CLAMP2_HOME", "/x")  # a cluster setting of another tool, not a misspelling
+    cfg = load_config(CONFIG, report=False)
+    assert cfg.PATCH_SIZE == 64
+    err = capsys.readouterr().err
+    assert err.strip() == "warning: ignoring CLAMP2_HOME: not a constant of code/config.py"
+
+
+def test_misspelling_names_the_closest_constant(clean_env):
+    clean_env.setenv("M3_LEARNIN_RATE", "1")
+    with pytest.raises(ConfigError, match=r"M3_LEARNIN_RATE \(did you mean M3_LEARNING_RATE\?\)"):
+        load_config(CONFIG, report=False)
