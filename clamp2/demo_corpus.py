@@ -87,6 +87,7 @@ class Piece:
     source: Path  # the corpus file
     abc_text: Optional[str] = None  # one tune (ABC collections); None for MusicXML
     facts: dict = field(default_factory=dict)
+    split: str = "train"  # "train" or "test" (held out)
 
 
 # -- choosing pieces ------------------------------------------------------------------------------
@@ -304,10 +305,13 @@ def piece_record(piece: Piece, seed: int = 0) -> dict:
 # -- writing the collection -----------------------------------------------------------------------
 
 def build_demo_corpus(out_dir: str | Path, per_collection: int, seed: int = 0, progress: bool = True,
-                      collections: Sequence[Collection] = COLLECTIONS) -> List[Piece]:
+                      collections: Sequence[Collection] = COLLECTIONS, test_every: int = 5) -> List[Piece]:
     """Write ``xml/``, ``abc_standard/``, ``midi/`` and ``metadata/`` under ``out_dir``; existing files are kept.
 
-    A piece music21 cannot parse or render is left out (and said so); the pieces written are returned.
+    Each folder has ``train/`` and ``test/`` subfolders: every ``test_every``-th piece of each
+    collection is held out (a split by piece, stratified by collection). A piece music21 cannot
+    parse or render is left out (and said so) and replaced by the collection's next one. Returns
+    the pieces written.
     """
     from .progress import progress_bar, write_line
 
@@ -320,6 +324,7 @@ def build_demo_corpus(out_dir: str | Path, per_collection: int, seed: int = 0, p
     while any(counts[label] < per_collection and queues[label] for label in queues):
         label = min((l for l in queues if counts[l] < per_collection and queues[l]), key=lambda l: counts[l])
         piece = queues[label].pop(0)
+        piece.split = "test" if counts[label] % test_every == test_every - 1 else "train"
         if _write_piece(piece, out_dir, seed, write_line):
             counts[label] += 1
             written.append(piece)
@@ -332,12 +337,12 @@ def _write_piece(piece: Piece, out_dir: Path, seed: int, report) -> bool:
     """Write one piece's music, MIDI rendering and metadata; False (and a report) if music21 cannot."""
     from music21 import converter
 
-    meta_path = out_dir / "metadata" / f"{piece.name}.json"
-    midi_path = out_dir / "midi" / f"{piece.name}.mid"
+    meta_path = out_dir / "metadata" / piece.split / f"{piece.name}.json"
+    midi_path = out_dir / "midi" / piece.split / f"{piece.name}.mid"
     if piece.abc_text is not None:
-        music_path = out_dir / "abc_standard" / f"{piece.name}.abc"
+        music_path = out_dir / "abc_standard" / piece.split / f"{piece.name}.abc"
     else:
-        music_path = out_dir / "xml" / f"{piece.name}{piece.source.suffix}"
+        music_path = out_dir / "xml" / piece.split / f"{piece.name}{piece.source.suffix}"
     if meta_path.exists() and midi_path.exists() and music_path.exists():
         return True
     try:
