@@ -93,7 +93,9 @@ def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False) -> Ra
     if abc_format not in ABC_FORMATS:
         raise ValueError(f"abc_format must be one of {', '.join(ABC_FORMATS)}, not {abc_format!r}")
     if is_path_like(item):
-        path = Path(item)
+        path = Path(item).expanduser()
+        if path.is_dir():
+            raise InputError(f"a folder, not a file: {path} (encode folders with encode_folder)")
         if not path.is_file():
             raise InputError(f"file not found: {path}")
         kind = KIND_OF_EXTENSION.get(path.suffix.lower())

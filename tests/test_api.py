@@ -304,3 +304,15 @@ def test_import_is_lazy():
 
     with pytest.raises(AttributeError):
         clamp2.NoSuchThing  # noqa: B018
+
+
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+
+    block = re.search(r"## Use from Python.*?```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(REPO_ROOT)
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "xml/bwv10.7.mxl" in out and "(7, 48) []" in out
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 7

@@ -179,3 +179,13 @@ def test_usage_errors(script, tmp_path, capsys):
         assert info.value.code == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_weights_is_one_line_with_the_download_command(script, labelled_folder, tiny_text_dir, tmp_path,
+                                                               capsys):
+    argv = [str(labelled_folder), "--labels", "folk,chorale", "--weights", str(tmp_path / "weights_x.pth"),
+            "--text_model", str(tiny_text_dir), "--no_cache", "--no_progress", "--output", str(tmp_path / "p.json")]
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: weights file not found") and "hf download sander-wood/clamp2 weights_x.pth" in err[-1]
+    assert not (tmp_path / "p.json").exists()
