@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -84,7 +84,11 @@ class TextEncoder:
         self.tokenizer = tokenizer
 
     def __call__(self, path: Path) -> torch.Tensor:
-        lines = text_lines(read_text_file(path))
+        return self.encode_text(read_text_file(path))
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        """The ids of a text as a ``.txt`` file holding it gives them."""
+        lines = text_lines(text)
         if not lines:
             raise InputError("no non-empty line of text")
         joined = self.tokenizer.sep_token.join(lines)
@@ -104,7 +108,10 @@ class MusicEncoder:
         self.remove_unit_length = remove_unit_length
 
     def __call__(self, path: Path) -> torch.Tensor:
-        text = read_text_file(path)
+        return self.encode_text(read_text_file(path))
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        """The patches of interleaved ABC or MTF text, as a file holding it gives them."""
         if self.remove_unit_length and text and not is_mtf(text):
             text = text.replace("L:1/8\n", "")
         if not text:
@@ -225,16 +232,18 @@ class _EncodeDataset(torch.utils.data.Dataset):
     worker would hold an open file descriptor until consumed (thousands with large chunks).
     """
 
-    def __init__(self, jobs: Sequence[Job], encoders: Dict[str, Callable[[Path], torch.Tensor]]):
-        self.jobs, self.encoders = jobs, encoders
+    def __init__(self, sources: Sequence, encoders: Dict[str, Callable[[Any], torch.Tensor]]):
+        # A source is a Job or a (kind, input) pair, the input being whatever that kind's encoder takes.
+        self.sources = [(s.kind, s.path) if isinstance(s, Job) else tuple(s) for s in sources]
+        self.encoders = encoders
 
     def __len__(self):
-        return len(self.jobs)
+        return len(self.sources)
 
     def __getitem__(self, index):
-        job = self.jobs[index]
+        kind, source = self.sources[index]
         try:
-            return index, self.encoders[job.kind](job.path).numpy(), None
+            return index, self.encoders[kind](source).numpy(), None
         except InputError as exc:
             return index, None, str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
@@ -251,15 +260,59 @@ class ExtractResult:
     failures: List[Tuple[Path, str]] = field(default_factory=list)
 
 
+def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
+                  batch_size: int = 16, files_per_chunk: int = 64,
+                  num_workers: int = 0) -> Iterator[Tuple[int, Optional[np.ndarray], Optional[str]]]:
+    """``(index, feature, None)`` or ``(index, None, reason)`` for every source, a chunk of files at a time.
+
+    ``sources`` are :class:`Job` s or ``(kind, input)`` pairs; ``runners[kind].encode(input)`` gives the
+    ids. Features are ``[1, H]`` (global) or ``[1, L, H]`` (per position) float32, as saved in ``.npy``.
+    """
+    encoders = {kind: runner.encode for kind, runner in runners.items()}
+    dataset = _EncodeDataset(sources, encoders)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=files_per_chunk, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_identity,
+                                         persistent_workers=False, prefetch_factor=2 if num_workers else None)
+    for chunk in loader:
+        encoded: Dict[int, torch.Tensor] = {}
+        for index, ids, error in chunk:
+            if error is not None:
+                yield index, None, error
+            else:
+                encoded[index] = torch.from_numpy(ids)
+        # The model runs outside the generator's suspension points: inference mode must not leak to the caller.
+        yield from _chunk_features(encoded, [kind for kind, _ in dataset.sources], runners, device, per_position,
+                                   batch_size)
+
+
+def _chunk_features(encoded: Dict[int, torch.Tensor], kinds: Sequence[str], runners: Dict[str, KindRunner],
+                    device: torch.device, per_position: bool, batch_size: int) -> List[Tuple[int, np.ndarray, None]]:
+    features = []
+    with torch.inference_mode():
+        for kind, runner in runners.items():
+            members = [i for i in encoded if kinds[i] == kind]
+            if not members:
+                continue
+            windows: List[Window] = []
+            for i in members:
+                ids = encoded[i]
+                for start in window_starts(len(ids), runner.max_length):
+                    windows.append(Window(i, ids[start:start + runner.max_length]))
+            outputs = run_windows([w.ids for w in windows], runner.forward, batch_size, runner.pad_value,
+                                  device, per_position)
+            per_file: Dict[int, List[torch.Tensor]] = {}
+            for window, output in zip(windows, outputs):
+                per_file.setdefault(window.file_index, []).append(output)
+            for i in members:
+                features.append((i, file_feature(per_file[i], len(encoded[i]), runner.max_length, per_position), None))
+    return features
+
+
 def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
                  batch_size: int = 16, files_per_chunk: int = 64, num_workers: int = 0,
                  on_file_done: Optional[Callable[[Job, Optional[str]], None]] = None) -> ExtractResult:
     """Extract and save the feature of every job; a bad file is recorded and skipped, never fatal."""
     result = ExtractResult()
-    encoders = {kind: runner.encode for kind, runner in runners.items()}
-    loader = torch.utils.data.DataLoader(_EncodeDataset(jobs, encoders), batch_size=files_per_chunk, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_identity,
-                                         persistent_workers=False, prefetch_factor=2 if num_workers else None)
 
     def done(job, error):
         if error is not None:
@@ -269,36 +322,15 @@ def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: to
         if on_file_done:
             on_file_done(job, error)
 
-    with torch.inference_mode():
-        for chunk in loader:
-            encoded: Dict[int, torch.Tensor] = {}
-            for index, ids, error in chunk:
-                if error is not None:
-                    done(jobs[index], error)
-                else:
-                    encoded[index] = torch.from_numpy(ids)
-            for kind, runner in runners.items():
-                members = [i for i in encoded if jobs[i].kind == kind]
-                if not members:
-                    continue
-                windows: List[Window] = []
-                for i in members:
-                    ids = encoded[i]
-                    for start in window_starts(len(ids), runner.max_length):
-                        windows.append(Window(i, ids[start:start + runner.max_length]))
-                outputs = run_windows([w.ids for w in windows], runner.forward, batch_size, runner.pad_value,
-                                      device, per_position)
-                per_file: Dict[int, List[torch.Tensor]] = {}
-                for window, output in zip(windows, outputs):
-                    per_file.setdefault(window.file_index, []).append(output)
-                for i in members:
-                    feature = file_feature(per_file[i], len(encoded[i]), runner.max_length, per_position)
-                    try:
-                        save_npy(jobs[i].output, feature)
-                    except OSError as exc:
-                        done(jobs[i], f"cannot write {jobs[i].output}: {exc}")
-                        continue
-                    done(jobs[i], None)
+    for index, feature, error in iter_features(jobs, runners, device, per_position, batch_size=batch_size,
+                                               files_per_chunk=files_per_chunk, num_workers=num_workers):
+        job = jobs[index]
+        if error is None:
+            try:
+                save_npy(job.output, feature)
+            except OSError as exc:
+                error = f"cannot write {job.output}: {exc}"
+        done(job, error)
     return result
 
 

@@ -33,6 +33,31 @@ class M3Dims:
                    config.TOKEN_NUM_LAYERS, config.M3_HIDDEN_SIZE)
 
 
+def count_layers(state, prefix: str) -> int:
+    """Number of numbered sub-modules ``<prefix><i>.`` in a state dict (e.g. BERT's ``encoder.layer.``)."""
+    indices = {int(key[len(prefix):].split(".", 1)[0]) for key in state
+               if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0].isdigit()}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_m3_dims(state, encoder_prefix: str, decoder_prefix: Optional[str] = None) -> M3Dims:
+    """The M3 sizes that a state dict's shapes imply, so that a checkpoint loads without config.py.
+
+    ``encoder_prefix`` is ``"music_model."`` in a CLaMP 2 checkpoint and ``"encoder."`` in an M3 one;
+    the token decoder's depth is read under ``decoder_prefix`` (default 3 when there is none).
+    Raises ``KeyError`` naming the first missing entry.
+    """
+    embedding = state[f"{encoder_prefix}patch_embedding.weight"]
+    hidden_size, one_hot_width = (int(n) for n in embedding.shape)
+    positions = state[f"{encoder_prefix}base.embeddings.position_embeddings.weight"]
+    token_layers = M3Dims.token_num_layers
+    if decoder_prefix is not None:
+        token_layers = count_layers(state, f"{decoder_prefix}base.transformer.h.")
+    return M3Dims(patch_size=one_hot_width // NUM_CLASSES, patch_length=int(positions.shape[0]),
+                  patch_num_layers=count_layers(state, f"{encoder_prefix}base.encoder.layer."),
+                  token_num_layers=token_layers, hidden_size=hidden_size)
+
+
 def m3_encoder_config(dims: M3Dims) -> BertConfig:
     return BertConfig(vocab_size=1, hidden_size=dims.hidden_size, num_hidden_layers=dims.patch_num_layers,
                       num_attention_heads=dims.hidden_size // 64, intermediate_size=dims.hidden_size * 4,

@@ -1,0 +1,574 @@
+"""CLaMP 2 and M3 as objects one can call: raw music and text in, features out.
+
+    from clamp2 import CLaMP2
+    model = CLaMP2.from_pretrained("sander-wood/clamp2")          # or a local .pth file
+    music = model.encode_music(["tune.mid", "score.mxl"])       # [2, 768], converted on the fly
+    text = model.encode_text(["a lively Irish jig"])            # [1, 768]
+    scores = model.similarity(text, music)                      # [1, 2] cosine similarities
+
+Raw files go through the project's own converters exactly as the batch pipeline does
+(:mod:`clamp2.inputs`) and then through the extraction code of ``code/extract_*.py``
+(:func:`clamp2.extract.iter_features`), so a file's feature here equals the feature the scripts
+write for it. The model sizes are read from the checkpoint's tensor shapes: no ``config.py`` is
+needed. Nothing heavy is imported until a model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+ERRORS = ("raise", "skip")
+DEFAULT_MAX_TEXT_LENGTH = 128  # config.py's MAX_TEXT_LENGTH
+
+
+class EncodeError(ValueError):
+    """Some inputs could not be encoded; ``failures`` lists ``(item, reason)`` for each."""
+
+    def __init__(self, failures: Sequence[Tuple[Any, str]]):
+        from .inputs import describe
+
+        self.failures = list(failures)
+        shown = "; ".join(f"{describe(item)}: {reason}" for item, reason in self.failures[:3])
+        more = f" (and {len(self.failures) - 3} more)" if len(self.failures) > 3 else ""
+        super().__init__(f"{len(self.failures)} input(s) could not be encoded: {shown}{more}")
+
+
+@dataclass
+class Encoded:
+    """The features of the inputs that could be encoded, and why the others could not.
+
+    ``features`` is ``[n, D]`` (global) or a list of ``[L, H]`` arrays (per position), row ``k``
+    belonging to ``items[k]``, which was input number ``indices[k]``; ``failures`` holds
+    ``(item, reason)``. ``computed`` inputs ran through the model, ``cached`` came from the cache.
+    """
+
+    items: List[Any]
+    features: Any
+    indices: List[int]
+    failures: List[Tuple[Any, str]] = field(default_factory=list)
+    computed: int = 0
+    cached: int = 0
+    root: Optional[Path] = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def names(self) -> List[str]:
+        """Each item as reports show it: the path relative to ``root`` (POSIX), else the path or content."""
+        return [_name(item, self.root) for item in self.items]
+
+    @property
+    def keys(self) -> List[str]:
+        """SPEC §9 keys: the file name up to its first ``.``."""
+        return [Path(os.fspath(item)).name.split(".")[0] if _is_path(item) else _name(item, None) for item in self.items]
+
+    @property
+    def failed_names(self) -> List[str]:
+        """The failed items as :attr:`names` shows items."""
+        return [_name(item, self.root) for item, _ in self.failures]
+
+    def raise_for_failures(self) -> None:
+        if self.failures:
+            raise EncodeError(self.failures)
+
+
+def _is_path(item: Any) -> bool:
+    from .inputs import is_path_like
+
+    return is_path_like(item)
+
+
+def _name(item: Any, root: Optional[Path]) -> str:
+    from .inputs import describe
+
+    if root is not None and _is_path(item):
+        try:
+            return Path(item).relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return describe(item)
+
+
+def cosine_similarity(a, b) -> np.ndarray:
+    """Cosine similarities ``[n, m]`` of the rows of ``a`` ``[n, D]`` and ``b`` ``[m, D]`` (1-D: one row), in float32."""
+    a = np.atleast_2d(np.asarray(a, dtype=np.float32))
+    b = np.atleast_2d(np.asarray(b, dtype=np.float32))
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), np.float32(1e-12))
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), np.float32(1e-12))
+    return a @ b.T
+
+
+def _as_list(items) -> list:
+    if isinstance(items, (str, bytes, os.PathLike)):
+        return [items]
+    return list(items)
+
+
+def _check_errors(errors: str) -> None:
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
+
+
+def _default_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _package_versions() -> Dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("abctoolkit", "mido", "unidecode"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "?"
+    return versions
+
+
+def _load_state(path: Path):
+    """(checkpoint dict, model state dict) of a weights file, memory-mapped."""
+    from .checkpoint import read_checkpoint, state_dict_of
+
+    checkpoint = read_checkpoint(path, mmap=True)
+    return checkpoint, state_dict_of(checkpoint)
+
+
+def _infer_dims(state, encoder_prefix: str, decoder_prefix: Optional[str], path: Path):
+    from .checkpoint import CheckpointError
+    from .models import infer_m3_dims
+
+    try:
+        return infer_m3_dims(state, encoder_prefix, decoder_prefix)
+    except KeyError as missing:
+        raise CheckpointError(f"{path} is not a {'CLaMP 2' if encoder_prefix == 'music_model.' else 'M3'} checkpoint "
+                              f"(no entry {missing})") from None
+
+
+class _Extractor:
+    """What CLaMP2 and M3 share: raw inputs → cache lookup → conversion + model (extract.py) → cache."""
+
+    model_kind = ""
+
+    def __init__(self, *, weights_path: Path, device, dtype: str, batch_size: int, cache, num_workers: int,
+                 files_per_chunk: int):
+        import torch
+
+        from .cache import FeatureCache
+        from .extract import autocast_context
+
+        self.weights_path = Path(weights_path)
+        self.device = torch.device(device) if device is not None else _default_device()
+        autocast_context(self.device, dtype)  # refuses bf16/fp16 off CUDA, before any work
+        self.dtype = dtype
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.files_per_chunk = int(files_per_chunk)
+        if cache is True:
+            cache = FeatureCache()
+        elif cache is not None and cache is not False and not isinstance(cache, FeatureCache):
+            cache = FeatureCache(cache)
+        self.cache = cache or None
+        self._namespaces: Dict[tuple, Any] = {}
+
+    def _precision(self):
+        from .extract import autocast_context
+
+        return autocast_context(self.device, self.dtype)
+
+    def _forward(self, per_position_fn, global_fn, per_position: bool):
+        def run(ids, masks):
+            with self._precision():
+                return per_position_fn(ids, masks) if per_position else global_fn(ids, masks)
+        return run
+
+    # subclasses: the runners of each input kind, and what besides the weights the features depend on
+    def _runners(self, per_position: bool) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _settings(self, per_position: bool) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _cache_namespace(self, per_position: bool):
+        from .cache import weights_fingerprint
+        from .inputs import CONVERTER_SETTINGS
+
+        identity = (str(self.cache.root), per_position)
+        if identity not in self._namespaces:
+            settings = {"model": self.model_kind, "weights_sha256": weights_fingerprint(self.weights_path, self.cache.root),
+                        "per_position": per_position, "dtype": self.dtype, "converters": CONVERTER_SETTINGS,
+                        "versions": _package_versions(), **self._settings(per_position)}
+            about = {"weights": self.weights_path.name}
+            self._namespaces[identity] = self.cache.namespace(settings, about)
+        return self._namespaces[identity]
+
+    def _resolve(self, items: list, allow_text: bool, abc_format: str):
+        from .extract import InputError
+        from .inputs import resolve
+
+        raws: List[Any] = [None] * len(items)
+        failures: Dict[int, str] = {}
+        for i, item in enumerate(items):
+            try:
+                raws[i] = resolve(item, abc_format=abc_format, allow_text=allow_text)
+            except InputError as exc:
+                failures[i] = str(exc)
+        return raws, failures
+
+    def _encode(self, items: list, raws: list, failures: Dict[int, str], per_position: bool, *, use_cache: bool,
+                progress: bool, desc: str, root: Optional[Path] = None, width: Optional[int] = None) -> Encoded:
+        from .cache import entry_key
+        from .extract import iter_features
+        from .inputs import TEXT
+        from .progress import progress_bar, write_line
+
+        namespace = self._cache_namespace(per_position) if use_cache and self.cache is not None else None
+        features: Dict[int, np.ndarray] = {}
+        keys: Dict[int, str] = {}
+        todo: List[int] = []
+        cached = computed = 0
+        bar = progress_bar(total=len(items), desc=desc, unit="file", enabled=progress)
+        try:
+            for i, raw in enumerate(raws):
+                if raw is None:
+                    bar.update(1)
+                    continue
+                if namespace is not None:
+                    try:
+                        keys[i] = entry_key(raw.kind, raw.digest())
+                    except OSError as exc:
+                        failures[i] = f"cannot read: {exc}"
+                        bar.update(1)
+                        continue
+                    hit = namespace.get(keys[i])
+                    if hit is not None:
+                        features[i] = hit
+                        cached += 1
+                        bar.update(1)
+                        continue
+                todo.append(i)
+            runners = self._runners(per_position)
+            sources = [("text" if raws[i].kind == TEXT else "music", raws[i]) for i in todo]
+            cache_warned = False
+            for j, feature, error in iter_features(sources, runners, self.device, per_position,
+                                                   batch_size=self.batch_size, files_per_chunk=self.files_per_chunk,
+                                                   num_workers=self.num_workers if len(sources) > 1 else 0):
+                i = todo[j]
+                if error is not None:
+                    failures[i] = error
+                else:
+                    features[i] = feature
+                    computed += 1
+                    if namespace is not None:
+                        try:
+                            namespace.put(keys[i], feature)
+                        except OSError as exc:
+                            if not cache_warned:
+                                write_line(f"warning: cannot write to the feature cache {self.cache.root}: {exc}")
+                                cache_warned = True
+                bar.update(1)
+        finally:
+            bar.close()
+        ok = sorted(features)
+        if per_position:
+            stacked: Any = [features[i][0] for i in ok]
+        elif ok:
+            stacked = np.stack([features[i][0] for i in ok])
+        else:
+            stacked = np.zeros((0, width or 0), dtype=np.float32)
+        return Encoded(items=[items[i] for i in ok], features=stacked, indices=ok,
+                       failures=[(items[i], failures[i]) for i in sorted(failures)],
+                       computed=computed, cached=cached, root=root)
+
+    def _encode_items(self, items, per_position: bool, *, allow_text: bool, abc_format: str, progress: bool,
+                      root: Optional[Path] = None, width: Optional[int] = None) -> Encoded:
+        items = _as_list(items)
+        raws, failures = self._resolve(items, allow_text, abc_format)
+        return self._encode(items, raws, failures, per_position, use_cache=True, progress=progress,
+                            desc=self.model_kind, root=root, width=width)
+
+    def _folder_files(self, folder, include_text: bool) -> List[Path]:
+        from .files import find_files
+        from .inputs import MUSIC_INPUT_EXTENSIONS, TEXT_INPUT_EXTENSIONS
+
+        folder = Path(folder)
+        if not folder.exists():
+            raise FileNotFoundError(f"folder not found: {folder}")
+        return find_files(folder, MUSIC_INPUT_EXTENSIONS + (TEXT_INPUT_EXTENSIONS if include_text else ()))
+
+    similarity = staticmethod(cosine_similarity)
+
+
+class CLaMP2(_Extractor):
+    """CLaMP 2: text and music encoders into one space (features of dimension :attr:`dim`)."""
+
+    model_kind = "clamp2"
+
+    def __init__(self, model, tokenizer, *, weights_path: Path, text_model: str,
+                 max_text_length: int = DEFAULT_MAX_TEXT_LENGTH, device=None, dtype: str = "fp32",
+                 batch_size: int = 16, cache=None, num_workers: int = 0, files_per_chunk: int = 64):
+        super().__init__(weights_path=weights_path, device=device, dtype=dtype, batch_size=batch_size, cache=cache,
+                         num_workers=num_workers, files_per_chunk=files_per_chunk)
+        self.model = model.eval().to(self.device)
+        self.tokenizer = tokenizer
+        self.text_model_name = text_model
+        self.max_text_length = int(max_text_length)
+        self._text_fingerprint: Optional[str] = None
+
+    def __repr__(self) -> str:
+        dims = self.model.music_model.dims
+        return (f"CLaMP2({self.weights_path.name}, dim={self.dim}, patch_length={dims.patch_length}, "
+                f"text_model={self.text_model_name!r}, device={self.device}, dtype={self.dtype})")
+
+    @classmethod
+    def from_pretrained(cls, weights: str | os.PathLike = "sander-wood/clamp2", text_model: Optional[str] = None, *,
+                        filename: Optional[str] = None, max_text_length: Optional[int] = None, device=None,
+                        dtype: str = "fp32", batch_size: int = 16, cache=None, num_workers: int = 0,
+                        local_files_only: Optional[bool] = None, revision: Optional[str] = None,
+                        hub_cache_dir: str | os.PathLike | None = None) -> "CLaMP2":
+        """Load a CLaMP 2 checkpoint: a ``.pth`` file, a folder holding ``filename``, or a hub id.
+
+        The model sizes come from the checkpoint's shapes. ``text_model`` (a hub id or a local
+        folder) supplies the tokenizer and the text encoder's configuration; its weights are in the
+        checkpoint. It defaults to the checkpoint's own ``TEXT_MODEL_NAME`` when it stores a
+        config, else ``FacebookAI/xlm-roberta-base``; ``max_text_length`` likewise (else 128).
+        ``cache``: ``None``/``False`` (no feature cache), ``True`` (the user cache folder), a folder
+        or a :class:`~clamp2.cache.FeatureCache`.
+        """
+        from .checkpoint import CheckpointError, load_state
+        from .hub import DEFAULT_TEXT_MODEL, PUBLISHED_CLAMP2_WEIGHTS, resolve_weights
+        from .models import CLaMP2Model
+        from .text_model import load_text_model, load_tokenizer
+
+        path = resolve_weights(weights, filename or PUBLISHED_CLAMP2_WEIGHTS, local_files_only=local_files_only,
+                               revision=revision, cache_dir=hub_cache_dir)
+        checkpoint, state = _load_state(path)
+        if "music_model.patch_embedding.weight" not in state and "encoder.patch_embedding.weight" in state:
+            raise CheckpointError(f"{path} is an M3 checkpoint: load it with M3.from_pretrained")
+        dims = _infer_dims(state, "music_model.", None, path)
+        saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+        text_name = text_model or saved.get("TEXT_MODEL_NAME") or DEFAULT_TEXT_MODEL
+        tokenizer = load_tokenizer(text_name)
+        text_encoder = load_text_model(text_name, pretrained=False)
+        model = CLaMP2Model(text_encoder, dims, hidden_size=int(state["music_proj.weight"].shape[0]))
+        load_state(model, state, source=f"checkpoint {path} (text model configuration from {text_name})")
+        if max_text_length is None:
+            max_text_length = saved.get("MAX_TEXT_LENGTH") or DEFAULT_MAX_TEXT_LENGTH
+            # XLM-R's positions start after the pad id: a small text model may take fewer than 128 tokens.
+            config = text_encoder.config
+            max_text_length = min(int(max_text_length),
+                                  config.max_position_embeddings - (config.pad_token_id or 0) - 1)
+        return cls(model, tokenizer, weights_path=path, text_model=text_name, max_text_length=max_text_length,
+                   device=device, dtype=dtype, batch_size=batch_size, cache=cache, num_workers=num_workers)
+
+    @property
+    def dim(self) -> int:
+        """Size of the joint space (768 for the published model)."""
+        return int(self.model.music_proj.out_features)
+
+    def _runners(self, per_position: bool):
+        from .extract import KindRunner, MusicEncoder, TextEncoder
+        from .inputs import RawMusicEncoder, RawTextEncoder
+        from .patchilizer import PAD_TOKEN_ID, M3Patchilizer
+
+        dims = self.model.music_model.dims
+        model = self.model
+        return {
+            "text": KindRunner(RawTextEncoder(TextEncoder(self.tokenizer)),
+                               self._forward(model.text_states, model.text_global, per_position),
+                               self.max_text_length, self.tokenizer.pad_token_id),
+            "music": KindRunner(RawMusicEncoder(MusicEncoder(M3Patchilizer(dims.patch_size, dims.patch_length))),
+                                self._forward(model.music_states, model.music_global, per_position),
+                                dims.patch_length, PAD_TOKEN_ID),
+        }
+
+    def _settings(self, per_position: bool) -> Dict[str, Any]:
+        dims = self.model.music_model.dims
+        return {"patch_size": dims.patch_size, "patch_length": dims.patch_length,
+                "max_text_length": self.max_text_length, "text": self.text_fingerprint()}
+
+    def text_fingerprint(self) -> str:
+        """sha256 of the tokenizer and of the text encoder's configuration (what text features depend on)."""
+        if self._text_fingerprint is None:
+            from .cache import sha256_of_json
+
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
+            ignored = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
+            config = {k: v for k, v in self.model.text_model.config.to_dict().items()
+                      if not k.startswith("_") and k not in ignored}
+            self._text_fingerprint = sha256_of_json([vocabulary, config])
+        return self._text_fingerprint
+
+    def encode_text(self, texts, normalize: bool = True):
+        """Features of texts: ``[n, dim]`` (``normalize``) or a list of per-token ``[L, text hidden]``.
+
+        A text is encoded as a ``.txt`` file holding it: non-empty lines, de-duplicated, joined
+        with the tokenizer's separator. A text without any non-empty line raises :class:`EncodeError`.
+        """
+        from .inputs import TEXT, RawInput
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"encode_text takes strings, not {type(text).__name__}")
+        raws = [RawInput(TEXT, data=text) for text in texts]
+        encoded = self._encode(texts, raws, {}, not normalize, use_cache=False, progress=False, desc="text",
+                               width=self.dim)
+        encoded.raise_for_failures()
+        return encoded.features
+
+    def encode_music(self, items, normalize: bool = True, *, errors: str = "raise", progress: bool = False,
+                     abc_format: str = "auto"):
+        """Features of music: paths or content of MusicXML, MIDI, standard/interleaved ABC or MTF.
+
+        ``normalize``: one global feature per input, ``[n, dim]``; else a list of per-patch
+        ``[L, M3 hidden]`` arrays. ``errors="raise"`` raises :class:`EncodeError` naming every input
+        that could not be converted (after encoding the others, which are cached);
+        ``errors="skip"`` returns an :class:`Encoded` that lists them with their reasons.
+        """
+        _check_errors(errors)
+        encoded = self._encode_items(items, not normalize, allow_text=False, abc_format=abc_format,
+                                     progress=progress, width=self.dim)
+        if errors == "skip":
+            return encoded
+        encoded.raise_for_failures()
+        return encoded.features
+
+    def encode_files(self, items, normalize: bool = True, *, errors: str = "raise", progress: bool = True,
+                     abc_format: str = "auto", root: str | os.PathLike | None = None) -> Encoded:
+        """Like :meth:`encode_music`, ``.txt`` files (texts) allowed too; always an :class:`Encoded`."""
+        _check_errors(errors)
+        encoded = self._encode_items(items, not normalize, allow_text=True, abc_format=abc_format,
+                                     progress=progress, root=Path(root) if root is not None else None, width=self.dim)
+        if errors == "raise":
+            encoded.raise_for_failures()
+        return encoded
+
+    def encode_folder(self, folder: str | os.PathLike, normalize: bool = True, *, include_text: bool = True,
+                      errors: str = "skip", progress: bool = True, abc_format: str = "auto") -> Encoded:
+        """Every supported file under ``folder`` (recursive, hidden files skipped), through the cache.
+
+        The result's ``names`` are paths relative to ``folder``; failures are listed, not raised,
+        unless ``errors="raise"``.
+        """
+        files = self._folder_files(folder, include_text)
+        return self.encode_files(files, normalize, errors=errors, progress=progress, abc_format=abc_format,
+                                 root=folder)
+
+
+class M3(_Extractor):
+    """The M3 music encoder: per-patch features ``[L, hidden]`` (``L:1/8`` lines removed from ABC first)."""
+
+    model_kind = "m3"
+
+    def __init__(self, encoder, *, weights_path: Path, device=None, dtype: str = "fp32", batch_size: int = 16,
+                 cache=None, num_workers: int = 0, files_per_chunk: int = 64):
+        super().__init__(weights_path=weights_path, device=device, dtype=dtype, batch_size=batch_size, cache=cache,
+                         num_workers=num_workers, files_per_chunk=files_per_chunk)
+        self.encoder = encoder.eval().to(self.device)
+
+    def __repr__(self) -> str:
+        dims = self.encoder.dims
+        return (f"M3({self.weights_path.name}, hidden={dims.hidden_size}, patch_length={dims.patch_length}, "
+                f"device={self.device}, dtype={self.dtype})")
+
+    @classmethod
+    def from_pretrained(cls, weights: str | os.PathLike = "sander-wood/clamp2", *, filename: Optional[str] = None,
+                        device=None, dtype: str = "fp32", batch_size: int = 16, cache=None, num_workers: int = 0,
+                        local_files_only: Optional[bool] = None, revision: Optional[str] = None,
+                        hub_cache_dir: str | os.PathLike | None = None) -> "M3":
+        """Load the M3 encoder from an M3 checkpoint (a ``.pth`` file, a folder or a hub id); sizes from its shapes."""
+        from .checkpoint import CheckpointError, load_state, sub_state_dict
+        from .hub import PUBLISHED_M3_WEIGHTS, resolve_weights
+        from .models import M3PatchEncoder
+
+        path = resolve_weights(weights, filename or PUBLISHED_M3_WEIGHTS, local_files_only=local_files_only,
+                               revision=revision, cache_dir=hub_cache_dir)
+        _, state = _load_state(path)
+        if "encoder.patch_embedding.weight" not in state and "music_model.patch_embedding.weight" in state:
+            raise CheckpointError(f"{path} is a CLaMP 2 checkpoint: load it with CLaMP2.from_pretrained")
+        dims = _infer_dims(state, "encoder.", "decoder.", path)
+        encoder = M3PatchEncoder(dims)
+        load_state(encoder, sub_state_dict(state, "encoder."), source=f"checkpoint {path} (entries 'encoder.*')")
+        return cls(encoder, weights_path=path, device=device, dtype=dtype, batch_size=batch_size, cache=cache,
+                   num_workers=num_workers)
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.dims.hidden_size)
+
+    def _runners(self, per_position: bool):
+        from .extract import KindRunner, MusicEncoder
+        from .inputs import RawMusicEncoder
+        from .patchilizer import PAD_TOKEN_ID, M3Patchilizer
+
+        dims = self.encoder.dims
+        encode = RawMusicEncoder(MusicEncoder(M3Patchilizer(dims.patch_size, dims.patch_length), remove_unit_length=True))
+        return {"music": KindRunner(encode, self._forward(self.encoder, self.encoder, True), dims.patch_length,
+                                    PAD_TOKEN_ID)}
+
+    def _settings(self, per_position: bool) -> Dict[str, Any]:
+        dims = self.encoder.dims
+        return {"patch_size": dims.patch_size, "patch_length": dims.patch_length, "remove_unit_length": True}
+
+    def encode(self, items, *, errors: str = "raise", progress: bool = False, abc_format: str = "auto"):
+        """Per-patch features of music (paths or content, any supported format): a list of ``[L, hidden]``.
+
+        ``errors`` as in :meth:`CLaMP2.encode_music`.
+        """
+        _check_errors(errors)
+        encoded = self._encode_items(items, True, allow_text=False, abc_format=abc_format, progress=progress)
+        if errors == "skip":
+            return encoded
+        encoded.raise_for_failures()
+        return encoded.features
+
+    def encode_folder(self, folder: str | os.PathLike, *, errors: str = "skip", progress: bool = True,
+                      abc_format: str = "auto") -> Encoded:
+        _check_errors(errors)
+        files = self._folder_files(folder, include_text=False)
+        encoded = self._encode_items(files, True, allow_text=False, abc_format=abc_format, progress=progress,
+                                     root=Path(folder))
+        if errors == "raise":
+            encoded.raise_for_failures()
+        return encoded
+
+
+# -- command-line options shared by the scripts that load CLaMP 2 ------------------------------------
+
+def add_model_arguments(parser) -> None:
+    """``--weights``, ``--text_model``, ``--batch_size``, ``--dtype``, ``--device``, ``--num_workers``,
+    ``--cache``/``--no_cache``, ``--no_progress``: the options of ``code/extract_clamp2.py`` plus the cache."""
+    from .cache import add_cache_arguments
+
+    parser.add_argument("--weights", default=None,
+                        help="CLaMP 2 checkpoint file, folder or hub id such as sander-wood/clamp2 "
+                             "(default: config.py's CLAMP2_WEIGHTS_PATH)")
+    parser.add_argument("--text_model", default=None,
+                        help="text model hub id or local folder for the tokenizer/architecture (default: config TEXT_MODEL_NAME)")
+    parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass (default 16)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="compute precision; bf16/fp16 need CUDA (default fp32, exact)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--num_workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
+                        help="processes that convert and tokenize files ahead of the model (0: in the main process)")
+    add_cache_arguments(parser)
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def clamp2_from_args(args, cfg) -> CLaMP2:
+    """The model the options ask for; defaults from ``code/config.py`` (``cfg``). Raises OSError/RuntimeError/ValueError."""
+    from .cache import cache_from_args
+
+    return CLaMP2.from_pretrained(args.weights or cfg.CLAMP2_WEIGHTS_PATH, text_model=args.text_model or cfg.TEXT_MODEL_NAME,
+                                  max_text_length=cfg.MAX_TEXT_LENGTH, device=args.device, dtype=args.dtype,
+                                  batch_size=args.batch_size, cache=cache_from_args(args), num_workers=args.num_workers)

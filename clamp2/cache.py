@@ -1,0 +1,225 @@
+"""Content-hash feature cache: a file is encoded once per model and settings, and again only when it changes.
+
+An entry's key is the sha256 of the input's bytes (and its kind: the same bytes as ``.abc`` and as
+``.txt`` are different inputs); entries live in a *namespace* per model and settings, whose name is
+the sha256 of: the weights file's sha256, the model kind, global vs per-position features, the
+compute precision, the window lengths, the text model's tokenizer and configuration, the converter
+settings and versions, and :data:`FEATURE_FORMAT` (bump it when features change meaning). Editing a
+file changes its key, so it is re-encoded; nothing ever has to be invalidated by hand (CLaMP 3's
+cache, keyed by file name, silently serves stale features).
+
+Layout under the cache folder (default: the user cache folder, ``~/.cache/clamp2`` on Linux)::
+
+    features/<namespace>/settings.json           what the namespace holds (for ``info``)
+    features/<namespace>/<key[:2]>/<key>.npy     one feature, as extraction saves it
+    weights/<path, size and mtime hash>.sha256   memoized weights hashes (a 3 GB file is hashed once)
+
+Every write is a temporary file and a rename, so several processes can fill one cache at once;
+an unreadable entry is treated as missing and rewritten.
+
+    clamp2-cache info [--cache DIR]      python -m clamp2.cache info
+    clamp2-cache clear [--cache DIR]     python -m clamp2.cache clear
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from .files import atomic_path, atomic_write_text
+
+FEATURE_FORMAT = 1
+APP_NAME = "clamp2"
+
+_weights_hashes: Dict[tuple, str] = {}
+
+
+def default_cache_dir() -> Path:
+    """The user cache folder (platformdirs: ``$XDG_CACHE_HOME/clamp2``, ``~/Library/Caches/clamp2``...)."""
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir(APP_NAME, appauthor=False))
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def sha256_of_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def weights_fingerprint(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """sha256 of a weights file, memoized by (real path, size, mtime) in memory and under ``cache_dir``."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    identity = (real, stat.st_size, stat.st_mtime_ns)
+    if identity in _weights_hashes:
+        return _weights_hashes[identity]
+    memo = None
+    if cache_dir is not None:
+        memo = Path(cache_dir) / "weights" / (sha256_of_json(list(identity)) + ".sha256")
+        try:
+            digest = memo.read_text(encoding="ascii").strip()
+            if len(digest) == 64:
+                _weights_hashes[identity] = digest
+                return digest
+        except OSError:
+            pass
+    digest = sha256_of_file(real)
+    _weights_hashes[identity] = digest
+    if memo is not None:
+        try:
+            atomic_write_text(memo, digest + "\n")
+        except OSError:
+            pass  # a read-only cache only costs the hashing again
+    return digest
+
+
+class FeatureCache:
+    """A cache folder; :meth:`namespace` gives the entries of one model and settings."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.root)!r})"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    def namespace(self, settings: Mapping[str, Any], about: Optional[Mapping[str, Any]] = None) -> "CacheNamespace":
+        """The entries for ``settings`` (hashed into the name); ``about`` is only shown by ``info``."""
+        settings = {"feature_format": FEATURE_FORMAT, **settings}
+        return CacheNamespace(self.features_dir / sha256_of_json(settings)[:24], settings, dict(about or {}))
+
+    def info(self) -> List[dict]:
+        """One dict per namespace: its folder, settings, about, entry count and size in bytes."""
+        found = []
+        if not self.features_dir.is_dir():
+            return found
+        for folder in sorted(p for p in self.features_dir.iterdir() if p.is_dir()):
+            try:
+                described = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                described = {}
+            files = [p for p in folder.glob("*/*.npy")]
+            found.append({"folder": folder, "settings": described.get("settings", {}),
+                          "about": described.get("about", {}), "entries": len(files),
+                          "bytes": sum(_size(p) for p in files)})
+        return found
+
+    def clear(self) -> int:
+        """Remove every entry and memo; returns the number of features removed."""
+        removed = sum(entry["entries"] for entry in self.info())
+        for name in ("features", "weights"):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        return removed
+
+
+class CacheNamespace:
+    def __init__(self, folder: Path, settings: Dict[str, Any], about: Dict[str, Any]):
+        self.folder, self.settings, self.about = folder, settings, about
+        self._described = False
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def get(self, key: str):
+        """The cached feature, or None (absent, or unreadable: it will be rewritten)."""
+        import numpy as np
+
+        try:
+            return np.load(self.path(key), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+
+    def put(self, key: str, feature) -> None:
+        import numpy as np
+
+        if not self._described:
+            self._describe()
+        with atomic_path(self.path(key)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, feature)
+
+    def _describe(self) -> None:
+        target = self.folder / "settings.json"
+        if not target.exists():
+            atomic_write_text(target, json.dumps({"settings": self.settings, "about": self.about}, indent=1,
+                                                 sort_keys=True, default=str) + "\n")
+        self._described = True
+
+
+def entry_key(kind: str, digest: str) -> str:
+    return hashlib.sha256(f"{kind}\0{digest}".encode("ascii")).hexdigest()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+# -- options shared by the scripts -------------------------------------------------------------------
+
+def add_cache_arguments(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                       help=f"feature cache folder (default: {default_cache_dir()})")
+    group.add_argument("--no_cache", action="store_true", help="encode every file, read and write no cache")
+
+
+def cache_from_args(args) -> Optional[FeatureCache]:
+    return None if args.no_cache else FeatureCache(args.cache)
+
+
+# -- clamp2-cache ------------------------------------------------------------------------------------
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def parse_args(argv=None):
+    from .cli import ArgumentParser
+
+    parser = ArgumentParser(prog="clamp2-cache", description="Show or empty the CLaMP 2 feature cache.\n\n"
+                            "    clamp2-cache info [--cache DIR]\n    clamp2-cache clear [--cache DIR]")
+    parser.add_argument("command", choices=("info", "clear"))
+    parser.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                        help=f"cache folder (default: {default_cache_dir()})")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cache = FeatureCache(args.cache)
+    if args.command == "clear":
+        removed = cache.clear()
+        print(f"removed {removed} cached features from {cache.root}")
+        return 0
+    namespaces = cache.info()
+    total = sum(n["entries"] for n in namespaces)
+    size = sum(n["bytes"] for n in namespaces)
+    print(f"{cache.root}: {total} features, {_megabytes(size)}, {len(namespaces)} model/settings groups")
+    for n in namespaces:
+        settings, about = n["settings"], n["about"]
+        shape = "global" if settings.get("per_position") is False else "per-position"
+        print(f"  {n['folder'].name}  {settings.get('model', '?')} {about.get('weights', '?')}  {shape} "
+              f"{settings.get('dtype', '?')}  {n['entries']} features, {_megabytes(n['bytes'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

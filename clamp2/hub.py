@@ -1,0 +1,94 @@
+"""Where weights come from: a local file, a local folder, or a Hugging Face hub id.
+
+A hub id (``sander-wood/clamp2``) is resolved through ``huggingface_hub``'s own cache
+(``~/.cache/huggingface/hub``, or ``HF_HUB_CACHE`` / ``HF_HOME``), so a file downloaded once with
+``hf download`` is found again without network. Offline (``HF_HUB_OFFLINE=1``) only that cache is
+looked at. A file that cannot be found is one line naming it and the command that fetches it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint import HUB_REPO
+
+# The published files (SPEC: "Published artefacts"); config.py's default names give the same.
+PUBLISHED_CLAMP2_WEIGHTS = ("weights_clamp2_h_size_768_lr_5e-05_batch_128_scale_1_t_length_128_t_model_"
+                            "FacebookAI_xlm-roberta-base_t_dropout_True_m3_True.pth")
+PUBLISHED_M3_WEIGHTS = ("weights_m3_p_size_64_p_length_512_t_layers_3_p_layers_12_h_size_768_lr_0.0001"
+                        "_batch_16_mask_0.45.pth")
+DEFAULT_TEXT_MODEL = "FacebookAI/xlm-roberta-base"
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class WeightsNotFound(FileNotFoundError):
+    """A weights file that is neither on disk nor in the hub cache (and cannot be downloaded)."""
+
+
+def is_hub_id(text: str) -> bool:
+    """``org/name`` that is not a checkpoint file name (``runs/weights.pth`` is a path)."""
+    return bool(_HUB_ID.fullmatch(text)) and not text.lower().endswith((".pth", ".pt", ".bin", ".safetensors"))
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def download_command(repo_id: str, filename: str) -> str:
+    return f"hf download {repo_id} {filename}"
+
+
+def resolve_weights(weights: str | os.PathLike, filename: str, *, local_files_only: Optional[bool] = None,
+                    revision: Optional[str] = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local path of ``weights``: a file, ``<folder>/<filename>``, or ``filename`` of hub repo ``weights``.
+
+    ``local_files_only`` defaults to on when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set;
+    ``cache_dir`` is the hub cache (default: huggingface_hub's). Raises :class:`WeightsNotFound`.
+    """
+    path = Path(weights)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / filename).is_file():
+            return path / filename
+        raise WeightsNotFound(f"no {filename} in folder {path}; download it with "
+                              f"`{download_command(HUB_REPO, filename)} --local-dir {path}` or pass the file itself")
+    text = os.fspath(weights)
+    if not is_hub_id(text):
+        raise WeightsNotFound(f"weights file not found: {text}; download it with "
+                              f"`{download_command(HUB_REPO, path.name)} --local-dir .` or pass a hub id "
+                              f"such as {HUB_REPO}")
+    return _hub_file(text, filename, local_files_only=hub_offline() if local_files_only is None else local_files_only,
+                     revision=revision, cache_dir=cache_dir)
+
+
+def _hub_file(repo_id: str, filename: str, *, local_files_only: bool, revision: Optional[str],
+              cache_dir: str | os.PathLike | None) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    command = download_command(repo_id, filename)
+    where = cache_dir or constants.HF_HUB_CACHE
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
+    except LocalEntryNotFoundError:
+        why = "downloads are off (offline)" if local_files_only else "the hub cannot be reached"
+        raise WeightsNotFound(f"{filename} of {repo_id} is not in the Hugging Face cache ({where}) and {why}; "
+                              f"download it where there is network with `{command}`") from None
+    except RepositoryNotFoundError:
+        raise WeightsNotFound(f"{repo_id} is neither a local file nor a Hugging Face repository") from None
+    except RevisionNotFoundError:
+        raise WeightsNotFound(f"{repo_id} has no revision {revision!r}") from None
+    except EntryNotFoundError:
+        raise WeightsNotFound(f"the Hugging Face repository {repo_id} has no file {filename}; "
+                              "pass the file name that it holds") from None
+    except (HfHubHTTPError, OSError) as exc:
+        detail = " ".join(str(exc).split())
+        raise WeightsNotFound(f"cannot fetch {filename} of {repo_id} ({detail}); download it with `{command}`") from None

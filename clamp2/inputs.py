@@ -1,0 +1,211 @@
+"""Raw inputs → the text the models read, exactly as the batch pipeline would leave it on disk.
+
+The batch pipeline is ``process_data/batch_xml2abc.py`` → ``batch_interleaved_abc.py`` for
+MusicXML, ``batch_interleaved_abc.py`` for standard ABC, ``batch_midi2mtf.py`` (M3-compatible) for
+MIDI, then ``code/extract_*.py``. Every step writes its result as UTF-8 bytes and the next one
+reads it back with universal newlines, so the same round trip is applied here between steps: a
+file's feature from :mod:`clamp2.api` equals the feature of the scripts' files.
+
+An input is a path (``.xml/.mxl/.musicxml``, ``.mid/.midi``, ``.abc``, ``.mtf``, ``.txt``), a string
+of content (it holds a newline), or bytes (a MIDI file, a compressed ``.mxl``, or UTF-8 text).
+What a content string is, is read from its start: ``ticks_per_beat`` → MTF, ``<`` → MusicXML,
+anything else → ABC. ABC is interleaved when every music line starts with an inline voice
+``[V:``, standard otherwise (``abc_format`` forces either).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .extract import InputError, read_text_file
+
+MUSICXML = "musicxml"
+MIDI = "midi"
+ABC = "abc"  # standard ABC: interleaved first
+INTERLEAVED = "interleaved"
+ABC_AUTO = "abc_auto"  # ABC whose kind is read from its lines
+MTF = "mtf"
+TEXT = "text"
+
+ABC_FORMATS = ("auto", "standard", "interleaved")
+_ABC_KIND = {"auto": ABC_AUTO, "standard": ABC, "interleaved": INTERLEAVED}
+KIND_OF_EXTENSION = {".xml": MUSICXML, ".mxl": MUSICXML, ".musicxml": MUSICXML, ".mid": MIDI, ".midi": MIDI,
+                     ".abc": ABC_AUTO, ".mtf": MTF, ".txt": TEXT}
+MUSIC_INPUT_EXTENSIONS = tuple(ext for ext, kind in KIND_OF_EXTENSION.items() if kind != TEXT)
+TEXT_INPUT_EXTENSIONS = (".txt",)
+
+# Converter settings the features depend on (part of the feature cache's key).
+CONVERTER_SETTINGS = {"xml2abc": "-d 8 -x", "midi2mtf": "m3_compatible", "read": "utf-8, universal newlines"}
+
+_FIELD_LINE = re.compile(r"^[A-Za-z]:")
+_MIDI_MAGIC, _ZIP_MAGIC = b"MThd", b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """One input: its kind and either a file or its content (``bytes`` or ``str``)."""
+
+    kind: str
+    path: Optional[Path] = None
+    data: Union[bytes, str, None] = None
+
+    def content(self) -> bytes:
+        if self.path is not None:
+            return self.path.read_bytes()
+        return self.data if isinstance(self.data, bytes) else self.data.encode("utf-8")
+
+    def digest(self) -> str:
+        """sha256 of the input's bytes (the file's, or the content's UTF-8)."""
+        sha = hashlib.sha256()
+        if self.path is not None:
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+        else:
+            sha.update(self.content())
+        return sha.hexdigest()
+
+
+def describe(item: Any, limit: int = 40) -> str:
+    """How reports name an item: its path, or the start of its content."""
+    if isinstance(item, (str, bytes)) and not is_path_like(item):
+        text = item if isinstance(item, str) else repr(item[:limit])
+        head = " ".join(text.split())
+        return f"<content {head[:limit]!r}{'...' if len(head) > limit else ''}>"
+    return os.fspath(item)
+
+
+def is_path_like(item: Any) -> bool:
+    """Paths and one-line strings are file names; strings with a newline and bytes are content."""
+    return isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and "\r" not in item)
+
+
+def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False) -> RawInput:
+    """What ``item`` is (raises :class:`InputError` for a missing file or an unsupported kind)."""
+    if abc_format not in ABC_FORMATS:
+        raise ValueError(f"abc_format must be one of {', '.join(ABC_FORMATS)}, not {abc_format!r}")
+    if is_path_like(item):
+        path = Path(item).expanduser()
+        if path.is_dir():
+            raise InputError(f"a folder, not a file: {path} (encode folders with encode_folder)")
+        if not path.is_file():
+            raise InputError(f"file not found: {path}")
+        kind = KIND_OF_EXTENSION.get(path.suffix.lower())
+        if kind is None:
+            raise InputError(f"unsupported extension {path.suffix!r} (music: {', '.join(MUSIC_INPUT_EXTENSIONS)}"
+                             f"{'; text: .txt' if allow_text else ''})")
+        if kind == TEXT and not allow_text:
+            raise InputError("a text file: encode texts with encode_text, or mixed folders with encode_files")
+        return RawInput(_ABC_KIND[abc_format] if kind == ABC_AUTO else kind, path=path)
+    if isinstance(item, bytes):
+        if item.startswith(_MIDI_MAGIC):
+            return RawInput(MIDI, data=item)
+        if item.startswith(_ZIP_MAGIC):
+            return RawInput(MUSICXML, data=item)
+        try:
+            item = item.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"bytes that are neither MIDI, .mxl nor UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if isinstance(item, str):
+        head = item.lstrip("\ufeff \t\r\n")
+        if head.startswith("ticks_per_beat"):
+            return RawInput(MTF, data=item)
+        if head.startswith("<"):
+            return RawInput(MUSICXML, data=item)
+        return RawInput(_ABC_KIND[abc_format], data=item)
+    raise InputError(f"cannot encode a {type(item).__name__}: pass paths, or str/bytes content")
+
+
+# -- conversion ----------------------------------------------------------------------------------
+
+def written_then_read(text: str) -> str:
+    """``text`` after the batch tools' write (UTF-8, no newline translation) and the next step's read."""
+    return io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="utf-8").read()
+
+
+def is_interleaved(abc_text: str) -> bool:
+    music = [line for line in abc_text.splitlines()
+             if line.strip() and not _FIELD_LINE.match(line) and not line.startswith("%")]
+    return bool(music) and all(line.startswith("[V:") for line in music)
+
+
+def model_text(raw: RawInput) -> str:
+    """The interleaved ABC, MTF or text that extraction reads for ``raw``."""
+    if raw.kind == MUSICXML:
+        from .convert.abc import xml_to_abc
+
+        zipped = isinstance(raw.data, bytes) and raw.data.startswith(_ZIP_MAGIC)
+        with _as_file(raw, ".mxl" if zipped else ".xml") as path:
+            return interleave(written_then_read(xml_to_abc(path)))
+    if raw.kind == MIDI:
+        from .convert.mtf import midi_to_mtf
+
+        with _as_file(raw, ".mid") as path:
+            return written_then_read(midi_to_mtf(path, m3_compatible=True))
+    text = read_text_file(raw.path) if raw.path is not None else written_then_read(_as_text(raw))
+    if raw.kind == ABC or (raw.kind == ABC_AUTO and not is_interleaved(text)):
+        return interleave(text)
+    return text
+
+
+def interleave(abc_text: str) -> str:
+    from .convert.abc import AbcWarning, abc_to_interleaved
+
+    # Unequal bar durations are only warnings in the batch pipeline too (the file is converted).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AbcWarning)
+        return written_then_read(abc_to_interleaved(abc_text))
+
+
+def _as_text(raw: RawInput) -> str:
+    return raw.data if isinstance(raw.data, str) else raw.data.decode("utf-8")
+
+
+class _as_file:
+    """The input's path, or a temporary file holding its content (converters read files)."""
+
+    def __init__(self, raw: RawInput, suffix: str):
+        self.raw, self.suffix, self.tmp = raw, suffix, None
+
+    def __enter__(self) -> Path:
+        if self.raw.path is not None:
+            return self.raw.path
+        self.tmp = tempfile.TemporaryDirectory(prefix="clamp2_input_")
+        path = Path(self.tmp.name) / ("input" + self.suffix)
+        path.write_bytes(self.raw.content())
+        return path
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+class RawMusicEncoder:
+    """Raw input → patches, through :func:`model_text` and extraction's own :class:`~clamp2.extract.MusicEncoder`.
+
+    Picklable (it holds the patchilizer only), so DataLoader workers can convert files.
+    """
+
+    def __init__(self, music_encoder):
+        self.music_encoder = music_encoder
+
+    def __call__(self, raw: RawInput):
+        return self.music_encoder.encode_text(model_text(raw))
+
+
+class RawTextEncoder:
+    """A text (``.txt`` file or string) → token ids, through extraction's :class:`~clamp2.extract.TextEncoder`."""
+
+    def __init__(self, text_encoder):
+        self.text_encoder = text_encoder
+
+    def __call__(self, raw: RawInput):
+        return self.text_encoder.encode_text(model_text(raw))

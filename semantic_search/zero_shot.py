@@ -1,0 +1,96 @@
+"""Zero-shot classification of a folder of music by text prompts, straight from raw files.
+
+    python semantic_search/zero_shot.py FOLDER --labels jig,reel,waltz [--prompt "a {} tune"]
+    python semantic_search/zero_shot.py FOLDER --labels_file labels.txt --output predictions.json \\
+        --confusion_png confusion.png --weights weights_clamp2_....pth --text_model xlm-roberta-base
+
+Every music file under FOLDER (MusicXML, MIDI, standard or interleaved ABC, MTF) is converted as the
+batch pipeline converts it and encoded through the feature cache (``--cache DIR``, ``--no_cache``);
+each gets the label whose prompt (the template with ``{}`` replaced by the label) has the most
+similar CLaMP 2 text feature (cosine). ``{relative path: label}`` is written as JSON to
+``--output``. When file names start with a label and ``_`` (``reel_0042.mid``) the accuracy,
+macro-F1 and confusion matrix over those files are printed (``--confusion_png`` saves the matrix).
+``--weights`` and ``--text_model`` are those of ``code/extract_clamp2.py`` (defaults from
+``code/config.py``; ``--weights`` also takes a hub id such as sander-wood/clamp2). Files that cannot
+be converted are listed with their reasons. Exit status: 0 all files classified, 1 some failed,
+2 usage or model error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from clamp2.api import add_model_arguments, clamp2_from_args
+from clamp2.cli import ArgumentParser, fail_usage, load_script_config
+from clamp2.files import atomic_write_text
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("folder", type=Path, help="folder searched recursively for music files")
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="comma-separated labels, e.g. jig,reel,waltz")
+    labels.add_argument("--labels_file", type=Path, help="a text file with one label per line")
+    parser.add_argument("--prompt", default="{}", help='prompt template, {} is replaced by the label (default "{}")')
+    parser.add_argument("--output", type=Path, default=Path("zero_shot.json"),
+                        help="JSON file of {relative path: label} (default zero_shot.json)")
+    parser.add_argument("--confusion_png", type=Path, default=None,
+                        help="save the confusion matrix as a PNG (when file names carry labels)")
+    add_model_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from clamp2 import zero_shot
+
+    args = parse_args(argv)
+    try:
+        labels = zero_shot.parse_labels(args.labels) if args.labels else zero_shot.read_labels_file(args.labels_file)
+        prompts = zero_shot.prompts(labels, args.prompt)
+    except (OSError, ValueError) as exc:
+        fail_usage(str(exc))
+    if not args.folder.is_dir():
+        fail_usage(f"folder not found: {args.folder}")
+    cfg = load_script_config(__file__)
+    try:
+        model = clamp2_from_args(args, cfg)
+        label_features = model.encode_text(prompts)
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    encoded = model.encode_folder(args.folder, include_text=False, progress=not args.no_progress)
+    for name, (_, reason) in zip(encoded.failed_names, encoded.failures):
+        print(f"failed: {name}: {' '.join(reason.split())}", file=sys.stderr)
+    if not len(encoded) and not encoded.failures:
+        fail_usage(f"no music files (.xml/.mxl/.musicxml/.mid/.midi/.abc/.mtf) under {args.folder}")
+
+    predictions = {}
+    if len(encoded):
+        best, _ = zero_shot.predict(encoded.features, label_features)
+        predictions = {name: labels[i] for name, i in zip(encoded.names, best)}
+    atomic_write_text(args.output, json.dumps(predictions, indent=1, ensure_ascii=False) + "\n")
+
+    counts = Counter(predictions.values())
+    print(f"zero_shot: {len(predictions)} files classified ({encoded.computed} encoded, {encoded.cached} from cache), "
+          f"{len(encoded.failures)} failed; predicted " + ", ".join(f"{label} {counts[label]}" for label in labels)
+          + f" -> {args.output}")
+    named = [(name, zero_shot.label_in_name(name, labels)) for name in predictions]
+    truth = [(name, label) for name, label in named if label is not None]
+    if truth:
+        scores = zero_shot.evaluate([label for _, label in truth], [predictions[name] for name, _ in truth], labels)
+        print(f"accuracy {scores.accuracy:.4f}, macro-F1 {scores.macro_f1:.4f} over the {scores.count} of "
+              f"{len(predictions)} files whose names start with a label")
+        print(zero_shot.format_confusion(scores))
+        if args.confusion_png:
+            zero_shot.save_confusion_png(scores, args.confusion_png, title=args.folder.name or "zero-shot")
+            print(f"confusion matrix saved to {args.confusion_png}")
+    elif args.confusion_png:
+        print("no file name starts with a label: no confusion matrix", file=sys.stderr)
+    return 1 if encoded.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

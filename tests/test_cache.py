@@ -1,0 +1,173 @@
+"""clamp2.cache: a changed file is re-encoded, an unchanged one never; keys follow weights and settings."""
+
+import multiprocessing
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import VECTORS
+
+
+@pytest.fixture
+def music(tmp_path):
+    folder = tmp_path / "music"
+    folder.mkdir()
+    for source in ("extract_in/abc/bwv10.7.abc", "extract_in/mtf/handmade.mtf", "inputs/midi/handmade.mid",
+                   "inputs/abc/airds_tune3.abc"):
+        shutil.copy(VECTORS / source, folder / (source.split("/")[1] + "_" + source.rsplit("/", 1)[1]))
+    return folder
+
+
+def tiny_model(cache, weights=VECTORS / "tiny_clamp2.pth", max_text_length=16):
+    from clamp2 import CLaMP2
+
+    return CLaMP2.from_pretrained(weights, text_model=str(VECTORS / "tiny_text_model"),
+                                  max_text_length=max_text_length, cache=cache)
+
+
+class CountingForward:
+    """Counts the music windows that reach the model (the rows of every music encoder call)."""
+
+    def __init__(self, model):
+        self.windows = 0
+        original = model.model.music_states  # music_global goes through it too
+
+        def counted(ids, masks):
+            self.windows += len(ids)
+            return original(ids, masks)
+        model.model.music_states = counted
+
+
+def windows_of(model, path):
+    from clamp2.extract import window_starts
+    from clamp2.inputs import resolve
+
+    ids = model._runners(False)["music"].encode(resolve(path))
+    return len(window_starts(len(ids), model.model.music_model.dims.patch_length))
+
+
+def test_only_the_changed_file_is_encoded_again(music, tmp_path):
+    model = tiny_model(tmp_path / "cache")
+    counter = CountingForward(model)
+    first = model.encode_folder(music, progress=False)
+    assert (first.computed, first.cached, len(first.failures)) == (4, 0, 0)
+    assert counter.windows == sum(windows_of(model, p) for p in first.items) > 4
+
+    counter.windows = 0
+    again = model.encode_folder(music, progress=False)
+    assert (again.computed, again.cached, counter.windows) == (0, 4, 0)
+    np.testing.assert_array_equal(again.features, first.features)
+
+    changed = music / "midi_handmade.mid"
+    changed.write_bytes((VECTORS / "inputs/midi/bwv10.7.mid").read_bytes())  # same name, new content
+    third = model.encode_folder(music, progress=False)
+    assert (third.computed, third.cached) == (1, 3)
+    assert counter.windows == windows_of(model, changed)
+    row = third.names.index("midi_handmade.mid")
+    np.testing.assert_allclose(third.features[row],
+                               np.load(VECTORS / "expected/feat_clamp2_global/mtf/bwv10.7.npy")[0], atol=1e-5)
+    others = [i for i in range(4) if i != row]
+    np.testing.assert_array_equal(third.features[others], first.features[others])
+    # Renaming or copying a file is not a change of content: still cached.
+    shutil.copy(changed, music / "copy.mid")
+    fourth = model.encode_folder(music, progress=False)
+    assert (fourth.computed, fourth.cached) == (0, 5)
+
+
+def test_settings_and_weights_have_their_own_entries(music, tmp_path):
+    import torch
+
+    from clamp2.cache import FeatureCache
+
+    cache = FeatureCache(tmp_path / "cache")
+    model = tiny_model(cache)
+    assert model.encode_folder(music, progress=False).computed == 4
+    per_position = model.encode_folder(music, normalize=False, progress=False)
+    assert per_position.computed == 4 and per_position.features[0].ndim == 2
+    assert model.encode_folder(music, normalize=False, progress=False).cached == 4
+    # The same weights under another name are the same weights; changed weights are not.
+    renamed = tmp_path / "renamed.pth"
+    shutil.copy(VECTORS / "tiny_clamp2.pth", renamed)
+    assert tiny_model(cache, weights=renamed).encode_folder(music, progress=False).cached == 4
+    checkpoint = torch.load(renamed, weights_only=True)
+    checkpoint["model"]["music_proj.bias"] += 1.0
+    torch.save(checkpoint, renamed)
+    assert tiny_model(cache, weights=renamed).encode_folder(music, progress=False).computed == 4
+    # A different text window changes text features: another namespace, even for the music.
+    assert tiny_model(cache, max_text_length=8).encode_folder(music, progress=False).computed == 4
+    groups = cache.info()
+    assert len(groups) == 4 and sum(g["entries"] for g in groups) == 16
+
+
+def test_an_unreadable_entry_is_encoded_again(music, tmp_path):
+    model = tiny_model(tmp_path / "cache")
+    first = model.encode_folder(music, progress=False)
+    entries = sorted((tmp_path / "cache" / "features").rglob("*.npy"))
+    assert len(entries) == 4 and not list((tmp_path / "cache").rglob("*.partial"))
+    entries[0].write_bytes(b"\x93NUMPY truncated")
+    again = model.encode_folder(music, progress=False)
+    assert (again.computed, again.cached) == (1, 3)
+    np.testing.assert_allclose(again.features, first.features, atol=1e-6)
+
+
+def test_the_text_api_does_not_fill_the_cache(tmp_path):
+    model = tiny_model(tmp_path / "cache")
+    model.encode_text(["a folk tune"])
+    assert not (tmp_path / "cache" / "features").exists()
+
+
+def test_weights_are_hashed_once(tmp_path, monkeypatch):
+    from clamp2 import cache
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x" * 1000)
+    calls = []
+    real = cache.sha256_of_file
+    monkeypatch.setattr(cache, "sha256_of_file", lambda path: calls.append(path) or real(path))
+    first = cache.weights_fingerprint(weights, tmp_path / "cache")
+    cache._weights_hashes.clear()  # as in a new process: the memo on disk answers
+    assert cache.weights_fingerprint(weights, tmp_path / "cache") == first and len(calls) == 1
+    weights.write_bytes(b"y" * 1000)
+    assert cache.weights_fingerprint(weights, tmp_path / "cache") != first and len(calls) == 2
+
+
+def _fill(args):
+    from clamp2.cache import FeatureCache
+
+    root, worker = args
+    namespace = FeatureCache(root).namespace({"model": "test"})
+    for key in range(40):
+        namespace.put(f"{key:064x}", np.full((1, 256), key, dtype=np.float32))
+    return worker
+
+
+def test_several_processes_fill_one_cache(tmp_path):
+    from clamp2.cache import FeatureCache
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        assert sorted(pool.map(_fill, [(tmp_path, w) for w in range(8)])) == list(range(8))
+    namespace = FeatureCache(tmp_path).namespace({"model": "test"})
+    for key in range(40):
+        np.testing.assert_array_equal(namespace.get(f"{key:064x}"), np.full((1, 256), key, dtype=np.float32))
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_default_folder_and_command_line(tmp_path, monkeypatch, capsys, music):
+    from clamp2 import cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.default_cache_dir() == tmp_path / "xdg" / "clamp2"
+    model = tiny_model(True)
+    assert model.cache.root == tmp_path / "xdg" / "clamp2"
+    model.encode_folder(music, progress=False)
+    assert cache.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'xdg' / 'clamp2'}: 4 features" in out and "clamp2 tiny_clamp2.pth  global fp32" in out
+    assert cache.main(["clear"]) == 0
+    assert "removed 4 cached features" in capsys.readouterr().out
+    assert cache.main(["info", "--cache", str(tmp_path / "xdg" / "clamp2")]) == 0
+    assert ": 0 features" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cache.main(["purge"])
+    assert info.value.code == 2
