@@ -31,7 +31,7 @@ def missing_weights_message(path: str | os.PathLike, what: str = "weights") -> s
     return (
         f"{what} file not found: {path}\n"
         f"  Download '{name}' from the Hugging Face repo {HUB_REPO} ({HUB_URL}/tree/main), e.g.\n"
-        f"    huggingface-cli download {HUB_REPO} {name} --local-dir .\n"
+        f"    hf download {HUB_REPO} {name} --local-dir .\n"
         f"  then pass its path with --weights or put it where config.py expects it "
         f"(or set M3_WEIGHTS_PATH / CLAMP2_WEIGHTS_PATH)."
     )

@@ -22,8 +22,8 @@ def _unavailable(name: str, exc: Exception) -> TextModelUnavailable:
     where = "a local folder" if Path(name).exists() else "a Hugging Face hub id"
     msg = (f"cannot load the text model/tokenizer '{name}' ({where}): {exc}\n"
            f"  If this machine is offline{' (HF_HUB_OFFLINE is set)' if offline else ''}, download it where you have "
-           f"network access, e.g. `huggingface-cli download {name}` (cached under ~/.cache/huggingface) or "
-           f"`huggingface-cli download {name} --local-dir DIR`, and pass DIR with --text_model "
+           f"network access, e.g. `hf download {name}` (cached under ~/.cache/huggingface) or "
+           f"`hf download {name} --local-dir DIR`, and pass DIR with --text_model "
            f"(setting TEXT_MODEL_NAME=DIR instead would also rename the expected weights file).")
     return TextModelUnavailable(msg)
 
