@@ -228,6 +228,7 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
         raise InterleaveError("cannot align the voices: " + (" ".join(messages) or "strip_empty_bars failed"))
 
     printed = io.StringIO()
+    unchecked = ""
     try:
         with contextlib.redirect_stdout(printed):
             try:
@@ -236,15 +237,17 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
                 if duration_check_fatal:
                     raise
                 # strip_empty_bars has already failed every tune whose voices differ in bar count.
-                bar_numbers_equal, bar_durations_equal = True, False
-                print(f"bar durations cannot be computed: {type(error).__name__}: {error}")
+                bar_numbers_equal, bar_durations_equal = True, None
+                unchecked = f"bar durations not checked: {type(error).__name__}: {error}"
             interleaved_lines = rotate_abc(stripped_lines)
     except Exception as error:
         raise InterleaveError(f"cannot interleave the voices: {type(error).__name__}: {error}") from error
     if not bar_numbers_equal:
         raise InterleaveError("cannot align the voices: unequal bar numbers")
     messages += printed_lines(printed.getvalue())
-    if not bar_durations_equal:
+    if bar_durations_equal is None:
+        messages.insert(0, unchecked)
+    elif not bar_durations_equal:
         messages.insert(0, "bar durations differ between voices or cannot be computed")
     return "".join(interleaved_lines), messages
 
@@ -264,6 +267,19 @@ def interleaved_to_xml(abc_text: str) -> str:
         reason = last_message(diagnostics.getvalue()) or "no tune"
         raise ValueError(f"abc2xml produced no score ({reason})")
     return abc2xml.fixDoctype(scores[0])
+
+
+def split_tunes(abc_text: str) -> list[str]:
+    """The tunes of a multi-tune ABC file, each from its ``X:`` line to the next ``X:`` line (the
+    interleaving pipeline takes one tune per file). Text before the first ``X:`` line, the file
+    header, belongs to no tune."""
+    tunes: list[str] = []
+    for line in io.StringIO(abc_text).readlines():
+        if line.startswith("X:"):
+            tunes.append(line)
+        elif tunes:
+            tunes[-1] += line
+    return tunes
 
 
 def decode_abc_for_abc2xml(data: bytes) -> str:

@@ -23,6 +23,8 @@ is reported where the user can find it. In order:
   (``N:``, ``B:``, ...) go; voices and the fields the pipeline removes stay.
 - :func:`merge_adjacent_barlines`: two different barlines with only blanks or a line break between
   them (``:|`` ending a line, ``|:`` starting the next) become one (``::``).
+- :func:`bar_full_line_ends`: a music line that ends without a barline exactly where a full bar
+  of the metre ends gets one (Essen songs end phrases at line ends without barlines).
 - :func:`bar_unbarred_lines`: a voice with no barline at all (free-metre Essen songs) gets one at
   the end of each music line: each written phrase becomes a bar.
 - :func:`close_final_bar`: a voice whose last bar has no closing barline gets ``|]``.
@@ -35,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, NamedTuple
 
 # abctoolkit.utils.Barlines, longest first as its split pattern tries them.
@@ -63,12 +65,6 @@ class Line(NamedTuple):
 
 
 Lines = list[Line]
-
-
-@dataclass(frozen=True)
-class Repair:
-    name: str
-    function: Callable[[Lines], Lines]
 
 
 def numbered_lines(abc_text: str) -> Lines:
@@ -104,6 +100,11 @@ def barline_spans(text: str) -> list[tuple[int, int]]:
 def ends_with_barline(text: str) -> bool:
     spans = barline_spans(text)
     return bool(spans) and not text[spans[-1][1]:].strip()
+
+
+def starts_with_barline(text: str) -> bool:
+    spans = barline_spans(text)
+    return bool(spans) and not text[:spans[0][0]].strip()
 
 
 def voice_blocks(lines: Lines) -> list[list[int]]:
@@ -228,37 +229,88 @@ def merged_barline(first: str, second: str) -> str:
 def merge_adjacent_barlines(lines: Lines) -> Lines:
     lines = list(lines)
     for block in voice_blocks(lines):
-        # The voice as abctoolkit sees it: its music lines one after the other.
-        texts = [lines[index].text for index in block]
-        tokens = [(row, begin, end) for row, text in enumerate(texts) for begin, end in barline_spans(text)]
-        replacements: dict[tuple[int, int, int], str] = {}
-        kept = None  # the barline that absorbs the ones right after it: (row, begin, end, barline)
-        for row, begin, end in tokens:
-            barline = texts[row][begin:end]
-            if kept is not None and only_blanks_between(texts, kept, (row, begin)) and barline != kept[3]:
-                merged = merged_barline(kept[3], barline)
-                replacements[kept[:3]] = merged
-                replacements[(row, begin, end)] = ""
-                kept = (*kept[:3], merged)
+        # The voice as abctoolkit sees it: its music lines one after the other. Only barlines are
+        # removed below, never a line end, so the result has one row per line of the block.
+        voice = "".join(with_newline(lines[index].text) for index in block)
+        pieces: list[str] = []
+        position, kept = 0, None  # kept: index in pieces of the barline that absorbs the next ones
+        for begin, end in barline_spans(voice):
+            # A decoration or annotation between two barlines is a bar text to abctoolkit too.
+            between, barline = voice[position:begin], voice[begin:end]
+            if kept is not None and not between.strip() and barline != pieces[kept]:
+                pieces[kept] = merged_barline(pieces[kept], barline)
+                pieces.append(between)
             else:
-                kept = (row, begin, end, barline)
-        for (row, begin, end), replacement in sorted(replacements.items(), reverse=True):
-            text = texts[row]
-            texts[row] = text[:begin] + replacement + text[end:]
-        for row, index in enumerate(block):
-            if texts[row] != lines[index].text:
-                lines[index] = Line(lines[index].number, texts[row] if texts[row].strip() else "")
+                # Equal ones in a row are left: abctoolkit drops the repeats itself.
+                pieces += [between, barline]
+                kept = len(pieces) - 1
+            position = end
+        pieces.append(voice[position:])
+        rows = "".join(pieces).split("\n")
+        for row, index in zip(rows, block):
+            if row + "\n" != with_newline(lines[index].text):
+                lines[index] = Line(lines[index].number, row + "\n" if row.strip() else "")
     return [line for line in lines if line.text]
 
 
-def only_blanks_between(texts: list[str], first: tuple, second: tuple[int, int]) -> bool:
-    (first_row, _, first_end), (second_row, second_begin) = first[:3], second
-    if first_row == second_row:
-        between = texts[first_row][first_end:second_begin]
-    else:
-        between = (texts[first_row][first_end:] + "".join(texts[first_row + 1:second_row])
-                   + texts[second_row][:second_begin])
-    return not between.strip()
+def header_value(lines: Lines, field: str) -> str | None:
+    start = body_start(lines) or len(lines)
+    values = [line.text[2:].strip() for line in lines[:start] if line.text.startswith(field)]
+    return values[-1] if values else None
+
+
+def bar_length(lines: Lines) -> Fraction | None:
+    """One bar of the header's metre in units of its ``L:`` length (None: free or unknown metre,
+    or a metre or unit length that changes in the body)."""
+    start = body_start(lines)
+    if start is None or any(re.match(r"^[ML]:|.*\[[ML]:", line.text) for line in lines[start:]):
+        return None
+    meter, unit = header_value(lines, "M:"), header_value(lines, "L:")
+    meter = {"C": "4/4", "C|": "2/2"}.get(meter, meter)
+    meter_match = re.fullmatch(r"(\d+(?:\+\d+)*)\s*/\s*(\d+)", meter or "")
+    unit_match = re.fullmatch(r"(\d+)\s*/\s*(\d+)", unit or "")
+    if not meter_match or not unit_match or int(unit_match.group(1)) == 0:
+        return None
+    beats = sum(int(part) for part in meter_match.group(1).split("+"))
+    length = Fraction(beats, int(meter_match.group(2))) / Fraction(int(unit_match.group(1)), int(unit_match.group(2)))
+    return length or None
+
+
+def written_length(bar_text: str) -> Fraction | None:
+    from abctoolkit.duration import calculate_bartext_duration
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot read
+        try:
+            return calculate_bartext_duration(bar_text)
+        except Exception:  # noqa: BLE001 - e.g. chords written [D2F2]: then nothing is known
+            return None
+
+
+def bar_full_line_ends(lines: Lines) -> Lines:
+    """A music line that ends without a barline just where a full bar of the metre ends gets one.
+
+    Essen songs write one phrase per line and often leave out the barline at its end; abctoolkit
+    would glue the phrase's last bar to the next line's first. A line that ends mid-bar (a phrase
+    ending on an upbeat) is left alone: its bar goes on at the next line.
+    """
+    length = bar_length(lines)
+    if length is None:
+        return lines
+    lines = list(lines)
+    for block in voice_blocks(lines):
+        if not any(barline_spans(lines[index].text) for index in block):
+            continue  # an unbarred voice: bar_unbarred_lines decides
+        bar_text = ""  # the bar that is open at the end of the line
+        for row, index in enumerate(block[:-1]):  # the last line is close_final_bar's
+            text = lines[index].text
+            spans = barline_spans(text)
+            bar_text = text[spans[-1][1]:] if spans else bar_text + text
+            if not bar_text.strip() or starts_with_barline(lines[block[row + 1]].text):
+                continue
+            if written_length(bar_text) == length:
+                lines[index] = Line(lines[index].number, text.rstrip() + " |\n")
+                bar_text = ""
+    return lines
 
 
 def bar_unbarred_lines(lines: Lines) -> Lines:
@@ -279,19 +331,19 @@ def close_final_bar(lines: Lines) -> Lines:
     return lines
 
 
-REPAIRS = tuple(Repair(function.__name__, function) for function in (
+REPAIRS: tuple[Callable[[Lines], Lines], ...] = (
     group_inline_voices, drop_body_comments, join_line_continuations, inline_body_fields,
-    merge_adjacent_barlines, bar_unbarred_lines, close_final_bar,
-))
+    merge_adjacent_barlines, bar_full_line_ends, bar_unbarred_lines, close_final_bar,
+)
 
 
 def repair_lines(lines: Lines) -> tuple[Lines, list[str]]:
     """The lines with every repair applied, and the names of the repairs that changed them."""
     applied = []
     for repair in REPAIRS:
-        repaired = repair.function(lines)
+        repaired = repair(lines)
         if repaired != lines:
-            applied.append(repair.name)
+            applied.append(repair.__name__)
             lines = repaired
     return lines, applied
 
