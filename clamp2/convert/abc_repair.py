@@ -35,14 +35,12 @@ is reported where the user can find it. In order:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 from fractions import Fraction
 from typing import Callable, NamedTuple
 
-# abctoolkit.utils.Barlines, longest first as its split pattern tries them.
-BARLINES = ("||:", ":||", "[|:", ":|]", "|]:", ":[|", "|:", "::", ":|", "[|", "||", "|]", "|")
-BARLINE_RE = re.compile("|".join(map(re.escape, BARLINES)))
 FIELD_LINE_RE = re.compile(r"^[A-Za-z]:")
 VOICE_LINE_RE = re.compile(r"^V:")
 INLINE_VOICE_RE = re.compile(r"^\s*\[V:\s*([^\]\s]+)[^\]]*\]")
@@ -93,8 +91,15 @@ def masked(text: str) -> str:
     return ANNOTATION_RE.sub(lambda match: " " * len(match.group()), text)
 
 
+@functools.cache
+def barline_re() -> re.Pattern:
+    from abctoolkit.utils import Barline_regexPattern  # the pattern its bar split uses
+
+    return re.compile(Barline_regexPattern)
+
+
 def barline_spans(text: str) -> list[tuple[int, int]]:
-    return [match.span() for match in BARLINE_RE.finditer(masked(text))]
+    return [match.span() for match in barline_re().finditer(masked(text))]
 
 
 def ends_with_barline(text: str) -> bool:
