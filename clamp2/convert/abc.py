@@ -194,7 +194,7 @@ def interleave_repaired(abc_text: str, error: InterleaveError) -> tuple[str, lis
         where = locate_bar_problem(lines) or "no line of the tune explains it"
         tried = f"; repaired first: {', '.join(applied)}" if applied else ""
         raise InterleaveError(f"{second} ({where}){tried}") from error
-    repairs = ", ".join(applied) or "none, the bar-duration check only failed"
+    repairs = ", ".join(applied) or "bar-duration check skipped"
     messages.insert(0, f"repaired ({repairs}); the original pipeline fails on this tune: {error}")
     return text, messages
 
