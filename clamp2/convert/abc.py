@@ -6,7 +6,9 @@
   a ``.musicxml`` is read through ``META-INF/container.xml``.
 - ``abc_to_interleaved``: the CLaMP 2 cleaning + rotation pipeline, so that every line holds one
   bar of every voice: ``[V:1]...|[V:2]...|``. *fix*: a single-voice tune without a ``V:1`` line
-  gets one after its first ``K:`` line.
+  gets one after its first ``K:`` line. *fix*: a tune on which that pipeline fails is repaired
+  (:mod:`clamp2.convert.abc_repair`: line continuations, barlines in a row, unclosed bars, ...) and
+  tried again; a failure then names the line where abctoolkit breaks.
 - ``interleaved_to_xml``: abctoolkit's abc2xml, the same bytes its command line writes with ``-o``.
 
 The abctoolkit modules keep module-level state between calls (xml2abc's global ``abcOut``,
