@@ -253,3 +253,11 @@ def test_batch_scripts_round_trip_repaired_tunes(tmp_path, capsys):
             # music21 reads the tune as written with its own ABC parser: no note was lost on the way
             written = music21.converter.parse(corpus_tune(source, number), format="abc")
             assert len(score.recurse().notesAndRests) == len(written.recurse().notesAndRests), name
+
+
+def test_corpus_benchmark_runs_on_a_sample(capsys):
+    # The whole corpus is the benchmark's job; a spread-out sample shows the script still works.
+    assert load_script("benchmarks/bench_abc_corpus.py").main(["--limit", "40", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "converted 40 / 40 tunes (100.00%)" in out and "failures: 0" in out
+    assert re.search(r"the original pipeline converts \d+; [1-9]\d* more after a repair", out)

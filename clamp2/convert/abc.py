@@ -193,9 +193,10 @@ def interleave_repaired(abc_text: str, error: InterleaveError) -> tuple[str, lis
     try:
         text, messages = interleave("".join(line.text for line in lines), duration_check_fatal=False)
     except InterleaveError as second:
-        where = locate_bar_problem(lines) or "no line of the tune explains it"
+        where = locate_bar_problem(lines)
+        reason = f"{second} ({where})" if where else str(second)
         tried = f"; repaired first: {', '.join(applied)}" if applied else ""
-        raise InterleaveError(f"{second} ({where}){tried}") from error
+        raise InterleaveError(reason + tried) from error
     repairs = ", ".join(applied) or "bar-duration check skipped"
     messages.insert(0, f"repaired ({repairs}); the original pipeline fails on this tune: {error}")
     return text, messages
@@ -230,7 +231,7 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
         raise InterleaveError("cannot align the voices: " + (" ".join(messages) or "strip_empty_bars failed"))
 
     printed = io.StringIO()
-    unchecked = ""
+    unchecked = None
     try:
         with contextlib.redirect_stdout(printed):
             try:
@@ -239,7 +240,7 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
                 if duration_check_fatal:
                     raise
                 # strip_empty_bars has already failed every tune whose voices differ in bar count.
-                bar_numbers_equal, bar_durations_equal = True, None
+                bar_numbers_equal, bar_durations_equal = True, False
                 unchecked = f"bar durations not checked: {type(error).__name__}: {error}"
             interleaved_lines = rotate_abc(stripped_lines)
     except Exception as error:
@@ -247,7 +248,7 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
     if not bar_numbers_equal:
         raise InterleaveError("cannot align the voices: unequal bar numbers")
     messages += printed_lines(printed.getvalue())
-    if bar_durations_equal is None:
+    if unchecked:
         messages.insert(0, unchecked)
     elif not bar_durations_equal:
         messages.insert(0, "bar durations differ between voices or cannot be computed")
