@@ -5,10 +5,14 @@
 Each ``.abc`` (read as UTF-8) becomes ``<output_dir>/<same relative folder>/<stem>.abc`` through
 the CLaMP 2 abctoolkit pipeline: information fields and bar numbers removed, empty bars stripped,
 voices rotated into ``[V:1]...|[V:2]...|`` lines. A single-voice tune without a ``V:1`` line is
-treated as one voice. Voices with different bar counts, an empty piece or a non-UTF-8 file are
-failures (``<output_dir>/failed_interleaved_abc.log`` and stderr); unequal bar durations are only
-logged in ``<output_dir>/warnings_interleaved_abc.log``. The output folder must differ from the
-input folder. Exit status: 0 all converted, 1 some file failed, 2 usage error.
+treated as one voice. A tune the reference's steps cannot split into bars (hand-written folk
+tunes: line continuations, two barlines in a row, no closing barline; see docs/abc.md) is
+repaired and tried again, and the repairs are logged in
+``<output_dir>/warnings_interleaved_abc.log``, as are unequal bar durations. Voices with
+different bar counts, an empty piece or a non-UTF-8 file are failures
+(``<output_dir>/failed_interleaved_abc.log`` and stderr, with the line where the tune breaks).
+The output folder must differ from the input folder. Exit status: 0 all converted, 1 some file
+failed, 2 usage error.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 - :mod:`clamp2.convert.mtf`: MIDI <-> MIDI Text Format (``midi_to_mtf``, ``mtf_to_midi``).
 - :mod:`clamp2.convert.abc`: MusicXML -> ABC -> interleaved ABC -> MusicXML through abctoolkit
-  (``xml_to_abc``, ``abc_to_interleaved``, ``interleaved_to_xml``).
+  (``xml_to_abc``, ``abc_to_interleaved``, ``interleaved_to_xml``); :mod:`clamp2.convert.abc_repair`
+  repairs hand-written tunes abctoolkit cannot split into bars.
 
 Each raises on a file it cannot convert (``ValueError`` with a readable reason, or the reading
 library's own error); :mod:`clamp2.batch` runs them over folders. abctoolkit is imported on first

@@ -6,7 +6,9 @@
   a ``.musicxml`` is read through ``META-INF/container.xml``.
 - ``abc_to_interleaved``: the CLaMP 2 cleaning + rotation pipeline, so that every line holds one
   bar of every voice: ``[V:1]...|[V:2]...|``. *fix*: a single-voice tune without a ``V:1`` line
-  gets one after its first ``K:`` line.
+  gets one after its first ``K:`` line. *fix*: a tune on which that pipeline fails is repaired
+  (:mod:`clamp2.convert.abc_repair`: line continuations, barlines in a row, unclosed bars, ...) and
+  tried again; a failure then names the line where abctoolkit breaks.
 - ``interleaved_to_xml``: abctoolkit's abc2xml, the same bytes its command line writes with ``-o``.
 
 The abctoolkit modules keep module-level state between calls (xml2abc's global ``abcOut``,
@@ -161,12 +163,50 @@ def printed_lines(captured: str) -> list[str]:
     return [line.strip() for line in captured.splitlines() if line.strip()]
 
 
+class InterleaveError(ValueError):
+    """abctoolkit cannot split, align or rotate the voices of a tune."""
+
+
 def abc_to_interleaved(abc_text: str) -> str:
     """Interleaved ABC of a standard ABC tune (SPEC §3).
 
     Raises ``ValueError`` when abctoolkit cannot align the voices (different bar counts, an empty
     piece, an exception). Unequal bar durations or barlines between voices only issue an
-    ``AbcWarning``: the reference keeps such pieces.
+    ``AbcWarning``: the reference keeps such pieces. *fix*: a tune that abctoolkit cannot take as
+    written is repaired (:mod:`clamp2.convert.abc_repair`) and tried again; the repairs applied
+    are named in an ``AbcWarning``. A tune the normal path converts is never repaired.
+    """
+    try:
+        text, messages = interleave(abc_text)
+    except InterleaveError as error:
+        text, messages = interleave_repaired(abc_text, error)
+    if messages:
+        warnings.warn("; ".join(messages), AbcWarning, stacklevel=2)
+    return text
+
+
+def interleave_repaired(abc_text: str, error: InterleaveError) -> tuple[str, list[str]]:
+    """The second try, on the repaired tune; a failure names the line where abctoolkit breaks."""
+    from clamp2.convert.abc_repair import locate_bar_problem, numbered_lines, repair_lines
+
+    lines, applied = repair_lines(numbered_lines(abc_text))
+    try:
+        text, messages = interleave("".join(line.text for line in lines), duration_check_fatal=False)
+    except InterleaveError as second:
+        where = locate_bar_problem(lines)
+        reason = f"{second} ({where})" if where else str(second)
+        tried = f"; repaired first: {', '.join(applied)}" if applied else ""
+        raise InterleaveError(reason + tried) from error
+    repairs = ", ".join(applied) or "bar-duration check skipped"
+    messages.insert(0, f"repaired ({repairs}); the original pipeline fails on this tune: {error}")
+    return text, messages
+
+
+def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, list[str]]:
+    """The reference's pipeline: interleaved text and the diagnostics abctoolkit printed.
+
+    With ``duration_check_fatal=False``, an exception of abctoolkit's bar-duration check (a
+    diagnostic: chords written ``[D2F2]`` make it raise) is one more message instead of a failure.
     """
     from abctoolkit.check import check_alignment_unrotated
     from abctoolkit.rotate import rotate_abc
@@ -185,26 +225,34 @@ def abc_to_interleaved(abc_text: str) -> str:
         with contextlib.redirect_stdout(printed):
             stripped_lines, _ = strip_empty_bars(abc_lines)
     except Exception as error:
-        raise ValueError(f"cannot split the voices into bars: {type(error).__name__}: {error}") from error
+        raise InterleaveError(f"cannot split the voices into bars: {type(error).__name__}: {error}") from error
     messages = printed_lines(printed.getvalue())
     if stripped_lines is None:
-        raise ValueError("cannot align the voices: " + (" ".join(messages) or "strip_empty_bars failed"))
+        raise InterleaveError("cannot align the voices: " + (" ".join(messages) or "strip_empty_bars failed"))
 
     printed = io.StringIO()
+    unchecked = None
     try:
         with contextlib.redirect_stdout(printed):
-            _, bar_numbers_equal, bar_durations_equal = check_alignment_unrotated(stripped_lines)
+            try:
+                _, bar_numbers_equal, bar_durations_equal = check_alignment_unrotated(stripped_lines)
+            except Exception as error:
+                if duration_check_fatal:
+                    raise
+                # strip_empty_bars has already failed every tune whose voices differ in bar count.
+                bar_numbers_equal, bar_durations_equal = True, False
+                unchecked = f"bar durations not checked: {type(error).__name__}: {error}"
             interleaved_lines = rotate_abc(stripped_lines)
     except Exception as error:
-        raise ValueError(f"cannot interleave the voices: {type(error).__name__}: {error}") from error
+        raise InterleaveError(f"cannot interleave the voices: {type(error).__name__}: {error}") from error
     if not bar_numbers_equal:
-        raise ValueError("cannot align the voices: unequal bar numbers")
+        raise InterleaveError("cannot align the voices: unequal bar numbers")
     messages += printed_lines(printed.getvalue())
-    if not bar_durations_equal:
+    if unchecked:
+        messages.insert(0, unchecked)
+    elif not bar_durations_equal:
         messages.insert(0, "bar durations differ between voices or cannot be computed")
-    if messages:
-        warnings.warn("; ".join(messages), AbcWarning, stacklevel=2)
-    return "".join(interleaved_lines)
+    return "".join(interleaved_lines), messages
 
 
 def interleaved_to_xml(abc_text: str) -> str:
@@ -222,6 +270,19 @@ def interleaved_to_xml(abc_text: str) -> str:
         reason = last_message(diagnostics.getvalue()) or "no tune"
         raise ValueError(f"abc2xml produced no score ({reason})")
     return abc2xml.fixDoctype(scores[0])
+
+
+def split_tunes(abc_text: str) -> list[str]:
+    """The tunes of a multi-tune ABC file, each from its ``X:`` line to the next ``X:`` line (the
+    interleaving pipeline takes one tune per file). Text before the first ``X:`` line, the file
+    header, belongs to no tune."""
+    tunes: list[str] = []
+    for line in io.StringIO(abc_text).readlines():
+        if line.startswith("X:"):
+            tunes.append(line)
+        elif tunes:
+            tunes[-1] += line
+    return tunes
 
 
 def decode_abc_for_abc2xml(data: bytes) -> str:

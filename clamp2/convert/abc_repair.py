@@ -1,0 +1,480 @@
+"""Repairs of hand-written ABC that abctoolkit cannot split into bars (*fix*, SPEC §3).
+
+abctoolkit splits each voice into bars with one regular expression and needs barlines and bar
+texts to alternate, the voice to start with music or a barline and end with a barline, and every
+voice to be a ``V:n`` block. Folk-tune collections break these rules in ways ABC allows, and the
+original pipeline then loses the tune (``IndexError``, ``Unequal bar elements``).
+:mod:`clamp2.convert.abc` calls :func:`repair_tune` only for a tune whose normal conversion
+failed, so every tune the original converts keeps its bytes.
+
+Each repair maps the tune's lines to new lines and changes only the body (the lines after the
+first ``K:`` line); a line keeps the number it has in the tune as given, so that what still fails
+is reported where the user can find it. In order:
+
+- :func:`group_inline_voices`: a body written as ``[V:1] ...`` / ``[V:2] ...`` lines becomes a
+  ``V:1`` block, then a ``V:2`` block (abctoolkit only knows ``V:`` lines).
+- :func:`drop_body_comments`: ``%`` comment lines and trailing ``% comments`` leave the body
+  (abctoolkit glues them into a bar, where they comment out the rest of the interleaved line).
+- :func:`join_line_continuations`: a music line ending with ``\\`` is joined with the next one
+  (the ``\\`` would stay inside a bar, where abc2xml rejects it).
+- :func:`inline_body_fields`: a field line inside the body that changes the music (``K:G``,
+  ``L:1/16``, ``P:B``) becomes an inline field ``[K:G]`` at the start of the next music line,
+  after its barline (as a line of its own, abctoolkit would make it a bar); descriptive ones
+  (``N:``, ``B:``, ...) go; voices and the fields the pipeline removes stay.
+- :func:`merge_adjacent_barlines`: two different barlines with only blanks or a line break between
+  them (``:|`` ending a line, ``|:`` starting the next) become one (``::``).
+- :func:`bar_full_line_ends`: a music line that ends without a barline exactly where a full bar
+  of the metre ends gets one (Essen songs end phrases at line ends without barlines).
+- :func:`bar_unbarred_lines`: a voice with no barline at all (free-metre Essen songs) gets one at
+  the end of each music line: each written phrase becomes a bar.
+- :func:`close_final_bar`: a voice whose last bar has no closing barline gets ``|]``.
+
+:func:`locate_bar_problem` names what breaks abctoolkit's bar split, with the line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import re
+from fractions import Fraction
+from typing import Callable, NamedTuple
+
+FIELD_LINE_RE = re.compile(r"^[A-Za-z]:")
+VOICE_LINE_RE = re.compile(r"^V:")
+INLINE_VOICE_RE = re.compile(r"^\s*\[V:\s*([^\]\s]+)[^\]]*\]")
+# Text in which a "|" is no barline: annotations and chord symbols, decorations.
+ANNOTATION_RE = re.compile(r'"[^"\n]*"|![^!\n]*!')
+COMMENT_RE = re.compile(r"(?<!\\)%.*$")
+CONTINUATION_RE = re.compile(r"\\\s*$")
+# Fields ABC 2.1 allows inline that change how the music sounds or is cut into parts.
+INLINE_FIELDS = "IKLMPQUm"
+# Field lines the repairs leave where they are: voices, and what the pipeline drops anyway.
+KEPT_FIELD_LINES = ("V:", "X:", "T:", "C:", "W:", "w:", "Z:")
+START_REPEATS = ("|:", "||:", "[|:")
+END_REPEATS = (":|", ":||", ":|]")
+THICK_OR_DOUBLE = ("||", "|]", "[|")
+
+
+class Line(NamedTuple):
+    number: int  # 1-based, in the tune as given
+    text: str
+
+
+Lines = list[Line]
+
+
+def numbered_lines(abc_text: str) -> Lines:
+    # Split on "\n" only, as the interleaving pipeline reads.
+    return [Line(number, text) for number, text in enumerate(io.StringIO(abc_text).readlines(), 1)]
+
+
+def body_start(lines: Lines) -> int | None:
+    """Index of the first body line: the one after the first ``K:`` line (None: not a tune)."""
+    for index, line in enumerate(lines):
+        if line.text.startswith("K:"):
+            return index + 1
+    return None
+
+
+def is_music_line(text: str) -> bool:
+    return bool(text.strip()) and not FIELD_LINE_RE.match(text) and not text.startswith("%")
+
+
+def with_newline(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+def masked(text: str) -> str:
+    """The text with annotations and decorations blanked (same length), so barlines can be found."""
+    return ANNOTATION_RE.sub(lambda match: " " * len(match.group()), text)
+
+
+@functools.cache
+def barline_re() -> re.Pattern:
+    from abctoolkit.utils import Barline_regexPattern  # the pattern its bar split uses
+
+    return re.compile(Barline_regexPattern)
+
+
+def barline_spans(text: str) -> list[tuple[int, int]]:
+    return [match.span() for match in barline_re().finditer(masked(text))]
+
+
+def ends_with_barline(text: str) -> bool:
+    spans = barline_spans(text)
+    return bool(spans) and not text[spans[-1][1]:].strip()
+
+
+def starts_with_barline(text: str) -> bool:
+    spans = barline_spans(text)
+    return bool(spans) and not text[:spans[0][0]].strip()
+
+
+def voice_blocks(lines: Lines) -> list[list[int]]:
+    """Indices of the music lines of each voice of the body (a ``V:`` line starts a new voice)."""
+    start = body_start(lines)
+    if start is None:
+        return []
+    blocks: list[list[int]] = [[]]
+    for index in range(start, len(lines)):
+        if VOICE_LINE_RE.match(lines[index].text):
+            blocks.append([])
+        elif is_music_line(lines[index].text):
+            blocks[-1].append(index)
+    return [block for block in blocks if block]
+
+
+# ------------------------------------------------------------------------------------------------
+# The repairs, each a no-op on a tune that does not need it
+
+
+def group_inline_voices(lines: Lines) -> Lines:
+    start = body_start(lines)
+    if start is None or not any(INLINE_VOICE_RE.match(line.text) for line in lines[start:]):
+        return lines
+    voices: dict[str, Lines] = {}
+    current = None
+    for line in lines[start:]:
+        text = line.text
+        match = INLINE_VOICE_RE.match(text)
+        if match:
+            current = match.group(1)
+            text = text[match.end():].lstrip()
+        elif VOICE_LINE_RE.match(text) or (current is None and is_music_line(text)):
+            return lines  # V: blocks, or music outside any voice: not this layout
+        elif current is None:
+            continue
+        block = voices.setdefault(current, [Line(line.number, f"V:{current}\n")])
+        if text.strip():
+            block.append(Line(line.number, with_newline(text)))
+    return lines[:start] + [line for block in voices.values() for line in block]
+
+
+def drop_body_comments(lines: Lines) -> Lines:
+    start = body_start(lines)
+    if start is None:
+        return lines
+    body = []
+    for line in lines[start:]:
+        if line.text.startswith("%"):
+            continue
+        if is_music_line(line.text):
+            content = line.text.rstrip("\n")
+            uncommented = COMMENT_RE.sub("", content).rstrip()
+            if not uncommented.strip():
+                continue
+            if uncommented != content.rstrip():
+                line = Line(line.number, uncommented + "\n")
+        body.append(line)
+    return lines[:start] + body
+
+
+def join_line_continuations(lines: Lines) -> Lines:
+    start = body_start(lines)
+    if start is None:
+        return lines
+    result = lines[:start]
+    pending: Line | None = None
+    for line in lines[start:]:
+        if pending is not None and is_music_line(line.text):
+            line = Line(pending.number, pending.text + line.text.lstrip())
+            pending = None
+        elif pending is not None:
+            result.append(line)  # ABC 2.1 lets a field or a comment line sit between the two
+            continue
+        if is_music_line(line.text) and CONTINUATION_RE.search(line.text):
+            pending = Line(line.number, CONTINUATION_RE.sub("", line.text).rstrip() + " ")
+            continue
+        result.append(line)
+    if pending is not None:
+        result.append(Line(pending.number, pending.text.rstrip() + "\n"))
+    return result
+
+
+def inline_body_fields(lines: Lines) -> Lines:
+    start = body_start(lines)
+    if start is None:
+        return lines
+    result = lines[:start]
+    waiting: list[str] = []
+    for line in lines[start:]:
+        text = line.text
+        if FIELD_LINE_RE.match(text) and not text.startswith(KEPT_FIELD_LINES):
+            if text[0] in INLINE_FIELDS:
+                waiting.append("[" + text.strip() + "]")
+            continue  # the others (B:, N:, O:, ...) describe the tune: nothing sounds different
+        if waiting and is_music_line(text):
+            spans = barline_spans(text)
+            if spans and not text[:spans[0][0]].strip():
+                at = spans[0][1]
+            else:
+                at = len(text) - len(text.lstrip())
+            line = Line(line.number, text[:at] + "".join(waiting) + text[at:])
+            waiting = []
+        result.append(line)
+    # Fields after the last music line of the tune change nothing that sounds: they are dropped.
+    return result
+
+
+def merged_barline(first: str, second: str) -> str:
+    """One barline for two in a row, keeping the repeat signs and the stronger line."""
+    if second == "|" or first == second:
+        return first
+    if first == "|":
+        return second
+    if first in END_REPEATS + ("::",) and second in START_REPEATS + ("::",):
+        return "::"
+    if second in START_REPEATS:
+        return "||:" if first in THICK_OR_DOUBLE else second
+    return first
+
+
+def merge_adjacent_barlines(lines: Lines) -> Lines:
+    lines = list(lines)
+    for block in voice_blocks(lines):
+        # The voice as abctoolkit sees it: its music lines one after the other. Only barlines are
+        # removed below, never a line end, so the result has one row per line of the block.
+        voice = "".join(with_newline(lines[index].text) for index in block)
+        pieces: list[str] = []
+        position, kept = 0, None  # kept: index in pieces of the barline that absorbs the next ones
+        for begin, end in barline_spans(voice):
+            # A decoration or annotation between two barlines is a bar text to abctoolkit too.
+            between, barline = voice[position:begin], voice[begin:end]
+            if kept is not None and not between.strip() and barline != pieces[kept]:
+                pieces[kept] = merged_barline(pieces[kept], barline)
+                pieces.append(between)
+            else:
+                # Equal ones in a row are left: abctoolkit drops the repeats itself.
+                pieces += [between, barline]
+                kept = len(pieces) - 1
+            position = end
+        pieces.append(voice[position:])
+        rows = "".join(pieces).split("\n")
+        for row, index in zip(rows, block):
+            if row + "\n" != with_newline(lines[index].text):
+                lines[index] = Line(lines[index].number, row + "\n" if row.strip() else "")
+    return [line for line in lines if line.text]
+
+
+def header_value(lines: Lines, field: str) -> str | None:
+    start = body_start(lines) or len(lines)
+    values = [line.text[2:].strip() for line in lines[:start] if line.text.startswith(field)]
+    return values[-1] if values else None
+
+
+def bar_length(lines: Lines) -> Fraction | None:
+    """One bar of the header's metre in units of its ``L:`` length (None: free or unknown metre,
+    or a metre or unit length that changes in the body)."""
+    start = body_start(lines)
+    if start is None or any(re.match(r"^[ML]:|.*\[[ML]:", line.text) for line in lines[start:]):
+        return None
+    meter, unit = header_value(lines, "M:"), header_value(lines, "L:")
+    meter = {"C": "4/4", "C|": "2/2"}.get(meter, meter)
+    meter_match = re.fullmatch(r"(\d+(?:\+\d+)*)\s*/\s*(\d+)", meter or "")
+    unit_match = re.fullmatch(r"(\d+)\s*/\s*(\d+)", unit or "")
+    if not meter_match or not unit_match or int(unit_match.group(1)) == 0:
+        return None
+    beats = sum(int(part) for part in meter_match.group(1).split("+"))
+    length = Fraction(beats, int(meter_match.group(2))) / Fraction(int(unit_match.group(1)), int(unit_match.group(2)))
+    return length or None
+
+
+def written_length(bar_text: str) -> Fraction | None:
+    from abctoolkit.duration import calculate_bartext_duration
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot read
+        try:
+            return calculate_bartext_duration(bar_text)
+        except Exception:  # noqa: BLE001 - e.g. chords written [D2F2]: then nothing is known
+            return None
+
+
+def bar_full_line_ends(lines: Lines) -> Lines:
+    """A music line that ends without a barline just where a full bar of the metre ends gets one.
+
+    Essen songs write one phrase per line and often leave out the barline at its end; abctoolkit
+    would glue the phrase's last bar to the next line's first. A line that ends mid-bar (a phrase
+    ending on an upbeat) is left alone: its bar goes on at the next line.
+    """
+    length = bar_length(lines)
+    if length is None:
+        return lines
+    lines = list(lines)
+    for block in voice_blocks(lines):
+        if not any(barline_spans(lines[index].text) for index in block):
+            continue  # an unbarred voice: bar_unbarred_lines decides
+        bar_text = ""  # the bar that is open at the end of the line
+        for row, index in enumerate(block[:-1]):  # the last line is close_final_bar's
+            text = lines[index].text
+            spans = barline_spans(text)
+            bar_text = text[spans[-1][1]:] if spans else bar_text + text
+            if not bar_text.strip() or starts_with_barline(lines[block[row + 1]].text):
+                continue
+            if written_length(bar_text) == length:
+                lines[index] = Line(lines[index].number, text.rstrip() + " |\n")
+                bar_text = ""
+    return lines
+
+
+def bar_unbarred_lines(lines: Lines) -> Lines:
+    lines = list(lines)
+    for block in voice_blocks(lines):
+        if not any(barline_spans(lines[index].text) for index in block):
+            for index in block:
+                lines[index] = Line(lines[index].number, lines[index].text.rstrip() + " |\n")
+    return lines
+
+
+def close_final_bar(lines: Lines) -> Lines:
+    lines = list(lines)
+    for block in voice_blocks(lines):
+        last = lines[block[-1]]
+        if not ends_with_barline(last.text):
+            lines[block[-1]] = Line(last.number, last.text.rstrip() + " |]\n")
+    return lines
+
+
+REPAIRS: tuple[Callable[[Lines], Lines], ...] = (
+    group_inline_voices, drop_body_comments, join_line_continuations, inline_body_fields,
+    merge_adjacent_barlines, bar_full_line_ends, bar_unbarred_lines, close_final_bar,
+)
+
+
+def repair_lines(lines: Lines) -> tuple[Lines, list[str]]:
+    """The lines with every repair applied, and the names of the repairs that changed them."""
+    applied = []
+    for repair in REPAIRS:
+        repaired = repair(lines)
+        if repaired != lines:
+            applied.append(repair.__name__)
+            lines = repaired
+    return lines, applied
+
+
+def repair_tune(abc_text: str) -> tuple[str, list[str]]:
+    lines, applied = repair_lines(numbered_lines(abc_text))
+    return "".join(line.text for line in lines), applied
+
+
+# ------------------------------------------------------------------------------------------------
+# Where abctoolkit breaks
+
+INFORMATION_FIELDS = ("X:", "T:", "C:", "W:", "w:", "Z:", "%%MIDI")
+BAR_NUMBER_RE = re.compile(r"%\d+\n$")
+ELLIPSIS_AT = 30
+
+
+class Element(NamedTuple):
+    is_barline: bool
+    text: str
+    number: int  # line of the tune where it starts
+
+
+def abctoolkit_voices(lines: Lines) -> dict[str, Lines]:
+    """The body as abctoolkit cuts it: from the last ``V:1`` line, one part per ``V:`` line.
+
+    The same steps as the interleaving pipeline: blank lines and information fields dropped, a
+    ``V:1`` line after the first ``K:`` line of a tune that has none.
+    """
+    lines = [line for line in lines if line.text.strip()]
+    if not any(line.text.strip() == "V:1" for line in lines):
+        start = body_start(lines)
+        if start is None:
+            return {}
+        lines = lines[:start] + [Line(lines[start - 1].number, "V:1\n")] + lines[start:]
+    lines = [line for line in lines if not line.text.startswith(INFORMATION_FIELDS)]
+    first = max(index for index, line in enumerate(lines) if line.text.strip() == "V:1")
+    voices: dict[str, Lines] = {}
+    name = "V:1"
+    voices[name] = [lines[first]]
+    for line in lines[first + 1:]:
+        if line.text.startswith("V:"):
+            name = line.text.strip()
+            voices[name] = [line]
+        else:
+            voices[name].append(line)
+    return voices
+
+
+def bar_elements(voice: Lines) -> list[Element]:
+    """Barlines and bar texts of a voice in abctoolkit's order: blank texts dropped, a repeated
+    element dropped (its guard against ``| |``), texts running over line ends joined."""
+    elements: list[Element] = []
+    for line in voice[1:]:
+        text = BAR_NUMBER_RE.sub("\n", line.text)
+        position = 0
+        for begin, end in barline_spans(text) + [(len(text), len(text))]:
+            piece = text[position:begin]
+            if piece.strip():
+                if elements and not elements[-1].is_barline:
+                    elements[-1] = elements[-1]._replace(text=elements[-1].text + piece.strip())
+                else:
+                    elements.append(Element(False, piece.strip(), line.number))
+            if begin < end:
+                elements.append(Element(True, text[begin:end], line.number))
+            position = end
+    return [element for index, element in enumerate(elements)
+            if index == 0 or element.text != elements[index - 1].text]
+
+
+def shortened(text: str) -> str:
+    return text if len(text) <= ELLIPSIS_AT else text[:ELLIPSIS_AT] + "..."
+
+
+def split_problem(name: str, voice: Lines) -> str:
+    elements = bar_elements(voice)
+    if not elements:
+        return f"voice {name} (line {voice[0].number}) has no music"
+    if not any(element.is_barline for element in elements):
+        return f"voice {name} has no barline (line {elements[0].number})"
+    for previous, element in zip(elements, elements[1:]):
+        if previous.is_barline and element.is_barline:
+            return (f"line {element.number}: two barlines in a row, {previous.text!r} then "
+                    f"{element.text!r}, with no music between")
+    if elements[0].is_barline and not elements[-1].is_barline:
+        return (f"line {elements[-1].number}: the last bar {shortened(elements[-1].text)!r} of voice "
+                f"{name} has no closing barline")
+    return ""
+
+
+def bar_count_problem(voices: dict[str, Lines]) -> str:
+    from abctoolkit.duration import calculate_bartext_duration
+    from abctoolkit.utils import split_into_bars_and_barlines
+
+    bars: dict[str, list[str]] = {}
+    for name, voice in voices.items():
+        try:
+            bars[name] = split_into_bars_and_barlines("".join(line.text for line in voice[1:]))[2]
+        except Exception:  # noqa: BLE001 - split_problem names these
+            return ""
+    counts = {name: len(texts) for name, texts in bars.items()}
+    if len(set(counts.values())) < 2:
+        return ""
+    summary = ", ".join(f"{name} {count}" for name, count in counts.items())
+    reference = next(iter(bars))
+    for index in range(min(counts.values())):
+        lengths = {}
+        for name, texts in bars.items():
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot compute
+                try:
+                    lengths[name] = calculate_bartext_duration(texts[index])
+                except Exception:  # noqa: BLE001 - a bar it cannot read proves nothing
+                    lengths[name] = None
+        if None not in lengths.values() and len(set(lengths.values())) > 1:
+            differing = next(name for name in bars if lengths[name] != lengths[reference])
+            return (f"bars per voice: {summary}; bar {index + 1} first differs in length: "
+                    f"{reference} {shortened(bars[reference][index])!r} ({lengths[reference]} units of L), "
+                    f"{differing} {shortened(bars[differing][index])!r} ({lengths[differing]})")
+    return f"bars per voice: {summary}"
+
+
+def locate_bar_problem(lines: Lines) -> str:
+    """What in the tune breaks abctoolkit's bar split or voice alignment, and where ('' if none)."""
+    voices = abctoolkit_voices(lines)
+    for name, voice in voices.items():
+        problem = split_problem(name, voice)
+        if problem:
+            return problem
+    return bar_count_problem(voices) if len(voices) > 1 else ""

@@ -1,0 +1,263 @@
+"""Folk-tune ABC that the original pipeline loses, repaired before abctoolkit (clamp2.convert.abc_repair).
+
+Every tune here is a real one from music21's corpus (read from the installed package, the way
+benchmarks/bench_abc_corpus.py reads all 12,978 of them), chosen as a small example of the repair
+it needs. Each test first shows that the reference's pipeline fails on the tune as written.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+
+from clamp2.convert.abc import (
+    AbcWarning,
+    InterleaveError,
+    abc_to_interleaved,
+    interleave,
+    interleaved_to_xml,
+    split_tunes,
+)
+from clamp2.convert.abc_repair import locate_bar_problem, merged_barline, numbered_lines, repair_tune
+from conftest import load_script
+
+
+def corpus_tune(relative_path: str, number: str) -> str:
+    """Tune ``X:number`` of a multi-tune ABC file of music21's corpus."""
+    import music21
+
+    text = (Path(music21.__file__).parent / "corpus" / relative_path).read_text(encoding="utf-8")
+    for tune in split_tunes(text):
+        if tune.split("\n", 1)[0][2:].strip() == number:
+            return tune
+    raise LookupError(f"no X:{number} in {relative_path}")
+
+
+def interleave_warned(abc_text: str) -> tuple[str, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = abc_to_interleaved(abc_text)
+    return text, [str(w.message) for w in caught if issubclass(w.category, AbcWarning)]
+
+
+def body(interleaved: str) -> list[str]:
+    return [line for line in interleaved.splitlines() if line.startswith("[V:")]
+
+
+def assert_repaired(tune: str, repairs: list[str]) -> list[str]:
+    """The reference fails, the repair path converts with exactly these repairs; the body lines."""
+    with pytest.raises(InterleaveError):
+        interleave(tune)
+    text, warned = interleave_warned(tune)
+    assert warned and warned[0].startswith(f"repaired ({', '.join(repairs)}); the original pipeline fails")
+    return body(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# One real tune per repair
+
+
+def test_essen_phrase_lines_get_their_bars_and_a_final_barline():
+    # " | A2A2A2G2 | A2G2=F2G2" then "A4_BAG2 | A2=F2G4": a full 4/4 bar ends the first line with
+    # no barline, and the last bar is never closed; the pickup "|" makes abctoolkit index past
+    # the end (the IndexError of 1,305 Essen songs).
+    tune = corpus_tune("essenFolksong/ballad50.abc", "142")
+    assert locate_bar_problem(numbered_lines(tune)) == (
+        "line 10: the last bar 'A2=F2G4' of voice V:1 has no closing barline")
+    assert assert_repaired(tune, ["bar_full_line_ends", "close_final_bar"]) == [
+        "[V:1]|A2A2A2G2|", "[V:1]A2G2=F2G2|", "[V:1]A4_BAG2|", "[V:1]A2=F2G4|]"]
+
+
+def test_essen_phrase_ending_mid_bar_continues_on_the_next_line():
+    # altdeu10 X:39 (3/2): "... | A2G4 | F4" / "c2 | d4c2 ...": F4 is 4 of 6 beats, so the bar goes
+    # on at the next line; only the final bar needs closing.
+    tune = corpus_tune("essenFolksong/altdeu10.abc", "39")
+    lines = assert_repaired(tune, ["close_final_bar"])
+    assert lines[:4] == ["[V:1]|F2F2G2|", "[V:1]A4B2|", "[V:1]A2G4|", "[V:1]F4c2|"]
+    assert lines[-1] == "[V:1]F6|]" and len(lines) == 16
+
+
+def test_essen_issue_example_keeps_each_full_bar():
+    # The issue's example (altdeu10 X:45, 3/1): "| c2d4 | e6" / "d2d2d2 | ..." - e6 is a whole bar.
+    lines = assert_repaired(corpus_tune("essenFolksong/altdeu10.abc", "45"), ["bar_full_line_ends", "close_final_bar"])
+    assert lines[5:8] == ["[V:1]c2d4|", "[V:1]e6|", "[V:1]d2d2d2|"]
+
+
+def test_unbarred_free_metre_song_gets_a_bar_per_phrase():
+    tune = corpus_tune("essenFolksong/ballad30.abc", "132")  # M: none, four lines, no barline
+    assert locate_bar_problem(numbered_lines(tune)) == "voice V:1 has no barline (line 10)"
+    assert assert_repaired(tune, ["bar_unbarred_lines"]) == [
+        "[V:1]FAcAGc2dc|", "[V:1]cdefedcdc|", "[V:1]fdefedcdc|", "[V:1]ABccBAGFGAFGFF|"]
+
+
+def test_barline_ending_a_line_and_barline_starting_the_next_become_one():
+    # O'Neill's 914: "edc d2 :|" / "|| e | faf def | ..."
+    tune = corpus_tune("oneills1850/0900-0950.abc", "914")
+    assert locate_bar_problem(numbered_lines(tune)) == (
+        "line 12: two barlines in a row, ':|' then '||', with no music between")
+    lines = assert_repaired(tune, ["merge_adjacent_barlines"])
+    assert lines[7:9] == ["[V:1]edc d2:|", "[V:1]e|"] and len(lines) == 17
+
+
+def test_end_of_section_then_start_repeat():
+    tune = corpus_tune("ryansMammoth/CottageMaidsFling.abc", "1")  # "... d4 z4 |]" / "|: vd2..."
+    lines = assert_repaired(tune, ["merge_adjacent_barlines"])
+    assert "[V:1]d4 z4||:" in lines
+
+
+def test_line_continuations_are_joined():
+    # Ryan's Mammoth (the issue's example): lines end with "\" and the next starts with "|";
+    # ":|" ending one part and "|:" starting the next become "::".
+    tune = corpus_tune("ryansMammoth/LadiesDelightReel.abc", "1")
+    assert locate_bar_problem(numbered_lines(tune)) == (
+        "line 11: two barlines in a row, ':|' then '|:', with no music between")
+    lines = assert_repaired(tune, ["join_line_continuations", "merge_adjacent_barlines"])
+    assert lines[3:5] == ["[V:1]GEFD (EB,)B,2|", "[V:1]d2(fd) AFDF|"]
+    assert "[V:1]dfeg (fd)d2::" in lines and len(lines) == 16
+    assert not any("\\" in line for line in lines)
+
+
+def test_continuation_before_a_volta():
+    tune = corpus_tune("ryansMammoth/CzarOfRussiasFavoriteHornpipe.abc", "1")  # "edc=B\" / "|1 cGEG"
+    lines = assert_repaired(tune, ["join_line_continuations"])
+    assert lines[-3:] == ['[V:1]fagf edc=B|1', '[V:1]cGEG C"0"efg:|2', "[V:1]cGEG Cgfe|]"]
+
+
+def test_key_change_line_becomes_an_inline_field():
+    tune = corpus_tune("ryansMammoth/RollingOffALogJig.abc", "1")  # a "K:G" line between the parts
+    lines = assert_repaired(tune, ["inline_body_fields"])
+    assert "[V:1][K:G]vBd(g {a}g)fg|" in lines
+    assert not any(re.search(r"\|K:", line) for line in lines)
+
+
+def test_comment_lines_leave_the_body():
+    tune = corpus_tune("ryansMammoth/WalkAroundHeyDaddy.abc", "1")  # "%%indent 600" in the body
+    text, warned = interleave_warned(tune)
+    assert warned[0].startswith("repaired (drop_body_comments, join_line_continuations)")
+    assert "%" not in text and "indent" not in text
+
+
+def test_inline_voice_lines_become_voice_blocks():
+    # Aird's Airs X:1003: V:1 and V:2 declared in the header, body written as "[V:1] ..." and
+    # "[V:2] ..." line pairs: abctoolkit finds an empty V:1 and fails.
+    tune = corpus_tune("airdsAirs/book6.abc", "1003")
+    assert locate_bar_problem(numbered_lines(tune)) == "voice V:1 (line 6) has no music"
+    lines = assert_repaired(tune, ["group_inline_voices"])
+    assert len(lines) == 18 and all(re.fullmatch(r"\[V:1\].*[|\]]\[V:2\].*[|\]]", line) for line in lines)
+    assert lines[4] == "[V:1]dGgG   e2eg|[V:2]x4     A2A2|"
+
+
+def test_chords_with_lengths_inside_only_skip_the_duration_check():
+    # "[G2G,2]" is good ABC that abctoolkit's bar-duration check rejects ("Illegal symbol in []"):
+    # the tune needs no text repair, its bars are interleaved as the reference would.
+    tune = corpus_tune("airdsAirs/book1.abc", "0162")
+    with pytest.raises(InterleaveError, match=r"Illegal symbol in \[\] \[G2G,2\]"):
+        interleave(tune)
+    text, warned = interleave_warned(tune)
+    assert warned[0].startswith("repaired (bar-duration check skipped)")
+    assert warned[0].endswith("; bar durations not checked: Exception: Illegal symbol in [] [G2G,2]")
+    assert text == interleave(tune, duration_check_fatal=False)[0]
+    assert body(text)[3] == "[V:1]AcAF  G2[G2G,2]:|"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tunes the reference converts are never repaired; what still fails says where
+
+
+def test_tunes_the_reference_converts_keep_its_output():
+    # Bee's Wings ends lines with "\" too, but abctoolkit copes: the "\" stays, as in the reference.
+    tune = corpus_tune("ryansMammoth/BeesWingsHornpipe.abc", "1")
+    expected, messages = interleave(tune)
+    text, warned = interleave_warned(tune)
+    assert text == expected and "\\" in text
+    assert warned == (["; ".join(messages)] if messages else [])
+    assert repair_tune(tune)[1]  # a repair would have changed it
+
+
+TWO_VOICES = "X:1\nT:t\nM:2/4\nL:1/8\nK:C\nV:1\n{v1}\nV:2\n{v2}\n"
+
+
+def test_still_failing_tunes_name_the_problem_and_line():
+    with pytest.raises(ValueError, match=r"cannot align the voices: .*\(bars per voice: V:1 3, V:2 2; "
+                                         r"bar 2 first differs in length: V:1 'gabc' \(4 units of L\), "
+                                         r"V:2 'G,A,' \(2\)\)"):
+        abc_to_interleaved(TWO_VOICES.format(v1="cdef|gabc|cdef|", v2="CDEF|G,A,|"))
+    with pytest.raises(ValueError) as failure:
+        abc_to_interleaved(TWO_VOICES.format(v1="cdef|gabc|", v2=""))
+    message = str(failure.value)
+    assert message.startswith("cannot split the voices into bars: IndexError")
+    assert "(voice V:2 (line 8) has no music)" in message
+    with pytest.raises(ValueError, match="not an ABC tune: no K: line"):
+        abc_to_interleaved("X:1\nT:no key\nabc|\n")
+
+
+def test_located_line_survives_repairs_that_join_lines():
+    # The continuation of line 6 is joined to line 7; the missing music of V:2 is still on line 9.
+    tune = "X:1\nM:2/4\nL:1/8\nK:C\nV:1\ncd \\\nef|gabc|\nV:2\n%\n"
+    with pytest.raises(ValueError, match=r"\(voice V:2 \(line 8\) has no music\); repaired first: "
+                                         r"drop_body_comments, join_line_continuations"):
+        abc_to_interleaved(tune)
+
+
+@pytest.mark.parametrize(("first", "second", "merged"), [
+    ("|", "|:", "|:"), (":|", "|", ":|"), (":|", "|:", "::"), (":||", "||:", "::"), ("|]", "|:", "||:"),
+    ("||", "|:", "||:"), (":|", "||", ":|"), ("||", "|]", "||"), ("::", "|:", "::"),
+])
+def test_merged_barline(first, second, merged):
+    assert merged_barline(first, second) == merged
+
+
+# ------------------------------------------------------------------------------------------------
+# The batch scripts: repaired tunes go on to MusicXML that music21 reads
+
+ROUND_TRIP = {  # file name: (corpus file, X), each needing a different repair
+    "ballad50_142.abc": ("essenFolksong/ballad50.abc", "142"),
+    "ballad30_132.abc": ("essenFolksong/ballad30.abc", "132"),
+    "oneill_914.abc": ("oneills1850/0900-0950.abc", "914"),
+    "ladies_delight.abc": ("ryansMammoth/LadiesDelightReel.abc", "1"),
+    "rolling_off_a_log.abc": ("ryansMammoth/RollingOffALogJig.abc", "1"),
+    "airds_1003.abc": ("airdsAirs/book6.abc", "1003"),
+    "airds_0162.abc": ("airdsAirs/book1.abc", "0162"),
+}
+
+
+def test_batch_scripts_round_trip_repaired_tunes(tmp_path, capsys):
+    import music21
+
+    standard, interleaved, xml = tmp_path / "abc", tmp_path / "interleaved", tmp_path / "xml"
+    standard.mkdir()
+    for name, (source, number) in ROUND_TRIP.items():
+        (standard / name).write_text(corpus_tune(source, number), encoding="utf-8", newline="")
+    (standard / "unequal.abc").write_text(TWO_VOICES.format(v1="cdef|gabc|", v2="CDEF|"), encoding="utf-8")
+
+    status = load_script("process_data/batch_interleaved_abc.py").main([str(standard), str(interleaved)])
+    assert status == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "converted 7, skipped 0, failed 1"
+    failures = (interleaved / "failed_interleaved_abc.log").read_text(encoding="utf-8")
+    assert failures.startswith("unequal.abc\tInterleaveError: cannot align the voices") and "bars per voice: V:1 2, V:2 1" in failures
+    warned = dict(line.split("\t", 1) for line in
+                  (interleaved / "warnings_interleaved_abc.log").read_text(encoding="utf-8").splitlines())
+    assert sorted(warned) == sorted(ROUND_TRIP) and all(note.startswith("repaired (") for note in warned.values())
+
+    assert load_script("process_data/batch_abc2xml.py").main([str(interleaved), str(xml)]) == 0
+    for name, (source, number) in ROUND_TRIP.items():
+        bars = body((interleaved / name).read_text(encoding="utf-8"))
+        score = music21.converter.parse(xml / name.replace(".abc", ".xml"))
+        voices = bars[0].count("[V:")
+        assert len(score.parts) == voices
+        assert all(len(part.getElementsByClass("Measure")) == len(bars) for part in score.parts), name
+        if voices == 1:
+            # music21 reads the tune as written with its own ABC parser: no note was lost on the way
+            written = music21.converter.parse(corpus_tune(source, number), format="abc")
+            assert len(score.recurse().notesAndRests) == len(written.recurse().notesAndRests), name
+
+
+def test_corpus_benchmark_runs_on_a_sample(capsys):
+    # The whole corpus is the benchmark's job; a spread-out sample shows the script still works.
+    assert load_script("benchmarks/bench_abc_corpus.py").main(["--limit", "40", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "converted 40 / 40 tunes (100.00%)" in out and "failures: 0" in out
+    assert re.search(r"the original pipeline converts \d+; [1-9]\d* more after a repair", out)
