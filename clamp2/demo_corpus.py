@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .convert.abc import split_tunes
 from .files import atomic_path, atomic_write_text
 
 
@@ -98,12 +99,6 @@ def corpus_root() -> Path:
     return Path(music21.__file__).parent / "corpus"
 
 
-def split_abc_tunes(text: str) -> List[str]:
-    """The tunes of an ABC book, each from its ``X:`` line up to the next one (blank lines trimmed)."""
-    starts = [m.start() for m in re.finditer(r"^X:", text, flags=re.M)]
-    return [text[a:b].strip() + "\n" for a, b in zip(starts, starts[1:] + [len(text)])]
-
-
 def abc_field(tune: str, name: str) -> Optional[str]:
     match = re.search(rf"^{name}:\s*(.*?)\s*$", tune, flags=re.M)
     return match.group(1) if match else None
@@ -121,7 +116,7 @@ def collection_pieces(collection: Collection) -> List[Piece]:
         if collection.kind == "musicxml":
             pieces.append(Piece(f"{collection.label}_{safe_stem(path.stem)}", collection, path))
             continue
-        tunes = split_abc_tunes(path.read_text(encoding="latin-1"))
+        tunes = [tune.strip() + "\n" for tune in split_tunes(path.read_text(encoding="latin-1"))]
         for index, tune in enumerate(tunes):
             if collection.tune_filter and not re.search(collection.tune_filter, abc_field(tune, "O") or ""):
                 continue
