@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -21,9 +21,28 @@ def parse_labels(text: str) -> List[str]:
 
 
 def read_labels_file(path: str | os.PathLike) -> List[str]:
-    """One label per line (blank lines and ``#`` comments ignored)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return check_labels([line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")])
+    """One label per line (blank lines and ``#`` comments ignored; see :func:`read_label_prompts`)."""
+    return read_label_prompts(path)[0]
+
+
+def read_label_prompts(path: str | os.PathLike) -> tuple[List[str], Dict[str, str]]:
+    """Labels, one per line, each optionally with its own prompt: ``jig = a lively jig in 6/8 time``.
+
+    Returns the labels and ``{label: prompt}`` for those that have one (the others use the template).
+    """
+    labels: List[str] = []
+    own: Dict[str, str] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        label, _, prompt = (part.strip() for part in line.partition("="))
+        if not label or (_ and not prompt):
+            raise ValueError(f"{path}: cannot read {line!r}: write 'label' or 'label = prompt'")
+        labels.append(label)
+        if prompt:
+            own[label] = prompt
+    return check_labels(labels), own
 
 
 def check_labels(labels: List[str]) -> List[str]:
@@ -37,10 +56,12 @@ def check_labels(labels: List[str]) -> List[str]:
     return labels
 
 
-def prompts(labels: Sequence[str], template: str = "{}") -> List[str]:
+def prompts(labels: Sequence[str], template: str = "{}", own: Optional[Dict[str, str]] = None) -> List[str]:
+    """Each label's prompt: its own one from ``own`` if given, else ``template`` with ``{}`` → the label."""
     if template.count("{}") != 1:
         raise ValueError(f"the prompt template must hold exactly one {{}} (where the label goes), got {template!r}")
-    return [template.replace("{}", label) for label in labels]
+    own = own or {}
+    return [own.get(label, template.replace("{}", label)) for label in labels]
 
 
 def predict(music: np.ndarray, label_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

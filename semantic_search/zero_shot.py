@@ -33,7 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("folder", type=Path, help="folder searched recursively for music files")
     labels = parser.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated labels, e.g. jig,reel,waltz")
-    labels.add_argument("--labels_file", type=Path, help="a text file with one label per line")
+    labels.add_argument("--labels_file", type=Path,
+                        help="a text file with one label per line, or 'label = its own prompt' per line")
     parser.add_argument("--prompt", default="{}", help='prompt template, {} is replaced by the label (default "{}")')
     parser.add_argument("--output", type=Path, default=Path("zero_shot.json"),
                         help="JSON file of {relative path: label} (default zero_shot.json)")
@@ -48,8 +49,11 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        labels = zero_shot.parse_labels(args.labels) if args.labels else zero_shot.read_labels_file(args.labels_file)
-        prompts = zero_shot.prompts(labels, args.prompt)
+        if args.labels:
+            labels, own_prompts = zero_shot.parse_labels(args.labels), {}
+        else:
+            labels, own_prompts = zero_shot.read_label_prompts(args.labels_file)
+        prompts = zero_shot.prompts(labels, args.prompt, own_prompts)
     except (OSError, ValueError) as exc:
         fail_usage(str(exc))
     if not args.folder.is_dir():

@@ -189,3 +189,17 @@ def test_missing_weights_is_one_line_with_the_download_command(script, labelled_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: weights file not found") and "hf download sander-wood/clamp2 weights_x.pth" in err[-1]
     assert not (tmp_path / "p.json").exists()
+
+
+def test_labels_file_with_own_prompts(tmp_path):
+    from clamp2 import zero_shot
+
+    path = tmp_path / "labels.txt"
+    path.write_text("# collections\njig = a lively jig in 6/8 time\nreel\n\nchorale = a Bach chorale\n", encoding="utf-8")
+    labels, own = zero_shot.read_label_prompts(path)
+    assert labels == ["jig", "reel", "chorale"]
+    assert zero_shot.prompts(labels, "a {} tune", own) == ["a lively jig in 6/8 time", "a reel tune", "a Bach chorale"]
+    assert zero_shot.read_labels_file(path) == labels
+    path.write_text("jig =\nreel\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="label = prompt"):
+        zero_shot.read_label_prompts(path)

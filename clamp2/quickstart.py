@@ -1,0 +1,431 @@
+"""The quick start: real corpus music → a trained CLaMP 2 → retrieval, zero-shot, probe, FMD, report.
+
+Every step runs the project's own scripts (their ``main``, in this process, or under ``torchrun``)
+on the files the previous step wrote, exactly as a researcher would run them by hand; this module
+only chooses the arguments, collects the printed numbers and draws the report. ``code/quickstart.py``
+is its command line.
+
+Steps (each resumable: a finished step is skipped on a re-run with the same settings):
+
+1. corpus — six labelled collections from music21's corpus (:mod:`clamp2.demo_corpus`), split by
+   piece into train / test (held out), with metadata and descriptions in four languages;
+2. convert — MusicXML → ABC, ABC → interleaved ABC, MIDI → MTF (``process_data/``);
+3. pairs — metadata + file paths → ``train.jsonl`` / ``test.jsonl`` (``merge_jsonl.py``) and the
+   held-out descriptions as ``.txt`` queries;
+4. text model — a small XLM-R-architecture encoder with a vocabulary of the training texts (the
+   published XLM-R cannot be downloaded here; with ``--weights`` the published one is used);
+5. M3 — masked-patch pre-training on the training music (``code/train_m3.py``);
+6. CLaMP 2 — contrastive training on the training pairs, from M3 (``code/train_clamp2.py``, under
+   ``torchrun`` with ``--nproc`` processes);
+7. features — global CLaMP 2 features of held-out texts and music, per-position features for the
+   probe (``code/extract_clamp2.py``);
+8. evaluate — retrieval (``semantic_search_metrics.py``), zero-shot by prompt (``zero_shot.py``),
+   linear probe (``music_classification/train_cls.py``), FMD between collections (``clamp2_fmd.py``);
+9. report — ``report.md``, ``metrics.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Held-out text→music chance level for N candidates: E[1/rank] for a uniformly random rank.
+
+
+def chance_mrr(n: int) -> float:
+    return sum(1.0 / r for r in range(1, n + 1)) / n if n else 0.0
+
+
+@dataclass
+class Settings:
+    per_collection: int = 50
+    m3_epochs: int = 8
+    clamp2_epochs: int = 30
+    nproc: int = 2
+    seed: int = 0
+    patch_length: int = 128
+    m3_hidden: int = 128
+    clamp2_hidden: int = 128
+    text_hidden: int = 128
+    layers: int = 2
+    batch_size: int = 16
+    probe_epochs: int = 200
+    weights: Optional[str] = None  # published CLaMP 2 (skips training)
+    text_model: Optional[str] = None
+
+    @classmethod
+    def tiny(cls) -> "Settings":
+        return cls(per_collection=6, m3_epochs=2, clamp2_epochs=8, patch_length=64, m3_hidden=64,
+                   clamp2_hidden=64, text_hidden=64, batch_size=6, probe_epochs=40)
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+# -- running the project's scripts ----------------------------------------------------------------
+
+def load_script(relative: str):
+    """A project script as a module, to call its ``main(argv)`` in this process."""
+    import importlib.util
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location("quickstart_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(relative: str, args: List[str], env: Optional[Dict[str, str]] = None, ok=(0,),
+               capture: bool = False) -> str:
+    """Run a script's ``main`` with ``env`` overrides; its stdout is echoed (and returned with ``capture``)."""
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(_Tee(sys.stdout, buffer)) if capture else contextlib.nullcontext():
+            try:
+                status = load_script(relative).main([str(a) for a in args])
+            except SystemExit as exit_:
+                status = exit_.code
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    status = 0 if status is None else status
+    if status not in ok:
+        raise StepFailed(f"{relative} exited with status {status} (see its messages above)")
+    return buffer.getvalue()
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_distributed(relative: str, args: List[str], nproc: int, env: Dict[str, str]) -> None:
+    """``torchrun --nproc_per_node=N script args`` with ``env`` (a real multi-process gloo run on CPU)."""
+    environ = dict(os.environ, **env)
+    if nproc > 1:
+        # Two processes on two cores: one thread each, or they fight over the cores.
+        environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={free_port()}", str(REPO / relative)]
+    else:
+        command = [sys.executable, str(REPO / relative)]
+    status = subprocess.run(command + [str(a) for a in args], env=environ).returncode
+    if status != 0:
+        raise StepFailed(f"{relative} exited with status {status} (see its messages above)")
+
+
+def metric_lines(text: str) -> Dict[str, float]:
+    """``MRR: 0.31`` / ``Hit@10: 0.9`` lines of semantic_search_metrics.py → numbers."""
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(MRR|Hit@\d+): ([0-9.]+)$", text, flags=re.M)}
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+
+class Quickstart:
+    def __init__(self, out: Path, settings: Settings, progress: bool = True):
+        self.out = out
+        self.s = settings
+        self.progress = progress
+        self.data = out / "data"
+        self.features = out / "features"
+        self.metrics: dict = {}
+        self.timings: Dict[str, float] = {}
+        metrics_path = out / "metrics.json"
+        if metrics_path.exists():
+            previous = json.loads(metrics_path.read_text())
+            self.metrics = previous.get("results", {})
+            self.timings = previous.get("step_seconds", {})
+
+    # configuration of the small models, as environment overrides of code/config.py
+    def model_env(self) -> Dict[str, str]:
+        s = self.s
+        return {"PATCH_LENGTH": str(s.patch_length), "PATCH_NUM_LAYERS": str(s.layers), "TOKEN_NUM_LAYERS": "1",
+                "M3_HIDDEN_SIZE": str(s.m3_hidden), "CLAMP2_HIDDEN_SIZE": str(s.clamp2_hidden),
+                "MAX_TEXT_LENGTH": "128", "M3_BATCH_SIZE": str(s.batch_size),
+                "CLAMP2_BATCH_SIZE": str(s.batch_size), "M3_NUM_EPOCH": str(s.m3_epochs),
+                "CLAMP2_NUM_EPOCH": str(s.clamp2_epochs)}
+
+    @property
+    def m3_weights(self) -> Path:
+        return self.out / "models" / "m3_small.pth"
+
+    @property
+    def clamp2_weights(self) -> Path:
+        return Path(self.s.weights) if self.s.weights else self.out / "models" / "clamp2_small.pth"
+
+    @property
+    def text_model(self) -> str:
+        return self.s.text_model or str(self.out / "models" / "text_model")
+
+    # ---------------------------------------------------------------------------------------------
+    def run(self, only_missing: bool = True) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.check_settings()
+        steps: List[tuple[str, Callable[[], None]]] = [
+            ("corpus", self.step_corpus), ("convert", self.step_convert), ("pairs", self.step_pairs)]
+        if not self.s.weights:
+            steps += [("text model", self.step_text_model), ("M3", self.step_m3), ("CLaMP 2", self.step_clamp2)]
+        steps += [("features", self.step_features), ("evaluate", self.step_evaluate), ("report", self.step_report)]
+        started = time.perf_counter()
+        for number, (name, function) in enumerate(steps, 1):
+            marker = self.out / ".done" / name.replace(" ", "_")
+            if only_missing and marker.exists() and name != "report":
+                print(f"== {number}. {name}: done in an earlier run (delete {marker} to redo it)", flush=True)
+                continue
+            print(f"\n== {number}. {name}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                function()
+            except StepFailed as error:
+                print(f"quickstart: step {number} ({name}) failed: {error}", file=sys.stderr)
+                return 1
+            self.timings[name] = round(time.perf_counter() - t0, 1)
+            print(f"-- {name}: {self.timings[name]:.0f} s", flush=True)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        total = time.perf_counter() - started
+        self.print_summary(total)
+        return 0
+
+    def check_settings(self) -> None:
+        path = self.out / "settings.json"
+        current = asdict(self.s)
+        if path.exists():
+            previous = json.loads(path.read_text())
+            if previous != current:
+                changed = ", ".join(k for k in current if previous.get(k) != current[k])
+                raise SystemExit(f"error: {self.out} holds a run with other settings ({changed}); "
+                                 f"use another --out or delete it")
+        else:
+            path.write_text(json.dumps(current, indent=1))
+
+    # 1 -------------------------------------------------------------------------------------------
+    def step_corpus(self) -> None:
+        from .demo_corpus import COLLECTIONS, build_demo_corpus
+
+        pieces = build_demo_corpus(self.data, self.s.per_collection, seed=self.s.seed, progress=self.progress)
+        by_split = {split: sum(p.split == split for p in pieces) for split in ("train", "test")}
+        print(f"{len(pieces)} pieces from {len(COLLECTIONS)} collections "
+              f"({', '.join(c.label for c in COLLECTIONS)}): {by_split['train']} train, {by_split['test']} held out")
+
+    # 2 -------------------------------------------------------------------------------------------
+    def step_convert(self) -> None:
+        d = self.data
+        ok = (0, 1)  # a file a converter rejects is listed and left out; the rest goes on
+        run_script("process_data/batch_xml2abc.py", [d / "xml", d / "abc_standard"], ok=ok)
+        run_script("process_data/batch_interleaved_abc.py", [d / "abc_standard", d / "abc"], ok=ok)
+        run_script("process_data/batch_midi2mtf.py", [d / "midi", d / "mtf"], ok=ok)
+
+    # 3 -------------------------------------------------------------------------------------------
+    def step_pairs(self) -> None:
+        """Each piece's metadata with the paths of its ABC and MTF → one JSONL per split."""
+        from .files import atomic_write_text
+
+        d = self.data
+        for split in ("train", "test"):
+            for meta in sorted((d / "metadata" / split).glob("*.json")):
+                record = json.loads(meta.read_text(encoding="utf-8"))
+                record["filepaths"] = [f"{kind}/{split}/{meta.stem}.{kind}" for kind in ("abc", "mtf")
+                                       if (d / kind / split / f"{meta.stem}.{kind}").exists()]
+                if not record["filepaths"]:
+                    continue
+                atomic_write_text(d / "summaries" / split / meta.name, json.dumps(record, indent=4, ensure_ascii=False))
+                if split == "test":  # the held-out queries: English and the other language
+                    atomic_write_text(d / "queries_en" / f"{meta.stem}.txt", record["summary_en"])
+                    atomic_write_text(d / "queries_nen" / f"{meta.stem}.txt", record["summary_nen"]["summary"])
+            run_script("process_data/merge_jsonl.py", [d / "summaries" / split, d / f"{split}.jsonl",
+                                                       "--data_root", d], ok=(0, 1))
+
+    # 4 -------------------------------------------------------------------------------------------
+    def step_text_model(self) -> None:
+        from .text_model import build_small_text_model
+
+        texts = []
+        for line in (self.data / "train.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            texts += [record["summary_en"], record["summary_nen"]["summary"]]
+            texts += [str(v) for k, v in record.items() if k not in ("summary_en", "summary_nen", "filepaths")]
+        heads = max(1, self.s.text_hidden // 64)
+        build_small_text_model(self.text_model, texts, hidden_size=self.s.text_hidden, num_layers=self.s.layers,
+                               num_heads=heads, max_positions=130, max_words=4000, seed=self.s.seed)
+        print(f"text encoder: XLM-R architecture, hidden {self.s.text_hidden}, {self.s.layers} layers, "
+              f"vocabulary from {len(texts)} training texts -> {self.text_model}")
+
+    # 5 -------------------------------------------------------------------------------------------
+    def step_m3(self) -> None:
+        d = self.data
+        run_script("code/train_m3.py", ["--train_folders", d / "abc" / "train", d / "mtf" / "train",
+                                        "--weights", self.m3_weights, "--learning_rate", "5e-4",
+                                        *self.no_progress()], env=self.model_env())
+
+    # 6 -------------------------------------------------------------------------------------------
+    def step_clamp2(self) -> None:
+        run_distributed("code/train_clamp2.py", [
+            "--train_jsonl", self.data / "train.jsonl", "--text_model", self.text_model,
+            "--m3_weights", self.m3_weights, "--weights", self.clamp2_weights, "--learning_rate", "2e-4",
+            *self.no_progress()], self.s.nproc, self.model_env())
+
+    def no_progress(self) -> List[str]:
+        return [] if self.progress else ["--no_progress"]
+
+    # 7 -------------------------------------------------------------------------------------------
+    def extract(self, source: Path, target: Path, normalize: bool = True) -> None:
+        args = [source, target, "--weights", self.clamp2_weights, "--text_model", self.text_model]
+        run_script("code/extract_clamp2.py", args + (["--normalize"] if normalize else []) + self.no_progress(),
+                   env={} if self.s.weights else self.model_env())
+
+    def step_features(self) -> None:
+        d, f = self.data, self.features
+        self.extract(d / "queries_en", f / "text_en")
+        self.extract(d / "queries_nen", f / "text_nen")
+        for split in ("train", "test"):
+            self.extract(d / "abc" / split, f / f"abc_{split}")
+            self.extract(d / "mtf" / split, f / f"mtf_{split}")
+            self.extract(d / "abc" / split, f / f"abc_{split}_positions", normalize=False)
+
+    # 8 -------------------------------------------------------------------------------------------
+    def step_evaluate(self) -> None:
+        f = self.features
+        n_test = len(list((f / "abc_test").glob("*.npy")))
+        retrieval = {}
+        for name, query, reference in [("text→music (ABC)", "text_en", "abc_test"),
+                                       ("text→music (MTF)", "text_en", "mtf_test"),
+                                       ("other-language text→music (ABC)", "text_nen", "abc_test"),
+                                       ("ABC→MTF (same piece)", "abc_test", "mtf_test")]:
+            print(f"-- {name}: semantic_search_metrics.py {f / query} {f / reference}")
+            printed = run_script("semantic_search/semantic_search_metrics.py", [f / query, f / reference],
+                                 capture=True, ok=(0, 1))
+            retrieval[name] = metric_lines(printed)
+        self.metrics["retrieval"] = retrieval
+        self.metrics["held_out_pieces"] = n_test
+        self.metrics["chance_mrr"] = round(chance_mrr(n_test), 4)
+        self.zero_shot()
+        self.probe()
+        self.fmd()
+        self.save_metrics()
+
+    def zero_shot(self) -> None:
+        from .demo_corpus import PROMPTS
+
+        labels = self.out / "zero_shot_labels.txt"
+        labels.write_text("".join(f"{label} = {prompt}\n" for label, prompt in PROMPTS.items()), encoding="utf-8")
+        printed = run_script("semantic_search/zero_shot.py", [
+            self.data / "abc" / "test", "--labels_file", labels, "--output", self.out / "zero_shot.json",
+            "--confusion_png", self.out / "zero_shot_confusion.png", "--weights", self.clamp2_weights,
+            "--text_model", self.text_model, "--cache", self.out / "cache", *self.no_progress()],
+            env={} if self.s.weights else self.model_env(), capture=True, ok=(0, 1))
+        match = re.search(r"accuracy ([0-9.]+), macro-F1 ([0-9.]+)", printed)
+        predictions = json.loads((self.out / "zero_shot.json").read_text())
+        counts: Dict[str, int] = {}
+        for name in predictions:
+            label = Path(name).name.split("_", 1)[0]
+            counts[label] = counts.get(label, 0) + 1
+        self.metrics["zero_shot"] = {"accuracy": float(match.group(1)) if match else None,
+                                     "macro_f1": float(match.group(2)) if match else None,
+                                     "majority_class": round(max(counts.values()) / max(1, len(predictions)), 4),
+                                     "prompts": PROMPTS}
+
+    def probe(self) -> None:
+        f = self.features
+        report = self.out / "probe"
+        run_script("music_classification/train_cls.py", [
+            "--train_folders", f / "abc_train_positions", "--eval_folders", f / "abc_test_positions",
+            "--weights", self.out / "models" / "probe.pth", "--report_dir", report, "--batch_size", "16",
+            "--epochs", self.s.probe_epochs, "--learning_rate", "1e-3", "--patience", "30", *self.no_progress()],
+            ok=(0, 1))
+        self.metrics["probe"] = json.loads((report / "metrics.json").read_text())
+
+    def fmd(self) -> None:
+        """FMD between each collection's held-out music and each collection's training music (ABC)."""
+        from .demo_corpus import COLLECTIONS
+
+        f = self.features
+        groups = f / "by_collection"
+        for split in ("train", "test"):
+            for npy in sorted((f / f"abc_{split}").glob("*.npy")):
+                target = groups / split / npy.name.split("_", 1)[0] / npy.name
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(npy, target)
+        labels = [c.label for c in COLLECTIONS]
+        table: Dict[str, Dict[str, float]] = {}
+        for test in labels:
+            table[test] = {}
+            for train in labels:
+                printed = run_script("semantic_search/clamp2_fmd.py", [groups / "train" / train, groups / "test" / test],
+                                     capture=True, ok=(0, 1))
+                match = re.search(r":\s*(-?[0-9.]+(?:e[-+]?\d+)?)\s*$", printed.strip())
+                table[test][train] = float(match.group(1)) if match else float("nan")
+        self.metrics["fmd_test_vs_train"] = table
+
+    def save_metrics(self) -> None:
+        from .files import atomic_write_text
+
+        atomic_write_text(self.out / "metrics.json", json.dumps(
+            {"settings": asdict(self.s), "results": self.metrics, "step_seconds": self.timings}, indent=1,
+            ensure_ascii=False))
+
+    # 9 -------------------------------------------------------------------------------------------
+    def step_report(self) -> None:
+        from .quickstart_report import write_report
+
+        self.save_metrics()
+        write_report(self)
+
+    def print_summary(self, seconds: float) -> None:
+        r = self.metrics.get("retrieval", {})
+        chance = self.metrics.get("chance_mrr")
+        for name in ("text→music (ABC)", "ABC→MTF (same piece)"):
+            if name in r:
+                mrr = r[name].get("MRR", float("nan"))
+                print(f"{name} MRR {mrr:.2f} (chance {chance:.2f}, {mrr / chance:.1f}x)")
+        z = self.metrics.get("zero_shot", {})
+        if z.get("accuracy") is not None:
+            print(f"zero-shot accuracy {z['accuracy']:.2f} (majority class {z['majority_class']:.2f})")
+        p = self.metrics.get("probe", {})
+        if "accuracy" in p:
+            print(f"linear probe accuracy {p['accuracy']:.2f}, macro-F1 {p.get('macro_f1', float('nan')):.2f}")
+        print(f"quickstart: done in {seconds / 60:.1f} min; report {self.out / 'report.md'}")
+
+
+def format_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
