@@ -181,11 +181,11 @@ class Quickstart:
 
     @property
     def m3_weights(self) -> Path:
-        return self.out / "models" / "m3_small.pth"
+        return self.out / "models" / "weights_m3_small.pth"
 
     @property
     def clamp2_weights(self) -> Path:
-        return Path(self.s.weights) if self.s.weights else self.out / "models" / "clamp2_small.pth"
+        return Path(self.s.weights) if self.s.weights else self.out / "models" / "weights_clamp2_small.pth"
 
     @property
     def text_model(self) -> str:
@@ -289,7 +289,7 @@ class Quickstart:
     def step_m3(self) -> None:
         d = self.data
         run_script("code/train_m3.py", ["--train_folders", d / "abc" / "train", d / "mtf" / "train",
-                                        "--weights", self.m3_weights, "--learning_rate", "5e-4",
+                                        "--weights", self.m3_weights, "--learning_rate", "5e-4", "--warmup_steps", "0",
                                         *self.no_progress()], env=self.model_env())
 
     # 6 -------------------------------------------------------------------------------------------
@@ -297,6 +297,7 @@ class Quickstart:
         run_distributed("code/train_clamp2.py", [
             "--train_jsonl", self.data / "train.jsonl", "--text_model", self.text_model,
             "--m3_weights", self.m3_weights, "--weights", self.clamp2_weights, "--learning_rate", "2e-4",
+            "--warmup_steps", "0",
             *self.no_progress()], self.s.nproc, self.model_env())
 
     def no_progress(self) -> List[str]:

@@ -1,0 +1,227 @@
+"""The quick start's report: ``report.md`` and the PNG plots a researcher looks at first.
+
+Plots: training curves of M3 and CLaMP 2 (from their per-epoch logs), the held-out text × music
+similarity matrix, a 2-D PCA map of the music features coloured by collection, and the linear
+probe's confusion matrix (drawn by the probe itself).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from .files import atomic_path, atomic_write_text
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    _pyplot().close(fig)
+
+
+def read_log(path: Path) -> Dict[str, List[float]]:
+    """Per-epoch ``train_loss`` / ``eval_loss`` of a training log (the reference's format)."""
+    losses: Dict[str, List[float]] = {"train_loss": [], "eval_loss": []}
+    if path.exists():
+        for name, value in re.findall(r"^(train_loss|eval_loss): (\S+)$", path.read_text(), flags=re.M):
+            losses[name].append(float(value))
+    return losses
+
+
+def plot_training(curves: Dict[str, Dict[str, List[float]]], chance: Dict[str, float], path: Path) -> bool:
+    shown = {name: c for name, c in curves.items() if c["train_loss"]}
+    if not shown:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.6))
+    for ax, (name, c) in zip(np.atleast_1d(axes), shown.items()):
+        epochs = range(1, len(c["train_loss"]) + 1)
+        ax.plot(epochs, c["train_loss"], marker="o", label="train")
+        if c["eval_loss"]:
+            ax.plot(range(1, len(c["eval_loss"]) + 1), c["eval_loss"], marker="o", label="eval")
+        if name in chance:
+            ax.axhline(chance[name], color="gray", linestyle="--", label="chance")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def load_folder(folder: Path) -> Tuple[List[str], np.ndarray]:
+    files = sorted(folder.glob("*.npy"))
+    return [f.stem for f in files], np.stack([np.load(f)[0] for f in files]) if files else np.zeros((0, 0))
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+def plot_similarity(text_dir: Path, music_dir: Path, path: Path) -> bool:
+    text_keys, text = load_folder(text_dir)
+    music_keys, music = load_folder(music_dir)
+    common = sorted(set(text_keys) & set(music_keys))
+    if not common:
+        return False
+    t = text[[text_keys.index(k) for k in common]]
+    m = music[[music_keys.index(k) for k in common]]
+    scores = cosine_matrix(t, m)
+    labels = [k.split("_", 1)[0] for k in common]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(scores, cmap="viridis")
+    fig.colorbar(image, ax=ax, label="cosine similarity")
+    bounds = [i for i in range(1, len(labels)) if labels[i] != labels[i - 1]]
+    for b in bounds:
+        ax.axhline(b - 0.5, color="white", linewidth=0.6)
+        ax.axvline(b - 0.5, color="white", linewidth=0.6)
+    starts = [0] + bounds
+    ends = bounds + [len(labels)]
+    ax.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, ends)], [labels[s] for s in starts], rotation=45,
+                  ha="right", fontsize=8)
+    ax.set_yticks([(s + e - 1) / 2 for s, e in zip(starts, ends)], [labels[s] for s in starts], fontsize=8)
+    ax.set_xlabel("held-out music (ABC)")
+    ax.set_ylabel("held-out English descriptions")
+    ax.set_title("text × music similarity (true pairs on the diagonal)")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_feature_map(folders: Dict[str, Path], path: Path) -> bool:
+    """PCA of the music features of every folder, coloured by collection, marker by folder."""
+    from sklearn.decomposition import PCA
+
+    rows, labels, kinds = [], [], []
+    for kind, folder in folders.items():
+        keys, features = load_folder(folder)
+        if not keys:
+            continue
+        features = features / np.linalg.norm(features, axis=1, keepdims=True)
+        rows.append(features)
+        labels += [k.split("_", 1)[0] for k in keys]
+        kinds += [kind] * len(keys)
+    if not rows:
+        return False
+    points = PCA(n_components=2, random_state=0).fit_transform(np.concatenate(rows))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    colours = plt.get_cmap("tab10")
+    markers = ["o", "^", "s", "D"]
+    for ci, label in enumerate(sorted(set(labels))):
+        for mi, kind in enumerate(folders):
+            chosen = [i for i, (l, k) in enumerate(zip(labels, kinds)) if l == label and k == kind]
+            if chosen:
+                ax.scatter(points[chosen, 0], points[chosen, 1], s=14, color=colours(ci), marker=markers[mi % 4],
+                           label=f"{label} ({kind})" if len(folders) > 1 else label, alpha=0.75)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title("CLaMP 2 music features (PCA), by collection")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def write_report(run) -> None:
+    """Plots and ``report.md`` for a finished :class:`clamp2.quickstart.Quickstart` run."""
+    out = run.out
+    plots = out / "plots"
+    made: Dict[str, bool] = {}
+    curves = {"M3 (masked-patch reconstruction)": read_log(run.m3_weights.with_name("logs_m3_small.txt")),
+              "CLaMP 2 (contrastive)": read_log(run.clamp2_weights.with_name("logs_clamp2_small.txt"))}
+    chance = {"M3 (masked-patch reconstruction)": float(np.log(128))}
+    made["training_curves.png"] = plot_training(curves, chance, plots / "training_curves.png")
+    made["similarity_matrix.png"] = plot_similarity(run.features / "text_en", run.features / "abc_test",
+                                                    plots / "similarity_matrix.png")
+    made["feature_map.png"] = plot_feature_map({"ABC": run.features / "abc_train", "MTF": run.features / "mtf_train"},
+                                               plots / "feature_map.png")
+    probe_png = out / "probe" / "confusion_matrix.png"
+    atomic_write_text(out / "report.md", report_text(run, curves, made, probe_png))
+
+
+def _mrr_line(name: str, values: Dict[str, float], chance: float) -> str:
+    mrr = values.get("MRR", float("nan"))
+    hits = ", ".join(f"{k} {v:.2f}" for k, v in values.items() if k != "MRR")
+    ratio = mrr / chance if chance else float("nan")
+    return f"| {name} | {mrr:.3f} | {chance:.3f} | {ratio:.1f}× | {hits} |"
+
+
+def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
+    m, s = run.metrics, run.s
+    chance = m.get("chance_mrr", float("nan"))
+    n = m.get("held_out_pieces", 0)
+    lines = ["# CLaMP 2 quick start report", ""]
+    trained = "the published CLaMP 2" if s.weights else (
+        f"a small M3 (hidden {s.m3_hidden}, {s.layers} layers, {s.m3_epochs} epochs) and a small CLaMP 2 "
+        f"(text encoder hidden {s.text_hidden}, {s.clamp2_epochs} epochs, {s.nproc} processes) trained here")
+    lines += [f"Music from music21's corpus: {s.per_collection} pieces from each of six collections, "
+              f"{n} held out (never seen in training). Model: {trained}. Every number below comes from "
+              "the project's own scripts, run on the held-out pieces.", ""]
+    lines += ["## Retrieval (held-out pieces)", "",
+              "Each query must find its own piece among all held-out pieces; chance is the MRR of a random "
+              f"ranking of {n} candidates.", "",
+              "| task | MRR | chance | × chance | Hit@K |", "| --- | --- | --- | --- | --- |"]
+    for name, values in m.get("retrieval", {}).items():
+        lines.append(_mrr_line(name, values, chance))
+    lines += ["", "*text→music*: an English description written from the piece's metadata (title, collection, "
+              "key, meter, voices, range) finds the piece's interleaved ABC (or MTF). *other-language*: the same "
+              "with the German, French or Spanish description. *ABC→MTF*: a piece's ABC finds the MTF rendered "
+              "from the same piece: the two formats share one embedding space.", ""]
+    z = m.get("zero_shot", {})
+    if z:
+        lines += ["## Zero-shot classification by prompt", "",
+                  f"Accuracy **{z.get('accuracy')}** (macro-F1 {z.get('macro_f1')}) over the held-out ABC, "
+                  f"against {z.get('majority_class')} for always answering the largest class. Prompts:", ""]
+        lines += [f"- `{label}`: \"{prompt}\"" for label, prompt in z.get("prompts", {}).items()]
+        lines += ["", "![zero-shot confusion](zero_shot_confusion.png)", ""]
+    p = m.get("probe", {})
+    if p:
+        shown = {k: v for k, v in p.items() if isinstance(v, (int, float))}
+        lines += ["## Linear probe", "",
+                  "The original's probe (Linear + ReLU per position, mean, Linear, softmax) trained on the "
+                  "per-position CLaMP 2 features of the training pieces, evaluated on the held-out ones: "
+                  + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()), ""]
+        if probe_png.exists():
+            lines += [f"![probe confusion matrix]({probe_png.relative_to(run.out).as_posix()})", ""]
+    fmd = m.get("fmd_test_vs_train", {})
+    if fmd:
+        labels = list(fmd)
+        lines += ["## Fréchet Music Distance between collections", "",
+                  "FMD of each collection's held-out music (rows) to each collection's training music "
+                  "(columns); lower is closer, so the diagonal should be the smallest in each row. With so few "
+                  "pieces per collection the covariances are rough: compare within a row.", "",
+                  "| held out \\ train | " + " | ".join(labels) + " |", "|" + " --- |" * (len(labels) + 1)]
+        for row in labels:
+            values = [fmd[row].get(col, float("nan")) for col in labels]
+            best = int(np.nanargmin(values)) if values else -1
+            cells = [f"**{v:.2f}**" if i == best else f"{v:.2f}" for i, v in enumerate(values)]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Plots", ""]
+    captions = {"training_curves.png": "training curves (loss per epoch; M3's chance is ln 128)",
+                "similarity_matrix.png": "held-out text × music cosine similarity, grouped by collection",
+                "feature_map.png": "PCA map of the training music features, coloured by collection"}
+    for name, caption in captions.items():
+        if made.get(name):
+            lines += [f"![{caption}](plots/{name})", f"*{caption}*", ""]
+    lines += ["## Time", "", "| step | seconds |", "| --- | --- |"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in run.timings.items()]
+    lines += ["", "All numbers are also in `metrics.json`."]
+    return "\n".join(lines) + "\n"
