@@ -118,6 +118,8 @@ def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
     if not len(features):
         raise ProbeUsageError(f"none of the {len(skipped)} feature files can be used (reasons listed above)")
     features.dim()  # mixed sizes or kinds: a usage error before anything is trained
+    if dist_info.device.type == "cuda":
+        features.move_to(dist_info.device)
     report_dir = report_dir_for(args, settings.weights_path)
     if args.folds:
         return run_cross_validation(args.folds, features, skipped, settings, report_dir, dist_info)
@@ -255,6 +257,8 @@ def inference_command(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     list_skipped(DistInfo(), skipped)
+    if device.type == "cuda":
+        features.move_to(device)
     probabilities = predict_features(probe, features, args.batch_size, device) if len(features) else None
     predictions = probabilities.argmax(axis=1).tolist() if probabilities is not None else []
     results = {str(path): probe.class_names[index] for path, index in zip(features.paths, predictions)}

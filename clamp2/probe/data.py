@@ -104,14 +104,35 @@ class FeatureSet:
     kinds: List[str] = field(default_factory=list)
     # The arrays themselves when the set fits in the memory budget; else read again when needed.
     arrays: Optional[List[np.ndarray]] = None
+    # All positions in one device tensor (see :meth:`move_to`), with each file's first row.
+    resident: Optional[torch.Tensor] = None
+    offsets: Optional[List[int]] = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def features(self, index: int) -> torch.Tensor:
+        if self.resident is not None:
+            start = self.offsets[index]
+            return self.resident[start:start + self.lengths[index]]
         if self.arrays is not None:
             return torch.from_numpy(self.arrays[index])
         return torch.from_numpy(read_feature(self.paths[index])[0])
+
+    def move_to(self, device: torch.device) -> bool:
+        """Hold the cached features in ``device`` memory (one tensor); False when they are not cached.
+
+        On a GPU, batches are then gathered there: copying each batch from the host, not the
+        probe's arithmetic, would otherwise bound the speed of large batches.
+        """
+        if self.arrays is None or not self.arrays:
+            return False
+        offsets = np.concatenate([[0], np.cumsum(self.lengths)]).tolist()
+        resident = torch.empty((offsets[-1], self.dims[0]), dtype=torch.float32, device=device)
+        for array, start in zip(self.arrays, offsets):
+            resident[start:start + len(array)].copy_(torch.from_numpy(array))
+        self.resident, self.offsets, self.arrays = resident, offsets[:-1], None
+        return True
 
     def dim(self) -> int:
         """The feature size D shared by every file; mixed sizes or kinds are a usage error."""
@@ -179,21 +200,19 @@ def check_classes(labels: Sequence[str], what: str) -> None:
 
 # -- batches -------------------------------------------------------------------------------------
 
-def pad_positions(items: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``[B, L_max, D]`` zero-padded features and a ``[B, L_max]`` mask (None when no file needs padding).
+def pack_positions(items: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A batch of files ``[L_i, D]``: ``(features, mask)``.
 
-    No mask when all lengths are equal keeps batch size 1 on the reference's plain mean.
+    Equal lengths (batch size 1 always): ``[B, L, D]`` and no mask, the reference's plain mean.
+    Otherwise the positions of all files one after another, ``[sum L_i, D]``, and a ``[B, L_max]``
+    mask of which padded slots they fill: no padding is ever pushed through the first layer.
     """
     lengths = [len(item) for item in items]
     longest = max(lengths)
     if min(lengths) == longest:
         return torch.stack(list(items)), None
-    batch = items[0].new_zeros((len(items), longest, items[0].shape[1]))
-    mask = torch.zeros((len(items), longest), dtype=torch.bool)
-    for row, (item, length) in enumerate(zip(items, lengths)):
-        batch[row, :length] = item
-        mask[row, :length] = True
-    return batch, mask
+    mask = torch.arange(longest).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    return torch.cat(list(items)), mask
 
 
 class ProbeDataset(Dataset):
@@ -214,10 +233,10 @@ class ProbeDataset(Dataset):
         return [self.features.lengths[index] for index in self.indices]
 
 
-def collate_padded(samples):
-    """``(features, mask or None, targets, items)`` of a list of dataset items."""
+def collate_batch(samples):
+    """``(features, mask or None, targets, items)`` of a list of dataset items (see :func:`pack_positions`)."""
     tensors, targets, items = zip(*samples)
-    features, mask = pad_positions(tensors)
+    features, mask = pack_positions(tensors)
     return features, mask, torch.tensor(targets, dtype=torch.long), torch.tensor(items, dtype=torch.long)
 
 

@@ -26,13 +26,22 @@ class LinearProbe(nn.Module):
         self.softmax = nn.Softmax(dim=1)
 
     def forward(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Class probabilities ``[B, classes]`` of features ``[B, L, D]``; ``mask`` ``[B, L]`` marks real positions."""
-        hidden = self.relu(self.fc1(features))
+        """Class probabilities ``[B, classes]``.
+
+        ``features`` ``[B, L, D]`` alone: every position counts (the reference). With a ``[B, L]``
+        boolean ``mask`` of the real positions, ``features`` is either padded ``[B, L, D]`` or
+        the real positions only, packed file after file ``[mask.sum(), D]``
+        (:func:`clamp2.probe.data.pack_positions`); padding then never reaches the first layer
+        and each file gets the mean over its own positions.
+        """
         if mask is None:
-            pooled = hidden.mean(dim=1)
-        else:
-            weights = mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+            return self.softmax(self.fc2(self.relu(self.fc1(features)).mean(dim=1)))
+        if features.dim() == 3:
+            features = features[mask]
+        hidden = self.relu(self.fc1(features))
+        slots = hidden.new_zeros((*mask.shape, hidden.shape[-1]))
+        slots[mask] = hidden
+        pooled = slots.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(slots.dtype)
         return self.softmax(self.fc2(pooled))
 
 

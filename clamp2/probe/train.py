@@ -40,7 +40,7 @@ from ..distributed import DistInfo, barrier, gather_objects, seed_everything
 from ..files import remove_partial_files
 from ..progress import progress_bar, write_line
 from ..training.loop import Precision
-from .data import EpochSampler, FeatureSet, ProbeDataset, ProbeUsageError, collate_padded
+from .data import EpochSampler, FeatureSet, ProbeDataset, ProbeUsageError, collate_batch
 from .model import HIDDEN_SIZE, LinearProbe, probe_loss
 from .report import HISTORY_FIELDS, macro_f1, scores
 
@@ -129,6 +129,14 @@ def say(dist_info: DistInfo, message: str) -> None:
 
 # -- evaluation and training epochs ----------------------------------------------------------------
 
+def make_loader(dataset: ProbeDataset, sampler: EpochSampler, batch_size: int, num_workers: int,
+                device: torch.device) -> DataLoader:
+    """Batches of ``dataset`` in ``sampler``'s order; features already on the device are batched in place."""
+    resident = dataset.features.resident is not None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch,
+                      num_workers=0 if resident else num_workers, pin_memory=device.type == "cuda" and not resident)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset: ProbeDataset, batch_size: int, dist_info: DistInfo,
             num_classes: int, num_workers: int = 0) -> np.ndarray:
@@ -140,8 +148,7 @@ def predict(model: torch.nn.Module, dataset: ProbeDataset, batch_size: int, dist
     order = sorted(range(len(dataset)), key=lambda item: lengths[item])
     sampler = EpochSampler(dataset.targets, shuffle=False, order=order, rank=dist_info.rank,
                            world_size=dist_info.world_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_padded,
-                        num_workers=num_workers)
+    loader = make_loader(dataset, sampler, batch_size, num_workers, dist_info.device)
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -267,8 +274,7 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
     optimizer = torch.optim.AdamW(trained.parameters(), lr=settings.learning_rate)
     sampler = EpochSampler(train_set.targets, shuffle=True, balanced=settings.balanced, seed=settings.seed,
                            rank=dist_info.rank, world_size=dist_info.world_size)
-    loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler, collate_fn=collate_padded,
-                        num_workers=settings.num_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(train_set, sampler, settings.batch_size, settings.num_workers, device)
     warmup_steps = len(loader) if settings.warmup_steps == ONE_EPOCH else settings.warmup_steps
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
