@@ -15,7 +15,7 @@ plain run reproduces its numbers; --batch_size pads and masks positions, so any 
 every file the output it gets alone (training steps differ: fewer, larger ones).
 
 Writes the best probe by eval accuracy (with its label map) to --weights, latest_<weights> every
-epoch (a re-run resumes from it), the reference's per-epoch log (logs-<name>.txt), and a report
+minute and at the end (a re-run resumes from it), the reference's per-epoch log (logs-<name>.txt), and a report
 folder: metrics.json, report.txt (per-class precision/recall/F1), confusion_matrix.png,
 learning_curve.png. --folds K runs stratified K-fold cross-validation and prints mean ± std.
 gloo on CPU, NCCL on CUDA; AMP on CUDA only. Exit status: 0 done, 1 done but files were skipped
@@ -70,6 +70,9 @@ def parse_args(argv=None):
                         help="keep the features in memory when the files total at most this many GB per "
                              "process (4); larger sets are read from disk every epoch")
     parser.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes (0)")
+    parser.add_argument("--checkpoint_interval", type=float, default=60.0,
+                        help="seconds between writes of latest_<weights> (60; 0: every epoch); the best probe is "
+                             "written whenever it improves, latest_ always at the end")
     parser.add_argument("--no_resume", action="store_true", help="start afresh even if latest_<weights> exists")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -326,7 +326,8 @@ def test_resume_continues_exactly(tmp_path, train_cls, data, capsys):
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, train_cls, data, capsys):
     folder, _ = data
-    common = ["--train_folders", str(folder / "train"), *FAST, "--batch_size", "1", "--epochs", "40"]
+    common = ["--train_folders", str(folder / "train"), *FAST, "--batch_size", "1", "--epochs", "40",
+              "--checkpoint_interval", "0"]
     assert run(train_cls, common + ["--weights", tmp_path / "full.pth"], capsys)[0] == 0
     killed = tmp_path / "killed.pth"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -436,6 +437,15 @@ def test_usage_errors_are_one_line(tmp_path, train_cls, capsys, case):
     code, _, err = run(train_cls, args, capsys)
     assert code == 2
     assert expected in one_line_error(err) if case != "all bad" else expected in err.splitlines()[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_a_device_is_one_line(tmp_path, train_cls, inference_cls, capsys):
+    code, _, err = run(train_cls, ["--train_folders", tmp_path, "--device", "cuda"], capsys)
+    assert code == 2 and "no CUDA device" in one_line_error(err)
+    code, _, err = run(inference_cls, [tmp_path, tmp_path / "o.json", "--weights", "w.pth", "--device", "cuda"],
+                       capsys)
+    assert code == 2 and "no CUDA device" in one_line_error(err)
 
 
 def test_argparse_errors_are_one_line(train_cls, capsys):

@@ -19,7 +19,6 @@ import torch
 from ..cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from ..distributed import DistInfo, distributed_context
 from ..files import atomic_write_text
-from ..progress import write_line
 from ..training.data import split_eval
 from .data import (FeatureError, FeatureSet, ProbeUsageError, check_classes, discover, label_map, label_of,
                    scan_features)
@@ -31,8 +30,17 @@ BYTES_PER_GB = 1024 ** 3
 Skipped = List[Tuple[Path, str]]
 
 
+def cuda_problem(device: Optional[str]) -> Optional[str]:
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        return (f"--device {device}: no CUDA device is available (check nvidia-smi and that torch is a CUDA build), "
+                "or use --device cpu")
+    return None
+
+
 def usage_problem(args) -> Optional[str]:
     """The first flag combination that cannot run, if any."""
+    if cuda_problem(args.device):
+        return cuda_problem(args.device)
     if args.batch_size < 1 or args.eval_batch_size is not None and args.eval_batch_size < 1:
         return "--batch_size and --eval_batch_size must be at least 1"
     if args.epochs < 1:
@@ -68,7 +76,8 @@ def settings_from_args(args) -> ProbeSettings:
                          eval_batch_size=args.eval_batch_size or args.batch_size, learning_rate=args.learning_rate,
                          hidden_size=args.hidden_size, warmup_steps=warmup, balanced=args.balanced,
                          patience=args.patience, seed=args.seed, precision=args.precision,
-                         resume=not args.no_resume, progress=not args.no_progress, num_workers=args.num_workers)
+                         resume=not args.no_resume, progress=not args.no_progress, num_workers=args.num_workers,
+                         checkpoint_interval=args.checkpoint_interval)
 
 
 def report_dir_for(args, weights: Path) -> Path:
@@ -244,8 +253,9 @@ def run_cross_validation(folds: int, features: FeatureSet, skipped: Skipped, set
 # -- inference_cls.py ------------------------------------------------------------------------------
 
 def inference_command(args) -> int:
-    if args.batch_size < 1:
-        print("error: --batch_size must be at least 1", file=sys.stderr)
+    problem = cuda_problem(args.device) or ("--batch_size must be at least 1" if args.batch_size < 1 else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
@@ -256,6 +266,8 @@ def inference_command(args) -> int:
     except ProbeUsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    print(f"loaded {args.weights}: epoch {probe.epoch}, eval accuracy {probe.max_eval_acc:.4f}, "
+          f"{len(probe.class_names)} classes, features of size {probe.input_size}", flush=True)
     list_skipped(DistInfo(), skipped)
     if device.type == "cuda":
         features.move_to(device)

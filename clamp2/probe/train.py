@@ -9,10 +9,11 @@
   probabilities it gets alone; batch size 1 is the reference's;
 - every epoch: train, evaluate on the whole eval set (fp32, gathered from all ranks; the
   reference's ranks each score only their own shard), append the reference's log entry plus
-  losses and training F1, save ``latest_<weights>`` always and the weights file when the eval
-  accuracy improves (strictly; the first epoch always counts), both atomically, with the label map;
+  losses and training F1, save the weights file when the eval accuracy improves (strictly; the
+  first epoch always counts) and ``latest_<weights>`` at most every ``checkpoint_interval``
+  seconds and at the end, both atomically, with the label map;
 - optional early stopping after ``patience`` epochs without a better eval accuracy;
-- a killed run resumes from ``latest_`` exactly: the data order of an epoch depends only on
+- a killed run resumes from ``latest_`` exactly (redoing the epochs after it): the data order of an epoch depends only on
   (seed, epoch), and the model has no dropout, so no random state needs restoring.
 
 AMP (fp16 autocast with gradient scaling, the reference's) or bf16 apply on CUDA only, in training;
@@ -68,6 +69,9 @@ class ProbeSettings:
     resume: bool = True
     progress: bool = True
     num_workers: int = 0
+    # Seconds between writes of latest_ (the last epoch always writes it): with batches on a GPU an
+    # epoch can take less time than writing the optimizer state.
+    checkpoint_interval: float = 60.0
 
     def record(self) -> Dict[str, Any]:
         """What is stored in checkpoints and metrics.json."""
@@ -294,14 +298,15 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
     def should_stop(epoch: int) -> bool:
         return bool(settings.patience) and best_epoch > 0 and epoch - best_epoch >= settings.patience
 
+    parameters = sum(p.numel() for p in model.parameters())
     say(dist_info, f"{name}: {len(train_set)} training / {len(eval_set)} eval files, {num_classes} classes, "
-                   f"features {features.kinds[0]} with D={input_size}; {dist_info.world_size} process(es) on "
-                   f"{device.type}, batch {settings.batch_size} per process, {precision}, "
+                   f"features {features.kinds[0]} with D={input_size}, {parameters} parameters; "
+                   f"{dist_info.world_size} process(es) on {device.type}, batch {settings.batch_size} per process, {precision}, "
                    f"learning rate {settings.learning_rate:g}"
                    f"{f' (warm-up {warmup_steps} steps)' if warmup_steps else ''}, epochs up to {settings.epochs}"
                    f"{f', early stopping after {settings.patience}' if settings.patience else ''}")
     stopped_early = should_stop(start_epoch)
-    last_epoch = start_epoch
+    last_epoch, last_saved = start_epoch, time.monotonic()
     bar = progress_bar(total=settings.epochs, initial=min(start_epoch, settings.epochs), desc=name, unit="epoch",
                        enabled=dist_info.is_main and settings.progress)
     for epoch in range(start_epoch + 1, settings.epochs + 1):
@@ -335,7 +340,10 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
                      "world_size": dist_info.world_size}
             if improved:
                 save_checkpoint(settings.weights_path, trained, extra=extra, **fields)
-            save_checkpoint(latest, trained, extra={**extra, "best_model": best_state}, **fields)
+            if (stopped_early or epoch == settings.epochs
+                    or time.monotonic() - last_saved >= settings.checkpoint_interval):
+                save_checkpoint(latest, trained, extra={**extra, "best_model": best_state}, **fields)
+                last_saved = time.monotonic()
             bar.update(1)
             write_line(f"{name} epoch {epoch}: train loss {train['loss']:.4f} acc {train['accuracy']:.4f} "
                        f"F1 {train['macro_f1']:.4f} | eval loss {evaluation['loss']:.4f} "
