@@ -1,0 +1,321 @@
+"""What ``music_classification/train_cls.py`` and ``inference_cls.py`` do, behind their flags.
+
+Exit status: 0 done; 1 done, but some files were left out (each listed with its reason, and in
+``metrics.json``); 2 usage or data error (one line, nothing trained).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from ..distributed import DistInfo, distributed_context
+from ..files import atomic_write_text
+from ..training.data import split_eval
+from .data import (FeatureError, FeatureSet, ProbeUsageError, check_classes, discover, label_map, label_of,
+                   scan_features)
+from .infer import load_probe, predict_features
+from .report import class_table, mean_std, scores, write_report
+from .train import ONE_EPOCH, ProbeResult, ProbeSettings, logs_path_for, say, train_probe
+
+BYTES_PER_GB = 1024 ** 3
+Skipped = List[Tuple[Path, str]]
+
+
+def cuda_problem(device: Optional[str]) -> Optional[str]:
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        return (f"--device {device}: no CUDA device is available (check nvidia-smi and that torch is a CUDA build), "
+                "or use --device cpu")
+    return None
+
+
+def usage_problem(args) -> Optional[str]:
+    """The first flag combination that cannot run, if any."""
+    if cuda_problem(args.device):
+        return cuda_problem(args.device)
+    if args.batch_size < 1 or args.eval_batch_size is not None and args.eval_batch_size < 1:
+        return "--batch_size and --eval_batch_size must be at least 1"
+    if args.epochs < 1:
+        return "--epochs must be at least 1"
+    if args.learning_rate <= 0:
+        return "--learning_rate must be positive"
+    if args.patience < 0:
+        return "--patience must be 0 (off) or more"
+    if not 0 < args.eval_split < 1:
+        return f"--eval_split must be between 0 and 1, got {args.eval_split}"
+    if args.folds == 1 or args.folds < 0:
+        return "--folds must be 0 (hold-out evaluation) or at least 2"
+    if args.folds and args.eval_folders:
+        return "--folds splits the training folders itself: drop --eval_folders (or drop --folds)"
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        return "--warmup_steps must be 0 or more"
+    if args.hidden_size < 1:
+        return "--hidden_size must be at least 1"
+    return None
+
+
+def default_weights(train_folders: Sequence[str]) -> Path:
+    """The reference's ``weights-<last training folder's name>.pth``."""
+    last = Path(train_folders[-1])
+    return Path(f"weights-{(last.name or last.resolve().name) or 'probe'}.pth")
+
+
+def settings_from_args(args) -> ProbeSettings:
+    weights = Path(args.weights) if args.weights else default_weights(args.train_folders)
+    warmup = args.warmup_steps if args.warmup_steps is not None else (ONE_EPOCH if args.warmup else 0)
+    return ProbeSettings(weights_path=weights, logs_path=Path(args.logs) if args.logs else logs_path_for(weights),
+                         epochs=args.epochs, batch_size=args.batch_size,
+                         eval_batch_size=args.eval_batch_size or args.batch_size, learning_rate=args.learning_rate,
+                         hidden_size=args.hidden_size, warmup_steps=warmup, balanced=args.balanced,
+                         patience=args.patience, seed=args.seed, precision=args.precision,
+                         resume=not args.no_resume, progress=not args.no_progress, num_workers=args.num_workers,
+                         checkpoint_interval=args.checkpoint_interval)
+
+
+def report_dir_for(args, weights: Path) -> Path:
+    return Path(args.report_dir) if args.report_dir else weights.with_name(f"{weights.stem}_report")
+
+
+def list_skipped(dist_info: DistInfo, skipped: Skipped, what: str = "skipped") -> None:
+    if dist_info.is_main:
+        for path, reason in skipped:
+            print(f"{what}: {path}: {reason}", file=sys.stderr, flush=True)
+
+
+def skipped_record(skipped: Skipped) -> List[Dict[str, str]]:
+    return [{"path": str(path), "reason": reason} for path, reason in skipped]
+
+
+# -- train_cls.py ----------------------------------------------------------------------------------
+
+def train_command(args) -> int:
+    problem = usage_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = settings_from_args(args)
+    # The reference's settings; the probe's kernels (linear layers, sums) are deterministic anyway.
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    with distributed_context(args.local_rank, args.device) as dist_info:
+        try:
+            return run_training(args, settings, dist_info)
+        except ProbeUsageError as exc:
+            if dist_info.is_main:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
+
+
+def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
+    progress = dist_info.is_main and settings.progress
+    train_paths = discover(args.train_folders, "training")
+    eval_paths = discover(args.eval_folders, "eval") if args.eval_folders else []
+    shared = sorted(set(p.resolve() for p in train_paths) & set(p.resolve() for p in eval_paths))
+    if shared:
+        raise ProbeUsageError(f"{len(shared)} file(s) are both in the training and the eval folders, e.g. "
+                              f"{shared[0]}: evaluation must use other files")
+    features, skipped = scan_features(train_paths + eval_paths, need_labels=True,
+                                      cache_bytes=int(args.cache_gb * BYTES_PER_GB), progress=progress)
+    list_skipped(dist_info, skipped)
+    if not len(features):
+        raise ProbeUsageError(f"none of the {len(skipped)} feature files can be used (reasons listed above)")
+    features.dim()  # mixed sizes or kinds: a usage error before anything is trained
+    if dist_info.device.type == "cuda":
+        features.move_to(dist_info.device)
+    report_dir = report_dir_for(args, settings.weights_path)
+    if args.folds:
+        return run_cross_validation(args.folds, features, skipped, settings, report_dir, dist_info)
+    eval_set = set(eval_paths)
+    train_indices = [i for i, path in enumerate(features.paths) if path not in eval_set]
+    eval_indices = [i for i, path in enumerate(features.paths) if path in eval_set]
+    if not train_indices:
+        raise ProbeUsageError("no usable training file (reasons listed above)")
+    if not eval_paths:
+        train_indices, eval_indices = split_eval(train_indices, args.eval_split, settings.seed)
+        train_indices, eval_indices = sorted(train_indices), sorted(eval_indices)
+        if not train_indices:
+            raise ProbeUsageError(f"{len(eval_indices)} usable file(s) leave none for training after the "
+                                  f"{args.eval_split:g} eval split: add files or give --eval_folders")
+    check_classes([features.labels[i] for i in train_indices], "the training set")
+    classes = label_map(features.labels[i] for i in train_indices)
+    unseen = [(features.paths[i], f"label '{features.labels[i]}' has no training file, so the probe cannot "
+                                  "predict it") for i in eval_indices if features.labels[i] not in classes]
+    list_skipped(dist_info, unseen)
+    skipped = skipped + unseen
+    eval_indices = [i for i in eval_indices if features.labels[i] in classes]
+    if not eval_indices:
+        raise ProbeUsageError("no eval file left to select the best epoch with (reasons listed above)")
+
+    result = train_probe(features, train_indices, eval_indices, classes, settings, dist_info)
+    names = list(classes)
+    targets = [classes[features.labels[i]] for i in eval_indices]
+    if dist_info.is_main:
+        predictions = result.eval_probabilities.argmax(axis=1).tolist()
+        metrics = {
+            "mode": "hold-out", "weights": str(settings.weights_path), "classes": names,
+            "feature_kind": features.kinds[0], "input_size": features.dim(),
+            "files": {"train": len(train_indices), "eval": len(eval_indices), "skipped": len(skipped)},
+            "best_epoch": result.best_epoch, "epochs_run": result.last_epoch, "stopped_early": result.stopped_early,
+            "eval": {"loss": scores(result.eval_probabilities, targets)["loss"],
+                     **class_table(targets, predictions, names)},
+            "settings": settings.record(), "world_size": dist_info.world_size,
+            "history": result.history, "skipped": skipped_record(skipped),
+        }
+        title = (f"hold-out evaluation of {settings.weights_path.name}, best epoch {result.best_epoch} "
+                 f"({len(eval_indices)} eval files)")
+        write_report(report_dir, metrics, names, targets, predictions, [("", result.history, result.best_epoch)],
+                     title=title)
+        best = metrics["eval"]
+        say(dist_info, f"Best Eval Epoch : {result.best_epoch}\nMax Eval Accuracy : {result.max_eval_acc}")
+        say(dist_info, f"probe training done: {ran(result, settings)}, best epoch {result.best_epoch}: eval accuracy "
+                       f"{best['accuracy']:.4f}, macro-F1 {best['macro_f1']:.4f}; weights {settings.weights_path}, "
+                       f"report {report_dir}{skipped_note(skipped)}")
+    return EXIT_SOME_FAILED if skipped else EXIT_OK
+
+
+def ran(result: ProbeResult, settings: ProbeSettings) -> str:
+    if result.last_epoch == result.start_epoch:
+        return f"nothing to train ({result.start_epoch} epoch(s) already done)"
+    stop = " (stopped early)" if result.stopped_early else ""
+    return f"epochs {result.start_epoch + 1}..{result.last_epoch} of {settings.epochs}{stop}"
+
+
+def skipped_note(skipped: Skipped) -> str:
+    return f"; {len(skipped)} file(s) skipped (listed above)" if skipped else ""
+
+
+def fold_weights(weights: Path, fold: int) -> Path:
+    return weights.with_name(f"{weights.stem}_fold{fold}{weights.suffix}")
+
+
+def run_cross_validation(folds: int, features: FeatureSet, skipped: Skipped, settings: ProbeSettings,
+                         report_dir: Path, dist_info: DistInfo) -> int:
+    """Stratified K-fold: each fold trains a probe and picks its best epoch on the held-out fold.
+
+    As with the hold-out split (and in the reference), the held-out files also choose the epoch, so
+    fold scores are those of the best epoch. Out-of-fold predictions make the pooled report.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = list(features.labels)
+    check_classes(labels, "the training set")
+    classes = label_map(labels)
+    too_few = [f"'{label}' ({count})" for label, count in sorted(Counter(labels).items()) if count < folds]
+    if too_few:
+        raise ProbeUsageError(f"--folds {folds} needs at least {folds} files of every label; too few: "
+                              f"{', '.join(too_few)}")
+    targets = np.array([classes[label] for label in labels])
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=settings.seed)
+    pooled = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    rows, histories = [], []
+    for fold, (train_indices, eval_indices) in enumerate(splitter.split(np.zeros(len(labels)), targets), start=1):
+        weights = fold_weights(settings.weights_path, fold)
+        fold_settings = replace(settings, weights_path=weights, logs_path=logs_path_for(weights))
+        result = train_probe(features, train_indices.tolist(), eval_indices.tolist(), classes, fold_settings,
+                             dist_info, name=f"fold {fold}/{folds}")
+        pooled[eval_indices] = result.eval_probabilities
+        fold_scores = scores(result.eval_probabilities, targets[eval_indices])
+        rows.append({"fold": fold, "best_epoch": result.best_epoch, "epochs_run": result.last_epoch,
+                     "stopped_early": result.stopped_early, "train": len(train_indices), "eval": len(eval_indices),
+                     "weights": str(weights), **fold_scores})
+        histories.append((f"fold {fold}", result.history, result.best_epoch))
+        say(dist_info, f"fold {fold}/{folds}: best epoch {result.best_epoch}, accuracy {fold_scores['accuracy']:.4f}, "
+                       f"macro-F1 {fold_scores['macro_f1']:.4f}")
+    accuracy = mean_std([row["accuracy"] for row in rows])
+    f1 = mean_std([row["macro_f1"] for row in rows])
+    summary = (f"{folds}-fold cross-validation: accuracy {accuracy['mean']:.4f} ± {accuracy['std']:.4f}, "
+               f"macro-F1 {f1['mean']:.4f} ± {f1['std']:.4f} (mean ± std over folds)")
+    if dist_info.is_main:
+        names = list(classes)
+        predictions = pooled.argmax(axis=1).tolist()
+        metrics = {
+            "mode": f"{folds}-fold cross-validation", "weights": [row["weights"] for row in rows], "classes": names,
+            "feature_kind": features.kinds[0], "input_size": features.dim(),
+            "files": {"total": len(labels), "skipped": len(skipped)},
+            "accuracy": accuracy, "macro_f1": f1, "folds": rows,
+            "out_of_fold": class_table(targets.tolist(), predictions, names),
+            "settings": settings.record(), "world_size": dist_info.world_size,
+            "histories": {name: history for name, history, _ in histories}, "skipped": skipped_record(skipped),
+        }
+        write_report(report_dir, metrics, names, targets.tolist(), predictions, histories,
+                     title=f"{summary}\nper-class scores of the out-of-fold predictions")
+        say(dist_info, f"{summary}; report {report_dir}{skipped_note(skipped)}")
+    return EXIT_SOME_FAILED if skipped else EXIT_OK
+
+
+# -- inference_cls.py ------------------------------------------------------------------------------
+
+def inference_command(args) -> int:
+    problem = cuda_problem(args.device) or ("--batch_size must be at least 1" if args.batch_size < 1 else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        probe = load_probe(args.weights, device)
+        paths = discover([args.features], "features")
+        features, skipped = scan_features(paths, need_labels=False, expected_dim=probe.input_size,
+                                          cache_bytes=int(args.cache_gb * BYTES_PER_GB), progress=not args.no_progress)
+    except ProbeUsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"loaded {args.weights}: epoch {probe.epoch}, eval accuracy {probe.max_eval_acc:.4f}, "
+          f"{len(probe.class_names)} classes, features of size {probe.input_size}", flush=True)
+    list_skipped(DistInfo(), skipped)
+    if device.type == "cuda":
+        features.move_to(device)
+    probabilities = predict_features(probe, features, args.batch_size, device) if len(features) else None
+    predictions = probabilities.argmax(axis=1).tolist() if probabilities is not None else []
+    results = {str(path): probe.class_names[index] for path, index in zip(features.paths, predictions)}
+    atomic_write_text(Path(args.output_file), json.dumps(results, ensure_ascii=False, indent=1) + "\n")
+    unscored: Skipped = []
+    if args.evaluate:
+        unscored = evaluate_predictions(args, probe.class_names, features, probabilities, skipped)
+    problems = len(skipped) + len(unscored)
+    print(f"classified {len(results)} file(s) into {args.output_file}"
+          f"{f'; {len(skipped)} skipped' if skipped else ''}"
+          f"{f', {len(unscored)} not scored' if unscored else ''}{' (listed above)' if problems else ''}", flush=True)
+    return EXIT_SOME_FAILED if problems else EXIT_OK
+
+
+def evaluate_predictions(args, class_names: Sequence[str], features: FeatureSet, probabilities: Optional[np.ndarray],
+                         skipped: Skipped) -> Skipped:
+    """Score predictions against the labels in the file names; returns the files that could not be scored."""
+    classes = {name: index for index, name in enumerate(class_names)}
+    scored, targets, unscored = [], [], []
+    for row, path in enumerate(features.paths):
+        try:
+            label = label_of(path)
+        except FeatureError as exc:
+            unscored.append((path, str(exc)))
+            continue
+        if label not in classes:
+            unscored.append((path, f"label '{label}' is not one the probe was trained on ({', '.join(class_names)})"))
+            continue
+        scored.append(row)
+        targets.append(classes[label])
+    list_skipped(DistInfo(), unscored, what="not scored")
+    output = Path(args.output_file)
+    report_dir = Path(args.report_dir) if args.report_dir else output.with_name(f"{output.stem}_report")
+    if not scored:
+        print("note: no file could be scored against its label (reasons listed above); no report written",
+              file=sys.stderr)
+        return unscored
+    predictions = probabilities[scored].argmax(axis=1).tolist()
+    metrics = {"mode": "inference", "weights": str(args.weights), "classes": list(class_names),
+               "files": {"scored": len(scored), "not_scored": len(unscored), "skipped": len(skipped)},
+               "eval": {"loss": scores(probabilities[scored], targets)["loss"],
+                        **class_table(targets, predictions, class_names)},
+               "skipped": skipped_record(skipped), "not_scored": skipped_record(unscored)}
+    write_report(report_dir, metrics, class_names, targets, predictions, [],
+                 title=f"{Path(args.weights).name} on {args.features} ({len(scored)} files)")
+    print(f"accuracy {metrics['eval']['accuracy']:.4f}, macro-F1 {metrics['eval']['macro_f1']:.4f} on "
+          f"{len(scored)} file(s); report {report_dir}", flush=True)
+    return unscored

@@ -1,0 +1,291 @@
+"""Feature files for the linear probe: labels from file names, checks, padded batches, epoch orders.
+
+A feature file is what the extraction scripts write: ``[1, L, D]`` per-position states or a
+``[1, D]`` global feature (one position). The label is the file name up to its first ``_``
+(``jazz_0042.npy`` → ``jazz``), as in the reference. Every file is read once before training, so
+a bad file (unreadable, wrong shape, not floating point, NaN/inf, no ``_`` in its name) is listed
+with its reason and left out instead of failing an epoch hours later; inconsistent data (feature
+sizes or kinds that differ between files) is a usage error, since no probe can take both.
+
+Batches pad every file to the longest of the batch and carry a mask, so that a file's probe
+output does not depend on the batch it is in (:mod:`clamp2.probe.model`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..files import find_files
+from ..progress import progress_bar
+
+FEATURE_EXTENSIONS = (".npy",)
+LABEL_SEPARATOR = "_"
+PER_POSITION, GLOBAL = "per-position [1, L, D]", "global [1, D]"
+
+
+class ProbeUsageError(ValueError):
+    """The run cannot go ahead as asked (exit status 2): no data, one class, mixed feature sizes, ..."""
+
+
+class FeatureError(ValueError):
+    """One file cannot be used; it is skipped and listed with this reason."""
+
+
+def label_of(path: str | os.PathLike) -> str:
+    """The class label in a file name: the part before the first ``_``."""
+    name = Path(path).name
+    label, separator, _ = name.partition(LABEL_SEPARATOR)
+    if not separator:
+        raise FeatureError(f"no '{LABEL_SEPARATOR}' in the file name, so its label is unknown "
+                           f"(name files <label>{LABEL_SEPARATOR}<anything>.npy)")
+    if not label:
+        raise FeatureError(f"the file name starts with '{LABEL_SEPARATOR}', so its label is empty")
+    return label
+
+
+def read_feature(path: str | os.PathLike) -> Tuple[np.ndarray, str]:
+    """``(positions [L, D] float32, kind)`` of one feature file; :class:`FeatureError` says what is wrong."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise FeatureError(f"cannot read it as a .npy array ({' '.join(str(exc).split())})") from None
+    if not isinstance(array, np.ndarray):
+        raise FeatureError("holds an archive of arrays (.npz), not one feature array")
+    if array.ndim == 3 and array.shape[0] == 1:
+        positions, kind = array[0], PER_POSITION
+    elif array.ndim == 2 and array.shape[0] == 1:
+        positions, kind = array, GLOBAL
+    else:
+        raise FeatureError(f"shape {list(array.shape)}: expected [1, L, D] (per-position) or [1, D] (global), "
+                           "as the extraction scripts write")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise FeatureError(f"holds {array.dtype} values, not floating-point features")
+    if positions.shape[0] == 0 or positions.shape[1] == 0:
+        raise FeatureError(f"shape {list(array.shape)} holds no values")
+    finite = np.isfinite(positions)
+    if not finite.all():
+        raise FeatureError(f"{int(finite.size - finite.sum())} of {finite.size} values are NaN or infinite")
+    return np.ascontiguousarray(positions, dtype=np.float32), kind
+
+
+def discover(folders: Sequence[str | os.PathLike], what: str) -> List[Path]:
+    """All .npy files under ``folders``; a missing folder or no file at all is a usage error."""
+    missing = [str(folder) for folder in folders if not Path(folder).exists()]
+    if missing:
+        raise ProbeUsageError(f"{what} folder not found: {', '.join(missing)}")
+    paths: List[Path] = []
+    for folder in folders:
+        found = find_files(folder, FEATURE_EXTENSIONS)
+        if not found:
+            raise ProbeUsageError(f"no .npy feature files under the {what} folder {folder} "
+                                  "(extract features first, e.g. code/extract_m3.py)")
+        paths.extend(found)
+    return paths
+
+
+@dataclass
+class FeatureSet:
+    """Scanned feature files: path, label (None when not needed), length, size and kind of each."""
+
+    paths: List[Path] = field(default_factory=list)
+    labels: List[Optional[str]] = field(default_factory=list)
+    lengths: List[int] = field(default_factory=list)
+    dims: List[int] = field(default_factory=list)
+    kinds: List[str] = field(default_factory=list)
+    # The arrays themselves when the set fits in the memory budget; else read again when needed.
+    arrays: Optional[List[np.ndarray]] = None
+    # All positions in one device tensor (see :meth:`move_to`), with each file's first row.
+    resident: Optional[torch.Tensor] = None
+    offsets: Optional[List[int]] = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def features(self, index: int) -> torch.Tensor:
+        if self.resident is not None:
+            start = self.offsets[index]
+            return self.resident[start:start + self.lengths[index]]
+        if self.arrays is not None:
+            return torch.from_numpy(self.arrays[index])
+        return torch.from_numpy(read_feature(self.paths[index])[0])
+
+    def move_to(self, device: torch.device) -> bool:
+        """Hold the cached features in ``device`` memory (one tensor); False when they are not cached.
+
+        On a GPU, batches are then gathered there: copying each batch from the host, not the
+        probe's arithmetic, would otherwise bound the speed of large batches.
+        """
+        if self.arrays is None or not self.arrays:
+            return False
+        offsets = np.concatenate([[0], np.cumsum(self.lengths)]).tolist()
+        resident = torch.empty((offsets[-1], self.dims[0]), dtype=torch.float32, device=device)
+        for array, start in zip(self.arrays, offsets):
+            resident[start:start + len(array)].copy_(torch.from_numpy(array))
+        self.resident, self.offsets, self.arrays = resident, offsets[:-1], None
+        return True
+
+    def dim(self) -> int:
+        """The feature size D shared by every file; mixed sizes or kinds are a usage error."""
+        for values, what, fix in ((self.dims, "feature sizes", "extract every file with the same model"),
+                                  (self.kinds, "feature kinds",
+                                   "extract all with --normalize (global) or all without it (per-position)")):
+            counts = Counter(values)
+            if len(counts) > 1:
+                examples = "; ".join(f"{value} in {count} file(s), e.g. {self.paths[values.index(value)]}"
+                                     for value, count in counts.most_common())
+                raise ProbeUsageError(f"mixed {what}: {examples}; {fix}")
+        return self.dims[0]
+
+
+def scan_features(paths: Sequence[Path], need_labels: bool, expected_dim: Optional[int] = None,
+                  cache_bytes: int = 0, progress: bool = True, desc: str = "checking features"
+                  ) -> Tuple[FeatureSet, List[Tuple[Path, str]]]:
+    """Read and check every file once; returns the usable files and ``(path, reason)`` for the others.
+
+    ``expected_dim`` (a trained probe's input size) turns a different feature size into a skip.
+    The arrays are kept in memory when the files' total size is at most ``cache_bytes``.
+    """
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    features = FeatureSet(arrays=[] if total <= cache_bytes else None)
+    skipped: List[Tuple[Path, str]] = []
+    bar = progress_bar(total=len(paths), desc=desc, unit="file", enabled=progress)
+    for path in paths:
+        bar.update(1)
+        try:
+            label = label_of(path) if need_labels else None
+            positions, kind = read_feature(path)
+            if expected_dim is not None and positions.shape[1] != expected_dim:
+                raise FeatureError(f"feature size {positions.shape[1]}, the probe takes {expected_dim}")
+        except FeatureError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        features.paths.append(path)
+        features.labels.append(label)
+        features.lengths.append(positions.shape[0])
+        features.dims.append(positions.shape[1])
+        features.kinds.append(kind)
+        if features.arrays is not None:
+            features.arrays.append(positions)
+    bar.close()
+    return features, skipped
+
+
+def label_map(labels: Sequence[str]) -> Dict[str, int]:
+    """Class index of each label, in sorted order (stable whatever the order files are found in)."""
+    return {label: index for index, label in enumerate(sorted(set(labels)))}
+
+
+def check_classes(labels: Sequence[str], what: str) -> None:
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        found = f"only the class '{classes[0]}'" if classes else "no class"
+        raise ProbeUsageError(f"{what} has {found}: a classifier needs files of at least two labels "
+                              f"(the label is the file name up to the first '{LABEL_SEPARATOR}')")
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+def pack_positions(items: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A batch of files ``[L_i, D]``: ``(features, mask)``.
+
+    Equal lengths (batch size 1 always): ``[B, L, D]`` and no mask, the reference's plain mean.
+    Otherwise the positions of all files one after another, ``[sum L_i, D]``, and a ``[B, L_max]``
+    mask of which padded slots they fill: no padding is ever pushed through the first layer.
+    """
+    lengths = [len(item) for item in items]
+    longest = max(lengths)
+    if min(lengths) == longest:
+        return torch.stack(list(items)), None
+    mask = torch.arange(longest).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    return torch.cat(list(items)), mask
+
+
+class ProbeDataset(Dataset):
+    """Item ``i``: ``(features [L, D], class index, i)`` of the ``i``-th file of a subset."""
+
+    def __init__(self, features: FeatureSet, indices: Sequence[int], targets: Sequence[int]):
+        self.features = features
+        self.indices = list(indices)
+        self.targets = list(targets)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int):
+        return self.features.features(self.indices[item]), self.targets[item], item
+
+    def lengths(self) -> List[int]:
+        return [self.features.lengths[index] for index in self.indices]
+
+
+def collate_batch(samples):
+    """``(features, mask or None, targets, items)`` of a list of dataset items (see :func:`pack_positions`)."""
+    tensors, targets, items = zip(*samples)
+    features, mask = pack_positions(tensors)
+    return features, mask, torch.tensor(targets, dtype=torch.long), torch.tensor(items, dtype=torch.long)
+
+
+class EpochSampler(Sampler[int]):
+    """This process's share of one epoch's order of a subset, identical on every rank.
+
+    The order comes from a generator seeded by (seed, epoch) alone, so a resumed run sees exactly
+    the orders an uninterrupted one would. ``balanced`` draws, every epoch, as many files of each
+    class as the rarest class has (the reference's BALANCED_TRAINING), then shuffles; ``shuffle``
+    off keeps ``order`` (e.g. by length, so evaluation batches pad little). The order is padded by
+    repeating its start to a multiple of the number of processes, like DistributedSampler.
+    """
+
+    def __init__(self, targets: Sequence[int], *, shuffle: bool, balanced: bool = False, seed: int = 42,
+                 rank: int = 0, world_size: int = 1, order: Optional[Sequence[int]] = None):
+        self.targets = list(targets)
+        self.shuffle, self.balanced, self.seed = shuffle, balanced, seed
+        self.rank, self.world_size = rank, world_size
+        self.order = list(order) if order is not None else list(range(len(self.targets)))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_order(self) -> List[int]:
+        rng = random.Random(f"{self.seed}:probe:{self.epoch}")
+        if self.balanced:
+            by_class: Dict[int, List[int]] = {}
+            for item, target in enumerate(self.targets):
+                by_class.setdefault(target, []).append(item)
+            fewest = min(len(items) for items in by_class.values())
+            order = [item for target in sorted(by_class) for item in rng.sample(by_class[target], fewest)]
+            rng.shuffle(order)
+            return order
+        order = list(self.order)
+        if self.shuffle:
+            rng.shuffle(order)
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.epoch_order()
+        padded = math.ceil(len(order) / self.world_size) * self.world_size
+        order = (order * math.ceil(padded / len(order)))[:padded]
+        return iter(order[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        if self.balanced:
+            counts = Counter(self.targets)
+            size = min(counts.values()) * len(counts)
+        else:
+            size = len(self.order)
+        return math.ceil(size / self.world_size)
