@@ -246,79 +246,80 @@ def _stream_rows(folder: Path, names: list[str], *, dim: Optional[int] = None,
                  desc: str = "reading features") -> Iterator[_Block]:
     """Usable rows of ``names`` in blocks, in order; unusable files go to ``skipped``.
 
-    ``dim`` is fixed by the first usable file when not given. ``reuse(i)`` may return the row of
-    name ``i`` from an existing index (already checked), so the file is not read again.
+    ``dim``, when not given, is the one most of the first usable files have. ``reuse(i)`` may return
+    the row of name ``i`` from an existing index (already checked), so the file is not read again.
     """
     from clamp2.progress import progress_bar
 
     reader = NpyRowReader()
+    paths = [os.path.join(os.fspath(folder), name) for name in names]  # str paths: pathlib costs at 10^5 files
+    early: dict[int, np.ndarray | str] = {}  # rows read to find the dimension, used once more below
+
+    def read(i: int) -> np.ndarray | str:
+        if i in early:
+            return early.pop(i)
+        try:
+            return reader.read(paths[i])
+        except BadFeatureFile as error:
+            return str(error)
+
     if dim is None:
-        dim = _common_dimension(folder, names, reader)
-    if dim is None:  # not one usable file: say why for each
-        for name in names:
-            try:
-                reason = check_rows(np.asarray(reader.read(folder / name), dtype=np.float32)[None])[1][0]
-            except BadFeatureFile as error:
-                reason = str(error)
-            skipped.append(SkippedFile(str(folder / name), reason))
-        return
+        for i in range(len(names)):
+            if sum(not isinstance(r, str) for r in early.values()) >= DIMENSION_SAMPLE:
+                break
+            if reuse is None or reuse(i) is None:
+                early[i] = read(i)
+        dim = _common_dimension([r for r in early.values() if not isinstance(r, str)])
     bar = progress_bar(total=len(names), desc=desc, unit="file",
                        enabled=progress and len(names) >= PROGRESS_MIN_ITEMS)
     try:
         for start in range(0, len(names), BLOCK_ROWS):
-            chunk = names[start:start + BLOCK_ROWS]
             rows: list[np.ndarray] = []
-            kept: list[str] = []
-            fresh: list[bool] = []
-            for offset, name in enumerate(chunk):
-                row = reuse(start + offset) if reuse is not None else None
-                is_fresh = row is None
-                if is_fresh:
-                    try:
-                        row = reader.read(folder / name)
-                    except BadFeatureFile as error:
-                        skipped.append(SkippedFile(str(folder / name), str(error)))
-                        continue
-                if row.shape[0] != dim:
-                    skipped.append(SkippedFile(str(folder / name), f"dimension {row.shape[0]} differs from the "
-                                                                   f"{dim} of the other features"))
-                    continue
-                rows.append(row)
-                kept.append(name)
-                fresh.append(is_fresh)
-            bar.update(len(chunk))
+            kept: list[int] = []
+            for i in range(start, min(start + BLOCK_ROWS, len(names))):
+                row = reuse(i) if reuse is not None else None
+                if row is None:
+                    row = read(i)
+                if isinstance(row, str):
+                    skipped.append(SkippedFile(paths[i], row))
+                elif dim is None:  # no file has a cosine: say why for each
+                    skipped.append(SkippedFile(paths[i], check_rows(np.asarray(row, dtype=np.float32)[None])[1][0]))
+                elif row.shape[0] != dim:
+                    skipped.append(SkippedFile(paths[i], f"dimension {row.shape[0]} differs from the {dim} "
+                                                         f"of the other features"))
+                else:
+                    rows.append(row)
+                    kept.append(i)
+            bar.update(min(start + BLOCK_ROWS, len(names)) - start)
             if not rows:
                 continue
             block = np.empty((len(rows), dim), dtype=np.float32)
-            for i, row in enumerate(rows):
-                block[i] = row
+            for j, row in enumerate(rows):
+                block[j] = row
             norms, bad = check_rows(block)
             if bad:
                 keep = np.ones(len(rows), dtype=bool)
-                for i, reason in bad.items():
-                    keep[i] = False
-                    skipped.append(SkippedFile(str(folder / kept[i]), reason))
-                kept = [n for n, k in zip(kept, keep) if k]
+                for j, reason in bad.items():
+                    keep[j] = False
+                    skipped.append(SkippedFile(paths[kept[j]], reason))
+                kept = [i for i, k in zip(kept, keep) if k]
                 block, norms = block[keep], norms[keep]
             if kept:
-                yield _Block(kept, block, norms)
+                yield _Block([names[i] for i in kept], block, norms)
     finally:
         bar.close()
 
 
-def _common_dimension(folder: Path, names: list[str], reader: NpyRowReader) -> Optional[int]:
-    """The dimension of most of the first ``DIMENSION_SAMPLE`` usable files (ties: the first seen)."""
+def _common_dimension(rows: list[np.ndarray]) -> Optional[int]:
+    """The dimension most of these rows have, counting only rows with a cosine (ties: the first seen)."""
     counts: dict[int, int] = {}
-    for name in names:
-        try:
-            row = reader.read(folder / name)
-        except BadFeatureFile:
-            continue
-        if not check_rows(np.asarray(row, dtype=np.float32)[None])[1]:
-            counts[row.shape[0]] = counts.get(row.shape[0], 0) + 1
-            if sum(counts.values()) >= DIMENSION_SAMPLE:
-                break
-    return max(counts, key=counts.__getitem__) if counts else None
+    for row in rows:
+        counts.setdefault(row.shape[0], 0)
+    for dim in counts:
+        group = np.stack([np.asarray(r, dtype=np.float32) for r in rows if r.shape[0] == dim])
+        counts[dim] = len(group) - len(check_rows(group)[1])
+    best = max(counts, key=counts.__getitem__) if counts else None
+    return best if best is not None and counts[best] > 0 else None
 
 
 def read_folder(folder: str | os.PathLike, *, sort: bool = True, progress: bool = True) -> FeatureSet:

@@ -18,8 +18,10 @@ Memory is bounded by the block size (``memory_mb``), never by N².
 
 Public API: :func:`exact_cosine`, :func:`score_tolerance`, :class:`Searcher`, :func:`top_k`,
 :func:`rank_true_matches`, :func:`metrics_from_ranks`, :func:`retrieval_metrics`,
-:func:`mean_vector`, :func:`mean_vector_cosine`, :func:`pairwise_scores`, and the printing helpers
-:func:`format_search`, :func:`format_metrics`, :func:`format_score`, :func:`format_pairwise`.
+:func:`mean_vector`, :func:`mean_vector_cosine`, :func:`pairwise_scores`, the printing helpers
+:func:`format_search`, :func:`format_metrics`, :func:`format_score`, :func:`format_pairwise`, and
+the building blocks :func:`unit_rows`, :func:`as_cpu_tensor`, :func:`full_float32_matmul`,
+:func:`default_device`, :func:`add_compute_arguments`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from clamp2.feature_store import BLOCK_ROWS, PROGRESS_MIN_ITEMS
 HIT_AT = (1, 10, 100)
 DEFAULT_MEMORY_MB = {"cpu": 256, "cuda": 4096}
 EXACT_PIECE_ROWS = 1 << 15
+# Undecided pairs are computed exactly once this many are waiting (bounded memory on degenerate data).
+EXACT_BATCH_PAIRS = 1 << 21
 
 
 def score_tolerance(dim: int) -> float:
@@ -50,7 +54,7 @@ def score_tolerance(dim: int) -> float:
     return (8 * dim + 64) * 2.0 ** -24
 
 
-def _cpu_tensor(array: np.ndarray) -> torch.Tensor:
+def as_cpu_tensor(array: np.ndarray) -> torch.Tensor:
     """A float32 CPU tensor sharing the array's memory (a read-only memory map included)."""
     array = np.ascontiguousarray(array, dtype=np.float32)
     with warnings.catch_warnings():
@@ -70,12 +74,12 @@ def exact_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     out = np.empty(len(a), dtype=np.float32)
     for start in range(0, len(a), EXACT_PIECE_ROWS):
         stop = start + EXACT_PIECE_ROWS
-        out[start:stop] = torch.cosine_similarity(_cpu_tensor(a[start:stop]), _cpu_tensor(b[start:stop])).numpy()
+        out[start:stop] = torch.cosine_similarity(as_cpu_tensor(a[start:stop]), as_cpu_tensor(b[start:stop])).numpy()
     return out
 
 
 @contextlib.contextmanager
-def _full_float32() -> Iterator[None]:
+def full_float32_matmul() -> Iterator[None]:
     """Matrix products in true float32 (no TF32/bf16 shortcuts, whose error exceeds the tolerance)."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
@@ -93,7 +97,7 @@ def _norms(matrix: np.ndarray) -> np.ndarray:
     return out
 
 
-def _unit_rows(matrix: np.ndarray, norms: Optional[np.ndarray] = None) -> np.ndarray:
+def unit_rows(matrix: np.ndarray, norms: Optional[np.ndarray] = None) -> np.ndarray:
     """float32 rows divided by their (float64) norms."""
     norms = _norms(matrix) if norms is None else np.asarray(norms, dtype=np.float64)
     out = np.empty(matrix.shape, dtype=np.float32)
@@ -201,7 +205,7 @@ class Searcher:
             if self.matrix.nbytes < 0.5 * free:
                 self._resident = torch.empty(self.matrix.shape, dtype=torch.float32, device=self.device)
                 for start in range(0, len(self), BLOCK_ROWS * 16):
-                    self._resident[start:start + BLOCK_ROWS * 16] = _cpu_tensor(
+                    self._resident[start:start + BLOCK_ROWS * 16] = as_cpu_tensor(
                         self.matrix[start:start + BLOCK_ROWS * 16]).to(self.device)
                 self._resident_inverse = torch.from_numpy(self.inverse_norms).to(self.device)
         for start in range(0, len(self), block_rows):
@@ -209,7 +213,7 @@ class Searcher:
             if self._resident is not None:
                 yield start, self._resident[start:stop], self._resident_inverse[start:stop]
             else:
-                yield (start, _cpu_tensor(self.matrix[start:stop]).to(self.device, non_blocking=True),
+                yield (start, as_cpu_tensor(self.matrix[start:stop]).to(self.device, non_blocking=True),
                        torch.from_numpy(self.inverse_norms[start:stop]).to(self.device))
 
     def _exact_candidates(self, queries: np.ndarray, k: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -218,18 +222,25 @@ class Searcher:
         The k-th best fast score of each query only rises block after block, so a block needs one
         comparison pass against it; the few entries that pass are kept and update it.
         """
-        units = torch.from_numpy(_unit_rows(queries)).to(self.device)
+        query_unit = unit_rows(queries)
+        units = torch.from_numpy(query_unit).to(self.device)
         block_rows = max(BLOCK_ROWS, self.memory // (4 * len(queries) * 3))
         best: Optional[np.ndarray] = None  # [Q, <=k] best fast scores so far
         kth = np.full(len(queries), -np.inf, dtype=np.float32)
         found_q, found_j, found_s = [], [], []
         bar = _progress(len(self), "searching", progress)
-        with _full_float32(), torch.no_grad():
+        buffer = torch.empty(len(queries) * min(block_rows, len(self)), dtype=torch.float32, device=self.device)
+        with full_float32_matmul(), torch.no_grad():
             for start, block, inverse in self._device_blocks(block_rows):
-                if len(queries) == 1:
-                    scores = (block @ units[0]).mul_(inverse).unsqueeze(0)
+                scores = buffer[:len(queries) * len(block)].view(len(queries), len(block))
+                if len(queries) == 1 and self.device.type == "cpu":
+                    # NumPy's matrix-vector product reads a memory map faster than torch's.
+                    np.matmul(np.asarray(block), query_unit[0], out=scores.numpy()[0])
+                elif len(queries) == 1:
+                    torch.matmul(block, units[0], out=scores[0])
                 else:
-                    scores = (units @ block.T).mul_(inverse)
+                    torch.matmul(units, block.T, out=scores)
+                scores.mul_(inverse)
                 if best is None or best.shape[1] < k:
                     values = scores.topk(min(k, scores.shape[1]), dim=1).values.cpu().numpy()
                     best = values if best is None else _largest_columns(np.concatenate([best, values], 1), k)
@@ -263,10 +274,10 @@ class Searcher:
         if self._faiss is None:
             index = faiss.IndexFlatIP(self.dim)
             for start in range(0, len(self), BLOCK_ROWS * 8):
-                index.add(_unit_rows(np.asarray(self.matrix[start:start + BLOCK_ROWS * 8]),
+                index.add(unit_rows(np.asarray(self.matrix[start:start + BLOCK_ROWS * 8]),
                                      1.0 / self.inverse_norms[start:start + BLOCK_ROWS * 8].astype(np.float64)))
             self._faiss = index
-        units = _unit_rows(queries)
+        units = unit_rows(queries)
         found_q, found_j = [], []
         pending = np.arange(len(queries))
         depth = min(len(self), k + 16)
@@ -398,51 +409,79 @@ def rank_true_matches(query_keys: Sequence[str], query_matrix: np.ndarray, ref_k
     r_norms = None if ref_norms is None else np.asarray(ref_norms)[r_rows]
     device = _resolve_device(device)
     n, tolerance = len(common), score_tolerance(queries.shape[1])
-    ref_units = torch.from_numpy(_unit_rows(refs, r_norms)).to(device)
-    query_units = _unit_rows(queries, q_norms)
+    ref_units = torch.from_numpy(unit_rows(refs, r_norms)).to(device)
+    query_units = unit_rows(queries, q_norms)
     chunk = int(max(1, min(n, _memory_bytes(device, memory_mb) // (n * 12))))
     ranks = np.empty(n, dtype=np.int64)
-    tops: Optional[list] = [] if top > 0 else None
+    tops: list = [None] * n if top > 0 else None
+    pending = _PendingPairs()
     bar = _progress(n, "ranking queries", progress)
-    with _full_float32(), torch.no_grad():
+    # One score buffer for all blocks: fresh 100 MB allocations cost page faults every block.
+    buffer = torch.empty(chunk * n, dtype=torch.float32, device=device)
+    with full_float32_matmul(), torch.no_grad():
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            scores = torch.from_numpy(query_units[start:stop]).to(device) @ ref_units.T
-            ranks[start:stop] = _chunk_ranks(scores, start, queries, refs, tolerance)
-            if tops is not None:
-                tops.extend(_chunk_top(scores, start, queries, refs, common, min(top, n), tolerance))
+            scores = buffer[:(stop - start) * n].view(stop - start, n)
+            torch.matmul(torch.from_numpy(query_units[start:stop]).to(device), ref_units.T, out=scores)
+            ranks[start:stop], unsure = _chunk_ranks(scores, start, tolerance)
+            pending.unsure.append(unsure)
+            if top > 0:
+                kth = scores.topk(min(top, n), dim=1).values[:, -1].cpu().numpy()
+                rows, cols, _ = _pairs_at_least(scores, kth - np.float32(tolerance))
+                pending.top.append((rows + start, cols))
+            if pending.size() > EXACT_BATCH_PAIRS or stop == n:
+                pending.resolve(queries, refs, ranks, tops, common, top)
             bar.update(stop - start)
     bar.close()
     return RankResult(common, ranks, tops)
 
 
-def _chunk_ranks(scores: torch.Tensor, start: int, queries: np.ndarray, refs: np.ndarray,
-                 tolerance: float) -> np.ndarray:
-    """Exact ranks of the queries ``start ...`` whose true match is column ``start + row``."""
+class _PendingPairs:
+    """(query, reference) pairs waiting for the exact cosine, computed together: fewer, larger calls."""
+
+    def __init__(self):
+        self.unsure: list[tuple[np.ndarray, np.ndarray]] = []
+        self.top: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def size(self) -> int:
+        return sum(len(q) for q, _ in self.unsure + self.top)
+
+    def resolve(self, queries: np.ndarray, refs: np.ndarray, ranks: np.ndarray, tops: Optional[list],
+                keys: list[str], top: int) -> None:
+        """Add the unsure references that beat their true match to ``ranks``; fill ``tops``."""
+        empty = np.empty(0, dtype=np.int64)
+        unsure_q = np.concatenate([q for q, _ in self.unsure] + [empty])
+        unsure_r = np.concatenate([r for _, r in self.unsure] + [empty])
+        asked = np.unique(unsure_q)
+        top_q = np.concatenate([q for q, _ in self.top] + [empty])
+        top_r = np.concatenate([r for _, r in self.top] + [empty])
+        exact = exact_cosine(_take_rows(queries, np.concatenate([unsure_q, asked, top_q])),
+                             _take_rows(refs, np.concatenate([unsure_r, asked, top_r])))
+        true_exact = np.zeros(len(ranks), dtype=np.float32)
+        true_exact[asked] = exact[len(unsure_q):len(unsure_q) + len(asked)]
+        ranks += np.bincount(unsure_q, weights=exact[:len(unsure_q)] > true_exact[unsure_q],
+                             minlength=len(ranks)).astype(np.int64)
+        if tops is not None and len(top_q):
+            top_scores = exact[len(unsure_q) + len(asked):]
+            for q, where in zip(np.unique(top_q), _group_sorted(top_q)):
+                tops[q] = _sorted_hits(top_r[where], top_scores[where], keys, min(top, len(keys)), first=q)
+        self.unsure, self.top = [], []
+
+
+def _chunk_ranks(scores: torch.Tensor, start: int, tolerance: float) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Ranks from the product for queries ``start ...`` (true match: column ``start + row``), and the
+    (query, reference) pairs too close to the true match's score to be placed without the exact cosine."""
     true_scores = scores.diagonal(offset=start).cpu().numpy()
     high, low = true_scores + np.float32(tolerance), true_scores - np.float32(tolerance)
     above = _count_per_row(scores, high, strict=True)
-    near = _count_per_row(scores, low, strict=False) - above - 1  # references the product cannot place for sure
+    near = _count_per_row(scores, low, strict=False) - above - 1
     ranks = above.astype(np.int64) + 1
     unsure = np.flatnonzero(near > 0)
-    if len(unsure):
-        pair_row, pair_ref, pair_fast = _pairs_at_least(scores[torch.from_numpy(unsure).to(scores.device)], low[unsure])
-        keep = (pair_fast <= high[unsure][pair_row]) & (pair_ref != unsure[pair_row] + start)
-        pair_row, pair_ref = pair_row[keep], pair_ref[keep]
-        pair_scores = exact_cosine(queries[unsure[pair_row] + start], refs[pair_ref])
-        true_exact = exact_cosine(queries[unsure + start], refs[unsure + start])
-        ranks[unsure] += np.bincount(pair_row, weights=pair_scores > true_exact[pair_row],
-                                     minlength=len(unsure)).astype(np.int64)
-    return ranks
-
-
-def _chunk_top(scores: torch.Tensor, start: int, queries: np.ndarray, refs: np.ndarray, keys: list[str],
-               k: int, tolerance: float) -> list[list[tuple[str, float]]]:
-    kth = scores.topk(k, dim=1).values[:, -1].cpu().numpy()
-    pair_row, pair_ref, _ = _pairs_at_least(scores, kth - np.float32(tolerance))
-    pair_scores = exact_cosine(queries[pair_row + start], refs[pair_ref])
-    return [_sorted_hits(pair_ref[p], pair_scores[p], keys, k, first=start + row)
-            for row, p in enumerate(_group(pair_row, scores.shape[0]))]
+    if not len(unsure):
+        return ranks, (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+    pair_row, pair_ref, pair_fast = _pairs_at_least(scores[torch.from_numpy(unsure).to(scores.device)], low[unsure])
+    keep = (pair_fast <= high[unsure][pair_row]) & (pair_ref != unsure[pair_row] + start)
+    return ranks, (unsure[pair_row[keep]] + start, pair_ref[keep])
 
 
 def retrieval_metrics(query_keys: Sequence[str], query_matrix: np.ndarray, ref_keys: Sequence[str],
