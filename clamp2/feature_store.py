@@ -49,8 +49,8 @@ MIN_NORM, MAX_NORM = 1e-8, 1e18
 NORMALIZED_TOLERANCE = 1e-4
 # Rows checked/copied per block: large enough for vectorised checks, small enough for memory.
 BLOCK_ROWS = 8192
-# Progress bars only for reads this long, so small runs print nothing but their result.
-PROGRESS_MIN_ITEMS = 5000
+# Progress bars only for reads this long (seconds), so small runs print nothing but their result.
+PROGRESS_MIN_ITEMS = 50_000
 # The features' dimension is the one most of the first usable files have.
 DIMENSION_SAMPLE = 1000
 _FIRST_READ = 1 << 16

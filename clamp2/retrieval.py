@@ -35,13 +35,16 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from clamp2.feature_store import BLOCK_ROWS, PROGRESS_MIN_ITEMS
+from clamp2.feature_store import BLOCK_ROWS
 
 HIT_AT = (1, 10, 100)
 DEFAULT_MEMORY_MB = {"cpu": 256, "cuda": 4096}
 EXACT_PIECE_ROWS = 1 << 15
 # Undecided pairs are computed exactly once this many are waiting (bounded memory on degenerate data).
 EXACT_BATCH_PAIRS = 1 << 21
+# Progress bars only for work this large (about 10 s on two CPU cores at D=768), so quick runs
+# print nothing but their result.
+PROGRESS_MIN_SCORES = 4 * 10 ** 8
 
 
 def score_tolerance(dim: int) -> float:
@@ -120,11 +123,10 @@ def _memory_bytes(device: torch.device, memory_mb: Optional[float]) -> int:
     return int(memory_mb * 2 ** 20)
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, unit: str, enabled: bool):
     from clamp2.progress import progress_bar
 
-    return progress_bar(total=total, desc=desc, unit="query" if "quer" in desc else "row",
-                        enabled=enabled and total >= PROGRESS_MIN_ITEMS)
+    return progress_bar(total=total, desc=desc, unit=unit, enabled=enabled)
 
 
 def _sorted_hits(rows: Sequence[int], scores: Sequence[float], keys: Sequence[str], k: int,
@@ -228,7 +230,7 @@ class Searcher:
         best: Optional[np.ndarray] = None  # [Q, <=k] best fast scores so far
         kth = np.full(len(queries), -np.inf, dtype=np.float32)
         found_q, found_j, found_s = [], [], []
-        bar = _progress(len(self), "searching", progress)
+        bar = _progress(len(self), "searching", "row", progress and len(queries) * len(self) >= PROGRESS_MIN_SCORES)
         buffer = torch.empty(len(queries) * min(block_rows, len(self)), dtype=torch.float32, device=self.device)
         with full_float32_matmul(), torch.no_grad():
             for start, block, inverse in self._device_blocks(block_rows):
@@ -415,7 +417,7 @@ def rank_true_matches(query_keys: Sequence[str], query_matrix: np.ndarray, ref_k
     ranks = np.empty(n, dtype=np.int64)
     tops: list = [None] * n if top > 0 else None
     pending = _PendingPairs()
-    bar = _progress(n, "ranking queries", progress)
+    bar = _progress(n, "ranking queries", "query", progress and n * n >= PROGRESS_MIN_SCORES)
     # One score buffer for all blocks: fresh 100 MB allocations cost page faults every block.
     buffer = torch.empty(chunk * n, dtype=torch.float32, device=device)
     with full_float32_matmul(), torch.no_grad():
@@ -563,4 +565,4 @@ def add_compute_arguments(parser) -> None:
                              "results are identical")
     parser.add_argument("--memory_mb", type=float, default=None,
                         help="memory for one block of scores (default: 256 on CPU, 4096 on CUDA)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar (shown for >= 5,000 items)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (shown only for long runs)")

@@ -21,7 +21,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("features", help="folder of .npy features (the files directly in it)")
     parser.add_argument("index_dir", help="folder for the index (created, or updated if it holds one)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar (shown for >= 5,000 files)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (shown only for long runs)")
     return parser.parse_args(argv)
 
 

@@ -28,7 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("test", help="test features: folder of .npy files or an index")
     parser.add_argument("--pairwise", action="store_true",
                         help=f"also score same-key pairs (mean, std, min, {LOWEST_KEYS} lowest keys)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar (shown for >= 5,000 files)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (shown only for long runs)")
     return parser.parse_args(argv)
 
 
