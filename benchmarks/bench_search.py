@@ -39,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=Path, default=Path("/tmp/clamp2_bench_search"), help="cache of generated files")
     parser.add_argument("--metrics_sizes", type=int, nargs="*", default=[2000, 50000])
     parser.add_argument("--index_rows", type=int, default=1_000_000, help="rows of the search matrix (0: skip)")
-    parser.add_argument("--batch", type=int, default=1000, help="queries of the batched search")
+    parser.add_argument("--batch", type=int, default=1000, help="queries of the batched search (1: skip it)")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--check", action="store_true", help="compare the metrics with a float64 brute force")
@@ -172,8 +172,8 @@ def bench_search(args, device: torch.device) -> None:
     matrix = search_matrix(args)
     keys = [f"item{i:07d}" for i in range(len(matrix))]
     rng = np.random.default_rng(1)
-    queries = (matrix[rng.choice(len(matrix), args.batch)] + NOISE * rng.normal(size=(args.batch, args.dim))
-               ).astype(np.float32)
+    count = max(2, args.batch)
+    queries = (matrix[rng.choice(len(matrix), count)] + NOISE * rng.normal(size=(count, args.dim))).astype(np.float32)
     start = time.perf_counter()
     searcher = Searcher(keys, matrix, device=device)
     setup = time.perf_counter() - start
@@ -191,6 +191,8 @@ def bench_search(args, device: torch.device) -> None:
     print(f"search {len(matrix)}x{args.dim} ({gb:.2f} GB), setup {setup:.2f} s (norms)")
     print(f"  single query top-10: {single * 1e3:.1f} ms vs reading the matrix once from {where} "
           f"{scan * 1e3:.1f} ms ({gb / scan:.1f} GB/s): ratio {single / scan:.2f} (target <= 1.3)")
+    if not args.batch > 1:
+        return
     batch = best_of(max(1, args.repeats - 1), lambda: searcher.top_k(queries, 10))
     units = torch.from_numpy(unit_rows(queries)).to(device)
     rows = max(8192, searcher.memory // (4 * args.batch * 3))

@@ -130,7 +130,7 @@ def unique_by_key(features: FeatureSet) -> tuple[FeatureSet, list[str]]:
     for name, key in zip(features.names, features.keys):
         seen.setdefault(key, []).append(name)
     warnings = [f"warning: {len(names)} files of {features.source} share the key {key!r} "
-                f"({', '.join(names)}): {names[-1]} is used, as the reference does"
+                f"({', '.join(names)}): {names[-1]} is used, as the original CLaMP 2 does"
                 for key, names in seen.items() if len(names) > 1]
     # Order of first occurrence (a dict keeps the first insertion's place), value of the last.
     rows = np.fromiter(position.values(), dtype=np.int64, count=len(position))
@@ -328,14 +328,20 @@ def read_folder(folder: str | os.PathLike, *, sort: bool = True, progress: bool 
     if not names:
         raise FeatureError(f"{folder}: no .npy files in the folder")
     skipped: list[SkippedFile] = []
-    blocks = list(_stream_rows(Path(folder), names, skipped=skipped, progress=progress))
-    if not blocks:
+    matrix: Optional[np.ndarray] = None  # filled in place: no second copy of a large collection
+    kept: list[str] = []
+    norms: list[np.ndarray] = []
+    for block in _stream_rows(Path(folder), names, skipped=skipped, progress=progress):
+        if matrix is None:
+            matrix = np.empty((len(names), block.matrix.shape[1]), dtype=np.float32)
+        matrix[len(kept):len(kept) + len(block.names)] = block.matrix
+        kept.extend(block.names)
+        norms.append(block.norms)
+    if matrix is None:
         raise FeatureError(f"{folder}: none of its {len(names)} .npy files is usable "
                            f"(first: {skipped[0].path}: {skipped[0].reason})")
-    matrix = blocks[0].matrix if len(blocks) == 1 else np.concatenate([b.matrix for b in blocks])
-    norms = np.concatenate([b.norms for b in blocks])
     skipped.sort(key=lambda s: s.path)
-    return FeatureSet(str(folder), [n for b in blocks for n in b.names], matrix, norms, skipped)
+    return FeatureSet(str(folder), kept, matrix[:len(kept)], np.concatenate(norms), skipped)
 
 
 def is_index(path: str | os.PathLike) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from clamp2.feature_store import build_index, read_features, unique_by_key
+from clamp2.feature_store import NpyRowReader, build_index, read_features, unique_by_key
 from clamp2.retrieval import (Searcher, exact_cosine, format_metrics, mean_vector, rank_true_matches,
                               retrieval_metrics, score_tolerance, top_k)
 from conftest import VECTORS, load_script
@@ -295,7 +295,7 @@ def test_score_pairwise(tmp_path, capsys):
 # Index
 
 
-def test_index_gives_the_folder_results_and_updates_incrementally(tmp_path, capsys):
+def test_index_gives_the_folder_results_and_updates_incrementally(tmp_path, capsys, monkeypatch):
     keys, queries, refs = tie_data(n=200)
     folder = write_folder(tmp_path / "f", keys, refs)
     qdir = write_folder(tmp_path / "q", keys, queries)
@@ -331,23 +331,25 @@ def test_index_gives_the_folder_results_and_updates_incrementally(tmp_path, caps
     os.utime(folder / "k0003.npy", ns=(1, 1))
     (folder / "k0004.npy").unlink()
     (folder / "bad.npy").write_bytes(b"not numpy")
-    os.chmod(folder / "k0010.npy", 0)  # were it read again, it would fail
-    try:
-        assert builder.main([str(folder), str(index)]) == 1
-        out, err = capsys.readouterr()
-        assert "added 1, changed 1, removed 1, unchanged 198, skipped 1" in out
-        assert f"skipped {folder / 'bad.npy'}: not a .npy file" in err
-    finally:
-        os.chmod(folder / "k0010.npy", 0o644)
+    read = []
+    original_read = NpyRowReader.read
+    monkeypatch.setattr(NpyRowReader, "read", lambda self, path: read.append(os.path.basename(path)) or
+                        original_read(self, path))
+    assert builder.main([str(folder), str(index)]) == 1
+    out, err = capsys.readouterr()
+    assert "added 1, changed 1, removed 1, unchanged 198, skipped 1" in out
+    assert f"skipped {folder / 'bad.npy'}: not a .npy file" in err
+    assert sorted(set(read)) == ["bad.npy", "k0003.npy", "new.npy"]
     updated = read_features(index)
     from_folder = read_features(folder)
     assert updated.names == from_folder.names and np.array_equal(updated.matrix, from_folder.matrix)
     assert np.array_equal(updated.norms, from_folder.norms)
     assert not [n for n in os.listdir(index) if n.endswith(".partial") or n.startswith("vectors.1.")]
     # The bad file is remembered: reported again, not read again, the index is up to date.
+    read.clear()
     assert builder.main([str(folder), str(index)]) == 1
     out, err = capsys.readouterr()
-    assert "unchanged 200" in out and "not a .npy file" in err
+    assert "unchanged 200" in out and "not a .npy file" in err and read == []
 
 
 def test_index_row_count_shrinks_in_place_when_files_are_skipped(tmp_path):
