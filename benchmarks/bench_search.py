@@ -186,7 +186,8 @@ def bench_search(args, device: torch.device) -> None:
         where = "device memory"
     else:
         tensor = torch.from_numpy(np.asarray(matrix))
-        scan = min(best_of(args.repeats, lambda: tensor.sum()), best_of(args.repeats, lambda: np.add.reduce(matrix, axis=None)))
+        scan = min(best_of(args.repeats, lambda: tensor.sum()),
+                   best_of(args.repeats, lambda: np.add.reduce(matrix, axis=None)))
         where = "memory"
     print(f"search {len(matrix)}x{args.dim} ({gb:.2f} GB), setup {setup:.2f} s (norms)")
     print(f"  single query top-10: {single * 1e3:.1f} ms vs reading the matrix once from {where} "

@@ -36,7 +36,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from clamp2.feature_store import BLOCK_ROWS
+from clamp2.feature_store import BLOCK_ROWS, load_features  # noqa: F401  (load_features: re-exported for users)
 
 HIT_AT = (1, 10, 100)
 DEFAULT_MEMORY_MB = {"cpu": 256, "cuda": 4096}
@@ -494,7 +494,8 @@ class _PendingPairs:
         self.unsure, self.top = [], []
 
 
-def _chunk_ranks(scores: torch.Tensor, start: int, tolerance: float) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+def _chunk_ranks(scores: torch.Tensor, start: int,
+                 tolerance: float) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Ranks from the product for queries ``start ...`` (true match: column ``start + row``), and the
     (query, reference) pairs too close to the true match's score to be placed without the exact cosine."""
     true_scores = scores.diagonal(offset=start).cpu().numpy()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from clamp2.feature_store import NpyRowReader, build_index, read_features, unique_by_key
+from clamp2.feature_store import FeatureError, NpyRowReader, build_index, load_features, read_features, unique_by_key
 from clamp2.retrieval import (Searcher, exact_cosine, format_metrics, mean_vector, rank_true_matches,
                               retrieval_metrics, score_tolerance, top_k)
 from conftest import VECTORS, load_script
@@ -57,7 +57,8 @@ def oracle_metric_lines(queries: dict, refs: dict) -> list[str]:
 
 def oracle_top(query: np.ndarray, features: dict, k: int, true_key=None) -> list[tuple[str, float]]:
     keys = list(features)
-    sims = torch.cosine_similarity(torch.tensor(query).unsqueeze(0), torch.tensor(np.array([features[x] for x in keys])))
+    refs = torch.tensor(np.array([features[x] for x in keys]))
+    sims = torch.cosine_similarity(torch.tensor(query).unsqueeze(0), refs)
     order = sorted(range(len(keys)), key=lambda i: (-sims[i].item(), keys[i] != true_key, keys[i]))
     return [(keys[i], sims[i].item()) for i in order[:k]]
 
@@ -226,7 +227,8 @@ def test_metrics_and_score_print_the_reference_lines(global_folders, capsys):
         for r in global_folders.values():
             if set(folder_features(q)) & set(folder_features(r)):
                 assert metrics.main([str(q), str(r)]) == 0
-                assert capsys.readouterr().out.splitlines() == oracle_metric_lines(folder_features(q), folder_features(r))
+                expected = oracle_metric_lines(folder_features(q), folder_features(r))
+                assert capsys.readouterr().out.splitlines() == expected
             assert score.main([str(q), str(r)]) == 0
             assert capsys.readouterr().out.splitlines() == [oracle_score_line(q, r)]
 
@@ -240,6 +242,8 @@ def test_search_ties_are_broken_by_key_and_k_is_capped(tmp_path, capsys):
         assert script.main([str(tmp_path / "query.npy"), str(folder), "--top_k", str(k), "--memory_mb", "0.001"]) == 0
         out = capsys.readouterr().out.splitlines()
         assert out == oracle_search_lines(tmp_path / "query.npy", folder, k)
+        assert script.main([str(tmp_path / "query.npy"), str(folder), "--top_k", str(k), "--backend", "faiss"]) == 0
+        assert capsys.readouterr().out.splitlines() == out
     assert out[0] == "Top 140 similar items:"
     copies = ["k0000", "k0001", "k0063", "k0064", "k0065", "k0127", "k0139"]
     assert [line.split()[0] for line in out[1:8]] == copies and len({line.split()[1] for line in out[1:8]}) == 1
@@ -352,6 +356,31 @@ def test_index_gives_the_folder_results_and_updates_incrementally(tmp_path, caps
     assert "unchanged 200" in out and "not a .npy file" in err and read == []
 
 
+def test_an_interrupted_update_leaves_the_previous_index_whole(tmp_path, monkeypatch):
+    keys, _, refs = tie_data(n=60)
+    folder = write_folder(tmp_path / "f", keys[:30], refs[:30])
+    build_index(folder, tmp_path / "index")
+    before = sorted(os.listdir(tmp_path / "index"))
+    write_folder(folder, keys[30:], refs[30:])
+    calls = []
+
+    def interrupted(self, path):
+        calls.append(path)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return original(self, path)
+
+    original = NpyRowReader.read
+    monkeypatch.setattr(NpyRowReader, "read", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(folder, tmp_path / "index")
+    assert sorted(os.listdir(tmp_path / "index")) == before
+    monkeypatch.setattr(NpyRowReader, "read", original)
+    assert np.array_equal(read_features(tmp_path / "index").matrix, refs[:30])
+    assert build_index(folder, tmp_path / "index").added == 30
+    assert np.array_equal(read_features(tmp_path / "index").matrix, refs)
+
+
 def test_index_row_count_shrinks_in_place_when_files_are_skipped(tmp_path):
     keys, _, refs = tie_data(n=30)
     folder = write_folder(tmp_path / "f", keys, refs)
@@ -429,6 +458,18 @@ def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_script(search).main([str(tmp_path / "q16.npy"), str(good), "--top_k", "-1"])
     assert exit_info.value.code == 2
+
+
+def test_load_features_is_strict_and_reads_folders_and_indexes_alike(tmp_path):
+    keys, _, refs = tie_data(n=40)
+    folder = write_folder(tmp_path / "f", keys, refs)
+    build_index(folder, tmp_path / "index")
+    for path in (folder, tmp_path / "index"):
+        got_keys, matrix = load_features(path)
+        assert got_keys == keys and matrix.dtype == np.float32 and np.array_equal(matrix, refs)
+    np.save(folder / "zero.npy", np.zeros((1, 48), np.float32))
+    with pytest.raises(FeatureError, match="zero.npy: all-zero"):
+        load_features(folder)
 
 
 def test_duplicate_keys_keep_the_last_file_as_the_reference(tmp_path, capsys):
