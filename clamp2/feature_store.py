@@ -31,6 +31,7 @@ import contextlib
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -53,6 +54,8 @@ BLOCK_ROWS = 8192
 PROGRESS_MIN_ITEMS = 50_000
 # The features' dimension is the one most of the first usable files have.
 DIMENSION_SAMPLE = 1000
+# Files are read by this many threads, each taking this many files at a time.
+READ_THREADS, READ_SLICE = 8, 256
 _FIRST_READ = 1 << 16
 _MAGIC = b"\x93NUMPY"
 
@@ -249,11 +252,10 @@ def _stream_rows(folder: Path, names: list[str], *, dim: Optional[int] = None,
     ``dim``, when not given, is the one most of the first usable files have. ``reuse(i)`` may return
     the row of name ``i`` from an existing index (already checked), so the file is not read again.
     """
-    from clamp2.progress import progress_bar
-
     reader = NpyRowReader()
     paths = [os.path.join(os.fspath(folder), name) for name in names]  # str paths: pathlib costs at 10^5 files
     early: dict[int, np.ndarray | str] = {}  # rows read to find the dimension, used once more below
+    pool = ThreadPoolExecutor(READ_THREADS) if len(names) > READ_SLICE else None
 
     def read(i: int) -> np.ndarray | str:
         if i in early:
@@ -263,23 +265,45 @@ def _stream_rows(folder: Path, names: list[str], *, dim: Optional[int] = None,
         except BadFeatureFile as error:
             return str(error)
 
-    if dim is None:
-        for i in range(len(names)):
-            if sum(not isinstance(r, str) for r in early.values()) >= DIMENSION_SAMPLE:
-                break
-            if reuse is None or reuse(i) is None:
-                early[i] = read(i)
-        dim = _common_dimension([r for r in early.values() if not isinstance(r, str)])
+    def read_many(indices: list[int]) -> list[np.ndarray | str]:
+        # Threads overlap the open/read system calls (and the disk, when the files are not cached).
+        if pool is None or len(indices) <= READ_SLICE:
+            return [read(i) for i in indices]
+        slices = [indices[k:k + READ_SLICE] for k in range(0, len(indices), READ_SLICE)]
+        return [row for rows in pool.map(lambda part: [read(i) for i in part], slices) for row in rows]
+
+    try:
+        if dim is None:
+            for first in range(0, len(names), DIMENSION_SAMPLE):
+                fresh = [i for i in range(first, min(first + DIMENSION_SAMPLE, len(names)))
+                         if reuse is None or reuse(i) is None]
+                early.update(zip(fresh, read_many(fresh)))
+                dim = _common_dimension([r for r in early.values() if not isinstance(r, str)])
+                if dim is not None:
+                    break
+        yield from _checked_blocks(names, paths, dim, reuse, read_many, skipped, progress, desc)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _checked_blocks(names: list[str], paths: list[str], dim: Optional[int],
+                    reuse: Optional[Callable[[int], Optional[np.ndarray]]], read_many: Callable,
+                    skipped: list[SkippedFile], progress: bool, desc: str) -> Iterator[_Block]:
+    from clamp2.progress import progress_bar
+
     bar = progress_bar(total=len(names), desc=desc, unit="file",
                        enabled=progress and len(names) >= PROGRESS_MIN_ITEMS)
     try:
         for start in range(0, len(names), BLOCK_ROWS):
             rows: list[np.ndarray] = []
             kept: list[int] = []
-            for i in range(start, min(start + BLOCK_ROWS, len(names))):
-                row = reuse(i) if reuse is not None else None
-                if row is None:
-                    row = read(i)
+            indices = range(start, min(start + BLOCK_ROWS, len(names)))
+            got = [reuse(i) if reuse is not None else None for i in indices]
+            fresh = [i for i, row in zip(indices, got) if row is None]
+            for i, row in zip(fresh, read_many(fresh)):
+                got[i - start] = row
+            for i, row in zip(indices, got):
                 if isinstance(row, str):
                     skipped.append(SkippedFile(paths[i], row))
                 elif dim is None:  # no file has a cosine: say why for each

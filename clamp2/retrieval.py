@@ -36,7 +36,12 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from clamp2.feature_store import BLOCK_ROWS, load_features  # noqa: F401  (load_features: re-exported for users)
+from clamp2.feature_store import BLOCK_ROWS, load_features
+
+__all__ = ["load_features", "score_tolerance", "exact_cosine", "Searcher", "top_k", "RankResult", "rank_true_matches",
+           "metrics_from_ranks", "retrieval_metrics", "mean_vector", "mean_vector_cosine", "pairwise_scores",
+           "format_search", "format_metrics", "format_score", "format_pairwise", "unit_rows", "as_cpu_tensor",
+           "full_float32_matmul", "default_device", "add_compute_arguments"]
 
 HIT_AT = (1, 10, 100)
 DEFAULT_MEMORY_MB = {"cpu": 256, "cuda": 4096}
@@ -360,9 +365,14 @@ def _count_per_row(scores: torch.Tensor, threshold: np.ndarray, strict: bool) ->
 
 
 def _take_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``matrix[rows]`` as float32, reading a memory map in ascending order."""
+    """``matrix[rows]`` as float32 (no copy when ``rows`` is every row in order; a memory map is read
+    in ascending order)."""
+    if len(rows) == len(matrix) and np.array_equal(rows, np.arange(len(matrix))):
+        return np.asarray(matrix, dtype=np.float32)
     if len(rows) == 0:
         return np.empty((0, matrix.shape[1]), dtype=np.float32)
+    if not isinstance(matrix, np.memmap):
+        return np.asarray(matrix[rows], dtype=np.float32)
     unique, inverse = np.unique(rows, return_inverse=True)
     return np.asarray(matrix[unique], dtype=np.float32)[inverse]
 
