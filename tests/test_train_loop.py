@@ -233,6 +233,7 @@ def test_resuming_a_reference_checkpoint_keeps_its_learning_rate(tiny_env, tmp_p
     assert "continuing at the checkpoint's learning rate 0.0001, constant: the rate its optimizer trained with" in out
     latest = read_checkpoint(tmp_path / "latest_weights_t.pth")
     assert latest["epoch"] == 2 and latest["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    assert latest["optimizer"]["param_groups"][0]["fused"] is True  # the reference's unfused AdamW state, run fused
     assert latest["lr_sched"]["_last_lr"] == [1e-4] and latest["lr_sched"]["lr_lambdas"] == [{"warmup_steps": 0}]
 
 
@@ -321,3 +322,34 @@ def test_legacy_launcher_rank_flags(trainers):
     for flags in (["--local_rank", "1"], ["--local-rank=1"]):
         assert trainers["m3"].parse_args(flags).local_rank == 1
         assert trainers["clamp2"].parse_args(flags).local_rank == 1
+
+
+def test_m3_decoding_in_length_groups_equals_decoding_every_position(corpus):  # noqa: F811
+    from clamp2.training.data import M3Dataset, collate_m3
+    from clamp2.training.tasks import m3_loss
+
+    files = sorted(corpus.rglob("*.abc")) + sorted(corpus.rglob("*.mtf"))
+    dataset = M3Dataset(files, M3Patchilizer(64, 32), 0.45, training=True)
+    batch = collate_m3([dataset[i] for i in range(8)])
+    torch.manual_seed(0)
+    model = M3Model(TINY_DIMS).eval()  # no dropout: both ways see the same numbers
+    targets = batch["target_patches"].reshape(8, -1, 64)[batch["selected_indices"].bool()]
+    lengths = ((targets != 0) * torch.arange(1, 65)).amax(dim=1)
+    assert lengths.max() > 48 and lengths.float().mean() < 32  # several groups, most patches short
+
+    def grads():
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    loss = m3_loss(model, batch)
+    loss.backward()
+    grouped = grads()
+    model.zero_grad()
+    features = model.encoder(batch["input_patches"].reshape(8, -1, 64), batch["input_masks"])
+    whole_sum, predicted = model.decoder.loss_sum(features[batch["selected_indices"].bool()], targets)
+    assert predicted == int((targets[:, 1:] != 0).sum())
+    (whole_sum / predicted).backward()
+    assert torch.allclose(loss, whole_sum / predicted, atol=1e-6)
+    whole = grads()
+    assert grouped.keys() == whole.keys()
+    for name in whole:
+        assert torch.allclose(grouped[name], whole[name], atol=1e-6), name

@@ -30,7 +30,7 @@ from ..checkpoint import load_model_weights
 from ..distributed import DistInfo, all_gather_rows
 from ..loss import contrastive_loss
 from ..models import CLaMP2Model, M3Dims, M3Model
-from ..patchilizer import PAD_TOKEN_ID, M3Patchilizer
+from ..patchilizer import M3Patchilizer
 from ..text_model import load_text_model, load_tokenizer
 from .data import (DataError, M3Dataset, TextMusicCollator, TextMusicDataset, check_music_files, collate_m3,
                    find_music_files, read_pairs, split_eval)
@@ -41,26 +41,15 @@ def m3_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch["input_patches"], batch["input_masks"], batch["selected_indices"], batch["target_patches"])
 
 
-def predicted_tokens(batch: Dict[str, torch.Tensor], patch_size: int) -> int:
-    """How many characters M3's decoder predicts in a batch: every non-pad id after the first of each picked patch.
-
-    The language-model loss shifts the labels by one, so position 0 (the encoder vector) is never a
-    target; pads are ignored. The loss is the mean over exactly these.
-    """
-    targets = batch["target_patches"].reshape(len(batch["target_patches"]), -1, patch_size)
-    picked = targets[batch["selected_indices"].bool()]
-    return int((picked[:, 1:] != PAD_TOKEN_ID).sum())
-
-
-def m3_eval_step(model: nn.Module, batch: Optional[Dict[str, torch.Tensor]], counts: Sequence[int],
+def m3_eval_step(model: M3Model, batch: Optional[Dict[str, torch.Tensor]], counts: Sequence[int],
                  precision: Precision, dist_info: DistInfo) -> Tuple[float, float]:
-    """(Σ token losses, tokens) of this rank's part of a global batch (nothing when it has none)."""
+    """(Σ token losses, predicted tokens) of this rank's part of a global batch (nothing when it has none)."""
     if batch is None:
         return 0.0, 0.0
     with precision.autocast():
-        loss = m3_loss(model, batch)
-    tokens = predicted_tokens(batch, model.dims.patch_size)
-    return loss.item() * tokens, float(tokens)
+        loss_sum, predicted = model.reconstruction_sums(batch["input_patches"], batch["input_masks"],
+                                                        batch["selected_indices"], batch["target_patches"])
+    return loss_sum.item(), float(predicted)
 
 
 def m3_task(config, train_folders: Sequence[str], eval_folders: Sequence[str] = (), global_batch: int = 1,
