@@ -1,26 +1,51 @@
-"""Training throughput: samples/s of one CLaMP 2 and one M3 optimizer step (the trainers' own step).
+"""Training throughput: samples/s, the loss after a fixed number of steps and (CUDA) MFU of M3 and CLaMP 2.
 
-    python benchmarks/bench_train.py                      # small config on CPU (+ default config on GPU if any)
-    python benchmarks/bench_train.py --device cuda --configs default --precisions fp32 fp16 bf16
-    python benchmarks/bench_train.py --configs small --steps 20 --threads 2
+    python benchmarks/bench_train.py                                 # CPU, small config, every variant
+    python benchmarks/bench_train.py --configs small default --steps 3 --warmup 1 --threads 2
+    python benchmarks/bench_train.py --device cuda --precision bf16  # default config, MFU (< 3 min on an H200)
+    python benchmarks/bench_train.py --variants m3 m3-before --profile   # where a step's time goes
 
-Each measurement builds the model once, runs ``--warmup`` untimed steps, then times ``--steps``
-steps of :func:`clamp2.training.loop.train_step` (forward, backward, AdamW, schedule; AMP and
-gradient scaling when the precision is fp16) and prints one line per (task, config, precision).
-Models are randomly initialised (no downloads). Music batches are real pieces (the spec vectors'
-files, patched and repeated to fill the window) padded to PATCH_LENGTH as the reference does; texts
-are random token ids of MAX_TEXT_LENGTH, so every sample costs the most it can.
+Batches are real: pieces of music21's corpus converted to interleaved ABC and MTF (built once,
+cached in --data) with texts made from their metadata, run through the trainers' datasets
+(random truncation, corruption, text dropout), collated, then fed to the trainers' own
+:func:`clamp2.training.loop.train_step` (forward, backward, AdamW, schedule; AMP and gradient
+scaling for fp16). Models start from seeded random weights (no downloads; the text encoder has
+XLM-R's shape, the tokenizer is the tests' tiny one), so the loss after ``--warmup + --steps``
+steps is a fingerprint: the same on every run of one machine and precision. Each line gives the
+median step time (on the CPU also samples per CPU-second of the process, steadier than wall time
+on a shared machine).
 
-- ``small``: PATCH_LENGTH 64, 2 patch layers, 1 token layer, hidden 128; a 2-layer XLM-R of hidden 128,
-  MAX_TEXT_LENGTH 64, CLaMP 2 hidden 128; batches of 8.
-- ``default``: config.py's defaults (PATCH_LENGTH 512, 12 + 3 layers, hidden 768, XLM-R base size,
-  MAX_TEXT_LENGTH 128), batches of 16 (M3) and 32 (CLaMP 2) per GPU unless --m3_batch/--clamp2_batch.
+Variants (``--variants``): ``m3`` and ``clamp2`` train as the trainers do now (fused AdamW; M3's
+decoder over length groups; CLaMP 2 batches padded to their longest text and piece).
+``*-reference`` computes as the reference does (AdamW's default kernel; M3 decodes all PATCH_SIZE
+positions of every patch; CLaMP 2 padded to MAX_TEXT_LENGTH/PATCH_LENGTH; determinism = seeds and
+cuDNN flags). ``*-before`` is this project before issue 19: the reference's computation plus
+``torch.use_deterministic_algorithms`` (which fills every new tensor with NaN, ~10% of a CPU step).
+The losses of variants differ only by rounding and, with dropout, by the masks drawn for
+differently shaped batches.
+
+Configs: ``small`` = PATCH_LENGTH 64, 2 patch layers, 1 token layer, hidden 128; a 2-layer XLM-R of
+hidden 128, MAX_TEXT_LENGTH 64, CLaMP 2 hidden 128; batches of 8. ``default`` = config.py's sizes
+(PATCH_LENGTH 512, 12 + 3 layers, hidden 768, XLM-R base's shape, MAX_TEXT_LENGTH 128) with
+config.py's batches on CUDA (16 M3, 128 CLaMP 2) and 4 / 8 on CPU (--m3_batch/--clamp2_batch).
+
+MFU = model FLOPs per second / the device's peak (``--peak_tflops``; known for H100/H200 989,
+A100 312, bf16/fp16 dense). Model FLOPs are counted from the shapes of each batch as padded:
+a linear layer of n_in → n_out over N positions is 2·N·n_in·n_out FLOPs forward; an attention
+layer over sequences of length L (B of them, width h) adds 4·B·L²·h (scores and weighted sum);
+training is 3× forward (backward = 2×), except the M3 patch embedding, whose one-hot input needs
+no gradient (2×). Per transformer layer of width h and MLP 4h that is 24·N·h² + 4·B·L²·h forward.
+M3: the patch embedding (128·PATCH_SIZE → h) and the encoder over B × L patches, the decoder over
+each picked patch at the length it is decoded at (its length group's; PATCH_SIZE for the
+reference) plus its 128-way head. CLaMP 2: the text encoder over B × T
+tokens, the music encoder over B × L patches and both projections (the contrastive loss is
+negligible).
 """
 
 from __future__ import annotations
 
+import json
 import math
-import random
 import statistics
 import sys
 import time
@@ -30,15 +55,19 @@ from pathlib import Path
 import torch
 
 from clamp2.cli import ArgumentParser
-from clamp2.models import CLaMP2Model, M3Dims, M3Model
-from clamp2.patchilizer import M3Patchilizer
-from clamp2.training.corruption import corrupt_patches
-from clamp2.training.data import collate_m3, read_music
-from clamp2.training.loop import Precision, train_step, warmup_then_constant
+from clamp2.corpus import build_music_files, corpus_musicxml_paths, piece_name
+from clamp2.models import DECODE_LENGTH_STEP, CLaMP2Model, M3Dims, M3Model
+from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
+from clamp2.text_model import load_tokenizer
+from clamp2.training.data import (M3Dataset, TextMusicCollator, TextMusicDataset, TrainBatches, collate_m3,
+                                  read_pairs)
+from clamp2.training.loop import Precision, lr_schedule, make_optimizer, train_step
 from clamp2.training.tasks import ContrastiveStep, m3_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MUSIC_DIR = REPO_ROOT / "tests" / "data" / "vectors" / "extract_in"
+TOKENIZER = REPO_ROOT / "tests" / "data" / "vectors" / "tiny_text_model"
+VARIANTS = ("m3", "m3-reference", "m3-before", "clamp2", "clamp2-reference", "clamp2-before")
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks
 
 
 @dataclass(frozen=True)
@@ -50,12 +79,72 @@ class BenchConfig:
     clamp2_hidden: int
     m3_batch: int
     clamp2_batch: int
+    m3_batch_cuda: int
+    clamp2_batch_cuda: int
 
 
 CONFIGS = {
-    "small": BenchConfig(M3Dims(64, 64, 2, 1, 128), 128, 2, 64, 128, 8, 8),
-    "default": BenchConfig(M3Dims(), 768, 12, 128, 768, 16, 32),
+    "small": BenchConfig(M3Dims(64, 64, 2, 1, 128), 128, 2, 64, 128, 8, 8, 8, 8),
+    "default": BenchConfig(M3Dims(), 768, 12, 128, 768, 4, 8, 16, 128),
 }
+
+
+# -- data ----------------------------------------------------------------------------------------------
+
+# Composers whose scores convert in seconds; the few long scores (tens of seconds each) are left out.
+COMPOSERS = ("bach", "mozart", "haydn", "handel", "monteverdi", "joplin")
+MAX_SCORE_BYTES = 30_000
+
+
+def build_data(folder: Path, scores: int) -> Path:
+    """Corpus pieces as ABC + MTF and a JSONL of pairs with metadata and summaries (cached)."""
+    paths = [path for path in corpus_musicxml_paths(COMPOSERS, per_composer=math.ceil(scores / len(COMPOSERS)))
+             if path.stat().st_size <= MAX_SCORE_BYTES][:scores]
+    build_music_files(folder, paths, progress=False)
+    lines = []
+    for index, path in enumerate(paths):
+        name = piece_name(path)
+        files = [f"{kind}/{name}.{kind}" for kind in ("abc", "mtf") if (folder / kind / f"{name}.{kind}").is_file()]
+        if not files:
+            continue
+        composer = path.parent.name.capitalize()
+        # Summaries of varied lengths, as real ones are.
+        detail = " It moves through several keys and closes with a cadence." * (index % 4)
+        lines.append(json.dumps({
+            "title": path.stem, "composer": composer, "genres": ["Classical"],
+            "summary_en": f"A piece by {composer}, {path.stem}.{detail}",
+            "summary_nen": {"language": "German", "summary": f"Ein Stück von {composer}.{detail}"},
+            "filepaths": files}))
+    jsonl = folder / "pairs.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return jsonl
+
+
+def batches_of(dataset, collate, batch_size: int, count: int) -> list:
+    """``count`` batches of the first epochs, as one process of the trainer draws them."""
+    if len(dataset) < batch_size:
+        sys.exit(f"error: {len(dataset)} samples, fewer than one batch of {batch_size}: raise --scores")
+    sampler = TrainBatches(len(dataset), batch_size, seed=42)
+    batches, epoch = [], 0
+    while len(batches) < count:
+        epoch += 1
+        sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        batches.extend(collate([dataset[i] for i in indices]) for indices in sampler)
+    return batches[:count]
+
+
+def repeated(items: list, batch_size: int) -> list:
+    """``items`` repeated to fill two batches (each copy draws its own crops, corruption and texts)."""
+    return items * math.ceil(2 * batch_size / len(items))
+
+
+# -- models and FLOPs ----------------------------------------------------------------------------------
+
+def decode_full_length(decoder) -> None:
+    """Decode every picked patch over all PATCH_SIZE positions in one call, as the reference does."""
+    decoder.grouped_loss_sum = decoder.loss_sum
 
 
 def text_encoder(config: BenchConfig):
@@ -70,117 +159,175 @@ def text_encoder(config: BenchConfig):
     return AutoModel.from_config(text_config)
 
 
-def music_windows(dims: M3Dims, count: int) -> list[torch.Tensor]:
-    """``count`` windows of PATCH_LENGTH real patches (pieces repeated to fill the window)."""
-    patchilizer = M3Patchilizer(dims.patch_size, dims.patch_length)
-    files = sorted(MUSIC_DIR.glob("*/*.abc")) + sorted(MUSIC_DIR.glob("*/*.mtf"))
-    if not files:
-        sys.exit(f"no music files under {MUSIC_DIR}: the checkout is incomplete")
-    windows = []
-    for index in range(count):
-        patches = patchilizer.encode(read_music(files[index % len(files)]), add_special_patches=True)
-        patches = (patches * math.ceil(dims.patch_length / len(patches)))[: dims.patch_length]
-        windows.append(torch.tensor(patches))
-    return windows
+def encoder_flops(batch: int, length: int, width: int, layers: int) -> float:
+    """Forward FLOPs of ``layers`` transformer layers (MLP 4·width) over ``batch`` sequences of ``length``."""
+    return layers * (24.0 * batch * length * width ** 2 + 4.0 * batch * length ** 2 * width)
 
 
-def m3_batch(dims: M3Dims, batch_size: int) -> dict:
-    rng = random.Random(0)
-    samples = []
-    for window in music_windows(dims, batch_size):
-        inputs, selected = corrupt_patches(window, 0.45, training=True, rng=rng)
-        samples.append({"input_patches": inputs, "input_masks": torch.ones(len(window)), "selected_indices": selected,
-                        "target_patches": window})
-    return collate_m3(samples)
+def patch_embedding_flops(batch: int, length: int, dims: M3Dims) -> float:
+    return 2.0 * batch * length * NUM_CLASSES * dims.patch_size * dims.hidden_size
 
 
-def clamp2_batch(config: BenchConfig, batch_size: int) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    music = torch.stack(music_windows(config.dims, batch_size))
-    return {"text_inputs": torch.randint(5, 4000, (batch_size, config.max_text_length), generator=generator),
-            "text_masks": torch.ones(batch_size, config.max_text_length),
-            "music_inputs": music, "music_masks": torch.ones(batch_size, config.dims.patch_length)}
+def decoded_lengths(batch: dict, dims: M3Dims, grouped: bool) -> torch.Tensor:
+    """The length each picked patch is decoded at: its DECODE_LENGTH_STEP group's, or PATCH_SIZE."""
+    targets = batch["target_patches"].reshape(len(batch["target_patches"]), -1, dims.patch_size)
+    picked = targets[batch["selected_indices"].bool()]
+    if not grouped:
+        return torch.full((len(picked),), dims.patch_size)
+    last = ((picked != 0) * torch.arange(1, dims.patch_size + 1)).amax(dim=1)
+    return ((last + DECODE_LENGTH_STEP - 1) // DECODE_LENGTH_STEP * DECODE_LENGTH_STEP).clamp(max=dims.patch_size)
 
 
-def measure(model, batch, compute_loss, device, precision: Precision, steps: int, warmup: int) -> float:
-    """Median seconds per step."""
+def m3_train_flops(batch: dict, dims: M3Dims, grouped: bool) -> float:
+    b, n = batch["input_masks"].shape
+    h = dims.hidden_size
+    decoder = sum(encoder_flops(1, int(length), h, dims.token_num_layers) + 2.0 * int(length) * h * NUM_CLASSES
+                  for length in decoded_lengths(batch, dims, grouped))
+    forward = encoder_flops(b, n, h, dims.patch_num_layers) + decoder
+    return 3 * forward + 2 * patch_embedding_flops(b, n, dims)
+
+
+def clamp2_train_flops(batch: dict, config: BenchConfig) -> float:
+    b, t = batch["text_masks"].shape
+    n = batch["music_masks"].shape[1]
+    dims = config.dims
+    forward = (encoder_flops(b, t, config.text_hidden, config.text_layers)
+               + encoder_flops(b, n, dims.hidden_size, dims.patch_num_layers)
+               + 2.0 * b * (config.text_hidden + dims.hidden_size) * config.clamp2_hidden)
+    return 3 * forward + 2 * patch_embedding_flops(b, n, dims)
+
+
+# -- measuring -------------------------------------------------------------------------------------------
+
+def measure(model, batches, compute_loss, device, precision: Precision, steps: int, warmup: int,
+            variant: str, profile: bool = False) -> tuple[float, float, float]:
+    """(median wall seconds per step, median CPU seconds of this process per step, loss of the last step)."""
     model = model.to(device).train()
-    batch = {k: v.to(device) for k, v in batch.items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    lr_sched = warmup_then_constant(optimizer, 1000)
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    now = "-" not in variant
+    optimizer = make_optimizer(model, 1e-4) if now else torch.optim.AdamW(model.parameters(), lr=1e-4)
+    lr_sched = lr_schedule(optimizer, 0)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
-    times = []
-    for step in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_step(model, batch, compute_loss, optimizer, lr_sched, scaler, precision)  # .item() synchronises
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(variant.endswith("-before"), warn_only=True)
+    times, cpu_times, loss = [], [], float("nan")
+    profiler = None
+    try:
+        for step in range(warmup + steps):
+            if profile and step == warmup:
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                                  + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda"
+                                                     else []))
+                profiler.__enter__()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            loss = train_step(model, batches[step], compute_loss, optimizer, lr_sched, scaler, precision)  # syncs
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+    finally:
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+        torch.use_deterministic_algorithms(previous)
+    if profiler is not None:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"profile of {variant}, {steps} steps:\n" + profiler.key_averages().table(sort_by=sort, row_limit=12))
+    return statistics.median(times), statistics.median(cpu_times), loss
 
 
-def run(task: str, name: str, config: BenchConfig, device: torch.device, precision_name: str, args) -> None:
+def run(variant: str, name: str, config: BenchConfig, device: torch.device, precision_name: str, data, args) -> None:
     precision = Precision.choose(device, precision_name)
+    task = variant.split("-")[0]
+    cuda = device.type == "cuda"
+    count = args.warmup + args.steps
+    patchilizer = M3Patchilizer(config.dims.patch_size, config.dims.patch_length)
     torch.manual_seed(0)
     if task == "m3":
-        batch_size = args.m3_batch or config.m3_batch
-        model, batch, loss = M3Model(config.dims), m3_batch(config.dims, batch_size), m3_loss
+        batch_size = args.m3_batch or (config.m3_batch_cuda if cuda else config.m3_batch)
+        dataset = M3Dataset(repeated(data["music"], batch_size), patchilizer, 0.45, training=True)
+        batches = batches_of(dataset, collate_m3, batch_size, count)
+        model, loss_fn = M3Model(config.dims), m3_loss
+        if "-" in variant:
+            decode_full_length(model.decoder)
+        flops = [m3_train_flops(b, config.dims, grouped="-" not in variant) for b in batches]
     else:
-        batch_size = args.clamp2_batch or config.clamp2_batch
-        model = CLaMP2Model(text_encoder(config), config.dims, config.clamp2_hidden)
-        batch, loss = clamp2_batch(config, batch_size), ContrastiveStep(1.0)
+        batch_size = args.clamp2_batch or (config.clamp2_batch_cuda if cuda else config.clamp2_batch)
+        tokenizer = data["tokenizer"]
+        dataset = TextMusicDataset(repeated(data["pairs"], batch_size), tokenizer, patchilizer, config.max_text_length,
+                                   training=True)
+        collate = TextMusicCollator(tokenizer.pad_token_id, config.max_text_length, config.dims.patch_length,
+                                    config.dims.patch_size, pad_to_longest="-" not in variant)
+        batches = batches_of(dataset, collate, batch_size, count)
+        model, loss_fn = CLaMP2Model(text_encoder(config), config.dims, config.clamp2_hidden), ContrastiveStep(1.0)
+        flops = [clamp2_train_flops(b, config) for b in batches]
+    label = f"{variant:20s} {name:8s} {device.type:4s} {str(precision):28s} batch {batch_size:4d}"
     try:
-        seconds = measure(model, batch, loss, device, precision, args.steps, args.warmup)
+        seconds, cpu_seconds, loss = measure(model, batches, loss_fn, device, precision, args.steps, args.warmup, variant,
+                                             args.profile)
     except torch.cuda.OutOfMemoryError:
-        print(f"{task:7s} {name:8s} {device.type:5s} {str(precision):28s} batch {batch_size:4d}  out of memory")
+        print(f"{label}  out of memory", flush=True)
         return
     finally:
         del model
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
-    print(f"{task:7s} {name:8s} {device.type:5s} {str(precision):28s} batch {batch_size:4d}  "
-          f"{batch_size / seconds:9.1f} samples/s  {seconds * 1000:8.1f} ms/step", flush=True)
+    line = (f"{label}  {batch_size / seconds:9.2f} samples/s  {seconds * 1000:9.1f} ms/step  "
+            f"loss after {count} steps {loss:.6f}")
+    if not cuda:
+        # Per CPU-second of this process: what the step costs, steadier than wall time on a shared machine.
+        line += f"  {batch_size / cpu_seconds:9.2f} samples/CPU-s"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name()),
+                                    None)
+    if cuda and peak:
+        achieved = statistics.median(flops[args.warmup:]) / seconds
+        line += f"  {achieved / 1e12:7.1f} TFLOP/s  MFU {achieved / (peak * 1e12):6.1%}"
+    print(line, flush=True)
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: the small config on CPU, plus the default config on CUDA when available")
-    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None)
-    parser.add_argument("--precisions", nargs="+", choices=("fp32", "fp16", "bf16"), default=None,
-                        help="CUDA only (CPU is fp32); default fp32 and fp16 (AMP)")
-    parser.add_argument("--tasks", nargs="+", choices=("clamp2", "m3"), default=["clamp2", "m3"])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None,
+                        help="default: small on CPU, default on CUDA")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="fp16/bf16 autocast on CUDA only (the CPU trains in fp32)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="default: all on CPU; m3 and clamp2 on CUDA")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--m3_batch", type=int, default=None)
     parser.add_argument("--clamp2_batch", type=int, default=None)
+    parser.add_argument("--scores", type=int, default=36, help="corpus scores (each gives an ABC and an MTF file)")
+    parser.add_argument("--data", type=Path, default=Path("/tmp/clamp2_bench_train"), help="cache of the data")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top operators of the timed steps of each variant")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     return parser.parse_args(argv)
-
-
-def plan(args) -> list[tuple[str, torch.device, str]]:
-    if args.device is not None:
-        device = torch.device(args.device)
-        configs = args.configs or (["default"] if device.type == "cuda" else ["small"])
-        precisions = (args.precisions or ["fp32", "fp16"]) if device.type == "cuda" else ["fp32"]
-        return [(c, device, p) for c in configs for p in precisions]
-    runs = [(c, torch.device("cpu"), "fp32") for c in (args.configs or ["small"])]
-    if torch.cuda.is_available():
-        runs += [(c, torch.device("cuda"), p) for c in (args.configs or ["default"])
-                 for p in (args.precisions or ["fp32", "fp16"])]
-    return runs
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    configs = args.configs or (["default"] if device.type == "cuda" else ["small"])
+    variants = args.variants or (["m3", "clamp2"] if device.type == "cuda" else list(VARIANTS))
+    started = time.perf_counter()
+    pairs = read_pairs(build_data(args.data, args.scores), require_non_english=True)
+    data = {"music": [path for item in pairs for path in item.music_paths], "pairs": pairs,
+            "tokenizer": load_tokenizer(str(TOKENIZER))}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA device"))
-    for name, device, precision in plan(args):
-        for task in args.tasks:
-            run(task, name, CONFIGS[name], device, precision, args)
+          + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")
+          + f"; {len(data['music'])} music files, {len(data['pairs'])} pairs ({time.perf_counter() - started:.0f} s)",
+          flush=True)
+    for name in configs:
+        for variant in variants:
+            run(variant, name, CONFIGS[name], device, args.precision, data, args)
     return 0
 
 

@@ -22,6 +22,7 @@ TOKEN_NUM_LAYERS = 3  # Number of layers in the token decoder
 M3_HIDDEN_SIZE = 768  # Hidden size of the M3 model
 M3_NUM_EPOCH = 100  # Maximum number of epochs for M3 training
 M3_LEARNING_RATE = 1e-4  # Learning rate for the M3 optimizer
+M3_WARMUP_STEPS = 0  # Linear LR warm-up steps (0: constant LR from the first step, as the published M3 trained)
 M3_BATCH_SIZE = 16  # Batch size per GPU (single card) for M3 training
 M3_MASK_RATIO = 0.45  # Ratio of patches corrupted during M3 pre-training
 M3_DETERMINISTIC = True  # Seed 42 + rank and deterministic kernels for M3 training
@@ -35,10 +36,12 @@ CLAMP2_HIDDEN_SIZE = 768  # Size of the joint text-music embedding space
 TEXT_MODEL_NAME = "FacebookAI/xlm-roberta-base"  # Text encoder: hub id or local directory
 CLAMP2_NUM_EPOCH = 100  # Maximum number of epochs for CLaMP 2 training
 CLAMP2_LEARNING_RATE = 5e-5  # Learning rate for the CLaMP 2 optimizer
+CLAMP2_WARMUP_STEPS = 0  # Linear LR warm-up steps (0: constant LR from the first step, as the published CLaMP 2 trained)
 CLAMP2_BATCH_SIZE = 128  # Batch size per GPU (single card) for CLaMP 2 training
 LOGIT_SCALE = 1  # Scaling factor of the contrastive logits
 MAX_TEXT_LENGTH = 128  # Maximum length of text sequences (tokens)
 TEXT_DROPOUT = True  # Build training texts from random metadata/summaries (SPEC section 7)
+CLAMP2_PAD_TO_LONGEST = True  # Pad each batch to its longest text/piece (same losses, less compute); 0: fixed maxima
 CLAMP2_DETERMINISTIC = True  # Seed 42 + rank and deterministic kernels for CLaMP 2 training
 CLAMP2_LOAD_M3 = True  # Start the music encoder from the M3 weights file if it exists
 CLAMP2_WANDB_LOG = False  # Log CLaMP 2 training to Weights & Biases (needs wandb and WANDB_API_KEY)
@@ -47,15 +50,17 @@ CLAMP2_LOAD_CKPT = True  # Resume CLaMP 2 training from the latest checkpoint if
 apply_env_overrides(globals())
 
 # Derived file names (after the overrides, so they follow them); overridable on their own too.
+# A warm-up is named only when there is one, so default runs keep the published names.
 M3_WEIGHTS_PATH = (
     f"weights_m3_p_size_{PATCH_SIZE}_p_length_{PATCH_LENGTH}_t_layers_{TOKEN_NUM_LAYERS}"
     f"_p_layers_{PATCH_NUM_LAYERS}_h_size_{M3_HIDDEN_SIZE}_lr_{M3_LEARNING_RATE}"
-    f"_batch_{M3_BATCH_SIZE}_mask_{M3_MASK_RATIO}.pth"
+    f"_batch_{M3_BATCH_SIZE}_mask_{M3_MASK_RATIO}{f'_warmup_{M3_WARMUP_STEPS}' if M3_WARMUP_STEPS else ''}.pth"
 )
 CLAMP2_WEIGHTS_PATH = (
     f"weights_clamp2_h_size_{CLAMP2_HIDDEN_SIZE}_lr_{CLAMP2_LEARNING_RATE}_batch_{CLAMP2_BATCH_SIZE}"
     f"_scale_{LOGIT_SCALE}_t_length_{MAX_TEXT_LENGTH}_t_model_{TEXT_MODEL_NAME.replace('/', '_')}"
-    f"_t_dropout_{TEXT_DROPOUT}_m3_{CLAMP2_LOAD_M3}.pth"
+    f"_t_dropout_{TEXT_DROPOUT}_m3_{CLAMP2_LOAD_M3}"
+    f"{f'_warmup_{CLAMP2_WARMUP_STEPS}' if CLAMP2_WARMUP_STEPS else ''}.pth"
 )
 apply_env_overrides(globals(), names=["M3_WEIGHTS_PATH", "CLAMP2_WEIGHTS_PATH"])
 M3_LOGS_PATH = derived_log_path(M3_WEIGHTS_PATH)

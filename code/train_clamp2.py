@@ -10,8 +10,12 @@ Each JSONL line holds metadata, `summary_en` (a string or a list), `summary_nen`
 {"language", "summary"} dict, a list of them, or strings) and `filepaths`: .abc/.mtf files relative
 to the JSONL's folder. The whole file is checked before training. Defaults come from code/config.py
 (CLAMP2_* constants, TRAIN_JSONL/EVAL_JSONL, TEXT_MODEL_NAME), each overridable by an environment
-variable of the same name. With CLAMP2_LOAD_M3 the music encoder starts from the M3 weights file
-(M3_WEIGHTS_PATH or --m3_weights) when it exists. Each epoch appends to CLAMP2_LOGS_PATH, writes
+variable of the same name; a flag that sets a constant (--batch_size sets CLAMP2_BATCH_SIZE,
+--text_model TEXT_MODEL_NAME, ...) acts exactly as that override, file names included. With
+CLAMP2_LOAD_M3 the music encoder starts from the M3 weights file (M3_WEIGHTS_PATH or --m3_weights)
+when it exists. Batches are padded to their longest sample (--fixed_padding: to the maxima); the
+learning rate is constant unless CLAMP2_WARMUP_STEPS / --warmup_steps asks for a warm-up; every
+eval pair is evaluated. Each epoch appends to CLAMP2_LOGS_PATH, writes
 latest_<weights name> and, when the eval loss improves, the weights file; with CLAMP2_LOAD_CKPT a
 run resumes from latest_ exactly. Exit status: 0 done, 2 bad data, model or configuration.
 """
@@ -20,45 +24,51 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
 from clamp2.checkpoint import CheckpointError
-from clamp2.cli import ArgumentParser, load_script_config
+from clamp2.cli import ArgumentParser
 from clamp2.distributed import distributed_context
 from clamp2.text_model import TextModelUnavailable
 from clamp2.training.data import DataError
-from clamp2.training.loop import add_training_arguments, report_error, run_training, say, settings_from
+from clamp2.training.loop import (add_training_arguments, flag_overrides, load_training_config, report_error,
+                                  run_training, say, settings_from)
 from clamp2.training.tasks import clamp2_task
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--train_jsonl", default=None, help="training pairs (default: config TRAIN_JSONL)")
+    parser.add_argument("--train_jsonl", default=None, help="training pairs (config TRAIN_JSONL)")
     parser.add_argument("--eval_jsonl", default=None,
-                        help="evaluation pairs (default: config EVAL_JSONL; none: EVAL_SPLIT of the training pairs)")
+                        help="evaluation pairs (config EVAL_JSONL; none: EVAL_SPLIT of the training pairs)")
     parser.add_argument("--text_model", default=None,
-                        help="hub id or local folder of the text encoder (default: config TEXT_MODEL_NAME; the "
-                             "weights file name keeps following TEXT_MODEL_NAME, so a local copy of it fits here)")
-    parser.add_argument("--m3_weights", type=Path, default=None,
-                        help="M3 checkpoint for the music encoder when CLAMP2_LOAD_M3 is set "
-                             "(default: M3_WEIGHTS_PATH)")
-    parser.add_argument("--pad_to_longest", action="store_true",
-                        help="pad each batch to its longest text and piece instead of MAX_TEXT_LENGTH/PATCH_LENGTH "
-                             "(same numbers, less compute)")
+                        help="hub id or local folder of the text encoder (config TEXT_MODEL_NAME; part of the "
+                             "weights file name)")
+    parser.add_argument("--m3_weights", default=None,
+                        help="M3 checkpoint the music encoder starts from when CLAMP2_LOAD_M3 is set "
+                             "(config M3_WEIGHTS_PATH)")
+    padding = parser.add_mutually_exclusive_group()
+    padding.add_argument("--pad_to_longest", action="store_const", const=True, dest="pad_to_longest",
+                         help="pad each batch to its longest text and piece (config CLAMP2_PAD_TO_LONGEST=1, the "
+                              "default: same losses, less compute)")
+    padding.add_argument("--fixed_padding", action="store_const", const=False, dest="pad_to_longest",
+                         help="pad every batch to MAX_TEXT_LENGTH and PATCH_LENGTH, as the reference "
+                              "(CLAMP2_PAD_TO_LONGEST=0)")
     add_training_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_script_config(__file__)
-    settings = settings_from(args, config, "CLAMP2_", "clamp2")
     with distributed_context(args.local_rank, args.device) as dist_info:
+        overrides = flag_overrides(args, "CLAMP2_", {
+            "TRAIN_JSONL": args.train_jsonl, "EVAL_JSONL": args.eval_jsonl, "TEXT_MODEL_NAME": args.text_model,
+            "M3_WEIGHTS_PATH": args.m3_weights, "CLAMP2_PAD_TO_LONGEST": args.pad_to_longest})
+        config = load_training_config(__file__, overrides, dist_info)
+        settings = settings_from(args, config, "CLAMP2_", "clamp2")
         try:
-            task = clamp2_task(config, args.train_jsonl or config.TRAIN_JSONL,
-                               args.eval_jsonl if args.eval_jsonl is not None else config.EVAL_JSONL,
-                               text_model=args.text_model, m3_weights=args.m3_weights,
-                               pad_to_longest=args.pad_to_longest, log=functools.partial(say, dist_info))
+            task = clamp2_task(config, config.TRAIN_JSONL, config.EVAL_JSONL,
+                               global_batch=settings.batch_size * dist_info.world_size,
+                               log=functools.partial(say, dist_info))
         except (DataError, TextModelUnavailable) as exc:
             return report_error(exc, dist_info)
         try:

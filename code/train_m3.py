@@ -7,8 +7,11 @@
     python -m torch.distributed.launch --use_env --nproc_per_node=8 code/train_m3.py ...   # legacy launcher
 
 Defaults come from code/config.py (M3_* constants, TRAIN_FOLDERS/EVAL_FOLDERS), each overridable
-by an environment variable of the same name. Without eval folders EVAL_SPLIT of the files are held
-out. Each epoch appends to M3_LOGS_PATH, writes latest_<weights name> and, when the eval loss
+by an environment variable of the same name; a flag that sets a constant (--batch_size sets
+M3_BATCH_SIZE, ...) acts exactly as that override, weights and log file names included. Without
+eval folders EVAL_SPLIT of the files are held out (fewer when the rest could not fill one batch).
+The learning rate is constant from the first step unless M3_WARMUP_STEPS / --warmup_steps asks for
+a linear warm-up; evaluation covers every eval file. Each epoch appends to M3_LOGS_PATH, writes latest_<weights name> and, when the eval loss
 improves, the weights file itself; with M3_LOAD_CKPT a run resumes from latest_ exactly where it
 stopped (model, optimizer, schedule, scaler, epoch, best loss, random state). NCCL on CUDA, gloo
 on CPU; AMP on CUDA only (see --precision). Exit status: 0 done, 2 bad data or configuration.
@@ -16,35 +19,38 @@ on CPU; AMP on CUDA only (see --precision). Exit status: 0 done, 2 bad data or c
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from clamp2.checkpoint import CheckpointError
-from clamp2.cli import ArgumentParser, load_script_config
+from clamp2.cli import ArgumentParser
 from clamp2.distributed import distributed_context
 from clamp2.training.data import DataError
-from clamp2.training.loop import add_training_arguments, report_error, run_training, settings_from
+from clamp2.training.loop import (add_training_arguments, flag_overrides, load_training_config, report_error,
+                                  run_training, say, settings_from)
 from clamp2.training.tasks import m3_task
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--train_folders", nargs="+", default=None,
-                        help="folders searched recursively for .abc/.mtf files (default: config TRAIN_FOLDERS)")
+                        help="folders searched recursively for .abc/.mtf files (config TRAIN_FOLDERS)")
     parser.add_argument("--eval_folders", nargs="+", default=None,
-                        help="evaluation folders (default: config EVAL_FOLDERS; none: EVAL_SPLIT of the "
-                             "training files)")
+                        help="evaluation folders (config EVAL_FOLDERS; none: EVAL_SPLIT of the training files)")
     add_training_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_script_config(__file__)
-    settings = settings_from(args, config, "M3_", "m3")
     with distributed_context(args.local_rank, args.device) as dist_info:
+        overrides = flag_overrides(args, "M3_", {"TRAIN_FOLDERS": args.train_folders, "EVAL_FOLDERS": args.eval_folders})
+        config = load_training_config(__file__, overrides, dist_info)
+        settings = settings_from(args, config, "M3_", "m3")
         try:
-            task = m3_task(config, args.train_folders or config.TRAIN_FOLDERS,
-                           args.eval_folders if args.eval_folders is not None else config.EVAL_FOLDERS)
+            task = m3_task(config, config.TRAIN_FOLDERS, config.EVAL_FOLDERS,
+                           global_batch=settings.batch_size * dist_info.world_size,
+                           log=functools.partial(say, dist_info))
         except DataError as exc:
             return report_error(exc, dist_info)
         try:

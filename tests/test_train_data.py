@@ -10,9 +10,10 @@ import torch
 
 from clamp2.patchilizer import M3Patchilizer
 from clamp2.text_model import load_tokenizer
-from clamp2.training.data import (DataError, M3Dataset, PairItem, TextMusicCollator, TextMusicDataset,
-                                  check_music_files, collate_m3, eval_music_path, eval_text, metadata_lines,
-                                  read_music, read_pairs, remove_instrument_info, split_eval, training_text)
+from clamp2.training.data import (DataError, EvalBatches, M3Dataset, PairItem, TextMusicCollator, TextMusicDataset,
+                                  TrainBatches, check_music_files, collate_m3, eval_music_path, eval_plan, eval_text,
+                                  metadata_lines, read_music, read_pairs, remove_instrument_info, split_eval,
+                                  training_text)
 from conftest import VECTORS
 from train_corpus import corpus  # noqa: F401  (fixture)
 
@@ -102,9 +103,54 @@ def test_eval_music_choice(tmp_path):
 
 def test_split_eval_is_seeded_and_ceil():
     items = list(range(250))
-    train, held_out = split_eval(items, 0.01, 42)
-    assert len(held_out) == 3 and sorted(train + held_out) == items
-    assert split_eval(items, 0.01, 42) == (train, held_out)
+    split = split_eval(items, 0.01, 42)
+    assert len(split.eval) == 3 and sorted(split.train + split.eval) == items
+    assert split_eval(items, 0.01, 42) == split
+    assert "3 of 250 items held out" in split.reason
+
+
+def test_split_eval_never_leaves_training_impossible():
+    items = list(range(50))
+    # 1% of 50 is 1 item; a contrastive loss needs 2.
+    split = split_eval(items, 0.01, 42, min_train=32, min_eval=2)
+    assert (len(split.train), len(split.eval)) == (48, 2) and "raised to the minimum of 2" in split.reason
+    # 30% would leave 35 < one global batch of 40: lowered to 10.
+    split = split_eval(items, 0.3, 42, min_train=40, min_eval=2)
+    assert (len(split.train), len(split.eval)) == (40, 10) and "lowered so that 40 items" in split.reason
+    # Nothing can be spared: train on all 50 and evaluate on them too, saying so.
+    split = split_eval(items, 0.01, 42, min_train=49, min_eval=2)
+    assert sorted(split.train) == sorted(split.eval) == items and "no item held out" in split.reason
+
+
+# -- which samples each process takes --------------------------------------------------------------
+
+def test_train_batches_drop_only_the_incomplete_last_global_batch():
+    one = TrainBatches(23, batch_size=6, world_size=1, seed=42)
+    ranks = [TrainBatches(23, batch_size=3, world_size=2, rank=r, seed=42) for r in range(2)]
+    seen = set()
+    for epoch in (1, 2, 3):
+        for sampler in [one] + ranks:
+            sampler.set_epoch(epoch)
+        whole = list(one)
+        assert len(whole) == len(one) == 3 and all(len(b) == 6 for b in whole)  # 18 of 23, 5 left out
+        assert len(set(sum(whole, []))) == 18
+        # Two processes with half the batch take the halves of the same global batches.
+        assert [a + b for a, b in zip(*ranks)] == whole
+        seen |= set(sum(whole, []))
+    assert list(one) != (one.set_epoch(1), list(one))[1]  # a fresh permutation each epoch
+    assert seen == set(range(23))  # every sample is seen across epochs
+
+
+@pytest.mark.parametrize("samples,batch,world,plan", [
+    (4, 4, 2, [[2, 2]]), (9, 4, 2, [[4, 4], [1, 0]]), (1, 8, 2, [[1, 0]]), (7, 2, 1, [[2], [2], [2], [1]]),
+    (11, 2, 3, [[2, 2, 2], [2, 2, 1]]),
+])
+def test_eval_plan_covers_every_sample_once_in_equal_shares(samples, batch, world, plan):
+    assert eval_plan(samples, batch, world) == plan
+    parts = [list(EvalBatches(samples, batch, world, rank)) for rank in range(world)]
+    assert sorted(i for part in parts for batch_ in part for i in batch_) == list(range(samples))
+    for counts in plan:
+        assert max(counts) - min(counts) <= 1
 
 
 # -- JSONL checks ----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Both trainers under a real 2-process gloo launch (torchrun, and the legacy launcher)."""
 
+import math
 import os
 import re
 import socket
@@ -15,8 +16,10 @@ from train_corpus import corpus, split_jsonl  # noqa: F401  (fixture)
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "1", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
             "CLAMP2_HIDDEN_SIZE": "32", "MAX_TEXT_LENGTH": "16", "M3_NUM_EPOCH": "2", "CLAMP2_NUM_EPOCH": "2"}
-M3_NAME = "weights_m3_p_size_64_p_length_32_t_layers_1_p_layers_1_h_size_64_lr_0.0001_batch_16_mask_0.45.pth"
-CLAMP2_NAME = ("weights_clamp2_h_size_32_lr_5e-05_batch_128_scale_1_t_length_16_t_model_FacebookAI_xlm-roberta-base"
+TEXT_MODEL = str(VECTORS / "tiny_text_model")
+# --batch_size and --text_model name the files exactly as M3_BATCH_SIZE / TEXT_MODEL_NAME would.
+M3_NAME = "weights_m3_p_size_64_p_length_32_t_layers_1_p_layers_1_h_size_64_lr_0.0001_batch_2_mask_0.45.pth"
+CLAMP2_NAME = (f"weights_clamp2_h_size_32_lr_5e-05_batch_4_scale_1_t_length_16_t_model_{TEXT_MODEL.replace('/', '_')}"
                "_t_dropout_True_m3_True.pth")
 PUBLISHED_FIELDS = {"model", "optimizer", "lr_sched", "epoch", "best_epoch", "min_eval_loss"}
 
@@ -72,20 +75,27 @@ def check_outputs(folder, name, expected_keys, proc):
     return latest_state
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "legacy"])
-def test_m3_on_two_ranks(launcher, tmp_path, corpus):  # noqa: F811
-    args = ["--train_folders", str(corpus / "abc"), str(corpus / "mtf"), "--eval_folders", str(corpus / "mtf"),
-            "--batch_size", "2", "--max_steps_per_epoch", "3", "--no_progress"]
-    proc = launch(launcher, "code/train_m3.py", args, tmp_path)
+def log_losses(path):
+    text = path.read_text()
+    return ([float(x) for x in re.findall(r"^train_loss: (\S+)$", text, re.M)],
+            [float(x) for x in re.findall(r"^eval_loss: (\S+)$", text, re.M)])
+
+
+def m3_args(corpus):
+    return ["--train_folders", str(corpus / "abc"), str(corpus / "mtf"), "--eval_folders", str(corpus / "mtf"),
+            "--no_progress"]
+
+
+def test_m3_on_two_ranks(tmp_path, corpus):  # noqa: F811
+    args = m3_args(corpus) + ["--batch_size", "2", "--max_steps_per_epoch", "3"]
+    proc = launch("torchrun", "code/train_m3.py", args, tmp_path)
     keys = published_keys("m3_state_dict.tsv", {"encoder.base.encoder.layer.": 1, "decoder.base.transformer.h.": 1})
     state = check_outputs(tmp_path, M3_NAME, keys, proc)
     assert state["lr_sched"]["last_epoch"] == 6  # 3 optimizer steps per epoch, on both ranks together
-    if launcher == "legacy":
-        return
     # Stopped after epoch 1, then resumed: each rank continues its own random streams exactly.
     (tmp_path / "resumed").mkdir()
-    launch(launcher, "code/train_m3.py", args + ["--epochs", "1"], tmp_path / "resumed")
-    proc = launch(launcher, "code/train_m3.py", args, tmp_path / "resumed")
+    launch("torchrun", "code/train_m3.py", args + ["--epochs", "1"], tmp_path / "resumed")
+    proc = launch("torchrun", "code/train_m3.py", args, tmp_path / "resumed")
     assert "resuming from latest_" in proc.stdout
     resumed = read_checkpoint(tmp_path / "resumed" / ("latest_" + M3_NAME))
     assert resumed["epoch"] == 2 and resumed["min_eval_loss"] == state["min_eval_loss"]
@@ -93,14 +103,55 @@ def test_m3_on_two_ranks(launcher, tmp_path, corpus):  # noqa: F811
         assert torch.equal(value, resumed["model"][key]), key
 
 
-def test_clamp2_on_two_ranks(tmp_path, corpus):  # noqa: F811
-    train, held_out = split_jsonl(corpus)
-    args = ["--train_jsonl", str(train), "--eval_jsonl", str(held_out),
-            "--text_model", str(VECTORS / "tiny_text_model"), "--batch_size", "2", "--max_steps_per_epoch", "3",
-            "--no_progress", "--pad_to_longest"]
+def one_process(script, args, cwd):
+    """The same trainer in one process (a subprocess too: nothing of torch.distributed stays behind)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(TINY_ENV, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_m3_eval_loss_is_the_same_on_one_and_two_processes(tmp_path, corpus):  # noqa: F811
+    # The legacy launcher; learning rate 0, so the eval after epoch 1 scores the initial model. 6 eval
+    # files in batches of 4 per process: a partial global batch, 3 files per rank.
+    args = m3_args(corpus) + ["--learning_rate", "0", "--epochs", "1", "--max_steps_per_epoch", "1"]
+    launch("legacy", "code/train_m3.py", args + ["--batch_size", "4"], tmp_path)
+    (tmp_path / "one").mkdir()
+    one_process("code/train_m3.py", args + ["--batch_size", "5"], tmp_path / "one")
+    two = log_losses(next(tmp_path.glob("logs_m3_*.txt")))[1]
+    one = log_losses(next((tmp_path / "one").glob("logs_m3_*.txt")))[1]
+    assert len(one) == len(two) == 1 and one[0] == pytest.approx(two[0], abs=1e-5)
+
+
+def test_clamp2_on_two_ranks_with_an_eval_set_smaller_than_a_batch(tmp_path, corpus):  # noqa: F811
+    # 4 eval pairs, batches of 4 per process: one partial global batch of 4, 2 pairs per rank.
+    train, held_out = split_jsonl(corpus, eval_count=4)
+    args = ["--train_jsonl", str(train), "--eval_jsonl", str(held_out), "--text_model", TEXT_MODEL,
+            "--batch_size", "4", "--max_steps_per_epoch", "3", "--no_progress"]
     proc = launch("torchrun", "code/train_clamp2.py", args, tmp_path)
+    assert "4 eval samples in 1 global batch" in proc.stdout
     keys = published_keys("clamp2_state_dict.tsv", {"text_model.encoder.layer.": 2,
                                                      "music_model.base.encoder.layer.": 1})
     state = check_outputs(tmp_path, CLAMP2_NAME, keys, proc)
     assert state["config"]["CLAMP2_HIDDEN_SIZE"] == 32
     assert state["model"]["music_proj.weight"].shape == torch.Size([32, 64])
+    _, evals = log_losses(tmp_path / CLAMP2_NAME.replace("weights", "logs", 1).replace(".pth", ".txt"))
+    assert all(0 < loss < 2 * math.log(4) for loss in evals)  # a real contrastive loss over 4 pairs
+
+
+def test_clamp2_eval_loss_is_the_same_on_one_and_two_processes(tmp_path, corpus):  # noqa: F811
+    # 9 eval pairs in global batches of 8: a full one (4 + 4 across the ranks, features gathered) and
+    # one of a single pair, which rank 1 has no part in; one process with batch 8 sees the same batches.
+    train, held_out = split_jsonl(corpus, eval_count=9)
+    args = ["--train_jsonl", str(train), "--eval_jsonl", str(held_out), "--text_model", TEXT_MODEL,
+            "--learning_rate", "0", "--epochs", "1", "--max_steps_per_epoch", "1", "--no_progress"]
+    launch("torchrun", "code/train_clamp2.py", args + ["--batch_size", "4"], tmp_path)
+    (tmp_path / "one").mkdir()
+    one_process("code/train_clamp2.py", args + ["--batch_size", "8"], tmp_path / "one")
+    two = log_losses(next(tmp_path.glob("logs_clamp2_*.txt")))[1]
+    one = log_losses(next((tmp_path / "one").glob("logs_clamp2_*.txt")))[1]
+    assert len(one) == len(two) == 1 and one[0] == pytest.approx(two[0], abs=1e-5)
+    assert 0.5 < one[0] < 2 * math.log(8)

@@ -17,11 +17,11 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from ..files import find_files
 from ..patchilizer import PAD_TOKEN_ID, TRUNCATE_MODES, M3Patchilizer, split_lines, truncate
@@ -50,16 +50,41 @@ def listing(title: str, items: Sequence[str]) -> str:
     return f"{title} ({len(items)}):\n{shown}{more}"
 
 
-def split_eval(items: Sequence, fraction: float, seed: int) -> Tuple[list, list]:
-    """``(train, eval)``: ceil(fraction · n) items after a seeded shuffle go to eval.
+@dataclass(frozen=True)
+class EvalSplit:
+    """The items a run trains and evaluates on when no eval set is given, and why (for the log)."""
 
-    The seed is the base seed, not base + rank, so every rank holds the same split (the
-    reference shuffles after seeding 42 + rank, so its ranks disagree on the split).
+    train: list
+    eval: list
+    reason: str
+
+
+def split_eval(items: Sequence, fraction: float, seed: int, min_train: int = 1, min_eval: int = 1) -> EvalSplit:
+    """Hold out ceil(fraction · n) items, after a seeded shuffle, for evaluation, within limits.
+
+    The count is raised to ``min_eval`` (CLaMP 2 passes 2: one pair has nothing to contrast with)
+    and lowered so that ``min_train`` items (one global batch) stay for training. When fewer than
+    ``min_eval`` items can be spared, nothing is held out and the training items are evaluated
+    too, so a small data set can always train. The seed is the base seed, not base + rank, so
+    every rank holds the same split (the reference shuffles after seeding 42 + rank, so its
+    ranks disagree on the split).
     """
     shuffled = list(items)
     random.Random(seed).shuffle(shuffled)
-    count = math.ceil(len(shuffled) * fraction)
-    return shuffled[count:], shuffled[:count]
+    total = len(shuffled)
+    wanted = math.ceil(total * fraction)
+    count = min(max(wanted, min_eval), total - min_train)
+    if count < min_eval:
+        return EvalSplit(shuffled, shuffled,
+                         f"no item held out for evaluation: of {total} items {min_train} are needed to fill one "
+                         f"global batch and an eval set needs {min_eval}; the eval loss is computed on the training "
+                         "items (give an eval set for a held-out loss)")
+    why = f"EVAL_SPLIT {fraction:g} of {total}, rounded up"
+    if count > wanted:
+        why = f"EVAL_SPLIT {fraction:g} of {total} gives {wanted}, raised to the minimum of {min_eval}"
+    elif count < wanted:
+        why = f"EVAL_SPLIT {fraction:g} of {total} gives {wanted}, lowered so that {min_train} items fill one global batch"
+    return EvalSplit(shuffled[count:], shuffled[:count], f"{count} of {total} items held out for evaluation ({why})")
 
 
 def read_music(path: Path) -> str:
@@ -387,3 +412,74 @@ class TextMusicCollator:
             music_masks[row, :len(patches)] = 1
         return {"text_inputs": text_inputs, "text_masks": text_masks, "music_inputs": music_inputs,
                 "music_masks": music_masks}
+
+
+# -- which samples each process takes --------------------------------------------------------------
+
+class TrainBatches(Sampler):
+    """This process's part of every full global batch of a fresh permutation per epoch.
+
+    Epoch e shuffles the n samples with a generator seeded ``seed + e``; global batch k is
+    ``order[k·G:(k+1)·G]`` with G = batch_size × world_size, and rank r takes the slice
+    ``[r·B:(r+1)·B]`` of it. Only the incomplete last global batch is dropped (other samples each
+    epoch, so every sample is seen), and one process with batch G sees the same global batches as
+    W processes with batch G/W.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 42):
+        self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def __iter__(self) -> Iterator[List[int]]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        for start in range(0, len(self) * self.global_batch, self.global_batch):
+            first = start + self.rank * self.batch_size
+            yield order[first:first + self.batch_size]
+
+
+def eval_plan(num_samples: int, batch_size: int, world_size: int = 1) -> List[List[int]]:
+    """How many samples each rank evaluates in each global batch, e.g. ``[[2, 2]]`` for 4 on 2 ranks.
+
+    The eval set, in its order, is cut into global batches of batch_size × world_size samples,
+    the last one partial; a global batch is split into contiguous parts, one per rank, whose sizes
+    differ by at most one (all ``batch_size`` in a full batch). Every sample is evaluated once, and
+    every rank takes part in every global batch, even with nothing to evaluate in it.
+    """
+    global_batch = batch_size * world_size
+    plan = []
+    for start in range(0, num_samples, global_batch):
+        base, extra = divmod(min(global_batch, num_samples - start), world_size)
+        plan.append([base + (1 if rank < extra else 0) for rank in range(world_size)])
+    return plan
+
+
+class EvalBatches(Sampler):
+    """This process's non-empty parts of the global batches of :func:`eval_plan`."""
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0):
+        self.plan = eval_plan(num_samples, batch_size, world_size)
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return sum(1 for counts in self.plan if counts[self.rank])
+
+    def __iter__(self) -> Iterator[List[int]]:
+        start = 0
+        for counts in self.plan:
+            first = start + sum(counts[:self.rank])
+            if counts[self.rank]:
+                yield list(range(first, first + counts[self.rank]))
+            start += sum(counts)
