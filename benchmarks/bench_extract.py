@@ -51,8 +51,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    scores = corpus_musicxml_paths(per_composer=None)[: (args.files + 1) // 2]
-    build_music_files(args.data, scores)
+    cached = sorted(args.data.glob("*/*.abc")) + sorted(args.data.glob("*/*.mtf"))
+    if len(cached) < args.files:  # built once; a machine without music21 can reuse a copied cache
+        scores = corpus_musicxml_paths(per_composer=None)[: (args.files + 1) // 2]
+        build_music_files(args.data, scores)
     dims = M3Dims()
     torch.manual_seed(0)
     encoder = M3PatchEncoder(dims).eval().to(device)

@@ -98,6 +98,9 @@ MAX_SCORE_BYTES = 30_000
 
 def build_data(folder: Path, scores: int) -> Path:
     """Corpus pieces as ABC + MTF and a JSONL of pairs with metadata and summaries (cached)."""
+    jsonl = folder / "pairs.jsonl"
+    if jsonl.is_file():  # built by an earlier run (or copied to a machine without music21)
+        return jsonl
     paths = [path for path in corpus_musicxml_paths(COMPOSERS, per_composer=math.ceil(scores / len(COMPOSERS)))
              if path.stat().st_size <= MAX_SCORE_BYTES][:scores]
     build_music_files(folder, paths, progress=False)
@@ -115,7 +118,6 @@ def build_data(folder: Path, scores: int) -> Path:
             "summary_en": f"A piece by {composer}, {path.stem}.{detail}",
             "summary_nen": {"language": "German", "summary": f"Ein Stück von {composer}.{detail}"},
             "filepaths": files}))
-    jsonl = folder / "pairs.jsonl"
     jsonl.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return jsonl
 
