@@ -20,7 +20,7 @@ decoder over length groups; CLaMP 2 batches padded to their longest text and pie
 ``*-reference`` computes as the reference does (AdamW's default kernel; M3 decodes all PATCH_SIZE
 positions of every patch; CLaMP 2 padded to MAX_TEXT_LENGTH/PATCH_LENGTH; determinism = seeds and
 cuDNN flags). ``*-before`` is this project before issue 19: the reference's computation plus
-``torch.use_deterministic_algorithms`` (which fills every new tensor with NaN, ~10% of a CPU step).
+``torch.use_deterministic_algorithms`` (which also fills every new tensor with NaN).
 The losses of variants differ only by rounding and, with dropout, by the masks drawn for
 differently shaped batches.
 
