@@ -1,0 +1,92 @@
+"""Search and retrieval metrics straight from raw files: what ``clamp2_search.py`` and
+``clamp2_eval.py`` share.
+
+A *target* is a feature index (``build_index.py``), a folder of ``.npy`` features, or a folder of
+raw music/text files, which is encoded through the model and the feature cache (a second run on
+the same files does no model work). A *query* is a ``.npy`` feature, a ``.txt`` file, a music file
+or a sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+MUSIC_SUFFIXES = (".xml", ".mxl", ".musicxml", ".mid", ".midi", ".abc", ".mtf")
+
+
+@dataclass
+class Collection:
+    names: List[str]  # what reports show: relative paths (raw) or keys (features)
+    keys: List[str]  # SPEC keys: file name up to the first "."
+    matrix: np.ndarray  # float32 [N, D]
+    failures: List[Tuple[str, str]]  # (name, reason) of inputs that could not be used
+    computed: int = 0
+    cached: int = 0
+
+
+def holds_features(path: Path) -> bool:
+    """An index, or a folder with ``.npy`` files directly in it (the original's feature folders)."""
+    from .feature_store import is_index
+
+    return is_index(path) or (path.is_dir() and any(p.suffix == ".npy" for p in path.iterdir()))
+
+
+def load_collection(path: Path, model_factory: Callable[[], object], *, include_text: bool = True,
+                    progress: bool = True) -> Collection:
+    """The global features of a target: read from an index/feature folder, or encoded from raw files."""
+    if holds_features(path):
+        from .feature_store import read_features, unique_by_key
+
+        features = read_features(path, progress=progress)
+        unique, _ = unique_by_key(features)
+        failures = [(str(s.path), s.reason) for s in features.skipped]
+        return Collection(list(unique.keys), list(unique.keys), np.asarray(unique.matrix, dtype=np.float32), failures)
+    encoded = model_factory().encode_folder(path, include_text=include_text, progress=progress)
+    failures = [(name, " ".join(reason.split())) for name, (_, reason) in zip(encoded.failed_names, encoded.failures)]
+    matrix = np.asarray(encoded.features, dtype=np.float32) if len(encoded) else np.zeros((0, 0), np.float32)
+    return Collection(encoded.names, encoded.keys, matrix, failures, encoded.computed, encoded.cached)
+
+
+def encode_query(query: str, model_factory: Callable[[], object]) -> Tuple[np.ndarray, str]:
+    """``(vector [D], description)`` of a query: a ``.npy`` feature, a ``.txt`` or music file, or a sentence."""
+    path = Path(query)
+    if path.is_file():
+        if path.suffix.lower() == ".npy":
+            from .feature_store import read_query
+
+            return read_query(path), f"feature {path}"
+        if path.suffix.lower() == ".txt" or path.suffix.lower() in MUSIC_SUFFIXES:
+            encoded = model_factory().encode_files([path], progress=False, errors="skip")
+            if encoded.failures:
+                raise ValueError(f"cannot encode the query {path}: {' '.join(encoded.failures[0][1].split())}")
+            return np.asarray(encoded.features[0], dtype=np.float32), f"file {path}"
+        raise ValueError(f"query file {path}: unsupported type (use .npy, .txt or a music file: "
+                         f"{', '.join(MUSIC_SUFFIXES)})")
+    if not query.strip():
+        raise ValueError("the query is empty")
+    return np.asarray(model_factory().encode_text([query])[0], dtype=np.float32), f"text {query!r}"
+
+
+def lazy_model(make: Callable[[], object]) -> Callable[[], object]:
+    """A factory that builds the model on first use only (feature-only runs never load it)."""
+    holder: List[object] = []
+
+    def get():
+        if not holder:
+            holder.append(make())
+        return holder[0]
+
+    return get
+
+
+def duplicate_keys(keys: List[str]) -> Optional[str]:
+    seen = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None

@@ -1,0 +1,107 @@
+"""clamp2_search.py / clamp2_eval.py: search and metrics straight from raw files, through the cache."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import VECTORS, load_script
+
+TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
+            "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
+MODEL = ["--weights", str(VECTORS / "tiny_clamp2.pth"), "--text_model", str(VECTORS / "tiny_text_model"),
+         "--num_workers", "0", "--no_progress"]
+
+
+@pytest.fixture
+def tiny_env(monkeypatch):
+    for key, value in TINY_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def raw(tmp_path):
+    """Raw music (MusicXML, MIDI, ABC) and texts named by piece: bwv10.7 exists as music and as text."""
+    music, texts = tmp_path / "music", tmp_path / "texts"
+    music.mkdir()
+    texts.mkdir()
+    shutil.copy(VECTORS / "inputs" / "xml" / "bwv10.7.mxl", music)
+    shutil.copy(VECTORS / "inputs" / "midi" / "handmade.mid", music)
+    shutil.copy(VECTORS / "inputs" / "abc" / "airds_tune3.abc", music)
+    for name in ("bwv10.7", "multi", "short"):
+        shutil.copy(VECTORS / "inputs" / "txt" / f"{name}.txt", texts)
+    (texts / "handmade.txt").write_text("A tiny hand-made MIDI piece.", encoding="utf-8")
+    return music, texts
+
+
+def test_search_from_raw_files_then_from_the_cache(tiny_env, raw, tmp_path, capsys):
+    music, _ = raw
+    search = load_script("semantic_search/clamp2_search.py")
+    args = ["a chorale by Bach", str(music), "--top_k", "5", "--json", "--cache", str(tmp_path / "cache"), *MODEL]
+    assert search.main(args) == 0
+    first = capsys.readouterr()
+    results = json.loads(first.out)
+    assert [r["rank"] for r in results] == [1, 2, 3]  # K capped at the 3 pieces
+    assert sorted(r["path"] for r in results) == ["airds_tune3.abc", "bwv10.7.mxl", "handmade.mid"]
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert "3 encoded, 0 from cache" in first.err
+    assert search.main(args) == 0
+    second = capsys.readouterr()
+    assert json.loads(second.out) == results
+    assert "0 encoded, 3 from cache" in second.err  # no model work the second time
+
+
+def test_search_with_a_music_query_and_on_features(tiny_env, raw, tmp_path, capsys):
+    music, _ = raw
+    features = tmp_path / "features"
+    extract = load_script("code/extract_clamp2.py")
+    assert extract.main([str(VECTORS / "extract_in" / "abc"), str(features), "--normalize",
+                         "--weights", str(VECTORS / "tiny_clamp2.pth"), "--text_model", str(VECTORS / "tiny_text_model"),
+                         "--no_progress"]) == 0
+    search = load_script("semantic_search/clamp2_search.py")
+    query = features / "airds_tune3.npy"
+    assert search.main([str(query), str(features), "--no_cache", *MODEL]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] == "1" and lines[0].split()[2] == "airds_tune3"  # itself first
+    assert float(lines[0].split()[1]) == pytest.approx(1.0, abs=1e-6)
+    # A music file as the query: its own conversion is found first among the raw files.
+    assert search.main([str(music / "airds_tune3.abc"), str(music), "--no_cache", *MODEL]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[2] == "airds_tune3.abc"
+
+
+def test_eval_from_raw_files_equals_the_metrics_script_on_extracted_features(tiny_env, raw, tmp_path, capsys):
+    music, texts = raw
+    evaluate = load_script("semantic_search/clamp2_eval.py")
+    ranks = tmp_path / "ranks.jsonl"
+    assert evaluate.main([str(texts), str(music), "--ranks", str(ranks), "--cache", str(tmp_path / "cache"), *MODEL]) == 0
+    raw_lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in raw_lines] == ["MRR", "Hit@1", "Hit@10", "Hit@100"]
+    assert [json.loads(line)["key"] for line in ranks.read_text().splitlines()] == ["bwv10", "handmade"]
+
+    # The same pieces through the batch pipeline: converters, extract_clamp2.py, semantic_search_metrics.py.
+    convert = tmp_path / "converted"
+    assert load_script("process_data/batch_xml2abc.py").main([str(music), str(convert / "std"), "--workers", "1"]) == 0
+    assert load_script("process_data/batch_interleaved_abc.py").main(
+        [str(convert / "std"), str(convert / "abc"), "--workers", "1"]) == 0
+    assert load_script("process_data/batch_midi2mtf.py").main([str(music), str(convert / "mtf"), "--workers", "1"]) == 0
+    extract = load_script("code/extract_clamp2.py")
+    args = ["--normalize", "--weights", str(VECTORS / "tiny_clamp2.pth"), "--text_model", str(VECTORS / "tiny_text_model"),
+            "--no_progress"]
+    assert extract.main([str(texts), str(tmp_path / "ft"), *args]) == 0
+    for kind in ("abc", "mtf"):
+        assert extract.main([str(convert / kind), str(tmp_path / "fm"), *args]) == 0
+    capsys.readouterr()
+    assert load_script("semantic_search/semantic_search_metrics.py").main([str(tmp_path / "ft"), str(tmp_path / "fm")]) == 0
+    assert capsys.readouterr().out.splitlines() == raw_lines
+
+
+def test_eval_refuses_two_files_with_one_key(tiny_env, raw, tmp_path, capsys):
+    music, texts = raw
+    shutil.copy(VECTORS / "extract_in" / "abc" / "airds_tune3.abc", music / "sub_copy.abc")
+    (music / "sub").mkdir()
+    shutil.copy(VECTORS / "extract_in" / "abc" / "airds_tune3.abc", music / "sub" / "airds_tune3.abc")
+    evaluate = load_script("semantic_search/clamp2_eval.py")
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([str(texts), str(music), "--no_cache", *MODEL])
+    assert exit_.value.code == 2
+    assert "share the key 'airds_tune3'" in capsys.readouterr().err
