@@ -209,9 +209,10 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
                   "pieces per collection the covariances are rough: compare within a row.", "",
                   "| held out \\ train | " + " | ".join(labels) + " |", "|" + " --- |" * (len(labels) + 1)]
         for row in labels:
-            values = [fmd[row].get(col, float("nan")) for col in labels]
-            best = int(np.nanargmin(values)) if values else -1
-            cells = [f"**{v:.2f}**" if i == best else f"{v:.2f}" for i, v in enumerate(values)]
+            values = [fmd[row].get(col) for col in labels]
+            finite = [v if v is not None else np.inf for v in values]
+            best = int(np.argmin(finite)) if any(v is not None for v in values) else -1
+            cells = ["n/a" if v is None else f"**{v:.2f}**" if i == best else f"{v:.2f}" for i, v in enumerate(values)]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Plots", ""]

@@ -1,175 +1,69 @@
-"""Quick start: real scores from music21's corpus through the pipeline's own scripts, end to end.
+"""Quick start: real corpus music → a trained CLaMP 2 → retrieval, zero-shot, probe and FMD, with a report.
 
-    python code/quickstart.py --out quickstart_run [--pieces 24] [--m3_weights weights_m3_....pth]
+    python code/quickstart.py --out quickstart_run                 # ~7 min on 2 CPU cores
+    python code/quickstart.py --out qs_tiny --tiny                 # a one-minute smoke run
+    python code/quickstart.py --out qs_published --weights weights_clamp2_....pth --text_model xlm-roberta-base
 
-1. copies MusicXML scores of several composers from music21's bundled corpus;
-2. converts them with the batch converters: MusicXML → ABC → interleaved ABC
-   (process_data/batch_xml2abc.py, batch_interleaved_abc.py), and MIDI rendered by music21 → MTF
-   (process_data/batch_midi2mtf.py);
-3. pre-trains a small M3 on them for a few epochs with code/train_m3.py (skipped with
-   --m3_weights, e.g. the published M3 weights with the default config);
-4. extracts per-position M3 features of every file with code/extract_m3.py;
-5. prints a summary: the reconstruction loss before and after training, and the features written.
+Takes six collections of music21's bundled corpus (Bach chorales, German and Chinese folk songs of
+the Essen collection, jigs, reels and hornpipes of Ryan's Mammoth Collection), converts them with the
+project's converters (MusicXML/ABC → interleaved ABC, music21-rendered MIDI → MTF), describes each
+piece from its metadata in English and German/French/Spanish, trains a small M3 and from it a small
+CLaMP 2 (through code/train_m3.py and code/train_clamp2.py under torchrun), then evaluates on the
+held-out pieces with the project's own tools: text→music and ABC→MTF retrieval
+(semantic_search_metrics.py), zero-shot classification by prompt (zero_shot.py), a linear probe
+(music_classification/train_cls.py) and FMD between collections (clamp2_fmd.py). Writes
+<out>/report.md, <out>/metrics.json and PNG plots under <out>/plots.
 
-Everything is written under --out; re-running reuses what exists (each step resumes).
+With --weights (a published CLaMP 2 file or hub id) training is skipped and the published model is
+evaluated (config.py's sizes; --text_model must hold XLM-R's tokenizer). Re-running with the same
+settings resumes: finished steps are skipped. Exit status: 0 done, 1 a step failed (it says which
+and why), 2 usage error.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 from clamp2.cli import ArgumentParser
-
-REPO = Path(__file__).resolve().parents[1]
-# A small M3 that trains in minutes on two CPU cores; the published model is the config default.
-SMALL_M3 = {"PATCH_LENGTH": "64", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "128",
-            "M3_BATCH_SIZE": "8"}
-MAX_SCORE_BYTES = 40_000
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("quickstart_run"), help="working folder (default quickstart_run)")
-    parser.add_argument("--pieces", type=int, default=24, help="number of corpus scores (default 24)")
-    parser.add_argument("--epochs", type=int, default=12, help="M3 training epochs (default 12)")
-    parser.add_argument("--m3_weights", type=Path, default=None,
-                        help="use these M3 weights instead of training a small model (config.py's sizes apply)")
-    parser.add_argument("--workers", type=int, default=None, help="converter processes (default: all cores)")
+    parser.add_argument("--tiny", action="store_true", help="a small, fast run (smoke test)")
+    parser.add_argument("--per_collection", type=int, default=None, help="pieces per collection (default 60; tiny 10)")
+    parser.add_argument("--m3_epochs", type=int, default=None, help="M3 pre-training epochs (default 5)")
+    parser.add_argument("--clamp2_epochs", type=int, default=None, help="CLaMP 2 training epochs (default 30)")
+    parser.add_argument("--nproc", type=int, default=None, help="CLaMP 2 training processes (torchrun; default 2)")
+    parser.add_argument("--text_dropout", action="store_true",
+                        help="train CLaMP 2 with the published text dropout (slower to learn at this size)")
+    parser.add_argument("--weights", default=None, help="evaluate this CLaMP 2 checkpoint (file or hub id) instead of training")
+    parser.add_argument("--text_model", default=None, help="text model folder or hub id for --weights")
+    parser.add_argument("--seed", type=int, default=0, help="which pieces are drawn (default 0)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
 
-def load(relative: str):
-    """A pipeline script as a module, to call its main() in this process."""
-    import importlib.util
-
-    path = REPO / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def step(title: str) -> float:
-    print(f"\n== {title}", flush=True)
-    return time.perf_counter()
-
-
-def pick_scores(count: int):
-    """Scores spread over composers (round robin), deterministic."""
-    from clamp2.corpus import DEFAULT_COMPOSERS, corpus_musicxml_paths
-
-    # Short scores only (compressed size): music21 takes up to half a minute to render a quartet.
-    per_composer = [[p for p in corpus_musicxml_paths([c]) if p.stat().st_size < MAX_SCORE_BYTES]
-                    for c in DEFAULT_COMPOSERS]
-    picked, i = [], 0
-    while len(picked) < count and any(per_composer):
-        pool = per_composer[i % len(per_composer)]
-        if pool:
-            picked.append(pool.pop(0))
-        i += 1
-    return picked
-
-
-def render_midi(scores, xml_dir: Path, midi_dir: Path) -> None:
-    from music21 import converter
-    from clamp2.progress import progress_bar
-
-    from clamp2.files import atomic_path
-
-    for score in progress_bar(iterable=scores, total=len(scores), desc="music21 → MIDI", unit="score"):
-        rel = score.relative_to(xml_dir)
-        target = midi_dir / rel.parent / (rel.stem + ".mid")
-        if target.exists():
-            continue
-        try:
-            parsed = converter.parse(str(score))
-            with atomic_path(target) as tmp:
-                parsed.write("midi", fp=str(tmp))
-        except Exception as exc:  # noqa: BLE001 - a score music21 cannot render is left out
-            print(f"skipped {rel}: {type(exc).__name__}: {exc}", file=sys.stderr)
-
-
-def eval_losses(log_path: Path):
-    """The eval losses of the training log (the reference's per-epoch format), first to last."""
-    if not log_path.exists():
-        return []
-    return [float(line.split(":", 1)[1]) for line in log_path.read_text().splitlines() if line.startswith("eval_loss:")]
-
-
 def main(argv=None) -> int:
+    from clamp2.quickstart import Quickstart, Settings
+
     args = parse_args(argv)
-    out = args.out.resolve()
-    data = out / "data"
-    started = time.perf_counter()
-
-    t = step(f"1. {args.pieces} scores from music21's corpus")
-    scores = pick_scores(args.pieces)
-    xml_dir = data / "xml"
-    copied = []
-    for score in scores:
-        target = xml_dir / score.parent.name / score.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            shutil.copyfile(score, target)
-        copied.append(target)
-    print(f"{len(copied)} scores by {len({c.parent.name for c in copied})} composers in {xml_dir}")
-
-    t = step("2. converting: MusicXML → ABC → interleaved ABC; MusicXML → MIDI → MTF")
-    workers = ["--workers", str(args.workers)] if args.workers else []
-    statuses = [
-        load("process_data/batch_xml2abc.py").main([str(xml_dir), str(data / "abc_standard"), *workers]),
-        load("process_data/batch_interleaved_abc.py").main([str(data / "abc_standard"), str(data / "abc"), *workers]),
-    ]
-    render_midi(copied, xml_dir, data / "midi")
-    statuses.append(load("process_data/batch_midi2mtf.py").main([str(data / "midi"), str(data / "mtf"), *workers]))
-    if any(s == 2 for s in statuses):
-        print("error: a conversion step could not run (see above)", file=sys.stderr)
+    settings = Settings.tiny() if args.tiny else Settings()
+    for name in ("per_collection", "m3_epochs", "clamp2_epochs", "nproc", "weights", "text_model"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    settings.seed = args.seed
+    settings.text_dropout = args.text_dropout
+    if settings.per_collection < 5:
+        print("quickstart.py: error: --per_collection must be at least 5 (one in five pieces is held out)", file=sys.stderr)
         return 2
-    n_abc, n_mtf = len(list((data / "abc").rglob("*.abc"))), len(list((data / "mtf").rglob("*.mtf")))
-    print(f"{n_abc} interleaved ABC and {n_mtf} MTF files ({time.perf_counter() - t:.0f} s)")
-
-    weights = args.m3_weights
-    if weights is None:
-        t = step(f"3. pre-training a small M3 ({', '.join(f'{k}={v}' for k, v in SMALL_M3.items())}) "
-                 f"for {args.epochs} epochs")
-        os.environ.update(SMALL_M3)
-        os.environ["M3_NUM_EPOCH"] = str(args.epochs)
-        weights = out / "weights_m3_small.pth"
-        # A higher rate and a short warm-up than the published run: this one has only ~100 steps.
-        status = load("code/train_m3.py").main(["--train_folders", str(data / "abc"), str(data / "mtf"),
-                                                "--weights", str(weights), "--learning_rate", "5e-4",
-                                                "--warmup_steps", "20"])
-        if status not in (0, None):
-            print("error: M3 training failed (see above)", file=sys.stderr)
-            return 1
-        print(f"trained in {time.perf_counter() - t:.0f} s → {weights}")
-    else:
-        step(f"3. using M3 weights {weights}")
-
-    t = step("4. extracting M3 features")
-    features = out / "features_m3"
-    extract_m3 = load("code/extract_m3.py")
-    status = max(extract_m3.main([str(data / kind), str(features / kind), "--weights", str(weights)])
-                 for kind in ("abc", "mtf"))
-    n_feat = len(list(features.rglob("*.npy")))
-    print(f"{n_feat} feature files in {features} ({time.perf_counter() - t:.0f} s)")
-
-    step("5. summary")
-    losses = eval_losses(out / "logs_m3_small.txt") if args.m3_weights is None else []
-    if len(losses) > 1:
-        print(f"M3 masked-patch reconstruction, eval loss: {losses[0]:.3f} after epoch 1 → {losses[-1]:.3f} "
-              f"after epoch {len(losses)} (uniform guessing over 128 characters: {np.log(128):.3f})")
-    shapes = sorted({np.load(p, mmap_mode="r").shape[2] for p in features.rglob("*.npy")})
-    print(f"features: [1, patches, {', '.join(map(str, shapes))}] float32 per file, e.g. "
-          f"{next(iter(sorted(features.rglob('*.npy'))), 'none')}")
-    print(f"quickstart: {len(copied)} scores, {n_abc} ABC, {n_mtf} MTF, {n_feat} features in "
-          f"{time.perf_counter() - started:.0f} s; outputs under {out}")
-    return 0 if status == 0 else 1
+    if settings.weights and not settings.text_model:
+        print("quickstart.py: error: --weights needs --text_model (XLM-R's tokenizer and config, e.g. a folder from "
+              "`hf download FacebookAI/xlm-roberta-base --local-dir xlm-roberta-base`)", file=sys.stderr)
+        return 2
+    return Quickstart(args.out.resolve(), settings, progress=not args.no_progress).run()
 
 
 if __name__ == "__main__":

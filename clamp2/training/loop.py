@@ -351,8 +351,9 @@ def train_epoch(model, loader, compute_loss, optimizer, lr_sched, scaler, precis
         steps += 1
         lr = optimizer.param_groups[0]["lr"]
         rate = steps * samples_per_step / (time.perf_counter() - start)
+        # No forced refresh: in a log file the bar writes a line at most every 30 s (clamp2.progress).
+        bar.set_postfix(loss=f"{total / steps:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{total / steps:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
         if wandb_run is not None:
             wandb_run.log({"train_loss": loss, "lr": lr, "samples_per_s": rate})
         if steps >= steps_in_epoch:

@@ -1,0 +1,52 @@
+"""The quick start end to end at a tiny size: real corpus music → trained models → report, beating chance."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def run_quickstart(out, *extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("M3_", "CLAMP2_"))}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "code" / "quickstart.py"), "--out", str(out), "--tiny",
+                           "--no_progress", *extra], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    result = run_quickstart(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_artefacts_and_numbers(tiny_run):
+    out, result = tiny_run
+    for name in ("report.md", "metrics.json", "zero_shot.json", "zero_shot_confusion.png", "probe/confusion_matrix.png",
+                 "plots/training_curves.png", "plots/similarity_matrix.png", "plots/feature_map.png",
+                 "data/train.jsonl", "data/test.jsonl", "models/weights_clamp2_small.pth"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())["results"]
+    chance = metrics["chance_mrr"]
+    assert metrics["held_out_pieces"] == 12 and chance == pytest.approx(0.2586, abs=1e-4)
+    text_to_music = metrics["retrieval"]["text→music (ABC)"]["MRR"]
+    assert text_to_music > chance  # the trained model retrieves held-out music from text better than chance
+    assert set(metrics["retrieval"]) == {"text→music (ABC)", "text→music (MTF)", "other-language text→music (ABC)",
+                                         "ABC→MTF (same piece)"}
+    assert 0 <= metrics["zero_shot"]["accuracy"] <= 1 and 0 <= metrics["probe"]["accuracy"] <= 1
+    assert "text→music (ABC) MRR" in result.stdout and "(chance 0.26" in result.stdout
+    report = (out / "report.md").read_text()
+    assert "| text→music (ABC) |" in report and "## Fréchet Music Distance between collections" in report
+
+
+def test_rerun_resumes_and_other_settings_are_refused(tiny_run):
+    out, _ = tiny_run
+    again = run_quickstart(out)
+    assert again.returncode == 0
+    assert again.stdout.count("done in an earlier run") == 8  # every step but the report
+    other = run_quickstart(out, "--clamp2_epochs", "3")
+    assert other.returncode != 0 and "holds a run with other settings (clamp2_epochs)" in other.stderr
