@@ -272,19 +272,20 @@ def test_hub_ids_resolve_from_the_hub_cache_offline(tmp_path, monkeypatch):
     from clamp2 import CLaMP2, M3
     from clamp2.hub import PUBLISHED_CLAMP2_WEIGHTS, PUBLISHED_M3_WEIGHTS, WeightsNotFound
 
-    hub = fake_hub_cache(tmp_path / "hub", "sander-wood/clamp2",
+    repo_id = "sander-wood/clamp2"  # resolved from the fake cache below: nothing is downloaded
+    hub = fake_hub_cache(tmp_path / "hub", repo_id,
                          {PUBLISHED_CLAMP2_WEIGHTS: VECTORS / "tiny_clamp2.pth", "other.pth": VECTORS / "tiny_m3.pth"})
-    model = CLaMP2.from_pretrained("sander-wood/clamp2", text_model=str(VECTORS / "tiny_text_model"),
+    model = CLaMP2.from_pretrained(repo_id, text_model=str(VECTORS / "tiny_text_model"),
                                    max_text_length=16, hub_cache_dir=hub, local_files_only=True)
     assert model.weights_path.name == PUBLISHED_CLAMP2_WEIGHTS and "snapshots" in model.weights_path.parts
     np.testing.assert_allclose(model.encode_music(VECTORS / "extract_in/mtf/handmade.mtf")[0],
                                np.load(VECTORS / "expected/feat_clamp2_global/mtf/handmade.npy")[0], atol=1e-5)
-    assert M3.from_pretrained("sander-wood/clamp2", filename="other.pth", hub_cache_dir=hub,
+    assert M3.from_pretrained(repo_id, filename="other.pth", hub_cache_dir=hub,
                               local_files_only=True).dim == 64
     # HF_HUB_OFFLINE alone switches to the cache only, and a missing file is one line with the command.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsNotFound) as info:
-        M3.from_pretrained("sander-wood/clamp2", hub_cache_dir=hub)
+        M3.from_pretrained(repo_id, hub_cache_dir=hub)
     message = str(info.value)
     assert "\n" not in message and PUBLISHED_M3_WEIGHTS in message
     assert f"hf download sander-wood/clamp2 {PUBLISHED_M3_WEIGHTS}" in message

@@ -138,8 +138,9 @@ def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
     if not train_indices:
         raise ProbeUsageError("no usable training file (reasons listed above)")
     if not eval_paths:
-        train_indices, eval_indices = split_eval(train_indices, args.eval_split, settings.seed)
-        train_indices, eval_indices = sorted(train_indices), sorted(eval_indices)
+        # min_train=0 keeps the reference's plain ceil(n · EVAL_SPLIT), with no floor for training.
+        split = split_eval(train_indices, args.eval_split, settings.seed, min_train=0)
+        train_indices, eval_indices = sorted(split.train), sorted(split.eval)
         if not train_indices:
             raise ProbeUsageError(f"{len(eval_indices)} usable file(s) leave none for training after the "
                                   f"{args.eval_split:g} eval split: add files or give --eval_folders")
