@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import socket
@@ -97,21 +96,15 @@ def load_script(relative: str):
 def run_script(relative: str, args: List[str], env: Optional[Dict[str, str]] = None, ok=(0,),
                capture: bool = False) -> str:
     """Run a script's ``main`` with ``env`` overrides; its stdout is echoed (and returned with ``capture``)."""
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
+    from .training.loop import environment
+
     buffer = io.StringIO()
-    try:
+    with environment(env or {}):
         with contextlib.redirect_stdout(_Tee(sys.stdout, buffer)) if capture else contextlib.nullcontext():
             try:
                 status = load_script(relative).main([str(a) for a in args])
             except SystemExit as exit_:
                 status = exit_.code
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     status = 0 if status is None else status
     if status not in ok:
         raise StepFailed(f"{relative} exited with status {status} (see its messages above)")
@@ -438,12 +431,3 @@ class Quickstart:
         if "accuracy" in p:
             print(f"linear probe accuracy {p['accuracy']:.2f}, macro-F1 {p.get('macro_f1', float('nan')):.2f}")
         print(f"quickstart: done in {seconds / 60:.1f} min; report {self.out / 'report.md'}")
-
-
-def format_minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else math.nan

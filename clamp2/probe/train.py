@@ -40,7 +40,7 @@ from ..configuration import derived_log_path
 from ..distributed import DistInfo, barrier, gather_objects, seed_everything
 from ..files import remove_partial_files
 from ..progress import progress_bar, write_line
-from ..training.loop import Precision
+from ..training.loop import Precision, optimizer_step
 from .data import EpochSampler, FeatureSet, ProbeDataset, ProbeUsageError, collate_batch
 from .model import HIDDEN_SIZE, LinearProbe, probe_loss
 from .report import HISTORY_FIELDS, macro_f1, scores
@@ -184,11 +184,7 @@ def train_epoch(model, loader: DataLoader, optimizer, lr_sched, scaler, precisio
         with precision.autocast():
             probabilities = model(features, mask)
             loss = probe_loss(probabilities, target)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, optimizer, lr_sched, scaler)
         loss_sum += loss.detach().double() * len(target)
         predictions.append(probabilities.detach().argmax(dim=1))
         targets.append(target)

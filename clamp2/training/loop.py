@@ -327,12 +327,17 @@ def train_step(model: nn.Module, batch: Dict[str, torch.Tensor], compute_loss, o
     """One optimizer step on one batch; returns the loss."""
     with precision.autocast():
         loss = compute_loss(model, batch)
+    optimizer_step(loss, optimizer, lr_sched, scaler)
+    return loss.item()
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, lr_sched, scaler) -> None:
+    """Backward (scaled for fp16 AMP), optimizer and schedule step, gradients cleared."""
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     lr_sched.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 def train_epoch(model, loader, compute_loss, optimizer, lr_sched, scaler, precision: Precision, dist_info: DistInfo,
