@@ -170,7 +170,9 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
     lines = ["# CLaMP 2 quick start report", ""]
     trained = "the published CLaMP 2" if s.weights else (
         f"a small M3 (hidden {s.m3_hidden}, {s.layers} layers, {s.m3_epochs} epochs) and a small CLaMP 2 "
-        f"(text encoder hidden {s.text_hidden}, {s.clamp2_epochs} epochs, {s.nproc} processes) trained here")
+        f"(text encoder hidden {s.text_hidden}, {s.clamp2_epochs} epochs, {s.nproc} processes) trained here, "
+        f"evaluated with its last epoch's weights (`{run.evaluated_weights.relative_to(run.out).as_posix()}`: "
+        "the training run's own eval split, 1% of the training pairs, is too small to choose an epoch by)")
     lines += [f"Music from music21's corpus: {s.per_collection} pieces from each of six collections, "
               f"{n} held out (never seen in training). Model: {trained}. Every number below comes from "
               "the project's own scripts, run on the held-out pieces.", ""]
@@ -182,7 +184,9 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
         lines.append(_mrr_line(name, values, chance))
     lines += ["", "*text→music*: an English description written from the piece's metadata (title, collection, "
               "key, meter, voices, range) finds the piece's interleaved ABC (or MTF). *other-language*: the same "
-              "with the German, French or Spanish description. *ABC→MTF*: a piece's ABC finds the MTF rendered "
+              "with the German, French or Spanish description (by default these are never trained on: with "
+              "text dropout off, training sees only the English descriptions, so these match through shared names, "
+              "keys and numbers; `--text_dropout` trains on them). *ABC→MTF*: a piece's ABC finds the MTF rendered "
               "from the same piece: the two formats share one embedding space.", ""]
     z = m.get("zero_shot", {})
     if z:

@@ -1,6 +1,6 @@
 """Quick start: real corpus music → a trained CLaMP 2 → retrieval, zero-shot, probe and FMD, with a report.
 
-    python code/quickstart.py --out quickstart_run                 # ~6 min on 2 CPU cores
+    python code/quickstart.py --out quickstart_run                 # ~11 min on 2 CPU cores
     python code/quickstart.py --out qs_tiny --tiny                 # a one-minute smoke run
     python code/quickstart.py --out qs_published --weights weights_clamp2_....pth --text_model xlm-roberta-base
 
@@ -29,13 +29,16 @@ from clamp2.cli import ArgumentParser
 
 
 def parse_args(argv=None):
+    from clamp2.quickstart import Settings  # standard library only: --help stays fast
+
+    full, tiny = Settings(), Settings.tiny()
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("quickstart_run"), help="working folder (default quickstart_run)")
     parser.add_argument("--tiny", action="store_true", help="a small, fast run (smoke test)")
-    parser.add_argument("--per_collection", type=int, default=None, help="pieces per collection (default 60; tiny 10)")
-    parser.add_argument("--m3_epochs", type=int, default=None, help="M3 pre-training epochs (default 5)")
-    parser.add_argument("--clamp2_epochs", type=int, default=None, help="CLaMP 2 training epochs (default 30)")
-    parser.add_argument("--nproc", type=int, default=None, help="CLaMP 2 training processes (torchrun; default 2)")
+    parser.add_argument("--per_collection", type=int, default=None, help=f"pieces per collection (default {full.per_collection}; tiny {tiny.per_collection})")
+    parser.add_argument("--m3_epochs", type=int, default=None, help=f"M3 pre-training epochs (default {full.m3_epochs}; tiny {tiny.m3_epochs})")
+    parser.add_argument("--clamp2_epochs", type=int, default=None, help=f"CLaMP 2 training epochs (default {full.clamp2_epochs}; tiny {tiny.clamp2_epochs})")
+    parser.add_argument("--nproc", type=int, default=None, help=f"CLaMP 2 training processes (torchrun; default {full.nproc})")
     parser.add_argument("--text_dropout", action="store_true",
                         help="train CLaMP 2 with the published text dropout (slower to learn at this size)")
     parser.add_argument("--weights", default=None, help="evaluate this CLaMP 2 checkpoint (file or hub id) instead of training")
