@@ -300,13 +300,18 @@ def piece_record(piece: Piece, seed: int = 0) -> dict:
 # -- writing the collection -----------------------------------------------------------------------
 
 def build_demo_corpus(out_dir: str | Path, per_collection: int, seed: int = 0, progress: bool = True,
-                      collections: Sequence[Collection] = COLLECTIONS, test_every: int = 5) -> List[Piece]:
+                      collections: Sequence[Collection] = COLLECTIONS, test_every: int = 5,
+                      workers: Optional[int] = None) -> List[Piece]:
     """Write ``xml/``, ``abc_standard/``, ``midi/`` and ``metadata/`` under ``out_dir``; existing files are kept.
 
     Each folder has ``train/`` and ``test/`` subfolders: every ``test_every``-th piece of each
     collection is held out (a split by piece, stratified by collection). A piece music21 cannot
     parse or render is left out (and said so) and replaced by the collection's next one. Returns
     the pieces written.
+
+    music21's parsing and MIDI rendering run ahead in ``workers`` processes (default: one per CPU,
+    none with one CPU); which pieces are chosen, their split and every byte written are decided by
+    the same sequential loop either way, so the output does not depend on ``workers``.
     """
     from .progress import progress_bar, write_line
 
@@ -314,24 +319,99 @@ def build_demo_corpus(out_dir: str | Path, per_collection: int, seed: int = 0, p
     written: List[Piece] = []
     queues = {c.label: shuffled_candidates(c, seed) for c in collections}
     counts = {c.label: 0 for c in collections}
+    # Rendering ahead: first the pieces needed if none fails, then one more for each failure.
+    renders = _RenderAhead(out_dir, workers)
+    ahead = {label: list(queue) for label, queue in queues.items()}
+    for label in ahead:
+        renders.submit(ahead[label][:per_collection])
+        del ahead[label][:per_collection]
     bar = progress_bar(total=per_collection * len(collections), desc="corpus", unit="piece", enabled=progress)
-    # Round robin over the collections; a piece that cannot be rendered is replaced by the next one.
-    while any(counts[label] < per_collection and queues[label] for label in queues):
-        label = min((l for l in queues if counts[l] < per_collection and queues[l]), key=lambda l: counts[l])
-        piece = queues[label].pop(0)
-        piece.split = "test" if counts[label] % test_every == test_every - 1 else "train"
-        if _write_piece(piece, out_dir, seed, write_line):
-            counts[label] += 1
-            written.append(piece)
-            bar.update(1)
-    bar.close()
+    try:
+        # Round robin over the collections; a piece that cannot be rendered is replaced by the next one.
+        while any(counts[label] < per_collection and queues[label] for label in queues):
+            label = min((l for l in queues if counts[l] < per_collection and queues[l]), key=lambda l: counts[l])
+            piece = queues[label].pop(0)
+            piece.split = "test" if counts[label] % test_every == test_every - 1 else "train"
+            if _write_piece(piece, out_dir, seed, write_line, renders.result(piece)):
+                counts[label] += 1
+                written.append(piece)
+                bar.update(1)
+            elif ahead[label]:
+                renders.submit([ahead[label].pop(0)])
+    finally:
+        renders.close()
+        bar.close()
     return sorted(written, key=lambda p: p.name)
 
 
-def _write_piece(piece: Piece, out_dir: Path, seed: int, report) -> bool:
-    """Write one piece's music, MIDI rendering and metadata; False (and a report) if music21 cannot."""
+def render_piece(piece: Piece) -> tuple:
+    """music21's work for one piece (run in a worker): ``(facts, MIDI bytes)``, or raises."""
+    import tempfile
+
     from music21 import converter
 
+    if piece.abc_text is not None:
+        score = converter.parse(piece.abc_text, format="abc")
+        header = piece.abc_text
+    else:
+        score = converter.parse(str(piece.source))
+        header = _musicxml_header(piece.source)
+    facts = piece_facts(piece, score, header)
+    with tempfile.TemporaryDirectory() as folder:
+        midi = Path(folder) / "piece.mid"
+        score.write("midi", fp=str(midi))
+        return facts, midi.read_bytes()
+
+
+class _RenderAhead:
+    """Futures of :func:`render_piece` by piece name; pieces already on disk (a resumed run) are not rendered."""
+
+    def __init__(self, out_dir: Path, workers: Optional[int]):
+        import os
+
+        self.out_dir = out_dir
+        workers = (os.cpu_count() or 1) if workers is None else workers
+        self.pool = None
+        if workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(max_workers=workers)
+        self.futures: Dict[str, object] = {}
+
+    def submit(self, pieces: Sequence[Piece]) -> None:
+        if self.pool is None:
+            return
+        for piece in pieces:
+            done = any((self.out_dir / "metadata" / split / f"{piece.name}.json").exists() for split in ("train", "test"))
+            if piece.name not in self.futures and not done:
+                self.futures[piece.name] = self.pool.submit(render_piece, piece)
+
+    def result(self, piece: Piece):
+        """A callable giving the piece's render (from its worker, else done here), for :func:`_write_piece`."""
+        future = self.futures.pop(piece.name, None)
+        if future is None:
+            return lambda: render_piece(piece)
+
+        def from_worker():
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                return future.result()
+            except BrokenProcessPool:  # a worker died (e.g. out of memory): render it here instead
+                return render_piece(piece)
+        return from_worker
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_piece(piece: Piece, out_dir: Path, seed: int, report, render=None) -> bool:
+    """Write one piece's music, MIDI rendering and metadata; False (and a report) if music21 cannot.
+
+    ``render`` returns :func:`render_piece`'s result (from a worker); it is only called when the
+    piece is not on disk yet.
+    """
     meta_path = out_dir / "metadata" / piece.split / f"{piece.name}.json"
     midi_path = out_dir / "midi" / piece.split / f"{piece.name}.mid"
     if piece.abc_text is not None:
@@ -341,18 +421,12 @@ def _write_piece(piece: Piece, out_dir: Path, seed: int, report) -> bool:
     if meta_path.exists() and midi_path.exists() and music_path.exists():
         return True
     try:
-        if piece.abc_text is not None:
-            score = converter.parse(piece.abc_text, format="abc")
-            header = piece.abc_text
-        else:
-            score = converter.parse(str(piece.source))
-            header = _musicxml_header(piece.source)
-        piece.facts = piece_facts(piece, score, header)
-        with atomic_path(midi_path) as tmp:
-            score.write("midi", fp=str(tmp))
+        piece.facts, midi = (render or (lambda: render_piece(piece)))()
     except Exception as error:  # noqa: BLE001 - a piece music21 cannot render is left out
         report(f"skipped {piece.name}: {type(error).__name__}: {error}")
         return False
+    with atomic_path(midi_path) as tmp:
+        tmp.write_bytes(midi)
     if piece.abc_text is not None:
         atomic_write_text(music_path, piece.abc_text)
     else:
