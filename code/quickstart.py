@@ -1,6 +1,6 @@
 """Quick start: real corpus music → a trained CLaMP 2 → retrieval, zero-shot, probe and FMD, with a report.
 
-    python code/quickstart.py --out quickstart_run                 # ~11 min on 2 CPU cores
+    python code/quickstart.py --out quickstart_run                 # ~10 min on 2 CPU cores
     python code/quickstart.py --out qs_tiny --tiny                 # a one-minute smoke run
     python code/quickstart.py --out qs_published --weights weights_clamp2_....pth --text_model xlm-roberta-base
 
