@@ -382,8 +382,8 @@ class _RenderAhead:
         if self.pool is None:
             return
         for piece in pieces:
-            done = any((self.out_dir / "metadata" / split / f"{piece.name}.json").exists() for split in ("train", "test"))
-            if piece.name not in self.futures and not done:
+            on_disk = any(all(p.exists() for p in piece_paths(piece, self.out_dir, split)) for split in ("train", "test"))
+            if piece.name not in self.futures and not on_disk:
                 self.futures[piece.name] = self.pool.submit(render_piece, piece)
 
     def result(self, piece: Piece):
@@ -406,22 +406,26 @@ class _RenderAhead:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_piece(piece: Piece, out_dir: Path, seed: int, report, render=None) -> bool:
+def piece_paths(piece: Piece, out_dir: Path, split: str) -> tuple:
+    """``(metadata, MIDI, music)`` paths of a piece in ``split``."""
+    if piece.abc_text is not None:
+        music_path = out_dir / "abc_standard" / split / f"{piece.name}.abc"
+    else:
+        music_path = out_dir / "xml" / split / f"{piece.name}{piece.source.suffix}"
+    return out_dir / "metadata" / split / f"{piece.name}.json", out_dir / "midi" / split / f"{piece.name}.mid", music_path
+
+
+def _write_piece(piece: Piece, out_dir: Path, seed: int, report, render) -> bool:
     """Write one piece's music, MIDI rendering and metadata; False (and a report) if music21 cannot.
 
-    ``render`` returns :func:`render_piece`'s result (from a worker); it is only called when the
-    piece is not on disk yet.
+    ``render`` returns :func:`render_piece`'s result (from a worker or done here); it is only
+    called when the piece is not on disk yet.
     """
-    meta_path = out_dir / "metadata" / piece.split / f"{piece.name}.json"
-    midi_path = out_dir / "midi" / piece.split / f"{piece.name}.mid"
-    if piece.abc_text is not None:
-        music_path = out_dir / "abc_standard" / piece.split / f"{piece.name}.abc"
-    else:
-        music_path = out_dir / "xml" / piece.split / f"{piece.name}{piece.source.suffix}"
+    meta_path, midi_path, music_path = piece_paths(piece, out_dir, piece.split)
     if meta_path.exists() and midi_path.exists() and music_path.exists():
         return True
     try:
-        piece.facts, midi = (render or (lambda: render_piece(piece)))()
+        piece.facts, midi = render()
     except Exception as error:  # noqa: BLE001 - a piece music21 cannot render is left out
         report(f"skipped {piece.name}: {type(error).__name__}: {error}")
         return False
