@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from clamp2.batch import positive_int
+from clamp2.convert.batch_runner import positive_int
 from clamp2.cli import ArgumentParser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -47,7 +47,8 @@ def random_checkpoint(folder: Path, text_model: str) -> Path:
     import torch
 
     from clamp2.checkpoint import save_checkpoint
-    from clamp2.models import CLaMP2Model, M3Dims
+    from clamp2.models.clamp2 import CLaMP2Model
+    from clamp2.models.m3 import M3Dims
     from clamp2.text_model import load_text_model
 
     torch.manual_seed(0)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"from clamp2 import CLaMP2: {import_seconds():.2f} s (fresh interpreter)")
     from clamp2 import CLaMP2
-    from clamp2.corpus import corpus_musicxml_paths
+    from clamp2.quickstart.music21_corpus import corpus_musicxml_paths
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from clamp2.cli import ArgumentParser
-from clamp2.corpus import build_music_files, corpus_musicxml_paths
-from clamp2.extract import KindRunner, MusicEncoder, autocast_context, extract_jobs, plan_jobs, window_starts
-from clamp2.models import M3Dims, M3PatchEncoder, masked_mean
+from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths
+from clamp2.extraction.core import KindRunner, MusicEncoder, autocast_context, extract_jobs, plan_jobs, window_starts
+from clamp2.models.m3 import M3Dims, M3PatchEncoder
+from clamp2.models.common import masked_mean
 from clamp2.patchilizer import M3Patchilizer
 
 

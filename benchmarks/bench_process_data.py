@@ -4,7 +4,7 @@
 
 Renders ``--pieces`` Bach chorales from music21's corpus to MIDI (music21) and to standard ABC
 (xml2abc), copies each ``--copies`` times so that the batch is large enough to time, then runs
-the same runner the process_data scripts use (``clamp2.batch.run_batch``) with 1 worker and with
+the same runner the process_data scripts use (``clamp2.convert.batch_runner.run_batch``) with 1 worker and with
 ``--workers`` (default: all cores), printing files/s. Outputs go to a temporary folder.
 """
 
@@ -55,7 +55,7 @@ def render_inputs(scores: list[Path], copies: int, midi_dir: Path, abc_dir: Path
 
 
 def time_batch(input_dir: Path, output_dir: Path, extensions, suffix: str, convert, workers: int) -> tuple[float, int]:
-    from clamp2.batch import plan_jobs, run_batch
+    from clamp2.convert.batch_runner import plan_jobs, run_batch
 
     jobs, _ = plan_jobs(input_dir, output_dir, extensions, suffix)
     start = time.perf_counter()

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from clamp2.cli import ArgumentParser
-from clamp2.feature_store import build_index, read_features, unique_by_key
-from clamp2.retrieval import (Searcher, as_cpu_tensor, default_device, format_metrics, full_float32_matmul,
+from clamp2.search.feature_store import build_index, read_features, unique_by_key
+from clamp2.search.retrieval import (Searcher, as_cpu_tensor, default_device, format_metrics, full_float32_matmul,
                               metrics_from_ranks, rank_true_matches, unit_rows)
 
 NOISE = 6.0

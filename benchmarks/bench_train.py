@@ -55,8 +55,9 @@ from pathlib import Path
 import torch
 
 from clamp2.cli import ArgumentParser
-from clamp2.corpus import build_music_files, corpus_musicxml_paths, piece_name
-from clamp2.models import DECODE_LENGTH_STEP, CLaMP2Model, M3Dims, M3Model
+from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths, piece_name
+from clamp2.models.m3 import DECODE_LENGTH_STEP, M3Dims, M3Model
+from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
 from clamp2.text_model import load_tokenizer
 from clamp2.training.data import (M3Dataset, TextMusicCollator, TextMusicDataset, TrainBatches, collate_m3,

@@ -3,18 +3,32 @@
     from clamp2 import CLaMP2, M3
     model = CLaMP2.from_pretrained("sander-wood/clamp2")     # see clamp2.api and docs/api.md
 
-Modules:
-    api            CLaMP2 / M3: raw music and text in, features out (lazy: importing clamp2 loads no torch)
+Layout (each layer imports only from the layers above it in this list; ``tests/test_layout.py`` checks it):
+
+    Foundations, used by every script:
+        configuration  environment overrides for code/config.py
+        cli            one-line usage errors, loading code/config.py
+        progress       progress bars that also show in log files
+        files          file discovery, output-path mirroring and atomic writes
+        distributed    torch.distributed setup, rank/device info, teardown
+        checkpoint     strict, weights_only loading and atomic saving of checkpoints
+        hub            weights from a local file or folder or a Hugging Face hub id
+        patchilizer    M3 patch tokenizer (bars / MIDI messages as 64-character patches)
+        text_model     the XLM-R text encoder/tokenizer from a hub id or a local folder
+        loss           symmetric contrastive loss with gather-with-gradient across processes
+        data/          package data (the 100 summary languages)
+    models/        one module per model family: common (pooling), m3, clamp2
+    convert/       process_data/: MusicXML/ABC/interleaved ABC, MIDI/MTF, their parallel batch
+                   runner (batch_runner), LLM summaries (summarize)
+    extraction/    code/extract_*.py: windows and the batched driver (core); raw files → model
+                   inputs (model_inputs)
+    training/      code/train_*.py: data, M3 corruption, the one training loop, the tasks
     cache          content-hash feature cache (``clamp2-cache info|clear``)
-    inputs         raw MusicXML/MIDI/ABC/MTF/text inputs → what the models read, as the batch pipeline does
-    hub            weights from a local file or a Hugging Face hub id
-    configuration  environment overrides for code/config.py
-    patchilizer    M3 patch tokenizer (bars / MIDI messages as 64-character patches)
-    models         M3 patch encoder, token decoder, M3 model, CLaMP 2 model, their configs
-    loss           symmetric contrastive loss with gather-with-gradient across processes
-    checkpoint     strict, weights_only loading and atomic saving of checkpoints
-    text_model     loading the XLM-R text encoder/tokenizer from a hub id or a local folder
-    files          file discovery, output-path mirroring and atomic writes
+    api            CLaMP2 / M3: raw music and text in, features out (importing clamp2 loads no torch)
+    search/        semantic_search/: feature store and index, retrieval and metrics, FMD,
+                   zero-shot, search from raw files
+    probe/         music_classification/: the linear probe
+    quickstart/    code/quickstart.py: the pipeline, the demo corpus from music21, the report
 """
 
 __version__ = "0.1.0"

@@ -7,8 +7,8 @@
     scores = model.similarity(text, music)                      # [1, 2] cosine similarities
 
 Raw files go through the project's own converters exactly as the batch pipeline does
-(:mod:`clamp2.inputs`) and then through the extraction code of ``code/extract_*.py``
-(:func:`clamp2.extract.iter_features`), so a file's feature here equals the feature the scripts
+(:mod:`clamp2.extraction.model_inputs`) and then through the extraction code of ``code/extract_*.py``
+(:func:`clamp2.extraction.core.iter_features`), so a file's feature here equals the feature the scripts
 write for it. The model sizes are read from the checkpoint's tensor shapes: no ``config.py`` is
 needed. Nothing heavy is imported until a model is loaded.
 """
@@ -31,7 +31,7 @@ class EncodeError(ValueError):
     """Some inputs could not be encoded; ``failures`` lists ``(item, reason)`` for each."""
 
     def __init__(self, failures: Sequence[Tuple[Any, str]]):
-        from .inputs import describe
+        from .extraction.model_inputs import describe
 
         self.failures = list(failures)
         shown = "; ".join(f"{describe(item)}: {reason}" for item, reason in self.failures[:3])
@@ -80,13 +80,13 @@ class Encoded:
 
 
 def _is_path(item: Any) -> bool:
-    from .inputs import is_path_like
+    from .extraction.model_inputs import is_path_like
 
     return is_path_like(item)
 
 
 def _name(item: Any, root: Optional[Path]) -> str:
-    from .inputs import describe
+    from .extraction.model_inputs import describe
 
     if root is not None and _is_path(item):
         try:
@@ -144,7 +144,7 @@ def _load_state(path: Path):
 
 def _infer_dims(state, encoder_prefix: str, decoder_prefix: Optional[str], path: Path):
     from .checkpoint import CheckpointError
-    from .models import infer_m3_dims
+    from .models.m3 import infer_m3_dims
 
     try:
         return infer_m3_dims(state, encoder_prefix, decoder_prefix)
@@ -163,7 +163,7 @@ class _Extractor:
         import torch
 
         from .cache import FeatureCache
-        from .extract import autocast_context
+        from .extraction.core import autocast_context
 
         self.weights_path = Path(weights_path)
         self.device = torch.device(device) if device is not None else _default_device()
@@ -180,7 +180,7 @@ class _Extractor:
         self._namespaces: Dict[tuple, Any] = {}
 
     def _precision(self):
-        from .extract import autocast_context
+        from .extraction.core import autocast_context
 
         return autocast_context(self.device, self.dtype)
 
@@ -199,7 +199,7 @@ class _Extractor:
 
     def _cache_namespace(self, per_position: bool):
         from .cache import weights_fingerprint
-        from .inputs import CONVERTER_SETTINGS
+        from .extraction.model_inputs import CONVERTER_SETTINGS
 
         identity = (str(self.cache.root), per_position)
         if identity not in self._namespaces:
@@ -211,8 +211,8 @@ class _Extractor:
         return self._namespaces[identity]
 
     def _resolve(self, items: list, allow_text: bool, abc_format: str):
-        from .extract import InputError
-        from .inputs import resolve
+        from .extraction.core import InputError
+        from .extraction.model_inputs import resolve
 
         raws: List[Any] = [None] * len(items)
         failures: Dict[int, str] = {}
@@ -226,8 +226,8 @@ class _Extractor:
     def _encode(self, items: list, raws: list, failures: Dict[int, str], per_position: bool, *, use_cache: bool,
                 progress: bool, desc: str, root: Optional[Path] = None, width: Optional[int] = None) -> Encoded:
         from .cache import entry_key
-        from .extract import iter_features
-        from .inputs import TEXT
+        from .extraction.core import iter_features
+        from .extraction.model_inputs import TEXT
         from .progress import progress_bar, write_line
 
         namespace = self._cache_namespace(per_position) if use_cache and self.cache is not None else None
@@ -297,7 +297,7 @@ class _Extractor:
 
     def _folder_files(self, folder, include_text: bool) -> List[Path]:
         from .files import find_files
-        from .inputs import MUSIC_INPUT_EXTENSIONS, TEXT_INPUT_EXTENSIONS
+        from .extraction.model_inputs import MUSIC_INPUT_EXTENSIONS, TEXT_INPUT_EXTENSIONS
 
         folder = Path(folder)
         if not folder.exists():
@@ -345,7 +345,7 @@ class CLaMP2(_Extractor):
         """
         from .checkpoint import CheckpointError, load_state
         from .hub import DEFAULT_TEXT_MODEL, PUBLISHED_CLAMP2_WEIGHTS, resolve_weights
-        from .models import CLaMP2Model
+        from .models.clamp2 import CLaMP2Model
         from .text_model import load_text_model, load_tokenizer
 
         path = resolve_weights(weights, filename or PUBLISHED_CLAMP2_WEIGHTS, local_files_only=local_files_only,
@@ -375,8 +375,8 @@ class CLaMP2(_Extractor):
         return int(self.model.music_proj.out_features)
 
     def _runners(self, per_position: bool):
-        from .extract import KindRunner, MusicEncoder, TextEncoder
-        from .inputs import RawMusicEncoder, RawTextEncoder
+        from .extraction.core import KindRunner, MusicEncoder, TextEncoder
+        from .extraction.model_inputs import RawMusicEncoder, RawTextEncoder
         from .patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
         dims = self.model.music_model.dims
@@ -414,7 +414,7 @@ class CLaMP2(_Extractor):
         A text is encoded as a ``.txt`` file holding it: non-empty lines, de-duplicated, joined
         with the tokenizer's separator. A text without any non-empty line raises :class:`EncodeError`.
         """
-        from .inputs import TEXT, RawInput
+        from .extraction.model_inputs import TEXT, RawInput
 
         texts = [texts] if isinstance(texts, str) else list(texts)
         for text in texts:
@@ -489,7 +489,7 @@ class M3(_Extractor):
         """Load the M3 encoder from an M3 checkpoint (a ``.pth`` file, a folder or a hub id); sizes from its shapes."""
         from .checkpoint import CheckpointError, load_state, sub_state_dict
         from .hub import PUBLISHED_M3_WEIGHTS, resolve_weights
-        from .models import M3PatchEncoder
+        from .models.m3 import M3PatchEncoder
 
         path = resolve_weights(weights, filename or PUBLISHED_M3_WEIGHTS, local_files_only=local_files_only,
                                revision=revision, cache_dir=hub_cache_dir)
@@ -507,8 +507,8 @@ class M3(_Extractor):
         return int(self.encoder.dims.hidden_size)
 
     def _runners(self, per_position: bool):
-        from .extract import KindRunner, MusicEncoder
-        from .inputs import RawMusicEncoder
+        from .extraction.core import KindRunner, MusicEncoder
+        from .extraction.model_inputs import RawMusicEncoder
         from .patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
         dims = self.encoder.dims

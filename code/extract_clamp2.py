@@ -22,9 +22,10 @@ import torch
 
 from clamp2.checkpoint import load_model_weights
 from clamp2.cli import ArgumentParser, load_script_config
-from clamp2.extract import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
+from clamp2.extraction.core import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
                             process_state, run_extraction)
-from clamp2.models import CLaMP2Model, M3Dims
+from clamp2.models.clamp2 import CLaMP2Model
+from clamp2.models.m3 import M3Dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 from clamp2.text_model import load_text_model, load_tokenizer
 

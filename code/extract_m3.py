@@ -20,9 +20,9 @@ import torch
 
 from clamp2.checkpoint import load_model_weights
 from clamp2.cli import ArgumentParser, load_script_config
-from clamp2.extract import (KindRunner, MusicEncoder, add_common_arguments, autocast_context, process_state,
+from clamp2.extraction.core import (KindRunner, MusicEncoder, add_common_arguments, autocast_context, process_state,
                             run_extraction)
-from clamp2.models import M3Dims, M3PatchEncoder
+from clamp2.models.m3 import M3Dims, M3PatchEncoder
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
 

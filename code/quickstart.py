@@ -29,7 +29,7 @@ from clamp2.cli import ArgumentParser
 
 
 def parse_args(argv=None):
-    from clamp2.quickstart import Settings  # standard library only: --help stays fast
+    from clamp2.quickstart.pipeline import Settings  # standard library only: --help stays fast
 
     full, tiny = Settings(), Settings.tiny()
     parser = ArgumentParser(description=__doc__)
@@ -49,7 +49,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from clamp2.quickstart import Quickstart, Settings
+    from clamp2.quickstart.pipeline import Quickstart, Settings
 
     args = parse_args(argv)
     settings = Settings.tiny() if args.tiny else Settings()

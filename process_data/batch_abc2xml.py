@@ -16,7 +16,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from clamp2.batch import batch_argument_parser
+    from clamp2.convert.batch_runner import batch_argument_parser
 
     parser = batch_argument_parser("Convert ABC files to MusicXML (abc2xml).", "ABC (.abc)",
                                    "MusicXML (.xml)")
@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.batch import convert_folder
+    from clamp2.convert.batch_runner import convert_folder
     from clamp2.convert.abc import interleaved_file_to_xml
 
     return convert_folder(args.input_dir, args.output_dir, convert=interleaved_file_to_xml,

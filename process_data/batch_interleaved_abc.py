@@ -22,7 +22,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from clamp2.batch import batch_argument_parser
+    from clamp2.convert.batch_runner import batch_argument_parser
 
     parser = batch_argument_parser("Convert standard ABC files to interleaved ABC.",
                                    "standard ABC (.abc)", "interleaved ABC (.abc)")
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.batch import convert_folder
+    from clamp2.convert.batch_runner import convert_folder
     from clamp2.convert.abc import abc_file_to_interleaved
 
     return convert_folder(args.input_dir, args.output_dir, convert=abc_file_to_interleaved,

@@ -18,7 +18,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from clamp2.batch import batch_argument_parser
+    from clamp2.convert.batch_runner import batch_argument_parser
 
     parser = batch_argument_parser("Convert MIDI files to MIDI Text Format (MTF).",
                                    "MIDI (.mid/.midi)", "MTF (.mtf)")
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import functools
 
-    from clamp2.batch import convert_folder
+    from clamp2.convert.batch_runner import convert_folder
     from clamp2.convert.mtf import MIDI_EXTENSIONS, midi_to_mtf
 
     return convert_folder(args.input_dir, args.output_dir,

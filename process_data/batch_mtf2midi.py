@@ -16,7 +16,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from clamp2.batch import batch_argument_parser
+    from clamp2.convert.batch_runner import batch_argument_parser
 
     parser = batch_argument_parser("Convert MIDI Text Format files back to MIDI.", "MTF (.mtf)",
                                    "MIDI (.mid)")
@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.batch import convert_folder
+    from clamp2.convert.batch_runner import convert_folder
     from clamp2.convert.mtf import mtf_file_to_midi_bytes
 
     return convert_folder(args.input_dir, args.output_dir, convert=mtf_file_to_midi_bytes,

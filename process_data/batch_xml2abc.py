@@ -17,7 +17,7 @@ import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from clamp2.batch import batch_argument_parser
+    from clamp2.convert.batch_runner import batch_argument_parser
 
     parser = batch_argument_parser("Convert MusicXML files to standard ABC (xml2abc -d 8 -x).",
                                    "MusicXML (.xml/.mxl/.musicxml)", "ABC (.abc)")
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.batch import convert_folder
+    from clamp2.convert.batch_runner import convert_folder
     from clamp2.convert.abc import MUSICXML_EXTENSIONS, xml_to_abc
 
     return convert_folder(args.input_dir, args.output_dir, convert=xml_to_abc,

@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from clamp2.files import find_files
-    from clamp2.summarize import (FAILURE_LOG_NAME, RetryPolicy, load_languages, make_client,
+    from clamp2.convert.summarize import (FAILURE_LOG_NAME, RetryPolicy, load_languages, make_client,
                                   summarize_folder)
 
     api_key = os.environ.get(ENV_KEY, "").strip()

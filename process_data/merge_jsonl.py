@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from clamp2.files import find_files
-    from clamp2.summarize import merge_summaries
+    from clamp2.convert.summarize import merge_summaries
 
     summaries_dir = Path(args.summaries_dir)
     if not summaries_dir.is_dir():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from clamp2.cli import ArgumentParser
-from clamp2.feature_store import FeatureError, build_index, report_problems
+from clamp2.search.feature_store import FeatureError, build_index, report_problems
 
 
 def parse_args(argv=None):

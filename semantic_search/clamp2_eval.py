@@ -33,8 +33,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from clamp2.raw_search import duplicate_keys, lazy_model, load_collection
-    from clamp2.retrieval import format_metrics, rank_true_matches
+    from clamp2.search.raw_files import duplicate_keys, lazy_model, load_collection
+    from clamp2.search.retrieval import format_metrics, rank_true_matches
 
     args = parse_args(argv)
     for folder in (args.query_folder, args.reference_folder):

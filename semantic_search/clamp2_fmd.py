@@ -23,9 +23,9 @@ import json
 import sys
 
 from clamp2.cli import ArgumentParser
-from clamp2.feature_store import FeatureError, read_features, report_problems
+from clamp2.search.feature_store import FeatureError, read_features, report_problems
 from clamp2.files import atomic_write_text
-from clamp2.fmd import (ESTIMATORS, FMDError, check_inf_arguments, estimate_gaussian, fmd_inf, frechet_distance,
+from clamp2.search.fmd import (ESTIMATORS, FMDError, check_inf_arguments, estimate_gaussian, fmd_inf, frechet_distance,
                         per_file_fmd)
 from clamp2.progress import progress_bar
 

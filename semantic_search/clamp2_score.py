@@ -16,8 +16,8 @@ from __future__ import annotations
 import sys
 
 from clamp2.cli import ArgumentParser
-from clamp2.feature_store import FeatureError, read_features, report_problems, unique_by_key
-from clamp2.retrieval import format_pairwise, format_score, mean_vector_cosine, pairwise_scores
+from clamp2.search.feature_store import FeatureError, read_features, report_problems, unique_by_key
+from clamp2.search.retrieval import format_pairwise, format_score, mean_vector_cosine, pairwise_scores
 
 LOWEST_KEYS = 5
 

@@ -37,8 +37,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from clamp2.raw_search import encode_query, lazy_model, load_collection
-    from clamp2.retrieval import top_k
+    from clamp2.search.raw_files import encode_query, lazy_model, load_collection
+    from clamp2.search.retrieval import top_k
 
     args = parse_args(argv)
     if args.top_k < 1:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 
 from clamp2.cli import ArgumentParser
-from clamp2.feature_store import FeatureError, read_features, read_query, report_problems, unique_by_key
-from clamp2.retrieval import Searcher, add_compute_arguments, format_search
+from clamp2.search.feature_store import FeatureError, read_features, read_query, report_problems, unique_by_key
+from clamp2.search.retrieval import Searcher, add_compute_arguments, format_search
 
 
 def parse_args(argv=None):

@@ -20,9 +20,9 @@ import json
 import sys
 
 from clamp2.cli import ArgumentParser
-from clamp2.feature_store import FeatureError, read_features, report_problems, unique_by_key
+from clamp2.search.feature_store import FeatureError, read_features, report_problems, unique_by_key
 from clamp2.files import atomic_write_text
-from clamp2.retrieval import add_compute_arguments, format_metrics, rank_true_matches
+from clamp2.search.retrieval import add_compute_arguments, format_metrics, rank_true_matches
 
 TOP_IN_RANKS_FILE = 10
 

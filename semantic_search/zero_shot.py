@@ -45,7 +45,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from clamp2 import zero_shot
+    from clamp2.search import zero_shot
 
     args = parse_args(argv)
     try:

@@ -231,7 +231,8 @@ def test_dims_and_text_settings_come_from_the_checkpoint(tiny_text_dir, tmp_path
 
     from clamp2 import CLaMP2
     from clamp2.checkpoint import CheckpointError, save_checkpoint
-    from clamp2.models import CLaMP2Model, M3Dims
+    from clamp2.models.clamp2 import CLaMP2Model
+    from clamp2.models.m3 import M3Dims
     from clamp2.text_model import load_text_model
 
     dims = M3Dims(patch_size=16, patch_length=8, patch_num_layers=1, token_num_layers=1, hidden_size=64)

@@ -1,4 +1,4 @@
-"""The five process_data batch converters and clamp2.batch: real files, bad files, re-runs."""
+"""The five process_data batch converters and clamp2.convert.batch_runner: real files, bad files, re-runs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import mido
 import pytest
 
-from clamp2 import batch
+from clamp2.convert import batch_runner
 from clamp2.convert.abc import abc_to_interleaved, interleaved_to_xml, xml_to_abc
 from clamp2.files import TMP_SUFFIX
 from conftest import REPO_ROOT, load_script
@@ -218,14 +218,14 @@ def test_a_file_that_disappears_mid_run(vectors, tmp_path, monkeypatch, capsys):
     write_midi_inputs(inputs, vectors)
     shutil.rmtree(inputs / "bad")
     vanishing = inputs / "good" / "handmade.mid"
-    real_find_files = batch.find_files
+    real_find_files = batch_runner.find_files
 
     def find_then_delete(*args, **kwargs):
         found = real_find_files(*args, **kwargs)
         vanishing.unlink()  # gone after discovery, before conversion
         return found
 
-    monkeypatch.setattr(batch, "find_files", find_then_delete)
+    monkeypatch.setattr(batch_runner, "find_files", find_then_delete)
     assert run("batch_midi2mtf", inputs, tmp_path / "out", "--workers", 1) == 1
     assert last_line(capsys.readouterr().out) == "converted 1, skipped 0, failed 1"
     assert "FileNotFoundError" in failure_log(tmp_path / "out", "midi2mtf")["good/handmade.mid"]
@@ -257,10 +257,10 @@ def test_a_dying_worker_fails_only_its_file(tmp_path):
     for index in range(6):
         (inputs / f"ok{index}.txt").write_text(f"piece {index}")
     (inputs / "crash.txt").write_text("boom")
-    jobs, rejected = batch.plan_jobs(inputs, tmp_path / "out", [".txt"], ".out")
-    result = batch.run_batch(jobs, crash_on_marked_files, output_dir=tmp_path / "out", tool="test",
+    jobs, rejected = batch_runner.plan_jobs(inputs, tmp_path / "out", [".txt"], ".out")
+    result = batch_runner.run_batch(jobs, crash_on_marked_files, output_dir=tmp_path / "out", tool="test",
                              workers=2, progress=False)
-    assert result.failures == [("crash.txt", batch.WORKER_DIED)]
+    assert result.failures == [("crash.txt", batch_runner.WORKER_DIED)]
     assert result.converted == 6
     assert output_files(tmp_path / "out") == {f"ok{i}.out" for i in range(6)}
     assert read_exact(tmp_path / "out" / "ok3.out") == "piece 3"

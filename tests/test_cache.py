@@ -40,8 +40,8 @@ class CountingForward:
 
 
 def windows_of(model, path):
-    from clamp2.extract import window_starts
-    from clamp2.inputs import resolve
+    from clamp2.extraction.core import window_starts
+    from clamp2.extraction.model_inputs import resolve
 
     ids = model._runners(False)["music"].encode(resolve(path))
     return len(window_starts(len(ids), model.model.music_model.dims.patch_length))

@@ -6,7 +6,7 @@ import torch
 
 from clamp2.checkpoint import (CheckpointError, latest_path, load_model_weights, read_checkpoint, save_checkpoint,
                                strip_prefix)
-from clamp2.models import M3Dims, M3Model, M3PatchEncoder
+from clamp2.models.m3 import M3Dims, M3Model, M3PatchEncoder
 
 TINY = M3Dims(64, 32, 2, 1, 64)
 

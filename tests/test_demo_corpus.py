@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from clamp2.convert.abc import split_tunes
-from clamp2.demo_corpus import COLLECTIONS, Collection, build_demo_corpus, corpus_root
+from clamp2.quickstart.demo_corpus import COLLECTIONS, Collection, build_demo_corpus, corpus_root
 
 
 def files_of(folder: Path) -> dict:

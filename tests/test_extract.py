@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clamp2.extract import combine_global, combine_positions, text_lines, window_starts, window_weights
+from clamp2.extraction.core import combine_global, combine_positions, text_lines, window_starts, window_weights
 from conftest import load_script
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
@@ -158,7 +158,7 @@ def test_worker_dataset_pickles_without_the_model(vectors):
     # Spawn/forkserver start methods (macOS, Windows, Python 3.14) pickle the dataset.
     import pickle
 
-    from clamp2.extract import Job, MusicEncoder, _EncodeDataset
+    from clamp2.extraction.core import Job, MusicEncoder, _EncodeDataset
     from clamp2.patchilizer import M3Patchilizer
 
     path = vectors / "extract_in/abc/bwv10.7.abc"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from clamp2.fmd import (ESTIMATORS, FMDError, Gaussian, estimate_gaussian, fmd, fmd_inf, frechet_distance,
+from clamp2.search.fmd import (ESTIMATORS, FMDError, Gaussian, estimate_gaussian, fmd, fmd_inf, frechet_distance,
                         per_file_fmd, sample_sizes)
 from conftest import load_script
 

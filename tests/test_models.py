@@ -6,7 +6,9 @@ import torch
 from transformers import AutoModel, XLMRobertaConfig
 
 from clamp2.checkpoint import load_model_weights
-from clamp2.models import CLaMP2Model, M3Dims, M3Model, masked_mean
+from clamp2.models.clamp2 import CLaMP2Model
+from clamp2.models.m3 import M3Dims, M3Model
+from clamp2.models.common import masked_mean
 from clamp2.patchilizer import M3Patchilizer
 from conftest import SPEC_DIR
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from clamp2.feature_store import FeatureError, NpyRowReader, build_index, load_features, read_features, unique_by_key
-from clamp2.retrieval import (Searcher, exact_cosine, format_metrics, mean_vector, rank_true_matches,
+from clamp2.search.feature_store import FeatureError, NpyRowReader, build_index, load_features, read_features, unique_by_key
+from clamp2.search.retrieval import (Searcher, exact_cosine, format_metrics, mean_vector, rank_true_matches,
                               retrieval_metrics, score_tolerance, top_k)
 from conftest import VECTORS, load_script
 

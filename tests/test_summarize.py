@@ -1,4 +1,4 @@
-"""Tests of clamp2.summarize and its scripts against a real chat-completions server on 127.0.0.1."""
+"""Tests of clamp2.convert.summarize and its scripts against a real chat-completions server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from clamp2 import summarize
-from clamp2.summarize import (AnswerError, RetryPolicy, backoff_delay, build_messages, build_output,
+from clamp2.convert import summarize
+from clamp2.convert.summarize import (AnswerError, RetryPolicy, backoff_delay, build_messages, build_output,
                               choose_language, load_languages, parse_answer, strip_code_fence)
 from conftest import SPEC_DIR, load_script
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from clamp2.checkpoint import read_checkpoint, save_checkpoint
-from clamp2.models import CLaMP2Model, M3Dims, M3Model
+from clamp2.models.clamp2 import CLaMP2Model
+from clamp2.models.m3 import M3Dims, M3Model
 from clamp2.patchilizer import M3Patchilizer
 from clamp2.text_model import load_text_model, load_tokenizer
 from clamp2.training.data import TextMusicCollator, TextMusicDataset, read_pairs

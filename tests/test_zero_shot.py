@@ -13,7 +13,7 @@ CHORALES = ("bach/bwv1.6.mxl", "bach/bwv101.7.mxl")
 
 
 def test_each_piece_gets_the_label_of_the_closest_prompt():
-    from clamp2 import zero_shot
+    from clamp2.search import zero_shot
 
     labels = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
     # Scaled and tilted copies: cosine, not dot product, decides (the second row's dot product favours label 0).
@@ -27,7 +27,7 @@ def test_each_piece_gets_the_label_of_the_closest_prompt():
 def test_accuracy_macro_f1_and_confusion_match_scikit_learn():
     from sklearn.metrics import confusion_matrix, f1_score
 
-    from clamp2 import zero_shot
+    from clamp2.search import zero_shot
 
     labels = ["jig", "reel", "waltz", "polka"]
     true = ["jig", "jig", "reel", "reel", "reel", "waltz", "jig"]
@@ -41,7 +41,7 @@ def test_accuracy_macro_f1_and_confusion_match_scikit_learn():
 
 
 def test_labels_prompts_and_names():
-    from clamp2 import zero_shot
+    from clamp2.search import zero_shot
 
     assert zero_shot.parse_labels(" jig, reel ,,waltz ") == ["jig", "reel", "waltz"]
     with pytest.raises(ValueError, match="twice"):
@@ -89,9 +89,10 @@ def trained_weights(labelled_folder, tiny_text_dir, tmp_path_factory):
 
     from clamp2 import CLaMP2
     from clamp2.checkpoint import save_checkpoint
-    from clamp2.extract import pad_batch, window_starts
-    from clamp2.inputs import TEXT, RawInput, resolve
-    from clamp2.models import CLaMP2Model, M3Dims
+    from clamp2.extraction.core import pad_batch, window_starts
+    from clamp2.extraction.model_inputs import TEXT, RawInput, resolve
+    from clamp2.models.clamp2 import CLaMP2Model
+    from clamp2.models.m3 import M3Dims
     from clamp2.text_model import load_text_model, load_tokenizer
 
     torch.manual_seed(0)
@@ -192,7 +193,7 @@ def test_missing_weights_is_one_line_with_the_download_command(script, labelled_
 
 
 def test_labels_file_with_own_prompts(tmp_path):
-    from clamp2 import zero_shot
+    from clamp2.search import zero_shot
 
     path = tmp_path / "labels.txt"
     path.write_text("# collections\njig = a lively jig in 6/8 time\nreel\n\nchorale = a Bach chorale\n", encoding="utf-8")

@@ -6,7 +6,7 @@
   repairs hand-written tunes abctoolkit cannot split into bars.
 
 Each raises on a file it cannot convert (``ValueError`` with a readable reason, or the reading
-library's own error); :mod:`clamp2.batch` runs them over folders. abctoolkit is imported on first
+library's own error); :mod:`clamp2.convert.batch_runner` runs them over folders. abctoolkit is imported on first
 use only.
 """
 

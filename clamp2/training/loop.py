@@ -48,7 +48,7 @@ from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, overrides_of
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            gather_objects, seed_everything)
-from ..models import count_parameters
+from ..models.common import count_parameters
 from ..progress import progress_bar
 from .data import DataError, EvalBatches, TrainBatches
 

@@ -29,7 +29,8 @@ from torch import nn
 from ..checkpoint import load_model_weights
 from ..distributed import DistInfo, all_gather_rows
 from ..loss import contrastive_loss
-from ..models import CLaMP2Model, M3Dims, M3Model
+from ..models.clamp2 import CLaMP2Model
+from ..models.m3 import M3Dims, M3Model
 from ..patchilizer import M3Patchilizer
 from ..text_model import load_text_model, load_tokenizer
 from .data import (DataError, M3Dataset, TextMusicCollator, TextMusicDataset, check_music_files, collate_m3,

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .convert.abc import split_tunes
-from .files import atomic_path, atomic_write_text
+from ..convert.abc import split_tunes
+from ..files import atomic_path, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,7 @@ def build_demo_corpus(out_dir: str | Path, per_collection: int, seed: int = 0, p
     none with one CPU); which pieces are chosen, their split and every byte written are decided by
     the same sequential loop either way, so the output does not depend on ``workers``.
     """
-    from .progress import progress_bar, write_line
+    from ..progress import progress_bar, write_line
 
     out_dir = Path(out_dir)
     written: List[Piece] = []
@@ -442,7 +442,7 @@ def _write_piece(piece: Piece, out_dir: Path, seed: int, report, render) -> bool
 
 def _musicxml_header(path: Path) -> str:
     """Key and meter of a MusicXML score as ABC header lines (from abctoolkit's xml2abc)."""
-    from .convert.abc import xml_to_abc
+    from ..convert.abc import xml_to_abc
 
     try:
         return xml_to_abc(path)

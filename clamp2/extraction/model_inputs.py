@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .extract import InputError, read_text_file
+from .core import InputError, read_text_file
 
 MUSICXML = "musicxml"
 MIDI = "midi"
@@ -140,13 +140,13 @@ def is_interleaved(abc_text: str) -> bool:
 def model_text(raw: RawInput) -> str:
     """The interleaved ABC, MTF or text that extraction reads for ``raw``."""
     if raw.kind == MUSICXML:
-        from .convert.abc import xml_to_abc
+        from ..convert.abc import xml_to_abc
 
         zipped = isinstance(raw.data, bytes) and raw.data.startswith(_ZIP_MAGIC)
         with _as_file(raw, ".mxl" if zipped else ".xml") as path:
             return interleave(written_then_read(xml_to_abc(path)))
     if raw.kind == MIDI:
-        from .convert.mtf import midi_to_mtf
+        from ..convert.mtf import midi_to_mtf
 
         with _as_file(raw, ".mid") as path:
             return written_then_read(midi_to_mtf(path, m3_compatible=True))
@@ -157,7 +157,7 @@ def model_text(raw: RawInput) -> str:
 
 
 def interleave(abc_text: str) -> str:
-    from .convert.abc import AbcWarning, abc_to_interleaved
+    from ..convert.abc import AbcWarning, abc_to_interleaved
 
     # Unequal bar durations are only warnings in the batch pipeline too (the file is converted).
     with warnings.catch_warnings():
@@ -189,7 +189,7 @@ class _as_file:
 
 
 class RawMusicEncoder:
-    """Raw input → patches, through :func:`model_text` and extraction's own :class:`~clamp2.extract.MusicEncoder`.
+    """Raw input → patches, through :func:`model_text` and extraction's own :class:`~clamp2.extraction.core.MusicEncoder`.
 
     Picklable (it holds the patchilizer only), so DataLoader workers can convert files.
     """
@@ -202,7 +202,7 @@ class RawMusicEncoder:
 
 
 class RawTextEncoder:
-    """A text (``.txt`` file or string) → token ids, through extraction's :class:`~clamp2.extract.TextEncoder`."""
+    """A text (``.txt`` file or string) → token ids, through extraction's :class:`~clamp2.extraction.core.TextEncoder`."""
 
     def __init__(self, text_encoder):
         self.text_encoder = text_encoder

@@ -36,7 +36,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from clamp2.feature_store import BLOCK_ROWS, load_features
+from clamp2.search.feature_store import BLOCK_ROWS, load_features
 
 __all__ = ["load_features", "score_tolerance", "exact_cosine", "Searcher", "top_k", "RankResult", "rank_true_matches",
            "metrics_from_ranks", "retrieval_metrics", "mean_vector", "mean_vector_cosine", "pairwise_scores",

@@ -66,7 +66,7 @@ def prompts(labels: Sequence[str], template: str = "{}", own: Optional[Dict[str,
 
 def predict(music: np.ndarray, label_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(best label index per piece ``[n]``, cosine similarities ``[n, k]``); ties go to the first label."""
-    from .api import cosine_similarity
+    from ..api import cosine_similarity
 
     scores = cosine_similarity(music, label_features)
     return scores.argmax(axis=1), scores
@@ -131,7 +131,7 @@ def save_confusion_png(scores: Scores, path: str | os.PathLike, title: str = "ze
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .files import atomic_path
+    from ..files import atomic_path
 
     k = len(scores.labels)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.6 * k), max(3.5, 1.2 + 0.6 * k)), dpi=120)

@@ -7,7 +7,7 @@ is its command line.
 
 Steps (each resumable: a finished step is skipped on a re-run with the same settings):
 
-1. corpus — six labelled collections from music21's corpus (:mod:`clamp2.demo_corpus`), split by
+1. corpus — six labelled collections from music21's corpus (:mod:`clamp2.quickstart.demo_corpus`), split by
    piece into train / test (held out), with metadata and descriptions in four languages;
 2. convert — MusicXML → ABC, ABC → interleaved ABC, MIDI → MTF (``process_data/``);
 3. pairs — metadata + file paths → ``train.jsonl`` / ``test.jsonl`` (``merge_jsonl.py``) and the
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Held-out text→music chance level for N candidates: E[1/rank] for a uniformly random rank.
 
@@ -98,7 +98,7 @@ def load_script(relative: str):
 def run_script(relative: str, args: List[str], env: Optional[Dict[str, str]] = None, ok=(0,),
                capture: bool = False) -> str:
     """Run a script's ``main`` with ``env`` overrides; its stdout is echoed (and returned with ``capture``)."""
-    from .training.loop import environment
+    from ..training.loop import environment
 
     buffer = io.StringIO()
     with environment(env or {}):
@@ -197,7 +197,7 @@ class Quickstart:
         pairs: 5 pairs here, too few to choose an epoch by (on the held-out pieces the last epoch beat
         that choice in every run we measured), and the held-out pieces must not choose it either.
         """
-        from .checkpoint import latest_path
+        from ..checkpoint import latest_path
 
         return Path(self.s.weights) if self.s.weights else Path(latest_path(self.clamp2_weights))
 
@@ -267,7 +267,7 @@ class Quickstart:
     # 3 -------------------------------------------------------------------------------------------
     def step_pairs(self) -> None:
         """Each piece's metadata with the paths of its ABC and MTF → one JSONL per split."""
-        from .files import atomic_write_text
+        from ..files import atomic_write_text
 
         d = self.data
         for split in ("train", "test"):
@@ -286,7 +286,7 @@ class Quickstart:
 
     # 4 -------------------------------------------------------------------------------------------
     def step_text_model(self) -> None:
-        from .text_model import build_small_text_model
+        from ..text_model import build_small_text_model
 
         texts = []
         for line in (self.data / "train.jsonl").read_text(encoding="utf-8").splitlines():
@@ -419,7 +419,7 @@ class Quickstart:
         self.metrics["fmd_test_vs_train"] = table
 
     def save_metrics(self) -> None:
-        from .files import atomic_write_text
+        from ..files import atomic_write_text
 
         atomic_write_text(self.out / "metrics.json", json.dumps(
             {"settings": asdict(self.s), "results": self.metrics, "step_seconds": self.timings}, indent=1,
@@ -427,7 +427,7 @@ class Quickstart:
 
     # 9 -------------------------------------------------------------------------------------------
     def step_report(self) -> None:
-        from .quickstart_report import write_report
+        from .report import write_report
 
         self.save_metrics()
         write_report(self)

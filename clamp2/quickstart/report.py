@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from .files import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text
 
 
 def _pyplot():
@@ -140,7 +140,7 @@ def plot_feature_map(folders: Dict[str, Path], path: Path) -> bool:
 
 
 def write_report(run) -> None:
-    """Plots and ``report.md`` for a finished :class:`clamp2.quickstart.Quickstart` run."""
+    """Plots and ``report.md`` for a finished :class:`clamp2.quickstart.pipeline.Quickstart` run."""
     out = run.out
     plots = out / "plots"
     made: Dict[str, bool] = {}

@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from .files import atomic_path, find_files, mirror_path
-from .patchilizer import M3Patchilizer, is_mtf
+from ..files import atomic_path, find_files, mirror_path
+from ..patchilizer import M3Patchilizer, is_mtf
 
 TEXT_EXTENSIONS = (".txt",)
 MUSIC_EXTENSIONS = (".abc", ".mtf")

@@ -1,7 +1,8 @@
-"""M3 and CLaMP 2 models (SPEC §5–6), with the published checkpoints' state-dict layout.
+"""M3: the patch encoder (bars / MIDI messages → states) and its token decoder (SPEC §5).
 
-The module names (``encoder.patch_embedding``, ``encoder.base``, ``decoder.base``, ``text_model``,
-``text_proj``, ``music_model``, ``music_proj``) are the published keys: do not rename them.
+The module names (``encoder.patch_embedding``, ``encoder.base``, ``decoder.base``) are the published
+keys: do not rename them. The patch encoder is shared by every model family that reads symbolic music
+(CLaMP 2's ``music_model``, CLaMP 3's ``symbolic_model``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-from .patchilizer import NUM_CLASSES, PAD_TOKEN_ID
+from ..patchilizer import NUM_CLASSES, PAD_TOKEN_ID
+from .common import count_layers
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,6 @@ class M3Dims:
     def from_config(cls, config) -> "M3Dims":
         return cls(config.PATCH_SIZE, config.PATCH_LENGTH, config.PATCH_NUM_LAYERS,
                    config.TOKEN_NUM_LAYERS, config.M3_HIDDEN_SIZE)
-
-
-def count_layers(state, prefix: str) -> int:
-    """Number of numbered sub-modules ``<prefix><i>.`` in a state dict (e.g. BERT's ``encoder.layer.``)."""
-    indices = {int(key[len(prefix):].split(".", 1)[0]) for key in state
-               if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0].isdigit()}
-    return max(indices) + 1 if indices else 0
 
 
 def infer_m3_dims(state, encoder_prefix: str, decoder_prefix: Optional[str] = None) -> M3Dims:
@@ -186,62 +181,3 @@ class M3Model(nn.Module):
         selected = selected_indices.to(device).bool()
         hidden = self.encoder(input_patches, input_masks.to(device))
         return self.decoder.grouped_loss_sum(hidden[selected], target_patches[selected])
-
-
-def masked_mean(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean over the positions where ``masks`` is 1: [B, L, H], [B, L] → [B, H]."""
-    masks = masks.unsqueeze(-1).to(features.dtype)
-    return (features * masks).sum(dim=1) / masks.sum(dim=1)
-
-
-class CLaMP2Model(nn.Module):
-    """XLM-R text encoder + M3 patch encoder, each with a projection into the joint space.
-
-    ``text_model`` is passed in (see :mod:`clamp2.text_model`): from pretrained weights for training,
-    from a config alone when a CLaMP 2 checkpoint will overwrite it anyway.
-    """
-
-    def __init__(self, text_model: nn.Module, m3_dims: M3Dims, hidden_size: int = 768):
-        super().__init__()
-        self.text_model = text_model
-        self.text_proj = nn.Linear(text_model.config.hidden_size, hidden_size)
-        nn.init.normal_(self.text_proj.weight, std=0.02)
-        self.music_model = M3PatchEncoder(m3_dims)
-        self.music_proj = nn.Linear(m3_dims.hidden_size, hidden_size)
-        nn.init.normal_(self.music_proj.weight, std=0.02)
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_proj.weight.device
-
-    def text_states(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        device = self.device
-        return self.text_model(input_ids.to(device), attention_mask=masks.to(device)).last_hidden_state
-
-    def music_states(self, patches: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return self.music_model(patches, masks)
-
-    def text_global(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Masked mean of the text states, projected. Not L2-normalised."""
-        states = self.text_states(input_ids, masks)
-        return self.text_proj(masked_mean(states, masks.to(states.device)))
-
-    def music_global(self, patches: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Masked mean of the music states, projected. Not L2-normalised."""
-        states = self.music_states(patches, masks)
-        return self.music_proj(masked_mean(states, masks.to(states.device)))
-
-    def forward(self, text_inputs, text_masks, music_inputs, music_masks, logit_scale: float = 1.0,
-                loss_fn: Optional[nn.Module] = None) -> torch.Tensor:
-        """Symmetric contrastive loss of a batch of (text, music) pairs."""
-        from .loss import ContrastiveLoss
-
-        loss_fn = loss_fn or ContrastiveLoss()
-        text = self.text_global(text_inputs, text_masks)
-        music = self.music_global(music_inputs, music_masks)
-        return loss_fn(text, music, logit_scale)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-

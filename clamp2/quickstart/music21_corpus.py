@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
-from .files import atomic_write_text
+from ..files import atomic_write_text
 
 DEFAULT_COMPOSERS = ("bach", "mozart", "beethoven", "haydn", "handel", "schumann", "schubert", "monteverdi",
                      "palestrina", "josquin", "chopin", "joplin")
@@ -36,7 +36,7 @@ def piece_name(path: Path) -> str:
 
 
 def musicxml_to_interleaved(path: Path) -> str:
-    from .convert.abc import abc_to_interleaved, xml_to_abc
+    from ..convert.abc import abc_to_interleaved, xml_to_abc
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unequal bar durations are warnings only (SPEC §3)
@@ -47,7 +47,7 @@ def musicxml_to_mtf(path: Path, tmp_dir: Path) -> str:
     """Render a score to MIDI with music21 and convert that to M3-compatible MTF."""
     from music21 import converter
 
-    from .convert.mtf import midi_to_mtf
+    from ..convert.mtf import midi_to_mtf
 
     midi_path = tmp_dir / (path.stem + ".mid")
     converter.parse(str(path)).write("midi", fp=str(midi_path))

@@ -1,0 +1,7 @@
+"""The quick start (``code/quickstart.py``) and the real music it and the benchmarks are built on.
+
+    pipeline         the steps: corpus → convert → M3 → CLaMP 2 → features → evaluation → report
+    demo_corpus      six labelled, described collections from music21's bundled corpus
+    music21_corpus   plain music files (MusicXML → ABC/MTF) from music21's corpus, for benchmarks
+    report           ``report.md``, ``metrics.json`` and the PNG plots
+"""
