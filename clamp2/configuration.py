@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any, Mapping, MutableMapping
 
 # Prefixes reserved for config names: an unknown variable with one of them is a typo.
-RESERVED_PREFIXES = ("M3_", "CLAMP2_")
+RESERVED_PREFIXES = ("M3_", "CLAMP2_", "CLAMP3_")
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
@@ -146,6 +146,39 @@ def _is_main_process() -> bool:
 
 def _warn(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+CLAMP3_VARIANTS = ("saas", "c2")
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    """A setting that must be one of a few words (e.g. ``CLAMP3_VARIANT``): one line naming them otherwise."""
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+def clamp3_weights_name(config: Mapping[str, Any] | Any, variant: str | None = None) -> str:
+    """CLaMP 3's weights file name (SPEC_CLAMP3 §12) for ``variant`` (default: the config's CLAMP3_VARIANT).
+
+    The defaults give the two published names exactly; ``config`` is config.py's namespace or module.
+    """
+    get = config.get if isinstance(config, Mapping) else (lambda name: getattr(config, name))
+    variant = variant or get("CLAMP3_VARIANT")
+    check_choice("variant", variant, CLAMP3_VARIANTS)
+    # A warm-up is named only when there is one, so default runs keep the published names.
+    warmup = f"_warmup_{get('CLAMP3_WARMUP_STEPS')}" if get("CLAMP3_WARMUP_STEPS") else ""
+    return (f"weights_clamp3_{variant}_h_size_{get('CLAMP3_HIDDEN_SIZE')}"
+            f"_t_model_{get('TEXT_MODEL_NAME').replace('/', '_')}_t_length_{get('MAX_TEXT_LENGTH')}"
+            f"_a_size_{get('AUDIO_HIDDEN_SIZE')}_a_layers_{get('AUDIO_NUM_LAYERS')}_a_length_{get('MAX_AUDIO_LENGTH')}"
+            f"_s_size_{get('M3_HIDDEN_SIZE')}_s_layers_{get('PATCH_NUM_LAYERS')}"
+            f"_p_size_{get('PATCH_SIZE')}_p_length_{get('PATCH_LENGTH')}"
+            f"{warmup}.pth")
+
+
+def epoch_weights_path(weights_path: str, epoch: int) -> str:
+    """The copy of a checkpoint saved at ``epoch``: ``….pth`` → ``…_{epoch}.pth`` (SPEC_CLAMP3 §12)."""
+    stem = weights_path[: -len(".pth")] if weights_path.endswith(".pth") else weights_path
+    return f"{stem}_{epoch}.pth"
 
 
 def derived_log_path(weights_path: str) -> str:

@@ -1,4 +1,4 @@
-"""CLaMP 2 / M3 configuration: the one file researchers edit.
+"""CLaMP 2 / CLaMP 3 / M3 configuration: the one file researchers edit.
 
 Names and defaults are the reference's. Every constant can also be overridden without editing
 this file by an environment variable of the same name, e.g.
@@ -7,7 +7,8 @@ this file by an environment variable of the same name, e.g.
 are derived after the overrides, so they follow them.
 """
 
-from clamp2.configuration import apply_env_overrides, check_unknown_overrides, derived_log_path
+from clamp2.configuration import (CLAMP3_VARIANTS, apply_env_overrides, check_choice, check_unknown_overrides,
+                                  clamp3_weights_name, derived_log_path)
 
 # Configuration for the data
 EVAL_SPLIT = 0.01  # Fraction of training data used for evaluation when no eval set is given
@@ -47,7 +48,30 @@ CLAMP2_LOAD_M3 = True  # Start the music encoder from the M3 weights file if it 
 CLAMP2_WANDB_LOG = False  # Log CLaMP 2 training to Weights & Biases (needs wandb and WANDB_API_KEY)
 CLAMP2_LOAD_CKPT = True  # Resume CLaMP 2 training from the latest checkpoint if it exists
 
+# Configuration for CLaMP 3 (SPEC_CLAMP3 §12). It shares TEXT_MODEL_NAME, MAX_TEXT_LENGTH, LOGIT_SCALE,
+# TEXT_DROPOUT and the M3 sizes above (its symbolic encoder is M3's patch encoder).
+CLAMP3_VARIANT = "saas"  # Published variant the file name is built for: "saas" (best for audio) or "c2" (best for sheet music/MIDI)
+M3_TRAIN_FOLDERS = []  # CLaMP 3's name for M3 training folders (used when TRAIN_FOLDERS is empty)
+M3_EVAL_FOLDERS = []  # CLaMP 3's name for M3 evaluation folders (used when EVAL_FOLDERS is empty)
+CLAMP3_TRAIN_JSONL = ""  # JSONL of training pairs for CLaMP 3 (or --train_jsonl)
+CLAMP3_EVAL_JSONL = ""  # JSONL of evaluation pairs for CLaMP 3 (or --eval_jsonl)
+CLAMP3_HIDDEN_SIZE = 768  # Size of the joint text-music embedding space of CLaMP 3
+AUDIO_HIDDEN_SIZE = 768  # Hidden size of the audio encoder (= the MERT feature width)
+AUDIO_NUM_LAYERS = 12  # Number of layers in the audio encoder
+MAX_AUDIO_LENGTH = 128  # Maximum number of audio rows per window (5-second MERT segments + 2 zero rows)
+CLAMP3_NUM_EPOCH = 100  # Maximum number of epochs for CLaMP 3 training
+CLAMP3_LEARNING_RATE = 1e-5  # Learning rate for the CLaMP 3 optimizer
+CLAMP3_WARMUP_STEPS = 0  # Linear LR warm-up steps (0: constant LR, as the published CLaMP 3 trained)
+CLAMP3_BATCH_SIZE = 256  # Batch size per GPU (single card) for CLaMP 3 training
+FREEZE_TEXT = False  # Freeze the text encoder and its projection during CLaMP 3 training
+CLAMP3_DETERMINISTIC = True  # Seed 42 + rank and deterministic kernels for CLaMP 3 training
+CLAMP3_LOAD_M3 = True  # Start the symbolic encoder from the M3 weights file if it exists
+CLAMP3_WANDB_LOG = False  # Log CLaMP 3 training to Weights & Biases (needs wandb and WANDB_API_KEY)
+CLAMP3_LOAD_CKPT = True  # Resume CLaMP 3 training from its checkpoint if it exists
+SAVE_EVERY = 5  # Save a copy of the CLaMP 3 checkpoint every this many epochs (…_E.pth)
+
 apply_env_overrides(globals())
+check_choice("CLAMP3_VARIANT", CLAMP3_VARIANT, CLAMP3_VARIANTS)
 
 # Derived file names (after the overrides, so they follow them); overridable on their own too.
 # A warm-up is named only when there is one, so default runs keep the published names.
@@ -62,8 +86,11 @@ CLAMP2_WEIGHTS_PATH = (
     f"_t_dropout_{TEXT_DROPOUT}_m3_{CLAMP2_LOAD_M3}"
     f"{f'_warmup_{CLAMP2_WARMUP_STEPS}' if CLAMP2_WARMUP_STEPS else ''}.pth"
 )
-apply_env_overrides(globals(), names=["M3_WEIGHTS_PATH", "CLAMP2_WEIGHTS_PATH"])
+# CLaMP 3: the defaults give the published SAAS file name, CLAMP3_VARIANT=c2 the C2 one.
+CLAMP3_WEIGHTS_PATH = clamp3_weights_name(globals())
+apply_env_overrides(globals(), names=["M3_WEIGHTS_PATH", "CLAMP2_WEIGHTS_PATH", "CLAMP3_WEIGHTS_PATH"])
 M3_LOGS_PATH = derived_log_path(M3_WEIGHTS_PATH)
 CLAMP2_LOGS_PATH = derived_log_path(CLAMP2_WEIGHTS_PATH)
-apply_env_overrides(globals(), names=["M3_LOGS_PATH", "CLAMP2_LOGS_PATH"])
+CLAMP3_LOGS_PATH = derived_log_path(CLAMP3_WEIGHTS_PATH)
+apply_env_overrides(globals(), names=["M3_LOGS_PATH", "CLAMP2_LOGS_PATH", "CLAMP3_LOGS_PATH"])
 check_unknown_overrides(globals())

@@ -11,11 +11,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import masked_mean
+from .common import JointSpaceModel
 from .m3 import M3Dims, M3PatchEncoder
 
 
-class CLaMP2Model(nn.Module):
+class CLaMP2Model(JointSpaceModel):
     """XLM-R text encoder + M3 patch encoder, each with a projection into the joint space.
 
     ``text_model`` is passed in (see :mod:`clamp2.text_model`): from pretrained weights for training,
@@ -23,34 +23,17 @@ class CLaMP2Model(nn.Module):
     """
 
     def __init__(self, text_model: nn.Module, m3_dims: M3Dims, hidden_size: int = 768):
-        super().__init__()
-        self.text_model = text_model
-        self.text_proj = nn.Linear(text_model.config.hidden_size, hidden_size)
-        nn.init.normal_(self.text_proj.weight, std=0.02)
+        super().__init__(text_model, hidden_size)
         self.music_model = M3PatchEncoder(m3_dims)
         self.music_proj = nn.Linear(m3_dims.hidden_size, hidden_size)
         nn.init.normal_(self.music_proj.weight, std=0.02)
 
-    @property
-    def device(self) -> torch.device:
-        return self.text_proj.weight.device
-
-    def text_states(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        device = self.device
-        return self.text_model(input_ids.to(device), attention_mask=masks.to(device)).last_hidden_state
-
     def music_states(self, patches: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return self.music_model(patches, masks)
 
-    def text_global(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Masked mean of the text states, projected. Not L2-normalised."""
-        states = self.text_states(input_ids, masks)
-        return self.text_proj(masked_mean(states, masks.to(states.device)))
-
     def music_global(self, patches: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Masked mean of the music states, projected. Not L2-normalised."""
-        states = self.music_states(patches, masks)
-        return self.music_proj(masked_mean(states, masks.to(states.device)))
+        return self.pooled(self.music_states(patches, masks), masks, self.music_proj)
 
     def forward(self, text_inputs, text_masks, music_inputs, music_masks, logit_scale: float = 1.0,
                 loss_fn: Optional[nn.Module] = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""What every model family shares: pooling, parameter counting, reading depths from a state dict."""
+"""What every model family shares: the text tower and pooling of the joint-space models, parameter
+counting, reading depths from a state dict."""
 
 from __future__ import annotations
 
@@ -21,3 +22,35 @@ def masked_mean(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+class JointSpaceModel(nn.Module):
+    """The part CLaMP 2 and CLaMP 3 share: the text encoder, its projection, and the pooling rule.
+
+    A global feature is the masked mean of an encoder's last hidden states, then that modality's
+    projection (not L2-normalised). ``text_model`` is passed in (see :mod:`clamp2.text_model`).
+    Sub-classes add their music encoders after these two modules (the state-dict order is the
+    published one: ``text_model``, ``text_proj``, then the music side).
+    """
+
+    def __init__(self, text_model: nn.Module, hidden_size: int):
+        super().__init__()
+        self.text_model = text_model
+        self.text_proj = nn.Linear(text_model.config.hidden_size, hidden_size)
+        nn.init.normal_(self.text_proj.weight, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_proj.weight.device
+
+    @staticmethod
+    def pooled(states: torch.Tensor, masks: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+        return projection(masked_mean(states, masks.to(states.device)))
+
+    def text_states(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        device = self.device
+        return self.text_model(input_ids.to(device), attention_mask=masks.to(device)).last_hidden_state
+
+    def text_global(self, input_ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Masked mean of the text states, projected. Not L2-normalised."""
+        return self.pooled(self.text_states(input_ids, masks), masks, self.text_proj)
