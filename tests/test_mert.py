@@ -277,3 +277,24 @@ def test_plan_reports_two_inputs_for_one_output(tmp_path):
     assert [job.path.name for job in plan.jobs] == ["b.mp3"]
     assert sorted(p.name for p, _ in plan.failures) == ["a.FLAC", "a.wav"]
     assert all("would all write" in reason for _, reason in plan.failures)
+
+
+def test_torchrun_two_cpu_processes_split_the_files(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(SCRIPT),
+           str(AUDIO_IN), str(out), "--model", str(TINY), "--num_workers", "0", "--no_progress"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0  # the sub-second clip fails in process 1
+    assert "extract_mert (process 0/2): extracted 2, skipped 0 existing, failed 0" in proc.stderr, proc.stderr[-3000:]
+    assert "extract_mert (process 1/2): extracted 1, skipped 0 existing, failed 1" in proc.stderr, proc.stderr[-3000:]
+    assert (out / "failed_extract_mert_1.log").read_text().startswith("banish_misfortune_48k_stereo_f32.wav\t")
+    for expected in sorted((EXPECTED / "mert_mean").iterdir()):
+        assert np.abs(np.load(out / expected.name) - np.load(expected)).max() < FEATURE_TOLERANCE
