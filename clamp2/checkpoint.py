@@ -30,9 +30,9 @@ FAMILY_MARKERS = (
 )
 # What loads each family, for the message when a checkpoint of another family is given.
 FAMILY_LOADERS = {
-    "CLaMP 3": "code/extract_clamp3.py or clamp2.CLaMP3",
-    "CLaMP 2": "code/extract_clamp2.py or clamp2.CLaMP2",
-    "M3": "code/extract_m3.py or clamp2.M3",
+    "CLaMP 3": "clamp2.CLaMP3.from_pretrained (or code/extract_clamp3.py)",
+    "CLaMP 2": "clamp2.CLaMP2.from_pretrained (or code/extract_clamp2.py)",
+    "M3": "clamp2.M3.from_pretrained (or code/extract_m3.py)",
 }
 
 
