@@ -511,7 +511,7 @@ class CLaMP3(_JointSpace):
     """CLaMP 3: text, symbolic music (MusicXML, MIDI, ABC, MTF) and audio in one space (SPEC_CLAMP3 §13-§15).
 
     Audio files go through MERT (:mod:`clamp2.extraction.mert`), loaded on the first audio file;
-    MERT features already extracted (``.npy`` of ``process_data/extract_mert.py --mean_features``,
+    MERT features already extracted (``.npy`` of ``process_data/extract_mert.py``,
     or such an array) are read directly.
     """
 
@@ -608,7 +608,7 @@ class CLaMP3(_JointSpace):
             importlib.import_module(f"{__package__}.extraction.mert")
         except ImportError:
             return ("audio files need MERT features, and this installation has no MERT module: run "
-                    "process_data/extract_mert.py --mean_features and encode the .npy files")
+                    "process_data/extract_mert.py and encode the .npy files it writes")
         return None
 
     def _entry_kind(self, raw) -> str:
@@ -623,7 +623,7 @@ class CLaMP3(_JointSpace):
             return f"{raw.kind}:unavailable"  # _prepare reports why; nothing is cached for it
 
     def _prepare(self, raws: Dict[int, Any], failures: Dict[int, str]) -> None:
-        """Audio files → their MERT features ``[1, n, D]`` (as ``extract_mert.py --mean_features`` saves them)."""
+        """Audio files → their MERT features ``[1, n, D]`` (as ``process_data/extract_mert.py`` saves them)."""
         import io
 
         from .extraction.model_inputs import AUDIO, MERT, RawInput, _as_file, audio_suffix

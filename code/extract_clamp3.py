@@ -5,7 +5,7 @@
                                   [--dtype fp32|bf16|fp16] [--device DEVICE]
     accelerate launch code/extract_clamp3.py <input_dir> <output_dir> --get_global   # files split across processes
 
-Audio is read as MERT features: run process_data/extract_mert.py --mean_features on the audio
+Audio is read as MERT features: run process_data/extract_mert.py (MERT's layer mean) on the audio
 files first (arrays [1, n, AUDIO_HIDDEN_SIZE]); MIDI as MTF in CLaMP 3's mode
 (process_data/batch_midi2mtf.py --clamp3); MusicXML as interleaved ABC (batch_xml2abc.py, then
 batch_interleaved_abc.py). With --get_global (alias --normalize) each file gets its global feature,

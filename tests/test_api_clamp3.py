@@ -145,3 +145,45 @@ def test_published_names_and_hub_messages_offline(tmp_path, monkeypatch):
     assert f"hf download sander-wood/clamp3 {PUBLISHED_CLAMP3_WEIGHTS['c2']}" in str(info.value)
     with pytest.raises(WeightsNotFound, match="hf download sander-wood/clamp3 weights_y.pth"):
         CLaMP3.from_pretrained(tmp_path / "weights_y.pth")
+
+
+def test_mixed_raw_folder_equals_the_script_pipeline(tmp_path, monkeypatch):
+    """MusicXML, MIDI, WAV/FLAC and text through CLaMP3 = process_data converters + extract_mert.py
+    (tiny MERT) + extract_clamp3.py (tiny CLaMP 3), global and per position."""
+    from clamp2 import CLaMP3, FeatureCache
+    from conftest import load_script
+    from test_extract_clamp3 import TINY_CLAMP3_ENV
+
+    inputs = VECTORS3 / "inputs"
+    raw = tmp_path / "raw"
+    for kind in ("xml", "midi", "audio", "txt"):
+        shutil.copytree(inputs / kind, raw / kind)
+    model_in = tmp_path / "model_in"
+    run = {name: load_script(f"process_data/{name}.py").main
+           for name in ("batch_xml2abc", "batch_interleaved_abc", "batch_midi2mtf", "extract_mert")}
+    assert run["batch_xml2abc"]([str(raw / "xml"), str(tmp_path / "xml_abc"), "--workers", "1"]) == 0
+    assert run["batch_interleaved_abc"]([str(tmp_path / "xml_abc"), str(model_in / "xml"), "--workers", "1"]) == 0
+    assert run["batch_midi2mtf"]([str(raw / "midi"), str(model_in / "midi"), "--clamp3", "--workers", "1"]) == 0
+    # The 0.5-s clip has no MERT window: a reported failure in both pipelines.
+    assert run["extract_mert"]([str(raw / "audio"), str(model_in / "audio"), "--model", str(VECTORS3 / "tiny_mert"),
+                                "--num_workers", "0", "--no_progress"]) == 1
+    shutil.copytree(raw / "txt", model_in / "txt")
+    extract = load_script("code/extract_clamp3.py")
+    for key, value in TINY_CLAMP3_ENV.items():
+        monkeypatch.setenv(key, value)
+    model = CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, max_text_length=16,
+                                   mert=VECTORS3 / "tiny_mert", cache=FeatureCache(tmp_path / "cache"))
+    for get_global in (True, False):
+        out = tmp_path / ("global" if get_global else "raw_features")
+        assert extract.main([str(model_in), str(out), "--weights", str(VECTORS3 / "tiny_clamp3.pth"), "--text_model",
+                             TEXT_MODEL, "--num_workers", "0", "--no_progress"] + (["--get_global"] if get_global else [])) == 0
+        encoded = model.encode_folder(raw, normalize=get_global, progress=False)
+        assert encoded.failed_names == ["audio/banish_misfortune_48k_stereo_f32.wav"]
+        assert "shorter than 1 s" in encoded.failures[0][1]
+        assert len(encoded) == encoded.computed == 10  # 3 audio, 3 MIDI, 1 MusicXML, 3 texts
+        script = {name: np.load((out / name).with_suffix(".npy"))[0] for name in encoded.names}
+        for name, feature in zip(encoded.names, encoded.features):
+            assert feature.shape == script[name].shape, name
+            np.testing.assert_allclose(feature, script[name], atol=1e-5, rtol=0, err_msg=name)
+    again = model.encode_folder(raw, progress=False)
+    assert (again.cached, again.computed) == (10, 0)

@@ -129,8 +129,9 @@ class AudioEncoder:
 
     The array is read as ``[-1, width]``. Refused, with the reason: float64 and other non-float32
     arrays and a last dimension other than ``width`` (the reference fails on them), and arrays with
-    a leading dimension other than 1, such as ``[13, n, 768]`` (MERT's hidden states written
-    without ``--mean_features``, which the reference silently misreads as 13·n segments).
+    a leading dimension other than 1, such as ``[13, n, 768]`` (MERT's hidden states: the
+    reference's extract_mert.py without ``--mean_features``, ours with ``--all_layers``; the
+    reference silently misreads them as 13·n segments).
     """
 
     def __init__(self, width: int):
@@ -153,8 +154,8 @@ class AudioEncoder:
             raise InputError(f"last dimension {array.shape[-1]}, but the audio encoder takes {self.width}-wide "
                              f"MERT features (array shape {list(array.shape)})")
         if any(size != 1 for size in array.shape[:-2]):
-            raise InputError(f"array shape {list(array.shape)}: expected [1, n, {self.width}] (one mean over MERT's "
-                             "layers); write it with process_data/extract_mert.py --mean_features")
+            raise InputError(f"array shape {list(array.shape)}: expected [1, n, {self.width}], the mean over MERT's "
+                             "layers (process_data/extract_mert.py without --all_layers; the reference's --mean_features)")
         if array.dtype != np.float32:
             raise InputError(f"{array.dtype} array: MERT features are float32 (save them with .astype(np.float32))")
         rows = array.reshape(-1, self.width)

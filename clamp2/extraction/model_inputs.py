@@ -2,7 +2,7 @@
 
 The batch pipeline is ``process_data/batch_xml2abc.py`` → ``batch_interleaved_abc.py`` for
 MusicXML, ``batch_interleaved_abc.py`` for standard ABC, ``batch_midi2mtf.py`` (M3-compatible for
-CLaMP 2, ``--clamp3`` for CLaMP 3) for MIDI, ``process_data/extract_mert.py --mean_features`` for
+CLaMP 2, ``--clamp3`` for CLaMP 3) for MIDI, ``process_data/extract_mert.py`` (MERT's layer mean) for
 audio (CLaMP 3 only), then ``code/extract_*.py``. Every step writes its result as UTF-8 bytes and the next one
 reads it back with universal newlines, so the same round trip is applied here between steps: a
 file's feature from :mod:`clamp2.api` equals the feature of the scripts' files.
@@ -256,7 +256,7 @@ class RawAudioEncoder:
     def __call__(self, raw: RawInput):
         if raw.kind != MERT:
             raise InputError("an audio file needs its MERT features first: run process_data/extract_mert.py "
-                             "--mean_features, or pass mert= to CLaMP3.from_pretrained")
+                             "and encode the .npy files")
         return self.audio_encoder(raw.path if raw.path is not None else io.BytesIO(raw.content()))
 
 
