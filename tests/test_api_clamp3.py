@@ -187,3 +187,16 @@ def test_mixed_raw_folder_equals_the_script_pipeline(tmp_path, monkeypatch):
             np.testing.assert_allclose(feature, script[name], atol=1e-5, rtol=0, err_msg=name)
     again = model.encode_folder(raw, progress=False)
     assert (again.cached, again.computed) == (10, 0)
+
+
+def test_readme_clamp3_example_runs(monkeypatch, capsys):
+    import re
+
+    from conftest import REPO_ROOT
+
+    section = (REPO_ROOT / "README.md").read_text().split("## Use from Python", 1)[1].split("\n## ", 1)[0]
+    block = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "CLaMP3" in b]
+    assert len(block) == 1
+    monkeypatch.chdir(REPO_ROOT)
+    exec(compile(block[0], "README.md", "exec"), {})
+    assert re.search(r"\[\[\s*-?\d\.\d+\s+-?\d\.\d+\s+-?\d\.\d+\s*\]\]", capsys.readouterr().out)
