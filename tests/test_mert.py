@@ -234,6 +234,7 @@ def test_script_on_a_mixed_folder(tiny_model, mixed_folder, tmp_path, capsys):
     log = dict(line.split("\t") for line in (out / "failed_extract_mert.log").read_text().splitlines())
     assert set(log) == {"broken.wav", "empty.ogg", "sub/short.Wav"}
     assert log["broken.wav"].startswith("cannot decode") and "shorter than 1 s" in log["sub/short.Wav"]
+    assert log["empty.ogg"] == "empty file (0 bytes)"
     alone = MertFeatureExtractor(tiny_model, "cpu").features(mixed_folder / "sub" / "chorale.FLAC")
     assert np.abs(np.load(out / "sub" / "chorale.npy")[0] - alone).max() < FEATURE_TOLERANCE
     assert not list(out.rglob("*.partial"))

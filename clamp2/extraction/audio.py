@@ -39,6 +39,8 @@ def decode(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
     """
     import soundfile
 
+    if os.path.getsize(path) == 0:
+        raise AudioError("empty file (0 bytes)")
     try:
         data, rate = soundfile.read(os.fspath(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:

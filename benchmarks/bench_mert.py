@@ -1,0 +1,146 @@
+"""Throughput of MERT feature extraction (seconds of audio per second), batched vs the reference's scheme.
+
+    python benchmarks/bench_mert.py [--size full|tiny] [--files 4] [--seconds 30] [--batch_size 8]
+                                    [--device cpu|cuda] [--dtypes fp32 bf16] [--peak_tflops T]
+
+Renders --files music21 corpus chorales to 44.1 kHz stereo WAV (once, cached in --data), then times,
+in the same run and on the same files, end to end from the audio files (decoding and resampling
+included):
+- batched: this project's driver (MertFeatureExtractor.iter_files): full windows of many files
+  in one forward pass, files decoded in DataLoader workers while the model runs;
+- reference scheme: decode a file, then one 5-s window per forward pass (batch 1), as the
+  reference extract_mert.py does.
+The model is MERT-form with random weights (speed does not depend on the values): MERT-v1-95M's
+sizes (--size full) or the test vectors' tiny sizes. MFU = model FLOPs (conv front end +
+transformer, clamp2.models.mert.forward_flops) per second / --peak_tflops (default: H100/H200 dense
+bf16 989, fp32 67 on CUDA; none on CPU, where only GFLOP/s is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clamp2.cli import ArgumentParser
+
+TINY = Path(__file__).resolve().parents[1] / "tests" / "data" / "vectors_clamp3" / "tiny_mert" / "config.json"
+FULL_SIZES = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+              "conv_dim": [512] * 7, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
+CHORALES = ("bach/bwv66.6", "bach/bwv26.6", "bach/bwv10.7", "bach/bwv101.7", "bach/bwv102.7", "bach/bwv103.6",
+            "bach/bwv104.6", "bach/bwv108.6")
+PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/clamp2_bench_audio"), help="cache of rendered WAV files")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each file (pieces are looped)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"], help="fp32, bf16, fp16 (the latter two on CUDA)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="peak of the device for MFU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--skip_reference", action="store_true")
+    return parser.parse_args(argv)
+
+
+def audio_files(folder: Path, count: int, seconds: float) -> list:
+    from clamp2.quickstart.audio_render import corpus_midi, synthesize_midi, write_audio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        name = CHORALES[i % len(CHORALES)]
+        path = folder / f"{i:03d}_{name.replace('/', '_')}_{seconds:g}s.wav"
+        if not path.exists():
+            midi = corpus_midi(name, folder / (name.replace("/", "_") + ".mid"))
+            piece = synthesize_midi(midi, 44100)
+            frames = int(seconds * 44100)
+            looped = np.tile(piece, (frames // len(piece) + 1, 1))[:frames]
+            write_audio(path, looped * np.float32(0.7 / max(np.abs(looped).max(), 1e-9)), 44100)
+        paths.append(path)
+    return paths
+
+
+def reference_scheme(model, paths, device, precision) -> int:
+    """Decode a file, then one window per forward pass at batch 1 (the reference's loop)."""
+    from clamp2.extraction.audio import load_windows
+
+    windows = 0
+    for path in paths:
+        wave, bounds = load_windows(path)
+        rows = []
+        for start, end in bounds:
+            x = torch.from_numpy(wave[start:end])[None].to(device)
+            with torch.inference_mode(), precision:
+                out = model(x, output_hidden_states=True)
+                rows.append(torch.stack([h.float().mean(dim=1) for h in out.hidden_states]).mean(0).cpu())
+            windows += 1
+    return windows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from clamp2.extraction.audio import MERT_SAMPLE_RATE, load_windows
+    from clamp2.extraction.core import autocast_context
+    from clamp2.extraction.mert import MertFeatureExtractor
+    from clamp2.models.mert import build_mert, forward_flops
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    paths = audio_files(args.data, args.files, args.seconds)
+    bounds = [load_windows(p)[1] for p in paths]
+    audio_seconds = sum(e - s for b in bounds for s, e in b) / MERT_SAMPLE_RATE
+    windows = sum(len(b) for b in bounds)
+    values = json.loads(TINY.read_text())
+    if args.size == "full":
+        values.update(FULL_SIZES)
+    torch.manual_seed(0)
+    model = build_mert(values).to(device)
+    flops = sum(forward_flops(model.config, e - s) for b in bounds for s, e in b)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"MERT {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on {name}; "
+          f"{len(paths)} files, {audio_seconds:.0f} s of audio, {windows} windows, "
+          f"{flops / windows / 1e9:.1f} GFLOP per window")
+
+    def report(label, dtype, elapsed):
+        line = (f"{label:<26} {dtype}: {audio_seconds / elapsed:8.1f} s of audio/s  {windows / elapsed:7.2f} windows/s"
+                f"  {flops / elapsed / 1e12:7.3f} TFLOP/s")
+        peak = args.peak_tflops or (PEAK_TFLOPS[dtype] if device.type == "cuda" else None)
+        if peak:
+            line += f"  MFU {100 * flops / elapsed / (peak * 1e12):5.1f}% of {peak:g} TFLOP/s"
+        print(line, flush=True)
+        return elapsed
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for dtype in args.dtypes:
+        extractor = MertFeatureExtractor(model, device, dtype, args.batch_size)
+        list(extractor.iter_files(paths[:1]))  # warm-up (kernels, allocator)
+        sync()
+        start = time.perf_counter()
+        done = sum(1 for _, array, _ in extractor.iter_files(paths, num_workers=args.num_workers) if array is not None)
+        sync()
+        batched = report(f"batched (batch {args.batch_size})", dtype, time.perf_counter() - start)
+        assert done == len(paths)
+        if not args.skip_reference:
+            start = time.perf_counter()
+            reference_scheme(model, paths, device, autocast_context(device, dtype))
+            sync()
+            reference = report("reference (1 window/pass)", dtype, time.perf_counter() - start)
+            print(f"speed-up {dtype}: {reference / batched:.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
