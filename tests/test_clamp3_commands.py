@@ -412,3 +412,22 @@ def test_image_query_searches_its_caption(tiny_env, tiny_blip, raw, tmp_path, sc
     code, lines, err = run(scripts["embd"], [tmp_path / "photos", tmp_path / "feats", "--get_global", *model], capsys)
     assert code == 0 and lines == ["Detected input modality: img", f'Caption of "sub/cover.png": {caption}']
     assert np.load(tmp_path / "feats" / "sub" / "cover.npy").shape == (1, 48)
+
+
+def test_features_of_the_original_extractor(tmp_path, scripts, capsys):
+    """The reference vectors' CLaMP 3 global features (written by the original's extract_clamp3.py)."""
+    features = Path(__file__).parent / "data" / "vectors_clamp3" / "expected" / "feat_clamp3_global"
+    texts = tmp_path / "txt"
+    shutil.copytree(features / "txt", texts)
+    (texts / "multi.npy").unlink()
+    code, lines, err = run(scripts["eval"], [texts, features / "abc", "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 0, err
+    assert lines[:-1] == reference_metrics(texts, features / "abc")[0]
+    code, lines, err = run(scripts["score"], [texts, features / "mtf", "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 0 and "There are 1 unmatched" in lines[0]  # handmade_sysex has no text
+    code, lines, _ = run(scripts["search"], [features / "txt" / "multi.npy", features / "audio", *CLAMP2], capsys)
+    q = torch.tensor(np.load(features / "txt" / "multi.npy")[0]).unsqueeze(0)
+    files = sorted((features / "audio").glob("*.npy"))
+    sims = torch.cosine_similarity(q, torch.tensor(np.array([np.load(f).squeeze() for f in files]))).tolist()
+    best = sorted(zip(sims, [f.name.split(".")[0] for f in files]), key=lambda x: (-x[0], x[1]))
+    assert lines == ["Top 3 results among 3 candidates:"] + [f"{key} {round(s, 4)}" for s, key in best]
