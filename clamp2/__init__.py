@@ -17,14 +17,14 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
         text_model     the XLM-R text encoder/tokenizer from a hub id or a local folder
         loss           symmetric contrastive loss with gather-with-gradient across processes
         data/          package data (the 100 summary languages)
-    models/        one module per model family: common (pooling), m3, clamp2
+    models/        one module per model family: common (pooling), m3, clamp2, clamp3
     convert/       process_data/: MusicXML/ABC/interleaved ABC, MIDI/MTF, their parallel batch
                    runner (batch_runner), LLM summaries (summarize)
     extraction/    code/extract_*.py: windows and the batched driver (core); raw files → model
                    inputs (model_inputs)
     training/      code/train_*.py: data, M3 corruption, the one training loop, the tasks
     cache          content-hash feature cache (``clamp2-cache info|clear``)
-    api            CLaMP2 / M3: raw music and text in, features out (importing clamp2 loads no torch)
+    api            CLaMP2 / CLaMP3 / M3: raw music, audio and text in, features out (importing clamp2 loads no torch)
     search/        semantic_search/: feature store and index, retrieval and metrics, FMD,
                    zero-shot, search from raw files
     probe/         music_classification/: the linear probe
@@ -34,8 +34,8 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
 __version__ = "0.1.0"
 
 # Loaded on first use so that `import clamp2` stays fast (torch and transformers take seconds).
-_LAZY = {"CLaMP2": "api", "M3": "api", "Encoded": "api", "EncodeError": "api", "cosine_similarity": "api",
-         "FeatureCache": "cache"}
+_LAZY = {"CLaMP2": "api", "CLaMP3": "api", "M3": "api", "Encoded": "api", "EncodeError": "api",
+         "cosine_similarity": "api", "FeatureCache": "cache"}
 
 __all__ = sorted(_LAZY)
 

@@ -1,10 +1,12 @@
-"""CLaMP 2 and M3 as objects one can call: raw music and text in, features out.
+"""CLaMP 2, CLaMP 3 and M3 as objects one can call: raw music, audio and text in, features out.
 
-    from clamp2 import CLaMP2
+    from clamp2 import CLaMP2, CLaMP3
     model = CLaMP2.from_pretrained("sander-wood/clamp2")          # or a local .pth file
     music = model.encode_music(["tune.mid", "score.mxl"])       # [2, 768], converted on the fly
     text = model.encode_text(["a lively Irish jig"])            # [1, 768]
     scores = model.similarity(text, music)                      # [1, 2] cosine similarities
+    clamp3 = CLaMP3.from_pretrained("sander-wood/clamp3", variant="saas")   # "c2" for sheet music/MIDI
+    clamp3.encode_music(["song.wav", "tune.mid", "score.mxl"])  # audio through MERT, loaded when needed
 
 Raw files go through the project's own converters exactly as the batch pipeline does
 (:mod:`clamp2.extraction.model_inputs`) and then through the extraction code of ``code/extract_*.py``
@@ -149,8 +151,8 @@ def _infer_dims(state, encoder_prefix: str, decoder_prefix: Optional[str], path:
     try:
         return infer_m3_dims(state, encoder_prefix, decoder_prefix)
     except KeyError as missing:
-        raise CheckpointError(f"{path} is not a {'CLaMP 2' if encoder_prefix == 'music_model.' else 'M3'} checkpoint "
-                              f"(no entry {missing})") from None
+        family = {"music_model.": "CLaMP 2", "symbolic_model.": "CLaMP 3"}.get(encoder_prefix, "M3")
+        raise CheckpointError(f"{path} is not a {family} checkpoint (no entry {missing})") from None
 
 
 class _Extractor:
@@ -210,6 +212,8 @@ class _Extractor:
             self._namespaces[identity] = self.cache.namespace(settings, about)
         return self._namespaces[identity]
 
+    accepts_audio = False  # CLaMP 3 also reads audio files and MERT features
+
     def _resolve(self, items: list, allow_text: bool, abc_format: str):
         from .extraction.core import InputError
         from .extraction.model_inputs import resolve
@@ -218,16 +222,28 @@ class _Extractor:
         failures: Dict[int, str] = {}
         for i, item in enumerate(items):
             try:
-                raws[i] = resolve(item, abc_format=abc_format, allow_text=allow_text)
+                raws[i] = resolve(item, abc_format=abc_format, allow_text=allow_text, allow_audio=self.accepts_audio)
             except InputError as exc:
                 failures[i] = str(exc)
         return raws, failures
+
+    def _runner_kind(self, raw) -> str:
+        """Which of :meth:`_runners` encodes ``raw``."""
+        from .extraction.model_inputs import TEXT
+
+        return "text" if raw.kind == TEXT else "music"
+
+    def _entry_kind(self, raw) -> str:
+        """What besides the input's bytes and the namespace its cached feature depends on (its kind)."""
+        return raw.kind
+
+    def _prepare(self, raws: Dict[int, Any], failures: Dict[int, str]) -> None:
+        """Last step before the model, in this process: CLaMP 3 turns audio files into MERT features here."""
 
     def _encode(self, items: list, raws: list, failures: Dict[int, str], per_position: bool, *, use_cache: bool,
                 progress: bool, desc: str, root: Optional[Path] = None, width: Optional[int] = None) -> Encoded:
         from .cache import entry_key
         from .extraction.core import iter_features
-        from .extraction.model_inputs import TEXT
         from .progress import progress_bar, write_line
 
         namespace = self._cache_namespace(per_position) if use_cache and self.cache is not None else None
@@ -243,7 +259,7 @@ class _Extractor:
                     continue
                 if namespace is not None:
                     try:
-                        keys[i] = entry_key(raw.kind, raw.digest())
+                        keys[i] = entry_key(self._entry_kind(raw), raw.digest())
                     except OSError as exc:
                         failures[i] = f"cannot read: {exc}"
                         bar.update(1)
@@ -256,7 +272,12 @@ class _Extractor:
                         continue
                 todo.append(i)
             runners = self._runners(per_position)
-            sources = [("text" if raws[i].kind == TEXT else "music", raws[i]) for i in todo]
+            ready = {i: raws[i] for i in todo}
+            self._prepare(ready, failures)
+            for i in [i for i in todo if i in failures]:
+                bar.update(1)
+            todo = [i for i in todo if i not in failures]
+            sources = [(self._runner_kind(ready[i]), ready[i]) for i in todo]
             cache_warned = False
             for j, feature, error in iter_features(sources, runners, self.device, per_position,
                                                    batch_size=self.batch_size, files_per_chunk=self.files_per_chunk,
@@ -297,20 +318,19 @@ class _Extractor:
 
     def _folder_files(self, folder, include_text: bool) -> List[Path]:
         from .files import find_files
-        from .extraction.model_inputs import MUSIC_INPUT_EXTENSIONS, TEXT_INPUT_EXTENSIONS
+        from .extraction.model_inputs import AUDIO_INPUT_EXTENSIONS, MUSIC_INPUT_EXTENSIONS, TEXT_INPUT_EXTENSIONS
 
         folder = Path(folder)
         if not folder.exists():
             raise FileNotFoundError(f"folder not found: {folder}")
-        return find_files(folder, MUSIC_INPUT_EXTENSIONS + (TEXT_INPUT_EXTENSIONS if include_text else ()))
+        return find_files(folder, MUSIC_INPUT_EXTENSIONS + (AUDIO_INPUT_EXTENSIONS if self.accepts_audio else ())
+                          + (TEXT_INPUT_EXTENSIONS if include_text else ()))
 
     similarity = staticmethod(cosine_similarity)
 
 
-class CLaMP2(_Extractor):
-    """CLaMP 2: text and music encoders into one space (features of dimension :attr:`dim`)."""
-
-    model_kind = "clamp2"
+class _JointSpace(_Extractor):
+    """What CLaMP2 and CLaMP3 share: a text tower, a joint space, and the text/music/folder methods."""
 
     def __init__(self, model, tokenizer, *, weights_path: Path, text_model: str,
                  max_text_length: int = DEFAULT_MAX_TEXT_LENGTH, device=None, dtype: str = "fp32",
@@ -323,77 +343,40 @@ class CLaMP2(_Extractor):
         self.max_text_length = int(max_text_length)
         self._text_fingerprint: Optional[str] = None
 
-    def __repr__(self) -> str:
-        dims = self.model.music_model.dims
-        return (f"CLaMP2({self.weights_path.name}, dim={self.dim}, patch_length={dims.patch_length}, "
-                f"text_model={self.text_model_name!r}, device={self.device}, dtype={self.dtype})")
+    @property
+    def dim(self) -> int:
+        """Size of the joint space (768 for the published models)."""
+        return int(self.model.text_proj.out_features)
 
-    @classmethod
-    def from_pretrained(cls, weights: str | os.PathLike = "sander-wood/clamp2", text_model: Optional[str] = None, *,
-                        filename: Optional[str] = None, max_text_length: Optional[int] = None, device=None,
-                        dtype: str = "fp32", batch_size: int = 16, cache=None, num_workers: int = 0,
-                        local_files_only: Optional[bool] = None, revision: Optional[str] = None,
-                        hub_cache_dir: str | os.PathLike | None = None) -> "CLaMP2":
-        """Load a CLaMP 2 checkpoint: a ``.pth`` file, a folder holding ``filename``, or a hub id.
-
-        The model sizes come from the checkpoint's shapes. ``text_model`` (a hub id or a local
-        folder) supplies the tokenizer and the text encoder's configuration; its weights are in the
-        checkpoint. It defaults to the checkpoint's own ``TEXT_MODEL_NAME`` when it stores a
-        config, else ``FacebookAI/xlm-roberta-base``; ``max_text_length`` likewise (else 128).
-        ``cache``: ``None``/``False`` (no feature cache), ``True`` (the user cache folder), a folder
-        or a :class:`~clamp2.cache.FeatureCache`.
-        """
-        from .checkpoint import CheckpointError, load_state
-        from .hub import DEFAULT_TEXT_MODEL, PUBLISHED_CLAMP2_WEIGHTS, resolve_weights
-        from .models.clamp2 import CLaMP2Model
+    @staticmethod
+    def _text_settings(checkpoint, text_model: Optional[str], max_text_length: Optional[int]):
+        """(text model name, tokenizer, text encoder, max text length) for a checkpoint: the arguments,
+        else the checkpoint's own config, else XLM-R base and 128."""
+        from .hub import DEFAULT_TEXT_MODEL
         from .text_model import load_text_model, load_tokenizer
 
-        path = resolve_weights(weights, filename or PUBLISHED_CLAMP2_WEIGHTS, local_files_only=local_files_only,
-                               revision=revision, cache_dir=hub_cache_dir)
-        checkpoint, state = _load_state(path)
-        if "music_model.patch_embedding.weight" not in state and "encoder.patch_embedding.weight" in state:
-            raise CheckpointError(f"{path} is an M3 checkpoint: load it with M3.from_pretrained")
-        dims = _infer_dims(state, "music_model.", None, path)
         saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
         text_name = text_model or saved.get("TEXT_MODEL_NAME") or DEFAULT_TEXT_MODEL
         tokenizer = load_tokenizer(text_name)
         text_encoder = load_text_model(text_name, pretrained=False)
-        model = CLaMP2Model(text_encoder, dims, hidden_size=int(state["music_proj.weight"].shape[0]))
-        load_state(model, state, source=f"checkpoint {path} (text model configuration from {text_name})")
         if max_text_length is None:
             max_text_length = saved.get("MAX_TEXT_LENGTH") or DEFAULT_MAX_TEXT_LENGTH
             # XLM-R's positions start after the pad id: a small text model may take fewer than 128 tokens.
             config = text_encoder.config
             max_text_length = min(int(max_text_length),
                                   config.max_position_embeddings - (config.pad_token_id or 0) - 1)
-        return cls(model, tokenizer, weights_path=path, text_model=text_name, max_text_length=max_text_length,
-                   device=device, dtype=dtype, batch_size=batch_size, cache=cache, num_workers=num_workers)
+        return text_name, tokenizer, text_encoder, int(max_text_length)
 
-    @property
-    def dim(self) -> int:
-        """Size of the joint space (768 for the published model)."""
-        return int(self.model.music_proj.out_features)
+    def _text_runner(self, per_position: bool):
+        from .extraction.core import KindRunner, TextEncoder
+        from .extraction.model_inputs import RawTextEncoder
 
-    def _runners(self, per_position: bool):
-        from .extraction.core import KindRunner, MusicEncoder, TextEncoder
-        from .extraction.model_inputs import RawMusicEncoder, RawTextEncoder
-        from .patchilizer import PAD_TOKEN_ID, M3Patchilizer
+        return KindRunner(RawTextEncoder(TextEncoder(self.tokenizer)),
+                          self._forward(self.model.text_states, self.model.text_global, per_position),
+                          self.max_text_length, self.tokenizer.pad_token_id)
 
-        dims = self.model.music_model.dims
-        model = self.model
-        return {
-            "text": KindRunner(RawTextEncoder(TextEncoder(self.tokenizer)),
-                               self._forward(model.text_states, model.text_global, per_position),
-                               self.max_text_length, self.tokenizer.pad_token_id),
-            "music": KindRunner(RawMusicEncoder(MusicEncoder(M3Patchilizer(dims.patch_size, dims.patch_length))),
-                                self._forward(model.music_states, model.music_global, per_position),
-                                dims.patch_length, PAD_TOKEN_ID),
-        }
-
-    def _settings(self, per_position: bool) -> Dict[str, Any]:
-        dims = self.model.music_model.dims
-        return {"patch_size": dims.patch_size, "patch_length": dims.patch_length,
-                "max_text_length": self.max_text_length, "text": self.text_fingerprint()}
+    def _text_cache_settings(self) -> Dict[str, Any]:
+        return {"max_text_length": self.max_text_length, "text": self.text_fingerprint()}
 
     def text_fingerprint(self) -> str:
         """sha256 of the tokenizer and of the text encoder's configuration (what text features depend on)."""
@@ -428,10 +411,11 @@ class CLaMP2(_Extractor):
 
     def encode_music(self, items, normalize: bool = True, *, errors: str = "raise", progress: bool = False,
                      abc_format: str = "auto"):
-        """Features of music: paths or content of MusicXML, MIDI, standard/interleaved ABC or MTF.
+        """Features of music: paths or content of MusicXML, MIDI, standard/interleaved ABC or MTF
+        (and, for CLaMP 3, audio files and MERT features).
 
-        ``normalize``: one global feature per input, ``[n, dim]``; else a list of per-patch
-        ``[L, M3 hidden]`` arrays. ``errors="raise"`` raises :class:`EncodeError` naming every input
+        ``normalize``: one global feature per input, ``[n, dim]``; else a list of per-position
+        ``[L, hidden]`` arrays. ``errors="raise"`` raises :class:`EncodeError` naming every input
         that could not be converted (after encoding the others, which are cached);
         ``errors="skip"`` returns an :class:`Encoded` that lists them with their reasons.
         """
@@ -463,6 +447,269 @@ class CLaMP2(_Extractor):
         files = self._folder_files(folder, include_text)
         return self.encode_files(files, normalize, errors=errors, progress=progress, abc_format=abc_format,
                                  root=folder)
+
+
+class CLaMP2(_JointSpace):
+    """CLaMP 2: text and music encoders into one space (features of dimension :attr:`dim`)."""
+
+    model_kind = "clamp2"
+
+    def __repr__(self) -> str:
+        dims = self.model.music_model.dims
+        return (f"CLaMP2({self.weights_path.name}, dim={self.dim}, patch_length={dims.patch_length}, "
+                f"text_model={self.text_model_name!r}, device={self.device}, dtype={self.dtype})")
+
+    @classmethod
+    def from_pretrained(cls, weights: str | os.PathLike = "sander-wood/clamp2", text_model: Optional[str] = None, *,
+                        filename: Optional[str] = None, max_text_length: Optional[int] = None, device=None,
+                        dtype: str = "fp32", batch_size: int = 16, cache=None, num_workers: int = 0,
+                        local_files_only: Optional[bool] = None, revision: Optional[str] = None,
+                        hub_cache_dir: str | os.PathLike | None = None) -> "CLaMP2":
+        """Load a CLaMP 2 checkpoint: a ``.pth`` file, a folder holding ``filename``, or a hub id.
+
+        The model sizes come from the checkpoint's shapes. ``text_model`` (a hub id or a local
+        folder) supplies the tokenizer and the text encoder's configuration; its weights are in the
+        checkpoint. It defaults to the checkpoint's own ``TEXT_MODEL_NAME`` when it stores a
+        config, else ``FacebookAI/xlm-roberta-base``; ``max_text_length`` likewise (else 128).
+        ``cache``: ``None``/``False`` (no feature cache), ``True`` (the user cache folder), a folder
+        or a :class:`~clamp2.cache.FeatureCache`.
+        """
+        from .checkpoint import load_state, require_family
+        from .hub import PUBLISHED_CLAMP2_WEIGHTS, resolve_weights
+        from .models.clamp2 import CLaMP2Model
+
+        path = resolve_weights(weights, filename or PUBLISHED_CLAMP2_WEIGHTS, local_files_only=local_files_only,
+                               revision=revision, cache_dir=hub_cache_dir)
+        checkpoint, state = _load_state(path)
+        require_family(state, "CLaMP 2", str(path))
+        dims = _infer_dims(state, "music_model.", None, path)
+        text_name, tokenizer, text_encoder, max_text_length = cls._text_settings(checkpoint, text_model, max_text_length)
+        model = CLaMP2Model(text_encoder, dims, hidden_size=int(state["music_proj.weight"].shape[0]))
+        load_state(model, state, source=f"checkpoint {path} (text model configuration from {text_name})")
+        return cls(model, tokenizer, weights_path=path, text_model=text_name, max_text_length=max_text_length,
+                   device=device, dtype=dtype, batch_size=batch_size, cache=cache, num_workers=num_workers)
+
+    def _runners(self, per_position: bool):
+        from .extraction.core import KindRunner, MusicEncoder
+        from .extraction.model_inputs import RawMusicEncoder
+        from .patchilizer import PAD_TOKEN_ID, M3Patchilizer
+
+        dims = self.model.music_model.dims
+        return {
+            "text": self._text_runner(per_position),
+            "music": KindRunner(RawMusicEncoder(MusicEncoder(M3Patchilizer(dims.patch_size, dims.patch_length))),
+                                self._forward(self.model.music_states, self.model.music_global, per_position),
+                                dims.patch_length, PAD_TOKEN_ID),
+        }
+
+    def _settings(self, per_position: bool) -> Dict[str, Any]:
+        dims = self.model.music_model.dims
+        return {"patch_size": dims.patch_size, "patch_length": dims.patch_length, **self._text_cache_settings()}
+
+
+class CLaMP3(_JointSpace):
+    """CLaMP 3: text, symbolic music (MusicXML, MIDI, ABC, MTF) and audio in one space (SPEC_CLAMP3 §13-§15).
+
+    Audio files go through MERT (:mod:`clamp2.extraction.mert`), loaded on the first audio file;
+    MERT features already extracted (``.npy`` of ``process_data/extract_mert.py``,
+    or such an array) are read directly.
+    """
+
+    model_kind = "clamp3"
+    accepts_audio = True
+
+    def __init__(self, model, tokenizer, *, variant: Optional[str] = None, mert=None, mert_batch_size: int = 8,
+                 **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        self.variant = variant
+        self.mert_source = mert
+        self.mert_batch_size = int(mert_batch_size)
+        self._mert = None
+        self._mert_identity: Optional[str] = None
+
+    def __repr__(self) -> str:
+        dims = self.model.symbolic_model.dims
+        return (f"CLaMP3({self.weights_path.name}, variant={self.variant!r}, dim={self.dim}, "
+                f"patch_length={dims.patch_length}, audio_length={self.model.audio_dims.max_length}, "
+                f"text_model={self.text_model_name!r}, device={self.device}, dtype={self.dtype})")
+
+    @classmethod
+    def from_pretrained(cls, weights: str | os.PathLike = "sander-wood/clamp3", text_model: Optional[str] = None, *,
+                        variant: Optional[str] = None, mert=None, filename: Optional[str] = None,
+                        max_text_length: Optional[int] = None, device=None, dtype: str = "fp32",
+                        batch_size: int = 16, cache=None, num_workers: int = 0, mert_batch_size: int = 8,
+                        local_files_only: Optional[bool] = None, revision: Optional[str] = None,
+                        hub_cache_dir: str | os.PathLike | None = None) -> "CLaMP3":
+        """Load a CLaMP 3 checkpoint: a ``.pth`` file, a folder, or a hub id (``sander-wood/clamp3``).
+
+        ``variant`` picks the published file in a folder or hub repo: ``"saas"`` (the default, best
+        for audio) or ``"c2"`` (best for sheet music and MIDI); ``filename`` names another. The
+        sizes come from the checkpoint's shapes; ``text_model`` and ``max_text_length`` as for
+        :meth:`CLaMP2.from_pretrained`. ``mert``: MERT-v1-95M as a local folder or a hub id
+        (default ``m-a-p/MERT-v1-95M``), loaded only when an audio file is encoded. ``cache`` as
+        for CLaMP 2; cached features are keyed by the weights file, variant and settings too.
+        """
+        from .checkpoint import CLAMP3_HUB_REPO, load_state, require_family
+        from .configuration import CLAMP3_VARIANTS, check_choice
+        from .hub import PUBLISHED_CLAMP3_WEIGHTS, resolve_weights
+        from .models.clamp3 import CLaMP3Model, infer_audio_dims
+
+        if variant is not None:
+            check_choice("variant", variant, CLAMP3_VARIANTS)
+        path = resolve_weights(weights, filename or PUBLISHED_CLAMP3_WEIGHTS[variant or "saas"],
+                               local_files_only=local_files_only, revision=revision, cache_dir=hub_cache_dir,
+                               repo=CLAMP3_HUB_REPO)
+        checkpoint, state = _load_state(path)
+        require_family(state, "CLaMP 3", str(path))
+        dims = _infer_dims(state, "symbolic_model.", None, path)
+        audio_dims = infer_audio_dims(state)
+        text_name, tokenizer, text_encoder, max_text_length = cls._text_settings(checkpoint, text_model, max_text_length)
+        model = CLaMP3Model(text_encoder, dims, audio_dims, hidden_size=int(state["symbolic_proj.weight"].shape[0]))
+        load_state(model, state, source=f"checkpoint {path} (text model configuration from {text_name})")
+        if variant is None:  # named by the file: the published names say which training it is
+            variant = next((v for v in CLAMP3_VARIANTS if path.name.startswith(f"weights_clamp3_{v}_")), None)
+        return cls(model, tokenizer, variant=variant, mert=mert, mert_batch_size=mert_batch_size, weights_path=path,
+                   text_model=text_name, max_text_length=max_text_length, device=device, dtype=dtype,
+                   batch_size=batch_size, cache=cache, num_workers=num_workers)
+
+    # -- audio --------------------------------------------------------------------------------
+
+    def _mert_folder(self):
+        from .models.mert import MERT_HUB_ID, resolve_mert_folder
+
+        return resolve_mert_folder(self.mert_source or MERT_HUB_ID)
+
+    def mert_identity(self) -> str:
+        """sha256 of MERT's config and weights (what features of audio files depend on besides CLaMP 3)."""
+        if self._mert_identity is None:
+            from .cache import sha256_of_file, sha256_of_json, weights_fingerprint
+            from .models.mert import weights_file
+
+            folder = self._mert_folder()
+            root = self.cache.root if self.cache is not None else None
+            self._mert_identity = sha256_of_json([sha256_of_file(folder / "config.json"),
+                                                  weights_fingerprint(weights_file(folder), root)])
+        return self._mert_identity
+
+    def mert_extractor(self):
+        """The MERT feature extractor (:class:`~clamp2.extraction.mert.MertFeatureExtractor`), loaded on first use."""
+        if self._mert is None:
+            from .extraction.mert import MertFeatureExtractor
+            from .models.mert import load_mert
+
+            self._mert = MertFeatureExtractor(load_mert(self._mert_folder()), self.device, self.dtype,
+                                              batch_size=self.mert_batch_size)
+        return self._mert
+
+    def _audio_unavailable(self) -> Optional[str]:
+        try:
+            import importlib
+
+            importlib.import_module(f"{__package__}.extraction.mert")
+        except ImportError:
+            return ("audio files need MERT features, and this installation has no MERT module: run "
+                    "process_data/extract_mert.py and encode the .npy files it writes")
+        return None
+
+    def _entry_kind(self, raw) -> str:
+        from .extraction.model_inputs import AUDIO
+
+        if raw.kind != AUDIO:
+            return raw.kind
+        # An audio file's feature depends on MERT too: its key holds MERT's identity.
+        try:
+            return f"{raw.kind}:{self.mert_identity()}"
+        except (ImportError, OSError, ValueError):
+            return f"{raw.kind}:unavailable"  # _prepare reports why; nothing is cached for it
+
+    def _prepare(self, raws: Dict[int, Any], failures: Dict[int, str]) -> None:
+        """Audio files → their MERT features ``[1, n, D]`` (as ``process_data/extract_mert.py`` saves them)."""
+        import io
+
+        from .extraction.model_inputs import AUDIO, MERT, RawInput, _as_file, audio_suffix
+
+        audio = [i for i, raw in raws.items() if raw.kind == AUDIO]
+        if not audio:
+            return
+        problem = self._audio_unavailable()
+        if problem is None:
+            try:
+                extractor = self.mert_extractor()
+            except (OSError, RuntimeError, ValueError) as exc:
+                problem = f"cannot load MERT: {' '.join(str(exc).split())}"
+        for i in audio:
+            if problem is not None:
+                failures[i] = problem
+                continue
+            raw = raws[i]
+            suffix = raw.path.suffix if raw.path is not None else (audio_suffix(raw.content()) or ".wav")
+            try:
+                with _as_file(raw, suffix) as path:
+                    rows = extractor.features(path)
+            except ValueError as exc:  # AudioError: undecodable, empty, shorter than 1 s
+                failures[i] = str(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad file must never stop the others
+                failures[i] = f"{type(exc).__name__}: {exc}"
+                continue
+            buffer = io.BytesIO()
+            np.save(buffer, rows[None].astype(np.float32, copy=False))
+            raws[i] = RawInput(MERT, data=buffer.getvalue())
+
+    # -- runners ------------------------------------------------------------------------------
+
+    def _runner_kind(self, raw) -> str:
+        from .extraction.model_inputs import AUDIO, MERT, TEXT
+
+        return "text" if raw.kind == TEXT else "audio" if raw.kind in (AUDIO, MERT) else "symbolic"
+
+    def _runners(self, per_position: bool):
+        import torch
+
+        from .extraction.core import AudioEncoder, KindRunner, MusicEncoder
+        from .extraction.model_inputs import RawAudioEncoder, RawMusicEncoder
+        from .patchilizer import PAD_TOKEN_ID, M3Patchilizer
+
+        dims, audio = self.model.symbolic_model.dims, self.model.audio_dims
+        model = self.model
+        # CLaMP 3 reads MIDI in its own MTF mode and removes every "L:1/8\n" (SPEC_CLAMP3 §13, §18).
+        symbolic = RawMusicEncoder(MusicEncoder(M3Patchilizer(dims.patch_size, dims.patch_length),
+                                                remove_unit_length=True, also_mtf=True), midi_mode="clamp3")
+        return {
+            "text": self._text_runner(per_position),
+            "symbolic": KindRunner(symbolic, self._forward(model.symbolic_states, model.symbolic_global, per_position),
+                                   dims.patch_length, PAD_TOKEN_ID),
+            "audio": KindRunner(RawAudioEncoder(AudioEncoder(audio.hidden_size)),
+                                self._forward(model.audio_states, model.audio_global, per_position),
+                                audio.max_length, 0.0, dtype=torch.float32),
+        }
+
+    def _settings(self, per_position: bool) -> Dict[str, Any]:
+        from .extraction.model_inputs import CLAMP3_CONVERTER_SETTINGS
+
+        dims, audio = self.model.symbolic_model.dims, self.model.audio_dims
+        return {"variant": self.variant, "patch_size": dims.patch_size, "patch_length": dims.patch_length,
+                "audio_length": audio.max_length, "remove_unit_length": "abc and mtf",
+                "converters": CLAMP3_CONVERTER_SETTINGS, **self._text_cache_settings()}
+
+    def encode_audio(self, items, normalize: bool = True, *, errors: str = "raise", progress: bool = False):
+        """Features of audio: audio files (``.wav/.flac/.ogg/.mp3``, paths or bytes, through MERT) or MERT
+        features (``.npy`` paths or bytes, or arrays ``[1, n, D]``). As :meth:`encode_music` otherwise."""
+        from .extraction.core import InputError
+        from .extraction.model_inputs import AUDIO, MERT
+
+        _check_errors(errors)
+        items = _as_list(items) if not (type(items).__module__ == "numpy" and hasattr(items, "shape")) else [items]
+        raws, failures = self._resolve(items, allow_text=False, abc_format="auto")
+        for i, raw in enumerate(raws):
+            if raw is not None and raw.kind not in (AUDIO, MERT):
+                raws[i], failures[i] = None, str(InputError("not audio: encode symbolic music with encode_music"))
+        encoded = self._encode(items, raws, failures, not normalize, use_cache=True, progress=progress,
+                               desc=self.model_kind, width=self.dim)
+        if errors == "skip":
+            return encoded
+        encoded.raise_for_failures()
+        return encoded.features
 
 
 class M3(_Extractor):

@@ -20,32 +20,49 @@ from .files import atomic_path
 FORMAT_VERSION = 1
 HUB_REPO = "sander-wood/clamp2"
 HUB_URL = f"https://huggingface.co/{HUB_REPO}"
+CLAMP3_HUB_REPO = "sander-wood/clamp3"
+
+# A key only each family's checkpoints hold (CLaMP 3 is checked first: it also has M3-like keys).
+FAMILY_MARKERS = (
+    ("CLaMP 3", "audio_model.embeddings.position_embeddings.weight"),
+    ("CLaMP 2", "music_model.patch_embedding.weight"),
+    ("M3", "encoder.patch_embedding.weight"),
+)
+# What loads each family, for the message when a checkpoint of another family is given.
+FAMILY_LOADERS = {
+    "CLaMP 3": "clamp2.CLaMP3.from_pretrained (or code/extract_clamp3.py)",
+    "CLaMP 2": "clamp2.CLaMP2.from_pretrained (or code/extract_clamp2.py)",
+    "M3": "clamp2.M3.from_pretrained (or code/extract_m3.py)",
+}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing or does not fit the model."""
 
 
-def missing_weights_message(path: str | os.PathLike, what: str = "weights") -> str:
+def missing_weights_message(path: str | os.PathLike, what: str = "weights", repo: str = HUB_REPO,
+                            settings: str = "M3_WEIGHTS_PATH / CLAMP2_WEIGHTS_PATH") -> str:
     name = os.path.basename(str(path))
     return (
         f"{what} file not found: {path}\n"
-        f"  Download '{name}' from the Hugging Face repo {HUB_REPO} ({HUB_URL}/tree/main), e.g.\n"
-        f"    hf download {HUB_REPO} {name} --local-dir .\n"
+        f"  Download '{name}' from the Hugging Face repo {repo} (https://huggingface.co/{repo}/tree/main), e.g.\n"
+        f"    hf download {repo} {name} --local-dir .\n"
         f"  then pass its path with --weights or put it where config.py expects it "
-        f"(or set M3_WEIGHTS_PATH / CLAMP2_WEIGHTS_PATH)."
+        f"(or set {settings})."
     )
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,
+                    missing_message: Optional[str] = None) -> dict:
     """Load a checkpoint file safely (``weights_only=True``); a missing file says where to get it.
 
     ``mmap`` maps the file instead of reading it whole: for weights that are copied into a model
-    right away (not for training state that is then updated in place).
+    right away (not for training state that is then updated in place). ``missing_message``
+    replaces the default (CLaMP 2 / M3) message for a missing file. Nothing is ever downloaded.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(missing_weights_message(path))
+        raise FileNotFoundError(missing_message or missing_weights_message(path))
     try:
         # mmap: the published CLaMP 2 file carries ~2 GB of optimizer state that extraction never
         # reads; mapped, only the tensors actually used are paged in (per process under accelerate).
@@ -68,6 +85,22 @@ def state_dict_of(checkpoint: Mapping[str, Any]) -> dict:
     """The model state dict of a published-format checkpoint or of a bare state dict."""
     state = checkpoint["model"] if "model" in checkpoint and isinstance(checkpoint["model"], Mapping) else checkpoint
     return strip_prefix(state, "module.")
+
+
+def checkpoint_family(state: Mapping[str, Any]) -> Optional[str]:
+    """``"CLaMP 3"``, ``"CLaMP 2"`` or ``"M3"`` by the keys of a model state dict; None if none fits."""
+    for family, marker in FAMILY_MARKERS:
+        if marker in state:
+            return family
+    return None
+
+
+def require_family(state: Mapping[str, Any], family: str, source: str) -> None:
+    """Refuse, in one message, a checkpoint of another model family (a CLaMP 2 file given to CLaMP 3...)."""
+    found = checkpoint_family(state)
+    if found is not None and found != family:
+        raise CheckpointError(f"{source} is a {found} checkpoint, not a {family} one: "
+                              f"load it with {FAMILY_LOADERS[found]}")
 
 
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict:
@@ -104,14 +137,19 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, Any], limit: int = 1
     return "\n".join(parts)
 
 
-def load_state(model: nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> None:
+CONFIG_HINT = "PATCH_*, M3_HIDDEN_SIZE, CLAMP2_HIDDEN_SIZE, TEXT_MODEL_NAME"
+CLAMP3_CONFIG_HINT = ("PATCH_*, M3_HIDDEN_SIZE, CLAMP3_HIDDEN_SIZE, AUDIO_HIDDEN_SIZE, AUDIO_NUM_LAYERS, "
+                      "MAX_AUDIO_LENGTH, TEXT_MODEL_NAME")
+
+
+def load_state(model: nn.Module, state: Mapping[str, Any], source: str = "checkpoint",
+               config_hint: str = CONFIG_HINT) -> None:
     """Strictly load ``state`` into ``model``; a mismatch names the keys (and hints at the config)."""
     problem = describe_mismatch(model, state)
     if problem:
         raise CheckpointError(
             f"{source} does not fit the model:\n{problem}\n"
-            "  Check that config.py (or its environment overrides: PATCH_*, M3_HIDDEN_SIZE, "
-            "CLAMP2_HIDDEN_SIZE, TEXT_MODEL_NAME) matches the checkpoint."
+            f"  Check that config.py (or its environment overrides: {config_hint}) matches the checkpoint."
         )
     model.load_state_dict(state, strict=True)
 
@@ -128,6 +166,26 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, prefix: str = 
         state = sub_state_dict(state, prefix)
     load_state(model, state, source=f"checkpoint {path}" + (f" (entries '{prefix}*')" if prefix else ""))
     return checkpoint
+
+
+def load_clamp3_weights(model: nn.Module, path: str | os.PathLike, missing_message: Optional[str] = None) -> dict:
+    """Load a CLaMP 3 checkpoint (SAAS or C2 layout, or a bare state dict) strictly; returns the checkpoint.
+
+    Only ``model`` (and, for the report, ``epoch`` / ``min_eval_loss``) is read: files without the
+    optimizer and scheduler states load too. A CLaMP 2 or M3 checkpoint is named as such.
+    """
+    checkpoint = read_checkpoint(path, mmap=True, missing_message=missing_message or missing_weights_message(
+        path, repo=CLAMP3_HUB_REPO, settings="CLAMP3_VARIANT / CLAMP3_WEIGHTS_PATH"))
+    state = state_dict_of(checkpoint)
+    require_family(state, "CLaMP 3", f"checkpoint {path}")
+    load_state(model, state, source=f"checkpoint {path}", config_hint=CLAMP3_CONFIG_HINT)
+    return checkpoint
+
+
+def loaded_message(checkpoint: Mapping[str, Any], family: str = "CLaMP 3") -> str:
+    """The reference's line after loading: ``Successfully Loaded CLaMP 3 Checkpoint from Epoch 1 with loss 1.0``."""
+    return (f"Successfully Loaded {family} Checkpoint from Epoch {checkpoint.get('epoch', '?')} "
+            f"with loss {checkpoint.get('min_eval_loss', '?')}")
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None, lr_sched=None, scaler=None,

@@ -21,6 +21,11 @@ PUBLISHED_CLAMP2_WEIGHTS = ("weights_clamp2_h_size_768_lr_5e-05_batch_128_scale_
 PUBLISHED_M3_WEIGHTS = ("weights_m3_p_size_64_p_length_512_t_layers_3_p_layers_12_h_size_768_lr_0.0001"
                         "_batch_16_mask_0.45.pth")
 DEFAULT_TEXT_MODEL = "FacebookAI/xlm-roberta-base"
+# CLaMP 3 (SPEC_CLAMP3, "Published artefacts"): one layout, two trainings, in sander-wood/clamp3.
+_CLAMP3_SUFFIX = ("_h_size_768_t_model_FacebookAI_xlm-roberta-base_t_length_128_a_size_768_a_layers_12_a_length_128"
+                  "_s_size_768_s_layers_12_p_size_64_p_length_512.pth")
+PUBLISHED_CLAMP3_WEIGHTS = {"saas": "weights_clamp3_saas" + _CLAMP3_SUFFIX,  # best for audio (the default)
+                            "c2": "weights_clamp3_c2" + _CLAMP3_SUFFIX}  # best for sheet music and MIDI
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TRUE = {"1", "true", "yes", "on"}
@@ -44,11 +49,13 @@ def download_command(repo_id: str, filename: str) -> str:
 
 
 def resolve_weights(weights: str | os.PathLike, filename: str, *, local_files_only: Optional[bool] = None,
-                    revision: Optional[str] = None, cache_dir: str | os.PathLike | None = None) -> Path:
+                    revision: Optional[str] = None, cache_dir: str | os.PathLike | None = None,
+                    repo: str = HUB_REPO) -> Path:
     """The local path of ``weights``: a file, ``<folder>/<filename>``, or ``filename`` of hub repo ``weights``.
 
     ``local_files_only`` defaults to on when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set;
-    ``cache_dir`` is the hub cache (default: huggingface_hub's). Raises :class:`WeightsNotFound`.
+    ``cache_dir`` is the hub cache (default: huggingface_hub's); ``repo`` is the one the messages
+    name for a missing local file. Raises :class:`WeightsNotFound`.
     """
     path = Path(weights)
     if path.is_file():
@@ -57,12 +64,12 @@ def resolve_weights(weights: str | os.PathLike, filename: str, *, local_files_on
         if (path / filename).is_file():
             return path / filename
         raise WeightsNotFound(f"no {filename} in folder {path}; download it with "
-                              f"`{download_command(HUB_REPO, filename)} --local-dir {path}` or pass the file itself")
+                              f"`{download_command(repo, filename)} --local-dir {path}` or pass the file itself")
     text = os.fspath(weights)
     if not is_hub_id(text):
         raise WeightsNotFound(f"weights file not found: {text}; download it with "
-                              f"`{download_command(HUB_REPO, path.name)} --local-dir .` or pass a hub id "
-                              f"such as {HUB_REPO}")
+                              f"`{download_command(repo, path.name)} --local-dir .` or pass a hub id "
+                              f"such as {repo}")
     return _hub_file(text, filename, local_files_only=hub_offline() if local_files_only is None else local_files_only,
                      revision=revision, cache_dir=cache_dir)
 

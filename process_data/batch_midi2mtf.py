@@ -1,13 +1,15 @@
 """Convert MIDI (.mid, .midi) to MIDI Text Format (SPEC §2).
 
     python process_data/batch_midi2mtf.py <input_dir> <output_dir> [--workers N] [--overwrite]
+    python process_data/batch_midi2mtf.py <input_dir> <output_dir> --clamp3      # for CLaMP 3
     python process_data/batch_midi2mtf.py <input_dir> <output_dir> --keep_all
 
 Each file becomes ``<output_dir>/<same relative folder>/<stem>.mtf``: ``ticks_per_beat N`` and one
 line per message of mido's merged track. M3-compatible by default (the CLaMP 2 setting, also
 spelled ``--m3_compatible``): text, copyright, track/instrument names, lyrics, markers, cue
-markers, device names, sequencer-specific metas and sysex are dropped. ``--keep_all`` keeps every
-message. A file mido cannot read is a failure (``<output_dir>/failed_midi2mtf.log`` and stderr).
+markers, device names, sequencer-specific metas and sysex are dropped. ``--clamp3`` is CLaMP 3's
+mode (SPEC_CLAMP3 §18): the same, except that sysex and sequencer-specific metas are kept; use it
+for ``code/extract_clamp3.py``. ``--keep_all`` keeps every message. A file mido cannot read is a failure (``<output_dir>/failed_midi2mtf.log`` and stderr).
 Exit status: 0 all converted, 1 some file failed, 2 usage error.
 """
 
@@ -23,11 +25,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = batch_argument_parser("Convert MIDI files to MIDI Text Format (MTF).",
                                    "MIDI (.mid/.midi)", "MTF (.mtf)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--m3_compatible", dest="keep_all", action="store_false",
+    mode.add_argument("--m3_compatible", dest="mode", action="store_const", const="m3",
                       help="drop the message types M3/CLaMP 2 never saw (the default)")
-    mode.add_argument("--keep_all", dest="keep_all", action="store_true",
+    mode.add_argument("--clamp3", dest="mode", action="store_const", const="clamp3",
+                      help="CLaMP 3's mode: as --m3_compatible, but sysex and sequencer-specific messages kept")
+    mode.add_argument("--keep_all", dest="mode", action="store_const", const="all",
                       help="keep every message (e.g. for an exact MIDI -> MTF -> MIDI round trip)")
-    parser.set_defaults(keep_all=False)
+    parser.set_defaults(mode="m3")
     return parser.parse_args(argv)
 
 
@@ -39,7 +43,7 @@ def main(argv=None) -> int:
     from clamp2.convert.mtf import MIDI_EXTENSIONS, midi_to_mtf
 
     return convert_folder(args.input_dir, args.output_dir,
-                          convert=functools.partial(midi_to_mtf, m3_compatible=not args.keep_all),
+                          convert=functools.partial(midi_to_mtf, mode=args.mode),
                           extensions=MIDI_EXTENSIONS, output_suffix=".mtf", tool="midi2mtf",
                           workers=args.workers, overwrite=args.overwrite)
 

@@ -332,3 +332,15 @@ def test_runs_as_a_script(vectors, tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip().splitlines()[-1] == "converted 2, skipped 0, failed 0"
     assert read_exact(tmp_path / "out" / "handmade.mtf") == read_exact(vectors / "expected" / "mtf_all" / "handmade.mtf")
+
+
+def test_midi2mtf_clamp3_mode_reproduces_the_clamp3_vectors(tmp_path, capsys):
+    from conftest import DATA_DIR
+
+    vectors3 = DATA_DIR / "vectors_clamp3"
+    assert run("batch_midi2mtf", vectors3 / "inputs" / "midi", tmp_path / "mtf", "--clamp3") == 0
+    for name in ("bwv26.6", "banish_misfortune", "handmade_sysex"):
+        assert read_exact(tmp_path / "mtf" / f"{name}.mtf") == read_exact(vectors3 / "expected" / "mtf" / f"{name}.mtf")
+    with pytest.raises(SystemExit) as exit_info:
+        run("batch_midi2mtf", vectors3 / "inputs" / "midi", tmp_path / "o", "--clamp3", "--keep_all")
+    assert exit_info.value.code == 2

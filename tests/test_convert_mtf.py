@@ -252,3 +252,24 @@ def test_unreadable_midi_raises(tmp_path):
             midi_to_mtf(path)
     with pytest.raises(OSError, match="MThd not found"):
         midi_to_mtf(text)
+
+
+@pytest.mark.parametrize("name", ["bwv26.6", "banish_misfortune", "handmade_sysex"])
+def test_clamp3_mode_matches_the_clamp3_vectors_byte_for_byte(name):
+    from conftest import DATA_DIR
+
+    vectors3 = DATA_DIR / "vectors_clamp3"
+    text = midi_to_mtf(vectors3 / "inputs" / "midi" / f"{name}.mid", mode="clamp3")
+    assert text == read_exact(vectors3 / "expected" / "mtf" / f"{name}.mtf")
+
+
+def test_clamp3_mode_keeps_sysex_and_sequencer_specific_only():
+    from conftest import DATA_DIR
+
+    path = DATA_DIR / "vectors_clamp3" / "inputs" / "midi" / "handmade_sysex.mid"
+    m3, clamp3 = midi_to_mtf(path, mode="m3").split("\n"), midi_to_mtf(path, mode="clamp3").split("\n")
+    extra = [line.split(" ")[0] for line in clamp3 if line not in m3]
+    assert sorted(set(extra)) == ["sequencer_specific", "sysex"] and extra.count("sysex") == 2
+    assert midi_to_mtf(path) == "\n".join(m3)
+    with pytest.raises(ValueError, match="unknown MTF mode"):
+        midi_to_mtf(path, mode="clamp4")

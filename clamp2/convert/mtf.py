@@ -20,6 +20,15 @@ M3_DROPPED_META_TYPES = frozenset({
 })
 M3_DROPPED_MESSAGE_TYPES = frozenset({"sysex"})
 
+# MTF modes (SPEC §2, SPEC_CLAMP3 §18): "m3" is CLaMP 2's M3-compatible mode; "clamp3" is what
+# CLaMP 3 was trained on (M3's mode, but sysex and sequencer-specific metas kept); "all" keeps everything.
+MTF_MODES = ("m3", "clamp3", "all")
+_DROPPED = {
+    "m3": (M3_DROPPED_META_TYPES, M3_DROPPED_MESSAGE_TYPES),
+    "clamp3": (M3_DROPPED_META_TYPES - {"sequencer_specific"}, frozenset()),
+    "all": (frozenset(), frozenset()),
+}
+
 # Meta types whose single value is free text: it may contain spaces, so on reading it is
 # everything between the type and the last token (the time).
 TEXT_META_TYPES = frozenset({
@@ -36,18 +45,24 @@ def message_to_line(message: mido.Message | mido.MetaMessage) -> str:
     return " ".join(str(value) for value in message.dict().values()).encode("unicode_escape").decode()
 
 
-def keeps_message(message, m3_compatible: bool) -> bool:
-    if not m3_compatible:
-        return True
-    if message.is_meta:
-        return message.type not in M3_DROPPED_META_TYPES
-    return message.type not in M3_DROPPED_MESSAGE_TYPES
+def mtf_mode(m3_compatible: bool = True, mode: str | None = None) -> str:
+    """The mode asked for: ``mode`` when given, else ``"m3"`` or ``"all"`` by ``m3_compatible``."""
+    if mode is None:
+        return "m3" if m3_compatible else "all"
+    if mode not in MTF_MODES:
+        raise ValueError(f"unknown MTF mode {mode!r}: expected one of {', '.join(MTF_MODES)}")
+    return mode
 
 
-def midi_file_to_mtf(midi: mido.MidiFile, m3_compatible: bool = True) -> str:
+def keeps_message(message, m3_compatible: bool = True, mode: str | None = None) -> bool:
+    dropped_meta, dropped_messages = _DROPPED[mtf_mode(m3_compatible, mode)]
+    return message.type not in (dropped_meta if message.is_meta else dropped_messages)
+
+
+def midi_file_to_mtf(midi: mido.MidiFile, m3_compatible: bool = True, *, mode: str | None = None) -> str:
+    mode = mtf_mode(m3_compatible, mode)
     lines = [f"{TICKS_PER_BEAT_KEY} {midi.ticks_per_beat}"]
-    lines.extend(message_to_line(message) for message in midi.merged_track
-                 if keeps_message(message, m3_compatible))
+    lines.extend(message_to_line(message) for message in midi.merged_track if keeps_message(message, mode=mode))
     return "\n".join(lines)
 
 
@@ -60,9 +75,12 @@ def read_midi(path: str | os.PathLike) -> mido.MidiFile:
         raise ValueError(f"not a complete MIDI file (unexpected end of data{detail})") from error
 
 
-def midi_to_mtf(path: str | os.PathLike, m3_compatible: bool = True) -> str:
-    """MTF text of the MIDI file at ``path`` (no trailing newline). Raises if mido cannot read it."""
-    return midi_file_to_mtf(read_midi(path), m3_compatible=m3_compatible)
+def midi_to_mtf(path: str | os.PathLike, m3_compatible: bool = True, *, mode: str | None = None) -> str:
+    """MTF text of the MIDI file at ``path`` (no trailing newline). Raises if mido cannot read it.
+
+    ``mode`` (``"m3"``, ``"clamp3"``, ``"all"``) overrides ``m3_compatible`` (``"m3"``/``"all"``).
+    """
+    return midi_file_to_mtf(read_midi(path), mode=mtf_mode(m3_compatible, mode))
 
 
 def new_message(message_type: str):

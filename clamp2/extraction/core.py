@@ -22,6 +22,7 @@ from ..patchilizer import M3Patchilizer, is_mtf
 
 TEXT_EXTENSIONS = (".txt",)
 MUSIC_EXTENSIONS = (".abc", ".mtf")
+AUDIO_EXTENSIONS = (".npy",)  # MERT features (SPEC_CLAMP3 §15)
 
 
 class InputError(ValueError):
@@ -100,19 +101,21 @@ class TextEncoder:
 class MusicEncoder:
     """``.abc``/``.mtf`` → patches [N, patch_size] with special patches, no truncation.
 
-    ``remove_unit_length`` drops ``L:1/8\\n`` from ABC first (M3 extraction does, CLaMP 2 does not).
+    ``remove_unit_length`` drops ``L:1/8\\n`` from ABC first (M3 extraction does, CLaMP 2 does not);
+    with ``also_mtf`` from MTF too (CLaMP 3 removes it from every file, SPEC_CLAMP3 §13).
     """
 
-    def __init__(self, patchilizer: M3Patchilizer, remove_unit_length: bool = False):
+    def __init__(self, patchilizer: M3Patchilizer, remove_unit_length: bool = False, also_mtf: bool = False):
         self.patchilizer = patchilizer
         self.remove_unit_length = remove_unit_length
+        self.also_mtf = also_mtf
 
     def __call__(self, path: Path) -> torch.Tensor:
         return self.encode_text(read_text_file(path))
 
     def encode_text(self, text: str) -> torch.Tensor:
         """The patches of interleaved ABC or MTF text, as a file holding it gives them."""
-        if self.remove_unit_length and text and not is_mtf(text):
+        if self.remove_unit_length and text and (self.also_mtf or not is_mtf(text)):
             text = text.replace("L:1/8\n", "")
         if not text:
             raise InputError("empty music file" + (" (after removing L:1/8)" if self.remove_unit_length else ""))
@@ -121,13 +124,52 @@ class MusicEncoder:
         return torch.tensor(patches, dtype=torch.uint8)
 
 
+class AudioEncoder:
+    """MERT features (``.npy``) → rows [n + 2, width]: one all-zero row before and one after (SPEC_CLAMP3 §15).
+
+    The array is read as ``[-1, width]``. Refused, with the reason: float64 and other non-float32
+    arrays and a last dimension other than ``width`` (the reference fails on them), and arrays with
+    a leading dimension other than 1, such as ``[13, n, 768]`` (MERT's hidden states: the
+    reference's extract_mert.py without ``--mean_features``, ours with ``--all_layers``; the
+    reference silently misreads them as 13·n segments).
+    """
+
+    def __init__(self, width: int):
+        self.width = int(width)
+
+    def __call__(self, source) -> torch.Tensor:
+        try:
+            array = np.load(source, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"not a NumPy .npy array ({' '.join(str(exc).split())})") from None
+        return self.encode_array(array)
+
+    def encode_array(self, array: np.ndarray) -> torch.Tensor:
+        """The rows of a MERT feature array as a ``.npy`` file holding it gives them."""
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiuc":
+            raise InputError("not a numeric array of MERT features")
+        if array.ndim == 0:
+            raise InputError("a scalar, not MERT features [1, n, width]")
+        if array.shape[-1] != self.width:
+            raise InputError(f"last dimension {array.shape[-1]}, but the audio encoder takes {self.width}-wide "
+                             f"MERT features (array shape {list(array.shape)})")
+        if any(size != 1 for size in array.shape[:-2]):
+            raise InputError(f"array shape {list(array.shape)}: expected [1, n, {self.width}], the mean over MERT's "
+                             "layers (process_data/extract_mert.py without --all_layers; the reference's --mean_features)")
+        if array.dtype != np.float32:
+            raise InputError(f"{array.dtype} array: MERT features are float32 (save them with .astype(np.float32))")
+        rows = array.reshape(-1, self.width)
+        zero = np.zeros((1, self.width), dtype=np.float32)
+        return torch.from_numpy(np.concatenate([zero, rows, zero]))
+
+
 # -- jobs ----------------------------------------------------------------------------------------
 
 @dataclass
 class Job:
     path: Path
     output: Path
-    kind: str  # "text" or "music"
+    kind: str  # a KindRunner's key: "text", "music" (CLaMP 2/M3); "text", "symbolic", "audio" (CLaMP 3)
 
 
 @dataclass
@@ -137,16 +179,30 @@ class Plan:
     failures: List[Tuple[Path, str]] = field(default_factory=list)
 
 
-def plan_jobs(input_dir: Path, output_dir: Path, text: bool, overwrite: bool = False) -> Plan:
+def kinds_of_extensions(include_text: bool) -> Dict[str, str]:
+    """CLaMP 2 / M3 inputs: extension → kind."""
+    kinds = {ext: "music" for ext in MUSIC_EXTENSIONS}
+    if include_text:
+        kinds.update({ext: "text" for ext in TEXT_EXTENSIONS})
+    return kinds
+
+
+def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: bool = False,
+              kinds: Optional[Dict[str, str]] = None) -> Plan:
     """Inputs → output paths (mirrored folders, ``.npy``); collisions are failures, existing outputs skipped.
 
+    ``kinds`` maps extensions to runner kinds (default: music, and text when ``text``). An output
+    folder inside the input folder is not searched (its ``.npy`` files are outputs, not inputs).
     Under several processes call it with ``overwrite=True`` (a plan that depends only on the file
     listing, identical in every process), shard ``jobs``, then :func:`skip_existing` per process:
     outputs written meanwhile by a faster process must not shift the shards.
     """
-    extensions = MUSIC_EXTENSIONS + (TEXT_EXTENSIONS if text else ())
+    kinds = kinds if kinds is not None else kinds_of_extensions(text)
     by_output: Dict[Path, List[Path]] = {}
-    for path in find_files(input_dir, extensions):
+    outputs_root = Path(os.path.abspath(output_dir))
+    for path in find_files(input_dir, kinds):
+        if outputs_root in Path(os.path.abspath(path)).parents:
+            continue
         by_output.setdefault(mirror_path(path, input_dir, output_dir, ".npy"), []).append(path)
     plan = Plan()
     for output, paths in by_output.items():
@@ -159,8 +215,7 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool, overwrite: bool = F
         if output.exists() and not overwrite:
             plan.skipped.append(path)
             continue
-        kind = "text" if path.suffix.lower() in TEXT_EXTENSIONS else "music"
-        plan.jobs.append(Job(path, output, kind))
+        plan.jobs.append(Job(path, output, kinds[path.suffix.lower()]))
     return plan
 
 
@@ -169,11 +224,11 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool, overwrite: bool = F
 @dataclass
 class Window:
     file_index: int
-    ids: torch.Tensor  # [n] text or [n, patch_size] music
+    ids: torch.Tensor  # [n] text, [n, patch_size] music or [n, width] audio rows
 
 
-def pad_batch(windows: Sequence[torch.Tensor], pad_value: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest window; returns ids and the 0/1 attention mask."""
+def pad_batch(windows: Sequence[torch.Tensor], pad_value: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest window; returns ids (or rows) and the 0/1 attention mask."""
     longest = max(len(w) for w in windows)
     shape = (len(windows), longest) + tuple(windows[0].shape[1:])
     ids = torch.full(shape, pad_value, dtype=windows[0].dtype)
@@ -185,14 +240,18 @@ def pad_batch(windows: Sequence[torch.Tensor], pad_value: int) -> Tuple[torch.Te
 
 
 def run_windows(windows: Sequence[torch.Tensor], forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                batch_size: int, pad_value: int, device: torch.device, per_position: bool) -> List[torch.Tensor]:
-    """Model outputs of every window (float32, CPU), in input order, batched by similar length."""
+                batch_size: int, pad_value: float, device: torch.device, per_position: bool,
+                dtype: torch.dtype = torch.long) -> List[torch.Tensor]:
+    """Model outputs of every window (float32, CPU), in input order, batched by similar length.
+
+    ``dtype`` is what the model takes: token/patch ids (long) or feature rows (float32).
+    """
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]), reverse=True)
     outputs: List[Optional[torch.Tensor]] = [None] * len(windows)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         ids, masks = pad_batch([windows[i] for i in chunk], pad_value)
-        ids = ids.to(device, non_blocking=True).long()
+        ids = ids.to(device, non_blocking=True).to(dtype)
         masks = masks.to(device, non_blocking=True)
         result = forward(ids, masks).float().cpu()
         for row, i in enumerate(chunk):
@@ -202,12 +261,17 @@ def run_windows(windows: Sequence[torch.Tensor], forward: Callable[[torch.Tensor
 
 @dataclass
 class KindRunner:
-    """How one input kind (text or music) is encoded and run."""
+    """How one input kind (text, music, audio) is encoded and run.
+
+    ``encode`` gives a sequence ``[n, ...]``; windows of ``max_length`` are padded with ``pad_value``
+    and handed to ``forward`` as ``dtype`` (ids: long; MERT rows: float32).
+    """
 
     encode: Callable[[Path], torch.Tensor]
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     max_length: int
-    pad_value: int
+    pad_value: float
+    dtype: torch.dtype = torch.long
 
 
 def file_feature(outputs: Sequence[torch.Tensor], length: int, max_length: int, per_position: bool) -> np.ndarray:
@@ -299,7 +363,7 @@ def _chunk_features(encoded: Dict[int, torch.Tensor], kinds: Sequence[str], runn
                 for start in window_starts(len(ids), runner.max_length):
                     windows.append(Window(i, ids[start:start + runner.max_length]))
             outputs = run_windows([w.ids for w in windows], runner.forward, batch_size, runner.pad_value,
-                                  device, per_position)
+                                  device, per_position, dtype=runner.dtype)
             per_file: Dict[int, List[torch.Tensor]] = {}
             for window, output in zip(windows, outputs):
                 per_file.setdefault(window.file_index, []).append(output)
@@ -429,18 +493,28 @@ def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path
 
 
 def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, include_text: bool, device: torch.device,
-                   process_index: int = 0, num_processes: int = 1, tool: str = "extract") -> int:
-    """Plan, shard across processes, extract, report. Returns the exit status (0 ok, 1 some failed, 2 usage)."""
+                   process_index: int = 0, num_processes: int = 1, tool: str = "extract",
+                   kinds: Optional[Dict[str, str]] = None) -> int:
+    """Plan, shard across processes, extract, report. Returns the exit status (0 ok, 1 some failed, 2 usage).
+
+    ``kinds`` (extension → runner kind) defaults to music, and text when ``include_text``.
+    """
     import sys
 
     from clamp2.progress import progress_bar, write_line
 
+    kinds = kinds if kinds is not None else kinds_of_extensions(include_text)
     if not args.input_dir.is_dir():
         print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
         return 2
-    plan = plan_jobs(args.input_dir, args.output_dir, text=include_text, overwrite=True)
+    if any(ext in AUDIO_EXTENSIONS for ext in kinds) and \
+            os.path.abspath(args.input_dir) == os.path.abspath(args.output_dir):
+        print("error: the output folder is the input folder: its .npy inputs would be overwritten by their "
+              "features; choose another output folder", file=sys.stderr)
+        return 2
+    plan = plan_jobs(args.input_dir, args.output_dir, overwrite=True, kinds=kinds)
     if not plan.jobs and not plan.failures:
-        wanted = ", ".join(MUSIC_EXTENSIONS + (TEXT_EXTENSIONS if include_text else ()))
+        wanted = ", ".join(sorted(kinds))
         print(f"error: no input files ({wanted}) under {args.input_dir}", file=sys.stderr)
         return 2
     jobs = shard(plan.jobs, process_index, num_processes)

@@ -1,13 +1,16 @@
 """Raw inputs → the text the models read, exactly as the batch pipeline would leave it on disk.
 
 The batch pipeline is ``process_data/batch_xml2abc.py`` → ``batch_interleaved_abc.py`` for
-MusicXML, ``batch_interleaved_abc.py`` for standard ABC, ``batch_midi2mtf.py`` (M3-compatible) for
-MIDI, then ``code/extract_*.py``. Every step writes its result as UTF-8 bytes and the next one
+MusicXML, ``batch_interleaved_abc.py`` for standard ABC, ``batch_midi2mtf.py`` (M3-compatible for
+CLaMP 2, ``--clamp3`` for CLaMP 3) for MIDI, ``process_data/extract_mert.py`` (MERT's layer mean) for
+audio (CLaMP 3 only), then ``code/extract_*.py``. Every step writes its result as UTF-8 bytes and the next one
 reads it back with universal newlines, so the same round trip is applied here between steps: a
 file's feature from :mod:`clamp2.api` equals the feature of the scripts' files.
 
-An input is a path (``.xml/.mxl/.musicxml``, ``.mid/.midi``, ``.abc``, ``.mtf``, ``.txt``), a string
-of content (it holds a newline), or bytes (a MIDI file, a compressed ``.mxl``, or UTF-8 text).
+An input is a path (``.xml/.mxl/.musicxml``, ``.mid/.midi``, ``.abc``, ``.mtf``, ``.txt``; for CLaMP 3
+also audio ``.wav/.flac/.ogg/.mp3`` and MERT features ``.npy``), a string of content (it holds a
+newline), bytes (a MIDI file, a compressed ``.mxl``, an audio file, a ``.npy`` file, or UTF-8 text)
+or, for CLaMP 3, a NumPy array of MERT features.
 What a content string is, is read from its start: ``ticks_per_beat`` → MTF, ``<`` → MusicXML,
 anything else → ABC. ABC is interleaved when every music line starts with an inline voice
 ``[V:``, standard otherwise (``abc_format`` forces either).
@@ -34,6 +37,8 @@ INTERLEAVED = "interleaved"
 ABC_AUTO = "abc_auto"  # ABC whose kind is read from its lines
 MTF = "mtf"
 TEXT = "text"
+AUDIO = "audio"  # an audio file, turned into MERT features by the MERT model
+MERT = "mert"  # MERT features already extracted (process_data/extract_mert.py's .npy)
 
 ABC_FORMATS = ("auto", "standard", "interleaved")
 _ABC_KIND = {"auto": ABC_AUTO, "standard": ABC, "interleaved": INTERLEAVED}
@@ -41,12 +46,19 @@ KIND_OF_EXTENSION = {".xml": MUSICXML, ".mxl": MUSICXML, ".musicxml": MUSICXML, 
                      ".abc": ABC_AUTO, ".mtf": MTF, ".txt": TEXT}
 MUSIC_INPUT_EXTENSIONS = tuple(ext for ext, kind in KIND_OF_EXTENSION.items() if kind != TEXT)
 TEXT_INPUT_EXTENSIONS = (".txt",)
+# CLaMP 3 only: what SPEC_CLAMP3 §16 decodes, and MERT features.
+AUDIO_KIND_OF_EXTENSION = {".wav": AUDIO, ".flac": AUDIO, ".ogg": AUDIO, ".mp3": AUDIO, ".npy": MERT}
+AUDIO_INPUT_EXTENSIONS = tuple(AUDIO_KIND_OF_EXTENSION)
 
 # Converter settings the features depend on (part of the feature cache's key).
 CONVERTER_SETTINGS = {"xml2abc": "-d 8 -x", "midi2mtf": "m3_compatible", "read": "utf-8, universal newlines"}
+CLAMP3_CONVERTER_SETTINGS = {**CONVERTER_SETTINGS, "midi2mtf": "clamp3"}
 
 _FIELD_LINE = re.compile(r"^[A-Za-z]:")
-_MIDI_MAGIC, _ZIP_MAGIC = b"MThd", b"PK\x03\x04"
+_MIDI_MAGIC, _ZIP_MAGIC, _NPY_MAGIC = b"MThd", b"PK\x03\x04", b"\x93NUMPY"
+_AUDIO_MAGIC = {b"RIFF": ".wav", b"fLaC": ".flac", b"OggS": ".ogg", b"ID3": ".mp3", b"\xff\xfb": ".mp3",
+                b"\xff\xf3": ".mp3", b"\xff\xf2": ".mp3"}
+NO_AUDIO = "audio needs CLaMP 3 (clamp2.CLaMP3): CLaMP 2 and M3 read symbolic music only"
 
 
 @dataclass(frozen=True)
@@ -88,10 +100,29 @@ def is_path_like(item: Any) -> bool:
     return isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and "\r" not in item)
 
 
-def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False) -> RawInput:
-    """What ``item`` is (raises :class:`InputError` for a missing file or an unsupported kind)."""
+def audio_suffix(data: bytes) -> Optional[str]:
+    """The extension of audio file bytes by their magic number, or None."""
+    for magic, suffix in _AUDIO_MAGIC.items():
+        if data.startswith(magic):
+            return suffix
+    return None
+
+
+def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False, allow_audio: bool = False) -> RawInput:
+    """What ``item`` is (raises :class:`InputError` for a missing file or an unsupported kind).
+
+    ``allow_audio`` (CLaMP 3): audio files and MERT features (``.npy``, bytes or a NumPy array) too.
+    """
     if abc_format not in ABC_FORMATS:
         raise ValueError(f"abc_format must be one of {', '.join(ABC_FORMATS)}, not {abc_format!r}")
+    if type(item).__module__ == "numpy" and hasattr(item, "shape"):
+        if not allow_audio:
+            raise InputError(NO_AUDIO)
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.save(buffer, item, allow_pickle=False)
+        return RawInput(MERT, data=buffer.getvalue())
     if is_path_like(item):
         path = Path(item).expanduser()
         if path.is_dir():
@@ -99,8 +130,13 @@ def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False) -> Ra
         if not path.is_file():
             raise InputError(f"file not found: {path}")
         kind = KIND_OF_EXTENSION.get(path.suffix.lower())
+        if kind is None and path.suffix.lower() in AUDIO_KIND_OF_EXTENSION:
+            if not allow_audio:
+                raise InputError(NO_AUDIO)
+            return RawInput(AUDIO_KIND_OF_EXTENSION[path.suffix.lower()], path=path)
         if kind is None:
             raise InputError(f"unsupported extension {path.suffix!r} (music: {', '.join(MUSIC_INPUT_EXTENSIONS)}"
+                             f"{'; audio: ' + ', '.join(AUDIO_INPUT_EXTENSIONS) if allow_audio else ''}"
                              f"{'; text: .txt' if allow_text else ''})")
         if kind == TEXT and not allow_text:
             raise InputError("a text file: encode texts with encode_text, or mixed folders with encode_files")
@@ -110,6 +146,10 @@ def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False) -> Ra
             return RawInput(MIDI, data=item)
         if item.startswith(_ZIP_MAGIC):
             return RawInput(MUSICXML, data=item)
+        if item.startswith(_NPY_MAGIC) or audio_suffix(item):
+            if not allow_audio:
+                raise InputError(NO_AUDIO)
+            return RawInput(MERT if item.startswith(_NPY_MAGIC) else AUDIO, data=item)
         try:
             item = item.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -137,8 +177,8 @@ def is_interleaved(abc_text: str) -> bool:
     return bool(music) and all(line.startswith("[V:") for line in music)
 
 
-def model_text(raw: RawInput) -> str:
-    """The interleaved ABC, MTF or text that extraction reads for ``raw``."""
+def model_text(raw: RawInput, midi_mode: str = "m3") -> str:
+    """The interleaved ABC, MTF or text that extraction reads for ``raw`` (MIDI in MTF mode ``midi_mode``)."""
     if raw.kind == MUSICXML:
         from ..convert.abc import xml_to_abc
 
@@ -149,7 +189,7 @@ def model_text(raw: RawInput) -> str:
         from ..convert.mtf import midi_to_mtf
 
         with _as_file(raw, ".mid") as path:
-            return written_then_read(midi_to_mtf(path, m3_compatible=True))
+            return written_then_read(midi_to_mtf(path, mode=midi_mode))
     text = read_text_file(raw.path) if raw.path is not None else written_then_read(_as_text(raw))
     if raw.kind == ABC or (raw.kind == ABC_AUTO and not is_interleaved(text)):
         return interleave(text)
@@ -192,13 +232,32 @@ class RawMusicEncoder:
     """Raw input → patches, through :func:`model_text` and extraction's own :class:`~clamp2.extraction.core.MusicEncoder`.
 
     Picklable (it holds the patchilizer only), so DataLoader workers can convert files.
+    ``midi_mode``: the MTF mode MIDI is converted in (``"m3"`` for CLaMP 2, ``"clamp3"``).
     """
 
-    def __init__(self, music_encoder):
+    def __init__(self, music_encoder, midi_mode: str = "m3"):
         self.music_encoder = music_encoder
+        self.midi_mode = midi_mode
 
     def __call__(self, raw: RawInput):
-        return self.music_encoder.encode_text(model_text(raw))
+        return self.music_encoder.encode_text(model_text(raw, self.midi_mode))
+
+
+class RawAudioEncoder:
+    """MERT features (a ``.npy`` file or its bytes) → rows, through extraction's :class:`~clamp2.extraction.core.AudioEncoder`.
+
+    Audio files reach it already turned into MERT features (``CLaMP3`` runs MERT in the main
+    process first, so no worker holds a model).
+    """
+
+    def __init__(self, audio_encoder):
+        self.audio_encoder = audio_encoder
+
+    def __call__(self, raw: RawInput):
+        if raw.kind != MERT:
+            raise InputError("an audio file needs its MERT features first: run process_data/extract_mert.py "
+                             "and encode the .npy files")
+        return self.audio_encoder(raw.path if raw.path is not None else io.BytesIO(raw.content()))
 
 
 class RawTextEncoder:

@@ -1,0 +1,131 @@
+"""Audio in (SPEC §16): decoding, resampling to 24 kHz, whole-track z-score, 5-second windows.
+
+The reference decodes with torchaudio and resamples with ``torchaudio.transforms.Resample``; no
+torchaudio build works with this project's torch, so both are done here: ``soundfile``
+(libsndfile: WAV, FLAC, OGG/Vorbis/Opus, MP3 through its mpg123 decoder) decodes, and
+:func:`resample` reproduces torchaudio's default windowed-sinc resampler to the last float32 bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import List, Tuple
+
+import numpy as np
+import torch
+
+MERT_SAMPLE_RATE = 24000
+WINDOW_SAMPLES = 5 * MERT_SAMPLE_RATE  # one MERT window: 5 s
+MIN_WINDOW_SAMPLES = MERT_SAMPLE_RATE  # a last window shorter than 1 s is dropped
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg")
+NORM_EPSILON = 1e-7  # Wav2Vec2FeatureExtractor's zero-mean unit-variance epsilon
+
+# torchaudio.transforms.Resample defaults (sinc_interp_hann).
+LOWPASS_FILTER_WIDTH = 6
+ROLLOFF = 0.99
+
+
+class AudioError(ValueError):
+    """An audio file that gives no MERT input: undecodable, empty, or shorter than one window."""
+
+
+def decode(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
+    """``(samples [channels, frames] float32, sample rate)``; integer PCM scaled by 1/2^(bits-1).
+
+    libsndfile's float read of integer PCM divides by 2^(bits-1) (int16/32768, int32/2^31), which
+    is what torchaudio gives; float files come out as stored.
+    """
+    import soundfile
+
+    try:
+        data, rate = soundfile.read(os.fspath(path), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(f"cannot decode audio ({' '.join(str(exc).split())})") from None
+    return np.ascontiguousarray(data.T), int(rate)
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """[channels, frames] → [frames]: the arithmetic mean of the channels (float32, as torch's mean)."""
+    if samples.shape[0] == 1:
+        return samples[0]
+    return torch.from_numpy(samples).mean(dim=0).numpy()
+
+
+@lru_cache(maxsize=32)
+def sinc_kernel(orig_rate: int, new_rate: int) -> Tuple[torch.Tensor, int, int, int]:
+    """``(kernel [n, 1, 2·width + o] float32, width, o, n)`` of torchaudio's default resampler.
+
+    Built in float64 and rounded to float32, with torchaudio's operation order (its ``-j/n`` is an
+    integer tensor divided in float32 before it meets the float64 taps): any other order moves the
+    last bit of some taps.
+    """
+    g = math.gcd(int(orig_rate), int(new_rate))
+    o, n = int(orig_rate) // g, int(new_rate) // g
+    base = min(o, n) * ROLLOFF
+    width = math.ceil(LOWPASS_FILTER_WIDTH * o / base)
+    taps = torch.arange(-width, width + o, dtype=torch.float64)[None, None] / o
+    t = torch.arange(0, -n, -1)[:, None, None] / n + taps
+    t *= base
+    t = t.clamp_(-LOWPASS_FILTER_WIDTH, LOWPASS_FILTER_WIDTH)
+    window = torch.cos(t * math.pi / LOWPASS_FILTER_WIDTH / 2) ** 2
+    t *= math.pi
+    scale = base / o
+    kernel = torch.where(t == 0, torch.tensor(1.0).to(t), t.sin() / t)
+    kernel *= window * scale
+    return kernel.to(torch.float32), width, o, n
+
+
+def resampled_length(length: int, orig_rate: int, new_rate: int = MERT_SAMPLE_RATE) -> int:
+    g = math.gcd(int(orig_rate), int(new_rate))
+    o, n = int(orig_rate) // g, int(new_rate) // g
+    return math.ceil(n * length / o)  # float division then ceil, as torchaudio computes it
+
+
+def resample(wave: np.ndarray, orig_rate: int, new_rate: int = MERT_SAMPLE_RATE) -> np.ndarray:
+    """[frames] float32 at ``orig_rate`` → [ceil(n·frames/o)] float32 at ``new_rate`` (unchanged if equal)."""
+    if int(orig_rate) == int(new_rate):
+        return wave
+    kernel, width, o, n = sinc_kernel(int(orig_rate), int(new_rate))
+    length = wave.shape[-1]
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).view(1, 1, -1)
+    x = torch.nn.functional.pad(x, (width, width + o))
+    with torch.no_grad():
+        phases = torch.nn.functional.conv1d(x, kernel, stride=o)  # [1, n, frames]
+    out = phases.transpose(1, 2).reshape(-1)[: resampled_length(length, orig_rate, new_rate)]
+    return out.numpy()
+
+
+def normalize(wave: np.ndarray) -> np.ndarray:
+    """One z-score over the whole track: ``(x - mean) / sqrt(var + 1e-7)`` in float32 (numpy's sums)."""
+    wave = np.asarray(wave, dtype=np.float32)
+    return (wave - wave.mean()) / np.sqrt(wave.var() + NORM_EPSILON)
+
+
+def load_wave(path: str | os.PathLike, normalized: bool = True) -> np.ndarray:
+    """A file's MERT input: decoded, channels averaged, resampled to 24 kHz, z-scored ([N] float32)."""
+    samples, rate = decode(path)
+    if samples.shape[1] == 0:
+        raise AudioError("empty audio (no samples)")
+    wave = resample(to_mono(samples), rate)
+    return normalize(wave) if normalized else wave
+
+
+def window_bounds(length: int) -> List[Tuple[int, int]]:
+    """``(start, end)`` of the 5-s windows of a 24 kHz track; a last window under 1 s is dropped."""
+    bounds = []
+    for start in range(0, length, WINDOW_SAMPLES):
+        end = min(start + WINDOW_SAMPLES, length)
+        if end - start >= MIN_WINDOW_SAMPLES:
+            bounds.append((start, end))
+    return bounds
+
+
+def load_windows(path: str | os.PathLike) -> Tuple[np.ndarray, List[Tuple[int, int]]]:
+    """``(normalized 24 kHz wave, window bounds)``; a track without a window is an :class:`AudioError`."""
+    wave = load_wave(path)
+    bounds = window_bounds(len(wave))
+    if not bounds:
+        raise AudioError(f"shorter than 1 s ({len(wave) / MERT_SAMPLE_RATE:.2f} s at 24 kHz): no MERT window")
+    return wave, bounds

@@ -1,0 +1,237 @@
+"""MERT features of audio files (SPEC §16), batched: ``process_data/extract_mert.py`` and the API.
+
+The reference runs one 5-second window at a time. Here full windows (120,000 samples) of many files
+go through the model together; a short last window is never padded (the first conv layer's
+GroupNorm normalises over the whole window, padding included, so padding would change the
+numbers) but runs with other short windows of exactly its length, or alone. Files are decoded and
+resampled in DataLoader workers while the model runs. A file's feature does not depend on which
+files share its batches (tests check this).
+
+Per window the 13 hidden states (the encoder input after the positional convolution and
+LayerNorm, then the 12 layer outputs) are averaged over their frames; the file's array is the
+mean over those states, ``[1, n, D]`` float32 (what CLaMP 3 reads), or with ``all_layers`` the
+states themselves, ``[L+1, n, D]`` (CLaMP 3 refuses that form).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..files import find_files, mirror_path
+from .audio import AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_windows
+from .core import Job, Plan, autocast_context, save_npy, shard, skip_existing, write_failure_log
+
+
+class MertFeatureExtractor:
+    """A loaded MERT model turned into per-window and per-file features.
+
+        extractor = MertFeatureExtractor(load_mert("m-a-p/MERT-v1-95M"), device, "fp32", batch_size=8)
+        extractor.features("song.flac")          # [n, 768]: one layer-mean row per 5 s
+        for index, array, error in extractor.iter_files(paths, num_workers=2): ...
+
+    ``dtype`` is ``fp32`` (exact), or ``bf16``/``fp16`` autocast on CUDA; frame and layer means are
+    always taken in float32.
+    """
+
+    def __init__(self, model, device: Optional[torch.device] = None, dtype: str = "fp32", batch_size: int = 8,
+                 all_layers: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.eval().to(self.device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.all_layers = all_layers
+        self._precision = autocast_context(self.device, dtype)
+
+    def window_states(self, windows: torch.Tensor) -> torch.Tensor:
+        """[B, samples] normalized windows of one length → [B, L+1, D]: each hidden state's frame mean."""
+        with torch.inference_mode(), self._precision:
+            out = self.model(windows.to(self.device, non_blocking=True), output_hidden_states=True)
+            # Mean per state rather than one stacked [B, L+1, T, D] tensor: 13x less memory at batch 64.
+            means = [state.float().mean(dim=1) for state in out.hidden_states]
+        return torch.stack(means, dim=1).cpu()
+
+    def file_array(self, window_states: torch.Tensor) -> np.ndarray:
+        """[n, L+1, D] of a file's windows → what is saved: [1, n, D] layer mean, or [L+1, n, D]."""
+        states = window_states.transpose(0, 1)  # [L+1, n, D]
+        if not self.all_layers:
+            states = states.mean(dim=0, keepdim=True)
+        return states.contiguous().numpy().astype(np.float32, copy=False)
+
+    def _run_groups(self, windows: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """States of windows of any lengths: equal lengths batched together, input order kept."""
+        by_length: Dict[int, List[int]] = {}
+        for i, window in enumerate(windows):
+            by_length.setdefault(len(window), []).append(i)
+        out: List[Optional[torch.Tensor]] = [None] * len(windows)
+        for members in by_length.values():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                states = self.window_states(torch.stack([windows[i] for i in chunk]))
+                for row, i in enumerate(chunk):
+                    out[i] = states[row]
+        return out
+
+    def wave_array(self, wave: np.ndarray, bounds: Sequence[Tuple[int, int]]) -> np.ndarray:
+        """The saved array of one normalized 24 kHz track."""
+        tensor = torch.from_numpy(wave)
+        return self.file_array(torch.stack(self._run_groups([tensor[s:e] for s, e in bounds])))
+
+    def features(self, path) -> np.ndarray:
+        """One audio file → ``[n, D]`` float32, the layer-mean row of each 5-s window (CLaMP 3's input).
+
+        Raises :class:`~clamp2.extraction.audio.AudioError` for an undecodable, empty or < 1 s file.
+        """
+        wave, bounds = load_windows(path)
+        tensor = torch.from_numpy(wave)
+        states = torch.stack(self._run_groups([tensor[s:e] for s, e in bounds]))
+        return states.mean(dim=1).numpy().astype(np.float32, copy=False)
+
+    def iter_files(self, paths: Sequence, num_workers: int = 0,
+                   prefetch_files: int = 4) -> Iterator[Tuple[int, Optional[np.ndarray], Optional[str]]]:
+        """``(index, array, None)`` or ``(index, None, reason)`` per path, in completion order.
+
+        Full windows of consecutive files fill batches of ``batch_size``; short last windows wait
+        (at most ``batch_size`` of them) to share a batch with windows of exactly their length.
+        """
+        loader = torch.utils.data.DataLoader(
+            _WaveDataset(paths), batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=_identity,
+            prefetch_factor=max(1, prefetch_files // max(num_workers, 1)) if num_workers else None)
+        pending: Dict[int, List[Optional[torch.Tensor]]] = {}
+        full: List[Tuple[int, int, torch.Tensor]] = []
+        short: List[Tuple[int, int, torch.Tensor]] = []
+
+        def run(entries) -> Iterator[Tuple[int, np.ndarray, None]]:
+            states = self._run_groups([window for _, _, window in entries])
+            touched = []
+            for (index, k, _), state in zip(entries, states):
+                pending[index][k] = state
+                touched.append(index)
+            for index in dict.fromkeys(touched):
+                if index in pending and all(s is not None for s in pending[index]):
+                    yield index, self.file_array(torch.stack(pending.pop(index))), None
+
+        for [(index, wave, bounds, error)] in loader:
+            if error is not None:
+                yield index, None, error
+                continue
+            tensor = torch.from_numpy(wave)
+            pending[index] = [None] * len(bounds)
+            for k, (start, end) in enumerate(bounds):
+                (full if end - start == WINDOW_SAMPLES else short).append((index, k, tensor[start:end]))
+            while len(full) >= self.batch_size:
+                batch, full = full[:self.batch_size], full[self.batch_size:]
+                yield from run(batch)
+            if len(short) >= self.batch_size:
+                batch, short = short, []
+                yield from run(batch)
+        if full or short:
+            yield from run(full + short)
+
+
+class _WaveDataset(torch.utils.data.Dataset):
+    """Decodes, resamples and normalizes in DataLoader workers; numpy out (no shared-memory fds)."""
+
+    def __init__(self, paths: Sequence):
+        self.paths = list(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            wave, bounds = load_windows(self.paths[index])
+            return index, wave, bounds, None
+        except AudioError as exc:
+            return index, None, None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
+            return index, None, None, f"{type(exc).__name__}: {exc}"
+
+
+def _identity(items):
+    return items
+
+
+# -- folders -------------------------------------------------------------------------------------
+
+def plan_audio_jobs(input_dir: Path, output_dir: Path) -> Plan:
+    """Audio files → mirrored ``.npy`` outputs; two inputs with one output are failures (SPEC §16)."""
+    by_output: Dict[Path, List[Path]] = {}
+    for path in find_files(input_dir, AUDIO_EXTENSIONS):
+        by_output.setdefault(mirror_path(path, input_dir, output_dir, ".npy"), []).append(path)
+    plan = Plan()
+    for output, paths in by_output.items():
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            plan.failures.extend((p, f"{names} would all write {output}; rename all but one") for p in paths)
+        else:
+            plan.jobs.append(Job(paths[0], output, "audio"))
+    return plan
+
+
+@dataclass
+class FolderRun:
+    written: int
+    skipped: int
+    failures: List[Tuple[Path, str]]
+    log: Optional[Path]
+
+
+def extract_folder(extractor: MertFeatureExtractor, input_dir: Path, output_dir: Path, *, overwrite: bool = False,
+                   num_workers: int = 0, process_index: int = 0, num_processes: int = 1, progress: bool = True,
+                   tool: str = "extract_mert") -> FolderRun:
+    """Every audio file under ``input_dir`` → ``output_dir/<relative folder>/<stem>.npy``; failures logged.
+
+    The plan depends on the file listing only, so every process of an ``accelerate launch`` shards
+    the same list; existing outputs are skipped per process afterwards.
+    """
+    from ..progress import progress_bar, write_line
+
+    plan = plan_audio_jobs(input_dir, output_dir)
+    jobs = shard(plan.jobs, process_index, num_processes)
+    skipped: List[Path] = []
+    if not overwrite:
+        jobs, skipped = skip_existing(jobs)
+    failures = list(plan.failures) if process_index == 0 else []
+    for path, reason in failures:
+        write_line(f"failed: {path}: {reason}")
+    written = 0
+    bar = progress_bar(total=len(jobs), desc=tool, unit="file", enabled=progress and process_index == 0)
+    try:
+        for index, array, error in extractor.iter_files([job.path for job in jobs], num_workers=num_workers):
+            job = jobs[index]
+            if error is None:
+                try:
+                    save_npy(job.output, array)
+                    written += 1
+                except OSError as exc:
+                    error = f"cannot write {job.output}: {exc}"
+            if error is not None:
+                failures.append((job.path, error))
+                write_line(f"failed: {job.path}: {error}")
+            bar.update(1)
+    finally:
+        bar.close()
+    suffix = f"_{process_index}" if num_processes > 1 else ""
+    log = write_failure_log(output_dir, f"failed_{tool}{suffix}.log", failures, input_dir)
+    return FolderRun(written, len(skipped), failures, log)
+
+
+def summary_line(run: FolderRun, tool: str = "extract_mert", process_index: int = 0, num_processes: int = 1) -> str:
+    where = f" (process {process_index}/{num_processes})" if num_processes > 1 else ""
+    return (f"{tool}{where}: extracted {run.written}, skipped {run.skipped} existing, failed {len(run.failures)}"
+            + (f" (see {run.log})" if run.log else ""))
+
+
+def print_summary(run: FolderRun, **kwargs) -> None:
+    print(summary_line(run, **kwargs), file=sys.stderr)
+
+
+__all__ = ["MertFeatureExtractor", "plan_audio_jobs", "extract_folder", "summary_line", "FolderRun"]

@@ -1,0 +1,127 @@
+"""Extract CLaMP 3 features of text (.txt), symbolic music (.abc interleaved ABC, .mtf) and audio (.npy MERT features).
+
+    python code/extract_clamp3.py <input_dir> <output_dir> [--get_global] [--variant saas|c2] [--epoch E]
+                                  [--weights PATH] [--text_model NAME_OR_PATH] [--batch_size B]
+                                  [--dtype fp32|bf16|fp16] [--device DEVICE]
+    accelerate launch code/extract_clamp3.py <input_dir> <output_dir> --get_global   # files split across processes
+
+Audio is read as MERT features: run process_data/extract_mert.py (MERT's layer mean) on the audio
+files first (arrays [1, n, AUDIO_HIDDEN_SIZE]); MIDI as MTF in CLaMP 3's mode
+(process_data/batch_midi2mtf.py --clamp3); MusicXML as interleaved ABC (batch_xml2abc.py, then
+batch_interleaved_abc.py). With --get_global (alias --normalize) each file gets its global feature,
+shape [1, CLAMP3_HIDDEN_SIZE]: the weighted mean of its windows' projected features (not
+L2-normalised: use cosine similarity). Without it, the per-position last hidden states [1, L, hidden]
+of the text, symbolic or audio encoder (SPEC_CLAMP3 section 15).
+
+The weights default to config.py's CLAMP3_WEIGHTS_PATH for --variant (saas: best for audio, the
+default; c2: best for sheet music and MIDI), or its epoch-E copy with --epoch E. Nothing is ever
+downloaded: get the published files with
+    hf download sander-wood/clamp3 <file name> --local-dir .
+Existing outputs are skipped; failures are listed in <output_dir>/failed_extract_clamp3.log
+(failed_extract_clamp3_<process>.log per process under a multi-process launch); exit status 0 when
+every file succeeded, 1 when some failed, 2 for a usage or model error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from clamp2.checkpoint import load_clamp3_weights, loaded_message
+from clamp2.cli import ArgumentParser, load_script_config
+from clamp2.configuration import CLAMP3_VARIANTS, clamp3_weights_name, epoch_weights_path
+from clamp2.extraction.core import (AUDIO_EXTENSIONS, MUSIC_EXTENSIONS, TEXT_EXTENSIONS, AudioEncoder, KindRunner,
+                                    MusicEncoder, TextEncoder, add_common_arguments, autocast_context, process_state,
+                                    run_extraction)
+from clamp2.models.clamp3 import AudioDims, CLaMP3Model
+from clamp2.models.m3 import M3Dims
+from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
+from clamp2.text_model import load_text_model, load_tokenizer
+
+KINDS = {**{ext: "text" for ext in TEXT_EXTENSIONS}, **{ext: "symbolic" for ext in MUSIC_EXTENSIONS},
+         **{ext: "audio" for ext in AUDIO_EXTENSIONS}}
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    add_common_arguments(parser)
+    parser.add_argument("--get_global", "--normalize", dest="get_global", action="store_true",
+                        help="save one global feature per file [1, CLAMP3_HIDDEN_SIZE] instead of per-position states")
+    parser.add_argument("--variant", choices=CLAMP3_VARIANTS, default=None,
+                        help="published weights: saas (best for audio) or c2 (best for sheet music and MIDI); "
+                             "default: config.py's CLAMP3_VARIANT")
+    parser.add_argument("--epoch", type=int, default=None,
+                        help="load the checkpoint saved at this epoch (the weights name with _E.pth)")
+    parser.add_argument("--text_model", default=None,
+                        help="text model hub id or local folder for the tokenizer/architecture (default: config TEXT_MODEL_NAME)")
+    args = parser.parse_args(argv)
+    if args.weights is not None and (args.variant is not None or args.epoch is not None):
+        parser.error("--weights names the file itself: it cannot be combined with --variant or --epoch")
+    return args
+
+
+def weights_path(cfg, args) -> Path:
+    """The checkpoint to load: --weights, else config.py's name for --variant, or its --epoch copy."""
+    if args.weights is not None:
+        return args.weights
+    if args.variant is None and args.epoch is None:
+        name = cfg.CLAMP3_WEIGHTS_PATH  # honours a CLAMP3_WEIGHTS_PATH override
+    else:
+        name = clamp3_weights_name(cfg, args.variant)
+    return Path(epoch_weights_path(name, args.epoch) if args.epoch is not None else name)
+
+
+def missing_epoch_message(path: Path) -> str:
+    return (f"weights file not found: {path}\n  Epoch checkpoints are written by code/train_clamp3_*.py every "
+            "SAVE_EVERY epochs (they are not published); drop --epoch to load the published weights.")
+
+
+def build_clamp3(cfg, weights: Path, text_model_name: str, device: torch.device, epoch=None):
+    """CLaMP 3 at config.py's sizes with its weights (the text model is built from its config alone)."""
+    tokenizer = load_tokenizer(text_model_name)
+    model = CLaMP3Model(load_text_model(text_model_name, pretrained=False), M3Dims.from_config(cfg),
+                        AudioDims.from_config(cfg), hidden_size=cfg.CLAMP3_HIDDEN_SIZE)
+    checkpoint = load_clamp3_weights(model, weights, missing_epoch_message(weights) if epoch is not None else None)
+    return model.eval().to(device), tokenizer, checkpoint
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_script_config(__file__)
+    weights = weights_path(cfg, args)
+    try:
+        state, device = process_state(args.device)
+        model, tokenizer, checkpoint = build_clamp3(cfg, weights, args.text_model or cfg.TEXT_MODEL_NAME, device,
+                                                    args.epoch)
+        precision = autocast_context(device, args.dtype)
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if state.process_index == 0:
+        print(loaded_message(checkpoint), flush=True)
+
+    def forward(states, global_):
+        def run(inputs, masks):
+            with precision:
+                return global_(inputs, masks) if args.get_global else states(inputs, masks)
+        return run
+
+    runners = {
+        "text": KindRunner(TextEncoder(tokenizer), forward(model.text_states, model.text_global),
+                           cfg.MAX_TEXT_LENGTH, tokenizer.pad_token_id),
+        # CLaMP 3 removes every "L:1/8\n", from ABC and MTF alike (SPEC_CLAMP3 §13).
+        "symbolic": KindRunner(MusicEncoder(M3Patchilizer(cfg.PATCH_SIZE, cfg.PATCH_LENGTH), remove_unit_length=True,
+                                            also_mtf=True),
+                               forward(model.symbolic_states, model.symbolic_global), cfg.PATCH_LENGTH, PAD_TOKEN_ID),
+        "audio": KindRunner(AudioEncoder(cfg.AUDIO_HIDDEN_SIZE), forward(model.audio_states, model.audio_global),
+                            cfg.MAX_AUDIO_LENGTH, 0.0, dtype=torch.float32),
+    }
+    return run_extraction(args, runners, per_position=not args.get_global, include_text=True, device=device,
+                          process_index=state.process_index, num_processes=state.num_processes, tool="extract_clamp3",
+                          kinds=KINDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

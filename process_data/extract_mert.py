@@ -1,0 +1,86 @@
+"""Extract MERT-v1-95M features of audio files (.wav .flac .ogg .mp3) to .npy, CLaMP 3's audio input.
+
+    python process_data/extract_mert.py <input_dir> <output_dir> [--model PATH_OR_HUB_ID] [--batch_size B]
+                                         [--device DEV] [--dtype fp32|bf16|fp16] [--all_layers]
+    accelerate launch process_data/extract_mert.py <input_dir> <output_dir>   # files split across processes
+
+Each file is decoded (libsndfile; MP3 through its mpg123 decoder), its channels averaged, resampled
+to 24 kHz, z-scored over the whole track and cut into 5-second windows (a last window under 1 s is
+dropped); each window gives the mean over frames and over MERT's 13 hidden states: a [1, n, 768]
+float32 array, one row per 5 s (SPEC §16). --all_layers writes the 13 states, [13, n, 768], for
+other uses: CLaMP 3 cannot read that form.
+
+--model is a MERT folder (config.json + pytorch_model.bin or model.safetensors) or a Hugging Face
+hub id resolved in the local cache only (default m-a-p/MERT-v1-95M; fetch it once with
+`hf download m-a-p/MERT-v1-95M`). MERT-v1-95M is licensed CC-BY-NC-4.0.
+
+Output: <output_dir>/<relative folder>/<stem>.npy; existing outputs are skipped (a re-run resumes).
+Failures (undecodable, empty, shorter than 1 s, two inputs for one output) are listed in
+<output_dir>/failed_extract_mert.log (failed_extract_mert_<process>.log per process under a
+multi-process launch). Exit status: 0 all extracted, 1 some failed, 2 usage or model error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    from clamp2.cli import ArgumentParser
+    from clamp2.extraction.core import default_workers
+
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("input_dir", type=Path, help="folder searched recursively for audio files")
+    parser.add_argument("output_dir", type=Path, help="features are written here as <relative folder>/<stem>.npy")
+    parser.add_argument("--model", default="m-a-p/MERT-v1-95M",
+                        help="MERT folder or Hugging Face hub id, never downloaded (default m-a-p/MERT-v1-95M)")
+    parser.add_argument("--batch_size", type=int, default=8, help="5-s windows per forward pass (default 8)")
+    parser.add_argument("--device", default=None, help="torch device (default: the accelerate process's device)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="compute precision; bf16/fp16 need CUDA (default fp32, exact)")
+    parser.add_argument("--all_layers", action="store_true",
+                        help="write [13, n, 768] (every hidden state) instead of the layer mean; CLaMP 3 cannot read it")
+    parser.add_argument("--num_workers", type=int, default=default_workers(),
+                        help="processes that decode and resample files ahead of the model (0: in the main process)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute features that already exist")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must be 0 or more, got {args.num_workers}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from clamp2.checkpoint import CheckpointError
+    from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+    from clamp2.extraction.core import process_state
+    from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
+    from clamp2.models.mert import load_mert
+
+    if not args.input_dir.is_dir():
+        print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    plan = plan_audio_jobs(args.input_dir, args.output_dir)
+    if not plan.jobs and not plan.failures:
+        print(f"error: no audio files (.wav, .flac, .ogg, .mp3) under {args.input_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        state, device = process_state(args.device)
+        extractor = MertFeatureExtractor(load_mert(args.model, device), device, args.dtype, args.batch_size,
+                                         all_layers=args.all_layers)
+    except (OSError, RuntimeError, ValueError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    run = extract_folder(extractor, args.input_dir, args.output_dir, overwrite=args.overwrite,
+                         num_workers=args.num_workers, process_index=state.process_index,
+                         num_processes=state.num_processes, progress=not args.no_progress)
+    print_summary(run, process_index=state.process_index, num_processes=state.num_processes)
+    return EXIT_SOME_FAILED if run.failures else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""clamp2.CLaMP3: raw MusicXML/MIDI/ABC/MTF, MERT features and text in, the reference's CLaMP 3 features out;
+cache keys per family and variant; failures named; the published names and hub messages."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import DATA_DIR, VECTORS
+from test_api import fake_hub_cache
+
+VECTORS3 = DATA_DIR / "vectors_clamp3"
+TEXT_MODEL = str(VECTORS / "tiny_text_model")
+GLOBAL = VECTORS3 / "expected" / "feat_clamp3_global"
+RAW = VECTORS3 / "expected" / "feat_clamp3_raw"
+
+
+@pytest.fixture(scope="module")
+def tiny3():
+    from clamp2 import CLaMP3
+
+    return CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, max_text_length=16, batch_size=4)
+
+
+def test_raw_inputs_of_every_kind_give_the_reference_features(tiny3):
+    inputs = VECTORS3 / "inputs"
+    # MIDI in CLaMP 3's MTF mode (handmade_sysex keeps its sysex), MusicXML through xml2abc + interleaving,
+    # standard ABC, interleaved ABC, MTF and MERT features: each equals the original's extract_clamp3.
+    cases = [(inputs / "midi" / "handmade_sysex.mid", "mtf/handmade_sysex"),
+             (inputs / "midi" / "bwv26.6.mid", "mtf/bwv26.6"),
+             (inputs / "midi" / "banish_misfortune.mid", "mtf/banish_misfortune"),
+             (inputs / "xml" / "bwv26.6.mxl", "abc/bwv26.6"),
+             (inputs / "abc" / "banish_misfortune.abc", "abc/banish_misfortune"),
+             (VECTORS3 / "extract_in" / "abc" / "bwv26.6.abc", "abc/bwv26.6"),
+             (VECTORS3 / "extract_in" / "mtf" / "bwv26.6.mtf", "mtf/bwv26.6")]
+    audio = sorted((VECTORS3 / "extract_in" / "audio").glob("*.npy"))
+    cases += [(path, f"audio/{path.stem}") for path in audio]
+    items = [item for item, _ in cases]
+    features = tiny3.encode_music(items)
+    assert features.shape == (len(cases), 48)
+    for row, (item, expected) in zip(features, cases):
+        np.testing.assert_allclose(row, np.load(GLOBAL / f"{expected}.npy")[0], atol=1e-5, err_msg=str(item))
+    per_position = tiny3.encode_music(items, normalize=False)
+    for states, (item, expected) in zip(per_position, cases):
+        want = np.load(RAW / f"{expected}.npy")[0]
+        assert states.shape == want.shape, item
+        np.testing.assert_allclose(states, want, atol=1e-5, err_msg=str(item))
+    np.testing.assert_allclose(tiny3.encode_audio(audio), features[-len(audio):], atol=1e-6)
+    texts = [path.read_text(encoding="utf-8") for path in sorted((VECTORS3 / "extract_in" / "txt").glob("*.txt"))]
+    want = np.stack([np.load(GLOBAL / "txt" / f"{path.stem}.npy")[0]
+                     for path in sorted((VECTORS3 / "extract_in" / "txt").glob("*.txt"))])
+    np.testing.assert_allclose(tiny3.encode_text(texts), want, atol=1e-5)
+    scores = tiny3.similarity(tiny3.encode_text(texts), features)
+    assert scores.shape == (3, len(cases)) and np.all(np.abs(scores) <= 1 + 1e-6)
+
+
+def test_mert_arrays_and_bytes_equal_their_files(tiny3):
+    path = VECTORS3 / "extract_in" / "audio" / "banish_misfortune_22k05_mono_s16.npy"
+    from_file = tiny3.encode_audio(path)
+    np.testing.assert_allclose(tiny3.encode_audio(np.load(path)), from_file, atol=1e-6)
+    np.testing.assert_allclose(tiny3.encode_music([path.read_bytes()]), from_file, atol=1e-6)
+
+
+def test_bad_inputs_are_named_with_their_reason(tiny3, tmp_path):
+    from clamp2 import EncodeError
+
+    np.save(tmp_path / "double.npy", np.load(VECTORS3 / "extract_in/audio/bwv26.6_16k_stereo_s16.npy").astype(np.float64))
+    good = VECTORS3 / "extract_in" / "abc" / "bwv26.6.abc"
+    items = [tmp_path / "double.npy", VECTORS3 / "expected" / "mert_all" / "bwv26.6_16k_stereo_s16.npy", good,
+             tmp_path / "missing.wav"]
+    encoded = tiny3.encode_music(items, errors="skip")
+    assert encoded.items == [good] and encoded.features.shape == (1, 48)
+    reasons = dict(encoded.failures)
+    assert "float64" in reasons[items[0]] and "--mean_features" in reasons[items[1]]
+    assert "file not found" in reasons[items[3]]
+    with pytest.raises(EncodeError, match="double.npy"):
+        tiny3.encode_music(items)
+    skipped = tiny3.encode_audio([good], errors="skip")
+    assert "not audio" in skipped.failures[0][1]
+
+
+def test_clamp2_refuses_audio_and_families_are_told_apart(tmp_path):
+    from clamp2 import CLaMP2, CLaMP3
+    from clamp2.checkpoint import CheckpointError
+
+    clamp2 = CLaMP2.from_pretrained(VECTORS / "tiny_clamp2.pth", text_model=TEXT_MODEL, max_text_length=16)
+    encoded = clamp2.encode_music([VECTORS3 / "extract_in/audio/bwv26.6_16k_stereo_s16.npy"], errors="skip")
+    assert "CLaMP 3" in encoded.failures[0][1]
+    with pytest.raises(CheckpointError, match="is a CLaMP 2 checkpoint.*CLaMP2"):
+        CLaMP3.from_pretrained(VECTORS / "tiny_clamp2.pth", text_model=TEXT_MODEL)
+    with pytest.raises(CheckpointError, match="is a CLaMP 3 checkpoint.*CLaMP3"):
+        CLaMP2.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL)
+    with pytest.raises(ValueError, match="variant='c3'"):
+        CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, variant="c3")
+
+
+def test_cache_keys_hold_the_family_and_the_variant(tmp_path):
+    from clamp2 import CLaMP2, CLaMP3, FeatureCache
+    from clamp2.hub import PUBLISHED_CLAMP3_WEIGHTS
+
+    cache = FeatureCache(tmp_path / "cache")
+    # The same weights under both published names: only the variant differs.
+    for variant, name in PUBLISHED_CLAMP3_WEIGHTS.items():
+        shutil.copy(VECTORS3 / "tiny_clamp3.pth", tmp_path / name)
+    items = [VECTORS3 / "extract_in/mtf/handmade_sysex.mtf", VECTORS3 / "extract_in/audio/bwv26.6_16k_stereo_s16.npy"]
+    saas = CLaMP3.from_pretrained(tmp_path, text_model=TEXT_MODEL, max_text_length=16, cache=cache)
+    assert saas.variant == "saas" and saas.weights_path.name == PUBLISHED_CLAMP3_WEIGHTS["saas"]
+    first = saas.encode_music(items, errors="skip")
+    again = saas.encode_music(items, errors="skip")
+    assert (first.computed, again.cached, again.computed) == (2, 2, 0)
+    np.testing.assert_array_equal(first.features, again.features)
+    c2 = CLaMP3.from_pretrained(tmp_path, variant="c2", text_model=TEXT_MODEL, max_text_length=16, cache=cache)
+    assert c2.variant == "c2" and c2.encode_music(items, errors="skip").computed == 2
+    clamp2 = CLaMP2.from_pretrained(VECTORS / "tiny_clamp2.pth", text_model=TEXT_MODEL, max_text_length=16, cache=cache)
+    assert clamp2.encode_music(items[:1], errors="skip").computed == 1
+    groups = {(n["settings"]["model"], n["settings"].get("variant")) for n in cache.info()}
+    assert groups == {("clamp3", "saas"), ("clamp3", "c2"), ("clamp2", None)}
+    per_position = saas.encode_music(items, normalize=False, errors="skip")
+    assert per_position.computed == 2 and [f.shape for f in per_position.features] == [(17, 64), (4, 64)]
+
+
+def test_encode_folder_takes_symbolic_audio_and_text(tiny3):
+    encoded = tiny3.encode_folder(VECTORS3 / "extract_in", progress=False)
+    assert len(encoded) == 11 and not encoded.failures
+    for name, row in zip(encoded.names, encoded.features):
+        np.testing.assert_allclose(row, np.load((GLOBAL / name).with_suffix(".npy"))[0], atol=1e-5, err_msg=name)
+
+
+def test_published_names_and_hub_messages_offline(tmp_path, monkeypatch):
+    from clamp2 import CLaMP3
+    from clamp2.hub import PUBLISHED_CLAMP3_WEIGHTS, WeightsNotFound
+
+    assert PUBLISHED_CLAMP3_WEIGHTS["saas"] == (
+        "weights_clamp3_saas_h_size_768_t_model_FacebookAI_xlm-roberta-base_t_length_128_a_size_768_a_layers_12"
+        "_a_length_128_s_size_768_s_layers_12_p_size_64_p_length_512.pth")
+    assert PUBLISHED_CLAMP3_WEIGHTS["c2"] == PUBLISHED_CLAMP3_WEIGHTS["saas"].replace("_saas_", "_c2_")
+    hub = fake_hub_cache(tmp_path / "hub", "sander-wood/clamp3",
+                         {PUBLISHED_CLAMP3_WEIGHTS["saas"]: VECTORS3 / "tiny_clamp3.pth"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = CLaMP3.from_pretrained("sander-wood/clamp3", text_model=TEXT_MODEL, max_text_length=16, hub_cache_dir=hub)
+    assert model.variant == "saas" and "snapshots" in model.weights_path.parts
+    # The C2 file is not in the cache: the message names it (never the SAAS file) and the command.
+    with pytest.raises(WeightsNotFound) as info:
+        CLaMP3.from_pretrained("sander-wood/clamp3", variant="c2", text_model=TEXT_MODEL, hub_cache_dir=hub)
+    assert f"hf download sander-wood/clamp3 {PUBLISHED_CLAMP3_WEIGHTS['c2']}" in str(info.value)
+    with pytest.raises(WeightsNotFound, match="hf download sander-wood/clamp3 weights_y.pth"):
+        CLaMP3.from_pretrained(tmp_path / "weights_y.pth")
+
+
+def test_mixed_raw_folder_equals_the_script_pipeline(tmp_path, monkeypatch):
+    """MusicXML, MIDI, WAV/FLAC and text through CLaMP3 = process_data converters + extract_mert.py
+    (tiny MERT) + extract_clamp3.py (tiny CLaMP 3), global and per position."""
+    from clamp2 import CLaMP3, FeatureCache
+    from conftest import load_script
+    from test_extract_clamp3 import TINY_CLAMP3_ENV
+
+    inputs = VECTORS3 / "inputs"
+    raw = tmp_path / "raw"
+    for kind in ("xml", "midi", "audio", "txt"):
+        shutil.copytree(inputs / kind, raw / kind)
+    model_in = tmp_path / "model_in"
+    run = {name: load_script(f"process_data/{name}.py").main
+           for name in ("batch_xml2abc", "batch_interleaved_abc", "batch_midi2mtf", "extract_mert")}
+    assert run["batch_xml2abc"]([str(raw / "xml"), str(tmp_path / "xml_abc"), "--workers", "1"]) == 0
+    assert run["batch_interleaved_abc"]([str(tmp_path / "xml_abc"), str(model_in / "xml"), "--workers", "1"]) == 0
+    assert run["batch_midi2mtf"]([str(raw / "midi"), str(model_in / "midi"), "--clamp3", "--workers", "1"]) == 0
+    # The 0.5-s clip has no MERT window: a reported failure in both pipelines.
+    assert run["extract_mert"]([str(raw / "audio"), str(model_in / "audio"), "--model", str(VECTORS3 / "tiny_mert"),
+                                "--num_workers", "0", "--no_progress"]) == 1
+    shutil.copytree(raw / "txt", model_in / "txt")
+    extract = load_script("code/extract_clamp3.py")
+    for key, value in TINY_CLAMP3_ENV.items():
+        monkeypatch.setenv(key, value)
+    model = CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, max_text_length=16,
+                                   mert=VECTORS3 / "tiny_mert", cache=FeatureCache(tmp_path / "cache"))
+    for get_global in (True, False):
+        out = tmp_path / ("global" if get_global else "raw_features")
+        assert extract.main([str(model_in), str(out), "--weights", str(VECTORS3 / "tiny_clamp3.pth"), "--text_model",
+                             TEXT_MODEL, "--num_workers", "0", "--no_progress"] + (["--get_global"] if get_global else [])) == 0
+        encoded = model.encode_folder(raw, normalize=get_global, progress=False)
+        assert encoded.failed_names == ["audio/banish_misfortune_48k_stereo_f32.wav"]
+        assert "shorter than 1 s" in encoded.failures[0][1]
+        assert len(encoded) == encoded.computed == 10  # 3 audio, 3 MIDI, 1 MusicXML, 3 texts
+        script = {name: np.load((out / name).with_suffix(".npy"))[0] for name in encoded.names}
+        for name, feature in zip(encoded.names, encoded.features):
+            assert feature.shape == script[name].shape, name
+            np.testing.assert_allclose(feature, script[name], atol=1e-5, rtol=0, err_msg=name)
+    again = model.encode_folder(raw, progress=False)
+    assert (again.cached, again.computed) == (10, 0)

@@ -1,0 +1,145 @@
+"""Decoding, the 24 kHz resampler, the z-score and the windows (SPEC §16), and the audio renderer."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from clamp2.extraction import audio
+from clamp2.quickstart import audio_render
+
+VECTORS = Path(__file__).parent / "data" / "vectors_clamp3"
+AUDIO_IN = VECTORS / "inputs" / "audio"
+EXPECTED = VECTORS / "expected"
+
+
+def reference_resample(wave: np.ndarray, orig: int, new: int = 24000) -> np.ndarray:
+    """§16's formula written independently: float64 taps rounded to float32, a float64 direct sum."""
+    g = math.gcd(orig, new)
+    o, n = orig // g, new // g
+    base = min(o, n) * 0.99
+    width = math.ceil(6 * o / base)
+    k = np.arange(-width, width + o, dtype=np.float64)
+    j = (-np.arange(n) / np.float32(n)).astype(np.float32).astype(np.float64)  # torch: int tensor / n in float32
+    t = np.clip((k[None, :] / o + j[:, None]) * base, -6, 6)
+    taps = (np.sinc(t) * np.cos(np.pi * t / 12) ** 2 * base / o).astype(np.float32).astype(np.float64)
+    padded = np.concatenate([np.zeros(width), wave.astype(np.float64), np.zeros(width + o)])
+    steps = (len(padded) - taps.shape[1]) // o + 1
+    frames = np.lib.stride_tricks.sliding_window_view(padded, taps.shape[1])[::o][:steps]
+    out = (frames @ taps.T).reshape(-1)  # [steps, n] → phases interleaved
+    return out[: math.ceil(n * len(wave) / o)]
+
+
+@pytest.mark.parametrize("orig", [8000, 16000, 22050, 44100, 48000, 96000])
+def test_resampler_matches_the_formula_in_float64(orig):
+    rng = np.random.default_rng(orig)
+    wave = (rng.standard_normal(orig // 3) * 0.3).astype(np.float32)
+    ours = audio.resample(wave, orig)
+    ref = reference_resample(wave, orig)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape == (math.ceil(24000 * len(wave) / orig),)
+    assert np.abs(ours - ref).max() < 1e-6
+
+
+def test_resampler_kernel_taps_are_the_float64_formula_rounded():
+    kernel, width, o, n = audio.sinc_kernel(44100, 24000)
+    assert (o, n, width) == (147, 80, math.ceil(6 * 147 / (80 * 0.99)))
+    assert kernel.shape == (n, 1, 2 * width + o)
+    k = np.arange(-width, width + o) / o
+    t = np.clip((k - 3 / np.float32(80)) * 80 * 0.99, -6, 6)  # phase j = 3
+    expected = np.sinc(t) * np.cos(np.pi * t / 12) ** 2 * 80 * 0.99 / o
+    assert np.abs(kernel[3, 0].double().numpy() - expected).max() < 1e-8
+
+
+def test_same_rate_is_not_resampled():
+    wave = np.arange(10, dtype=np.float32)
+    assert audio.resample(wave, 24000) is wave
+
+
+@pytest.mark.parametrize("path", sorted(AUDIO_IN.iterdir()), ids=lambda p: p.name)
+def test_waves_match_the_reference_pipeline(path):
+    raw = audio.load_wave(path, normalized=False)
+    expected = np.load(EXPECTED / "wave_24k" / (path.stem + ".npy"))
+    assert raw.shape == expected.shape[1:]
+    assert np.abs(raw - expected[0]).max() <= 1e-6  # 0.0 here: torchaudio's resampler bit for bit
+    normalized = audio.normalize(raw)
+    expected = np.load(EXPECTED / "wave_24k_norm" / (path.stem + ".npy"))
+    assert np.abs(normalized - expected[0]).max() <= 1e-6  # a float32 ulp: numpy's summation order
+
+
+@pytest.mark.parametrize("subtype,scale", [("PCM_16", 2 ** 15), ("PCM_24", 2 ** 23), ("PCM_32", 2 ** 31)])
+def test_integer_pcm_is_scaled_by_two_to_the_bits_minus_one(tmp_path, subtype, scale):
+    ints = np.array([[0, 0], [1, -1], [scale - 1, -scale], [12345, 678]], dtype=np.int64)
+    path = tmp_path / "x.wav"
+    dtype = "int16" if subtype == "PCM_16" else "int32"
+    stored = ints * (1 if subtype != "PCM_24" else 256)  # soundfile writes int32 data as its top 24 bits
+    soundfile.write(path, stored.astype(dtype), 8000, subtype=subtype)
+    samples, rate = audio.decode(path)
+    assert rate == 8000 and samples.dtype == np.float32 and samples.shape == (2, 4)
+    assert np.array_equal(samples, (ints.T / scale).astype(np.float32))
+    assert np.array_equal(audio.to_mono(samples), ((samples[0] + samples[1]) / 2).astype(np.float32))
+
+
+def test_normalize_is_one_z_score_over_the_whole_track():
+    wave = np.concatenate([np.full(1000, 0.5), np.full(3000, -0.1)]).astype(np.float32)
+    out = audio.normalize(wave)
+    assert out.dtype == np.float32
+    assert abs(float(out.mean())) < 1e-6 and abs(float(out.std()) - 1) < 1e-4
+    assert np.all(audio.normalize(np.zeros(100, np.float32)) == 0)  # silence: no NaN
+
+
+@pytest.mark.parametrize("length,bounds", [
+    (268800, [(0, 120000), (120000, 240000), (240000, 268800)]),
+    (240000, [(0, 120000), (120000, 240000)]),
+    (263999, [(0, 120000), (120000, 240000)]),  # last 23,999 samples: under 1 s, dropped
+    (264000, [(0, 120000), (120000, 240000), (240000, 264000)]),
+    (24000, [(0, 24000)]),
+    (12000, []),
+])
+def test_windows(length, bounds):
+    assert audio.window_bounds(length) == bounds
+
+
+def test_bad_files_are_audio_errors(tmp_path):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x00\x00not really audio")
+    with pytest.raises(audio.AudioError, match="cannot decode"):
+        audio.load_windows(broken)
+    empty = tmp_path / "empty.flac"
+    soundfile.write(empty, np.zeros((0, 1), np.float32), 16000, format="FLAC")
+    with pytest.raises(audio.AudioError, match="empty"):
+        audio.load_windows(empty)
+    short = tmp_path / "short.wav"
+    soundfile.write(short, np.ones(15000, np.float32) * 0.1, 16000)  # 0.94 s
+    with pytest.raises(audio.AudioError, match="shorter than 1 s"):
+        audio.load_windows(short)
+
+
+@pytest.fixture(scope="module")
+def chorale_midi(tmp_path_factory):
+    return audio_render.corpus_midi("bach/bwv66.6", tmp_path_factory.mktemp("midi") / "bwv66.6.mid")
+
+
+def test_render_music21_corpus_piece(chorale_midi, tmp_path):
+    wav = audio_render.render_midi(chorale_midi, tmp_path / "a" / "bwv66.6.wav", sample_rate=22050, seconds=3)
+    info = soundfile.info(wav)
+    assert (info.samplerate, info.channels, info.frames, info.subtype) == (22050, 2, 3 * 22050, "PCM_16")
+    samples, _ = audio.decode(wav)
+    assert 0.2 < np.abs(samples).max() <= 0.7 + 1e-4  # music, peak-scaled
+    assert np.sqrt((samples ** 2).mean()) > 0.01
+    mono = audio_render.render_midi(chorale_midi, tmp_path / "m.flac", sample_rate=16000, seconds=2, channels=1,
+                                    program=40)
+    assert soundfile.info(mono).channels == 1 and soundfile.info(mono).format == "FLAC"
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_mp3_decodes_close_to_the_wav_of_the_same_audio(chorale_midi, tmp_path):
+    samples = audio_render.synthesize_midi(chorale_midi, 44100)[: 44100 * 3]
+    samples = samples * np.float32(0.7 / np.abs(samples).max())
+    audio_render.write_audio(tmp_path / "x.wav", samples, 44100)
+    audio_render.write_audio(tmp_path / "x.mp3", samples, 44100)
+    wav = audio.load_wave(tmp_path / "x.wav", normalized=False)
+    mp3 = audio.load_wave(tmp_path / "x.mp3", normalized=False)
+    assert mp3.shape == wav.shape  # libsndfile trims the encoder delay: no shift
+    assert np.sqrt(((wav - mp3) ** 2).mean()) < 0.05 * np.sqrt((wav ** 2).mean())

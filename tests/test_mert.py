@@ -1,0 +1,278 @@
+"""MERT as a HubertModel, its loader, the batched feature driver and process_data/extract_mert.py (SPEC §16)."""
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from clamp2.checkpoint import CheckpointError
+from clamp2.extraction.audio import AudioError
+from clamp2.extraction.mert import MertFeatureExtractor, plan_audio_jobs
+from clamp2.models import mert
+from clamp2.quickstart import audio_render
+
+DATA = Path(__file__).parent / "data"
+VECTORS = DATA / "vectors_clamp3"
+AUDIO_IN = VECTORS / "inputs" / "audio"
+EXPECTED = VECTORS / "expected"
+TINY = VECTORS / "tiny_mert"
+TINY_SAFETENSORS = VECTORS / "tiny_mert_safetensors"
+SCRIPT = Path(__file__).resolve().parents[1] / "process_data" / "extract_mert.py"
+FEATURE_TOLERANCE = 1e-5  # vectors README: CPU float32
+
+# MERT-v1-95M's published config.json differs from the tiny one only in these sizes.
+FULL_SIZES = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+              "conv_dim": [512] * 7, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
+
+
+def read_key_table(path):
+    """key → shape of a key table (first column: the current key name; shape: the first ``[...]`` column)."""
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line and not line.startswith(("#", "key"))]
+    return {row[0]: json.loads(next(c for c in row if c.startswith("["))) for row in rows}
+
+
+def tiny_values():
+    return json.loads((TINY / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return mert.load_mert(TINY)
+
+
+def test_full_size_model_has_exactly_the_published_keys_and_shapes():
+    values = {**tiny_values(), **FULL_SIZES}
+    with torch.device("meta"):  # 94M parameters: shapes only, no memory, no init time
+        model = mert.build_mert(values)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    expected = read_key_table(DATA / "mert_state_dict.tsv")
+    assert shapes == expected
+    assert list(shapes) == list(expected)  # same order too
+    assert sum(np.prod(s) for s in shapes.values()) == 94_371_712
+    assert model.config.num_hidden_layers == 12 and model.config.feat_extract_norm == "group"
+    assert not model.training
+
+
+def test_legacy_and_safetensors_folders_load_the_same_tensors():
+    legacy, current = mert.load_mert(TINY).state_dict(), mert.load_mert(TINY_SAFETENSORS).state_dict()
+    assert list(legacy) == list(current)
+    assert all(torch.equal(legacy[k], current[k]) for k in legacy)
+    table = read_key_table(VECTORS / "tiny_mert_keys.tsv")
+    assert {k: list(v.shape) for k, v in current.items()} == table
+    raw = torch.load(TINY / "pytorch_model.bin", weights_only=True)
+    assert "encoder.pos_conv_embed.conv.weight_g" in raw
+    assert torch.equal(raw["encoder.pos_conv_embed.conv.weight_v"],
+                       current["encoder.pos_conv_embed.conv.parametrizations.weight.original1"])
+
+
+def test_strict_key_check_names_missing_and_unexpected_keys(tmp_path):
+    state = torch.load(TINY / "pytorch_model.bin", weights_only=True)
+    del state["encoder.layer_norm.bias"]
+    state["encoder.extra.weight"] = torch.zeros(1)
+    folder = tmp_path / "bad_mert"
+    folder.mkdir()
+    shutil.copy(TINY / "config.json", folder / "config.json")
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as info:
+        mert.load_mert(folder)
+    assert "missing keys (1): encoder.layer_norm.bias" in str(info.value)
+    assert "unexpected keys (1): encoder.extra.weight" in str(info.value)
+
+
+def test_mert_only_features_are_refused():
+    with pytest.raises(ValueError, match="feature_extractor_cqt"):
+        mert.hubert_config({**tiny_values(), "feature_extractor_cqt": True})
+    assert "auto_map" not in mert.hubert_config(tiny_values()).to_dict()
+
+
+def test_missing_model_is_one_line_naming_the_download(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(mert.MertNotFound) as info:
+        mert.load_mert(mert.MERT_HUB_ID)
+    assert "`hf download m-a-p/MERT-v1-95M`" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(mert.MertNotFound, match="hf download m-a-p/MERT-v1-95M --local-dir"):
+        mert.load_mert(tmp_path / "no" / "such" / "folder")
+
+
+def test_flop_count_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import HubertModel
+
+    config = mert.hubert_config(tiny_values())
+    config._attn_implementation = "eager"  # the counter does not see CPU SDPA's kernel
+    model = HubertModel(config).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 120000))
+    assert abs(counter.get_total_flops() / mert.forward_flops(config, 120000) - 1) < 1e-3
+
+
+# -- features ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("all_layers,folder", [(False, "mert_mean"), (True, "mert_all")])
+def test_features_match_the_reference_pipeline(tiny_model, all_layers, folder):
+    paths = sorted(AUDIO_IN.iterdir())
+    extractor = MertFeatureExtractor(tiny_model, "cpu", batch_size=2, all_layers=all_layers)
+    results = {paths[i].stem: (array, error) for i, array, error in extractor.iter_files(paths)}
+    assert results["banish_misfortune_48k_stereo_f32"][0] is None
+    assert "shorter than 1 s" in results["banish_misfortune_48k_stereo_f32"][1]
+    for stem, (array, error) in results.items():
+        if stem == "banish_misfortune_48k_stereo_f32":
+            continue
+        expected = np.load(EXPECTED / folder / (stem + ".npy"))
+        assert error is None and array.dtype == np.float32 and array.shape == expected.shape
+        assert np.abs(array - expected).max() < FEATURE_TOLERANCE, stem
+
+
+def test_api_features_of_one_file(tiny_model):
+    path = AUDIO_IN / "banish_misfortune_22k05_mono_s16.wav"
+    features = MertFeatureExtractor(tiny_model, "cpu").features(path)
+    assert features.shape == (3, 64) and features.dtype == np.float32
+    assert np.abs(features - np.load(EXPECTED / "mert_mean" / (path.stem + ".npy"))[0]).max() < FEATURE_TOLERANCE
+    with pytest.raises(AudioError, match="shorter than 1 s"):
+        MertFeatureExtractor(tiny_model, "cpu").features(AUDIO_IN / "banish_misfortune_48k_stereo_f32.wav")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """Real music from music21's corpus, rendered: a chorale and a second piece, several formats."""
+    folder = tmp_path_factory.mktemp("rendered")
+    midi = [audio_render.corpus_midi(name, folder / (name.replace("/", "_") + ".mid"))
+            for name in ("bach/bwv66.6", "bach/bwv26.6")]
+    files = {
+        "long.wav": audio_render.render_midi(midi[0], folder / "long.wav", sample_rate=44100, seconds=7.5),
+        "sub/chorale.FLAC": audio_render.render_midi(midi[1], folder / "sub" / "chorale.FLAC", sample_rate=48000,
+                                                     seconds=6.2, channels=1),
+        "exact.wav": audio_render.render_midi(midi[1], folder / "exact.wav", sample_rate=16000, seconds=5,
+                                              subtype="FLOAT"),
+        "same_tail.wav": audio_render.render_midi(midi[0], folder / "same_tail.wav", sample_rate=22050, start=1,
+                                                  seconds=2.5),
+        "also_same_tail.wav": audio_render.render_midi(midi[1], folder / "also_same_tail.wav", sample_rate=22050,
+                                                       seconds=2.5),
+    }
+    return folder, files
+
+
+def test_a_files_features_are_the_same_alone_and_in_a_batch(tiny_model, rendered):
+    _, files = rendered
+    paths = list(files.values())
+    alone = {p: MertFeatureExtractor(tiny_model, "cpu", batch_size=1).features(p) for p in paths}
+    extractor = MertFeatureExtractor(tiny_model, "cpu", batch_size=2)
+    seen = 0
+    for index, array, error in extractor.iter_files(paths, num_workers=1):
+        assert error is None
+        assert array.shape == (1,) + alone[paths[index]].shape
+        assert np.abs(array[0] - alone[paths[index]]).max() < FEATURE_TOLERANCE, paths[index].name
+        seen += 1
+    assert seen == len(paths)
+    assert alone[files["long.wav"]].shape == (2, 64)  # 7.5 s: a full window + 2.5 s
+    assert alone[files["exact.wav"]].shape == (1, 64)  # 5 s: exactly one window
+    assert alone[files["same_tail.wav"]].shape == (1, 64)  # 2.5 s: one short window
+
+
+def test_batches_group_full_windows_and_equal_short_windows(tiny_model, rendered):
+    _, files = rendered
+    extractor = MertFeatureExtractor(tiny_model, "cpu", batch_size=8)
+    shapes = []
+    original = extractor.window_states
+
+    def spy(windows):
+        shapes.append(tuple(windows.shape))
+        return original(windows)
+
+    extractor.window_states = spy
+    list(extractor.iter_files(list(files.values())))
+    # The 3 full windows of 3 files in one batch; the three 2.5-s windows together; the 1.2-s one alone.
+    assert sorted(shapes) == sorted([(3, 120000), (3, 60000), (1, 28800)])
+
+
+# -- the script ----------------------------------------------------------------------------------
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("extract_mert_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def mixed_folder(rendered, tmp_path):
+    source, files = rendered
+    folder = tmp_path / "in"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.mid"))
+    samples, rate = soundfile.read(files["long.wav"], dtype="float32")
+    try:
+        audio_render.write_audio(folder / "sub" / "lossy.mp3", samples[: rate * 6], rate)
+    except Exception as exc:  # noqa: BLE001 - a libsndfile built without MP3 encoding
+        pytest.skip(f"soundfile cannot write MP3 here: {exc}")
+    (folder / "broken.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    (folder / "empty.ogg").write_bytes(b"")
+    audio_render.write_audio(folder / "sub" / "short.Wav", samples[: rate // 2], rate)
+    (folder / "notes.txt").write_text("not audio")
+    return folder
+
+
+def test_script_on_a_mixed_folder(tiny_model, mixed_folder, tmp_path, capsys):
+    script = load_script()
+    out = tmp_path / "out"
+    argv = [str(mixed_folder), str(out), "--model", str(TINY), "--batch_size", "3", "--num_workers", "1",
+            "--no_progress"]
+    assert script.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "extract_mert: extracted 6, skipped 0 existing, failed 3" in err
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy"))
+    assert written == ["also_same_tail.npy", "exact.npy", "long.npy", "same_tail.npy", "sub/chorale.npy",
+                       "sub/lossy.npy"]
+    assert np.load(out / "long.npy").shape == (1, 2, 64) and np.load(out / "sub" / "lossy.npy").shape == (1, 2, 64)
+    log = dict(line.split("\t") for line in (out / "failed_extract_mert.log").read_text().splitlines())
+    assert set(log) == {"broken.wav", "empty.ogg", "sub/short.Wav"}
+    assert log["broken.wav"].startswith("cannot decode") and "shorter than 1 s" in log["sub/short.Wav"]
+    alone = MertFeatureExtractor(tiny_model, "cpu").features(mixed_folder / "sub" / "chorale.FLAC")
+    assert np.abs(np.load(out / "sub" / "chorale.npy")[0] - alone).max() < FEATURE_TOLERANCE
+    assert not list(out.rglob("*.partial"))
+
+    # A re-run resumes: every output is skipped, the failures are tried (and listed) again.
+    stamp = (out / "long.npy").stat().st_mtime_ns
+    assert script.main(argv) == 1
+    assert "extracted 0, skipped 6 existing, failed 3" in capsys.readouterr().err
+    assert (out / "long.npy").stat().st_mtime_ns == stamp
+
+    all_out = tmp_path / "all"
+    assert script.main(argv[:1] + [str(all_out)] + argv[2:] + ["--all_layers"]) == 1
+    assert np.load(all_out / "long.npy").shape == (3, 2, 64)
+
+
+def test_script_usage_and_model_errors(tmp_path, capsys, rendered):
+    script = load_script()
+    folder, _ = rendered
+    assert script.main([str(tmp_path / "missing"), str(tmp_path / "o"), "--model", str(TINY)]) == 2
+    assert "input folder not found" in capsys.readouterr().err
+    (tmp_path / "none").mkdir()
+    assert script.main([str(tmp_path / "none"), str(tmp_path / "o"), "--model", str(TINY)]) == 2
+    assert "no audio files" in capsys.readouterr().err
+    assert script.main([str(folder), str(tmp_path / "o"), "--model", str(tmp_path / "no_model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: MERT model folder not found: .*hf download m-a-p/MERT-v1-95M.*", err)
+    assert script.main([str(folder), str(tmp_path / "o"), "--model", str(TINY), "--dtype", "bf16",
+                        "--device", "cpu"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        script.parse_args([str(folder), str(tmp_path / "o"), "--batch_size", "0"])
+    assert info.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_reports_two_inputs_for_one_output(tmp_path):
+    for name in ("a.wav", "a.FLAC", "b.mp3"):
+        (tmp_path / name).write_bytes(b"")
+    plan = plan_audio_jobs(tmp_path, tmp_path / "out")
+    assert [job.path.name for job in plan.jobs] == ["b.mp3"]
+    assert sorted(p.name for p, _ in plan.failures) == ["a.FLAC", "a.wav"]
+    assert all("would all write" in reason for _, reason in plan.failures)
