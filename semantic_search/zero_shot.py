@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     for name, (_, reason) in zip(encoded.failed_names, encoded.failures):
         print(f"failed: {name}: {' '.join(reason.split())}", file=sys.stderr)
     if not len(encoded) and not encoded.failures:
-        fail_usage(f"no music files (.xml/.mxl/.musicxml/.mid/.midi/.abc/.mtf) under {args.folder}")
+        audio = "/.wav/.mp3/.flac/.ogg" if args.model == "clamp3" else ""
+        fail_usage(f"no music files (.xml/.mxl/.musicxml/.mid/.midi/.abc/.mtf{audio}) under {args.folder}")
 
     predictions = {}
     if len(encoded):

@@ -431,3 +431,79 @@ def test_features_of_the_original_extractor(tmp_path, scripts, capsys):
     sims = torch.cosine_similarity(q, torch.tensor(np.array([np.load(f).squeeze() for f in files]))).tolist()
     best = sorted(zip(sims, [f.name.split(".")[0] for f in files]), key=lambda x: (-x[0], x[1]))
     assert lines == ["Top 3 results among 3 candidates:"] + [f"{key} {round(s, 4)}" for s, key in best]
+
+
+# -- CLaMP 3 itself (the tiny reference checkpoint and MERT) -------------------------------------------
+
+VECTORS3 = Path(__file__).parent / "data" / "vectors_clamp3"
+TINY3_ENV = {**TINY_ENV, "AUDIO_HIDDEN_SIZE": "64", "AUDIO_NUM_LAYERS": "2", "MAX_AUDIO_LENGTH": "4"}
+CLAMP3 = ["--weights", str(VECTORS3 / "tiny_clamp3.pth"), "--text_model", str(VECTORS / "tiny_text_model"),
+          "--mert", str(VECTORS3 / "tiny_mert"), "--num_workers", "0", "--no_progress"]
+
+
+@pytest.fixture
+def demo(tmp_path, monkeypatch):
+    """One folder per modality: WAV, MIDI, MusicXML and text (the reference vectors' inputs)."""
+    for key, value in TINY3_ENV.items():
+        monkeypatch.setenv(key, value)
+    folders = {name: tmp_path / "demo" / name for name in ("audio", "midi", "xml", "text")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    shutil.copy(VECTORS3 / "inputs" / "audio" / "bwv26.6_44k1_stereo_s16.wav", folders["audio"])
+    shutil.copy(VECTORS3 / "inputs" / "audio" / "banish_misfortune_48k_stereo_f32.wav", folders["audio"])  # 0.5 s
+    for name in ("bwv26.6.mid", "banish_misfortune.mid"):
+        shutil.copy(VECTORS3 / "inputs" / "midi" / name, folders["midi"])
+    shutil.copy(VECTORS3 / "inputs" / "xml" / "bwv26.6.mxl", folders["xml"])
+    for name in ("bwv26.6.txt", "banish_misfortune.txt"):
+        shutil.copy(VECTORS3 / "inputs" / "txt" / name, folders["text"])
+    return folders
+
+
+def test_clamp3_four_commands_on_raw_folders(demo, tmp_path, scripts, capsys):
+    model = ["--cache", tmp_path / "cache", *CLAMP3]
+    expected = VECTORS3 / "expected" / "feat_clamp3_global"
+    code, lines, err = run(scripts["embd"], [demo["audio"], tmp_path / "f" / "audio", "--get_global", *model], capsys)
+    assert code == 1 and lines == ["Detected input modality: audio"]  # the 0.5 s file has no MERT window
+    assert "banish_misfortune_48k_stereo_f32.wav: shorter than 1 s" in err and "1 encoded, 0 from cache" in err
+    feature = np.load(tmp_path / "f" / "audio" / "bwv26.6_44k1_stereo_s16.npy")
+    np.testing.assert_allclose(feature, np.load(expected / "audio" / "bwv26.6_44k1_stereo_s16.npy"), atol=1e-5)
+    for name in ("midi", "xml", "text"):
+        code, lines, err = run(scripts["embd"], [demo[name], tmp_path / "f" / name, "--get_global", *model], capsys)
+        assert code == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "f" / "text" / "bwv26.6.npy"), np.load(expected / "txt" / "bwv26.6.npy"),
+                               atol=1e-5)
+
+    code, lines, err = run(scripts["search"], [demo["text"] / "bwv26.6.txt", demo["midi"], *model], capsys)
+    assert code == 0, err
+    assert lines[:3] == ["Detected query modality: txt", "Detected reference modality: mid",
+                         "Top 2 results among 2 candidates:"]
+    # the same lines from the features clamp3_embd wrote
+    code, feature_lines, _ = run(scripts["search"], [tmp_path / "f" / "text" / "bwv26.6.npy", tmp_path / "f" / "midi",
+                                                     *model], capsys)
+    assert feature_lines == lines[2:]
+    code, lines, err = run(scripts["score"], [demo["midi"], demo["xml"], "--output_dir", tmp_path, *model], capsys)
+    assert code == 0, err
+    assert lines[2:5] == [f"There are 1 unmatched query or reference files. Check '{tmp_path / 'unmatched_files.jsonl'}' "
+                          "for details.", "There are 1 common keys between query and reference features.",
+                          "Total query features: 1"]
+    code, lines, err = run(scripts["eval"], [demo["text"], demo["midi"], "--output_dir", tmp_path, *model], capsys)
+    assert code == 0, err
+    assert lines[2] == "There are 2 common keys between query and reference features."
+    code, lines, err = run(scripts["eval"], [demo["text"], demo["audio"], *model], capsys)
+    assert code == 1 and "unmatched" in err  # audio keys are the rendering names: nothing mirrors the texts
+
+    # a second run of any command on the same folders does no model work: everything is in the cache
+    code, _, err = run(scripts["embd"], [demo["midi"], tmp_path / "again", "--get_global", *model], capsys)
+    assert "0 encoded, 2 from cache" in err
+
+
+def test_zero_shot_with_clamp3(demo, tmp_path, capsys):
+    zero_shot = load_script("semantic_search/zero_shot.py")
+    folder = tmp_path / "mixed"
+    shutil.copytree(demo["midi"], folder)
+    shutil.copy(demo["audio"] / "bwv26.6_44k1_stereo_s16.wav", folder)
+    code = zero_shot.main([str(folder), "--labels", "jig,chorale", "--model", "clamp3", "--output",
+                           str(tmp_path / "z.json"), "--no_cache", *CLAMP3])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(json.loads((tmp_path / "z.json").read_text())) == ["banish_misfortune.mid", "bwv26.6.mid",
+                                                                      "bwv26.6_44k1_stereo_s16.wav"]

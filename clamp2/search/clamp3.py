@@ -415,6 +415,7 @@ def search_lines(hits: Sequence[Tuple[str, str, float]], candidates: int) -> Lis
 FAMILIES = ("clamp3", "clamp2")
 CLAMP2_MODALITIES = ("txt", "xml", "mid", "abc", "mtf")
 CLAMP3_MODALITIES = CLAMP2_MODALITIES + ("audio",)
+CLAMP3_HUB_ID = "sander-wood/clamp3"
 
 
 def add_arguments(parser, *, outputs: bool = True) -> None:
@@ -452,13 +453,25 @@ def family_from_args(args, cfg) -> ModelFamily:
 
 
 def clamp3_from_args(args, cfg):
-    """The CLaMP 3 model of the options; defaults from ``code/config.py``."""
-    from .. import api
+    """The CLaMP 3 model of the options; defaults from ``code/config.py``.
 
-    if not hasattr(api, "CLaMP3"):
-        raise CommandError("Error: this checkout has no CLaMP 3 model API (clamp2.api.CLaMP3); use --model clamp2 "
-                           "or .npy features")
-    raise CommandError("Error: CLaMP 3 raw-file encoding is not wired yet")
+    ``--weights`` (a file, a folder or a hub id; ``--variant`` picks the published file in a folder
+    or hub repo), else config.py's file name for the variant when that file exists here, else the
+    published file of ``sander-wood/clamp3`` from the Hugging Face cache.
+    """
+    from ..api import CLaMP3
+    from ..cache import cache_from_args
+    from ..configuration import clamp3_weights_name
+
+    weights = args.weights
+    if weights is None:
+        name = cfg.CLAMP3_WEIGHTS_PATH if args.variant is None else clamp3_weights_name(cfg, args.variant)
+        weights = name if Path(name).is_file() else CLAMP3_HUB_ID
+    return CLaMP3.from_pretrained(weights, text_model=args.text_model or cfg.TEXT_MODEL_NAME,
+                                  variant=args.variant or (None if args.weights else cfg.CLAMP3_VARIANT),
+                                  mert=args.mert, max_text_length=cfg.MAX_TEXT_LENGTH, device=args.device,
+                                  dtype=args.dtype, batch_size=args.batch_size, cache=cache_from_args(args),
+                                  num_workers=args.num_workers)
 
 
 def say_failures(side: Side, stream=None) -> None:
