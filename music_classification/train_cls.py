@@ -5,6 +5,7 @@
     python music_classification/train_cls.py --train_folders feats --batch_size 64 --patience 20 --weights probe.pth
     python music_classification/train_cls.py --train_folders feats --folds 5 --batch_size 64 --patience 20
     torchrun --nproc_per_node=4 music_classification/train_cls.py --train_folders feats --weights probe.pth
+    python music_classification/train_cls.py --probe clamp3 --train_folder clamp3_global_feats --balanced_training
 
 Inputs are the .npy files of code/extract_m3.py or code/extract_clamp2.py: per-position
 [1, L, D] or global [1, D] (D is read from the files). The probe is the reference's: Linear(D→768)
@@ -17,7 +18,10 @@ every file the output it gets alone (training steps differ: fewer, larger ones).
 Writes the best probe by eval accuracy (with its label map) to --weights, latest_<weights> every
 minute and at the end (a re-run resumes from it), the reference's per-epoch log (logs-<name>.txt), and a report
 folder: metrics.json, report.txt (per-class precision/recall/F1), confusion_matrix.png,
-learning_curve.png. --folds K runs stratified K-fold cross-validation and prints mean ± std.
+learning_curve.png. --probe clamp3 trains CLaMP 3's probe instead (SPEC_CLAMP3 §20): one Linear(D→classes)
+and softmax on global features ([1, D] or [D]; per-position files are listed and left out), same
+loss, optimizer, split, balancing and checkpoints (plus input_size); the reference's argument names
+(--train_folder, --eval_folder, --num_epochs, --balanced_training) are accepted. --folds K runs stratified K-fold cross-validation and prints mean ± std.
 gloo on CPU, NCCL on CUDA; AMP on CUDA only. Exit status: 0 done, 1 done but files were skipped
 (listed with reasons), 2 usage or data error.
 """
@@ -35,26 +39,31 @@ from clamp2.probe.train import BASE_SEED, EVAL_SPLIT, LEARNING_RATE, NUM_EPOCHS
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--train_folders", nargs="+", required=True,
+    parser.add_argument("--probe", choices=("clamp2", "clamp3"), default="clamp2",
+                        help="clamp2: the CLaMP 2 probe (hidden layer, mean over positions; any features); clamp3: "
+                             "CLaMP 3's single linear layer on global [1, D] / [D] features (per-position files "
+                             "are rejected)")
+    parser.add_argument("--train_folders", "--train_folder", nargs="+", required=True,
                         help="folders searched recursively for .npy features named <label>_<anything>.npy")
-    parser.add_argument("--eval_folders", nargs="+", default=None,
+    parser.add_argument("--eval_folders", "--eval_folder", nargs="+", default=None,
                         help="evaluation folders (default: --eval_split of the training files, seeded)")
     parser.add_argument("--weights", default=None,
                         help="best-probe file (default: weights-<last training folder name>.pth, as the reference)")
     parser.add_argument("--logs", default=None, help="per-epoch log file (default: logs-<name>.txt beside --weights)")
     parser.add_argument("--report_dir", default=None, help="report folder (default: <weights name>_report)")
-    parser.add_argument("--epochs", type=int, default=NUM_EPOCHS, help=f"maximum epochs ({NUM_EPOCHS})")
+    parser.add_argument("--epochs", "--num_epochs", type=int, default=NUM_EPOCHS, help=f"maximum epochs ({NUM_EPOCHS})")
     parser.add_argument("--batch_size", type=int, default=1,
                         help="files per step and process (1, the reference's); padded and masked")
     parser.add_argument("--eval_batch_size", type=int, default=None,
                         help="files per evaluation batch (default: --batch_size); results do not depend on it")
     parser.add_argument("--learning_rate", type=float, default=LEARNING_RATE, help=f"AdamW learning rate ({LEARNING_RATE:g})")
-    parser.add_argument("--hidden_size", type=int, default=HIDDEN_SIZE, help=f"probe hidden size ({HIDDEN_SIZE})")
+    parser.add_argument("--hidden_size", type=int, default=HIDDEN_SIZE,
+                        help=f"hidden size of the clamp2 probe ({HIDDEN_SIZE}; the clamp3 probe has none)")
     parser.add_argument("--warmup", action="store_true",
                         help="warm the learning rate up linearly over the first epoch (the reference meant to, but "
                              "its warm-up never applies; default: constant)")
     parser.add_argument("--warmup_steps", type=int, default=None, help="warm up over this many steps instead")
-    parser.add_argument("--balanced", action="store_true",
+    parser.add_argument("--balanced", "--balanced_training", action="store_true",
                         help="every epoch, draw as many files of each label as the rarest label has "
                              "(the reference's BALANCED_TRAINING)")
     parser.add_argument("--eval_split", type=float, default=EVAL_SPLIT,

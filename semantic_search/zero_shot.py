@@ -3,6 +3,7 @@
     python semantic_search/zero_shot.py FOLDER --labels jig,reel,waltz [--prompt "a {} tune"]
     python semantic_search/zero_shot.py FOLDER --labels_file labels.txt --output predictions.json \\
         --confusion_png confusion.png --weights weights_clamp2_....pth --text_model xlm-roberta-base
+    python semantic_search/zero_shot.py AUDIO_FOLDER --labels jig,reel,waltz --model clamp3 --variant saas
 
 Every music file under FOLDER (MusicXML, MIDI, standard or interleaved ABC, MTF) is converted as the
 batch pipeline converts it and encoded through the feature cache (``--cache DIR``, ``--no_cache``);
@@ -11,7 +12,9 @@ similar CLaMP 2 text feature (cosine). ``{relative path: label}`` is written as 
 ``--output``. When file names start with a label and ``_`` (``reel_0042.mid``) the accuracy,
 macro-F1 and confusion matrix over those files are printed (``--confusion_png`` saves the matrix).
 ``--weights`` and ``--text_model`` are those of ``code/extract_clamp2.py`` (defaults from
-``code/config.py``; ``--weights`` also takes a hub id such as sander-wood/clamp2). Files that cannot
+``code/config.py``; ``--weights`` also takes a hub id such as sander-wood/clamp2). ``--model clamp3``
+classifies with CLaMP 3 instead (``--variant saas|c2``, ``--mert`` for audio): audio files
+(.wav/.mp3/.flac/.ogg) are then classified too. Files that cannot
 be converted are listed with their reasons. Exit status: 0 all files classified, 1 some failed,
 2 usage or model error.
 """
@@ -40,8 +43,24 @@ def parse_args(argv=None):
                         help="JSON file of {relative path: label} (default zero_shot.json)")
     parser.add_argument("--confusion_png", type=Path, default=None,
                         help="save the confusion matrix as a PNG (when file names carry labels)")
+    parser.add_argument("--model", choices=("clamp2", "clamp3"), default="clamp2",
+                        help="model family (default clamp2; clamp3 also classifies audio)")
+    parser.add_argument("--variant", choices=("saas", "c2"), default=None,
+                        help="CLaMP 3 weights: saas (best for audio) or c2 (sheet music/MIDI); default config.py's")
+    parser.add_argument("--mert", default=None, help="MERT-v1-95M folder or hub id for CLaMP 3's audio inputs")
     add_model_arguments(parser)
     return parser.parse_args(argv)
+
+
+def load_model(args, cfg):
+    if args.model == "clamp3":
+        from clamp2.search.clamp3 import CommandError, clamp3_from_args
+
+        try:
+            return clamp3_from_args(args, cfg)
+        except CommandError as exc:
+            raise ValueError(str(exc).removeprefix("Error: ")) from None
+    return clamp2_from_args(args, cfg)
 
 
 def main(argv=None) -> int:
@@ -60,7 +79,7 @@ def main(argv=None) -> int:
         fail_usage(f"folder not found: {args.folder}")
     cfg = load_script_config(__file__)
     try:
-        model = clamp2_from_args(args, cfg)
+        model = load_model(args, cfg)
         label_features = model.encode_text(prompts)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -69,7 +88,8 @@ def main(argv=None) -> int:
     for name, (_, reason) in zip(encoded.failed_names, encoded.failures):
         print(f"failed: {name}: {' '.join(reason.split())}", file=sys.stderr)
     if not len(encoded) and not encoded.failures:
-        fail_usage(f"no music files (.xml/.mxl/.musicxml/.mid/.midi/.abc/.mtf) under {args.folder}")
+        audio = "/.wav/.mp3/.flac/.ogg" if args.model == "clamp3" else ""
+        fail_usage(f"no music files (.xml/.mxl/.musicxml/.mid/.midi/.abc/.mtf{audio}) under {args.folder}")
 
     predictions = {}
     if len(encoded):

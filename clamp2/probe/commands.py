@@ -23,6 +23,7 @@ from ..training.data import split_eval
 from .data import (FeatureError, FeatureSet, ProbeUsageError, check_classes, discover, label_map, label_of,
                    scan_features)
 from .infer import load_probe, predict_features
+from .model import LinearClassifier
 from .report import class_table, mean_std, scores, write_report
 from .train import ONE_EPOCH, ProbeResult, ProbeSettings, logs_path_for, say, train_probe
 
@@ -57,7 +58,7 @@ def usage_problem(args) -> Optional[str]:
         return "--folds splits the training folders itself: drop --eval_folders (or drop --folds)"
     if args.warmup_steps is not None and args.warmup_steps < 0:
         return "--warmup_steps must be 0 or more"
-    if args.hidden_size < 1:
+    if args.hidden_size < 1 and args.probe == "clamp2":
         return "--hidden_size must be at least 1"
     return None
 
@@ -74,7 +75,7 @@ def settings_from_args(args) -> ProbeSettings:
     return ProbeSettings(weights_path=weights, logs_path=Path(args.logs) if args.logs else logs_path_for(weights),
                          epochs=args.epochs, batch_size=args.batch_size,
                          eval_batch_size=args.eval_batch_size or args.batch_size, learning_rate=args.learning_rate,
-                         hidden_size=args.hidden_size, warmup_steps=warmup, balanced=args.balanced,
+                         hidden_size=args.hidden_size if args.probe == "clamp2" else 0, warmup_steps=warmup, balanced=args.balanced,
                          patience=args.patience, seed=args.seed, precision=args.precision,
                          resume=not args.no_resume, progress=not args.no_progress, num_workers=args.num_workers,
                          checkpoint_interval=args.checkpoint_interval)
@@ -122,7 +123,8 @@ def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
         raise ProbeUsageError(f"{len(shared)} file(s) are both in the training and the eval folders, e.g. "
                               f"{shared[0]}: evaluation must use other files")
     features, skipped = scan_features(train_paths + eval_paths, need_labels=True,
-                                      cache_bytes=int(args.cache_gb * BYTES_PER_GB), progress=progress)
+                                      cache_bytes=int(args.cache_gb * BYTES_PER_GB), progress=progress,
+                                      global_only=settings.hidden_size == 0)
     list_skipped(dist_info, skipped)
     if not len(features):
         raise ProbeUsageError(f"none of the {len(skipped)} feature files can be used (reasons listed above)")
@@ -263,7 +265,8 @@ def inference_command(args) -> int:
         probe = load_probe(args.weights, device)
         paths = discover([args.features], "features")
         features, skipped = scan_features(paths, need_labels=False, expected_dim=probe.input_size,
-                                          cache_bytes=int(args.cache_gb * BYTES_PER_GB), progress=not args.no_progress)
+                                          cache_bytes=int(args.cache_gb * BYTES_PER_GB), progress=not args.no_progress,
+                                          global_only=isinstance(probe.model, LinearClassifier))
     except ProbeUsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

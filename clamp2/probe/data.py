@@ -65,9 +65,11 @@ def read_feature(path: str | os.PathLike) -> Tuple[np.ndarray, str]:
         positions, kind = array[0], PER_POSITION
     elif array.ndim == 2 and array.shape[0] == 1:
         positions, kind = array, GLOBAL
+    elif array.ndim == 1:  # CLaMP 3's probe also takes a bare [D] vector
+        positions, kind = array[None], GLOBAL
     else:
-        raise FeatureError(f"shape {list(array.shape)}: expected [1, L, D] (per-position) or [1, D] (global), "
-                           "as the extraction scripts write")
+        raise FeatureError(f"shape {list(array.shape)}: expected [1, L, D] (per-position) or [1, D] / [D] "
+                           "(global), as the extraction scripts write")
     if not np.issubdtype(array.dtype, np.floating):
         raise FeatureError(f"holds {array.dtype} values, not floating-point features")
     if positions.shape[0] == 0 or positions.shape[1] == 0:
@@ -147,12 +149,17 @@ class FeatureSet:
         return self.dims[0]
 
 
+GLOBAL_ONLY = ("per-position features [1, L, D]: CLaMP 3's linear probe takes one global feature per file "
+               "([1, D] or [D]; extract with --get_global / --normalize)")
+
+
 def scan_features(paths: Sequence[Path], need_labels: bool, expected_dim: Optional[int] = None,
-                  cache_bytes: int = 0, progress: bool = True, desc: str = "checking features"
-                  ) -> Tuple[FeatureSet, List[Tuple[Path, str]]]:
+                  cache_bytes: int = 0, progress: bool = True, desc: str = "checking features",
+                  global_only: bool = False) -> Tuple[FeatureSet, List[Tuple[Path, str]]]:
     """Read and check every file once; returns the usable files and ``(path, reason)`` for the others.
 
-    ``expected_dim`` (a trained probe's input size) turns a different feature size into a skip.
+    ``expected_dim`` (a trained probe's input size) turns a different feature size into a skip;
+    ``global_only`` (CLaMP 3's probe) a per-position file.
     The arrays are kept in memory when the files' total size is at most ``cache_bytes``.
     """
     total = 0
@@ -169,6 +176,8 @@ def scan_features(paths: Sequence[Path], need_labels: bool, expected_dim: Option
         try:
             label = label_of(path) if need_labels else None
             positions, kind = read_feature(path)
+            if global_only and kind != GLOBAL:
+                raise FeatureError(GLOBAL_ONLY)
             if expected_dim is not None and positions.shape[1] != expected_dim:
                 raise FeatureError(f"feature size {positions.shape[1]}, the probe takes {expected_dim}")
         except FeatureError as exc:

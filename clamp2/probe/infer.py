@@ -12,20 +12,22 @@ import torch
 from ..checkpoint import load_state, read_checkpoint, state_dict_of
 from ..distributed import DistInfo
 from .data import FeatureSet, ProbeDataset, ProbeUsageError
-from .model import LinearProbe, probe_from_state
+from torch import nn
+
+from .model import probe_from_state
 from .train import predict
 
 
 @dataclass
 class TrainedProbe:
-    model: LinearProbe
+    model: nn.Module  # LinearProbe (CLaMP 2) or LinearClassifier (CLaMP 3)
     class_names: List[str]  # index → label
     epoch: int
     max_eval_acc: float
 
     @property
     def input_size(self) -> int:
-        return self.model.fc1.in_features
+        return self.model.input_size
 
 
 def load_probe(path: str | os.PathLike, device: torch.device = torch.device("cpu")) -> TrainedProbe:
@@ -48,8 +50,9 @@ def load_probe(path: str | os.PathLike, device: torch.device = torch.device("cpu
     except (KeyError, RuntimeError) as exc:
         raise ProbeUsageError(f"{path}: {' '.join(str(exc).split())}") from None
     names = [label for label, _ in sorted(labels.items(), key=lambda item: item[1])]
-    if sorted(labels.values()) != list(range(len(names))) or len(names) != model.fc2.out_features:
-        raise ProbeUsageError(f"{path}: its label map does not match its {model.fc2.out_features} classes")
+    classes = (model.fc if hasattr(model, "fc") else model.fc2).out_features
+    if sorted(labels.values()) != list(range(len(names))) or len(names) != classes:
+        raise ProbeUsageError(f"{path}: its label map does not match its {classes} classes")
     return TrainedProbe(model.to(device).eval(), names, int(checkpoint.get("epoch", 0)),
                         float(checkpoint.get("max_eval_acc", float("nan"))))
 

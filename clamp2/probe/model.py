@@ -1,4 +1,7 @@
-"""The reference's linear probe (SPEC §10), with a padding mask so batches give batch-size-1 results.
+"""The references' linear probes, with a padding mask so batches give batch-size-1 results.
+
+CLaMP 2's (SPEC §10, :class:`LinearProbe`) and CLaMP 3's (SPEC_CLAMP3 §20, :class:`LinearClassifier`,
+``hidden_size`` 0 in :func:`build_probe`).
 
 Linear(D→H) and ReLU on every position, mean over the positions, Linear(H→classes), softmax. The
 loss is cross-entropy applied to that softmax output (a second softmax inside the loss): the
@@ -18,6 +21,8 @@ HIDDEN_SIZE = 768  # the reference's HIDDEN_SIZE
 
 
 class LinearProbe(nn.Module):
+    """CLaMP 2's probe: per-position Linear(D→H) + ReLU, mean over positions, Linear(H→classes), softmax."""
+
     def __init__(self, input_size: int, num_classes: int, hidden_size: int = HIDDEN_SIZE):
         super().__init__()
         self.fc1 = nn.Linear(input_size, hidden_size)
@@ -45,13 +50,52 @@ class LinearProbe(nn.Module):
         return self.softmax(self.fc2(pooled))
 
 
+    @property
+    def input_size(self) -> int:
+        return self.fc1.in_features
+
+
+class LinearClassifier(nn.Module):
+    """CLaMP 3's probe: one Linear(D→classes) on a global feature, then softmax (no hidden layer, no mean).
+
+    The parameter names (``fc``) are the reference's, so its checkpoints load unchanged. Inputs are
+    global features, ``[B, D]`` or ``[B, 1, D]`` (what batches of ``[1, D]`` files look like).
+    """
+
+    def __init__(self, input_size: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(input_size, num_classes)
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if features.dim() == 3:
+            if features.shape[1] != 1 or mask is not None:
+                raise ValueError("CLaMP 3's linear probe takes global features [1, D], not per-position ones")
+            features = features[:, 0]
+        return self.softmax(self.fc(features))
+
+    @property
+    def input_size(self) -> int:
+        return self.fc.in_features
+
+
+def build_probe(input_size: int, num_classes: int, hidden_size: int = HIDDEN_SIZE) -> nn.Module:
+    """CLaMP 2's probe with ``hidden_size`` > 0, CLaMP 3's single linear layer with ``hidden_size`` 0."""
+    if hidden_size == 0:
+        return LinearClassifier(input_size, num_classes)
+    return LinearProbe(input_size, num_classes, hidden_size)
+
+
 def probe_loss(probabilities: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy on the probabilities, as the reference computes it (log-softmax of a softmax)."""
     return F.cross_entropy(probabilities.float(), targets, reduction=reduction)
 
 
-def probe_from_state(state: Mapping[str, torch.Tensor]) -> LinearProbe:
+def probe_from_state(state: Mapping[str, torch.Tensor]) -> nn.Module:
     """An untrained probe with the sizes of a state dict (input, hidden and class counts from its shapes)."""
+    if "fc.weight" in state and "fc1.weight" not in state:
+        num_classes, input_size = state["fc.weight"].shape
+        return LinearClassifier(int(input_size), int(num_classes))
     missing = [key for key in ("fc1.weight", "fc2.weight") if key not in state]
     if missing:
         raise KeyError(f"no {', '.join(missing)} entry: not a linear-probe checkpoint")

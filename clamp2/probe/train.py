@@ -42,7 +42,7 @@ from ..files import remove_partial_files
 from ..progress import progress_bar, write_line
 from ..training.loop import Precision, optimizer_step
 from .data import EpochSampler, FeatureSet, ProbeDataset, ProbeUsageError, collate_batch
-from .model import HIDDEN_SIZE, LinearProbe, probe_loss
+from .model import HIDDEN_SIZE, build_probe, probe_loss
 from .report import HISTORY_FIELDS, macro_f1, scores
 
 BASE_SEED = 42
@@ -60,7 +60,7 @@ class ProbeSettings:
     batch_size: int = 1
     eval_batch_size: int = 1
     learning_rate: float = LEARNING_RATE
-    hidden_size: int = HIDDEN_SIZE
+    hidden_size: int = HIDDEN_SIZE  # 0: CLaMP 3's single linear layer
     warmup_steps: int = 0
     balanced: bool = False
     patience: int = 0  # 0: no early stopping
@@ -265,7 +265,7 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
     precision = Precision.choose(device, settings.precision)
 
     seed_everything(settings.seed)
-    model = LinearProbe(input_size, num_classes, settings.hidden_size).to(device)
+    model = build_probe(input_size, num_classes, settings.hidden_size).to(device)
     seed_everything(settings.seed + dist_info.rank)
     if checkpoint is not None:
         load_state(model, state_dict_of(checkpoint), source=f"checkpoint {source}")

@@ -368,6 +368,30 @@ def read_folder(folder: str | os.PathLike, *, sort: bool = True, progress: bool 
     return FeatureSet(str(folder), kept, matrix[:len(kept)], np.concatenate(norms), skipped)
 
 
+def read_tree(folder: str | os.PathLike, *, progress: bool = True) -> FeatureSet:
+    """Every usable ``.npy`` file under ``folder``, sub-folders included (CLaMP 3's tools walk them).
+
+    ``names`` are the paths relative to ``folder`` (POSIX, sorted); ``keys`` stay the file names up
+    to their first ``.``. A folder without any ``.npy`` file is a ``FeatureError``.
+    """
+    from clamp2.files import find_files
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FeatureError(f"{folder}: no such folder")
+    names = [path.relative_to(root).as_posix() for path in find_files(root, (NPY_SUFFIX,))]
+    if not names:
+        raise FeatureError(f"{folder}: no .npy files in the folder or its sub-folders")
+    skipped: list[SkippedFile] = []
+    blocks = list(_stream_rows(root, names, skipped=skipped, progress=progress))
+    kept = [name for block in blocks for name in block.names]
+    dim = blocks[0].matrix.shape[1] if blocks else 0
+    matrix = np.concatenate([b.matrix for b in blocks]) if blocks else np.zeros((0, dim), np.float32)
+    norms = np.concatenate([b.norms for b in blocks]) if blocks else np.zeros(0)
+    skipped.sort(key=lambda s: s.path)
+    return FeatureSet(str(folder), kept, matrix, norms, skipped, [feature_key(Path(n).name) for n in kept])
+
+
 def is_index(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 

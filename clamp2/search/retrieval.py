@@ -38,7 +38,7 @@ import torch
 
 from clamp2.search.feature_store import BLOCK_ROWS, load_features
 
-__all__ = ["load_features", "score_tolerance", "exact_cosine", "Searcher", "top_k", "RankResult", "rank_true_matches",
+__all__ = ["load_features", "score_tolerance", "exact_cosine", "Searcher", "top_k", "RankResult", "rank_true_matches", "rank_queries",
            "metrics_from_ranks", "retrieval_metrics", "mean_vector", "mean_vector_cosine", "pairwise_scores",
            "format_search", "format_metrics", "format_score", "format_pairwise", "unit_rows", "as_cpu_tensor",
            "full_float32_matmul", "default_device", "add_compute_arguments"]
@@ -443,33 +443,68 @@ def rank_true_matches(query_keys: Sequence[str], query_matrix: np.ndarray, ref_k
     queries, refs = _take_rows(query_matrix, q_rows), _take_rows(ref_matrix, r_rows)
     q_norms = None if query_norms is None else np.asarray(query_norms)[q_rows]
     r_norms = None if ref_norms is None else np.asarray(ref_norms)[r_rows]
+    ranks, tops = _rank_rows(queries, refs, np.arange(len(common), dtype=np.int64), common, query_norms=q_norms,
+                             ref_norms=r_norms, device=device, top=top, memory_mb=memory_mb, progress=progress)
+    return RankResult(common, ranks, tops)
+
+
+def rank_queries(query_matrix: np.ndarray, true_rows: Sequence[int], ref_matrix: np.ndarray, *,
+                 device: str | torch.device = "cpu", memory_mb: Optional[float] = None,
+                 progress: bool = False) -> np.ndarray:
+    """Rank of reference ``true_rows[i]`` for query ``i`` among all rows of ``ref_matrix`` (1 = best).
+
+    As :func:`rank_true_matches` (reference-exact float32 cosines, ties go to the true match), but
+    several queries may share one true reference (CLaMP 3's evaluation: ``a.1.wav`` and ``a.2.wav``
+    both look for reference ``a``).
+    """
+    query_matrix = np.asarray(query_matrix, dtype=np.float32)
+    ref_matrix = np.asarray(ref_matrix, dtype=np.float32)
+    if query_matrix.shape[1] != ref_matrix.shape[1]:
+        raise ValueError(f"query features have dimension {query_matrix.shape[1]}, "
+                         f"reference features {ref_matrix.shape[1]}")
+    true_rows = np.asarray(true_rows, dtype=np.int64)
+    if len(true_rows) != len(query_matrix):
+        raise ValueError(f"{len(true_rows)} true rows for {len(query_matrix)} queries")
+    if len(query_matrix) == 0:
+        raise ValueError("no query: metrics need at least one query with a reference of the same key")
+    ranks, _ = _rank_rows(query_matrix, ref_matrix, true_rows, None, device=device, memory_mb=memory_mb,
+                          progress=progress)
+    return ranks
+
+
+def _rank_rows(queries: np.ndarray, refs: np.ndarray, true_rows: np.ndarray, keys: Optional[list], *,
+               query_norms: Optional[np.ndarray] = None, ref_norms: Optional[np.ndarray] = None,
+               device: str | torch.device = "cpu", top: int = 0, memory_mb: Optional[float] = None,
+               progress: bool = False) -> tuple[np.ndarray, Optional[list]]:
+    """Ranks of ``refs[true_rows[i]]`` for each query ``i``, and (``top`` > 0, ``keys`` of the refs)
+    each query's best ``top`` references."""
     device = _resolve_device(device)
-    n, tolerance = len(common), score_tolerance(queries.shape[1])
-    ref_units = torch.from_numpy(unit_rows(refs, r_norms)).to(device)
-    query_units = unit_rows(queries, q_norms)
-    chunk = int(max(1, min(n, _memory_bytes(device, memory_mb) // (n * 12))))
-    ranks = np.empty(n, dtype=np.int64)
-    tops: list = [None] * n if top > 0 else None
+    q, n, tolerance = len(queries), len(refs), score_tolerance(queries.shape[1])
+    ref_units = torch.from_numpy(unit_rows(refs, ref_norms)).to(device)
+    query_units = unit_rows(queries, query_norms)
+    chunk = int(max(1, min(q, _memory_bytes(device, memory_mb) // (n * 12))))
+    ranks = np.empty(q, dtype=np.int64)
+    tops: list = [None] * q if top > 0 else None
     pending = _PendingPairs()
-    bar = _progress(n, "ranking queries", "query", progress and n * n >= PROGRESS_MIN_SCORES)
+    bar = _progress(q, "ranking queries", "query", progress and q * n >= PROGRESS_MIN_SCORES)
     # One score buffer for all blocks: fresh 100 MB allocations cost page faults every block.
     buffer = torch.empty(chunk * n, dtype=torch.float32, device=device)
     with full_float32_matmul(), torch.no_grad():
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
+        for start in range(0, q, chunk):
+            stop = min(q, start + chunk)
             scores = buffer[:(stop - start) * n].view(stop - start, n)
             torch.matmul(torch.from_numpy(query_units[start:stop]).to(device), ref_units.T, out=scores)
-            ranks[start:stop], unsure = _chunk_ranks(scores, start, tolerance)
+            ranks[start:stop], unsure = _chunk_ranks(scores, start, true_rows[start:stop], tolerance)
             pending.unsure.append(unsure)
             if top > 0:
                 kth = scores.topk(min(top, n), dim=1).values[:, -1].cpu().numpy()
                 rows, cols, _ = _pairs_at_least(scores, kth - np.float32(tolerance))
                 pending.top.append((rows + start, cols))
-            if pending.size() > EXACT_BATCH_PAIRS or stop == n:
-                pending.resolve(queries, refs, ranks, tops, common, top)
+            if pending.size() > EXACT_BATCH_PAIRS or stop == q:
+                pending.resolve(queries, refs, true_rows, ranks, tops, keys, top)
             bar.update(stop - start)
     bar.close()
-    return RankResult(common, ranks, tops)
+    return ranks, tops
 
 
 class _PendingPairs:
@@ -482,8 +517,8 @@ class _PendingPairs:
     def size(self) -> int:
         return sum(len(q) for q, _ in self.unsure + self.top)
 
-    def resolve(self, queries: np.ndarray, refs: np.ndarray, ranks: np.ndarray, tops: Optional[list],
-                keys: list[str], top: int) -> None:
+    def resolve(self, queries: np.ndarray, refs: np.ndarray, true_rows: np.ndarray, ranks: np.ndarray,
+                tops: Optional[list], keys: Optional[list], top: int) -> None:
         """Add the unsure references that beat their true match to ``ranks``; fill ``tops``."""
         empty = np.empty(0, dtype=np.int64)
         unsure_q = np.concatenate([q for q, _ in self.unsure] + [empty])
@@ -492,7 +527,7 @@ class _PendingPairs:
         top_q = np.concatenate([q for q, _ in self.top] + [empty])
         top_r = np.concatenate([r for _, r in self.top] + [empty])
         exact = exact_cosine(_take_rows(queries, np.concatenate([unsure_q, asked, top_q])),
-                             _take_rows(refs, np.concatenate([unsure_r, asked, top_r])))
+                             _take_rows(refs, np.concatenate([unsure_r, true_rows[asked], top_r])))
         true_exact = np.zeros(len(ranks), dtype=np.float32)
         true_exact[asked] = exact[len(unsure_q):len(unsure_q) + len(asked)]
         ranks += np.bincount(unsure_q, weights=exact[:len(unsure_q)] > true_exact[unsure_q],
@@ -500,15 +535,16 @@ class _PendingPairs:
         if tops is not None and len(top_q):
             top_scores = exact[len(unsure_q) + len(asked):]
             for q, where in zip(np.unique(top_q), _group_sorted(top_q)):
-                tops[q] = _sorted_hits(top_r[where], top_scores[where], keys, min(top, len(keys)), first=q)
+                tops[q] = _sorted_hits(top_r[where], top_scores[where], keys, min(top, len(keys)), first=true_rows[q])
         self.unsure, self.top = [], []
 
 
-def _chunk_ranks(scores: torch.Tensor, start: int,
+def _chunk_ranks(scores: torch.Tensor, start: int, true_rows: np.ndarray,
                  tolerance: float) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Ranks from the product for queries ``start ...`` (true match: column ``start + row``), and the
+    """Ranks from the product for queries ``start ...`` (true match of row i: column ``true_rows[i]``), and the
     (query, reference) pairs too close to the true match's score to be placed without the exact cosine."""
-    true_scores = scores.diagonal(offset=start).cpu().numpy()
+    columns = torch.from_numpy(np.ascontiguousarray(true_rows)).to(scores.device)
+    true_scores = scores.gather(1, columns[:, None])[:, 0].cpu().numpy()
     high, low = true_scores + np.float32(tolerance), true_scores - np.float32(tolerance)
     above = _count_per_row(scores, high, strict=True)
     near = _count_per_row(scores, low, strict=False) - above - 1
@@ -517,7 +553,7 @@ def _chunk_ranks(scores: torch.Tensor, start: int,
     if not len(unsure):
         return ranks, (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
     pair_row, pair_ref, pair_fast = _pairs_at_least(scores[torch.from_numpy(unsure).to(scores.device)], low[unsure])
-    keep = (pair_fast <= high[unsure][pair_row]) & (pair_ref != unsure[pair_row] + start)
+    keep = (pair_fast <= high[unsure][pair_row]) & (pair_ref != true_rows[unsure][pair_row])
     return ranks, (unsure[pair_row[keep]] + start, pair_ref[keep])
 
 

@@ -1,0 +1,180 @@
+"""Images as text for CLaMP 3 (SPEC_CLAMP3 §19): a BLIP caption of each image, then the caption's text feature.
+
+``Salesforce/blip-image-captioning-base`` through transformers' ``BlipProcessor`` and
+``BlipForConditionalGeneration``, loaded from a local folder or from the Hugging Face cache only
+(nothing is downloaded here). Each image is opened and converted to RGB, given to the processor
+without a text prompt (unconditional captioning) and to ``generate`` with the model's own
+generation settings; the output is decoded with ``skip_special_tokens=True``.
+
+Captions are cached like features (keyed on the image's bytes and the captioner's files), so a
+second run on the same images runs no BLIP either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+BLIP_MODEL = "Salesforce/blip-image-captioning-base"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CAPTION_KIND = "image-caption"
+
+
+class CaptionerError(OSError):
+    """The captioner cannot be loaded (not downloaded, not a BLIP folder)."""
+
+
+def _hub_folder(name: str) -> Optional[Path]:
+    """The cached snapshot folder of a hub id, or None when it is not in the cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(name, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _folder_fingerprint(folder: Path, cache_dir: Optional[Path]) -> str:
+    """sha256 over the folder's files (large weight files hashed once, memoized like checkpoints)."""
+    from clamp2.cache import weights_fingerprint
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(path.name.encode("utf-8") + b"\0" + weights_fingerprint(path, cache_dir).encode("ascii") + b"\n")
+    return digest.hexdigest()
+
+
+def captioner_folder(name: str | os.PathLike = BLIP_MODEL) -> Path:
+    """The folder of a captioner: ``name`` itself, or the cached snapshot of a hub id (never downloaded)."""
+    folder = Path(name)
+    if folder.is_dir():
+        return folder
+    cached = _hub_folder(str(name))
+    if cached is None:
+        raise CaptionerError(
+            f"the image captioner {name} is neither a local folder nor in the Hugging Face cache, and nothing is "
+            f"downloaded here: on a machine with network run `huggingface-cli download {BLIP_MODEL}` "
+            f"(or save it to a folder and pass --captioner FOLDER)")
+    return cached
+
+
+class Captioner:
+    """A BLIP captioning model and its processor: ``caption(image path) -> str``."""
+
+    def __init__(self, model, processor, folder: Path, device=None):
+        import torch
+
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = model.eval().to(self.device)
+        self.processor = processor
+        self.folder = Path(folder)
+
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike = BLIP_MODEL, device=None) -> "Captioner":
+        """From a local folder (``save_pretrained`` layout) or a hub id already in the Hugging Face cache."""
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        folder = captioner_folder(name)
+        try:
+            processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
+            model = BlipForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CaptionerError(f"cannot load a BLIP captioner from {folder}: {' '.join(str(exc).split())}") from None
+        return cls(model, processor, folder, device)
+
+    def caption(self, image_path: str | os.PathLike) -> str:
+        """The unconditional caption of one image (greedy, the model's default generation settings)."""
+        import torch
+        from PIL import Image
+
+        with Image.open(image_path) as opened:
+            image = opened.convert("RGB")
+        inputs = self.processor(image, return_tensors="pt").to(self.device)
+        with torch.no_grad(), warnings.catch_warnings():
+            # The published generation config sets no max_length; transformers warns about its fallback.
+            warnings.simplefilter("ignore", UserWarning)
+            output = self.model.generate(**inputs)
+        return self.processor.decode(output[0], skip_special_tokens=True)
+
+
+@dataclass
+class Caption:
+    image: Path
+    text: str
+    cached: bool
+
+
+def _image_key(path: Path) -> str:
+    from clamp2.cache import entry_key
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return entry_key(CAPTION_KIND, digest.hexdigest())
+
+
+def caption_images(images: Sequence[Path], captioner: str | os.PathLike = BLIP_MODEL, cache=None, device=None,
+                   progress: bool = False) -> Tuple[List[Caption], List[Tuple[Path, str]]]:
+    """Captions of ``images`` by the captioner ``captioner`` (a folder or a cached hub id).
+
+    With ``cache`` (a :class:`~clamp2.cache.FeatureCache`) captions are keyed on the image's bytes
+    and the captioner's files, and the model is loaded only when some image is not cached yet.
+    Returns the captions and ``(image, reason)`` of the images that could not be captioned.
+    """
+    from clamp2.progress import progress_bar
+
+    folder = captioner_folder(captioner)
+    model: List[Captioner] = []
+    captions: List[Caption] = []
+    failures: List[Tuple[Path, str]] = []
+    namespace = None
+    if cache is not None:
+        namespace = cache.namespace({"model": CAPTION_KIND, "captioner": _folder_fingerprint(folder, cache.root)},
+                                    {"weights": str(folder)})
+    bar = progress_bar(total=len(images), desc="captioning", unit="image", enabled=progress)
+    try:
+        for path in images:
+            path = Path(path)
+            bar.update(1)
+            key = None
+            if namespace is not None:
+                try:
+                    key = _image_key(path)
+                except OSError as exc:
+                    failures.append((path, f"cannot read: {exc}"))
+                    continue
+                hit = namespace.get(key)
+                if hit is not None:
+                    captions.append(Caption(path, bytes(np.asarray(hit, dtype=np.uint8)).decode("utf-8"), True))
+                    continue
+            if not model:
+                model.append(Captioner.from_pretrained(folder, device))
+            try:
+                text = model[0].caption(path)
+            except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                failures.append((path, f"cannot caption: {' '.join(str(exc).split())}"))
+                continue
+            captions.append(Caption(path, text, False))
+            if namespace is not None:
+                try:
+                    namespace.put(key, np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
+                except OSError:
+                    pass  # a read-only cache only costs the captioning again
+    finally:
+        bar.close()
+    return captions, failures
+
+
+def write_caption(caption: str, path: str | os.PathLike) -> None:
+    """The caption as ``<stem>.txt``, without a trailing newline (as the reference writes it)."""
+    from clamp2.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(caption, encoding="utf-8")

@@ -1,0 +1,486 @@
+"""CLaMP 3's one-command tools (SPEC_CLAMP3 §18): modality detection, keys, score, eval and search.
+
+What ``semantic_search/clamp3_{embd,search,score,eval}.py`` share. A *side* (query or reference)
+is a folder (or one file) of raw inputs of one modality, encoded through a model family and the
+content-hash feature cache (:class:`ModelFamily`), or a folder of ``.npy`` features, read
+recursively. The numbers are those of :mod:`clamp2.search.retrieval` (the reference's float32
+cosines, exactly); only the keys and the printed lines are CLaMP 3's:
+
+- score/eval key: the path relative to the folder + ``/`` + the file name up to its first ``.``
+  (``sub/a.1.wav`` → ``sub/a``): several query files may share a key, a reference key keeps one file;
+- search key: the file name up to its first ``.``; references in sub-folders are ranked too.
+
+Fixes of the reference kept here: modality from every file (a folder of two modalities is an error
+listing them; every extension detection accepts is used, any case), the cache keyed on content,
+weights and mode, no stdin prompt (``strict``), JSONL files where the caller asks, ties broken by
+path (score) and query path (eval ranks) instead of hash order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+# SPEC_CLAMP3 §18's table, plus the symbolic formats CLaMP 3 reads directly (abc, mtf) and features (npy).
+MODALITY_BY_EXTENSION = {
+    ".txt": "txt",
+    ".png": "img", ".jpg": "img", ".jpeg": "img",
+    ".xml": "xml", ".musicxml": "xml", ".mxl": "xml",
+    ".mid": "mid", ".midi": "mid",
+    ".wav": "audio", ".mp3": "audio", ".flac": "audio", ".ogg": "audio",
+    ".abc": "abc", ".mtf": "mtf",
+    ".npy": "npy",
+}
+FEATURES = "npy"
+MUSIC_MODALITIES = ("xml", "mid", "audio", "abc", "mtf")
+UNMATCHED_FILE = "unmatched_files.jsonl"
+PAIRWISE_FILE = "pairwise_similarities.jsonl"
+RANKS_FILE = "retrieval_ranks.jsonl"
+
+
+class ModalityError(ValueError):
+    """The modality of an input cannot be determined, or is not one modality (exit status 1)."""
+
+
+class CommandError(RuntimeError):
+    """The command cannot give a result (exit status 1); the message is printed as it is."""
+
+
+# -- modality ---------------------------------------------------------------------------------------
+
+def modality_of(path: str | os.PathLike) -> Optional[str]:
+    """The modality of one file name by its extension (lower-cased), or None."""
+    return MODALITY_BY_EXTENSION.get(os.path.splitext(os.fspath(path))[1].lower())
+
+
+def files_by_modality(path: str | os.PathLike) -> Dict[str, List[Path]]:
+    """``{modality: sorted files}`` under ``path`` (a folder, searched recursively, or one file)."""
+    from clamp2.files import find_files
+
+    found: Dict[str, List[Path]] = {}
+    for file in find_files(path, tuple(MODALITY_BY_EXTENSION)):
+        found.setdefault(modality_of(file), []).append(file)
+    return found
+
+
+def detect_modality(path: str | os.PathLike, role: str = "input") -> Tuple[str, List[Path]]:
+    """``(modality, files)`` of a folder or file; :class:`ModalityError` when none or several.
+
+    ``role`` names the side in the message: ``input`` (clamp3_embd), ``query``, ``reference``.
+    """
+    found = files_by_modality(path) if Path(path).exists() else {}
+    if not found:
+        raise ModalityError(f'Error: Could not determine {role} modality for "{path}"')
+    if len(found) > 1:
+        listed = ", ".join(f"{m} ({len(files)} file{'s' if len(files) > 1 else ''}, e.g. {files[0]})"
+                           for m, files in sorted(found.items()))
+        raise ModalityError(f'Error: "{path}" holds several {role} modalities: {listed}; '
+                            f"give a folder of one modality (e.g. one sub-folder each)")
+    (modality, files), = found.items()
+    return modality, files
+
+
+# -- sides: features with CLaMP 3's keys --------------------------------------------------------------
+
+def relative_key(relative: str) -> str:
+    """CLaMP 3's score/eval key of a path relative to its folder: ``sub/a.1.wav`` → ``sub/a``, ``a.npy`` → ``/a``.
+
+    (The reference builds ``'/'.join(parent parts) + '/' + name.split('.')[0]``, so top-level keys
+    start with ``/``; only equality of keys matters.)
+    """
+    parent, _, name = relative.rpartition("/")
+    return f"{parent}/{name.split('.')[0]}"
+
+
+def name_key(relative: str) -> str:
+    """CLaMP 3's search key: the file name up to its first ``.``."""
+    return relative.rpartition("/")[2].split(".")[0]
+
+
+@dataclass
+class Side:
+    """Global features of one side, one row per usable file, in sorted path order."""
+
+    root: Path
+    modality: str
+    relative: List[str]  # paths relative to root (POSIX); a single file: its name
+    matrix: np.ndarray  # float32 [N, D]
+    failures: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    computed: int = 0
+    cached: int = 0
+    captions: List[Tuple[str, str]] = field(default_factory=list)  # (image, caption) of image inputs
+
+    def __len__(self) -> int:
+        return len(self.relative)
+
+    def path(self, i: int) -> str:
+        """The file of row ``i`` as the JSONL files name it: the folder joined with its relative path."""
+        return self.relative[i] if self.root.is_file() else os.path.join(os.fspath(self.root), self.relative[i])
+
+    @property
+    def pair_keys(self) -> List[str]:
+        return [relative_key(r) for r in self.relative]
+
+    @property
+    def name_keys(self) -> List[str]:
+        return [name_key(r) for r in self.relative]
+
+
+def read_feature_side(root: Path, progress: bool = False) -> Side:
+    """A folder of ``.npy`` features (recursively) or one ``.npy`` file; unusable files are failures."""
+    from .feature_store import FeatureError, read_query, read_tree
+
+    if root.is_file():
+        try:
+            return Side(root, FEATURES, [root.name], read_query(root)[None])
+        except FeatureError as exc:
+            raise CommandError(f"Error: {exc}") from None
+    try:
+        features = read_tree(root, progress=progress)
+    except FeatureError as exc:
+        raise CommandError(f"Error: {exc}") from None
+    failures = [(s.path, s.reason) for s in features.skipped]
+    return Side(root, FEATURES, list(features.names), np.asarray(features.matrix, dtype=np.float32), failures)
+
+
+def load_side(path: str | os.PathLike, role: str, family: Optional["ModelFamily"], *, progress: bool = False) -> Side:
+    """The features of a query/reference: ``.npy`` features as they are, raw files through ``family``."""
+    root = Path(path)
+    modality, files = detect_modality(root, role)
+    if modality == FEATURES:
+        return read_feature_side(root, progress)
+    if family is None:
+        raise CommandError(f"Error: {path} holds raw {modality} files; this command takes .npy features only")
+    return family.encode(files, root, modality, progress=progress)
+
+
+# -- model families: raw files → global features through the API and its cache -----------------------
+
+class ModelFamily:
+    """Raw files of one modality → a :class:`Side`, through a model of the API (built on first use).
+
+    ``make_model`` returns an object with ``encode_files(paths, normalize, errors="skip", progress,
+    root)`` → :class:`clamp2.api.Encoded` (text and symbolic music; audio too for CLaMP 3);
+    images become captions first (:mod:`clamp2.search.captions`), then text files.
+    """
+
+    def __init__(self, name: str, make_model: Callable[[], object], modalities: Sequence[str], *,
+                 cache=None, captioner: str | os.PathLike | None = None, device=None):
+        from .raw_files import lazy_model
+
+        self.name = name
+        self.model = lazy_model(make_model)
+        self.modalities = tuple(modalities)
+        self.cache = cache
+        self.captioner = captioner
+        self.device = device
+
+    def check(self, modality: str) -> None:
+        if modality not in self.modalities and not (modality == "img" and "txt" in self.modalities):
+            raise CommandError(f"Error: {self.name} cannot encode {modality} inputs "
+                               f"(it takes {', '.join(self.modalities)})")
+
+    def encode(self, files: Sequence[Path], root: Path, modality: str, *, normalize: bool = True,
+               progress: bool = False) -> Side:
+        """Global (``normalize``) or per-position features of ``files`` (all of ``modality``) under ``root``."""
+        self.check(modality)
+        base = root if root.is_dir() else root.parent
+        if modality == "img":
+            return self._encode_images(files, root, base, normalize, progress)
+        encoded = self.model().encode_files(list(files), normalize, errors="skip", progress=progress, root=base)
+        return _side_of(root, modality, encoded, normalize)
+
+    def _encode_images(self, files, root: Path, base: Path, normalize: bool, progress: bool) -> Side:
+        from .captions import BLIP_MODEL, caption_images, write_caption
+
+        captions, failed = caption_images(files, self.captioner or BLIP_MODEL, cache=self.cache, device=self.device,
+                                          progress=progress)
+        with tempfile.TemporaryDirectory(prefix="clamp3_captions_") as temp:
+            texts = []
+            for caption in captions:
+                text_path = _caption_path(temp, caption.image, base)
+                write_caption(caption.text, text_path)
+                texts.append(text_path)
+            encoded = self.model().encode_files(texts, normalize, errors="skip", progress=progress, root=temp) \
+                if texts else None
+            images = {_caption_path(temp, c.image, base): c.image for c in captions}
+            side = _side_of(root, "img", encoded, normalize, rename=lambda item: images[Path(item)].relative_to(base))
+        side.failures = [(str(path), reason) for path, reason in failed] + side.failures
+        side.captions = [(c.image.relative_to(base).as_posix(), c.text) for c in captions]
+        return side
+
+
+def _caption_path(temp: str, image: Path, base: Path) -> Path:
+    # a.png and a.jpg side by side must not share a caption file
+    relative = image.relative_to(base)
+    return Path(temp) / relative.with_name(relative.name + ".txt")
+
+
+def _side_of(root: Path, modality: str, encoded, normalize: bool, rename: Callable = None) -> Side:
+    if encoded is None:
+        return Side(root, modality, [], np.zeros((0, 0), np.float32))
+    base = root if root.is_dir() else root.parent
+    relative = [(rename(item) if rename else Path(item).relative_to(base)).as_posix() for item in encoded.items]
+    failures = [(os.fspath(rename(item) if rename else item), " ".join(reason.split()))
+                for item, reason in encoded.failures]
+    if normalize:
+        matrix = np.asarray(encoded.features, dtype=np.float32) if len(encoded) else np.zeros((0, 0), np.float32)
+    else:
+        matrix = list(encoded.features)
+    return Side(root, modality, relative, matrix, failures, encoded.computed, encoded.cached)
+
+
+# -- output files -----------------------------------------------------------------------------------
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    from clamp2.files import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def _groups(keys: Sequence[str]) -> Dict[str, List[int]]:
+    groups: Dict[str, List[int]] = {}
+    for row, key in enumerate(keys):
+        groups.setdefault(key, []).append(row)
+    return groups
+
+
+@dataclass
+class Matching:
+    """Queries and references paired by CLaMP 3's keys."""
+
+    common: List[str]  # sorted
+    query_rows: Dict[str, List[int]]
+    reference_row: Dict[str, int]  # one file per reference key (the first in path order)
+    unmatched: List[dict]  # the unmatched_files.jsonl records
+    duplicates: List[str]  # warnings: reference keys of several files
+
+
+def match_keys(queries: Side, references: Side) -> Matching:
+    query_rows = _groups(queries.pair_keys)
+    ref_rows = _groups(references.pair_keys)
+    common = sorted(set(query_rows) & set(ref_rows))
+    unmatched = [{"unmatched_query": [queries.path(i) for i in query_rows[k]]} for k in sorted(query_rows)
+                 if k not in ref_rows]
+    unmatched += [{"unmatched_reference": [references.path(ref_rows[k][0])]} for k in sorted(ref_rows)
+                  if k not in query_rows]
+    duplicates = [f"warning: {len(rows)} reference files share the key {k!r} ("
+                  f"{', '.join(references.path(i) for i in rows)}): {references.path(rows[0])} is used"
+                  for k, rows in sorted(ref_rows.items()) if len(rows) > 1]
+    return Matching(common, query_rows, {k: rows[0] for k, rows in ref_rows.items()}, unmatched, duplicates)
+
+
+def unmatched_message(count: int, path: Path) -> str:
+    return f"There are {count} unmatched query or reference files. Check '{path}' for details."
+
+
+def common_keys_line(count: int) -> str:
+    return f"There are {count} common keys between query and reference features."
+
+
+def report_unmatched(matching: Matching, output_dir: Path, strict: bool, say: Callable[[str], None]) -> None:
+    """Write ``unmatched_files.jsonl`` and say so; ``strict`` makes it an error (:class:`CommandError`)."""
+    if not matching.unmatched:
+        return
+    path = output_dir / UNMATCHED_FILE
+    write_jsonl(path, matching.unmatched)
+    message = unmatched_message(len(matching.unmatched), path)
+    if strict:
+        raise CommandError(f"Error: {message}")
+    say(message)
+
+
+def _check_dims(queries: Side, references: Side) -> None:
+    if len(queries) and len(references) and queries.matrix.shape[1] != references.matrix.shape[1]:
+        raise CommandError(f"Error: query features have dimension {queries.matrix.shape[1]}, "
+                           f"reference features {references.matrix.shape[1]}")
+
+
+def _need_rows(side: Side, role: str) -> None:
+    if not len(side):
+        raise CommandError(f"Error: no usable {role} file in {side.root}")
+
+
+# -- clamp3_score -----------------------------------------------------------------------------------
+
+def pairwise_score(queries: Side, references: Side, output_dir: Path, *, strict: bool = False,
+                   say: Callable[[str], None] = print) -> List[str]:
+    """Pairwise mode: every query feature against its key's reference; returns the printed lines."""
+    from .retrieval import exact_cosine
+
+    _need_rows(queries, "query")
+    _need_rows(references, "reference")
+    _check_dims(queries, references)
+    matching = match_keys(queries, references)
+    report_unmatched(matching, output_dir, strict, say)
+    if not matching.common:
+        raise CommandError("Error: no key is in both folders (keys are the path relative to the folder and the "
+                           "file name up to its first '.'): the folders must mirror each other")
+    rows = [(i, matching.reference_row[k]) for k in matching.common for i in matching.query_rows[k]]
+    q_rows = np.array([q for q, _ in rows], dtype=np.int64)
+    r_rows = np.array([r for _, r in rows], dtype=np.int64)
+    scores = exact_cosine(queries.matrix[q_rows], references.matrix[r_rows])
+    records = [{"query": queries.path(q), "reference": references.path(r), "similarity": float(s)}
+               for q, r, s in zip(q_rows.tolist(), r_rows.tolist(), scores.tolist())]
+    records.sort(key=lambda item: (-item["similarity"], item["query"], item["reference"]))
+    path = output_dir / PAIRWISE_FILE
+    write_jsonl(path, records)
+    return [common_keys_line(len(matching.common)),
+            f"Total query features: {len(records)}",
+            f"Total reference features: {len(matching.reference_row)}",
+            f"Avg. pairwise similarity: {round(math.fsum(r['similarity'] for r in records) / len(records), 4)}",
+            f"Pairwise similarity scores saved in '{path}'."]
+
+
+def group_score(queries: Side, references: Side) -> List[str]:
+    """Group mode: cosine (float32, eps 1e-8) of the mean query and the mean reference feature."""
+    import torch
+
+    from .retrieval import mean_vector
+
+    _need_rows(queries, "query")
+    _need_rows(references, "reference")
+    _check_dims(queries, references)
+    similarity = torch.nn.functional.cosine_similarity(torch.from_numpy(mean_vector(queries.matrix)),
+                                                       torch.from_numpy(mean_vector(references.matrix)), dim=0)
+    return [f"Total query features: {len(queries)}", f"Total reference features: {len(references)}",
+            f"Group similarity: {round(similarity.item(), 4)}"]
+
+
+# -- clamp3_eval ------------------------------------------------------------------------------------
+
+def evaluate(queries: Side, references: Side, output_dir: Path, *, device="cpu",
+             say: Callable[[str], None] = print) -> List[str]:
+    """MRR and Hit@1/10/100 over the query features; strict about unmatched keys. Returns the lines after
+    the common-keys line (which is said first)."""
+    from .retrieval import format_metrics, metrics_from_ranks, rank_queries
+
+    _need_rows(queries, "query")
+    _need_rows(references, "reference")
+    _check_dims(queries, references)
+    matching = match_keys(queries, references)
+    report_unmatched(matching, output_dir, True, say)
+    say(common_keys_line(len(matching.common)))
+    position = {k: j for j, k in enumerate(matching.common)}
+    q_rows = [i for k in matching.common for i in matching.query_rows[k]]
+    true_rows = [position[k] for k in matching.common for _ in matching.query_rows[k]]
+    refs = references.matrix[[matching.reference_row[k] for k in matching.common]]
+    ranks = rank_queries(queries.matrix[q_rows], true_rows, refs, device=device)
+    records = [{"query": queries.path(i), "reference": references.path(matching.reference_row[matching.common[t]]),
+                "rank": int(r)} for i, t, r in zip(q_rows, true_rows, ranks.tolist())]
+    records.sort(key=lambda item: (item["rank"], item["query"]))
+    path = output_dir / RANKS_FILE
+    write_jsonl(path, records)
+    return ([f"Total query features: {len(q_rows)}", f"Total reference features: {len(matching.common)}"]
+            + format_metrics(metrics_from_ranks(ranks)) + [f"Rank details saved in '{path}'."])
+
+
+# -- clamp3_search ----------------------------------------------------------------------------------
+
+def search(query: np.ndarray, references: Side, top_k: int, *, device="cpu") -> Tuple[List[Tuple[str, str, float]], List[str]]:
+    """The ``top_k`` (capped) references most similar to ``query`` [D]: ``(key, relative path, score)``
+    best first (ties by key, then path), and warnings about keys shared by several references."""
+    from .retrieval import top_k as best
+
+    _need_rows(references, "reference")
+    if query.shape[0] != references.matrix.shape[1]:
+        raise CommandError(f"Error: the query has dimension {query.shape[0]}, the references "
+                           f"{references.matrix.shape[1]}")
+    keys = references.name_keys
+    # Rows ordered by (key, path): the searcher breaks ties by key, then by row.
+    order = sorted(range(len(keys)), key=lambda i: (keys[i], references.relative[i]))
+    labels = [f"{keys[i]}\0{references.relative[i]}" for i in order]
+    hits = best(query[None], labels, references.matrix[order], top_k, device=device)[0]
+    warnings = [f"warning: {count} references share the key {key!r} (keys are file names up to the first '.')"
+                for key, count in sorted(Counter(keys).items()) if count > 1]
+    return [(label.split("\0")[0], label.split("\0")[1], score) for label, score in hits], warnings
+
+
+def search_lines(hits: Sequence[Tuple[str, str, float]], candidates: int) -> List[str]:
+    """``Top {K} results among {N} candidates:`` then ``{key} {round(sim, 4)}`` per result."""
+    return [f"Top {len(hits)} results among {candidates} candidates:"] + [f"{key} {round(score, 4)}"
+                                                                         for key, _, score in hits]
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+FAMILIES = ("clamp3", "clamp2")
+CLAMP2_MODALITIES = ("txt", "xml", "mid", "abc", "mtf")
+CLAMP3_MODALITIES = CLAMP2_MODALITIES + ("audio",)
+CLAMP3_HUB_ID = "sander-wood/clamp3"
+
+
+def add_arguments(parser, *, outputs: bool = True) -> None:
+    """The model, cache and output options the four ``clamp3_*`` scripts share."""
+    from ..api import add_model_arguments
+
+    parser.add_argument("--model", choices=FAMILIES, default="clamp3",
+                        help="model family that encodes raw files (default clamp3; clamp2 takes no audio)")
+    parser.add_argument("--variant", choices=("saas", "c2"), default=None,
+                        help="published CLaMP 3 weights: saas (best for audio) or c2 (best for sheet music and "
+                             "MIDI); default: config.py's CLAMP3_VARIANT")
+    parser.add_argument("--mert", default=None,
+                        help="MERT-v1-95M folder or hub id for audio inputs (default m-a-p/MERT-v1-95M, from the "
+                             "Hugging Face cache)")
+    parser.add_argument("--captioner", default=None,
+                        help="BLIP captioner folder or hub id for image inputs (default "
+                             "Salesforce/blip-image-captioning-base, from the Hugging Face cache)")
+    if outputs:
+        parser.add_argument("--output_dir", type=Path, default=Path("."),
+                            help="where the JSONL files are written (default: the current directory)")
+    add_model_arguments(parser)
+
+
+def family_from_args(args, cfg) -> ModelFamily:
+    """The model family the options ask for (built on first use: feature-only runs load nothing)."""
+    from ..api import clamp2_from_args
+    from ..cache import cache_from_args
+
+    cache = cache_from_args(args)
+    if args.model == "clamp2":
+        return ModelFamily("CLaMP 2", lambda: clamp2_from_args(args, cfg), CLAMP2_MODALITIES, cache=cache,
+                           captioner=args.captioner, device=args.device)
+    return ModelFamily("CLaMP 3", lambda: clamp3_from_args(args, cfg), CLAMP3_MODALITIES, cache=cache,
+                       captioner=args.captioner, device=args.device)
+
+
+def clamp3_from_args(args, cfg):
+    """The CLaMP 3 model of the options; defaults from ``code/config.py``.
+
+    ``--weights`` (a file, a folder or a hub id; ``--variant`` picks the published file in a folder
+    or hub repo), else config.py's file name for the variant when that file exists here, else the
+    published file of ``sander-wood/clamp3`` from the Hugging Face cache.
+    """
+    from ..api import CLaMP3
+    from ..cache import cache_from_args
+    from ..configuration import clamp3_weights_name
+
+    weights = args.weights
+    if weights is None:
+        name = cfg.CLAMP3_WEIGHTS_PATH if args.variant is None else clamp3_weights_name(cfg, args.variant)
+        weights = name if Path(name).is_file() else CLAMP3_HUB_ID
+    return CLaMP3.from_pretrained(weights, text_model=args.text_model or cfg.TEXT_MODEL_NAME,
+                                  variant=args.variant or (None if args.weights else cfg.CLAMP3_VARIANT),
+                                  mert=args.mert, max_text_length=cfg.MAX_TEXT_LENGTH, device=args.device,
+                                  dtype=args.dtype, batch_size=args.batch_size, cache=cache_from_args(args),
+                                  num_workers=args.num_workers)
+
+
+def say_failures(side: Side, stream=None) -> None:
+    import sys
+
+    for name, reason in side.failures:
+        print(f"failed: {name}: {reason}", file=stream or sys.stderr)
+
+
+def say_captions(side: Side) -> None:
+    for image, caption in side.captions:
+        print(f'Caption of "{image}": {caption}')

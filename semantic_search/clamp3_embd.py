@@ -1,0 +1,79 @@
+"""CLaMP 3 features of a folder: one .npy per input file, in mirrored folders (SPEC_CLAMP3 §18).
+
+    python semantic_search/clamp3_embd.py audio/ features/audio --get_global
+    python semantic_search/clamp3_embd.py scores/ features/scores --get_global --variant c2
+    python semantic_search/clamp3_embd.py photos/ features/photos --get_global   # BLIP captions → text
+
+INPUT_DIR holds one modality (detected from the extensions, sub-folders included): text (.txt),
+images (.png/.jpg/.jpeg, captioned by BLIP, each caption printed), sheet music (.xml/.musicxml/.mxl),
+MIDI (.mid/.midi), audio (.wav/.mp3/.flac/.ogg, through MERT), ABC or MTF. Each file becomes
+OUTPUT_DIR/<same sub-folder>/<name without its extension>.npy: [1, D] with --get_global, else the
+per-position states [1, L, H]. Existing outputs are kept and their inputs skipped (a re-run resumes);
+features come through the content-hash cache, so inputs seen before (by any command) cost no model
+work. Exit status: 0 ok, 1 some files could not be encoded (listed) or no modality, 2 usage or model error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from clamp2.cli import ArgumentParser, fail_usage, load_script_config
+from clamp2.search.clamp3 import add_arguments
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("input_dir", type=Path, help="folder of raw inputs of one modality (or one file)")
+    parser.add_argument("output_dir", type=Path, help="folder for the .npy features (mirrors input_dir)")
+    parser.add_argument("--get_global", action="store_true",
+                        help="one global [1, D] feature per file (else per-position [1, L, H])")
+    add_arguments(parser, outputs=False)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import numpy as np
+
+    from clamp2.files import atomic_path, mirror_path
+    from clamp2.search import clamp3
+
+    args = parse_args(argv)
+    if not args.input_dir.exists():
+        fail_usage(f"input folder not found: {args.input_dir}")
+    family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
+    try:
+        modality, files = clamp3.detect_modality(args.input_dir, "input")
+        if modality == clamp3.FEATURES:
+            raise clamp3.CommandError(f"Error: {args.input_dir} holds .npy features already, not raw inputs")
+        print(f"Detected input modality: {modality}")
+        root = args.input_dir if args.input_dir.is_dir() else args.input_dir.parent
+        targets = {file: mirror_path(file, root, args.output_dir, ".npy") for file in files}
+        todo = [file for file in files if not targets[file].exists()]
+        skipped = len(files) - len(todo)
+        side = family.encode(todo, args.input_dir, modality, normalize=args.get_global,
+                             progress=not args.no_progress) if todo else None
+    except (clamp3.ModalityError, clamp3.CommandError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    written = 0
+    if side is not None:
+        clamp3.say_captions(side)
+        clamp3.say_failures(side)
+        for relative, feature in zip(side.relative, side.matrix):
+            with atomic_path(mirror_path(root / relative, root, args.output_dir, ".npy")) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.asarray(feature, dtype=np.float32)[None])
+            written += 1
+    failures = side.failures if side is not None else []
+    source = f" ({side.computed} encoded, {side.cached} from cache)" if side is not None else ""
+    print(f"clamp3_embd: {written} features written to {args.output_dir}{source}, {skipped} already there, "
+          f"{len(failures)} failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

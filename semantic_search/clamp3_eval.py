@@ -1,0 +1,61 @@
+"""CLaMP 3 retrieval metrics: MRR and Hit@1/10/100 of each query's own reference (SPEC_CLAMP3 §18).
+
+    python semantic_search/clamp3_eval.py texts/ audio/                     # text → music retrieval
+    python semantic_search/clamp3_eval.py txt_features/ mid_features/ --output_dir results/
+
+Each side is a folder of one modality (audio, MIDI, MusicXML, ABC, MTF, .txt or images, detected
+from the extensions, sub-folders included) encoded by CLaMP 3 through the feature cache, or a folder
+of .npy features. Keys are the path relative to the folder + '/' + the file name up to its first '.';
+every key must be on both sides (else unmatched_files.jsonl and exit 1). Every query feature (several
+may share a key) ranks the references of all keys by float32 cosine (ties go to its true match);
+metrics are averaged over query features; retrieval_ranks.jsonl lists each rank, best first.
+Exit status: 0 ok, 1 no result or some files could not be used (listed), 2 usage or model error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from clamp2.cli import ArgumentParser, fail_usage, load_script_config
+from clamp2.search.clamp3 import add_arguments
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("query_dir", type=Path, help="queries: raw files of one modality or .npy features")
+    parser.add_argument("ref_dir", type=Path, help="references: raw files of one modality or .npy features")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from clamp2.search import clamp3
+
+    args = parse_args(argv)
+    for folder in (args.query_dir, args.ref_dir):
+        if not folder.exists():
+            fail_usage(f"folder not found: {folder}")
+    family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
+    try:
+        sides = []
+        for path, role in ((args.query_dir, "query"), (args.ref_dir, "reference")):
+            side = clamp3.load_side(path, role, family, progress=not args.no_progress)
+            if side.modality != clamp3.FEATURES:
+                print(f"Detected {role} modality: {side.modality}")
+            clamp3.say_captions(side)
+            clamp3.say_failures(side)
+            sides.append(side)
+        lines = clamp3.evaluate(*sides, args.output_dir, device=args.device or "cpu")
+    except (clamp3.ModalityError, clamp3.CommandError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 1 if any(side.failures for side in sides) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

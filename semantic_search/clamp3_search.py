@@ -1,0 +1,84 @@
+"""CLaMP 3 search: the references most similar to one query file, any modality to any (SPEC_CLAMP3 §18).
+
+    python semantic_search/clamp3_search.py query.txt music_folder/ --top_k 10
+    python semantic_search/clamp3_search.py photo.jpg audio_folder/          # image → caption → music
+    python semantic_search/clamp3_search.py tune.mid audio_folder/ --json
+    python semantic_search/clamp3_search.py query.npy features/              # features, as the original
+
+QUERY is one file: text (.txt), an image (.png/.jpg/.jpeg: captioned by BLIP, the caption printed
+and searched as text), audio, MIDI, MusicXML, ABC, MTF, or a .npy feature. REF_DIR is a folder of one
+modality (sub-folders included), encoded by CLaMP 3 through the feature cache (a second run does no
+model work), or a folder of .npy features. Prints ``Top K results among N candidates:`` then
+``key similarity`` (key: file name up to its first '.'; float32 cosine rounded to 4 places; equal
+scores by key); --json prints [{rank, key, path, score}] instead. Zero-shot classification: a music
+query against a folder of one .txt per label.
+Exit status: 0 ok, 1 no result or some files could not be used (listed), 2 usage or model error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from clamp2.cli import ArgumentParser, fail_usage, load_script_config
+from clamp2.search.clamp3 import add_arguments
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("query_file", type=Path, help="one query file of any supported modality, or a .npy feature")
+    parser.add_argument("ref_dir", type=Path, help="references: raw files of one modality or .npy features")
+    parser.add_argument("--top_k", type=int, default=10, help="results to print (default 10; capped at the references)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of {rank, key, path, score}")
+    add_arguments(parser, outputs=False)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from clamp2.search import clamp3
+
+    args = parse_args(argv)
+    if args.top_k < 1:
+        fail_usage(f"--top_k must be at least 1, got {args.top_k}")
+    if not args.query_file.is_file():
+        fail_usage(f"query file not found: {args.query_file}")
+    if not args.ref_dir.exists():
+        fail_usage(f"folder not found: {args.ref_dir}")
+    family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
+    quiet = args.json
+    try:
+        sides = []
+        for path, role in ((args.query_file, "query"), (args.ref_dir, "reference")):
+            side = clamp3.load_side(path, role, family, progress=not args.no_progress)
+            if not quiet:
+                if side.modality != clamp3.FEATURES:
+                    print(f"Detected {role} modality: {side.modality}")
+                clamp3.say_captions(side)
+            clamp3.say_failures(side)
+            sides.append(side)
+        query, references = sides
+        if not len(query):
+            raise clamp3.CommandError(f"Error: the query {args.query_file} could not be encoded")
+        hits, warnings = clamp3.search(query.matrix[0], references, args.top_k, device=args.device or "cpu")
+    except (clamp3.ModalityError, clamp3.CommandError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    if args.json:
+        result = [{"rank": rank, "key": key, "path": references.path(references.relative.index(relative)),
+                   "score": score} for rank, (key, relative, score) in enumerate(hits, 1)]
+        if query.captions:
+            result = {"caption": query.captions[0][1], "results": result}
+        print(json.dumps(result, indent=1, ensure_ascii=False))
+    else:
+        print("\n".join(clamp3.search_lines(hits, len(references))))
+    return 1 if any(side.failures for side in sides) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,509 @@
+"""clamp3_embd/search/score/eval (SPEC_CLAMP3 §18) and BLIP captions (§19).
+
+The feature-level numbers are checked against the reference's own algorithms, written out here the
+way the original inference scripts compute them (loops of torch cosines, Python sorts).
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clamp2.search import clamp3
+from conftest import VECTORS, load_script
+
+TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
+            "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
+CLAMP2 = ["--model", "clamp2", "--weights", str(VECTORS / "tiny_clamp2.pth"), "--text_model",
+          str(VECTORS / "tiny_text_model"), "--num_workers", "0", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    return {name: load_script(f"semantic_search/clamp3_{name}.py") for name in ("embd", "search", "score", "eval")}
+
+
+def run(script, args, capsys):
+    code = script.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+# -- modality detection -------------------------------------------------------------------------------
+
+def test_modality_table_any_case(tmp_path):
+    names = {"a.txt": "txt", "b.PNG": "img", "c.jpg": "img", "d.JPEG": "img", "e.xml": "xml", "f.MusicXML": "xml",
+             "g.mxl": "xml", "h.MID": "mid", "i.midi": "mid", "j.WAV": "audio", "k.mp3": "audio", "l.flac": "audio",
+             "m.OGG": "audio", "n.abc": "abc", "o.mtf": "mtf", "p.npy": "npy", "q.pdf": None, "r": None}
+    for name, modality in names.items():
+        assert clamp3.modality_of(name) == modality, name
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.FLAC").write_bytes(b"")
+    (tmp_path / "y.Ogg").write_bytes(b"")
+    (tmp_path / "notes.pdf").write_bytes(b"")
+    modality, files = clamp3.detect_modality(tmp_path, "reference")
+    assert modality == "audio" and [f.name for f in files] == ["x.FLAC", "y.Ogg"]
+
+
+def test_no_modality_and_mixed_modalities_are_errors(tmp_path, scripts, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.pdf").write_bytes(b"")
+    code, out, err = run(scripts["embd"], [tmp_path / "empty", tmp_path / "out", *CLAMP2], capsys)
+    assert code == 1 and err.strip() == f'Error: Could not determine input modality for "{tmp_path / "empty"}"'
+    mixed = tmp_path / "mixed"
+    (mixed / "sub").mkdir(parents=True)
+    (mixed / "a.txt").write_text("a tune")
+    (mixed / "sub" / "b.mid").write_bytes(b"")
+    code, out, err = run(scripts["score"], [mixed, tmp_path / "empty", *CLAMP2], capsys)
+    assert code == 1
+    assert "holds several query modalities: mid (1 file" in err and "txt (1 file" in err
+    query = tmp_path / "query.pdf"
+    query.write_bytes(b"")
+    code, out, err = run(scripts["search"], [query, mixed, *CLAMP2], capsys)
+    assert code == 1 and err.strip() == f'Error: Could not determine query modality for "{query}"'
+    code, out, err = run(scripts["eval"], [mixed / "a.txt", tmp_path / "empty", *CLAMP2], capsys)
+    assert code == 1 and "Could not determine reference modality" in err
+
+
+# -- features: keys, score, eval, search ----------------------------------------------------------------
+
+def reference_get_features(path: Path):
+    """The original's get_features, keyed relative to the folder (what its [3:] slice means for ../cache/<name>)."""
+    features, filenames = {}, {}
+    for file in sorted(path.rglob("*.npy")):
+        rel = file.relative_to(path)
+        key = "/".join(rel.parent.parts) + "/" + file.name.split(".")[0]
+        features.setdefault(key, []).append(np.load(file).squeeze())
+        filenames.setdefault(key, []).append(str(file))
+    return features, filenames
+
+
+@pytest.fixture
+def feature_folders(tmp_path):
+    """Queries and references with keys in sub-folders, two queries for one key, near-ties."""
+    rng = np.random.default_rng(7)
+    dim = 16
+    base = rng.normal(size=(30, dim)).astype(np.float32)
+    queries, references = tmp_path / "q", tmp_path / "r"
+    for i in range(30):
+        sub = Path("part2") if i >= 20 else Path(".")
+        for side in (queries, references):
+            (side / sub).mkdir(parents=True, exist_ok=True)
+        np.save(references / sub / f"p{i:02d}.npy", base[i][None])
+        for copy in range(2 if i % 7 == 0 else 1):
+            noisy = base[i] + 1.5 * rng.normal(size=dim).astype(np.float32)
+            np.save(queries / sub / f"p{i:02d}.{copy}.npy", noisy[None])
+    # two references with one vector: exact ties with the true match (which win them)
+    np.save(references / "part2" / "p28.npy", base[27][None])
+    return queries, references
+
+
+def test_score_pairwise_equals_the_reference(feature_folders, tmp_path, scripts, capsys):
+    queries, references = feature_folders
+    out_dir = tmp_path / "results"
+    code, lines, err = run(scripts["score"], [queries, references, "--output_dir", out_dir, *CLAMP2], capsys)
+    assert code == 0, err
+    q_feats, q_names = reference_get_features(queries)
+    r_feats, r_names = reference_get_features(references)
+    total, sims, records = 0, [], []
+    for key in sorted(q_feats):
+        for feat, name in zip(q_feats[key], q_names[key]):
+            s = torch.nn.functional.cosine_similarity(torch.tensor(feat), torch.tensor(r_feats[key][0]), dim=0).item()
+            sims.append(s)
+            records.append({"query": name, "reference": r_names[key][0], "similarity": s})
+    pairwise = out_dir / "pairwise_similarities.jsonl"
+    assert lines == ["There are 30 common keys between query and reference features.",
+                     f"Total query features: {len(sims)}", "Total reference features: 30",
+                     f"Avg. pairwise similarity: {round(sum(sims) / len(sims), 4)}",
+                     f"Pairwise similarity scores saved in '{pairwise}'."]
+    written = [json.loads(line) for line in pairwise.read_text().splitlines()]
+    assert written == sorted(records, key=lambda r: (-r["similarity"], r["query"], r["reference"]))
+    assert not (out_dir / "unmatched_files.jsonl").exists()
+
+
+def test_score_unmatched_keys_continue_or_stop(feature_folders, tmp_path, scripts, capsys):
+    queries, references = feature_folders
+    np.save(queries / "lonely.npy", np.ones((1, 16), np.float32))
+    (references / "part2" / "p25.npy").unlink()
+    code, lines, err = run(scripts["score"], [queries, references, "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 0, err
+    unmatched = tmp_path / "unmatched_files.jsonl"
+    assert lines[0] == f"There are 2 unmatched query or reference files. Check '{unmatched}' for details."
+    assert lines[1] == "There are 29 common keys between query and reference features."
+    assert [json.loads(line) for line in unmatched.read_text().splitlines()] == [
+        {"unmatched_query": [str(queries / "lonely.npy")]},
+        {"unmatched_query": [str(queries / "part2" / "p25.0.npy")]}]
+    code, lines, err = run(scripts["score"], [queries, references, "--output_dir", tmp_path, "--strict", *CLAMP2],
+                           capsys)
+    assert code == 1 and lines == []
+    assert err.strip() == f"Error: There are 2 unmatched query or reference files. Check '{unmatched}' for details."
+
+
+def test_score_group_equals_the_reference(feature_folders, scripts, capsys):
+    queries, references = feature_folders
+    code, lines, err = run(scripts["score"], [queries, references, "--group", *CLAMP2], capsys)
+    assert code == 0, err
+    q = [np.load(f).squeeze() for f in sorted(queries.rglob("*.npy"))]
+    r = [np.load(f).squeeze() for f in sorted(references.rglob("*.npy"))]
+    sim = torch.nn.functional.cosine_similarity(torch.tensor(np.mean(q, axis=0)), torch.tensor(np.mean(r, axis=0)),
+                                                dim=0)
+    assert lines == [f"Total query features: {len(q)}", f"Total reference features: {len(r)}",
+                     f"Group similarity: {round(sim.item(), 4)}"]
+
+
+def reference_metrics(queries: Path, references: Path):
+    q_feats, q_names = reference_get_features(queries)
+    r_feats, r_names = reference_get_features(references)
+    common = sorted(set(q_feats) & set(r_feats))
+    ref_matrix = torch.tensor(np.array([r_feats[k][0] for k in common]))
+    mrr = hit1 = hit10 = hit100 = total = 0
+    ranks = []
+    for idx, key in enumerate(common):
+        for feat, name in zip(q_feats[key], q_names[key]):
+            total += 1
+            sims = torch.cosine_similarity(torch.tensor(feat).unsqueeze(0), ref_matrix)
+            order = [i for i, _ in sorted(enumerate(sims.tolist()), key=lambda x: (x[1], x[0] == idx), reverse=True)]
+            rank = order.index(idx) + 1
+            mrr += 1 / rank
+            hit1, hit10, hit100 = hit1 + (rank <= 1), hit10 + (rank <= 10), hit100 + (rank <= 100)
+            ranks.append({"query": name, "reference": r_names[key][0], "rank": rank})
+    lines = [f"There are {len(common)} common keys between query and reference features.",
+             f"Total query features: {total}", f"Total reference features: {len(common)}",
+             f"MRR: {round(mrr / total, 4)}", f"Hit@1: {round(hit1 / total, 4)}", f"Hit@10: {round(hit10 / total, 4)}",
+             f"Hit@100: {round(hit100 / total, 4)}"]
+    return lines, sorted(ranks, key=lambda r: (r["rank"], r["query"]))
+
+
+def test_eval_equals_the_reference(feature_folders, tmp_path, scripts, capsys):
+    queries, references = feature_folders
+    code, lines, err = run(scripts["eval"], [queries, references, "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 0, err
+    expected, ranks = reference_metrics(queries, references)
+    assert lines == expected + [f"Rank details saved in '{tmp_path / 'retrieval_ranks.jsonl'}'."]
+    assert [json.loads(line) for line in (tmp_path / "retrieval_ranks.jsonl").read_text().splitlines()] == ranks
+    assert any(r["rank"] > 1 for r in ranks) and lines[3] != "MRR: 1.0"  # the test data is not trivial
+
+
+def test_eval_is_strict(feature_folders, tmp_path, scripts, capsys):
+    queries, references = feature_folders
+    np.save(references / "extra.npy", np.ones((1, 16), np.float32))
+    code, lines, err = run(scripts["eval"], [queries, references, "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 1 and lines == []
+    assert "There are 1 unmatched query or reference files" in err
+    assert json.loads((tmp_path / "unmatched_files.jsonl").read_text()) == {
+        "unmatched_reference": [str(references / "extra.npy")]}
+
+
+def test_search_ranks_sub_folders_with_the_reference_lines(feature_folders, scripts, capsys):
+    queries, references = feature_folders
+    query = queries / "part2" / "p21.0.npy"
+    np.save(references / "p29.npy", np.load(references / "part2" / "p21.npy"))  # one key, two references
+    code, lines, err = run(scripts["search"], [query, references, "--top_k", "5", *CLAMP2], capsys)
+    assert code == 0, err
+    q = torch.tensor(np.load(query)[0]).unsqueeze(0)
+    files = sorted(references.rglob("*.npy"))
+    sims = torch.cosine_similarity(q, torch.tensor(np.array([np.load(f).squeeze() for f in files]))).tolist()
+    best = sorted(zip(sims, [f.name.split(".")[0] for f in files]), key=lambda x: (-x[0], x[1]))[:5]
+    assert lines == ["Top 5 results among 31 candidates:"] + [f"{key} {round(s, 4)}" for s, key in best]
+    assert "p21" in [line.split()[0] for line in lines[1:]]  # in a sub-folder, still ranked
+    assert "share the key 'p29'" in err  # two references, one key: reported
+    code, lines, err = run(scripts["search"], [query, references, "--top_k", "100", "--json", *CLAMP2], capsys)
+    results = json.loads("\n".join(lines))
+    assert len(results) == 31 and results[0]["rank"] == 1 and set(results[0]) == {"rank", "key", "path", "score"}
+
+
+def test_search_ties_are_ordered_by_key(tmp_path, scripts, capsys):
+    for name in ("c", "a", "b"):
+        np.save(tmp_path / f"{name}.npy", np.ones((1, 4), np.float32))
+    np.save(tmp_path / "q.npy", np.ones((1, 4), np.float32))
+    (tmp_path / "refs").mkdir()
+    for name in ("c", "a", "b"):
+        shutil.move(tmp_path / f"{name}.npy", tmp_path / "refs" / f"{name}.npy")
+    code, lines, _ = run(scripts["search"], [tmp_path / "q.npy", tmp_path / "refs", *CLAMP2], capsys)
+    assert code == 0 and lines == ["Top 3 results among 3 candidates:", "a 1.0", "b 1.0", "c 1.0"]
+
+
+def test_rank_queries_equals_rank_true_matches_and_allows_shared_references():
+    from clamp2.search.retrieval import rank_queries, rank_true_matches
+
+    rng = np.random.default_rng(3)
+    refs = rng.normal(size=(50, 8)).astype(np.float32)
+    queries = (refs + rng.normal(size=(50, 8))).astype(np.float32)
+    keys = [f"k{i:02d}" for i in range(50)]
+    assert rank_queries(queries, np.arange(50), refs, memory_mb=0.001).tolist() == \
+        rank_true_matches(keys, queries, keys, refs).ranks.tolist()
+    shared = rank_queries(np.concatenate([queries, queries[:5]]), np.r_[np.arange(50), np.arange(5)], refs)
+    assert shared[50:].tolist() == shared[:5].tolist()
+
+
+# -- raw files through a model family and the cache ------------------------------------------------------
+
+@pytest.fixture
+def tiny_env(monkeypatch):
+    for key, value in TINY_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def raw(tmp_path):
+    music, texts = tmp_path / "music", tmp_path / "texts"
+    (music / "sub").mkdir(parents=True)
+    texts.mkdir()
+    shutil.copy(VECTORS / "inputs" / "xml" / "bwv10.7.mxl", music)
+    shutil.copy(VECTORS / "inputs" / "xml" / "bwv10.7.mxl", music / "sub")
+    for name in ("bwv10.7", "multi"):
+        shutil.copy(VECTORS / "inputs" / "txt" / f"{name}.txt", texts)
+    (texts / "sub").mkdir()
+    (texts / "sub" / "bwv10.txt").write_text("A chorale in a sub-folder.", encoding="utf-8")
+    return music, texts
+
+
+def test_embd_mirrors_folders_skips_existing_and_uses_the_cache(tiny_env, raw, tmp_path, scripts, capsys):
+    _, texts = raw
+    cache = ["--cache", tmp_path / "cache"]
+    code, lines, err = run(scripts["embd"], [texts, tmp_path / "f1", "--get_global", *cache, *CLAMP2], capsys)
+    assert code == 0, err
+    assert lines == ["Detected input modality: txt"]
+    written = sorted(p.relative_to(tmp_path / "f1").as_posix() for p in (tmp_path / "f1").rglob("*.npy"))
+    assert written == ["bwv10.7.npy", "multi.npy", "sub/bwv10.npy"]
+    assert np.load(tmp_path / "f1" / "multi.npy").shape == (1, 48)
+    assert "3 encoded, 0 from cache" in err
+    code, _, err = run(scripts["embd"], [texts, tmp_path / "f2", "--get_global", *cache, *CLAMP2], capsys)
+    assert "0 encoded, 3 from cache" in err  # no model work the second time
+    assert np.array_equal(np.load(tmp_path / "f1" / "multi.npy"), np.load(tmp_path / "f2" / "multi.npy"))
+    (tmp_path / "f2" / "multi.npy").unlink()
+    code, _, err = run(scripts["embd"], [texts, tmp_path / "f2", "--get_global", *cache, *CLAMP2], capsys)
+    assert "1 features written" in err and "2 already there" in err
+    code, _, err = run(scripts["embd"], [texts, tmp_path / "pp", "--no_cache", *CLAMP2], capsys)
+    assert code == 0 and np.load(tmp_path / "pp" / "multi.npy").ndim == 3  # per-position without --get_global
+
+
+def test_raw_folders_score_and_eval(tiny_env, raw, tmp_path, scripts, capsys):
+    music, texts = raw
+    (texts / "multi.txt").unlink()
+    model = ["--cache", tmp_path / "cache", *CLAMP2]
+    code, lines, err = run(scripts["eval"], [texts, music, "--output_dir", tmp_path, *model], capsys)
+    assert code == 0, err
+    assert lines[:3] == ["Detected query modality: txt", "Detected reference modality: xml",
+                         "There are 2 common keys between query and reference features."]
+    assert [line.split(":")[0] for line in lines[5:9]] == ["MRR", "Hit@1", "Hit@10", "Hit@100"]
+    ranks = [json.loads(line) for line in (tmp_path / "retrieval_ranks.jsonl").read_text().splitlines()]
+    assert sorted(r["query"] for r in ranks) == [str(texts / "bwv10.7.txt"), str(texts / "sub" / "bwv10.txt")]
+    # the same numbers from features written by clamp3_embd
+    for side, folder in (("q", texts), ("r", music)):
+        assert run(scripts["embd"], [folder, tmp_path / side, "--get_global", *model], capsys)[0] == 0
+    code, feature_lines, _ = run(scripts["eval"], [tmp_path / "q", tmp_path / "r", "--output_dir", tmp_path, *model],
+                                 capsys)
+    assert feature_lines[0] == lines[2] and feature_lines[3:7] == lines[5:9]
+    code, lines, err = run(scripts["score"], [texts, music, "--output_dir", tmp_path, *model], capsys)
+    assert code == 0 and lines[2] == "There are 2 common keys between query and reference features."
+
+
+def test_raw_query_search(tiny_env, raw, tmp_path, scripts, capsys):
+    music, texts = raw
+    code, lines, err = run(scripts["search"], [texts / "multi.txt", music, "--no_cache", *CLAMP2], capsys)
+    assert code == 0, err
+    assert lines[:3] == ["Detected query modality: txt", "Detected reference modality: xml",
+                         "Top 2 results among 2 candidates:"]
+    assert [line.split()[0] for line in lines[3:]] == ["bwv10", "bwv10"]
+
+
+def test_clamp2_family_refuses_audio(tmp_path, scripts, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.wav").write_bytes(b"RIFF")
+    code, _, err = run(scripts["embd"], [tmp_path / "a", tmp_path / "o", *CLAMP2], capsys)
+    assert code == 1 and "CLaMP 2 cannot encode audio inputs" in err
+
+
+# -- images → captions → text ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    """A random BLIP captioner and processor at a tiny size, saved like the published folder."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = tmp_path_factory.mktemp("tiny_blip")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "piano", "violin", "song", "quiet", "loud",
+             "the", "of", "music", "chorale"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    (folder / "vocab.txt").unlink()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
+    config = BlipConfig(text_config=dict(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=32, **ids),
+                        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32, image_size=32, patch_size=16), projection_dim=16)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def write_image(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((40, 50, 3)) * 255).astype("uint8")).save(path)
+
+
+def test_caption_is_the_blip_pipeline(tiny_blip, tmp_path):
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from clamp2.search.captions import Captioner, caption_images, write_caption
+
+    image = tmp_path / "photo.JPEG"
+    write_image(image, 1)
+    processor = BlipProcessor.from_pretrained(tiny_blip)
+    model = BlipForConditionalGeneration.from_pretrained(tiny_blip).eval()
+    from PIL import Image
+
+    output = model.generate(**processor(Image.open(image).convert("RGB"), return_tensors="pt"))
+    expected = processor.decode(output[0], skip_special_tokens=True)
+    assert expected and Captioner.from_pretrained(tiny_blip).caption(image) == expected
+    from clamp2.cache import FeatureCache
+
+    cache = FeatureCache(tmp_path / "cache")
+    first, failed = caption_images([image], tiny_blip, cache=cache)
+    assert failed == [] and first[0].text == expected and not first[0].cached
+    second, _ = caption_images([image], tiny_blip, cache=cache)
+    assert second[0].text == expected and second[0].cached  # no BLIP the second time
+    write_caption(expected, tmp_path / "photo.txt")
+    assert (tmp_path / "photo.txt").read_bytes() == expected.encode("utf-8")  # no trailing newline
+
+
+def test_captioner_not_downloaded_is_a_clear_error(tmp_path, monkeypatch):
+    from clamp2.search.captions import CaptionerError, captioner_folder
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    import huggingface_hub.constants
+
+    importlib.reload(huggingface_hub.constants)
+    try:
+        with pytest.raises(CaptionerError, match="nothing is downloaded here.*huggingface-cli download"):
+            captioner_folder("Salesforce/blip-image-captioning-base")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(huggingface_hub.constants)
+
+
+def test_image_query_searches_its_caption(tiny_env, tiny_blip, raw, tmp_path, scripts, capsys):
+    music, _ = raw
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    write_image(tmp_path / "photos" / "sub" / "cover.png", 2)
+    model = ["--captioner", tiny_blip, "--cache", tmp_path / "cache", *CLAMP2]
+    code, lines, err = run(scripts["search"], [tmp_path / "photos" / "sub" / "cover.png", music, *model], capsys)
+    assert code == 0, err
+    assert lines[0] == "Detected query modality: img" and lines[1].startswith('Caption of "cover.png": ')
+    caption = lines[1].split(": ", 1)[1]
+    assert lines[2:4] == ["Detected reference modality: xml", "Top 2 results among 2 candidates:"]
+    # the same ranking as a text query holding the caption
+    (tmp_path / "caption.txt").write_text(caption, encoding="utf-8")
+    code, text_lines, _ = run(scripts["search"], [tmp_path / "caption.txt", music, *model], capsys)
+    assert text_lines[1:] == lines[2:]
+    code, lines, err = run(scripts["embd"], [tmp_path / "photos", tmp_path / "feats", "--get_global", *model], capsys)
+    assert code == 0 and lines == ["Detected input modality: img", f'Caption of "sub/cover.png": {caption}']
+    assert np.load(tmp_path / "feats" / "sub" / "cover.npy").shape == (1, 48)
+
+
+def test_features_of_the_original_extractor(tmp_path, scripts, capsys):
+    """The reference vectors' CLaMP 3 global features (written by the original's extract_clamp3.py)."""
+    features = Path(__file__).parent / "data" / "vectors_clamp3" / "expected" / "feat_clamp3_global"
+    texts = tmp_path / "txt"
+    shutil.copytree(features / "txt", texts)
+    (texts / "multi.npy").unlink()
+    code, lines, err = run(scripts["eval"], [texts, features / "abc", "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 0, err
+    assert lines[:-1] == reference_metrics(texts, features / "abc")[0]
+    code, lines, err = run(scripts["score"], [texts, features / "mtf", "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 0 and "There are 1 unmatched" in lines[0]  # handmade_sysex has no text
+    code, lines, _ = run(scripts["search"], [features / "txt" / "multi.npy", features / "audio", *CLAMP2], capsys)
+    q = torch.tensor(np.load(features / "txt" / "multi.npy")[0]).unsqueeze(0)
+    files = sorted((features / "audio").glob("*.npy"))
+    sims = torch.cosine_similarity(q, torch.tensor(np.array([np.load(f).squeeze() for f in files]))).tolist()
+    best = sorted(zip(sims, [f.name.split(".")[0] for f in files]), key=lambda x: (-x[0], x[1]))
+    assert lines == ["Top 3 results among 3 candidates:"] + [f"{key} {round(s, 4)}" for s, key in best]
+
+
+# -- CLaMP 3 itself (the tiny reference checkpoint and MERT) -------------------------------------------
+
+VECTORS3 = Path(__file__).parent / "data" / "vectors_clamp3"
+TINY3_ENV = {**TINY_ENV, "AUDIO_HIDDEN_SIZE": "64", "AUDIO_NUM_LAYERS": "2", "MAX_AUDIO_LENGTH": "4"}
+CLAMP3 = ["--weights", str(VECTORS3 / "tiny_clamp3.pth"), "--text_model", str(VECTORS / "tiny_text_model"),
+          "--mert", str(VECTORS3 / "tiny_mert"), "--num_workers", "0", "--no_progress"]
+
+
+@pytest.fixture
+def demo(tmp_path, monkeypatch):
+    """One folder per modality: WAV, MIDI, MusicXML and text (the reference vectors' inputs)."""
+    for key, value in TINY3_ENV.items():
+        monkeypatch.setenv(key, value)
+    folders = {name: tmp_path / "demo" / name for name in ("audio", "midi", "xml", "text")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    shutil.copy(VECTORS3 / "inputs" / "audio" / "bwv26.6_44k1_stereo_s16.wav", folders["audio"])
+    shutil.copy(VECTORS3 / "inputs" / "audio" / "banish_misfortune_48k_stereo_f32.wav", folders["audio"])  # 0.5 s
+    for name in ("bwv26.6.mid", "banish_misfortune.mid"):
+        shutil.copy(VECTORS3 / "inputs" / "midi" / name, folders["midi"])
+    shutil.copy(VECTORS3 / "inputs" / "xml" / "bwv26.6.mxl", folders["xml"])
+    for name in ("bwv26.6.txt", "banish_misfortune.txt"):
+        shutil.copy(VECTORS3 / "inputs" / "txt" / name, folders["text"])
+    return folders
+
+
+def test_clamp3_four_commands_on_raw_folders(demo, tmp_path, scripts, capsys):
+    model = ["--cache", tmp_path / "cache", *CLAMP3]
+    expected = VECTORS3 / "expected" / "feat_clamp3_global"
+    code, lines, err = run(scripts["embd"], [demo["audio"], tmp_path / "f" / "audio", "--get_global", *model], capsys)
+    assert code == 1 and lines == ["Detected input modality: audio"]  # the 0.5 s file has no MERT window
+    assert "banish_misfortune_48k_stereo_f32.wav: shorter than 1 s" in err and "1 encoded, 0 from cache" in err
+    feature = np.load(tmp_path / "f" / "audio" / "bwv26.6_44k1_stereo_s16.npy")
+    np.testing.assert_allclose(feature, np.load(expected / "audio" / "bwv26.6_44k1_stereo_s16.npy"), atol=1e-5)
+    for name in ("midi", "xml", "text"):
+        code, lines, err = run(scripts["embd"], [demo[name], tmp_path / "f" / name, "--get_global", *model], capsys)
+        assert code == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "f" / "text" / "bwv26.6.npy"), np.load(expected / "txt" / "bwv26.6.npy"),
+                               atol=1e-5)
+
+    code, lines, err = run(scripts["search"], [demo["text"] / "bwv26.6.txt", demo["midi"], *model], capsys)
+    assert code == 0, err
+    assert lines[:3] == ["Detected query modality: txt", "Detected reference modality: mid",
+                         "Top 2 results among 2 candidates:"]
+    # the same lines from the features clamp3_embd wrote
+    code, feature_lines, _ = run(scripts["search"], [tmp_path / "f" / "text" / "bwv26.6.npy", tmp_path / "f" / "midi",
+                                                     *model], capsys)
+    assert feature_lines == lines[2:]
+    code, lines, err = run(scripts["score"], [demo["midi"], demo["xml"], "--output_dir", tmp_path, *model], capsys)
+    assert code == 0, err
+    assert lines[2:5] == [f"There are 1 unmatched query or reference files. Check '{tmp_path / 'unmatched_files.jsonl'}' "
+                          "for details.", "There are 1 common keys between query and reference features.",
+                          "Total query features: 1"]
+    code, lines, err = run(scripts["eval"], [demo["text"], demo["midi"], "--output_dir", tmp_path, *model], capsys)
+    assert code == 0, err
+    assert lines[2] == "There are 2 common keys between query and reference features."
+    code, lines, err = run(scripts["eval"], [demo["text"], demo["audio"], *model], capsys)
+    assert code == 1 and "unmatched" in err  # audio keys are the rendering names: nothing mirrors the texts
+
+    # a second run of any command on the same folders does no model work: everything is in the cache
+    code, _, err = run(scripts["embd"], [demo["midi"], tmp_path / "again", "--get_global", *model], capsys)
+    assert "0 encoded, 2 from cache" in err
+
+
+def test_zero_shot_with_clamp3(demo, tmp_path, capsys):
+    zero_shot = load_script("semantic_search/zero_shot.py")
+    folder = tmp_path / "mixed"
+    shutil.copytree(demo["midi"], folder)
+    shutil.copy(demo["audio"] / "bwv26.6_44k1_stereo_s16.wav", folder)
+    code = zero_shot.main([str(folder), "--labels", "jig,chorale", "--model", "clamp3", "--output",
+                           str(tmp_path / "z.json"), "--no_cache", *CLAMP3])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(json.loads((tmp_path / "z.json").read_text())) == ["banish_misfortune.mid", "bwv26.6.mid",
+                                                                      "bwv26.6_44k1_stereo_s16.wav"]

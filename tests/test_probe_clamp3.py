@@ -1,0 +1,120 @@
+"""CLaMP 3's linear probe (SPEC_CLAMP3 §20) as ``train_cls.py --probe clamp3``."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clamp2.checkpoint import read_checkpoint
+from clamp2.probe.model import LinearClassifier, probe_from_state, probe_loss
+from conftest import load_script
+from probe_features import class_means, oracle_accuracy, write_features
+
+LABELS = ["folk", "jazz", "rock"]
+FAST = ["--probe", "clamp3", "--learning_rate", "1e-1", "--batch_size", "8", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def train_cls():
+    return load_script("music_classification/train_cls.py")
+
+
+@pytest.fixture(scope="module")
+def inference_cls():
+    return load_script("music_classification/inference_cls.py")
+
+
+def run(script, args, capsys):
+    code = script.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_model_is_one_linear_layer_and_softmax_as_the_reference():
+    torch.manual_seed(0)
+    model = LinearClassifier(6, 3)
+    assert sorted(model.state_dict()) == ["fc.bias", "fc.weight"]
+    x = torch.randn(6)
+    # The reference: x.squeeze().unsqueeze(0) -> fc -> softmax(dim=1), CE on that softmax.
+    expected = torch.softmax(model.fc(x.unsqueeze(0)), dim=1)
+    for shaped in (x[None], x[None, None]):  # [1, D] files batch to [B, 1, D]; [D] files to [B, D]
+        assert torch.equal(model(shaped), expected)
+    target = torch.tensor([2])
+    assert torch.equal(probe_loss(expected, target), torch.nn.CrossEntropyLoss()(expected, target))
+    with pytest.raises(ValueError, match="global features"):
+        model(torch.randn(1, 4, 6))
+
+
+@pytest.mark.parametrize("balanced", [False, True], ids=["plain", "balanced"])
+def test_clamp3_probe_learns_global_features(tmp_path, train_cls, inference_cls, capsys, balanced):
+    means = class_means(LABELS, dim=8, separation=0.5, seed=3)
+    write_features(tmp_path / "train", means, 40, seed=1, per_position=False)
+    # an unbalanced training set: balancing must draw 20 of each label per epoch
+    for extra in (tmp_path / "train").glob("folk_00[23]?.npy"):
+        extra.unlink()
+    eval_paths = write_features(tmp_path / "eval", means, 30, seed=2, start=100, per_position=False)
+    np.save(tmp_path / "eval" / "rock_bare.npy", np.load(eval_paths[-1])[0])  # a bare [D] vector
+    weights = tmp_path / "probe.pth"
+    args = ["--train_folder", tmp_path / "train", "--eval_folder", tmp_path / "eval", "--weights", weights,
+            "--num_epochs", "8", *FAST] + (["--balanced_training"] if balanced else [])
+    code, out, err = run(train_cls, args, capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "probe_report" / "metrics.json").read_text())
+    assert metrics["files"] == {"train": 100, "eval": 91, "skipped": 0}
+    assert metrics["eval"]["accuracy"] >= oracle_accuracy(eval_paths, means) - 0.1
+    checkpoint = read_checkpoint(weights)
+    assert sorted(checkpoint["model"]) == ["fc.bias", "fc.weight"]
+    assert checkpoint["input_size"] == 8 and checkpoint["labels"] == {"folk": 0, "jazz": 1, "rock": 2}
+    if balanced:
+        # 20 files of each label per epoch, in batches of 8: ceil(60 / 8) = 8 steps per epoch
+        assert metrics["settings"]["balanced"] is True
+    code, out, err = run(inference_cls, [tmp_path / "eval", tmp_path / "pred.json", "--weights", weights,
+                                         "--no_progress"], capsys)
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "pred.json").read_text())) == 91
+
+
+def test_balanced_training_draws_the_rarest_label_count(tmp_path):
+    from clamp2.probe.data import EpochSampler
+
+    sampler = EpochSampler([0] * 20 + [1] * 5 + [2] * 9, shuffle=True, balanced=True, seed=42)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 15
+    assert sorted(np.bincount([([0] * 20 + [1] * 5 + [2] * 9)[i] for i in order]).tolist()) == [5, 5, 5]
+
+
+def test_per_position_files_are_rejected_with_a_message(tmp_path, train_cls, capsys):
+    means = class_means(LABELS, dim=8, separation=0.5, seed=3)
+    write_features(tmp_path / "train", means, 10, seed=1, per_position=True)
+    code, out, err = run(train_cls, ["--train_folder", tmp_path / "train", "--weights", tmp_path / "p.pth",
+                                     "--num_epochs", "2", *FAST], capsys)
+    assert code == 2
+    assert "CLaMP 3's linear probe takes one global feature per file" in err
+    assert err.strip().splitlines()[-1].startswith("error: none of the 30 feature files can be used")
+    assert not (tmp_path / "p.pth").exists()
+    # mixed folder: per-position files are listed and left out, the global ones train
+    write_features(tmp_path / "train", means, 10, seed=5, per_position=False, start=500)
+    code, out, err = run(train_cls, ["--train_folder", tmp_path / "train", "--weights", tmp_path / "p.pth",
+                                     "--num_epochs", "2", *FAST], capsys)
+    assert code == 1, err
+    assert err.count("CLaMP 3's linear probe takes one global feature") == 30
+
+
+def test_reference_checkpoint_loads_for_inference(tmp_path, inference_cls, capsys):
+    """The reference's format: fc.* weights, labels in first-seen order, input_size, no extra fields."""
+    means = class_means(LABELS, dim=8, separation=0.5, seed=3)
+    paths = write_features(tmp_path / "feats", means, 3, seed=1, per_position=False)
+    torch.manual_seed(0)
+    model = LinearClassifier(8, 3)
+    torch.save({"model": model.state_dict(), "optimizer": {}, "lr_sched": {}, "epoch": 4, "best_epoch": 4,
+                "max_eval_acc": 0.5, "labels": {"rock": 0, "folk": 1, "jazz": 2}, "input_size": 8},
+               tmp_path / "weights-feats.pth")
+    assert isinstance(probe_from_state(torch.load(tmp_path / "weights-feats.pth")["model"]), LinearClassifier)
+    code, out, err = run(inference_cls, [tmp_path / "feats", tmp_path / "o.json", "--weights",
+                                         tmp_path / "weights-feats.pth", "--no_progress"], capsys)
+    assert code == 0, err
+    predicted = json.loads((tmp_path / "o.json").read_text())
+    for path in paths:
+        x = torch.from_numpy(np.load(path))
+        assert predicted[str(path)] == ["rock", "folk", "jazz"][int(model(x).argmax())]
