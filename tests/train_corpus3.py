@@ -32,7 +32,7 @@ from conftest import DATA_DIR
 VECTORS3 = DATA_DIR / "vectors_clamp3"
 METERS = {"2/4": ("two-four", "Zweivierteltakt"), "3/4": ("three-four", "Dreivierteltakt"),
           "4/4": ("four-four", "Viervierteltakt"), "6/8": ("six-eight", "Sechsachteltakt")}
-PER_METER = 18
+PER_METER = 34
 EVAL_PER_METER = 4
 WIDTH = 64
 NOTE = re.compile(r"([_=^]*)([A-Ga-gz])([,']*)(\d*)(/*)(\d*)")
@@ -55,7 +55,9 @@ def erk_tunes(per_meter: int):
 
 
 def bar_features(body: str) -> np.ndarray:
-    """Per bar: duration (unit lengths), note count, note-letter histogram (9 values), from the ABC body."""
+    """Per bar: duration in quarter notes, note count, note-letter histogram (9 values), from the ABC body."""
+    unit = Fraction(re.search(r"^L:\s*(\d+/\d+)", body, re.M).group(1)) if re.search(r"^L:", body, re.M) \
+        else Fraction(1, 8)
     music = "\n".join(line for line in body.splitlines() if not re.match(r"^[A-Za-z]:", line))
     bars = []
     for bar in re.split(r"\|+|:", music):
@@ -68,7 +70,8 @@ def bar_features(body: str) -> np.ndarray:
             duration += length
             if letter.lower() != "z":
                 letters["abcdefg".index(letter.lower())] += float(length)
-        bars.append(np.concatenate([[float(duration) / 8, len(notes) / 8], letters / max(letters.sum(), 1)]))
+        quarters = float(duration * unit * 4)
+        bars.append(np.concatenate([[quarters - 3, len(notes) / 4 - 1.5], letters / max(letters.sum(), 1) / 3]))
     return np.array(bars)
 
 
@@ -76,7 +79,7 @@ def derived_audio(body: str, seed: int = 0) -> np.ndarray:
     """A ``[1, n, 64]`` float32 array from the tune's bars: one row per two bars (see the module docstring)."""
     bars = bar_features(body)
     segments = [bars[i:i + 2].mean(axis=0) for i in range(0, len(bars), 2)]
-    weights = np.random.default_rng(seed).normal(size=(WIDTH, bars.shape[1])) * 1.5
+    weights = np.random.default_rng(seed).normal(size=(WIDTH, bars.shape[1]))
     return np.tanh(np.stack(segments) @ weights.T)[None].astype(np.float32)
 
 
@@ -115,6 +118,9 @@ def build_corpus3(root: Path) -> Path:
         symbolic = [f"abc/{stem}.abc"] + ([f"mtf/{stem}.mtf"] if (root / f"mtf/{stem}.mtf").is_file() else [])
         lines["symbolic_train"].append({**item, "filepaths": symbolic})
         lines["audio_train"].append({**item, "filepaths": audio})
+    for name in ("symbolic_eval", "audio_eval"):  # meters round-robin: every eval batch of 8 holds all four
+        by_meter = [[item for item in lines[name] if item["meter"] == meter] for meter in METERS]
+        lines[name] = [item for group in zip(*by_meter) for item in group]
     for name, items in lines.items():
         (root / f"{name}.jsonl").write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items),
                                             encoding="utf-8")
