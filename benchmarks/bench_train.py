@@ -1,4 +1,5 @@
-"""Training throughput: samples/s, the loss after a fixed number of steps and (CUDA) MFU of M3 and CLaMP 2.
+"""Training throughput: samples/s, the loss after a fixed number of steps and (CUDA) MFU of M3, CLaMP 2 and
+both CLaMP 3 stages.
 
     python benchmarks/bench_train.py                                 # CPU, small config, every variant
     python benchmarks/bench_train.py --configs small default --steps 3 --warmup 1 --threads 2
@@ -21,6 +22,13 @@ decoder over length groups; CLaMP 2 batches padded to their longest text and pie
 positions of every patch; CLaMP 2 padded to MAX_TEXT_LENGTH/PATCH_LENGTH; determinism = seeds and
 cuDNN flags). ``*-before`` is this project before issue 19: the reference's computation plus
 ``torch.use_deterministic_algorithms`` (which also fills every new tensor with NaN).
+``clamp3s`` / ``clamp3a`` are CLaMP 3's symbolic and audio stages as their trainers run them (the
+other modality frozen and out of the optimizer, batches padded to their longest sample, fused
+AdamW); ``clamp3s-reference`` / ``clamp3a-reference`` compute as the reference's trainers (unfused
+AdamW over the trainable parameters, texts and music padded to MAX_TEXT_LENGTH and
+PATCH_LENGTH / MAX_AUDIO_LENGTH). The audio stage's inputs are MERT-shaped arrays ``[1, n, width]``
+(n = the piece's ABC line count, at least 1; seeded random values, cached beside the corpus), run
+through the trainer's dataset (zero rows, random head/tail/middle windows).
 The losses of variants differ only by rounding and, with dropout, by the masks drawn for
 differently shaped batches.
 
@@ -39,7 +47,8 @@ M3: the patch embedding (128·PATCH_SIZE → h) and the encoder over B × L patc
 each picked patch at the length it is decoded at (its length group's; PATCH_SIZE for the
 reference) plus its 128-way head. CLaMP 2: the text encoder over B × T
 tokens, the music encoder over B × L patches and both projections (the contrastive loss is
-negligible).
+negligible). CLaMP 3: the same with the stage's encoder (M3 over patches, or the audio BERT over B × L
+rows of AUDIO_HIDDEN_SIZE); the frozen encoder of the other modality does not run.
 """
 
 from __future__ import annotations
@@ -58,16 +67,19 @@ from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths, piece_name
 from clamp2.models.m3 import DECODE_LENGTH_STEP, M3Dims, M3Model
 from clamp2.models.clamp2 import CLaMP2Model
+from clamp2.models.clamp3 import AudioDims, CLaMP3Model
 from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
 from clamp2.text_model import load_tokenizer
-from clamp2.training.data import (M3Dataset, TextMusicCollator, TextMusicDataset, TrainBatches, collate_m3,
-                                  read_pairs)
+from clamp2.training.data import (AudioMusic, M3Dataset, PairItem, SymbolicMusic, TextMusicCollator,
+                                  TextMusicDataset, TrainBatches, clamp3_training_text, collate_m3, read_pairs)
 from clamp2.training.loop import Precision, lr_schedule, make_optimizer, train_step
-from clamp2.training.tasks import ContrastiveStep, m3_loss
+from clamp2.training.tasks import ContrastiveStep, frozen_modules, m3_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO_ROOT / "tests" / "data" / "vectors" / "tiny_text_model"
-VARIANTS = ("m3", "m3-reference", "m3-before", "clamp2", "clamp2-reference", "clamp2-before")
+VARIANTS = ("m3", "m3-reference", "m3-before", "clamp2", "clamp2-reference", "clamp2-before", "clamp3s",
+            "clamp3s-reference", "clamp3a", "clamp3a-reference")
+MODALITY = {"clamp3s": "symbolic", "clamp3a": "audio"}
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks
 
 
@@ -82,10 +94,11 @@ class BenchConfig:
     clamp2_batch: int
     m3_batch_cuda: int
     clamp2_batch_cuda: int
+    audio: AudioDims = AudioDims()
 
 
 CONFIGS = {
-    "small": BenchConfig(M3Dims(64, 64, 2, 1, 128), 128, 2, 64, 128, 8, 8, 8, 8),
+    "small": BenchConfig(M3Dims(64, 64, 2, 1, 128), 128, 2, 64, 128, 8, 8, 8, 8, AudioDims(128, 2, 16)),
     "default": BenchConfig(M3Dims(), 768, 12, 128, 768, 4, 8, 16, 128),
 }
 
@@ -136,6 +149,22 @@ def batches_of(dataset, collate, batch_size: int, count: int) -> list:
             dataset.set_epoch(epoch)
         batches.extend(collate([dataset[i] for i in indices]) for indices in sampler)
     return batches[:count]
+
+
+def audio_pairs(pairs: list, folder: Path, width: int) -> list:
+    """Each pair with a MERT-shaped array ``[1, n, width]`` instead of its music (cached, seeded by its name)."""
+    import numpy as np
+
+    items = []
+    for item in pairs:
+        path = folder / f"audio_{width}" / (item.music_paths[0].stem + ".npy")
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = max(1, item.music_paths[0].read_text(encoding="utf-8").count("\n"))
+            seed = int.from_bytes(path.stem.encode()[:8].ljust(8, b"\0"), "little")
+            np.save(path, np.random.default_rng(seed).normal(0, 0.5, (1, rows, width)).astype(np.float32))
+        items.append(PairItem(item.fields, [path]))
+    return items
 
 
 def repeated(items: list, batch_size: int) -> list:
@@ -190,6 +219,18 @@ def m3_train_flops(batch: dict, dims: M3Dims, grouped: bool) -> float:
     return 3 * forward + 2 * patch_embedding_flops(b, n, dims)
 
 
+def clamp3_train_flops(batch: dict, config: BenchConfig, modality: str) -> float:
+    if modality == "symbolic":
+        return clamp2_train_flops(batch, config)
+    b, t = batch["text_masks"].shape
+    n = batch["music_masks"].shape[1]
+    audio = config.audio
+    forward = (encoder_flops(b, t, config.text_hidden, config.text_layers)
+               + encoder_flops(b, n, audio.hidden_size, audio.num_layers)
+               + 2.0 * b * (config.text_hidden + audio.hidden_size) * config.clamp2_hidden)
+    return 3 * forward
+
+
 def clamp2_train_flops(batch: dict, config: BenchConfig) -> float:
     b, t = batch["text_masks"].shape
     n = batch["music_masks"].shape[1]
@@ -208,7 +249,8 @@ def measure(model, batches, compute_loss, device, precision: Precision, steps: i
     model = model.to(device).train()
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     now = "-" not in variant
-    optimizer = make_optimizer(model, 1e-4) if now else torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, 1e-4) if now else torch.optim.AdamW(trainable, lr=1e-4)
     lr_sched = lr_schedule(optimizer, 0)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     previous = torch.are_deterministic_algorithms_enabled()
@@ -254,6 +296,27 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
         if "-" in variant:
             decode_full_length(model.decoder)
         flops = [m3_train_flops(b, config.dims, grouped="-" not in variant) for b in batches]
+    elif task in MODALITY:
+        modality = MODALITY[task]
+        batch_size = args.clamp2_batch or (config.clamp2_batch_cuda if cuda else config.clamp2_batch)
+        tokenizer = data["tokenizer"]
+        if modality == "symbolic":
+            music, items, length, size = SymbolicMusic(patchilizer), data["pairs"], config.dims.patch_length, \
+                config.dims.patch_size
+        else:
+            music, length, size = AudioMusic(config.audio.hidden_size, config.audio.max_length), \
+                config.audio.max_length, config.audio.hidden_size
+            items = audio_pairs(data["pairs"], args.data, config.audio.hidden_size)
+        dataset = TextMusicDataset(repeated(items, batch_size), tokenizer, music, config.max_text_length,
+                                   training=True, train_text=clamp3_training_text)
+        collate = TextMusicCollator(tokenizer.pad_token_id, config.max_text_length, length, size,
+                                    pad_to_longest="-" not in variant, music_pad=music.pad_value)
+        batches = batches_of(dataset, collate, batch_size, count)
+        model = CLaMP3Model(text_encoder(config), config.dims, config.audio, config.clamp2_hidden)
+        for module in frozen_modules(modality, False):
+            getattr(model, module).requires_grad_(False)
+        loss_fn = ContrastiveStep(1.0, modality)
+        flops = [clamp3_train_flops(b, config, modality) for b in batches]
     else:
         batch_size = args.clamp2_batch or (config.clamp2_batch_cuda if cuda else config.clamp2_batch)
         tokenizer = data["tokenizer"]
@@ -296,7 +359,7 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="fp16/bf16 autocast on CUDA only (the CPU trains in fp32)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                        help="default: all on CPU; m3 and clamp2 on CUDA")
+                        help="default: all on CPU; m3, clamp2, clamp3s and clamp3a on CUDA")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -319,7 +382,7 @@ def main(argv=None) -> int:
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     configs = args.configs or (["default"] if device.type == "cuda" else ["small"])
-    variants = args.variants or (["m3", "clamp2"] if device.type == "cuda" else list(VARIANTS))
+    variants = args.variants or (["m3", "clamp2", "clamp3s", "clamp3a"] if device.type == "cuda" else list(VARIANTS))
     started = time.perf_counter()
     pairs = read_pairs(build_data(args.data, args.scores), require_non_english=True)
     data = {"music": [path for item in pairs for path in item.music_paths], "pairs": pairs,

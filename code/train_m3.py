@@ -48,7 +48,9 @@ def main(argv=None) -> int:
         config = load_training_config(__file__, overrides, dist_info)
         settings = settings_from(args, config, "M3_", "m3")
         try:
-            task = m3_task(config, config.TRAIN_FOLDERS, config.EVAL_FOLDERS,
+            # CLaMP 3's config names the folders M3_TRAIN_FOLDERS / M3_EVAL_FOLDERS: used when CLaMP 2's are empty.
+            task = m3_task(config, config.TRAIN_FOLDERS or config.M3_TRAIN_FOLDERS,
+                           config.EVAL_FOLDERS or config.M3_EVAL_FOLDERS,
                            global_batch=settings.batch_size * dist_info.world_size,
                            log=functools.partial(say, dist_info))
         except DataError as exc:

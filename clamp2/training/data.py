@@ -1,4 +1,8 @@
-"""Training data of M3 and CLaMP 2 (SPEC §7): files, JSONL pairs, text construction, batches.
+"""Training data of M3, CLaMP 2 and CLaMP 3 (SPEC §7, SPEC_CLAMP3 §17): files, JSONL pairs, texts, batches.
+
+One pair dataset serves CLaMP 2 and both CLaMP 3 stages, parametrised by its text rule (CLaMP 2's
+metadata/summaries or CLaMP 3's translations/metadata) and its music source (M3 patches of
+.abc/.mtf files, or MERT feature rows of .npy files).
 
 Every random draw of a sample comes from its own ``random.Random`` seeded by (data seed, epoch,
 index), not from the process-wide generators: a sample is then the same whatever the number of
@@ -17,8 +21,9 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
@@ -32,6 +37,9 @@ ABC_UNIT_LENGTH = "L:1/8\n"
 INSTRUMENT_REMOVAL_PROB = 0.9
 # Fields of a JSONL line that are not metadata (never part of a metadata text).
 NON_METADATA_FIELDS = ("summary_en", "summary_nen", "filepaths")
+# CLaMP 3 (SPEC_CLAMP3 §17): fields never used as text.
+CLAMP3_NON_TEXT_FIELDS = ("id", "filepaths", "language", "translations")
+AUDIO_EXTENSIONS = (".npy",)
 MAX_LISTED = 20  # problems listed in full before "... and N more"
 
 
@@ -224,22 +232,39 @@ def _strings(value) -> List[str]:
     return [item for item in items if isinstance(item, str) and item.strip()]
 
 
-def metadata_lines(fields: Dict[str, Any]) -> List[str]:
-    """Non-empty lines of every metadata value (strings and list items), values de-duplicated in order.
+def distinct_lines(values: Sequence[str]) -> List[str]:
+    """The non-empty lines of ``values``, de-duplicated in first-occurrence order first.
 
     The reference de-duplicates with a ``set`` (order depends on the hash seed) and keeps empty
     lines for its fallback; here the order is first occurrence and empty lines never appear.
     """
+    unique = list(dict.fromkeys(value for value in values if value))
+    return [line for line in "\n".join(unique).split("\n") if line]
+
+
+def text_values(fields: Dict[str, Any], excluded: Sequence[str]) -> List[str]:
+    """Every string value and string list item of the fields not in ``excluded``, in field order."""
     values: List[str] = []
     for key, value in fields.items():
-        if key in NON_METADATA_FIELDS or value is None:
+        if key in excluded or value is None:
             continue
         if isinstance(value, str):
             values.append(value)
         elif isinstance(value, list):
             values.extend(v for v in value if isinstance(v, str))
-    unique = list(dict.fromkeys(values))
-    return [line for line in "\n".join(unique).split("\n") if line]
+    return values
+
+
+def metadata_lines(fields: Dict[str, Any]) -> List[str]:
+    """Non-empty lines of every metadata value (strings and list items), values de-duplicated in order."""
+    return distinct_lines(text_values(fields, NON_METADATA_FIELDS))
+
+
+def dropout_join(lines: Sequence[str], sep_token: str, rng: random.Random) -> str:
+    """Each line kept with p 0.5 (all when none survives), shuffled, joined with the sep token."""
+    kept = [line for line in lines if rng.random() < 0.5] or list(lines)
+    rng.shuffle(kept)
+    return sep_token.join(kept)
 
 
 def training_text(fields: Dict[str, Any], sep_token: str, rng: random.Random) -> str:
@@ -250,13 +275,33 @@ def training_text(fields: Dict[str, Any], sep_token: str, rng: random.Random) ->
     if rng.random() < 0.5:
         lines = metadata_lines(fields)
         if lines:
-            kept = [line for line in lines if rng.random() < 0.5] or lines
-            rng.shuffle(kept)
-            return sep_token.join(kept)
+            return dropout_join(lines, sep_token, rng)
     non_english = non_english_summaries(fields)
     if rng.random() < 0.5 or not non_english:
         return rng.choice(english_summaries(fields))
     return rng.choice(non_english)
+
+
+def clamp3_training_text(fields: Dict[str, Any], sep_token: str, rng: random.Random) -> str:
+    """CLaMP 3's TEXT_DROPOUT (SPEC_CLAMP3 §17): translations (p 0.5), else every other text field.
+
+    The translation branch takes the ``translations`` values except ``language``; when it is not
+    taken or yields no text, the candidates are the strings and string list items of every field
+    but ``id``/``filepaths``/``language``/``translations`` (the English ``analysis`` included).
+    """
+    candidates: List[str] = []
+    if rng.random() < 0.5:
+        translations = fields.get("translations")
+        if isinstance(translations, dict):
+            candidates = [value for key, value in translations.items() if key != "language" and isinstance(value, str)
+                          and value]
+    if not candidates:
+        candidates = text_values(fields, CLAMP3_NON_TEXT_FIELDS)
+    return dropout_join(distinct_lines(candidates), sep_token, rng)
+
+
+def clamp3_eval_text(fields: Dict[str, Any]) -> str:
+    return fields["analysis"]
 
 
 def eval_text(fields: Dict[str, Any]) -> str:
@@ -278,12 +323,34 @@ def resolve_inside(root: Path, relative: str) -> Optional[Path]:
     return joined if joined == root or root in joined.parents else None
 
 
+def clamp2_text_problems(fields: Dict[str, Any], require_non_english: bool) -> List[str]:
+    problems = [] if english_summaries(fields) else ["no 'summary_en' text"]
+    if require_non_english and not non_english_summaries(fields):
+        problems.append("no 'summary_nen' summary (needed by TEXT_DROPOUT)")
+    return problems
+
+
+def clamp3_text_problems(fields: Dict[str, Any]) -> List[str]:
+    analysis = fields.get("analysis")
+    return [] if isinstance(analysis, str) and analysis.strip() else ["no 'analysis' text (the evaluation text)"]
+
+
 def read_pairs(jsonl: str | os.PathLike, require_non_english: bool) -> List[PairItem]:
-    """Parse and check a whole JSONL; every problem (bad line, unsafe or missing file) is reported at once.
+    """CLaMP 2's JSONL (SPEC §7), checked whole: see :func:`read_items`.
+
+    ``summary_en`` is needed by every line (evaluation text), ``summary_nen`` by training lines
+    when TEXT_DROPOUT is on (``require_non_english``).
+    """
+    return read_items(jsonl, lambda fields: clamp2_text_problems(fields, require_non_english), SymbolicMusic)
+
+
+def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]], List[str]], music) -> List[PairItem]:
+    """Parse and check a whole JSONL; every problem (bad line, unsafe, missing or bad file) is reported at once.
 
     ``filepaths`` are relative to the JSONL's folder; absolute paths and paths leaving that folder
-    are rejected. ``summary_en`` is needed by every line (evaluation text), ``summary_nen`` by
-    training lines when TEXT_DROPOUT is on (``require_non_english``).
+    are rejected; each must have one of ``music.extensions`` and pass ``music.check`` (e.g. an
+    audio array's shape). ``text_problems(fields)`` lists what a line lacks. One problem gives a
+    one-line message.
     """
     jsonl = Path(jsonl)
     if not jsonl.is_file():
@@ -311,22 +378,24 @@ def read_pairs(jsonl: str | os.PathLike, require_non_english: bool) -> List[Pair
             if not isinstance(filepaths, list) or not filepaths:
                 problems.append(f"{where}: no 'filepaths'")
                 continue
-            if not english_summaries(fields):
-                problems.append(f"{where}: no 'summary_en' text")
-            if require_non_english and not non_english_summaries(fields):
-                problems.append(f"{where}: no 'summary_nen' summary (needed by TEXT_DROPOUT)")
+            problems.extend(f"{where}: {problem}" for problem in text_problems(fields))
             paths = []
             for relative in filepaths:
                 path = resolve_inside(root, relative) if isinstance(relative, str) else None
                 if path is None:
                     problems.append(f"{where}: file path {relative!r} is not inside the JSONL's folder {root}")
-                elif path.suffix.lower() not in MUSIC_EXTENSIONS:
-                    problems.append(f"{where}: {relative!r} is not an .abc or .mtf file")
+                elif path.suffix.lower() not in music.extensions:
+                    problems.append(f"{where}: {relative!r} is not {music.kind}")
                 elif not path.is_file():
                     missing.append(f"{path} ({where})")
                 else:
+                    problem = music.check(path)
+                    if problem:
+                        problems.append(f"{where}: {problem}")
                     paths.append(path)
             items.append(PairItem(fields, paths, number, str(jsonl)))
+    if len(problems) + len(missing) == 1:
+        raise DataError(problems[0] if problems else f"missing file {missing[0]}")
     if missing:
         problems.append(listing("missing files", missing))
     if problems:
@@ -336,19 +405,118 @@ def read_pairs(jsonl: str | os.PathLike, require_non_english: bool) -> List[Pair
     return items
 
 
-class TextMusicDataset(Dataset):
-    """Pairs → (text token ids, music patches), unpadded: the collator pads."""
+# -- music sources: what a pair's file becomes ---------------------------------------------------------
 
-    def __init__(self, items: Sequence[PairItem], tokenizer, patchilizer: M3Patchilizer, max_text_length: int,
-                 training: bool, text_dropout: bool = True, seed: int = 42):
+class SymbolicMusic:
+    """.abc/.mtf files → M3 patches (CLaMP 2, CLaMP 3's symbolic stage): ``L:1/8`` removed (SPEC_CLAMP3 §13),
+    instrument information removed with p 0.9 in training, truncated to PATCH_LENGTH (at random in
+    training). Evaluation reads the .abc if listed first, else the second file."""
+
+    extensions = MUSIC_EXTENSIONS
+    kind = "an .abc or .mtf file"
+    pad_value = PAD_TOKEN_ID
+
+    def __init__(self, patchilizer: M3Patchilizer):
+        self.patchilizer = patchilizer
+
+    @staticmethod
+    def check(path: Path) -> Optional[str]:
+        return None if path.stat().st_size else f"{path} is empty"
+
+    @staticmethod
+    def eval_path(paths: Sequence[Path]) -> Path:
+        return eval_music_path(paths)
+
+    def load(self, path: Path, training: bool, rng: random.Random) -> torch.Tensor:
+        music = read_music(path)
+        if training and rng.random() < INSTRUMENT_REMOVAL_PROB:
+            music = remove_instrument_info(music)
+        patches = self.patchilizer.encode(music, add_special_patches=True, truncate_patches=True,
+                                          random_truncate=training, rng=rng)
+        return torch.tensor(patches, dtype=torch.long)
+
+
+def audio_array_problem(path: Path, width: int) -> Optional[str]:
+    """Why a MERT feature file cannot be a CLaMP 3 input, or None (reads the .npy header only)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # not a .npy file, truncated header, pickled objects
+        return f"cannot read {path} as a .npy array ({exc})"
+    shape = tuple(array.shape)
+    expected = f"expected MERT features [1, n, {width}] float32 (extract_mert.py)"
+    if array.ndim == 3 and shape[0] != 1:
+        return (f"{path} has shape {list(shape)}, {expected}: a [{shape[0]}, n, D] array holds every layer's "
+                "features, not their mean")
+    if array.ndim not in (2, 3) or shape[-1] != width:
+        return f"{path} has shape {list(shape)}, {expected} (AUDIO_HIDDEN_SIZE is {width})"
+    if array.dtype != np.float32:
+        return f"{path} holds {array.dtype} values, {expected}"
+    if shape[-2] == 0:
+        return f"{path} holds no segment, {expected} with n >= 1"
+    return None
+
+
+class AudioMusic:
+    """MERT feature files → CLaMP 3 audio rows (SPEC_CLAMP3 §15, §17): a zero row, one row per 5-s segment,
+    a zero row; longer than MAX_AUDIO_LENGTH → a head, tail or middle window in training (uniform),
+    the head in evaluation. Evaluation reads the first file."""
+
+    extensions = AUDIO_EXTENSIONS
+    kind = "a .npy file of MERT features"
+    pad_value = 0.0
+
+    def __init__(self, width: int, max_length: int):
+        self.width, self.max_length = width, max_length
+
+    def check(self, path: Path) -> Optional[str]:
+        return audio_array_problem(path, self.width)
+
+    @staticmethod
+    def eval_path(paths: Sequence[Path]) -> Path:
+        return paths[0]
+
+    def load(self, path: Path, training: bool, rng: random.Random) -> torch.Tensor:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise DataError(f"cannot read the audio features {path}: {exc}") from exc
+        if (array.dtype != np.float32 or array.ndim not in (2, 3) or array.shape[-1] != self.width
+                or array.ndim == 3 and array.shape[0] != 1):  # changed since the check before training
+            raise DataError(audio_array_problem(path, self.width) or f"{path}: not MERT features")
+        zero = torch.zeros(1, self.width)
+        rows = torch.cat([zero, torch.from_numpy(np.ascontiguousarray(array.reshape(-1, self.width))), zero])
+        if len(rows) > self.max_length:
+            mode = rng.choice(TRUNCATE_MODES) if training else "head"
+            first = truncate(range(len(rows)), self.max_length, mode, rng)[0]
+            rows = rows[first:first + self.max_length]
+        return rows
+
+
+def music_source(music) -> Any:
+    """An M3Patchilizer stands for :class:`SymbolicMusic` (CLaMP 2's callers pass one)."""
+    return SymbolicMusic(music) if isinstance(music, M3Patchilizer) else music
+
+
+class TextMusicDataset(Dataset):
+    """Pairs → (text token ids, music: patches or audio rows), unpadded: the collator pads.
+
+    ``music`` is a music source (:class:`SymbolicMusic`, :class:`AudioMusic`) or an M3Patchilizer;
+    ``train_text``/``eval_text`` are the text rule (CLaMP 2's by default, CLaMP 3's
+    :func:`clamp3_training_text`/:func:`clamp3_eval_text`).
+    """
+
+    def __init__(self, items: Sequence[PairItem], tokenizer, music, max_text_length: int,
+                 training: bool, text_dropout: bool = True, seed: int = 42,
+                 train_text: Callable = training_text, eval_text: Callable = eval_text):
         self.items = list(items)
         self.tokenizer = tokenizer
-        self.patchilizer = patchilizer
+        self.music = music_source(music)
         self.max_text_length = max_text_length
         self.training = training
         self.text_dropout = text_dropout
         self.seed = seed
         self.epoch = 0
+        self.train_text, self.eval_text = train_text, eval_text
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -368,18 +536,13 @@ class TextMusicDataset(Dataset):
         item = self.items[index]
         rng = sample_rng(self.seed, "train" if self.training else "eval", self.epoch if self.training else 0, index)
         if self.training and self.text_dropout:
-            text = training_text(item.fields, self.tokenizer.sep_token, rng)
+            text = self.train_text(item.fields, self.tokenizer.sep_token, rng)
         else:
-            text = eval_text(item.fields)
+            text = self.eval_text(item.fields)
         text_ids = self.text_ids(text, rng)
-        path = rng.choice(item.music_paths) if self.training else eval_music_path(item.music_paths)
-        music = read_music(path)
-        if self.training and rng.random() < INSTRUMENT_REMOVAL_PROB:
-            music = remove_instrument_info(music)
-        patches = self.patchilizer.encode(music, add_special_patches=True, truncate_patches=True,
-                                          random_truncate=self.training, rng=rng)
+        path = rng.choice(item.music_paths) if self.training else self.music.eval_path(item.music_paths)
         return {"text_ids": torch.tensor(text_ids, dtype=torch.long),
-                "music_patches": torch.tensor(patches, dtype=torch.long)}
+                "music_patches": self.music.load(path, self.training, rng)}
 
 
 @dataclass(frozen=True)
@@ -387,23 +550,26 @@ class TextMusicCollator:
     """Pad texts and music to the fixed maxima (the reference) or to the batch's longest sample.
 
     Padded positions are masked out everywhere, so both give the same numbers (SPEC §8); the
-    longest-sample padding only saves compute.
+    longest-sample padding only saves compute. Music is patches (``[L, patch_size]`` ids, padded
+    with pad patches) or audio rows (``[L, width]`` floats, padded with zero rows: ``music_pad``
+    0.0); ``music_length`` is PATCH_LENGTH or MAX_AUDIO_LENGTH.
     """
 
     text_pad_id: int
     max_text_length: int
-    patch_length: int
-    patch_size: int
+    music_length: int
+    patch_size: int  # the size of one music position: PATCH_SIZE ids or AUDIO_HIDDEN_SIZE values
     pad_to_longest: bool = False
+    music_pad: float = PAD_TOKEN_ID
 
     def __call__(self, samples: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         texts = [s["text_ids"] for s in samples]
         music = [s["music_patches"] for s in samples]
         text_length = max(len(t) for t in texts) if self.pad_to_longest else self.max_text_length
-        music_length = max(len(m) for m in music) if self.pad_to_longest else self.patch_length
+        music_length = max(len(m) for m in music) if self.pad_to_longest else self.music_length
         text_inputs = torch.full((len(samples), text_length), self.text_pad_id, dtype=torch.long)
         text_masks = torch.zeros(len(samples), text_length)
-        music_inputs = torch.full((len(samples), music_length, self.patch_size), PAD_TOKEN_ID, dtype=torch.long)
+        music_inputs = torch.full((len(samples), music_length, self.patch_size), self.music_pad, dtype=music[0].dtype)
         music_masks = torch.zeros(len(samples), music_length)
         for row, (text, patches) in enumerate(zip(texts, music)):
             text_inputs[row, :len(text)] = text

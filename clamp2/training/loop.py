@@ -1,4 +1,5 @@
-"""The one training loop of M3 and CLaMP 2 (SPEC §7): build once, train, evaluate, checkpoint, resume.
+"""The one training loop of M3, CLaMP 2 and CLaMP 3 (SPEC §7, SPEC_CLAMP3 §17): build once, train, evaluate,
+checkpoint, resume.
 
 :func:`run_training` receives a :class:`TrainTask` (model factory, data sets, collate, loss and
 eval functions) and :class:`TrainSettings`, and does, in this order:
@@ -12,7 +13,14 @@ eval functions) and :class:`TrainSettings`, and does, in this order:
 5. per epoch: train on full global batches (:class:`~clamp2.training.data.TrainBatches`),
    evaluate every eval sample (:func:`evaluate`), append the reference's log entry, save the best
    checkpoint when the eval loss improves and the latest one always (rank 0, atomically, config
-   inside); at the end print the best eval epoch and its loss.
+   inside), and every SAVE_EVERY epochs a copy ``…_{epoch}.pth`` when asked; at the end print the best
+   eval epoch and its loss.
+
+Stages (CLaMP 3, a task with ``stage`` set): checkpoints record it under ``modality``. A resume
+whose latest checkpoint has the same ``modality`` continues exactly; another ``modality``, or none,
+is a stage switch: the best file's weights (latest's when there is none) start a new stage at
+epoch 1 with a fresh optimizer, schedule and best loss. A stage that starts at epoch 1 refuses to
+overwrite existing ``…_{epoch}.pth`` copies (another stage's) unless told to.
 
 Learning rate: constant from the first step by default, which is what the reference actually
 trains with (it attaches a warm-up to an optimizer it then replaces); WARMUP_STEPS > 0 ramps it
@@ -30,6 +38,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,10 +51,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import (capture_rng_state, latest_path, load_state, read_checkpoint, restore_rng_state,
+from ..checkpoint import (CheckpointError, capture_rng_state, latest_path, load_state, read_checkpoint, restore_rng_state,
                           restore_training_state, resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..cli import fail_usage, load_script_config
-from ..configuration import config_dict, overrides_of
+from ..configuration import config_dict, epoch_weights_path, overrides_of
+from ..files import atomic_path
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            gather_objects, seed_everything)
 from ..models.common import count_parameters
@@ -80,7 +90,9 @@ class TrainSettings:
     max_steps_per_epoch: int = 0  # 0: whole epochs; N: stop each epoch after N optimizer steps
     wandb: bool = False
     progress: bool = True
-    prefix: str = ""  # "M3_" or "CLAMP2_": names the config constants in messages
+    prefix: str = ""  # "M3_", "CLAMP2_" or "CLAMP3_": names the config constants in messages
+    save_every: int = 0  # > 0: also keep a copy of the checkpoint every this many epochs (…_{epoch}.pth)
+    overwrite_epoch_files: bool = False  # a new stage may overwrite existing …_{epoch}.pth copies
     config: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,6 +113,7 @@ class TrainTask:
     compute_loss: Callable[[nn.Module, Dict[str, torch.Tensor]], torch.Tensor]
     eval_step: EvalStep
     notes: List[str] = field(default_factory=list)  # said once training starts (e.g. how the eval split was made)
+    stage: Optional[str] = None  # CLaMP 3: "symbolic" or "audio", saved as the checkpoints' ``modality``
 
 
 @dataclass
@@ -296,13 +309,15 @@ def adopt_checkpoint_schedule(checkpoint: Mapping[str, Any], optimizer, lr_sched
 
 
 def make_optimizer(model: nn.Module, learning_rate: float) -> torch.optim.AdamW:
-    """AdamW with the reference's settings, computed by the fused kernel.
+    """AdamW with the reference's settings over the trainable parameters, computed by the fused kernel.
+
+    Frozen parameters (``requires_grad`` False: CLaMP 3's other modality) are not in it, as in the reference.
 
     Same update up to rounding (~3e-8 after 50 steps), one pass per tensor instead of a dozen:
     3-4× faster on the CPU, where CLaMP 2's 250k-token text embedding otherwise makes the optimizer
     ~60% of a small model's step.
     """
-    return torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=True)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, fused=True)
 
 
 def keep_fused(optimizer: torch.optim.AdamW) -> None:
@@ -521,6 +536,37 @@ def say(dist_info: DistInfo, message: str) -> None:
         print(message, flush=True)
 
 
+class StartRefused(CheckpointError):
+    """A run that would overwrite files of another stage (found by rank 0, raised on every rank)."""
+
+
+def stage_switch(weights_path: Path, source: Path, checkpoint: Dict[str, Any], stage: str):
+    """(source, checkpoint, message) of a stage switch: the best file's weights (the reference reads it; the
+    latest when there is no best file) start ``stage`` afresh."""
+    best = Path(weights_path)
+    if Path(source) != best and best.is_file():
+        source, checkpoint = best, read_checkpoint(best)
+    previous = checkpoint.get("modality")
+    written = (f"written by the {previous} stage" if previous
+               else "without a 'modality' entry (not written by a CLaMP 3 stage)")
+    return source, checkpoint, (f"new {stage} stage: {source} was {written}, epoch {checkpoint.get('epoch', '?')}; "
+                                f"its weights start the {stage} stage at epoch 1 (fresh optimizer, schedule, best "
+                                "loss)")
+
+
+def refuse_overwriting_epoch_files(settings: TrainSettings) -> None:
+    """A stage starting at epoch 1 must not overwrite the ``…_{epoch}.pth`` copies an earlier stage left."""
+    if settings.save_every <= 0 or settings.overwrite_epoch_files:
+        return
+    copies = [Path(epoch_weights_path(str(settings.weights_path), epoch))
+              for epoch in range(settings.save_every, settings.num_epochs + 1, settings.save_every)]
+    existing = broadcast_object([str(path) for path in copies if path.is_file()])
+    if existing:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise StartRefused(f"this new stage would overwrite {existing[0]}{more} (epoch copies of an earlier stage): "
+                           "move them away, give this stage its own --weights, or pass --overwrite_epoch_files")
+
+
 # -- the loop ----------------------------------------------------------------------------------------
 
 def run_training(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> TrainResult:
@@ -542,13 +588,20 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
 
     seed_everything(seed)
     model = task.build_model().to(device)
-    say(dist_info, f"{settings.name} model: {count_parameters(model):,} parameters")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = count_parameters(model)
+    say(dist_info, f"{settings.name} model: {total:,} parameters" + (f", {trained:,} trained" if trained != total else ""))
     seed_everything(seed + dist_info.rank)
 
     source = resume_source(settings.weights_path) if settings.load_ckpt else None
     checkpoint = read_checkpoint(source) if source is not None else None
+    new_stage = None
+    if checkpoint is not None and task.stage is not None and checkpoint.get("modality") != task.stage:
+        source, checkpoint, new_stage = stage_switch(settings.weights_path, source, checkpoint, task.stage)
     if checkpoint is not None:
         load_state(model, state_dict_of(checkpoint), source=f"checkpoint {source}")
+    if checkpoint is None or new_stage is not None:
+        refuse_overwriting_epoch_files(settings)
 
     if dist_info.is_distributed:
         # Both text encoders' poolers are outside the loss: DDP must not wait for their gradients.
@@ -561,7 +614,9 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     counters = {"epoch": 0, "best_epoch": 0, "min_eval_loss": float("inf")}
     data_seed = seed
     schedule = describe_schedule(lr_sched) + (" from the first step" if not settings.warmup_steps else "")
-    if checkpoint is not None:
+    if new_stage is not None:
+        say(dist_info, new_stage)
+    elif checkpoint is not None:
         counters = restore_training_state(checkpoint, optimizer=optimizer, lr_sched=lr_sched, scaler=scaler)
         keep_fused(optimizer)
         if checkpoint.get("optimizer") and checkpoint.get("lr_sched"):
@@ -573,7 +628,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         data_seed = restore_random_state(checkpoint.get("rng"), seed, counters["epoch"], dist_info)
         say(dist_info, f"resuming from {source}: epoch {counters['epoch']} done, best epoch {counters['best_epoch']} "
                        f"(eval loss {counters['min_eval_loss']:.6g})")
-        del checkpoint  # optimizer state included, it can hold gigabytes of host memory per rank
+    del checkpoint  # optimizer state included, it can hold gigabytes of host memory per rank
 
     for dataset in (task.train_set, task.eval_set):
         if hasattr(dataset, "seed"):
@@ -610,10 +665,14 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
                           best_epoch=result.best_epoch, min_eval_loss=result.min_eval_loss, config=settings.config,
                           extra={"rng": {"world_size": dist_info.world_size, "data_seed": data_seed,
                                          "ranks": rng_states},
-                                 "training": training_record(settings, dist_info, precision)})
+                                 "training": training_record(settings, dist_info, precision),
+                                 **({"modality": task.stage} if task.stage else {})})
             if improved:
                 save_checkpoint(settings.weights_path, model, **fields)
             save_checkpoint(latest, model, **fields)
+            if settings.save_every and epoch % settings.save_every == 0:
+                with atomic_path(epoch_weights_path(str(settings.weights_path), epoch)) as tmp:
+                    shutil.copyfile(latest, tmp)
             if wandb_run is not None:
                 wandb_run.log({"epoch": epoch, "epoch_train_loss": train_loss, "eval_loss": eval_loss})
             print(f"epoch {epoch}: train_loss {train_loss:.6f} eval_loss {eval_loss:.6f}"

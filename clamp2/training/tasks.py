@@ -1,4 +1,4 @@
-"""The two training tasks: M3 pre-training and CLaMP 2 contrastive training, as :class:`TrainTask`s.
+"""The training tasks: M3 pre-training, CLaMP 2 and CLaMP 3 (two stages) contrastive training, as :class:`TrainTask`s.
 
 Each builder reads and checks the whole data set (raising :class:`DataError` with every problem
 listed), makes the datasets, and returns a model factory that the loop calls after seeding.
@@ -15,13 +15,14 @@ processes, the last one partial, see :func:`~clamp2.training.data.eval_plan`):
   candidates each pair is contrasted with), not on how a global batch is split across processes:
   one process with batch 8 and two with batch 4 give the same loss. A final global batch of one
   pair contributes 0 (nothing to contrast with).
+- CLaMP 3: as CLaMP 2, text against the stage's modality (symbolic or audio).
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,11 +31,13 @@ from ..checkpoint import load_model_weights
 from ..distributed import DistInfo, all_gather_rows
 from ..loss import contrastive_loss
 from ..models.clamp2 import CLaMP2Model
+from ..models.clamp3 import MODALITIES, AudioDims, CLaMP3Model
 from ..models.m3 import M3Dims, M3Model
 from ..patchilizer import M3Patchilizer
 from ..text_model import load_text_model, load_tokenizer
-from .data import (DataError, M3Dataset, TextMusicCollator, TextMusicDataset, check_music_files, collate_m3,
-                   find_music_files, read_pairs, split_eval)
+from .data import (AudioMusic, DataError, M3Dataset, SymbolicMusic, TextMusicCollator, TextMusicDataset,
+                   check_music_files, clamp3_eval_text, clamp3_text_problems, clamp3_training_text, collate_m3,
+                   find_music_files, read_items, read_pairs, split_eval)
 from .loop import BASE_SEED, Precision, TrainTask
 
 
@@ -81,30 +84,37 @@ def m3_task(config, train_folders: Sequence[str], eval_folders: Sequence[str] = 
 
 
 class ContrastiveStep:
-    """CLaMP 2's training loss of a batch (picklable, unlike a closure)."""
+    """The contrastive training loss of a batch (picklable, unlike a closure); CLaMP 3 names its modality."""
 
-    def __init__(self, logit_scale: float):
+    def __init__(self, logit_scale: float, modality: Optional[str] = None):
         self.logit_scale = logit_scale
+        self.modality = modality
 
     def __call__(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.modality is None:
+            return model(batch["text_inputs"], batch["text_masks"], batch["music_inputs"], batch["music_masks"],
+                         self.logit_scale)
         return model(batch["text_inputs"], batch["text_masks"], batch["music_inputs"], batch["music_masks"],
-                     self.logit_scale)
+                     self.modality, self.logit_scale)
 
 
 class ContrastiveEval:
     """(n · loss, n) of a global batch of n pairs, on rank 0 (the others return zeros: every rank computes it)."""
 
-    def __init__(self, logit_scale: float):
+    def __init__(self, logit_scale: float, modality: Optional[str] = None):
         self.logit_scale = logit_scale
+        self.modality = modality
 
-    def __call__(self, model: CLaMP2Model, batch: Optional[Dict[str, torch.Tensor]], counts: Sequence[int],
+    def __call__(self, model: nn.Module, batch: Optional[Dict[str, torch.Tensor]], counts: Sequence[int],
                  precision: Precision, dist_info: DistInfo) -> Tuple[float, float]:
         if batch is None:
             text = music = torch.zeros(0, model.text_proj.out_features, device=dist_info.device)
         else:
             with precision.autocast():
                 text = model.text_global(batch["text_inputs"], batch["text_masks"])
-                music = model.music_global(batch["music_inputs"], batch["music_masks"])
+                music_inputs = (batch["music_inputs"], batch["music_masks"])
+                music = (model.music_global(*music_inputs) if self.modality is None
+                         else model.music_global(self.modality, *music_inputs))
         # Float32 on every rank: all_gather needs one dtype, and a rank without samples has no autocast output.
         text, music = all_gather_rows(text.float(), counts), all_gather_rows(music.float(), counts)
         if not dist_info.is_main:
@@ -164,3 +174,94 @@ def clamp2_task(config, train_jsonl: str, eval_jsonl: str = "", global_batch: in
         collate_fn=TextMusicCollator(tokenizer.pad_token_id, config.MAX_TEXT_LENGTH, config.PATCH_LENGTH,
                                      config.PATCH_SIZE, config.CLAMP2_PAD_TO_LONGEST),
         compute_loss=ContrastiveStep(config.LOGIT_SCALE), eval_step=ContrastiveEval(config.LOGIT_SCALE), notes=notes)
+
+
+# -- CLaMP 3: the symbolic and the audio stage ---------------------------------------------------------
+
+FROZEN = {"symbolic": ("audio_model", "audio_proj"), "audio": ("symbolic_model", "symbolic_proj")}
+TEXT_MODULES = ("text_model", "text_proj")
+
+
+def frozen_modules(modality: str, freeze_text: bool) -> Tuple[str, ...]:
+    """The modules a stage does not train (SPEC_CLAMP3 §17): the other modality's, plus the text side on request."""
+    return FROZEN[modality] + (TEXT_MODULES if freeze_text else ())
+
+
+def clamp3_m3_weights_names(config) -> List[str]:
+    """The M3 files CLaMP 3 starts its symbolic encoder from, in the order tried (SPEC_CLAMP3 §12 *fix*):
+    the published name (config's M3_WEIGHTS_PATH), then the CLaMP 3 code's field order."""
+    clamp3_order = (f"weights_m3_h_size_{config.M3_HIDDEN_SIZE}_t_layers_{config.TOKEN_NUM_LAYERS}"
+                    f"_p_layers_{config.PATCH_NUM_LAYERS}_p_size_{config.PATCH_SIZE}_p_length_{config.PATCH_LENGTH}"
+                    f"_lr_{config.M3_LEARNING_RATE}_batch_{config.M3_BATCH_SIZE}_mask_{config.M3_MASK_RATIO}.pth")
+    published = str(config.M3_WEIGHTS_PATH)
+    return [published] + ([str(Path(published).with_name(clamp3_order))]
+                          if Path(published).name != clamp3_order else [])
+
+
+def build_clamp3_model(text_model: str, m3_dims: M3Dims, audio_dims: AudioDims, hidden_size: int,
+                       frozen: Sequence[str], m3_names: Sequence[str] = (),
+                       log: Callable[[str], None] = print) -> CLaMP3Model:
+    """Pretrained text encoder, M3 patch encoder (from the first existing M3 file of ``m3_names``), audio
+    BERT; the ``frozen`` modules get ``requires_grad`` False (not in the optimizer, still in train mode)."""
+    model = CLaMP3Model(load_text_model(text_model), m3_dims, audio_dims, hidden_size)
+    if m3_names:
+        found = next((Path(name) for name in m3_names if Path(name).is_file()), None)
+        if found is not None:
+            load_model_weights(model.symbolic_model, found, prefix="encoder.")
+            log(f"symbolic encoder initialised from the M3 checkpoint {found}")
+        else:
+            log(f"note: CLAMP3_LOAD_M3 is set but no M3 file exists ({' or '.join(m3_names)}): the symbolic "
+                "encoder starts from random weights")
+    for name in frozen:
+        for parameter in getattr(model, name).parameters():
+            parameter.requires_grad_(False)
+    return model
+
+
+def clamp3_task(config, modality: str, train_jsonl: str, eval_jsonl: str = "", global_batch: int = 1,
+                pad_to_longest: bool = True, log: Callable[[str], None] = print) -> TrainTask:
+    """One CLaMP 3 stage (``modality`` symbolic or audio) on a JSONL of SPEC_CLAMP3 §17 (EVAL_SPLIT of it when
+    there is no eval JSONL: its files resolve against the training JSONL's folder).
+
+    The text encoder is TEXT_MODEL_NAME; with CLAMP3_LOAD_M3 the symbolic encoder starts from an M3
+    file (:func:`clamp3_m3_weights_names`); the other modality's encoder (and with FREEZE_TEXT the
+    text side) is frozen. Checkpoints record ``modality``: see the loop's stage rules.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown CLaMP 3 modality {modality!r}")
+    if not train_jsonl:
+        raise DataError("no training data: pass --train_jsonl or set CLAMP3_TRAIN_JSONL in code/config.py")
+    audio_dims = AudioDims.from_config(config)
+    if modality == "symbolic":
+        music = SymbolicMusic(M3Patchilizer(config.PATCH_SIZE, config.PATCH_LENGTH))
+        music_length, position_size = config.PATCH_LENGTH, config.PATCH_SIZE
+    else:
+        music = AudioMusic(audio_dims.hidden_size, audio_dims.max_length)
+        music_length, position_size = audio_dims.max_length, audio_dims.hidden_size
+    train_items = read_items(train_jsonl, clamp3_text_problems, music)
+    notes = []
+    if eval_jsonl and Path(eval_jsonl).is_file():
+        eval_items = read_items(eval_jsonl, clamp3_text_problems, music)
+    else:
+        split = split_eval(train_items, config.EVAL_SPLIT, BASE_SEED, min_train=global_batch, min_eval=2)
+        train_items, eval_items = split.train, split.eval
+        missing = f"CLAMP3_EVAL_JSONL {eval_jsonl} does not exist, so " if eval_jsonl else "no eval JSONL: "
+        notes.append(f"{missing}{split.reason}")
+    tokenizer = load_tokenizer(config.TEXT_MODEL_NAME)
+    frozen = frozen_modules(modality, config.FREEZE_TEXT)
+    notes.append(f"clamp3 {modality} stage: {', '.join(frozen)} frozen")
+
+    def dataset(items, training):
+        return TextMusicDataset(items, tokenizer, music, config.MAX_TEXT_LENGTH, training=training,
+                                text_dropout=config.TEXT_DROPOUT, train_text=clamp3_training_text,
+                                eval_text=clamp3_eval_text)
+
+    return TrainTask(
+        build_model=functools.partial(build_clamp3_model, config.TEXT_MODEL_NAME, M3Dims.from_config(config),
+                                      audio_dims, config.CLAMP3_HIDDEN_SIZE, frozen,
+                                      clamp3_m3_weights_names(config) if config.CLAMP3_LOAD_M3 else (), log),
+        train_set=dataset(train_items, True), eval_set=dataset(eval_items, False),
+        collate_fn=TextMusicCollator(tokenizer.pad_token_id, config.MAX_TEXT_LENGTH, music_length, position_size,
+                                     pad_to_longest, music.pad_value),
+        compute_loss=ContrastiveStep(config.LOGIT_SCALE, modality),
+        eval_step=ContrastiveEval(config.LOGIT_SCALE, modality), notes=notes, stage=modality)

@@ -1,0 +1,282 @@
+"""CLaMP 3 training (SPEC_CLAMP3 §17): data rules, frozen parts, stages, resume, 2 processes, learning."""
+
+import json
+import math
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from clamp2.checkpoint import read_checkpoint, save_checkpoint
+from clamp2.models.clamp3 import AudioDims
+from clamp2.models.m3 import M3Dims, M3Model
+from clamp2.training.data import (AudioMusic, DataError, PairItem, clamp3_text_problems, clamp3_training_text,
+                                  read_items)
+from clamp2.training.loop import make_optimizer
+from clamp2.training.tasks import build_clamp3_model, clamp3_m3_weights_names, frozen_modules
+from conftest import DATA_DIR, REPO_ROOT, VECTORS, load_script
+from train_corpus3 import corpus3  # noqa: F401  (fixture)
+
+TEXT_MODEL = str(VECTORS / "tiny_text_model")
+# The CLaMP 3 vectors' tiny config (tests/data/vectors_clamp3/README.md): tiny_clamp3.pth fits it.
+TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
+            "CLAMP3_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16", "AUDIO_HIDDEN_SIZE": "64", "AUDIO_NUM_LAYERS": "2",
+            "MAX_AUDIO_LENGTH": "4", "CLAMP3_LOAD_M3": "0", "SAVE_EVERY": "1"}
+TINY_CLAMP3 = DATA_DIR / "vectors_clamp3" / "tiny_clamp3.pth"
+SEP = "</s>"
+
+
+@pytest.fixture
+def tiny_env(monkeypatch, tmp_path):
+    for key, value in TINY_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trainers():
+    return {"symbolic": load_script("code/train_clamp3_symbolic.py"), "audio": load_script("code/train_clamp3_audio.py")}
+
+
+def args_for(stage, corpus, *extra, eval_set=True):
+    args = ["--train_jsonl", str(corpus / f"{stage}_train.jsonl"), "--text_model", TEXT_MODEL, "--no_progress"]
+    return args + (["--eval_jsonl", str(corpus / f"{stage}_eval.jsonl")] if eval_set else []) + list(extra)
+
+
+def log_losses(path):
+    text = path.read_text()
+    return ([float(x) for x in re.findall(r"^train_loss: (\S+)$", text, re.M)],
+            [float(x) for x in re.findall(r"^eval_loss: (\S+)$", text, re.M)])
+
+
+def only(folder, pattern):
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+def test_training_text_translations_or_every_other_field():
+    item = {"id": "x1", "language": "en", "title": "Reel", "tags": ["Folk", "", None, "Reel"],
+            "analysis": "A reel.\n\nFast.", "translations": {"language": "German", "German": "Ein Reel."},
+            "filepaths": ["a.abc"]}
+    texts = [clamp3_training_text(item, SEP, random.Random(seed)) for seed in range(300)]
+    assert "Ein Reel." in texts  # the translation branch
+    other = {"Reel", "Folk", "A reel.", "Fast."}  # never id, language, filepaths, translations; no empty lines
+    for text in texts:
+        if text != "Ein Reel.":
+            parts = text.split(SEP)
+            assert set(parts) <= other and len(parts) == len(set(parts)) and all(parts), text
+    assert len(set(texts)) > 10
+    # No translation text: always the other fields.
+    bare = {**item, "translations": {"language": "German", "German": ""}}
+    assert all("Ein" not in clamp3_training_text(bare, SEP, random.Random(seed)) for seed in range(50))
+    assert clamp3_text_problems({"analysis": " "}) and not clamp3_text_problems(item)
+
+
+def test_audio_rows_zero_rows_windows_and_padding(tmp_path):
+    features = np.arange(1, 7, dtype=np.float32)[None, :, None].repeat(64, axis=2)  # [1, 6, 64]: rows 1..6
+    np.save(tmp_path / "a.npy", features)
+    music = AudioMusic(64, 4)
+    rows = music.load(tmp_path / "a.npy", training=False, rng=random.Random(0))
+    assert rows[:, 0].tolist() == [0, 1, 2, 3]  # zero row + segments + zero row = 8 rows; eval: the head
+    windows = {tuple(music.load(tmp_path / "a.npy", True, random.Random(seed))[:, 0].tolist()) for seed in range(60)}
+    # head, tail (ends in the closing zero row) and middle windows starting at 1..4
+    assert windows == {(0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5), (3, 4, 5, 6), (4, 5, 6, 0)}
+    np.save(tmp_path / "short.npy", features[:, :1])
+    short = music.load(tmp_path / "short.npy", training=True, rng=random.Random(0))
+    assert short[:, 0].tolist() == [0, 1, 0]
+    from clamp2.training.data import TextMusicCollator
+
+    batch = TextMusicCollator(1, 16, 4, 64, pad_to_longest=False, music_pad=0.0)(
+        [{"text_ids": torch.tensor([0, 5, 2]), "music_patches": short}, {"text_ids": torch.tensor([0, 2]),
+                                                                         "music_patches": rows}])
+    assert batch["music_inputs"].shape == (2, 4, 64) and batch["music_inputs"].dtype == torch.float32
+    assert batch["music_masks"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]] and batch["music_inputs"][0, 3].abs().sum() == 0
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((13, 5, 64), np.float32), "has shape [13, 5, 64], expected MERT features [1, n, 64] float32"),
+    (np.zeros((1, 5, 32), np.float32), "has shape [1, 5, 32], expected MERT features [1, n, 64]"),
+    (np.zeros((1, 5, 64), np.float64), "holds float64 values, expected MERT features [1, n, 64] float32"),
+    (None, "missing file"),
+])
+def test_bad_audio_files_fail_in_one_line(tmp_path, tiny_env, trainers, capsys, array, message):
+    if array is not None:
+        np.save(tmp_path / "bad.npy", array)
+    line = {"analysis": "A tune.", "filepaths": ["bad.npy"]}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(DataError) as error:
+        read_items(tmp_path / "pairs.jsonl", clamp3_text_problems, AudioMusic(64, 4))
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert trainers["audio"].main(["--train_jsonl", str(tmp_path / "pairs.jsonl"), "--text_model", TEXT_MODEL]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+
+
+def test_a_training_set_smaller_than_one_global_batch(tiny_env, corpus3, trainers, capsys):  # noqa: F811
+    assert trainers["symbolic"].main(args_for("symbolic", corpus3, "--batch_size", "200")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "fewer than one global batch of 200" in errors[0]
+
+
+# -- model: frozen parts, M3 start -----------------------------------------------------------------------
+
+def test_each_stage_freezes_the_other_modality_and_optionally_the_text():
+    dims, audio = M3Dims(64, 32, 2, 1, 64), AudioDims(64, 2, 4)
+    for modality, freeze_text in (("symbolic", False), ("audio", False), ("audio", True)):
+        frozen = frozen_modules(modality, freeze_text)
+        model = build_clamp3_model(TEXT_MODEL, dims, audio, 48, frozen, log=lambda message: None)
+        optimized = {id(p) for group in make_optimizer(model, 1e-4).param_groups for p in group["params"]}
+        for name, module in model.named_children():
+            trained = all(id(p) in optimized for p in module.parameters())
+            assert trained == (name not in frozen) and all(p.requires_grad == trained for p in module.parameters())
+        model.train()  # frozen modules still run in training mode (dropout), as the reference
+        assert all(module.training for module in model.modules())
+    assert frozen_modules("symbolic", True) == ("audio_model", "audio_proj", "text_model", "text_proj")
+
+
+def test_symbolic_encoder_starts_from_an_m3_file_published_name_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    class Config:
+        M3_HIDDEN_SIZE, TOKEN_NUM_LAYERS, PATCH_NUM_LAYERS, PATCH_SIZE, PATCH_LENGTH = 64, 1, 2, 64, 32
+        M3_LEARNING_RATE, M3_BATCH_SIZE, M3_MASK_RATIO = 1e-4, 16, 0.45
+        M3_WEIGHTS_PATH = "weights_m3_p_size_64_p_length_32_t_layers_1_p_layers_2_h_size_64_lr_0.0001_batch_16_mask_0.45.pth"
+
+    names = clamp3_m3_weights_names(Config)
+    assert names == [Config.M3_WEIGHTS_PATH, "weights_m3_h_size_64_t_layers_1_p_layers_2_p_size_64_p_length_32_lr_"
+                                             "0.0001_batch_16_mask_0.45.pth"]
+    dims = M3Dims(64, 32, 2, 1, 64)
+    for seed, name in ((3, names[1]), (4, names[0])):  # the CLaMP 3 order alone, then both: the published wins
+        torch.manual_seed(seed)
+        m3 = M3Model(dims)
+        save_checkpoint(name, m3, epoch=1)
+        notes = []
+        model = build_clamp3_model(TEXT_MODEL, dims, AudioDims(64, 2, 4), 48, (), names, log=notes.append)
+        assert name in notes[0]
+        assert all(torch.equal(a, b) for a, b in zip(model.symbolic_model.state_dict().values(),
+                                                     m3.encoder.state_dict().values()))
+
+
+# -- checkpoints: resume, stages ------------------------------------------------------------------------
+
+def test_killed_and_resumed_audio_stage_equals_uninterrupted(tiny_env, tmp_path, corpus3, trainers):  # noqa: F811
+    main = trainers["audio"].main
+    common = args_for("audio", corpus3, "--batch_size", "8", "--learning_rate", "1e-3", "--max_steps_per_epoch", "3")
+    whole, parts = tmp_path / "whole" / "weights_t.pth", tmp_path / "parts" / "weights_t.pth"
+    assert main(common + ["--weights", str(whole), "--epochs", "3"]) == 0
+    assert main(common + ["--weights", str(parts), "--epochs", "1"]) == 0
+    assert main(common + ["--weights", str(parts), "--epochs", "3"]) == 0
+    a, b = read_checkpoint(whole.with_name("latest_weights_t.pth")), read_checkpoint(parts.with_name("latest_weights_t.pth"))
+    assert a["epoch"] == b["epoch"] == 3 and a["modality"] == b["modality"] == "audio"
+    assert a["min_eval_loss"] == b["min_eval_loss"] and a["lr_sched"] == b["lr_sched"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert log_losses(whole.with_name("logs_t.txt")) == log_losses(parts.with_name("logs_t.txt"))
+    for epoch in (1, 2, 3):  # SAVE_EVERY=1: a copy per epoch
+        assert read_checkpoint(whole.with_name(f"weights_t_{epoch}.pth"))["epoch"] == epoch
+
+
+def test_published_format_file_starts_a_new_stage(tiny_env, tmp_path, corpus3, trainers, capsys):  # noqa: F811
+    # The vectors' tiny CLaMP 3 (modality "audio") and a copy without 'modality': weights only, new stage.
+    for name, fields in (("audio_file", {}), ("no_modality", {"drop": True})):
+        folder = tmp_path / name
+        folder.mkdir()
+        checkpoint = torch.load(TINY_CLAMP3, weights_only=True)
+        if fields:
+            del checkpoint["modality"]
+        torch.save(checkpoint, folder / "weights_t.pth")
+        args = args_for("symbolic", corpus3, "--batch_size", "8", "--epochs", "1", "--max_steps_per_epoch", "1",
+                        "--learning_rate", "0", "--weights", str(folder / "weights_t.pth"))
+        assert trainers["symbolic"].main(args) == 0
+        out = capsys.readouterr().out
+        written = "written by the audio stage" if not fields else "without a 'modality' entry"
+        assert f"new symbolic stage: {folder / 'weights_t.pth'} was {written}" in out
+        latest = read_checkpoint(folder / "latest_weights_t.pth")
+        assert latest["epoch"] == 1 and latest["modality"] == "symbolic"
+        assert all(torch.equal(value, checkpoint["model"][key]) for key, value in latest["model"].items())
+
+
+# -- two processes ---------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, args, cwd, expect=0):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(TINY_ENV, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO_ROOT / script), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_two_processes_symbolic_then_audio(tiny_env, tmp_path, corpus3, trainers, capsys):  # noqa: F811
+    # Learning rate 0: each stage's eval after epoch 1 scores the same weights as one process with the
+    # whole global batch of 8 (16 eval pairs: 2 global batches, 4 + 4 per rank, features gathered).
+    common = ["--learning_rate", "0", "--epochs", "1", "--max_steps_per_epoch", "2"]
+    launch("code/train_clamp3_symbolic.py", args_for("symbolic", corpus3, "--batch_size", "4", *common), tmp_path)
+    weights = only(tmp_path, "weights_clamp3_saas_*_p_length_32.pth")
+    assert read_checkpoint(weights)["modality"] == "symbolic"
+    copy = weights.with_name(weights.stem + "_1.pth")
+    before = copy.read_bytes()
+    # The audio stage would overwrite the symbolic stage's epoch copy: refused, in one line, nothing written.
+    assert trainers["audio"].main(args_for("audio", corpus3, "--batch_size", "8", *common)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "would overwrite" in errors[0] and "--overwrite_epoch_files" in errors[0]
+    assert copy.read_bytes() == before
+    proc = launch("code/train_clamp3_audio.py",
+                  args_for("audio", corpus3, "--batch_size", "4", "--overwrite_epoch_files", *common), tmp_path)
+    assert "new audio stage" in proc.stdout and "was written by the symbolic stage" in proc.stdout
+    assert "parameters identical on all 2 ranks" in proc.stdout
+    audio = read_checkpoint(weights)
+    assert audio["modality"] == "audio" and audio["epoch"] == 1 and read_checkpoint(copy)["modality"] == "audio"
+    two = log_losses(weights.with_name(weights.name.replace("weights", "logs", 1).replace(".pth", ".txt")))[1]
+    assert len(two) == 2  # one epoch per stage, in the shared log
+
+    for stage, loss in zip(("symbolic", "audio"), two):
+        folder = tmp_path / f"one_{stage}"
+        folder.mkdir()
+        os.chdir(folder)
+        assert trainers[stage].main(args_for(stage, corpus3, "--batch_size", "8", *common)) == 0
+        one = log_losses(only(folder, "logs_*.txt"))[1]
+        assert one[0] == pytest.approx(loss, abs=1e-5)
+        assert 0.5 * math.log(8) < loss < 1.5 * math.log(8)
+
+
+# -- learning --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ["symbolic", "audio"])
+def test_a_small_run_learns_held_out_pairs(stage, tiny_env, tmp_path, corpus3, trainers, monkeypatch):  # noqa: F811
+    # The eval pairs are held out; their texts name the meter, which the music shows (corpus3's docstring).
+    monkeypatch.setenv("PATCH_LENGTH", "64")
+    monkeypatch.setenv("MAX_AUDIO_LENGTH", "8")
+    monkeypatch.setenv("TEXT_DROPOUT", "0")
+    monkeypatch.setenv("SAVE_EVERY", "0")
+    args = args_for(stage, corpus3, "--batch_size", "8", "--epochs", "8", "--learning_rate", "1e-3",
+                    "--weights", str(tmp_path / "weights_t.pth"))
+    assert trainers[stage].main(args) == 0
+    _, held_out = log_losses(tmp_path / "logs_t.txt")
+    assert held_out[0] > 0.85 * math.log(8)
+    assert min(held_out) < 0.85 * math.log(8)  # ln 8 = 2.08: chance for eval batches of 8
