@@ -46,8 +46,10 @@ def _from_pretrained(load, name_or_path: str, **kwargs):
     from .hub import hub_offline, hub_reachable
 
     try:
-        if Path(name_or_path).exists() or hub_offline():
+        if Path(name_or_path).exists():
             return load(name_or_path, **kwargs)
+        if hub_offline():  # explicit: transformers reads HF_HUB_OFFLINE only once, at import
+            return load(name_or_path, local_files_only=True, **kwargs)
         try:
             return load(name_or_path, local_files_only=True, **kwargs)
         except (OSError, ValueError):
@@ -58,6 +60,23 @@ def _from_pretrained(load, name_or_path: str, **kwargs):
         raise
     except (OSError, ValueError) as exc:
         raise _unavailable(name_or_path, exc) from exc
+
+
+def max_text_length(name_or_path: str) -> int:
+    """The most tokens the text model takes: its position table less XLM-R's offset (padding id + 1)."""
+    config = _from_pretrained(AutoConfig.from_pretrained, name_or_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return 1 << 30
+    return int(positions) - (int(config.pad_token_id) + 1 if getattr(config, "pad_token_id", None) is not None else 0)
+
+
+def check_max_text_length(name_or_path: str, max_length: int, setting: str = "MAX_TEXT_LENGTH") -> None:
+    """One line (a :class:`TextModelUnavailable`) when ``max_length`` tokens do not fit the text model's positions."""
+    limit = max_text_length(name_or_path)
+    if max_length > limit:
+        raise TextModelUnavailable(f"{setting}={max_length} is more than the text model '{name_or_path}' takes "
+                                   f"({limit} tokens); set {setting}={limit} or less")
 
 
 def load_tokenizer(name_or_path: str):

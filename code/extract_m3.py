@@ -20,6 +20,7 @@ import torch
 
 from clamp2.checkpoint import load_model_weights
 from clamp2.cli import ArgumentParser, load_script_config
+from clamp2.files import input_problem, output_problem
 from clamp2.extraction.core import (KindRunner, MusicEncoder, add_common_arguments, autocast_context, process_state,
                             run_extraction)
 from clamp2.models.m3 import M3Dims, M3PatchEncoder
@@ -29,7 +30,18 @@ from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     add_common_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
+    problem = input_problem(args.input_dir) or output_problem(args.output_dir, folder=True)
+    if problem:
+        parser.error(problem)
+    return args
 
 
 def build_m3_encoder(cfg, weights: Path, device: torch.device) -> M3PatchEncoder:
