@@ -38,9 +38,6 @@ def parse_args(argv=None):
             torch.device(args.device)
         except RuntimeError:
             parser.error(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
-    problem = input_problem(args.input_dir) or output_problem(args.output_dir, folder=True)
-    if problem:
-        parser.error(problem)
     return args
 
 
@@ -53,6 +50,10 @@ def build_m3_encoder(cfg, weights: Path, device: torch.device) -> M3PatchEncoder
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = input_problem(args.input_dir) or output_problem(args.output_dir, folder=True)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     cfg = load_script_config(__file__)
     try:
         state, device = process_state(args.device)
