@@ -43,13 +43,38 @@ class CheckpointError(RuntimeError):
 def missing_weights_message(path: str | os.PathLike, what: str = "weights", repo: str = HUB_REPO,
                             settings: str = "M3_WEIGHTS_PATH / CLAMP2_WEIGHTS_PATH") -> str:
     name = os.path.basename(str(path))
-    return (
-        f"{what} file not found: {path}\n"
-        f"  Download '{name}' from the Hugging Face repo {repo} (https://huggingface.co/{repo}/tree/main), e.g.\n"
-        f"    hf download {repo} {name} --local-dir .\n"
-        f"  then pass its path with --weights or put it where config.py expects it "
-        f"(or set {settings})."
-    )
+    return (f"{what} file not found: {path}; download it from the Hugging Face repo {repo} "
+            f"(https://huggingface.co/{repo}/tree/main) with `hf download {repo} {name} --local-dir .`, then pass "
+            f"its path with --weights or put it where config.py expects it (or set {settings})")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    """One line for a file torch cannot load: what the file looks like, not torch's explanation."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(512)
+    except OSError as error:
+        return CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}")
+    if not head:
+        why = "the file is empty"
+    elif head.startswith(b"\x93NUMPY"):
+        why = "it is a NumPy array (.npy), not a PyTorch checkpoint"
+    elif not head.startswith(b"PK") and b"\0" not in head:
+        why = "it is a text file, not a PyTorch checkpoint"
+    elif "Weights only load failed" in str(exc):
+        first = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        why = ("it holds Python objects other than tensors and plain values, which are not loaded from "
+               "untrusted files" + (f" ({first[:160]})" if first else ""))
+    elif head.startswith(b"PK"):
+        return CheckpointError(f"cannot read checkpoint {path}: the file is damaged or incomplete "
+                               f"({_one_line(exc).split('.')[0]}); download or copy it again")
+    else:
+        why = f"not a PyTorch checkpoint ({_one_line(exc)[:200]})"
+    return CheckpointError(f"cannot read checkpoint {path}: {why}; pass a model weights file (.pth)")
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,
@@ -61,6 +86,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     replaces the default (CLaMP 2 / M3) message for a missing file. Nothing is ever downloaded.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the weights file (.pth) inside it")
     if not path.is_file():
         raise FileNotFoundError(missing_message or missing_weights_message(path))
     try:
@@ -69,15 +96,16 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except RuntimeError as exc:
         if not mmap or "mmap" not in str(exc):
-            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+            raise _unreadable(path, exc) from exc
         try:  # legacy (non-zip) serialization cannot be mapped
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as inner:
-            raise CheckpointError(f"cannot read checkpoint {path}: {inner}") from inner
+            raise _unreadable(path, inner) from inner
     except Exception as exc:  # unpickling errors, truncated zip, non-tensor objects
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise _unreadable(path, exc) from exc
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict or state dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict or state dict; "
+                              "pass a model weights file (.pth)")
     return dict(obj)
 
 
@@ -113,7 +141,65 @@ def sub_state_dict(state: Mapping[str, Any], prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def describe_mismatch(model: nn.Module, state: Mapping[str, Any], limit: int = 10) -> Optional[str]:
+# -- which model a checkpoint belongs to -----------------------------------------------------------
+
+M3, CLAMP2, CLAMP3, PROBE, MERT = "M3", "CLaMP 2", "CLaMP 3", "linear probe", "MERT"
+_ARTICLE = {M3: "an", MERT: "a"}
+# What to pass instead, by the family a script needs.
+_WHERE = {M3: f"config M3_WEIGHTS_PATH or --weights; published in {HUB_REPO}",
+          CLAMP2: f"config CLAMP2_WEIGHTS_PATH or --weights; published in {HUB_REPO}",
+          CLAMP3: "config CLAMP3_WEIGHTS_PATH or --weights; published in sander-wood/clamp3",
+          PROBE: "--weights; written by music_classification/train_cls.py",
+          MERT: "a MERT-v1-95M folder, e.g. m-a-p/MERT-v1-95M"}
+
+
+def checkpoint_family(state: Mapping[str, Any] | Any) -> Optional[str]:
+    """The model family whose keys ``state`` holds: ``M3``, ``CLaMP 2``, ``CLaMP 3``, ``linear probe``, ``MERT``.
+
+    ``state`` is a checkpoint dict, a state dict or any iterable of keys; ``None`` when no family fits.
+    """
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state if isinstance(k, str)]
+    starts = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
+    if starts("symbolic_model.", "symbolic_proj.", "audio_model.", "audio_proj."):
+        return CLAMP3
+    if starts("music_model.", "music_proj."):
+        return CLAMP2
+    if starts("feature_extractor.", "feature_projection."):
+        return MERT
+    if starts("encoder.patch_embedding.", "encoder.base.", "decoder.base.", "decoder.token_embedding"):
+        return M3
+    if keys and set(keys) <= {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}:
+        return PROBE
+    return None
+
+
+def family_mismatch(state: Mapping[str, Any] | Any, needed: str, source: str) -> Optional[str]:
+    """``"<source> is an M3 checkpoint; this script needs a CLaMP 2 checkpoint (...)"``, or None when it fits.
+
+    A state of no known family gets a line too (``is not a CLaMP 2 checkpoint``); an empty
+    ``needed`` family is never checked.
+    """
+    found = checkpoint_family(state)
+    if found == needed or not needed:
+        return None
+    need = f"{_ARTICLE.get(needed, 'a')} {needed} checkpoint ({_WHERE.get(needed, '--weights')})"
+    if found is None:
+        keys = [k for k in (state.get("model", state) if isinstance(state, Mapping) else state)][:3]
+        sample = f" (its keys start {', '.join(map(repr, keys))})" if keys else " (it holds no weights)"
+        return f"{source} is not {need.split(' (')[0]}{sample}; this script needs {need}"
+    return f"{source} is {_ARTICLE.get(found, 'a')} {found} checkpoint; this script needs {need}"
+
+
+def check_family(state: Mapping[str, Any] | Any, needed: str, source: str) -> None:
+    """Raise :class:`CheckpointError` (one line, see :func:`family_mismatch`) unless ``state`` is of family ``needed``."""
+    problem = family_mismatch(state, needed, source)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def describe_mismatch(model: nn.Module, state: Mapping[str, Any], limit: int = 3) -> Optional[str]:
     """A readable description of missing/unexpected keys and shape mismatches, or None if it fits."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -125,7 +211,7 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, Any], limit: int = 1
 
     def fmt(title, items):
         more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-        return f"  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+        return f"{title} ({len(items)}): " + ", ".join(items[:limit]) + more
 
     parts = []
     if missing:
@@ -134,7 +220,7 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, Any], limit: int = 1
         parts.append(fmt("unexpected keys", unexpected))
     if shapes:
         parts.append(fmt("shape mismatches", shapes))
-    return "\n".join(parts)
+    return "; ".join(parts)
 
 
 CONFIG_HINT = "PATCH_*, M3_HIDDEN_SIZE, CLAMP2_HIDDEN_SIZE, TEXT_MODEL_NAME"
@@ -147,9 +233,11 @@ def load_state(model: nn.Module, state: Mapping[str, Any], source: str = "checkp
     """Strictly load ``state`` into ``model``; a mismatch names the keys (and hints at the config)."""
     problem = describe_mismatch(model, state)
     if problem:
+        # A checkpoint of another family (an M3 file where CLaMP 2 is needed) is named as such.
+        check_family(state, checkpoint_family(model.state_dict()) or "", source)
         raise CheckpointError(
-            f"{source} does not fit the model:\n{problem}\n"
-            f"  Check that config.py (or its environment overrides: {config_hint}) matches the checkpoint."
+            f"{source} does not fit the model: {problem}; "
+            f"check that config.py (or its environment overrides: {config_hint}) matches the checkpoint."
         )
     model.load_state_dict(state, strict=True)
 
@@ -162,6 +250,8 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, prefix: str = 
     """
     checkpoint = read_checkpoint(path, mmap=True)
     state = state_dict_of(checkpoint)
+    expected = {prefix + key: None for key in model.state_dict()}
+    check_family(state, checkpoint_family(expected) or "", f"checkpoint {path}")
     if prefix:
         state = sub_state_dict(state, prefix)
     load_state(model, state, source=f"checkpoint {path}" + (f" (entries '{prefix}*')" if prefix else ""))

@@ -190,6 +190,33 @@ def derived_log_path(weights_path: str) -> str:
     return os.path.join(folder, name)
 
 
+# What each kind of setting must be; a name matches the first rule whose pattern it fits.
+_RULES = (
+    (("M3_HIDDEN_SIZE", "AUDIO_HIDDEN_SIZE"), lambda v: v > 0 and v % 64 == 0,
+     "a positive multiple of 64 (the encoders use one attention head per 64 dimensions)"),
+    (("_SIZE", "_LENGTH", "_NUM_LAYERS", "_NUM_EPOCH", "SAVE_EVERY"), lambda v: v >= 1, "at least 1"),
+    (("_WARMUP_STEPS",), lambda v: v >= 0, "0 or more"),
+    (("_LEARNING_RATE", "LOGIT_SCALE"), lambda v: v > 0, "a positive number"),
+    (("EVAL_SPLIT",), lambda v: 0 <= v < 1, "a fraction from 0 up to (not including) 1"),
+    (("M3_MASK_RATIO",), lambda v: 0 < v < 1, "a fraction between 0 and 1"),
+)
+
+
+def check_ranges(namespace: Mapping[str, Any]) -> None:
+    """Fail in one line on a size, length, rate or fraction that no model or run can use (``PATCH_LENGTH=0``)."""
+    for name, value in namespace.items():
+        if not _is_config_name(name) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        for endings, valid, expected in _RULES:
+            if name.endswith(endings):
+                if not valid(value):
+                    raise ConfigError(f"{name}={value!r}: expected {expected}; fix the environment override "
+                                      f"or code/config.py")
+                break
+    if "CLAMP3_VARIANT" in namespace:
+        check_choice("CLAMP3_VARIANT", namespace["CLAMP3_VARIANT"], CLAMP3_VARIANTS)
+
+
 def load_config(path: str | os.PathLike, report: bool = True) -> ModuleType:
     """Execute a config file afresh (so the current environment's overrides apply) and return it.
 
@@ -201,6 +228,7 @@ def load_config(path: str | os.PathLike, report: bool = True) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"clamp2_config_{abs(hash(str(path.resolve())))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    check_ranges(vars(module))
     if report:
         print_overrides(module)
     return module

@@ -13,7 +13,7 @@ import glob
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 
 def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
@@ -63,10 +63,39 @@ def _umask() -> int:
     return mask
 
 
+def output_problem(path: str | os.PathLike, folder: bool, what: str = "output") -> Optional[str]:
+    """Why ``path`` cannot be written (a folder that is a file, a file that is a folder, a parent that is a
+    file, no write permission), as one line, or None when it can."""
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        return f"{what} {kind} {path} is a {'file' if folder else 'folder'}; pass a {kind} path"
+    existing = path if path.exists() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot create {what} {kind} {path}: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write {what} {kind} {path}: {existing} is not writable; pass another path"
+    return None
+
+
+def input_problem(path: str | os.PathLike, what: str = "input folder") -> Optional[str]:
+    """Why ``path`` cannot be read as a folder (missing, a file), as one line, or None."""
+    path = Path(path)
+    if not path.exists():
+        return f"{what} not found: {path}"
+    if not path.is_dir():
+        return f"{what} {path} is a file, not a folder; pass the folder that holds it"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; pass a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)

@@ -3,7 +3,10 @@
 A hub id (``sander-wood/clamp2``) is resolved through ``huggingface_hub``'s own cache
 (``~/.cache/huggingface/hub``, or ``HF_HUB_CACHE`` / ``HF_HOME``), so a file downloaded once with
 ``hf download`` is found again without network. Offline (``HF_HUB_OFFLINE=1``) only that cache is
-looked at. A file that cannot be found is one line naming it and the command that fetches it.
+looked at. Online, the cache is looked at first and the hub is asked only for what is missing,
+after one quick reachability probe: a machine without network hears so within seconds instead of
+after huggingface_hub's retries with back-off. A file that cannot be found is one line naming it
+and the command that fetches it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,43 @@ def is_hub_id(text: str) -> bool:
 
 def hub_offline() -> bool:
     return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+# Seconds the reachability probe waits for the hub (or the proxy) to accept a connection.
+PROBE_TIMEOUT = 3.0
+_reachable: dict = {}
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether the hub's endpoint (``HF_ENDPOINT``, or the HTTPS proxy) accepts a TCP connection within ``timeout``.
+
+    Name resolution is bounded too (it runs in a daemon thread); the answer is kept per process.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    proxy = next((os.environ[n] for n in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(n)), "")
+    url = urlparse(proxy if "://" in proxy else (f"http://{proxy}" if proxy else constants.ENDPOINT))
+    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    if address in _reachable:
+        return _reachable[address]
+    answer = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    _reachable[address] = bool(answer and answer[0])
+    return _reachable[address]
 
 
 def download_command(repo_id: str, filename: str) -> str:
@@ -83,6 +123,13 @@ def _hub_file(repo_id: str, filename: str, *, local_files_only: bool, revision: 
     command = download_command(repo_id, filename)
     where = cache_dir or constants.HF_HUB_CACHE
     try:
+        if not local_files_only:
+            try:  # a file cached once is used as is: no network round trip, none needed
+                return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                            local_files_only=True))
+            except LocalEntryNotFoundError:
+                if not hub_reachable():
+                    raise
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                     local_files_only=local_files_only))
     except LocalEntryNotFoundError:

@@ -17,22 +17,70 @@ class TextModelUnavailable(OSError):
     """The text model or tokenizer could not be found locally or on the hub."""
 
 
-def _unavailable(name: str, exc: Exception) -> TextModelUnavailable:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
-    where = "a local folder" if Path(name).exists() else "a Hugging Face hub id"
-    msg = (f"cannot load the text model/tokenizer '{name}' ({where}): {exc}\n"
-           f"  If this machine is offline{' (HF_HUB_OFFLINE is set)' if offline else ''}, download it where you have "
-           f"network access, e.g. `hf download {name}` (cached under ~/.cache/huggingface) or "
-           f"`hf download {name} --local-dir DIR`, and pass DIR with --text_model "
-           f"(setting TEXT_MODEL_NAME=DIR instead would also rename the expected weights file).")
-    return TextModelUnavailable(msg)
+def _unavailable(name: str, exc: Exception | str) -> TextModelUnavailable:
+    from .hub import hub_offline
+
+    if Path(name).exists():
+        detail = " ".join(str(exc).split())[:300]
+        if Path(name).is_file():
+            detail = "it is a file, not a folder"
+        elif not (Path(name) / "config.json").is_file():
+            detail = "it has no config.json"
+        return TextModelUnavailable(f"cannot load the text model/tokenizer from the folder {name}: {detail}; pass a "
+                                    f"folder saved by `hf download <hub id> --local-dir DIR` (config.json, tokenizer "
+                                    f"files, weights)")
+    why = "downloads are off (HF_HUB_OFFLINE is set)" if hub_offline() else (
+        exc if isinstance(exc, str) else "it could not be loaded (" + " ".join(str(exc).split())[:300] + ")")
+    return TextModelUnavailable(
+        f"text model '{name}' is not a local folder, it is not in the Hugging Face cache and {why}; download it where "
+        f"there is network with `hf download {name}` (or `hf download {name} --local-dir DIR` and pass DIR with "
+        f"--text_model; setting TEXT_MODEL_NAME=DIR instead would also rename the expected weights file)")
+
+
+def _from_pretrained(load, name_or_path: str, **kwargs):
+    """``load(name_or_path)`` from the local folder or the hub cache first; the hub only when reachable.
+
+    Without this, a machine without network waits through transformers' retries with back-off
+    (about a minute) before hearing that the model is missing.
+    """
+    from .hub import hub_offline, hub_reachable
+
+    try:
+        if Path(name_or_path).exists():
+            return load(name_or_path, **kwargs)
+        if hub_offline():  # explicit: transformers reads HF_HUB_OFFLINE only once, at import
+            return load(name_or_path, local_files_only=True, **kwargs)
+        try:
+            return load(name_or_path, local_files_only=True, **kwargs)
+        except (OSError, ValueError):
+            if not hub_reachable():
+                raise _unavailable(name_or_path, "the hub cannot be reached") from None
+        return load(name_or_path, **kwargs)
+    except TextModelUnavailable:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _unavailable(name_or_path, exc) from exc
+
+
+def max_text_length(name_or_path: str) -> int:
+    """The most tokens the text model takes: its position table less XLM-R's offset (padding id + 1)."""
+    config = _from_pretrained(AutoConfig.from_pretrained, name_or_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return 1 << 30
+    return int(positions) - (int(config.pad_token_id) + 1 if getattr(config, "pad_token_id", None) is not None else 0)
+
+
+def check_max_text_length(name_or_path: str, max_length: int, setting: str = "MAX_TEXT_LENGTH") -> None:
+    """One line (a :class:`TextModelUnavailable`) when ``max_length`` tokens do not fit the text model's positions."""
+    limit = max_text_length(name_or_path)
+    if max_length > limit:
+        raise TextModelUnavailable(f"{setting}={max_length} is more than the text model '{name_or_path}' takes "
+                                   f"({limit} tokens); set {setting}={limit} or less")
 
 
 def load_tokenizer(name_or_path: str):
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise _unavailable(name_or_path, exc) from exc
+    return _from_pretrained(AutoTokenizer.from_pretrained, name_or_path)
 
 
 def load_text_model(name_or_path: str, pretrained: bool = True):
@@ -43,12 +91,9 @@ def load_text_model(name_or_path: str, pretrained: bool = True):
     """
     import torch
 
-    try:
-        if pretrained:
-            return AutoModel.from_pretrained(name_or_path, dtype=torch.float32)
-        return AutoModel.from_config(AutoConfig.from_pretrained(name_or_path), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise _unavailable(name_or_path, exc) from exc
+    if pretrained:
+        return _from_pretrained(AutoModel.from_pretrained, name_or_path, dtype=torch.float32)
+    return AutoModel.from_config(_from_pretrained(AutoConfig.from_pretrained, name_or_path), dtype=torch.float32)
 
 
 def build_small_text_model(out_dir: str | os.PathLike, texts, hidden_size: int = 32, num_layers: int = 2,

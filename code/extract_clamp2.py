@@ -22,12 +22,13 @@ import torch
 
 from clamp2.checkpoint import load_model_weights
 from clamp2.cli import ArgumentParser, load_script_config
+from clamp2.files import input_problem, output_problem
 from clamp2.extraction.core import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
                             process_state, run_extraction)
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.m3 import M3Dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
-from clamp2.text_model import load_text_model, load_tokenizer
+from clamp2.text_model import check_max_text_length, load_text_model, load_tokenizer
 
 
 def parse_args(argv=None):
@@ -37,11 +38,20 @@ def parse_args(argv=None):
                         help="save one global feature per file [1, CLAMP2_HIDDEN_SIZE] instead of per-position states")
     parser.add_argument("--text_model", default=None,
                         help="text model hub id or local folder for the tokenizer/architecture (default: config TEXT_MODEL_NAME)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
+    return args
 
 
 def build_clamp2(cfg, weights: Path, text_model_name: str, device: torch.device):
     """CLaMP 2 with its weights; the text model is built from its config (the checkpoint holds its weights)."""
+    check_max_text_length(text_model_name, cfg.MAX_TEXT_LENGTH)
     tokenizer = load_tokenizer(text_model_name)
     model = CLaMP2Model(load_text_model(text_model_name, pretrained=False), M3Dims.from_config(cfg),
                         hidden_size=cfg.CLAMP2_HIDDEN_SIZE)
@@ -51,6 +61,10 @@ def build_clamp2(cfg, weights: Path, text_model_name: str, device: torch.device)
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = input_problem(args.input_dir) or output_problem(args.output_dir, folder=True)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     cfg = load_script_config(__file__)
     weights = args.weights or Path(cfg.CLAMP2_WEIGHTS_PATH)
     try:

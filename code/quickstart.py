@@ -59,6 +59,10 @@ def main(argv=None) -> int:
             setattr(settings, name, value)
     settings.seed = args.seed
     settings.text_dropout = args.text_dropout
+    for name in ("m3_epochs", "clamp2_epochs", "nproc"):
+        if getattr(settings, name) < 1:
+            print(f"quickstart.py: error: --{name} must be at least 1, got {getattr(settings, name)}", file=sys.stderr)
+            return 2
     if settings.per_collection < 5:
         print("quickstart.py: error: --per_collection must be at least 5 (one in five pieces is held out)", file=sys.stderr)
         return 2

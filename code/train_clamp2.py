@@ -28,7 +28,7 @@ import sys
 from clamp2.checkpoint import CheckpointError
 from clamp2.cli import ArgumentParser
 from clamp2.distributed import distributed_context
-from clamp2.text_model import TextModelUnavailable
+from clamp2.text_model import TextModelUnavailable, check_max_text_length
 from clamp2.training.data import DataError
 from clamp2.training.loop import (add_training_arguments, flag_overrides, load_training_config, report_error,
                                   run_training, say, settings_from)
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
             task = clamp2_task(config, config.TRAIN_JSONL, config.EVAL_JSONL,
                                global_batch=settings.batch_size * dist_info.world_size,
                                log=functools.partial(say, dist_info))
+            check_max_text_length(config.TEXT_MODEL_NAME, config.MAX_TEXT_LENGTH)
         except (DataError, TextModelUnavailable) as exc:
             return report_error(exc, dist_info)
         try:

@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.files import find_files
+    from clamp2.files import find_files, output_problem
     from clamp2.convert.summarize import merge_summaries
 
     summaries_dir = Path(args.summaries_dir)
@@ -45,6 +45,10 @@ def main(argv=None) -> int:
         return 2
     if args.data_root is not None and not Path(args.data_root).is_dir():
         print(f"error: data root {args.data_root} does not exist", file=sys.stderr)
+        return 2
+    problem = output_problem(args.output_jsonl, folder=False)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     result = merge_summaries(summaries_dir, args.output_jsonl, args.data_root)
     print(f"wrote {result.written} records to {args.output_jsonl}, skipped {len(result.skipped)}")
