@@ -474,14 +474,14 @@ class CLaMP2(_JointSpace):
         ``cache``: ``None``/``False`` (no feature cache), ``True`` (the user cache folder), a folder
         or a :class:`~clamp2.cache.FeatureCache`.
         """
-        from .checkpoint import load_state, require_family
+        from .checkpoint import CLAMP2, check_family, load_state
         from .hub import PUBLISHED_CLAMP2_WEIGHTS, resolve_weights
         from .models.clamp2 import CLaMP2Model
 
         path = resolve_weights(weights, filename or PUBLISHED_CLAMP2_WEIGHTS, local_files_only=local_files_only,
                                revision=revision, cache_dir=hub_cache_dir)
         checkpoint, state = _load_state(path)
-        require_family(state, "CLaMP 2", str(path))
+        check_family(state, CLAMP2, str(path))
         dims = _infer_dims(state, "music_model.", None, path)
         text_name, tokenizer, text_encoder, max_text_length = cls._text_settings(checkpoint, text_model, max_text_length)
         model = CLaMP2Model(text_encoder, dims, hidden_size=int(state["music_proj.weight"].shape[0]))
@@ -549,7 +549,7 @@ class CLaMP3(_JointSpace):
         (default ``m-a-p/MERT-v1-95M``), loaded only when an audio file is encoded. ``cache`` as
         for CLaMP 2; cached features are keyed by the weights file, variant and settings too.
         """
-        from .checkpoint import CLAMP3_HUB_REPO, load_state, require_family
+        from .checkpoint import CLAMP3, CLAMP3_HUB_REPO, check_family, load_state
         from .configuration import CLAMP3_VARIANTS, check_choice
         from .hub import PUBLISHED_CLAMP3_WEIGHTS, resolve_weights
         from .models.clamp3 import CLaMP3Model, infer_audio_dims
@@ -560,7 +560,7 @@ class CLaMP3(_JointSpace):
                                local_files_only=local_files_only, revision=revision, cache_dir=hub_cache_dir,
                                repo=CLAMP3_HUB_REPO)
         checkpoint, state = _load_state(path)
-        require_family(state, "CLaMP 3", str(path))
+        check_family(state, CLAMP3, str(path))
         dims = _infer_dims(state, "symbolic_model.", None, path)
         audio_dims = infer_audio_dims(state)
         text_name, tokenizer, text_encoder, max_text_length = cls._text_settings(checkpoint, text_model, max_text_length)

@@ -22,19 +22,6 @@ HUB_REPO = "sander-wood/clamp2"
 HUB_URL = f"https://huggingface.co/{HUB_REPO}"
 CLAMP3_HUB_REPO = "sander-wood/clamp3"
 
-# A key only each family's checkpoints hold (CLaMP 3 is checked first: it also has M3-like keys).
-FAMILY_MARKERS = (
-    ("CLaMP 3", "audio_model.embeddings.position_embeddings.weight"),
-    ("CLaMP 2", "music_model.patch_embedding.weight"),
-    ("M3", "encoder.patch_embedding.weight"),
-)
-# What loads each family, for the message when a checkpoint of another family is given.
-FAMILY_LOADERS = {
-    "CLaMP 3": "clamp2.CLaMP3.from_pretrained (or code/extract_clamp3.py)",
-    "CLaMP 2": "clamp2.CLaMP2.from_pretrained (or code/extract_clamp2.py)",
-    "M3": "clamp2.M3.from_pretrained (or code/extract_m3.py)",
-}
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing or does not fit the model."""
@@ -113,22 +100,6 @@ def state_dict_of(checkpoint: Mapping[str, Any]) -> dict:
     """The model state dict of a published-format checkpoint or of a bare state dict."""
     state = checkpoint["model"] if "model" in checkpoint and isinstance(checkpoint["model"], Mapping) else checkpoint
     return strip_prefix(state, "module.")
-
-
-def checkpoint_family(state: Mapping[str, Any]) -> Optional[str]:
-    """``"CLaMP 3"``, ``"CLaMP 2"`` or ``"M3"`` by the keys of a model state dict; None if none fits."""
-    for family, marker in FAMILY_MARKERS:
-        if marker in state:
-            return family
-    return None
-
-
-def require_family(state: Mapping[str, Any], family: str, source: str) -> None:
-    """Refuse, in one message, a checkpoint of another model family (a CLaMP 2 file given to CLaMP 3...)."""
-    found = checkpoint_family(state)
-    if found is not None and found != family:
-        raise CheckpointError(f"{source} is a {found} checkpoint, not a {family} one: "
-                              f"load it with {FAMILY_LOADERS[found]}")
 
 
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict:
@@ -267,7 +238,7 @@ def load_clamp3_weights(model: nn.Module, path: str | os.PathLike, missing_messa
     checkpoint = read_checkpoint(path, mmap=True, missing_message=missing_message or missing_weights_message(
         path, repo=CLAMP3_HUB_REPO, settings="CLAMP3_VARIANT / CLAMP3_WEIGHTS_PATH"))
     state = state_dict_of(checkpoint)
-    require_family(state, "CLaMP 3", f"checkpoint {path}")
+    check_family(state, CLAMP3, f"checkpoint {path}")
     load_state(model, state, source=f"checkpoint {path}", config_hint=CLAMP3_CONFIG_HINT)
     return checkpoint
 
