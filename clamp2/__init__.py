@@ -1,7 +1,8 @@
-"""CLaMP 2: contrastive language-music pre-training, checkpoint-compatible with the published models.
+"""CLaMP 2 and CLaMP 3: contrastive language-music pre-training, checkpoint-compatible with the published models.
 
-    from clamp2 import CLaMP2, M3
+    from clamp2 import CLaMP2, CLaMP3, M3
     model = CLaMP2.from_pretrained("sander-wood/clamp2")     # see clamp2.api and docs/api.md
+    model = CLaMP3.from_pretrained("sander-wood/clamp3", variant="saas")   # docs/clamp3.md
 
 Layout (each layer imports only from the layers above it in this list; ``tests/test_layout.py`` checks it):
 
@@ -17,12 +18,14 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
         text_model     the XLM-R text encoder/tokenizer from a hub id or a local folder
         loss           symmetric contrastive loss with gather-with-gradient across processes
         data/          package data (the 100 summary languages)
-    models/        one module per model family: common (pooling), m3, clamp2, clamp3
+    models/        one module per model family: common (text tower, pooling), m3, clamp2, clamp3, mert, clamp3
     convert/       process_data/: MusicXML/ABC/interleaved ABC, MIDI/MTF, their parallel batch
                    runner (batch_runner), LLM summaries (summarize)
-    extraction/    code/extract_*.py: windows and the batched driver (core); raw files → model
-                   inputs (model_inputs)
-    training/      code/train_*.py: data, M3 corruption, the one training loop, the tasks
+    extraction/    code/extract_*.py, process_data/extract_mert.py: windows and the batched driver
+                   (core); raw files → model inputs (model_inputs); audio decoding and resampling
+                   (audio); batched MERT features (mert)
+    training/      code/train_*.py: data, M3 corruption, the one training loop, the tasks, CLaMP 3's
+                   shared command line (clamp3)
     cache          content-hash feature cache (``clamp2-cache info|clear``)
     api            CLaMP2 / CLaMP3 / M3: raw music, audio and text in, features out (importing clamp2 loads no torch)
     search/        semantic_search/: feature store and index, retrieval and metrics, FMD,
