@@ -29,9 +29,9 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
     cache          content-hash feature cache (``clamp2-cache info|clear``)
     api            CLaMP2 / CLaMP3 / M3: raw music, audio and text in, features out (importing clamp2 loads no torch)
     search/        semantic_search/: feature store and index, retrieval and metrics, FMD,
-                   zero-shot, search from raw files
-    probe/         music_classification/: the linear probe
-    quickstart/    code/quickstart.py: the pipeline, the demo corpus from music21, the report
+                   zero-shot, search from raw files, CLaMP 3's one-command tools, BLIP captions
+    probe/         music_classification/: the linear probes (CLaMP 2's and CLaMP 3's)
+    quickstart/    code/quickstart.py: the pipeline, the demo corpus from music21, audio rendering, the report
 """
 
 __version__ = "0.1.0"

@@ -5,4 +5,6 @@
     fmd            Fréchet Music Distance between two feature sets
     zero_shot      zero-shot classification by label prompts
     raw_files      search and metrics straight from raw files, through the API and its cache
+    clamp3         CLaMP 3's one-command tools: modality detection, keys, score, eval, search
+    captions       images → BLIP captions → text (CLaMP 3's image queries)
 """

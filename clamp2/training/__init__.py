@@ -1,3 +1,3 @@
-"""Training of M3 and CLaMP 2: data (``data``), M3 corruption (``corruption``), the shared loop
-(``loop``) and the two tasks (``tasks``). The scripts ``code/train_m3.py`` and
-``code/train_clamp2.py`` only parse flags and call these."""
+"""Training of M3, CLaMP 2 and CLaMP 3: data (``data``), M3 corruption (``corruption``), the shared
+loop (``loop``), the tasks (``tasks``) and CLaMP 3's command line shared by its two stages
+(``clamp3``). The scripts ``code/train_*.py`` only parse flags and call these."""
