@@ -489,7 +489,7 @@ def test_clamp3_four_commands_on_raw_folders(demo, tmp_path, scripts, capsys):
     code, lines, err = run(scripts["eval"], [demo["text"], demo["midi"], "--output_dir", tmp_path, *model], capsys)
     assert code == 0, err
     assert lines[2] == "There are 2 common keys between query and reference features."
-    code, lines, err = run(scripts["eval"], [demo["text"], demo["audio"], *model], capsys)
+    code, lines, err = run(scripts["eval"], [demo["text"], demo["audio"], "--output_dir", tmp_path, *model], capsys)
     assert code == 1 and "unmatched" in err  # audio keys are the rendering names: nothing mirrors the texts
 
     # a second run of any command on the same folders does no model work: everything is in the cache
