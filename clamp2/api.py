@@ -359,12 +359,15 @@ class _JointSpace(_Extractor):
         text_name = text_model or saved.get("TEXT_MODEL_NAME") or DEFAULT_TEXT_MODEL
         tokenizer = load_tokenizer(text_name)
         text_encoder = load_text_model(text_name, pretrained=False)
+        # XLM-R's positions start after the pad id: a small text model may take fewer than 128 tokens.
+        config = text_encoder.config
+        limit = config.max_position_embeddings - (config.pad_token_id or 0) - 1
         if max_text_length is None:
-            max_text_length = saved.get("MAX_TEXT_LENGTH") or DEFAULT_MAX_TEXT_LENGTH
-            # XLM-R's positions start after the pad id: a small text model may take fewer than 128 tokens.
-            config = text_encoder.config
-            max_text_length = min(int(max_text_length),
-                                  config.max_position_embeddings - (config.pad_token_id or 0) - 1)
+            max_text_length = min(int(saved.get("MAX_TEXT_LENGTH") or DEFAULT_MAX_TEXT_LENGTH), limit)
+        elif int(max_text_length) > limit:
+            # Asked for explicitly (config.py's MAX_TEXT_LENGTH in the scripts): one line, not an index error later.
+            raise ValueError(f"MAX_TEXT_LENGTH={max_text_length} is more than the text model '{text_name}' takes "
+                             f"({limit} tokens); set MAX_TEXT_LENGTH={limit} or less")
         return text_name, tokenizer, text_encoder, int(max_text_length)
 
     def _text_runner(self, per_position: bool):

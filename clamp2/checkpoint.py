@@ -141,7 +141,8 @@ def checkpoint_family(state: Mapping[str, Any] | Any) -> Optional[str]:
         return MERT
     if starts("encoder.patch_embedding.", "encoder.base.", "decoder.base.", "decoder.token_embedding"):
         return M3
-    if keys and set(keys) <= {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}:
+    # CLaMP 2's probe (fc1, fc2) or CLaMP 3's single linear layer (fc).
+    if keys and set(keys) <= {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc.weight", "fc.bias"}:
         return PROBE
     return None
 

@@ -22,9 +22,8 @@ import torch
 
 from clamp2.checkpoint import load_model_weights
 from clamp2.cli import ArgumentParser, load_script_config
-from clamp2.files import input_problem, output_problem
 from clamp2.extraction.core import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
-                            process_state, run_extraction)
+                                    check_extraction_arguments, folders_problem, process_state, run_extraction)
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.m3 import M3Dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
@@ -39,13 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--text_model", default=None,
                         help="text model hub id or local folder for the tokenizer/architecture (default: config TEXT_MODEL_NAME)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.device is not None:
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            parser.error(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
+    check_extraction_arguments(parser, args)
     return args
 
 
@@ -61,7 +54,7 @@ def build_clamp2(cfg, weights: Path, text_model_name: str, device: torch.device)
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problem = input_problem(args.input_dir) or output_problem(args.output_dir, folder=True)
+    problem = folders_problem(args.input_dir, args.output_dir)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -32,9 +32,9 @@ import torch
 from clamp2.checkpoint import load_clamp3_weights, loaded_message
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.configuration import CLAMP3_VARIANTS, clamp3_weights_name, epoch_weights_path
-from clamp2.extraction.core import (AUDIO_EXTENSIONS, MUSIC_EXTENSIONS, TEXT_EXTENSIONS, AudioEncoder, KindRunner,
-                                    MusicEncoder, TextEncoder, add_common_arguments, autocast_context, process_state,
-                                    run_extraction)
+from clamp2.extraction.core import (AUDIO_EXTENSIONS, AudioEncoder, KindRunner, MUSIC_EXTENSIONS, MusicEncoder,
+                                    TEXT_EXTENSIONS, TextEncoder, add_common_arguments, autocast_context,
+                                    check_extraction_arguments, folders_problem, process_state, run_extraction)
 from clamp2.models.clamp3 import AudioDims, CLaMP3Model
 from clamp2.models.m3 import M3Dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
@@ -57,6 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--text_model", default=None,
                         help="text model hub id or local folder for the tokenizer/architecture (default: config TEXT_MODEL_NAME)")
     args = parser.parse_args(argv)
+    check_extraction_arguments(parser, args)
     if args.weights is not None and (args.variant is not None or args.epoch is not None):
         parser.error("--weights names the file itself: it cannot be combined with --variant or --epoch")
     return args
@@ -89,6 +90,10 @@ def build_clamp3(cfg, weights: Path, text_model_name: str, device: torch.device,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = folders_problem(args.input_dir, args.output_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     cfg = load_script_config(__file__)
     weights = weights_path(cfg, args)
     try:

@@ -20,9 +20,8 @@ import torch
 
 from clamp2.checkpoint import load_model_weights
 from clamp2.cli import ArgumentParser, load_script_config
-from clamp2.files import input_problem, output_problem
-from clamp2.extraction.core import (KindRunner, MusicEncoder, add_common_arguments, autocast_context, process_state,
-                            run_extraction)
+from clamp2.extraction.core import (KindRunner, MusicEncoder, add_common_arguments, autocast_context,
+                                    check_extraction_arguments, folders_problem, process_state, run_extraction)
 from clamp2.models.m3 import M3Dims, M3PatchEncoder
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
@@ -31,13 +30,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.device is not None:
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            parser.error(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
+    check_extraction_arguments(parser, args)
     return args
 
 
@@ -50,7 +43,7 @@ def build_m3_encoder(cfg, weights: Path, device: torch.device) -> M3PatchEncoder
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problem = input_problem(args.input_dir) or output_problem(args.output_dir, folder=True)
+    problem = folders_problem(args.input_dir, args.output_dir)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from pathlib import Path
 
 def parse_args(argv=None):
     from clamp2.cli import ArgumentParser
-    from clamp2.extraction.core import default_workers
+    from clamp2.extraction.core import check_extraction_arguments, default_workers
 
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("input_dir", type=Path, help="folder searched recursively for audio files")
@@ -46,10 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="recompute features that already exist")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.num_workers < 0:
-        parser.error(f"--num_workers must be 0 or more, got {args.num_workers}")
+    check_extraction_arguments(parser, args)
     return args
 
 
@@ -57,12 +54,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from clamp2.checkpoint import CheckpointError
     from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
-    from clamp2.extraction.core import process_state
+    from clamp2.extraction.core import folders_problem, process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
     from clamp2.models.mert import load_mert
 
-    if not args.input_dir.is_dir():
-        print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
+    problem = folders_problem(args.input_dir, args.output_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     plan = plan_audio_jobs(args.input_dir, args.output_dir)
     if not plan.jobs and not plan.failures:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from clamp2.cli import ArgumentParser
+from clamp2.files import output_problem
 from clamp2.search.feature_store import FeatureError, build_index, report_problems
 
 
@@ -27,6 +28,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = output_problem(args.index_dir, folder=True, what="index")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         update = build_index(args.features, args.index_dir, progress=not args.no_progress)
     except FeatureError as error:

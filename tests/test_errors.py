@@ -30,6 +30,8 @@ from conftest import REPO_ROOT, VECTORS, load_script
 # The conformance vectors' tiny config (tests/data/README.md).
 TINY = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
         "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
+# The CLaMP 3 vectors' tiny config (tests/data/vectors_clamp3/README.md).
+TINY3 = dict(TINY, CLAMP3_HIDDEN_SIZE="48", AUDIO_HIDDEN_SIZE="64", AUDIO_NUM_LAYERS="2", MAX_AUDIO_LENGTH="4")
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 NO_HUB = "clamp2-tests/no-such-model"  # a hub id that is in no cache
 CLOSED_PORT = "http://127.0.0.1:9"  # a hub endpoint that refuses connections, as a machine without network
@@ -62,6 +64,11 @@ IN = "{vec}/extract_in"
 SS = "semantic_search/"
 MC = "music_classification/"
 PD = "process_data/"
+X3C, MERT = "code/extract_clamp3.py", "process_data/extract_mert.py"
+TS3, TA3 = "code/train_clamp3_symbolic.py", "code/train_clamp3_audio.py"
+C3W, TEXT3 = "--weights={vec3}/tiny_clamp3.pth", "--text_model={vec}/tiny_text_model"
+IN3, TINY_MERT = "{vec3}/extract_in", "--model={vec3}/tiny_mert"
+C3 = ("--weights={vec3}/tiny_clamp3.pth", "--text_model={vec}/tiny_text_model", "--mert={vec3}/tiny_mert", "--no_cache")
 
 CASES = [
     # -- checkpoints of the wrong kind ---------------------------------------------------------
@@ -97,8 +104,7 @@ CASES = [
     case(XC2, IN, "{tmp}/o", C2W, "--text_model={text_file}", says="it is a file, not a folder", env=TINY),
     case(XC2, IN, "{tmp}/o", C2W, "--text_model={tmp}", says="it has no config.json", env=TINY),
     case(TM3, "--train_folders={empty_dir}", says="no .abc or .mtf files under", env=TINY),
-    case(TM3, "--train_folders={text_file}", says="text.pth", env=TINY,
-         known="clamp2/training/data.py: a folder that is a file is 'not found', over two lines"),
+    case(TM3, "--train_folders={text_file}", says="text.pth is a file, not a folder", env=TINY),
     case(TM3, "--train_folders={vec}/extract_in", says="M3_BATCH_SIZE", env=dict(TINY, M3_BATCH_SIZE="0")),
     case(TM3, "--train_folders={vec}/extract_in", says="M3_MASK_RATIO", env=dict(TINY, M3_MASK_RATIO="1.5")),
     case(TM3, "--train_folders={vec}/extract_in", says="M3_LEARNING_RATE", env=dict(TINY, M3_LEARNING_RATE="-1")),
@@ -143,18 +149,68 @@ CASES = [
     case(SS + "clamp2_search.py", "a jig", IN, "--weights={text_file}", TEXT, says="it is a text file", env=TINY),
     case(SS + "clamp2_search.py", "a jig", IN, M3W, TEXT, says="is an M3 checkpoint", env=TINY),
     case(SS + "clamp2_search.py", "a jig", IN, "--top_k=0", says="--top_k", env=TINY),
+    case(SS + "clamp2_search.py", "a jig", IN, C2W, TEXT, "--no_cache", says="MAX_TEXT_LENGTH=64",
+         env=dict(TINY, MAX_TEXT_LENGTH="64")),
+    case(SS + "clamp3_search.py", "{vec3}/inputs/txt/multi.txt", IN3 + "/abc", *C3, says="MAX_TEXT_LENGTH=64",
+         env=dict(TINY3, MAX_TEXT_LENGTH="64")),
+    case(SS + "build_index.py", "{feats}", "{text_file}", says="text.pth"),
     case(SS + "clamp2_eval.py", IN + "/txt", IN + "/abc", "--weights={probe}", TEXT,
          says="is a linear probe checkpoint; this script needs a CLaMP 2", env=TINY),
     case(SS + "zero_shot.py", IN, "--labels=jig,reel", "--weights={text_file}", TEXT, "--output={tmp}/z.json",
          says="it is a text file", env=TINY),
     case(SS + "zero_shot.py", "{text_file}", "--labels=jig,reel", says="text.pth", env=TINY),
-    case(MC + "inference_cls.py", "{feats}", "{tmp}/p.json", C2W, says="not a checkpoint of music_classification/train_cls.py"),
+    case(MC + "inference_cls.py", "{feats}", "{tmp}/p.json", C2W, says="is a CLaMP 2 checkpoint; this script needs a linear probe"),
+    case(MC + "inference_cls.py", "{feats}", "{tmp}/p.json", "--weights={vec3}/tiny_clamp3.pth",
+         says="is a CLaMP 3 checkpoint; this script needs a linear probe"),
     case(MC + "inference_cls.py", "{feats}", "{tmp}/p.json", "--weights={text_file}", says="it is a text file"),
     case(MC + "inference_cls.py", "{feats}", "{tmp}/p.json", "--weights={probe}", "--batch_size=0", says="--batch_size"),
     case(MC + "train_cls.py", "--train_folders={text_file}", "--weights={tmp}/p.pth", says="text.pth"),
     case(MC + "train_cls.py", "--train_folders={feats}", "--weights={tmp}/p.pth", "--epochs=0", says="--epochs"),
     case(MC + "train_cls.py", "--train_folders={feats}", "--weights={tmp}/p.pth", "--batch_size=0", says="--batch_size"),
     case(MC + "train_cls.py", "--train_folders={mert_dir}", "--weights={tmp}/p.pth", says="[13, 2, 768]: expected [1, L, D]"),
+    # -- CLaMP 3 and audio ---------------------------------------------------------------------
+    case(X3C, IN3, "{tmp}/o", C2W, TEXT3, says="is a CLaMP 2 checkpoint; this script needs a CLaMP 3", env=TINY3),
+    case(X3C, IN3, "{tmp}/o", M3W, TEXT3, says="is an M3 checkpoint; this script needs a CLaMP 3", env=TINY3),
+    case(X3C, IN3, "{tmp}/o", "--weights={text_file}", TEXT3, says="it is a text file", env=TINY3),
+    case(X3C, IN3, "{tmp}/o", "--variant=c2", TEXT3, says="hf download sander-wood/clamp3 weights_clamp3_c2", env=TINY3),
+    case(X3C, IN3, "{tmp}/o", "--variant=big", TEXT3, says="invalid choice", env=TINY3),
+    case(X3C, IN3, "{tmp}/o", C3W, TEXT3, says="CLAMP3_VARIANT", env=dict(TINY3, CLAMP3_VARIANT="big")),
+    case(X3C, IN3, "{tmp}/o", C3W, TEXT3, says="AUDIO_HIDDEN_SIZE", env=dict(TINY3, AUDIO_HIDDEN_SIZE="32")),
+    case(X3C, IN3, "{tmp}/o", C3W, TEXT3, says="MAX_AUDIO_LENGTH", env=dict(TINY3, MAX_AUDIO_LENGTH="0")),
+    case(X3C, IN3, "{tmp}/o", C3W, TEXT3, says="does not fit the model", env=dict(TINY3, AUDIO_NUM_LAYERS="3")),
+    case(X3C, IN3, "{tmp}/o", C3W, TEXT3, "--batch_size=0", says="--batch_size", env=TINY3),
+    case(X3C, "{text_file}", "{tmp}/o", C3W, TEXT3, says="is a file, not a folder", env=TINY3),
+    case(X3C, IN3, "{text_file}", C3W, TEXT3, says="text.pth is a file", env=TINY3),
+    case(X3C, "{bad_mert}", "{tmp}/o", C3W, TEXT3, status=1, says="double.npy", env=TINY3),
+    case(MERT, "{vec3}/inputs/audio", "{tmp}/o", "--model={text_file}", says="text.pth"),
+    case(MERT, "{vec3}/inputs/audio", "{tmp}/o", "--model={empty_dir}", says="empty_dir"),
+    case(MERT, "{vec3}/inputs/audio", "{tmp}/o", "--model={vec3}/tiny_clamp3.pth", says="tiny_clamp3.pth"),
+    case(MERT, "{vec3}/inputs/audio", "{tmp}/o", f"--model={NO_HUB}", says=f"hf download {NO_HUB}", env=OFFLINE),
+    case(MERT, "{vec3}/inputs/audio", "{tmp}/o", TINY_MERT, "--batch_size=0", says="--batch_size"),
+    case(MERT, "{vec3}/inputs/audio", "{tmp}/o", TINY_MERT, "--device=tpu9", says="tpu9"),
+    case(MERT, "{text_file}", "{tmp}/o", TINY_MERT, says="is a file, not a folder"),
+    case(MERT, "{empty_dir}", "{tmp}/o", TINY_MERT, says="no"),
+    case(MERT, "{bad_audio}", "{tmp}/o", TINY_MERT, status=1, says="not_audio.wav"),
+    case(TS3, "--train_jsonl={tmp}/missing.jsonl", TEXT3, says="missing.jsonl", env=TINY3),
+    case(TS3, "--train_jsonl={text_file}", TEXT3, says="text.pth", env=TINY3),
+    case(TS3, "--train_jsonl={jsonl}", TEXT3, "--variant=big", says="invalid choice", env=TINY3),
+    case(TA3, "--train_jsonl={audio_jsonl}", TEXT3, says="[13, 2, 64]", env=TINY3),
+    case(TA3, "--train_jsonl={audio_jsonl}", TEXT3, says="SAVE_EVERY", env=dict(TINY3, SAVE_EVERY="-1")),
+    case(SS + "clamp3_search.py", "{text_file}", IN3 + "/abc", *C3, status=1, says="Could not determine query modality",
+         env=TINY3),
+    case(SS + "clamp3_search.py", "{tmp}/nothing.txt", IN3 + "/abc", *C3, says="nothing.txt", env=TINY3),
+    case(SS + "clamp3_search.py", "{vec3}/inputs/txt/multi.txt", IN3 + "/abc", C2W, TEXT3, "--no_cache",
+         says="is a CLaMP 2 checkpoint; this script needs a CLaMP 3", env=TINY3),
+    case(SS + "clamp3_search.py", "{vec3}/inputs/txt/multi.txt", IN3 + "/abc", *C3, "--top_k=0", says="--top_k",
+         env=TINY3),
+    case(SS + "clamp3_score.py", IN3, "{vec3}/inputs/txt", *C3, "--output_dir={tmp}/s", status=1, says="modalit",
+         env=TINY3),
+    case(SS + "clamp3_eval.py", "{vec3}/inputs/txt", "{text_file}", *C3, "--output_dir={tmp}/e", status=1,
+         says="Could not determine reference modality", env=TINY3),
+    case(SS + "clamp3_embd.py", "{vec3}/inputs/audio", "{tmp}/emb", "--weights={vec3}/tiny_clamp3.pth", TEXT3,
+         "--mert={empty_dir}", "--no_cache", status=1, says="empty_dir", env=TINY3),
+    case(SS + "zero_shot.py", IN3 + "/abc", "--labels=jig,chorale", "--model=clamp3", C2W, TEXT3, "--no_cache",
+         "--output={tmp}/z3.json", says="is a CLaMP 2 checkpoint; this script needs a CLaMP 3", env=TINY3),
 ]
 
 
@@ -166,7 +222,7 @@ def world(tmp_path_factory) -> Dict[str, str]:
     from clamp2.probe.model import LinearProbe
 
     root = tmp_path_factory.mktemp("world")
-    paths = {"vec": str(VECTORS)}
+    paths = {"vec": str(VECTORS), "vec3": str(VECTORS.parent / "vectors_clamp3")}
 
     def put(name, data: bytes = b""):
         path = root / name
@@ -215,6 +271,22 @@ def world(tmp_path_factory) -> Dict[str, str]:
                                            "filepaths": [f"mixed/{p}"]})
                                + "\n" for n, p in enumerate(pieces)).encode())
     paths["jsonl"] = str(root / "pairs.jsonl")
+    # CLaMP 3: MERT features of the wrong kind beside a good one; audio that is not audio
+    vectors3 = VECTORS.parent / "vectors_clamp3"
+    bad_mert = root / "bad_mert"
+    shutil.copytree(vectors3 / "extract_in" / "audio", bad_mert)
+    np.save(bad_mert / "double.npy", np.zeros((1, 2, 64)))
+    np.save(bad_mert / "all_layers.npy", np.zeros((3, 2, 64), dtype=np.float32))
+    paths["bad_mert"] = str(bad_mert)
+    bad_audio = root / "bad_audio"
+    shutil.copytree(vectors3 / "inputs" / "audio", bad_audio)
+    put("bad_audio/not_audio.wav", b"RIFF this is text\n")
+    paths["bad_audio"] = str(bad_audio)
+    put("audio_pairs/all_layers.npy")
+    np.save(root / "audio_pairs" / "all_layers.npy", np.zeros((13, 2, 64), dtype=np.float32))
+    put("audio_pairs/pairs.jsonl", "".join(json.dumps({"analysis": f"piece {n}", "filepaths": ["all_layers.npy"]}) + "\n"
+                                           for n in range(4)).encode())
+    paths["audio_jsonl"] = str(root / "audio_pairs" / "pairs.jsonl")
     return paths
 
 

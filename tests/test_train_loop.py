@@ -316,7 +316,7 @@ def test_bad_data_fails_before_training_with_every_problem(tiny_env, tmp_path, c
     assert code == 2 and "missing files (2)" in err and "'../escape.abc' is not inside" in err
     assert not (tmp_path / "latest_weights_t.pth").exists()
     code = trainers["m3"].main(["--train_folders", str(tmp_path / "nowhere"), "--no_progress"])
-    assert code == 2 and "data folders not found (1)" in capsys.readouterr().err
+    assert code == 2 and "data folder not found: " in capsys.readouterr().err
 
 
 def test_legacy_launcher_rank_flags(trainers):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from ..files import atomic_path, find_files, mirror_path
+from ..files import atomic_path, find_files, input_problem, mirror_path, output_problem
 from ..patchilizer import M3Patchilizer, is_mtf
 
 TEXT_EXTENSIONS = (".txt",)
@@ -452,6 +452,24 @@ def default_workers() -> int:
 
 
 # -- command-line driver shared by code/extract_clamp2.py and code/extract_m3.py -------------------
+
+def check_extraction_arguments(parser, args) -> None:
+    """The flag checks every extraction script shares (one usage line and exit 2 instead of a traceback)."""
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if getattr(args, "num_workers", 0) < 0:
+        parser.error(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if getattr(args, "device", None) is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
+
+
+def folders_problem(input_dir, output_dir) -> Optional[str]:
+    """Why an extraction cannot read ``input_dir`` or write into ``output_dir``, as one line, or None."""
+    return input_problem(input_dir) or output_problem(output_dir, folder=True)
+
 
 def add_common_arguments(parser) -> None:
     parser.add_argument("input_dir", type=Path, help="folder searched recursively for input files")

@@ -9,7 +9,7 @@ from typing import List
 import numpy as np
 import torch
 
-from ..checkpoint import load_state, read_checkpoint, state_dict_of
+from ..checkpoint import PROBE, checkpoint_family, family_mismatch, load_state, read_checkpoint, state_dict_of
 from ..distributed import DistInfo
 from .data import FeatureSet, ProbeDataset, ProbeUsageError
 from torch import nn
@@ -39,6 +39,9 @@ def load_probe(path: str | os.PathLike, device: torch.device = torch.device("cpu
                               "and pass its file with --weights)") from None
     except RuntimeError as exc:
         raise ProbeUsageError(" ".join(str(exc).split())) from None
+    found = checkpoint_family(checkpoint)
+    if found not in (None, PROBE):
+        raise ProbeUsageError(family_mismatch(checkpoint, PROBE, str(path)))
     labels = checkpoint.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise ProbeUsageError(f"{path} has no label map ('labels'): not a checkpoint of music_classification/"

@@ -28,7 +28,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 
-from ..files import find_files
+from ..files import find_files, input_problem
 from ..patchilizer import PAD_TOKEN_ID, TRUNCATE_MODES, M3Patchilizer, split_lines, truncate
 from .corruption import corrupt_patches
 
@@ -53,9 +53,9 @@ def sample_rng(seed: int, stream: str, epoch: int, index: int) -> random.Random:
 
 
 def listing(title: str, items: Sequence[str]) -> str:
-    shown = "\n".join(f"  {item}" for item in items[:MAX_LISTED])
-    more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-    return f"{title} ({len(items)}):\n{shown}{more}"
+    """``title (n): a, b, c ... and k more`` on one line (an error is one line, however many items it names)."""
+    more = f" ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"{title} ({len(items)}): {'; '.join(items[:MAX_LISTED])}{more}"
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,9 @@ def remove_instrument_info(text: str) -> str:
 
 def find_music_files(folders: Sequence[str | os.PathLike]) -> List[Path]:
     """All .abc/.mtf files under ``folders`` (sorted per folder); a missing folder is an error."""
-    missing = [str(f) for f in folders if not Path(f).is_dir()]
-    if missing:
-        raise DataError(listing("data folders not found", missing))
+    problems = [problem for problem in (input_problem(f, "data folder") for f in folders) if problem]
+    if problems:
+        raise DataError(problems[0] if len(problems) == 1 else listing("data folders that cannot be read", problems))
     files: List[Path] = []
     for folder in folders:
         files.extend(find_files(folder, MUSIC_EXTENSIONS))
@@ -399,7 +399,7 @@ def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]
     if missing:
         problems.append(listing("missing files", missing))
     if problems:
-        raise DataError(f"{jsonl} has problems:\n" + "\n".join(problems))
+        raise DataError(listing(f"{jsonl} has problems", problems))
     if not items:
         raise DataError(f"{jsonl} holds no items")
     return items
