@@ -124,6 +124,14 @@ _WHERE = {M3: f"config M3_WEIGHTS_PATH or --weights; published in {HUB_REPO}",
           MERT: "a MERT-v1-95M folder, e.g. m-a-p/MERT-v1-95M"}
 
 
+# What loads each family instead (the second half of a family-mismatch message).
+_LOADERS = {M3: "clamp2.M3.from_pretrained or code/extract_m3.py",
+            CLAMP2: "clamp2.CLaMP2.from_pretrained or code/extract_clamp2.py",
+            CLAMP3: "clamp2.CLaMP3.from_pretrained or code/extract_clamp3.py",
+            PROBE: "music_classification/inference_cls.py",
+            MERT: "process_data/extract_mert.py --model"}
+
+
 def checkpoint_family(state: Mapping[str, Any] | Any) -> Optional[str]:
     """The model family whose keys ``state`` holds: ``M3``, ``CLaMP 2``, ``CLaMP 3``, ``linear probe``, ``MERT``.
 
@@ -161,7 +169,8 @@ def family_mismatch(state: Mapping[str, Any] | Any, needed: str, source: str) ->
         keys = [k for k in (state.get("model", state) if isinstance(state, Mapping) else state)][:3]
         sample = f" (its keys start {', '.join(map(repr, keys))})" if keys else " (it holds no weights)"
         return f"{source} is not {need.split(' (')[0]}{sample}; this script needs {need}"
-    return f"{source} is {_ARTICLE.get(found, 'a')} {found} checkpoint; this script needs {need}"
+    loader = f"; {found} checkpoints load with {_LOADERS[found]}" if found in _LOADERS else ""
+    return f"{source} is {_ARTICLE.get(found, 'a')} {found} checkpoint; this script needs {need}{loader}"
 
 
 def check_family(state: Mapping[str, Any] | Any, needed: str, source: str) -> None:
