@@ -795,6 +795,14 @@ class M3(_Extractor):
 
 # -- command-line options shared by the scripts that load CLaMP 2 ------------------------------------
 
+def configured_max_text_length(cfg) -> Optional[int]:
+    """config.py's MAX_TEXT_LENGTH when it was set to something other than the published 128, else None
+    (the checkpoint's own setting, capped at what the text model takes). A value that was asked for
+    and does not fit the text model is then one clear error instead of a silent cut."""
+    value = int(cfg.MAX_TEXT_LENGTH)
+    return None if value == DEFAULT_MAX_TEXT_LENGTH else value
+
+
 def add_model_arguments(parser) -> None:
     """``--weights``, ``--text_model``, ``--batch_size``, ``--dtype``, ``--device``, ``--num_workers``,
     ``--cache``/``--no_cache``, ``--no_progress``: the options of ``code/extract_clamp2.py`` plus the cache."""
@@ -820,5 +828,5 @@ def clamp2_from_args(args, cfg) -> CLaMP2:
     from .cache import cache_from_args
 
     return CLaMP2.from_pretrained(args.weights or cfg.CLAMP2_WEIGHTS_PATH, text_model=args.text_model or cfg.TEXT_MODEL_NAME,
-                                  max_text_length=cfg.MAX_TEXT_LENGTH, device=args.device, dtype=args.dtype,
+                                  max_text_length=configured_max_text_length(cfg), device=args.device, dtype=args.dtype,
                                   batch_size=args.batch_size, cache=cache_from_args(args), num_workers=args.num_workers)

@@ -42,37 +42,32 @@ def main(argv=None) -> int:
     if not args.input_dir.exists():
         fail_usage(f"input folder not found: {args.input_dir}")
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
-    try:
+
+    def work() -> int:
         modality, files = clamp3.detect_modality(args.input_dir, "input")
         if modality == clamp3.FEATURES:
             raise clamp3.CommandError(f"Error: {args.input_dir} holds .npy features already, not raw inputs")
         print(f"Detected input modality: {modality}")
         root = args.input_dir if args.input_dir.is_dir() else args.input_dir.parent
-        targets = {file: mirror_path(file, root, args.output_dir, ".npy") for file in files}
-        todo = [file for file in files if not targets[file].exists()]
-        skipped = len(files) - len(todo)
+        todo = [file for file in files if not mirror_path(file, root, args.output_dir, ".npy").exists()]
         side = family.encode(todo, args.input_dir, modality, normalize=args.get_global,
                              progress=not args.no_progress) if todo else None
-    except (clamp3.ModalityError, clamp3.CommandError) as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError, ValueError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    written = 0
-    if side is not None:
-        clamp3.say_captions(side)
-        clamp3.say_failures(side)
-        for relative, feature in zip(side.relative, side.matrix):
-            with atomic_path(mirror_path(root / relative, root, args.output_dir, ".npy")) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.asarray(feature, dtype=np.float32)[None])
-            written += 1
-    failures = side.failures if side is not None else []
-    source = f" ({side.computed} encoded, {side.cached} from cache)" if side is not None else ""
-    print(f"clamp3_embd: {written} features written to {args.output_dir}{source}, {skipped} already there, "
-          f"{len(failures)} failed", file=sys.stderr)
-    return 1 if failures else 0
+        written = 0
+        if side is not None:
+            clamp3.say_captions(side)
+            clamp3.say_failures(side)
+            for relative, feature in zip(side.relative, side.matrix):
+                with atomic_path(mirror_path(root / relative, root, args.output_dir, ".npy")) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, np.asarray(feature, dtype=np.float32)[None])
+                written += 1
+        failures = side.failures if side is not None else []
+        source = f" ({side.computed} encoded, {side.cached} from cache)" if side is not None else ""
+        print(f"clamp3_embd: {written} features written to {args.output_dir}{source}, {len(files) - len(todo)} already "
+              f"there, {len(failures)} failed", file=sys.stderr)
+        return 1 if failures else 0
+
+    return clamp3.run_command(work)
 
 
 if __name__ == "__main__":

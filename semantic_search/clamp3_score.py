@@ -42,27 +42,17 @@ def main(argv=None) -> int:
         if not folder.exists():
             fail_usage(f"folder not found: {folder}")
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
-    try:
-        sides = []
-        for path, role in ((args.query_dir, "query"), (args.ref_dir, "reference")):
-            side = clamp3.load_side(path, role, family, progress=not args.no_progress)
-            if side.modality != clamp3.FEATURES:
-                print(f"Detected {role} modality: {side.modality}")
-            clamp3.say_captions(side)
-            clamp3.say_failures(side)
-            sides.append(side)
+
+    def work() -> int:
+        sides = clamp3.load_sides(family, ((args.query_dir, "query"), (args.ref_dir, "reference")), not args.no_progress)
         if args.group:
             lines = clamp3.group_score(*sides)
         else:
             lines = clamp3.pairwise_score(*sides, args.output_dir, strict=args.strict)
-    except (clamp3.ModalityError, clamp3.CommandError) as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError, ValueError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
-    return 1 if any(side.failures for side in sides) else 0
+        print("\n".join(lines))
+        return clamp3.exit_status(sides)
+
+    return clamp3.run_command(work)
 
 
 if __name__ == "__main__":

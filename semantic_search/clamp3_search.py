@@ -46,38 +46,26 @@ def main(argv=None) -> int:
     if not args.ref_dir.exists():
         fail_usage(f"folder not found: {args.ref_dir}")
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
-    quiet = args.json
-    try:
-        sides = []
-        for path, role in ((args.query_file, "query"), (args.ref_dir, "reference")):
-            side = clamp3.load_side(path, role, family, progress=not args.no_progress)
-            if not quiet:
-                if side.modality != clamp3.FEATURES:
-                    print(f"Detected {role} modality: {side.modality}")
-                clamp3.say_captions(side)
-            clamp3.say_failures(side)
-            sides.append(side)
-        query, references = sides
+
+    def work() -> int:
+        query, references = sides = clamp3.load_sides(family, ((args.query_file, "query"), (args.ref_dir, "reference")),
+                                                      not args.no_progress, announce=not args.json)
         if not len(query):
             raise clamp3.CommandError(f"Error: the query {args.query_file} could not be encoded")
         hits, warnings = clamp3.search(query.matrix[0], references, args.top_k, device=args.device or "cpu")
-    except (clamp3.ModalityError, clamp3.CommandError) as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError, ValueError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    for warning in warnings:
-        print(warning, file=sys.stderr)
-    if args.json:
-        result = [{"rank": rank, "key": key, "path": references.path(references.relative.index(relative)),
-                   "score": score} for rank, (key, relative, score) in enumerate(hits, 1)]
-        if query.captions:
-            result = {"caption": query.captions[0][1], "results": result}
-        print(json.dumps(result, indent=1, ensure_ascii=False))
-    else:
-        print("\n".join(clamp3.search_lines(hits, len(references))))
-    return 1 if any(side.failures for side in sides) else 0
+        for warning in warnings:
+            print(warning, file=sys.stderr)
+        if args.json:
+            result = [{"rank": rank, "key": key, "path": references.path(references.relative.index(relative)),
+                       "score": score} for rank, (key, relative, score) in enumerate(hits, 1)]
+            if query.captions:
+                result = {"caption": query.captions[0][1], "results": result}
+            print(json.dumps(result, indent=1, ensure_ascii=False))
+        else:
+            print("\n".join(clamp3.search_lines(hits, len(references))))
+        return clamp3.exit_status(sides)
+
+    return clamp3.run_command(work)
 
 
 if __name__ == "__main__":

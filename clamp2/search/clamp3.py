@@ -459,7 +459,7 @@ def clamp3_from_args(args, cfg):
     or hub repo), else config.py's file name for the variant when that file exists here, else the
     published file of ``sander-wood/clamp3`` from the Hugging Face cache.
     """
-    from ..api import CLaMP3
+    from ..api import CLaMP3, configured_max_text_length
     from ..cache import cache_from_args
     from ..configuration import clamp3_weights_name
 
@@ -469,7 +469,7 @@ def clamp3_from_args(args, cfg):
         weights = name if Path(name).is_file() else CLAMP3_HUB_ID
     return CLaMP3.from_pretrained(weights, text_model=args.text_model or cfg.TEXT_MODEL_NAME,
                                   variant=args.variant or (None if args.weights else cfg.CLAMP3_VARIANT),
-                                  mert=args.mert, max_text_length=cfg.MAX_TEXT_LENGTH, device=args.device,
+                                  mert=args.mert, max_text_length=configured_max_text_length(cfg), device=args.device,
                                   dtype=args.dtype, batch_size=args.batch_size, cache=cache_from_args(args),
                                   num_workers=args.num_workers)
 
@@ -484,3 +484,38 @@ def say_failures(side: Side, stream=None) -> None:
 def say_captions(side: Side) -> None:
     for image, caption in side.captions:
         print(f'Caption of "{image}": {caption}')
+
+
+def load_sides(family: "ModelFamily", paths_and_roles, progress: bool = True, announce: bool = True) -> List[Side]:
+    """Each (path, role) read or encoded, with §18's ``Detected {role} modality`` line and captions
+    (``announce``) and every failed file named on stderr."""
+    sides = []
+    for path, role in paths_and_roles:
+        side = load_side(path, role, family, progress=progress)
+        if announce:
+            if side.modality != FEATURES:
+                print(f"Detected {role} modality: {side.modality}")
+            say_captions(side)
+        say_failures(side)
+        sides.append(side)
+    return sides
+
+
+def exit_status(sides: Sequence[Side]) -> int:
+    """0, or 1 when some file of either side could not be used (they were named as they failed)."""
+    return 1 if any(side.failures for side in sides) else 0
+
+
+def run_command(work: Callable[[], int]) -> int:
+    """A clamp3_* command's work with its errors as exit codes: §18's own messages (``Error: …``) as
+    printed and 1; anything else that names a bad input or model one ``error:`` line and 2."""
+    import sys
+
+    try:
+        return work()
+    except (ModalityError, CommandError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
