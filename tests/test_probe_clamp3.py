@@ -110,7 +110,7 @@ def test_reference_checkpoint_loads_for_inference(tmp_path, inference_cls, capsy
     torch.save({"model": model.state_dict(), "optimizer": {}, "lr_sched": {}, "epoch": 4, "best_epoch": 4,
                 "max_eval_acc": 0.5, "labels": {"rock": 0, "folk": 1, "jazz": 2}, "input_size": 8},
                tmp_path / "weights-feats.pth")
-    assert isinstance(probe_from_state(torch.load(tmp_path / "weights-feats.pth")["model"]), LinearClassifier)
+    assert isinstance(probe_from_state(torch.load(tmp_path / "weights-feats.pth", weights_only=True)["model"]), LinearClassifier)
     code, out, err = run(inference_cls, [tmp_path / "feats", tmp_path / "o.json", "--weights",
                                          tmp_path / "weights-feats.pth", "--no_progress"], capsys)
     assert code == 0, err
