@@ -196,7 +196,8 @@ _RULES = (
      "a positive multiple of 64 (the encoders use one attention head per 64 dimensions)"),
     (("_SIZE", "_LENGTH", "_NUM_LAYERS", "_NUM_EPOCH"), lambda v: v >= 1, "at least 1"),
     (("_WARMUP_STEPS", "SAVE_EVERY"), lambda v: v >= 0, "0 or more"),  # SAVE_EVERY 0: no epoch copies
-    (("_LEARNING_RATE", "LOGIT_SCALE"), lambda v: v > 0, "a positive number"),
+    (("_LEARNING_RATE",), lambda v: v >= 0, "0 or more (0: the weights do not move)"),
+    (("LOGIT_SCALE",), lambda v: v > 0, "a positive number"),
     (("EVAL_SPLIT",), lambda v: 0 <= v < 1, "a fraction from 0 up to (not including) 1"),
     (("M3_MASK_RATIO",), lambda v: 0 < v < 1, "a fraction between 0 and 1"),
 )
