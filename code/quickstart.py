@@ -3,7 +3,7 @@
     python code/quickstart.py --out quickstart_run                 # ~10 min on 2 CPU cores
     python code/quickstart.py --out qs_tiny --tiny                 # a one-minute smoke run
     python code/quickstart.py --out qs_published --weights weights_clamp2_....pth --text_model xlm-roberta-base
-    python code/quickstart.py --clamp3 --out quickstart_clamp3     # CLaMP 3 on audio: ~13 min on 2 CPU cores
+    python code/quickstart.py --clamp3 --out quickstart_clamp3     # CLaMP 3 on audio (README: numbers, minutes)
     python code/quickstart.py --clamp3 --out qs3_tiny --tiny       # its smoke run
     python code/quickstart.py --clamp3 --out qs3_mert --mert MERT-v1-95M   # with the published MERT
 

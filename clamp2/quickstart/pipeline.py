@@ -461,7 +461,7 @@ class Quickstart:
 
 @dataclass
 class Clamp3Settings(Settings):
-    # Held-out MRR / chance measured at the last epoch: docs in README (--clamp3 section).
+    # One measured run of these defaults (held-out MRR, step times): README, --clamp3 section.
     symbolic_epochs: int = 30
     audio_epochs: int = 30
     audio_seconds: float = 30.0  # each piece's first seconds are rendered (a MERT row is 5 s)
