@@ -3,6 +3,9 @@
     python code/quickstart.py --out quickstart_run                 # ~10 min on 2 CPU cores
     python code/quickstart.py --out qs_tiny --tiny                 # a one-minute smoke run
     python code/quickstart.py --out qs_published --weights weights_clamp2_....pth --text_model xlm-roberta-base
+    python code/quickstart.py --clamp3 --out quickstart_clamp3     # CLaMP 3 on audio (README: numbers, minutes)
+    python code/quickstart.py --clamp3 --out qs3_tiny --tiny       # its smoke run
+    python code/quickstart.py --clamp3 --out qs3_mert --mert MERT-v1-95M   # with the published MERT
 
 Takes six collections of music21's bundled corpus (Bach chorales, German and Chinese folk songs of
 the Essen collection, jigs, reels and hornpipes of Ryan's Mammoth Collection), converts them with the
@@ -13,6 +16,15 @@ held-out pieces with the project's own tools: text→music and ABC→MTF retriev
 (semantic_search_metrics.py), zero-shot classification by prompt (zero_shot.py), a linear probe
 (music_classification/train_cls.py) and FMD between collections (clamp2_fmd.py). Writes
 <out>/report.md, <out>/metrics.json and PNG plots under <out>/plots.
+
+--clamp3 runs CLaMP 3 on the same pieces heard as audio: each piece's MIDI rendered with
+TinySoundFont (one General MIDI instrument per collection, the first --audio_seconds), MERT features
+(process_data/extract_mert.py) from a MERT-architecture model with random weights built locally (no
+download; --mert PATH uses the published MERT-v1-95M), CLaMP 3's symbolic then audio stage from the
+same small M3 (code/train_clamp3_symbolic.py, code/train_clamp3_audio.py under torchrun), and the
+held-out evaluation with CLaMP 3's tools: text→ABC, text→audio, ABC→audio and MTF→audio retrieval,
+zero-shot collection of the audio, CLaMP 3's probe on audio features and clamp3_score between
+collections.
 
 With --weights (a published CLaMP 2 file or hub id) training is skipped and the published model is
 evaluated (config.py's sizes; --text_model must hold XLM-R's tokenizer). Re-running with the same
@@ -29,7 +41,7 @@ from clamp2.cli import ArgumentParser
 
 
 def parse_args(argv=None):
-    from clamp2.quickstart.pipeline import Settings  # standard library only: --help stays fast
+    from clamp2.quickstart.pipeline import Clamp3Settings, Settings  # standard library only: --help stays fast
 
     full, tiny = Settings(), Settings.tiny()
     parser = ArgumentParser(description=__doc__)
@@ -43,23 +55,44 @@ def parse_args(argv=None):
                         help="train CLaMP 2 with the published text dropout (slower to learn at this size)")
     parser.add_argument("--weights", default=None, help="evaluate this CLaMP 2 checkpoint (file or hub id) instead of training")
     parser.add_argument("--text_model", default=None, help="text model folder or hub id for --weights")
+    c3, c3_tiny = Clamp3Settings(), Clamp3Settings.tiny()
+    parser.add_argument("--clamp3", action="store_true", help="CLaMP 3 on the corpus rendered to audio (see above)")
+    parser.add_argument("--mert", default=None,
+                        help="--clamp3: the published MERT-v1-95M folder (or cached hub id) instead of the random one")
+    parser.add_argument("--symbolic_epochs", type=int, default=None,
+                        help=f"--clamp3: symbolic-stage epochs (default {c3.symbolic_epochs}; tiny {c3_tiny.symbolic_epochs})")
+    parser.add_argument("--audio_epochs", type=int, default=None,
+                        help=f"--clamp3: audio-stage epochs (default {c3.audio_epochs}; tiny {c3_tiny.audio_epochs})")
+    parser.add_argument("--audio_seconds", type=float, default=None,
+                        help=f"--clamp3: seconds of each piece rendered (default {c3.audio_seconds:g}; tiny {c3_tiny.audio_seconds:g})")
     parser.add_argument("--seed", type=int, default=0, help="which pieces are drawn (default 0)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from clamp2.quickstart.pipeline import Quickstart, Settings
+    from clamp2.quickstart.pipeline import Clamp3Settings, Quickstart, Quickstart3, Settings
 
     args = parse_args(argv)
-    settings = Settings.tiny() if args.tiny else Settings()
-    for name in ("per_collection", "m3_epochs", "clamp2_epochs", "nproc", "weights", "text_model"):
+    kind = Clamp3Settings if args.clamp3 else Settings
+    settings = kind.tiny() if args.tiny else kind()
+    clamp3_only = ("mert", "symbolic_epochs", "audio_epochs", "audio_seconds")
+    if not args.clamp3 and any(getattr(args, name) is not None for name in clamp3_only):
+        given = [f"--{name}" for name in clamp3_only if getattr(args, name) is not None]
+        print(f"quickstart.py: error: {', '.join(given)} go with --clamp3", file=sys.stderr)
+        return 2
+    if args.clamp3 and (args.weights or args.text_model or args.clamp2_epochs or args.text_dropout):
+        print("quickstart.py: error: --weights, --text_model, --clamp2_epochs and --text_dropout are CLaMP 2 options; "
+              "--clamp3 trains its own model", file=sys.stderr)
+        return 2
+    names = ("per_collection", "m3_epochs", "clamp2_epochs", "nproc", "weights", "text_model")
+    for name in names + (clamp3_only if args.clamp3 else ()):
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
     settings.seed = args.seed
     settings.text_dropout = args.text_dropout
-    for name in ("m3_epochs", "clamp2_epochs", "nproc"):
+    for name in ("m3_epochs", "clamp2_epochs", "nproc") + (("symbolic_epochs", "audio_epochs") if args.clamp3 else ()):
         if getattr(settings, name) < 1:
             print(f"quickstart.py: error: --{name} must be at least 1, got {getattr(settings, name)}", file=sys.stderr)
             return 2
@@ -70,7 +103,11 @@ def main(argv=None) -> int:
         print("quickstart.py: error: --weights needs --text_model (XLM-R's tokenizer and config, e.g. a folder from "
               "`hf download FacebookAI/xlm-roberta-base --local-dir xlm-roberta-base`)", file=sys.stderr)
         return 2
-    return Quickstart(args.out.resolve(), settings, progress=not args.no_progress).run()
+    if args.clamp3 and settings.audio_seconds < 5:
+        print("quickstart.py: error: --audio_seconds must be at least 5 (one MERT window)", file=sys.stderr)
+        return 2
+    pipeline = Quickstart3 if args.clamp3 else Quickstart
+    return pipeline(args.out.resolve(), settings, progress=not args.no_progress).run()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,41 @@ def build_mert(values: Mapping[str, Any]):
     return HubertModel(hubert_config(values)).eval()
 
 
+# MERT-v1-95M's config.json values that matter (SPEC §16); build_small_mert scales the sizes down.
+MERT_V1_95M_CONFIG = {
+    "model_type": "mert_model", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "intermediate_size": 3072, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "feat_extract_norm": "group",
+    "feat_extract_activation": "gelu", "conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2], "conv_bias": False, "num_conv_pos_embeddings": 128,
+    "num_conv_pos_embedding_groups": 16, "do_stable_layer_norm": False, "feat_proj_layer_norm": True,
+    "mask_time_prob": 0.05, "feature_extractor_cqt": False, "deepnorm": False, "attention_relax": -1.0,
+    "sample_rate": 24000}
+
+
+def build_small_mert(out_dir: str | os.PathLike, hidden_size: int = 64, num_layers: int = 2, conv_dim: int = 32,
+                     seed: int = 0) -> Path:
+    """Save a MERT-architecture folder (config.json + pytorch_model.bin) with random weights and small sizes.
+
+    For tests and demos on machines that cannot download MERT-v1-95M: the same front end (seven
+    strided convolutions at MERT's kernels and strides, 24 kHz, 75 frames/s) and encoder, narrower and
+    shallower, untrained. ``hidden_size`` is the feature width (a multiple of 64 for CLaMP 3's audio
+    encoder). ``process_data/extract_mert.py --model <out_dir>`` reads it as it reads the published one.
+    """
+    from ..files import atomic_path, atomic_write_text
+
+    out = Path(out_dir)
+    values = dict(MERT_V1_95M_CONFIG, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=max(1, hidden_size // 64), intermediate_size=4 * hidden_size,
+                  conv_dim=[conv_dim] * 7, num_conv_pos_embedding_groups=4, num_conv_pos_embeddings=16)
+    torch.manual_seed(seed)
+    model = build_mert(values)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "pytorch_model.bin") as tmp:
+        torch.save(model.state_dict(), tmp)
+    atomic_write_text(out / "config.json", json.dumps(values, indent=1))
+    return out
+
+
 def rename_legacy_keys(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``…conv.weight_g``/``weight_v`` (the published file) → ``…conv.parametrizations.weight.original0/1``."""
     renamed = {}

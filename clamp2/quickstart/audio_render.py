@@ -61,12 +61,15 @@ def _midi_bytes(midi_path: str | os.PathLike, program: Optional[int]) -> bytes:
     return out.getvalue()
 
 
-def synthesize_midi(midi_path: str | os.PathLike, sample_rate: int = 44100, program: Optional[int] = None) -> np.ndarray:
-    """``[frames, 2]`` float32 of the whole piece plus a second of release, unscaled."""
+def synthesize_midi(midi_path: str | os.PathLike, sample_rate: int = 44100, program: Optional[int] = None,
+                    max_seconds: Optional[float] = None) -> np.ndarray:
+    """``[frames, 2]`` float32 of the whole piece plus a second of release (at most ``max_seconds``), unscaled."""
     import mido
 
     data = _midi_bytes(midi_path, program)
     seconds = mido.MidiFile(file=io.BytesIO(data)).length + TAIL_SECONDS
+    if max_seconds is not None:
+        seconds = min(seconds, max_seconds)
     frames = int(round(seconds * sample_rate))
     if have_soundfont_synth():
         import tinysoundfont
@@ -108,7 +111,7 @@ def render_midi(midi_path: str | os.PathLike, wav_path: str | os.PathLike, sampl
     every pitched part on one General MIDI program, ``channels`` 1 averages to mono, ``subtype`` is
     soundfile's (``PCM_16`` default, ``FLOAT``, ``PCM_24`` …).
     """
-    audio = synthesize_midi(midi_path, sample_rate, program)
+    audio = synthesize_midi(midi_path, sample_rate, program, None if seconds is None else start + seconds)
     peak = float(np.abs(audio).max())
     if peak > 0:
         audio = audio * np.float32(PEAK / peak)

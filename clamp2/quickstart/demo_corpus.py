@@ -81,6 +81,13 @@ PROMPTS = {"chorale": "a four-part chorale harmonised by Johann Sebastian Bach",
            "jig": "a jig in 6/8 time", "reel": "a reel", "hornpipe": "a hornpipe"}
 
 
+# The CLaMP 3 quick start's audio: the General MIDI program (0-based) each collection is rendered with,
+# an instrument it is played on, so that timbre tells the collections apart as it does in recordings.
+INSTRUMENTS = {"chorale": (19, "church organ"), "germanfolk": (21, "accordion"),
+               "chinesefolk": (107, "koto (a plucked zither, like the guzheng)"), "jig": (40, "violin (fiddle)"),
+               "reel": (105, "banjo"), "hornpipe": (78, "whistle")}
+
+
 @dataclass
 class Piece:
     name: str  # unique file stem: "<label>_<source>"

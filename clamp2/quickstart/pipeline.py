@@ -209,11 +209,7 @@ class Quickstart:
     def run(self, only_missing: bool = True) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_settings()
-        steps: List[tuple[str, Callable[[], None]]] = [
-            ("corpus", self.step_corpus), ("convert", self.step_convert), ("pairs", self.step_pairs)]
-        if not self.s.weights:
-            steps += [("text model", self.step_text_model), ("M3", self.step_m3), ("CLaMP 2", self.step_clamp2)]
-        steps += [("features", self.step_features), ("evaluate", self.step_evaluate), ("report", self.step_report)]
+        steps = self.steps()
         started = time.perf_counter()
         for number, (name, function) in enumerate(steps, 1):
             marker = self.out / ".done" / name.replace(" ", "_")
@@ -229,11 +225,19 @@ class Quickstart:
                 return 1
             self.timings[name] = round(time.perf_counter() - t0, 1)
             print(f"-- {name}: {self.timings[name]:.0f} s", flush=True)
+            self.save_metrics()  # the step times so far survive a later failure
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
         total = time.perf_counter() - started
         self.print_summary(total)
         return 0
+
+    def steps(self) -> List[tuple[str, Callable[[], None]]]:
+        steps: List[tuple[str, Callable[[], None]]] = [
+            ("corpus", self.step_corpus), ("convert", self.step_convert), ("pairs", self.step_pairs)]
+        if not self.s.weights:
+            steps += [("text model", self.step_text_model), ("M3", self.step_m3), ("CLaMP 2", self.step_clamp2)]
+        return steps + [("features", self.step_features), ("evaluate", self.step_evaluate), ("report", self.step_report)]
 
     def check_settings(self) -> None:
         path = self.out / "settings.json"
@@ -262,7 +266,9 @@ class Quickstart:
         ok = (0, 1)  # a file a converter rejects is listed and left out; the rest goes on
         run_script("process_data/batch_xml2abc.py", [d / "xml", d / "abc_standard"], ok=ok)
         run_script("process_data/batch_interleaved_abc.py", [d / "abc_standard", d / "abc"], ok=ok)
-        run_script("process_data/batch_midi2mtf.py", [d / "midi", d / "mtf"], ok=ok)
+        run_script("process_data/batch_midi2mtf.py", [d / "midi", d / "mtf", *self.mtf_mode], ok=ok)
+
+    mtf_mode: List[str] = []  # batch_midi2mtf.py's mode: M3-compatible for CLaMP 2
 
     # 3 -------------------------------------------------------------------------------------------
     def step_pairs(self) -> None:
@@ -446,3 +452,306 @@ class Quickstart:
         if "accuracy" in p:
             print(f"linear probe accuracy {p['accuracy']:.2f}, macro-F1 {p.get('macro_f1', float('nan')):.2f}")
         print(f"quickstart: done in {seconds / 60:.1f} min; report {self.out / 'report.md'}")
+
+
+# -- the CLaMP 3 mode ------------------------------------------------------------------------------
+# The same corpus, converters, pairs, text model and M3 as above; then each piece's MIDI rendered to
+# audio, MERT features of it, CLaMP 3's two stages from that M3, and the held-out evaluation with
+# CLaMP 3's tools. Sizes and epochs: the README's --clamp3 section says how they were chosen.
+
+@dataclass
+class Clamp3Settings(Settings):
+    # One measured run of these defaults (held-out MRR, step times): README, --clamp3 section.
+    symbolic_epochs: int = 30
+    audio_epochs: int = 30
+    audio_seconds: float = 30.0  # each piece's first seconds are rendered (a MERT row is 5 s)
+    mert_hidden: int = 128  # the small random MERT's feature width (= CLaMP 3's AUDIO_HIDDEN_SIZE)
+    mert_layers: int = 2
+    mert_conv_dim: int = 64
+    audio_layers: int = 2
+    clamp3_learning_rate: float = 5e-4
+    # The audio stage keeps the text encoder the symbolic stage trained (FREEZE_TEXT), so audio is
+    # mapped into the space the scores are already in: ABC→audio works through it.
+    freeze_text_audio: bool = True
+    mert: Optional[str] = None  # a published MERT folder (or cached hub id) instead of the random one
+
+    @classmethod
+    def tiny(cls) -> "Clamp3Settings":
+        settings = super().tiny()
+        settings.symbolic_epochs, settings.audio_epochs, settings.audio_seconds = 8, 8, 10.0
+        settings.mert_hidden, settings.mert_layers, settings.mert_conv_dim = 64, 1, 16
+        settings.audio_layers, settings.probe_epochs = 1, 40
+        return settings
+
+
+def clamp3_record(record: dict) -> dict:
+    """A CLaMP 2 pair (``summary_en``, ``summary_nen``) as CLaMP 3 reads it (``analysis``, ``translations``)."""
+    other = record["summary_nen"]
+    fields = {k: v for k, v in record.items() if k not in ("summary_en", "summary_nen", "filepaths")}
+    return {**fields, "analysis": record["summary_en"],
+            "translations": {"language": other["language"], other["language"]: other["summary"]},
+            "filepaths": record["filepaths"]}
+
+
+def _render_one(job) -> Optional[str]:
+    from .audio_render import render_midi
+
+    midi, wav, seconds, program = job
+    try:
+        render_midi(midi, wav, sample_rate=24000, seconds=seconds, program=program, channels=1)
+    except Exception as exc:  # noqa: BLE001 - one piece that cannot be rendered is reported, the rest go on
+        return f"{Path(midi).name}: {exc}"
+    return None
+
+
+class Quickstart3(Quickstart):
+    """``code/quickstart.py --clamp3``: the corpus heard as audio → a small CLaMP 3 in two stages → evaluation."""
+
+    mtf_mode = ["--clamp3"]  # CLaMP 3 reads MTF in its own mode (SPEC_CLAMP3 §18)
+
+    def steps(self) -> List[tuple[str, Callable[[], None]]]:
+        return [("corpus", self.step_corpus), ("convert", self.step_convert), ("pairs", self.step_pairs),
+                ("text model", self.step_text_model), ("M3", self.step_m3), ("audio", self.step_audio),
+                ("MERT", self.step_mert), ("CLaMP 3 symbolic", self.step_symbolic), ("CLaMP 3 audio", self.step_audio_stage),
+                ("features", self.step_features), ("evaluate", self.step_evaluate), ("report", self.step_report)]
+
+    @property
+    def mert_model(self) -> str:
+        return self.s.mert or str(self.out / "models" / "mert_small")
+
+    @property
+    def audio_width(self) -> int:
+        if not self.s.mert:
+            return self.s.mert_hidden
+        from ..models.mert import resolve_mert_folder
+
+        return int(json.loads((resolve_mert_folder(self.s.mert) / "config.json").read_text())["hidden_size"])
+
+    def model_env(self) -> Dict[str, str]:
+        env = super().model_env()
+        env.update({"CLAMP3_HIDDEN_SIZE": str(self.s.clamp2_hidden), "AUDIO_HIDDEN_SIZE": str(self.audio_width),
+                    "AUDIO_NUM_LAYERS": str(self.s.audio_layers), "MAX_AUDIO_LENGTH": "128",
+                    "CLAMP3_BATCH_SIZE": env["CLAMP2_BATCH_SIZE"]})
+        return env
+
+    @property
+    def symbolic_weights(self) -> Path:
+        return self.out / "models" / "weights_clamp3_symbolic.pth"
+
+    @property
+    def clamp3_weights(self) -> Path:
+        return self.out / "models" / "weights_clamp3_small.pth"
+
+    @property
+    def evaluated_weights(self) -> Path:
+        """The last epoch of the audio stage (as CLaMP 2's: the 1% eval split is too small to pick an epoch)."""
+        from ..checkpoint import latest_path
+
+        return Path(latest_path(self.clamp3_weights))
+
+    # 3: CLaMP 2's pairs, then the same pairs in CLaMP 3's form --------------------------------------
+    def step_pairs(self) -> None:
+        from ..files import atomic_write_text
+
+        super().step_pairs()
+        for split in ("train", "test"):
+            records = [clamp3_record(json.loads(line)) for line in
+                       (self.data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+            atomic_write_text(self.data / f"clamp3_symbolic_{split}.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+    # 6 -------------------------------------------------------------------------------------------
+    def step_audio(self) -> None:
+        """Each piece's MIDI → mono 24 kHz WAV of its first ``audio_seconds``, on its collection's instrument."""
+        from concurrent.futures import ProcessPoolExecutor
+
+        from ..progress import progress_bar
+        from .demo_corpus import INSTRUMENTS
+
+        jobs = []
+        for split in ("train", "test"):
+            for midi in sorted((self.data / "midi" / split).glob("*.mid")):
+                wav = self.data / "audio" / split / f"{midi.stem}.wav"
+                if not wav.exists():
+                    jobs.append((str(midi), str(wav), self.s.audio_seconds, INSTRUMENTS[midi.stem.split("_", 1)[0]][0]))
+        workers = min(len(jobs), os.cpu_count() or 1)
+        failures = []
+        bar = progress_bar(total=len(jobs), desc="audio", unit="piece", enabled=self.progress)
+        with ProcessPoolExecutor(max(1, workers)) as pool:
+            for problem in pool.map(_render_one, jobs, chunksize=8):
+                bar.update(1)
+                if problem:
+                    failures.append(problem)
+        bar.close()
+        for problem in failures:
+            print(f"not rendered: {problem}", file=sys.stderr)
+        rendered = sum(1 for _ in (self.data / "audio").rglob("*.wav"))
+        print(f"{rendered} pieces rendered (first {self.s.audio_seconds:g} s, mono 24 kHz, TinySoundFont with "
+              f"pretty_midi's General MIDI SoundFont) -> {self.data / 'audio'}")
+
+    # 7 -------------------------------------------------------------------------------------------
+    def step_mert(self) -> None:
+        from ..files import atomic_write_text
+
+        if not self.s.mert:
+            from ..models.mert import build_small_mert
+
+            build_small_mert(self.mert_model, hidden_size=self.s.mert_hidden, num_layers=self.s.mert_layers,
+                             conv_dim=self.s.mert_conv_dim, seed=self.s.seed)
+            print(f"MERT architecture with RANDOM weights (hidden {self.s.mert_hidden}, {self.s.mert_layers} layers, "
+                  f"conv width {self.s.mert_conv_dim}) -> {self.mert_model}")
+        run_script("process_data/extract_mert.py", [self.data / "audio", self.data / "mert", "--model", self.mert_model,
+                                                    *self.no_progress()], ok=(0, 1))
+        for split in ("train", "test"):
+            lines = []
+            for line in (self.data / f"clamp3_symbolic_{split}.jsonl").read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                stem = Path(record["filepaths"][0]).stem
+                if (self.data / "mert" / split / f"{stem}.npy").exists():
+                    record["filepaths"] = [f"mert/{split}/{stem}.npy"]
+                    lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            atomic_write_text(self.data / f"clamp3_audio_{split}.jsonl", "".join(lines))
+
+    # 8, 9 ----------------------------------------------------------------------------------------
+    def train_clamp3(self, stage: str, weights: Path, epochs: int, extra: List[str]) -> None:
+        run_distributed(f"code/train_clamp3_{stage}.py", [
+            "--train_jsonl", self.data / f"clamp3_{stage}_train.jsonl", "--text_model", self.text_model,
+            "--m3_weights", self.m3_weights, "--weights", weights, "--epochs", epochs,
+            "--learning_rate", str(self.s.clamp3_learning_rate), "--save_every", "0", *extra, *self.no_progress()],
+            self.s.nproc, self.model_env())
+
+    def step_symbolic(self) -> None:
+        self.train_clamp3("symbolic", self.symbolic_weights, self.s.symbolic_epochs, [])
+
+    def step_audio_stage(self) -> None:
+        """The audio stage starts from the symbolic stage's last epoch (a stage switch: new optimizer, epoch 1)."""
+        import shutil
+
+        from ..checkpoint import latest_path
+
+        if not self.clamp3_weights.exists():
+            shutil.copyfile(latest_path(self.symbolic_weights), self.clamp3_weights)
+        self.train_clamp3("audio", self.clamp3_weights, self.s.audio_epochs,
+                          ["--freeze_text"] if self.s.freeze_text_audio else [])
+
+    # 10 ------------------------------------------------------------------------------------------
+    def extract(self, source: Path, target: Path, normalize: bool = True) -> None:
+        run_script("code/extract_clamp3.py", [source, target, "--weights", self.evaluated_weights,
+                                              "--text_model", self.text_model, "--get_global", *self.no_progress()],
+                   env=self.model_env())
+
+    def step_features(self) -> None:
+        d, f = self.data, self.features
+        self.extract(d / "queries_en", f / "text_en")
+        for split in ("train", "test"):
+            self.extract(d / "mert" / split, f / f"audio_{split}")
+        self.extract(d / "abc" / "test", f / "abc_test")
+        self.extract(d / "mtf" / "test", f / "mtf_test")
+
+    # 11 ------------------------------------------------------------------------------------------
+    def step_evaluate(self) -> None:
+        f = self.features
+        n_test = len(list((f / "audio_test").glob("*.npy")))
+        retrieval = {}
+        for name, query, reference in [("text→ABC", "text_en", "abc_test"), ("text→audio", "text_en", "audio_test"),
+                                       ("ABC→audio (same piece)", "abc_test", "audio_test"),
+                                       ("MTF→audio (same piece)", "mtf_test", "audio_test")]:
+            print(f"-- {name}: semantic_search_metrics.py {f / query} {f / reference}")
+            printed = run_script("semantic_search/semantic_search_metrics.py", [f / query, f / reference],
+                                 capture=True, ok=(0, 1))
+            retrieval[name] = metric_lines(printed)
+        self.metrics["retrieval"] = retrieval
+        self.metrics["held_out_pieces"] = n_test
+        self.metrics["chance_mrr"] = round(chance_mrr(n_test), 4)
+        self.metrics["audio_front_end"] = ("published MERT " + self.s.mert) if self.s.mert else "random"
+        self.zero_shot()
+        self.probe()
+        self.score_table()
+        self.save_metrics()
+
+    def zero_shot(self) -> None:
+        """Zero-shot collection of the held-out audio (raw WAV through MERT and CLaMP 3, as a user runs it)."""
+        from .demo_corpus import PROMPTS
+
+        labels = self.out / "zero_shot_labels.txt"
+        labels.write_text("".join(f"{label} = {prompt}\n" for label, prompt in PROMPTS.items()), encoding="utf-8")
+        printed = run_script("semantic_search/zero_shot.py", [
+            self.data / "audio" / "test", "--model", "clamp3", "--mert", self.mert_model, "--labels_file", labels,
+            "--output", self.out / "zero_shot.json", "--confusion_png", self.out / "zero_shot_confusion.png",
+            "--weights", self.evaluated_weights, "--text_model", self.text_model, "--cache", self.out / "cache",
+            *self.no_progress()], env=self.model_env(), capture=True, ok=(0, 1))
+        match = re.search(r"accuracy ([0-9.]+), macro-F1 ([0-9.]+)", printed)
+        predictions = json.loads((self.out / "zero_shot.json").read_text())
+        counts: Dict[str, int] = {}
+        for name in predictions:
+            label = Path(name).name.split("_", 1)[0]
+            counts[label] = counts.get(label, 0) + 1
+        self.metrics["zero_shot"] = {"accuracy": float(match.group(1)) if match else None,
+                                     "macro_f1": float(match.group(2)) if match else None,
+                                     "majority_class": round(max(counts.values()) / max(1, len(predictions)), 4),
+                                     "prompts": PROMPTS}
+
+    def probe(self) -> None:
+        """CLaMP 3's probe (one linear layer, SPEC_CLAMP3 §20) on the global CLaMP 3 audio features."""
+        f = self.features
+        report = self.out / "probe"
+        run_script("music_classification/train_cls.py", [
+            "--probe", "clamp3", "--train_folders", f / "audio_train", "--eval_folders", f / "audio_test",
+            "--weights", self.out / "models" / "probe_audio.pth", "--report_dir", report, "--batch_size", "16",
+            "--epochs", self.s.probe_epochs, "--learning_rate", "1e-3", "--patience", "30", *self.no_progress()],
+            ok=(0, 1))
+        result = json.loads((report / "metrics.json").read_text())
+        self.metrics["probe"] = {"accuracy": result["eval"]["accuracy"], "macro_f1": result["eval"]["macro_f1"],
+                                 "best_epoch": result["best_epoch"], "train_files": result["files"]["train"],
+                                 "eval_files": result["files"]["eval"], "majority_class": self.majority_share("audio_test")}
+
+    def score_table(self) -> None:
+        """clamp3_score --group: each collection's held-out audio against each collection's training audio."""
+        from .demo_corpus import COLLECTIONS
+
+        f = self.features
+        groups = f / "audio_by_collection"
+        for split in ("train", "test"):
+            for npy in sorted((f / f"audio_{split}").glob("*.npy")):
+                target = groups / split / npy.name.split("_", 1)[0] / npy.name
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(npy, target)
+        labels = [c.label for c in COLLECTIONS]
+        table: Dict[str, Dict[str, Optional[float]]] = {}
+        for test in labels:
+            table[test] = {}
+            for train in labels:
+                sides = (groups / "test" / test, groups / "train" / train)
+                if any(not list(side.glob("*.npy")) for side in sides):
+                    table[test][train] = None
+                    continue
+                printed = run_script("semantic_search/clamp3_score.py", [*sides, "--group", "--no_progress"],
+                                     capture=True, ok=(0, 1))
+                match = re.search(r"^Group similarity: (-?[0-9.]+)", printed, flags=re.M)
+                table[test][train] = float(match.group(1)) if match else float("nan")
+        self.metrics["clamp3_score_test_vs_train"] = table
+
+    # 12 ------------------------------------------------------------------------------------------
+    def step_report(self) -> None:
+        from .report import write_report_clamp3
+
+        self.save_metrics()
+        write_report_clamp3(self)
+
+    def print_summary(self, seconds: float) -> None:
+        r = self.metrics.get("retrieval", {})
+        chance = self.metrics.get("chance_mrr")
+        front = self.metrics.get("audio_front_end", "random")
+        for name in ("text→ABC", "text→audio", "ABC→audio (same piece)", "MTF→audio (same piece)"):
+            if name in r:
+                mrr = r[name].get("MRR", float("nan"))
+                print(f"{name} MRR {mrr:.2f} (chance {chance:.2f}, {mrr / chance:.1f}x)")
+        z = self.metrics.get("zero_shot", {})
+        if z.get("accuracy") is not None:
+            print(f"zero-shot accuracy on audio {z['accuracy']:.2f} (majority class {z['majority_class']:.2f})")
+        p = self.metrics.get("probe", {})
+        if "accuracy" in p:
+            print(f"linear probe on audio features accuracy {p['accuracy']:.2f}, macro-F1 {p.get('macro_f1', float('nan')):.2f}")
+        print(f"audio front end: {'a MERT with RANDOM weights (no download)' if front == 'random' else front}")
+        print(f"quickstart --clamp3: done in {seconds / 60:.1f} min; report {self.out / 'report.md'}")

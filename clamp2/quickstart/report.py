@@ -63,8 +63,10 @@ def plot_training(curves: Dict[str, Dict[str, List[float]]], chance: Dict[str, f
 
 
 def load_folder(folder: Path) -> Tuple[List[str], np.ndarray]:
+    """Global features ``[1, D]`` one row per file (a ``[1, n, D]`` file, e.g. MERT's, gives its mean row)."""
     files = sorted(folder.glob("*.npy"))
-    return [f.stem for f in files], np.stack([np.load(f)[0] for f in files]) if files else np.zeros((0, 0))
+    rows = [np.load(f)[0] for f in files]
+    return [f.stem for f in files], np.stack([r.mean(axis=0) if r.ndim > 1 else r for r in rows]) if files else np.zeros((0, 0))
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -73,7 +75,7 @@ def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a @ b.T
 
 
-def plot_similarity(text_dir: Path, music_dir: Path, path: Path) -> bool:
+def plot_similarity(text_dir: Path, music_dir: Path, path: Path, music_name: str = "held-out music (ABC)") -> bool:
     text_keys, text = load_folder(text_dir)
     music_keys, music = load_folder(music_dir)
     common = sorted(set(text_keys) & set(music_keys))
@@ -96,7 +98,7 @@ def plot_similarity(text_dir: Path, music_dir: Path, path: Path) -> bool:
     ax.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, ends)], [labels[s] for s in starts], rotation=45,
                   ha="right", fontsize=8)
     ax.set_yticks([(s + e - 1) / 2 for s, e in zip(starts, ends)], [labels[s] for s in starts], fontsize=8)
-    ax.set_xlabel("held-out music (ABC)")
+    ax.set_xlabel(music_name)
     ax.set_ylabel("held-out English descriptions")
     ax.set_title("text × music similarity (true pairs on the diagonal)")
     fig.tight_layout()
@@ -104,7 +106,7 @@ def plot_similarity(text_dir: Path, music_dir: Path, path: Path) -> bool:
     return True
 
 
-def plot_feature_map(folders: Dict[str, Path], path: Path) -> bool:
+def plot_feature_map(folders: Dict[str, Path], path: Path, title: str = "CLaMP 2 music features (PCA), by collection") -> bool:
     """PCA of the music features of every folder, coloured by collection, marker by folder."""
     from sklearn.decomposition import PCA
 
@@ -132,7 +134,7 @@ def plot_feature_map(folders: Dict[str, Path], path: Path) -> bool:
                            label=f"{label} ({kind})" if len(folders) > 1 else label, alpha=0.75)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    ax.set_title("CLaMP 2 music features (PCA), by collection")
+    ax.set_title(title)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     _save(fig, path)
@@ -230,3 +232,110 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in run.timings.items()]
     lines += ["", "All numbers are also in `metrics.json`."]
     return "\n".join(lines) + "\n"
+
+
+def write_report_clamp3(run) -> None:
+    """Plots and ``report.md`` for a finished :class:`clamp2.quickstart.pipeline.Quickstart3` run."""
+    from .demo_corpus import INSTRUMENTS
+
+    out = run.out
+    plots = out / "plots"
+    made: Dict[str, bool] = {}
+    curves = {"M3 (masked-patch reconstruction)": read_log(run.m3_weights.with_name("logs_m3_small.txt")),
+              "CLaMP 3 symbolic stage": read_log(run.symbolic_weights.with_name("logs_clamp3_symbolic.txt")),
+              "CLaMP 3 audio stage": read_log(run.clamp3_weights.with_name("logs_clamp3_small.txt"))}
+    made["training_curves.png"] = plot_training(curves, {"M3 (masked-patch reconstruction)": float(np.log(128))},
+                                                plots / "training_curves.png")
+    made["similarity_matrix.png"] = plot_similarity(run.features / "text_en", run.features / "audio_test",
+                                                    plots / "similarity_matrix.png", "held-out audio")
+    made["feature_map.png"] = plot_feature_map(
+        {"train": run.features / "audio_train", "held out": run.features / "audio_test"}, plots / "feature_map.png",
+        "CLaMP 3 audio features (PCA), by collection")
+    made["mert_map.png"] = plot_feature_map(
+        {"train": run.data / "mert" / "train", "held out": run.data / "mert" / "test"}, plots / "mert_map.png",
+        "MERT features, mean over 5-s rows (PCA), by collection")
+    m, s = run.metrics, run.s
+    chance = m.get("chance_mrr", float("nan"))
+    n = m.get("held_out_pieces", 0)
+    lines = ["# CLaMP 3 quick start report", ""]
+    instruments = ", ".join(f"{label}: {name} (GM program {program + 1})" for label, (program, name) in INSTRUMENTS.items())
+    lines += [f"Music from music21's corpus: {s.per_collection} pieces from each of six collections, {n} held out "
+              "(never seen in training), each piece's MIDI rendered to audio: **the first "
+              f"{s.audio_seconds:g} seconds** of each piece (mono, 24 kHz), with TinySoundFont and the General MIDI "
+              f"SoundFont of pretty_midi, one instrument per collection ({instruments}).", ""]
+    if s.mert:
+        lines += [f"**Audio front end: the published MERT** (`{s.mert}`).", ""]
+    else:
+        lines += [f"**Audio front end: a MERT with random weights.** The published MERT-v1-95M cannot be downloaded "
+                  "here (the quick start runs offline), so `process_data/extract_mert.py` reads a MERT-architecture "
+                  f"model built locally with random, untrained weights (hidden {s.mert_hidden}, {s.mert_layers} "
+                  f"layers, convolution width {s.mert_conv_dim}; `models/mert_small`). Its features still carry "
+                  "what random convolutions over the waveform keep (loudness, spectrum, timbre, some pitch and "
+                  "rhythm), averaged over each 5-s window, but none of what MERT learned. `--mert PATH` runs the "
+                  "same pipeline on the published MERT-v1-95M.", ""]
+    lines += [f"Model: the small M3 (hidden {s.m3_hidden}, {s.layers} layers, {s.m3_epochs} epochs) of the CLaMP 2 "
+              f"quick start, then a small CLaMP 3 (text encoder hidden {s.text_hidden}, audio encoder "
+              f"{s.audio_layers} layers, joint space {s.clamp2_hidden}) trained in two stages under torchrun with "
+              f"{s.nproc} processes: `code/train_clamp3_symbolic.py` ({s.symbolic_epochs} epochs, text ↔ ABC/MTF), "
+              f"then `code/train_clamp3_audio.py` ({s.audio_epochs} epochs, text ↔ MERT features, starting from "
+              "the symbolic stage's last epoch"
+              + (", text encoder frozen so that audio joins the space the scores are in" if s.freeze_text_audio else "")
+              + "). Evaluated with the audio stage's last epoch "
+              f"(`{run.evaluated_weights.relative_to(run.out).as_posix()}`). Every number below comes from the "
+              "project's own scripts, run on the held-out pieces.", ""]
+    lines += ["## Retrieval (held-out pieces)", "",
+              "Each query must find its own piece among all held-out pieces; chance is the MRR of a random "
+              f"ranking of {n} candidates.", "",
+              "| task | MRR | chance | × chance | Hit@K |", "| --- | --- | --- | --- | --- |"]
+    for name, values in m.get("retrieval", {}).items():
+        lines.append(_mrr_line(name, values, chance))
+    lines += ["", "*text→*: an English description written from the piece's metadata (title, collection, key, meter, "
+              "voices, range) finds the piece's interleaved ABC, or its audio. *ABC→audio*, *MTF→audio*: a piece's "
+              "score (interleaved ABC, or MTF of its MIDI in CLaMP 3's mode) finds the recording of the same piece; "
+              "score and audio were never paired in training: they meet through the text space.", ""]
+    z = m.get("zero_shot", {})
+    if z:
+        lines += ["## Zero-shot collection of the held-out audio", "",
+                  f"`semantic_search/zero_shot.py --model clamp3` on the held-out WAV files: accuracy "
+                  f"**{z.get('accuracy')}** (macro-F1 {z.get('macro_f1')}), against {z.get('majority_class')} for "
+                  "always answering the largest class. Prompts:", ""]
+        lines += [f"- `{label}`: \"{prompt}\"" for label, prompt in z.get("prompts", {}).items()]
+        lines += ["", "![zero-shot confusion](zero_shot_confusion.png)", ""]
+    p = m.get("probe", {})
+    probe_png = out / "probe" / "confusion_matrix.png"
+    if p:
+        shown = {k: v for k, v in p.items() if isinstance(v, (int, float))}
+        lines += ["## Linear probe on audio features", "",
+                  "CLaMP 3's probe (one linear layer and softmax, `music_classification/train_cls.py --probe clamp3`) "
+                  "trained on the global CLaMP 3 audio features of the training pieces, evaluated on the held-out "
+                  "ones: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()),
+                  ""]
+        if probe_png.exists():
+            lines += [f"![probe confusion matrix]({probe_png.relative_to(out).as_posix()})", ""]
+    table = m.get("clamp3_score_test_vs_train", {})
+    if table:
+        labels = list(table)
+        lines += ["## CLaMP 3 score between collections (audio)", "",
+                  "`semantic_search/clamp3_score.py --group`: cosine of the mean CLaMP 3 feature of each collection's "
+                  "held-out audio (rows) and that of each collection's training audio (columns); higher is closer, "
+                  "so the diagonal should be the largest in each row.", "",
+                  "| held out \\ train | " + " | ".join(labels) + " |", "|" + " --- |" * (len(labels) + 1)]
+        for row in labels:
+            values = [table[row].get(col) for col in labels]
+            finite = [v if v is not None else -np.inf for v in values]
+            best = int(np.argmax(finite)) if any(v is not None for v in values) else -1
+            cells = ["n/a" if v is None else f"**{v:.3f}**" if i == best else f"{v:.3f}" for i, v in enumerate(values)]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Plots", ""]
+    captions = {"training_curves.png": "training curves (loss per epoch): M3, the symbolic and the audio stage",
+                "similarity_matrix.png": "held-out text × audio cosine similarity, grouped by collection",
+                "feature_map.png": "PCA map of the CLaMP 3 audio features, coloured by collection",
+                "mert_map.png": "PCA map of the MERT features CLaMP 3 reads, coloured by collection"}
+    for name, caption in captions.items():
+        if made.get(name):
+            lines += [f"![{caption}](plots/{name})", f"*{caption}*", ""]
+    lines += ["## Time", "", "| step | seconds |", "| --- | --- |"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in run.timings.items()]
+    lines += ["", "All numbers are also in `metrics.json`."]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
