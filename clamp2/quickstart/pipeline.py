@@ -397,18 +397,23 @@ class Quickstart:
         labels = [p.name.split("_", 1)[0] for p in (self.features / folder).glob("*.npy")]
         return round(max(labels.count(label) for label in set(labels)) / len(labels), 4) if labels else 0.0
 
-    def fmd(self) -> None:
-        """FMD between each collection's held-out music and each collection's training music (ABC)."""
-        from .demo_corpus import COLLECTIONS
-
-        f = self.features
-        groups = f / "by_collection"
+    def group_by_collection(self, kind: str, name: str) -> Path:
+        """``features/<name>/<split>/<collection>/`` holding hard links to the ``<kind>_<split>`` features,
+        so that a per-collection tool reads one folder per collection (no copies)."""
+        groups = self.features / name
         for split in ("train", "test"):
-            for npy in sorted((f / f"abc_{split}").glob("*.npy")):
+            for npy in sorted((self.features / f"{kind}_{split}").glob("*.npy")):
                 target = groups / split / npy.name.split("_", 1)[0] / npy.name
                 if not target.exists():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.link(npy, target)
+        return groups
+
+    def fmd(self) -> None:
+        """FMD between each collection's held-out music and each collection's training music (ABC)."""
+        from .demo_corpus import COLLECTIONS
+
+        groups = self.group_by_collection("abc", "by_collection")
         labels = [c.label for c in COLLECTIONS]
         table: Dict[str, Dict[str, Optional[float]]] = {}
         for test in labels:
@@ -709,14 +714,7 @@ class Quickstart3(Quickstart):
         """clamp3_score --group: each collection's held-out audio against each collection's training audio."""
         from .demo_corpus import COLLECTIONS
 
-        f = self.features
-        groups = f / "audio_by_collection"
-        for split in ("train", "test"):
-            for npy in sorted((f / f"audio_{split}").glob("*.npy")):
-                target = groups / split / npy.name.split("_", 1)[0] / npy.name
-                if not target.exists():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.link(npy, target)
+        groups = self.group_by_collection("audio", "audio_by_collection")
         labels = [c.label for c in COLLECTIONS]
         table: Dict[str, Dict[str, Optional[float]]] = {}
         for test in labels:
