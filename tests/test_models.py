@@ -94,6 +94,53 @@ def test_m3_reconstruction_loss_and_gradients():
     assert model.decoder.base.transformer.wte.weight.grad.abs().sum() > 0
 
 
+def test_training_patch_embedding_lookup_equals_the_one_hot_linear(vectors):
+    """Training sums looked-up columns; inference keeps the reference's one-hot Linear (exact)."""
+    from clamp2.models.m3 import one_hot_patches
+
+    model = M3Model(TINY)
+    load_model_weights(model, vectors / "tiny_m3.pth")
+    encoder = model.encoder
+    text = (vectors / "extract_in/abc/bwv10.7.abc").read_text(encoding="utf-8")
+    patches = torch.tensor(M3Patchilizer(64, 32).encode(text, add_special_patches=True))[None, :32]
+    one_hot = one_hot_patches(patches, 64, torch.float32)
+
+    linear = encoder.patch_embedding(one_hot)
+    linear.square().sum().backward()
+    grad_linear = encoder.patch_embedding.weight.grad.clone()
+    encoder.patch_embedding.weight.grad = None
+    lookup = encoder.embed_by_lookup(patches)
+    lookup.square().sum().backward()
+    grad_lookup = encoder.patch_embedding.weight.grad
+
+    assert torch.allclose(lookup, linear, atol=1e-6, rtol=0)
+    assert torch.allclose(grad_lookup, grad_linear, atol=1e-5, rtol=1e-5)  # gradients of size ~10
+    assert grad_lookup.abs().sum() > 0
+
+    # Eval mode takes the one-hot Linear: bit-identical to it.
+    with torch.inference_mode():
+        states = encoder.eval()(patches, torch.ones(1, 32))
+        expected = encoder.base(inputs_embeds=encoder.patch_embedding(one_hot), attention_mask=torch.ones(1, 32))
+    assert torch.equal(states, expected.last_hidden_state)
+
+
+def test_token_decoder_gelu_is_gpt2s_gelu_new():
+    """The decoder's fused tanh GELU gives the loss of GPT-2's own "gelu_new" up to rounding."""
+    from transformers.activations import NewGELUActivation
+
+    torch.manual_seed(0)
+    model = M3Model(TINY).eval()
+    patches = tiny_patches(10, 3)[None]
+    selected = torch.ones(1, 10)
+    with torch.inference_mode():
+        fused = model(patches, torch.ones(1, 10), selected, patches)
+        for block in model.decoder.base.transformer.h:
+            assert type(block.mlp.act).__name__ != "NewGELUActivation"
+            block.mlp.act = NewGELUActivation()
+        python = model(patches, torch.ones(1, 10), selected, patches)
+    assert abs(fused.item() - python.item()) < 1e-6
+
+
 def test_masked_mean_ignores_padding():
     x = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     assert torch.allclose(masked_mean(x, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
