@@ -80,6 +80,10 @@ def one_hot_patches(patches: torch.Tensor, patch_size: int, dtype: torch.dtype) 
 class M3PatchEncoder(nn.Module):
     """One-hot patches → Linear → BERT (via ``inputs_embeds``)."""
 
+    # Training embeds patches by lookup (see embed_by_lookup); False computes the one-hot Linear as the
+    # reference's trainers do (benchmarks/bench_train.py's *-reference variants).
+    lookup_in_training = True
+
     def __init__(self, dims: M3Dims):
         super().__init__()
         self.dims = dims
@@ -95,7 +99,7 @@ class M3PatchEncoder(nn.Module):
         """Last hidden states [B, N, hidden] of patches [B, N, patch_size] under mask [B, N]."""
         weight = self.patch_embedding.weight
         patches = input_patches.to(weight.device)
-        if self.training:
+        if self.training and self.lookup_in_training:
             embeds = self.embed_by_lookup(patches)
         else:
             # The one-hot is built where the model lives (the reference builds it on the CPU).
