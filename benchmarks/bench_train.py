@@ -63,6 +63,7 @@ from pathlib import Path
 
 import torch
 
+from clamp2.attention import ATTN_IMPLEMENTATION
 from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths, piece_name
 from clamp2.models.m3 import DECODE_LENGTH_STEP, M3Dims, M3Model
@@ -188,7 +189,7 @@ def text_encoder(config: BenchConfig):
                                    intermediate_size=config.text_hidden * 4,
                                    max_position_embeddings=config.max_text_length + 2, type_vocab_size=1,
                                    pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
-    return AutoModel.from_config(text_config)
+    return AutoModel.from_config(text_config, attn_implementation=ATTN_IMPLEMENTATION)
 
 
 def encoder_flops(batch: int, length: int, width: int, layers: int) -> float:
