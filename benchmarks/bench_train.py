@@ -69,6 +69,7 @@ from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_
 from clamp2.models.m3 import DECODE_LENGTH_STEP, M3Dims, M3Model
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.clamp3 import AudioDims, CLaMP3Model
+from clamp2.models.common import transformer_flops as encoder_flops
 from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
 from clamp2.text_model import load_tokenizer
 from clamp2.training.data import (AudioMusic, M3Dataset, PairItem, SymbolicMusic, TextMusicCollator,
@@ -190,11 +191,6 @@ def text_encoder(config: BenchConfig):
                                    max_position_embeddings=config.max_text_length + 2, type_vocab_size=1,
                                    pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
     return AutoModel.from_config(text_config, attn_implementation=ATTN_IMPLEMENTATION)
-
-
-def encoder_flops(batch: int, length: int, width: int, layers: int) -> float:
-    """Forward FLOPs of ``layers`` transformer layers (MLP 4·width) over ``batch`` sequences of ``length``."""
-    return layers * (24.0 * batch * length * width ** 2 + 4.0 * batch * length ** 2 * width)
 
 
 def patch_embedding_flops(batch: int, length: int, dims: M3Dims) -> float:
