@@ -5,6 +5,7 @@ both CLaMP 3 stages.
     python benchmarks/bench_train.py --configs small default --steps 3 --warmup 1 --threads 2
     python benchmarks/bench_train.py --device cuda --precision bf16  # default config, MFU (< 3 min on an H200)
     python benchmarks/bench_train.py --variants m3 m3-before --profile   # where a step's time goes
+    python benchmarks/bench_train.py --device cuda --precision bf16 --compile --warmup 5   # the trainers' --compile
 
 Batches are real: pieces of music21's corpus converted to interleaved ABC and MTF (built once,
 cached in --data) with texts made from their metadata, run through the trainers' datasets
@@ -69,7 +70,7 @@ from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_
 from clamp2.models.m3 import DECODE_LENGTH_STEP, M3Dims, M3Model
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.clamp3 import AudioDims, CLaMP3Model
-from clamp2.models.common import transformer_flops as encoder_flops
+from clamp2.models.common import compile_transformers, transformer_flops as encoder_flops
 from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
 from clamp2.text_model import load_tokenizer
 from clamp2.training.data import (AudioMusic, M3Dataset, PairItem, SymbolicMusic, TextMusicCollator,
@@ -325,6 +326,9 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
         model, loss_fn = CLaMP2Model(text_encoder(config), config.dims, config.clamp2_hidden), ContrastiveStep(1.0)
         flops = [clamp2_train_flops(b, config) for b in batches]
     label = f"{variant:20s} {name:8s} {device.type:4s} {str(precision):28s} batch {batch_size:4d}"
+    if args.compile:
+        compile_transformers(model)  # as --compile in the trainers; --warmup steps absorb the compilation
+        label += " compiled"
     try:
         seconds, cpu_seconds, loss = measure(model, batches, loss_fn, device, precision, args.steps, args.warmup, variant,
                                              args.profile)
@@ -367,6 +371,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top operators of the timed steps of each variant")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the transformers as the trainers' --compile (raise --warmup: the first steps "
+                             "compile)")
     return parser.parse_args(argv)
 
 
