@@ -1,11 +1,22 @@
-"""Throughput of music feature extraction (files/s, windows/s) on corpus-derived ABC and MTF.
+"""Throughput of music feature extraction (files/s, windows/s, MFU) on corpus-derived ABC and MTF.
 
     python benchmarks/bench_extract.py [--files 120] [--batch_sizes 1 16] [--device cpu|cuda] [--dtypes fp32 bf16]
+    python benchmarks/bench_extract.py --device cuda --dtypes fp32 bf16 --batch_sizes 16 --batch_tokens 16384 \
+        --files 400 --reference_files 0 [--compile]          # the GPU table of docs/performance.md
+    python benchmarks/bench_extract.py --files 8 --batch_sizes 4 --batch_tokens 2048 --reference_files 0 \
+        --patch_length 128 --layers 2                         # a CPU run in seconds
 
 Builds (once, cached in --data) interleaved ABC and MTF files from music21's corpus, then times
 the M3 per-position path (extract_m3) and the CLaMP 2 global music path (extract_clamp2
 --normalize) at the default model size with random weights (speed does not depend on the values),
 against the reference's scheme: one window at a time, every window padded to PATCH_LENGTH.
+
+Each line: files/s, windows/s, the share of computed positions that are padding, the model's
+TFLOP/s counted from the real (unpadded) window lengths (the M3 patch embedding, the encoder's
+24·L·h² + 4·L²·h per layer, the projection; padding is not useful work) and on CUDA the MFU against
+--peak_tflops (default by device name: H100/H200 989 bf16, 67 fp32), and the exactness check: the
+largest difference and the smallest cosine of every file's feature against the first fp32 run of
+that path (the per-window batches of --batch_sizes' first value).
 """
 
 from __future__ import annotations
@@ -17,10 +28,16 @@ import torch
 
 from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths
-from clamp2.extraction.core import KindRunner, MusicEncoder, autocast_context, extract_jobs, plan_jobs, window_starts
+from clamp2.attention import ATTN_IMPLEMENTATIONS, set_attention
+from clamp2.extraction.core import (KindRunner, MusicEncoder, autocast_context, compile_runners, extract_jobs,
+                                    plan_batches, plan_jobs, window_starts)
 from clamp2.models.m3 import M3Dims, M3PatchEncoder
-from clamp2.models.common import masked_mean
-from clamp2.patchilizer import M3Patchilizer
+from clamp2.models.common import masked_mean, transformer_flops
+from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
+
+PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+               "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}}
+FILES_PER_CHUNK = 256
 
 
 def parse_args(argv=None):
@@ -33,7 +50,57 @@ def parse_args(argv=None):
     parser.add_argument("--reference_files", type=int, default=20,
                         help="files timed with the reference scheme (it is slow); 0 to skip")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--batch_tokens", type=int, nargs="*", default=[],
+                        help="also time batches sized by padded positions (extract_*.py --batch_tokens)")
+    parser.add_argument("--compile", action="store_true", help="also time each configuration with --compile")
+    parser.add_argument("--attention", choices=ATTN_IMPLEMENTATIONS, default="sdpa")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument("--patch_length", type=int, default=None, help="PATCH_LENGTH (default 512)")
+    parser.add_argument("--layers", type=int, default=None, help="PATCH_NUM_LAYERS (default 12)")
     return parser.parse_args(argv)
+
+
+def real_flops(lengths, dims: M3Dims, per_position: bool) -> float:
+    """Forward FLOPs of every window at its real length: patch embedding, encoder, (global) projection."""
+    total = 0.0
+    for n in lengths:
+        for start in window_starts(n, dims.patch_length):
+            length = min(dims.patch_length, n - start)
+            total += 2.0 * length * NUM_CLASSES * dims.patch_size * dims.hidden_size
+            total += transformer_flops(1, length, dims.hidden_size, dims.patch_num_layers)
+            total += 0 if per_position else 2.0 * dims.hidden_size * 768
+    return total
+
+
+def padding_share(lengths, dims: M3Dims, batch_size: int, batch_tokens: int) -> float:
+    """Padded positions / computed positions, batches planned as the extraction core plans them."""
+    real = padded = 0
+    for first in range(0, len(lengths), FILES_PER_CHUNK):
+        windows = [min(dims.patch_length, n - s) for n in lengths[first:first + FILES_PER_CHUNK]
+                   for s in window_starts(n, dims.patch_length)]
+        for batch in plan_batches(windows, batch_size, batch_tokens):
+            real += sum(windows[i] for i in batch)
+            padded += len(batch) * max(windows[i] for i in batch)
+    return 1 - real / padded
+
+
+def peak_of(args, device, dtype):
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[dtype] for key, peaks in PEAK_TFLOPS.items() if key in name), None)
+
+
+def compare(out: Path, reference: Path) -> str:
+    """Largest |difference| and smallest cosine of the features in ``out`` against ``reference``."""
+    import numpy as np
+
+    worst, cosine = 0.0, 1.0
+    for path in sorted(reference.rglob("*.npy")):
+        a, b = np.load(path).ravel().astype(np.float64), np.load(out / path.relative_to(reference)).ravel()
+        worst = max(worst, float(np.abs(a - b).max()))
+        cosine = min(cosine, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return f"max |Δ| {worst:.2e}, cosine ≥ {cosine:.6f}"
 
 
 def reference_scheme(encoder, windows_per_file, patch_length, device):
@@ -56,16 +123,17 @@ def main(argv=None) -> int:
     if len(cached) < args.files:  # built once; a machine without music21 can reuse a copied cache
         scores = corpus_musicxml_paths(per_composer=None)[: (args.files + 1) // 2]
         build_music_files(args.data, scores)
-    dims = M3Dims()
+    dims = M3Dims(patch_length=args.patch_length or M3Dims.patch_length,
+                  patch_num_layers=args.layers or M3Dims.patch_num_layers)
     torch.manual_seed(0)
-    encoder = M3PatchEncoder(dims).eval().to(device)
+    encoder = set_attention(M3PatchEncoder(dims).eval().to(device), args.attention)
     proj = torch.nn.Linear(dims.hidden_size, 768).eval().to(device)
     patchilizer = M3Patchilizer(dims.patch_size, dims.patch_length)
     encode = MusicEncoder(patchilizer)
     files = sorted(args.data.rglob("*.abc"))[: args.files // 2] + sorted(args.data.rglob("*.mtf"))[: args.files // 2]
     lengths = [len(encode(f)) for f in files]
     n_windows = sum(len(window_starts(n, dims.patch_length)) for n in lengths)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, {len(files)} files "
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.attention} attention, {len(files)} files "
           f"({sum(f.suffix == '.abc' for f in files)} abc, {sum(f.suffix == '.mtf' for f in files)} mtf), "
           f"{n_windows} windows, mean {sum(lengths) / len(lengths):.0f} patches/file")
 
@@ -85,27 +153,48 @@ def main(argv=None) -> int:
 
     import tempfile
 
-    for dtype in args.dtypes:
-        precision = autocast_context(device, dtype)
+    batchings = [(b, 0) for b in args.batch_sizes] + [(args.batch_sizes[0], t) for t in args.batch_tokens]
+    with tempfile.TemporaryDirectory() as scratch:
+        references = {}
         for per_position, name in ((True, "extract_m3 (per-position)"), (False, "extract_clamp2 --normalize (music)")):
-            def forward(ids, masks, per_position=per_position):
-                with precision:
-                    states = encoder(ids, masks)
-                    return states if per_position else proj(masked_mean(states, masks))
+            flops = real_flops(lengths, dims, per_position)
+            for dtype in args.dtypes:
+                precision = autocast_context(device, dtype)
 
-            runner = {"music": KindRunner(encode, forward, dims.patch_length, 0)}
-            for batch_size in args.batch_sizes:
-                with tempfile.TemporaryDirectory() as out:
-                    plan = plan_jobs(args.data, Path(out), text=False)
-                    jobs = [j for j in plan.jobs if j.path in set(files)]
-                    start = time.perf_counter()
-                    extract_jobs(jobs, runner, device, per_position, batch_size=batch_size, files_per_chunk=256,
-                                 num_workers=0)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - start
-                print(f"{name}, batch {batch_size}, {dtype}: {len(jobs) / elapsed:.2f} files/s, "
-                      f"{n_windows / elapsed:.2f} windows/s ({elapsed:.1f} s)")
+                def forward(ids, masks, per_position=per_position, precision=precision):
+                    with precision:
+                        states = encoder(ids, masks)
+                        return states if per_position else proj(masked_mean(states, masks))
+
+                for compiled in (False, True) if args.compile else (False,):
+                    runner = {"music": KindRunner(encode, forward, dims.patch_length, 0)}
+                    if compiled:
+                        runner = compile_runners(runner)
+                    for batch_size, batch_tokens in batchings:
+                        out = Path(scratch) / f"{per_position}_{dtype}_{compiled}_{batch_size}_{batch_tokens}"
+                        plan = plan_jobs(args.data, out, text=False)
+                        jobs = [j for j in plan.jobs if j.path in set(files)]
+                        if compiled:  # compilation is paid once, not timed: the first files, untimed
+                            extract_jobs(jobs[:8], runner, device, per_position, batch_size=batch_size,
+                                         files_per_chunk=FILES_PER_CHUNK, batch_tokens=batch_tokens)
+                        start = time.perf_counter()
+                        extract_jobs(jobs, runner, device, per_position, batch_size=batch_size,
+                                     files_per_chunk=FILES_PER_CHUNK, num_workers=0, batch_tokens=batch_tokens)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        elapsed = time.perf_counter() - start
+                        reference = references.setdefault(per_position, out)
+                        batching = f"tokens {batch_tokens}" if batch_tokens else f"batch {batch_size}"
+                        line = (f"{name}, {batching}, {dtype}{', compiled' if compiled else ''}: "
+                                f"{len(jobs) / elapsed:.2f} files/s, {n_windows / elapsed:.2f} windows/s "
+                                f"({elapsed:.1f} s), padding {padding_share(lengths, dims, batch_size, batch_tokens):.0%}"
+                                f", {flops / elapsed / 1e12:.3f} TFLOP/s real")
+                        peak = peak_of(args, device, dtype)
+                        if peak:
+                            line += f", MFU {flops / elapsed / (peak * 1e12):.1%} of {peak:g}"
+                        if out != reference:
+                            line += f"; vs first fp32: {compare(out, reference)}"
+                        print(line, flush=True)
     return 0
 
 

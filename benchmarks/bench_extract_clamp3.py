@@ -2,6 +2,7 @@
 
     python benchmarks/bench_extract_clamp3.py [--symbolic_files 40] [--audio_files 40] [--threads 2] [--global_only]
     taskset -c 0,1 python benchmarks/bench_extract_clamp3.py --threads 2      # the issue's 2-core setting
+    python benchmarks/bench_extract_clamp3.py --device cuda --dtype bf16 --batch_tokens 16384 --global_only
 
 CLaMP 3 at the published sizes (M3 symbolic encoder and audio BERT: 12 layers, 768 wide; random
 weights: speed does not depend on the values; the text tower is not timed: it is CLaMP 2's) on
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from clamp2.cli import ArgumentParser
-from clamp2.extraction.core import (AudioEncoder, KindRunner, MusicEncoder, extract_jobs, plan_jobs, window_starts)
+from clamp2.extraction.core import (AudioEncoder, KindRunner, MusicEncoder, autocast_context, extract_jobs, plan_jobs,
+                                    window_starts)
 from clamp2.models.clamp3 import AudioDims, CLaMP3Model
 from clamp2.models.m3 import M3Dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
@@ -40,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--global_only", action="store_true", help="time --get_global only")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="bf16/fp16: CUDA autocast")
+    parser.add_argument("--batch_tokens", type=int, default=0, help="extract_clamp3.py --batch_tokens (0: off)")
     return parser.parse_args(argv)
 
 
@@ -86,8 +91,9 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     dims, audio_dims = M3Dims(), AudioDims()
-    model = CLaMP3Model(tiny_text_tower(), dims, audio_dims, hidden_size=768).eval()
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    model = CLaMP3Model(tiny_text_tower(), dims, audio_dims, hidden_size=768).eval().to(device)
+    precision = autocast_context(device, args.dtype)
     encode_symbolic = MusicEncoder(M3Patchilizer(dims.patch_size, dims.patch_length), remove_unit_length=True,
                                    also_mtf=True)
     lengths = [len(encode_symbolic(p)) for p in symbolic]
@@ -100,7 +106,10 @@ def main(argv=None) -> int:
     results = {}
     for get_global in ((True,) if args.global_only else (True, False)):
         def forward(states, global_):
-            return lambda inputs, masks: global_(inputs, masks) if get_global else states(inputs, masks)
+            def run(inputs, masks):
+                with precision:
+                    return global_(inputs, masks) if get_global else states(inputs, masks)
+            return run
 
         runners = {"symbolic": KindRunner(encode_symbolic, forward(model.symbolic_states, model.symbolic_global),
                                           dims.patch_length, PAD_TOKEN_ID),
@@ -111,6 +120,8 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 start = time.perf_counter()
                 reference_scheme(model, [(p, KINDS[p.suffix]) for p in files], runners, get_global)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 reference = time.perf_counter() - start
             with tempfile.TemporaryDirectory() as out:
                 plan = plan_jobs(data, Path(out), kinds=KINDS)
@@ -118,7 +129,9 @@ def main(argv=None) -> int:
                 jobs = [job for job in plan.jobs if job.path in wanted]
                 start = time.perf_counter()
                 result = extract_jobs(jobs, runners, device, not get_global, batch_size=args.batch_size,
-                                      files_per_chunk=256, num_workers=0)
+                                      files_per_chunk=256, num_workers=0, batch_tokens=args.batch_tokens)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 ours = time.perf_counter() - start
                 assert result.written == len(files), result.failures[:3]
             results[(mode, label)] = reference / ours

@@ -5,6 +5,7 @@ both CLaMP 3 stages.
     python benchmarks/bench_train.py --configs small default --steps 3 --warmup 1 --threads 2
     python benchmarks/bench_train.py --device cuda --precision bf16  # default config, MFU (< 3 min on an H200)
     python benchmarks/bench_train.py --variants m3 m3-before --profile   # where a step's time goes
+    python benchmarks/bench_train.py --device cuda --precision bf16 --compile --warmup 5   # the trainers' --compile
 
 Batches are real: pieces of music21's corpus converted to interleaved ABC and MTF (built once,
 cached in --data) with texts made from their metadata, run through the trainers' datasets
@@ -63,11 +64,13 @@ from pathlib import Path
 
 import torch
 
+from clamp2.attention import ATTN_IMPLEMENTATION
 from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths, piece_name
 from clamp2.models.m3 import DECODE_LENGTH_STEP, M3Dims, M3Model
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.clamp3 import AudioDims, CLaMP3Model
+from clamp2.models.common import compile_transformers, transformer_flops as encoder_flops
 from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
 from clamp2.text_model import load_tokenizer
 from clamp2.training.data import (AudioMusic, M3Dataset, PairItem, SymbolicMusic, TextMusicCollator,
@@ -188,12 +191,7 @@ def text_encoder(config: BenchConfig):
                                    intermediate_size=config.text_hidden * 4,
                                    max_position_embeddings=config.max_text_length + 2, type_vocab_size=1,
                                    pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
-    return AutoModel.from_config(text_config)
-
-
-def encoder_flops(batch: int, length: int, width: int, layers: int) -> float:
-    """Forward FLOPs of ``layers`` transformer layers (MLP 4·width) over ``batch`` sequences of ``length``."""
-    return layers * (24.0 * batch * length * width ** 2 + 4.0 * batch * length ** 2 * width)
+    return AutoModel.from_config(text_config, attn_implementation=ATTN_IMPLEMENTATION)
 
 
 def patch_embedding_flops(batch: int, length: int, dims: M3Dims) -> float:
@@ -328,6 +326,9 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
         model, loss_fn = CLaMP2Model(text_encoder(config), config.dims, config.clamp2_hidden), ContrastiveStep(1.0)
         flops = [clamp2_train_flops(b, config) for b in batches]
     label = f"{variant:20s} {name:8s} {device.type:4s} {str(precision):28s} batch {batch_size:4d}"
+    if args.compile:
+        compile_transformers(model)  # as --compile in the trainers; --warmup steps absorb the compilation
+        label += " compiled"
     try:
         seconds, cpu_seconds, loss = measure(model, batches, loss_fn, device, precision, args.steps, args.warmup, variant,
                                              args.profile)
@@ -370,6 +371,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top operators of the timed steps of each variant")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the transformers as the trainers' --compile (raise --warmup: the first steps "
+                             "compile)")
     return parser.parse_args(argv)
 
 

@@ -14,6 +14,7 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
         distributed    torch.distributed setup, rank/device info, teardown
         checkpoint     strict, weights_only loading and atomic saving of checkpoints
         hub            weights from a local file or folder or a Hugging Face hub id
+        attention      the attention kernel (sdpa or eager) of every transformer the package builds
         patchilizer    M3 patch tokenizer (bars / MIDI messages as 64-character patches)
         text_model     the XLM-R text encoder/tokenizer from a hub id or a local folder
         loss           symmetric contrastive loss with gather-with-gradient across processes

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from .attention import ATTN_IMPLEMENTATION
+
 
 class TextModelUnavailable(OSError):
     """The text model or tokenizer could not be found locally or on the hub."""
@@ -84,7 +86,8 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_text_model(name_or_path: str, pretrained: bool = True):
-    """The text encoder with its pooler, in float32; ``pretrained=False`` builds it from the config alone.
+    """The text encoder with its pooler, in float32, attention by :data:`~clamp2.attention.ATTN_IMPLEMENTATION`;
+    ``pretrained=False`` builds it from the config alone.
 
     float32 explicitly: transformers 5 otherwise takes the dtype of the saved config (a bf16 copy
     would give bf16 features or clash with the float32 projection).
@@ -92,8 +95,10 @@ def load_text_model(name_or_path: str, pretrained: bool = True):
     import torch
 
     if pretrained:
-        return _from_pretrained(AutoModel.from_pretrained, name_or_path, dtype=torch.float32)
-    return AutoModel.from_config(_from_pretrained(AutoConfig.from_pretrained, name_or_path), dtype=torch.float32)
+        return _from_pretrained(AutoModel.from_pretrained, name_or_path, dtype=torch.float32,
+                                attn_implementation=ATTN_IMPLEMENTATION)
+    return AutoModel.from_config(_from_pretrained(AutoConfig.from_pretrained, name_or_path), dtype=torch.float32,
+                                 attn_implementation=ATTN_IMPLEMENTATION)
 
 
 def build_small_text_model(out_dir: str | os.PathLike, texts, hidden_size: int = 32, num_layers: int = 2,

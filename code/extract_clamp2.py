@@ -2,6 +2,7 @@
 
     python code/extract_clamp2.py <input_dir> <output_dir> [--normalize] [--weights PATH]
                                   [--text_model NAME_OR_PATH] [--batch_size B] [--dtype fp32|bf16|fp16]
+                                  [--batch_tokens N] [--compile]
     accelerate launch code/extract_clamp2.py <input_dir> <output_dir> --normalize   # files split across processes
 
 With --normalize each file gets its global feature, shape [1, CLAMP2_HIDDEN_SIZE] (the weighted mean

@@ -2,7 +2,7 @@
 
     python code/extract_clamp3.py <input_dir> <output_dir> [--get_global] [--variant saas|c2] [--epoch E]
                                   [--weights PATH] [--text_model NAME_OR_PATH] [--batch_size B]
-                                  [--dtype fp32|bf16|fp16] [--device DEVICE]
+                                  [--dtype fp32|bf16|fp16] [--device DEVICE] [--batch_tokens N] [--compile]
     accelerate launch code/extract_clamp3.py <input_dir> <output_dir> --get_global   # files split across processes
 
 Audio is read as MERT features: run process_data/extract_mert.py (MERT's layer mean) on the audio

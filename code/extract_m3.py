@@ -1,6 +1,7 @@
 """Extract M3 per-position features of music files (.abc interleaved ABC, .mtf) to .npy.
 
     python code/extract_m3.py <input_dir> <output_dir> [--weights PATH] [--batch_size B] [--dtype fp32|bf16|fp16]
+                              [--batch_tokens N] [--compile]
     accelerate launch code/extract_m3.py <input_dir> <output_dir>   # files split across processes
 
 Each file gets the last hidden states of the M3 patch encoder, shape [1, L, M3_HIDDEN_SIZE], one row

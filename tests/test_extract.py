@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from clamp2.extraction.core import combine_global, combine_positions, text_lines, window_starts, window_weights
+from clamp2.extraction.core import (combine_global, combine_positions, plan_batches, text_lines, window_starts,
+                                    window_weights)
 from conftest import load_script
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
@@ -73,6 +74,53 @@ def test_features_do_not_depend_on_batching(tiny_env, vectors, tmp_path, extract
                                            "--num_workers", "2", "--files_per_chunk", "3", *flag)) == 0
     for path in one.rglob("*.npy"):
         np.testing.assert_allclose(np.load(many / path.relative_to(one)), np.load(path), atol=1e-5)
+
+
+def test_token_budget_batches_are_sorted_and_fit_the_budget():
+    lengths = [3, 32, 7, 32, 1, 16, 16, 5, 2, 40]
+    batches = plan_batches(lengths, batch_size=4, batch_tokens=48)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(lengths, reverse=True)
+    for batch in batches:  # windows × longest ≤ budget, or a single window longer than the budget
+        assert len(batch) * lengths[batch[0]] <= 48 or len(batch) == 1
+    assert [[lengths[i] for i in b] for b in batches] == [[40], [32], [32], [16, 16, 7], [5, 3, 2, 1]]
+    # Without a budget: batch_size windows each, longest first.
+    assert [len(b) for b in plan_batches(lengths, 4)] == [4, 4, 2]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_token_budget_batching_gives_the_per_file_features(tiny_env, vectors, tmp_path, extract_clamp2, normalize):
+    # 40 positions: short text and music windows share passes by the handful, full windows (32) go alone.
+    flag = ["--normalize"] if normalize else []
+    one, budget = tmp_path / "b1", tmp_path / "tokens"
+    assert extract_clamp2.main(clamp2_args(vectors, vectors / "extract_in", one, "--batch_size", "1", *flag)) == 0
+    assert extract_clamp2.main(clamp2_args(vectors, vectors / "extract_in", budget, "--batch_tokens", "40", *flag)) == 0
+    paths = sorted(one.rglob("*.npy"))
+    assert paths
+    for path in paths:
+        np.testing.assert_allclose(np.load(budget / path.relative_to(one)), np.load(path), atol=1e-5)
+
+
+def test_compile_flag_compiles_every_runner_and_keeps_the_features(tiny_env, vectors, tmp_path, extract_m3, monkeypatch):
+    # The eager backend traces the graphs as inductor would, without the C++ compilation the CPU
+    # cannot afford in a test; --compile's wiring and the traced graphs' numbers are what is checked.
+    import clamp2.extraction.core as core
+
+    compiled = []
+    original = core.compile_runners
+
+    def compile_eagerly(runners):
+        compiled.extend(runners)
+        return original(runners, backend="eager")
+
+    monkeypatch.setattr(core, "compile_runners", compile_eagerly)
+    out = tmp_path / "out"
+    args = [str(vectors / "extract_in"), str(out), "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0",
+            "--no_progress", "--compile", "--batch_tokens", "64"]
+    assert extract_m3.main(args) == 0
+    assert compiled == ["music"]
+    compare_tree(vectors / "expected" / "feat_m3", out)
 
 
 def test_bad_inputs_are_reported_and_skipped(tiny_env, vectors, tmp_path, extract_clamp2, capsys):

@@ -354,3 +354,34 @@ def test_m3_decoding_in_length_groups_equals_decoding_every_position(corpus):  #
     assert grouped.keys() == whole.keys()
     for name in whole:
         assert torch.allclose(grouped[name], whole[name], atol=1e-6), name
+
+
+def test_persistent_workers_draw_each_epoch_as_the_main_process(tiny_env, tmp_path, corpus, trainers):  # noqa: F811
+    # Workers live across epochs with their own copy of the data set; the epoch travels with each
+    # index, so epoch 2's crops and corruption are epoch 2's, as without workers.
+    common = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--epochs", "2",
+                                        "--max_steps_per_epoch", "3"]
+    inline, workers = tmp_path / "w0" / "weights_t.pth", tmp_path / "w2" / "weights_t.pth"
+    assert trainers["m3"].main(common + ["--weights", str(inline), "--num_workers", "0"]) == 0
+    assert trainers["m3"].main(common + ["--weights", str(workers), "--num_workers", "2"]) == 0
+    assert log_losses(workers.with_name("logs_t.txt")) == log_losses(inline.with_name("logs_t.txt"))
+
+
+def test_compile_flag_compiles_the_transformers_in_place(tiny_env, tmp_path, corpus, trainers, monkeypatch,  # noqa: F811
+                                                         capsys):
+    # The eager backend traces as inductor would, without the C++ compilation a CPU test cannot afford.
+    import clamp2.training.loop as loop
+
+    original = loop.compile_transformers
+    monkeypatch.setattr(loop, "compile_transformers", lambda model: original(model, backend="eager"))
+    common = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--epochs", "1",
+                                        "--max_steps_per_epoch", "2"]
+    plain, compiled = tmp_path / "plain" / "weights_t.pth", tmp_path / "compiled" / "weights_t.pth"
+    assert trainers["m3"].main(common + ["--weights", str(plain)]) == 0
+    assert trainers["m3"].main(common + ["--weights", str(compiled), "--compile"]) == 0
+    assert "compiling encoder.base, decoder.base (torch.compile, dynamic shapes)" in capsys.readouterr().out
+    a, b = read_checkpoint(plain), read_checkpoint(compiled)
+    assert list(a["model"]) == list(b["model"])  # compiled in place: the checkpoint keys do not change
+    (train_a, eval_a), (train_b, eval_b) = log_losses(plain.with_name("logs_t.txt")), log_losses(compiled.with_name(
+        "logs_t.txt"))
+    assert train_b == pytest.approx(train_a, rel=1e-5) and eval_b == pytest.approx(eval_a, rel=1e-5)

@@ -2,9 +2,12 @@
 
 A file's feature depends on the file alone. Windows are consecutive slices of the model's maximum
 length (the last one replaced by the final full-length slice); the reference runs every window
-alone, padded to the maximum. Here windows of many files are grouped by length and run together,
+alone, padded to the maximum. Here windows of many files are sorted by length and run together,
 padded only to the longest in their batch; padded positions are masked, so the numbers are the
-same (tests check this within 1e-5).
+same (tests check this within 1e-5). A batch holds ``batch_size`` windows, or with ``batch_tokens``
+as many as fit that many padded positions (short windows then share a pass by the hundred). On CUDA
+the inputs go through pinned host memory with asynchronous copies, and a batch's outputs are fetched
+only after the next batch is queued, so copies and host work overlap the model's compute.
 """
 
 from __future__ import annotations
@@ -239,23 +242,57 @@ def pad_batch(windows: Sequence[torch.Tensor], pad_value: float) -> Tuple[torch.
     return ids, masks
 
 
+def plan_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int = 0) -> List[List[int]]:
+    """Indices of the windows of each forward pass, longest windows first.
+
+    Sorted by length, so each batch pads little. ``batch_tokens`` > 0 sizes batches by padded
+    positions instead of by count: a batch takes windows while (its windows) × (its longest) ≤
+    ``batch_tokens``, and holds at least one window; ``batch_size`` is then not a limit.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    if batch_tokens <= 0:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: List[List[int]] = []
+    for i in order:
+        # The first window of a batch is its longest: it sets the padded length.
+        if batches and (len(batches[-1]) + 1) * max(lengths[batches[-1][0]], 1) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def run_windows(windows: Sequence[torch.Tensor], forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 batch_size: int, pad_value: float, device: torch.device, per_position: bool,
-                dtype: torch.dtype = torch.long) -> List[torch.Tensor]:
+                dtype: torch.dtype = torch.long, batch_tokens: int = 0) -> List[torch.Tensor]:
     """Model outputs of every window (float32, CPU), in input order, batched by similar length.
 
-    ``dtype`` is what the model takes: token/patch ids (long) or feature rows (float32).
+    ``dtype`` is what the model takes: token/patch ids (long) or feature rows (float32). Batches
+    are :func:`plan_batches`'.
     """
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i]), reverse=True)
     outputs: List[Optional[torch.Tensor]] = [None] * len(windows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        ids, masks = pad_batch([windows[i] for i in chunk], pad_value)
-        ids = ids.to(device, non_blocking=True).to(dtype)
-        masks = masks.to(device, non_blocking=True)
-        result = forward(ids, masks).float().cpu()
+    cuda = device.type == "cuda"
+
+    def collect(chunk, result):
+        result = result.float().cpu()
         for row, i in enumerate(chunk):
             outputs[i] = result[row, : len(windows[i])] if per_position else result[row]
+
+    queued = None
+    for chunk in plan_batches([len(w) for w in windows], batch_size, batch_tokens):
+        ids, masks = pad_batch([windows[i] for i in chunk], pad_value)
+        if cuda:
+            # Pinned pages let the copy run asynchronously, behind the previous batch's compute.
+            ids, masks = ids.pin_memory(), masks.pin_memory()
+        ids = ids.to(device, non_blocking=True).to(dtype)
+        masks = masks.to(device, non_blocking=True)
+        result = forward(ids, masks)
+        # Fetching waits for the GPU: fetch the previous batch now that this one is queued behind it.
+        if queued is not None:
+            collect(*queued)
+        queued = (chunk, result)
+    if queued is not None:
+        collect(*queued)
     return outputs
 
 
@@ -272,6 +309,20 @@ class KindRunner:
     max_length: int
     pad_value: float
     dtype: torch.dtype = torch.long
+
+
+def compile_runners(runners: Dict[str, KindRunner], backend: str = "inductor") -> Dict[str, KindRunner]:
+    """The runners with their forward passes through ``torch.compile`` (``--compile``).
+
+    Dynamic shapes: batches come in every length up to the maximum, and a static graph per length
+    would recompile at each new one. Padded positions stay masked, so the features are the
+    uncompiled ones up to rounding. The first batches of each kind pay the compilation (tens of
+    seconds): worth it for long runs on a GPU.
+    """
+    import dataclasses
+
+    return {kind: dataclasses.replace(runner, forward=torch.compile(runner.forward, dynamic=True, backend=backend))
+            for kind, runner in runners.items()}
 
 
 def file_feature(outputs: Sequence[torch.Tensor], length: int, max_length: int, per_position: bool) -> np.ndarray:
@@ -325,12 +376,13 @@ class ExtractResult:
 
 
 def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
-                  batch_size: int = 16, files_per_chunk: int = 64,
-                  num_workers: int = 0) -> Iterator[Tuple[int, Optional[np.ndarray], Optional[str]]]:
+                  batch_size: int = 16, files_per_chunk: int = 64, num_workers: int = 0,
+                  batch_tokens: int = 0) -> Iterator[Tuple[int, Optional[np.ndarray], Optional[str]]]:
     """``(index, feature, None)`` or ``(index, None, reason)`` for every source, a chunk of files at a time.
 
     ``sources`` are :class:`Job` s or ``(kind, input)`` pairs; ``runners[kind].encode(input)`` gives the
     ids. Features are ``[1, H]`` (global) or ``[1, L, H]`` (per position) float32, as saved in ``.npy``.
+    Batches: :func:`plan_batches` (``batch_size`` windows, or ``batch_tokens`` padded positions).
     """
     encoders = {kind: runner.encode for kind, runner in runners.items()}
     dataset = _EncodeDataset(sources, encoders)
@@ -346,11 +398,12 @@ def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: tor
                 encoded[index] = torch.from_numpy(ids)
         # The model runs outside the generator's suspension points: inference mode must not leak to the caller.
         yield from _chunk_features(encoded, [kind for kind, _ in dataset.sources], runners, device, per_position,
-                                   batch_size)
+                                   batch_size, batch_tokens)
 
 
 def _chunk_features(encoded: Dict[int, torch.Tensor], kinds: Sequence[str], runners: Dict[str, KindRunner],
-                    device: torch.device, per_position: bool, batch_size: int) -> List[Tuple[int, np.ndarray, None]]:
+                    device: torch.device, per_position: bool, batch_size: int,
+                    batch_tokens: int = 0) -> List[Tuple[int, np.ndarray, None]]:
     features = []
     with torch.inference_mode():
         for kind, runner in runners.items():
@@ -363,7 +416,7 @@ def _chunk_features(encoded: Dict[int, torch.Tensor], kinds: Sequence[str], runn
                 for start in window_starts(len(ids), runner.max_length):
                     windows.append(Window(i, ids[start:start + runner.max_length]))
             outputs = run_windows([w.ids for w in windows], runner.forward, batch_size, runner.pad_value,
-                                  device, per_position, dtype=runner.dtype)
+                                  device, per_position, dtype=runner.dtype, batch_tokens=batch_tokens)
             per_file: Dict[int, List[torch.Tensor]] = {}
             for window, output in zip(windows, outputs):
                 per_file.setdefault(window.file_index, []).append(output)
@@ -374,7 +427,8 @@ def _chunk_features(encoded: Dict[int, torch.Tensor], kinds: Sequence[str], runn
 
 def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
                  batch_size: int = 16, files_per_chunk: int = 64, num_workers: int = 0,
-                 on_file_done: Optional[Callable[[Job, Optional[str]], None]] = None) -> ExtractResult:
+                 on_file_done: Optional[Callable[[Job, Optional[str]], None]] = None,
+                 batch_tokens: int = 0) -> ExtractResult:
     """Extract and save the feature of every job; a bad file is recorded and skipped, never fatal."""
     result = ExtractResult()
 
@@ -387,7 +441,8 @@ def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: to
             on_file_done(job, error)
 
     for index, feature, error in iter_features(jobs, runners, device, per_position, batch_size=batch_size,
-                                               files_per_chunk=files_per_chunk, num_workers=num_workers):
+                                               files_per_chunk=files_per_chunk, num_workers=num_workers,
+                                               batch_tokens=batch_tokens):
         job = jobs[index]
         if error is None:
             try:
@@ -457,6 +512,8 @@ def check_extraction_arguments(parser, args) -> None:
     """The flag checks every extraction script shares (one usage line and exit 2 instead of a traceback)."""
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if getattr(args, "batch_tokens", 0) < 0:
+        parser.error(f"--batch_tokens must be 0 (off) or more, got {args.batch_tokens}")
     if getattr(args, "num_workers", 0) < 0:
         parser.error(f"--num_workers must be 0 or more, got {args.num_workers}")
     if getattr(args, "device", None) is not None:
@@ -476,8 +533,15 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("output_dir", type=Path, help="features are written here as <relative folder>/<stem>.npy")
     parser.add_argument("--weights", type=Path, default=None, help="checkpoint file (default: config.py's weights path)")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass (default 16)")
+    parser.add_argument("--batch_tokens", type=int, default=0,
+                        help="size batches by padded positions (windows × longest window) instead of --batch_size: "
+                             "short windows share a pass by the hundred (e.g. 16384 on a GPU; default 0: off). "
+                             "Same features")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="compute precision; bf16/fp16 need CUDA (default fp32, exact)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the encoders through torch.compile (the first batches pay tens of seconds of "
+                             "compilation; for long GPU runs). Same features up to rounding")
     parser.add_argument("--num_workers", type=int, default=default_workers(),
                         help="processes that read and tokenize files ahead of the model (0: in the main process)")
     parser.add_argument("--files_per_chunk", type=int, default=256,
@@ -550,9 +614,12 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
 
     for path, reason in failures:
         print(f"failed: {path}: {reason}", file=sys.stderr)
+    if getattr(args, "compile", False):
+        runners = compile_runners(runners)
     try:
         result = extract_jobs(jobs, runners, device, per_position, batch_size=args.batch_size,
-                              files_per_chunk=args.files_per_chunk, num_workers=args.num_workers, on_file_done=on_done)
+                              files_per_chunk=args.files_per_chunk, num_workers=args.num_workers, on_file_done=on_done,
+                              batch_tokens=getattr(args, "batch_tokens", 0))
     finally:
         bar.close()
     failures += result.failures

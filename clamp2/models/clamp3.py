@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from ..attention import ATTN_IMPLEMENTATION
 from .common import JointSpaceModel, count_layers
 from .m3 import M3Dims, M3PatchEncoder
 
@@ -41,7 +42,7 @@ def audio_encoder_config(dims: AudioDims) -> BertConfig:
                          "(it has AUDIO_HIDDEN_SIZE // 64 attention heads)")
     return BertConfig(vocab_size=1, hidden_size=dims.hidden_size, num_hidden_layers=dims.num_layers,
                       num_attention_heads=dims.hidden_size // 64, intermediate_size=dims.hidden_size * 4,
-                      max_position_embeddings=dims.max_length)
+                      max_position_embeddings=dims.max_length, attn_implementation=ATTN_IMPLEMENTATION)
 
 
 def infer_audio_dims(state, prefix: str = "audio_model.") -> AudioDims:

@@ -3,6 +3,8 @@ counting, reading depths from a state dict."""
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import nn
 
@@ -18,6 +20,35 @@ def masked_mean(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mean over the positions where ``masks`` is 1: [B, L, H], [B, L] → [B, H]."""
     masks = masks.unsqueeze(-1).to(features.dtype)
     return (features * masks).sum(dim=1) / masks.sum(dim=1)
+
+
+def transformer_flops(batch: int, length: int, width: int, layers: int) -> float:
+    """Forward FLOPs of ``layers`` transformer layers (MLP 4·width) over ``batch`` sequences of ``length``.
+
+    2 FLOPs per multiply-add: 24·N·width² for QKV, output and MLP over N = batch·length positions,
+    4·batch·length²·width for the attention scores and weighted sum (benchmarks' MFU).
+    """
+    return layers * (24.0 * batch * length * width ** 2 + 4.0 * batch * length ** 2 * width)
+
+
+def compile_transformers(model: nn.Module, **options) -> List[str]:
+    """Compile every transformers model inside ``model`` in place (``nn.Module.compile``); returns their names.
+
+    The encoders and decoders are where the time goes; the code around them (losses gathered across
+    processes, M3's decoding in length groups) stays eager, out of the compiler's way. In place, so
+    the state-dict keys (checkpoints) do not change. Dynamic shapes: batches are padded to their
+    longest sample, a different length each step. ``options`` go to ``torch.compile``.
+    """
+    from transformers import PreTrainedModel
+
+    compiled: List[str] = []
+    for name, module in model.named_modules():
+        # The outermost model only: GPT2LMHeadModel holds a GPT2Model, compiled with it.
+        if isinstance(module, PreTrainedModel) and not any(done == "" or name.startswith(f"{done}.")
+                                                           for done in compiled):
+            module.compile(**{"dynamic": True, **options})
+            compiled.append(name)
+    return compiled
 
 
 def count_parameters(module: nn.Module) -> int:

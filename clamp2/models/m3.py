@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
+from ..attention import ATTN_IMPLEMENTATION, set_attention
 from ..patchilizer import NUM_CLASSES, PAD_TOKEN_ID
 from .common import count_layers
 
@@ -56,7 +57,7 @@ def infer_m3_dims(state, encoder_prefix: str, decoder_prefix: Optional[str] = No
 def m3_encoder_config(dims: M3Dims) -> BertConfig:
     return BertConfig(vocab_size=1, hidden_size=dims.hidden_size, num_hidden_layers=dims.patch_num_layers,
                       num_attention_heads=dims.hidden_size // 64, intermediate_size=dims.hidden_size * 4,
-                      max_position_embeddings=dims.patch_length)
+                      max_position_embeddings=dims.patch_length, attn_implementation=ATTN_IMPLEMENTATION)
 
 
 def m3_decoder_config(dims: M3Dims) -> GPT2Config:
@@ -135,7 +136,7 @@ class M3TokenDecoder(nn.Module):
     def __init__(self, dims: M3Dims):
         super().__init__()
         self.dims = dims
-        self.base = GPT2LMHeadModel(m3_decoder_config(dims))
+        self.base = set_attention(GPT2LMHeadModel(m3_decoder_config(dims)), ATTN_IMPLEMENTATION)
         # Named explicitly: transformers otherwise warns that it guessed this default loss.
         self.base.loss_type = "ForCausalLM"
 

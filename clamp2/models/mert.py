@@ -16,6 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
+from ..attention import ATTN_IMPLEMENTATION
 from ..checkpoint import CheckpointError, describe_mismatch, read_checkpoint
 from ..hub import WeightsNotFound, is_hub_id, resolve_weights
 
@@ -49,7 +50,7 @@ def hubert_config(values: Mapping[str, Any]):
                              "is supported")
     fields = set(inspect.signature(HubertConfig.__init__).parameters) - {"self", "transformers_version",
                                                                          "architectures", "dtype"}
-    return HubertConfig(**{k: v for k, v in values.items() if k in fields})
+    return HubertConfig(**{k: v for k, v in values.items() if k in fields}, attn_implementation=ATTN_IMPLEMENTATION)
 
 
 def build_mert(values: Mapping[str, Any]):

@@ -58,12 +58,15 @@ from ..configuration import config_dict, epoch_weights_path, overrides_of
 from ..files import atomic_path
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            gather_objects, seed_everything)
-from ..models.common import count_parameters
+from ..models.common import compile_transformers, count_parameters
 from ..progress import progress_bar
 from .data import DataError, EvalBatches, TrainBatches
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 BASE_SEED = 42
+# Batches each data-loader worker prepares ahead (torch's default is 2): a slow batch (long texts to
+# tokenize, long pieces to patch) must not leave the GPU waiting.
+PREFETCH_BATCHES = 4
 
 # (flag, constant after the M3_/CLAMP2_ prefix): flags that set a config.py constant. They are
 # applied as that constant's environment override, so file names follow them the same way.
@@ -93,6 +96,7 @@ class TrainSettings:
     prefix: str = ""  # "M3_", "CLAMP2_" or "CLAMP3_": names the config constants in messages
     save_every: int = 0  # > 0: also keep a copy of the checkpoint every this many epochs (…_{epoch}.pth)
     overwrite_epoch_files: bool = False  # a new stage may overwrite existing …_{epoch}.pth copies
+    compile: bool = False  # torch.compile the transformers inside the model (--compile)
     config: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,7 +150,12 @@ def add_training_arguments(parser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16",
                         help="on CUDA: fp16 = AMP with gradient scaling (default, the reference), bf16 autocast, "
                              "or fp32; the CPU always trains in fp32")
-    parser.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes per rank (0)")
+    parser.add_argument("--num_workers", type=int, default=0,
+                        help="data-loader worker processes per rank (0); they stay up across epochs and keep "
+                             f"{PREFETCH_BATCHES} batches each ready")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the encoders and decoders through torch.compile (the first steps pay the "
+                             "compilation; for long GPU runs). Same training up to rounding")
     parser.add_argument("--max_steps_per_epoch", type=int, default=0,
                         help="end each epoch after this many optimizer steps (0 = whole epochs; for smoke runs)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -225,7 +234,8 @@ def settings_from(args, config, prefix: str, name: str) -> TrainSettings:
         num_epochs=constant("NUM_EPOCH"), batch_size=constant("BATCH_SIZE"), learning_rate=constant("LEARNING_RATE"),
         warmup_steps=constant("WARMUP_STEPS"), load_ckpt=constant("LOAD_CKPT"), deterministic=constant("DETERMINISTIC"),
         precision=args.precision, num_workers=args.num_workers, max_steps_per_epoch=args.max_steps_per_epoch,
-        wandb=constant("WANDB_LOG"), progress=not args.no_progress, config=config_dict(config))
+        wandb=constant("WANDB_LOG"), progress=not args.no_progress, config=config_dict(config),
+        compile=getattr(args, "compile", False))
 
 
 # -- numerics ----------------------------------------------------------------------------------------
@@ -421,21 +431,91 @@ def check_data_sizes(task: TrainTask, settings: TrainSettings, world_size: int) 
 
 
 def loader_options(settings: TrainSettings, dist_info: DistInfo) -> Dict[str, Any]:
+    """Worker processes that persist across epochs and prefetch; pinned batches on CUDA (copied asynchronously)."""
+    options: Dict[str, Any] = {"num_workers": settings.num_workers, "pin_memory": dist_info.device.type == "cuda"}
     if settings.num_workers:
         # Workers are forked processes: the tokenizer's own thread pool must not be used across the fork.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return {"num_workers": settings.num_workers, "pin_memory": dist_info.device.type == "cuda"}
+        # Persistent workers keep their copy of the data set: the epoch reaches it with each index
+        # (EpochIndexedBatches), not through set_epoch in this process.
+        options.update(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES)
+    return options
+
+
+class PersistentLoader(DataLoader):
+    """A DataLoader whose persistent workers leave the random streams as fresh workers each epoch would.
+
+    A fresh iterator draws its workers' base seed from torch's global generator; the persistent
+    one is reused and draws nothing, which would shift every later dropout mask. The draw is made
+    anyway, so a run's numbers do not depend on ``--num_workers`` (the samples themselves come
+    from per-sample generators, never from the workers' seed).
+    """
+
+    def __iter__(self):
+        if self.persistent_workers and self.num_workers > 0 and self._iterator is not None:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return super().__iter__()
+
+
+class EpochIndexedBatches:
+    """A batch sampler whose indices carry the epoch, ``(epoch, index)``, for :class:`EpochDataset`.
+
+    Workers that persist across epochs hold their own copy of the data set, made at the first
+    epoch: ``set_epoch`` in the main process never reaches it, and each epoch would draw the first
+    epoch's crops, corruption and texts again. Other attributes (``plan``) are the sampler's.
+    """
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.batches, "set_epoch"):
+            self.batches.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ([(epoch, index) for index in batch] for batch in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getattr__(self, name):
+        if name == "batches":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.batches, name)
+
+
+class EpochDataset(Dataset):
+    """The data set seen through ``(epoch, index)`` items: the epoch is set, then the sample drawn."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 def make_loaders(task: TrainTask, settings: TrainSettings, dist_info: DistInfo, seed: int) -> Tuple[DataLoader,
                                                                                                        DataLoader]:
     options = loader_options(settings, dist_info)
-    train = DataLoader(task.train_set, collate_fn=task.collate_fn, **options,
-                       batch_sampler=TrainBatches(len(task.train_set), settings.batch_size, dist_info.world_size,
-                                                  dist_info.rank, seed))
-    evaluation = DataLoader(task.eval_set, collate_fn=task.collate_fn, **options,
-                            batch_sampler=EvalBatches(len(task.eval_set), settings.batch_size, dist_info.world_size,
-                                                      dist_info.rank))
+    batches = TrainBatches(len(task.train_set), settings.batch_size, dist_info.world_size, dist_info.rank, seed)
+    train = PersistentLoader(EpochDataset(task.train_set), collate_fn=task.collate_fn, **options,
+                             batch_sampler=EpochIndexedBatches(batches))
+    evaluation = PersistentLoader(task.eval_set, collate_fn=task.collate_fn, **options,
+                                  batch_sampler=EvalBatches(len(task.eval_set), settings.batch_size,
+                                                            dist_info.world_size, dist_info.rank))
     return train, evaluation
 
 
@@ -588,6 +668,8 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
 
     seed_everything(seed)
     model = task.build_model().to(device)
+    if settings.compile:
+        say(dist_info, f"compiling {', '.join(compile_transformers(model))} (torch.compile, dynamic shapes)")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = count_parameters(model)
     say(dist_info, f"{settings.name} model: {total:,} parameters" + (f", {trained:,} trained" if trained != total else ""))

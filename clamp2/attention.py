@@ -1,0 +1,47 @@
+"""The attention kernel of every transformer this package builds: one choice, made here.
+
+M3's patch encoder and token decoder (BERT, GPT-2), CLaMP 3's audio encoder (BERT), the text encoder
+(XLM-R) and MERT (HuBERT) all compute attention through transformers' dispatch, which picks a kernel
+by ``config._attn_implementation``. ``"sdpa"`` is PyTorch's ``scaled_dot_product_attention``: on
+CUDA the fused flash / memory-efficient kernels (the padding mask rules out flash, not the
+memory-efficient one), on the CPU a fused C++ kernel. ``"eager"`` is the written-out
+softmax(QKᵀ/√d)·V of the reference. In fp32 both give the same numbers up to rounding
+(``tests/test_attention.py``: ≤ 1e-5 on every model); docs/performance.md gives the bf16 deviation.
+
+transformers 5 already defaults to sdpa for these classes; naming it here keeps the choice explicit
+(a transformers upgrade cannot change the kernel silently) and gives one switch,
+:func:`set_attention`, for models already built.
+"""
+
+from __future__ import annotations
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+# What every constructor and loader of the package passes to transformers.
+ATTN_IMPLEMENTATION = "sdpa"
+
+
+def check_attention(implementation: str) -> str:
+    if implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    return implementation
+
+
+def set_attention(model, implementation: str):
+    """Switch every transformers model inside ``model`` (an ``nn.Module``) to ``implementation``; returns ``model``.
+
+    Weights are untouched: only the kernel that computes attention changes, from the next forward pass on.
+    """
+    from transformers import PreTrainedModel
+
+    check_attention(implementation)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.set_attn_implementation(implementation)
+    return model
+
+
+def attention_of(model) -> set:
+    """The attention implementations in use by the transformers models inside ``model``."""
+    from transformers import PreTrainedModel
+
+    return {module.config._attn_implementation for module in model.modules() if isinstance(module, PreTrainedModel)}

@@ -1,0 +1,164 @@
+"""Attention kernels (clamp2.attention): PyTorch's fused SDPA gives the eager path's numbers on every model.
+
+Each model is one of the tests' tiny checkpoints (the reference's weights, perturbed so that every
+tensor matters) on real inputs from tests/data: windows of different lengths in one batch, so the
+padding mask is exercised. fp32: equal within 1e-5. bf16 (CPU autocast): the features keep their
+direction (cosine ≥ 0.99; docs/performance.md gives the measured deviations).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clamp2.attention import ATTN_IMPLEMENTATION, attention_of, set_attention
+from clamp2.checkpoint import load_model_weights, read_checkpoint, state_dict_of
+from clamp2.extraction.core import AudioEncoder, MusicEncoder, TextEncoder, pad_batch
+from clamp2.models.clamp2 import CLaMP2Model
+from clamp2.models.clamp3 import CLaMP3Model, infer_audio_dims
+from clamp2.models.m3 import M3Model, M3PatchEncoder, infer_m3_dims
+from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
+from clamp2.text_model import load_text_model, load_tokenizer
+from conftest import VECTORS
+
+VECTORS3 = VECTORS.parent / "vectors_clamp3"
+TEXT_MODEL = str(VECTORS / "tiny_text_model")
+
+
+def windows_of(sequences, lengths):
+    """One window per requested length, cut from the sequences in turn (real content, varied padding)."""
+    return [sequences[i % len(sequences)][:length] for i, length in enumerate(lengths)]
+
+
+def music_batch(folder: Path, patch_length: int, remove_unit_length: bool = False):
+    encode = MusicEncoder(M3Patchilizer(64, patch_length), remove_unit_length=remove_unit_length)
+    sequences = [encode(p).long() for p in sorted(folder.glob("abc/*.abc")) + sorted(folder.glob("mtf/*.mtf"))]
+    return pad_batch(windows_of(sequences, [patch_length, patch_length // 2 + 1, 5, patch_length - 3, 2]), PAD_TOKEN_ID)
+
+
+def text_batch(folder: Path, tokenizer, max_length: int):
+    sequences = [TextEncoder(tokenizer)(p) for p in sorted(folder.glob("txt/*.txt"))]
+    return pad_batch(windows_of(sequences, [max_length, 7, 3, max_length - 1]), tokenizer.pad_token_id)
+
+
+def audio_batch(folder: Path, width: int, max_length: int):
+    sequences = [AudioEncoder(width)(p) for p in sorted(folder.glob("audio/*.npy"))]
+    return pad_batch(windows_of(sequences, [max_length, 2, max_length - 1]), 0.0)
+
+
+def outputs(model, forward, implementation: str, bf16: bool = False):
+    set_attention(model, implementation)
+    assert attention_of(model) == {implementation}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return {name: value.float() for name, value in forward().items()}
+
+
+def real_positions(states: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    return states[masks.bool()]
+
+
+def assert_equal_paths(model, forward):
+    """fp32: SDPA == eager within 1e-5; bf16 SDPA keeps every feature's direction. Returns the bf16 cosines."""
+    eager, sdpa = outputs(model, forward, "eager"), outputs(model, forward, "sdpa")
+    for name in eager:
+        torch.testing.assert_close(sdpa[name], eager[name], atol=1e-5, rtol=0, msg=name)
+    bf16 = outputs(model, forward, "sdpa", bf16=True)
+    cosines = {name: float(torch.nn.functional.cosine_similarity(bf16[name], sdpa[name], dim=-1).min())
+               for name in sdpa}
+    assert min(cosines.values()) >= 0.99, cosines
+    set_attention(model, ATTN_IMPLEMENTATION)
+    return cosines
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TEXT_MODEL)
+
+
+def test_every_built_model_uses_the_package_choice():
+    from clamp2.models.clamp3 import AudioDims
+    from clamp2.models.m3 import M3Dims
+    from clamp2.models.mert import load_mert
+
+    dims = M3Dims(patch_length=8, patch_num_layers=1, token_num_layers=1, hidden_size=64)
+    assert attention_of(M3Model(dims)) == {ATTN_IMPLEMENTATION} == {"sdpa"}
+    clamp3 = CLaMP3Model(load_text_model(TEXT_MODEL, pretrained=False), dims, AudioDims(64, 1, 4), hidden_size=16)
+    assert attention_of(clamp3) == {"sdpa"}
+    assert attention_of(load_mert(VECTORS3 / "tiny_mert")) == {"sdpa"}
+    assert attention_of(load_text_model(TEXT_MODEL)) == {"sdpa"}
+    with pytest.raises(ValueError, match="expected one of sdpa, eager"):
+        set_attention(clamp3, "flash")
+
+
+def test_m3_encoder_and_decoder(vectors):
+    state = state_dict_of(read_checkpoint(vectors / "tiny_m3.pth"))
+    dims = infer_m3_dims(state, "encoder.", "decoder.")
+    model = M3Model(dims)
+    load_model_weights(model, vectors / "tiny_m3.pth")
+    model.eval()
+    patches, masks = music_batch(vectors / "extract_in", dims.patch_length, remove_unit_length=True)
+    # The loss of every real patch decoded by the token decoder (GPT-2, causal attention with padding).
+    selected = masks.clone()
+
+    def forward():
+        states = model.encoder(patches, masks)
+        return {"encoder states": real_positions(states, masks),
+                "decoder loss": model(patches, masks, selected, patches).reshape(1, 1)}
+
+    assert_equal_paths(model, forward)
+
+
+def test_clamp2_global_and_per_position_features(vectors, tokenizer):
+    state = state_dict_of(read_checkpoint(vectors / "tiny_clamp2.pth"))
+    dims = infer_m3_dims(state, "music_model.")
+    model = CLaMP2Model(load_text_model(TEXT_MODEL, pretrained=False), dims, hidden_size=state["music_proj.weight"].shape[0])
+    load_model_weights(model, vectors / "tiny_clamp2.pth")
+    model.eval()
+    patches, music_masks = music_batch(vectors / "extract_in", dims.patch_length)
+    ids, text_masks = text_batch(vectors / "extract_in", tokenizer, 16)
+
+    def forward():
+        return {"music global": model.music_global(patches, music_masks),
+                "text global": model.text_global(ids, text_masks),
+                "music states": real_positions(model.music_states(patches, music_masks), music_masks),
+                "text states": real_positions(model.text_states(ids, text_masks), text_masks)}
+
+    assert_equal_paths(model, forward)
+
+
+def test_clamp3_text_symbolic_and_audio(tokenizer):
+    state = state_dict_of(read_checkpoint(VECTORS3 / "tiny_clamp3.pth"))
+    dims, audio = infer_m3_dims(state, "symbolic_model."), infer_audio_dims(state)
+    model = CLaMP3Model(load_text_model(TEXT_MODEL, pretrained=False), dims, audio,
+                        hidden_size=state["audio_proj.weight"].shape[0])
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    patches, music_masks = music_batch(VECTORS3 / "extract_in", dims.patch_length, remove_unit_length=True)
+    ids, text_masks = text_batch(VECTORS3 / "extract_in", tokenizer, 16)
+    rows, audio_masks = audio_batch(VECTORS3 / "extract_in", audio.hidden_size, audio.max_length)
+
+    def forward():
+        return {"symbolic global": model.symbolic_global(patches, music_masks),
+                "text global": model.text_global(ids, text_masks),
+                "audio global": model.audio_global(rows, audio_masks),
+                "audio states": real_positions(model.audio_states(rows, audio_masks), audio_masks)}
+
+    assert_equal_paths(model, forward)
+
+
+def test_mert_hidden_states():
+    from clamp2.extraction.audio import load_windows
+    from clamp2.models.mert import load_mert
+
+    model = load_mert(VECTORS3 / "tiny_mert")
+    wave, bounds = load_windows(VECTORS3 / "inputs" / "audio" / "bwv26.6_44k1_stereo_s16.wav")
+    windows = torch.stack([torch.from_numpy(wave[start:end]) for start, end in bounds[:2]])
+
+    def forward():
+        out = model(windows, output_hidden_states=True)
+        return {f"hidden state {i}": state for i, state in enumerate(out.hidden_states)}
+
+    assert_equal_paths(model, forward)
