@@ -18,8 +18,10 @@ median step time (on the CPU also samples per CPU-second of the process, steadie
 on a shared machine).
 
 Variants (``--variants``): ``m3`` and ``clamp2`` train as the trainers do now (fused AdamW; M3's
-decoder over length groups; CLaMP 2 batches padded to their longest text and piece).
-``*-reference`` computes as the reference does (AdamW's default kernel; M3 decodes all PATCH_SIZE
+decoder over length groups; patches embedded by column lookup; CLaMP 2 batches padded to their
+longest text and piece).
+``*-reference`` computes as the reference does (AdamW's default kernel; the one-hot Linear patch
+embedding; M3 decodes all PATCH_SIZE
 positions of every patch; CLaMP 2 padded to MAX_TEXT_LENGTH/PATCH_LENGTH; determinism = seeds and
 cuDNN flags). ``*-before`` is this project before issue 19: the reference's computation plus
 ``torch.use_deterministic_algorithms`` (which also fills every new tensor with NaN).
@@ -43,7 +45,8 @@ A100 312, bf16/fp16 dense). Model FLOPs are counted from the shapes of each batc
 a linear layer of n_in → n_out over N positions is 2·N·n_in·n_out FLOPs forward; an attention
 layer over sequences of length L (B of them, width h) adds 4·B·L²·h (scores and weighted sum);
 training is 3× forward (backward = 2×), except the M3 patch embedding, whose one-hot input needs
-no gradient (2×). Per transformer layer of width h and MLP 4h that is 24·N·h² + 4·B·L²·h forward.
+no gradient (2×); the lookup the trainers use counts one addition per looked-up value instead of
+the one-hot matmul (the reference variants count the matmul). Per transformer layer of width h and MLP 4h that is 24·N·h² + 4·B·L²·h forward.
 M3: the patch embedding (128·PATCH_SIZE → h) and the encoder over B × L patches, the decoder over
 each picked patch at the length it is decoded at (its length group's; PATCH_SIZE for the
 reference) plus its 128-way head. CLaMP 2: the text encoder over B × T
@@ -67,7 +70,7 @@ import torch
 from clamp2.attention import ATTN_IMPLEMENTATION
 from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths, piece_name
-from clamp2.models.m3 import DECODE_LENGTH_STEP, M3Dims, M3Model
+from clamp2.models.m3 import DECODE_LENGTH_STEP, M3Dims, M3Model, M3PatchEncoder
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.clamp3 import AudioDims, CLaMP3Model
 from clamp2.models.common import compile_transformers, transformer_flops as encoder_flops
@@ -194,8 +197,21 @@ def text_encoder(config: BenchConfig):
     return AutoModel.from_config(text_config, attn_implementation=ATTN_IMPLEMENTATION)
 
 
-def patch_embedding_flops(batch: int, length: int, dims: M3Dims) -> float:
+def patch_embedding_flops(batch: int, length: int, dims: M3Dims, lookup: bool = True) -> float:
+    """Forward FLOPs of the patch embedding: the one-hot Linear's matmul, or the lookup's additions.
+
+    Counted as computed, so that MFU does not credit the lookup with the one-hot's multiplications by zero.
+    """
+    if lookup:
+        return 1.0 * batch * length * dims.patch_size * dims.hidden_size
     return 2.0 * batch * length * NUM_CLASSES * dims.patch_size * dims.hidden_size
+
+
+def embed_as_reference(model) -> None:
+    """Train with the one-hot Linear patch embedding, as the reference does (not the column lookup)."""
+    for module in model.modules():
+        if isinstance(module, M3PatchEncoder):
+            module.lookup_in_training = False
 
 
 def decoded_lengths(batch: dict, dims: M3Dims, grouped: bool) -> torch.Tensor:
@@ -208,18 +224,18 @@ def decoded_lengths(batch: dict, dims: M3Dims, grouped: bool) -> torch.Tensor:
     return ((last + DECODE_LENGTH_STEP - 1) // DECODE_LENGTH_STEP * DECODE_LENGTH_STEP).clamp(max=dims.patch_size)
 
 
-def m3_train_flops(batch: dict, dims: M3Dims, grouped: bool) -> float:
+def m3_train_flops(batch: dict, dims: M3Dims, grouped: bool, lookup: bool = True) -> float:
     b, n = batch["input_masks"].shape
     h = dims.hidden_size
     decoder = sum(encoder_flops(1, int(length), h, dims.token_num_layers) + 2.0 * int(length) * h * NUM_CLASSES
                   for length in decoded_lengths(batch, dims, grouped))
     forward = encoder_flops(b, n, h, dims.patch_num_layers) + decoder
-    return 3 * forward + 2 * patch_embedding_flops(b, n, dims)
+    return 3 * forward + 2 * patch_embedding_flops(b, n, dims, lookup)
 
 
-def clamp3_train_flops(batch: dict, config: BenchConfig, modality: str) -> float:
+def clamp3_train_flops(batch: dict, config: BenchConfig, modality: str, lookup: bool = True) -> float:
     if modality == "symbolic":
-        return clamp2_train_flops(batch, config)
+        return clamp2_train_flops(batch, config, lookup)
     b, t = batch["text_masks"].shape
     n = batch["music_masks"].shape[1]
     audio = config.audio
@@ -229,14 +245,14 @@ def clamp3_train_flops(batch: dict, config: BenchConfig, modality: str) -> float
     return 3 * forward
 
 
-def clamp2_train_flops(batch: dict, config: BenchConfig) -> float:
+def clamp2_train_flops(batch: dict, config: BenchConfig, lookup: bool = True) -> float:
     b, t = batch["text_masks"].shape
     n = batch["music_masks"].shape[1]
     dims = config.dims
     forward = (encoder_flops(b, t, config.text_hidden, config.text_layers)
                + encoder_flops(b, n, dims.hidden_size, dims.patch_num_layers)
                + 2.0 * b * (config.text_hidden + dims.hidden_size) * config.clamp2_hidden)
-    return 3 * forward + 2 * patch_embedding_flops(b, n, dims)
+    return 3 * forward + 2 * patch_embedding_flops(b, n, dims, lookup)
 
 
 # -- measuring -------------------------------------------------------------------------------------------
@@ -285,6 +301,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
     cuda = device.type == "cuda"
     count = args.warmup + args.steps
     patchilizer = M3Patchilizer(config.dims.patch_size, config.dims.patch_length)
+    lookup = "-" not in variant  # the reference variants embed patches through the one-hot Linear
     torch.manual_seed(0)
     if task == "m3":
         batch_size = args.m3_batch or (config.m3_batch_cuda if cuda else config.m3_batch)
@@ -293,7 +310,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
         model, loss_fn = M3Model(config.dims), m3_loss
         if "-" in variant:
             decode_full_length(model.decoder)
-        flops = [m3_train_flops(b, config.dims, grouped="-" not in variant) for b in batches]
+        flops = [m3_train_flops(b, config.dims, grouped="-" not in variant, lookup=lookup) for b in batches]
     elif task in MODALITY:
         modality = MODALITY[task]
         batch_size = args.clamp2_batch or (config.clamp2_batch_cuda if cuda else config.clamp2_batch)
@@ -314,7 +331,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
         for module in frozen_modules(modality, False):
             getattr(model, module).requires_grad_(False)
         loss_fn = ContrastiveStep(1.0, modality)
-        flops = [clamp3_train_flops(b, config, modality) for b in batches]
+        flops = [clamp3_train_flops(b, config, modality, lookup) for b in batches]
     else:
         batch_size = args.clamp2_batch or (config.clamp2_batch_cuda if cuda else config.clamp2_batch)
         tokenizer = data["tokenizer"]
@@ -324,7 +341,9 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
                                     config.dims.patch_size, pad_to_longest="-" not in variant)
         batches = batches_of(dataset, collate, batch_size, count)
         model, loss_fn = CLaMP2Model(text_encoder(config), config.dims, config.clamp2_hidden), ContrastiveStep(1.0)
-        flops = [clamp2_train_flops(b, config) for b in batches]
+        flops = [clamp2_train_flops(b, config, lookup) for b in batches]
+    if not lookup:
+        embed_as_reference(model)
     label = f"{variant:20s} {name:8s} {device.type:4s} {str(precision):28s} batch {batch_size:4d}"
     if args.compile:
         compile_transformers(model)  # as --compile in the trainers; --warmup steps absorb the compilation

@@ -467,12 +467,12 @@ class Quickstart:
 @dataclass
 class Clamp3Settings(Settings):
     # One measured run of these defaults (held-out MRR, step times): README, --clamp3 section.
-    symbolic_epochs: int = 30
-    audio_epochs: int = 30
+    symbolic_epochs: int = 20
+    audio_epochs: int = 15
     audio_seconds: float = 30.0  # each piece's first seconds are rendered (a MERT row is 5 s)
     mert_hidden: int = 128  # the small random MERT's feature width (= CLaMP 3's AUDIO_HIDDEN_SIZE)
     mert_layers: int = 2
-    mert_conv_dim: int = 64
+    mert_conv_dim: int = 32
     audio_layers: int = 2
     clamp3_learning_rate: float = 5e-4
     # The audio stage keeps the text encoder the symbolic stage trained (FREEZE_TEXT), so audio is
