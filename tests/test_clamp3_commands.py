@@ -352,6 +352,8 @@ def write_image(path: Path, seed: int) -> None:
     Image.fromarray((rng.random((40, 50, 3)) * 255).astype("uint8")).save(path)
 
 
+# The reference call below uses BLIP's own generation settings, as the original does (no max_length).
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default:UserWarning")
 def test_caption_is_the_blip_pipeline(tiny_blip, tmp_path):
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
