@@ -5,6 +5,8 @@
         --files 400 --reference_files 0 [--compile]          # the GPU table of docs/performance.md
     python benchmarks/bench_extract.py --files 8 --batch_sizes 4 --batch_tokens 2048 --reference_files 0 \
         --patch_length 128 --layers 2                         # a CPU run in seconds
+    python benchmarks/bench_abc_corpus.py --out /tmp/abc_tunes && python benchmarks/bench_extract.py \
+        --music_dir /tmp/abc_tunes/interleaved --files 0 ...  # music21's 12,978 ABC tunes (short pieces)
 
 Builds (once, cached in --data) interleaved ABC and MTF files from music21's corpus, then times
 the M3 per-position path (extract_m3) and the CLaMP 2 global music path (extract_clamp2
@@ -43,7 +45,11 @@ FILES_PER_CHUNK = 256
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("/tmp/clamp2_bench_music"), help="cache of corpus-derived files")
-    parser.add_argument("--files", type=int, default=120, help="number of music files (half ABC, half MTF)")
+    parser.add_argument("--files", type=int, default=120,
+                        help="number of music files (half ABC, half MTF; with --music_dir the first N, 0 = all)")
+    parser.add_argument("--music_dir", type=Path, default=None,
+                        help="time the .abc/.mtf files under this folder instead of the corpus-derived set (e.g. "
+                             "the interleaved tunes of bench_abc_corpus.py --out DIR: DIR/interleaved)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], help="fp32, bf16, fp16 (the latter two on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -119,10 +125,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cached = sorted(args.data.glob("*/*.abc")) + sorted(args.data.glob("*/*.mtf"))
-    if len(cached) < args.files:  # built once; a machine without music21 can reuse a copied cache
-        scores = corpus_musicxml_paths(per_composer=None)[: (args.files + 1) // 2]
-        build_music_files(args.data, scores)
+    if args.music_dir is None:
+        cached = sorted(args.data.glob("*/*.abc")) + sorted(args.data.glob("*/*.mtf"))
+        if len(cached) < args.files:  # built once; a machine without music21 can reuse a copied cache
+            scores = corpus_musicxml_paths(per_composer=None)[: (args.files + 1) // 2]
+            build_music_files(args.data, scores)
     dims = M3Dims(patch_length=args.patch_length or M3Dims.patch_length,
                   patch_num_layers=args.layers or M3Dims.patch_num_layers)
     torch.manual_seed(0)
@@ -130,7 +137,14 @@ def main(argv=None) -> int:
     proj = torch.nn.Linear(dims.hidden_size, 768).eval().to(device)
     patchilizer = M3Patchilizer(dims.patch_size, dims.patch_length)
     encode = MusicEncoder(patchilizer)
-    files = sorted(args.data.rglob("*.abc"))[: args.files // 2] + sorted(args.data.rglob("*.mtf"))[: args.files // 2]
+    if args.music_dir is not None:
+        files = sorted(f for f in args.music_dir.rglob("*") if f.suffix in (".abc", ".mtf"))[: args.files or None]
+        if not files:
+            print(f"bench_extract: error: no .abc or .mtf files under {args.music_dir}")
+            return 2
+    else:
+        files = (sorted(args.data.rglob("*.abc"))[: args.files // 2]
+                 + sorted(args.data.rglob("*.mtf"))[: args.files // 2])
     lengths = [len(encode(f)) for f in files]
     n_windows = sum(len(window_starts(n, dims.patch_length)) for n in lengths)
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.attention} attention, {len(files)} files "
@@ -172,7 +186,7 @@ def main(argv=None) -> int:
                         runner = compile_runners(runner)
                     for batch_size, batch_tokens in batchings:
                         out = Path(scratch) / f"{per_position}_{dtype}_{compiled}_{batch_size}_{batch_tokens}"
-                        plan = plan_jobs(args.data, out, text=False)
+                        plan = plan_jobs(args.music_dir or args.data, out, text=False)
                         jobs = [j for j in plan.jobs if j.path in set(files)]
                         if compiled:  # compilation is paid once, not timed: the first files, untimed
                             extract_jobs(jobs[:8], runner, device, per_position, batch_size=batch_size,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/performance.md in one run (about 10 minutes on an H200; not for the CPU).
+# The GPU rows of docs/performance.md in one run (estimated 10–15 minutes on an H200, never run yet; not for the CPU).
 #
 #   bash benchmarks/gpu_table.sh [LOG]          # PYTHON=.venv/bin/python, COMPILE=1 adds the --compile runs
 #
@@ -22,6 +22,12 @@ run "$PYTHON" benchmarks/bench_train.py --device cuda --precision bf16 --variant
 # Extraction of music (M3 per-position, CLaMP 2 --normalize): fp32 and bf16, batch 16 vs a token budget.
 run "$PYTHON" benchmarks/bench_extract.py --device cuda --dtypes fp32 bf16 --batch_sizes 16 --batch_tokens 16384 \
     --files 200 --reference_files 0 $COMPILE_FLAG
+# The issue's short-piece corpus: music21's 12,978 ABC tunes, interleaved on the CPU first (ABC_TUNES=0 skips).
+if [ "${ABC_TUNES:-1}" = 1 ]; then
+  run "$PYTHON" benchmarks/bench_abc_corpus.py --out "${ABC_TUNES_DIR:-/tmp/abc_tunes}"
+  run "$PYTHON" benchmarks/bench_extract.py --device cuda --dtypes fp32 bf16 --batch_sizes 64 --batch_tokens 16384 \
+      --music_dir "${ABC_TUNES_DIR:-/tmp/abc_tunes}/interleaved" --files 0 --reference_files 0 $COMPILE_FLAG
+fi
 # CLaMP 3 extraction, symbolic and audio, global features, bf16.
 run "$PYTHON" benchmarks/bench_extract_clamp3.py --device cuda --dtype bf16 --batch_size 64 --batch_tokens 16384 \
     --symbolic_files 100 --audio_files 100 --global_only
