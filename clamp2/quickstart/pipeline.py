@@ -51,7 +51,7 @@ def chance_mrr(n: int) -> float:
 @dataclass
 class Settings:
     # Held-out ABC→MTF MRR / chance, last epoch (README): 60 pieces per collection 3.3× after 30 CLaMP 2 epochs,
-    # 4.4× after 60; 100 pieces 5.3× after 40, 5.5× after 60. 100 and 50 keep a margin: ~10 min on 2 cores.
+    # 4.4× after 60; 100 pieces 5.3× after 40, 5.5× after 60. 100 and 50 keep a margin: 10–12 min on 2 cores (README).
     per_collection: int = 100
     m3_epochs: int = 3
     clamp2_epochs: int = 50
