@@ -360,15 +360,19 @@ class Quickstart:
         self.save_metrics()
 
     def zero_shot(self) -> None:
+        self.run_zero_shot(self.data / "abc" / "test", [], env={} if self.s.weights else self.model_env())
+
+    def run_zero_shot(self, folder: Path, model_args: List[str], env: Dict[str, str]) -> None:
+        """semantic_search/zero_shot.py on ``folder`` with the collections' prompts → metrics["zero_shot"]."""
         from .demo_corpus import PROMPTS
 
         labels = self.out / "zero_shot_labels.txt"
         labels.write_text("".join(f"{label} = {prompt}\n" for label, prompt in PROMPTS.items()), encoding="utf-8")
         printed = run_script("semantic_search/zero_shot.py", [
-            self.data / "abc" / "test", "--labels_file", labels, "--output", self.out / "zero_shot.json",
+            folder, *model_args, "--labels_file", labels, "--output", self.out / "zero_shot.json",
             "--confusion_png", self.out / "zero_shot_confusion.png", "--weights", self.evaluated_weights,
             "--text_model", self.text_model, "--cache", self.out / "cache", *self.no_progress()],
-            env={} if self.s.weights else self.model_env(), capture=True, ok=(0, 1))
+            env=env, capture=True, ok=(0, 1))
         match = re.search(r"accuracy ([0-9.]+), macro-F1 ([0-9.]+)", printed)
         predictions = json.loads((self.out / "zero_shot.json").read_text())
         counts: Dict[str, int] = {}
@@ -381,17 +385,21 @@ class Quickstart:
                                      "prompts": PROMPTS}
 
     def probe(self) -> None:
+        self.run_probe("abc_train_positions", "abc_test_positions", "probe.pth", [])
+
+    def run_probe(self, train: str, test: str, weights_name: str, probe_args: List[str]) -> None:
+        """music_classification/train_cls.py on two feature folders → metrics["probe"] (eval accuracy, macro-F1)."""
         f = self.features
         report = self.out / "probe"
         run_script("music_classification/train_cls.py", [
-            "--train_folders", f / "abc_train_positions", "--eval_folders", f / "abc_test_positions",
-            "--weights", self.out / "models" / "probe.pth", "--report_dir", report, "--batch_size", "16",
+            *probe_args, "--train_folders", f / train, "--eval_folders", f / test,
+            "--weights", self.out / "models" / weights_name, "--report_dir", report, "--batch_size", "16",
             "--epochs", self.s.probe_epochs, "--learning_rate", "1e-3", "--patience", "30", *self.no_progress()],
             ok=(0, 1))
         result = json.loads((report / "metrics.json").read_text())
         self.metrics["probe"] = {"accuracy": result["eval"]["accuracy"], "macro_f1": result["eval"]["macro_f1"],
                                  "best_epoch": result["best_epoch"], "train_files": result["files"]["train"],
-                                 "eval_files": result["files"]["eval"], "majority_class": self.majority_share("abc_test")}
+                                 "eval_files": result["files"]["eval"], "majority_class": self.majority_share(test)}
 
     def majority_share(self, folder: str) -> float:
         labels = [p.name.split("_", 1)[0] for p in (self.features / folder).glob("*.npy")]
@@ -676,39 +684,12 @@ class Quickstart3(Quickstart):
 
     def zero_shot(self) -> None:
         """Zero-shot collection of the held-out audio (raw WAV through MERT and CLaMP 3, as a user runs it)."""
-        from .demo_corpus import PROMPTS
-
-        labels = self.out / "zero_shot_labels.txt"
-        labels.write_text("".join(f"{label} = {prompt}\n" for label, prompt in PROMPTS.items()), encoding="utf-8")
-        printed = run_script("semantic_search/zero_shot.py", [
-            self.data / "audio" / "test", "--model", "clamp3", "--mert", self.mert_model, "--labels_file", labels,
-            "--output", self.out / "zero_shot.json", "--confusion_png", self.out / "zero_shot_confusion.png",
-            "--weights", self.evaluated_weights, "--text_model", self.text_model, "--cache", self.out / "cache",
-            *self.no_progress()], env=self.model_env(), capture=True, ok=(0, 1))
-        match = re.search(r"accuracy ([0-9.]+), macro-F1 ([0-9.]+)", printed)
-        predictions = json.loads((self.out / "zero_shot.json").read_text())
-        counts: Dict[str, int] = {}
-        for name in predictions:
-            label = Path(name).name.split("_", 1)[0]
-            counts[label] = counts.get(label, 0) + 1
-        self.metrics["zero_shot"] = {"accuracy": float(match.group(1)) if match else None,
-                                     "macro_f1": float(match.group(2)) if match else None,
-                                     "majority_class": round(max(counts.values()) / max(1, len(predictions)), 4),
-                                     "prompts": PROMPTS}
+        self.run_zero_shot(self.data / "audio" / "test", ["--model", "clamp3", "--mert", self.mert_model],
+                           env=self.model_env())
 
     def probe(self) -> None:
         """CLaMP 3's probe (one linear layer, SPEC_CLAMP3 §20) on the global CLaMP 3 audio features."""
-        f = self.features
-        report = self.out / "probe"
-        run_script("music_classification/train_cls.py", [
-            "--probe", "clamp3", "--train_folders", f / "audio_train", "--eval_folders", f / "audio_test",
-            "--weights", self.out / "models" / "probe_audio.pth", "--report_dir", report, "--batch_size", "16",
-            "--epochs", self.s.probe_epochs, "--learning_rate", "1e-3", "--patience", "30", *self.no_progress()],
-            ok=(0, 1))
-        result = json.loads((report / "metrics.json").read_text())
-        self.metrics["probe"] = {"accuracy": result["eval"]["accuracy"], "macro_f1": result["eval"]["macro_f1"],
-                                 "best_epoch": result["best_epoch"], "train_files": result["files"]["train"],
-                                 "eval_files": result["files"]["eval"], "majority_class": self.majority_share("audio_test")}
+        self.run_probe("audio_train", "audio_test", "probe_audio.pth", ["--probe", "clamp3"])
 
     def score_table(self) -> None:
         """clamp3_score --group: each collection's held-out audio against each collection's training audio."""
