@@ -158,6 +158,15 @@ def write_report(run) -> None:
     atomic_write_text(out / "report.md", report_text(run, curves, made, probe_png))
 
 
+def _retrieval_table(m: dict, n: int, chance: float) -> List[str]:
+    """The report's retrieval section: one row per held-out task of ``metrics["retrieval"]``."""
+    lines = ["## Retrieval (held-out pieces)", "",
+             "Each query must find its own piece among all held-out pieces; chance is the MRR of a random "
+             f"ranking of {n} candidates.", "",
+             "| task | MRR | chance | × chance | Hit@K |", "| --- | --- | --- | --- | --- |"]
+    return lines + [_mrr_line(name, values, chance) for name, values in m.get("retrieval", {}).items()]
+
+
 def _mrr_line(name: str, values: Dict[str, float], chance: float) -> str:
     mrr = values.get("MRR", float("nan"))
     hits = ", ".join(f"{k} {v:.2f}" for k, v in values.items() if k != "MRR")
@@ -178,12 +187,7 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
     lines += [f"Music from music21's corpus: {s.per_collection} pieces from each of six collections, "
               f"{n} held out (never seen in training). Model: {trained}. Every number below comes from "
               "the project's own scripts, run on the held-out pieces.", ""]
-    lines += ["## Retrieval (held-out pieces)", "",
-              "Each query must find its own piece among all held-out pieces; chance is the MRR of a random "
-              f"ranking of {n} candidates.", "",
-              "| task | MRR | chance | × chance | Hit@K |", "| --- | --- | --- | --- | --- |"]
-    for name, values in m.get("retrieval", {}).items():
-        lines.append(_mrr_line(name, values, chance))
+    lines += _retrieval_table(m, n, chance)
     lines += ["", "*text→music*: an English description written from the piece's metadata (title, collection, "
               "key, meter, voices, range) finds the piece's interleaved ABC (or MTF). *other-language*: the same "
               "with the German, French or Spanish description (by default these are never trained on: with "
@@ -283,12 +287,7 @@ def write_report_clamp3(run) -> None:
               + "). Evaluated with the audio stage's last epoch "
               f"(`{run.evaluated_weights.relative_to(run.out).as_posix()}`). Every number below comes from the "
               "project's own scripts, run on the held-out pieces.", ""]
-    lines += ["## Retrieval (held-out pieces)", "",
-              "Each query must find its own piece among all held-out pieces; chance is the MRR of a random "
-              f"ranking of {n} candidates.", "",
-              "| task | MRR | chance | × chance | Hit@K |", "| --- | --- | --- | --- | --- |"]
-    for name, values in m.get("retrieval", {}).items():
-        lines.append(_mrr_line(name, values, chance))
+    lines += _retrieval_table(m, n, chance)
     lines += ["", "*text→*: an English description written from the piece's metadata (title, collection, key, meter, "
               "voices, range) finds the piece's interleaved ABC, or its audio. *ABC→audio*, *MTF→audio*: a piece's "
               "score (interleaved ABC, or MTF of its MIDI in CLaMP 3's mode) finds the recording of the same piece; "
