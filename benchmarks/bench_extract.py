@@ -7,6 +7,8 @@
         --patch_length 128 --layers 2                         # a CPU run in seconds
     python benchmarks/bench_abc_corpus.py --out /tmp/abc_tunes && python benchmarks/bench_extract.py \
         --music_dir /tmp/abc_tunes/interleaved --files 0 ...  # music21's 12,978 ABC tunes (short pieces)
+    python benchmarks/bench_extract.py --music_dir /tmp/abc_tunes/interleaved --files 0 --reference_files 0 \
+        --host_only --batch_sizes 64 --scratch .     # the host's ceiling: files/s with a model that costs nothing
 
 Builds (once, cached in --data) interleaved ABC and MTF files from music21's corpus, then times
 the M3 per-position path (extract_m3) and the CLaMP 2 global music path (extract_clamp2
@@ -19,6 +21,12 @@ TFLOP/s counted from the real (unpadded) window lengths (the M3 patch embedding,
 --peak_tflops (default by device name: H100/H200 989 bf16, 67 fp32), and the exactness check: the
 largest difference and the smallest cosine of every file's feature against the first fp32 run of
 that path (the per-window batches of --batch_sizes' first value).
+
+``--host_only`` swaps the model for one that returns zeros: what is left is the host's share of
+an extraction (read, tokenize in --num_workers processes, pad, copy, gather, write the .npy files
+from writer threads). Its files/s is the ceiling no device can pass, and the line gives the model
+FLOP rate at which a device keeps pace with it. Short pieces are host-bound: music21's tunes have
+22 patches on average, so even 5,000 tunes/s is only ~20 TFLOP/s of model work.
 """
 
 from __future__ import annotations
@@ -31,15 +39,14 @@ import torch
 from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths
 from clamp2.attention import ATTN_IMPLEMENTATIONS, set_attention
-from clamp2.extraction.core import (KindRunner, MusicEncoder, autocast_context, compile_runners, extract_jobs,
-                                    plan_batches, plan_jobs, window_starts)
+from clamp2.extraction.core import (KindRunner, MusicEncoder, autocast_context, compile_runners, default_workers,
+                                    extract_jobs, plan_batches, plan_jobs, window_starts)
 from clamp2.models.m3 import M3Dims, M3PatchEncoder
 from clamp2.models.common import masked_mean, transformer_flops
 from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
 
 PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
                "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}}
-FILES_PER_CHUNK = 256
 
 
 def parse_args(argv=None):
@@ -61,6 +68,16 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time each configuration with --compile")
     parser.add_argument("--attention", choices=ATTN_IMPLEMENTATIONS, default="sdpa")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument("--num_workers", type=int, default=default_workers(),
+                        help="tokenizing processes, as extract_*.py --num_workers (default: theirs)")
+    parser.add_argument("--files_per_chunk", type=int, default=256,
+                        help="files whose windows are sorted and batched together, as extract_*.py (default 256; "
+                             "thousands of short pieces fill a token budget with less padding)")
+    parser.add_argument("--host_only", action="store_true",
+                        help="replace the model by one that returns zeros: files/s of the host side alone (read, "
+                             "tokenize, pad, copy, gather, write), the ceiling of any device")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="folder for the features written (default: the system's temporary folder)")
     parser.add_argument("--patch_length", type=int, default=None, help="PATCH_LENGTH (default 512)")
     parser.add_argument("--layers", type=int, default=None, help="PATCH_NUM_LAYERS (default 12)")
     return parser.parse_args(argv)
@@ -78,11 +95,11 @@ def real_flops(lengths, dims: M3Dims, per_position: bool) -> float:
     return total
 
 
-def padding_share(lengths, dims: M3Dims, batch_size: int, batch_tokens: int) -> float:
+def padding_share(lengths, dims: M3Dims, batch_size: int, batch_tokens: int, files_per_chunk: int) -> float:
     """Padded positions / computed positions, batches planned as the extraction core plans them."""
     real = padded = 0
-    for first in range(0, len(lengths), FILES_PER_CHUNK):
-        windows = [min(dims.patch_length, n - s) for n in lengths[first:first + FILES_PER_CHUNK]
+    for first in range(0, len(lengths), files_per_chunk):
+        windows = [min(dims.patch_length, n - s) for n in lengths[first:first + files_per_chunk]
                    for s in window_starts(n, dims.patch_length)]
         for batch in plan_batches(windows, batch_size, batch_tokens):
             real += sum(windows[i] for i in batch)
@@ -149,7 +166,8 @@ def main(argv=None) -> int:
     n_windows = sum(len(window_starts(n, dims.patch_length)) for n in lengths)
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.attention} attention, {len(files)} files "
           f"({sum(f.suffix == '.abc' for f in files)} abc, {sum(f.suffix == '.mtf' for f in files)} mtf), "
-          f"{n_windows} windows, mean {sum(lengths) / len(lengths):.0f} patches/file")
+          f"{n_windows} windows, mean {sum(lengths) / len(lengths):.0f} patches/file, {args.num_workers} tokenizing "
+          f"workers; model forward {real_flops(lengths, dims, False) / 1e12:.1f} TFLOP in all")
 
     with torch.inference_mode():
         if args.reference_files:
@@ -168,7 +186,7 @@ def main(argv=None) -> int:
     import tempfile
 
     batchings = [(b, 0) for b in args.batch_sizes] + [(args.batch_sizes[0], t) for t in args.batch_tokens]
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         references = {}
         for per_position, name in ((True, "extract_m3 (per-position)"), (False, "extract_clamp2 --normalize (music)")):
             flops = real_flops(lengths, dims, per_position)
@@ -176,6 +194,9 @@ def main(argv=None) -> int:
                 precision = autocast_context(device, dtype)
 
                 def forward(ids, masks, per_position=per_position, precision=precision):
+                    if args.host_only:
+                        shape = ids.shape[:2] if per_position else ids.shape[:1]
+                        return torch.zeros(*shape, dims.hidden_size if per_position else 768, device=ids.device)
                     with precision:
                         states = encoder(ids, masks)
                         return states if per_position else proj(masked_mean(states, masks))
@@ -190,20 +211,30 @@ def main(argv=None) -> int:
                         jobs = [j for j in plan.jobs if j.path in set(files)]
                         if compiled:  # compilation is paid once, not timed: the first files, untimed
                             extract_jobs(jobs[:8], runner, device, per_position, batch_size=batch_size,
-                                         files_per_chunk=FILES_PER_CHUNK, batch_tokens=batch_tokens)
+                                         files_per_chunk=args.files_per_chunk, batch_tokens=batch_tokens)
                         start = time.perf_counter()
                         extract_jobs(jobs, runner, device, per_position, batch_size=batch_size,
-                                     files_per_chunk=FILES_PER_CHUNK, num_workers=0, batch_tokens=batch_tokens)
+                                     files_per_chunk=args.files_per_chunk, num_workers=args.num_workers,
+                                     batch_tokens=batch_tokens)
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                         elapsed = time.perf_counter() - start
                         reference = references.setdefault(per_position, out)
                         batching = f"tokens {batch_tokens}" if batch_tokens else f"batch {batch_size}"
-                        line = (f"{name}, {batching}, {dtype}{', compiled' if compiled else ''}: "
+                        label = "host only (zeros for a model)" if args.host_only else dtype
+                        padding = padding_share(lengths, dims, batch_size, batch_tokens, args.files_per_chunk)
+                        line = (f"{name}, {batching}, {label}{', compiled' if compiled else ''}: "
                                 f"{len(jobs) / elapsed:.2f} files/s, {n_windows / elapsed:.2f} windows/s "
-                                f"({elapsed:.1f} s), padding {padding_share(lengths, dims, batch_size, batch_tokens):.0%}"
-                                f", {flops / elapsed / 1e12:.3f} TFLOP/s real")
-                        peak = peak_of(args, device, dtype)
+                                f"({elapsed:.1f} s), padding {padding:.0%}")
+                        peak = peak_of(args, device, "bf16" if args.host_only else dtype)
+                        if args.host_only:
+                            # The model's FLOPs at the host's pace: a device slower than this is the bound.
+                            line += f", the model keeps pace at {flops / elapsed / 1e12:.3f} TFLOP/s"
+                            if peak:
+                                line += f" ({flops / elapsed / (peak * 1e12):.1%} of {peak:g})"
+                            print(line, flush=True)
+                            continue
+                        line += f", {flops / elapsed / 1e12:.3f} TFLOP/s real"
                         if peak:
                             line += f", MFU {flops / elapsed / (peak * 1e12):.1%} of {peak:g}"
                         if out != reference:

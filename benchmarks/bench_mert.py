@@ -2,6 +2,7 @@
 
     python benchmarks/bench_mert.py [--size full|tiny] [--files 4] [--seconds 30] [--batch_size 8]
                                     [--device cpu|cuda] [--dtypes fp32 bf16] [--peak_tflops T]
+                                    [--attention sdpa|eager] [--compile]
 
 Renders --files music21 corpus chorales to 44.1 kHz stereo WAV (once, cached in --data), then times,
 in the same run and on the same files, end to end from the audio files (decoding and resampling
@@ -48,6 +49,10 @@ def parse_args(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None, help="peak of the device for MFU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--skip_reference", action="store_true")
+    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                        help="attention kernel (clamp2.attention; default sdpa, as extraction uses)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the batched driver with the model through torch.compile (compilation untimed)")
     return parser.parse_args(argv)
 
 
@@ -88,6 +93,7 @@ def reference_scheme(model, paths, device, precision) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from clamp2.attention import set_attention
     from clamp2.extraction.audio import MERT_SAMPLE_RATE, load_windows
     from clamp2.extraction.core import autocast_context
     from clamp2.extraction.mert import MertFeatureExtractor
@@ -104,15 +110,16 @@ def main(argv=None) -> int:
     if args.size == "full":
         values.update(FULL_SIZES)
     torch.manual_seed(0)
-    model = build_mert(values).to(device)
+    model = set_attention(build_mert(values).to(device), args.attention)
     flops = sum(forward_flops(model.config, e - s) for b in bounds for s, e in b)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"MERT {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on {name}; "
+    print(f"MERT {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {args.attention} "
+          f"attention) on {name}; "
           f"{len(paths)} files, {audio_seconds:.0f} s of audio, {windows} windows, "
           f"{flops / windows / 1e9:.1f} GFLOP per window")
 
     def report(label, dtype, elapsed):
-        line = (f"{label:<26} {dtype}: {audio_seconds / elapsed:8.1f} s of audio/s  {windows / elapsed:7.2f} windows/s"
+        line = (f"{label:<36} {dtype}: {audio_seconds / elapsed:8.1f} s of audio/s  {windows / elapsed:7.2f} windows/s"
                 f"  {flops / elapsed / 1e12:7.3f} TFLOP/s")
         peak = args.peak_tflops or (PEAK_TFLOPS[dtype] if device.type == "cuda" else None)
         if peak:
@@ -125,14 +132,20 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     for dtype in args.dtypes:
-        extractor = MertFeatureExtractor(model, device, dtype, args.batch_size)
-        list(extractor.iter_files(paths[:1]))  # warm-up (kernels, allocator)
-        sync()
-        start = time.perf_counter()
-        done = sum(1 for _, array, _ in extractor.iter_files(paths, num_workers=args.num_workers) if array is not None)
-        sync()
-        batched = report(f"batched (batch {args.batch_size})", dtype, time.perf_counter() - start)
-        assert done == len(paths)
+        for compiled in (False, True) if args.compile else (False,):
+            extractor = MertFeatureExtractor(model, device, dtype, args.batch_size)
+            if compiled:
+                extractor.model = torch.compile(model, dynamic=True)
+            list(extractor.iter_files(paths[:1]))  # warm-up (kernels, allocator; compilation)
+            sync()
+            start = time.perf_counter()
+            done = sum(1 for _, array, _ in extractor.iter_files(paths, num_workers=args.num_workers)
+                       if array is not None)
+            sync()
+            label = f"batched (batch {args.batch_size}{', compiled' if compiled else ''})"
+            elapsed = report(label, dtype, time.perf_counter() - start)
+            batched = batched if compiled else elapsed
+            assert done == len(paths)
         if not args.skip_reference:
             start = time.perf_counter()
             reference_scheme(model, paths, device, autocast_context(device, dtype))

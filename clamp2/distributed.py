@@ -82,6 +82,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+# A gloo group for the end-of-run barrier of batch tools (see prepare_end_barrier).
+_END_GROUP = None
+END_BARRIER_HOURS = 72
+
+
+def prepare_end_barrier() -> None:
+    """Collective, in every process right after the process group is set up (extraction does it).
+
+    torchrun ends every process as soon as one exits non-zero, and a batch tool exits 1 when some
+    of its files failed: without a barrier, the process whose shard held a bad file would kill the
+    others mid-run. :func:`wait_for_all_processes` waits on this group, whose timeout is days, not
+    the default group's 30 minutes (shards can finish far apart).
+    """
+    global _END_GROUP
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and _END_GROUP is None:
+        _END_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=END_BARRIER_HOURS))
+
+
+def wait_for_all_processes() -> None:
+    """Return once every process has reached this point (no-op without :func:`prepare_end_barrier`)."""
+    if _END_GROUP is not None:
+        dist.barrier(group=_END_GROUP)
+
+
 def all_reduce_mean(value: float, device: torch.device) -> float:
     """The mean of a Python number over all processes (itself when undistributed)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -57,12 +57,6 @@ def mirror_path(input_path: str | os.PathLike, input_root: str | os.PathLike,
 TMP_SUFFIX = ".partial"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def output_problem(path: str | os.PathLike, folder: bool, what: str = "output") -> Optional[str]:
     """Why ``path`` cannot be written (a folder that is a file, a file that is a folder, a parent that is a
     file, no write permission), as one line, or None when it can."""
@@ -90,21 +84,46 @@ def input_problem(path: str | os.PathLike, what: str = "input folder") -> Option
     return None
 
 
+def _open_temporary(path: Path) -> tuple[int, Path]:
+    """Open a new, empty file next to ``path`` under a name no other writer uses: (descriptor, path).
+
+    Created with mode 0666 so that the umask gives the output a normal file's permissions (no
+    chmod; reading the umask would mean setting it, which races with other threads). A missing
+    parent folder is created.
+    """
+    made_parent = False
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            if made_parent:
+                raise
+            # Several writer threads may race to create it: exist_ok, then try once more.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made_parent = True
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path} is a folder; pass a file path") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; pass a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp_path = _open_temporary(path)
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp makes the file private (0600); give the output the permissions of a normal file.
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
+        _replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -130,7 +149,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
+    """Write ``data`` to ``path`` atomically: three system calls and a rename (hot in extraction)."""
+    path = Path(path)
+    fd, tmp = _open_temporary(path)
+    try:
+        with open(fd, "wb", closefd=True) as f:
             f.write(data)
-
+        _replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

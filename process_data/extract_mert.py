@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from clamp2.checkpoint import CheckpointError
     from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+    from clamp2.distributed import wait_for_all_processes
     from clamp2.extraction.core import folders_problem, process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
     from clamp2.models.mert import load_mert
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
                          num_workers=args.num_workers, process_index=state.process_index,
                          num_processes=state.num_processes, progress=not args.no_progress)
     print_summary(run, process_index=state.process_index, num_processes=state.num_processes)
+    wait_for_all_processes()  # a process that exits 1 first must not make torchrun stop the others
     return EXIT_SOME_FAILED if run.failures else EXIT_OK
 
 

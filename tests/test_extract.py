@@ -253,3 +253,61 @@ def test_torchrun_two_cpu_processes_split_the_files(vectors, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("extracted 2, skipped 0 existing, failed 0") == 2, proc.stderr[-3000:]
     compare_tree(vectors / "expected" / "feat_m3", tmp_path / "out")
+
+
+def test_torchrun_a_failed_file_in_one_process_does_not_stop_the_other(vectors, tmp_path):
+    """torchrun ends every process once one exits non-zero: extraction waits for all before exiting 1."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    music = tmp_path / "in"
+    music.mkdir()
+    # Files are sharded round-robin in sorted order: process 1 gets the empty files and finishes at once,
+    # process 0 gets ten long pieces (the chorale's bars 30 times, ~400 windows each, one per pass).
+    lines = (vectors / "extract_in" / "abc" / "bwv10.7.abc").read_text(encoding="utf-8").splitlines(keepends=True)
+    header = [line for line in lines if not line.startswith("[V:")]
+    long_piece = "".join(header + [line for line in lines if line.startswith("[V:")] * 30)
+    for index in range(10):
+        (music / f"p{2 * index:02d}.abc").write_text(long_piece, encoding="utf-8")
+        (music / f"p{2 * index + 1:02d}.abc").write_text("")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **TINY_ENV)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "--monitor-interval", "0.05", str(REPO_ROOT / "code/extract_m3.py"), str(music), str(tmp_path / "out"),
+           "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0", "--no_progress", "--batch_size", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "extract_m3 (process 0/2): extracted 10, skipped 0 existing, failed 0" in proc.stderr, proc.stderr[-3000:]
+    assert "extract_m3 (process 1/2): extracted 0, skipped 0 existing, failed 10" in proc.stderr, proc.stderr[-3000:]
+    assert len(list((tmp_path / "out").glob("*.npy"))) == 10
+
+
+def test_file_feature_is_the_combination_to_the_bit():
+    """One-window files take a numpy shortcut: the same rounding as combine_global / combine_positions."""
+    import numpy as np
+
+    from clamp2.extraction.core import file_feature, npy_bytes
+
+    generator = torch.Generator().manual_seed(0)
+    for length in (1, 7, 31, 32, 33, 70, 96):
+        windows = len(window_starts(length, 32))
+        outputs = [torch.randn(768, generator=generator) * 3 for _ in range(windows)]
+        expected = combine_global(torch.stack(outputs), length, 32).unsqueeze(0).numpy()
+        assert np.array_equal(file_feature(outputs, length, 32, per_position=False), expected)
+        states = [torch.randn(min(32, length), 8, generator=generator) for _ in range(windows)]
+        expected = combine_positions(states, length, 32).unsqueeze(0).numpy()
+        assert np.array_equal(file_feature(states, length, 32, per_position=True), expected)
+    # The saved bytes are np.save's, header and all.
+    import io
+
+    for array in (np.ones((1, 768), np.float32), np.arange(24, dtype=np.float32).reshape(1, 3, 8)):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        assert npy_bytes(array) == buffer.getvalue()
+        assert npy_bytes(array[:, ::-1]) == npy_bytes(np.ascontiguousarray(array[:, ::-1]))

@@ -32,3 +32,34 @@ def test_atomic_write_leaves_nothing_on_failure_and_normal_permissions(tmp_path)
     with pytest.raises(TypeError):
         atomic_write_text(target, None)
     assert target.read_bytes() == b"ok\r\n" and os.listdir(target.parent) == ["out.txt"]
+
+
+def test_atomic_writes_from_many_threads_into_new_folders(tmp_path):
+    """Extraction saves from writer threads: they race to create the same missing folders."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clamp2.files import atomic_write_bytes
+
+    import threading
+
+    threads, targets = 8, []
+    for folder in range(20):
+        batch = [tmp_path / f"a{folder}" / "b" / f"{i}.bin" for i in range(threads)]
+        start = threading.Barrier(threads, timeout=30)
+
+        def write(path, start=start):
+            start.wait()  # every thread finds the folder missing at once
+            atomic_write_bytes(path, path.name.encode())
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(write, batch))
+        targets += batch
+    assert all(path.read_bytes() == path.name.encode() for path in targets)
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(targets)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(os.stat(path).st_mode) for path in targets} == {0o666 & ~umask}
+    (tmp_path / "folder.bin").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder; pass a file path"):
+        atomic_write_bytes(tmp_path / "folder.bin", b"x")
+    assert os.listdir(tmp_path / "folder.bin") == [] and not list(tmp_path.glob(".folder.bin*"))

@@ -3,6 +3,7 @@
 import json
 import random
 
+import numpy as np
 import pytest
 
 from clamp2.patchilizer import M3Patchilizer, split_bars, truncate
@@ -128,3 +129,26 @@ def test_encode_truncation_head_and_random():
     assert len(seen) > 3  # head, tail and several middle windows are all drawn
     untouched = short.encode(text, add_special_patches=True)
     assert len(untouched) == 22
+
+
+def test_array_path_equals_the_per_character_ids(vectors):
+    """encode_array (bytes per patch) = patch_to_ids per patch, on real pieces and the cut/pad edges."""
+    texts = [path.read_text(encoding="utf-8") for path in sorted((vectors / "extract_in").rglob("*"))
+             if path.suffix in (".abc", ".mtf")]
+    assert len(texts) >= 4
+    texts += ["K:C\n" + "x" * n + "|\n" for n in (0, 60, 61, 62, 63, 100)] + ["", "T:Dvořák\nK:C\nabc|\n"]
+    for patch_size in (64, 16):
+        patchilizer = M3Patchilizer(patch_size=patch_size, patch_length=8)
+        for text in texts:
+            for special in (False, True):
+                strings = patchilizer.patch_strings(text)
+                if special:
+                    bos_patch, eos_patch = patchilizer.special_patch_strings()
+                    strings = [bos_patch, *strings, eos_patch]
+                expected = [patchilizer.patch_to_ids(p) for p in strings]
+                array = patchilizer.encode_array(text, add_special_patches=special)
+                assert array.dtype == np.uint8 and array.shape == (len(expected), patch_size)
+                assert array.tolist() == expected
+                assert patchilizer.encode(text, add_special_patches=special) == expected
+    # Code points past ASCII (not from patch_strings) keep the per-character ids.
+    assert P.patches_to_array(["é|"]).tolist() == [ids("é|")]

@@ -12,6 +12,7 @@ only after the next batch is queued, so copies and host work overlap the model's
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from ..files import atomic_path, find_files, input_problem, mirror_path, output_problem
+from ..distributed import prepare_end_barrier, wait_for_all_processes
+from ..files import atomic_path, atomic_write_bytes, find_files, input_problem, mirror_path, output_problem
 from ..patchilizer import M3Patchilizer, is_mtf
 
 TEXT_EXTENSIONS = (".txt",)
@@ -122,9 +124,8 @@ class MusicEncoder:
             text = text.replace("L:1/8\n", "")
         if not text:
             raise InputError("empty music file" + (" (after removing L:1/8)" if self.remove_unit_length else ""))
-        patches = self.patchilizer.encode(text, add_special_patches=True)
-        # uint8 halves nothing on the model side but makes the host→device copy 8× smaller.
-        return torch.tensor(patches, dtype=torch.uint8)
+        # uint8 (ASCII ids) changes nothing on the model side but makes the host→device copy 8× smaller.
+        return torch.from_numpy(self.patchilizer.encode_array(text, add_special_patches=True))
 
 
 class AudioEncoder:
@@ -224,21 +225,12 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
 
 # -- batched model runs --------------------------------------------------------------------------
 
-@dataclass
-class Window:
-    file_index: int
-    ids: torch.Tensor  # [n] text, [n, patch_size] music or [n, width] audio rows
-
-
 def pad_batch(windows: Sequence[torch.Tensor], pad_value: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest window; returns ids (or rows) and the 0/1 attention mask."""
-    longest = max(len(w) for w in windows)
-    shape = (len(windows), longest) + tuple(windows[0].shape[1:])
-    ids = torch.full(shape, pad_value, dtype=windows[0].dtype)
-    masks = torch.zeros(len(windows), longest, dtype=torch.long)
-    for i, w in enumerate(windows):
-        ids[i, : len(w)] = w
-        masks[i, : len(w)] = 1
+    # pad_sequence copies in C++: a token-budget batch holds hundreds of short windows.
+    ids = torch.nn.utils.rnn.pad_sequence(list(windows), batch_first=True, padding_value=pad_value)
+    lengths = torch.tensor([len(w) for w in windows])
+    masks = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
     return ids, masks
 
 
@@ -262,38 +254,16 @@ def plan_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int = 0)
     return batches
 
 
-def run_windows(windows: Sequence[torch.Tensor], forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                batch_size: int, pad_value: float, device: torch.device, per_position: bool,
-                dtype: torch.dtype = torch.long, batch_tokens: int = 0) -> List[torch.Tensor]:
-    """Model outputs of every window (float32, CPU), in input order, batched by similar length.
-
-    ``dtype`` is what the model takes: token/patch ids (long) or feature rows (float32). Batches
-    are :func:`plan_batches`'.
-    """
-    outputs: List[Optional[torch.Tensor]] = [None] * len(windows)
-    cuda = device.type == "cuda"
-
-    def collect(chunk, result):
-        result = result.float().cpu()
-        for row, i in enumerate(chunk):
-            outputs[i] = result[row, : len(windows[i])] if per_position else result[row]
-
-    queued = None
-    for chunk in plan_batches([len(w) for w in windows], batch_size, batch_tokens):
-        ids, masks = pad_batch([windows[i] for i in chunk], pad_value)
-        if cuda:
-            # Pinned pages let the copy run asynchronously, behind the previous batch's compute.
-            ids, masks = ids.pin_memory(), masks.pin_memory()
-        ids = ids.to(device, non_blocking=True).to(dtype)
-        masks = masks.to(device, non_blocking=True)
-        result = forward(ids, masks)
-        # Fetching waits for the GPU: fetch the previous batch now that this one is queued behind it.
-        if queued is not None:
-            collect(*queued)
-        queued = (chunk, result)
-    if queued is not None:
-        collect(*queued)
-    return outputs
+def launch_batch(windows: Sequence[torch.Tensor], forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 pad_value: float, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Pad ``windows`` into one batch, copy it to ``device`` and run ``forward``; on CUDA it returns queued."""
+    ids, masks = pad_batch(windows, pad_value)
+    if device.type == "cuda":
+        # Pinned pages let the copy run asynchronously, behind the previous batch's compute.
+        ids, masks = ids.pin_memory(), masks.pin_memory()
+    ids = ids.to(device, non_blocking=True).to(dtype)
+    masks = masks.to(device, non_blocking=True)
+    return forward(ids, masks)
 
 
 @dataclass
@@ -326,6 +296,14 @@ def compile_runners(runners: Dict[str, KindRunner], backend: str = "inductor") -
 
 
 def file_feature(outputs: Sequence[torch.Tensor], length: int, max_length: int, per_position: bool) -> np.ndarray:
+    """A file's ``[1, ...]`` float32 feature from its windows' outputs (:func:`combine_global` / ``_positions``)."""
+    if len(outputs) == 1:
+        # Most short pieces have one window: the same arithmetic in numpy, without torch's per-call cost.
+        feature = outputs[0].numpy()
+        if not per_position:
+            weight = np.float32(window_weights(length, max_length)[0])
+            feature = (feature * weight) / weight  # combine_global's rounding: the sum of one term is exact
+        return feature[np.newaxis].astype(np.float32, copy=False)
     if per_position:
         feature = combine_positions(outputs, length, max_length)
     else:
@@ -333,10 +311,103 @@ def file_feature(outputs: Sequence[torch.Tensor], length: int, max_length: int, 
     return feature.unsqueeze(0).numpy().astype(np.float32, copy=False)
 
 
+class _OpenFile:
+    """A file whose windows are in flight: their outputs so far, and how many are still to come."""
+
+    __slots__ = ("outputs", "remaining", "length", "max_length")
+
+    def __init__(self, windows: int, length: int, max_length: int):
+        self.outputs: List[Optional[torch.Tensor]] = [None] * windows
+        self.remaining = windows
+        self.length = length
+        self.max_length = max_length
+
+
+class WindowStream:
+    """Runs files' windows in batches as the files arrive; gives each file's feature once its windows are done.
+
+    :meth:`add` plans a group of files' windows (:func:`plan_batches`, per kind) and launches their
+    batches; a batch's outputs are fetched only after the next batch is launched, across groups
+    too, so on CUDA the device always has queued work while the host gathers outputs, pads the next
+    batch or takes the next chunk of files. :meth:`finish` fetches what is still queued. Both return
+    ``(index, feature, None)`` of the files completed, features as :func:`file_feature` gives them.
+    """
+
+    def __init__(self, runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
+                 batch_size: int = 16, batch_tokens: int = 0):
+        self.runners = runners
+        self.device = device
+        self.per_position = per_position
+        self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
+        self.open_files: Dict[int, _OpenFile] = {}
+        self.queued: Optional[Tuple[list, torch.Tensor]] = None
+
+    def add(self, encoded: Dict[int, torch.Tensor], kinds: Sequence[str]) -> List[Tuple[int, np.ndarray, None]]:
+        """Launch the windows of ``encoded`` (index → ids; ``kinds[index]`` its runner's key)."""
+        done: List[Tuple[int, np.ndarray, None]] = []
+        # Returned as a list, never yielded from inside: inference mode must not leak to a caller's generator.
+        with torch.inference_mode():
+            for kind, runner in self.runners.items():
+                windows = []  # (file index, window slot, ids)
+                for i, ids in encoded.items():
+                    if kinds[i] != kind:
+                        continue
+                    starts = window_starts(len(ids), runner.max_length)
+                    self.open_files[i] = _OpenFile(len(starts), len(ids), runner.max_length)
+                    windows += [(i, slot, ids[start:start + runner.max_length]) for slot, start in enumerate(starts)]
+                for batch in plan_batches([len(w[2]) for w in windows], self.batch_size, self.batch_tokens):
+                    members = [windows[j] for j in batch]
+                    result = launch_batch([w[2] for w in members], runner.forward, runner.pad_value, self.device,
+                                          runner.dtype)
+                    # Fetching waits for the device: fetch the previous batch now that this one is queued.
+                    if self.queued is not None:
+                        done += self._collect(*self.queued)
+                    self.queued = (members, result)
+        return done
+
+    def finish(self) -> List[Tuple[int, np.ndarray, None]]:
+        """Fetch the batch still queued; every file added so far is then complete."""
+        done: List[Tuple[int, np.ndarray, None]] = []
+        if self.queued is not None:
+            with torch.inference_mode():
+                done = self._collect(*self.queued)
+            self.queued = None
+        return done
+
+    def _collect(self, members: list, result: torch.Tensor) -> List[Tuple[int, np.ndarray, None]]:
+        result = result.float().cpu()
+        done = []
+        for row, (i, slot, ids) in enumerate(members):
+            open_file = self.open_files[i]
+            open_file.outputs[slot] = result[row, : len(ids)] if self.per_position else result[row]
+            open_file.remaining -= 1
+            if not open_file.remaining:
+                del self.open_files[i]
+                done.append((i, file_feature(open_file.outputs, open_file.length, open_file.max_length,
+                                             self.per_position), None))
+        return done
+
+
+_NPY_HEADERS: Dict[Tuple[Tuple[int, ...], str], bytes] = {}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The bytes ``np.save`` writes for ``array`` (a numeric array), with the header of each shape built once."""
+    array = np.ascontiguousarray(array)
+    key = (array.shape, array.dtype.str)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buffer, np.lib.format.header_data_from_array_1_0(array))
+        header = buffer.getvalue()
+        if len(_NPY_HEADERS) < 1024:  # per-position features come in every length: keep the cache small
+            _NPY_HEADERS[key] = header
+    return header + array.tobytes()
+
+
 def save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    atomic_write_bytes(path, npy_bytes(array))
 
 
 class _EncodeDataset(torch.utils.data.Dataset):
@@ -378,17 +449,21 @@ class ExtractResult:
 def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
                   batch_size: int = 16, files_per_chunk: int = 64, num_workers: int = 0,
                   batch_tokens: int = 0) -> Iterator[Tuple[int, Optional[np.ndarray], Optional[str]]]:
-    """``(index, feature, None)`` or ``(index, None, reason)`` for every source, a chunk of files at a time.
+    """``(index, feature, None)`` or ``(index, None, reason)`` for every source, in completion order.
 
     ``sources`` are :class:`Job` s or ``(kind, input)`` pairs; ``runners[kind].encode(input)`` gives the
-    ids. Features are ``[1, H]`` (global) or ``[1, L, H]`` (per position) float32, as saved in ``.npy``.
-    Batches: :func:`plan_batches` (``batch_size`` windows, or ``batch_tokens`` padded positions).
+    ids, in ``num_workers`` processes, ``files_per_chunk`` files at a time. Features are ``[1, H]``
+    (global) or ``[1, L, H]`` (per position) float32, as saved in ``.npy``. Batches: each chunk's
+    windows per :func:`plan_batches` (``batch_size`` windows, or ``batch_tokens`` padded positions),
+    run by a :class:`WindowStream`.
     """
     encoders = {kind: runner.encode for kind, runner in runners.items()}
     dataset = _EncodeDataset(sources, encoders)
+    kinds = [kind for kind, _ in dataset.sources]
     loader = torch.utils.data.DataLoader(dataset, batch_size=files_per_chunk, shuffle=False,
                                          num_workers=num_workers, collate_fn=_identity,
                                          persistent_workers=False, prefetch_factor=2 if num_workers else None)
+    stream = WindowStream(runners, device, per_position, batch_size, batch_tokens)
     for chunk in loader:
         encoded: Dict[int, torch.Tensor] = {}
         for index, ids, error in chunk:
@@ -396,40 +471,42 @@ def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: tor
                 yield index, None, error
             else:
                 encoded[index] = torch.from_numpy(ids)
-        # The model runs outside the generator's suspension points: inference mode must not leak to the caller.
-        yield from _chunk_features(encoded, [kind for kind, _ in dataset.sources], runners, device, per_position,
-                                   batch_size, batch_tokens)
+        yield from stream.add(encoded, kinds)
+    yield from stream.finish()
 
 
-def _chunk_features(encoded: Dict[int, torch.Tensor], kinds: Sequence[str], runners: Dict[str, KindRunner],
-                    device: torch.device, per_position: bool, batch_size: int,
-                    batch_tokens: int = 0) -> List[Tuple[int, np.ndarray, None]]:
-    features = []
-    with torch.inference_mode():
-        for kind, runner in runners.items():
-            members = [i for i in encoded if kinds[i] == kind]
-            if not members:
-                continue
-            windows: List[Window] = []
-            for i in members:
-                ids = encoded[i]
-                for start in window_starts(len(ids), runner.max_length):
-                    windows.append(Window(i, ids[start:start + runner.max_length]))
-            outputs = run_windows([w.ids for w in windows], runner.forward, batch_size, runner.pad_value,
-                                  device, per_position, dtype=runner.dtype, batch_tokens=batch_tokens)
-            per_file: Dict[int, List[torch.Tensor]] = {}
-            for window, output in zip(windows, outputs):
-                per_file.setdefault(window.file_index, []).append(output)
-            for i in members:
-                features.append((i, file_feature(per_file[i], len(encoded[i]), runner.max_length, per_position), None))
-    return features
+def default_writer_threads() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def _save_group(group: Sequence[Tuple[Job, np.ndarray]]) -> List[Optional[str]]:
+    """Save each feature of ``group``; per job None or why its file could not be written."""
+    errors: List[Optional[str]] = []
+    for job, feature in group:
+        try:
+            save_npy(job.output, feature)
+            errors.append(None)
+        except OSError as exc:
+            errors.append(f"cannot write {job.output}: {exc}")
+    return errors
 
 
 def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
                  batch_size: int = 16, files_per_chunk: int = 64, num_workers: int = 0,
                  on_file_done: Optional[Callable[[Job, Optional[str]], None]] = None,
-                 batch_tokens: int = 0) -> ExtractResult:
-    """Extract and save the feature of every job; a bad file is recorded and skipped, never fatal."""
+                 batch_tokens: int = 0, writer_threads: Optional[int] = None) -> ExtractResult:
+    """Extract and save the feature of every job; a bad file is recorded and skipped, never fatal.
+
+    Features are saved by ``writer_threads`` threads (default up to 4), a group of files at a time,
+    while the model runs: a file write is a few system calls that release the GIL, and thousands
+    of short files a second would otherwise spend more time in them than on the device. Each save
+    is atomic; an interrupted run waits for the saves in progress, so it never leaves a partial
+    ``.npy``. ``on_file_done`` is called in this thread, once per job, when its feature is on disk
+    or it has failed.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     result = ExtractResult()
 
     def done(job, error):
@@ -440,17 +517,37 @@ def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: to
         if on_file_done:
             on_file_done(job, error)
 
-    for index, feature, error in iter_features(jobs, runners, device, per_position, batch_size=batch_size,
-                                               files_per_chunk=files_per_chunk, num_workers=num_workers,
-                                               batch_tokens=batch_tokens):
-        job = jobs[index]
-        if error is None:
-            try:
-                save_npy(job.output, feature)
-            except OSError as exc:
-                error = f"cannot write {job.output}: {exc}"
-        done(job, error)
+    def settle(group, future):
+        for (job, _), error in zip(group, future.result()):
+            done(job, error)
+
+    threads = writer_threads or default_writer_threads()
+    saving: deque = deque()  # (group, future) in submission order
+    group: List[Tuple[Job, np.ndarray]] = []
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="save_npy") as pool:
+        for index, feature, error in iter_features(jobs, runners, device, per_position, batch_size=batch_size,
+                                                   files_per_chunk=files_per_chunk, num_workers=num_workers,
+                                                   batch_tokens=batch_tokens):
+            job = jobs[index]
+            if error is not None:
+                done(job, error)
+                continue
+            group.append((job, feature))
+            if len(group) >= SAVE_GROUP:
+                saving.append((group, pool.submit(_save_group, group)))
+                group = []
+            # Report finished saves as they come; bound the features held in memory.
+            while saving and (saving[0][1].done() or len(saving) * SAVE_GROUP > 4 * files_per_chunk):
+                settle(*saving.popleft())
+        if group:
+            saving.append((group, pool.submit(_save_group, group)))
+        while saving:
+            settle(*saving.popleft())
     return result
+
+
+# Files per writer task: fewer thread hand-offs than one per file, yet the progress bar moves smoothly.
+SAVE_GROUP = 16
 
 
 def skip_existing(jobs: Sequence[Job]) -> Tuple[List[Job], List[Path]]:
@@ -481,6 +578,7 @@ def process_state(device_arg: Optional[str]):
         raise RuntimeError(f"launched with WORLD_SIZE={world_size} but accelerate set up a single process; "
                            "launch with `accelerate launch` or `torchrun`, or pass --device cpu")
     device = torch.device(device_arg) if device_arg else state.device
+    prepare_end_barrier()
     return state, device
 
 
@@ -628,4 +726,5 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     where = f" (process {process_index}/{num_processes})" if num_processes > 1 else ""
     print(f"{tool}{where}: extracted {result.written}, skipped {len(skipped)} existing, failed {len(failures)}"
           + (f" (see {log})" if log else ""), file=sys.stderr)
+    wait_for_all_processes()  # a process that exits 1 first must not make torchrun stop the others
     return 1 if failures else 0

@@ -183,9 +183,9 @@ class M3Dataset(Dataset):
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         stream, epoch = ("train", self.epoch) if self.training else ("eval", 0)
         rng = sample_rng(self.seed, stream, epoch, index)
-        patches = self.patchilizer.encode(read_music(self.paths[index]), add_special_patches=True,
-                                          truncate_patches=True, random_truncate=self.training, rng=rng)
-        target = torch.tensor(patches, dtype=torch.long)
+        patches = self.patchilizer.encode_array(read_music(self.paths[index]), add_special_patches=True,
+                                                truncate_patches=True, random_truncate=self.training, rng=rng)
+        target = torch.from_numpy(patches).long()
         inputs, selected = corrupt_patches(target, self.mask_ratio, self.training, rng)
         return {"input_patches": inputs, "input_masks": torch.ones(len(target)), "selected_indices": selected,
                 "target_patches": target}
@@ -431,9 +431,9 @@ class SymbolicMusic:
         music = read_music(path)
         if training and rng.random() < INSTRUMENT_REMOVAL_PROB:
             music = remove_instrument_info(music)
-        patches = self.patchilizer.encode(music, add_special_patches=True, truncate_patches=True,
-                                          random_truncate=training, rng=rng)
-        return torch.tensor(patches, dtype=torch.long)
+        patches = self.patchilizer.encode_array(music, add_special_patches=True, truncate_patches=True,
+                                                random_truncate=training, rng=rng)
+        return torch.from_numpy(patches).long()
 
 
 def audio_array_problem(path: Path, width: int) -> Optional[str]:
