@@ -26,6 +26,13 @@ def check_attention(implementation: str) -> str:
     return implementation
 
 
+def add_attention_argument(parser) -> None:
+    """``--attention sdpa|eager`` of the extraction scripts (applied with :func:`set_attention`)."""
+    parser.add_argument("--attention", choices=ATTN_IMPLEMENTATIONS, default=ATTN_IMPLEMENTATION,
+                        help="attention kernel: sdpa (PyTorch's fused kernels, default) or eager (the original's "
+                             "written-out softmax; same features in fp32 up to ~5e-7)")
+
+
 def set_attention(model, implementation: str):
     """Switch every transformers model inside ``model`` (an ``nn.Module``) to ``implementation``; returns ``model``.
 

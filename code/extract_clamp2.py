@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from clamp2.attention import set_attention
 from clamp2.checkpoint import load_model_weights
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.extraction.core import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     try:
         state, device = process_state(args.device)
         model, tokenizer = build_clamp2(cfg, weights, args.text_model or cfg.TEXT_MODEL_NAME, device)
+        set_attention(model, args.attention)
         precision = autocast_context(device, args.dtype)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from clamp2.attention import set_attention
 from clamp2.checkpoint import load_clamp3_weights, loaded_message
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.configuration import CLAMP3_VARIANTS, clamp3_weights_name, epoch_weights_path
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
         state, device = process_state(args.device)
         model, tokenizer, checkpoint = build_clamp3(cfg, weights, args.text_model or cfg.TEXT_MODEL_NAME, device,
                                                     args.epoch)
+        set_attention(model, args.attention)
         precision = autocast_context(device, args.dtype)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

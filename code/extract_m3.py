@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from clamp2.attention import set_attention
 from clamp2.checkpoint import load_model_weights
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.extraction.core import (KindRunner, MusicEncoder, add_common_arguments, autocast_context,
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     try:
         state, device = process_state(args.device)
         encoder = build_m3_encoder(cfg, args.weights or Path(cfg.M3_WEIGHTS_PATH), device)
+        set_attention(encoder, args.attention)
         precision = autocast_context(device, args.dtype)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

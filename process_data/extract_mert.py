@@ -27,6 +27,7 @@ from pathlib import Path
 
 
 def parse_args(argv=None):
+    from clamp2.attention import add_attention_argument
     from clamp2.cli import ArgumentParser
     from clamp2.extraction.core import check_extraction_arguments, default_workers
 
@@ -43,6 +44,7 @@ def parse_args(argv=None):
                         help="write [13, n, 768] (every hidden state) instead of the layer mean; CLaMP 3 cannot read it")
     parser.add_argument("--num_workers", type=int, default=default_workers(),
                         help="processes that decode and resample files ahead of the model (0: in the main process)")
+    add_attention_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="recompute features that already exist")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -52,6 +54,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from clamp2.attention import set_attention
     from clamp2.checkpoint import CheckpointError
     from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
     from clamp2.distributed import wait_for_all_processes
@@ -69,7 +72,8 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     try:
         state, device = process_state(args.device)
-        extractor = MertFeatureExtractor(load_mert(args.model, device), device, args.dtype, args.batch_size,
+        extractor = MertFeatureExtractor(set_attention(load_mert(args.model, device), args.attention), device, args.dtype,
+                                         args.batch_size,
                                          all_layers=args.all_layers)
     except (OSError, RuntimeError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -63,6 +63,31 @@ def test_m3_reproduces_reference(tiny_env, vectors, tmp_path, extract_m3):
     compare_tree(vectors / "expected" / "feat_m3", out)
 
 
+@pytest.mark.parametrize("script", ["m3", "clamp2"])
+def test_eager_attention_flag_gives_the_reference_features(tiny_env, vectors, tmp_path, extract_m3, extract_clamp2,
+                                                           monkeypatch, script):
+    """--attention eager (the original's kernel) reaches every transformer and gives the same features."""
+    from clamp2.attention import attention_of, set_attention
+
+    module = extract_m3 if script == "m3" else extract_clamp2
+    kernels = []
+
+    def spy(model, implementation):
+        kernels.append(attention_of(set_attention(model, implementation)))
+        return model
+
+    monkeypatch.setattr(module, "set_attention", spy)
+    out = tmp_path / "out"
+    if script == "m3":
+        args = [str(vectors / "extract_in"), str(out), "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0",
+                "--no_progress", "--attention", "eager"]
+    else:
+        args = clamp2_args(vectors, vectors / "extract_in", out, "--normalize", "--attention", "eager")
+    assert module.main(args) == 0
+    assert kernels == [{"eager"}]
+    compare_tree(vectors / "expected" / ("feat_m3" if script == "m3" else "feat_clamp2_global"), out)
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_features_do_not_depend_on_batching(tiny_env, vectors, tmp_path, extract_clamp2, normalize):
     # The inputs include music longer than PATCH_LENGTH (420 patches vs 32) and texts longer than

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
+from ..attention import add_attention_argument
 from ..distributed import prepare_end_barrier, wait_for_all_processes
 from ..files import atomic_path, atomic_write_bytes, find_files, input_problem, mirror_path, output_problem
 from ..patchilizer import M3Patchilizer, is_mtf
@@ -637,6 +638,7 @@ def add_common_arguments(parser) -> None:
                              "Same features")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="compute precision; bf16/fp16 need CUDA (default fp32, exact)")
+    add_attention_argument(parser)
     parser.add_argument("--compile", action="store_true",
                         help="run the encoders through torch.compile (the first batches pay tens of seconds of "
                              "compilation; for long GPU runs). Same features up to rounding")
