@@ -16,8 +16,9 @@ the M3 per-position path (extract_m3) and the CLaMP 2 global music path (extract
 against the reference's scheme: one window at a time, every window padded to PATCH_LENGTH.
 
 Each line: files/s, windows/s, the share of computed positions that are padding, the model's
-TFLOP/s counted from the real (unpadded) window lengths (the M3 patch embedding, the encoder's
-24·L·h² + 4·L²·h per layer, the projection; padding is not useful work) and on CUDA the MFU against
+TFLOP/s counted from the real (unpadded) window lengths (the M3 patch embedding, a lookup's
+additions under bf16/fp16, the encoder's 24·L·h² + 4·L²·h per layer, the projection; padding is
+not useful work) and on CUDA the MFU against
 --peak_tflops (default by device name: H100/H200 989 bf16, 67 fp32), and the exactness check: the
 largest difference and the smallest cosine of every file's feature against the first fp32 run of
 that path (the per-window batches of --batch_sizes' first value).
@@ -83,13 +84,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def real_flops(lengths, dims: M3Dims, per_position: bool) -> float:
-    """Forward FLOPs of every window at its real length: patch embedding, encoder, (global) projection."""
+def real_flops(lengths, dims: M3Dims, per_position: bool, lookup: bool = False) -> float:
+    """Forward FLOPs of every window at its real length: patch embedding, encoder, (global) projection.
+
+    Under autocast the patch embedding is a lookup (M3PatchEncoder.embed_by_lookup): its additions
+    are counted, not the one-hot matmul it replaces.
+    """
     total = 0.0
     for n in lengths:
         for start in window_starts(n, dims.patch_length):
             length = min(dims.patch_length, n - start)
-            total += 2.0 * length * NUM_CLASSES * dims.patch_size * dims.hidden_size
+            embedding = dims.patch_size if lookup else 2.0 * NUM_CLASSES * dims.patch_size
+            total += length * embedding * dims.hidden_size
             total += transformer_flops(1, length, dims.hidden_size, dims.patch_num_layers)
             total += 0 if per_position else 2.0 * dims.hidden_size * 768
     return total
@@ -189,8 +195,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         references = {}
         for per_position, name in ((True, "extract_m3 (per-position)"), (False, "extract_clamp2 --normalize (music)")):
-            flops = real_flops(lengths, dims, per_position)
             for dtype in args.dtypes:
+                flops = real_flops(lengths, dims, per_position, lookup=dtype != "fp32")
                 precision = autocast_context(device, dtype)
 
                 def forward(ids, masks, per_position=per_position, precision=precision):

@@ -7,7 +7,7 @@ from transformers import AutoModel, XLMRobertaConfig
 
 from clamp2.checkpoint import load_model_weights
 from clamp2.models.clamp2 import CLaMP2Model
-from clamp2.models.m3 import M3Dims, M3Model
+from clamp2.models.m3 import M3Dims, M3Model, M3PatchEncoder, one_hot_patches
 from clamp2.models.common import masked_mean
 from clamp2.patchilizer import M3Patchilizer
 from conftest import SPEC_DIR
@@ -122,6 +122,28 @@ def test_training_patch_embedding_lookup_equals_the_one_hot_linear(vectors):
         states = encoder.eval()(patches, torch.ones(1, 32))
         expected = encoder.base(inputs_embeds=encoder.patch_embedding(one_hot), attention_mask=torch.ones(1, 32))
     assert torch.equal(states, expected.last_hidden_state)
+
+
+def test_autocast_inference_embeds_by_lookup_in_fp32(vectors, monkeypatch):
+    """bf16 extraction: the lookup keeps the patch embedding in fp32, closer to fp32 than a bf16 one-hot Linear."""
+    model = M3Model(TINY)
+    load_model_weights(model, vectors / "tiny_m3.pth")
+    encoder = model.encoder.eval()
+    text = (vectors / "extract_in/abc/bwv10.7.abc").read_text(encoding="utf-8")
+    patches = torch.tensor(M3Patchilizer(64, 32).encode(text, add_special_patches=True))[None, :32]
+    masks = torch.ones(1, 32)
+    with torch.inference_mode():
+        exact = encoder(patches, masks)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lookup = encoder(patches, masks).float()
+        monkeypatch.setattr(M3PatchEncoder, "embed_by_lookup", lambda self, ids: self.patch_embedding(
+            one_hot_patches(ids, self.dims.patch_size, torch.float32)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            one_hot = encoder(patches, masks).float()
+    error_lookup = (lookup - exact).abs().max().item()
+    error_one_hot = (one_hot - exact).abs().max().item()
+    assert error_lookup < error_one_hot, (error_lookup, error_one_hot)
+    assert torch.nn.functional.cosine_similarity(lookup, exact, dim=-1).min() > 0.999
 
 
 def test_token_decoder_gelu_is_gpt2s_gelu_new():
