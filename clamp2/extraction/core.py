@@ -301,7 +301,9 @@ def file_feature(outputs: Sequence[torch.Tensor], length: int, max_length: int, 
     if len(outputs) == 1:
         # Most short pieces have one window: the same arithmetic in numpy, without torch's per-call cost.
         feature = outputs[0].numpy()
-        if not per_position:
+        if per_position:
+            feature = feature.copy()  # a view of the whole padded batch otherwise: keep only this file's rows
+        else:
             weight = np.float32(window_weights(length, max_length)[0])
             feature = (feature * weight) / weight  # combine_global's rounding: the sum of one term is exact
         return feature[np.newaxis].astype(np.float32, copy=False)
