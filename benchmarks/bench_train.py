@@ -15,7 +15,9 @@ scaling for fp16). Models start from seeded random weights (no downloads; the te
 XLM-R's shape, the tokenizer is the tests' tiny one), so the loss after ``--warmup + --steps``
 steps is a fingerprint: the same on every run of one machine and precision. Each line gives the
 median step time (on the CPU also samples per CPU-second of the process, steadier than wall time
-on a shared machine).
+on a shared machine), and ``data``: the samples per second one DataLoader worker makes (the
+batches are made in this process, as a worker makes them) and so how many workers
+(``--num_workers``) keep the device fed.
 
 Variants (``--variants``): ``m3`` and ``clamp2`` train as the trainers do now (fused AdamW; M3's
 decoder over length groups; patches embedded by column lookup; CLaMP 2 batches padded to their
@@ -142,8 +144,13 @@ def build_data(folder: Path, scores: int) -> Path:
     return jsonl
 
 
-def batches_of(dataset, collate, batch_size: int, count: int) -> list:
-    """``count`` batches of the first epochs, as one process of the trainer draws them."""
+def batches_of(dataset, collate, batch_size: int, count: int) -> tuple:
+    """``count`` batches of the first epochs, as one process of the trainer draws them, and the seconds taken.
+
+    They are made in this process exactly as one DataLoader worker makes them (read, tokenize,
+    corrupt or drop text, collate), so ``count * batch_size / seconds`` is one worker's rate.
+    """
+    started = time.perf_counter()
     if len(dataset) < batch_size:
         sys.exit(f"error: {len(dataset)} samples, fewer than one batch of {batch_size}: raise --scores")
     sampler = TrainBatches(len(dataset), batch_size, seed=42)
@@ -153,8 +160,11 @@ def batches_of(dataset, collate, batch_size: int, count: int) -> list:
         sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        batches.extend(collate([dataset[i] for i in indices]) for indices in sampler)
-    return batches[:count]
+        for indices in sampler:
+            batches.append(collate([dataset[i] for i in indices]))
+            if len(batches) == count:
+                break
+    return batches[:count], time.perf_counter() - started
 
 
 def audio_pairs(pairs: list, folder: Path, width: int) -> list:
@@ -306,7 +316,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
     if task == "m3":
         batch_size = args.m3_batch or (config.m3_batch_cuda if cuda else config.m3_batch)
         dataset = M3Dataset(repeated(data["music"], batch_size), patchilizer, 0.45, training=True)
-        batches = batches_of(dataset, collate_m3, batch_size, count)
+        batches, load_seconds = batches_of(dataset, collate_m3, batch_size, count)
         model, loss_fn = M3Model(config.dims), m3_loss
         if "-" in variant:
             decode_full_length(model.decoder)
@@ -326,7 +336,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
                                    training=True, train_text=clamp3_training_text)
         collate = TextMusicCollator(tokenizer.pad_token_id, config.max_text_length, length, size,
                                     pad_to_longest="-" not in variant, music_pad=music.pad_value)
-        batches = batches_of(dataset, collate, batch_size, count)
+        batches, load_seconds = batches_of(dataset, collate, batch_size, count)
         model = CLaMP3Model(text_encoder(config), config.dims, config.audio, config.clamp2_hidden)
         for module in frozen_modules(modality, False):
             getattr(model, module).requires_grad_(False)
@@ -339,7 +349,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
                                    training=True)
         collate = TextMusicCollator(tokenizer.pad_token_id, config.max_text_length, config.dims.patch_length,
                                     config.dims.patch_size, pad_to_longest="-" not in variant)
-        batches = batches_of(dataset, collate, batch_size, count)
+        batches, load_seconds = batches_of(dataset, collate, batch_size, count)
         model, loss_fn = CLaMP2Model(text_encoder(config), config.dims, config.clamp2_hidden), ContrastiveStep(1.0)
         flops = [clamp2_train_flops(b, config, lookup) for b in batches]
     if not lookup:
@@ -360,6 +370,9 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
             torch.cuda.empty_cache()
     line = (f"{label}  {batch_size / seconds:9.2f} samples/s  {seconds * 1000:9.1f} ms/step  "
             f"loss after {count} steps {loss:.6f}")
+    # One loading worker's rate against the step's: how many DataLoader workers keep the device fed.
+    loaded = count * batch_size / load_seconds
+    line += f"  data {loaded:8.1f} samples/s per worker (≥ {math.ceil(batch_size / seconds / loaded)} to keep pace)"
     if not cuda:
         # Per CPU-second of this process: what the step costs, steadier than wall time on a shared machine.
         line += f"  {batch_size / cpu_seconds:9.2f} samples/CPU-s"

@@ -385,3 +385,26 @@ def test_compile_flag_compiles_the_transformers_in_place(tiny_env, tmp_path, cor
     (train_a, eval_a), (train_b, eval_b) = log_losses(plain.with_name("logs_t.txt")), log_losses(compiled.with_name(
         "logs_t.txt"))
     assert train_b == pytest.approx(train_a, rel=1e-5) and eval_b == pytest.approx(eval_a, rel=1e-5)
+
+
+def test_loader_workers_default_to_some_on_cuda_and_none_on_the_cpu(monkeypatch):
+    """One worker makes ~300 samples/s at config.py's sizes: a GPU needs several, a CPU run none."""
+    import dataclasses
+
+    from clamp2.distributed import DistInfo
+    from clamp2.training.loop import CUDA_LOADER_WORKERS, TrainSettings, training_workers
+
+    fields = {f.name: None for f in dataclasses.fields(TrainSettings) if f.default is dataclasses.MISSING
+              and f.default_factory is dataclasses.MISSING}
+    settings = TrainSettings(**fields)
+    assert settings.num_workers is None
+    cpu, cuda = DistInfo(device=torch.device("cpu")), DistInfo(device=torch.device("cuda"))
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert training_workers(settings, cpu) == 0
+    assert training_workers(settings, cuda) == CUDA_LOADER_WORKERS == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks share the node's 64 cores: 7 each, one kept free
+    assert training_workers(settings, cuda) == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert training_workers(settings, cuda) == 1
+    assert training_workers(dataclasses.replace(settings, num_workers=3), cpu) == 3

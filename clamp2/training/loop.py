@@ -57,7 +57,7 @@ from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
 from ..files import atomic_path
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
-                           gather_objects, seed_everything)
+                           env_int, gather_objects, seed_everything)
 from ..models.common import compile_transformers, count_parameters
 from ..progress import progress_bar
 from .data import DataError, EvalBatches, TrainBatches
@@ -89,7 +89,7 @@ class TrainSettings:
     deterministic: bool = True
     seed: int = BASE_SEED
     precision: str = "fp16"  # on CUDA: fp16 = AMP + gradient scaling (the reference), bf16, or fp32
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # None: training_workers() (loader processes on CUDA, none on the CPU)
     max_steps_per_epoch: int = 0  # 0: whole epochs; N: stop each epoch after N optimizer steps
     wandb: bool = False
     progress: bool = True
@@ -150,9 +150,10 @@ def add_training_arguments(parser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16",
                         help="on CUDA: fp16 = AMP with gradient scaling (default, the reference), bf16 autocast, "
                              "or fp32; the CPU always trains in fp32")
-    parser.add_argument("--num_workers", type=int, default=0,
-                        help="data-loader worker processes per rank (0); they stay up across epochs and keep "
-                             f"{PREFETCH_BATCHES} batches each ready")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="data-loader worker processes per rank; they stay up across epochs and keep "
+                             f"{PREFETCH_BATCHES} batches each ready (default: up to {CUDA_LOADER_WORKERS} on CUDA, as "
+                             "the node's cores allow; 0 on the CPU). Same training with any number")
     parser.add_argument("--compile", action="store_true",
                         help="run the encoders and decoders through torch.compile (the first steps pay the "
                              "compilation; for long GPU runs). Same training up to rounding")
@@ -430,10 +431,27 @@ def check_data_sizes(task: TrainTask, settings: TrainSettings, world_size: int) 
                     f"({settings.batch_size} per process × {plural(world_size, 'process', 'es')}): {hint}")
 
 
+# Loader workers per rank on CUDA by default: one worker makes ~300 samples/s of CLaMP 2 or M3 at
+# config.py's sizes (benchmarks/bench_train.py's data column), and an H200 trains ~1,000 a second.
+CUDA_LOADER_WORKERS = 4
+
+
+def training_workers(settings: TrainSettings, dist_info: DistInfo) -> int:
+    """``--num_workers``, or by default: none on the CPU (the workers would take the cores the model
+    uses), up to CUDA_LOADER_WORKERS per rank on CUDA, leaving each rank of the node a core."""
+    if settings.num_workers is not None:
+        return settings.num_workers
+    if dist_info.device.type != "cuda":
+        return 0
+    ranks_here = max(1, env_int("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(CUDA_LOADER_WORKERS, (os.cpu_count() or 1) // ranks_here - 1))
+
+
 def loader_options(settings: TrainSettings, dist_info: DistInfo) -> Dict[str, Any]:
     """Worker processes that persist across epochs and prefetch; pinned batches on CUDA (copied asynchronously)."""
-    options: Dict[str, Any] = {"num_workers": settings.num_workers, "pin_memory": dist_info.device.type == "cuda"}
-    if settings.num_workers:
+    workers = training_workers(settings, dist_info)
+    options: Dict[str, Any] = {"num_workers": workers, "pin_memory": dist_info.device.type == "cuda"}
+    if workers:
         # Workers are forked processes: the tokenizer's own thread pool must not be used across the fork.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # Persistent workers keep their copy of the data set: the epoch reaches it with each index
