@@ -114,20 +114,27 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; pass a file path")
+def _temporary_next_to(path: Path) -> Iterator[tuple[int, Path]]:
+    """(descriptor, path) of a new temporary file; renamed to ``path`` on success, deleted on failure."""
     fd, tmp_path = _open_temporary(path)
-    os.close(fd)
     try:
-        yield tmp_path
+        yield fd, tmp_path
         _replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; pass a file path")
+    with _temporary_next_to(path) as (fd, tmp_path):
+        os.close(fd)
+        yield tmp_path
 
 
 def remove_partial_files(path: str | os.PathLike) -> int:
@@ -150,13 +157,6 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: three system calls and a rename (hot in extraction)."""
-    path = Path(path)
-    fd, tmp = _open_temporary(path)
-    try:
+    with _temporary_next_to(Path(path)) as (fd, _):
         with open(fd, "wb", closefd=True) as f:
             f.write(data)
-        _replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise

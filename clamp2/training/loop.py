@@ -516,8 +516,7 @@ class EpochDataset(Dataset):
 
     def __getitem__(self, item):
         epoch, index = item
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
+        self.set_epoch(epoch)
         return self.dataset[index]
 
     def set_epoch(self, epoch: int) -> None:
