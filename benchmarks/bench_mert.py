@@ -2,9 +2,11 @@
 
     python benchmarks/bench_mert.py [--size full|tiny] [--files 4] [--seconds 30] [--batch_size 8]
                                     [--device cpu|cuda] [--dtypes fp32 bf16] [--peak_tflops T]
-                                    [--attention sdpa|eager] [--compile]
+                                    [--attention sdpa|eager] [--compile] [--audio chorales|synthetic]
 
-Renders --files music21 corpus chorales to 44.1 kHz stereo WAV (once, cached in --data), then times,
+Renders --files music21 corpus chorales to 44.1 kHz stereo WAV (once, cached in --data; ``--audio
+synthetic`` writes seeded tones instead, for a machine without music21: decoding and the model cost
+the same whatever the samples are), then times,
 in the same run and on the same files, end to end from the audio files (decoding and resampling
 included):
 - batched: this project's driver (MertFeatureExtractor.iter_files): full windows of many files
@@ -51,22 +53,41 @@ def parse_args(argv=None):
     parser.add_argument("--skip_reference", action="store_true")
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                         help="attention kernel (clamp2.attention; default sdpa, as extraction uses)")
+    parser.add_argument("--audio", choices=("chorales", "synthetic"), default="chorales",
+                        help="what the WAV files hold: music21's chorales rendered with a SoundFont, or seeded "
+                             "tones (no music21 needed; the timing does not depend on the samples)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the batched driver with the model through torch.compile (compilation untimed)")
     return parser.parse_args(argv)
 
 
-def audio_files(folder: Path, count: int, seconds: float) -> list:
-    from clamp2.quickstart.audio_render import corpus_midi, synthesize_midi, write_audio
+def synthetic_piece(index: int, sample_rate: int) -> np.ndarray:
+    """Eight seconds of seeded stereo tones, a new pitch every half second (``[frames, 2]`` float32)."""
+    rng = np.random.default_rng(index)
+    times = np.arange(int(0.5 * sample_rate)) / sample_rate
+    notes = []
+    for frequency in 110.0 * 2 ** (rng.integers(0, 36, size=16) / 12):
+        note = sum(np.sin(2 * np.pi * k * frequency * times) / k for k in (1, 2, 3)) * np.exp(-3 * times)
+        notes.append(note)
+    mono = np.concatenate(notes).astype(np.float32)
+    return np.stack([mono, np.roll(mono, sample_rate // 100)], axis=1)
+
+
+def audio_files(folder: Path, count: int, seconds: float, source: str = "chorales") -> list:
+    from clamp2.quickstart.audio_render import write_audio
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        name = CHORALES[i % len(CHORALES)]
+        name = CHORALES[i % len(CHORALES)] if source == "chorales" else f"tones{i % len(CHORALES)}"
         path = folder / f"{i:03d}_{name.replace('/', '_')}_{seconds:g}s.wav"
         if not path.exists():
-            midi = corpus_midi(name, folder / (name.replace("/", "_") + ".mid"))
-            piece = synthesize_midi(midi, 44100)
+            if source == "chorales":
+                from clamp2.quickstart.audio_render import corpus_midi, synthesize_midi
+
+                piece = synthesize_midi(corpus_midi(name, folder / (name.replace("/", "_") + ".mid")), 44100)
+            else:
+                piece = synthetic_piece(i % len(CHORALES), 44100)
             frames = int(seconds * 44100)
             looped = np.tile(piece, (frames // len(piece) + 1, 1))[:frames]
             write_audio(path, looped * np.float32(0.7 / max(np.abs(looped).max(), 1e-9)), 44100)
@@ -102,7 +123,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    paths = audio_files(args.data, args.files, args.seconds)
+    paths = audio_files(args.data, args.files, args.seconds, args.audio)
     bounds = [load_windows(p)[1] for p in paths]
     audio_seconds = sum(e - s for b in bounds for s, e in b) / MERT_SAMPLE_RATE
     windows = sum(len(b) for b in bounds)
