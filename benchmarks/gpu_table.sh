@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_table.sh [LOG]        # LOG: default gpu_table.log; every bench's lines go there
 #
 # Environment:
-#   PYTHON        interpreter (default: python, else python3)
-#   STEPS         the steps to run, in order (default: all): attention train extract tunes clamp3 mert
+#   PYTHON        interpreter (default: python3, else python)
+#   STEPS         the steps to run, in order (default: all): attention train extract tunes clamp3 mert profile
 #   COMPILE=1     adds the --compile runs (training, extraction, MERT)
 #   SMOKE=1       the same steps on the CPU at tiny sizes, seconds each: proves the script and every bench's
 #                 arguments before device time is spent (tests/test_gpu_table.py runs it)
@@ -19,9 +19,9 @@
 # fp32; bf16 cosine), and each bench_extract line compares its features with the first fp32 run of its path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 LOG=${1:-gpu_table.log}
-STEPS=${STEPS:-attention train extract tunes clamp3 mert}
+STEPS=${STEPS-attention train extract tunes clamp3 mert profile}
 SMOKE=${SMOKE:-0}
 CACHE=${CACHE:-/tmp}
 KIT=${KIT:-benchmarks/.kit}
@@ -121,6 +121,17 @@ if wants mert; then
   else
     run "$PYTHON" benchmarks/bench_mert.py --device cuda --size full --files 8 --seconds 60 --batch_size 32 \
         --dtypes fp32 bf16 --skip_reference --audio "$MERT_AUDIO" --data "$AUDIO_DATA" $COMPILE_FLAG
+  fi
+fi
+
+if wants profile; then
+  # Where a training step's time goes (torch.profiler, CPU and CUDA): the evidence for the next MFU change.
+  if [ "$SMOKE" = 1 ]; then
+    run "$PYTHON" benchmarks/bench_train.py --device cpu --configs small --variants m3 --steps 1 --warmup 1 \
+        --threads 2 --scores 6 --data "$TRAIN_DATA" --profile
+  else
+    run "$PYTHON" benchmarks/bench_train.py --device cuda --precision bf16 --variants m3 clamp2 --steps 3 --warmup 3 \
+        --data "$TRAIN_DATA" --profile
   fi
 fi
 
