@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/performance.md in one run (an H200 needs about 6–9 minutes; see docs/performance.md).
+# The GPU rows of docs/performance.md in one run (about 6 minutes on an H200, estimated: docs/performance.md).
 #
 #   bash benchmarks/gpu_table.sh [LOG]        # LOG: default gpu_table.log; every bench's lines go there
 #
@@ -51,10 +51,8 @@ TUNES=${ABC_TUNES_DIR:-$CACHE/abc_tunes}
 MERT_AUDIO=$("$PYTHON" -c "import music21" 2>/dev/null && echo chorales || echo synthetic)
 
 if [ "$SMOKE" = 1 ]; then
-  DEVICE=cpu
   say "smoke run on the CPU at tiny sizes: $("$PYTHON" -c "import torch; print('torch', torch.__version__)")"
 else
-  DEVICE=cuda
   "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
   "$PYTHON" -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|tokenizers|huggingface.hub|accelerate|numpy) " | tee -a "$LOG" || true
 fi
