@@ -98,15 +98,21 @@ def main(argv=None) -> int:
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    if not args.no_wheels:
-        download_wheels(args.out / "wheels", args.python_version)
-    if not args.no_data:
-        with tempfile.TemporaryDirectory() as scratch:
-            build_caches(Path(scratch), args.tunes)
-            with tarfile.open(args.out / "data.tgz.tmp", "w:gz") as archive:
-                for name in ("clamp2_bench_train", "clamp2_bench_music", "abc_tunes"):
-                    archive.add(Path(scratch) / name, arcname=name)
-            (args.out / "data.tgz.tmp").rename(args.out / "data.tgz")
+    try:
+        if not args.no_wheels:
+            download_wheels(args.out / "wheels", args.python_version)
+        if not args.no_data:
+            with tempfile.TemporaryDirectory() as scratch:
+                build_caches(Path(scratch), args.tunes)
+                with tarfile.open(args.out / "data.tgz.tmp", "w:gz") as archive:
+                    for name in ("clamp2_bench_train", "clamp2_bench_music", "abc_tunes"):
+                        archive.add(Path(scratch) / name, arcname=name)
+                (args.out / "data.tgz.tmp").rename(args.out / "data.tgz")
+    except subprocess.CalledProcessError as error:
+        # The step printed its own reason above (pip: no network or no such wheel; a bench: music21 missing).
+        print(f"gpu_kit: error: {' '.join(map(str, error.cmd[1:4]))} ... failed (exit {error.returncode}); "
+              f"the kit in {args.out} is incomplete", file=sys.stderr)
+        return 1
     files = [path for path in args.out.rglob("*") if path.is_file()]
     size = sum(path.stat().st_size for path in files)
     print(f"gpu_kit: {len(files)} files, {size / 2**20:.1f} MiB in {args.out}; on the GPU machine: "

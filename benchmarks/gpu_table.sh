@@ -11,7 +11,7 @@
 #                 arguments before device time is spent (tests/test_gpu_table.py runs it)
 #   STEP_TIMEOUT  seconds per step (default 240); a step that fails or times out is reported and the rest run
 #   CACHE         where the benches' corpus caches live (default /tmp)
-#   KIT           offline kit made by benchmarks/gpu_kit.py (default benchmarks/.kit). When it exists, its wheels
+#   KIT           offline kit made by benchmarks/gpu_kit.py (default benchmarks/.kit; none with SMOKE=1). When it exists, its wheels
 #                 are installed into a private folder put first on PYTHONPATH, with the repository itself, and its
 #                 caches are unpacked into CACHE: a GPU node without internet and without music21 runs every step.
 #
@@ -24,14 +24,15 @@ LOG=${1:-gpu_table.log}
 STEPS=${STEPS-attention train extract tunes clamp3 mert profile}
 SMOKE=${SMOKE:-0}
 CACHE=${CACHE:-/tmp}
-KIT=${KIT:-benchmarks/.kit}
+# A smoke run uses a kit only when KIT names one: the default kit holds the GPU machine's wheels (Python 3.12).
+KIT=${KIT:-$([ "$SMOKE" = 1 ] || echo benchmarks/.kit)}
 COMPILE_FLAG=$([ "${COMPILE:-0}" = 1 ] && echo --compile || true)
 : > "$LOG"
 say() { echo "$*" | tee -a "$LOG"; }
 run() { say "== $*"; timeout "${STEP_TIMEOUT:-240}" "$@" 2>&1 | tee -a "$LOG" || say "!! failed or timed out: $*"; }
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
-if [ -d "$KIT" ]; then
+if [ -n "$KIT" ] && [ -d "$KIT" ]; then
   if compgen -G "$KIT/wheels/*.whl" > /dev/null; then
     SITE=$(mktemp -d "${TMPDIR:-/tmp}/clamp2_kit_site.XXXXXX")
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$KIT"/wheels/*.whl
