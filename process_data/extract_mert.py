@@ -72,9 +72,8 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     try:
         state, device = process_state(args.device)
-        extractor = MertFeatureExtractor(set_attention(load_mert(args.model, device), args.attention), device, args.dtype,
-                                         args.batch_size,
-                                         all_layers=args.all_layers)
+        model = set_attention(load_mert(args.model, device), args.attention)
+        extractor = MertFeatureExtractor(model, device, args.dtype, args.batch_size, all_layers=args.all_layers)
     except (OSError, RuntimeError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
