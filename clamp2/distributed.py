@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -57,6 +59,13 @@ def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, ti
     backend = None
     if world_size > 1:
         backend = "nccl" if use_cuda else "gloo"
+        # torch._dynamo's first import keeps ~10 references to a process group that already exists
+        # (torch 2.13; DDP's constructor imports it), so destroy_process_group could not free the
+        # group and its gloo worker threads outlived teardown. At interpreter exit such a thread,
+        # still freeing a finished collective's Python tensors, aborted the process now and then
+        # ("terminate called without an active exception", SIGABRT: a failed run after all the
+        # work was done). Imported first, it never sees the group; teardown then joins the threads.
+        importlib.import_module("torch._dynamo")  # (a plain import here would make `torch` local)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -64,8 +73,12 @@ def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, ti
 
 
 def teardown() -> None:
+    """Destroy every process group and free it now, joining its worker threads (see :func:`setup`)."""
+    global _END_GROUP
+    _END_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()  # a group held only by a reference cycle is freed here, not at interpreter exit
 
 
 @contextlib.contextmanager

@@ -1,0 +1,66 @@
+"""Teardown frees the process group: no gloo thread outlives ``distributed_context`` (2 real ranks).
+
+A gloo worker thread still alive at interpreter exit can abort the process while freeing a finished
+collective's Python tensors (SIGABRT, "terminate called without an active exception"): a run that
+had done all its work then failed now and then. The threads must be joined by teardown, also after
+DDP (whose constructor imports torch._dynamo, which kept the group alive) and all_gather_object.
+"""
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+
+
+def thread_names():
+    task = Path("/proc/self/task")
+    return sorted((task / tid / "comm").read_text().strip() for tid in os.listdir(task))
+
+
+def gloo_threads():
+    return [name for name in thread_names() if name in GLOO_THREADS]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from torch.nn.parallel import DistributedDataParallel
+
+    from clamp2.distributed import all_reduce_mean, distributed_context, gather_objects, prepare_end_barrier
+
+    def train_step():  # as the scripts do: the DDP model lives in a function called inside the context
+        model = DistributedDataParallel(torch.nn.Linear(4, 2))
+        model(torch.randn(3, 4)).sum().backward()
+        all_reduce_mean(1.0, torch.device("cpu"))
+        gather_objects({"rank": rank})
+        return gloo_threads()
+
+    with distributed_context(device="cpu"):
+        prepare_end_barrier()  # a second gloo group, held by the module, as extraction makes it
+        inside = train_step()
+    record = {"inside": inside, "after": gloo_threads()}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def test_teardown_joins_gloo_threads(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "pt_gloo_runloop" in record["inside"], record  # the check sees the threads while they run
+        assert record["after"] == [], f"rank {rank}: gloo threads left after teardown: {record['after']}"
