@@ -45,6 +45,19 @@ def env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def before_process_group() -> None:
+    """Call before a process group is made (here or by accelerate), so that teardown can free it.
+
+    torch._dynamo's first import keeps ~10 references to a process group that already exists
+    (torch 2.13; DDP's constructor and torch.compile import it), so destroy_process_group could not
+    free the group and its gloo worker threads outlived teardown. At interpreter exit such a thread,
+    still freeing a finished collective's Python tensors, aborted the process now and then
+    ("terminate called without an active exception", SIGABRT: a failed run after all the work was
+    done). Imported first, it never sees the group. Costs about a second, once per process.
+    """
+    importlib.import_module("torch._dynamo")
+
+
 def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, timeout_minutes: int = 30) -> DistInfo:
     """Initialise the process group when launched with several processes; return this process's info."""
     world_size = env_int("WORLD_SIZE", 1)
@@ -59,13 +72,7 @@ def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, ti
     backend = None
     if world_size > 1:
         backend = "nccl" if use_cuda else "gloo"
-        # torch._dynamo's first import keeps ~10 references to a process group that already exists
-        # (torch 2.13; DDP's constructor imports it), so destroy_process_group could not free the
-        # group and its gloo worker threads outlived teardown. At interpreter exit such a thread,
-        # still freeing a finished collective's Python tensors, aborted the process now and then
-        # ("terminate called without an active exception", SIGABRT: a failed run after all the
-        # work was done). Imported first, it never sees the group; teardown then joins the threads.
-        importlib.import_module("torch._dynamo")  # (a plain import here would make `torch` local)
+        before_process_group()
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(minutes=timeout_minutes))

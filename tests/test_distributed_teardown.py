@@ -3,7 +3,8 @@
 A gloo worker thread still alive at interpreter exit can abort the process while freeing a finished
 collective's Python tensors (SIGABRT, "terminate called without an active exception"): a run that
 had done all its work then failed now and then. The threads must be joined by teardown, also after
-DDP (whose constructor imports torch._dynamo, which kept the group alive) and all_gather_object.
+DDP (whose constructor imports torch._dynamo, which kept the group alive) and all_gather_object,
+and, for the extraction scripts (accelerate's group, no context manager), by the exit handler.
 """
 
 import json
@@ -64,3 +65,29 @@ def test_teardown_joins_gloo_threads(tmp_path):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "pt_gloo_runloop" in record["inside"], record  # the check sees the threads while they run
         assert record["after"] == [], f"rank {rank}: gloo threads left after teardown: {record['after']}"
+
+
+def extraction_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import atexit
+
+    from clamp2.distributed import all_reduce_mean, wait_for_all_processes
+    from clamp2.extraction.core import process_state
+
+    state, device = process_state("cpu")  # the extraction scripts' setup, through accelerate
+    all_reduce_mean(float(state.process_index), device)
+    wait_for_all_processes()
+    inside = gloo_threads()
+    atexit._run_exitfuncs()  # what the interpreter runs first when main() has returned
+    record = {"inside": inside, "after": gloo_threads(), "processes": state.num_processes}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def test_extraction_frees_its_group_at_exit(tmp_path):
+    mp.spawn(extraction_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["processes"] == 2 and "pt_gloo_runloop" in record["inside"], record
+        assert record["after"] == [], f"rank {rank}: gloo threads left at exit: {record['after']}"
