@@ -1,8 +1,10 @@
-"""Shared test fixtures: paths of the repo, the spec's conformance vectors, and script loading."""
+"""Shared test fixtures: paths of the repo, the spec's conformance vectors, script loading, free ports."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,19 @@ def load_script(relative_path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's torchrun or process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join_as_rank(rank: int, world_size: int, port: int) -> None:
+    """Set the torchrun variables in a process started by ``torch.multiprocessing.spawn``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
 
 
 @pytest.fixture

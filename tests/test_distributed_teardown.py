@@ -9,13 +9,14 @@ and, for the extraction scripts (accelerate's group, no context manager), by the
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from conftest import free_port, join_as_rank
 
 GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
 
@@ -31,15 +32,8 @@ def gloo_threads():
     return [name for name in thread_names() if name in GLOO_THREADS]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    join_as_rank(rank, world_size, port)
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel
 
@@ -68,8 +62,7 @@ def test_teardown_joins_gloo_threads(tmp_path):
 
 
 def extraction_worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    join_as_rank(rank, world_size, port)
     torch.set_num_threads(1)
     import atexit
 

@@ -8,7 +8,7 @@ import torch
 
 from clamp2.extraction.core import (combine_global, combine_positions, plan_batches, text_lines, window_starts,
                                     window_weights)
-from conftest import load_script
+from conftest import free_port, load_script
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
             "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
@@ -265,11 +265,8 @@ def test_torchrun_two_cpu_processes_split_the_files(vectors, tmp_path):
 
     from conftest import REPO_ROOT
 
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", **TINY_ENV)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            str(REPO_ROOT / "code/extract_m3.py"), str(vectors / "extract_in"), str(tmp_path / "out"),
@@ -283,7 +280,6 @@ def test_torchrun_two_cpu_processes_split_the_files(vectors, tmp_path):
 def test_torchrun_a_failed_file_in_one_process_does_not_stop_the_other(vectors, tmp_path):
     """torchrun ends every process once one exits non-zero: extraction waits for all before exiting 1."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -299,9 +295,7 @@ def test_torchrun_a_failed_file_in_one_process_does_not_stop_the_other(vectors, 
     for index in range(10):
         (music / f"p{2 * index:02d}.abc").write_text(long_piece, encoding="utf-8")
         (music / f"p{2 * index + 1:02d}.abc").write_text("")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", **TINY_ENV)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "--monitor-interval", "0.05", str(REPO_ROOT / "code/extract_m3.py"), str(music), str(tmp_path / "out"),

@@ -1,7 +1,6 @@
 """Contrastive loss (SPEC §6): definition, and 2 gloo ranks × B samples == 1 process × 2B samples."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clamp2.loss import ContrastiveLoss, contrastive_loss
+from conftest import free_port, join_as_rank
 
 
 def test_loss_is_mean_of_both_directions():
@@ -37,15 +37,8 @@ def data(n=8):
     return torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    join_as_rank(rank, world_size, port)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from clamp2.distributed import distributed_context
@@ -64,7 +57,7 @@ def _worker(rank, world_size, port, out_dir):
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     text_net, music_net = make_models()
     x_text, x_music = data()
     loss = contrastive_loss(text_net(x_text), music_net(x_music), 1.5)

@@ -16,6 +16,7 @@ from clamp2.extraction.audio import AudioError
 from clamp2.extraction.mert import MertFeatureExtractor, plan_audio_jobs
 from clamp2.models import mert
 from clamp2.quickstart import audio_render
+from conftest import free_port
 
 DATA = Path(__file__).parent / "data"
 VECTORS = DATA / "vectors_clamp3"
@@ -281,13 +282,10 @@ def test_plan_reports_two_inputs_for_one_output(tmp_path):
 
 def test_torchrun_two_cpu_processes_split_the_files(tmp_path):
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(SCRIPT),
            str(AUDIO_IN), str(out), "--model", str(TINY), "--num_workers", "0", "--no_progress"]

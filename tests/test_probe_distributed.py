@@ -2,21 +2,14 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from clamp2.checkpoint import latest_path, read_checkpoint
-from conftest import REPO_ROOT, load_script
+from conftest import REPO_ROOT, free_port, load_script
 from probe_features import class_means, write_features
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks(tmp_path, capsys):

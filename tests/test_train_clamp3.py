@@ -5,7 +5,6 @@ import math
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ from clamp2.training.data import (AudioMusic, DataError, PairItem, clamp3_text_p
                                   read_items)
 from clamp2.training.loop import make_optimizer
 from clamp2.training.tasks import build_clamp3_model, clamp3_m3_weights_names, frozen_modules
-from conftest import DATA_DIR, REPO_ROOT, VECTORS, load_script
+from conftest import DATA_DIR, REPO_ROOT, VECTORS, free_port, load_script
 from train_corpus3 import corpus3  # noqa: F401  (fixture)
 
 TEXT_MODEL = str(VECTORS / "tiny_text_model")
@@ -214,12 +213,6 @@ def test_published_format_file_starts_a_new_stage(tiny_env, tmp_path, corpus3, t
 
 
 # -- two processes ---------------------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(script, args, cwd, expect=0):
     env = {k: v for k, v in os.environ.items()

@@ -3,7 +3,6 @@
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from clamp2.checkpoint import read_checkpoint
-from conftest import REPO_ROOT, SPEC_DIR, VECTORS
+from conftest import REPO_ROOT, SPEC_DIR, VECTORS, free_port
 from train_corpus import corpus, split_jsonl  # noqa: F401  (fixture)
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "1", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
@@ -22,12 +21,6 @@ M3_NAME = "weights_m3_p_size_64_p_length_32_t_layers_1_p_layers_1_h_size_64_lr_0
 CLAMP2_NAME = (f"weights_clamp2_h_size_32_lr_5e-05_batch_4_scale_1_t_length_16_t_model_{TEXT_MODEL.replace('/', '_')}"
                "_t_dropout_True_m3_True.pth")
 PUBLISHED_FIELDS = {"model", "optimizer", "lr_sched", "epoch", "best_epoch", "min_eval_loss"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(launcher, script, args, cwd):
