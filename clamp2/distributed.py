@@ -11,6 +11,7 @@ variables runs undistributed. Use it as a context manager so teardown happens in
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import gc
@@ -45,8 +46,11 @@ def env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
-def before_process_group() -> None:
+def before_process_group(free_at_exit: bool = False) -> None:
     """Call before a process group is made (here or by accelerate), so that teardown can free it.
+
+    ``free_at_exit``: run :func:`teardown` at interpreter exit, for callers without
+    :func:`distributed_context` (the extraction scripts return from main() with the group up).
 
     torch._dynamo's first import keeps ~10 references to a process group that already exists
     (torch 2.13; DDP's constructor and torch.compile import it), so destroy_process_group could not
@@ -56,6 +60,8 @@ def before_process_group() -> None:
     done). Imported first, it never sees the group. Costs about a second, once per process.
     """
     importlib.import_module("torch._dynamo")
+    if free_at_exit:
+        atexit.register(teardown)  # atexit runs while the interpreter is whole, before its shutdown
 
 
 def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, timeout_minutes: int = 30) -> DistInfo:
@@ -80,7 +86,7 @@ def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, ti
 
 
 def teardown() -> None:
-    """Destroy every process group and free it now, joining its worker threads (see :func:`setup`)."""
+    """Destroy every process group and free it now, joining its worker threads (see :func:`before_process_group`)."""
     global _END_GROUP
     _END_GROUP = None
     if dist.is_available() and dist.is_initialized():

@@ -12,7 +12,6 @@ only after the next batch is queued, so copies and host work overlap the model's
 
 from __future__ import annotations
 
-import atexit
 import io
 import os
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from ..attention import add_attention_argument
-from ..distributed import before_process_group, prepare_end_barrier, teardown, wait_for_all_processes
+from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
 from ..files import atomic_path, atomic_write_bytes, find_files, input_problem, mirror_path, output_problem
 from ..patchilizer import M3Patchilizer, is_mtf
 
@@ -576,12 +575,9 @@ def process_state(device_arg: Optional[str]):
     from accelerate import PartialState
 
     use_cpu = device_arg == "cpu" or (device_arg is None and not torch.cuda.is_available())
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world_size = env_int("WORLD_SIZE", 1)
     if world_size > 1:
-        before_process_group()
-        # The scripts return from main() with the group still up: free it (and join its threads)
-        # while the interpreter is whole, not during its shutdown (see before_process_group).
-        atexit.register(teardown)
+        before_process_group(free_at_exit=True)
     state = PartialState(cpu=use_cpu)
     if world_size > 1 and state.num_processes == 1:
         raise RuntimeError(f"launched with WORLD_SIZE={world_size} but accelerate set up a single process; "
