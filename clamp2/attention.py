@@ -11,13 +11,54 @@ softmax(QKᵀ/√d)·V of the reference. In fp32 both give the same numbers up t
 transformers 5 already defaults to sdpa for these classes; naming it here keeps the choice explicit
 (a transformers upgrade cannot change the kernel silently) and gives one switch,
 :func:`set_attention`, for models already built.
+
+Under CUDA autocast (bf16/fp16) every forward pass of the package runs inside :class:`Autocast`, which
+also keeps sdpa off cuDNN's attention kernel: see :data:`CUDA_SDPA_BACKENDS` for why.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 # What every constructor and loader of the package passes to transformers.
 ATTN_IMPLEMENTATION = "sdpa"
+
+
+# The SDPA kernels allowed under CUDA autocast, in PyTorch's own order of preference (flash when there
+# is no padding mask, else memory-efficient, math as the fallback). cuDNN's kernel, which PyTorch tries
+# first on Hopper in bf16/fp16, is left out: it builds an execution plan on the CPU for each new shape,
+# and this package's shapes change from batch to batch (M3's padded lengths, extraction's token
+# budgets). Measured on an H200 (torch 2.11, benchmarks/gpu_table.sh): ~6 ms of CPU per attention call
+# in M3 training, which left the GPU idle 70% of each step, and bf16 extraction slower than fp32.
+# Append SDPBackend.CUDNN_ATTENTION for a workload of fixed shapes where its kernels pay.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class Autocast:
+    """``torch.autocast(device_type, dtype)`` that, on CUDA, also limits sdpa to :data:`CUDA_SDPA_BACKENDS`.
+
+    Reusable and re-entrant like ``torch.autocast``: one object can guard every batch of a run. The
+    backward pass follows the kernel its forward pass chose, so training needs it around the forward only.
+    """
+
+    def __init__(self, device_type: str, dtype: torch.dtype):
+        self.device_type, self.dtype = device_type, dtype
+        self._open = []
+
+    def __enter__(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device_type, dtype=self.dtype))
+        if self.device_type == "cuda":
+            stack.enter_context(sdpa_kernel(list(CUDA_SDPA_BACKENDS)))
+        self._open.append(stack)
+        return self
+
+    def __exit__(self, *exc_info):
+        return self._open.pop().__exit__(*exc_info)
 
 
 def check_attention(implementation: str) -> str:

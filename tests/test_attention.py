@@ -162,3 +162,43 @@ def test_mert_hidden_states():
         return {f"hidden state {i}": state for i, state in enumerate(out.hidden_states)}
 
     assert_equal_paths(model, forward)
+
+
+def sdp_flags():
+    cuda = torch.backends.cuda
+    return {"cudnn": cuda.cudnn_sdp_enabled(), "flash": cuda.flash_sdp_enabled(),
+            "efficient": cuda.mem_efficient_sdp_enabled(), "math": cuda.math_sdp_enabled()}
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_every_half_precision_context_keeps_sdpa_off_cudnn():
+    # cuDNN's attention plans each new shape on the CPU (docs/performance.md): every bf16/fp16 context the
+    # package opens on CUDA (extraction and API, training and probes) leaves it out, and gives it back after.
+    from clamp2.extraction.core import autocast_context
+    from clamp2.training.loop import Precision
+
+    before = sdp_flags()
+    assert before["cudnn"]  # PyTorch's default: the test would prove nothing otherwise
+    cuda = torch.device("cuda")
+    contexts = [autocast_context(cuda, "bf16"), autocast_context(cuda, "fp16"),
+                Precision.choose(cuda, "bf16").autocast(), Precision.choose(cuda, "fp16").autocast()]
+    for context in contexts:
+        for _ in range(2):  # one object guards every batch of a run
+            with context:
+                assert sdp_flags() == {"cudnn": False, "flash": True, "efficient": True, "math": True}
+                with context:  # re-entrant, as torch.autocast
+                    assert not sdp_flags()["cudnn"]
+                assert not sdp_flags()["cudnn"]
+            assert sdp_flags() == before
+
+
+def test_cpu_autocast_context_is_torch_autocast():
+    from clamp2.attention import Autocast
+
+    context = Autocast("cpu", torch.bfloat16)
+    a = torch.randn(4, 4)
+    for _ in range(2):
+        with context:
+            assert torch.is_autocast_enabled("cpu") and (a @ a).dtype == torch.bfloat16
+            assert sdp_flags()["cudnn"]  # the CPU has no cuDNN attention: nothing to change
+        assert not torch.is_autocast_enabled("cpu")

@@ -124,6 +124,42 @@ def test_training_patch_embedding_lookup_equals_the_one_hot_linear(vectors):
     assert torch.equal(states, expected.last_hidden_state)
 
 
+def test_autocast_training_lookup_gradient_by_one_hot_gemm(vectors, monkeypatch):
+    """Under autocast, training's lookup takes its weight gradient from 16-bit GEMMs over a one-hot (LookupSum)."""
+    from clamp2.models.m3 import LookupSum
+
+    model = M3Model(TINY)
+    load_model_weights(model, vectors / "tiny_m3.pth")
+    encoder = model.encoder.train()
+    text = (vectors / "extract_in/abc/bwv10.7.abc").read_text(encoding="utf-8")
+    patches = torch.tensor(M3Patchilizer(64, 32).encode(text, add_special_patches=True))[None, :32]
+    weight = encoder.patch_embedding.weight
+    signs = torch.randn(32, weight.shape[0], generator=torch.Generator().manual_seed(0))
+
+    def lookup_and_grad(autocast: bool):
+        weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            embeds = encoder.embed_by_lookup(patches)
+        (embeds[0] * signs).sum().backward()
+        return embeds.detach(), weight.grad.clone()
+
+    exact, exact_grad = lookup_and_grad(False)
+    monkeypatch.setattr(LookupSum, "ROWS", 5)  # several chunks, the last one short
+    calls = []
+    original = LookupSum.backward
+    monkeypatch.setattr(LookupSum, "backward", staticmethod(lambda ctx, grad: calls.append(1) or original(ctx, grad)))
+    fast, fast_grad = lookup_and_grad(True)
+    assert calls  # the GEMM gradient ran
+    assert fast.dtype == torch.float32 and torch.equal(fast, exact)  # the forward is the same fp32 lookup
+    scale = exact_grad.abs().max()
+    assert scale > 0 and (fast_grad - exact_grad).abs().max() <= 0.01 * scale  # bf16 rounding of grad
+    # In float32 the same GEMMs give embedding_bag's gradient up to summation order.
+    columns = (patches.reshape(1, -1, 64).long() + torch.arange(64) * 128).reshape(-1, 64)
+    weight.grad = None
+    (LookupSum.apply(columns, weight, torch.float32) * signs).sum().backward()
+    assert torch.allclose(weight.grad, exact_grad, atol=1e-5, rtol=1e-5)  # gradients of size ~10
+
+
 def test_autocast_inference_embeds_by_lookup_in_fp32(vectors, monkeypatch):
     """bf16 extraction: the lookup keeps the patch embedding in fp32, closer to fp32 than a bf16 one-hot Linear."""
     model = M3Model(TINY)

@@ -356,6 +356,48 @@ def test_m3_decoding_in_length_groups_equals_decoding_every_position(corpus):  #
         assert torch.allclose(grouped[name], whole[name], atol=1e-6), name
 
 
+def masked_decoder_loss_sum(decoder, features, targets):
+    """The reference's decoder loss: GPT-2 under the targets' padding mask, whatever the pads' places."""
+    token_embeds = torch.nn.functional.embedding(targets, decoder.base.transformer.wte.weight)
+    inputs_embeds = torch.cat((features.unsqueeze(1), token_embeds[:, 1:, :]), dim=1)
+    is_pad = targets == 0
+    logits = decoder.base(inputs_embeds=inputs_embeds, attention_mask=(~is_pad).long()).logits
+    labels = targets[:, 1:].masked_fill(is_pad[:, 1:], -100)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("inner_nul", [False, True])
+def test_m3_decoder_loss_equals_the_padding_masked_pass(corpus, inner_nul):  # noqa: F811
+    # Real patches pad only at their end, so the decoder drops the padding mask (causal attention alone
+    # gives each predicted position the same keys). A NUL character inside a patch is a pad id that
+    # the mask must still hide: then the mask is kept.
+    from clamp2.training.data import M3Dataset, collate_m3
+
+    files = sorted(corpus.rglob("*.abc"))
+    dataset = M3Dataset(files, M3Patchilizer(64, 32), 0.45, training=True)
+    batch = collate_m3([dataset[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = M3Model(TINY_DIMS).eval()
+    targets = batch["target_patches"].reshape(4, -1, 64)[batch["selected_indices"].bool()]
+    is_pad = targets == 0
+    assert bool((is_pad[:, 1:] >= is_pad[:, :-1]).all()) and is_pad.any()  # trailing pads, as real data has
+    if inner_nul:
+        long_rows = (~is_pad).sum(dim=1) > 8
+        assert long_rows.any()
+        targets = targets.clone()
+        targets[long_rows, 4] = 0
+    features = torch.randn(len(targets), TINY_DIMS.hidden_size, generator=torch.Generator().manual_seed(1))
+    features.requires_grad_(True)
+    loss_sum, predicted = model.decoder.loss_sum(features, targets)
+    assert predicted == int((targets[:, 1:] != 0).sum())
+    reference = masked_decoder_loss_sum(model.decoder, features, targets)
+    assert torch.allclose(loss_sum, reference, rtol=1e-6, atol=1e-5)
+    ours_grad, = torch.autograd.grad(loss_sum, features)
+    reference_grad, = torch.autograd.grad(reference, features)
+    assert torch.allclose(ours_grad, reference_grad, atol=1e-6)
+
+
 def test_persistent_workers_draw_each_epoch_as_the_main_process(tiny_env, tmp_path, corpus, trainers):  # noqa: F811
     # Workers live across epochs with their own copy of the data set; the epoch travels with each
     # index, so epoch 2's crops and corruption are epoch 2's, as without workers.

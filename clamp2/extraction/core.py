@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from ..attention import add_attention_argument
+from ..attention import Autocast, add_attention_argument
 from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
 from ..files import atomic_path, atomic_write_bytes, find_files, input_problem, mirror_path, output_problem
 from ..patchilizer import M3Patchilizer, is_mtf
@@ -595,7 +595,7 @@ def autocast_context(device: torch.device, dtype: str):
         return contextlib.nullcontext()
     if device.type != "cuda":
         raise ValueError(f"--dtype {dtype} needs a CUDA device; on {device.type} use fp32")
-    return torch.autocast("cuda", dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return Autocast("cuda", torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
 def describe_inputs(paths: Iterable[Path]) -> str:

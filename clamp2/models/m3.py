@@ -123,10 +123,45 @@ class M3PatchEncoder(nn.Module):
         size = self.dims.patch_size
         ids = patches.reshape(patches.shape[0], -1, size).long()
         offsets = torch.arange(size, device=ids.device) * NUM_CLASSES
-        # A contiguous [patch_size*128, hidden] table: embedding_bag on the transposed view is ~3x slower.
-        table = self.patch_embedding.weight.t().contiguous()
-        summed = F.embedding_bag((ids + offsets).reshape(-1, size), table, mode="sum")
+        columns = (ids + offsets).reshape(-1, size)
+        weight = self.patch_embedding.weight
+        device_type = weight.device.type
+        if weight.requires_grad and torch.is_grad_enabled() and torch.is_autocast_enabled(device_type):
+            summed = LookupSum.apply(columns, weight, torch.get_autocast_dtype(device_type))
+        else:
+            # A contiguous [patch_size*128, hidden] table: embedding_bag on the transposed view is ~3x slower.
+            summed = F.embedding_bag(columns, weight.t().contiguous(), mode="sum")
         return (summed + self.patch_embedding.bias).reshape(ids.shape[0], ids.shape[1], -1)
+
+
+class LookupSum(torch.autograd.Function):
+    """Σ_i weight[:, columns[k, i]] for each row k (the lookup); the weight's gradient by GEMMs in ``dtype``.
+
+    Used in autocast (bf16/fp16) training. embedding_bag's own backward sorts every looked-up index and
+    sums rows per column: 14 ms of each CLaMP 2 step on an H200 (batch 128, docs/performance.md), most of
+    the indices being the same pad columns. The gradient is one_hot(columns)ᵀ·grad, which the one-hot
+    Linear of the reference computes too: as 16-bit GEMMs (exact one-hot, fp32 accumulation, grad rounded
+    to ``dtype`` as autocast rounds every Linear's), in chunks of ``ROWS`` rows to bound the one-hot's memory
+    (256 MiB). ``dtype`` float32 gives embedding_bag's gradient up to summation order (the tests' check).
+    """
+
+    ROWS = 16384
+
+    @staticmethod
+    def forward(ctx, columns: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(columns)
+        ctx.dtype, ctx.width = dtype, weight.shape[1]
+        return F.embedding_bag(columns, weight.t().contiguous(), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        columns, = ctx.saved_tensors
+        grad_weight = grad.new_zeros((grad.shape[1], ctx.width), dtype=torch.float32)
+        for start in range(0, len(columns), LookupSum.ROWS):
+            rows = columns[start:start + LookupSum.ROWS]
+            one_hot = grad.new_zeros((len(rows), ctx.width), dtype=ctx.dtype).scatter_(1, rows, 1)
+            grad_weight += grad[start:start + LookupSum.ROWS].to(ctx.dtype).t() @ one_hot
+        return None, grad_weight.to(grad.dtype), None
 
 
 # Decoded lengths are rounded up to a multiple of this: few groups, little padding.
@@ -182,7 +217,12 @@ class M3TokenDecoder(nn.Module):
         # The encoder vector takes the place of the bos token: position 0 conditions the patch.
         inputs_embeds = torch.cat((patch_features.unsqueeze(1), token_embeds[:, 1:, :]), dim=1)
         is_pad = target_patches == PAD_TOKEN_ID
-        logits = self.base(inputs_embeds=inputs_embeds, attention_mask=(~is_pad).long()).logits
+        # Pads only trail a patch (a NUL character inside one is the exception): then a causal pass without
+        # the padding mask gives every predicted position the same keys, so the same loss, and lets sdpa use
+        # its flash kernel instead of the masked one (M3 training on an H200: docs/performance.md).
+        trailing_pads = bool((is_pad[:, 1:] >= is_pad[:, :-1]).all())
+        attention_mask = None if trailing_pads else (~is_pad).long()
+        logits = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
         # Position i predicts id i + 1; pads are not predicted. Float32 as transformers' own loss.
         labels = target_patches[:, 1:].masked_fill(is_pad[:, 1:], -100)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
+from ..attention import Autocast
 from ..checkpoint import (CheckpointError, capture_rng_state, latest_path, load_state, read_checkpoint, restore_rng_state,
                           restore_training_state, resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..cli import fail_usage, load_script_config
@@ -259,7 +260,7 @@ class Precision:
         return self.dtype == torch.float16
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        return Autocast(self.device_type, self.dtype) if self.dtype else contextlib.nullcontext()
 
     def __str__(self) -> str:
         return {None: "fp32", torch.float16: "fp16 AMP + gradient scaling", torch.bfloat16: "bf16 autocast"}[self.dtype]
