@@ -215,6 +215,10 @@ def main(argv=None) -> int:
                         out = Path(scratch) / f"{per_position}_{dtype}_{compiled}_{batch_size}_{batch_tokens}"
                         plan = plan_jobs(args.music_dir or args.data, out, text=False)
                         jobs = [j for j in plan.jobs if j.path in set(files)]
+                        if len(jobs) != len(files):  # the rates below would count files never extracted
+                            reasons = [reason for path, reason in plan.failures if path in set(files)]
+                            raise SystemExit(f"bench_extract: {len(files) - len(jobs)} of {len(files)} files would not "
+                                             f"be extracted ({reasons[0] if reasons else 'their outputs exist'})")
                         if compiled:  # compilation is paid once, not timed: the first files, untimed
                             extract_jobs(jobs[:8], runner, device, per_position, batch_size=batch_size,
                                          files_per_chunk=args.files_per_chunk, batch_tokens=batch_tokens)

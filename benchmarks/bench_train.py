@@ -81,7 +81,7 @@ from clamp2.text_model import load_tokenizer
 from clamp2.training.data import (AudioMusic, M3Dataset, PairItem, SymbolicMusic, TextMusicCollator,
                                   TextMusicDataset, TrainBatches, clamp3_training_text, collate_m3, read_pairs)
 from clamp2.training.loop import Precision, lr_schedule, make_optimizer, train_step
-from clamp2.training.tasks import ContrastiveStep, frozen_modules, m3_loss
+from clamp2.training.tasks import CUDNN_ATTENTION, ContrastiveStep, frozen_modules, m3_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO_ROOT / "tests" / "data" / "vectors" / "tiny_text_model"
@@ -306,8 +306,8 @@ def measure(model, batches, compute_loss, device, precision: Precision, steps: i
 
 
 def run(variant: str, name: str, config: BenchConfig, device: torch.device, precision_name: str, data, args) -> None:
-    precision = Precision.choose(device, precision_name)
     task = variant.split("-")[0]
+    precision = Precision.choose(device, precision_name, CUDNN_ATTENTION[MODALITY.get(task, task)])
     cuda = device.type == "cuda"
     count = args.warmup + args.steps
     patchilizer = M3Patchilizer(config.dims.patch_size, config.dims.patch_length)

@@ -34,25 +34,27 @@ ATTN_IMPLEMENTATION = "sdpa"
 # and this package's shapes change from batch to batch (M3's padded lengths, extraction's token
 # budgets). Measured on an H200 (torch 2.11, benchmarks/gpu_table.sh): ~6 ms of CPU per attention call
 # in M3 training, which left the GPU idle 70% of each step, and bf16 extraction slower than fp32.
-# Append SDPBackend.CUDNN_ATTENTION for a workload of fixed shapes where its kernels pay.
+# Where shapes repeat, cuDNN's kernel is the faster one: trainers whose batches keep their shapes pass
+# ``cudnn_attention=True`` (clamp2.training.tasks.CUDNN_ATTENTION gives the measurements).
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Autocast:
     """``torch.autocast(device_type, dtype)`` that, on CUDA, also limits sdpa to :data:`CUDA_SDPA_BACKENDS`.
 
-    Reusable and re-entrant like ``torch.autocast``: one object can guard every batch of a run. The
-    backward pass follows the kernel its forward pass chose, so training needs it around the forward only.
+    ``cudnn_attention=True`` leaves PyTorch's own kernel choice, cuDNN's included. Reusable and re-entrant
+    like ``torch.autocast``: one object can guard every batch of a run. The backward pass follows the
+    kernel its forward pass chose, so training needs it around the forward only.
     """
 
-    def __init__(self, device_type: str, dtype: torch.dtype):
-        self.device_type, self.dtype = device_type, dtype
+    def __init__(self, device_type: str, dtype: torch.dtype, cudnn_attention: bool = False):
+        self.device_type, self.dtype, self.cudnn_attention = device_type, dtype, cudnn_attention
         self._open = []
 
     def __enter__(self):
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(self.device_type, dtype=self.dtype))
-        if self.device_type == "cuda":
+        if self.device_type == "cuda" and not self.cudnn_attention:
             stack.enter_context(sdpa_kernel(list(CUDA_SDPA_BACKENDS)))
         self._open.append(stack)
         return self

@@ -56,3 +56,18 @@ def tiny_text_dir(tmp_path_factory) -> Path:
              "a lively reel in d major", "music piece composed in the baroque period"]
     build_small_text_model(out, texts, hidden_size=32, num_layers=2, num_heads=2, max_positions=40)
     return out
+
+
+def record_cudnn_attention(monkeypatch) -> list:
+    """The ``cudnn_attention`` of every ``Precision.choose`` call a trainer makes from now on (CPU runs ignore it)."""
+    from clamp2.training import loop
+
+    chosen = []
+    choose = loop.Precision.choose.__func__
+
+    def recording(cls, device, requested, cudnn_attention=False):
+        chosen.append(cudnn_attention)
+        return choose(cls, device, requested, cudnn_attention)
+
+    monkeypatch.setattr(loop.Precision, "choose", classmethod(recording))
+    return chosen

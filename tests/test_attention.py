@@ -190,6 +190,9 @@ def test_every_half_precision_context_keeps_sdpa_off_cudnn():
                     assert not sdp_flags()["cudnn"]
                 assert not sdp_flags()["cudnn"]
             assert sdp_flags() == before
+    # Trainers whose batches keep their shapes leave PyTorch's choice, cuDNN included.
+    with Precision.choose(cuda, "bf16", cudnn_attention=True).autocast():
+        assert sdp_flags() == before
 
 
 def test_cpu_autocast_context_is_torch_autocast():

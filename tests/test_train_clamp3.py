@@ -192,6 +192,20 @@ def test_killed_and_resumed_audio_stage_equals_uninterrupted(tiny_env, tmp_path,
         assert read_checkpoint(whole.with_name(f"weights_t_{epoch}.pth"))["epoch"] == epoch
 
 
+@pytest.mark.parametrize("stage,cudnn", [("symbolic", True), ("audio", False)])
+def test_stage_lets_cudnn_attention_in_as_measured(stage, cudnn, tiny_env, tmp_path, corpus3, trainers,  # noqa: F811
+                                                   monkeypatch):
+    # bf16/fp16 on CUDA: the symbolic stage's batches keep their shapes as CLaMP 2's; the audio stage's
+    # random windows do not.
+    from conftest import record_cudnn_attention
+
+    chosen = record_cudnn_attention(monkeypatch)
+    args = args_for(stage, corpus3, "--batch_size", "8", "--epochs", "1", "--max_steps_per_epoch", "1",
+                    "--weights", str(tmp_path / "weights_t.pth"))
+    assert trainers[stage].main(args) == 0
+    assert chosen == [cudnn]
+
+
 def test_published_format_file_starts_a_new_stage(tiny_env, tmp_path, corpus3, trainers, capsys):  # noqa: F811
     # The vectors' tiny CLaMP 3 (modality "audio") and a copy without 'modality': weights only, new stage.
     for name, fields in (("audio_file", {}), ("no_modality", {"drop": True})):

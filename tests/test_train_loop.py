@@ -398,6 +398,19 @@ def test_m3_decoder_loss_equals_the_padding_masked_pass(corpus, inner_nul):  # n
     assert torch.allclose(ours_grad, reference_grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("name,cudnn", [("m3", False), ("clamp2", True)])
+def test_trainer_lets_cudnn_attention_in_as_measured(name, cudnn, tiny_env, tmp_path, corpus, trainers,  # noqa: F811
+                                                     monkeypatch):
+    # bf16/fp16 on CUDA: CLaMP 2's batches keep their shapes (cuDNN's attention pays), M3's do not.
+    from conftest import record_cudnn_attention
+
+    chosen = record_cudnn_attention(monkeypatch)
+    args = data_args(name, corpus) + ["--batch_size", "4", "--no_progress", "--epochs", "1",
+                                      "--max_steps_per_epoch", "1", "--weights", str(tmp_path / "weights_t.pth")]
+    assert trainers[name].main(args) == 0
+    assert chosen == [cudnn]
+
+
 def test_persistent_workers_draw_each_epoch_as_the_main_process(tiny_env, tmp_path, corpus, trainers):  # noqa: F811
     # Workers live across epochs with their own copy of the data set; the epoch travels with each
     # index, so epoch 2's crops and corruption are epoch 2's, as without workers.

@@ -119,6 +119,7 @@ class TrainTask:
     eval_step: EvalStep
     notes: List[str] = field(default_factory=list)  # said once training starts (e.g. how the eval split was made)
     stage: Optional[str] = None  # CLaMP 3: "symbolic" or "audio", saved as the checkpoints' ``modality``
+    cudnn_attention: bool = False  # its batches keep their shapes: cuDNN's attention pays (tasks.CUDNN_ATTENTION)
 
 
 @dataclass
@@ -248,19 +249,20 @@ class Precision:
 
     device_type: str
     dtype: Optional[torch.dtype]
+    cudnn_attention: bool = False  # may sdpa use cuDNN's kernel under autocast (clamp2.attention.Autocast)
 
     @classmethod
-    def choose(cls, device: torch.device, requested: str) -> "Precision":
+    def choose(cls, device: torch.device, requested: str, cudnn_attention: bool = False) -> "Precision":
         if device.type != "cuda" or requested == "fp32":
             return cls(device.type, None)
-        return cls(device.type, torch.bfloat16 if requested == "bf16" else torch.float16)
+        return cls(device.type, torch.bfloat16 if requested == "bf16" else torch.float16, cudnn_attention)
 
     @property
     def scaled(self) -> bool:
         return self.dtype == torch.float16
 
     def autocast(self):
-        return Autocast(self.device_type, self.dtype) if self.dtype else contextlib.nullcontext()
+        return Autocast(self.device_type, self.dtype, self.cudnn_attention) if self.dtype else contextlib.nullcontext()
 
     def __str__(self) -> str:
         return {None: "fp32", torch.float16: "fp16 AMP + gradient scaling", torch.bfloat16: "bf16 autocast"}[self.dtype]
@@ -680,7 +682,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     for note in task.notes:
         say(dist_info, note)
     check_data_sizes(task, settings, dist_info.world_size)
-    precision = Precision.choose(device, settings.precision)
+    precision = Precision.choose(device, settings.precision, task.cudnn_attention)
     # Non-deterministic runs draw a fresh seed (shared by all ranks, so their data stays disjoint).
     seed = settings.seed if settings.deterministic else broadcast_object(random.SystemRandom().randrange(2**31))
 

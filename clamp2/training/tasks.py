@@ -41,6 +41,16 @@ from .data import (AudioMusic, DataError, M3Dataset, SymbolicMusic, TextMusicCol
 from .loop import BASE_SEED, Precision, TrainTask
 
 
+# Whether a trainer's bf16/fp16 steps may use cuDNN's attention kernel (clamp2.attention.Autocast): it
+# is the fastest where batch shapes repeat, and costs tens of ms of CPU to plan each new shape. Measured
+# on an H200 (torch 2.11; benchmarks/bench_train.py, config.py's sizes and batches, bf16), samples/s
+# with / without it: CLaMP 2 697 / 585 (batches of 128 pad to lengths that repeat: the longest text and
+# piece mostly reach MAX_TEXT_LENGTH and PATCH_LENGTH); M3 77 / 128 (the number of masked patches its
+# decoder reads changes every step); CLaMP 3's symbolic stage as CLaMP 2 (636 with it, before the
+# lookup-gradient change, against 579 without it, after); the audio stage 1356 / 1642 (random windows).
+CUDNN_ATTENTION = {"m3": False, "clamp2": True, "symbolic": True, "audio": False}
+
+
 def m3_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch["input_patches"], batch["input_masks"], batch["selected_indices"], batch["target_patches"])
 
@@ -80,7 +90,8 @@ def m3_task(config, train_folders: Sequence[str], eval_folders: Sequence[str] = 
         build_model=functools.partial(M3Model, M3Dims.from_config(config)),
         train_set=M3Dataset(train_files, patchilizer, config.M3_MASK_RATIO, training=True),
         eval_set=M3Dataset(eval_files, patchilizer, config.M3_MASK_RATIO, training=False),
-        collate_fn=collate_m3, compute_loss=m3_loss, eval_step=m3_eval_step, notes=notes)
+        collate_fn=collate_m3, compute_loss=m3_loss, eval_step=m3_eval_step, notes=notes,
+        cudnn_attention=CUDNN_ATTENTION["m3"])
 
 
 class ContrastiveStep:
@@ -173,7 +184,8 @@ def clamp2_task(config, train_jsonl: str, eval_jsonl: str = "", global_batch: in
         train_set=dataset(train_items, True), eval_set=dataset(eval_items, False),
         collate_fn=TextMusicCollator(tokenizer.pad_token_id, config.MAX_TEXT_LENGTH, config.PATCH_LENGTH,
                                      config.PATCH_SIZE, config.CLAMP2_PAD_TO_LONGEST),
-        compute_loss=ContrastiveStep(config.LOGIT_SCALE), eval_step=ContrastiveEval(config.LOGIT_SCALE), notes=notes)
+        compute_loss=ContrastiveStep(config.LOGIT_SCALE), eval_step=ContrastiveEval(config.LOGIT_SCALE), notes=notes,
+        cudnn_attention=CUDNN_ATTENTION["clamp2"])
 
 
 # -- CLaMP 3: the symbolic and the audio stage ---------------------------------------------------------
@@ -264,4 +276,5 @@ def clamp3_task(config, modality: str, train_jsonl: str, eval_jsonl: str = "", g
         collate_fn=TextMusicCollator(tokenizer.pad_token_id, config.MAX_TEXT_LENGTH, music_length, position_size,
                                      pad_to_longest, music.pad_value),
         compute_loss=ContrastiveStep(config.LOGIT_SCALE, modality),
-        eval_step=ContrastiveEval(config.LOGIT_SCALE, modality), notes=notes, stage=modality)
+        eval_step=ContrastiveEval(config.LOGIT_SCALE, modality), notes=notes, stage=modality,
+        cudnn_attention=CUDNN_ATTENTION[modality])
