@@ -94,15 +94,21 @@ def test_m3_reconstruction_loss_and_gradients():
     assert model.decoder.base.transformer.wte.weight.grad.abs().sum() > 0
 
 
+def tiny_m3_and_chorale_patches(vectors):
+    """The tests' tiny M3 (the reference's weights) and the first 32 patches of a Bach chorale, [1, 32, 64]."""
+    model = M3Model(TINY)
+    load_model_weights(model, vectors / "tiny_m3.pth")
+    text = (vectors / "extract_in/abc/bwv10.7.abc").read_text(encoding="utf-8")
+    patches = torch.tensor(M3Patchilizer(64, 32).encode(text, add_special_patches=True))[None, :32]
+    return model, patches
+
+
 def test_training_patch_embedding_lookup_equals_the_one_hot_linear(vectors):
     """Training sums looked-up columns; inference keeps the reference's one-hot Linear (exact)."""
     from clamp2.models.m3 import one_hot_patches
 
-    model = M3Model(TINY)
-    load_model_weights(model, vectors / "tiny_m3.pth")
+    model, patches = tiny_m3_and_chorale_patches(vectors)
     encoder = model.encoder
-    text = (vectors / "extract_in/abc/bwv10.7.abc").read_text(encoding="utf-8")
-    patches = torch.tensor(M3Patchilizer(64, 32).encode(text, add_special_patches=True))[None, :32]
     one_hot = one_hot_patches(patches, 64, torch.float32)
 
     linear = encoder.patch_embedding(one_hot)
@@ -128,11 +134,8 @@ def test_autocast_training_lookup_gradient_by_one_hot_gemm(vectors, monkeypatch)
     """Under autocast, training's lookup takes its weight gradient from 16-bit GEMMs over a one-hot (LookupSum)."""
     from clamp2.models.m3 import LookupSum
 
-    model = M3Model(TINY)
-    load_model_weights(model, vectors / "tiny_m3.pth")
+    model, patches = tiny_m3_and_chorale_patches(vectors)
     encoder = model.encoder.train()
-    text = (vectors / "extract_in/abc/bwv10.7.abc").read_text(encoding="utf-8")
-    patches = torch.tensor(M3Patchilizer(64, 32).encode(text, add_special_patches=True))[None, :32]
     weight = encoder.patch_embedding.weight
     signs = torch.randn(32, weight.shape[0], generator=torch.Generator().manual_seed(0))
 
@@ -162,11 +165,8 @@ def test_autocast_training_lookup_gradient_by_one_hot_gemm(vectors, monkeypatch)
 
 def test_autocast_inference_embeds_by_lookup_in_fp32(vectors, monkeypatch):
     """bf16 extraction: the lookup keeps the patch embedding in fp32, closer to fp32 than a bf16 one-hot Linear."""
-    model = M3Model(TINY)
-    load_model_weights(model, vectors / "tiny_m3.pth")
+    model, patches = tiny_m3_and_chorale_patches(vectors)
     encoder = model.encoder.eval()
-    text = (vectors / "extract_in/abc/bwv10.7.abc").read_text(encoding="utf-8")
-    patches = torch.tensor(M3Patchilizer(64, 32).encode(text, add_special_patches=True))[None, :32]
     masks = torch.ones(1, 32)
     with torch.inference_mode():
         exact = encoder(patches, masks)
