@@ -320,6 +320,8 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
         model, loss_fn = M3Model(config.dims), m3_loss
         if "-" in variant:
             decode_full_length(model.decoder)
+        elif args.m3_decode_groups:
+            model.decoder.decode_groups_on_gpu = True
         flops = [m3_train_flops(b, config.dims, grouped="-" not in variant, lookup=lookup) for b in batches]
     elif task in MODALITY:
         modality = MODALITY[task]
@@ -355,6 +357,8 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
     if not lookup:
         embed_as_reference(model)
     label = f"{variant:20s} {name:8s} {device.type:4s} {str(precision):28s} batch {batch_size:4d}"
+    if task == "m3" and args.m3_decode_groups and cuda and "-" not in variant:
+        label += " groups"
     if args.compile:
         compile_transformers(model)  # as --compile in the trainers; --warmup steps absorb the compilation
         label += " compiled"
@@ -403,6 +407,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top operators of the timed steps of each variant")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument("--m3_decode_groups", action="store_true",
+                        help="M3 on CUDA: decode in length groups, as on the CPU, instead of one full-length pass "
+                             "(M3TokenDecoder.decode_groups_on_gpu); the label says 'groups'")
     parser.add_argument("--compile", action="store_true",
                         help="compile the transformers as the trainers' --compile (raise --warmup: the first steps "
                              "compile)")

@@ -356,6 +356,15 @@ def test_m3_decoding_in_length_groups_equals_decoding_every_position(corpus):  #
         assert torch.allclose(grouped[name], whole[name], atol=1e-6), name
 
 
+def test_m3_decodes_in_groups_on_the_cpu_and_on_a_gpu_only_when_asked():
+    decoder = M3Model(TINY_DIMS).decoder
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decoder.decodes_in_groups(cpu) and not decoder.decodes_in_groups(cuda)
+    decoder.decode_groups_on_gpu = True  # benchmarks/bench_train.py --m3_decode_groups
+    assert decoder.decodes_in_groups(cuda)
+    assert not M3Model(TINY_DIMS).decoder.decodes_in_groups(cuda)  # a setting of that model only
+
+
 def masked_decoder_loss_sum(decoder, features, targets):
     """The reference's decoder loss: GPT-2 under the targets' padding mask, whatever the pads' places."""
     token_embeds = torch.nn.functional.embedding(targets, decoder.base.transformer.wte.weight)

@@ -171,6 +171,12 @@ DECODE_LENGTH_STEP = 16
 class M3TokenDecoder(nn.Module):
     """GPT-2 that reconstructs a patch's characters from its encoder vector."""
 
+    # On a GPU, decode in length groups as on the CPU instead of one full-length pass. Off: one pass was
+    # measured faster on an H200 (below) while cuDNN's attention planned every group's new shape; M3
+    # training now keeps cuDNN out (training.tasks.CUDNN_ATTENTION), so the groups may pay there:
+    # ``benchmarks/bench_train.py --m3_decode_groups`` times them (not measured yet).
+    decode_groups_on_gpu = False
+
     def __init__(self, dims: M3Dims):
         super().__init__()
         self.dims = dims
@@ -196,7 +202,7 @@ class M3TokenDecoder(nn.Module):
         holds ~21 of its 64 ids on average in real music).
         """
         size = target_patches.shape[1]
-        if target_patches.device.type != "cpu":
+        if not self.decodes_in_groups(target_patches.device):
             # On a GPU the one full-length pass is faster: the groups' extra launches and host syncs
             # cost more than the padding saved (H200, default config, batch 16: 48.5 samples/s in
             # one pass vs 18.6 in groups; benchmarks/bench_train.py).
@@ -210,6 +216,9 @@ class M3TokenDecoder(nn.Module):
             loss_sum, predicted = self.loss_sum(patch_features[rows], target_patches[rows, :length])
             total, count = total + loss_sum, count + predicted
         return total, count
+
+    def decodes_in_groups(self, device: torch.device) -> bool:
+        return device.type == "cpu" or self.decode_groups_on_gpu
 
     def loss_sum(self, patch_features: torch.Tensor, target_patches: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(Σ cross-entropy, number of predicted ids) of patches [K, L] (L ≤ patch_size)."""
