@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     import tempfile
 
     batchings = [(b, 0) for b in args.batch_sizes] + [(args.batch_sizes[0], t) for t in args.batch_tokens]
+    wanted = set(files)  # once: each pass keeps the planned jobs of these files
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         references = {}
         for per_position, name in ((True, "extract_m3 (per-position)"), (False, "extract_clamp2 --normalize (music)")):
@@ -214,9 +215,9 @@ def main(argv=None) -> int:
                     for batch_size, batch_tokens in batchings:
                         out = Path(scratch) / f"{per_position}_{dtype}_{compiled}_{batch_size}_{batch_tokens}"
                         plan = plan_jobs(args.music_dir or args.data, out, text=False)
-                        jobs = [j for j in plan.jobs if j.path in set(files)]
+                        jobs = [j for j in plan.jobs if j.path in wanted]
                         if len(jobs) != len(files):  # the rates below would count files never extracted
-                            reasons = [reason for path, reason in plan.failures if path in set(files)]
+                            reasons = [reason for path, reason in plan.failures if path in wanted]
                             raise SystemExit(f"bench_extract: {len(files) - len(jobs)} of {len(files)} files would not "
                                              f"be extracted ({reasons[0] if reasons else 'their outputs exist'})")
                         if compiled:  # compilation is paid once, not timed: the first files, untimed

@@ -229,14 +229,15 @@ class M3TokenDecoder(nn.Module):
         # Pads only trail a patch (a NUL character inside one is the exception): then a causal pass without
         # the padding mask gives every predicted position the same keys, so the same loss, and lets sdpa use
         # its flash kernel instead of the masked one (M3 training on an H200: docs/performance.md).
-        trailing_pads = bool((is_pad[:, 1:] >= is_pad[:, :-1]).all())
-        attention_mask = None if trailing_pads else (~is_pad).long()
+        # One host sync for both counts: the ids predicted, and the pads followed by a non-pad id.
+        predicted, inner_pads = torch.stack(((~is_pad[:, 1:]).sum(), (is_pad[:, :-1] & ~is_pad[:, 1:]).sum())).tolist()
+        attention_mask = (~is_pad).long() if inner_pads else None
         logits = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
         # Position i predicts id i + 1; pads are not predicted. Float32 as transformers' own loss.
         labels = target_patches[:, 1:].masked_fill(is_pad[:, 1:], -100)
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
-        return loss, int((~is_pad[:, 1:]).sum())
+        return loss, predicted
 
 
 class M3Model(nn.Module):
