@@ -240,6 +240,51 @@ def test_worker_dataset_pickles_without_the_model(vectors):
     assert error is None and isinstance(ids, np.ndarray) and ids.shape == (98, 64)
 
 
+def test_chunks_hold_the_same_files_whatever_the_workers(vectors, monkeypatch):
+    # Workers take tasks smaller than a chunk (and crossing chunk boundaries); each chunk must still be
+    # planned as the same consecutive files, so batches and features do not change with the workers.
+    from clamp2.extraction import core
+    from clamp2.patchilizer import M3Patchilizer
+
+    music = sorted((vectors / "extract_in").rglob("*.abc")) + sorted((vectors / "extract_in").rglob("*.mtf"))
+    sources = [("music", music[i % len(music)]) for i in range(11)]
+    sources[6] = ("music", vectors / "extract_in" / "missing.abc")  # a failure inside the second chunk
+    runner = core.KindRunner(core.MusicEncoder(M3Patchilizer(64, 32)),
+                             lambda ids, masks: (ids.sum(dim=2) * masks).cumsum(dim=1)[:, -1:].float(), 32, 0)
+    chunks = []
+    add = core.WindowStream.add
+
+    def recording_add(self, encoded, kinds):
+        chunks.append(sorted(encoded))
+        return add(self, encoded, kinds)
+
+    monkeypatch.setattr(core.WindowStream, "add", recording_add)
+    monkeypatch.setattr(core, "MIN_PIECE", 1)
+    assert core.worker_piece(5, 2) == 3  # tasks [0, 3), [3, 6), [6, 9), [9, 11): two cross a chunk boundary
+    results = {}
+    for workers in (0, 2):
+        chunks.clear()
+        got = list(core.iter_features(sources, {"music": runner}, torch.device("cpu"), False, batch_size=2,
+                                      files_per_chunk=5, num_workers=workers))
+        assert chunks == [[0, 1, 2, 3, 4], [5, 7, 8, 9], [10]]
+        assert sorted(index for index, _, _ in got) == list(range(11))
+        errors = {index: error for index, feature, error in got if error is not None}
+        assert list(errors) == [6] and "missing.abc" in errors[6]
+        results[workers] = {index: feature for index, feature, _ in got if feature is not None}
+    for index, feature in results[0].items():
+        np.testing.assert_array_equal(results[2][index], feature)
+
+
+def test_worker_tasks_split_each_chunk_across_the_workers():
+    from clamp2.extraction.core import MIN_PIECE, worker_piece
+
+    assert worker_piece(4096, 8) == 512  # music21's tunes: all 8 workers tokenize the first chunk
+    assert worker_piece(256, 4) == 64
+    assert worker_piece(256, 0) == worker_piece(256, 1) == 256
+    assert worker_piece(20, 4) == MIN_PIECE == 16
+    assert worker_piece(8, 4) == 8
+
+
 class FakeState:
     def __init__(self, index, count):
         self.process_index, self.num_processes = index, count

@@ -63,3 +63,37 @@ def test_atomic_writes_from_many_threads_into_new_folders(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a folder; pass a file path"):
         atomic_write_bytes(tmp_path / "folder.bin", b"x")
     assert os.listdir(tmp_path / "folder.bin") == [] and not list(tmp_path.glob(".folder.bin*"))
+
+
+def test_temporary_names_differ_in_a_forked_child_and_a_clash_takes_another(tmp_path, monkeypatch):
+    """Temporary names come from a per-process token and a counter (no random bytes per file): a forked
+    writer (a DataLoader worker) must get its own token, and a name already taken must not fail a write."""
+    import itertools
+
+    from clamp2 import files
+    from clamp2.files import atomic_write_bytes, remove_partial_files
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports its next name, then leaves without running pytest's exit handlers
+        os.write(write, files._temporary_name("x.npy").encode())
+        os._exit(0)
+    os.close(write)
+    child_name = os.read(read, 200).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent_name = files._temporary_name("x.npy")
+    assert child_name.startswith(".x.npy.") and child_name.endswith(files.TMP_SUFFIX)
+    assert child_name.split(".")[3][:8] != parent_name.split(".")[3][:8]  # the tokens
+
+    target = tmp_path / "out.npy"
+    monkeypatch.setattr(files, "_TEMPORARY_COUNTER", itertools.count())
+    (tmp_path / files._temporary_name("out.npy")).write_bytes(b"another writer's")  # the name tried first
+    monkeypatch.setattr(files, "_TEMPORARY_COUNTER", itertools.count())
+    atomic_write_bytes(target, b"features")
+    assert target.read_bytes() == b"features"
+    assert remove_partial_files(target) == 1  # only the other writer's file is left
+
+    big = os.urandom(3 << 20)  # several os.write calls where the kernel takes less at a time
+    atomic_write_bytes(str(tmp_path / "new" / "big.npy"), big)
+    assert (tmp_path / "new" / "big.npy").read_bytes() == big and os.listdir(tmp_path / "new") == ["big.npy"]
