@@ -12,7 +12,10 @@ included):
 - batched: this project's driver (MertFeatureExtractor.iter_files): full windows of many files
   in one forward pass, files decoded in DataLoader workers while the model runs;
 - reference scheme: decode a file, then one 5-s window per forward pass (batch 1), as the
-  reference extract_mert.py does.
+  reference extract_mert.py does;
+- the host alone: the workers' decoding (and resampling and z-score) with no model, the rate no
+  device can pass; with --resample_on_device also decoding only, and the batched driver again
+  with resampling and the z-score on the device (MertFeatureExtractor(resample_on_device=True)).
 The model is MERT-form with random weights (speed does not depend on the values): MERT-v1-95M's
 sizes (--size full) or the test vectors' tiny sizes. MFU = model FLOPs (conv front end +
 transformer, clamp2.models.mert.forward_flops) per second / --peak_tflops (default: H100/H200 dense
@@ -45,7 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each file (pieces are looped)")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="decoding processes (default: process_data/extract_mert.py's default)")
+    parser.add_argument("--resample_on_device", action="store_true",
+                        help="also time the driver with resampling and the z-score on --device (workers only decode)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], help="fp32, bf16, fp16 (the latter two on CUDA)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="peak of the device for MFU")
@@ -112,6 +118,18 @@ def reference_scheme(model, paths, device, precision) -> int:
     return windows
 
 
+def host_alone(paths, num_workers: int, decode_only: bool) -> float:
+    """Seconds the extraction's decoding workers take over ``paths`` with no model."""
+    from clamp2.extraction.mert import _WaveDataset, _identity
+
+    loader = torch.utils.data.DataLoader(_WaveDataset(paths, decode_only=decode_only), batch_size=1,
+                                         num_workers=num_workers, collate_fn=_identity)
+    start = time.perf_counter()
+    failed = [error for [(_, _, _, error)] in loader if error is not None]
+    assert not failed, failed
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from clamp2.attention import set_attention
@@ -120,8 +138,12 @@ def main(argv=None) -> int:
     from clamp2.extraction.mert import MertFeatureExtractor
     from clamp2.models.mert import build_mert, forward_flops
 
+    from clamp2.extraction.core import default_workers
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.num_workers is None:
+        args.num_workers = default_workers()
     device = torch.device(args.device)
     paths = audio_files(args.data, args.files, args.seconds, args.audio)
     bounds = [load_windows(p)[1] for p in paths]
@@ -137,10 +159,16 @@ def main(argv=None) -> int:
     print(f"MERT {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {args.attention} "
           f"attention) on {name}; "
           f"{len(paths)} files, {audio_seconds:.0f} s of audio, {windows} windows, "
-          f"{flops / windows / 1e9:.1f} GFLOP per window")
+          f"{flops / windows / 1e9:.1f} GFLOP per window; {args.num_workers} decoding workers")
+    for decode_only in (False, True) if args.resample_on_device else (False,):
+        elapsed = host_alone(paths, args.num_workers, decode_only)
+        what = "decode only" if decode_only else "decode, resample, z-score"
+        print(f"{'host alone (' + what + ')':<40}      {audio_seconds / elapsed:8.1f} s of audio/s  "
+              f"{windows / elapsed:7.2f} windows/s  (the model keeps pace at {flops / elapsed / 1e12:.3f} TFLOP/s)",
+              flush=True)
 
     def report(label, dtype, elapsed):
-        line = (f"{label:<36} {dtype}: {audio_seconds / elapsed:8.1f} s of audio/s  {windows / elapsed:7.2f} windows/s"
+        line = (f"{label:<40} {dtype}: {audio_seconds / elapsed:8.1f} s of audio/s  {windows / elapsed:7.2f} windows/s"
                 f"  {flops / elapsed / 1e12:7.3f} TFLOP/s")
         peak = args.peak_tflops or (PEAK_TFLOPS[dtype] if device.type == "cuda" else None)
         if peak:
@@ -152,9 +180,10 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    variants = [(False, False)] + [(True, False)] * args.compile + [(False, True)] * args.resample_on_device
     for dtype in args.dtypes:
-        for compiled in (False, True) if args.compile else (False,):
-            extractor = MertFeatureExtractor(model, device, dtype, args.batch_size)
+        for compiled, on_device in variants:
+            extractor = MertFeatureExtractor(model, device, dtype, args.batch_size, resample_on_device=on_device)
             if compiled:
                 extractor.model = torch.compile(model, dynamic=True)
             list(extractor.iter_files(paths[:1]))  # warm-up (kernels, allocator; compilation)
@@ -163,9 +192,10 @@ def main(argv=None) -> int:
             done = sum(1 for _, array, _ in extractor.iter_files(paths, num_workers=args.num_workers)
                        if array is not None)
             sync()
-            label = f"batched (batch {args.batch_size}{', compiled' if compiled else ''})"
+            label = (f"batched (batch {args.batch_size}{', compiled' if compiled else ''}"
+                     f"{', resampled on device' if on_device else ''})")
             elapsed = report(label, dtype, time.perf_counter() - start)
-            batched = batched if compiled else elapsed
+            batched = elapsed if not (compiled or on_device) else batched
             assert done == len(paths)
         if not args.skip_reference:
             start = time.perf_counter()

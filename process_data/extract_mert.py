@@ -44,6 +44,9 @@ def parse_args(argv=None):
                         help="write [13, n, 768] (every hidden state) instead of the layer mean; CLaMP 3 cannot read it")
     parser.add_argument("--num_workers", type=int, default=default_workers(),
                         help="processes that decode and resample files ahead of the model (0: in the main process)")
+    parser.add_argument("--resample_on_device", action="store_true",
+                        help="workers only decode; resampling to 24 kHz and the z-score run on --device (for a GPU "
+                             "whose host cannot decode and resample fast enough; same features up to ~1e-6)")
     add_attention_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="recompute features that already exist")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
     try:
         state, device = process_state(args.device)
         model = set_attention(load_mert(args.model, device), args.attention)
-        extractor = MertFeatureExtractor(model, device, args.dtype, args.batch_size, all_layers=args.all_layers)
+        extractor = MertFeatureExtractor(model, device, args.dtype, args.batch_size, all_layers=args.all_layers,
+                                         resample_on_device=args.resample_on_device)
     except (OSError, RuntimeError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

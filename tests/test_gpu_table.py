@@ -41,6 +41,8 @@ def test_smoke_table_runs_every_bench_with_its_arguments(tmp_path):
     assert sum("host only" in line for line in lines) == 2, log
     assert any(line.startswith("global       audio") for line in lines), log
     assert any("s of audio/s" in line for line in lines), log
+    assert any(line.startswith("host alone (decode only)") for line in lines), log  # MERT's host ceiling
+    assert any(line.startswith("batched (batch 4, resampled on device)") for line in lines), log
     assert any(line.startswith("profile of m3") for line in lines), log
     # The table's lines are repeated at the end, on stdout.
     assert "samples/s" in result.stdout.split("== table lines", 1)[1]

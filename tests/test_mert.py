@@ -117,10 +117,13 @@ def test_flop_count_matches_torch_flop_counter():
 
 # -- features ------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("resample_on_device", [False, True])
 @pytest.mark.parametrize("all_layers,folder", [(False, "mert_mean"), (True, "mert_all")])
-def test_features_match_the_reference_pipeline(tiny_model, all_layers, folder):
+def test_features_match_the_reference_pipeline(tiny_model, all_layers, folder, resample_on_device):
+    # resample_on_device: the workers only decode; resampling and the z-score run where the model does.
     paths = sorted(AUDIO_IN.iterdir())
-    extractor = MertFeatureExtractor(tiny_model, "cpu", batch_size=2, all_layers=all_layers)
+    extractor = MertFeatureExtractor(tiny_model, "cpu", batch_size=2, all_layers=all_layers,
+                                     resample_on_device=resample_on_device)
     results = {paths[i].stem: (array, error) for i, array, error in extractor.iter_files(paths)}
     assert results["banish_misfortune_48k_stereo_f32"][0] is None
     assert "shorter than 1 s" in results["banish_misfortune_48k_stereo_f32"][1]
@@ -182,16 +185,63 @@ def test_batches_group_full_windows_and_equal_short_windows(tiny_model, rendered
     _, files = rendered
     extractor = MertFeatureExtractor(tiny_model, "cpu", batch_size=8)
     shapes = []
-    original = extractor.window_states
+    original = extractor.launch_states
 
     def spy(windows):
         shapes.append(tuple(windows.shape))
         return original(windows)
 
-    extractor.window_states = spy
+    extractor.launch_states = spy
     list(extractor.iter_files(list(files.values())))
     # The 3 full windows of 3 files in one batch; the three 2.5-s windows together; the 1.2-s one alone.
     assert sorted(shapes) == sorted([(3, 120000), (3, 60000), (1, 28800)])
+
+
+def test_device_resampling_and_z_score_equal_the_host_ones():
+    from clamp2.extraction.audio import (load_mono, load_wave, normalize, normalize_tensor, resample,
+                                         resample_tensor)
+
+    for path in sorted(AUDIO_IN.iterdir()):
+        mono, rate = load_mono(path)
+        resampled = resample_tensor(torch.from_numpy(mono), rate)
+        assert np.array_equal(resampled.numpy(), resample(mono, rate)), path.name  # the same operations
+        wave = normalize_tensor(resampled).numpy()
+        np.testing.assert_allclose(wave, normalize(resample(mono, rate)), rtol=0, atol=2e-6)
+        np.testing.assert_allclose(wave, load_wave(path), rtol=0, atol=2e-6)
+
+
+def test_device_resampling_turns_tf32_off_for_its_convolution_only():
+    # cuDNN's default TF32 would round the samples to 10 mantissa bits on CUDA; the flags are process state.
+    from clamp2.extraction.audio import _full_precision_convolutions
+
+    cudnn = torch.backends.cudnn
+    before = (cudnn.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic)
+    with _full_precision_convolutions(torch.device("cuda")):
+        assert not cudnn.allow_tf32 and (cudnn.enabled, cudnn.benchmark, cudnn.deterministic) == before[1:]
+    assert (cudnn.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic) == before
+    with _full_precision_convolutions(torch.device("cpu")):
+        assert cudnn.allow_tf32 == before[0]
+
+
+def test_a_batch_is_fetched_after_the_next_is_queued(tiny_model, rendered):
+    _, files = rendered
+    extractor = MertFeatureExtractor(tiny_model, "cpu", batch_size=1)
+    events = []
+    launch, fetch = extractor.launch_states, extractor._fetch_groups
+
+    def spy_launch(windows):
+        events.append("launch")
+        return launch(windows)
+
+    def spy_fetch(launched, count):
+        events.append("fetch")
+        return fetch(launched, count)
+
+    extractor.launch_states, extractor._fetch_groups = spy_launch, spy_fetch
+    paths = [files["long.wav"], files["exact.wav"]]  # 2 full windows and a 2.5-s one: 3 batches of 1
+    results = {index: array for index, array, error in extractor.iter_files(paths)}
+    assert events == ["launch", "launch", "fetch", "launch", "fetch", "fetch"]
+    assert sorted(results) == [0, 1] and results[0].shape == (1, 2, 64) and results[1].shape == (1, 1, 64)
 
 
 # -- the script ----------------------------------------------------------------------------------
@@ -249,6 +299,16 @@ def test_script_on_a_mixed_folder(tiny_model, mixed_folder, tmp_path, capsys):
     all_out = tmp_path / "all"
     assert script.main(argv[:1] + [str(all_out)] + argv[2:] + ["--all_layers"]) == 1
     assert np.load(all_out / "long.npy").shape == (3, 2, 64)
+
+    # Resampling on the device: the same files written, the same failures, the same features up to rounding.
+    device_out = tmp_path / "device"
+    assert script.main(argv[:1] + [str(device_out)] + argv[2:] + ["--resample_on_device"]) == 1
+    assert "extracted 6, skipped 0 existing, failed 3" in capsys.readouterr().err
+    assert sorted(p.relative_to(device_out).as_posix() for p in device_out.rglob("*.npy")) == written
+    device_log = dict(line.split("\t") for line in (device_out / "failed_extract_mert.log").read_text().splitlines())
+    assert device_log == log
+    for name in written:
+        assert np.abs(np.load(device_out / name) - np.load(out / name)).max() < FEATURE_TOLERANCE, name
 
 
 def test_script_usage_and_model_errors(tmp_path, capsys, rendered):

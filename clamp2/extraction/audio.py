@@ -89,14 +89,33 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int = MERT_SAMPLE_RATE)
     """[frames] float32 at ``orig_rate`` → [ceil(n·frames/o)] float32 at ``new_rate`` (unchanged if equal)."""
     if int(orig_rate) == int(new_rate):
         return wave
+    return resample_tensor(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), orig_rate, new_rate).numpy()
+
+
+def resample_tensor(wave: torch.Tensor, orig_rate: int, new_rate: int = MERT_SAMPLE_RATE) -> torch.Tensor:
+    """:func:`resample` of a float32 tensor on any device (on the CPU the same operations, to the bit).
+
+    On CUDA the convolution runs with TF32 off: cuDNN's default would round the samples to 10
+    mantissa bits.
+    """
+    if int(orig_rate) == int(new_rate):
+        return wave
     kernel, width, o, n = sinc_kernel(int(orig_rate), int(new_rate))
     length = wave.shape[-1]
-    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).view(1, 1, -1)
-    x = torch.nn.functional.pad(x, (width, width + o))
-    with torch.no_grad():
-        phases = torch.nn.functional.conv1d(x, kernel, stride=o)  # [1, n, frames]
-    out = phases.transpose(1, 2).reshape(-1)[: resampled_length(length, orig_rate, new_rate)]
-    return out.numpy()
+    x = torch.nn.functional.pad(wave.view(1, 1, -1), (width, width + o))
+    with torch.no_grad(), _full_precision_convolutions(wave.device):
+        phases = torch.nn.functional.conv1d(x, kernel.to(wave.device), stride=o)  # [1, n, frames]
+    return phases.transpose(1, 2).reshape(-1)[: resampled_length(length, orig_rate, new_rate)]
+
+
+def _full_precision_convolutions(device: torch.device):
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
 
 
 def normalize(wave: np.ndarray) -> np.ndarray:
@@ -105,12 +124,24 @@ def normalize(wave: np.ndarray) -> np.ndarray:
     return (wave - wave.mean()) / np.sqrt(wave.var() + NORM_EPSILON)
 
 
-def load_wave(path: str | os.PathLike, normalized: bool = True) -> np.ndarray:
-    """A file's MERT input: decoded, channels averaged, resampled to 24 kHz, z-scored ([N] float32)."""
+def normalize_tensor(wave: torch.Tensor) -> torch.Tensor:
+    """:func:`normalize` in torch on the wave's device (float32; sums in another order: ~1e-7 relative)."""
+    variance, mean = torch.var_mean(wave, correction=0)
+    return (wave - mean) / torch.sqrt(variance + NORM_EPSILON)
+
+
+def load_mono(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
+    """``(channel mean [frames] float32, sample rate)`` of an audio file; no samples is an :class:`AudioError`."""
     samples, rate = decode(path)
     if samples.shape[1] == 0:
         raise AudioError("empty audio (no samples)")
-    wave = resample(to_mono(samples), rate)
+    return to_mono(samples), rate
+
+
+def load_wave(path: str | os.PathLike, normalized: bool = True) -> np.ndarray:
+    """A file's MERT input: decoded, channels averaged, resampled to 24 kHz, z-scored ([N] float32)."""
+    mono, rate = load_mono(path)
+    wave = resample(mono, rate)
     return normalize(wave) if normalized else wave
 
 
@@ -124,10 +155,15 @@ def window_bounds(length: int) -> List[Tuple[int, int]]:
     return bounds
 
 
+def track_windows(length: int) -> List[Tuple[int, int]]:
+    """:func:`window_bounds` of a track of ``length`` 24 kHz samples; none is an :class:`AudioError`."""
+    bounds = window_bounds(length)
+    if not bounds:
+        raise AudioError(f"shorter than 1 s ({length / MERT_SAMPLE_RATE:.2f} s at 24 kHz): no MERT window")
+    return bounds
+
+
 def load_windows(path: str | os.PathLike) -> Tuple[np.ndarray, List[Tuple[int, int]]]:
     """``(normalized 24 kHz wave, window bounds)``; a track without a window is an :class:`AudioError`."""
     wave = load_wave(path)
-    bounds = window_bounds(len(wave))
-    if not bounds:
-        raise AudioError(f"shorter than 1 s ({len(wave) / MERT_SAMPLE_RATE:.2f} s at 24 kHz): no MERT window")
-    return wave, bounds
+    return wave, track_windows(len(wave))
