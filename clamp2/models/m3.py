@@ -172,7 +172,8 @@ class M3TokenDecoder(nn.Module):
     """GPT-2 that reconstructs a patch's characters from its encoder vector."""
 
     # On a GPU, decode in length groups as on the CPU instead of one full-length pass. Off: one pass was
-    # measured faster on an H200 (below) while cuDNN's attention planned every group's new shape; M3
+    # measured faster on an H200 (48.5 samples/s against 18.6 in groups, default config, batch 16) while
+    # cuDNN's attention planned every group's new shape and each group synced with the host twice; M3
     # training now keeps cuDNN out (training.tasks.CUDNN_ATTENTION), so the groups may pay there:
     # ``benchmarks/bench_train.py --m3_decode_groups`` times them (not measured yet).
     decode_groups_on_gpu = False
@@ -203,25 +204,42 @@ class M3TokenDecoder(nn.Module):
         """
         size = target_patches.shape[1]
         if not self.decodes_in_groups(target_patches.device):
-            # On a GPU the one full-length pass is faster: the groups' extra launches and host syncs
-            # cost more than the padding saved (H200, default config, batch 16: 48.5 samples/s in
-            # one pass vs 18.6 in groups; benchmarks/bench_train.py).
+            # On a GPU one full-length pass unless asked (decode_groups_on_gpu; see the class's comment).
             return self.loss_sum(patch_features, target_patches)
-        filled = (target_patches != PAD_TOKEN_ID) * torch.arange(1, size + 1, device=target_patches.device)
+        is_pad = target_patches == PAD_TOKEN_ID
+        filled = (~is_pad) * torch.arange(1, size + 1, device=target_patches.device)
         groups = (filled.amax(dim=1) + DECODE_LENGTH_STEP - 1) // DECODE_LENGTH_STEP
-        total, count = patch_features.new_zeros((), dtype=torch.float32), 0
-        for group in groups.unique().tolist():
-            rows = (groups == group).nonzero().squeeze(1)
+        group_count = (size + DECODE_LENGTH_STEP - 1) // DECODE_LENGTH_STEP + 1
+        # One host sync for the whole call: each group's size, its patches with a pad inside, and the ids
+        # predicted (scatter_add, not bincount or boolean indexing, which sync on CUDA by themselves).
+        sizes = groups.new_zeros(group_count).scatter_add_(0, groups, torch.ones_like(groups))
+        inner = groups.new_zeros(group_count).scatter_add_(0, groups, inner_pads(is_pad).long())
+        stats = torch.cat((sizes, inner, (~is_pad[:, 1:]).sum().view(1))).tolist()
+        sizes, inner, predicted = stats[:group_count], stats[group_count:-1], stats[-1]
+        order = torch.argsort(groups, stable=True)  # each group's rows in their order, groups ascending
+        total, start = patch_features.new_zeros((), dtype=torch.float32), 0
+        for group, count in enumerate(sizes):
+            if not count:
+                continue
+            rows, start = order[start:start + count], start + count
             length = min(max(group, 1) * DECODE_LENGTH_STEP, size)
-            loss_sum, predicted = self.loss_sum(patch_features[rows], target_patches[rows, :length])
-            total, count = total + loss_sum, count + predicted
-        return total, count
+            total = total + self._cross_entropy_sum(patch_features[rows], target_patches[rows, :length],
+                                                    masked=bool(inner[group]))
+        return total, predicted
 
     def decodes_in_groups(self, device: torch.device) -> bool:
         return device.type == "cpu" or self.decode_groups_on_gpu
 
     def loss_sum(self, patch_features: torch.Tensor, target_patches: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(Σ cross-entropy, number of predicted ids) of patches [K, L] (L ≤ patch_size)."""
+        is_pad = target_patches == PAD_TOKEN_ID
+        # One host sync for both counts: the ids predicted, and the pads followed by a non-pad id.
+        predicted, inner = torch.stack(((~is_pad[:, 1:]).sum(), inner_pads(is_pad).sum())).tolist()
+        return self._cross_entropy_sum(patch_features, target_patches, masked=bool(inner)), predicted
+
+    def _cross_entropy_sum(self, patch_features: torch.Tensor, target_patches: torch.Tensor,
+                           masked: bool) -> torch.Tensor:
+        """Σ cross-entropy of the non-pad ids after position 0; ``masked``: some pad has a non-pad id after it."""
         token_embeds = F.embedding(target_patches, self.base.transformer.wte.weight)
         # The encoder vector takes the place of the bos token: position 0 conditions the patch.
         inputs_embeds = torch.cat((patch_features.unsqueeze(1), token_embeds[:, 1:, :]), dim=1)
@@ -229,15 +247,17 @@ class M3TokenDecoder(nn.Module):
         # Pads only trail a patch (a NUL character inside one is the exception): then a causal pass without
         # the padding mask gives every predicted position the same keys, so the same loss, and lets sdpa use
         # its flash kernel instead of the masked one (M3 training on an H200: docs/performance.md).
-        # One host sync for both counts: the ids predicted, and the pads followed by a non-pad id.
-        predicted, inner_pads = torch.stack(((~is_pad[:, 1:]).sum(), (is_pad[:, :-1] & ~is_pad[:, 1:]).sum())).tolist()
-        attention_mask = (~is_pad).long() if inner_pads else None
+        attention_mask = (~is_pad).long() if masked else None
         logits = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
         # Position i predicts id i + 1; pads are not predicted. Float32 as transformers' own loss.
         labels = target_patches[:, 1:].masked_fill(is_pad[:, 1:], -100)
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
-        return loss, predicted
+
+
+def inner_pads(is_pad: torch.Tensor) -> torch.Tensor:
+    """Per patch [K, L] → [K]: whether a pad id has a non-pad id after it (a NUL character inside the patch)."""
+    return (is_pad[:, :-1] & ~is_pad[:, 1:]).any(dim=1)
 
 
 class M3Model(nn.Module):
