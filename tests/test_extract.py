@@ -275,6 +275,19 @@ def test_chunks_hold_the_same_files_whatever_the_workers(vectors, monkeypatch):
         np.testing.assert_array_equal(results[2][index], feature)
 
 
+def test_host_copy_gives_the_outputs_in_float32():
+    # On CUDA the copy starts as soon as the batch is queued (pinned memory, an event to wait on); on
+    # the CPU it is the tensor itself, in float32 as features are saved.
+    from clamp2.extraction.core import HostCopy
+
+    states = torch.randn(3, 5, 8, dtype=torch.bfloat16)
+    copied = HostCopy(states)
+    assert copied.done is None
+    assert copied.wait().dtype == torch.float32 and torch.equal(copied.wait(), states.float())
+    exact = torch.randn(2, 8)
+    assert HostCopy(exact).wait() is exact
+
+
 def test_worker_tasks_split_each_chunk_across_the_workers():
     from clamp2.extraction.core import MIN_PIECE, worker_piece
 

@@ -267,6 +267,34 @@ def launch_batch(windows: Sequence[torch.Tensor], forward: Callable[[torch.Tenso
     return forward(ids, masks)
 
 
+class HostCopy:
+    """A batch's output, copied to host memory (float32) as soon as the device has computed it.
+
+    The copy is queued right behind the batch that makes it: fetching ``.cpu()`` later would queue
+    it behind the batches launched since, and wait for those too, leaving the device idle while
+    the host gathers. On CUDA it goes into pinned memory, asynchronously; :meth:`wait` blocks
+    only until this copy is done. On the CPU it is the tensor itself.
+    """
+
+    __slots__ = ("host", "done")
+
+    def __init__(self, result: torch.Tensor):
+        result = result.float()
+        self.done = None
+        if result.device.type == "cuda":
+            self.host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+            self.host.copy_(result, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host = result.cpu()
+
+    def wait(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host
+
+
 @dataclass
 class KindRunner:
     """How one input kind (text, music, audio) is encoded and run.
@@ -344,7 +372,7 @@ class WindowStream:
         self.batch_size = batch_size
         self.batch_tokens = batch_tokens
         self.open_files: Dict[int, _OpenFile] = {}
-        self.queued: Optional[Tuple[list, torch.Tensor]] = None
+        self.queued: Optional[Tuple[list, HostCopy]] = None
 
     def add(self, encoded: Dict[int, torch.Tensor], kinds: Sequence[str]) -> List[Tuple[int, np.ndarray, None]]:
         """Launch the windows of ``encoded`` (index → ids; ``kinds[index]`` its runner's key)."""
@@ -361,8 +389,8 @@ class WindowStream:
                     windows += [(i, slot, ids[start:start + runner.max_length]) for slot, start in enumerate(starts)]
                 for batch in plan_batches([len(w[2]) for w in windows], self.batch_size, self.batch_tokens):
                     members = [windows[j] for j in batch]
-                    result = launch_batch([w[2] for w in members], runner.forward, runner.pad_value, self.device,
-                                          runner.dtype)
+                    result = HostCopy(launch_batch([w[2] for w in members], runner.forward, runner.pad_value,
+                                                   self.device, runner.dtype))
                     # Fetching waits for the device: fetch the previous batch now that this one is queued.
                     if self.queued is not None:
                         done += self._collect(*self.queued)
@@ -378,8 +406,8 @@ class WindowStream:
             self.queued = None
         return done
 
-    def _collect(self, members: list, result: torch.Tensor) -> List[Tuple[int, np.ndarray, None]]:
-        result = result.float().cpu()
+    def _collect(self, members: list, result: HostCopy) -> List[Tuple[int, np.ndarray, None]]:
+        result = result.wait()
         done = []
         for row, (i, slot, ids) in enumerate(members):
             open_file = self.open_files[i]

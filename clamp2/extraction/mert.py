@@ -26,7 +26,7 @@ import torch
 from ..files import find_files, mirror_path
 from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, load_windows,
                     normalize_tensor, resample_tensor, track_windows)
-from .core import Job, Plan, autocast_context, save_npy, shard, skip_existing, write_failure_log
+from .core import HostCopy, Job, Plan, autocast_context, save_npy, shard, skip_existing, write_failure_log
 
 
 class MertFeatureExtractor:
@@ -65,7 +65,7 @@ class MertFeatureExtractor:
 
     def window_states(self, windows: torch.Tensor) -> torch.Tensor:
         """:meth:`launch_states`, fetched to the CPU."""
-        return self.launch_states(windows).cpu()
+        return HostCopy(self.launch_states(windows)).wait()
 
     def file_array(self, window_states: torch.Tensor) -> np.ndarray:
         """[n, L+1, D] of a file's windows → what is saved: [1, n, D] layer mean, or [L+1, n, D]."""
@@ -74,8 +74,8 @@ class MertFeatureExtractor:
             states = states.mean(dim=0, keepdim=True)
         return states.contiguous().numpy().astype(np.float32, copy=False)
 
-    def _launch_groups(self, windows: Sequence[torch.Tensor]) -> List[Tuple[List[int], torch.Tensor]]:
-        """Equal-length windows batched together: ``(positions in windows, queued states)`` per batch."""
+    def _launch_groups(self, windows: Sequence[torch.Tensor]) -> List[Tuple[List[int], HostCopy]]:
+        """Equal-length windows batched together: ``(positions in windows, states on their way to the host)``."""
         by_length: Dict[int, List[int]] = {}
         for i, window in enumerate(windows):
             by_length.setdefault(len(window), []).append(i)
@@ -83,14 +83,14 @@ class MertFeatureExtractor:
         for members in by_length.values():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
-                launched.append((chunk, self.launch_states(torch.stack([windows[i] for i in chunk]))))
+                launched.append((chunk, HostCopy(self.launch_states(torch.stack([windows[i] for i in chunk])))))
         return launched
 
     @staticmethod
     def _fetch_groups(launched, count: int) -> List[torch.Tensor]:
         out: List[Optional[torch.Tensor]] = [None] * count
         for chunk, states in launched:
-            states = states.cpu()
+            states = states.wait()
             for row, i in enumerate(chunk):
                 out[i] = states[row]
         return out
