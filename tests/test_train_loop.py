@@ -376,19 +376,34 @@ def masked_decoder_loss_sum(decoder, features, targets):
                                              ignore_index=-100, reduction="sum")
 
 
+def decoder_case(corpus):  # noqa: F811
+    """A tiny M3 (eval: no dropout), the selected patches of 4 real tunes, random encoder vectors."""
+    from clamp2.training.data import M3Dataset, collate_m3
+
+    dataset = M3Dataset(sorted(corpus.rglob("*.abc")), M3Patchilizer(64, 32), 0.45, training=True)
+    batch = collate_m3([dataset[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = M3Model(TINY_DIMS).eval()
+    targets = batch["target_patches"].reshape(4, -1, 64)[batch["selected_indices"].bool()]
+    features = torch.randn(len(targets), TINY_DIMS.hidden_size, generator=torch.Generator().manual_seed(1))
+    return model.decoder, targets, features.requires_grad_(True)
+
+
+def assert_equals_the_masked_pass(decoder, features, targets, loss_sum, predicted):
+    assert predicted == int((targets[:, 1:] != 0).sum())
+    reference = masked_decoder_loss_sum(decoder, features, targets)
+    assert torch.allclose(loss_sum, reference, rtol=1e-6, atol=1e-5)
+    ours_grad, = torch.autograd.grad(loss_sum, features)
+    reference_grad, = torch.autograd.grad(reference, features)
+    assert torch.allclose(ours_grad, reference_grad, atol=1e-6)
+
+
 @pytest.mark.parametrize("inner_nul", [False, True])
 def test_m3_decoder_loss_equals_the_padding_masked_pass(corpus, inner_nul):  # noqa: F811
     # Real patches pad only at their end, so the decoder drops the padding mask (causal attention alone
     # gives each predicted position the same keys). A NUL character inside a patch is a pad id that
     # the mask must still hide: then the mask is kept.
-    from clamp2.training.data import M3Dataset, collate_m3
-
-    files = sorted(corpus.rglob("*.abc"))
-    dataset = M3Dataset(files, M3Patchilizer(64, 32), 0.45, training=True)
-    batch = collate_m3([dataset[i] for i in range(4)])
-    torch.manual_seed(0)
-    model = M3Model(TINY_DIMS).eval()
-    targets = batch["target_patches"].reshape(4, -1, 64)[batch["selected_indices"].bool()]
+    decoder, targets, features = decoder_case(corpus)
     is_pad = targets == 0
     assert bool((is_pad[:, 1:] >= is_pad[:, :-1]).all()) and is_pad.any()  # trailing pads, as real data has
     if inner_nul:
@@ -396,34 +411,17 @@ def test_m3_decoder_loss_equals_the_padding_masked_pass(corpus, inner_nul):  # n
         assert long_rows.any()
         targets = targets.clone()
         targets[long_rows, 4] = 0
-    features = torch.randn(len(targets), TINY_DIMS.hidden_size, generator=torch.Generator().manual_seed(1))
-    features.requires_grad_(True)
-    loss_sum, predicted = model.decoder.loss_sum(features, targets)
-    assert predicted == int((targets[:, 1:] != 0).sum())
-    reference = masked_decoder_loss_sum(model.decoder, features, targets)
-    assert torch.allclose(loss_sum, reference, rtol=1e-6, atol=1e-5)
-    ours_grad, = torch.autograd.grad(loss_sum, features)
-    reference_grad, = torch.autograd.grad(reference, features)
-    assert torch.allclose(ours_grad, reference_grad, atol=1e-6)
+    assert_equals_the_masked_pass(decoder, features, targets, *decoder.loss_sum(features, targets))
 
 
 def test_m3_grouped_decoding_equals_the_masked_pass_with_one_host_sync(corpus, monkeypatch):  # noqa: F811
     # Length groups (the CPU's way, and a GPU's with decode_groups_on_gpu): one host sync for all groups
     # together on real patches (pads only trail), and a group holding a patch with a NUL inside keeps
     # the padding mask (transformers then reads the mask: its own syncs, in that rare case only).
-    from clamp2.training.data import M3Dataset, collate_m3
-
-    files = sorted(corpus.rglob("*.abc"))
-    dataset = M3Dataset(files, M3Patchilizer(64, 32), 0.45, training=True)
-    batch = collate_m3([dataset[i] for i in range(4)])
-    torch.manual_seed(0)
-    model = M3Model(TINY_DIMS).eval()
-    real = batch["target_patches"].reshape(4, -1, 64)[batch["selected_indices"].bool()]
+    decoder, real, features = decoder_case(corpus)
     assert len(((((real != 0) * torch.arange(1, 65)).amax(dim=1) + 15) // 16).unique()) >= 3
     with_nul = real.clone()
     with_nul[(real != 0).sum(dim=1) > 20, 4] = 0  # NULs inside the longer patches only: some groups masked
-    features = torch.randn(len(real), TINY_DIMS.hidden_size, generator=torch.Generator().manual_seed(1))
-    features.requires_grad_(True)
     for targets in (real, with_nul):
         syncs = []
         for method in ("tolist", "item", "nonzero", "__bool__", "__int__"):
@@ -431,16 +429,11 @@ def test_m3_grouped_decoding_equals_the_masked_pass_with_one_host_sync(corpus, m
             monkeypatch.setattr(torch.Tensor, method,
                                 lambda self, *a, _name=method, _original=original, **k: syncs.append(_name)
                                 or _original(self, *a, **k))
-        loss_sum, predicted = model.decoder.grouped_loss_sum(features, targets)
+        loss_sum, predicted = decoder.grouped_loss_sum(features, targets)
         monkeypatch.undo()
         if targets is real:
             assert syncs == ["tolist"]
-        assert predicted == int((targets[:, 1:] != 0).sum())
-        reference = masked_decoder_loss_sum(model.decoder, features, targets)
-        assert torch.allclose(loss_sum, reference, rtol=1e-6, atol=1e-5)
-        ours_grad, = torch.autograd.grad(loss_sum, features)
-        reference_grad, = torch.autograd.grad(reference, features)
-        assert torch.allclose(ours_grad, reference_grad, atol=1e-6)
+        assert_equals_the_masked_pass(decoder, features, targets, loss_sum, predicted)
 
 
 @pytest.mark.parametrize("name,cudnn", [("m3", False), ("clamp2", True)])
