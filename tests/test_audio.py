@@ -143,3 +143,19 @@ def test_mp3_decodes_close_to_the_wav_of_the_same_audio(chorale_midi, tmp_path):
     mp3 = audio.load_wave(tmp_path / "x.mp3", normalized=False)
     assert mp3.shape == wav.shape  # libsndfile trims the encoder delay: no shift
     assert np.sqrt(((wav - mp3) ** 2).mean()) < 0.05 * np.sqrt((wav ** 2).mean())
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+def test_mono_from_interleaved_frames_has_the_bits_of_torchs_channel_mean(tmp_path, channels):
+    # MERT's workers average the channels without transposing first; the result must not move a bit.
+    rng = np.random.default_rng(channels)
+    data = (rng.standard_normal((48000, channels)) * rng.choice([1e-6, 1e-3, 0.5, 3.0], size=(48000, channels)))
+    path = tmp_path / "x.wav"
+    soundfile.write(path, data.astype(np.float32), 16000, subtype="FLOAT")
+    samples, rate = audio.decode(path)
+    mono, mono_rate = audio.load_mono(path)
+    assert mono_rate == rate == 16000 and mono.dtype == np.float32 and mono.flags.c_contiguous
+    assert np.array_equal(mono, audio.to_mono(samples))
+    for real in sorted(AUDIO_IN.iterdir()):  # the reference vectors' files: mono and stereo, integer and float
+        samples, _ = audio.decode(real)
+        assert np.array_equal(audio.load_mono(real)[0], audio.to_mono(samples)), real.name
