@@ -291,7 +291,7 @@ def measure(model, batches, compute_loss, device, precision: Precision, steps: i
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()
-            loss = train_step(model, batches[step], compute_loss, optimizer, lr_sched, scaler, precision)  # syncs
+            loss = train_step(model, batches[step], compute_loss, optimizer, lr_sched, scaler, precision).item()
             if step >= warmup:
                 times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)

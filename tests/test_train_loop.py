@@ -436,6 +436,41 @@ def test_m3_grouped_decoding_equals_the_masked_pass_with_one_host_sync(corpus, m
         assert_equals_the_masked_pass(decoder, features, targets, loss_sum, predicted)
 
 
+def test_each_steps_loss_is_read_after_the_next_step_is_queued(tiny_env, tmp_path, corpus, trainers,  # noqa: F811
+                                                               monkeypatch):
+    # Reading a loss waits for its whole step on a GPU: read once the next step is queued, the device
+    # always has a step to run. The epoch's loss is still the mean of every step's.
+    from clamp2.training import loop
+
+    events, losses = [], []
+    train_step = loop.train_step
+
+    class Unread:
+        def __init__(self, loss, index):
+            self.loss, self.index = loss, index
+
+        def item(self):
+            events.append(("read", self.index))
+            return self.loss.item()
+
+    def recording_step(*args, **kwargs):
+        index = len(losses)
+        events.append(("step", index))
+        loss = train_step(*args, **kwargs)
+        losses.append(loss.item())
+        return Unread(loss, index)
+
+    epoch_losses = []
+    train_epoch = loop.train_epoch
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    monkeypatch.setattr(loop, "train_epoch", lambda *a, **k: epoch_losses.append(train_epoch(*a, **k)) or epoch_losses[-1])
+    args = data_args("m3", corpus) + ["--batch_size", "2", "--no_progress", "--epochs", "1",
+                                      "--max_steps_per_epoch", "3", "--weights", str(tmp_path / "weights.pth")]
+    assert trainers["m3"].main(args) == 0
+    assert events == [("step", 0), ("step", 1), ("read", 0), ("step", 2), ("read", 1), ("read", 2)]
+    assert epoch_losses == [pytest.approx(sum(losses) / 3, rel=1e-12)]
+
+
 @pytest.mark.parametrize("name,cudnn", [("m3", False), ("clamp2", True)])
 def test_trainer_lets_cudnn_attention_in_as_measured(name, cudnn, tiny_env, tmp_path, corpus, trainers,  # noqa: F811
                                                      monkeypatch):

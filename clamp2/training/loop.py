@@ -352,12 +352,16 @@ def move_batch(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str
 
 
 def train_step(model: nn.Module, batch: Dict[str, torch.Tensor], compute_loss, optimizer, lr_sched, scaler,
-               precision: Precision) -> float:
-    """One optimizer step on one batch; returns the loss."""
+               precision: Precision) -> torch.Tensor:
+    """One optimizer step on one batch; returns the loss as a tensor, on a GPU not computed yet.
+
+    Reading it (``.item()``) waits for the whole step: :func:`train_epoch` reads it once the next
+    step is queued, so the device never runs dry between steps.
+    """
     with precision.autocast():
         loss = compute_loss(model, batch)
     optimizer_step(loss, optimizer, lr_sched, scaler)
-    return loss.item()
+    return loss.detach()
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, lr_sched, scaler) -> None:
@@ -378,20 +382,30 @@ def train_epoch(model, loader, compute_loss, optimizer, lr_sched, scaler, precis
     bar = progress_bar(total=steps_in_epoch, desc=f"{settings.name} epoch {epoch}", unit="step",
                        enabled=dist_info.is_main and settings.progress)
     total, steps, start = 0.0, 0, time.perf_counter()
-    for batch in loader:
-        loss = train_step(model, move_batch(batch, dist_info.device), compute_loss, optimizer, lr_sched, scaler,
-                          precision)
+
+    def finish(loss: torch.Tensor, lr: float) -> None:
+        nonlocal total, steps
+        loss = loss.item()
         total += loss
         steps += 1
-        lr = optimizer.param_groups[0]["lr"]
         rate = steps * samples_per_step / (time.perf_counter() - start)
         # No forced refresh: in a log file the bar writes a line at most every 30 s (clamp2.progress).
         bar.set_postfix(loss=f"{total / steps:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
         bar.update(1)
         if wandb_run is not None:
             wandb_run.log({"train_loss": loss, "lr": lr, "samples_per_s": rate})
-        if steps >= steps_in_epoch:
+
+    unread = None  # the last step queued: its loss is read after the next step is queued
+    for queued, batch in enumerate(loader, start=1):
+        loss = train_step(model, move_batch(batch, dist_info.device), compute_loss, optimizer, lr_sched, scaler,
+                          precision)
+        if unread is not None:
+            finish(*unread)
+        unread = (loss, optimizer.param_groups[0]["lr"])
+        if queued >= steps_in_epoch:
             break
+    if unread is not None:
+        finish(*unread)
     bar.close()
     return all_reduce_mean(total / max(steps, 1), dist_info.device)
 
