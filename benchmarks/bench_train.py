@@ -17,7 +17,9 @@ steps is a fingerprint: the same on every run of one machine and precision. Each
 median step time (on the CPU also samples per CPU-second of the process, steadier than wall time
 on a shared machine), and ``data``: the samples per second one DataLoader worker makes (the
 batches are made in this process, as a worker makes them) and so how many workers
-(``--num_workers``) keep the device fed.
+(``--num_workers``) keep the device fed. ``back to back``: the same timed batches again, one after
+another as ``train_epoch`` runs them (each loss read once the next step is queued), timed as a
+whole: the rate of a training run, with no idle device between steps.
 
 Variants (``--variants``): ``m3`` and ``clamp2`` train as the trainers do now (fused AdamW; M3's
 decoder over length groups; patches embedded by column lookup; CLaMP 2 batches padded to their
@@ -268,8 +270,14 @@ def clamp2_train_flops(batch: dict, config: BenchConfig, lookup: bool = True) ->
 # -- measuring -------------------------------------------------------------------------------------------
 
 def measure(model, batches, compute_loss, device, precision: Precision, steps: int, warmup: int,
-            variant: str, profile: bool = False) -> tuple[float, float, float]:
-    """(median wall seconds per step, median CPU seconds of this process per step, loss of the last step)."""
+            variant: str, profile: bool = False) -> tuple[float, float, float, float]:
+    """(median wall seconds per step, median CPU seconds of this process per step, loss of the last step,
+    seconds per step back to back).
+
+    The median times each step alone: the device idle at its start, its loss read at its end. Then
+    the same batches run back to back as ``train_epoch`` runs them (a loss read once the next step
+    is queued), timed as a whole: the steady rate of a training run (not with ``profile``).
+    """
     model = model.to(device).train()
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     now = "-" not in variant
@@ -295,6 +303,18 @@ def measure(model, batches, compute_loss, device, precision: Precision, steps: i
             if step >= warmup:
                 times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)
+        steady = float("nan")
+        if not profile and steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, unread = time.perf_counter(), None
+            for step in range(warmup, warmup + steps):
+                queued = train_step(model, batches[step], compute_loss, optimizer, lr_sched, scaler, precision)
+                if unread is not None:
+                    unread.item()
+                unread = queued
+            unread.item()
+            steady = (time.perf_counter() - start) / steps
     finally:
         if profiler is not None:
             profiler.__exit__(None, None, None)
@@ -302,7 +322,7 @@ def measure(model, batches, compute_loss, device, precision: Precision, steps: i
     if profiler is not None:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(f"profile of {variant}, {steps} steps:\n" + profiler.key_averages().table(sort_by=sort, row_limit=12))
-    return statistics.median(times), statistics.median(cpu_times), loss
+    return statistics.median(times), statistics.median(cpu_times), loss, steady
 
 
 def run(variant: str, name: str, config: BenchConfig, device: torch.device, precision_name: str, data, args) -> None:
@@ -363,8 +383,8 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
         compile_transformers(model)  # as --compile in the trainers; --warmup steps absorb the compilation
         label += " compiled"
     try:
-        seconds, cpu_seconds, loss = measure(model, batches, loss_fn, device, precision, args.steps, args.warmup, variant,
-                                             args.profile)
+        seconds, cpu_seconds, loss, steady = measure(model, batches, loss_fn, device, precision, args.steps,
+                                                     args.warmup, variant, args.profile)
     except torch.cuda.OutOfMemoryError:
         print(f"{label}  out of memory", flush=True)
         return
@@ -385,6 +405,10 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
     if cuda and peak:
         achieved = statistics.median(flops[args.warmup:]) / seconds
         line += f"  {achieved / 1e12:7.1f} TFLOP/s  MFU {achieved / (peak * 1e12):6.1%}"
+    if not math.isnan(steady):
+        line += f"  back to back {batch_size / steady:9.2f} samples/s"
+        if cuda and peak:
+            line += f" (MFU {statistics.mean(flops[args.warmup:]) / steady / (peak * 1e12):6.1%})"
     print(line, flush=True)
 
 
