@@ -101,16 +101,17 @@ def _temporary_name(name: str) -> str:
     return f".{name}.{_PROCESS_TOKEN}{next(_TEMPORARY_COUNTER):x}{TMP_SUFFIX}"
 
 
-def _open_temporary(path: Path) -> tuple[int, Path]:
-    """Open a new, empty file next to ``path`` under a name no other writer uses: (descriptor, path).
+def _open_temporary(path: str) -> tuple[int, str]:
+    """Open a new, empty file next to ``path`` under a name no other writer uses: (descriptor, its path).
 
     Created with mode 0666 so that the umask gives the output a normal file's permissions (no
     chmod; reading the umask would mean setting it, which races with other threads). A missing
-    parent folder is created.
+    parent folder is created. Plain ``str`` paths: extraction opens thousands a second.
     """
+    folder, name = os.path.split(path)
     made_parent = False
     while True:
-        tmp = path.parent / _temporary_name(path.name)
+        tmp = os.path.join(folder, _temporary_name(name))
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:
@@ -119,7 +120,7 @@ def _open_temporary(path: Path) -> tuple[int, Path]:
             if made_parent:
                 raise
             # Several writer threads may race to create it: exist_ok, then try once more.
-            path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder or ".", exist_ok=True)
             made_parent = True
 
 
@@ -131,15 +132,15 @@ def _replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def _temporary_next_to(path: Path) -> Iterator[tuple[int, Path]]:
+def _temporary_next_to(path: str) -> Iterator[tuple[int, str]]:
     """(descriptor, path) of a new temporary file; renamed to ``path`` on success, deleted on failure."""
-    fd, tmp_path = _open_temporary(path)
+    fd, tmp = _open_temporary(path)
     try:
-        yield fd, tmp_path
-        _replace(tmp_path, path)
+        yield fd, tmp
+        _replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+            os.unlink(tmp)
         raise
 
 
@@ -149,9 +150,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; pass a file path")
-    with _temporary_next_to(path) as (fd, tmp_path):
+    with _temporary_next_to(os.fspath(path)) as (fd, tmp):
         os.close(fd)
-        yield tmp_path
+        yield Path(tmp)
 
 
 def remove_partial_files(path: str | os.PathLike) -> int:
@@ -175,30 +176,15 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 def atomic_write_bytes(path: str | os.PathLike, *chunks) -> None:
     """Write the concatenation of ``chunks`` (bytes-like) to ``path`` atomically: open, write, close, rename.
 
-    Hot in extraction (a file per piece, thousands a second from writer threads): plain system
-    calls on ``str`` paths, no file object, no ``Path`` arithmetic, and the chunks (a ``.npy``
-    header and the array's own memory) go out in one ``writev`` without being joined first: half
-    the CPU time (and GIL time, which the main loop shares) of the general route. A missing folder
-    or a name clash takes the general route, which creates the folder or picks another name.
+    Hot in extraction (a file per piece, thousands a second from writer threads): no file object,
+    and the chunks (a ``.npy`` header and the array's own memory) go out in one ``writev`` without
+    being joined first.
     """
-    path = os.fspath(path)
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, _temporary_name(name))
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except (FileNotFoundError, FileExistsError):
-        fd, tmp_path = _open_temporary(Path(path))
-        tmp = os.fspath(tmp_path)
-    try:
+    with _temporary_next_to(os.fspath(path)) as (fd, _):
         try:
             _write_all(fd, [memoryview(chunk).cast("B") for chunk in chunks])
         finally:
             os.close(fd)
-        _replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _write_all(fd: int, views: list) -> None:
