@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ..files import find_files, mirror_path
-from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, load_windows,
-                    normalize_tensor, resample_tensor, track_windows)
+from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, normalize_tensor,
+                    resample_tensor, track_windows)
 from .core import HostCopy, Job, Plan, autocast_context, save_npy, shard, skip_existing, write_failure_log
 
 
@@ -106,16 +106,16 @@ class MertFeatureExtractor:
 
     def _track(self, path) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """(normalized 24 kHz wave, window bounds) of a file, resampled where ``resample_on_device`` says."""
-        if not self.resample_on_device:
-            wave, bounds = load_windows(path)
-            return torch.from_numpy(wave), bounds
-        return self._device_track(*load_mono(path))
+        return self._track_of(*read_samples(path, decode_only=self.resample_on_device))
 
-    def _device_track(self, mono: np.ndarray, rate: int) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
-        samples = torch.from_numpy(mono)
+    def _track_of(self, samples: np.ndarray, rate: Optional[int]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        """:meth:`_track` of what :func:`read_samples` gave: a wave to resample on the device when ``rate`` is set."""
+        if rate is None:
+            return torch.from_numpy(samples), track_windows(len(samples))
+        wave = torch.from_numpy(samples)
         if self.device.type == "cuda":
-            samples = samples.pin_memory()
-        wave = normalize_tensor(resample_tensor(samples.to(self.device, non_blocking=True), rate))
+            wave = wave.pin_memory()
+        wave = normalize_tensor(resample_tensor(wave.to(self.device, non_blocking=True), rate))
         return wave, track_windows(len(wave))
 
     def features(self, path) -> np.ndarray:
@@ -163,8 +163,7 @@ class MertFeatureExtractor:
         for [(index, samples, rate, error)] in loader:
             if error is None:
                 try:
-                    wave, bounds = (self._device_track(samples, rate) if self.resample_on_device
-                                    else (torch.from_numpy(samples), track_windows(len(samples))))
+                    wave, bounds = self._track_of(samples, rate)
                 except AudioError as exc:
                     error = str(exc)
             if error is not None:
@@ -201,13 +200,19 @@ class _WaveDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         try:
-            if self.decode_only:
-                return (index, *load_mono(self.paths[index]), None)
-            return index, load_wave(self.paths[index]), None, None
+            return (index, *read_samples(self.paths[index], self.decode_only), None)
         except AudioError as exc:
             return index, None, None, str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
             return index, None, None, f"{type(exc).__name__}: {exc}"
+
+
+def read_samples(path, decode_only: bool = False) -> Tuple[np.ndarray, Optional[int]]:
+    """The host's share of a file's MERT input: ``(normalized 24 kHz wave, None)``, or with ``decode_only``
+    ``(channel mean, its sample rate)`` for the device to resample and z-score."""
+    if decode_only:
+        return load_mono(path)
+    return load_wave(path), None
 
 
 def _identity(items):
