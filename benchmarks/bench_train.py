@@ -82,7 +82,7 @@ from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
 from clamp2.text_model import load_tokenizer
 from clamp2.training.data import (AudioMusic, M3Dataset, PairItem, SymbolicMusic, TextMusicCollator,
                                   TextMusicDataset, TrainBatches, clamp3_training_text, collate_m3, read_pairs)
-from clamp2.training.loop import Precision, lr_schedule, make_optimizer, train_step
+from clamp2.training.loop import Precision, lr_schedule, make_optimizer, one_step_late, train_step
 from clamp2.training.tasks import CUDNN_ATTENTION, ContrastiveStep, frozen_modules, m3_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -307,13 +307,10 @@ def measure(model, batches, compute_loss, device, precision: Precision, steps: i
         if not profile and steps:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start, unread = time.perf_counter(), None
-            for step in range(warmup, warmup + steps):
-                queued = train_step(model, batches[step], compute_loss, optimizer, lr_sched, scaler, precision)
-                if unread is not None:
-                    unread.item()
-                unread = queued
-            unread.item()
+            start = time.perf_counter()
+            for late in one_step_late(train_step(model, batches[step], compute_loss, optimizer, lr_sched, scaler,
+                                                 precision) for step in range(warmup, warmup + steps)):
+                late.item()
             steady = (time.perf_counter() - start) / steps
     finally:
         if profiler is not None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -43,7 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -364,6 +365,18 @@ def train_step(model: nn.Module, batch: Dict[str, torch.Tensor], compute_loss, o
     return loss.detach()
 
 
+def one_step_late(steps: Iterable) -> Iterator:
+    """Each item of ``steps`` once the next one is made (the last at the end): a step's loss is read
+    while the device already has the following step queued."""
+    unread = None
+    for step in steps:
+        if unread is not None:
+            yield unread[0]
+        unread = (step,)
+    if unread is not None:
+        yield unread[0]
+
+
 def optimizer_step(loss: torch.Tensor, optimizer, lr_sched, scaler) -> None:
     """Backward (scaled for fp16 AMP), optimizer and schedule step, gradients cleared."""
     scaler.scale(loss).backward()
@@ -395,17 +408,12 @@ def train_epoch(model, loader, compute_loss, optimizer, lr_sched, scaler, precis
         if wandb_run is not None:
             wandb_run.log({"train_loss": loss, "lr": lr, "samples_per_s": rate})
 
-    unread = None  # the last step queued: its loss is read after the next step is queued
-    for queued, batch in enumerate(loader, start=1):
-        loss = train_step(model, move_batch(batch, dist_info.device), compute_loss, optimizer, lr_sched, scaler,
-                          precision)
-        if unread is not None:
-            finish(*unread)
-        unread = (loss, optimizer.param_groups[0]["lr"])
-        if queued >= steps_in_epoch:
-            break
-    if unread is not None:
-        finish(*unread)
+    # The learning rate is read after each step, as the schedule has moved it.
+    steps_run = ((train_step(model, move_batch(batch, dist_info.device), compute_loss, optimizer, lr_sched, scaler,
+                             precision), optimizer.param_groups[0]["lr"])
+                 for batch in itertools.islice(loader, steps_in_epoch))
+    for loss, lr in one_step_late(steps_run):
+        finish(loss, lr)
     bar.close()
     return all_reduce_mean(total / max(steps, 1), dist_info.device)
 
