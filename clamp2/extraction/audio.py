@@ -8,6 +8,7 @@ torchaudio build works with this project's torch, so both are done here: ``sound
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import lru_cache
@@ -128,8 +129,6 @@ def resample_tensor(wave: torch.Tensor, orig_rate: int, new_rate: int = MERT_SAM
 
 
 def _full_precision_convolutions(device: torch.device):
-    import contextlib
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     cudnn = torch.backends.cudnn
