@@ -35,8 +35,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from clamp2.benchmarking import device_peak_tflops, deviation
 from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths
 from clamp2.attention import ATTN_IMPLEMENTATIONS, set_attention
@@ -45,9 +47,6 @@ from clamp2.extraction.core import (KindRunner, MusicEncoder, autocast_context, 
 from clamp2.models.m3 import M3Dims, M3PatchEncoder
 from clamp2.models.common import masked_mean, transformer_flops
 from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer
-
-PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-               "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}}
 
 
 def parse_args(argv=None):
@@ -113,23 +112,10 @@ def padding_share(lengths, dims: M3Dims, batch_size: int, batch_tokens: int, fil
     return 1 - real / padded
 
 
-def peak_of(args, device, dtype):
-    if args.peak_tflops or device.type != "cuda":
-        return args.peak_tflops
-    name = torch.cuda.get_device_name(device)
-    return next((peaks[dtype] for key, peaks in PEAK_TFLOPS.items() if key in name), None)
-
-
 def compare(out: Path, reference: Path) -> str:
     """Largest |difference| and smallest cosine of the features in ``out`` against ``reference``."""
-    import numpy as np
-
-    worst, cosine = 0.0, 1.0
-    for path in sorted(reference.rglob("*.npy")):
-        a, b = np.load(path).ravel().astype(np.float64), np.load(out / path.relative_to(reference)).ravel()
-        worst = max(worst, float(np.abs(a - b).max()))
-        cosine = min(cosine, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
-    return f"max |Δ| {worst:.2e}, cosine ≥ {cosine:.6f}"
+    return deviation((np.load(path), np.load(out / path.relative_to(reference)))
+                     for path in sorted(reference.rglob("*.npy")))
 
 
 def reference_scheme(encoder, windows_per_file, patch_length, device):
@@ -237,7 +223,7 @@ def main(argv=None) -> int:
                         line = (f"{name}, {batching}, {label}{', compiled' if compiled else ''}: "
                                 f"{len(jobs) / elapsed:.2f} files/s, {n_windows / elapsed:.2f} windows/s "
                                 f"({elapsed:.1f} s), padding {padding:.0%}")
-                        peak = peak_of(args, device, "bf16" if args.host_only else dtype)
+                        peak = device_peak_tflops(device, "bf16" if args.host_only else dtype, args.peak_tflops)
                         if args.host_only:
                             # The model's FLOPs at the host's pace: a device slower than this is the bound.
                             line += f", the model keeps pace at {flops / elapsed / 1e12:.3f} TFLOP/s"

@@ -18,19 +18,22 @@ included):
   with resampling and the z-score on the device (MertFeatureExtractor(resample_on_device=True)).
 The model is MERT-form with random weights (speed does not depend on the values): MERT-v1-95M's
 sizes (--size full) or the test vectors' tiny sizes. MFU = model FLOPs (conv front end +
-transformer, clamp2.models.mert.forward_flops) per second / --peak_tflops (default: H100/H200 dense
-bf16 989, fp32 67 on CUDA; none on CPU, where only GFLOP/s is printed).
+transformer, clamp2.models.mert.forward_flops) per second / --peak_tflops (default by device name,
+clamp2.benchmarking: H100/H200 dense bf16 989, fp32 67; none on CPU, where only TFLOP/s is printed).
+Each batched line after the first compares its features with the first (fp32, plain) run's.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from clamp2.benchmarking import device_peak_tflops, deviation
 from clamp2.cli import ArgumentParser
 
 TINY = Path(__file__).resolve().parents[1] / "tests" / "data" / "vectors_clamp3" / "tiny_mert" / "config.json"
@@ -38,7 +41,6 @@ FULL_SIZES = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads"
               "conv_dim": [512] * 7, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
 CHORALES = ("bach/bwv66.6", "bach/bwv26.6", "bach/bwv10.7", "bach/bwv101.7", "bach/bwv102.7", "bach/bwv103.6",
             "bach/bwv104.6", "bach/bwv108.6")
-PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}
 
 
 def parse_args(argv=None):
@@ -167,13 +169,13 @@ def main(argv=None) -> int:
               f"{windows / elapsed:7.2f} windows/s  (the model keeps pace at {flops / elapsed / 1e12:.3f} TFLOP/s)",
               flush=True)
 
-    def report(label, dtype, elapsed):
+    def report(label, dtype, elapsed, exactness=""):
         line = (f"{label:<40} {dtype}: {audio_seconds / elapsed:8.1f} s of audio/s  {windows / elapsed:7.2f} windows/s"
                 f"  {flops / elapsed / 1e12:7.3f} TFLOP/s")
-        peak = args.peak_tflops or (PEAK_TFLOPS[dtype] if device.type == "cuda" else None)
+        peak = device_peak_tflops(device, dtype, args.peak_tflops)
         if peak:
             line += f"  MFU {100 * flops / elapsed / (peak * 1e12):5.1f}% of {peak:g} TFLOP/s"
-        print(line, flush=True)
+        print(line + exactness, flush=True)
         return elapsed
 
     def sync():
@@ -181,22 +183,29 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     variants = [(False, False)] + [(True, False)] * args.compile + [(False, True)] * args.resample_on_device
+    first = None  # the first run's features: every later run's exactness is measured against them
     for dtype in args.dtypes:
         for compiled, on_device in variants:
             extractor = MertFeatureExtractor(model, device, dtype, args.batch_size, resample_on_device=on_device)
             if compiled:
+                # HuBERT's forward asks transformers' lru_cache'd is_torch_distributed_available(); Dynamo traces
+                # through the cache and warns that it did, with a stack, once per process: noise in the table.
+                warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
                 extractor.model = torch.compile(model, dynamic=True)
             list(extractor.iter_files(paths[:1]))  # warm-up (kernels, allocator; compilation)
             sync()
             start = time.perf_counter()
-            done = sum(1 for _, array, _ in extractor.iter_files(paths, num_workers=args.num_workers)
-                       if array is not None)
+            features = {index: array for index, array, _ in extractor.iter_files(paths, num_workers=args.num_workers)}
             sync()
+            elapsed = time.perf_counter() - start
+            assert all(features.get(index) is not None for index in range(len(paths))), "a file failed to extract"
             label = (f"batched (batch {args.batch_size}{', compiled' if compiled else ''}"
                      f"{', resampled on device' if on_device else ''})")
-            elapsed = report(label, dtype, time.perf_counter() - start)
-            batched = elapsed if not (compiled or on_device) else batched
-            assert done == len(paths)
+            exactness = "" if first is None else f"  vs first: {deviation((first[i], features[i]) for i in first)}"
+            elapsed = report(label, dtype, elapsed, exactness)
+            first = features if first is None else first
+            if not (compiled or on_device):
+                batched = elapsed  # the plain driver's time: the speed-up against the reference scheme
         if not args.skip_reference:
             start = time.perf_counter()
             reference_scheme(model, paths, device, autocast_context(device, dtype))

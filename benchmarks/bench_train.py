@@ -44,8 +44,8 @@ hidden 128, MAX_TEXT_LENGTH 64, CLaMP 2 hidden 128; batches of 8. ``default`` = 
 (PATCH_LENGTH 512, 12 + 3 layers, hidden 768, XLM-R base's shape, MAX_TEXT_LENGTH 128) with
 config.py's batches on CUDA (16 M3, 128 CLaMP 2) and 4 / 8 on CPU (--m3_batch/--clamp2_batch).
 
-MFU = model FLOPs per second / the device's peak (``--peak_tflops``; known for H100/H200 989,
-A100 312, bf16/fp16 dense). Model FLOPs are counted from the shapes of each batch as padded:
+MFU = model FLOPs per second / the device's peak at --precision (``--peak_tflops``; known for
+H100/H200 989 bf16/fp16 dense, 67 fp32; A100 312 and 19.5: ``clamp2.benchmarking``). Model FLOPs are counted from the shapes of each batch as padded:
 a linear layer of n_in → n_out over N positions is 2·N·n_in·n_out FLOPs forward; an attention
 layer over sequences of length L (B of them, width h) adds 4·B·L²·h (scores and weighted sum);
 training is 3× forward (backward = 2×), except the M3 patch embedding, whose one-hot input needs
@@ -72,6 +72,7 @@ from pathlib import Path
 import torch
 
 from clamp2.attention import ATTN_IMPLEMENTATION
+from clamp2.benchmarking import device_peak_tflops
 from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths, piece_name
 from clamp2.models.m3 import DECODE_LENGTH_STEP, M3Dims, M3Model, M3PatchEncoder
@@ -90,7 +91,6 @@ TOKENIZER = REPO_ROOT / "tests" / "data" / "vectors" / "tiny_text_model"
 VARIANTS = ("m3", "m3-reference", "m3-before", "clamp2", "clamp2-reference", "clamp2-before", "clamp3s",
             "clamp3s-reference", "clamp3a", "clamp3a-reference")
 MODALITY = {"clamp3s": "symbolic", "clamp3a": "audio"}
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core peaks
 
 
 @dataclass(frozen=True)
@@ -377,8 +377,8 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
     if task == "m3" and args.m3_decode_groups and cuda and "-" not in variant:
         label += " groups"
     if args.compile:
-        compile_transformers(model)  # as --compile in the trainers; --warmup steps absorb the compilation
-        label += " compiled"
+        compile_transformers(model, backend=args.compile_backend)  # as the trainers' --compile; --warmup absorbs it
+        label += " compiled" if args.compile_backend == "inductor" else f" compiled ({args.compile_backend})"
     try:
         seconds, cpu_seconds, loss, steady = measure(model, batches, loss_fn, device, precision, args.steps,
                                                      args.warmup, variant, args.profile)
@@ -397,8 +397,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
     if not cuda:
         # Per CPU-second of this process: what the step costs, steadier than wall time on a shared machine.
         line += f"  {batch_size / cpu_seconds:9.2f} samples/CPU-s"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name()),
-                                    None)
+    peak = device_peak_tflops(device, precision_name, args.peak_tflops)
     if cuda and peak:
         achieved = statistics.median(flops[args.warmup:]) / seconds
         line += f"  {achieved / 1e12:7.1f} TFLOP/s  MFU {achieved / (peak * 1e12):6.1%}"
@@ -434,6 +433,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="compile the transformers as the trainers' --compile (raise --warmup: the first steps "
                              "compile)")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend of --compile (eager: traces the graphs without generating kernels, "
+                             "seconds instead of minutes on a CPU; proves the wiring, not the speed)")
     return parser.parse_args(argv)
 
 

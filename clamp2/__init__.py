@@ -19,6 +19,7 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
         text_model     the XLM-R text encoder/tokenizer from a hub id or a local folder
         loss           symmetric contrastive loss with gather-with-gradient across processes
         data/          package data (the 100 summary languages)
+        benchmarking   what benchmarks/ shares: devices' peaks for MFU, the exactness line of a fast path
     models/        one module per model family: common (text tower, pooling), m3, clamp2, clamp3, mert, clamp3
     convert/       process_data/: MusicXML/ABC/interleaved ABC, MIDI/MTF, their parallel batch
                    runner (batch_runner), LLM summaries (summarize)

@@ -30,11 +30,12 @@ def run_table(tmp_path, **env):
 
 def test_smoke_table_runs_every_bench_with_its_arguments(tmp_path):
     # tests/test_attention.py runs in this suite anyway; every other step runs as on the GPU, at tiny sizes.
-    result, log = run_table(tmp_path, STEPS="train extract tunes clamp3 mert profile")
+    result, log = run_table(tmp_path, STEPS="train extract tunes clamp3 mert profile compile")
     assert result.returncode == 0, log + result.stderr
     assert "!! failed" not in log
     lines = log.splitlines()
-    for variant, runs in (("m3", 2), ("clamp2", 1), ("clamp3s", 1), ("clamp3a", 1)):  # m3 again under the profiler
+    # m3 again under the profiler; m3 and clamp2 again compiled (the eager backend: the wiring, in seconds)
+    for variant, runs in (("m3", 3), ("clamp2", 2), ("clamp3s", 1), ("clamp3a", 1)):
         assert sum(line.startswith(variant + " ") and "samples/s" in line for line in lines) == runs, log
     # extract (corpus cache) and tunes (the repository's vectors): per-position and global, batch and tokens.
     assert sum(line.startswith("extract_m3 (per-position), tokens 2048") for line in lines) == 2, log
@@ -44,6 +45,7 @@ def test_smoke_table_runs_every_bench_with_its_arguments(tmp_path):
     assert any(line.startswith("host alone (decode only)") for line in lines), log  # MERT's host ceiling
     assert any(line.startswith("batched (batch 4, resampled on device)") for line in lines), log
     assert any(line.startswith("profile of m3") for line in lines), log
+    assert sum(" compiled (eager) " in line for line in lines) == 2, log
     # The table's lines are repeated at the end, on stdout.
     assert "samples/s" in result.stdout.split("== table lines", 1)[1]
 
