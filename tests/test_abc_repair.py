@@ -18,7 +18,6 @@ from clamp2.convert.abc import (
     InterleaveError,
     abc_to_interleaved,
     interleave,
-    interleaved_to_xml,
     split_tunes,
 )
 from clamp2.convert.abc_repair import locate_bar_problem, merged_barline, numbered_lines, repair_tune

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,7 +18,7 @@ from clamp2.checkpoint import load_model_weights, read_checkpoint, state_dict_of
 from clamp2.extraction.core import AudioEncoder, MusicEncoder, TextEncoder, pad_batch
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.clamp3 import CLaMP3Model, infer_audio_dims
-from clamp2.models.m3 import M3Model, M3PatchEncoder, infer_m3_dims
+from clamp2.models.m3 import M3Model, infer_m3_dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 from clamp2.text_model import load_text_model, load_tokenizer
 from conftest import VECTORS

@@ -5,7 +5,6 @@ way the original inference scripts compute them (loops of torch cosines, Python 
 """
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -109,7 +108,7 @@ def test_score_pairwise_equals_the_reference(feature_folders, tmp_path, scripts,
     assert code == 0, err
     q_feats, q_names = reference_get_features(queries)
     r_feats, r_names = reference_get_features(references)
-    total, sims, records = 0, [], []
+    sims, records = [], []
     for key in sorted(q_feats):
         for feat, name in zip(q_feats[key], q_names[key]):
             s = torch.nn.functional.cosine_similarity(torch.tensor(feat), torch.tensor(r_feats[key][0]), dim=0).item()

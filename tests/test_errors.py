@@ -112,7 +112,7 @@ CASES = [
     case(TM3, "--train_folders={vec}/extract_in", says="CLAMP3_VARIANT", env=dict(TINY, CLAMP3_VARIANT="big")),
     case(TC2, "--train_jsonl={tmp}/missing.jsonl", says="missing.jsonl", env=TINY),
     case(TC2, "--train_jsonl={text_file}", says="text.pth", env=TINY),
-    case(TC2, "--train_jsonl={jsonl}", f"--text_model={{vec}}/tiny_text_model", says="MAX_TEXT_LENGTH",
+    case(TC2, "--train_jsonl={jsonl}", "--text_model={vec}/tiny_text_model", says="MAX_TEXT_LENGTH",
          env=dict(TINY, MAX_TEXT_LENGTH="200")),
     case(QS, "--per_collection=0", says="--per_collection"),
     case(QS, "--m3_epochs=-1", says="--m3_epochs"),

@@ -1,7 +1,6 @@
 """Models (SPEC §5–6): published key layout at default size, strict loading, padding invariance."""
 
 import numpy as np
-import pytest
 import torch
 from transformers import AutoModel, XLMRobertaConfig
 

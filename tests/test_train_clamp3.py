@@ -15,7 +15,7 @@ import torch
 from clamp2.checkpoint import read_checkpoint, save_checkpoint
 from clamp2.models.clamp3 import AudioDims
 from clamp2.models.m3 import M3Dims, M3Model
-from clamp2.training.data import (AudioMusic, DataError, PairItem, clamp3_text_problems, clamp3_training_text,
+from clamp2.training.data import (AudioMusic, DataError, clamp3_text_problems, clamp3_training_text,
                                   read_items)
 from clamp2.training.loop import make_optimizer
 from clamp2.training.tasks import build_clamp3_model, clamp3_m3_weights_names, frozen_modules
