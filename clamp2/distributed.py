@@ -17,6 +17,7 @@ import datetime
 import gc
 import importlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -85,11 +86,21 @@ def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, ti
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device, backend=backend)
 
 
+# How long teardown lets gloo's worker threads run without the GIL before the group is freed (below).
+RETIRE_SECONDS = 0.05
+
+
 def teardown() -> None:
     """Destroy every process group and free it now, joining its worker threads (see :func:`before_process_group`)."""
     global _END_GROUP
     _END_GROUP = None
     if dist.is_available() and dist.is_initialized():
+        # A gloo worker thread frees each finished collective (its tensors' Python objects: it needs the GIL)
+        # while it holds the group's work lock, and the group's destructor takes that lock while holding the
+        # GIL (torch 2.13): if the two meet, the process deadlocks after all its work is done (seen once, in a
+        # 2-rank test on 2 loaded cores). Sleeping releases the GIL and the CPU, so the workers finish freeing
+        # what they ran before the destructor can run; it narrows the race, which only torch can close.
+        time.sleep(RETIRE_SECONDS)
         dist.destroy_process_group()
         gc.collect()  # a group held only by a reference cycle is freed here, not at interpreter exit
 

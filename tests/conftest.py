@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,23 @@ def join_as_rank(rank: int, world_size: int, port: int) -> None:
     """Set the torchrun variables in a process started by ``torch.multiprocessing.spawn``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+
+
+def spawn_ranks(worker, args: tuple, nprocs: int = 2, timeout: float = 180.0) -> None:
+    """``torch.multiprocessing.spawn(worker, args, nprocs)`` with a deadline: a rank that hangs (a deadlock
+    in torch's gloo teardown was seen once in a full run) fails its test, naming the ranks, instead of
+    stalling the suite until CI's limit. A rank that raises or exits non-zero raises as with ``spawn``."""
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            stuck = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+            for process in context.processes:
+                process.kill()
+                process.join(10)
+            pytest.fail(f"ranks {stuck} of {nprocs} still running after {timeout:.0f} s: hung")
 
 
 @pytest.fixture

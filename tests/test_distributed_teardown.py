@@ -10,13 +10,13 @@ and, for the extraction scripts (accelerate's group, no context manager), by the
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port, join_as_rank
+from conftest import free_port, join_as_rank, spawn_ranks
 
 GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
 
@@ -54,7 +54,7 @@ def worker(rank, world_size, port, out_dir):
 
 
 def test_teardown_joins_gloo_threads(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(worker, (2, free_port(), str(tmp_path)))
     for rank in range(2):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "pt_gloo_runloop" in record["inside"], record  # the check sees the threads while they run
@@ -79,8 +79,20 @@ def extraction_worker(rank, world_size, port, out_dir):
 
 
 def test_extraction_frees_its_group_at_exit(tmp_path):
-    mp.spawn(extraction_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(extraction_worker, (2, free_port(), str(tmp_path)))
     for rank in range(2):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record["processes"] == 2 and "pt_gloo_runloop" in record["inside"], record
         assert record["after"] == [], f"rank {rank}: gloo threads left at exit: {record['after']}"
+
+
+def hanging_worker(rank, seconds):
+    if rank == 1:
+        time.sleep(seconds)
+
+
+def test_a_hung_rank_fails_its_test_by_the_deadline_and_is_killed():
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"ranks \[1\] of 2 still running after 5 s: hung"):
+        spawn_ranks(hanging_worker, (600,), timeout=5)
+    assert time.monotonic() - started < 60  # not the worker's 600 s
