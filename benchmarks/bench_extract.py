@@ -77,7 +77,7 @@ def parse_args(argv=None):
                         help="replace the model by one that returns zeros: files/s of the host side alone (read, "
                              "tokenize, pad, copy, gather, write), the ceiling of any device")
     parser.add_argument("--scratch", type=Path, default=None,
-                        help="folder for the features written (default: the system's temporary folder)")
+                        help="folder for the features written, made if missing (default: the system's temporary folder)")
     parser.add_argument("--patch_length", type=int, default=None, help="PATCH_LENGTH (default 512)")
     parser.add_argument("--layers", type=int, default=None, help="PATCH_NUM_LAYERS (default 12)")
     return parser.parse_args(argv)
@@ -179,6 +179,8 @@ def main(argv=None) -> int:
 
     batchings = [(b, 0) for b in args.batch_sizes] + [(args.batch_sizes[0], t) for t in args.batch_tokens]
     wanted = set(files)  # once: each pass keeps the planned jobs of these files
+    if args.scratch is not None:
+        args.scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         references = {}
         for per_position, name in ((True, "extract_m3 (per-position)"), (False, "extract_clamp2 --normalize (music)")):
