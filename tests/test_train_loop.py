@@ -484,6 +484,32 @@ def test_trainer_lets_cudnn_attention_in_as_measured(name, cudnn, tiny_env, tmp_
     assert chosen == [cudnn]
 
 
+@pytest.mark.parametrize("name", ["m3", "clamp2"])
+def test_evaluation_runs_in_float32_when_training_in_bf16(name, tiny_env, tmp_path, corpus, trainers,  # noqa: F811
+                                                          monkeypatch):
+    # The reference's eval_epoch has no autocast: its eval loss, which picks the best checkpoint, is
+    # float32 whatever AMP the steps train with. bf16 autocast on the CPU stands in for CUDA's.
+    from clamp2.training import loop
+
+    monkeypatch.setattr(loop.Precision, "choose", classmethod(lambda cls, device, *_: cls(device.type, torch.bfloat16)))
+    autocast = {True: [], False: []}  # by model.training: was autocast on where the model computed its outputs
+
+    def recorded(function):
+        def call(model, *args, **kwargs):
+            autocast[model.training].append(torch.is_autocast_enabled("cpu"))
+            return function(model, *args, **kwargs)
+        return call
+
+    # What training and evaluation compute through: M3's loss sums, CLaMP 2's text encoder.
+    monkeypatch.setattr(M3Model, "reconstruction_sums", recorded(M3Model.reconstruction_sums))
+    monkeypatch.setattr(CLaMP2Model, "text_global", recorded(CLaMP2Model.text_global))
+    args = data_args(name, corpus) + ["--batch_size", "2", "--no_progress", "--epochs", "1",
+                                      "--max_steps_per_epoch", "1", "--weights", str(tmp_path / "weights_t.pth")]
+    assert trainers[name].main(args) == 0
+    assert autocast[True] and all(autocast[True]), "training did not run under bf16 autocast: the test proves nothing"
+    assert autocast[False] and not any(autocast[False])
+
+
 def test_persistent_workers_draw_each_epoch_as_the_main_process(tiny_env, tmp_path, corpus, trainers):  # noqa: F811
     # Workers live across epochs with their own copy of the data set; the epoch travels with each
     # index, so epoch 2's crops and corruption are epoch 2's, as without workers.

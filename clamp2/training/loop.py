@@ -102,10 +102,9 @@ class TrainSettings:
     config: Dict[str, Any] = field(default_factory=dict)
 
 
-# eval_step(model, batch or None, counts, precision, dist_info) → (loss sum, weight) of this rank's
-# part of one global batch; the eval loss is Σ loss sums / Σ weights over all batches and ranks.
-EvalStep = Callable[[nn.Module, Optional[Dict[str, torch.Tensor]], Sequence[int], "Precision", DistInfo],
-                    Tuple[float, float]]
+# eval_step(model, batch or None, counts, dist_info) → (loss sum, weight) of this rank's part of one
+# global batch, in float32; the eval loss is Σ loss sums / Σ weights over all batches and ranks.
+EvalStep = Callable[[nn.Module, Optional[Dict[str, torch.Tensor]], Sequence[int], DistInfo], Tuple[float, float]]
 
 
 @dataclass
@@ -419,13 +418,14 @@ def train_epoch(model, loader, compute_loss, optimizer, lr_sched, scaler, precis
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, eval_step: EvalStep, precision: Precision,
-             dist_info: DistInfo) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, eval_step: EvalStep, dist_info: DistInfo) -> float:
     """The eval loss over every eval sample: Σ loss sums / Σ weights of the task's ``eval_step``.
 
     Every rank walks the same global batches (:func:`~clamp2.training.data.eval_plan`), with an
     empty part (``batch`` None) where the eval set ran out before reaching it. The model is used
-    unwrapped: no gradient, so DistributedDataParallel has nothing to synchronise.
+    unwrapped: no gradient, so DistributedDataParallel has nothing to synchronise. It runs in float32
+    whatever ``--precision`` trains with, as the reference's ``eval_epoch`` does (no autocast): the
+    eval loss picks the best checkpoint, and fp16 rounding must not pick a different epoch.
     """
     model.eval()
     net = unwrap(model)
@@ -433,7 +433,7 @@ def evaluate(model: nn.Module, loader: DataLoader, eval_step: EvalStep, precisio
     loss_sum, weight = 0.0, 0.0
     for counts in loader.batch_sampler.plan:
         batch = move_batch(next(batches), dist_info.device) if counts[dist_info.rank] else None
-        part_sum, part_weight = eval_step(net, batch, counts, precision, dist_info)
+        part_sum, part_weight = eval_step(net, batch, counts, dist_info)
         loss_sum, weight = loss_sum + part_sum, weight + part_weight
     loss_sum, weight = all_reduce_sum([loss_sum, weight], dist_info.device)
     return loss_sum / weight
@@ -774,7 +774,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         set_epoch(train_loader, epoch)
         train_loss = train_epoch(model, train_loader, task.compute_loss, optimizer, lr_sched, scaler, precision,
                                  dist_info, settings, epoch, wandb_run)
-        eval_loss = evaluate(model, eval_loader, task.eval_step, precision, dist_info)
+        eval_loss = evaluate(model, eval_loader, task.eval_step, dist_info)
         improved = eval_loss < result.min_eval_loss
         if improved:
             result.best_epoch, result.min_eval_loss = epoch, eval_loss

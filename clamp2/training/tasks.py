@@ -38,7 +38,7 @@ from ..text_model import load_text_model, load_tokenizer
 from .data import (AudioMusic, DataError, M3Dataset, SymbolicMusic, TextMusicCollator, TextMusicDataset,
                    check_music_files, clamp3_eval_text, clamp3_text_problems, clamp3_training_text, collate_m3,
                    find_music_files, read_items, read_pairs, split_eval)
-from .loop import BASE_SEED, Precision, TrainTask
+from .loop import BASE_SEED, TrainTask
 
 
 # Whether a trainer's bf16/fp16 steps may use cuDNN's attention kernel (clamp2.attention.Autocast): it
@@ -56,13 +56,12 @@ def m3_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def m3_eval_step(model: M3Model, batch: Optional[Dict[str, torch.Tensor]], counts: Sequence[int],
-                 precision: Precision, dist_info: DistInfo) -> Tuple[float, float]:
+                 dist_info: DistInfo) -> Tuple[float, float]:
     """(Σ token losses, predicted tokens) of this rank's part of a global batch (nothing when it has none)."""
     if batch is None:
         return 0.0, 0.0
-    with precision.autocast():
-        loss_sum, predicted = model.reconstruction_sums(batch["input_patches"], batch["input_masks"],
-                                                        batch["selected_indices"], batch["target_patches"])
+    loss_sum, predicted = model.reconstruction_sums(batch["input_patches"], batch["input_masks"],
+                                                    batch["selected_indices"], batch["target_patches"])
     return loss_sum.item(), float(predicted)
 
 
@@ -117,17 +116,15 @@ class ContrastiveEval:
         self.modality = modality
 
     def __call__(self, model: nn.Module, batch: Optional[Dict[str, torch.Tensor]], counts: Sequence[int],
-                 precision: Precision, dist_info: DistInfo) -> Tuple[float, float]:
+                 dist_info: DistInfo) -> Tuple[float, float]:
         if batch is None:
             text = music = torch.zeros(0, model.text_proj.out_features, device=dist_info.device)
         else:
-            with precision.autocast():
-                text = model.text_global(batch["text_inputs"], batch["text_masks"])
-                music_inputs = (batch["music_inputs"], batch["music_masks"])
-                music = (model.music_global(*music_inputs) if self.modality is None
-                         else model.music_global(self.modality, *music_inputs))
-        # Float32 on every rank: all_gather needs one dtype, and a rank without samples has no autocast output.
-        text, music = all_gather_rows(text.float(), counts), all_gather_rows(music.float(), counts)
+            text = model.text_global(batch["text_inputs"], batch["text_masks"])
+            music_inputs = (batch["music_inputs"], batch["music_masks"])
+            music = (model.music_global(*music_inputs) if self.modality is None
+                     else model.music_global(self.modality, *music_inputs))
+        text, music = all_gather_rows(text, counts), all_gather_rows(music, counts)
         if not dist_info.is_main:
             return 0.0, 0.0
         pairs = len(text)
