@@ -210,6 +210,25 @@ def test_device_resampling_and_z_score_equal_the_host_ones():
         np.testing.assert_allclose(wave, load_wave(path), rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("length,rate,kept", [
+    (240854, 44100, 131077),  # 131,077.0068: float32 rounds it to 131,077 (the exact ceiling is 131,078)
+    (240855, 44100, 131078),  # 131,077.55: both ceilings agree
+    (44100, 44100, 24000),  # whole numbers stay whole
+    # Past 2^23 the float32 step is 1: 8,423,999.46 → 8,423,999, and the last window (23,999 samples,
+    # under the 24,000 kept) is dropped, where the exact ceiling would keep a 71st window.
+    (15479099, 44100, 8423999),
+])
+def test_resampled_length_rounds_the_quotient_to_float32_as_torchaudio(length, rate, kept):
+    # torchaudio keeps ceil(torch.as_tensor(n * length / o)) samples, and as_tensor of a Python float
+    # is float32: one sample fewer than the exact ceiling for ~18% of 1-5 min tracks at 44.1 kHz.
+    from clamp2.extraction.audio import resample, resampled_length
+
+    assert resampled_length(length, rate) == kept
+    assert kept == int(torch.ceil(torch.as_tensor(80 * length / 147)).long())  # 44,100 / 24,000 = 147 / 80
+    if length < 10 ** 6:
+        assert len(resample(np.zeros(length, np.float32), rate)) == kept
+
+
 def test_device_resampling_turns_tf32_off_for_its_convolution_only():
     # cuDNN's default TF32 would round the samples to 10 mantissa bits on CUDA; the flags are process state.
     from clamp2.extraction.audio import _full_precision_convolutions
