@@ -14,7 +14,7 @@ import itertools
 import os
 import secrets
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 
 def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
@@ -53,6 +53,28 @@ def mirror_path(input_path: str | os.PathLike, input_root: str | os.PathLike,
     if relative == Path("."):
         relative = Path(input_path.name)
     return Path(output_root) / relative.parent / (relative.stem + new_suffix)
+
+
+def mirror_outputs(paths: Iterable[Path], input_root: str | os.PathLike, output_root: str | os.PathLike,
+                   new_suffix: str) -> Tuple[Dict[Path, Path], List[Tuple[Path, str]]]:
+    """``({input: output}, [(input, why)])``: each input's :func:`mirror_path`, unless inputs share one.
+
+    ``a.mid`` and ``a.midi`` (or ``a.wav`` and ``a.flac``) in one folder would write the same
+    ``a.npy``: every input of such a group is a failure naming them all, never a silent overwrite.
+    Inputs keep their order.
+    """
+    by_output: Dict[Path, List[Path]] = {}
+    for path in paths:
+        by_output.setdefault(mirror_path(path, input_root, output_root, new_suffix), []).append(path)
+    outputs: Dict[Path, Path] = {}
+    collisions: List[Tuple[Path, str]] = []
+    for output, group in by_output.items():
+        if len(group) > 1:
+            names = ", ".join(p.name for p in group)
+            collisions.extend((p, f"{names} would all write {output}; rename all but one") for p in group)
+        else:
+            outputs[group[0]] = output
+    return outputs, collisions
 
 
 TMP_SUFFIX = ".partial"

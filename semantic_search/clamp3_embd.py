@@ -8,7 +8,8 @@ INPUT_DIR holds one modality (detected from the extensions, sub-folders included
 images (.png/.jpg/.jpeg, captioned by BLIP, each caption printed), sheet music (.xml/.musicxml/.mxl),
 MIDI (.mid/.midi), audio (.wav/.mp3/.flac/.ogg, through MERT), ABC or MTF. Each file becomes
 OUTPUT_DIR/<same sub-folder>/<name without its extension>.npy: [1, D] with --get_global, else the
-per-position states [1, L, H]. Existing outputs are kept and their inputs skipped (a re-run resumes);
+per-position states [1, L, H]; inputs that would write the same .npy (a.mid and a.midi) fail, named.
+Existing outputs are kept and their inputs skipped (a re-run resumes);
 features come through the content-hash cache, so inputs seen before (by any command) cost no model
 work. Exit status: 0 ok, 1 some files could not be encoded (listed) or no modality, 2 usage or model error.
 """
@@ -35,7 +36,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import numpy as np
 
-    from clamp2.files import atomic_path, mirror_path
+    from clamp2.files import atomic_path, mirror_outputs
     from clamp2.search import clamp3
 
     args = parse_args(argv)
@@ -49,7 +50,10 @@ def main(argv=None) -> int:
             raise clamp3.CommandError(f"Error: {args.input_dir} holds .npy features already, not raw inputs")
         print(f"Detected input modality: {modality}")
         root = args.input_dir if args.input_dir.is_dir() else args.input_dir.parent
-        todo = [file for file in files if not mirror_path(file, root, args.output_dir, ".npy").exists()]
+        outputs, collisions = mirror_outputs(files, root, args.output_dir, ".npy")
+        for file, reason in collisions:
+            print(f"failed: {file.relative_to(root)}: {reason}", file=sys.stderr)
+        todo = [file for file, output in outputs.items() if not output.exists()]
         side = family.encode(todo, args.input_dir, modality, normalize=args.get_global,
                              progress=not args.no_progress) if todo else None
         written = 0
@@ -57,14 +61,14 @@ def main(argv=None) -> int:
             clamp3.say_captions(side)
             clamp3.say_failures(side)
             for relative, feature in zip(side.relative, side.matrix):
-                with atomic_path(mirror_path(root / relative, root, args.output_dir, ".npy")) as tmp:
+                with atomic_path(outputs[root / relative]) as tmp:
                     with open(tmp, "wb") as f:
                         np.save(f, np.asarray(feature, dtype=np.float32)[None])
                 written += 1
-        failures = side.failures if side is not None else []
+        failures = collisions + (side.failures if side is not None else [])
         source = f" ({side.computed} encoded, {side.cached} from cache)" if side is not None else ""
-        print(f"clamp3_embd: {written} features written to {args.output_dir}{source}, {len(files) - len(todo)} already "
-              f"there, {len(failures)} failed", file=sys.stderr)
+        print(f"clamp3_embd: {written} features written to {args.output_dir}{source}, {len(outputs) - len(todo)} "
+              f"already there, {len(failures)} failed", file=sys.stderr)
         return 1 if failures else 0
 
     return clamp3.run_command(work)

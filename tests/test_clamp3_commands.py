@@ -281,6 +281,20 @@ def test_embd_mirrors_folders_skips_existing_and_uses_the_cache(tiny_env, raw, t
     assert code == 0 and np.load(tmp_path / "pp" / "multi.npy").ndim == 3  # per-position without --get_global
 
 
+def test_embd_reports_inputs_that_would_write_the_same_feature(tiny_env, raw, tmp_path, scripts, capsys):
+    # a.txt and a.TXT (as a.mid and a.midi, a.wav and a.flac) would both write a.npy: both fail, named;
+    # the other files are written, and the exit status says some failed.
+    _, texts = raw
+    (texts / "multi.TXT").write_text("Another text that would write multi.npy.", encoding="utf-8")
+    code, _, err = run(scripts["embd"], [texts, tmp_path / "f", "--get_global", "--no_cache", *CLAMP2], capsys)
+    assert code == 1, err
+    assert "failed: multi.TXT: multi.TXT, multi.txt would all write" in err
+    assert "failed: multi.txt: multi.TXT, multi.txt would all write" in err
+    written = sorted(p.relative_to(tmp_path / "f").as_posix() for p in (tmp_path / "f").rglob("*.npy"))
+    assert written == ["bwv10.7.npy", "sub/bwv10.npy"]
+    assert "2 features written" in err and "2 failed" in err
+
+
 def test_raw_folders_score_and_eval(tiny_env, raw, tmp_path, scripts, capsys):
     music, texts = raw
     (texts / "multi.txt").unlink()

@@ -23,7 +23,7 @@ import torch
 
 from ..attention import Autocast, add_attention_argument
 from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
-from ..files import atomic_path, atomic_write_bytes, find_files, input_problem, mirror_path, output_problem
+from ..files import atomic_path, atomic_write_bytes, find_files, input_problem, mirror_outputs, output_problem
 from ..patchilizer import M3Patchilizer, is_mtf
 
 TEXT_EXTENSIONS = (".txt",)
@@ -203,20 +203,11 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
     outputs written meanwhile by a faster process must not shift the shards.
     """
     kinds = kinds if kinds is not None else kinds_of_extensions(text)
-    by_output: Dict[Path, List[Path]] = {}
     outputs_root = Path(os.path.abspath(output_dir))
-    for path in find_files(input_dir, kinds):
-        if outputs_root in Path(os.path.abspath(path)).parents:
-            continue
-        by_output.setdefault(mirror_path(path, input_dir, output_dir, ".npy"), []).append(path)
-    plan = Plan()
-    for output, paths in by_output.items():
-        if len(paths) > 1:
-            names = ", ".join(p.name for p in paths)
-            for path in paths:
-                plan.failures.append((path, f"{names} would all write {output}; rename all but one"))
-            continue
-        path = paths[0]
+    inputs = [path for path in find_files(input_dir, kinds) if outputs_root not in Path(os.path.abspath(path)).parents]
+    outputs, collisions = mirror_outputs(inputs, input_dir, output_dir, ".npy")
+    plan = Plan(failures=collisions)
+    for path, output in outputs.items():
         if output.exists() and not overwrite:
             plan.skipped.append(path)
             continue

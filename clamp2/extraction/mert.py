@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..files import find_files, mirror_path
+from ..files import find_files, mirror_outputs
 from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, normalize_tensor,
                     resample_tensor, track_windows)
 from .core import HostCopy, Job, Plan, autocast_context, save_npy, shard, skip_existing, write_failure_log
@@ -223,17 +223,8 @@ def _identity(items):
 
 def plan_audio_jobs(input_dir: Path, output_dir: Path) -> Plan:
     """Audio files → mirrored ``.npy`` outputs; two inputs with one output are failures (SPEC §16)."""
-    by_output: Dict[Path, List[Path]] = {}
-    for path in find_files(input_dir, AUDIO_EXTENSIONS):
-        by_output.setdefault(mirror_path(path, input_dir, output_dir, ".npy"), []).append(path)
-    plan = Plan()
-    for output, paths in by_output.items():
-        if len(paths) > 1:
-            names = ", ".join(p.name for p in paths)
-            plan.failures.extend((p, f"{names} would all write {output}; rename all but one") for p in paths)
-        else:
-            plan.jobs.append(Job(paths[0], output, "audio"))
-    return plan
+    outputs, collisions = mirror_outputs(find_files(input_dir, AUDIO_EXTENSIONS), input_dir, output_dir, ".npy")
+    return Plan(jobs=[Job(path, output, "audio") for path, output in outputs.items()], failures=collisions)
 
 
 @dataclass
