@@ -99,7 +99,12 @@ def test_audio_rows_and_bad_arrays():
     assert rows.shape == (5, 64) and not rows[0].any() and not rows[-1].any()
     np.testing.assert_array_equal(rows[1:-1], segments[0])
     np.testing.assert_array_equal(encode.encode_array(segments[0]).numpy(), rows)  # [n, 64] reads the same
+    # float16 and integers become float32, as torch.cat with the reference's float32 zero rows makes them.
+    np.testing.assert_array_equal(encode.encode_array(segments.astype(np.float16)).numpy()[1:-1],
+                                  segments[0].astype(np.float16).astype(np.float32))
+    assert encode.encode_array(np.ones((1, 2, 64), np.int16)).dtype == torch.float32
     bad = {"float64": (segments.astype(np.float64), "float64"),
+           "complex": (segments.astype(np.complex64), "complex64"),
            "width": (np.zeros((1, 3, 32), np.float32), "last dimension 32"),
            "layers": (np.zeros((3, 3, 64), np.float32), "--mean_features")}
     for name, (array, reason) in bad.items():

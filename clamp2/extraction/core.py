@@ -161,9 +161,11 @@ class AudioEncoder:
         if any(size != 1 for size in array.shape[:-2]):
             raise InputError(f"array shape {list(array.shape)}: expected [1, n, {self.width}], the mean over MERT's "
                              "layers (process_data/extract_mert.py without --all_layers; the reference's --mean_features)")
-        if array.dtype != np.float32:
+        if array.dtype.kind == "c" or (array.dtype.kind == "f" and array.dtype.itemsize > 4):
+            # torch.cat with the reference's float32 zero rows promotes float16 and integers to float32
+            # (read here the same), but float64 or complex arrays to types its float32 model refuses.
             raise InputError(f"{array.dtype} array: MERT features are float32 (save them with .astype(np.float32))")
-        rows = array.reshape(-1, self.width)
+        rows = array.reshape(-1, self.width).astype(np.float32, copy=False)
         zero = np.zeros((1, self.width), dtype=np.float32)
         return torch.from_numpy(np.concatenate([zero, rows, zero]))
 
