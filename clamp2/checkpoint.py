@@ -27,6 +27,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing or does not fit the model."""
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """The weights file is missing (the message says where to get it); nothing is downloaded."""
+
+
 def missing_weights_message(path: str | os.PathLike, what: str = "weights", repo: str = HUB_REPO,
                             settings: str = "M3_WEIGHTS_PATH / CLAMP2_WEIGHTS_PATH") -> str:
     name = os.path.basename(str(path))
@@ -76,7 +80,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; pass the weights file (.pth) inside it")
     if not path.is_file():
-        raise FileNotFoundError(missing_message or missing_weights_message(path))
+        raise CheckpointNotFound(missing_message or missing_weights_message(path))
     try:
         # mmap: the published CLaMP 2 file carries ~2 GB of optimizer state that extraction never
         # reads; mapped, only the tensors actually used are paged in (per process under accelerate).

@@ -19,7 +19,8 @@ downloaded: get the published files with
     hf download sander-wood/clamp3 <file name> --local-dir .
 Existing outputs are skipped; failures are listed in <output_dir>/failed_extract_clamp3.log
 (failed_extract_clamp3_<process>.log per process under a multi-process launch); exit status 0 when
-every file succeeded, 1 when some failed, 2 for a usage or model error.
+every file succeeded, 1 when some failed or the CLaMP 3 weights file is missing, 2 for a usage or
+model error.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from clamp2.attention import set_attention
-from clamp2.checkpoint import load_clamp3_weights, loaded_message
+from clamp2.checkpoint import CheckpointNotFound, load_clamp3_weights, loaded_message
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.configuration import CLAMP3_VARIANTS, clamp3_weights_name, epoch_weights_path
 from clamp2.extraction.core import (AUDIO_EXTENSIONS, AudioEncoder, KindRunner, MUSIC_EXTENSIONS, MusicEncoder,
@@ -103,6 +104,9 @@ def main(argv=None) -> int:
                                                     args.epoch)
         set_attention(model, args.attention)
         precision = autocast_context(device, args.dtype)
+    except CheckpointNotFound as exc:  # SPEC_CLAMP3 §14: a missing CLaMP 3 checkpoint is exit status 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

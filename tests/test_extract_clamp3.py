@@ -142,14 +142,15 @@ def test_weights_names_messages_and_usage(tiny_env, tmp_path, extract_clamp3, ca
     cfg_args = extract_clamp3.parse_args
     inp = VECTORS3 / "extract_in"
     monkeypatch.chdir(tmp_path)
-    # config.py's name for the variant, nothing downloaded: the message names the file and the command.
-    assert extract_clamp3.main(clamp3_args(inp, tmp_path / "o", weights=None)) == 2
+    # config.py's name for the variant, nothing downloaded: the message names the file and the command,
+    # and the exit status is 1 (SPEC_CLAMP3 §14), where other model errors are usage errors (2).
+    assert extract_clamp3.main(clamp3_args(inp, tmp_path / "o", weights=None)) == 1
     err = capsys.readouterr().err
     assert f"hf download sander-wood/clamp3 {TINY_NAME}" in err
-    assert extract_clamp3.main(clamp3_args(inp, tmp_path / "o", "--variant", "c2", weights=None)) == 2
+    assert extract_clamp3.main(clamp3_args(inp, tmp_path / "o", "--variant", "c2", weights=None)) == 1
     assert f"hf download sander-wood/clamp3 {TINY_NAME.replace('_saas_', '_c2_')}" in capsys.readouterr().err
     shutil.copy(VECTORS3 / "tiny_clamp3.pth", tmp_path / TINY_NAME.replace(".pth", "_5.pth"))
-    assert extract_clamp3.main(clamp3_args(inp, tmp_path / "o", "--epoch", "7", weights=None)) == 2
+    assert extract_clamp3.main(clamp3_args(inp, tmp_path / "o", "--epoch", "7", weights=None)) == 1
     assert TINY_NAME.replace(".pth", "_7.pth") in capsys.readouterr().err
     assert extract_clamp3.main(clamp3_args(inp / "txt", tmp_path / "o5", "--epoch", "5", "--get_global",
                                            weights=None)) == 0
