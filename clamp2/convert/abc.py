@@ -9,7 +9,8 @@
   gets one after its first ``K:`` line. *fix*: a tune on which that pipeline fails is repaired
   (:mod:`clamp2.convert.abc_repair`: line continuations, barlines in a row, unclosed bars, ...) and
   tried again; a failure then names the line where abctoolkit breaks.
-- ``interleaved_to_xml``: abctoolkit's abc2xml, the same bytes its command line writes with ``-o``.
+- ``interleaved_to_xml``: abctoolkit's abc2xml, the bytes of its command line's standard output
+  (what the reference's ``batch_abc2xml.py`` saves).
 
 The abctoolkit modules keep module-level state between calls (xml2abc's global ``abcOut``,
 abc2xml's ``prevloc`` and ``mxm``); each call here resets it so that a conversion depends on its
@@ -256,7 +257,11 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
 
 
 def interleaved_to_xml(abc_text: str) -> str:
-    """MusicXML of the first tune of an ABC text, as ``abctoolkit.abc2xml -o DIR`` writes it."""
+    """MusicXML of the first tune of an ABC text, as ``abctoolkit.abc2xml FILE`` prints it.
+
+    The reference's ``batch_abc2xml.py`` (and abctoolkit's own batch converter) save that standard
+    output, which ends with a newline; the file ``-o DIR`` writes has none.
+    """
     from abctoolkit import abc2xml
 
     # What a fresh process would start with: abc2xml keeps its parser instance and the position
@@ -269,7 +274,7 @@ def interleaved_to_xml(abc_text: str) -> str:
     if not scores:
         reason = last_message(diagnostics.getvalue()) or "no tune"
         raise ValueError(f"abc2xml produced no score ({reason})")
-    return abc2xml.fixDoctype(scores[0])
+    return abc2xml.fixDoctype(scores[0]) + "\n"
 
 
 def split_tunes(abc_text: str) -> list[str]:
