@@ -256,6 +256,28 @@ def test_inference_labels_do_not_depend_on_batch_size(tmp_path, train_cls, infer
     assert np.abs(one - many).max() < 1e-5
 
 
+def test_inference_keys_spell_the_folder_as_given(tmp_path, train_cls, inference_cls, data, capsys, monkeypatch):
+    # The reference's keys are os.path.join(root, file) from os.walk(folder as typed): ./f/a.npy stays so.
+    import os
+    import shutil
+
+    folder, _ = data
+    assert run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "p.pth",
+                           "--epochs", "1", *FAST], capsys)[0] == 0
+    names = sorted(p.name for p in (folder / "eval").glob("*.npy"))[:2]
+    (tmp_path / "f" / "sub").mkdir(parents=True)
+    shutil.copy(folder / "eval" / names[0], tmp_path / "f")
+    shutil.copy(folder / "eval" / names[1], tmp_path / "f" / "sub")
+    monkeypatch.chdir(tmp_path)
+    for given in ("./f", "f/", str(tmp_path / "f")):
+        expected = {os.path.join(root, name) for root, _, files in os.walk(given) for name in files}
+        code, _, err = run(inference_cls, [given, "o.json", "--weights", "p.pth", "--no_progress"], capsys)
+        assert code == 0, err
+        assert set(json.loads((tmp_path / "o.json").read_text())) == expected
+    code, _, err = run(inference_cls, [f"./f/{names[0]}", "o.json", "--weights", "p.pth", "--no_progress"], capsys)
+    assert code == 0 and list(json.loads((tmp_path / "o.json").read_text())) == [f"./f/{names[0]}"]
+
+
 def test_batched_training_reaches_batch_1_accuracy(tmp_path, train_cls, data, capsys):
     folder, means = data
     oracle = oracle_accuracy(sorted((folder / "eval").glob("*.npy")), means)

@@ -7,6 +7,7 @@ Exit status: 0 done; 1 done, but some files were left out (each listed with its 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import replace
@@ -277,7 +278,8 @@ def inference_command(args) -> int:
         features.move_to(device)
     probabilities = predict_features(probe, features, args.batch_size, device) if len(features) else None
     predictions = probabilities.argmax(axis=1).tolist() if probabilities is not None else []
-    results = {str(path): probe.class_names[index] for path, index in zip(features.paths, predictions)}
+    results = {as_given(path, args.features): probe.class_names[index]
+               for path, index in zip(features.paths, predictions)}
     atomic_write_text(Path(args.output_file), json.dumps(results, ensure_ascii=False, indent=1) + "\n")
     unscored: Skipped = []
     if args.evaluate:
@@ -287,6 +289,18 @@ def inference_command(args) -> int:
           f"{f'; {len(skipped)} skipped' if skipped else ''}"
           f"{f', {len(unscored)} not scored' if unscored else ''}{' (listed above)' if problems else ''}", flush=True)
     return EXIT_SOME_FAILED if problems else EXIT_OK
+
+
+def as_given(path: Path, given: str | os.PathLike) -> str:
+    """``path`` as the reference's ``os.path.join(root, file)`` from ``os.walk(given)`` names it.
+
+    The folder keeps the spelling it was given in (``./feats/a.npy``, not ``feats/a.npy``); a single
+    file given is named as given.
+    """
+    root = Path(given)
+    if not root.is_dir():
+        return os.fspath(given)
+    return os.path.join(os.fspath(given), *path.relative_to(root).parts)
 
 
 def evaluate_predictions(args, class_names: Sequence[str], features: FeatureSet, probabilities: Optional[np.ndarray],
