@@ -172,7 +172,8 @@ CASES = [
     case(X3C, IN3, "{tmp}/o", C2W, TEXT3, says="is a CLaMP 2 checkpoint; this script needs a CLaMP 3", env=TINY3),
     case(X3C, IN3, "{tmp}/o", M3W, TEXT3, says="is an M3 checkpoint; this script needs a CLaMP 3", env=TINY3),
     case(X3C, IN3, "{tmp}/o", "--weights={text_file}", TEXT3, says="it is a text file", env=TINY3),
-    case(X3C, IN3, "{tmp}/o", "--variant=c2", TEXT3, says="hf download sander-wood/clamp3 weights_clamp3_c2", env=TINY3),
+    case(X3C, IN3, "{tmp}/o", "--variant=c2", TEXT3, status=1, says="hf download sander-wood/clamp3 weights_clamp3_c2",
+         env=TINY3),  # SPEC_CLAMP3 §14: exit 1
     case(X3C, IN3, "{tmp}/o", "--variant=big", TEXT3, says="invalid choice", env=TINY3),
     case(X3C, IN3, "{tmp}/o", C3W, TEXT3, says="CLAMP3_VARIANT", env=dict(TINY3, CLAMP3_VARIANT="big")),
     case(X3C, IN3, "{tmp}/o", C3W, TEXT3, says="AUDIO_HIDDEN_SIZE", env=dict(TINY3, AUDIO_HIDDEN_SIZE="32")),
