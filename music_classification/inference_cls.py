@@ -2,6 +2,7 @@
 
     python music_classification/inference_cls.py features/ predictions.json --weights probe.pth
     python music_classification/inference_cls.py features/ predictions.json --weights probe.pth --evaluate
+    python music_classification/inference_cls.py probe.pth features/ predictions.json   # CLaMP 3's argument order
 
 FEATURES is a folder (searched recursively for .npy) or one .npy file: per-position [1, L, D] or
 global [1, D] features of the size the probe was trained on. Files are classified in padded,
@@ -21,10 +22,14 @@ from clamp2.probe.commands import inference_command
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("features", help="folder of .npy feature files (searched recursively) or one .npy file")
-    parser.add_argument("output_file", help="JSON file for {feature_path: label}")
-    parser.add_argument("--weights", required=True, help="probe checkpoint written by train_cls.py")
+    parser = ArgumentParser(description=__doc__,
+                            usage="%(prog)s FEATURES OUTPUT_FILE --weights WEIGHTS [options]\n"
+                                  "       %(prog)s WEIGHTS FEATURES OUTPUT_FILE [options]")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="folder of .npy feature files (searched recursively) or one .npy file, and the JSON "
+                             "file for {feature_path: label}; the CLaMP 3 reference's order WEIGHTS FEATURES "
+                             "OUTPUT_FILE (no --weights) is accepted too")
+    parser.add_argument("--weights", default=None, help="probe checkpoint written by train_cls.py")
     parser.add_argument("--batch_size", type=int, default=16, help="files per batch (16); labels do not depend on it")
     parser.add_argument("--evaluate", action="store_true",
                         help="score the predictions against the labels in the file names and write a report")
@@ -33,7 +38,14 @@ def parse_args(argv=None):
                         help="keep the features in memory between checking and classifying up to this size (4)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.paths) == 3 and args.weights is None:  # classification/inference_cls.py <weights> <folder> <json>
+        args.weights, args.features, args.output_file = args.paths
+    elif len(args.paths) == 2 and args.weights is not None:
+        args.features, args.output_file = args.paths
+    else:
+        parser.error("give FEATURES OUTPUT_FILE --weights WEIGHTS, or WEIGHTS FEATURES OUTPUT_FILE")
+    return args
 
 
 def main(argv=None) -> int:

@@ -118,3 +118,14 @@ def test_reference_checkpoint_loads_for_inference(tmp_path, inference_cls, capsy
     for path in paths:
         x = torch.from_numpy(np.load(path))
         assert predicted[str(path)] == ["rock", "folk", "jazz"][int(model(x).argmax())]
+    # The reference's command line (weights first, no --weights) and its file: json.dump's one ASCII line.
+    code, _, err = run(inference_cls, [tmp_path / "weights-feats.pth", tmp_path / "feats", tmp_path / "r.json",
+                                       "--no_progress"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "r.json").read_text() == json.dumps(predicted)
+    for wrong in ([tmp_path / "feats", tmp_path / "x.json"], [tmp_path / "w.pth", tmp_path / "feats", tmp_path / "x.json",
+                                                            "--weights", tmp_path / "w.pth"]):
+        with pytest.raises(SystemExit) as info:
+            inference_cls.main([str(a) for a in wrong])
+        assert info.value.code == 2
+    assert "give FEATURES OUTPUT_FILE --weights WEIGHTS, or WEIGHTS FEATURES OUTPUT_FILE" in capsys.readouterr().err

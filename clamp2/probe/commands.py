@@ -280,7 +280,7 @@ def inference_command(args) -> int:
     predictions = probabilities.argmax(axis=1).tolist() if probabilities is not None else []
     results = {as_given(path, args.features): probe.class_names[index]
                for path, index in zip(features.paths, predictions)}
-    atomic_write_text(Path(args.output_file), json.dumps(results, ensure_ascii=False, indent=1) + "\n")
+    atomic_write_text(Path(args.output_file), json.dumps(results))  # the reference's json.dump: one line, ASCII
     unscored: Skipped = []
     if args.evaluate:
         unscored = evaluate_predictions(args, probe.class_names, features, probabilities, skipped)
