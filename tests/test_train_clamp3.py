@@ -97,6 +97,11 @@ def test_audio_rows_zero_rows_windows_and_padding(tmp_path):
     windows = {tuple(music.load(tmp_path / "a.npy", True, random.Random(seed))[:, 0].tolist()) for seed in range(60)}
     # head, tail (ends in the closing zero row) and middle windows starting at 1..4
     assert windows == {(0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5), (3, 4, 5, 6), (4, 5, 6, 0)}
+    # float16 and integers are read as float32, as the reference's torch.cat with float32 zero rows promotes them.
+    np.save(tmp_path / "half.npy", features.astype(np.float16))
+    assert music.check(tmp_path / "half.npy") is None
+    half = music.load(tmp_path / "half.npy", training=False, rng=random.Random(0))
+    assert half.dtype == torch.float32 and torch.equal(half, rows)
     np.save(tmp_path / "short.npy", features[:, :1])
     short = music.load(tmp_path / "short.npy", training=True, rng=random.Random(0))
     assert short[:, 0].tolist() == [0, 1, 0]
@@ -110,9 +115,9 @@ def test_audio_rows_zero_rows_windows_and_padding(tmp_path):
 
 
 @pytest.mark.parametrize("array, message", [
-    (np.zeros((13, 5, 64), np.float32), "has shape [13, 5, 64], expected MERT features [1, n, 64] float32"),
-    (np.zeros((1, 5, 32), np.float32), "has shape [1, 5, 32], expected MERT features [1, n, 64]"),
-    (np.zeros((1, 5, 64), np.float64), "holds float64 values, expected MERT features [1, n, 64] float32"),
+    (np.zeros((13, 5, 64), np.float32), "array shape [13, 5, 64]: expected [1, n, 64], the mean over MERT's layers"),
+    (np.zeros((1, 5, 32), np.float32), "last dimension 32, but the audio encoder takes 64-wide MERT features"),
+    (np.zeros((1, 5, 64), np.float64), "float64 array: MERT features are float32"),
     (None, "missing file"),
 ])
 def test_bad_audio_files_fail_in_one_line(tmp_path, tiny_env, trainers, capsys, array, message):

@@ -129,14 +129,37 @@ class MusicEncoder:
         return torch.from_numpy(self.patchilizer.encode_array(text, add_special_patches=True))
 
 
+def mert_array_problem(shape: Sequence[int], dtype: np.dtype, width: int) -> Optional[str]:
+    """Why an array of this shape and dtype is not CLaMP 3 audio input (MERT features), or None.
+
+    The reference reads any array as rows, ``reshape(-1, width)``, between two float32 zero rows:
+    ``torch.cat`` promotes float16 and integer arrays to float32 (read so here), but float64 or
+    complex ones to types its float32 model refuses. A leading dimension other than 1 holds every
+    MERT layer's states, which the reference would silently read as more segments (SPEC_CLAMP3 §15).
+    Extraction and training share this rule.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or dtype.kind not in "fiuc":
+        return "not a numeric array of MERT features"
+    if len(shape) == 0:
+        return f"a scalar, not MERT features [1, n, {width}]"
+    if shape[-1] != width:
+        return (f"last dimension {shape[-1]}, but the audio encoder takes {width}-wide MERT features "
+                f"(array shape {list(shape)})")
+    if any(size != 1 for size in shape[:-2]):
+        return (f"array shape {list(shape)}: expected [1, n, {width}], the mean over MERT's layers "
+                "(process_data/extract_mert.py without --all_layers; the reference's --mean_features)")
+    if dtype.kind == "c" or (dtype.kind == "f" and dtype.itemsize > 4):
+        return f"{dtype} array: MERT features are float32 (save them with .astype(np.float32))"
+    return None
+
+
 class AudioEncoder:
     """MERT features (``.npy``) → rows [n + 2, width]: one all-zero row before and one after (SPEC_CLAMP3 §15).
 
-    The array is read as ``[-1, width]``. Refused, with the reason: float64 and other non-float32
-    arrays and a last dimension other than ``width`` (the reference fails on them), and arrays with
-    a leading dimension other than 1, such as ``[13, n, 768]`` (MERT's hidden states: the
-    reference's extract_mert.py without ``--mean_features``, ours with ``--all_layers``; the
-    reference silently misreads them as 13·n segments).
+    The array is read as ``[-1, width]`` float32; :func:`mert_array_problem` says which arrays are
+    refused and why (float64, another width, every layer's states ``[13, n, 768]`` from the
+    reference's extract_mert.py without ``--mean_features`` or ours with ``--all_layers``).
     """
 
     def __init__(self, width: int):
@@ -151,20 +174,11 @@ class AudioEncoder:
 
     def encode_array(self, array: np.ndarray) -> torch.Tensor:
         """The rows of a MERT feature array as a ``.npy`` file holding it gives them."""
-        if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiuc":
+        if not isinstance(array, np.ndarray):
             raise InputError("not a numeric array of MERT features")
-        if array.ndim == 0:
-            raise InputError("a scalar, not MERT features [1, n, width]")
-        if array.shape[-1] != self.width:
-            raise InputError(f"last dimension {array.shape[-1]}, but the audio encoder takes {self.width}-wide "
-                             f"MERT features (array shape {list(array.shape)})")
-        if any(size != 1 for size in array.shape[:-2]):
-            raise InputError(f"array shape {list(array.shape)}: expected [1, n, {self.width}], the mean over MERT's "
-                             "layers (process_data/extract_mert.py without --all_layers; the reference's --mean_features)")
-        if array.dtype.kind == "c" or (array.dtype.kind == "f" and array.dtype.itemsize > 4):
-            # torch.cat with the reference's float32 zero rows promotes float16 and integers to float32
-            # (read here the same), but float64 or complex arrays to types its float32 model refuses.
-            raise InputError(f"{array.dtype} array: MERT features are float32 (save them with .astype(np.float32))")
+        problem = mert_array_problem(array.shape, array.dtype, self.width)
+        if problem:
+            raise InputError(problem)
         rows = array.reshape(-1, self.width).astype(np.float32, copy=False)
         zero = np.zeros((1, self.width), dtype=np.float32)
         return torch.from_numpy(np.concatenate([zero, rows, zero]))

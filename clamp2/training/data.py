@@ -28,6 +28,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 
+from ..extraction.core import mert_array_problem
 from ..files import find_files, input_problem
 from ..patchilizer import PAD_TOKEN_ID, TRUNCATE_MODES, M3Patchilizer, split_lines, truncate
 from .corruption import corrupt_patches
@@ -437,23 +438,17 @@ class SymbolicMusic:
 
 
 def audio_array_problem(path: Path, width: int) -> Optional[str]:
-    """Why a MERT feature file cannot be a CLaMP 3 input, or None (reads the .npy header only)."""
+    """Why a MERT feature file cannot be a CLaMP 3 input, or None (reads the .npy header only).
+
+    The rule of extraction (:func:`~clamp2.extraction.core.mert_array_problem`): what the reference
+    trains on is read the same, float16 and integers as float32.
+    """
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # not a .npy file, truncated header, pickled objects
         return f"cannot read {path} as a .npy array ({exc})"
-    shape = tuple(array.shape)
-    expected = f"expected MERT features [1, n, {width}] float32 (extract_mert.py)"
-    if array.ndim == 3 and shape[0] != 1:
-        return (f"{path} has shape {list(shape)}, {expected}: a [{shape[0]}, n, D] array holds every layer's "
-                "features, not their mean")
-    if array.ndim not in (2, 3) or shape[-1] != width:
-        return f"{path} has shape {list(shape)}, {expected} (AUDIO_HIDDEN_SIZE is {width})"
-    if array.dtype != np.float32:
-        return f"{path} holds {array.dtype} values, {expected}"
-    if shape[-2] == 0:
-        return f"{path} holds no segment, {expected} with n >= 1"
-    return None
+    problem = mert_array_problem(array.shape, array.dtype, width)
+    return f"{path}: {problem} (extract_mert.py writes MERT features)" if problem else None
 
 
 class AudioMusic:
@@ -480,11 +475,12 @@ class AudioMusic:
             array = np.load(path, allow_pickle=False)
         except Exception as exc:
             raise DataError(f"cannot read the audio features {path}: {exc}") from exc
-        if (array.dtype != np.float32 or array.ndim not in (2, 3) or array.shape[-1] != self.width
-                or array.ndim == 3 and array.shape[0] != 1):  # changed since the check before training
-            raise DataError(audio_array_problem(path, self.width) or f"{path}: not MERT features")
+        problem = mert_array_problem(array.shape, array.dtype, self.width)  # changed since the check before training
+        if problem:
+            raise DataError(f"{path}: {problem}")
+        rows = np.ascontiguousarray(array.reshape(-1, self.width), dtype=np.float32)
         zero = torch.zeros(1, self.width)
-        rows = torch.cat([zero, torch.from_numpy(np.ascontiguousarray(array.reshape(-1, self.width))), zero])
+        rows = torch.cat([zero, torch.from_numpy(rows), zero])
         if len(rows) > self.max_length:
             mode = rng.choice(TRUNCATE_MODES) if training else "head"
             first = truncate(range(len(rows)), self.max_length, mode, rng)[0]
