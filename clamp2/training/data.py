@@ -316,12 +316,12 @@ def eval_music_path(paths: Sequence[Path]) -> Path:
     return paths[1]
 
 
-def resolve_inside(root: Path, relative: str) -> Optional[Path]:
-    """``root / relative`` when it stays inside ``root`` (lexically: symlinked data folders still work)."""
+def resolve_relative(root: Path, relative: str) -> Optional[Path]:
+    """``root / relative`` (``..`` allowed: the reference joins ``root + '/' + relative``), None when
+    ``relative`` is empty or absolute (the reference's join would not read an absolute path)."""
     if not relative or os.path.isabs(relative):
         return None
-    joined = Path(os.path.normpath(root / relative))
-    return joined if joined == root or root in joined.parents else None
+    return Path(os.path.normpath(root / relative))
 
 
 def clamp2_text_problems(fields: Dict[str, Any], require_non_english: bool) -> List[str]:
@@ -382,9 +382,10 @@ def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]
             problems.extend(f"{where}: {problem}" for problem in text_problems(fields))
             paths = []
             for relative in filepaths:
-                path = resolve_inside(root, relative) if isinstance(relative, str) else None
+                path = resolve_relative(root, relative) if isinstance(relative, str) else None
                 if path is None:
-                    problems.append(f"{where}: file path {relative!r} is not inside the JSONL's folder {root}")
+                    problems.append(f"{where}: file path {relative!r} is not a path relative to the JSONL's "
+                                    f"folder {root}")
                 elif path.suffix.lower() not in music.extensions:
                     problems.append(f"{where}: {relative!r} is not {music.kind}")
                 elif not path.is_file():
