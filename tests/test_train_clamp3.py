@@ -133,6 +133,29 @@ def test_bad_audio_files_fail_in_one_line(tmp_path, tiny_env, trainers, capsys, 
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
 
 
+def test_training_lines_need_analysis_only_without_text_dropout(tiny_env, corpus3, tmp_path):  # noqa: F811
+    # The reference reads `analysis` for evaluation (and for training without TEXT_DROPOUT) only.
+    from types import SimpleNamespace
+
+    from clamp2.training.tasks import clamp3_task
+
+    lines = [json.loads(line) for line in (corpus3 / "symbolic_train.jsonl").read_text().splitlines()]
+    for item in lines[::2]:
+        del item["analysis"]
+    jsonl = corpus3 / "no_analysis.jsonl"  # beside the corpus: its filepaths are relative to this folder
+    jsonl.write_text("".join(json.dumps(item) + "\n" for item in lines))
+    sizes = dict(TEXT_MODEL_NAME=TEXT_MODEL, PATCH_SIZE=64, PATCH_LENGTH=32, MAX_TEXT_LENGTH=16, EVAL_SPLIT=0.2,
+                 AUDIO_HIDDEN_SIZE=64, AUDIO_NUM_LAYERS=2, MAX_AUDIO_LENGTH=4, M3_HIDDEN_SIZE=64, PATCH_NUM_LAYERS=2,
+                 TOKEN_NUM_LAYERS=1, CLAMP3_HIDDEN_SIZE=48, FREEZE_TEXT=False, CLAMP3_LOAD_M3=False, LOGIT_SCALE=1.0)
+    quiet = dict(log=lambda message: None)
+    task = clamp3_task(SimpleNamespace(**sizes, TEXT_DROPOUT=True), "symbolic", str(jsonl), **quiet)
+    held_out = [item.fields for item in task.eval_set.items]
+    assert held_out and all("analysis" in fields for fields in held_out)  # only lines with an eval text
+    assert len(task.train_set.items) + len(held_out) == len(lines)
+    with pytest.raises(DataError, match="no 'analysis' text"):
+        clamp3_task(SimpleNamespace(**sizes, TEXT_DROPOUT=False), "symbolic", str(jsonl), **quiet)
+
+
 def test_a_training_set_smaller_than_one_global_batch(tiny_env, corpus3, trainers, capsys):  # noqa: F811
     assert trainers["symbolic"].main(args_for("symbolic", corpus3, "--batch_size", "200")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]

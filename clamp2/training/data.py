@@ -331,9 +331,18 @@ def clamp2_text_problems(fields: Dict[str, Any], require_non_english: bool) -> L
     return problems
 
 
-def clamp3_text_problems(fields: Dict[str, Any]) -> List[str]:
+def has_analysis(fields: Dict[str, Any]) -> bool:
     analysis = fields.get("analysis")
-    return [] if isinstance(analysis, str) and analysis.strip() else ["no 'analysis' text (the evaluation text)"]
+    return isinstance(analysis, str) and bool(analysis.strip())
+
+
+def no_text_problems(fields: Dict[str, Any]) -> List[str]:
+    """Training lines of CLaMP 3 with TEXT_DROPOUT: any fields make a text (the reference's text_dropout)."""
+    return []
+
+
+def clamp3_text_problems(fields: Dict[str, Any]) -> List[str]:
+    return [] if has_analysis(fields) else ["no 'analysis' text (the evaluation text)"]
 
 
 def read_pairs(jsonl: str | os.PathLike, require_non_english: bool) -> List[PairItem]:
@@ -348,8 +357,8 @@ def read_pairs(jsonl: str | os.PathLike, require_non_english: bool) -> List[Pair
 def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]], List[str]], music) -> List[PairItem]:
     """Parse and check a whole JSONL; every problem (bad line, unsafe, missing or bad file) is reported at once.
 
-    ``filepaths`` are relative to the JSONL's folder; absolute paths and paths leaving that folder
-    are rejected; each must have one of ``music.extensions`` and pass ``music.check`` (e.g. an
+    ``filepaths`` are relative to the JSONL's folder (``..`` included, as the reference joins them);
+    absolute paths are rejected; each must have one of ``music.extensions`` and pass ``music.check`` (e.g. an
     audio array's shape). ``text_problems(fields)`` lists what a line lacks. One problem gives a
     one-line message.
     """

@@ -37,7 +37,7 @@ from ..patchilizer import M3Patchilizer
 from ..text_model import load_text_model, load_tokenizer
 from .data import (AudioMusic, DataError, M3Dataset, SymbolicMusic, TextMusicCollator, TextMusicDataset,
                    check_music_files, clamp3_eval_text, clamp3_text_problems, clamp3_training_text, collate_m3,
-                   find_music_files, read_items, read_pairs, split_eval)
+                   find_music_files, has_analysis, no_text_problems, read_items, read_pairs, split_eval)
 from .loop import BASE_SEED, TrainTask
 
 
@@ -247,13 +247,21 @@ def clamp3_task(config, modality: str, train_jsonl: str, eval_jsonl: str = "", g
     else:
         music = AudioMusic(audio_dims.hidden_size, audio_dims.max_length)
         music_length, position_size = audio_dims.max_length, audio_dims.hidden_size
-    train_items = read_items(train_jsonl, clamp3_text_problems, music)
+    # With TEXT_DROPOUT a training line's text comes from all its fields: as in the reference, only
+    # evaluation needs `analysis` (and training without dropout).
+    train_items = read_items(train_jsonl, no_text_problems if config.TEXT_DROPOUT else clamp3_text_problems, music)
     notes = []
     if eval_jsonl and Path(eval_jsonl).is_file():
         eval_items = read_items(eval_jsonl, clamp3_text_problems, music)
     else:
-        split = split_eval(train_items, config.EVAL_SPLIT, BASE_SEED, min_train=global_batch, min_eval=2)
-        train_items, eval_items = split.train, split.eval
+        # Only lines with an evaluation text can be held out; the others train.
+        unheld = [item for item in train_items if not has_analysis(item.fields)]
+        if len(unheld) == len(train_items):
+            raise DataError(f"{train_jsonl}: no line has an 'analysis' text to evaluate on: add some, or give an "
+                            "eval JSONL (--eval_jsonl / CLAMP3_EVAL_JSONL)")
+        split = split_eval([item for item in train_items if has_analysis(item.fields)], config.EVAL_SPLIT, BASE_SEED,
+                           min_train=max(global_batch - len(unheld), 0), min_eval=2)
+        train_items, eval_items = split.train + unheld, split.eval
         missing = f"CLAMP3_EVAL_JSONL {eval_jsonl} does not exist, so " if eval_jsonl else "no eval JSONL: "
         notes.append(f"{missing}{split.reason}")
     tokenizer = load_tokenizer(config.TEXT_MODEL_NAME)
