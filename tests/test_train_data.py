@@ -99,6 +99,7 @@ def test_eval_music_choice(tmp_path):
     assert eval_music_path([abc, mtf]) == abc
     assert eval_music_path([mtf, abc]) == abc
     assert eval_music_path([mtf]) == mtf  # the reference indexes a missing second entry
+    assert eval_music_path([abc.with_name("t.ABC"), mtf]) == mtf  # the reference's endswith(".abc")
 
 
 def test_split_eval_is_seeded_and_ceil():

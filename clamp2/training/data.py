@@ -310,8 +310,11 @@ def eval_text(fields: Dict[str, Any]) -> str:
 
 
 def eval_music_path(paths: Sequence[Path]) -> Path:
-    """The .abc if listed first, else the second entry (the only one when there is one: the reference fails)."""
-    if paths[0].suffix.lower() == ".abc" or len(paths) == 1:
+    """The .abc if listed first, else the second entry (the only one when there is one: the reference fails).
+
+    ``.abc`` in lower case, as the reference's ``endswith(".abc")``: ``["t.ABC", "t.mtf"]`` evaluates t.mtf.
+    """
+    if paths[0].name.endswith(".abc") or len(paths) == 1:
         return paths[0]
     return paths[1]
 
