@@ -140,6 +140,12 @@ def test_score_unmatched_keys_continue_or_stop(feature_folders, tmp_path, script
                            capsys)
     assert code == 1 and lines == []
     assert err.strip() == f"Error: There are 2 unmatched query or reference files. Check '{unmatched}' for details."
+    # Once every key matches, the earlier run's unmatched_files.jsonl does not stay beside the new results.
+    (queries / "lonely.npy").unlink()
+    (queries / "part2" / "p25.0.npy").unlink()
+    code, lines, err = run(scripts["score"], [queries, references, "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 0 and lines[0] == "There are 29 common keys between query and reference features.", err
+    assert not unmatched.exists()
 
 
 def test_score_group_equals_the_reference(feature_folders, scripts, capsys):
@@ -403,7 +409,7 @@ def test_captioner_not_downloaded_is_a_clear_error(tmp_path, monkeypatch):
 
     importlib.reload(huggingface_hub.constants)
     try:
-        with pytest.raises(CaptionerError, match="nothing is downloaded here.*huggingface-cli download"):
+        with pytest.raises(CaptionerError, match="nothing is downloaded here.*`hf download Salesforce/blip-image-captioning-base`"):
             captioner_folder("Salesforce/blip-image-captioning-base")
     finally:
         monkeypatch.undo()

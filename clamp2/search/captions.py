@@ -59,7 +59,7 @@ def captioner_folder(name: str | os.PathLike = BLIP_MODEL) -> Path:
     if cached is None:
         raise CaptionerError(
             f"the image captioner {name} is neither a local folder nor in the Hugging Face cache, and nothing is "
-            f"downloaded here: on a machine with network run `huggingface-cli download {BLIP_MODEL}` "
+            f"downloaded here: on a machine with network run `hf download {BLIP_MODEL}` "
             f"(or save it to a folder and pass --captioner FOLDER)")
     return cached
 

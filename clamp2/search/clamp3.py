@@ -287,10 +287,15 @@ def common_keys_line(count: int) -> str:
 
 
 def report_unmatched(matching: Matching, output_dir: Path, strict: bool, say: Callable[[str], None]) -> None:
-    """Write ``unmatched_files.jsonl`` and say so; ``strict`` makes it an error (:class:`CommandError`)."""
-    if not matching.unmatched:
-        return
+    """Write ``unmatched_files.jsonl`` and say so; ``strict`` makes it an error (:class:`CommandError`).
+
+    With nothing unmatched, a file of that name left by an earlier run in ``output_dir`` is removed:
+    beside this run's results it would describe a matching that no longer holds.
+    """
     path = output_dir / UNMATCHED_FILE
+    if not matching.unmatched:
+        path.unlink(missing_ok=True)
+        return
     write_jsonl(path, matching.unmatched)
     message = unmatched_message(len(matching.unmatched), path)
     if strict:
