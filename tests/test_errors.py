@@ -116,6 +116,10 @@ CASES = [
          env=dict(TINY, MAX_TEXT_LENGTH="200")),
     case(QS, "--per_collection=0", says="--per_collection"),
     case(QS, "--m3_epochs=-1", says="--m3_epochs"),
+    # published models that cannot load: said before the corpus is built, not at the features step
+    case(QS, "--out={tmp}/q", "--weights={tmp}/absent.pth", "--text_model={vec}/tiny_text_model",
+         says="--weights {tmp}/absent.pth: no such file; it takes the published CLaMP 2 weights file", seconds=20),
+    case(QS, "--out={tmp}/q", "--weights={text_file}", "--text_model={tmp}/no_model", says="text model", seconds=20),
     # -- folders that are files, unwritable outputs, empty inputs ------------------------------
     case(X3, "{text_file}", "{tmp}/o", M3W, says="is a file, not a folder", env=TINY),
     case(X3, "{tmp}/nothing", "{tmp}/o", M3W, says="input folder not found", env=TINY),

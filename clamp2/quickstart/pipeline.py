@@ -207,6 +207,10 @@ class Quickstart:
 
     # ---------------------------------------------------------------------------------------------
     def run(self, only_missing: bool = True) -> int:
+        problem = self.models_problem()
+        if problem:  # before minutes of corpus work, not at the features step
+            print(f"quickstart: error: {problem}", file=sys.stderr)
+            return 2
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_settings()
         steps = self.steps()
@@ -231,6 +235,24 @@ class Quickstart:
         total = time.perf_counter() - started
         self.print_summary(total)
         return 0
+
+    def models_problem(self) -> Optional[str]:
+        """With ``--weights`` (published models, no training): why they cannot be loaded, or None."""
+        if not self.s.weights:
+            return None
+        from ..checkpoint import HUB_REPO
+        from ..hub import PUBLISHED_CLAMP2_WEIGHTS, download_command
+        from ..text_model import TextModelUnavailable, load_tokenizer
+
+        if not Path(self.s.weights).is_file():
+            return (f"--weights {self.s.weights}: no such file; it takes the published CLaMP 2 weights file: "
+                    f"`{download_command(HUB_REPO, PUBLISHED_CLAMP2_WEIGHTS)} --local-dir .`, then "
+                    f"--weights {PUBLISHED_CLAMP2_WEIGHTS}")
+        try:
+            load_tokenizer(self.text_model)
+        except TextModelUnavailable as exc:
+            return str(exc)
+        return None
 
     def steps(self) -> List[tuple[str, Callable[[], None]]]:
         steps: List[tuple[str, Callable[[], None]]] = [
