@@ -107,9 +107,10 @@ def resolve_weights(weights: str | os.PathLike, filename: str, *, local_files_on
                               f"`{download_command(repo, filename)} --local-dir {path}` or pass the file itself")
     text = os.fspath(weights)
     if not is_hub_id(text):
-        raise WeightsNotFound(f"weights file not found: {text}; download it with "
-                              f"`{download_command(repo, path.name)} --local-dir .` or pass a hub id "
-                              f"such as {repo}")
+        # As checkpoint.missing_weights_message: a typo is likelier than an undownloaded file.
+        raise WeightsNotFound(f"weights file not found: {text}; check the path, or, if it is a file of {repo}, "
+                              f"download it with `{download_command(repo, path.name)} --local-dir .`, or pass a "
+                              f"hub id such as {repo}")
     return _hub_file(text, filename, local_files_only=hub_offline() if local_files_only is None else local_files_only,
                      revision=revision, cache_dir=cache_dir)
 
