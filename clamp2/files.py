@@ -46,13 +46,15 @@ def mirror_path(input_path: str | os.PathLike, input_root: str | os.PathLike,
                 output_root: str | os.PathLike, new_suffix: str) -> Path:
     """``output_root / <input's folder relative to input_root> / <stem><new_suffix>``."""
     input_path, input_root = Path(input_path), Path(input_root)
-    try:
-        relative = input_path.relative_to(input_root)
-    except ValueError:  # a single input file given as the "root"
-        relative = Path(input_path.name)
-    if relative == Path("."):
-        relative = Path(input_path.name)
-    return Path(output_root) / relative.parent / (relative.stem + new_suffix)
+    # parts arithmetic rather than relative_to/parent/stem Paths: this runs once per input, and
+    # a corpus of a million short tunes spent a minute here (same result, lexically as relative_to).
+    parts, root_parts = input_path.parts, input_root.parts
+    if len(parts) > len(root_parts) and parts[:len(root_parts)] == root_parts and \
+            input_path.anchor == input_root.anchor:
+        folders = parts[len(root_parts):-1]
+    else:  # the input is the root itself (a single file given as the "root"), or outside it
+        folders = ()
+    return Path(output_root, *folders, input_path.stem + new_suffix)
 
 
 def mirror_outputs(paths: Iterable[Path], input_root: str | os.PathLike, output_root: str | os.PathLike,

@@ -2,6 +2,7 @@
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,28 @@ def test_mirror_path_keeps_relative_folder(tmp_path):
     assert mirror_path(tmp_path / "in/a/b/c.mid", tmp_path / "in", tmp_path / "out", ".mtf") == tmp_path / "out/a/b/c.mtf"
     single = tmp_path / "one.mid"
     assert mirror_path(single, single, tmp_path / "out", ".mtf") == tmp_path / "out/one.mtf"
+    # Lexical, as Path.relative_to: relative roots, several dots in a name, an input outside the root.
+    assert mirror_path("in/a/x.tar.gz", "in", "out", ".npy") == Path("out/a/x.tar.npy")
+    assert mirror_path("in/a/x.abc", ".", "out", ".npy") == Path("out/in/a/x.npy")
+    assert mirror_path("/elsewhere/x.abc", ".", "out", ".npy") == Path("out/x.npy")
+    assert mirror_path("other/b/x.abc", "in", "/out", ".npy") == Path("/out/x.npy")
+    assert mirror_path("inner/x.abc", "in", "out", ".npy") == Path("out/x.npy")
+
+
+def test_plan_skips_an_output_folder_inside_the_input_folder(tmp_path, monkeypatch):
+    from clamp2.extraction.core import plan_jobs
+
+    monkeypatch.chdir(tmp_path)
+    for rel in ("a.abc", "feats/b.npy", "feats/sub/c.abc", "feats_2/d.npy"):
+        Path(rel).parent.mkdir(parents=True, exist_ok=True)
+        Path(rel).write_text("x")
+    kinds = {".abc": "music", ".npy": "audio"}
+    # "feats_2" merely starts with the output folder's name: it is an input folder like any other.
+    plan = plan_jobs(Path("."), Path("feats"), kinds=kinds)
+    assert [(str(j.path), str(j.output)) for j in plan.jobs] == [("a.abc", "feats/a.npy"),
+                                                                ("feats_2/d.npy", "feats/feats_2/d.npy")]
+    assert [str(j.path) for j in plan_jobs(Path("."), Path("./feats/../elsewhere"), kinds=kinds).jobs] == [
+        "a.abc", "feats/b.npy", "feats/sub/c.abc", "feats_2/d.npy"]
 
 
 def test_atomic_write_leaves_nothing_on_failure_and_normal_permissions(tmp_path):
