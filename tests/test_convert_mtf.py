@@ -215,6 +215,9 @@ def test_line_parsing_rules():
     assert line_to_message("sysex 3 [1, 2, 3]").data == (1, 2, 3)
     assert line_to_message("sysex 0 []").data == ()
     assert line_to_message("sequencer_specific (4, 5) 0").data == (4, 5)
+    # mido keeps a meta's data as a tuple, so one byte is written "(67,)"
+    assert line_to_message("sequencer_specific (67,) 0").data == (67,)
+    assert line_to_message("sequencer_specific () 0").data == ()
     note = line_to_message("note_on 7.0 2 60 100")  # integral numbers become int
     assert note == Message("note_on", time=7, channel=2, note=60, velocity=100) and type(note.time) is int
     assert line_to_message("key_signature F#m 0").key == "F#m"
@@ -228,9 +231,26 @@ def test_reader_skips_unknown_meta_and_splits_lines():
     assert [m.type for m in midi.tracks[0]] == ["set_tempo", "end_of_track"]
 
 
+def test_round_trip_of_smpte_timing_and_one_byte_sequencer_data():
+    """An SMPTE division (-25 fps, 40 ticks a frame) and a one-byte sequencer_specific come back as they were."""
+    midi = MidiFile(ticks_per_beat=-6360)
+    midi.tracks.append(MidiTrack([MetaMessage("sequencer_specific", data=(0x43,)),
+                                  Message("note_on", note=60, velocity=100), Message("note_off", note=60, time=96)]))
+    data = midi_to_bytes(midi)
+    assert data[12:14] == b"\xe7\x28"
+    text = midi_file_to_mtf(MidiFile(file=io.BytesIO(data)), mode="clamp3")
+    assert text.splitlines()[:2] == ["ticks_per_beat -6360", "sequencer_specific (67,) 0"]
+    assert midi_to_bytes(mtf_to_midi(text)) == data
+
+
 @pytest.mark.parametrize("text, match", [
     ("", "empty"),
     ("note_on 0 0 60 64", "ticks_per_beat"),
+    ("ticks_per_beat 40000", "-32768 <= N <= 32767"),
+    ("ticks_per_beat 9x", "ticks_per_beat"),
+    ("ticks_per_beat (67,)", "ticks_per_beat"),
+    ("ticks_per_beat 96\nsequencer_specific (1,,) 0", "line 2"),
+    ("ticks_per_beat 96\nsequencer_specific (1, 2,) 0", "line 2"),
     ("ticks_per_beat 96\nnot_a_type 0", "line 2: unknown MIDI message type"),
     ("ticks_per_beat 96\nnote_on 0 0 60", "line 2: note_on has 4 fields"),
     ("ticks_per_beat 96\nnote_on 0 0 600 64", "line 2"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import mido
 
@@ -114,6 +115,8 @@ def split_tokens(rest: str) -> list[str]:
 
 def parse_int_sequence(token: str) -> list[int] | tuple[int, ...]:
     inner = token[1:-1].strip()
+    if token.startswith("(") and inner.endswith(",") and inner.count(",") == 1:
+        inner = inner[:-1]  # Python's one-item tuple, "(67,)": a one-byte sequencer_specific meta
     numbers = [int(item) for item in inner.split(",")] if inner else []
     return numbers if token.startswith("[") else tuple(numbers)
 
@@ -160,8 +163,12 @@ def mtf_to_midi(text: str) -> mido.MidiFile:
     if not lines:
         raise ValueError("empty MTF text")
     key, _, value = lines[0].partition(" ")
-    if key != TICKS_PER_BEAT_KEY or not value.strip().isdigit():
-        raise ValueError(f"first line must be '{TICKS_PER_BEAT_KEY} <N>', got {lines[0][:80]!r}")
+    # Negative: an SMPTE division (frames per second and ticks per frame), which mido reads and writes as
+    # the header's signed 16-bit number; the MIDI header holds nothing outside that range.
+    if key != TICKS_PER_BEAT_KEY or not re.fullmatch(r"\s*-?\d+\s*", value) or \
+            not -2 ** 15 <= int(value) < 2 ** 15:
+        raise ValueError(f"first line must be '{TICKS_PER_BEAT_KEY} <N>' with -32768 <= N <= 32767, "
+                         f"got {lines[0][:80]!r}")
     midi = mido.MidiFile(ticks_per_beat=int(value))
     track = mido.MidiTrack()
     midi.tracks.append(track)
