@@ -20,6 +20,7 @@ from clamp2.convert.abc import (
     interleaved_file_to_xml,
     interleaved_to_xml,
     read_musicxml,
+    split_tunes,
     xml_to_abc,
 )
 
@@ -106,6 +107,23 @@ def test_single_voice_tune_without_v1_line_is_fixed(vectors, tmp_path):
 def test_not_a_tune_is_a_failure():
     with pytest.raises(ValueError, match="no K: line"):
         abc_to_interleaved("X:1\nT:no key\nabc|def|\n")
+
+
+def test_several_tunes_without_v1_fail_instead_of_running_together():
+    """A tune book in one file: the one-voice fix would read the second tune's header as notes of the first."""
+    book = "X:1\nT:First\nL:1/8\nM:4/4\nK:C\nc8 | d8 |]\n\nX:2\nT:Second\nL:1/8\nM:3/4\nK:G\nG6 | B6 | d6 |]\n"
+    with pytest.raises(ValueError, match=r"2 tunes in one file \(X: lines 1, 8\).*one tune each"):
+        abc_to_interleaved(book)
+    # each tune alone is the one-voice tune the fix is for
+    for tune in split_tunes(book):
+        assert interleave_quietly(tune)[0].count("[V:1]") in (2, 3)
+
+
+@pytest.mark.parametrize("voices", ["V:S\ncdef|\nV:A\nCDEF|\n", "V: 1\ncdef|\nV: 2\nCDEF|\n",
+                                    "V:1 clef=treble\ncdef|\nV:2 clef=bass\nCDEF|\n"])
+def test_voices_not_named_v1_v2_fail_with_the_reason(voices):
+    with pytest.raises(ValueError, match=r"its voices are 'V:.*\(line 5\).*exactly 'V:1', 'V:2'"):
+        abc_to_interleaved("X:1\nL:1/8\nM:4/4\nK:C\n" + voices)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -180,7 +180,13 @@ def abc_to_interleaved(abc_text: str) -> str:
     try:
         text, messages = interleave(abc_text)
     except InterleaveError as error:
-        text, messages = interleave_repaired(abc_text, error)
+        try:
+            text, messages = interleave_repaired(abc_text, error)
+        except InterleaveError as second:
+            hint = voice_naming_hint(abc_text)
+            if hint:
+                raise InterleaveError(f"{second}; {hint}") from error
+            raise
     if messages:
         warnings.warn("; ".join(messages), AbcWarning, stacklevel=2)
     return text
@@ -203,6 +209,34 @@ def interleave_repaired(abc_text: str, error: InterleaveError) -> tuple[str, lis
     return text, messages
 
 
+def body_voice_lines(abc_lines: list[str]) -> list[tuple[int, str]]:
+    """(line number, line) of the ``V:`` lines after the first ``K:`` line."""
+    body = next((index for index, line in enumerate(abc_lines) if line.startswith("K:")), len(abc_lines))
+    return [(index + 1, line.strip()) for index, line in enumerate(abc_lines) if index > body and line.startswith("V:")]
+
+
+def voice_naming_hint(abc_text: str) -> str | None:
+    """Why a tune whose voices are not named ``V:1``, ``V:2``, … fails, when the ``V:1`` fix cannot help."""
+    lines = io.StringIO(abc_text).readlines()
+    voices = body_voice_lines(lines)
+    if has_v1_line(lines) or not voices:
+        return None
+    named = ", ".join(f"'{line[:40]}' (line {number})" for number, line in voices[:4])
+    return (f"its voices are {named}{', …' if len(voices) > 4 else ''}: abctoolkit finds the tune body and "
+            "its voices by body lines exactly 'V:1', 'V:2', …; rename the voices (attributes such as clef= "
+            "belong on a header V: line)")
+
+
+def several_tunes_problem(abc_text: str) -> str | None:
+    """A file of several tunes without a ``V:1`` line: the one-voice fix would run them together as one."""
+    starts = [number for number, line in enumerate(io.StringIO(abc_text).readlines(), start=1) if line.startswith("X:")]
+    if len(starts) < 2:
+        return None
+    shown = ", ".join(map(str, starts[:5])) + (", …" if len(starts) > 5 else "")
+    return (f"{len(starts)} tunes in one file (X: lines {shown}): the interleaving takes "
+            "one tune per file; split the file into one tune each")
+
+
 def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, list[str]]:
     """The reference's pipeline: interleaved text and the diagnostics abctoolkit printed.
 
@@ -216,6 +250,11 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
     # StringIO().readlines() splits on "\n" only, as the reference's file.readlines() does.
     abc_lines = [line for line in io.StringIO(abc_text).readlines() if line.strip() != ""]
     if not has_v1_line(abc_lines):
+        # The reference fails on every such file; a tune book would otherwise become one garbled voice
+        # (the next tune's header read as notes), so it stays a failure, not an InterleaveError to repair.
+        problem = several_tunes_problem(abc_text)
+        if problem:
+            raise ValueError(problem)
         abc_lines = add_v1_line(abc_lines)
     abc_lines = remove_information_field(abc_lines=abc_lines, info_fields=INTERLEAVE_REMOVED_FIELDS)
     abc_lines = remove_bar_no_annotations(abc_lines)
