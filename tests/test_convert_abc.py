@@ -164,6 +164,24 @@ def test_mxl_container_rootfile_is_followed(tmp_path, vectors):
     assert xml_to_abc(archive_path) == read_exact(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc")
 
 
+def test_mxl_whose_first_xml_member_is_not_the_score_converts_the_container_score(tmp_path, vectors):
+    """xml2abc's own rule (first non-META *.xml) picks a layout file here and fails, as the reference does."""
+    score = read_musicxml(vectors / "inputs" / "xml" / "bwv10.7.mxl")
+    archive_path = tmp_path / "extra_first.mxl"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("META-INF/container.xml",
+                         '<?xml version="1.0"?><container><rootfiles><rootfile full-path="score.xml"/></rootfiles></container>')
+        archive.writestr("aaa_layout.xml", b"<layout/>")
+        archive.writestr("score.xml", score)
+    assert cli_xml2abc(archive_path) == ""
+    assert xml_to_abc(archive_path) == read_exact(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc")
+    # with no container naming another member, the failure is xml2abc's own
+    with zipfile.ZipFile(tmp_path / "layout_only.mxl", "w") as archive:
+        archive.writestr("aaa_layout.xml", b"<layout/>")
+    with pytest.raises(ValueError, match="xml2abc"):
+        xml_to_abc(tmp_path / "layout_only.mxl")
+
+
 def test_in_process_abc2xml_equals_command_line_after_other_files(corpus_scores, tmp_path):
     interleaved = {}
     for kind in ("chorale", "lead_sheet"):

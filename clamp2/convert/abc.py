@@ -98,11 +98,43 @@ def last_message(captured: str) -> str:
     return lines[-1] if lines else ""
 
 
+def container_score(path: str | os.PathLike) -> bytes | None:
+    """The score ``META-INF/container.xml`` names in an ``.mxl``, when it is not the member xml2abc's rule picks."""
+    if Path(path).suffix.lower() != ".mxl":
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            rootfile = container_rootfile(archive)
+            if rootfile is None or rootfile == score_name_in_mxl(archive) or rootfile not in archive.namelist():
+                return None
+            return archive.read(rootfile)
+    except (zipfile.BadZipFile, ValueError):
+        return None
+
+
 def xml_to_abc(path: str | os.PathLike) -> str:
-    """Standard ABC (``-d 8 -x``) of a MusicXML file; raises ``ValueError`` when xml2abc gives nothing."""
+    """Standard ABC (``-d 8 -x``) of a MusicXML file; raises ``ValueError`` when xml2abc gives nothing.
+
+    An ``.mxl`` is read as xml2abc reads it (its first non-META ``*.xml``), so that the bytes stay the
+    reference's; when that member is not a score xml2abc converts (an archive holding another XML
+    file first), the score its ``container.xml`` names is converted instead (*fix*: the reference fails).
+    """
+    try:
+        return musicxml_bytes_to_abc(read_musicxml(path), path)
+    except ValueError as error:
+        score = container_score(path)
+        if score is None:
+            raise
+        try:
+            return musicxml_bytes_to_abc(score, path)
+        except ValueError:
+            raise error from None
+
+
+def musicxml_bytes_to_abc(data: bytes, path: str | os.PathLike) -> str:
+    """xml2abc's standard ABC of MusicXML ``data``; ``path`` names the tune as on the command line."""
     from abctoolkit import xml2abc
 
-    data = read_musicxml(path)
     options = xml2abc_options()
     abc_text = io.StringIO()
     diagnostics = io.StringIO()
