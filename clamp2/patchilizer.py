@@ -33,10 +33,13 @@ def split_lines(text: str) -> List[str]:
     return [line for line in _LINES.findall(text) if line]
 
 
+MTF_FIRST_WORD = "ticks_per_beat"
+
+
 def is_mtf(text_or_lines) -> bool:
     """MTF iff the first line's first word is ``ticks_per_beat`` (ABC otherwise)."""
     first = text_or_lines[0] if isinstance(text_or_lines, list) else text_or_lines.split("\n", 1)[0]
-    return first.split(" ")[0] == "ticks_per_beat"
+    return first.split(" ")[0] == MTF_FIRST_WORD
 
 
 def split_bars(line: str) -> List[str]:

@@ -8,6 +8,8 @@ import torch
 
 from clamp2.extraction.core import (combine_global, combine_positions, plan_batches, text_lines, window_starts,
                                     window_weights)
+from clamp2.extraction.core import MusicEncoder
+from clamp2.patchilizer import M3Patchilizer
 from conftest import free_port, load_script
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
@@ -219,12 +221,29 @@ def test_whitespace_music_gets_special_patch_features_and_l18_only_fails(tiny_en
     inp.mkdir()
     (inp / "blank.abc").write_text("\n")
     (inp / "unit.abc").write_text("L:1/8\n")
+    # Empty once transliterated (an empty file saved "UTF-8 with BOM", emoji only): the reference crashes.
+    (inp / "bom_only.abc").write_text("\ufeff", encoding="utf-8")
+    (inp / "emoji.abc").write_text("\U0001f3b5\ufeffL:1/8\n", encoding="utf-8")
     args = [str(inp), str(tmp_path / "out"), "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0",
             "--no_progress"]
     assert extract_m3.main(args) == 1
     assert np.load(tmp_path / "out/blank.npy").shape == (1, 2, 64)
-    assert not (tmp_path / "out/unit.npy").exists()
-    assert "unit.abc" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for stem in ("unit", "bom_only", "emoji"):
+        assert not (tmp_path / f"out/{stem}.npy").exists()
+        assert f"{stem}.abc" in err
+    assert "nothing left in ASCII" in (tmp_path / "out/failed_extract_m3.log").read_text()
+
+
+def test_m3_keeps_unit_length_in_what_starts_as_mtf():
+    """The reference removes "L:1/8\\n" unless the text starts with "ticks_per_beat" (a prefix, not a word)."""
+    encoder = MusicEncoder(M3Patchilizer(64, 16), remove_unit_length=True)
+    kept = encoder.encode_text("ticks_per_beat\t480\nL:1/8\nK:C\nabc|\n")
+    removed = encoder.encode_text("X:1\nL:1/8\nK:C\nabc|\n")
+    # (as ABC, the unbarred first line gives no patch)
+    patches = [[bytes(row[1:].tolist()).split(b"\x02")[0] for row in ids] for ids in (kept, removed)]
+    assert patches[0][1:-1] == [b"L:1/8\n", b"K:C\n", b"abc|\n"]
+    assert patches[1][1:-1] == [b"X:1\n", b"K:C\n", b"abc|\n"]
 
 
 def test_worker_dataset_pickles_without_the_model(vectors):

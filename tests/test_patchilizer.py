@@ -152,3 +152,12 @@ def test_array_path_equals_the_per_character_ids(vectors):
                 assert patchilizer.encode(text, add_special_patches=special) == expected
     # Code points past ASCII (not from patch_strings) keep the per-character ids.
     assert P.patches_to_array(["é|"]).tolist() == [ids("é|")]
+
+
+@pytest.mark.parametrize("barline", ["|]", "|", ":|"])
+def test_a_final_lone_barline_without_newline_gives_no_patch(barline):
+    # With its newline the line glues to nothing and gives no patch, in the reference too; without it the
+    # reference's split_bars raises IndexError (a file whose last line is "|]"): read as with the newline.
+    body = f"X:1\nK:C\nabc|\n{barline}"
+    assert split_bars(barline) == []
+    assert P.patch_strings(body) == P.patch_strings(body + "\n") == ["X:1\n", "K:C\n", "abc|\n"]

@@ -20,11 +20,12 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 import torch
+from unidecode import unidecode
 
 from ..attention import Autocast, add_attention_argument
 from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
 from ..files import atomic_path, atomic_write_bytes, find_files, input_problem, mirror_outputs, output_problem
-from ..patchilizer import M3Patchilizer, is_mtf
+from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
 
 TEXT_EXTENSIONS = (".txt",)
 MUSIC_EXTENSIONS = (".abc", ".mtf")
@@ -121,10 +122,14 @@ class MusicEncoder:
 
     def encode_text(self, text: str) -> torch.Tensor:
         """The patches of interleaved ABC or MTF text, as a file holding it gives them."""
-        if self.remove_unit_length and text and (self.also_mtf or not is_mtf(text)):
+        # The reference's test, a plain prefix (the patchilizer's own MTF test is the first word).
+        if self.remove_unit_length and (self.also_mtf or not text.startswith(MTF_FIRST_WORD)):
             text = text.replace("L:1/8\n", "")
-        if not text:
-            raise InputError("empty music file" + (" (after removing L:1/8)" if self.remove_unit_length else ""))
+        # Empty once transliterated to ASCII (a byte-order mark alone, emoji only): the reference crashes
+        # in encode, as on an empty file. Non-empty ASCII text always has a line.
+        if not text or (not text.isascii() and not split_lines(unidecode(text))):
+            raise InputError("empty music file" + (" (after removing L:1/8)" if self.remove_unit_length else "")
+                             + (" (nothing left in ASCII)" if text else ""))
         # uint8 (ASCII ids) changes nothing on the model side but makes the host→device copy 8× smaller.
         return torch.from_numpy(self.patchilizer.encode_array(text, add_special_patches=True))
 
