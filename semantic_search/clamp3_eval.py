@@ -23,8 +23,8 @@ from clamp2.search.clamp3 import add_arguments
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("query_dir", type=Path, help="queries: raw files of one modality or .npy features")
-    parser.add_argument("ref_dir", type=Path, help="references: raw files of one modality or .npy features")
+    parser.add_argument("query_dir", help="queries: raw files of one modality or .npy features")
+    parser.add_argument("ref_dir", help="references: raw files of one modality or .npy features")
     add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     for folder in (args.query_dir, args.ref_dir):
-        if not folder.exists():
+        if not Path(folder).exists():
             fail_usage(f"folder not found: {folder}")
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 

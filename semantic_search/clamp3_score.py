@@ -26,8 +26,8 @@ from clamp2.search.clamp3 import add_arguments
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("query_dir", type=Path, help="queries (e.g. generated music): raw files of one modality or .npy")
-    parser.add_argument("ref_dir", type=Path, help="references: raw files of one modality or .npy features")
+    parser.add_argument("query_dir", help="queries (e.g. generated music): raw files of one modality or .npy")
+    parser.add_argument("ref_dir", help="references: raw files of one modality or .npy features")
     parser.add_argument("--group", action="store_true", help="score the mean vectors instead of same-key pairs")
     parser.add_argument("--strict", action="store_true", help="stop (exit 1) when some key has no counterpart")
     add_arguments(parser)
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     for folder in (args.query_dir, args.ref_dir):
-        if not folder.exists():
+        if not Path(folder).exists():
             fail_usage(f"folder not found: {folder}")
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 

@@ -27,8 +27,8 @@ from clamp2.search.clamp3 import add_arguments
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("query_file", type=Path, help="one query file of any supported modality, or a .npy feature")
-    parser.add_argument("ref_dir", type=Path, help="references: raw files of one modality or .npy features")
+    parser.add_argument("query_file", help="one query file of any supported modality, or a .npy feature")
+    parser.add_argument("ref_dir", help="references: raw files of one modality or .npy features")
     parser.add_argument("--top_k", type=int, default=10, help="results to print (default 10; capped at the references)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {rank, key, path, score}")
     add_arguments(parser, outputs=False)
@@ -41,9 +41,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.top_k < 1:
         fail_usage(f"--top_k must be at least 1, got {args.top_k}")
-    if not args.query_file.is_file():
+    if not Path(args.query_file).is_file():
         fail_usage(f"query file not found: {args.query_file}")
-    if not args.ref_dir.exists():
+    if not Path(args.ref_dir).exists():
         fail_usage(f"folder not found: {args.ref_dir}")
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 

@@ -203,6 +203,27 @@ def test_eval_is_strict(feature_folders, tmp_path, scripts, capsys):
         "unmatched_reference": [str(references / "extra.npy")]}
 
 
+def test_paths_are_spelled_as_given_and_other_files_beside_features_are_ignored(feature_folders, tmp_path, scripts,
+                                                                                capsys, monkeypatch):
+    """The JSONL files name each feature as the reference's os.path.join over os.walk does ("./q/p00.0.npy");
+    a README or a log in a feature folder is not a second modality (the reference reads only the .npy files)."""
+    queries, references = feature_folders
+    monkeypatch.chdir(tmp_path)
+    (queries / "README.txt").write_text("features of the queries")
+    (references / "part2" / "extract.log").write_bytes(b"")  # not a modality: ignored in any case
+    (references / "cover.png").write_bytes(b"")
+    code, lines, err = run(scripts["score"], ["./q", "r/", "--output_dir", "out", *CLAMP2], capsys)
+    assert code == 0, err
+    assert "note: ./q: reading its 35 .npy feature files; 1 other file ignored (e.g. q/README.txt)" in err
+    assert "note: r/: reading its 30 .npy feature files; 1 other file ignored (e.g. r/cover.png)" in err
+    records = [json.loads(line) for line in (tmp_path / "out" / "pairwise_similarities.jsonl").read_text().splitlines()]
+    assert {r["query"] for r in records} >= {"./q/p00.0.npy", "./q/part2/p21.0.npy"}
+    assert {r["reference"] for r in records} >= {"r/p00.npy", "r/part2/p21.npy"}
+    # a single query file is named as given too
+    code, lines, err = run(scripts["score"], ["./q/p00.0.npy", "r", "--output_dir", "out", *CLAMP2], capsys)
+    assert json.loads((tmp_path / "out" / "pairwise_similarities.jsonl").read_text())["query"] == "./q/p00.0.npy"
+
+
 def test_search_ranks_sub_folders_with_the_reference_lines(feature_folders, scripts, capsys):
     queries, references = feature_folders
     query = queries / "part2" / "p21.0.npy"

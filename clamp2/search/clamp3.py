@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -117,13 +118,16 @@ class Side:
     computed: int = 0
     cached: int = 0
     captions: List[Tuple[str, str]] = field(default_factory=list)  # (image, caption) of image inputs
+    given: str = ""  # the folder or file as the caller spelled it ("./q", "q/"); Path(...) would drop "./"
 
     def __len__(self) -> int:
         return len(self.relative)
 
     def path(self, i: int) -> str:
-        """The file of row ``i`` as the JSONL files name it: the folder joined with its relative path."""
-        return self.relative[i] if self.root.is_file() else os.path.join(os.fspath(self.root), self.relative[i])
+        """The file of row ``i`` as the JSONL files name it: the folder, as given, joined with its relative path
+        (``os.path.join`` over ``os.walk``, as the reference does), or the file as given."""
+        given = self.given or os.fspath(self.root)
+        return given if self.root.is_file() else os.path.join(given, self.relative[i])
 
     @property
     def pair_keys(self) -> List[str]:
@@ -154,12 +158,25 @@ def read_feature_side(root: Path, progress: bool = False) -> Side:
 def load_side(path: str | os.PathLike, role: str, family: Optional["ModelFamily"], *, progress: bool = False) -> Side:
     """The features of a query/reference: ``.npy`` features as they are, raw files through ``family``."""
     root = Path(path)
-    modality, files = detect_modality(root, role)
+    found = files_by_modality(root) if root.is_dir() else {}
+    if FEATURES in found and len(found) > 1 and set(found) <= {FEATURES, "txt", "img"}:
+        # A feature folder with a README or a cover beside the features: the reference's scripts read only
+        # the .npy files of a feature folder, and so does this. Music beside .npy files stays an error of
+        # several modalities: that is a folder of raw inputs (with MERT features, say), not of features.
+        others = sorted(f for modality, files in found.items() if modality != FEATURES for f in files)
+        print(f"note: {path}: reading its {len(found[FEATURES])} .npy feature files; {len(others)} other "
+              f"file{'s' if len(others) > 1 else ''} ignored (e.g. {others[0]})", file=sys.stderr)
+        modality = FEATURES
+    else:
+        modality, files = detect_modality(root, role)
     if modality == FEATURES:
-        return read_feature_side(root, progress)
-    if family is None:
+        side = read_feature_side(root, progress)
+    elif family is None:
         raise CommandError(f"Error: {path} holds raw {modality} files; this command takes .npy features only")
-    return family.encode(files, root, modality, progress=progress)
+    else:
+        side = family.encode(files, root, modality, progress=progress)
+    side.given = os.fspath(path)
+    return side
 
 
 # -- model families: raw files → global features through the API and its cache -----------------------
