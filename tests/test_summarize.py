@@ -194,7 +194,9 @@ def test_build_messages_sends_clean_metadata_after_two_examples():
     rich_answer = json.loads(messages[2]["content"])
     assert rich_answer["summary_nen"]["language"] == json.loads(messages[1]["content"])["nen_language"]
     assert messages[4]["content"] == "None"
-    assert messages[5]["content"] == '{"title": "Été", "genres": ["Chanson"], "nen_language": "Welsh"}'
+    # indented by 4, non-ASCII as it is: json.dumps(metadata, ensure_ascii=False, indent=4), as the reference
+    assert messages[5]["content"] == '{\n    "title": "Été",\n    "genres": [\n        "Chanson"\n    ],\n' \
+                                     '    "nen_language": "Welsh"\n}'
     assert metadata["filepaths"] == ["abc/x.abc"]  # the caller's dict is untouched
 
 
@@ -233,6 +235,9 @@ def test_build_output_order_and_nulls():
     metadata = {"title": "T", "lyrics": None, "filepaths": ["abc/t.abc"], "tags": ["a"]}
     record = build_output(metadata, "en", {"language": "Welsh", "summary": "cy"})
     assert list(record) == ["title", "tags", "summary_en", "summary_nen", "filepaths"]
+    # an input's own nen_language was only the request's (replaced there by the drawn language): not kept
+    metadata["nen_language"] = "French"
+    assert list(build_output(metadata, "en", {"language": "Welsh", "summary": "cy"})) == list(record)
 
 
 def test_backoff_delay_full_jitter_with_cap():

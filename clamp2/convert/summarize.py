@@ -147,12 +147,13 @@ def request_metadata(metadata: dict[str, Any], language: str) -> dict[str, Any]:
 
 def build_messages(metadata: dict[str, Any], language: str) -> list[dict[str, str]]:
     """System prompt, the two few-shot exchanges, then this piece's metadata as the user message."""
+    # Metadata as the reference sends it: indented by 4, non-ASCII as it is.
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for example, answer in FEW_SHOT_EXAMPLES:
-        messages.append({"role": "user", "content": json.dumps(example, ensure_ascii=False)})
+        messages.append({"role": "user", "content": json.dumps(example, ensure_ascii=False, indent=4)})
         messages.append({"role": "assistant", "content": answer})
     messages.append({"role": "user",
-                     "content": json.dumps(request_metadata(metadata, language), ensure_ascii=False)})
+                     "content": json.dumps(request_metadata(metadata, language), ensure_ascii=False, indent=4)})
     return messages
 
 
@@ -218,9 +219,12 @@ def parse_answer(content: str | None, language: str,
 
 
 def build_output(metadata: dict[str, Any], summary_en: str, summary_nen: dict[str, str]) -> dict[str, Any]:
-    """The output record: input fields without nulls, then ``summary_en``, ``summary_nen``, ``filepaths``."""
+    """The output record: input fields without nulls, then ``summary_en``, ``summary_nen``, ``filepaths``.
+
+    An input's own ``nen_language`` is left out, as the reference pops it: it was only the request's.
+    """
     record = {key: value for key, value in drop_nulls(metadata).items()
-              if key != "filepaths" and key not in SUMMARY_FIELDS}
+              if key not in ("filepaths", "nen_language") and key not in SUMMARY_FIELDS}
     record["summary_en"] = summary_en
     record["summary_nen"] = summary_nen
     record["filepaths"] = metadata["filepaths"]
