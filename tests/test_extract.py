@@ -103,6 +103,25 @@ def test_features_do_not_depend_on_batching(tiny_env, vectors, tmp_path, extract
         np.testing.assert_allclose(np.load(many / path.relative_to(one)), np.load(path), atol=1e-5)
 
 
+def test_pad_batch_equals_pad_sequence_for_every_window_kind():
+    """The NumPy padding (the host's fast path) gives torch's pad_sequence and the length mask, dtypes kept."""
+    from clamp2.extraction.core import pad_batch
+
+    generator = torch.Generator().manual_seed(0)
+    kinds = {  # patch ids (uint8), text ids (int64), MERT rows (float32), bf16 rows (the pad_sequence path)
+        "patches": ([torch.randint(0, 128, (n, 8), dtype=torch.uint8, generator=generator) for n in (3, 1, 5)], 0),
+        "text": ([torch.randint(0, 99, (n,), generator=generator) for n in (4, 7, 1)], 1),
+        "rows": ([torch.randn(n, 6, generator=generator) for n in (2, 2, 9)], 0.0),
+        "bf16": ([torch.randn(n, 6, generator=generator).bfloat16() for n in (2, 4)], 0.0),
+    }
+    for name, (windows, pad_value) in kinds.items():
+        ids, masks = pad_batch(windows, pad_value)
+        expected = torch.nn.utils.rnn.pad_sequence(windows, batch_first=True, padding_value=pad_value)
+        assert ids.dtype == windows[0].dtype and torch.equal(ids, expected), name
+        assert masks.dtype == torch.int64
+        assert masks.tolist() == [[1] * len(w) + [0] * (ids.shape[1] - len(w)) for w in windows], name
+
+
 def test_token_budget_batches_are_sorted_and_fit_the_budget():
     lengths = [3, 32, 7, 32, 1, 16, 16, 5, 2, 40]
     batches = plan_batches(lengths, batch_size=4, batch_tokens=48)
