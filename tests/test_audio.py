@@ -112,8 +112,14 @@ def test_bad_files_are_audio_errors(tmp_path):
         audio.load_windows(empty)
     short = tmp_path / "short.wav"
     soundfile.write(short, np.ones(15000, np.float32) * 0.1, 16000)  # 0.94 s
-    with pytest.raises(audio.AudioError, match="shorter than 1 s"):
+    with pytest.raises(audio.AudioError, match=r"shorter than 1 s \(22500 samples at 24 kHz, a window needs 24000\)"):
         audio.load_windows(short)
+    # One NaN in a float file would make the z-score, and every feature, NaN: a failure, not a silent NaN file.
+    samples = np.full((48000, 2), 0.1, np.float32)
+    samples[100, 1] = np.nan
+    soundfile.write(tmp_path / "nan.wav", samples, 24000, subtype="FLOAT")
+    with pytest.raises(audio.AudioError, match="1 non-finite sample .NaN or infinity."):
+        audio.load_windows(tmp_path / "nan.wav")
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,14 @@ def load_mono(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
     frames, rate = decode_frames(path)
     if frames.shape[0] == 0:
         raise AudioError("empty audio (no samples)")
-    return frames_to_mono(frames), rate
+    mono = frames_to_mono(frames)
+    if not np.isfinite(mono).all():
+        # One NaN (a float file can hold them) turns the track's z-score, and so every feature, into NaN:
+        # the reference writes such features silently.
+        bad = int(np.count_nonzero(~np.isfinite(mono)))
+        raise AudioError(f"{bad} non-finite sample{'s' if bad > 1 else ''} (NaN or infinity) in the audio: "
+                         "its features would all be NaN")
+    return mono, rate
 
 
 def load_wave(path: str | os.PathLike, normalized: bool = True) -> np.ndarray:
@@ -185,7 +192,8 @@ def track_windows(length: int) -> List[Tuple[int, int]]:
     """:func:`window_bounds` of a track of ``length`` 24 kHz samples; none is an :class:`AudioError`."""
     bounds = window_bounds(length)
     if not bounds:
-        raise AudioError(f"shorter than 1 s ({length / MERT_SAMPLE_RATE:.2f} s at 24 kHz): no MERT window")
+        raise AudioError(f"shorter than 1 s ({length} samples at 24 kHz, a window needs {MIN_WINDOW_SAMPLES}): "
+                         "no MERT window")
     return bounds
 
 
