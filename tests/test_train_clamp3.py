@@ -88,6 +88,33 @@ def test_training_text_translations_or_every_other_field():
     assert clamp3_text_problems({"analysis": " "}) and not clamp3_text_problems(item)
 
 
+def test_symbolic_stage_removes_unit_length_everywhere_after_the_instrument_removal(tmp_path):
+    """SPEC_CLAMP3 §13: every "L:1/8\\n", ABC and MTF alike, in the patchilizer, after the instrument removal;
+    CLaMP 2 removes it from .abc files as read (both as their references do)."""
+    from clamp2.patchilizer import M3Patchilizer
+    from clamp2.training.data import SymbolicMusic
+
+    abc_named_mtf = tmp_path / "tune.mtf"
+    abc_named_mtf.write_text("X:1\nL:1/8\nK:C\nV:1 L:1/8\nnm=\"Flute\"\n[V:1]GABc|dedB|\n", encoding="utf-8")
+    inline = tmp_path / "inline.abc"
+    inline.write_text('X:1\nK:C\nV:1 L:1/8\n nm="Flute"\n[V:1]GABc|dedB|\n', encoding="utf-8")
+
+    class Always(random.Random):  # instrument removal always drawn
+        def random(self):
+            return 0.0
+
+    def patches(source, path):
+        ids = source.load(path, training=True, rng=Always(0))
+        return [bytes(row[1:].tolist()).split(b"\x02")[0].decode() for row in ids[1:-1]]
+
+    clamp3, clamp2 = (SymbolicMusic(M3Patchilizer(64, 32), clamp3=flag) for flag in (True, False))
+    assert "L:1/8\n" not in patches(clamp3, abc_named_mtf) and "L:1/8\n" in patches(clamp2, abc_named_mtf)
+    # "V:1 L:1/8\n nm=...": CLaMP 3 looks for the instrument while the lines are still apart (none on the V:
+    # line), then joins them; CLaMP 2 joins them first, and the joined V: line loses its instrument
+    assert patches(clamp3, inline)[:3] == ["X:1\n", "K:C\n", 'V:1  nm="Flute"\n']
+    assert patches(clamp2, inline)[:3] == ["X:1\n", "K:C\n", "V:1 \n"]
+
+
 def test_audio_rows_zero_rows_windows_and_padding(tmp_path):
     features = np.arange(1, 7, dtype=np.float32)[None, :, None].repeat(64, axis=2)  # [1, 6, 64]: rows 1..6
     np.save(tmp_path / "a.npy", features)

@@ -96,13 +96,14 @@ def split_eval(items: Sequence, fraction: float, seed: int, min_train: int = 1, 
     return EvalSplit(shuffled[count:], shuffled[:count], f"{count} of {total} items held out for evaluation ({why})")
 
 
-def read_music(path: Path) -> str:
-    """A music file's text; ABC loses its ``L:1/8`` line (the unit length every converted file has)."""
+def read_music(path: Path, remove_unit_length: bool = True) -> str:
+    """A music file's text; ABC loses its ``L:1/8`` line (the unit length every converted file has) unless
+    ``remove_unit_length`` is False."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read the music file {path}: {exc}") from exc
-    if path.suffix.lower() == ".abc":
+    if remove_unit_length and path.suffix.lower() == ".abc":
         text = text.replace(ABC_UNIT_LENGTH, "")
     return text
 
@@ -422,16 +423,22 @@ def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]
 # -- music sources: what a pair's file becomes ---------------------------------------------------------
 
 class SymbolicMusic:
-    """.abc/.mtf files → M3 patches (CLaMP 2, CLaMP 3's symbolic stage): ``L:1/8`` removed (SPEC_CLAMP3 §13),
-    instrument information removed with p 0.9 in training, truncated to PATCH_LENGTH (at random in
-    training). Evaluation reads the .abc if listed first, else the second file."""
+    """.abc/.mtf files → M3 patches (CLaMP 2, CLaMP 3's symbolic stage): ``L:1/8`` removed, instrument
+    information removed with p 0.9 in training, truncated to PATCH_LENGTH (at random in training).
+    Evaluation reads the .abc if listed first, else the second file.
+
+    Where ``L:1/8`` goes, as each reference does: CLaMP 2 removes it from ``.abc`` files as they are read,
+    before the instrument removal; CLaMP 3 (``clamp3=True``) from every file, ABC and MTF alike, after it,
+    in its patchilizer (SPEC_CLAMP3 §13).
+    """
 
     extensions = MUSIC_EXTENSIONS
     kind = "an .abc or .mtf file"
     pad_value = PAD_TOKEN_ID
 
-    def __init__(self, patchilizer: M3Patchilizer):
+    def __init__(self, patchilizer: M3Patchilizer, clamp3: bool = False):
         self.patchilizer = patchilizer
+        self.clamp3 = clamp3
 
     @staticmethod
     def check(path: Path) -> Optional[str]:
@@ -442,9 +449,11 @@ class SymbolicMusic:
         return eval_music_path(paths)
 
     def load(self, path: Path, training: bool, rng: random.Random) -> torch.Tensor:
-        music = read_music(path)
+        music = read_music(path, remove_unit_length=not self.clamp3)
         if training and rng.random() < INSTRUMENT_REMOVAL_PROB:
             music = remove_instrument_info(music)
+        if self.clamp3:
+            music = music.replace(ABC_UNIT_LENGTH, "")
         patches = self.patchilizer.encode_array(music, add_special_patches=True, truncate_patches=True,
                                                 random_truncate=training, rng=rng)
         return torch.from_numpy(patches).long()

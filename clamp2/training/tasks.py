@@ -242,7 +242,7 @@ def clamp3_task(config, modality: str, train_jsonl: str, eval_jsonl: str = "", g
         raise DataError("no training data: pass --train_jsonl or set CLAMP3_TRAIN_JSONL in code/config.py")
     audio_dims = AudioDims.from_config(config)
     if modality == "symbolic":
-        music = SymbolicMusic(M3Patchilizer(config.PATCH_SIZE, config.PATCH_LENGTH))
+        music = SymbolicMusic(M3Patchilizer(config.PATCH_SIZE, config.PATCH_LENGTH), clamp3=True)
         music_length, position_size = config.PATCH_LENGTH, config.PATCH_SIZE
     else:
         music = AudioMusic(audio_dims.hidden_size, audio_dims.max_length)
