@@ -140,6 +140,20 @@ def write_midi_inputs(folder: Path, vectors: Path) -> None:
     (folder / "bad" / "text.mid").write_text("Just some notes about a piece, not MIDI.\n")
 
 
+def test_failure_log_of_a_finished_run_is_sorted(vectors, tmp_path, capsys):
+    """Rejections (known before converting) stream first, conversions as they finish: the end rewrites sorted."""
+    inputs = tmp_path / "in"
+    (inputs / "a").mkdir(parents=True)
+    (inputs / "b").mkdir()
+    (inputs / "a" / "empty.mid").write_bytes(b"")
+    for name in ("x.mid", "x.midi"):  # the same output: the second is rejected before any conversion
+        shutil.copy(vectors / "inputs" / "midi" / "handmade.mid", inputs / "b" / name)
+    assert run("batch_midi2mtf", inputs, tmp_path / "out", "--workers", 1) == 1
+    err = capsys.readouterr().err
+    assert err.index("failed: b/x.midi") < err.index("failed: a/empty.mid")  # the order they happened in
+    assert list(failure_log(tmp_path / "out", "midi2mtf")) == ["a/empty.mid", "b/x.midi"]
+
+
 def test_bad_midi_files_are_reported_and_the_rest_converts(vectors, tmp_path, capsys):
     inputs, out = tmp_path / "in", tmp_path / "out"
     write_midi_inputs(inputs, vectors)
@@ -148,6 +162,8 @@ def test_bad_midi_files_are_reported_and_the_rest_converts(vectors, tmp_path, ca
     assert last_line(captured.out) == "converted 2, skipped 0, failed 3"
     failures = failure_log(out, "midi2mtf")
     assert set(failures) == {"bad/empty.mid", "bad/truncated.mid", "bad/text.mid"}
+    # two workers finish in any order: the finished log is sorted, the same run after run
+    assert list(failures) == sorted(failures)
     assert "not a complete MIDI file" in failures["bad/empty.mid"]
     assert "not a complete MIDI file" in failures["bad/truncated.mid"]
     assert "MThd not found" in failures["bad/text.mid"]

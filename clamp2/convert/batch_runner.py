@@ -297,6 +297,11 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
                 record(job, convert_file(convert, job.source, job.target))
         else:
             run_in_pool(convert, todo, min(workers, len(todo)), record)
+    # The logs were written as files finished (a killed run keeps them); workers finish in any order, so
+    # a complete run rewrites them sorted by file: the same inputs give the same logs, run after run.
+    for name, entries in ((f"failed_{tool}.log", result.failures), (f"warnings_{tool}.log", result.warnings)):
+        if len(entries) > 1:
+            atomic_write_text(output_dir / name, "".join(f"{path}\t{text}\n" for path, text in sorted(entries)))
     return result
 
 
