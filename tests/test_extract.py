@@ -182,6 +182,8 @@ def test_bad_inputs_are_reported_and_skipped(tiny_env, vectors, tmp_path, extrac
         assert name in err
     assert "extracted 6, skipped 0 existing, failed 5" in err
     log = (out / "failed_extract_clamp2.log").read_text()
+    names = [line.split("\t")[0] for line in log.splitlines()]
+    assert names == sorted(names) and names[0] == "abc/empty.abc"  # collisions are found first, listed in order
     assert "empty music file" in log and "no non-empty line" in log and "not UTF-8" in log and "rename" in log
     for stem in ("abc/empty", "txt/blank", "txt/latin1", "mtf/handmade"):
         assert not (out / f"{stem}.npy").exists()

@@ -535,6 +535,9 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
                 for future in futures:
                     if future not in handled and not future.cancelled():
                         record(future.result())
+    if len(counts.failures) > 1:  # written as answers came; a finished run leaves it sorted by file
+        atomic_write_text(output_dir / FAILURE_LOG_NAME,
+                          "".join(f"{path}\t{reason}\n" for path, reason in sorted(counts.failures)))
     return counts
 
 

@@ -750,7 +750,8 @@ def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path
         except ValueError:
             return str(path)
 
-    text = "".join(f"{shown(path)}\t{' '.join(reason.split())}\n" for path, reason in failures)
+    lines = sorted((shown(path), " ".join(reason.split())) for path, reason in failures)  # the same every run
+    text = "".join(f"{path}\t{reason}\n" for path, reason in lines)
     with atomic_path(log) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return log
