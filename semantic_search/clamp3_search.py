@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     from clamp2.search import clamp3
 
     args = parse_args(argv)
-    if args.top_k < 1:
-        fail_usage(f"--top_k must be at least 1, got {args.top_k}")
+    if args.top_k < 0:  # 0 prints the header alone, as the reference and semantic_search.py do
+        fail_usage(f"--top_k must be 0 or more, got {args.top_k}")
     if not Path(args.query_file).is_file():
         fail_usage(f"query file not found: {args.query_file}")
     if not Path(args.ref_dir).exists():

@@ -251,6 +251,12 @@ def test_search_ties_are_ordered_by_key(tmp_path, scripts, capsys):
         shutil.move(tmp_path / f"{name}.npy", tmp_path / "refs" / f"{name}.npy")
     code, lines, _ = run(scripts["search"], [tmp_path / "q.npy", tmp_path / "refs", *CLAMP2], capsys)
     assert code == 0 and lines == ["Top 3 results among 3 candidates:", "a 1.0", "b 1.0", "c 1.0"]
+    # --top_k 0: the header alone, as the reference prints it (a negative K is a usage error)
+    code, lines, _ = run(scripts["search"], [tmp_path / "q.npy", tmp_path / "refs", "--top_k", "0", *CLAMP2], capsys)
+    assert code == 0 and lines == ["Top 0 results among 3 candidates:"]
+    with pytest.raises(SystemExit) as info:
+        run(scripts["search"], [tmp_path / "q.npy", tmp_path / "refs", "--top_k", "-1", *CLAMP2], capsys)
+    assert info.value.code == 2
 
 
 def test_rank_queries_equals_rank_true_matches_and_allows_shared_references():
