@@ -120,6 +120,14 @@ def test_bad_files_are_audio_errors(tmp_path):
     soundfile.write(tmp_path / "nan.wav", samples, 24000, subtype="FLOAT")
     with pytest.raises(audio.AudioError, match="1 non-finite sample .NaN or infinity."):
         audio.load_windows(tmp_path / "nan.wav")
+    samples[100] = [np.inf, -np.inf]  # counted per sample, not per frame (their mean alone would be NaN)
+    soundfile.write(tmp_path / "inf.wav", samples, 24000, subtype="FLOAT")
+    with pytest.raises(audio.AudioError, match="2 non-finite samples"):
+        audio.load_windows(tmp_path / "inf.wav")
+    # finite, but the track's float32 mean overflows: the z-score would be NaN everywhere
+    soundfile.write(tmp_path / "huge.wav", np.full((48000, 1), 3e38, np.float32), 24000, subtype="FLOAT")
+    with pytest.raises(audio.AudioError, match="too large to z-score"):
+        audio.load_windows(tmp_path / "huge.wav")
 
 
 @pytest.fixture(scope="module")

@@ -219,6 +219,14 @@ def test_paths_are_spelled_as_given_and_other_files_beside_features_are_ignored(
     records = [json.loads(line) for line in (tmp_path / "out" / "pairwise_similarities.jsonl").read_text().splitlines()]
     assert {r["query"] for r in records} >= {"./q/p00.0.npy", "./q/part2/p21.0.npy"}
     assert {r["reference"] for r in records} >= {"r/p00.npy", "r/part2/p21.npy"}
+    # as many texts as features (zero-shot labels with a stray .npy) stay an error of two modalities
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for name in ("jig", "reel"):
+        (labels / f"{name}.txt").write_text(f"a {name}")
+    np.save(labels / "stray.npy", np.ones((1, 16), np.float32))
+    code, lines, err = run(scripts["search"], ["q/p00.0.npy", "labels", *CLAMP2], capsys)
+    assert code == 1 and "holds several reference modalities: npy (1 file" in err and lines == []
     # a single query file is named as given too
     code, lines, err = run(scripts["score"], ["./q/p00.0.npy", "r", "--output_dir", "out", *CLAMP2], capsys)
     assert json.loads((tmp_path / "out" / "pairwise_similarities.jsonl").read_text())["query"] == "./q/p00.0.npy"

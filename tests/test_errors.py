@@ -206,7 +206,7 @@ CASES = [
     case(SS + "clamp3_search.py", "{tmp}/nothing.txt", IN3 + "/abc", *C3, says="nothing.txt", env=TINY3),
     case(SS + "clamp3_search.py", "{vec3}/inputs/txt/multi.txt", IN3 + "/abc", C2W, TEXT3, "--no_cache",
          says="is a CLaMP 2 checkpoint; this script needs a CLaMP 3", env=TINY3),
-    case(SS + "clamp3_search.py", "{vec3}/inputs/txt/multi.txt", IN3 + "/abc", *C3, "--top_k=0", says="--top_k",
+    case(SS + "clamp3_search.py", "{vec3}/inputs/txt/multi.txt", IN3 + "/abc", *C3, "--top_k=-1", says="--top_k",
          env=TINY3),
     case(SS + "clamp3_score.py", IN3, "{vec3}/inputs/txt", *C3, "--output_dir={tmp}/s", status=1, says="modalit",
          env=TINY3),

@@ -301,7 +301,8 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
     # a complete run rewrites them sorted by file: the same inputs give the same logs, run after run.
     for name, entries in ((f"failed_{tool}.log", result.failures), (f"warnings_{tool}.log", result.warnings)):
         if len(entries) > 1:
-            atomic_write_text(output_dir / name, "".join(f"{path}\t{text}\n" for path, text in sorted(entries)))
+            atomic_write_text(output_dir / name, "".join(f"{path}\t{text}\n"
+                                                           for path, text in sorted(entries, key=lambda e: e[0])))
     return result
 
 

@@ -537,7 +537,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
                         record(future.result())
     if len(counts.failures) > 1:  # written as answers came; a finished run leaves it sorted by file
         atomic_write_text(output_dir / FAILURE_LOG_NAME,
-                          "".join(f"{path}\t{reason}\n" for path, reason in sorted(counts.failures)))
+                          "".join(f"{path}\t{reason}\n" for path, reason in sorted(counts.failures, key=lambda f: f[0])))
     return counts
 
 

@@ -161,21 +161,27 @@ def load_mono(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
     frames, rate = decode_frames(path)
     if frames.shape[0] == 0:
         raise AudioError("empty audio (no samples)")
-    mono = frames_to_mono(frames)
-    if not np.isfinite(mono).all():
+    if not np.isfinite(frames).all():
         # One NaN (a float file can hold them) turns the track's z-score, and so every feature, into NaN:
         # the reference writes such features silently.
-        bad = int(np.count_nonzero(~np.isfinite(mono)))
+        bad = int(np.count_nonzero(~np.isfinite(frames)))
         raise AudioError(f"{bad} non-finite sample{'s' if bad > 1 else ''} (NaN or infinity) in the audio: "
                          "its features would all be NaN")
-    return mono, rate
+    return frames_to_mono(frames), rate
 
 
 def load_wave(path: str | os.PathLike, normalized: bool = True) -> np.ndarray:
     """A file's MERT input: decoded, channels averaged, resampled to 24 kHz, z-scored ([N] float32)."""
     mono, rate = load_mono(path)
     wave = resample(mono, rate)
-    return normalize(wave) if normalized else wave
+    if not normalized:
+        return wave
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below as one line, not numpy's warnings
+        wave = normalize(wave)
+    if not np.isfinite(wave).all():  # finite samples near float32's limit: the mean or variance overflows
+        raise AudioError(f"samples too large to z-score in float32 (up to {float(np.abs(mono).max()):.3g}): "
+                         "its features would all be NaN")
+    return wave
 
 
 def window_bounds(length: int) -> List[Tuple[int, int]]:

@@ -125,11 +125,14 @@ class MusicEncoder:
         # The reference's test, a plain prefix (the patchilizer's own MTF test is the first word).
         if self.remove_unit_length and (self.also_mtf or not text.startswith(MTF_FIRST_WORD)):
             text = text.replace("L:1/8\n", "")
+        given = text
+        if not text.isascii():
+            text = unidecode(text)  # what the patchilizer does first; once here, its own call is then a no-op
         # Empty once transliterated to ASCII (a byte-order mark alone, emoji only): the reference crashes
         # in encode, as on an empty file. Non-empty ASCII text always has a line.
-        if not text or (not text.isascii() and not split_lines(unidecode(text))):
+        if not text or (not given.isascii() and not split_lines(text)):
             raise InputError("empty music file" + (" (after removing L:1/8)" if self.remove_unit_length else "")
-                             + (" (nothing left in ASCII)" if text else ""))
+                             + (" (nothing left in ASCII)" if given else ""))
         # uint8 (ASCII ids) changes nothing on the model side but makes the host→device copy 8× smaller.
         return torch.from_numpy(self.patchilizer.encode_array(text, add_special_patches=True))
 
@@ -750,7 +753,8 @@ def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path
         except ValueError:
             return str(path)
 
-    lines = sorted((shown(path), " ".join(reason.split())) for path, reason in failures)  # the same every run
+    # sorted by file (the same every run), a file's own lines in the order they came
+    lines = sorted(((shown(path), " ".join(reason.split())) for path, reason in failures), key=lambda line: line[0])
     text = "".join(f"{path}\t{reason}\n" for path, reason in lines)
     with atomic_path(log) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -72,12 +72,15 @@ def files_by_modality(path: str | os.PathLike) -> Dict[str, List[Path]]:
     return found
 
 
-def detect_modality(path: str | os.PathLike, role: str = "input") -> Tuple[str, List[Path]]:
+def detect_modality(path: str | os.PathLike, role: str = "input",
+                    found: Optional[Dict[str, List[Path]]] = None) -> Tuple[str, List[Path]]:
     """``(modality, files)`` of a folder or file; :class:`ModalityError` when none or several.
 
-    ``role`` names the side in the message: ``input`` (clamp3_embd), ``query``, ``reference``.
+    ``role`` names the side in the message: ``input`` (clamp3_embd), ``query``, ``reference``;
+    ``found``: :func:`files_by_modality` of ``path`` when the caller has it already (one walk, not two).
     """
-    found = files_by_modality(path) if Path(path).exists() else {}
+    if found is None:
+        found = files_by_modality(path) if Path(path).exists() else {}
     if not found:
         raise ModalityError(f'Error: Could not determine {role} modality for "{path}"')
     if len(found) > 1:
@@ -158,17 +161,19 @@ def read_feature_side(root: Path, progress: bool = False) -> Side:
 def load_side(path: str | os.PathLike, role: str, family: Optional["ModelFamily"], *, progress: bool = False) -> Side:
     """The features of a query/reference: ``.npy`` features as they are, raw files through ``family``."""
     root = Path(path)
-    found = files_by_modality(root) if root.is_dir() else {}
-    if FEATURES in found and len(found) > 1 and set(found) <= {FEATURES, "txt", "img"}:
+    found = files_by_modality(root) if root.exists() else {}
+    others = sorted(f for modality, files in found.items() if modality != FEATURES for f in files)
+    if FEATURES in found and others and set(found) <= {FEATURES, "txt", "img"} and \
+            len(others) < len(found[FEATURES]):
         # A feature folder with a README or a cover beside the features: the reference's scripts read only
-        # the .npy files of a feature folder, and so does this. Music beside .npy files stays an error of
-        # several modalities: that is a folder of raw inputs (with MERT features, say), not of features.
-        others = sorted(f for modality, files in found.items() if modality != FEATURES for f in files)
+        # the .npy files of a feature folder, and so does this. Music beside .npy files, or as many texts
+        # or images as features (labels for zero-shot, say, with a stray .npy), stay an error of several
+        # modalities: that is a folder of raw inputs, not of features.
         print(f"note: {path}: reading its {len(found[FEATURES])} .npy feature files; {len(others)} other "
               f"file{'s' if len(others) > 1 else ''} ignored (e.g. {others[0]})", file=sys.stderr)
         modality = FEATURES
     else:
-        modality, files = detect_modality(root, role)
+        modality, files = detect_modality(root, role, found)
     if modality == FEATURES:
         side = read_feature_side(root, progress)
     elif family is None:
