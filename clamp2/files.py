@@ -42,6 +42,14 @@ def find_files(root: str | os.PathLike, extensions: Iterable[str]) -> list[Path]
     return sorted(found)
 
 
+_CASE_INSENSITIVE_PATHS = os.name == "nt"
+
+
+def _fold(parts) -> tuple:
+    """Path parts as ``relative_to`` compares them: lower-cased on Windows, as they are elsewhere."""
+    return tuple(part.lower() for part in parts) if _CASE_INSENSITIVE_PATHS else tuple(parts)
+
+
 def mirror_path(input_path: str | os.PathLike, input_root: str | os.PathLike,
                 output_root: str | os.PathLike, new_suffix: str) -> Path:
     """``output_root / <input's folder relative to input_root> / <stem><new_suffix>``."""
@@ -49,8 +57,8 @@ def mirror_path(input_path: str | os.PathLike, input_root: str | os.PathLike,
     # parts arithmetic rather than relative_to/parent/stem Paths: this runs once per input, and
     # a corpus of a million short tunes spent a minute here (same result, lexically as relative_to).
     parts, root_parts = input_path.parts, input_root.parts
-    if len(parts) > len(root_parts) and parts[:len(root_parts)] == root_parts and \
-            input_path.anchor == input_root.anchor:
+    if len(parts) > len(root_parts) and _fold(parts[:len(root_parts)]) == _fold(root_parts) and \
+            _fold((input_path.anchor,)) == _fold((input_root.anchor,)):
         folders = parts[len(root_parts):-1]
     else:  # the input is the root itself (a single file given as the "root"), or outside it
         folders = ()

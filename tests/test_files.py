@@ -28,6 +28,15 @@ def test_mirror_path_keeps_relative_folder(tmp_path):
     assert mirror_path("inner/x.abc", "in", "out", ".npy") == Path("out/x.npy")
 
 
+def test_mirror_path_folds_case_where_paths_do(monkeypatch):
+    """On Windows relative_to ignores case ("Data" under "data"); elsewhere it does not."""
+    import clamp2.files as files
+
+    assert mirror_path("Data/sub/x.abc", "data", "out", ".npy") == Path("out/x.npy")
+    monkeypatch.setattr(files, "_CASE_INSENSITIVE_PATHS", True)
+    assert mirror_path("Data/sub/x.abc", "data", "out", ".npy") == Path("out/sub/x.npy")
+
+
 def test_plan_skips_an_output_folder_inside_the_input_folder(tmp_path, monkeypatch):
     from clamp2.extraction.core import plan_jobs
 
