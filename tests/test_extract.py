@@ -417,12 +417,16 @@ def test_file_feature_is_the_combination_to_the_bit():
         outputs = [torch.randn(768, generator=generator) * 3 for _ in range(windows)]
         expected = combine_global(torch.stack(outputs), length, 32).unsqueeze(0).numpy()
         assert np.array_equal(file_feature(outputs, length, 32, per_position=False), expected)
+        # the stream hands NumPy views of the fetched batch: the same bits
+        assert np.array_equal(file_feature([o.numpy() for o in outputs], length, 32, per_position=False), expected)
         states = [torch.randn(min(32, length), 8, generator=generator) for _ in range(windows)]
         expected = combine_positions(states, length, 32).unsqueeze(0).numpy()
         assert np.array_equal(file_feature(states, length, 32, per_position=True), expected)
+        assert np.array_equal(file_feature([s.numpy() for s in states], length, 32, per_position=True), expected)
     # A one-window file's states are copied out of the padded batch they are a view of.
     batch = torch.randn(4, 32, 8)
     assert not np.shares_memory(file_feature([batch[1, :20]], 20, 32, per_position=True), batch.numpy())
+    assert not np.shares_memory(file_feature([batch.numpy()[1, :20]], 20, 32, per_position=True), batch.numpy())
     # The saved bytes are np.save's, header and all.
     import io
 

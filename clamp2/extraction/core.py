@@ -242,20 +242,29 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
 
 # -- batched model runs --------------------------------------------------------------------------
 
-def pad_batch(windows: Sequence[torch.Tensor], pad_value: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest window; returns ids (or rows) and the 0/1 attention mask (int64)."""
+def _numpy_window(window) -> bool:
+    return isinstance(window, np.ndarray) or (window.device.type == "cpu" and not window.requires_grad
+                                              and window.dtype != torch.bfloat16)
+
+
+def pad_batch(windows: Sequence[torch.Tensor | np.ndarray], pad_value: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest window; returns ids (or rows) and the 0/1 attention mask (int64) as tensors.
+
+    Windows are tensors or NumPy arrays (what :class:`WindowStream` keeps on the host)."""
     lengths = [len(w) for w in windows]
     longest = max(lengths)
-    if all(w.device.type == "cpu" and not w.requires_grad for w in windows) and windows[0].dtype != torch.bfloat16:
+    if all(_numpy_window(w) for w in windows):
         # Through NumPy: a slice assignment per window costs ~1 µs, where torch's pad_sequence (or indexing)
         # pays ~40 µs of dispatch per window; 12,978 short tunes are ~400 batches of 64 windows, all padded
         # on the main process (docs/performance.md, the host side).
-        padded = np.full((len(windows), longest, *windows[0].shape[1:]), pad_value, dtype=windows[0].numpy().dtype)
-        for row, (window, length) in enumerate(zip(windows, lengths)):
-            padded[row, :length] = window.numpy()
+        arrays = [w if isinstance(w, np.ndarray) else w.numpy() for w in windows]
+        padded = np.full((len(arrays), longest, *arrays[0].shape[1:]), pad_value, dtype=arrays[0].dtype)
+        for row, (array, length) in enumerate(zip(arrays, lengths)):
+            padded[row, :length] = array
         ids = torch.from_numpy(padded)
     else:
-        ids = torch.nn.utils.rnn.pad_sequence(list(windows), batch_first=True, padding_value=pad_value)
+        ids = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(w) for w in windows], batch_first=True,
+                                              padding_value=pad_value)
     masks = torch.from_numpy((np.arange(longest)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64))
     return ids, masks
 
@@ -349,21 +358,24 @@ def compile_runners(runners: Dict[str, KindRunner], backend: str = "inductor") -
             for kind, runner in runners.items()}
 
 
-def file_feature(outputs: Sequence[torch.Tensor], length: int, max_length: int, per_position: bool) -> np.ndarray:
-    """A file's ``[1, ...]`` float32 feature from its windows' outputs (:func:`combine_global` / ``_positions``)."""
+def file_feature(outputs: Sequence[torch.Tensor | np.ndarray], length: int, max_length: int,
+                 per_position: bool) -> np.ndarray:
+    """A file's ``[1, ...]`` float32 feature from its windows' outputs (:func:`combine_global` / ``_positions``);
+    outputs are CPU tensors or NumPy arrays."""
     if len(outputs) == 1:
         # Most short pieces have one window: the same arithmetic in numpy, without torch's per-call cost.
-        feature = outputs[0].numpy()
+        feature = outputs[0] if isinstance(outputs[0], np.ndarray) else outputs[0].numpy()
         if per_position:
             feature = feature.copy()  # a view of the whole padded batch otherwise: keep only this file's rows
         else:
             weight = np.float32(window_weights(length, max_length)[0])
             feature = (feature * weight) / weight  # combine_global's rounding: the sum of one term is exact
         return feature[np.newaxis].astype(np.float32, copy=False)
+    outputs = [torch.from_numpy(o) if isinstance(o, np.ndarray) else o for o in outputs]
     if per_position:
         feature = combine_positions(outputs, length, max_length)
     else:
-        feature = combine_global(torch.stack(list(outputs)), length, max_length)
+        feature = combine_global(torch.stack(outputs), length, max_length)
     return feature.unsqueeze(0).numpy().astype(np.float32, copy=False)
 
 
@@ -373,7 +385,7 @@ class _OpenFile:
     __slots__ = ("outputs", "remaining", "length", "max_length")
 
     def __init__(self, windows: int, length: int, max_length: int):
-        self.outputs: List[Optional[torch.Tensor]] = [None] * windows
+        self.outputs: List[Optional[np.ndarray]] = [None] * windows
         self.remaining = windows
         self.length = length
         self.max_length = max_length
@@ -409,8 +421,13 @@ class WindowStream:
                 for i, ids in encoded.items():
                     if kinds[i] != kind:
                         continue
-                    starts = window_starts(len(ids), runner.max_length)
-                    self.open_files[i] = _OpenFile(len(starts), len(ids), runner.max_length)
+                    # NumPy on the host: len() and slicing cost ~0.2 µs there, ~2-3 µs on a tensor, several
+                    # times per file (thousands of short tunes a second pass through here).
+                    if isinstance(ids, torch.Tensor) and _numpy_window(ids):
+                        ids = ids.numpy()
+                    length = len(ids)
+                    starts = window_starts(length, runner.max_length)
+                    self.open_files[i] = _OpenFile(len(starts), length, runner.max_length)
                     windows += [(i, slot, ids[start:start + runner.max_length]) for slot, start in enumerate(starts)]
                 for batch in plan_batches([len(w[2]) for w in windows], self.batch_size, self.batch_tokens):
                     members = [windows[j] for j in batch]
@@ -432,7 +449,7 @@ class WindowStream:
         return done
 
     def _collect(self, members: list, result: HostCopy) -> List[Tuple[int, np.ndarray, None]]:
-        result = result.wait()
+        result = result.wait().numpy()  # float32 host memory: rows are NumPy views, no torch call per file
         done = []
         for row, (i, slot, ids) in enumerate(members):
             open_file = self.open_files[i]
