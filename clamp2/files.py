@@ -90,6 +90,12 @@ def mirror_outputs(paths: Iterable[Path], input_root: str | os.PathLike, output_
 TMP_SUFFIX = ".partial"
 
 
+def write_file_log(path: str | os.PathLike, entries: Iterable[Tuple[str, str]]) -> None:
+    """``relative/path<TAB>reason`` lines, atomically: the format of every batch tool's failure and warning
+    logs, sorted by file so that the same inputs give the same log (a file's own lines in their order)."""
+    atomic_write_text(path, "".join(f"{name}\t{reason}\n" for name, reason in sorted(entries, key=lambda e: e[0])))
+
+
 def output_problem(path: str | os.PathLike, folder: bool, what: str = "output") -> Optional[str]:
     """Why ``path`` cannot be written (a folder that is a file, a file that is a folder, a parent that is a
     file, no write permission), as one line, or None when it can."""

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
-from clamp2.files import atomic_write_bytes, atomic_write_text, find_files, mirror_path, remove_partial_files
+from clamp2.files import (atomic_write_bytes, atomic_write_text, find_files, mirror_path, remove_partial_files,
+                          write_file_log)
 
 Convert = Callable[[Path], "str | bytes"]
 
@@ -301,8 +302,7 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
     # a complete run rewrites them sorted by file: the same inputs give the same logs, run after run.
     for name, entries in ((f"failed_{tool}.log", result.failures), (f"warnings_{tool}.log", result.warnings)):
         if len(entries) > 1:
-            atomic_write_text(output_dir / name, "".join(f"{path}\t{text}\n"
-                                                           for path, text in sorted(entries, key=lambda e: e[0])))
+            write_file_log(output_dir / name, entries)
     return result
 
 

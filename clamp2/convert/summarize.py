@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import openai
 
-from clamp2.files import atomic_write_text, find_files, mirror_path
+from clamp2.files import atomic_write_text, find_files, mirror_path, write_file_log
 
 FAILURE_LOG_NAME = "failed_summaries.log"
 DEFAULT_SEED = 0
@@ -536,8 +536,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
                     if future not in handled and not future.cancelled():
                         record(future.result())
     if len(counts.failures) > 1:  # written as answers came; a finished run leaves it sorted by file
-        atomic_write_text(output_dir / FAILURE_LOG_NAME,
-                          "".join(f"{path}\t{reason}\n" for path, reason in sorted(counts.failures, key=lambda f: f[0])))
+        write_file_log(output_dir / FAILURE_LOG_NAME, counts.failures)
     return counts
 
 

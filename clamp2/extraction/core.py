@@ -24,7 +24,8 @@ from unidecode import unidecode
 
 from ..attention import Autocast, add_attention_argument
 from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
-from ..files import atomic_path, atomic_write_bytes, find_files, input_problem, mirror_outputs, output_problem
+from ..files import (atomic_write_bytes, find_files, input_problem, mirror_outputs, output_problem,
+                     write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
 
 TEXT_EXTENSIONS = (".txt",)
@@ -770,11 +771,7 @@ def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path
         except ValueError:
             return str(path)
 
-    # sorted by file (the same every run), a file's own lines in the order they came
-    lines = sorted(((shown(path), " ".join(reason.split())) for path, reason in failures), key=lambda line: line[0])
-    text = "".join(f"{path}\t{reason}\n" for path, reason in lines)
-    with atomic_path(log) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_file_log(log, [(shown(path), " ".join(reason.split())) for path, reason in failures])
     return log
 
 
