@@ -63,6 +63,34 @@ class Autocast:
         return self._open.pop().__exit__(*exc_info)
 
 
+class ExactFloat32:
+    """fp32 computed in fp32: TF32 off for cuDNN's convolutions and for matrix products; restored on exit.
+
+    PyTorch's defaults let cuDNN round a float32 convolution's inputs to TF32 (a 10-bit mantissa) on
+    Ampere and later, so MERT's convolutional feature encoder and positional convolution would differ
+    from the CPU's (and from fp32) by ~1e-3 relative on a GPU; matrix products are fp32 unless a
+    caller has set ``torch.set_float32_matmul_precision("high")`` or ``"medium"``, which this undoes
+    for the duration. Every fp32 forward pass of the extraction runs inside one, so ``--dtype fp32``
+    means the same numbers on every device (up to the order of sums). Reusable and re-entrant.
+    """
+
+    def __init__(self):
+        self._saved = []
+
+    def __enter__(self):
+        cudnn = torch.backends.cudnn
+        self._saved.append((cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+        cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        return self
+
+    def __exit__(self, *exc_info):
+        convolutions, matmul = self._saved.pop()
+        torch.backends.cudnn.allow_tf32 = convolutions
+        torch.set_float32_matmul_precision(matmul)
+        return False
+
+
 def check_attention(implementation: str) -> str:
     if implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")

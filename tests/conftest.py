@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Reference data copied into the repository (tests/data/README.md says what each file is).
@@ -89,3 +90,18 @@ def record_cudnn_attention(monkeypatch) -> list:
 
     monkeypatch.setattr(loop.Precision, "choose", classmethod(recording))
     return chosen
+
+
+@pytest.fixture
+def tf32_allowed():
+    """A caller that let TF32 in everywhere (process-wide flags), put back afterwards."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.backends.cudnn.allow_tf32, _ = saved
+    torch.set_float32_matmul_precision(saved[1])
+
+
+def precision_flags():
+    return torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()

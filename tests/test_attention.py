@@ -21,7 +21,7 @@ from clamp2.models.clamp3 import CLaMP3Model, infer_audio_dims
 from clamp2.models.m3 import M3Model, infer_m3_dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 from clamp2.text_model import load_text_model, load_tokenizer
-from conftest import VECTORS
+from conftest import VECTORS, precision_flags
 
 VECTORS3 = VECTORS.parent / "vectors_clamp3"
 TEXT_MODEL = str(VECTORS / "tiny_text_model")
@@ -204,3 +204,31 @@ def test_cpu_autocast_context_is_torch_autocast():
             assert torch.is_autocast_enabled("cpu") and (a @ a).dtype == torch.bfloat16
             assert sdp_flags()["cudnn"]  # the CPU has no cuDNN attention: nothing to change
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_fp32_extraction_context_turns_tf32_off_and_restores_it(tf32_allowed):
+    # cuDNN rounds fp32 convolutions (MERT's feature encoder) to TF32 by default: fp32 must mean fp32 on a GPU too.
+    from clamp2.extraction.core import autocast_context
+
+    for device in ("cuda", "cpu"):  # the flags only: no CUDA call is made
+        context = autocast_context(torch.device(device), "fp32")
+        for _ in range(2):  # one object guards every batch of a run
+            with context:
+                assert precision_flags() == (False, "highest")
+                with context:
+                    assert precision_flags() == (False, "highest")
+                assert precision_flags() == (False, "highest")
+            assert precision_flags() == (True, "medium")
+
+
+def test_mert_fp32_forward_pass_runs_without_tf32(tf32_allowed):
+    # A caller that allowed TF32 beforehand; tests/test_extract.py checks the extraction scripts' passes.
+    from clamp2.extraction.mert import MertFeatureExtractor
+    from clamp2.models import mert
+
+    seen = []
+    model = mert.load_mert(VECTORS3 / "tiny_mert")
+    model.register_forward_pre_hook(lambda module, args: seen.append(precision_flags()))
+    MertFeatureExtractor(model, "cpu").features(VECTORS3 / "inputs" / "audio" / "banish_misfortune_22k05_mono_s16.wav")
+    assert seen and set(seen) == {(False, "highest")}
+    assert precision_flags() == (True, "medium")

@@ -10,7 +10,7 @@ from clamp2.extraction.core import (combine_global, combine_positions, plan_batc
                                     window_weights)
 from clamp2.extraction.core import MusicEncoder
 from clamp2.patchilizer import M3Patchilizer
-from conftest import free_port, load_script
+from conftest import free_port, load_script, precision_flags
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
             "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
@@ -167,6 +167,30 @@ def test_compile_flag_compiles_every_runner_and_keeps_the_features(tiny_env, vec
     assert extract_m3.main(args) == 0
     assert compiled == ["music"]
     compare_tree(vectors / "expected" / "feat_m3", out)
+
+
+@pytest.mark.parametrize("script", ["m3", "clamp2"])
+def test_fp32_batches_run_without_tf32(tiny_env, vectors, tmp_path, extract_m3, extract_clamp2, monkeypatch,
+                                       tf32_allowed, script):
+    # A caller (or a library it imported) let TF32 in: --dtype fp32 still computes in fp32, and the flags come back.
+    module = extract_m3 if script == "m3" else extract_clamp2
+    seen = []
+    original = module.set_attention
+
+    def recording(model, implementation):  # every submodule's forward pass records the flags it runs under
+        for submodule in model.modules():
+            submodule.register_forward_pre_hook(lambda *_: seen.append(precision_flags()))
+        return original(model, implementation)
+
+    monkeypatch.setattr(module, "set_attention", recording)
+    out = tmp_path / "out"
+    if script == "m3":
+        assert extract_m3.main([str(vectors / "extract_in"), str(out), "--weights", str(vectors / "tiny_m3.pth"),
+                                "--num_workers", "0", "--no_progress"]) == 0
+    else:
+        assert extract_clamp2.main(clamp2_args(vectors, vectors / "extract_in", out)) == 0
+    assert seen and set(seen) == {(False, "highest")}
+    assert precision_flags() == (True, "medium")
 
 
 def test_bad_inputs_are_reported_and_skipped(tiny_env, vectors, tmp_path, extract_clamp2, capsys):

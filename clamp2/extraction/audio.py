@@ -137,11 +137,9 @@ def resample_tensor(wave: torch.Tensor, orig_rate: int, new_rate: int = MERT_SAM
 
 
 def _full_precision_convolutions(device: torch.device):
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    cudnn = torch.backends.cudnn
-    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                       allow_tf32=False)
+    from ..attention import ExactFloat32
+
+    return ExactFloat32() if device.type == "cuda" else contextlib.nullcontext()
 
 
 def normalize(wave: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from unidecode import unidecode
 
-from ..attention import Autocast, add_attention_argument
+from ..attention import Autocast, ExactFloat32, add_attention_argument
 from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
 from ..files import (atomic_write_bytes, find_files, input_problem, mirror_outputs, output_problem,
                      write_file_log)
@@ -687,11 +687,9 @@ def process_state(device_arg: Optional[str]):
 
 
 def autocast_context(device: torch.device, dtype: str):
-    """fp32 is exact and the default; bf16/fp16 autocast only on CUDA."""
-    import contextlib
-
+    """fp32 is exact and the default (TF32 off: :class:`ExactFloat32`); bf16/fp16 autocast only on CUDA."""
     if dtype == "fp32":
-        return contextlib.nullcontext()
+        return ExactFloat32()
     if device.type != "cuda":
         raise ValueError(f"--dtype {dtype} needs a CUDA device; on {device.type} use fp32")
     return Autocast("cuda", torch.bfloat16 if dtype == "bf16" else torch.float16)
