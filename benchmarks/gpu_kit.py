@@ -36,7 +36,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # holding only torch, numpy, accelerate, tokenizers, huggingface-hub, safetensors, scikit-learn, scipy, pytest,
 # matplotlib and tqdm, plus this kit: every step passed.
 # regex: transformers refuses to import beside one older than its floor, and an image's may be.
-WHEELS = ("transformers", "regex", "mido", "Unidecode", "soundfile", "cffi", "pycparser", "platformdirs")
+# abctoolkit and what it imports (jellyfish, RapidFuzz; pyparsing, which it does not declare): the `exact` step's
+# reference tests convert MusicXML on the device.
+WHEELS = ("transformers", "regex", "mido", "Unidecode", "soundfile", "cffi", "pycparser", "platformdirs",
+          "abctoolkit", "jellyfish", "RapidFuzz", "pyparsing")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 # gpu_table.sh's sizes: bench_extract.py --files 200 (100 ABC + 100 MTF); bench_train.py's default --scores.

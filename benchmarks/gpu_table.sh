@@ -5,8 +5,8 @@
 #
 # Environment:
 #   PYTHON        interpreter (default: python3, else python)
-#   STEPS         the steps to run, in order (default: all): attention train extract tunes clamp3 mert profile
-#                 compile
+#   STEPS         the steps to run, in order (default: all): attention exact train extract tunes clamp3 mert
+#                 profile compile (exact: the reference-vector tests on the device; not in a smoke run)
 #   COMPILE=1     adds the --compile runs (training, extraction, MERT)
 #   SMOKE=1       the same steps on the CPU at tiny sizes, seconds each: proves the script and every bench's
 #                 arguments before device time is spent (tests/test_gpu_table.py runs it)
@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 LOG=${1:-gpu_table.log}
-STEPS=${STEPS-attention train extract tunes clamp3 mert profile compile}
+STEPS=${STEPS-attention exact train extract tunes clamp3 mert profile compile}
 SMOKE=${SMOKE:-0}
 CACHE=${CACHE:-/tmp}
 # A smoke run uses a kit only when KIT names one: the default kit holds the GPU machine's wheels (Python 3.12).
@@ -65,6 +65,13 @@ fi
 
 if wants attention; then
   run "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_attention.py
+fi
+if wants exact && [ "$SMOKE" != 1 ]; then
+  # The reference-vector tests on the GPU: the scripts and the API pick CUDA when it is there, so fp32 features
+  # computed on the device (M3, CLaMP 2, CLaMP 3 with MERT) must equal the original's within the tests' 1e-5.
+  # (On the CPU the suite itself runs them; about 30 s here.)
+  run "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_extract.py tests/test_extract_clamp3.py tests/test_api.py \
+      tests/test_api_clamp3.py -k "reference or reproduce or batching or tf32"
 fi
 if wants train; then
   # M3, CLaMP 2 and CLaMP 3's two stages at config.py's sizes and batches, bf16 autocast.
