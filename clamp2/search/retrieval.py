@@ -26,7 +26,6 @@ the building blocks :func:`unit_rows`, :func:`as_cpu_tensor`, :func:`full_float3
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from clamp2.attention import ExactFloat32
 from clamp2.search.feature_store import BLOCK_ROWS, load_features
 
 __all__ = ["load_features", "score_tolerance", "exact_cosine", "Searcher", "top_k", "RankResult", "rank_true_matches", "rank_queries",
@@ -89,15 +89,9 @@ def exact_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-@contextlib.contextmanager
-def full_float32_matmul() -> Iterator[None]:
+def full_float32_matmul() -> ExactFloat32:
     """Matrix products in true float32 (no TF32/bf16 shortcuts, whose error exceeds the tolerance)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    return ExactFloat32()
 
 
 def _norms(matrix: np.ndarray) -> np.ndarray:
