@@ -63,31 +63,67 @@ class Autocast:
         return self._open.pop().__exit__(*exc_info)
 
 
+def _fp32_operators():
+    """PyTorch's per-backend precision flags of the operators :class:`ExactFloat32` keeps in fp32 (2.9 on)."""
+    backends = torch.backends
+    found = []
+    for backend, name in ((backends.cudnn, "conv"), (backends.cudnn, "rnn"), (backends.cuda, "matmul"),
+                          (backends.mkldnn, "matmul"), (backends.mkldnn, "conv")):
+        operator = getattr(backend, name, None)
+        if operator is not None and hasattr(operator, "fp32_precision"):
+            found.append(operator)
+    return found
+
+
 class ExactFloat32:
-    """fp32 computed in fp32: TF32 off for cuDNN's convolutions and for matrix products; restored on exit.
+    """fp32 computed in fp32: TF32 (and bf16) shortcuts off for convolutions and matrix products; restored on exit.
 
     PyTorch's defaults let cuDNN round a float32 convolution's inputs to TF32 (a 10-bit mantissa) on
     Ampere and later, so MERT's convolutional feature encoder and positional convolution would differ
     from the CPU's (and from fp32) by ~1e-3 relative on a GPU; matrix products are fp32 unless a
-    caller has set ``torch.set_float32_matmul_precision("high")`` or ``"medium"``, which this undoes
-    for the duration. Every fp32 forward pass of the extraction runs inside one, so ``--dtype fp32``
-    means the same numbers on every device (up to the order of sums). Reusable and re-entrant.
+    caller has set ``torch.set_float32_matmul_precision("high")``, ``torch.backends.fp32_precision =
+    "tf32"`` (what transformers' ``TrainingArguments(tf32=True)`` does) or a backend's own flag. Every
+    fp32 forward pass of the extraction and the search's products run inside one, so fp32 means the
+    same numbers on every device (up to the order of sums). Reusable and re-entrant.
+
+    PyTorch 2.9 on has two views of these flags: the legacy ones (``cudnn.allow_tf32``,
+    ``get_float32_matmul_precision``), whose getters raise once the per-operator flags disagree with
+    them, and the per-operator ``fp32_precision``. Both are set (the legacy ones only where they still
+    read, so a caller's legacy getters keep working inside) and both are put back on exit.
     """
 
     def __init__(self):
         self._saved = []
 
     def __enter__(self):
-        cudnn = torch.backends.cudnn
-        self._saved.append((cudnn.allow_tf32, torch.get_float32_matmul_precision()))
-        cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
+        backends = torch.backends
+        try:
+            allow_tf32 = backends.cudnn.allow_tf32
+        except RuntimeError:  # the caller set the per-operator flags; the legacy view no longer reads
+            allow_tf32 = None
+        try:
+            matmul = torch.get_float32_matmul_precision()
+        except RuntimeError:
+            matmul = None
+        operators = [(operator, operator.fp32_precision) for operator in _fp32_operators()]
+        # Legacy first: its setters rewrite the per-operator flags, which are then all made "ieee".
+        if allow_tf32 is not None:
+            backends.cudnn.allow_tf32 = False
+        if matmul is not None:
+            torch.set_float32_matmul_precision("highest")
+        for operator, _ in operators:
+            operator.fp32_precision = "ieee"
+        self._saved.append((allow_tf32, matmul, operators))
         return self
 
     def __exit__(self, *exc_info):
-        convolutions, matmul = self._saved.pop()
-        torch.backends.cudnn.allow_tf32 = convolutions
-        torch.set_float32_matmul_precision(matmul)
+        allow_tf32, matmul, operators = self._saved.pop()
+        if allow_tf32 is not None:
+            torch.backends.cudnn.allow_tf32 = allow_tf32
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
+        for operator, precision in operators:  # after the legacy setters, which rewrite them
+            operator.fp32_precision = precision
         return False
 
 

@@ -92,16 +92,44 @@ def record_cudnn_attention(monkeypatch) -> list:
     return chosen
 
 
-@pytest.fixture
-def tf32_allowed():
-    """A caller that let TF32 in everywhere (process-wide flags), put back afterwards."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("medium")
-    yield
-    torch.backends.cudnn.allow_tf32, _ = saved
-    torch.set_float32_matmul_precision(saved[1])
+
+# PyTorch's per-operator fp32 precision flags (2.9 on): cuDNN conv and RNN, CUDA and oneDNN matmul, oneDNN conv.
+PRECISION_OPERATORS = (("cudnn", "conv"), ("cudnn", "rnn"), ("cuda", "matmul"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
+FP32_FLAGS = ("ieee",) * len(PRECISION_OPERATORS)
 
 
 def precision_flags():
-    return torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    """The per-operator flags, as strings ("ieee": fp32; "tf32", "bf16": shortcuts; "none": inherited)."""
+    return tuple(getattr(getattr(torch.backends, backend), name).fp32_precision for backend, name in PRECISION_OPERATORS)
+
+
+def legacy_precision_flags():
+    """The legacy view (cudnn.allow_tf32, the matmul precision), "raises" where PyTorch refuses to read it."""
+    values = []
+    for read in (lambda: torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision):
+        try:
+            values.append(read())
+        except RuntimeError:
+            values.append("raises")
+    return tuple(values)
+
+
+@pytest.fixture
+def precision_restored():
+    """Puts PyTorch's process-wide precision flags back to the defaults after a test that changes them."""
+    saved = torch.backends.fp32_precision, legacy_precision_flags(), precision_flags()
+    yield
+    torch.backends.fp32_precision = saved[0]
+    torch.backends.cudnn.allow_tf32, matmul = saved[1]  # readable here: the tests start from consistent flags
+    torch.set_float32_matmul_precision(matmul)
+    for (backend, name), value in zip(PRECISION_OPERATORS, saved[2]):  # after the legacy setters, which rewrite them
+        setattr(getattr(getattr(torch.backends, backend), name), "fp32_precision", value)
+    assert (torch.backends.fp32_precision, legacy_precision_flags(), precision_flags()) == saved
+
+
+@pytest.fixture
+def tf32_allowed(precision_restored):
+    """A caller that let TF32 (and bf16 matmuls) in through the legacy switches."""
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("medium")
+    yield

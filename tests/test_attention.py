@@ -21,7 +21,7 @@ from clamp2.models.clamp3 import CLaMP3Model, infer_audio_dims
 from clamp2.models.m3 import M3Model, infer_m3_dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 from clamp2.text_model import load_text_model, load_tokenizer
-from conftest import VECTORS, precision_flags
+from conftest import FP32_FLAGS, VECTORS, legacy_precision_flags, precision_flags
 
 VECTORS3 = VECTORS.parent / "vectors_clamp3"
 TEXT_MODEL = str(VECTORS / "tiny_text_model")
@@ -206,19 +206,40 @@ def test_cpu_autocast_context_is_torch_autocast():
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_fp32_extraction_context_turns_tf32_off_and_restores_it(tf32_allowed):
-    # cuDNN rounds fp32 convolutions (MERT's feature encoder) to TF32 by default: fp32 must mean fp32 on a GPU too.
+CALLER_PRECISION = {
+    "defaults": lambda: None,
+    "legacy switches": lambda: (setattr(torch.backends.cudnn, "allow_tf32", True),
+                                torch.set_float32_matmul_precision("medium")),
+    # What transformers' TrainingArguments(tf32=True) does; the legacy matmul getter then raises.
+    "global tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+    "mixed per-operator flags": lambda: (setattr(torch.backends.cudnn.conv, "fp32_precision", "tf32"),
+                                         setattr(torch.backends.cudnn.rnn, "fp32_precision", "ieee"),
+                                         setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+                                         setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")),
+}
+
+
+@pytest.mark.parametrize("caller", list(CALLER_PRECISION))
+def test_fp32_context_turns_every_shortcut_off_and_restores_the_callers_flags(precision_restored, caller):
+    # cuDNN rounds fp32 convolutions (MERT's feature encoder) to TF32 by default: fp32 must mean fp32 on a GPU
+    # too, whichever of PyTorch's two APIs the caller used, without raising where PyTorch's legacy getters do.
     from clamp2.extraction.core import autocast_context
 
+    CALLER_PRECISION[caller]()
+    before = precision_flags(), legacy_precision_flags()
+    assert caller == "defaults" or before[0] != ("tf32", "tf32", "none", "none", "none")
     for device in ("cuda", "cpu"):  # the flags only: no CUDA call is made
         context = autocast_context(torch.device(device), "fp32")
         for _ in range(2):  # one object guards every batch of a run
             with context:
-                assert precision_flags() == (False, "highest")
+                assert precision_flags() == FP32_FLAGS
+                # Consistent inside, so legacy readers work; cuDNN's legacy switch is left alone where it did not
+                # read before (it could not be put back), and still does not read.
+                assert legacy_precision_flags() == (False if before[1][0] != "raises" else "raises", "highest")
                 with context:
-                    assert precision_flags() == (False, "highest")
-                assert precision_flags() == (False, "highest")
-            assert precision_flags() == (True, "medium")
+                    assert precision_flags() == FP32_FLAGS
+                assert precision_flags() == FP32_FLAGS
+            assert (precision_flags(), legacy_precision_flags()) == before
 
 
 def test_mert_fp32_forward_pass_runs_without_tf32(tf32_allowed):
@@ -227,8 +248,18 @@ def test_mert_fp32_forward_pass_runs_without_tf32(tf32_allowed):
     from clamp2.models import mert
 
     seen = []
+    before = precision_flags()
     model = mert.load_mert(VECTORS3 / "tiny_mert")
     model.register_forward_pre_hook(lambda module, args: seen.append(precision_flags()))
     MertFeatureExtractor(model, "cpu").features(VECTORS3 / "inputs" / "audio" / "banish_misfortune_22k05_mono_s16.wav")
-    assert seen and set(seen) == {(False, "highest")}
-    assert precision_flags() == (True, "medium")
+    assert seen and set(seen) == {FP32_FLAGS}
+    assert precision_flags() == before != FP32_FLAGS
+
+
+def test_search_products_run_in_fp32_whatever_the_caller_set(precision_restored):
+    from clamp2.search.retrieval import full_float32_matmul
+
+    CALLER_PRECISION["global tf32"]()
+    with full_float32_matmul():
+        assert precision_flags() == FP32_FLAGS
+    assert precision_flags() == ("tf32",) * len(FP32_FLAGS)
