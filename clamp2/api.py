@@ -113,6 +113,32 @@ def _as_list(items) -> list:
     return list(items)
 
 
+def _float32_default(method):
+    """Run ``method`` with float32 as torch's default dtype, the caller's put back afterwards.
+
+    The models are float32. A caller's ``torch.set_default_dtype(torch.float64)`` (common beside
+    scientific code in a notebook) would build float64 layers next to transformers' float32 text
+    model, and the first text batch failed with "mat1 and mat2 must have the same dtype"; music came
+    out computed partly in float64. Every model build and forward pass of the API goes through one.
+    """
+    import functools
+
+    @functools.wraps(method)
+    def with_float32_default(*args, **kwargs):
+        import torch
+
+        previous = torch.get_default_dtype()
+        if previous == torch.float32:
+            return method(*args, **kwargs)
+        torch.set_default_dtype(torch.float32)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+
+    return with_float32_default
+
+
 def _check_errors(errors: str) -> None:
     if errors not in ERRORS:
         raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
@@ -240,6 +266,7 @@ class _Extractor:
     def _prepare(self, raws: Dict[int, Any], failures: Dict[int, str]) -> None:
         """Last step before the model, in this process: CLaMP 3 turns audio files into MERT features here."""
 
+    @_float32_default
     def _encode(self, items: list, raws: list, failures: Dict[int, str], per_position: bool, *, use_cache: bool,
                 progress: bool, desc: str, root: Optional[Path] = None, width: Optional[int] = None) -> Encoded:
         from .cache import entry_key
@@ -463,6 +490,7 @@ class CLaMP2(_JointSpace):
                 f"text_model={self.text_model_name!r}, device={self.device}, dtype={self.dtype})")
 
     @classmethod
+    @_float32_default
     def from_pretrained(cls, weights: str | os.PathLike = "sander-wood/clamp2", text_model: Optional[str] = None, *,
                         filename: Optional[str] = None, max_text_length: Optional[int] = None, device=None,
                         dtype: str = "fp32", batch_size: int = 16, cache=None, num_workers: int = 0,
@@ -537,6 +565,7 @@ class CLaMP3(_JointSpace):
                 f"text_model={self.text_model_name!r}, device={self.device}, dtype={self.dtype})")
 
     @classmethod
+    @_float32_default
     def from_pretrained(cls, weights: str | os.PathLike = "sander-wood/clamp3", text_model: Optional[str] = None, *,
                         variant: Optional[str] = None, mert=None, filename: Optional[str] = None,
                         max_text_length: Optional[int] = None, device=None, dtype: str = "fp32",
@@ -594,6 +623,7 @@ class CLaMP3(_JointSpace):
                                                   weights_fingerprint(weights_file(folder), root)])
         return self._mert_identity
 
+    @_float32_default
     def mert_extractor(self):
         """The MERT feature extractor (:class:`~clamp2.extraction.mert.MertFeatureExtractor`), loaded on first use."""
         if self._mert is None:
@@ -732,6 +762,7 @@ class M3(_Extractor):
                 f"device={self.device}, dtype={self.dtype})")
 
     @classmethod
+    @_float32_default
     def from_pretrained(cls, weights: str | os.PathLike = "sander-wood/clamp2", *, filename: Optional[str] = None,
                         device=None, dtype: str = "fp32", batch_size: int = 16, cache=None, num_workers: int = 0,
                         local_files_only: Optional[bool] = None, revision: Optional[str] = None,
