@@ -84,7 +84,8 @@ class ExactFloat32:
     caller has set ``torch.set_float32_matmul_precision("high")``, ``torch.backends.fp32_precision =
     "tf32"`` (what transformers' ``TrainingArguments(tf32=True)`` does) or a backend's own flag. Every
     fp32 forward pass of the extraction and the search's products run inside one, so fp32 means the
-    same numbers on every device (up to the order of sums). Reusable and re-entrant.
+    same numbers on every device (up to the order of sums). A caller's ``torch.autocast`` is switched
+    off inside too. Reusable and re-entrant.
 
     PyTorch 2.9 on has two views of these flags: the legacy ones (``cudnn.allow_tf32``,
     ``get_float32_matmul_precision``), whose getters raise once the per-operator flags disagree with
@@ -113,11 +114,19 @@ class ExactFloat32:
             torch.set_float32_matmul_precision("highest")
         for operator, _ in operators:
             operator.fp32_precision = "ieee"
-        self._saved.append((allow_tf32, matmul, operators))
+        # A caller's own autocast (an API call inside a bf16 training loop) would make this pass bf16.
+        # Entered only when on: torch.compile traces these passes (extraction's --compile), and dynamo cannot
+        # trace an autocast switched off from inside a context manager's methods.
+        no_autocast = contextlib.ExitStack()
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                no_autocast.enter_context(torch.autocast(device_type, enabled=False))
+        self._saved.append((allow_tf32, matmul, operators, no_autocast))
         return self
 
     def __exit__(self, *exc_info):
-        allow_tf32, matmul, operators = self._saved.pop()
+        allow_tf32, matmul, operators, no_autocast = self._saved.pop()
+        no_autocast.__exit__(*exc_info)
         if allow_tf32 is not None:
             torch.backends.cudnn.allow_tf32 = allow_tf32
         if matmul is not None:

@@ -255,3 +255,17 @@ def test_a_float64_default_dtype_changes_no_feature(float64_default):
     for a, b in zip(got, want):
         assert a.dtype == np.float32
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_callers_autocast_changes_no_fp32_feature(tiny3):
+    # An API call inside a caller's bf16 autocast (a training loop using CLaMP features as targets) stays fp32.
+    import torch
+
+    music = [VECTORS3 / "inputs" / "abc" / "banish_misfortune.abc", VECTORS3 / "inputs" / "midi" / "bwv26.6.mid"]
+    texts = ["a lively jig in 6/8", "a chorale"]
+    want = tiny3.encode_text(texts), tiny3.encode_music(music)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tiny3.encode_text(texts), tiny3.encode_music(music)
+        assert torch.is_autocast_enabled("cpu")
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)

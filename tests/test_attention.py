@@ -240,6 +240,11 @@ def test_fp32_context_turns_every_shortcut_off_and_restores_the_callers_flags(pr
                     assert precision_flags() == FP32_FLAGS
                 assert precision_flags() == FP32_FLAGS
             assert (precision_flags(), legacy_precision_flags()) == before
+    a = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's own autocast is switched off inside
+        with autocast_context(torch.device("cpu"), "fp32"):
+            assert (a @ a).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        assert (a @ a).dtype == torch.bfloat16
 
 
 def test_mert_fp32_forward_pass_runs_without_tf32(tf32_allowed):
