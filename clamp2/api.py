@@ -114,12 +114,14 @@ def _as_list(items) -> list:
 
 
 def _float32_default(method):
-    """Run ``method`` with float32 as torch's default dtype, the caller's put back afterwards.
+    """Run ``method`` with torch's defaults at float32 on the CPU, the caller's put back afterwards.
 
-    The models are float32. A caller's ``torch.set_default_dtype(torch.float64)`` (common beside
-    scientific code in a notebook) would build float64 layers next to transformers' float32 text
-    model, and the first text batch failed with "mat1 and mat2 must have the same dtype"; music came
-    out computed partly in float64. Every model build and forward pass of the API goes through one.
+    The models are float32 and built on the CPU, then moved to the chosen device; batches are made
+    on the host and copied. A caller's ``torch.set_default_dtype(torch.float64)`` (common beside
+    scientific code in a notebook) built float64 layers next to transformers' float32 text model,
+    and the first text batch failed with "mat1 and mat2 must have the same dtype"; music came out
+    computed partly in float64. A caller's ``torch.set_default_device("cuda")`` would put the host
+    buffers (pinned memory) on the GPU. Every model build and forward pass of the API goes through one.
     """
     import functools
 
@@ -127,14 +129,16 @@ def _float32_default(method):
     def with_float32_default(*args, **kwargs):
         import torch
 
-        previous = torch.get_default_dtype()
-        if previous == torch.float32:
+        dtype, device = torch.get_default_dtype(), torch.get_default_device()
+        if dtype == torch.float32 and device.type == "cpu":
             return method(*args, **kwargs)
         torch.set_default_dtype(torch.float32)
+        torch.set_default_device("cpu")
         try:
             return method(*args, **kwargs)
         finally:
-            torch.set_default_dtype(previous)
+            torch.set_default_dtype(dtype)
+            torch.set_default_device(device)
 
     return with_float32_default
 

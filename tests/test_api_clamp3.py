@@ -202,56 +202,70 @@ def test_readme_clamp3_example_runs(monkeypatch, capsys):
     assert re.search(r"\[\[\s*-?\d\.\d+\s+-?\d\.\d+\s+-?\d\.\d+\s*\]\]", capsys.readouterr().out)
 
 
-@pytest.fixture
-def float64_default():
-    """A caller (a notebook beside scientific code) that made float64 torch's default dtype."""
+CALLER_DEFAULTS = {"float64 dtype": ("float64", "cpu"),
+                   # The GPU machine's case is set_default_device("cuda"); "meta" stands for it here (no CUDA).
+                   "meta device": ("float32", "meta")}
+
+
+@pytest.fixture(params=list(CALLER_DEFAULTS))
+def caller_defaults(request):
+    """A caller that changed torch's default dtype (a notebook beside scientific code) or device."""
     import torch
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+    previous = torch.get_default_dtype(), torch.get_default_device()
+    dtype, device = CALLER_DEFAULTS[request.param]
+    torch.set_default_dtype(getattr(torch, dtype))
+    torch.set_default_device(device)
+    yield getattr(torch, dtype), torch.device(device)
+    torch.set_default_dtype(previous[0])
+    torch.set_default_device(previous[1])
 
 
-def test_a_float64_default_dtype_changes_no_feature(float64_default):
-    # Before, the layers were built in float64 beside transformers' float32 text model: text raised
-    # "mat1 and mat2 must have the same dtype", and music was computed partly in float64.
+def test_a_callers_default_dtype_or_device_changes_no_feature(caller_defaults):
+    # Before, a float64 default built float64 layers beside transformers' float32 text model: text raised
+    # "mat1 and mat2 must have the same dtype", and music was computed partly in float64. A default device
+    # put the models and the host buffers there.
     import torch
 
-    from clamp2 import CLaMP2, CLaMP3
+    from clamp2 import M3, CLaMP2, CLaMP3
+
+    def defaults():
+        return torch.get_default_dtype(), torch.get_default_device()
+
+    def plain(function):
+        now = defaults()
+        torch.set_default_dtype(torch.float32)
+        torch.set_default_device("cpu")
+        try:
+            return function()
+        finally:
+            torch.set_default_dtype(now[0])
+            torch.set_default_device(now[1])
 
     wav = VECTORS3 / "inputs" / "audio" / "banish_misfortune_22k05_mono_s16.wav"
     music = [VECTORS3 / "inputs" / "abc" / "banish_misfortune.abc", VECTORS3 / "inputs" / "midi" / "bwv26.6.mid"]
     texts = ["a lively jig in 6/8", "a chorale"]
-    for load, items in ((lambda: CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL,
-                                                        max_text_length=16, mert=VECTORS3 / "tiny_mert"), music + [wav]),
-                        (lambda: CLaMP2.from_pretrained(VECTORS / "tiny_clamp2.pth", text_model=TEXT_MODEL,
-                                                        max_text_length=16), music)):
+    loaders = [(lambda: CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, max_text_length=16,
+                                               mert=VECTORS3 / "tiny_mert"), music + [wav]),
+               (lambda: CLaMP2.from_pretrained(VECTORS / "tiny_clamp2.pth", text_model=TEXT_MODEL,
+                                               max_text_length=16), music)]
+    for load, items in loaders:
+        def encode(model, items=items):
+            return [model.encode_text(texts), model.encode_music(items), *model.encode_music(items, normalize=False)]
+
         model = load()
-        assert torch.get_default_dtype() == torch.float64  # the caller's, put back after every call
-        assert {p.dtype for p in model.model.parameters()} == {torch.float32}
-        got = model.encode_text(texts), model.encode_music(items), model.encode_music(items, normalize=False)
-        assert torch.get_default_dtype() == torch.float64
-        torch.set_default_dtype(torch.float32)
-        try:
-            model = load()
-            want = model.encode_text(texts), model.encode_music(items), model.encode_music(items, normalize=False)
-        finally:
-            torch.set_default_dtype(torch.float64)
-        for a, b in zip(got[:2], want[:2]):
+        assert defaults() == caller_defaults  # the caller's, put back after every call
+        assert {(p.dtype, p.device.type) for p in model.model.parameters()} == {(torch.float32, "cpu")}
+        got = encode(model)
+        assert defaults() == caller_defaults
+        want = plain(lambda: encode(load()))
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
             assert a.dtype == np.float32
             np.testing.assert_array_equal(a, b)
-        for a, b in zip(got[2], want[2]):
-            np.testing.assert_array_equal(a, b)
-    from clamp2 import M3
-
     got = M3.from_pretrained(VECTORS / "tiny_m3.pth").encode(music)
-    assert torch.get_default_dtype() == torch.float64
-    torch.set_default_dtype(torch.float32)
-    try:
-        want = M3.from_pretrained(VECTORS / "tiny_m3.pth").encode(music)
-    finally:
-        torch.set_default_dtype(torch.float64)
+    assert defaults() == caller_defaults
+    want = plain(lambda: M3.from_pretrained(VECTORS / "tiny_m3.pth").encode(music))
     for a, b in zip(got, want):
         assert a.dtype == np.float32
         np.testing.assert_array_equal(a, b)
