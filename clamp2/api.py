@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -113,6 +114,27 @@ def _as_list(items) -> list:
     return list(items)
 
 
+_FLOAT32_DTYPE = None  # the SharedOverride of torch's default dtype (process-wide), made on first use
+_FLOAT32_DTYPE_MADE = threading.Lock()
+
+
+def _float32_dtype():
+    global _FLOAT32_DTYPE
+    with _FLOAT32_DTYPE_MADE:
+        if _FLOAT32_DTYPE is None:
+            import torch
+
+            from .attention import SharedOverride
+
+            def to_float32():
+                previous = torch.get_default_dtype()
+                torch.set_default_dtype(torch.float32)
+                return lambda: torch.set_default_dtype(previous)
+
+            _FLOAT32_DTYPE = SharedOverride(to_float32)
+    return _FLOAT32_DTYPE
+
+
 def _float32_default(method):
     """Run ``method`` with torch's defaults at float32 on the CPU, the caller's put back afterwards.
 
@@ -122,6 +144,8 @@ def _float32_default(method):
     and the first text batch failed with "mat1 and mat2 must have the same dtype"; music came out
     computed partly in float64. A caller's ``torch.set_default_device("cuda")`` would put the host
     buffers (pinned memory) on the GPU. Every model build and forward pass of the API goes through one.
+    The default dtype is process-wide (one :class:`~clamp2.attention.SharedOverride` for every thread),
+    the default device per thread.
     """
     import functools
 
@@ -129,16 +153,17 @@ def _float32_default(method):
     def with_float32_default(*args, **kwargs):
         import torch
 
-        dtype, device = torch.get_default_dtype(), torch.get_default_device()
-        if dtype == torch.float32 and device.type == "cpu":
-            return method(*args, **kwargs)
-        torch.set_default_dtype(torch.float32)
-        torch.set_default_device("cpu")
+        dtype = _float32_dtype()
+        device = torch.get_default_device()
+        dtype.enter()
+        if device.type != "cpu":
+            torch.set_default_device("cpu")
         try:
             return method(*args, **kwargs)
         finally:
-            torch.set_default_dtype(dtype)
-            torch.set_default_device(device)
+            if device.type != "cpu":
+                torch.set_default_device(device)
+            dtype.exit()
 
     return with_float32_default
 

@@ -19,6 +19,7 @@ also keeps sdpa off cuDNN's attention kernel: see :data:`CUDA_SDPA_BACKENDS` for
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -75,6 +76,70 @@ def _fp32_operators():
     return found
 
 
+class SharedOverride:
+    """A process-wide setting changed while any thread is inside, and put back when the last one leaves.
+
+    ``apply()`` changes the setting and returns what undoes it. Counting entries (under a lock) keeps
+    concurrent callers from saving each other's temporary values: two threads that each saved and
+    restored would leave the process with the override on, or turn it off under the other's feet.
+    """
+
+    def __init__(self, apply):
+        self._apply = apply
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._undo = None
+
+    @torch.compiler.disable  # eager inside torch.compile'd passes (extraction's --compile): a lock is not traceable
+    def enter(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._undo = self._apply()
+            self._depth += 1
+
+    @torch.compiler.disable
+    def exit(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                undo, self._undo = self._undo, None
+                undo()
+
+
+def _fp32_flags_on():
+    """Every TF32/bf16 shortcut flag of :class:`ExactFloat32` set to fp32; returns what puts the old ones back."""
+    backends = torch.backends
+    try:
+        allow_tf32 = backends.cudnn.allow_tf32
+    except RuntimeError:  # the caller set the per-operator flags; the legacy view no longer reads
+        allow_tf32 = None
+    try:
+        matmul = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        matmul = None
+    operators = [(operator, operator.fp32_precision) for operator in _fp32_operators()]
+    # Legacy first: its setters rewrite the per-operator flags, which are then all made "ieee".
+    if allow_tf32 is not None:
+        backends.cudnn.allow_tf32 = False
+    if matmul is not None:
+        torch.set_float32_matmul_precision("highest")
+    for operator, _ in operators:
+        operator.fp32_precision = "ieee"
+
+    def undo():
+        if allow_tf32 is not None:
+            backends.cudnn.allow_tf32 = allow_tf32
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
+        for operator, precision in operators:  # after the legacy setters, which rewrite them
+            operator.fp32_precision = precision
+
+    return undo
+
+
+_FP32_FLAGS = SharedOverride(_fp32_flags_on)
+
+
 class ExactFloat32:
     """fp32 computed in fp32: TF32 (and bf16) shortcuts off for convolutions and matrix products; restored on exit.
 
@@ -84,8 +149,10 @@ class ExactFloat32:
     caller has set ``torch.set_float32_matmul_precision("high")``, ``torch.backends.fp32_precision =
     "tf32"`` (what transformers' ``TrainingArguments(tf32=True)`` does) or a backend's own flag. Every
     fp32 forward pass of the extraction and the search's products run inside one, so fp32 means the
-    same numbers on every device (up to the order of sums). A caller's ``torch.autocast`` is switched
-    off inside too. Reusable and re-entrant.
+    same numbers on every device (up to the order of sums). A caller's ``torch.autocast`` (a
+    per-thread setting) is switched off inside too. Reusable, re-entrant and thread-safe: the
+    process-wide flags are set by the first thread in and put back by the last one out
+    (:class:`SharedOverride`).
 
     PyTorch 2.9 on has two views of these flags: the legacy ones (``cudnn.allow_tf32``,
     ``get_float32_matmul_precision``), whose getters raise once the per-operator flags disagree with
@@ -94,26 +161,10 @@ class ExactFloat32:
     """
 
     def __init__(self):
-        self._saved = []
+        self._local = threading.local()  # this thread's open autocast switches, innermost last
 
     def __enter__(self):
-        backends = torch.backends
-        try:
-            allow_tf32 = backends.cudnn.allow_tf32
-        except RuntimeError:  # the caller set the per-operator flags; the legacy view no longer reads
-            allow_tf32 = None
-        try:
-            matmul = torch.get_float32_matmul_precision()
-        except RuntimeError:
-            matmul = None
-        operators = [(operator, operator.fp32_precision) for operator in _fp32_operators()]
-        # Legacy first: its setters rewrite the per-operator flags, which are then all made "ieee".
-        if allow_tf32 is not None:
-            backends.cudnn.allow_tf32 = False
-        if matmul is not None:
-            torch.set_float32_matmul_precision("highest")
-        for operator, _ in operators:
-            operator.fp32_precision = "ieee"
+        _FP32_FLAGS.enter()
         # A caller's own autocast (an API call inside a bf16 training loop) would make this pass bf16.
         # Entered only when on: torch.compile traces these passes (extraction's --compile), and dynamo cannot
         # trace an autocast switched off from inside a context manager's methods.
@@ -121,19 +172,18 @@ class ExactFloat32:
         for device_type in ("cpu", "cuda"):
             if torch.is_autocast_enabled(device_type):
                 no_autocast.enter_context(torch.autocast(device_type, enabled=False))
-        self._saved.append((allow_tf32, matmul, operators, no_autocast))
+        self._open().append(no_autocast)
         return self
 
     def __exit__(self, *exc_info):
-        allow_tf32, matmul, operators, no_autocast = self._saved.pop()
-        no_autocast.__exit__(*exc_info)
-        if allow_tf32 is not None:
-            torch.backends.cudnn.allow_tf32 = allow_tf32
-        if matmul is not None:
-            torch.set_float32_matmul_precision(matmul)
-        for operator, precision in operators:  # after the legacy setters, which rewrite them
-            operator.fp32_precision = precision
+        self._open().pop().__exit__(*exc_info)
+        _FP32_FLAGS.exit()
         return False
+
+    def _open(self) -> list:
+        if not hasattr(self._local, "open"):
+            self._local.open = []
+        return self._local.open
 
 
 def check_attention(implementation: str) -> str:

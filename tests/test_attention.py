@@ -247,6 +247,40 @@ def test_fp32_context_turns_every_shortcut_off_and_restores_the_callers_flags(pr
         assert (a @ a).dtype == torch.bfloat16
 
 
+def test_fp32_context_is_thread_safe(tf32_allowed):
+    # Two threads (an API called from a thread pool): A in, B in, A out while B still computes, B out.
+    # Each saving and restoring on its own left B computing with TF32, then the process with it off.
+    import threading
+
+    from clamp2.extraction.core import autocast_context
+
+    before = precision_flags(), legacy_precision_flags()
+    steps = {name: threading.Event() for name in ("a_in", "b_in", "a_out")}
+    seen = {}
+
+    def thread_a():
+        with autocast_context(torch.device("cuda"), "fp32"):
+            steps["a_in"].set()
+            steps["b_in"].wait(10)
+        steps["a_out"].set()
+
+    def thread_b():
+        steps["a_in"].wait(10)
+        with autocast_context(torch.device("cuda"), "fp32"):
+            steps["b_in"].set()
+            steps["a_out"].wait(10)
+            seen["b after a left"] = precision_flags()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert all(event.is_set() for event in steps.values())
+    assert seen["b after a left"] == FP32_FLAGS
+    assert (precision_flags(), legacy_precision_flags()) == before
+
+
 def test_mert_fp32_forward_pass_runs_without_tf32(tf32_allowed):
     # A caller that allowed TF32 beforehand; tests/test_extract.py checks the extraction scripts' passes.
     from clamp2.extraction.mert import MertFeatureExtractor
