@@ -157,7 +157,8 @@ def _float32_default(method):
         device = torch.get_default_device()
         dtype.enter()
         if device.type != "cpu":
-            torch.set_default_device("cpu")
+            # None, not "cpu": "cpu" would stay a function mode that every torch call passes through.
+            torch.set_default_device(None)
         try:
             return method(*args, **kwargs)
         finally:

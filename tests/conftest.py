@@ -114,6 +114,24 @@ def legacy_precision_flags():
     return tuple(values)
 
 
+def torch_process_state():
+    """What one test must not leave changed for the next: defaults, function modes, autocast, precision."""
+    return {"default dtype": torch.get_default_dtype(), "default device": torch.get_default_device(),
+            "function modes": torch._C._len_torch_function_stack(),  # e.g. set_default_device("cpu") pushes one
+            "cpu autocast": torch.is_autocast_enabled("cpu"), "fp32 precision": torch.backends.fp32_precision,
+            "precision flags": precision_flags()}
+
+
+@pytest.fixture(autouse=True)
+def torch_state_is_left_as_found(request):
+    # A leak shows up in a later test as something else (a DeviceContext mode left by one test doubled the
+    # Tensor-method calls another test counted); this names the test that leaked.
+    before = torch_process_state()
+    yield
+    after = torch_process_state()
+    assert after == before, f"{request.node.nodeid} changed torch's process state: {before} -> {after}"
+
+
 @pytest.fixture
 def precision_restored():
     """Puts PyTorch's process-wide precision flags back to the defaults after a test that changes them."""

@@ -212,13 +212,15 @@ def caller_defaults(request):
     """A caller that changed torch's default dtype (a notebook beside scientific code) or device."""
     import torch
 
-    previous = torch.get_default_dtype(), torch.get_default_device()
+    previous = torch.get_default_dtype()
     dtype, device = CALLER_DEFAULTS[request.param]
     torch.set_default_dtype(getattr(torch, dtype))
     torch.set_default_device(device)
     yield getattr(torch, dtype), torch.device(device)
-    torch.set_default_dtype(previous[0])
-    torch.set_default_device(previous[1])
+    torch.set_default_dtype(previous)
+    # None, not the CPU device: set_default_device("cpu") leaves a function mode on torch's stack that
+    # outlives the test (it doubled every patched Tensor method a later test counted).
+    torch.set_default_device(None)
 
 
 def test_a_callers_default_dtype_or_device_changes_no_feature(caller_defaults):
@@ -235,7 +237,7 @@ def test_a_callers_default_dtype_or_device_changes_no_feature(caller_defaults):
     def plain(function):
         now = defaults()
         torch.set_default_dtype(torch.float32)
-        torch.set_default_device("cpu")
+        torch.set_default_device(None)
         try:
             return function()
         finally:
