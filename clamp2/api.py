@@ -17,6 +17,7 @@ needed. Nothing heavy is imported until a model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -154,16 +155,16 @@ def _float32_default(method):
         import torch
 
         dtype = _float32_dtype()
-        device = torch.get_default_device()
+        # A device as a context for this call only: it overrides a caller's set_default_device and a caller's
+        # own ``with torch.device(...)`` block alike, and leaves both as they were (a global reset to the CPU
+        # would not reach the block, and putting the block's device back globally would outlive it). Only
+        # when needed: the context is a function mode that every torch call inside passes through.
+        on_cpu = torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext()
         dtype.enter()
-        if device.type != "cpu":
-            # None, not "cpu": "cpu" would stay a function mode that every torch call passes through.
-            torch.set_default_device(None)
         try:
-            return method(*args, **kwargs)
+            with on_cpu:
+                return method(*args, **kwargs)
         finally:
-            if device.type != "cpu":
-                torch.set_default_device(device)
             dtype.exit()
 
     return with_float32_default

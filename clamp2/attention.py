@@ -64,13 +64,25 @@ class Autocast:
         return self._open.pop().__exit__(*exc_info)
 
 
+# The per-operator precision flags :class:`ExactFloat32` keeps at fp32 (PyTorch 2.9 on), as (backend, operator).
+# cuDNN's pair only where CUDA is: PyTorch starts them in a state that reads "tf32" yet still follows
+# ``torch.backends.fp32_precision``, and no setter recreates it, so touching them changes how a caller's later
+# global switch acts on them. Where CUDA is, they must be touched (cuDNN's TF32 convolutions are the reason for
+# this class); on a CPU-only machine they govern nothing and are left as found.
+CUDNN_OPERATORS = (("cudnn", "conv"), ("cudnn", "rnn"))
+HOST_OPERATORS = (("cuda", "matmul"), ("mkldnn", "matmul"), ("mkldnn", "conv"))
+
+
+def _cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
 def _fp32_operators():
-    """PyTorch's per-backend precision flags of the operators :class:`ExactFloat32` keeps in fp32 (2.9 on)."""
-    backends = torch.backends
+    """The flag objects :class:`ExactFloat32` sets on this machine."""
+    names = (CUDNN_OPERATORS if _cuda_present() else ()) + HOST_OPERATORS
     found = []
-    for backend, name in ((backends.cudnn, "conv"), (backends.cudnn, "rnn"), (backends.cuda, "matmul"),
-                          (backends.mkldnn, "matmul"), (backends.mkldnn, "conv")):
-        operator = getattr(backend, name, None)
+    for backend, name in names:
+        operator = getattr(getattr(torch.backends, backend), name, None)
         if operator is not None and hasattr(operator, "fp32_precision"):
             found.append(operator)
     return found
@@ -82,6 +94,7 @@ class SharedOverride:
     ``apply()`` changes the setting and returns what undoes it. Counting entries (under a lock) keeps
     concurrent callers from saving each other's temporary values: two threads that each saved and
     restored would leave the process with the override on, or turn it off under the other's feet.
+    torch.compile runs ``enter`` and ``exit`` eagerly once :func:`keep_overrides_eager` has been called.
     """
 
     def __init__(self, apply):
@@ -90,14 +103,12 @@ class SharedOverride:
         self._depth = 0
         self._undo = None
 
-    @torch.compiler.disable  # eager inside torch.compile'd passes (extraction's --compile): a lock is not traceable
     def enter(self) -> None:
         with self._lock:
             if self._depth == 0:
                 self._undo = self._apply()
             self._depth += 1
 
-    @torch.compiler.disable
     def exit(self) -> None:
         with self._lock:
             self._depth -= 1
@@ -106,33 +117,68 @@ class SharedOverride:
                 undo()
 
 
+_EAGER_UNDER_COMPILE = threading.Lock()
+
+
+def keep_overrides_eager() -> None:
+    """Have torch.compile run :class:`SharedOverride`'s enter and exit as they are, outside its graphs.
+
+    Neither a lock nor PyTorch's flag setters can be traced: dynamo would break the graph there with a
+    warning per builtin. Called before compiling (``compile_runners``), not at import, because
+    ``torch.compiler.disable`` imports torch._dynamo, which cost every script 1.2 s at start.
+    """
+    with _EAGER_UNDER_COMPILE:
+        for name in ("enter", "exit"):
+            method = SharedOverride.__dict__[name]
+            if not getattr(method, "_clamp2_eager", False):
+                eager = torch.compiler.disable(method)
+                eager._clamp2_eager = True
+                setattr(SharedOverride, name, eager)
+
+
+def _legacy_reading(getter):
+    try:
+        return getter()
+    except RuntimeError:  # the per-operator flags disagree with the legacy view, which then does not read
+        return None
+
+
 def _fp32_flags_on():
-    """Every TF32/bf16 shortcut flag of :class:`ExactFloat32` set to fp32; returns what puts the old ones back."""
+    """This machine's TF32/bf16 shortcut flags (:func:`_fp32_operators`) set to fp32; returns what puts them back.
+
+    PyTorch 2.9 on keeps a legacy switch beside the per-operator flags (``cudnn.allow_tf32``, the matmul
+    precision); its getter reads only while the two agree. Where it reads, it is switched too, first (its
+    setter rewrites the per-operator flags), so legacy readers (inductor among them) see fp32 inside. Then
+    every per-operator flag not at "ieee" is set to it. The getters give the value in force, inherited or
+    not, so on the way out, after the legacy switches, a changed flag first goes back to inheriting
+    ("none"), and is written explicitly only where that reads otherwise: a caller's later
+    ``torch.backends.fp32_precision = ...`` still reaches the flags that followed it.
+    """
     backends = torch.backends
-    try:
-        allow_tf32 = backends.cudnn.allow_tf32
-    except RuntimeError:  # the caller set the per-operator flags; the legacy view no longer reads
-        allow_tf32 = None
-    try:
-        matmul = torch.get_float32_matmul_precision()
-    except RuntimeError:
-        matmul = None
-    operators = [(operator, operator.fp32_precision) for operator in _fp32_operators()]
-    # Legacy first: its setters rewrite the per-operator flags, which are then all made "ieee".
-    if allow_tf32 is not None:
-        backends.cudnn.allow_tf32 = False
-    if matmul is not None:
+    operators = _fp32_operators()
+    entry = [operator.fp32_precision for operator in operators]
+    legacy_undo = []
+    if _cuda_present():
+        allow_tf32 = _legacy_reading(lambda: backends.cudnn.allow_tf32)
+        if allow_tf32:
+            backends.cudnn.allow_tf32 = False
+            legacy_undo.append(lambda: setattr(backends.cudnn, "allow_tf32", allow_tf32))
+    matmul = _legacy_reading(torch.get_float32_matmul_precision)
+    if matmul not in (None, "highest"):
         torch.set_float32_matmul_precision("highest")
-    for operator, _ in operators:
-        operator.fp32_precision = "ieee"
+        legacy_undo.append(lambda: torch.set_float32_matmul_precision(matmul))
+    for operator, precision in zip(operators, entry):
+        if precision != "ieee":
+            operator.fp32_precision = "ieee"
 
     def undo():
-        if allow_tf32 is not None:
-            backends.cudnn.allow_tf32 = allow_tf32
-        if matmul is not None:
-            torch.set_float32_matmul_precision(matmul)
-        for operator, precision in operators:  # after the legacy setters, which rewrite them
-            operator.fp32_precision = precision
+        for restore in legacy_undo:
+            restore()
+        for operator, precision in zip(operators, entry):
+            if operator.fp32_precision != precision:
+                operator.fp32_precision = "none"
+                if operator.fp32_precision != precision:
+                    operator.fp32_precision = precision
 
     return undo
 
@@ -152,12 +198,15 @@ class ExactFloat32:
     same numbers on every device (up to the order of sums). A caller's ``torch.autocast`` (a
     per-thread setting) is switched off inside too. Reusable, re-entrant and thread-safe: the
     process-wide flags are set by the first thread in and put back by the last one out
-    (:class:`SharedOverride`).
+    (:class:`SharedOverride`); enter and exit each context in one thread (a generator paused inside and
+    closed from another thread puts the flags back, not its thread's autocast).
 
     PyTorch 2.9 on has two views of these flags: the legacy ones (``cudnn.allow_tf32``,
-    ``get_float32_matmul_precision``), whose getters raise once the per-operator flags disagree with
-    them, and the per-operator ``fp32_precision``. Both are set (the legacy ones only where they still
-    read, so a caller's legacy getters keep working inside) and both are put back on exit.
+    ``get_float32_matmul_precision``) and the per-operator ``fp32_precision`` (:func:`_fp32_flags_on` sets
+    these; the legacy getters of what was set read fp32 inside). The values in force come back on exit. One state
+    cannot: where CUDA is, cuDNN's untouched flags come back as an explicit "tf32" (the same convolutions),
+    which a later ``torch.backends.fp32_precision = "ieee"`` no longer overrides; set
+    ``torch.backends.cudnn.conv.fp32_precision`` itself for that.
     """
 
     def __init__(self):
@@ -176,8 +225,12 @@ class ExactFloat32:
         return self
 
     def __exit__(self, *exc_info):
-        self._open().pop().__exit__(*exc_info)
-        _FP32_FLAGS.exit()
+        try:
+            opened = self._open()
+            if opened:  # empty when a generator paused inside is closed from another thread: its autocast is its own
+                opened.pop().__exit__(*exc_info)
+        finally:
+            _FP32_FLAGS.exit()  # whatever happened above, or the process would stay at fp32 for good
         return False
 
     def _open(self) -> list:

@@ -146,6 +146,14 @@ def precision_restored():
 
 
 @pytest.fixture
+def cuda_machine(monkeypatch):
+    """ExactFloat32 as where CUDA is: cuDNN's flags are set too (on this machine they govern nothing; no CUDA call)."""
+    import clamp2.attention
+
+    monkeypatch.setattr(clamp2.attention, "_cuda_present", lambda: True)
+
+
+@pytest.fixture
 def tf32_allowed(precision_restored):
     """A caller that let TF32 (and bf16 matmuls) in through the legacy switches."""
     torch.backends.cudnn.allow_tf32 = True

@@ -202,25 +202,34 @@ def test_readme_clamp3_example_runs(monkeypatch, capsys):
     assert re.search(r"\[\[\s*-?\d\.\d+\s+-?\d\.\d+\s+-?\d\.\d+\s*\]\]", capsys.readouterr().out)
 
 
-CALLER_DEFAULTS = {"float64 dtype": ("float64", "cpu"),
+CALLER_DEFAULTS = {"float64 dtype": ("float64", "cpu", "set"),
                    # The GPU machine's case is set_default_device("cuda"); "meta" stands for it here (no CUDA).
-                   "meta device": ("float32", "meta")}
+                   "meta device": ("float32", "meta", "set"),
+                   "meta device block": ("float32", "meta", "with")}
 
 
 @pytest.fixture(params=list(CALLER_DEFAULTS))
 def caller_defaults(request):
-    """A caller that changed torch's default dtype (a notebook beside scientific code) or device."""
+    """A caller that changed torch's default dtype (a notebook beside scientific code) or device, for the
+    session (set_default_device) or in a ``with torch.device(...)`` block."""
+    import contextlib
+
     import torch
 
     previous = torch.get_default_dtype()
-    dtype, device = CALLER_DEFAULTS[request.param]
+    dtype, device, how = CALLER_DEFAULTS[request.param]
     torch.set_default_dtype(getattr(torch, dtype))
-    torch.set_default_device(device)
-    yield getattr(torch, dtype), torch.device(device)
+    with torch.device(device) if how == "with" else contextlib.nullcontext():
+        if how == "set":
+            torch.set_default_device(device)
+        yield getattr(torch, dtype), torch.device(device)
     torch.set_default_dtype(previous)
     # None, not the CPU device: set_default_device("cpu") leaves a function mode on torch's stack that
     # outlives the test (it doubled every patched Tensor method a later test counted).
     torch.set_default_device(None)
+    # Nothing of the caller's device outlives its block or its reset: the API once put a block's device back
+    # as the global default, and the next reset brought it back for good.
+    assert torch.empty(0).device.type == "cpu" and torch._C._len_torch_function_stack() == 0
 
 
 def test_a_callers_default_dtype_or_device_changes_no_feature(caller_defaults):
@@ -237,12 +246,11 @@ def test_a_callers_default_dtype_or_device_changes_no_feature(caller_defaults):
     def plain(function):
         now = defaults()
         torch.set_default_dtype(torch.float32)
-        torch.set_default_device(None)
         try:
-            return function()
+            with torch.device("cpu"):  # reaches a caller's block as well as its global default
+                return function()
         finally:
             torch.set_default_dtype(now[0])
-            torch.set_default_device(now[1])
 
     wav = VECTORS3 / "inputs" / "audio" / "banish_misfortune_22k05_mono_s16.wav"
     music = [VECTORS3 / "inputs" / "abc" / "banish_misfortune.abc", VECTORS3 / "inputs" / "midi" / "bwv26.6.mid"]

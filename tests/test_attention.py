@@ -21,7 +21,7 @@ from clamp2.models.clamp3 import CLaMP3Model, infer_audio_dims
 from clamp2.models.m3 import M3Model, infer_m3_dims
 from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 from clamp2.text_model import load_text_model, load_tokenizer
-from conftest import FP32_FLAGS, VECTORS, legacy_precision_flags, precision_flags
+from conftest import FP32_FLAGS, PRECISION_OPERATORS, VECTORS, legacy_precision_flags, precision_flags
 
 VECTORS3 = VECTORS.parent / "vectors_clamp3"
 TEXT_MODEL = str(VECTORS / "tiny_text_model")
@@ -219,26 +219,33 @@ CALLER_PRECISION = {
 }
 
 
+@pytest.mark.parametrize("machine", ["cuda", "cpu only"])
 @pytest.mark.parametrize("caller", list(CALLER_PRECISION))
-def test_fp32_context_turns_every_shortcut_off_and_restores_the_callers_flags(precision_restored, caller):
+def test_fp32_context_turns_every_shortcut_off_and_restores_the_callers_flags(precision_restored, monkeypatch, caller,
+                                                                              machine):
     # cuDNN rounds fp32 convolutions (MERT's feature encoder) to TF32 by default: fp32 must mean fp32 on a GPU
     # too, whichever of PyTorch's two APIs the caller used, without raising where PyTorch's legacy getters do.
+    # cuDNN's flags are set only where CUDA is: elsewhere they govern nothing, and are left as found.
+    import clamp2.attention
     from clamp2.extraction.core import autocast_context
 
+    monkeypatch.setattr(clamp2.attention, "_cuda_present", lambda: machine == "cuda")
     CALLER_PRECISION[caller]()
     before = precision_flags(), legacy_precision_flags()
     assert caller == "defaults" or before[0] != ("tf32", "tf32", "none", "none", "none")
+    inside = FP32_FLAGS if machine == "cuda" else before[0][:2] + FP32_FLAGS[2:]
     for device in ("cuda", "cpu"):  # the flags only: no CUDA call is made
         context = autocast_context(torch.device(device), "fp32")
         for _ in range(2):  # one object guards every batch of a run
             with context:
-                assert precision_flags() == FP32_FLAGS
+                assert precision_flags() == inside
                 # Consistent inside, so legacy readers work; cuDNN's legacy switch is left alone where it did not
-                # read before (it could not be put back), and still does not read.
-                assert legacy_precision_flags() == (False if before[1][0] != "raises" else "raises", "highest")
+                # read before (it could not be put back), and still does not read; and where CUDA is not.
+                cudnn_legacy = False if machine == "cuda" and before[1][0] != "raises" else before[1][0]
+                assert legacy_precision_flags() == (cudnn_legacy, "highest")
                 with context:
-                    assert precision_flags() == FP32_FLAGS
-                assert precision_flags() == FP32_FLAGS
+                    assert precision_flags() == inside
+                assert precision_flags() == inside
             assert (precision_flags(), legacy_precision_flags()) == before
     a = torch.randn(4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's own autocast is switched off inside
@@ -247,7 +254,67 @@ def test_fp32_context_turns_every_shortcut_off_and_restores_the_callers_flags(pr
         assert (a @ a).dtype == torch.bfloat16
 
 
-def test_fp32_context_is_thread_safe(tf32_allowed):
+HOST_OPERATORS = [(backend, name) for backend, name in PRECISION_OPERATORS if backend != "cudnn"]
+
+
+def host_flags():
+    return tuple(getattr(getattr(torch.backends, backend), name).fp32_precision for backend, name in HOST_OPERATORS)
+
+
+@pytest.mark.parametrize("later", ["ieee", "tf32", "none"])
+@pytest.mark.parametrize("caller", list(CALLER_PRECISION))
+def test_fp32_context_leaves_pytorchs_flag_inheritance_working(precision_restored, monkeypatch, caller, later):
+    # The getters give the value in force, inherited or not. Writing those back made every flag explicit, so a
+    # caller's later torch.backends.fp32_precision = "ieee" after one search no longer reached them (TF32 stayed
+    # on), and "none" left the legacy matmul getter raising. The flags of the matrix products and of oneDNN must
+    # answer a later switch as if no context had run (cuDNN's cannot where CUDA is: ExactFloat32's docstring).
+    import clamp2.attention
+    from clamp2.search.retrieval import full_float32_matmul
+
+    monkeypatch.setattr(clamp2.attention, "_cuda_present", lambda: False)
+
+    def run(with_context):
+        torch.backends.fp32_precision = "none"  # PyTorch's start for these flags: all inheriting
+        torch.backends.mkldnn.fp32_precision = "none"
+        for backend, name in HOST_OPERATORS:
+            getattr(getattr(torch.backends, backend), name).fp32_precision = "none"
+        CALLER_PRECISION[caller]()
+        if with_context:
+            with full_float32_matmul():
+                assert host_flags() == ("ieee",) * len(HOST_OPERATORS)
+        torch.backends.fp32_precision = later
+        return host_flags(), legacy_precision_flags()[1]
+
+    assert run(with_context=True) == run(with_context=False)
+
+
+def test_fp32_context_closed_from_another_thread_puts_the_flags_back(precision_restored):
+    # A generator paused inside the context and closed (or collected) in another thread: the exit raised an
+    # IndexError before the flags were put back, and the process stayed at fp32 for good.
+    import threading
+
+    from clamp2.attention import ExactFloat32
+
+    CALLER_PRECISION["global tf32"]()
+    before = precision_flags()
+    context = ExactFloat32()
+
+    def rows():
+        with context:
+            yield precision_flags()
+
+    paused = rows()
+    assert next(paused)[2:] == ("ieee",) * 3
+    closer = threading.Thread(target=paused.close)
+    closer.start()
+    closer.join(10)
+    assert precision_flags() == before
+    with context:  # and the next use still works
+        assert precision_flags()[2:] == ("ieee",) * 3
+    assert precision_flags() == before
+
+
+def test_fp32_context_is_thread_safe(tf32_allowed, cuda_machine):
     # Two threads (an API called from a thread pool): A in, B in, A out while B still computes, B out.
     # Each saving and restoring on its own left B computing with TF32, then the process with it off.
     import threading
@@ -281,7 +348,7 @@ def test_fp32_context_is_thread_safe(tf32_allowed):
     assert (precision_flags(), legacy_precision_flags()) == before
 
 
-def test_mert_fp32_forward_pass_runs_without_tf32(tf32_allowed):
+def test_mert_fp32_forward_pass_runs_without_tf32(tf32_allowed, cuda_machine):
     # A caller that allowed TF32 beforehand; tests/test_extract.py checks the extraction scripts' passes.
     from clamp2.extraction.mert import MertFeatureExtractor
     from clamp2.models import mert
@@ -295,10 +362,21 @@ def test_mert_fp32_forward_pass_runs_without_tf32(tf32_allowed):
     assert precision_flags() == before != FP32_FLAGS
 
 
-def test_search_products_run_in_fp32_whatever_the_caller_set(precision_restored):
+def test_search_products_run_in_fp32_whatever_the_caller_set(precision_restored, cuda_machine):
     from clamp2.search.retrieval import full_float32_matmul
 
     CALLER_PRECISION["global tf32"]()
     with full_float32_matmul():
         assert precision_flags() == FP32_FLAGS
     assert precision_flags() == ("tf32",) * len(FP32_FLAGS)
+
+
+def test_the_package_does_not_import_dynamo():
+    # torch.compiler.disable on ExactFloat32's override imported torch._dynamo with the module: +1.2 s at the
+    # start of every script (semantic_search.py --help 2.0 → 3.9 s). Only --compile needs it.
+    import subprocess
+    import sys
+
+    code = ("import sys, clamp2.attention, clamp2.search.retrieval, clamp2.extraction.core, clamp2.extraction.audio; "
+            "print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -229,7 +229,7 @@ def test_resampled_length_rounds_the_quotient_to_float32_as_torchaudio(length, r
         assert len(resample(np.zeros(length, np.float32), rate)) == kept
 
 
-def test_device_resampling_turns_tf32_off_for_its_convolution_only():
+def test_device_resampling_turns_tf32_off_for_its_convolution_only(cuda_machine):
     # cuDNN's default TF32 would round the samples to 10 mantissa bits on CUDA; the flags are process state.
     from clamp2.extraction.audio import _full_precision_convolutions
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from unidecode import unidecode
 
-from ..attention import Autocast, ExactFloat32, add_attention_argument
+from ..attention import Autocast, ExactFloat32, add_attention_argument, keep_overrides_eager
 from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
 from ..files import (atomic_write_bytes, find_files, input_problem, mirror_outputs, output_problem,
                      write_file_log)
@@ -355,6 +355,7 @@ def compile_runners(runners: Dict[str, KindRunner], backend: str = "inductor") -
     """
     import dataclasses
 
+    keep_overrides_eager()  # the fp32 context's process-wide switch, outside the graphs
     return {kind: dataclasses.replace(runner, forward=torch.compile(runner.forward, dynamic=True, backend=backend))
             for kind, runner in runners.items()}
 
