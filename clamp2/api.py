@@ -115,25 +115,30 @@ def _as_list(items) -> list:
     return list(items)
 
 
-_FLOAT32_DTYPE = None  # the SharedOverride of torch's default dtype (process-wide), made on first use
-_FLOAT32_DTYPE_MADE = threading.Lock()
+_CALLER_STATE = None  # the SharedOverride of torch's process-wide default dtype and CPU random stream, made on first use
+_CALLER_STATE_MADE = threading.Lock()
 
 
-def _float32_dtype():
-    global _FLOAT32_DTYPE
-    with _FLOAT32_DTYPE_MADE:
-        if _FLOAT32_DTYPE is None:
+def _caller_state():
+    global _CALLER_STATE
+    with _CALLER_STATE_MADE:
+        if _CALLER_STATE is None:
             import torch
 
             from .attention import SharedOverride
 
-            def to_float32():
-                previous = torch.get_default_dtype()
+            def float32_and_own_random_stream():
+                dtype, random_state = torch.get_default_dtype(), torch.random.get_rng_state()
                 torch.set_default_dtype(torch.float32)
-                return lambda: torch.set_default_dtype(previous)
 
-            _FLOAT32_DTYPE = SharedOverride(to_float32)
-    return _FLOAT32_DTYPE
+                def restore():
+                    torch.set_default_dtype(dtype)
+                    torch.random.set_rng_state(random_state)
+
+                return restore
+
+            _CALLER_STATE = SharedOverride(float32_and_own_random_stream)
+    return _CALLER_STATE
 
 
 def _float32_default(method):
@@ -143,10 +148,14 @@ def _float32_default(method):
     on the host and copied. A caller's ``torch.set_default_dtype(torch.float64)`` (common beside
     scientific code in a notebook) built float64 layers next to transformers' float32 text model,
     and the first text batch failed with "mat1 and mat2 must have the same dtype"; music came out
-    computed partly in float64. A caller's ``torch.set_default_device("cuda")`` would put the host
-    buffers (pinned memory) on the GPU. Every model build and forward pass of the API goes through one.
-    The default dtype is process-wide (one :class:`~clamp2.attention.SharedOverride` for every thread),
-    the default device per thread.
+    computed partly in float64. A caller's ``torch.set_default_device("cuda")`` or ``with
+    torch.device("cuda"):`` would put the host buffers (pinned memory) on the GPU. The caller's CPU
+    random stream is put back too: building a model draws its random initial weights (then replaced
+    by the checkpoint's), and each encode's DataLoader draws a seed, which moved a seeded training
+    run's later draws whenever it evaluated through the API. Every model build and forward pass of
+    the API goes through one. The default dtype and the random stream are process-wide (one
+    :class:`~clamp2.attention.SharedOverride` for every thread: the first in saves, the last out
+    restores), the default device per thread.
     """
     import functools
 
@@ -154,18 +163,18 @@ def _float32_default(method):
     def with_float32_default(*args, **kwargs):
         import torch
 
-        dtype = _float32_dtype()
+        state = _caller_state()
         # A device as a context for this call only: it overrides a caller's set_default_device and a caller's
         # own ``with torch.device(...)`` block alike, and leaves both as they were (a global reset to the CPU
         # would not reach the block, and putting the block's device back globally would outlive it). Only
         # when needed: the context is a function mode that every torch call inside passes through.
         on_cpu = torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext()
-        dtype.enter()
+        state.enter()
         try:
             with on_cpu:
                 return method(*args, **kwargs)
         finally:
-            dtype.exit()
+            state.exit()
 
     return with_float32_default
 

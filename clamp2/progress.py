@@ -9,9 +9,34 @@ writes a plain line (same text) at most every ``log_interval`` seconds, plus the
 from __future__ import annotations
 
 import sys
+import threading
 from typing import IO, Optional
 
 LOG_INTERVAL_SECONDS = 30.0
+
+_BAR_CLASS = None
+_BAR_CLASS_MADE = threading.Lock()
+
+
+def _bar_class():
+    """tqdm with a thread lock of its own, made on first use.
+
+    tqdm's default lock holds a ``multiprocessing.RLock``, and making one fixes the process's start
+    method ("fork" on Linux), so a caller's later ``multiprocessing.set_start_method("spawn")`` raised
+    "context has already been set" after any encode through the API; a caller already on spawn got a
+    resource-tracker process. The package's bars and lines are written by threads of one process.
+    """
+    global _BAR_CLASS
+    with _BAR_CLASS_MADE:
+        if _BAR_CLASS is None:
+            from tqdm import tqdm
+
+            class Bar(tqdm):
+                pass
+
+            Bar.set_lock(threading.RLock())
+            _BAR_CLASS = Bar
+    return _BAR_CLASS
 
 
 class _LineWriter:
@@ -44,8 +69,7 @@ def progress_bar(total: Optional[int] = None, desc: str = "", unit: str = "it", 
     ``enabled=False`` (``--no_progress``, or a process other than the main one) gives a silent bar
     with the same interface, so callers never branch on it.
     """
-    from tqdm import tqdm
-
+    tqdm = _bar_class()
     stream = stream if stream is not None else sys.stderr
     if not enabled:
         return tqdm(total=total, desc=desc, unit=unit, disable=True, **kwargs)
@@ -59,6 +83,4 @@ def progress_bar(total: Optional[int] = None, desc: str = "", unit: str = "it", 
 
 def write_line(message: str, stream: Optional[IO[str]] = None) -> None:
     """Print a message without breaking a live progress bar (tqdm.write), on stderr by default."""
-    from tqdm import tqdm
-
-    tqdm.write(message, file=stream if stream is not None else sys.stderr)
+    _bar_class().write(message, file=stream if stream is not None else sys.stderr)

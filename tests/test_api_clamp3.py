@@ -281,11 +281,17 @@ def test_a_callers_default_dtype_or_device_changes_no_feature(caller_defaults):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_callers_autocast_changes_no_fp32_feature(tiny3):
+def test_a_callers_autocast_changes_no_fp32_feature():
     # An API call inside a caller's bf16 autocast (a training loop using CLaMP features as targets) stays fp32.
+    # Audio too: its resampling ran under the caller's autocast, and the bf16 samples failed.
     import torch
 
-    music = [VECTORS3 / "inputs" / "abc" / "banish_misfortune.abc", VECTORS3 / "inputs" / "midi" / "bwv26.6.mid"]
+    from clamp2 import CLaMP3
+
+    tiny3 = CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, max_text_length=16,
+                                   mert=VECTORS3 / "tiny_mert")
+    music = [VECTORS3 / "inputs" / "abc" / "banish_misfortune.abc", VECTORS3 / "inputs" / "midi" / "bwv26.6.mid",
+             VECTORS3 / "inputs" / "audio" / "banish_misfortune_22k05_mono_s16.wav"]
     texts = ["a lively jig in 6/8", "a chorale"]
     want = tiny3.encode_text(texts), tiny3.encode_music(music)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -293,3 +299,47 @@ def test_a_callers_autocast_changes_no_fp32_feature(tiny3):
         assert torch.is_autocast_enabled("cpu")
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_callers_random_stream_does_not_move():
+    # Each model build drew its random initial weights (then replaced by the checkpoint's) and each encode's
+    # DataLoader drew a seed from torch's global generator: a seeded training run that evaluated through the
+    # API mid-run drew differently afterwards, and by how often it evaluated. A refused load too.
+    import torch
+
+    from clamp2 import CLaMP3
+
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
+    model = CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, max_text_length=16,
+                                   mert=VECTORS3 / "tiny_mert")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    model.encode_text(["a chorale"])
+    model.encode_music([VECTORS3 / "inputs" / "abc" / "banish_misfortune.abc",
+                        VECTORS3 / "inputs" / "audio" / "banish_misfortune_22k05_mono_s16.wav"])  # MERT loads here
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(ValueError):
+        CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, dtype="bf16")  # CUDA only
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_encoding_leaves_the_multiprocessing_start_method_unset(tmp_path):
+    # tqdm's default lock makes a multiprocessing RLock, which fixes the start method: after any encode, even
+    # with no bar shown, a caller's multiprocessing.set_start_method("spawn") raised "context has already
+    # been set". A fresh process: pytest's own may have fixed it already.
+    import subprocess
+    import sys
+
+    code = f"""
+import multiprocessing
+from clamp2 import CLaMP2
+model = CLaMP2.from_pretrained({str(VECTORS / "tiny_clamp2.pth")!r}, text_model={TEXT_MODEL!r}, max_text_length=16)
+model.encode_text(["a chorale"])
+model.encode_music([{str(VECTORS3 / "inputs" / "abc" / "banish_misfortune.abc")!r}])
+model.encode_folder({str(VECTORS3 / "inputs" / "abc")!r})  # a progress bar, shown
+multiprocessing.set_start_method("spawn")
+print(multiprocessing.get_start_method())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "spawn"

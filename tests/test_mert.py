@@ -238,8 +238,18 @@ def test_device_resampling_turns_tf32_off_for_its_convolution_only(cuda_machine)
     with _full_precision_convolutions(torch.device("cuda")):
         assert not cudnn.allow_tf32 and (cudnn.enabled, cudnn.benchmark, cudnn.deterministic) == before[1:]
     assert (cudnn.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic) == before
-    with _full_precision_convolutions(torch.device("cpu")):
-        assert cudnn.allow_tf32 == before[0]
+
+
+def test_resampling_is_fp32_under_a_callers_autocast():
+    # A caller's CPU bf16 autocast made the resampled samples bf16, and CLaMP3.encode_music on a .wav failed
+    # ("Got unsupported ScalarType BFloat16") where the API promises the caller's autocast is switched off.
+    from clamp2.extraction.audio import resample
+
+    wave = np.sin(np.arange(4410, dtype=np.float32) / 7)
+    want = resample(wave, 44100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = resample(wave, 44100)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
 
 
 def test_a_batch_is_fetched_after_the_next_is_queued(tiny_model, rendered):

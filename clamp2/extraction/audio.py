@@ -8,7 +8,6 @@ torchaudio build works with this project's torch, so both are done here: ``sound
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from functools import lru_cache
@@ -123,8 +122,8 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int = MERT_SAMPLE_RATE)
 def resample_tensor(wave: torch.Tensor, orig_rate: int, new_rate: int = MERT_SAMPLE_RATE) -> torch.Tensor:
     """:func:`resample` of a float32 tensor on any device (on the CPU the same operations, to the bit).
 
-    On CUDA the convolution runs with TF32 off: cuDNN's default would round the samples to 10
-    mantissa bits.
+    The convolution runs in fp32 (:func:`_full_precision_convolutions`): cuDNN's default TF32 would round
+    the samples to 10 mantissa bits, a caller's autocast to 8.
     """
     if int(orig_rate) == int(new_rate):
         return wave
@@ -137,9 +136,11 @@ def resample_tensor(wave: torch.Tensor, orig_rate: int, new_rate: int = MERT_SAM
 
 
 def _full_precision_convolutions(device: torch.device):
+    """fp32 whatever the caller set: TF32 off (CUDA), and a caller's autocast off on any device (a CPU bf16
+    autocast made the samples bf16, and the API's audio failed on them)."""
     from ..attention import ExactFloat32
 
-    return ExactFloat32() if device.type == "cuda" else contextlib.nullcontext()
+    return ExactFloat32()
 
 
 def normalize(wave: np.ndarray) -> np.ndarray:
