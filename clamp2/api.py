@@ -190,6 +190,21 @@ def _default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _device_and_dtype(device, dtype: str):
+    """The torch device to run on, after refusing a precision it cannot run (bf16/fp16 off CUDA).
+
+    Called first by every ``from_pretrained``: before a download of the weights or a model build
+    (seconds to minutes) that the refusal would waste.
+    """
+    import torch
+
+    from .extraction.core import autocast_context
+
+    device = torch.device(device) if device is not None else _default_device()
+    autocast_context(device, dtype)
+    return device
+
+
 def _package_versions() -> Dict[str, str]:
     from importlib import metadata
 
@@ -228,14 +243,10 @@ class _Extractor:
 
     def __init__(self, *, weights_path: Path, device, dtype: str, batch_size: int, cache, num_workers: int,
                  files_per_chunk: int):
-        import torch
-
         from .cache import FeatureCache
-        from .extraction.core import autocast_context
 
         self.weights_path = Path(weights_path)
-        self.device = torch.device(device) if device is not None else _default_device()
-        autocast_context(self.device, dtype)  # refuses bf16/fp16 off CUDA, before any work
+        self.device = _device_and_dtype(device, dtype)
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -549,6 +560,7 @@ class CLaMP2(_JointSpace):
         from .hub import PUBLISHED_CLAMP2_WEIGHTS, resolve_weights
         from .models.clamp2 import CLaMP2Model
 
+        _device_and_dtype(device, dtype)  # refused before a download or a build
         path = resolve_weights(weights, filename or PUBLISHED_CLAMP2_WEIGHTS, local_files_only=local_files_only,
                                revision=revision, cache_dir=hub_cache_dir)
         checkpoint, state = _load_state(path)
@@ -628,6 +640,7 @@ class CLaMP3(_JointSpace):
 
         if variant is not None:
             check_choice("variant", variant, CLAMP3_VARIANTS)
+        _device_and_dtype(device, dtype)  # refused before a download or a build
         path = resolve_weights(weights, filename or PUBLISHED_CLAMP3_WEIGHTS[variant or "saas"],
                                local_files_only=local_files_only, revision=revision, cache_dir=hub_cache_dir,
                                repo=CLAMP3_HUB_REPO)
@@ -812,6 +825,7 @@ class M3(_Extractor):
         from .hub import PUBLISHED_M3_WEIGHTS, resolve_weights
         from .models.m3 import M3PatchEncoder
 
+        _device_and_dtype(device, dtype)  # refused before a download or a build
         path = resolve_weights(weights, filename or PUBLISHED_M3_WEIGHTS, local_files_only=local_files_only,
                                revision=revision, cache_dir=hub_cache_dir)
         _, state = _load_state(path)

@@ -253,6 +253,20 @@ def test_dims_and_text_settings_come_from_the_checkpoint(tiny_text_dir, tmp_path
         CLaMP2.from_pretrained(weights, device="cpu", dtype="bf16")
 
 
+@pytest.mark.parametrize("family", ["CLaMP2", "CLaMP3", "M3"])
+def test_a_precision_the_device_cannot_run_is_refused_before_any_download(tmp_path, monkeypatch, family):
+    # bf16 on the CPU used to be refused only after the weights were fetched (a hub id: gigabytes) and the
+    # model built; now before either.
+    import clamp2
+    import clamp2.hub
+
+    fetched = []
+    monkeypatch.setattr(clamp2.hub, "resolve_weights", lambda *a, **k: fetched.append(a) or tmp_path / "none.pth")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        getattr(clamp2, family).from_pretrained("sander-wood/clamp2", device="cpu", dtype="bf16")
+    assert fetched == []
+
+
 def fake_hub_cache(root, repo_id, files):
     """huggingface_hub's cache layout: models--org--name/{refs/main, snapshots/<commit>/<file>, blobs/}."""
     commit = "0123456789abcdef0123456789abcdef01234567"
