@@ -115,7 +115,7 @@ def _as_list(items) -> list:
     return list(items)
 
 
-_CALLER_STATE = None  # the SharedOverride of torch's process-wide default dtype and CPU random stream, made on first use
+_CALLER_STATE = None  # the SharedOverride of torch's process-wide default dtype, made on first use
 _CALLER_STATE_MADE = threading.Lock()
 
 
@@ -127,17 +127,12 @@ def _caller_state():
 
             from .attention import SharedOverride
 
-            def float32_and_own_random_stream():
-                dtype, random_state = torch.get_default_dtype(), torch.random.get_rng_state()
+            def to_float32():
+                previous = torch.get_default_dtype()
                 torch.set_default_dtype(torch.float32)
+                return lambda: torch.set_default_dtype(previous)
 
-                def restore():
-                    torch.set_default_dtype(dtype)
-                    torch.random.set_rng_state(random_state)
-
-                return restore
-
-            _CALLER_STATE = SharedOverride(float32_and_own_random_stream)
+            _CALLER_STATE = SharedOverride(to_float32)
     return _CALLER_STATE
 
 
@@ -149,13 +144,13 @@ def _float32_default(method):
     scientific code in a notebook) built float64 layers next to transformers' float32 text model,
     and the first text batch failed with "mat1 and mat2 must have the same dtype"; music came out
     computed partly in float64. A caller's ``torch.set_default_device("cuda")`` or ``with
-    torch.device("cuda"):`` would put the host buffers (pinned memory) on the GPU. The caller's CPU
-    random stream is put back too: building a model draws its random initial weights (then replaced
-    by the checkpoint's), and each encode's DataLoader draws a seed, which moved a seeded training
-    run's later draws whenever it evaluated through the API. Every model build and forward pass of
-    the API goes through one. The default dtype and the random stream are process-wide (one
+    torch.device("cuda"):`` would put the host buffers (pinned memory) on the GPU. Every model build
+    and forward pass of the API goes through one. The default dtype is process-wide (one
     :class:`~clamp2.attention.SharedOverride` for every thread: the first in saves, the last out
-    restores), the default device per thread.
+    restores), the default device per thread. The caller's random stream is not touched at all:
+    models are built without drawing their initial weights
+    (:func:`~clamp2.checkpoint.without_random_init`) and the extraction's loader has a generator of
+    its own. (Saving and restoring the stream instead would rewind another thread's draws.)
     """
     import functools
 
@@ -556,7 +551,7 @@ class CLaMP2(_JointSpace):
         ``cache``: ``None``/``False`` (no feature cache), ``True`` (the user cache folder), a folder
         or a :class:`~clamp2.cache.FeatureCache`.
         """
-        from .checkpoint import CLAMP2, check_family, load_state
+        from .checkpoint import CLAMP2, check_family, load_state, without_random_init
         from .hub import PUBLISHED_CLAMP2_WEIGHTS, resolve_weights
         from .models.clamp2 import CLaMP2Model
 
@@ -566,8 +561,10 @@ class CLaMP2(_JointSpace):
         checkpoint, state = _load_state(path)
         check_family(state, CLAMP2, str(path))
         dims = _infer_dims(state, "music_model.", None, path)
-        text_name, tokenizer, text_encoder, max_text_length = cls._text_settings(checkpoint, text_model, max_text_length)
-        model = CLaMP2Model(text_encoder, dims, hidden_size=int(state["music_proj.weight"].shape[0]))
+        with without_random_init():  # the strict load below fills every weight
+            text_name, tokenizer, text_encoder, max_text_length = cls._text_settings(checkpoint, text_model,
+                                                                                     max_text_length)
+            model = CLaMP2Model(text_encoder, dims, hidden_size=int(state["music_proj.weight"].shape[0]))
         load_state(model, state, source=f"checkpoint {path} (text model configuration from {text_name})")
         return cls(model, tokenizer, weights_path=path, text_model=text_name, max_text_length=max_text_length,
                    device=device, dtype=dtype, batch_size=batch_size, cache=cache, num_workers=num_workers)
@@ -633,7 +630,7 @@ class CLaMP3(_JointSpace):
         (default ``m-a-p/MERT-v1-95M``), loaded only when an audio file is encoded. ``cache`` as
         for CLaMP 2; cached features are keyed by the weights file, variant and settings too.
         """
-        from .checkpoint import CLAMP3, CLAMP3_HUB_REPO, check_family, load_state
+        from .checkpoint import CLAMP3, CLAMP3_HUB_REPO, check_family, load_state, without_random_init
         from .configuration import CLAMP3_VARIANTS, check_choice
         from .hub import PUBLISHED_CLAMP3_WEIGHTS, resolve_weights
         from .models.clamp3 import CLaMP3Model, infer_audio_dims
@@ -648,8 +645,11 @@ class CLaMP3(_JointSpace):
         check_family(state, CLAMP3, str(path))
         dims = _infer_dims(state, "symbolic_model.", None, path)
         audio_dims = infer_audio_dims(state)
-        text_name, tokenizer, text_encoder, max_text_length = cls._text_settings(checkpoint, text_model, max_text_length)
-        model = CLaMP3Model(text_encoder, dims, audio_dims, hidden_size=int(state["symbolic_proj.weight"].shape[0]))
+        with without_random_init():  # the strict load below fills every weight
+            text_name, tokenizer, text_encoder, max_text_length = cls._text_settings(checkpoint, text_model,
+                                                                                     max_text_length)
+            model = CLaMP3Model(text_encoder, dims, audio_dims,
+                                hidden_size=int(state["symbolic_proj.weight"].shape[0]))
         load_state(model, state, source=f"checkpoint {path} (text model configuration from {text_name})")
         if variant is None:  # named by the file: the published names say which training it is
             variant = next((v for v in CLAMP3_VARIANTS if path.name.startswith(f"weights_clamp3_{v}_")), None)
@@ -821,7 +821,7 @@ class M3(_Extractor):
                         local_files_only: Optional[bool] = None, revision: Optional[str] = None,
                         hub_cache_dir: str | os.PathLike | None = None) -> "M3":
         """Load the M3 encoder from an M3 checkpoint (a ``.pth`` file, a folder or a hub id); sizes from its shapes."""
-        from .checkpoint import CheckpointError, load_state, sub_state_dict
+        from .checkpoint import CheckpointError, load_state, sub_state_dict, without_random_init
         from .hub import PUBLISHED_M3_WEIGHTS, resolve_weights
         from .models.m3 import M3PatchEncoder
 
@@ -832,7 +832,8 @@ class M3(_Extractor):
         if "encoder.patch_embedding.weight" not in state and "music_model.patch_embedding.weight" in state:
             raise CheckpointError(f"{path} is a CLaMP 2 checkpoint: load it with CLaMP2.from_pretrained")
         dims = _infer_dims(state, "encoder.", "decoder.", path)
-        encoder = M3PatchEncoder(dims)
+        with without_random_init():  # the strict load below fills every weight
+            encoder = M3PatchEncoder(dims)
         load_state(encoder, sub_state_dict(state, "encoder."), source=f"checkpoint {path} (entries 'encoder.*')")
         return cls(encoder, weights_path=path, device=device, dtype=dtype, batch_size=batch_size, cache=cache,
                    num_workers=num_workers)

@@ -203,10 +203,11 @@ class ExactFloat32:
 
     PyTorch 2.9 on has two views of these flags: the legacy ones (``cudnn.allow_tf32``,
     ``get_float32_matmul_precision``) and the per-operator ``fp32_precision`` (:func:`_fp32_flags_on` sets
-    these; the legacy getters of what was set read fp32 inside). The values in force come back on exit. One state
-    cannot: where CUDA is, cuDNN's untouched flags come back as an explicit "tf32" (the same convolutions),
+    these; where the legacy getters read, they usually read fp32 inside). The values in force come back on
+    exit. One state cannot: where CUDA is, cuDNN's untouched flags come back as an explicit "tf32" (the same convolutions),
     which a later ``torch.backends.fp32_precision = "ieee"`` no longer overrides; set
-    ``torch.backends.cudnn.conv.fp32_precision`` itself for that.
+    ``torch.backends.cudnn.conv.fp32_precision`` itself for that. And a flag a caller pinned to the value
+    it would inherit comes back inheriting it (PyTorch's getters cannot tell the two apart).
     """
 
     def __init__(self):

@@ -34,9 +34,17 @@ def _bar_class():
             class Bar(tqdm):
                 pass
 
+            Bar.__qualname__ = Bar.__name__ = "Bar"  # found again by pickle through the module's __getattr__
+            Bar.__module__ = __name__
             Bar.set_lock(threading.RLock())
             _BAR_CLASS = Bar
     return _BAR_CLASS
+
+
+def __getattr__(name: str):
+    if name == "Bar":  # made on first use: tqdm is imported only when a bar is
+        return _bar_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _LineWriter:

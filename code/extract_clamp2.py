@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from clamp2.attention import set_attention
-from clamp2.checkpoint import load_model_weights
+from clamp2.checkpoint import load_model_weights, without_random_init
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.extraction.core import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
                                     check_extraction_arguments, folders_problem, process_state, run_extraction)
@@ -48,8 +48,9 @@ def build_clamp2(cfg, weights: Path, text_model_name: str, device: torch.device)
     """CLaMP 2 with its weights; the text model is built from its config (the checkpoint holds its weights)."""
     check_max_text_length(text_model_name, cfg.MAX_TEXT_LENGTH)
     tokenizer = load_tokenizer(text_model_name)
-    model = CLaMP2Model(load_text_model(text_model_name, pretrained=False), M3Dims.from_config(cfg),
-                        hidden_size=cfg.CLAMP2_HIDDEN_SIZE)
+    with without_random_init():  # the strict load below fills every weight
+        model = CLaMP2Model(load_text_model(text_model_name, pretrained=False), M3Dims.from_config(cfg),
+                            hidden_size=cfg.CLAMP2_HIDDEN_SIZE)
     load_model_weights(model, weights)
     return model.eval().to(device), tokenizer
 

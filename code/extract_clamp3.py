@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from clamp2.attention import set_attention
-from clamp2.checkpoint import CheckpointNotFound, load_clamp3_weights, loaded_message
+from clamp2.checkpoint import CheckpointNotFound, load_clamp3_weights, loaded_message, without_random_init
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.configuration import CLAMP3_VARIANTS, clamp3_weights_name, epoch_weights_path
 from clamp2.extraction.core import (AUDIO_EXTENSIONS, AudioEncoder, KindRunner, MUSIC_EXTENSIONS, MusicEncoder,
@@ -84,8 +84,9 @@ def missing_epoch_message(path: Path) -> str:
 def build_clamp3(cfg, weights: Path, text_model_name: str, device: torch.device, epoch=None):
     """CLaMP 3 at config.py's sizes with its weights (the text model is built from its config alone)."""
     tokenizer = load_tokenizer(text_model_name)
-    model = CLaMP3Model(load_text_model(text_model_name, pretrained=False), M3Dims.from_config(cfg),
-                        AudioDims.from_config(cfg), hidden_size=cfg.CLAMP3_HIDDEN_SIZE)
+    with without_random_init():  # the strict load below fills every weight
+        model = CLaMP3Model(load_text_model(text_model_name, pretrained=False), M3Dims.from_config(cfg),
+                            AudioDims.from_config(cfg), hidden_size=cfg.CLAMP3_HIDDEN_SIZE)
     checkpoint = load_clamp3_weights(model, weights, missing_epoch_message(weights) if epoch is not None else None)
     return model.eval().to(device), tokenizer, checkpoint
 

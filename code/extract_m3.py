@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from clamp2.attention import set_attention
-from clamp2.checkpoint import load_model_weights
+from clamp2.checkpoint import load_model_weights, without_random_init
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.extraction.core import (KindRunner, MusicEncoder, add_common_arguments, autocast_context,
                                     check_extraction_arguments, folders_problem, process_state, run_extraction)
@@ -38,7 +38,8 @@ def parse_args(argv=None):
 
 def build_m3_encoder(cfg, weights: Path, device: torch.device) -> M3PatchEncoder:
     """The M3 patch encoder, loaded strictly from the ``encoder.*`` entries of an M3 checkpoint."""
-    encoder = M3PatchEncoder(M3Dims.from_config(cfg))
+    with without_random_init():  # the strict load below fills every weight
+        encoder = M3PatchEncoder(M3Dims.from_config(cfg))
     load_model_weights(encoder, weights, prefix="encoder.")
     return encoder.eval().to(device)
 

@@ -323,6 +323,36 @@ def test_the_callers_random_stream_does_not_move():
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_a_thread_drawing_while_another_encodes_gets_its_own_stream(tiny3):
+    # Saving the random state on entry and restoring it on exit rewound the draws another thread made meanwhile:
+    # it got the same numbers again (dropout masks, shuffles). The API must not touch the stream at all.
+    import threading
+    import time
+
+    import torch
+
+    torch.manual_seed(7)
+    want = [torch.rand(1).item() for _ in range(200)]
+    stop = threading.Event()
+
+    def encode_until_stopped():
+        while not stop.is_set():
+            tiny3.encode_text(["a chorale"])
+
+    encoder = threading.Thread(target=encode_until_stopped)
+    encoder.start()
+    try:
+        torch.manual_seed(7)
+        got = []
+        for _ in range(200):
+            got.append(torch.rand(1).item())
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        encoder.join(30)
+    assert got == want
+
+
 def test_encoding_leaves_the_multiprocessing_start_method_unset(tmp_path):
     # tqdm's default lock makes a multiprocessing RLock, which fixes the start method: after any encode, even
     # with no bar shown, a caller's multiprocessing.set_start_method("spawn") raised "context has already

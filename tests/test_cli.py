@@ -73,3 +73,13 @@ def test_disabled_progress_bar_writes_nothing(tmp_path):
         with progress_bar(total=3, desc="work", stream=stream, enabled=False) as bar:
             bar.update(3)
     assert path.read_text() == ""
+
+
+def test_a_disabled_bar_pickles():
+    # The package's bars are a tqdm subclass with a thread lock (tqdm's own fixed the multiprocessing start
+    # method); made on first use, it must still be found again by pickle, as tqdm's bars are.
+    import pickle
+
+    bar = progress_bar(total=3, desc="work", enabled=False)
+    again = pickle.loads(pickle.dumps(bar))
+    assert type(again) is type(bar) and again.total == 3

@@ -560,9 +560,12 @@ def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: tor
     kinds = [kind for kind, _ in dataset.sources]
     piece = worker_piece(files_per_chunk, num_workers)
     # Two tasks per worker in flight: about the next two chunks, tokenized while the main process runs this one.
+    # A generator of its own: the loader draws its workers' base seed from it, not from torch's global stream (a
+    # caller's seeded run that extracted through the API drew differently afterwards). The workers draw nothing.
     loader = torch.utils.data.DataLoader(dataset, batch_size=piece, shuffle=False,
                                          num_workers=num_workers, collate_fn=_identity,
-                                         persistent_workers=False, prefetch_factor=2 if num_workers else None)
+                                         persistent_workers=False, prefetch_factor=2 if num_workers else None,
+                                         generator=torch.Generator())
     stream = WindowStream(runners, device, per_position, batch_size, batch_tokens)
     encoded: Dict[int, torch.Tensor] = {}
     for items in loader:  # tasks arrive in order (the DataLoader's in_order), so chunks fill one by one

@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from ..attention import ATTN_IMPLEMENTATION
-from ..checkpoint import CheckpointError, describe_mismatch, read_checkpoint
+from ..checkpoint import CheckpointError, describe_mismatch, read_checkpoint, without_random_init
 from ..hub import WeightsNotFound, is_hub_id, resolve_weights
 
 MERT_HUB_ID = "m-a-p/MERT-v1-95M"
@@ -166,7 +166,8 @@ def load_mert(source: str | os.PathLike = MERT_HUB_ID, device: Optional[torch.de
     folder = resolve_mert_folder(source)
     values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     weights = weights_file(folder)
-    model = build_mert(values)
+    with without_random_init():  # the strict load below fills every weight
+        model = build_mert(values)
     load_mert_state(model, read_state_dict(weights), source=f"MERT weights {weights}")
     model.eval()
     return model.to(device) if device is not None else model
