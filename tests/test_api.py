@@ -255,15 +255,15 @@ def test_dims_and_text_settings_come_from_the_checkpoint(tiny_text_dir, tmp_path
 
 @pytest.mark.parametrize("family", ["CLaMP2", "CLaMP3", "M3"])
 def test_a_precision_the_device_cannot_run_is_refused_before_any_download(tmp_path, monkeypatch, family):
-    # bf16 on the CPU used to be refused only after the weights were fetched (a hub id: gigabytes) and the
-    # model built; now before either.
+    # bf16 on the CPU used to be refused only after the weights were resolved (for a hub id, a download of
+    # gigabytes) and the model built; now before either. resolve_weights records, so nothing is fetched here.
     import clamp2
     import clamp2.hub
 
     fetched = []
     monkeypatch.setattr(clamp2.hub, "resolve_weights", lambda *a, **k: fetched.append(a) or tmp_path / "none.pth")
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        getattr(clamp2, family).from_pretrained("sander-wood/clamp2", device="cpu", dtype="bf16")
+        getattr(clamp2, family).from_pretrained(tmp_path / "weights.pth", device="cpu", dtype="bf16")
     assert fetched == []
 
 
