@@ -115,14 +115,14 @@ def _as_list(items) -> list:
     return list(items)
 
 
-_CALLER_STATE = None  # the SharedOverride of torch's process-wide default dtype, made on first use
-_CALLER_STATE_MADE = threading.Lock()
+_FLOAT32_DTYPE = None  # the SharedOverride of torch's process-wide default dtype, made on first use
+_FLOAT32_DTYPE_MADE = threading.Lock()
 
 
-def _caller_state():
-    global _CALLER_STATE
-    with _CALLER_STATE_MADE:
-        if _CALLER_STATE is None:
+def _float32_dtype():
+    global _FLOAT32_DTYPE
+    with _FLOAT32_DTYPE_MADE:
+        if _FLOAT32_DTYPE is None:
             import torch
 
             from .attention import SharedOverride
@@ -132,8 +132,8 @@ def _caller_state():
                 torch.set_default_dtype(torch.float32)
                 return lambda: torch.set_default_dtype(previous)
 
-            _CALLER_STATE = SharedOverride(to_float32)
-    return _CALLER_STATE
+            _FLOAT32_DTYPE = SharedOverride(to_float32)
+    return _FLOAT32_DTYPE
 
 
 def _float32_default(method):
@@ -158,18 +158,18 @@ def _float32_default(method):
     def with_float32_default(*args, **kwargs):
         import torch
 
-        state = _caller_state()
+        dtype = _float32_dtype()
         # A device as a context for this call only: it overrides a caller's set_default_device and a caller's
         # own ``with torch.device(...)`` block alike, and leaves both as they were (a global reset to the CPU
         # would not reach the block, and putting the block's device back globally would outlive it). Only
         # when needed: the context is a function mode that every torch call inside passes through.
         on_cpu = torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext()
-        state.enter()
+        dtype.enter()
         try:
             with on_cpu:
                 return method(*args, **kwargs)
         finally:
-            state.exit()
+            dtype.exit()
 
     return with_float32_default
 

@@ -34,7 +34,7 @@ def _bar_class():
             class Bar(tqdm):
                 pass
 
-            Bar.__qualname__ = Bar.__name__ = "Bar"  # found again by pickle through the module's __getattr__
+            Bar.__qualname__ = "Bar"  # found again by pickle through the module's __getattr__
             Bar.__module__ = __name__
             Bar.set_lock(threading.RLock())
             _BAR_CLASS = Bar
