@@ -23,6 +23,10 @@ not useful work) and on CUDA the MFU against
 largest difference and the smallest cosine of every file's feature against the first fp32 run of
 that path (the per-window batches of --batch_sizes' first value).
 
+Each line ends with where the main process spent the run (``HostTimes``): waiting for the
+tokenizing workers, padding, in the model's forward calls, waiting for the device's outputs,
+waiting for the writer threads, and the rest (planning, gathering, combining).
+
 ``--host_only`` swaps the model for one that returns zeros: what is left is the host's share of
 an extraction (read, tokenize in --num_workers processes, pad, copy, gather, write the .npy files
 from writer threads). Its files/s is the ceiling no device can pass, and the line gives the model
@@ -76,6 +80,8 @@ def parse_args(argv=None):
     parser.add_argument("--host_only", action="store_true",
                         help="replace the model by one that returns zeros: files/s of the host side alone (read, "
                              "tokenize, pad, copy, gather, write), the ceiling of any device")
+    parser.add_argument("--writer_threads", type=int, default=None,
+                        help="threads writing the .npy files (default: the extraction scripts', up to 4)")
     parser.add_argument("--scratch", type=Path, default=None,
                         help="folder for the features written, made if missing (default: the system's temporary folder)")
     parser.add_argument("--patch_length", type=int, default=None, help="PATCH_LENGTH (default 512)")
@@ -177,6 +183,15 @@ def main(argv=None) -> int:
 
     import tempfile
 
+    zeros = {}
+
+    def host_zeros(shape, where: torch.device) -> torch.Tensor:
+        """The --host_only model's output: a view of zeros made once per device (grown when a batch needs more)."""
+        size = int(np.prod(shape))
+        if zeros.get(str(where)) is None or zeros[str(where)].numel() < size:
+            zeros[str(where)] = torch.zeros(size, device=where)
+        return zeros[str(where)][:size].view(shape)
+
     batchings = [(b, 0) for b in args.batch_sizes] + [(args.batch_sizes[0], t) for t in args.batch_tokens]
     wanted = set(files)  # once: each pass keeps the planned jobs of these files
     if args.scratch is not None:
@@ -190,8 +205,11 @@ def main(argv=None) -> int:
 
                 def forward(ids, masks, per_position=per_position, precision=precision):
                     if args.host_only:
+                        # A view of zeros made once: a fresh torch.zeros per batch is a parallel fill of
+                        # megabytes, which on the CPU contends with the tokenizing workers for the cores and
+                        # was most of the "host" time measured here (2-5x the rest, on 2 busy cores).
                         shape = ids.shape[:2] if per_position else ids.shape[:1]
-                        return torch.zeros(*shape, dims.hidden_size if per_position else 768, device=ids.device)
+                        return host_zeros((*shape, dims.hidden_size if per_position else 768), ids.device)
                     with precision:
                         states = encoder(ids, masks)
                         return states if per_position else proj(masked_mean(states, masks))
@@ -212,9 +230,9 @@ def main(argv=None) -> int:
                             extract_jobs(jobs[:8], runner, device, per_position, batch_size=batch_size,
                                          files_per_chunk=args.files_per_chunk, batch_tokens=batch_tokens)
                         start = time.perf_counter()
-                        extract_jobs(jobs, runner, device, per_position, batch_size=batch_size,
-                                     files_per_chunk=args.files_per_chunk, num_workers=args.num_workers,
-                                     batch_tokens=batch_tokens)
+                        result = extract_jobs(jobs, runner, device, per_position, batch_size=batch_size,
+                                              files_per_chunk=args.files_per_chunk, num_workers=args.num_workers,
+                                              batch_tokens=batch_tokens, writer_threads=args.writer_threads)
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                         elapsed = time.perf_counter() - start
@@ -231,14 +249,14 @@ def main(argv=None) -> int:
                             line += f", the model keeps pace at {flops / elapsed / 1e12:.3f} TFLOP/s"
                             if peak:
                                 line += f" ({flops / elapsed / (peak * 1e12):.1%} of {peak:g})"
-                            print(line, flush=True)
+                            print(f"{line}; {result.times.summary()}", flush=True)
                             continue
                         line += f", {flops / elapsed / 1e12:.3f} TFLOP/s real"
                         if peak:
                             line += f", MFU {flops / elapsed / (peak * 1e12):.1%} of {peak:g}"
                         if out != reference:
                             line += f"; vs first fp32: {compare(out, reference)}"
-                        print(line, flush=True)
+                        print(f"{line}; {result.times.summary()}", flush=True)
     return 0
 
 

@@ -115,11 +115,37 @@ def test_pad_batch_equals_pad_sequence_for_every_window_kind():
         "bf16": ([torch.randn(n, 6, generator=generator).bfloat16() for n in (2, 4)], 0.0),
     }
     for name, (windows, pad_value) in kinds.items():
-        ids, masks = pad_batch(windows, pad_value)
         expected = torch.nn.utils.rnn.pad_sequence(windows, batch_first=True, padding_value=pad_value)
-        assert ids.dtype == windows[0].dtype and torch.equal(ids, expected), name
-        assert masks.dtype == torch.int64
-        assert masks.tolist() == [[1] * len(w) + [0] * (ids.shape[1] - len(w)) for w in windows], name
+        for dtype in (None, torch.long, torch.float32):  # padded straight into the runner's dtype (extraction on CPU)
+            ids, masks = pad_batch(windows, pad_value, dtype=dtype)
+            assert ids.dtype == (dtype or windows[0].dtype), name
+            assert torch.equal(ids, expected.to(ids.dtype)), (name, dtype)
+            assert masks.dtype == torch.int64
+            assert masks.tolist() == [[1] * len(w) + [0] * (ids.shape[1] - len(w)) for w in windows], name
+        numpy_windows = [w.numpy() for w in windows if w.dtype != torch.bfloat16]
+        if numpy_windows:
+            assert torch.equal(pad_batch(numpy_windows, pad_value, dtype=torch.long)[0],
+                               pad_batch(windows, pad_value)[0].long()), name
+
+
+def test_pad_batch_pins_ids_and_masks_for_a_cuda_copy(monkeypatch):
+    # On CUDA the batch is padded straight into page-locked memory (no torch copy afterwards, which on a host
+    # whose cores the tokenizing workers keep busy waits for every thread of torch's pool). This machine has
+    # no pinned allocator: record what is asked for and hand back ordinary memory.
+    from clamp2.extraction import core
+
+    asked = []
+
+    def host_tensor(shape, dtype, pin_memory):
+        asked.append((dtype, pin_memory))
+        return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(core, "_host_tensor", host_tensor)
+    windows = [np.full((n, 4), n, dtype=np.uint8) for n in (2, 5, 1)]
+    ids, masks = core.pad_batch(windows, 0, pin_memory=True)
+    assert asked == [(torch.uint8, True), (torch.int64, True)]  # the ids keep their small dtype for the copy
+    assert torch.equal(ids, torch.nn.utils.rnn.pad_sequence([torch.from_numpy(w) for w in windows], batch_first=True))
+    assert masks.tolist() == [[1, 1, 0, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]
 
 
 def test_token_budget_batches_are_sorted_and_fit_the_budget():
@@ -341,6 +367,58 @@ def test_chunks_hold_the_same_files_whatever_the_workers(vectors, monkeypatch):
         results[workers] = {index: feature for index, feature, _ in got if feature is not None}
     for index, feature in results[0].items():
         np.testing.assert_array_equal(results[2][index], feature)
+
+
+def test_host_times_attribute_the_main_process_waits_to_their_cause(vectors, tmp_path, monkeypatch):
+    # Each stage is slowed in turn by a known sleep; the accounting must put that time where it was spent
+    # (the bench's "main process:" tail is what tells a device run whether tokenizing, the model or writing bounds it).
+    import time as clock
+
+    from clamp2.extraction import core
+    from clamp2.patchilizer import M3Patchilizer
+
+    music = sorted((vectors / "extract_in").rglob("*.abc"))[:2]
+    jobs = [core.Job(music[i % 2], tmp_path / f"out/{i}.npy", "music") for i in range(8)]
+    encode = core.MusicEncoder(M3Patchilizer(64, 32))
+
+    def run(encode=encode, forward=lambda ids, masks: ids.sum(dim=2).float()[:, :1].expand(-1, 4).contiguous()):
+        for job in jobs:
+            job.output.unlink(missing_ok=True)
+        runner = core.KindRunner(encode, forward, 32, 0)
+        result = core.extract_jobs(jobs, {"music": runner}, torch.device("cpu"), False, batch_size=4,
+                                   files_per_chunk=8, writer_threads=1)
+        assert result.written == len(jobs) and not result.failures
+        return result.times
+
+    def slow_encode(path):
+        clock.sleep(0.03)
+        return encode(path)
+
+    def slow_forward(ids, masks):
+        clock.sleep(0.1)
+        return ids.sum(dim=2).float()[:, :1].expand(-1, 4).contiguous()
+
+    parts = ("workers", "padding", "forward", "device", "writers")
+    for times, slow, least in ((run(encode=slow_encode), "workers", 8 * 0.03), (run(forward=slow_forward), "forward", 0.1)):
+        assert getattr(times, slow) >= least * 0.9, times
+        assert getattr(times, slow) > 0.5 * times.total, times
+        assert sum(getattr(times, name) for name in parts) <= times.total + 1e-6
+    windows = sum(len(core.window_starts(len(encode(job.path)), 32)) for job in jobs)
+    assert run(forward=slow_forward).forward >= 0.9 * 0.1 * -(-windows // 4)  # every batch's call is counted
+
+    save = core.save_npy
+
+    def slow_save(path, array):
+        clock.sleep(0.05)
+        save(path, array)
+
+    monkeypatch.setattr(core, "save_npy", slow_save)
+    times = run()  # one writer thread, 8 files: the main process ends waiting for most of the 0.4 s of saving
+    assert times.writers >= 0.25 and times.writers > 0.5 * times.total, times
+    summary = times.summary()
+    assert summary.startswith("main process: workers ") and summary.endswith(f"of {times.total:.2f} s")
+    assert "writers " in summary and "other " in summary
+    assert core.HostTimes().summary() == "main process: no time measured"
 
 
 def test_host_copy_gives_the_outputs_in_float32():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -248,26 +249,44 @@ def _numpy_window(window) -> bool:
                                               and window.dtype != torch.bfloat16)
 
 
-def pad_batch(windows: Sequence[torch.Tensor | np.ndarray], pad_value: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(windows: Sequence[torch.Tensor | np.ndarray], pad_value: float, dtype: Optional[torch.dtype] = None,
+              pin_memory: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest window; returns ids (or rows) and the 0/1 attention mask (int64) as tensors.
 
-    Windows are tensors or NumPy arrays (what :class:`WindowStream` keeps on the host)."""
+    Windows are tensors or NumPy arrays (what :class:`WindowStream` keeps on the host). The ids come
+    as ``dtype`` (default: the windows'), both tensors in page-locked memory with ``pin_memory``.
+    Host windows are padded by NumPy straight into the result: one pass, in this thread. A torch copy
+    or conversion of the batch afterwards (``.pin_memory()``, ``.long()``) is a parallel region, which
+    waits for a core from every thread of torch's pool: while the tokenizing workers keep the cores
+    busy, that wait cost milliseconds a batch (``bench_extract.py --host_only``, 2 cores, 2 torch
+    threads: most of the main process's time went to the ``.long()`` of patch ids).
+    """
     lengths = [len(w) for w in windows]
     longest = max(lengths)
-    if all(_numpy_window(w) for w in windows):
+    if all(_numpy_window(w) for w in windows) and dtype != torch.bfloat16:  # NumPy has no bfloat16
         # Through NumPy: a slice assignment per window costs ~1 µs, where torch's pad_sequence (or indexing)
         # pays ~40 µs of dispatch per window; 12,978 short tunes are ~400 batches of 64 windows, all padded
         # on the main process (docs/performance.md, the host side).
         arrays = [w if isinstance(w, np.ndarray) else w.numpy() for w in windows]
-        padded = np.full((len(arrays), longest, *arrays[0].shape[1:]), pad_value, dtype=arrays[0].dtype)
+        shape = (len(arrays), longest, *arrays[0].shape[1:])
+        ids = _host_tensor(shape, dtype or torch.from_numpy(arrays[0][:0]).dtype, pin_memory)
+        padded = ids.numpy()
+        padded.fill(pad_value)
         for row, (array, length) in enumerate(zip(arrays, lengths)):
             padded[row, :length] = array
-        ids = torch.from_numpy(padded)
     else:
         ids = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(w) for w in windows], batch_first=True,
                                               padding_value=pad_value)
-    masks = torch.from_numpy((np.arange(longest)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64))
+        ids = ids.to(dtype or ids.dtype)
+        ids = ids.pin_memory() if pin_memory and ids.device.type == "cpu" else ids
+    masks = _host_tensor((len(lengths), longest), torch.int64, pin_memory)
+    np.less(np.arange(longest)[None, :], np.asarray(lengths)[:, None], out=masks.numpy(), casting="unsafe")
     return ids, masks
+
+
+def _host_tensor(shape: Tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+    """An uninitialised CPU tensor, page-locked with ``pin_memory`` (PyTorch caches those blocks)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int = 0) -> List[List[int]]:
@@ -291,15 +310,68 @@ def plan_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int = 0)
 
 
 def launch_batch(windows: Sequence[torch.Tensor], forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 pad_value: float, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Pad ``windows`` into one batch, copy it to ``device`` and run ``forward``; on CUDA it returns queued."""
-    ids, masks = pad_batch(windows, pad_value)
+                 pad_value: float, device: torch.device, dtype: torch.dtype = torch.long,
+                 times: Optional["HostTimes"] = None) -> torch.Tensor:
+    """Pad ``windows`` into one batch, copy it to ``device`` and run ``forward``; on CUDA it returns queued.
+
+    ``times``, if given, gains the seconds spent padding and in the copies and ``forward`` call."""
+    padding = time.perf_counter()
     if device.type == "cuda":
-        # Pinned pages let the copy run asynchronously, behind the previous batch's compute.
-        ids, masks = ids.pin_memory(), masks.pin_memory()
+        # Pinned pages let the copy run asynchronously, behind the previous batch's compute; the ids travel
+        # in their own (small) dtype and are converted on the device.
+        ids, masks = pad_batch(windows, pad_value, pin_memory=True)
+    else:
+        ids, masks = pad_batch(windows, pad_value, dtype=dtype)
+    launch = time.perf_counter()
+    if times is not None:
+        times.padding += launch - padding
     ids = ids.to(device, non_blocking=True).to(dtype)
     masks = masks.to(device, non_blocking=True)
-    return forward(ids, masks)
+    result = forward(ids, masks)
+    if times is not None:
+        times.forward += time.perf_counter() - launch
+    return result
+
+
+@dataclass
+class HostTimes:
+    """Where an extraction's main process spent its wall time, in seconds: what bounds short pieces.
+
+    The main process plans batches, pads them and launches the model, gathers each batch's outputs
+    into files' features and hands those to the writer threads; tokenizing runs in worker processes
+    and writing in threads. Its time splits into:
+
+    - ``workers``: waiting for the tokenizing workers' next task (their start-up included);
+    - ``padding``: padding windows into batches;
+    - ``forward``: in the model's forward calls (the compute itself on the CPU; the kernel launches
+      and input copies on CUDA, where the call returns before the device is done);
+    - ``device``: waiting for a batch's outputs to reach host memory (on CUDA: the device is behind);
+    - ``writers``: waiting for the writer threads, which hold at most a few chunks' features;
+    - the rest (``other``): planning, gathering, combining windows, bookkeeping, the caller's work.
+
+    A host-bound run (``bench_extract.py --host_only`` on short pieces) spends its time in ``other``,
+    ``padding`` and ``workers``/``writers``; a device-bound one in ``device`` (CUDA) or ``forward`` (CPU).
+    """
+
+    total: float = 0.0
+    workers: float = 0.0
+    padding: float = 0.0
+    forward: float = 0.0
+    device: float = 0.0
+    writers: float = 0.0
+
+    WAITS = ("workers", "padding", "forward", "device", "writers")
+
+    @property
+    def other(self) -> float:
+        return max(0.0, self.total - sum(getattr(self, name) for name in self.WAITS))
+
+    def summary(self) -> str:
+        """``"main process: workers 41%, padding 3%, …, other 20% of 2.50 s"``."""
+        if self.total <= 0:
+            return "main process: no time measured"
+        shares = ", ".join(f"{name} {getattr(self, name) / self.total:.0%}" for name in self.WAITS + ("other",))
+        return f"main process: {shares} of {self.total:.2f} s"
 
 
 class HostCopy:
@@ -404,7 +476,7 @@ class WindowStream:
     """
 
     def __init__(self, runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
-                 batch_size: int = 16, batch_tokens: int = 0):
+                 batch_size: int = 16, batch_tokens: int = 0, times: Optional[HostTimes] = None):
         self.runners = runners
         self.device = device
         self.per_position = per_position
@@ -412,6 +484,7 @@ class WindowStream:
         self.batch_tokens = batch_tokens
         self.open_files: Dict[int, _OpenFile] = {}
         self.queued: Optional[Tuple[list, HostCopy]] = None
+        self.times = times if times is not None else HostTimes()
 
     def add(self, encoded: Dict[int, torch.Tensor], kinds: Sequence[str]) -> List[Tuple[int, np.ndarray, None]]:
         """Launch the windows of ``encoded`` (index → ids; ``kinds[index]`` its runner's key)."""
@@ -434,7 +507,7 @@ class WindowStream:
                 for batch in plan_batches([len(w[2]) for w in windows], self.batch_size, self.batch_tokens):
                     members = [windows[j] for j in batch]
                     result = HostCopy(launch_batch([w[2] for w in members], runner.forward, runner.pad_value,
-                                                   self.device, runner.dtype))
+                                                   self.device, runner.dtype, self.times))
                     # Fetching waits for the device: fetch the previous batch now that this one is queued.
                     if self.queued is not None:
                         done += self._collect(*self.queued)
@@ -451,7 +524,9 @@ class WindowStream:
         return done
 
     def _collect(self, members: list, result: HostCopy) -> List[Tuple[int, np.ndarray, None]]:
+        waiting = time.perf_counter()
         result = result.wait().numpy()  # float32 host memory: rows are NumPy views, no torch call per file
+        self.times.device += time.perf_counter() - waiting
         done = []
         for row, (i, slot, ids) in enumerate(members):
             open_file = self.open_files[i]
@@ -524,6 +599,7 @@ def _identity(items):
 class ExtractResult:
     written: int = 0
     failures: List[Tuple[Path, str]] = field(default_factory=list)
+    times: HostTimes = field(default_factory=HostTimes)
 
 
 def worker_piece(files_per_chunk: int, num_workers: int) -> int:
@@ -545,7 +621,8 @@ MIN_PIECE = 16
 
 def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: torch.device, per_position: bool,
                   batch_size: int = 16, files_per_chunk: int = 64, num_workers: int = 0,
-                  batch_tokens: int = 0) -> Iterator[Tuple[int, Optional[np.ndarray], Optional[str]]]:
+                  batch_tokens: int = 0, times: Optional[HostTimes] = None
+                  ) -> Iterator[Tuple[int, Optional[np.ndarray], Optional[str]]]:
     """``(index, feature, None)`` or ``(index, None, reason)`` for every source, in completion order.
 
     ``sources`` are :class:`Job` s or ``(kind, input)`` pairs; ``runners[kind].encode(input)`` gives the
@@ -553,7 +630,8 @@ def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: tor
     (global) or ``[1, L, H]`` (per position) float32, as saved in ``.npy``. Batches: the windows of
     each chunk of ``files_per_chunk`` consecutive sources per :func:`plan_batches` (``batch_size``
     windows, or ``batch_tokens`` padded positions), run by a :class:`WindowStream`. A chunk is the
-    same set of files whatever the workers, so the features are too.
+    same set of files whatever the workers, so the features are too. ``times``, if given, gains where
+    this generator waited (:class:`HostTimes`; its ``total`` is the caller's to set).
     """
     encoders = {kind: runner.encode for kind, runner in runners.items()}
     dataset = _EncodeDataset(sources, encoders)
@@ -566,9 +644,16 @@ def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: tor
                                          num_workers=num_workers, collate_fn=_identity,
                                          persistent_workers=False, prefetch_factor=2 if num_workers else None,
                                          generator=torch.Generator())
-    stream = WindowStream(runners, device, per_position, batch_size, batch_tokens)
+    times = times if times is not None else HostTimes()
+    stream = WindowStream(runners, device, per_position, batch_size, batch_tokens, times)
     encoded: Dict[int, torch.Tensor] = {}
-    for items in loader:  # tasks arrive in order (the DataLoader's in_order), so chunks fill one by one
+    tasks = iter(loader)  # tasks arrive in order (the DataLoader's in_order), so chunks fill one by one
+    while True:
+        waiting = time.perf_counter()
+        items = next(tasks, None)
+        times.workers += time.perf_counter() - waiting
+        if items is None:
+            break
         for index, ids, error in items:
             if error is not None:
                 yield index, None, error
@@ -608,7 +693,7 @@ def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: to
     of short files a second would otherwise spend more time in them than on the device. Each save
     is atomic; an interrupted run waits for the saves in progress, so it never leaves a partial
     ``.npy``. ``on_file_done`` is called in this thread, once per job, when its feature is on disk
-    or it has failed.
+    or it has failed. The result's ``times`` says where this thread spent the run (:class:`HostTimes`).
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -624,16 +709,20 @@ def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: to
             on_file_done(job, error)
 
     def settle(group, future):
-        for (job, _), error in zip(group, future.result()):
+        waiting = time.perf_counter()
+        errors = future.result()
+        result.times.writers += time.perf_counter() - waiting
+        for (job, _), error in zip(group, errors):
             done(job, error)
 
     threads = writer_threads or default_writer_threads()
     saving: deque = deque()  # (group, future) in submission order
     group: List[Tuple[Job, np.ndarray]] = []
+    started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="save_npy") as pool:
         for index, feature, error in iter_features(jobs, runners, device, per_position, batch_size=batch_size,
                                                    files_per_chunk=files_per_chunk, num_workers=num_workers,
-                                                   batch_tokens=batch_tokens):
+                                                   batch_tokens=batch_tokens, times=result.times):
             job = jobs[index]
             if error is not None:
                 done(job, error)
@@ -649,6 +738,7 @@ def extract_jobs(jobs: Sequence[Job], runners: Dict[str, KindRunner], device: to
             saving.append((group, pool.submit(_save_group, group)))
         while saving:
             settle(*saving.popleft())
+    result.times.total = time.perf_counter() - started
     return result
 
 
