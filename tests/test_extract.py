@@ -128,6 +128,61 @@ def test_pad_batch_equals_pad_sequence_for_every_window_kind():
                                pad_batch(windows, pad_value)[0].long()), name
 
 
+def test_extraction_freezes_the_heap_for_the_collector_and_gives_it_back(vectors, tmp_path):
+    # The objects existing at the start (libraries, the jobs) are out of the collector's full passes during the
+    # run, and are handed back after it; a caller's own frozen objects stay frozen (one permanent generation).
+    import gc
+
+    from clamp2.extraction import core
+    from clamp2.patchilizer import M3Patchilizer
+
+    music = (sorted((vectors / "extract_in").rglob("*.abc")) + sorted((vectors / "extract_in").rglob("*.mtf")))[:3]
+    runner = core.KindRunner(core.MusicEncoder(M3Patchilizer(64, 32)), lambda ids, masks: ids.float().sum(2)[:, :2], 32, 0)
+    assert gc.get_freeze_count() == 0
+    for caller_froze in (False, True):
+        jobs = [core.Job(path, tmp_path / f"{caller_froze}/{path.stem}.npy", "music") for path in music]
+        if caller_froze:
+            gc.freeze()
+        before = gc.get_freeze_count()
+        during = []
+        try:
+            result = core.extract_jobs(jobs, {"music": runner}, torch.device("cpu"), False, batch_size=2,
+                                       on_file_done=lambda job, error: during.append(gc.get_freeze_count()))
+            assert result.written == 3 and len(during) == 3, result.failures
+            if caller_froze:  # nothing frozen on top (the count only falls, as frozen objects die), nothing thawed
+                assert max(during) <= before and 0 < gc.get_freeze_count() <= before
+            else:
+                assert min(during) >= 1000  # at least the imported modules and the jobs were frozen
+                assert gc.get_freeze_count() == 0
+        finally:
+            gc.unfreeze()
+
+
+def test_worker_tasks_travel_packed_and_unpack_to_the_same_items():
+    import pickle
+
+    from clamp2.extraction.core import _pack_task, _task_items
+
+    music = [np.full((n, 4), n, dtype=np.uint8) for n in (3, 1, 0, 5)]
+    tasks = {
+        "music with failures": [(7, music[0], None), (8, None, "bad"), (9, music[1], None), (10, music[2], None),
+                                (11, music[3], None), (12, None, "worse")],
+        "text beside music": [(0, np.arange(4), None), (1, music[0], None)],  # dtypes differ: not packed
+        "one file": [(3, music[0], None)],
+        "failures only": [(4, None, "a"), (5, None, "b")],
+    }
+    for name, items in tasks.items():
+        task = pickle.loads(pickle.dumps(_pack_task(items)))  # as a worker's task reaches the main process
+        got = list(_task_items(task))
+        assert [(index, error) for index, _, error in got] == [(index, error) for index, _, error in items], name
+        for (_, ids, _), (_, expected, _) in zip(got, items):
+            assert (ids is None) == (expected is None), name
+            if ids is not None:
+                assert ids.dtype == expected.dtype and np.array_equal(ids, expected), name
+    assert _pack_task(tasks["music with failures"])[0] == "packed"
+    assert _pack_task(tasks["text beside music"]) is tasks["text beside music"]
+
+
 def test_pad_batch_pins_ids_and_masks_for_a_cuda_copy(monkeypatch):
     # On CUDA the batch is padded straight into page-locked memory (no torch copy afterwards, which on a host
     # whose cores the tokenizing workers keep busy waits for every thread of torch's pool). This machine has
