@@ -83,6 +83,94 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(name, tiny_env, tmp_pat
     assert len(log_losses(parts.with_name("logs_t.txt"))[0]) == 3
 
 
+class Killed(BaseException):
+    """What a SIGKILL leaves: the process stops where it is, nothing after runs."""
+
+
+def test_a_run_killed_after_saving_latest_owes_nothing_once_resumed(tiny_env, tmp_path, corpus, trainers,  # noqa: F811
+                                                                    monkeypatch, capsys):
+    # An epoch saves latest_ first, then the best file (a copy), then the log entry. Killed in between, the
+    # resume starts after that epoch: it must write the best file and the log entry the epoch owed, so the
+    # files equal an uninterrupted run's (before, the best file kept epoch 1 for good and the log lost or,
+    # with the old order, repeated an entry); and it removes the temporary file a killed save left.
+    from clamp2.training import loop
+
+    main = trainers["m3"].main
+    common = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--learning_rate", "1e-3"]
+    whole, parts = tmp_path / "whole" / "weights_t.pth", tmp_path / "parts" / "weights_t.pth"
+    assert main(common + ["--weights", str(whole), "--epochs", "2"]) == 0
+    assert read_checkpoint(whole)["epoch"] == 2  # epoch 2 improved: its files include the best file
+
+    owed = loop.epoch_files_owed
+
+    def killed_at_epoch_2(settings, epoch, best):
+        if epoch == 2:
+            raise Killed
+        return owed(settings, epoch, best)
+
+    monkeypatch.setattr(loop, "epoch_files_owed", killed_at_epoch_2)
+    with pytest.raises(Killed):
+        main(common + ["--weights", str(parts), "--epochs", "2"])
+    monkeypatch.setattr(loop, "epoch_files_owed", owed)
+    assert read_checkpoint(parts)["epoch"] == 1 and read_checkpoint(parts.with_name("latest_weights_t.pth"))["epoch"] == 2
+    assert len(log_losses(parts.with_name("logs_t.txt"))[0]) == 1
+    leftover = parts.with_name(".weights_t.pth.x1.partial")
+    leftover.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+
+    assert main(common + ["--weights", str(parts), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and f"written now: {parts}, " in out
+    assert not leftover.exists()
+    a, b = read_checkpoint(whole), read_checkpoint(parts)
+    assert a["epoch"] == b["epoch"] == 2 and a["min_eval_loss"] == b["min_eval_loss"]
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    assert log_losses(whole.with_name("logs_t.txt")) == log_losses(parts.with_name("logs_t.txt"))
+    assert main(common + ["--weights", str(parts), "--epochs", "2"]) == 0  # owes nothing now: writes nothing
+    assert "written now" not in capsys.readouterr().out
+    assert len(log_losses(parts.with_name("logs_t.txt"))[0]) == 2
+
+
+def test_ranks_that_see_different_checkpoints_refuse_to_start(monkeypatch, tmp_path):
+    # Nodes without a shared weights folder: each rank reads its own latest_ (or none) and they would train apart.
+    from clamp2.checkpoint import CheckpointError
+    from clamp2.training import loop
+
+    class TwoRanks:
+        is_distributed, rank = True, 0
+
+    source = tmp_path / "latest_w.pth"
+    for views in ([("latest_w.pth", 3, None), ("latest_w.pth", 3, None)], [("latest_w.pth", 3, None), (None, None, None)]):
+        monkeypatch.setattr(loop, "gather_objects", lambda seen, views=views: [seen] + views[1:])
+        if views[1] == views[0]:
+            loop.same_checkpoint_everywhere(source, {"epoch": 3}, TwoRanks())
+        else:
+            with pytest.raises(CheckpointError, match=r"rank 0: latest_w.pth \(epoch 3\); rank 1: no checkpoint.*same "
+                                                      r"weights folder"):
+                loop.same_checkpoint_everywhere(source, {"epoch": 3}, TwoRanks())
+
+
+def test_an_optimizer_state_that_does_not_fit_names_the_file_and_the_setting(tmp_path):
+    # CLaMP 3's FREEZE_TEXT is not in the weights name: toggling it resumes the same latest_, whose optimizer state
+    # covers other parameters. Before: torch's ValueError and a traceback naming neither the file nor the cause.
+    from types import SimpleNamespace
+
+    from clamp2.checkpoint import CheckpointError
+    from clamp2.training import loop
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    written = torch.optim.AdamW(model.parameters())
+    checkpoint = {"optimizer": written.state_dict(), "config": {"FREEZE_TEXT": False, "CLAMP3_WEIGHTS_PATH": "a.pth"}}
+    settings = SimpleNamespace(config={"FREEZE_TEXT": True, "CLAMP3_WEIGHTS_PATH": "b.pth"})
+    fewer = torch.optim.AdamW(model[1].parameters())  # the first layer frozen now
+    source = tmp_path / "latest_w.pth"
+    with pytest.raises(CheckpointError, match=r"latest_w.pth does not fit this run's trained parameters .*settings "
+                                              r"that differ: FREEZE_TEXT False there, True here; resume with"):
+        loop.restore_state_of(checkpoint, source, settings, fewer, None, None)
+    same = torch.optim.AdamW(model.parameters())
+    assert loop.restore_state_of(checkpoint, source, settings, same, None, None)["epoch"] == 0
+
+
 def test_nothing_left_to_do_after_the_last_epoch(tiny_env, tmp_path, corpus, trainers, capsys):  # noqa: F811
     weights = str(tmp_path / "weights_t.pth")
     args = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--weights", weights,

@@ -53,11 +53,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from ..attention import Autocast
-from ..checkpoint import (CheckpointError, capture_rng_state, latest_path, load_state, read_checkpoint, restore_rng_state,
+from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capture_rng_state, latest_path, load_state, read_checkpoint, restore_rng_state,
                           restore_training_state, resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
-from ..files import atomic_path
+from ..files import atomic_path, remove_partial_files
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            env_int, gather_objects, seed_everything)
 from ..models.common import compile_transformers, count_parameters
@@ -662,6 +662,22 @@ class StartRefused(CheckpointError):
     """A run that would overwrite files of another stage (found by rank 0, raised on every rank)."""
 
 
+def restore_state_of(checkpoint: Mapping[str, Any], source: Path, settings: TrainSettings, optimizer, lr_sched,
+                     scaler) -> dict:
+    """:func:`restore_training_state`; an optimizer state that does not fit this run's trained parameters
+    (another FREEZE_TEXT, another model) is one line naming the file and the settings that differ."""
+    try:
+        return restore_training_state(checkpoint, optimizer=optimizer, lr_sched=lr_sched, scaler=scaler)
+    except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+        saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
+        differ = [f"{key} {saved[key]!r} there, {value!r} here" for key, value in settings.config.items()
+                  if key in saved and saved[key] != value and not key.endswith("_PATH")]
+        why = f"; settings that differ: {'; '.join(differ[:4])}" if differ else ""
+        raise CheckpointError(f"the training state in {source} does not fit this run's trained parameters "
+                              f"({' '.join(str(exc).split())[:160]}){why}; resume with the settings it was written "
+                              "with, or give this run its own --weights") from exc
+
+
 def stage_switch(weights_path: Path, source: Path, checkpoint: Dict[str, Any], stage: str):
     """(source, checkpoint, message) of a stage switch: the best file's weights (the reference reads it; the
     latest when there is no best file) start ``stage`` afresh."""
@@ -687,6 +703,83 @@ def refuse_overwriting_epoch_files(settings: TrainSettings) -> None:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise StartRefused(f"this new stage would overwrite {existing[0]}{more} (epoch copies of an earlier stage): "
                            "move them away, give this stage its own --weights, or pass --overwrite_epoch_files")
+
+
+def epoch_files_owed(settings: TrainSettings, epoch: int, best: bool) -> List[Path]:
+    """Copies of ``latest_`` an epoch writes after it: the best file (when the eval loss improved), the epoch copy."""
+    owed = [Path(settings.weights_path)] if best else []
+    if settings.save_every and epoch % settings.save_every == 0:
+        owed.append(Path(epoch_weights_path(str(settings.weights_path), epoch)))
+    return owed
+
+
+def logged_epochs(path: Path) -> List[int]:
+    """The epochs of the ``Epoch N`` entries of a log file (none when it is missing)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    return [int(line.split()[1]) for line in lines if line.startswith("Epoch ") and line.split()[1:2] != []
+            and line.split()[1].isdigit()]
+
+
+def remove_killed_saves(settings: TrainSettings) -> int:
+    """Delete the temporary files that killed saves of this run's checkpoints left (each as large as one)."""
+    weights = Path(settings.weights_path)
+    paths = [weights, latest_path(weights)] + [Path(epoch_weights_path(str(weights), epoch))
+                                               for epoch in range(1, settings.num_epochs + 1)]
+    return sum(remove_partial_files(path) for path in paths)
+
+
+def same_checkpoint_everywhere(source: Optional[Path], checkpoint: Optional[Mapping[str, Any]],
+                               dist_info: DistInfo) -> None:
+    """Every rank must resume from the same checkpoint: ranks on nodes without a shared weights folder would
+    each read their own (or none) and train apart, then hang at a collective the others never reach."""
+    if not dist_info.is_distributed:
+        return
+    seen = (Path(source).name if source is not None else None,
+            int(checkpoint.get("epoch", 0)) if checkpoint is not None else None,
+            checkpoint.get("modality") if checkpoint is not None else None)
+    views = gather_objects(seen)
+    if any(view != views[0] for view in views):
+        described = "; ".join(f"rank {rank}: " + (f"{name} (epoch {epoch})" if name else "no checkpoint")
+                              for rank, (name, epoch, _) in enumerate(views))
+        raise CheckpointError(f"the ranks do not see the same checkpoint to resume from ({described}); every node "
+                              "needs the same weights folder (a shared file system, or a copy on each node)")
+
+
+def catch_up_epoch_files(settings: TrainSettings, source: Path, checkpoint: Mapping[str, Any],
+                         stage: Optional[str]) -> List[str]:
+    """Write what the last epoch of ``latest_`` (``source``) still owes, when a run was killed after saving it.
+
+    An epoch saves ``latest_``, then the best file and the epoch copy (copies of it), then the log entry;
+    a kill in between left them out, and a resume starts at the next epoch. Each is written now, from
+    ``latest_`` (the best file only when it does not already hold that epoch of this stage). Returns
+    what was written, for the log.
+    """
+    weights = Path(settings.weights_path)
+    epoch = int(checkpoint.get("epoch", 0))
+    if Path(source) != latest_path(weights) or epoch <= 0:
+        return []
+    written = []
+    for owed in epoch_files_owed(settings, epoch, int(checkpoint.get("best_epoch", 0)) == epoch):
+        if owed == weights and owed.is_file():
+            try:
+                best = read_checkpoint(owed, mmap=True)
+                if int(best.get("epoch", -1)) == epoch and best.get("modality") == stage:
+                    continue
+            except CheckpointError:
+                pass  # unreadable: replaced by the copy
+        elif owed != weights and owed.is_file():
+            continue
+        with atomic_path(owed) as tmp:
+            shutil.copyfile(source, tmp)
+        written.append(str(owed))
+    losses = checkpoint.get("losses")
+    if isinstance(losses, Mapping) and epoch not in logged_epochs(settings.logs_path):
+        append_log(settings.logs_path, epoch, losses.get("train"), losses.get("eval"))
+        written.append(f"{settings.logs_path} (epoch {epoch})")
+    return written
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -717,13 +810,17 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     say(dist_info, f"{settings.name} model: {total:,} parameters" + (f", {trained:,} trained" if trained != total else ""))
     seed_everything(seed + dist_info.rank)
 
+    if dist_info.is_main:
+        remove_killed_saves(settings)
     source = resume_source(settings.weights_path) if settings.load_ckpt else None
     checkpoint = read_checkpoint(source) if source is not None else None
+    same_checkpoint_everywhere(source, checkpoint, dist_info)
     new_stage = None
     if checkpoint is not None and task.stage is not None and checkpoint.get("modality") != task.stage:
         source, checkpoint, new_stage = stage_switch(settings.weights_path, source, checkpoint, task.stage)
     if checkpoint is not None:
-        load_state(model, state_dict_of(checkpoint), source=f"checkpoint {source}")
+        load_state(model, state_dict_of(checkpoint), source=f"checkpoint {source}",
+                   config_hint=CLAMP3_CONFIG_HINT if task.stage is not None else CONFIG_HINT)
     if checkpoint is None or new_stage is not None:
         refuse_overwriting_epoch_files(settings)
 
@@ -741,7 +838,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     if new_stage is not None:
         say(dist_info, new_stage)
     elif checkpoint is not None:
-        counters = restore_training_state(checkpoint, optimizer=optimizer, lr_sched=lr_sched, scaler=scaler)
+        counters = restore_state_of(checkpoint, source, settings, optimizer, lr_sched, scaler)
         keep_fused(optimizer)
         if checkpoint.get("optimizer") and checkpoint.get("lr_sched"):
             schedule = "continuing at the checkpoint's " + adopt_checkpoint_schedule(checkpoint, optimizer, lr_sched)
@@ -752,6 +849,11 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         data_seed = restore_random_state(checkpoint.get("rng"), seed, counters["epoch"], dist_info)
         say(dist_info, f"resuming from {source}: epoch {counters['epoch']} done, best epoch {counters['best_epoch']} "
                        f"(eval loss {counters['min_eval_loss']:.6g})")
+        if dist_info.is_main:
+            caught_up = catch_up_epoch_files(settings, source, checkpoint, task.stage)
+            if caught_up:
+                say(dist_info, f"the run that wrote {source} stopped before the rest of its epoch's files; "
+                               f"written now: {', '.join(caught_up)}")
     del checkpoint  # optimizer state included, it can hold gigabytes of host memory per rank
 
     for dataset in (task.train_set, task.eval_set):
@@ -784,19 +886,20 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         # Every rank's generators, so a resumed run continues each rank's streams exactly.
         rng_states = gather_objects(capture_rng_state())
         if dist_info.is_main:
-            append_log(settings.logs_path, epoch, train_loss, eval_loss)
             fields = dict(optimizer=optimizer, lr_sched=lr_sched, scaler=scaler, epoch=epoch,
                           best_epoch=result.best_epoch, min_eval_loss=result.min_eval_loss, config=settings.config,
                           extra={"rng": {"world_size": dist_info.world_size, "data_seed": data_seed,
                                          "ranks": rng_states},
                                  "training": training_record(settings, dist_info, precision),
+                                 "losses": {"train": float(train_loss), "eval": float(eval_loss)},
                                  **({"modality": task.stage} if task.stage else {})})
-            if improved:
-                save_checkpoint(settings.weights_path, model, **fields)
+            # latest_ first: it is what a resume reads, and it says which of the epoch's other files (best, epoch
+            # copy, log entry) a run killed after it still owes; a resume writes those (catch_up_epoch_files).
             save_checkpoint(latest, model, **fields)
-            if settings.save_every and epoch % settings.save_every == 0:
-                with atomic_path(epoch_weights_path(str(settings.weights_path), epoch)) as tmp:
+            for owed in epoch_files_owed(settings, epoch, improved):
+                with atomic_path(owed) as tmp:
                     shutil.copyfile(latest, tmp)
+            append_log(settings.logs_path, epoch, train_loss, eval_loss)
             if wandb_run is not None:
                 wandb_run.log({"epoch": epoch, "epoch_train_loss": train_loss, "eval_loss": eval_loss})
             print(f"epoch {epoch}: train_loss {train_loss:.6f} eval_loss {eval_loss:.6f}"
