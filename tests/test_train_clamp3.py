@@ -247,6 +247,42 @@ def test_killed_and_resumed_audio_stage_equals_uninterrupted(tiny_env, tmp_path,
         assert read_checkpoint(whole.with_name(f"weights_t_{epoch}.pth"))["epoch"] == epoch
 
 
+def test_a_kill_in_the_first_epoch_of_a_new_stage_resumes_that_stage(tiny_env, tmp_path, corpus3, trainers,  # noqa: F811
+                                                                     monkeypatch):
+    # The audio stage's first epoch killed right after its latest_ was saved. Before (best file first, then
+    # latest_): the best file already held the audio epoch while latest_ still held the symbolic stage, so the
+    # resume "switched stage" again, from the audio stage's own epoch-1 weights with a fresh optimizer, and the
+    # symbolic stage's weights were gone. Now the resume continues the audio stage as an uninterrupted run does.
+    from clamp2.training import loop
+
+    common = ["--batch_size", "8", "--learning_rate", "1e-3", "--max_steps_per_epoch", "3"]
+    whole, parts = tmp_path / "whole" / "weights_t.pth", tmp_path / "parts" / "weights_t.pth"
+    for weights in (whole, parts):
+        assert trainers["symbolic"].main(args_for("symbolic", corpus3, *common, "--weights", str(weights),
+                                                  "--epochs", "1")) == 0
+    audio = args_for("audio", corpus3, *common, "--overwrite_epoch_files", "--epochs", "2")
+    assert trainers["audio"].main(audio + ["--weights", str(whole)]) == 0
+    owed = loop.epoch_files_owed
+
+    def killed(settings, epoch, best):
+        raise KeyboardInterrupt  # stands for SIGKILL here: nothing after this line of the epoch runs
+
+    monkeypatch.setattr(loop, "epoch_files_owed", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainers["audio"].main(audio + ["--weights", str(parts)])
+    monkeypatch.setattr(loop, "epoch_files_owed", owed)
+    assert read_checkpoint(parts)["modality"] == "symbolic"
+    assert read_checkpoint(parts.with_name("latest_weights_t.pth"))["modality"] == "audio"
+    assert trainers["audio"].main(audio + ["--weights", str(parts)]) == 0
+    a, b = read_checkpoint(whole.with_name("latest_weights_t.pth")), read_checkpoint(parts.with_name("latest_weights_t.pth"))
+    assert a["epoch"] == b["epoch"] == 2 and a["modality"] == b["modality"] == "audio"
+    assert a["min_eval_loss"] == b["min_eval_loss"] and a["lr_sched"] == b["lr_sched"]
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    assert log_losses(whole.with_name("logs_t.txt")) == log_losses(parts.with_name("logs_t.txt"))
+    for epoch in (1, 2):
+        assert read_checkpoint(parts.with_name(f"weights_t_{epoch}.pth"))["modality"] == "audio"
+
+
 @pytest.mark.parametrize("stage,cudnn", [("symbolic", True), ("audio", False)])
 def test_stage_lets_cudnn_attention_in_as_measured(stage, cudnn, tiny_env, tmp_path, corpus3, trainers,  # noqa: F811
                                                    monkeypatch):

@@ -713,14 +713,15 @@ def epoch_files_owed(settings: TrainSettings, epoch: int, best: bool) -> List[Pa
     return owed
 
 
-def logged_epochs(path: Path) -> List[int]:
-    """The epochs of the ``Epoch N`` entries of a log file (none when it is missing)."""
+def logged_entries(path: Path) -> List[Tuple[str, str, str]]:
+    """(epoch, train_loss, eval_loss) as written in each entry of a log file (none when it is missing)."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
-    return [int(line.split()[1]) for line in lines if line.startswith("Epoch ") and line.split()[1:2] != []
-            and line.split()[1].isdigit()]
+    import re
+
+    return re.findall(r"^Epoch (\S+)\ntrain_loss: (\S+)\neval_loss: (\S+)$", text, re.M)
 
 
 def remove_killed_saves(settings: TrainSettings) -> int:
@@ -754,7 +755,7 @@ def catch_up_epoch_files(settings: TrainSettings, source: Path, checkpoint: Mapp
 
     An epoch saves ``latest_``, then the best file and the epoch copy (copies of it), then the log entry;
     a kill in between left them out, and a resume starts at the next epoch. Each is written now, from
-    ``latest_`` (the best file only when it does not already hold that epoch of this stage). Returns
+    ``latest_``, unless it already holds that epoch of this stage. Returns
     what was written, for the log.
     """
     weights = Path(settings.weights_path)
@@ -763,20 +764,20 @@ def catch_up_epoch_files(settings: TrainSettings, source: Path, checkpoint: Mapp
         return []
     written = []
     for owed in epoch_files_owed(settings, epoch, int(checkpoint.get("best_epoch", 0)) == epoch):
-        if owed == weights and owed.is_file():
+        if owed.is_file():  # written already, or left by an earlier stage or run (then replaced)
             try:
-                best = read_checkpoint(owed, mmap=True)
-                if int(best.get("epoch", -1)) == epoch and best.get("modality") == stage:
+                present = read_checkpoint(owed, mmap=True)
+                if int(present.get("epoch", -1)) == epoch and present.get("modality") == stage:
                     continue
             except CheckpointError:
                 pass  # unreadable: replaced by the copy
-        elif owed != weights and owed.is_file():
-            continue
         with atomic_path(owed) as tmp:
             shutil.copyfile(source, tmp)
         written.append(str(owed))
     losses = checkpoint.get("losses")
-    if isinstance(losses, Mapping) and epoch not in logged_epochs(settings.logs_path):
+    # The entry itself, losses included: CLaMP 3's two stages share a log, and both have an epoch 1.
+    if isinstance(losses, Mapping) and (str(epoch), str(losses.get("train")), str(losses.get("eval"))) \
+            not in logged_entries(settings.logs_path):
         append_log(settings.logs_path, epoch, losses.get("train"), losses.get("eval"))
         written.append(f"{settings.logs_path} (epoch {epoch})")
     return written
