@@ -21,25 +21,61 @@ def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
 
 
-def find_files(root: str | os.PathLike, extensions: Iterable[str]) -> list[Path]:
+def find_files(root: str | os.PathLike, extensions: Iterable[str],
+               problems: Optional[List[Tuple[Path, str]]] = None) -> list[Path]:
     """All files under ``root`` (recursively) whose suffix is one of ``extensions``, sorted.
 
     Matching is case-insensitive; hidden files and folders (name starting with ``.``) and our own
-    temporary files are ignored. Sorting makes the order, and so every run, deterministic.
+    temporary files are ignored. Sorting makes the order, and so every run, deterministic. What
+    cannot be searched or read is left out and, when ``problems`` is given, added to it as
+    ``(path, reason)``: a folder that cannot be listed (its files would be missed without a word),
+    and a FIFO, socket or device with a wanted suffix (reading a FIFO waits forever).
     """
     root = Path(root)
     wanted = normalize_extensions(extensions)
     if root.is_file():
         return [root] if root.suffix.lower() in wanted else []
+
+    def unreadable(error: OSError) -> None:
+        if problems is not None:
+            problems.append((Path(error.filename or root), f"cannot list this folder: {error.strerror or error}; "
+                                                           "its files were not searched"))
+
     found = []
-    for folder, dirnames, filenames in os.walk(root):
+    for folder, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith(".") or name.endswith(TMP_SUFFIX):
                 continue
             if os.path.splitext(name)[1].lower() in wanted:
-                found.append(Path(folder) / name)
+                path = os.path.join(folder, name)
+                kind = _special_file(path)
+                if kind is None:
+                    found.append(Path(path))
+                elif problems is not None:
+                    problems.append((Path(path), f"not a regular file ({kind}); skipped"))
     return sorted(found)
+
+
+def _special_file(path: str) -> Optional[str]:
+    """``"a FIFO"``, ``"a socket"`` or ``"a device"`` when ``path`` is one (links followed); else None.
+
+    One ``stat`` a wanted file: os.walk has already read each entry's type, but keeps it to itself.
+    A missing target (a broken link) is None: reading it then fails with its own, clearer reason.
+    """
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return None
 
 
 _CASE_INSENSITIVE_PATHS = os.name == "nt"
@@ -93,7 +129,10 @@ TMP_SUFFIX = ".partial"
 def write_file_log(path: str | os.PathLike, entries: Iterable[Tuple[str, str]]) -> None:
     """``relative/path<TAB>reason`` lines, atomically: the format of every batch tool's failure and warning
     logs, sorted by file so that the same inputs give the same log (a file's own lines in their order)."""
-    atomic_write_text(path, "".join(f"{name}\t{reason}\n" for name, reason in sorted(entries, key=lambda e: e[0])))
+    # surrogateescape: a file name that is not UTF-8 (os gives its bytes as lone surrogates) is written as those
+    # bytes, as the file system has it; strict encoding raised at the end of the run and lost the whole log.
+    atomic_write_text(path, "".join(f"{name}\t{reason}\n" for name, reason in sorted(entries, key=lambda e: e[0])),
+                      errors="surrogateescape")
 
 
 def output_problem(path: str | os.PathLike, folder: bool, what: str = "output") -> Optional[str]:
@@ -204,10 +243,35 @@ def remove_partial_files(path: str | os.PathLike) -> int:
     return removed
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+def remove_partial_files_of(paths: Iterable[str | os.PathLike]) -> int:
+    """:func:`remove_partial_files` for many outputs at once: one listing per folder, not one per file.
+
+    For a batch that resumes after a kill: only the temporary files of ``paths`` are removed (those
+    of other processes' outputs in the same folders are theirs, and may be being written).
+    """
+    by_folder: Dict[str, set] = {}
+    for path in paths:
+        folder, name = os.path.split(os.fspath(path))
+        by_folder.setdefault(folder, set()).add(name)
+    removed = 0
+    for folder, names in by_folder.items():
+        try:
+            entries = [entry.name for entry in os.scandir(folder or ".")]
+        except OSError:  # not made yet: nothing left there
+            continue
+        for entry in entries:
+            if entry.startswith(".") and entry.endswith(TMP_SUFFIX) and \
+                    entry[1:-len(TMP_SUFFIX)].rpartition(".")[0] in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, entry))
+                    removed += 1
+    return removed
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8", errors: str = "strict") -> None:
     # newline="" so the bytes written are exactly the string's (no \r\n translation anywhere).
     with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding=encoding, newline="") as f:
+        with open(tmp, "w", encoding=encoding, errors=errors, newline="") as f:
             f.write(text)
 
 

@@ -90,5 +90,11 @@ def progress_bar(total: Optional[int] = None, desc: str = "", unit: str = "it", 
 
 
 def write_line(message: str, stream: Optional[IO[str]] = None) -> None:
-    """Print a message without breaking a live progress bar (tqdm.write), on stderr by default."""
+    """Print a message without breaking a live progress bar (tqdm.write), on stderr by default.
+
+    A file name that is not UTF-8 reaches Python as lone surrogates, which a strict stream cannot
+    encode: such a name is printed with its bytes escaped (``caf\\xe9.abc``) instead of raising.
+    """
+    if any("\udc80" <= char <= "\udcff" for char in message):
+        message = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     _bar_class().write(message, file=stream if stream is not None else sys.stderr)

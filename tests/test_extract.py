@@ -1,5 +1,6 @@
 """Feature extraction (SPEC §8): the reference's numbers, independence from batching, bad inputs."""
 
+import os
 import shutil
 
 import numpy as np
@@ -285,25 +286,42 @@ def test_bad_inputs_are_reported_and_skipped(tiny_env, vectors, tmp_path, extrac
     (inp / "txt" / "blank.txt").write_text("\n\n\n")
     (inp / "txt" / "latin1.txt").write_bytes("caf\xe9 music".encode("latin-1"))
     (inp / "mtf" / "handmade.abc").write_text((inp / "abc" / "airds_tune3.abc").read_text())  # collides with handmade.mtf
+    os.mkfifo(inp / "abc" / "pipe.abc")  # reading it would wait forever
+    # A name that is not UTF-8 (Latin-1 bytes): its failure used to crash the log's writing at the end of the run.
+    (inp / "abc" / os.fsdecode(b"caf\xe9.abc")).write_text("")
     assert extract_clamp2.main(clamp2_args(vectors, inp, out, "--normalize")) == 1
     err = capsys.readouterr().err
-    for name in ("empty.abc", "blank.txt", "latin1.txt", "handmade.abc", "handmade.mtf"):
+    for name in ("empty.abc", "blank.txt", "latin1.txt", "handmade.abc", "handmade.mtf", "pipe.abc"):
         assert name in err
-    assert "extracted 6, skipped 0 existing, failed 5" in err
-    log = (out / "failed_extract_clamp2.log").read_text()
+    assert "extracted 6, skipped 0 existing, failed 7" in err
+    log_bytes = (out / "failed_extract_clamp2.log").read_bytes()
+    assert b"abc/caf\xe9.abc\tempty music file" in log_bytes  # the name's own bytes
+    log = log_bytes.decode("utf-8", errors="surrogateescape")
     names = [line.split("\t")[0] for line in log.splitlines()]
-    assert names == sorted(names) and names[0] == "abc/empty.abc"  # collisions are found first, listed in order
+    assert names == sorted(names) and names[0] == "abc/caf\udce9.abc"  # collisions are found first, listed in order
     assert "empty music file" in log and "no non-empty line" in log and "not UTF-8" in log and "rename" in log
+    assert "abc/pipe.abc\tnot a regular file (a FIFO); skipped" in log
+    (inp / "abc" / "pipe.abc").unlink()
+    (inp / "abc" / os.fsdecode(b"caf\xe9.abc")).unlink()
     for stem in ("abc/empty", "txt/blank", "txt/latin1", "mtf/handmade"):
         assert not (out / f"{stem}.npy").exists()
     assert not list(out.rglob("*.partial"))
-    # A re-run skips what exists and extracts only what was fixed.
+    # A re-run skips what exists and extracts only what was fixed. What a killed run was writing goes; the
+    # logs of a run with two processes go too (this run writes its own; they would list fixed files).
     (inp / "mtf" / "handmade.abc").unlink()
+    killed = out / "mtf" / ".handmade.npy.k1.partial"
+    killed.write_bytes(b"\x93NUMPY half")
+    unrelated = out / "mtf" / ".notes.txt.k1.partial"  # not an output of this run: left alone
+    unrelated.write_bytes(b"")
+    for index in (0, 1):
+        (out / f"failed_extract_clamp2_{index}.log").write_text("abc/old.abc\tgone\n")
     before = (out / "abc" / "bwv10.7.npy").stat().st_mtime_ns
     assert extract_clamp2.main(clamp2_args(vectors, inp, out, "--normalize")) == 1
     err = capsys.readouterr().err
     assert "extracted 1, skipped 6 existing, failed 3" in err
     assert (out / "abc" / "bwv10.7.npy").stat().st_mtime_ns == before
+    assert not killed.exists() and unrelated.exists()
+    assert sorted(p.name for p in out.glob("failed_*")) == ["failed_extract_clamp2.log"]
     np.testing.assert_allclose(np.load(out / "mtf/handmade.npy"),
                                np.load(vectors / "expected/feat_clamp2_global/mtf/handmade.npy"), atol=1e-5)
 

@@ -16,6 +16,39 @@ def test_find_files_is_recursive_sorted_and_case_insensitive(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in find_files(tmp_path, ["abc"])] == ["a/y.abc", "b/x.ABC"]
 
 
+def test_find_files_reports_what_it_cannot_search_or_read(tmp_path, monkeypatch):
+    # A folder that cannot be listed used to be skipped without a word (the run exited 0 with its files missing),
+    # and a FIFO with a wanted suffix was listed, and reading it waited forever.
+    for rel in ("a/x.abc", "locked/y.abc", "b/z.abc"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    os.mkfifo(tmp_path / "b" / "pipe.abc")
+    os.mkfifo(tmp_path / "b" / "pipe.txt")  # not a wanted suffix: not reported
+    (tmp_path / "b" / "gone.abc").symlink_to(tmp_path / "missing.abc")  # listed: reading it says what is wrong
+    scandir = os.scandir
+
+    def locked(path="."):  # root can read any folder: refuse one as a permission would
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    problems = []
+    found = find_files(tmp_path, ["abc"], problems)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/x.abc", "b/gone.abc", "b/z.abc"]
+    assert sorted((p.relative_to(tmp_path).as_posix(), why.split(";")[0]) for p, why in problems) == [
+        ("b/pipe.abc", "not a regular file (a FIFO)"), ("locked", "cannot list this folder: Permission denied")]
+    assert find_files(tmp_path, ["abc"]) == found  # without a list, the same files
+
+
+def test_failure_logs_keep_a_non_utf8_name_as_its_bytes(tmp_path):
+    from clamp2.files import write_file_log
+
+    name = os.fsdecode(b"caf\xe9.abc")  # how os gives a Latin-1 name on a UTF-8 system
+    write_file_log(tmp_path / "failed.log", [(name, "empty music file"), ("b.abc", "caf\u00e9")])
+    assert (tmp_path / "failed.log").read_bytes() == b"b.abc\tcaf\xc3\xa9\ncaf\xe9.abc\tempty music file\n"
+
+
 def test_mirror_path_keeps_relative_folder(tmp_path):
     assert mirror_path(tmp_path / "in/a/b/c.mid", tmp_path / "in", tmp_path / "out", ".mtf") == tmp_path / "out/a/b/c.mtf"
     single = tmp_path / "one.mid"

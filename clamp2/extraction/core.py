@@ -27,7 +27,7 @@ from unidecode import unidecode
 from ..attention import Autocast, ExactFloat32, add_attention_argument, keep_overrides_eager
 from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
 from ..files import (atomic_write_bytes, find_files, input_problem, mirror_outputs, output_problem,
-                     write_file_log)
+                     remove_partial_files_of, write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
 
 TEXT_EXTENSIONS = (".txt",)
@@ -232,9 +232,11 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
     kinds = kinds if kinds is not None else kinds_of_extensions(text)
     # As strings: a Path's .parents per input cost more than the rest of the plan together.
     outputs_prefix = os.path.join(os.path.abspath(output_dir), "")
-    inputs = [path for path in find_files(input_dir, kinds) if not os.path.abspath(path).startswith(outputs_prefix)]
+    unsearchable: List[Tuple[Path, str]] = []
+    inputs = [path for path in find_files(input_dir, kinds, unsearchable)
+              if not os.path.abspath(path).startswith(outputs_prefix)]
     outputs, collisions = mirror_outputs(inputs, input_dir, output_dir, ".npy")
-    plan = Plan(failures=collisions)
+    plan = Plan(failures=unsearchable + collisions)
     for path, output in outputs.items():
         if output.exists() and not overwrite:
             plan.skipped.append(path)
@@ -924,6 +926,20 @@ def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path
     return log
 
 
+def remove_other_failure_logs(output_dir: Path, tool: str, num_processes: int) -> None:
+    """Failure logs an earlier run with another number of processes left (``failed_<tool>_<i>.log`` or
+    ``failed_<tool>.log``): this run writes only its own, and a stale one would list fixed files as failing."""
+    own = {f"failed_{tool}_{i}.log" for i in range(num_processes)} if num_processes > 1 else {f"failed_{tool}.log"}
+    try:
+        names = [entry.name for entry in os.scandir(output_dir)]
+    except OSError:
+        return
+    for name in names:
+        index = name[len(f"failed_{tool}_"):-len(".log")] if name.startswith(f"failed_{tool}_") else None
+        if name.endswith(".log") and name not in own and (name == f"failed_{tool}.log" or (index or "").isdigit()):
+            (output_dir / name).unlink(missing_ok=True)
+
+
 def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, include_text: bool, device: torch.device,
                    process_index: int = 0, num_processes: int = 1, tool: str = "extract",
                    kinds: Optional[Dict[str, str]] = None) -> int:
@@ -953,6 +969,9 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     skipped: List[Path] = []
     if not args.overwrite:
         jobs, skipped = skip_existing(jobs)
+    remove_partial_files_of(job.output for job in jobs)  # what a killed run was writing: this process's files only
+    if process_index == 0:
+        remove_other_failure_logs(args.output_dir, tool, num_processes)
     failures = list(plan.failures) if process_index == 0 else []
     # One progress bar, on the main process (it shows that process's share).
     bar = progress_bar(total=len(jobs), desc=tool, unit="file", enabled=not args.no_progress and process_index == 0)
@@ -963,7 +982,7 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
             write_line(f"failed: {job.path}: {error}")
 
     for path, reason in failures:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
+        write_line(f"failed: {path}: {reason}")
     if getattr(args, "compile", False):
         runners = compile_runners(runners)
     try:

@@ -23,10 +23,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..files import find_files, mirror_outputs
+from ..files import find_files, mirror_outputs, remove_partial_files_of
 from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, normalize_tensor,
                     resample_tensor, track_windows)
-from .core import HostCopy, Job, Plan, autocast_context, save_npy, shard, skip_existing, write_failure_log
+from .core import (HostCopy, Job, Plan, autocast_context, remove_other_failure_logs, save_npy, shard, skip_existing,
+                   write_failure_log)
 
 
 class MertFeatureExtractor:
@@ -223,8 +224,11 @@ def _identity(items):
 
 def plan_audio_jobs(input_dir: Path, output_dir: Path) -> Plan:
     """Audio files → mirrored ``.npy`` outputs; two inputs with one output are failures (SPEC §16)."""
-    outputs, collisions = mirror_outputs(find_files(input_dir, AUDIO_EXTENSIONS), input_dir, output_dir, ".npy")
-    return Plan(jobs=[Job(path, output, "audio") for path, output in outputs.items()], failures=collisions)
+    unsearchable: List[Tuple[Path, str]] = []
+    outputs, collisions = mirror_outputs(find_files(input_dir, AUDIO_EXTENSIONS, unsearchable), input_dir, output_dir,
+                                         ".npy")
+    return Plan(jobs=[Job(path, output, "audio") for path, output in outputs.items()],
+                failures=unsearchable + collisions)
 
 
 @dataclass
@@ -250,6 +254,9 @@ def extract_folder(extractor: MertFeatureExtractor, input_dir: Path, output_dir:
     skipped: List[Path] = []
     if not overwrite:
         jobs, skipped = skip_existing(jobs)
+    remove_partial_files_of(job.output for job in jobs)  # what a killed run was writing: this process's files only
+    if process_index == 0:
+        remove_other_failure_logs(output_dir, tool, num_processes)
     failures = list(plan.failures) if process_index == 0 else []
     for path, reason in failures:
         write_line(f"failed: {path}: {reason}")
