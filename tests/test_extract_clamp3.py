@@ -106,7 +106,10 @@ def test_audio_rows_and_bad_arrays():
     bad = {"float64": (segments.astype(np.float64), "float64"),
            "complex": (segments.astype(np.complex64), "complex64"),
            "width": (np.zeros((1, 3, 32), np.float32), "last dimension 32"),
-           "layers": (np.zeros((3, 3, 64), np.float32), "--mean_features")}
+           "layers": (np.zeros((3, 3, 64), np.float32), "--mean_features"),
+           # Damaged values: every feature of the file (and every score against it) would be NaN.
+           "nan": (np.where(np.arange(64) == 5, np.nan, segments).astype(np.float32), r"3 of its 192 values are NaN"),
+           "inf": (np.full((1, 2, 64), np.inf, np.float16), "128 of its 128 values are NaN or infinite")}
     for name, (array, reason) in bad.items():
         with pytest.raises(InputError, match=reason):
             encode.encode_array(array)

@@ -160,6 +160,20 @@ def test_bad_audio_files_fail_in_one_line(tmp_path, tiny_env, trainers, capsys, 
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
 
 
+def test_audio_features_with_nan_fail_when_read_for_a_step(tmp_path):
+    # The check before training reads headers only; the values are checked when a step reads the file (a NaN
+    # there made the loss NaN from that step on).
+    import random
+
+    rows = np.zeros((1, 5, 64), np.float32)
+    rows[0, 2, 7] = np.nan
+    np.save(tmp_path / "damaged.npy", rows)
+    audio = AudioMusic(64, 4)
+    assert audio.check(tmp_path / "damaged.npy") is None
+    with pytest.raises(DataError, match=r"damaged.npy: 1 of its 320 values are NaN or infinite"):
+        audio.load(tmp_path / "damaged.npy", True, random.Random(0))
+
+
 def test_training_lines_need_analysis_only_without_text_dropout(tiny_env, corpus3, tmp_path):  # noqa: F811
     # The reference reads `analysis` for evaluation (and for training without TEXT_DROPOUT) only.
     from types import SimpleNamespace

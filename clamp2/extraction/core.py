@@ -165,6 +165,18 @@ def mert_array_problem(shape: Sequence[int], dtype: np.dtype, width: int) -> Opt
     return None
 
 
+def mert_values_problem(array: np.ndarray) -> Optional[str]:
+    """Why the values of a MERT feature array are not usable (NaN or infinite), or None.
+
+    Such a value makes every feature of the file NaN (and every score against it); the reference
+    writes that silently. extract_mert.py refuses audio that would produce them.
+    """
+    if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        return f"{bad} of its {array.size} values are NaN or infinite: the MERT features are damaged"
+    return None
+
+
 class AudioEncoder:
     """MERT features (``.npy``) → rows [n + 2, width]: one all-zero row before and one after (SPEC_CLAMP3 §15).
 
@@ -187,7 +199,7 @@ class AudioEncoder:
         """The rows of a MERT feature array as a ``.npy`` file holding it gives them."""
         if not isinstance(array, np.ndarray):
             raise InputError("not a numeric array of MERT features")
-        problem = mert_array_problem(array.shape, array.dtype, self.width)
+        problem = mert_array_problem(array.shape, array.dtype, self.width) or mert_values_problem(array)
         if problem:
             raise InputError(problem)
         rows = array.reshape(-1, self.width).astype(np.float32, copy=False)

@@ -28,7 +28,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 
-from ..extraction.core import mert_array_problem
+from ..extraction.core import mert_array_problem, mert_values_problem
 from ..files import find_files, input_problem
 from ..patchilizer import PAD_TOKEN_ID, TRUNCATE_MODES, M3Patchilizer, split_lines, truncate
 from .corruption import corrupt_patches
@@ -497,7 +497,8 @@ class AudioMusic:
             array = np.load(path, allow_pickle=False)
         except Exception as exc:
             raise DataError(f"cannot read the audio features {path}: {exc}") from exc
-        problem = mert_array_problem(array.shape, array.dtype, self.width)  # changed since the check before training
+        # The shape may have changed since the check before training; the values are read only now.
+        problem = mert_array_problem(array.shape, array.dtype, self.width) or mert_values_problem(array)
         if problem:
             raise DataError(f"{path}: {problem}")
         rows = np.ascontiguousarray(array.reshape(-1, self.width), dtype=np.float32)
