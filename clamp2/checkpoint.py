@@ -57,6 +57,8 @@ def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
         why = "it is a NumPy array (.npy), not a PyTorch checkpoint"
     elif not head.startswith(b"PK") and b"\0" not in head:
         why = "it is a text file, not a PyTorch checkpoint"
+    elif not head.startswith((b"PK", b"\x80")):  # neither a zip (torch.save) nor a pickle (legacy torch.save)
+        why = "not a PyTorch checkpoint (its first bytes are neither a zip archive's nor a pickle's)"
     elif "Weights only load failed" in str(exc):
         first = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
         why = ("it holds Python objects other than tensors and plain values, which are not loaded from "
@@ -318,6 +320,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None
         payload.update(extra)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+        # On disk before the rename: after a crash of the machine (not just the process) the renamed file could
+        # otherwise be empty or short, and a resume would stop at it instead of using the previous one.
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

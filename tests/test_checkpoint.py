@@ -1,6 +1,7 @@
 """Checkpoint helper: published dict or bare state dict, strict, weights_only, atomic saves."""
 
 import os
+
 import pytest
 import torch
 
@@ -83,6 +84,26 @@ def test_untrusted_pickle_is_refused(tmp_path):
     torch.save({"model": Payload()}, path)  # what a malicious checkpoint looks like
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         read_checkpoint(path)
+
+
+def test_random_bytes_are_not_called_python_objects(tmp_path):
+    # Before: "holds Python objects other than tensors ..." (the weights-only unpickler's failure), as for a pickle.
+    path = tmp_path / "noise.pth"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=r"noise.pth: not a PyTorch checkpoint \(its first bytes"):
+        read_checkpoint(path)
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_renamed(tmp_path, monkeypatch):
+    # A machine that crashes right after the rename must not leave an empty or short checkpoint under the name.
+    import clamp2.files
+
+    events = []
+    fsync, replace = os.fsync, clamp2.files._replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
+    monkeypatch.setattr(clamp2.files, "_replace", lambda tmp, path: (events.append("rename"), replace(tmp, path))[1])
+    save_checkpoint(tmp_path / "w.pth", fresh(0), epoch=1)
+    assert events == ["fsync", "rename"] and read_checkpoint(tmp_path / "w.pth")["epoch"] == 1
 
 
 def test_failed_save_keeps_previous_file(tmp_path):
