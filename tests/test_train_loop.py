@@ -131,6 +131,26 @@ def test_a_run_killed_after_saving_latest_owes_nothing_once_resumed(tiny_env, tm
     assert len(log_losses(parts.with_name("logs_t.txt"))[0]) == 2
 
 
+def test_resuming_with_other_settings_names_them_and_a_folder_in_the_way_is_refused_at_once(
+        tiny_env, tmp_path, corpus, trainers, monkeypatch, capsys):  # noqa: F811
+    # Settings the weights' shapes cannot catch (the mask ratio here) used to resume without a word; a folder
+    # where latest_ goes was found only when the first epoch saved, after a whole epoch of training.
+    main = trainers["m3"].main
+    args = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--max_steps_per_epoch", "1",
+                                      "--weights", str(tmp_path / "w.pth")]
+    assert main(args + ["--epochs", "1"]) == 0
+    monkeypatch.setenv("M3_MASK_RATIO", "0.5")
+    capsys.readouterr()
+    assert main(args + ["--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "note: this run's settings differ from those" in out and "M3_MASK_RATIO 0.45 there, 0.5 here" in out
+    assert "NUM_EPOCH" not in out.split("note:")[1].splitlines()[0]
+    (tmp_path / "latest_x.pth").mkdir()
+    assert main(data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--weights", str(tmp_path / "x.pth"),
+                                           "--epochs", "1"]) == 2
+    assert "latest_x.pth is a folder, where this run writes a checkpoint file" in capsys.readouterr().err
+
+
 def test_ranks_that_see_different_checkpoints_refuse_to_start(monkeypatch, tmp_path):
     # Nodes without a shared weights folder: each rank reads its own latest_ (or none) and they would train apart.
     from clamp2.checkpoint import CheckpointError

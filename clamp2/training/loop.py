@@ -612,7 +612,8 @@ def restore_random_state(rng: Optional[Dict[str, Any]], seed: int, epoch: int, d
     A checkpoint from another number of processes (or without the entry, e.g. the reference's)
     cannot continue each rank's streams: they are re-seeded and the run is not bit-exact.
     """
-    if rng and rng.get("world_size") == dist_info.world_size:
+    ranks = rng.get("ranks") if rng else None
+    if rng and rng.get("world_size") == dist_info.world_size and isinstance(ranks, list) and len(ranks) == dist_info.world_size:
         restore_rng_state(rng["ranks"][dist_info.rank])
         return int(rng["data_seed"])
     written_by = f"{rng.get('world_size')} processes" if rng else "a run without random states"
@@ -662,6 +663,14 @@ class StartRefused(CheckpointError):
     """A run that would overwrite files of another stage (found by rank 0, raised on every rank)."""
 
 
+def settings_that_differ(checkpoint: Mapping[str, Any], config: Mapping[str, Any]) -> List[str]:
+    """``"KEY old there, new here"`` for each config value this run changes against the checkpoint's record
+    (paths and epoch counts left out: those change between runs by design)."""
+    saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
+    return [f"{key} {saved[key]!r} there, {value!r} here" for key, value in config.items()
+            if key in saved and saved[key] != value and not key.endswith("_PATH") and "EPOCH" not in key]
+
+
 def restore_state_of(checkpoint: Mapping[str, Any], source: Path, settings: TrainSettings, optimizer, lr_sched,
                      scaler) -> dict:
     """:func:`restore_training_state`; an optimizer state that does not fit this run's trained parameters
@@ -669,9 +678,7 @@ def restore_state_of(checkpoint: Mapping[str, Any], source: Path, settings: Trai
     try:
         return restore_training_state(checkpoint, optimizer=optimizer, lr_sched=lr_sched, scaler=scaler)
     except (ValueError, KeyError, IndexError, RuntimeError) as exc:
-        saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
-        differ = [f"{key} {saved[key]!r} there, {value!r} here" for key, value in settings.config.items()
-                  if key in saved and saved[key] != value and not key.endswith("_PATH")]
+        differ = settings_that_differ(checkpoint, settings.config)
         why = f"; settings that differ: {'; '.join(differ[:4])}" if differ else ""
         raise CheckpointError(f"the training state in {source} does not fit this run's trained parameters "
                               f"({' '.join(str(exc).split())[:160]}){why}; resume with the settings it was written "
@@ -811,6 +818,10 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     say(dist_info, f"{settings.name} model: {total:,} parameters" + (f", {trained:,} trained" if trained != total else ""))
     seed_everything(seed + dist_info.rank)
 
+    for path in (Path(settings.weights_path), latest_path(settings.weights_path)):
+        if path.is_dir():  # found only when the first epoch saves, otherwise
+            raise CheckpointError(f"{path} is a folder, where this run writes a checkpoint file; move it away or "
+                                  "give the run another --weights")
     if dist_info.is_main:
         remove_killed_saves(settings)
     source = resume_source(settings.weights_path) if settings.load_ckpt else None
@@ -850,6 +861,10 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         data_seed = restore_random_state(checkpoint.get("rng"), seed, counters["epoch"], dist_info)
         say(dist_info, f"resuming from {source}: epoch {counters['epoch']} done, best epoch {counters['best_epoch']} "
                        f"(eval loss {counters['min_eval_loss']:.6g})")
+        changed = settings_that_differ(checkpoint, settings.config)
+        if changed:  # the weights' shapes catch size changes; these (mask ratio, logit scale, ...) they cannot
+            say(dist_info, f"note: this run's settings differ from those {source} was trained with: "
+                           f"{'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''}")
         if dist_info.is_main:
             caught_up = catch_up_epoch_files(settings, source, checkpoint, task.stage)
             if caught_up:
