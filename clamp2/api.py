@@ -70,7 +70,7 @@ class Encoded:
 
     @property
     def keys(self) -> List[str]:
-        """SPEC §9 keys: the file name up to its first ``.``."""
+        """The search tools' keys (docs/metrics.md): the file name up to its first ``.``."""
         return [Path(os.fspath(item)).name.split(".")[0] if _is_path(item) else _name(item, None) for item in self.items]
 
     @property
@@ -588,7 +588,7 @@ class CLaMP2(_JointSpace):
 
 
 class CLaMP3(_JointSpace):
-    """CLaMP 3: text, symbolic music (MusicXML, MIDI, ABC, MTF) and audio in one space (SPEC_CLAMP3 §13-§15).
+    """CLaMP 3: text, symbolic music (MusicXML, MIDI, ABC, MTF) and audio in one space (docs/clamp3.md).
 
     Audio files go through MERT (:mod:`clamp2.extraction.mert`), loaded on the first audio file;
     MERT features already extracted (``.npy`` of ``process_data/extract_mert.py``,
@@ -758,7 +758,7 @@ class CLaMP3(_JointSpace):
 
         dims, audio = self.model.symbolic_model.dims, self.model.audio_dims
         model = self.model
-        # CLaMP 3 reads MIDI in its own MTF mode and removes every "L:1/8\n" (SPEC_CLAMP3 §13, §18).
+        # CLaMP 3 reads MIDI in its own MTF mode and removes every "L:1/8\n".
         symbolic = RawMusicEncoder(MusicEncoder(M3Patchilizer(dims.patch_size, dims.patch_length),
                                                 remove_unit_length=True, also_mtf=True), midi_mode="clamp3")
         return {
@@ -889,14 +889,18 @@ def configured_max_text_length(cfg) -> Optional[int]:
     return None if value == DEFAULT_MAX_TEXT_LENGTH else value
 
 
-def add_model_arguments(parser) -> None:
+CLAMP2_WEIGHTS_HELP = ("CLaMP 2 checkpoint file, folder or hub id such as sander-wood/clamp2 "
+                       "(default: config.py's CLAMP2_WEIGHTS_PATH)")
+
+
+def add_model_arguments(parser, *, weights_help: str = CLAMP2_WEIGHTS_HELP) -> None:
     """``--weights``, ``--text_model``, ``--batch_size``, ``--dtype``, ``--device``, ``--num_workers``,
-    ``--cache``/``--no_cache``, ``--no_progress``: the options of ``code/extract_clamp2.py`` plus the cache."""
+    ``--cache``/``--no_cache``, ``--no_progress``: the options of ``code/extract_clamp2.py`` plus the cache.
+
+    ``weights_help`` replaces the help of ``--weights`` for scripts whose default model is not CLaMP 2."""
     from .cache import add_cache_arguments
 
-    parser.add_argument("--weights", default=None,
-                        help="CLaMP 2 checkpoint file, folder or hub id such as sander-wood/clamp2 "
-                             "(default: config.py's CLAMP2_WEIGHTS_PATH)")
+    parser.add_argument("--weights", default=None, help=weights_help)
     parser.add_argument("--text_model", default=None,
                         help="text model hub id or local folder for the tokenizer/architecture (default: config TEXT_MODEL_NAME)")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass (default 16)")
@@ -904,7 +908,8 @@ def add_model_arguments(parser) -> None:
                         help="compute precision; bf16/fp16 need CUDA (default fp32, exact)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--num_workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
-                        help="processes that convert and tokenize files ahead of the model (0: in the main process)")
+                        help="processes that convert and tokenize files ahead of the model (default: min(4, CPU "
+                             "cores - 1); 0: in the main process)")
     add_cache_arguments(parser)
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 

@@ -7,7 +7,7 @@ one launch line configures every rank of a ``torchrun`` job::
     PATCH_NUM_LAYERS=2 M3_HIDDEN_SIZE=128 torchrun --nproc_per_node=2 code/train_m3.py
 
 Values are parsed by the type of the default (bool, int, float, str, list) and type-checked.
-An environment variable that starts with one of the config's own prefixes (``M3_``, ``CLAMP2_``)
+An environment variable that starts with one of the config's own prefixes (``M3_``, ``CLAMP2_``, ``CLAMP3_``)
 and is a near-miss of a constant is an error, so a typo never silently trains the wrong model;
 other unknown names with those prefixes (other tools' settings) are only warned about.
 """

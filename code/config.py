@@ -41,14 +41,14 @@ CLAMP2_WARMUP_STEPS = 0  # Linear LR warm-up steps (0: constant LR from the firs
 CLAMP2_BATCH_SIZE = 128  # Batch size per GPU (single card) for CLaMP 2 training
 LOGIT_SCALE = 1  # Scaling factor of the contrastive logits
 MAX_TEXT_LENGTH = 128  # Maximum length of text sequences (tokens)
-TEXT_DROPOUT = True  # Build training texts from random metadata/summaries (SPEC section 7)
+TEXT_DROPOUT = True  # Build training texts from random metadata/summaries
 CLAMP2_PAD_TO_LONGEST = True  # Pad each batch to its longest text/piece (same losses, less compute); 0: fixed maxima
 CLAMP2_DETERMINISTIC = True  # Seed 42 + rank and deterministic kernels for CLaMP 2 training
 CLAMP2_LOAD_M3 = True  # Start the music encoder from the M3 weights file if it exists
 CLAMP2_WANDB_LOG = False  # Log CLaMP 2 training to Weights & Biases (needs wandb and WANDB_API_KEY)
 CLAMP2_LOAD_CKPT = True  # Resume CLaMP 2 training from the latest checkpoint if it exists
 
-# Configuration for CLaMP 3 (SPEC_CLAMP3 §12). It shares TEXT_MODEL_NAME, MAX_TEXT_LENGTH, LOGIT_SCALE,
+# Configuration for CLaMP 3 (docs/clamp3.md). It shares TEXT_MODEL_NAME, MAX_TEXT_LENGTH, LOGIT_SCALE,
 # TEXT_DROPOUT and the M3 sizes above (its symbolic encoder is M3's patch encoder).
 CLAMP3_VARIANT = "saas"  # Published variant the file name is built for: "saas" (best for audio) or "c2" (best for sheet music/MIDI)
 M3_TRAIN_FOLDERS = []  # CLaMP 3's name for M3 training folders (used when TRAIN_FOLDERS is empty)

@@ -7,7 +7,7 @@
 
 With --normalize each file gets its global feature, shape [1, CLAMP2_HIDDEN_SIZE] (the weighted mean
 of its windows' projected features; not L2-normalised: use cosine similarity). Without it, the
-per-position last hidden states [1, L, hidden] of the text or music encoder (SPEC section 8).
+per-position last hidden states [1, L, hidden] of the text or music encoder (docs/extraction.md).
 The weights default to config.py's CLAMP2_WEIGHTS_PATH (download it from the Hugging Face repo
 sander-wood/clamp2). Existing outputs are skipped; failures are listed in
 <output_dir>/failed_extract_clamp2.log (failed_extract_clamp2_<process>.log per process under a multi-process

@@ -11,16 +11,17 @@ files first (arrays [1, n, AUDIO_HIDDEN_SIZE]); MIDI as MTF in CLaMP 3's mode
 batch_interleaved_abc.py). With --get_global (alias --normalize) each file gets its global feature,
 shape [1, CLAMP3_HIDDEN_SIZE]: the weighted mean of its windows' projected features (not
 L2-normalised: use cosine similarity). Without it, the per-position last hidden states [1, L, hidden]
-of the text, symbolic or audio encoder (SPEC_CLAMP3 section 15).
+of the text, symbolic or audio encoder (see docs/clamp3.md).
 
 The weights default to config.py's CLAMP3_WEIGHTS_PATH for --variant (saas: best for audio, the
-default; c2: best for sheet music and MIDI), or its epoch-E copy with --epoch E. Nothing is ever
-downloaded: get the published files with
+default; c2: best for sheet music and MIDI), or its epoch-E copy with --epoch E. The weights are
+never downloaded (the text model is fetched from the hub when missing and online): get the
+published files with
     hf download sander-wood/clamp3 <file name> --local-dir .
 Existing outputs are skipped; failures are listed in <output_dir>/failed_extract_clamp3.log
 (failed_extract_clamp3_<process>.log per process under a multi-process launch); exit status 0 when
-every file succeeded, 1 when some failed or the CLaMP 3 weights file is missing, 2 for a usage or
-model error.
+every file succeeded, 1 when some failed or the CLaMP 3 weights file is missing (checked after the
+text model loads), 2 for a usage or model error (a missing text model included).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
                                                     args.epoch)
         set_attention(model, args.attention)
         precision = autocast_context(device, args.dtype)
-    except CheckpointNotFound as exc:  # SPEC_CLAMP3 §14: a missing CLaMP 3 checkpoint is exit status 1
+    except CheckpointNotFound as exc:  # as CLaMP 3's reference: a missing CLaMP 3 checkpoint is exit status 1
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (OSError, RuntimeError, ValueError) as exc:
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     runners = {
         "text": KindRunner(TextEncoder(tokenizer), forward(model.text_states, model.text_global),
                            cfg.MAX_TEXT_LENGTH, tokenizer.pad_token_id),
-        # CLaMP 3 removes every "L:1/8\n", from ABC and MTF alike (SPEC_CLAMP3 §13).
+        # CLaMP 3 removes every "L:1/8\n", from ABC and MTF alike (docs/clamp3.md).
         "symbolic": KindRunner(MusicEncoder(M3Patchilizer(cfg.PATCH_SIZE, cfg.PATCH_LENGTH), remove_unit_length=True,
                                             also_mtf=True),
                                forward(model.symbolic_states, model.symbolic_global), cfg.PATCH_LENGTH, PAD_TOKEN_ID),

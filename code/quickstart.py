@@ -50,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--per_collection", type=int, default=None, help=f"pieces per collection (default {full.per_collection}; tiny {tiny.per_collection})")
     parser.add_argument("--m3_epochs", type=int, default=None, help=f"M3 pre-training epochs (default {full.m3_epochs}; tiny {tiny.m3_epochs})")
     parser.add_argument("--clamp2_epochs", type=int, default=None, help=f"CLaMP 2 training epochs (default {full.clamp2_epochs}; tiny {tiny.clamp2_epochs})")
-    parser.add_argument("--nproc", type=int, default=None, help=f"CLaMP 2 training processes (torchrun; default {full.nproc})")
+    parser.add_argument("--nproc", type=int, default=None, help=f"training processes of CLaMP 2 and CLaMP 3's stages (torchrun; default {full.nproc})")
     parser.add_argument("--text_dropout", action="store_true",
                         help="train CLaMP 2 with the published text dropout (slower to learn at this size)")
     parser.add_argument("--weights", default=None, help="evaluate this CLaMP 2 checkpoint (file or hub id) instead of training")

@@ -1,4 +1,4 @@
-"""Train CLaMP 2 (contrastive text–music learning, SPEC §6–7) on a JSONL of pieces and summaries.
+"""Train CLaMP 2 (contrastive text–music learning, docs/training.md) on a JSONL of pieces and summaries.
 
     python code/train_clamp2.py --train_jsonl data/train.jsonl [--eval_jsonl data/eval.jsonl]
     torchrun --nproc_per_node=8 code/train_clamp2.py --train_jsonl data/train.jsonl

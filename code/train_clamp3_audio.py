@@ -1,4 +1,4 @@
-"""Train CLaMP 3's audio stage (text ↔ MERT audio features, SPEC_CLAMP3 §17) on a JSONL of pieces.
+"""Train CLaMP 3's audio stage (text ↔ MERT audio features, docs/training.md) on a JSONL of pieces.
 
     python code/train_clamp3_audio.py --train_jsonl data/audio_train.jsonl [--eval_jsonl data/audio_eval.jsonl]
     torchrun --nproc_per_node=8 code/train_clamp3_audio.py --train_jsonl data/audio_train.jsonl

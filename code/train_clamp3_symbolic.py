@@ -1,4 +1,4 @@
-"""Train CLaMP 3's symbolic stage (text ↔ sheet music / MIDI, SPEC_CLAMP3 §17) on a JSONL of pieces.
+"""Train CLaMP 3's symbolic stage (text ↔ sheet music / MIDI, docs/training.md) on a JSONL of pieces.
 
     python code/train_clamp3_symbolic.py --train_jsonl data/train.jsonl [--eval_jsonl data/eval.jsonl]
     torchrun --nproc_per_node=8 code/train_clamp3_symbolic.py --train_jsonl data/train.jsonl

@@ -1,4 +1,4 @@
-"""Pre-train M3 (masked-patch reconstruction, SPEC §5) on folders of interleaved ABC and MTF files.
+"""Pre-train M3 (masked-patch reconstruction, docs/training.md) on folders of interleaved ABC and MTF files.
 
     python code/train_m3.py --train_folders data/abc data/mtf [--eval_folders data/eval]
     torchrun --nproc_per_node=8 code/train_m3.py --train_folders data/abc data/mtf

@@ -1,4 +1,4 @@
-"""Train a linear probe on extracted features (SPEC §10): the label is the file name up to its first `_`.
+"""Train a linear probe on extracted features (docs/classification.md): the label is the file name up to its first `_`.
 
     python music_classification/train_cls.py --train_folders features/train --weights probe.pth
     python music_classification/train_cls.py --train_folders feats --eval_folders feats_eval --weights probe.pth
@@ -18,7 +18,7 @@ every file the output it gets alone (training steps differ: fewer, larger ones).
 Writes the best probe by eval accuracy (with its label map) to --weights, latest_<weights> every
 minute and at the end (a re-run resumes from it), the reference's per-epoch log (logs-<name>.txt), and a report
 folder: metrics.json, report.txt (per-class precision/recall/F1), confusion_matrix.png,
-learning_curve.png. --probe clamp3 trains CLaMP 3's probe instead (SPEC_CLAMP3 §20): one Linear(D→classes)
+learning_curve.png. --probe clamp3 trains CLaMP 3's probe instead: one Linear(D→classes)
 and softmax on global features ([1, D] or [D]; per-position files are listed and left out), same
 loss, optimizer, split, balancing and checkpoints (plus input_size); the reference's argument names
 (--train_folder, --eval_folder, --num_epochs, --balanced_training) are accepted. --folds K runs stratified K-fold cross-validation and prints mean ± std.

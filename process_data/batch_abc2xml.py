@@ -1,6 +1,6 @@
-"""Convert (interleaved) ABC back to MusicXML with abctoolkit's abc2xml (SPEC §3).
+"""Convert (interleaved) ABC back to MusicXML with abctoolkit's abc2xml (docs/formats.md).
 
-    python process_data/batch_abc2xml.py <input_dir> <output_dir> [--workers N] [--overwrite]
+    python process_data/batch_abc2xml.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
 
 Each ``.abc`` becomes ``<output_dir>/<same relative folder>/<stem>.xml``: the first tune of the
 file, the same bytes ``python -m abctoolkit.abc2xml -o DIR FILE`` writes (input read as UTF-8,
@@ -30,7 +30,8 @@ def main(argv=None) -> int:
 
     return convert_folder(args.input_dir, args.output_dir, convert=interleaved_file_to_xml,
                           extensions=[".abc"], output_suffix=".xml", tool="abc2xml",
-                          workers=args.workers, overwrite=args.overwrite)
+                          workers=args.workers, overwrite=args.overwrite,
+                          progress=not args.no_progress)
 
 
 if __name__ == "__main__":

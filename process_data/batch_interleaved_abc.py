@@ -1,6 +1,6 @@
-"""Turn standard ABC into interleaved ABC, one bar of every voice per line (SPEC §3).
+"""Turn standard ABC into interleaved ABC, one bar of every voice per line (docs/formats.md).
 
-    python process_data/batch_interleaved_abc.py <input_dir> <output_dir> [--workers N] [--overwrite]
+    python process_data/batch_interleaved_abc.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
 
 Each ``.abc`` (read as UTF-8) becomes ``<output_dir>/<same relative folder>/<stem>.abc`` through
 the CLaMP 2 abctoolkit pipeline: information fields and bar numbers removed, empty bars stripped,
@@ -36,7 +36,8 @@ def main(argv=None) -> int:
 
     return convert_folder(args.input_dir, args.output_dir, convert=abc_file_to_interleaved,
                           extensions=[".abc"], output_suffix=".abc", tool="interleaved_abc",
-                          workers=args.workers, overwrite=args.overwrite)
+                          workers=args.workers, overwrite=args.overwrite,
+                          progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Convert MIDI (.mid, .midi) to MIDI Text Format (SPEC §2).
+"""Convert MIDI (.mid, .midi) to MIDI Text Format (docs/formats.md).
 
-    python process_data/batch_midi2mtf.py <input_dir> <output_dir> [--workers N] [--overwrite]
+    python process_data/batch_midi2mtf.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
     python process_data/batch_midi2mtf.py <input_dir> <output_dir> --clamp3      # for CLaMP 3
     python process_data/batch_midi2mtf.py <input_dir> <output_dir> --keep_all
 
@@ -8,7 +8,7 @@ Each file becomes ``<output_dir>/<same relative folder>/<stem>.mtf``: ``ticks_pe
 line per message of mido's merged track. M3-compatible by default (the CLaMP 2 setting, also
 spelled ``--m3_compatible``): text, copyright, track/instrument names, lyrics, markers, cue
 markers, device names, sequencer-specific metas and sysex are dropped. ``--clamp3`` is CLaMP 3's
-mode (SPEC_CLAMP3 §18): the same, except that sysex and sequencer-specific metas are kept; use it
+mode: the same, except that sysex and sequencer-specific metas are kept; use it
 for ``code/extract_clamp3.py``. ``--keep_all`` keeps every message. A file mido cannot read is a failure (``<output_dir>/failed_midi2mtf.log`` and stderr).
 Exit status: 0 all converted, 1 some file failed, 2 usage error.
 """
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     return convert_folder(args.input_dir, args.output_dir,
                           convert=functools.partial(midi_to_mtf, mode=args.mode),
                           extensions=MIDI_EXTENSIONS, output_suffix=".mtf", tool="midi2mtf",
-                          workers=args.workers, overwrite=args.overwrite)
+                          workers=args.workers, overwrite=args.overwrite,
+                          progress=not args.no_progress)
 
 
 if __name__ == "__main__":

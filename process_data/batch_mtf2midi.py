@@ -1,6 +1,6 @@
-"""Convert MIDI Text Format (.mtf) back to MIDI (SPEC §2).
+"""Convert MIDI Text Format (.mtf) back to MIDI (docs/formats.md).
 
-    python process_data/batch_mtf2midi.py <input_dir> <output_dir> [--workers N] [--overwrite]
+    python process_data/batch_mtf2midi.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
 
 Each ``.mtf`` becomes ``<output_dir>/<same relative folder>/<stem>.mid``: a type-1 file with one
 track holding the messages of the text (``unknown_meta`` lines are skipped). MTF written with
@@ -30,7 +30,8 @@ def main(argv=None) -> int:
 
     return convert_folder(args.input_dir, args.output_dir, convert=mtf_file_to_midi_bytes,
                           extensions=[".mtf"], output_suffix=".mid", tool="mtf2midi",
-                          workers=args.workers, overwrite=args.overwrite)
+                          workers=args.workers, overwrite=args.overwrite,
+                          progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Convert MusicXML (.xml, .mxl, .musicxml) to standard ABC with abctoolkit's xml2abc (SPEC §3).
+"""Convert MusicXML (.xml, .mxl, .musicxml) to standard ABC with abctoolkit's xml2abc (docs/formats.md).
 
-    python process_data/batch_xml2abc.py <input_dir> <output_dir> [--workers N] [--overwrite]
+    python process_data/batch_xml2abc.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
 
 Each score becomes ``<output_dir>/<same relative folder>/<stem>.abc``, byte for byte what
 ``python -m abctoolkit.xml2abc -d 8 -x FILE`` prints (unit length 1/8, no line breaks), converted
@@ -31,7 +31,8 @@ def main(argv=None) -> int:
 
     return convert_folder(args.input_dir, args.output_dir, convert=xml_to_abc,
                           extensions=MUSICXML_EXTENSIONS, output_suffix=".abc", tool="xml2abc",
-                          workers=args.workers, overwrite=args.overwrite)
+                          workers=args.workers, overwrite=args.overwrite,
+                          progress=not args.no_progress)
 
 
 if __name__ == "__main__":

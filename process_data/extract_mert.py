@@ -7,7 +7,7 @@
 Each file is decoded (libsndfile; MP3 through its mpg123 decoder), its channels averaged, resampled
 to 24 kHz, z-scored over the whole track and cut into 5-second windows (a last window under 1 s is
 dropped); each window gives the mean over frames and over MERT's 13 hidden states: a [1, n, 768]
-float32 array, one row per 5 s (SPEC §16). --all_layers writes the 13 states, [13, n, 768], for
+float32 array, one row per 5 s (docs/audio.md). --all_layers writes the 13 states, [13, n, 768], for
 other uses: CLaMP 3 cannot read that form.
 
 --model is a MERT folder (config.json + pytorch_model.bin or model.safetensors) or a Hugging Face

@@ -1,11 +1,11 @@
-"""English + one-other-language summaries of music metadata by an LLM (SPEC §11).
+"""English + one-other-language summaries of music metadata by an LLM.
 
     export OPENAI_API_KEY=sk-...
     python process_data/gpt4_summarize.py metadata/ summaries/ --model gpt-4o
     # any OpenAI-compatible endpoint (vLLM, Ollama, a proxy), more parallel requests:
     python process_data/gpt4_summarize.py metadata/ summaries/ --model Qwen2.5-72B-Instruct \\
         --base_url http://localhost:8000/v1 --workers 32
-    # then one training JSONL (SPEC §7):
+    # then one training JSONL:
     python process_data/merge_jsonl.py summaries/ data/train.jsonl --data_root data/
 
 Every ``.json`` under ``input_dir`` (one metadata object per piece, with ``filepaths``) gives

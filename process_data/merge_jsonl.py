@@ -1,4 +1,4 @@
-"""Merge per-piece summary .json files into one training JSONL (SPEC §7).
+"""Merge per-piece summary .json files into one training JSONL.
 
     python process_data/merge_jsonl.py summaries/ data/train.jsonl
     # music files live elsewhere than the JSONL's folder:

@@ -1,4 +1,4 @@
-"""CLaMP 3 features of a folder: one .npy per input file, in mirrored folders (SPEC_CLAMP3 §18).
+"""CLaMP 3 features of a folder: one .npy per input file, in mirrored folders (docs/search.md).
 
     python semantic_search/clamp3_embd.py audio/ features/audio --get_global
     python semantic_search/clamp3_embd.py scores/ features/scores --get_global --variant c2

@@ -1,4 +1,4 @@
-"""CLaMP 3 retrieval metrics: MRR and Hit@1/10/100 of each query's own reference (SPEC_CLAMP3 §18).
+"""CLaMP 3 retrieval metrics: MRR and Hit@1/10/100 of each query's own reference (docs/search.md).
 
     python semantic_search/clamp3_eval.py texts/ audio/                     # text → music retrieval
     python semantic_search/clamp3_eval.py txt_features/ mid_features/ --output_dir results/

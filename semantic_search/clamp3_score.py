@@ -1,4 +1,4 @@
-"""CLaMP 3 score: how close generated music is to references, file by file or as two groups (SPEC_CLAMP3 §18).
+"""CLaMP 3 score: how close generated music is to references, file by file or as two groups (docs/search.md).
 
     python semantic_search/clamp3_score.py generated/ references/                  # pairwise, by key
     python semantic_search/clamp3_score.py generated/ references/ --group          # mean vs mean

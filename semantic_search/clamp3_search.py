@@ -1,4 +1,4 @@
-"""CLaMP 3 search: the references most similar to one query file, any modality to any (SPEC_CLAMP3 §18).
+"""CLaMP 3 search: the references most similar to one query file, any modality to any (docs/search.md).
 
     python semantic_search/clamp3_search.py query.txt music_folder/ --top_k 10
     python semantic_search/clamp3_search.py photo.jpg audio_folder/          # image → caption → music

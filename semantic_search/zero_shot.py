@@ -26,9 +26,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from clamp2.api import add_model_arguments, clamp2_from_args
+from clamp2.api import CLAMP2_WEIGHTS_HELP, add_model_arguments, clamp2_from_args
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
 from clamp2.files import atomic_write_text
+from clamp2.search.clamp3 import CLAMP3_WEIGHTS_DEFAULT
 
 
 def parse_args(argv=None):
@@ -48,7 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--variant", choices=("saas", "c2"), default=None,
                         help="CLaMP 3 weights: saas (best for audio) or c2 (sheet music/MIDI); default config.py's")
     parser.add_argument("--mert", default=None, help="MERT-v1-95M folder or hub id for CLaMP 3's audio inputs")
-    add_model_arguments(parser)
+    add_model_arguments(parser, weights_help=f"{CLAMP2_WEIGHTS_HELP}; with --model clamp3, a CLaMP 3 checkpoint "
+                                             f"file, folder or hub id (default: {CLAMP3_WEIGHTS_DEFAULT})")
     return parser.parse_args(argv)
 
 

@@ -336,9 +336,19 @@ def test_help_and_documented_interface(script, capsys):
         module.parse_args(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert "--workers" in help_text and "--overwrite" in help_text
+    assert "--workers" in help_text and "--overwrite" in help_text and "--no_progress" in help_text
     args = module.parse_args(["in", "out"])
-    assert args.workers is None and args.overwrite is False
+    assert args.workers is None and args.overwrite is False and args.no_progress is False
+
+
+def test_no_progress_silences_the_bar(vectors, tmp_path, capsys):
+    # stderr is not a terminal here, so the bar writes whole lines ("midi2mtf: ... file/s") unless silenced.
+    assert run("batch_midi2mtf", vectors / "inputs" / "midi", tmp_path / "a", "--workers", "1") == 0
+    assert "midi2mtf:" in capsys.readouterr().err
+    assert run("batch_midi2mtf", vectors / "inputs" / "midi", tmp_path / "b", "--workers", "1", "--no_progress") == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert last_line(captured.out) == "converted 2, skipped 0, failed 0"
 
 
 def test_runs_as_a_script(vectors, tmp_path):

@@ -101,7 +101,7 @@ def positive_int(text: str) -> int:
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser, input_kind: str, output_kind: str) -> None:
-    """The arguments every batch converter shares: input_dir output_dir [--workers N] [--overwrite]."""
+    """The arguments every batch converter shares: input_dir output_dir [--workers N] [--overwrite] [--no_progress]."""
     parser.add_argument("input_dir", help=f"folder of {input_kind} files (searched recursively)")
     parser.add_argument("output_dir",
                         help=f"folder for the {output_kind} files, mirroring input_dir's sub-folders")
@@ -109,6 +109,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser, input_kind: str, output
                         help="worker processes (default: all cores, os.cpu_count())")
     parser.add_argument("--overwrite", action="store_true",
                         help="convert again files whose output exists (default: skip them)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 def batch_argument_parser(description: str, input_kind: str, output_kind: str) -> argparse.ArgumentParser:

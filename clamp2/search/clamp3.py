@@ -1,4 +1,4 @@
-"""CLaMP 3's one-command tools (SPEC_CLAMP3 §18): modality detection, keys, score, eval and search.
+"""CLaMP 3's one-command tools (docs/search.md): modality detection, keys, score, eval and search.
 
 What ``semantic_search/clamp3_{embd,search,score,eval}.py`` share. A *side* (query or reference)
 is a folder (or one file) of raw inputs of one modality, encoded through a model family and the
@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-# SPEC_CLAMP3 §18's table, plus the symbolic formats CLaMP 3 reads directly (abc, mtf) and features (npy).
+# The original's modality table, plus the symbolic formats CLaMP 3 reads directly (abc, mtf) and features (npy).
 MODALITY_BY_EXTENSION = {
     ".txt": "txt",
     ".png": "img", ".jpg": "img", ".jpeg": "img",
@@ -445,6 +445,11 @@ CLAMP3_MODALITIES = CLAMP2_MODALITIES + ("audio",)
 CLAMP3_HUB_ID = "sander-wood/clamp3"
 
 
+# What clamp3_from_args loads when --weights is not given (the --weights help of the scripts).
+CLAMP3_WEIGHTS_DEFAULT = ("config.py's CLAMP3_WEIGHTS_PATH for --variant when that file is in the working folder, "
+                          f"else the hub id {CLAMP3_HUB_ID}")
+
+
 def add_arguments(parser, *, outputs: bool = True) -> None:
     """The model, cache and output options the four ``clamp3_*`` scripts share."""
     from ..api import add_model_arguments
@@ -463,7 +468,9 @@ def add_arguments(parser, *, outputs: bool = True) -> None:
     if outputs:
         parser.add_argument("--output_dir", type=Path, default=Path("."),
                             help="where the JSONL files are written (default: the current directory)")
-    add_model_arguments(parser)
+    add_model_arguments(parser, weights_help=f"CLaMP 3 checkpoint file, folder or hub id (default: "
+                                             f"{CLAMP3_WEIGHTS_DEFAULT}); with --model clamp2, a CLaMP 2 one "
+                                             "(default: config.py's CLAMP2_WEIGHTS_PATH)")
 
 
 def family_from_args(args, cfg) -> ModelFamily:
@@ -484,7 +491,8 @@ def clamp3_from_args(args, cfg):
 
     ``--weights`` (a file, a folder or a hub id; ``--variant`` picks the published file in a folder
     or hub repo), else config.py's file name for the variant when that file exists here, else the
-    published file of ``sander-wood/clamp3`` from the Hugging Face cache.
+    published file of ``sander-wood/clamp3`` from the Hugging Face cache (downloaded when missing
+    and the hub is reachable, unless ``HF_HUB_OFFLINE`` is set).
     """
     from ..api import CLaMP3, configured_max_text_length
     from ..cache import cache_from_args
