@@ -1,7 +1,9 @@
 """Checkpoint helper: published dict or bare state dict, strict, weights_only, atomic saves."""
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +165,39 @@ def test_models_built_for_a_strict_load_draw_no_random_weights():
     for name, buffer in normal.named_buffers():
         assert torch.equal(dict(models[0].named_buffers())[name], buffer), name
     assert any(parameter.any() for parameter in other_thread["model"].parameters() if parameter.dim() > 1)
+
+
+# -- found by a mutation audit: each fails on a plausible one-line bug the suite missed -----------------
+
+
+def test_checkpoint_keeps_the_grad_scaler(tmp_path):
+    from clamp2.checkpoint import read_checkpoint, restore_training_state, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    save_checkpoint(tmp_path / "w.pth", model, scaler=scaler, epoch=3)
+    checkpoint = read_checkpoint(tmp_path / "w.pth")
+    assert checkpoint["scaler"]["scale"] == 1024.0
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0)
+    restore_training_state(checkpoint, scaler=fresh)
+    assert fresh.get_scale() == 1024.0
+
+
+def test_resume_prefers_latest_over_best(tmp_path):
+    from clamp2.checkpoint import latest_path, resume_source
+
+    best = tmp_path / "weights.pth"
+    best.write_bytes(b"best")
+    latest_path(best).write_bytes(b"latest")
+    assert resume_source(best) == latest_path(best)
+    latest_path(best).unlink()
+    assert resume_source(best) == best
+
+
+def test_rng_state_round_trip_covers_numpy():
+    from clamp2.checkpoint import capture_rng_state, restore_rng_state
+
+    state = capture_rng_state()
+    want = (random.random(), np.random.random(), torch.rand(1).item())
+    restore_rng_state(state)
+    assert (random.random(), np.random.random(), torch.rand(1).item()) == want

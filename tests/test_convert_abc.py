@@ -300,3 +300,15 @@ def test_quote_quirk():
     assert clean_quotes('"^a|b"cd \\"x\\" "D"ef|\n') == 'cd \\"x\\" "D"ef|\n'
     text, _ = interleave_quietly("M:2/4\nL:1/8\nK:C\nV:1\n\"^x||y\"cdef|gabc|\n")
     assert text.splitlines()[-2:] == ["[V:1]cdef|", "[V:1]gabc|"]
+
+
+# -- found by a mutation audit: each fails on a plausible one-line bug the suite missed -----------------
+
+
+def test_tune_end_words_W_are_removed_by_interleaving():
+    from clamp2.convert.abc import abc_to_interleaved
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = abc_to_interleaved("X:1\nT:t\nW:words in the header\nM:2/4\nL:1/8\nK:C\nV:1\ncdef|gabc|\n")
+    assert text == "M:2/4\nL:1/8\nK:C\n[V:1]cdef|\n[V:1]gabc|\n"

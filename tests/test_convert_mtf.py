@@ -293,3 +293,12 @@ def test_clamp3_mode_keeps_sysex_and_sequencer_specific_only():
     assert midi_to_mtf(path) == "\n".join(m3)
     with pytest.raises(ValueError, match="unknown MTF mode"):
         midi_to_mtf(path, mode="clamp4")
+
+
+# -- found by a mutation audit: each fails on a plausible one-line bug the suite missed -----------------
+
+
+def test_float_time_survives_mtf_reading():
+    from clamp2.convert.mtf import line_to_message
+
+    assert line_to_message("note_on 0.5 0 60 64").time == 0.5

@@ -1,5 +1,6 @@
 """Feature extraction (SPEC §8): the reference's numbers, independence from batching, bad inputs."""
 
+import io
 import os
 import shutil
 
@@ -614,3 +615,16 @@ def test_file_feature_is_the_combination_to_the_bit():
         np.save(buffer, array)
         assert npy_bytes(array) == buffer.getvalue()
         assert npy_bytes(array[:, ::-1]) == npy_bytes(np.ascontiguousarray(array[:, ::-1]))
+
+
+# -- found by a mutation audit: each fails on a plausible one-line bug the suite missed -----------------
+
+
+def test_npy_bytes_equal_np_save_for_two_dtypes_of_one_shape():
+    from clamp2.extraction.core import npy_bytes
+
+    for dtype in (np.float32, np.float16, np.float32):
+        array = np.arange(6, dtype=dtype).reshape(1, 6)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        assert npy_bytes(array) == buffer.getvalue()

@@ -161,3 +161,31 @@ def test_a_final_lone_barline_without_newline_gives_no_patch(barline):
     body = f"X:1\nK:C\nabc|\n{barline}"
     assert split_bars(barline) == []
     assert P.patch_strings(body) == P.patch_strings(body + "\n") == ["X:1\n", "K:C\n", "abc|\n"]
+
+
+# -- found by a mutation audit: each fails on a plausible one-line bug the suite missed -----------------
+
+
+def test_mtf_join_that_fills_the_patch_exactly_is_kept():
+    values = "x" * 57 + "\n"  # len("a 1\n") + len(values) == 62 == patch_size - 2: the reference joins (<=)
+    assert P.patch_strings("ticks_per_beat 1\na 1\na " + values) == ["ticks_per_beat 1\n", "a 1\t" + values]
+    assert P.encode("ticks_per_beat 1\na 1\na " + values)[1][-1] == 2  # bos + 62 chars + eos: no cut
+
+
+def test_truncation_draws_once_even_without_random_truncate():
+    short = M3Patchilizer(patch_size=64, patch_length=5)
+    text = "".join(f"a{i}|" for i in range(20)) + "\n"
+    ours, reference = random.Random(7), random.Random(7)
+    short.encode(text, add_special_patches=True, truncate_patches=True, random_truncate=False, rng=ours)
+    reference.choice(["head", "tail", "middle"])  # the reference draws whenever a cut is needed
+    assert ours.random() == reference.random()
+
+
+def test_decode_drops_mask_ids():
+    assert P.decode([[1, 3, 97, 3, 2] + [0] * 59]) == "a"
+    assert P.decode([[3] * 64]) == ""
+
+
+def test_lowercase_field_lines_are_single_patches():
+    assert P.patch_strings("w: la | la |\n") == ["w: la | la |\n"]
+    assert P.patch_strings("s: !f! | * |\n") == ["s: !f! | * |\n"]

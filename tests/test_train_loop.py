@@ -191,6 +191,23 @@ def test_an_optimizer_state_that_does_not_fit_names_the_file_and_the_setting(tmp
     assert loop.restore_state_of(checkpoint, source, settings, same, None, None)["epoch"] == 0
 
 
+def test_a_worse_epoch_does_not_overwrite_the_best_weights(tiny_env, tmp_path, corpus, trainers,  # noqa: F811
+                                                           monkeypatch):
+    # The tiny runs improve every epoch, so "best" and "latest" were never told apart (found by a mutation audit).
+    import itertools
+
+    from clamp2.training import loop
+
+    losses = itertools.chain([1.0, 2.0], itertools.repeat(3.0))
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: next(losses))
+    weights = tmp_path / "weights_t.pth"
+    args = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--weights", str(weights),
+                                      "--epochs", "2", "--max_steps_per_epoch", "1"]
+    assert trainers["m3"].main(args) == 0
+    assert read_checkpoint(weights)["epoch"] == 1 and read_checkpoint(weights)["min_eval_loss"] == 1.0
+    assert read_checkpoint(weights.with_name("latest_weights_t.pth"))["epoch"] == 2
+
+
 def test_nothing_left_to_do_after_the_last_epoch(tiny_env, tmp_path, corpus, trainers, capsys):  # noqa: F811
     weights = str(tmp_path / "weights_t.pth")
     args = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--weights", weights,

@@ -204,3 +204,18 @@ def test_labels_file_with_own_prompts(tmp_path):
     path.write_text("jig =\nreel\n", encoding="utf-8")
     with pytest.raises(ValueError, match="label = prompt"):
         zero_shot.read_label_prompts(path)
+
+
+# -- found by a mutation audit: each fails on a plausible one-line bug the suite missed -----------------
+
+
+def test_macro_f1_ignores_labels_that_never_occur():
+    from sklearn.metrics import f1_score
+
+    from clamp2.search import zero_shot
+
+    labels = ["jig", "reel", "waltz", "hornpipe"]  # hornpipe: neither true nor predicted
+    true = ["jig", "jig", "reel", "waltz"]
+    pred = ["jig", "reel", "reel", "waltz"]
+    scores = zero_shot.evaluate(true, pred, labels)
+    assert scores.macro_f1 == pytest.approx(f1_score(true, pred, average="macro", zero_division=0))
