@@ -113,8 +113,13 @@ if wants tunes; then
     run "$PYTHON" benchmarks/bench_extract.py "${TUNE_ARGS[@]}" --dtypes fp32 bf16 --batch_sizes 64 \
         --batch_tokens 16384 --reference_files 0 $COMPILE_FLAG
   fi
-  # The host's ceiling on the same tunes (a model that returns zeros): what bounds short pieces.
+  # The host's ceiling on the same tunes (a model that returns zeros): what bounds short pieces. Each line ends
+  # with where the main process waited (tokenizing workers, writers, ...); the second run doubles both pools.
   run "$PYTHON" benchmarks/bench_extract.py "${TUNE_ARGS[@]}" --host_only --batch_sizes 64 --reference_files 0
+  if [ "$SMOKE" != 1 ]; then
+    run "$PYTHON" benchmarks/bench_extract.py "${TUNE_ARGS[@]}" --host_only --batch_sizes 64 --reference_files 0 \
+        --num_workers 14 --writer_threads 8
+  fi
 fi
 if wants clamp3; then
   # CLaMP 3 extraction, symbolic and audio, global features (published sizes).
