@@ -9,6 +9,7 @@ may add ``scaler`` and ``rng``; loading accepts that dict or a bare state dict, 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping, Optional
 
@@ -320,10 +321,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None
         payload.update(extra)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        # On disk before the rename: after a crash of the machine (not just the process) the renamed file could
-        # otherwise be empty or short, and a resume would stop at it instead of using the previous one.
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
+        _on_disk(tmp)
+
+
+def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy a checkpoint file atomically and durably (the best file and epoch copies are copies of ``latest_``)."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+        _on_disk(tmp)
+
+
+def _on_disk(path: Path) -> None:
+    """fsync before the rename: after a crash of the machine (not just the process) the renamed file could
+    otherwise be empty or short, and a resume would stop at it instead of using the previous one. Opened
+    for writing: Windows' FlushFileBuffers needs write access."""
+    with open(path, "r+b") as written:
+        os.fsync(written.fileno())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

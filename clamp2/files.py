@@ -26,56 +26,60 @@ def find_files(root: str | os.PathLike, extensions: Iterable[str],
     """All files under ``root`` (recursively) whose suffix is one of ``extensions``, sorted.
 
     Matching is case-insensitive; hidden files and folders (name starting with ``.``) and our own
-    temporary files are ignored. Sorting makes the order, and so every run, deterministic. What
-    cannot be searched or read is left out and, when ``problems`` is given, added to it as
-    ``(path, reason)``: a folder that cannot be listed (its files would be missed without a word),
-    and a FIFO, socket or device with a wanted suffix (reading a FIFO waits forever).
+    temporary files are ignored, and links to folders are not followed (as ``os.walk``). Sorting
+    makes the order, and so every run, deterministic. What cannot be searched or read is left out
+    and, when ``problems`` is given, added to it as ``(path, reason)``: a folder that cannot be
+    listed (its files would be missed without a word), and a FIFO, socket or device with a wanted
+    suffix (reading a FIFO waits forever). A broken link is listed: reading it says what is wrong.
     """
     root = Path(root)
     wanted = normalize_extensions(extensions)
     if root.is_file():
         return [root] if root.suffix.lower() in wanted else []
-
-    def unreadable(error: OSError) -> None:
-        if problems is not None:
-            problems.append((Path(error.filename or root), f"cannot list this folder: {error.strerror or error}; "
-                                                           "its files were not searched"))
-
     found = []
-    for folder, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith(".") or name.endswith(TMP_SUFFIX):
+    folders = [os.fspath(root)]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as error:
+            if problems is not None:
+                problems.append((Path(folder), f"cannot list this folder: {error.strerror or error}; "
+                                               "its files were not searched"))
+            continue
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
                 continue
-            if os.path.splitext(name)[1].lower() in wanted:
-                path = os.path.join(folder, name)
-                kind = _special_file(path)
-                if kind is None:
-                    found.append(Path(path))
+            # The entry's type comes with the listing (no stat, except for links): as cheap as os.walk.
+            if _is(entry.is_dir):
+                if not _is(entry.is_symlink):
+                    folders.append(entry.path)
+            elif not name.endswith(TMP_SUFFIX) and os.path.splitext(name)[1].lower() in wanted:
+                if _is(entry.is_file) or not os.path.exists(entry.path):  # a regular file, or a broken link
+                    found.append(Path(entry.path))
                 elif problems is not None:
-                    problems.append((Path(path), f"not a regular file ({kind}); skipped"))
+                    problems.append((Path(entry.path), f"not a regular file ({_special_kind(entry.path)}); "
+                                                       "skipped"))
     return sorted(found)
 
 
-def _special_file(path: str) -> Optional[str]:
-    """``"a FIFO"``, ``"a socket"`` or ``"a device"`` when ``path`` is one (links followed); else None.
+def _is(test) -> bool:
+    try:
+        return test()
+    except OSError:  # gone meanwhile, or a link we may not follow
+        return False
 
-    One ``stat`` a wanted file: os.walk has already read each entry's type, but keeps it to itself.
-    A missing target (a broken link) is None: reading it then fails with its own, clearer reason.
-    """
+
+def _special_kind(path: str) -> str:
     import stat
 
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return None
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return None
+        return "unreadable"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
 
 
 _CASE_INSENSITIVE_PATHS = os.name == "nt"

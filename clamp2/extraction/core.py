@@ -948,7 +948,8 @@ def remove_other_failure_logs(output_dir: Path, tool: str, num_processes: int) -
         return
     for name in names:
         index = name[len(f"failed_{tool}_"):-len(".log")] if name.startswith(f"failed_{tool}_") else None
-        if name.endswith(".log") and name not in own and (name == f"failed_{tool}.log" or (index or "").isdigit()):
+        if name.endswith(".log") and name not in own and (name == f"failed_{tool}.log"
+                                                          or ((index or "").isascii() and (index or "").isdigit())):
             (output_dir / name).unlink(missing_ok=True)
 
 

@@ -39,7 +39,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,11 +52,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from ..attention import Autocast
-from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capture_rng_state, latest_path, load_state, read_checkpoint, restore_rng_state,
+from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capture_rng_state, copy_checkpoint, latest_path, load_state, read_checkpoint, restore_rng_state,
                           restore_training_state, resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
-from ..files import atomic_path, remove_partial_files
+from ..files import remove_partial_files
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            env_int, gather_objects, seed_everything)
 from ..models.common import compile_transformers, count_parameters
@@ -677,7 +676,7 @@ def restore_state_of(checkpoint: Mapping[str, Any], source: Path, settings: Trai
     (another FREEZE_TEXT, another model) is one line naming the file and the settings that differ."""
     try:
         return restore_training_state(checkpoint, optimizer=optimizer, lr_sched=lr_sched, scaler=scaler)
-    except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+    except (ValueError, KeyError, IndexError) as exc:  # not RuntimeError: out of memory is not a misfit
         differ = settings_that_differ(checkpoint, settings.config)
         why = f"; settings that differ: {'; '.join(differ[:4])}" if differ else ""
         raise CheckpointError(f"the training state in {source} does not fit this run's trained parameters "
@@ -774,12 +773,13 @@ def catch_up_epoch_files(settings: TrainSettings, source: Path, checkpoint: Mapp
         if owed.is_file():  # written already, or left by an earlier stage or run (then replaced)
             try:
                 present = read_checkpoint(owed, mmap=True)
-                if int(present.get("epoch", -1)) == epoch and present.get("modality") == stage:
+                done = int(present.get("epoch", -1)) == epoch and present.get("modality") == stage
+                del present  # unmapped before the file may be replaced (Windows refuses to replace a mapped file)
+                if done:
                     continue
             except CheckpointError:
                 pass  # unreadable: replaced by the copy
-        with atomic_path(owed) as tmp:
-            shutil.copyfile(source, tmp)
+        copy_checkpoint(source, owed)
         written.append(str(owed))
     losses = checkpoint.get("losses")
     # The entry itself, losses included: CLaMP 3's two stages share a log, and both have an epoch 1.
@@ -829,6 +829,14 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     same_checkpoint_everywhere(source, checkpoint, dist_info)
     new_stage = None
     if checkpoint is not None and task.stage is not None and checkpoint.get("modality") != task.stage:
+        # The earlier stage's last epoch may have been killed after its latest_: write the best file (and the
+        # rest) it owed first, or the switch would start from the best file of the epoch before.
+        if dist_info.is_main and Path(source) == latest_path(settings.weights_path):
+            caught_up = catch_up_epoch_files(settings, source, checkpoint, checkpoint.get("modality"))
+            if caught_up:
+                say(dist_info, f"the run that wrote {source} stopped before the rest of its epoch's files; "
+                               f"written now: {', '.join(caught_up)}")
+        barrier()  # the other ranks read the best file next
         source, checkpoint, new_stage = stage_switch(settings.weights_path, source, checkpoint, task.stage)
     if checkpoint is not None:
         load_state(model, state_dict_of(checkpoint), source=f"checkpoint {source}",
@@ -913,8 +921,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
             # copy, log entry) a run killed after it still owes; a resume writes those (catch_up_epoch_files).
             save_checkpoint(latest, model, **fields)
             for owed in epoch_files_owed(settings, epoch, improved):
-                with atomic_path(owed) as tmp:
-                    shutil.copyfile(latest, tmp)
+                copy_checkpoint(latest, owed)
             append_log(settings.logs_path, epoch, train_loss, eval_loss)
             if wandb_run is not None:
                 wandb_run.log({"epoch": epoch, "epoch_train_loss": train_loss, "eval_loss": eval_loss})
