@@ -106,6 +106,10 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed(tmp_path, monkeypatch):
     monkeypatch.setattr(clamp2.files, "_replace", lambda tmp, path: (events.append("rename"), replace(tmp, path))[1])
     save_checkpoint(tmp_path / "w.pth", fresh(0), epoch=1)
     assert events == ["fsync", "rename"] and read_checkpoint(tmp_path / "w.pth")["epoch"] == 1
+    from clamp2.checkpoint import copy_checkpoint  # the best file and epoch copies too
+
+    copy_checkpoint(tmp_path / "w.pth", tmp_path / "w_1.pth")
+    assert events == ["fsync", "rename"] * 2 and read_checkpoint(tmp_path / "w_1.pth")["epoch"] == 1
 
 
 def test_failed_save_keeps_previous_file(tmp_path):

@@ -26,6 +26,8 @@ def test_find_files_reports_what_it_cannot_search_or_read(tmp_path, monkeypatch)
     os.mkfifo(tmp_path / "b" / "pipe.abc")
     os.mkfifo(tmp_path / "b" / "pipe.txt")  # not a wanted suffix: not reported
     (tmp_path / "b" / "gone.abc").symlink_to(tmp_path / "missing.abc")  # listed: reading it says what is wrong
+    (tmp_path / "b" / "also.abc").symlink_to(tmp_path / "a" / "x.abc")  # a link to a file: listed
+    (tmp_path / "b" / "into_a").symlink_to(tmp_path / "a", target_is_directory=True)  # a link to a folder: not followed
     scandir = os.scandir
 
     def locked(path="."):  # root can read any folder: refuse one as a permission would
@@ -36,7 +38,7 @@ def test_find_files_reports_what_it_cannot_search_or_read(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "scandir", locked)
     problems = []
     found = find_files(tmp_path, ["abc"], problems)
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/x.abc", "b/gone.abc", "b/z.abc"]
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/x.abc", "b/also.abc", "b/gone.abc", "b/z.abc"]
     assert sorted((p.relative_to(tmp_path).as_posix(), why.split(";")[0]) for p, why in problems) == [
         ("b/pipe.abc", "not a regular file (a FIFO)"), ("locked", "cannot list this folder: Permission denied")]
     assert find_files(tmp_path, ["abc"]) == found  # without a list, the same files

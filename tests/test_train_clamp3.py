@@ -278,12 +278,10 @@ def test_a_kill_in_the_first_epoch_of_a_new_stage_resumes_that_stage(tiny_env, t
     assert trainers["audio"].main(audio + ["--weights", str(whole)]) == 0
     owed = loop.epoch_files_owed
 
-    def killed(settings, epoch, best):
-        import inspect
-
-        if inspect.stack()[1].function == "_run":  # the epoch's saves, not the start's catch-up of the last stage
+    def killed(settings, epoch, best, save_every=None):
+        if save_every is None:  # the epoch's own saves (a resume's catch-up passes the writer's save_every)
             raise KeyboardInterrupt  # stands for SIGKILL here: nothing after this line of the epoch runs
-        return owed(settings, epoch, best)
+        return owed(settings, epoch, best, save_every)
 
     monkeypatch.setattr(loop, "epoch_files_owed", killed)
     with pytest.raises(KeyboardInterrupt):
@@ -315,10 +313,10 @@ def test_a_stage_switch_after_a_kill_between_latest_and_the_best_file(tiny_env, 
     assert read_checkpoint(whole)["epoch"] == 2  # epoch 2 improved: its best file is what the audio stage reads
     owed = loop.epoch_files_owed
 
-    def killed_at_epoch_2(settings, epoch, best):
-        if epoch == 2:
+    def killed_at_epoch_2(settings, epoch, best, save_every=None):
+        if epoch == 2 and save_every is None:  # the epoch's own saves, not a resume's catch-up
             raise KeyboardInterrupt  # stands for SIGKILL
-        return owed(settings, epoch, best)
+        return owed(settings, epoch, best, save_every)
 
     monkeypatch.setattr(loop, "epoch_files_owed", killed_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
@@ -335,6 +333,20 @@ def test_a_stage_switch_after_a_kill_between_latest_and_the_best_file(tiny_env, 
     assert a["modality"] == b["modality"] == "audio"
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
     assert log_losses(whole.with_name("logs_t.txt")) == log_losses(parts.with_name("logs_t.txt"))
+
+
+def test_a_stage_switch_after_a_complete_stage_owes_nothing_whatever_save_every(tiny_env, tmp_path, corpus3,  # noqa: F811
+                                                                                 trainers, capsys):
+    # What an epoch owed is judged by the save_every of the run that wrote it: the audio stage's own (2 here) had
+    # "caught up" a weights_t_2.pth the symbolic stage (0) never wrote, then refused to start beside it.
+    weights = tmp_path / "w" / "weights_t.pth"
+    common = ["--batch_size", "8", "--learning_rate", "1e-3", "--max_steps_per_epoch", "3", "--weights", str(weights)]
+    assert trainers["symbolic"].main(args_for("symbolic", corpus3, *common, "--epochs", "2", "--save_every", "0")) == 0
+    assert read_checkpoint(weights)["training"]["save_every"] == 0
+    capsys.readouterr()
+    assert trainers["audio"].main(args_for("audio", corpus3, *common, "--epochs", "2", "--save_every", "2")) == 0
+    assert "stopped before the rest of its epoch's files" not in capsys.readouterr().out  # nothing was killed
+    assert read_checkpoint(weights.with_name("weights_t_2.pth"))["modality"] == "audio"
 
 
 @pytest.mark.parametrize("stage,cudnn", [("symbolic", True), ("audio", False)])

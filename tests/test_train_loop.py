@@ -103,10 +103,10 @@ def test_a_run_killed_after_saving_latest_owes_nothing_once_resumed(tiny_env, tm
 
     owed = loop.epoch_files_owed
 
-    def killed_at_epoch_2(settings, epoch, best):
-        if epoch == 2:
+    def killed_at_epoch_2(settings, epoch, best, save_every=None):
+        if epoch == 2 and save_every is None:  # the epoch's own saves, not a resume's catch-up
             raise Killed
-        return owed(settings, epoch, best)
+        return owed(settings, epoch, best, save_every)
 
     monkeypatch.setattr(loop, "epoch_files_owed", killed_at_epoch_2)
     with pytest.raises(Killed):
@@ -189,6 +189,13 @@ def test_an_optimizer_state_that_does_not_fit_names_the_file_and_the_setting(tmp
         loop.restore_state_of(checkpoint, source, settings, fewer, None, None)
     same = torch.optim.AdamW(model.parameters())
     assert loop.restore_state_of(checkpoint, source, settings, same, None, None)["epoch"] == 0
+
+    def out_of_memory(state):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    same.load_state_dict = out_of_memory  # not a misfit of the checkpoint: it must come through as itself
+    with pytest.raises(RuntimeError, match="out of memory"):
+        loop.restore_state_of(checkpoint, source, settings, same, None, None)
 
 
 def test_a_worse_epoch_does_not_overwrite_the_best_weights(tiny_env, tmp_path, corpus, trainers,  # noqa: F811

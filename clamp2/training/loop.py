@@ -602,7 +602,8 @@ def training_record(settings: TrainSettings, dist_info: DistInfo, precision: Pre
     return {"batch_size": settings.batch_size, "world_size": dist_info.world_size,
             "learning_rate": settings.learning_rate, "warmup_steps": settings.warmup_steps,
             "num_epochs": settings.num_epochs, "precision": str(precision),
-            "max_steps_per_epoch": settings.max_steps_per_epoch, "seed": settings.seed}
+            "max_steps_per_epoch": settings.max_steps_per_epoch, "seed": settings.seed,
+            "save_every": settings.save_every}
 
 
 def restore_random_state(rng: Optional[Dict[str, Any]], seed: int, epoch: int, dist_info: DistInfo) -> int:
@@ -711,10 +712,12 @@ def refuse_overwriting_epoch_files(settings: TrainSettings) -> None:
                            "move them away, give this stage its own --weights, or pass --overwrite_epoch_files")
 
 
-def epoch_files_owed(settings: TrainSettings, epoch: int, best: bool) -> List[Path]:
-    """Copies of ``latest_`` an epoch writes after it: the best file (when the eval loss improved), the epoch copy."""
+def epoch_files_owed(settings: TrainSettings, epoch: int, best: bool, save_every: Optional[int] = None) -> List[Path]:
+    """Copies of ``latest_`` an epoch writes after it: the best file (when the eval loss improved), the epoch copy
+    (every ``save_every`` epochs: the run's own by default; a resume passes that of the run that wrote the epoch)."""
+    save_every = settings.save_every if save_every is None else save_every
     owed = [Path(settings.weights_path)] if best else []
-    if settings.save_every and epoch % settings.save_every == 0:
+    if save_every and epoch % save_every == 0:
         owed.append(Path(epoch_weights_path(str(settings.weights_path), epoch)))
     return owed
 
@@ -769,7 +772,11 @@ def catch_up_epoch_files(settings: TrainSettings, source: Path, checkpoint: Mapp
     if Path(source) != latest_path(weights) or epoch <= 0:
         return []
     written = []
-    for owed in epoch_files_owed(settings, epoch, int(checkpoint.get("best_epoch", 0)) == epoch):
+    # The epoch copies of the run that wrote it (another stage's, or before a changed --save_every): none when
+    # the checkpoint does not say (written before this record existed).
+    record = checkpoint.get("training") if isinstance(checkpoint.get("training"), Mapping) else {}
+    save_every = int(record.get("save_every") or 0)
+    for owed in epoch_files_owed(settings, epoch, int(checkpoint.get("best_epoch", 0)) == epoch, save_every):
         if owed.is_file():  # written already, or left by an earlier stage or run (then replaced)
             try:
                 present = read_checkpoint(owed, mmap=True)
