@@ -938,6 +938,14 @@ def write_failure_log(output_dir: Path, name: str, failures: Sequence[Tuple[Path
     return log
 
 
+def clear_earlier_run(jobs: Sequence[Job], output_dir: Path, tool: str, process_index: int, num_processes: int) -> None:
+    """Before a process extracts ``jobs``: remove what a killed run was writing for them (this process's files
+    only: the others' may be being written) and, on the first process, failure logs of another process count."""
+    remove_partial_files_of(job.output for job in jobs)
+    if process_index == 0:
+        remove_other_failure_logs(output_dir, tool, num_processes)
+
+
 def remove_other_failure_logs(output_dir: Path, tool: str, num_processes: int) -> None:
     """Failure logs an earlier run with another number of processes left (``failed_<tool>_<i>.log`` or
     ``failed_<tool>.log``): this run writes only its own, and a stale one would list fixed files as failing."""
@@ -982,9 +990,7 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     skipped: List[Path] = []
     if not args.overwrite:
         jobs, skipped = skip_existing(jobs)
-    remove_partial_files_of(job.output for job in jobs)  # what a killed run was writing: this process's files only
-    if process_index == 0:
-        remove_other_failure_logs(args.output_dir, tool, num_processes)
+    clear_earlier_run(jobs, args.output_dir, tool, process_index, num_processes)
     failures = list(plan.failures) if process_index == 0 else []
     # One progress bar, on the main process (it shows that process's share).
     bar = progress_bar(total=len(jobs), desc=tool, unit="file", enabled=not args.no_progress and process_index == 0)

@@ -23,10 +23,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..files import find_files, mirror_outputs, remove_partial_files_of
+from ..files import find_files, mirror_outputs
 from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, normalize_tensor,
                     resample_tensor, track_windows)
-from .core import (HostCopy, Job, Plan, autocast_context, remove_other_failure_logs, save_npy, shard, skip_existing,
+from .core import (HostCopy, Job, Plan, autocast_context, clear_earlier_run, save_npy, shard, skip_existing,
                    write_failure_log)
 
 
@@ -254,9 +254,7 @@ def extract_folder(extractor: MertFeatureExtractor, input_dir: Path, output_dir:
     skipped: List[Path] = []
     if not overwrite:
         jobs, skipped = skip_existing(jobs)
-    remove_partial_files_of(job.output for job in jobs)  # what a killed run was writing: this process's files only
-    if process_index == 0:
-        remove_other_failure_logs(output_dir, tool, num_processes)
+    clear_earlier_run(jobs, output_dir, tool, process_index, num_processes)
     failures = list(plan.failures) if process_index == 0 else []
     for path, reason in failures:
         write_line(f"failed: {path}: {reason}")

@@ -759,13 +759,12 @@ def same_checkpoint_everywhere(source: Optional[Path], checkpoint: Optional[Mapp
 
 
 def catch_up_epoch_files(settings: TrainSettings, source: Path, checkpoint: Mapping[str, Any],
-                         stage: Optional[str]) -> List[str]:
+                         stage: Optional[str], dist_info: DistInfo) -> List[str]:
     """Write what the last epoch of ``latest_`` (``source``) still owes, when a run was killed after saving it.
 
     An epoch saves ``latest_``, then the best file and the epoch copy (copies of it), then the log entry;
     a kill in between left them out, and a resume starts at the next epoch. Each is written now, from
-    ``latest_``, unless it already holds that epoch of this stage. Returns
-    what was written, for the log.
+    ``latest_``, unless it already holds that epoch of this stage. Says, and returns, what was written.
     """
     weights = Path(settings.weights_path)
     epoch = int(checkpoint.get("epoch", 0))
@@ -794,6 +793,9 @@ def catch_up_epoch_files(settings: TrainSettings, source: Path, checkpoint: Mapp
             not in logged_entries(settings.logs_path):
         append_log(settings.logs_path, epoch, losses.get("train"), losses.get("eval"))
         written.append(f"{settings.logs_path} (epoch {epoch})")
+    if written:
+        say(dist_info, f"the run that wrote {source} stopped before the rest of its epoch's files; "
+                       f"written now: {', '.join(written)}")
     return written
 
 
@@ -839,10 +841,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         # The earlier stage's last epoch may have been killed after its latest_: write the best file (and the
         # rest) it owed first, or the switch would start from the best file of the epoch before.
         if dist_info.is_main and Path(source) == latest_path(settings.weights_path):
-            caught_up = catch_up_epoch_files(settings, source, checkpoint, checkpoint.get("modality"))
-            if caught_up:
-                say(dist_info, f"the run that wrote {source} stopped before the rest of its epoch's files; "
-                               f"written now: {', '.join(caught_up)}")
+            catch_up_epoch_files(settings, source, checkpoint, checkpoint.get("modality"), dist_info)
         barrier()  # the other ranks read the best file next
         source, checkpoint, new_stage = stage_switch(settings.weights_path, source, checkpoint, task.stage)
     if checkpoint is not None:
@@ -881,10 +880,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
             say(dist_info, f"note: this run's settings differ from those {source} was trained with: "
                            f"{'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''}")
         if dist_info.is_main:
-            caught_up = catch_up_epoch_files(settings, source, checkpoint, task.stage)
-            if caught_up:
-                say(dist_info, f"the run that wrote {source} stopped before the rest of its epoch's files; "
-                               f"written now: {', '.join(caught_up)}")
+            catch_up_epoch_files(settings, source, checkpoint, task.stage, dist_info)
     del checkpoint  # optimizer state included, it can hold gigabytes of host memory per rank
 
     for dataset in (task.train_set, task.eval_set):
