@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,11 +53,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from ..attention import Autocast
-from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capture_rng_state, copy_checkpoint, latest_path, load_state, read_checkpoint, restore_rng_state,
-                          restore_training_state, resume_source, save_checkpoint, state_dict_of, unwrap)
+from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capture_rng_state, copy_checkpoint,
+                          latest_path, load_state, read_checkpoint, restore_rng_state, restore_training_state,
+                          resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
-from ..files import remove_partial_files
+from ..files import remove_partial_files_of
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            env_int, gather_objects, seed_everything)
 from ..models.common import compile_transformers, count_parameters
@@ -728,8 +730,6 @@ def logged_entries(path: Path) -> List[Tuple[str, str, str]]:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
-    import re
-
     return re.findall(r"^Epoch (\S+)\ntrain_loss: (\S+)\neval_loss: (\S+)$", text, re.M)
 
 
@@ -738,7 +738,7 @@ def remove_killed_saves(settings: TrainSettings) -> int:
     weights = Path(settings.weights_path)
     paths = [weights, latest_path(weights)] + [Path(epoch_weights_path(str(weights), epoch))
                                                for epoch in range(1, settings.num_epochs + 1)]
-    return sum(remove_partial_files(path) for path in paths)
+    return remove_partial_files_of(paths)  # one listing of the folder, not one per epoch copy
 
 
 def same_checkpoint_everywhere(source: Optional[Path], checkpoint: Optional[Mapping[str, Any]],
