@@ -130,6 +130,28 @@ def test_bad_files_are_audio_errors(tmp_path):
         audio.load_windows(tmp_path / "huge.wav")
 
 
+def test_wav_data_size_zero_reads_to_end_of_file(tmp_path):
+    # A recorder killed before patching its header leaves the data size (and often the RIFF size) 0:
+    # FFmpeg, which the reference decodes with, reads such a data chunk to the end of the file.
+    frames = (np.arange(30001 * 2, dtype=np.int16) % 2000 - 1000).reshape(-1, 2)
+    fmt = (b"fmt " + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (2).to_bytes(2, "little")
+           + (22050).to_bytes(4, "little") + (22050 * 4).to_bytes(4, "little") + (4).to_bytes(2, "little")
+           + (16).to_bytes(2, "little"))
+    note = b"LIST" + (3).to_bytes(4, "little") + b"abc\x00"  # odd size: padded to an even length
+    body = b"WAVE" + fmt + note + b"data" + (0).to_bytes(4, "little") + frames.tobytes()
+    unpatched = tmp_path / "unpatched.wav"
+    unpatched.write_bytes(b"RIFF" + (0).to_bytes(4, "little") + body)
+    patched = tmp_path / "patched.wav"
+    soundfile.write(patched, frames, 22050, subtype="PCM_16")
+    samples, rate = audio.decode(unpatched)
+    assert rate == 22050 and samples.shape == (2, 30001)
+    assert np.array_equal(samples, audio.decode(patched)[0])
+    header_only = tmp_path / "header_only.wav"
+    header_only.write_bytes(b"RIFF" + (0).to_bytes(4, "little") + body[:-frames.nbytes])
+    with pytest.raises(audio.AudioError, match="empty audio"):
+        audio.load_windows(header_only)
+
+
 @pytest.fixture(scope="module")
 def chorale_midi(tmp_path_factory):
     return audio_render.corpus_midi("bach/bwv66.6", tmp_path_factory.mktemp("midi") / "bwv66.6.mid")

@@ -8,6 +8,7 @@ torchaudio build works with this project's torch, so both are done here: ``sound
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from functools import lru_cache
@@ -49,9 +50,46 @@ def decode_frames(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
         raise AudioError("empty file (0 bytes)")
     try:
         data, rate = soundfile.read(os.fspath(path), dtype="float32", always_2d=True)
+        if data.shape[0] == 0:
+            patched = wav_read_to_end(path)
+            if patched is not None:
+                data, rate = soundfile.read(patched, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(f"cannot decode audio ({' '.join(str(exc).split())})") from None
     return data, int(rate)
+
+
+def wav_read_to_end(path: str | os.PathLike) -> io.BytesIO | None:
+    """A WAV whose ``data`` chunk declares 0 bytes, as a copy declaring the rest of the file; else None.
+
+    A recorder killed before it patched its header leaves the size 0. FFmpeg, which the reference
+    decodes through, reads such a ``data`` chunk to the end of the file; libsndfile reads no frame.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        offset = 12
+        while True:
+            handle.seek(offset)
+            chunk = handle.read(8)
+            if len(chunk) < 8:
+                return None
+            size = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                break
+            offset += 8 + size + (size & 1)  # chunks are padded to an even length
+        if size != 0:
+            return None
+        handle.seek(0)
+        whole = bytearray(handle.read())
+    data_bytes = min(len(whole) - offset - 8, 0xFFFFFFFF)
+    if data_bytes <= 0:
+        return None
+    whole[offset + 4:offset + 8] = data_bytes.to_bytes(4, "little")
+    if int.from_bytes(whole[4:8], "little") == 0:
+        whole[4:8] = min(len(whole) - 8, 0xFFFFFFFF).to_bytes(4, "little")
+    return io.BytesIO(bytes(whole))
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
