@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                                                       not args.no_progress, announce=not args.json)
         if not len(query):
             raise clamp3.CommandError(f"Error: the query {args.query_file} could not be encoded")
-        hits, warnings = clamp3.search(query.matrix[0], references, args.top_k, device=args.device or "cpu")
+        hits, warnings, candidates = clamp3.search(query.matrix[0], references, args.top_k, device=args.device or "cpu")
         for warning in warnings:
             print(warning, file=sys.stderr)
         if args.json:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                 result = {"caption": query.captions[0][1], "results": result}
             print(json.dumps(result, indent=1, ensure_ascii=False))
         else:
-            print("\n".join(clamp3.search_lines(hits, len(references))))
+            print("\n".join(clamp3.search_lines(hits, candidates)))
         return clamp3.exit_status(sides)
 
     return clamp3.run_command(work)

@@ -5,6 +5,7 @@ way the original inference scripts compute them (loops of torch cosines, Python 
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -239,15 +240,36 @@ def test_search_ranks_sub_folders_with_the_reference_lines(feature_folders, scri
     code, lines, err = run(scripts["search"], [query, references, "--top_k", "5", *CLAMP2], capsys)
     assert code == 0, err
     q = torch.tensor(np.load(query)[0]).unsqueeze(0)
-    files = sorted(references.rglob("*.npy"))
+    # the reference's dict of features: one file per key, the last in path order
+    last_of_key = {f.name.split(".")[0]: f for f in sorted(references.rglob("*.npy"),
+                                                           key=lambda f: f.relative_to(references).as_posix())}
+    files = list(last_of_key.values())
+    assert last_of_key["p29"] == references / "part2" / "p29.npy"
     sims = torch.cosine_similarity(q, torch.tensor(np.array([np.load(f).squeeze() for f in files]))).tolist()
-    best = sorted(zip(sims, [f.name.split(".")[0] for f in files]), key=lambda x: (-x[0], x[1]))[:5]
-    assert lines == ["Top 5 results among 31 candidates:"] + [f"{key} {round(s, 4)}" for s, key in best]
+    best = sorted(zip(sims, list(last_of_key)), key=lambda x: (-x[0], x[1]))[:5]
+    assert lines == ["Top 5 results among 30 candidates:"] + [f"{key} {round(s, 4)}" for s, key in best]
     assert "p21" in [line.split()[0] for line in lines[1:]]  # in a sub-folder, still ranked
-    assert "share the key 'p29'" in err  # two references, one key: reported
+    assert [line.split()[0] for line in lines[1:]].count("p21") == 1  # its copy under the key p29 is left out
+    assert "share the key 'p29'" in err and f"{references / 'p29.npy'} left out" in err  # reported
     code, lines, err = run(scripts["search"], [query, references, "--top_k", "100", "--json", *CLAMP2], capsys)
     results = json.loads("\n".join(lines))
-    assert len(results) == 31 and results[0]["rank"] == 1 and set(results[0]) == {"rank", "key", "path", "score"}
+    assert len(results) == 30 and results[0]["rank"] == 1 and set(results[0]) == {"rank", "key", "path", "score"}
+    assert [r["path"] for r in results if r["key"] == "p29"] == [str(references / "part2" / "p29.npy")]
+
+
+def test_search_keeps_the_last_file_of_a_key_in_a_flat_folder(tmp_path, scripts, capsys):
+    # "J.S. Bach - Prelude" and "J.S. Bach - Fugue" share the key "J": the reference's dict keeps the
+    # last file in sorted order and counts keys as candidates.
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    np.save(refs / "J.S. Bach - Fugue.npy", np.array([[1, 0, 0, 0]], np.float32))
+    np.save(refs / "J.S. Bach - Prelude.npy", np.array([[0, 1, 0, 0]], np.float32))
+    np.save(refs / "Mozart.npy", np.array([[1, 1, 0, 0]], np.float32))
+    np.save(tmp_path / "q.npy", np.array([[1, 0.1, 0, 0]], np.float32))
+    code, lines, err = run(scripts["search"], [tmp_path / "q.npy", refs, *CLAMP2], capsys)
+    assert code == 0, err
+    assert lines == ["Top 2 results among 2 candidates:", "Mozart 0.774", "J 0.0995"]
+    assert "2 references share the key 'J'" in err
 
 
 def test_search_ties_are_ordered_by_key(tmp_path, scripts, capsys):
@@ -362,8 +384,9 @@ def test_raw_query_search(tiny_env, raw, tmp_path, scripts, capsys):
     code, lines, err = run(scripts["search"], [texts / "multi.txt", music, "--no_cache", *CLAMP2], capsys)
     assert code == 0, err
     assert lines[:3] == ["Detected query modality: txt", "Detected reference modality: xml",
-                         "Top 2 results among 2 candidates:"]
-    assert [line.split()[0] for line in lines[3:]] == ["bwv10", "bwv10"]
+                         "Top 1 results among 1 candidates:"]
+    # both scores have the key bwv10: one is ranked, as the reference's dict of features keeps one
+    assert [line.split()[0] for line in lines[3:]] == ["bwv10"] and "2 references share the key 'bwv10'" in err
 
 
 def test_clamp2_family_refuses_audio(tmp_path, scripts, capsys):
@@ -460,7 +483,7 @@ def test_image_query_searches_its_caption(tiny_env, tiny_blip, raw, tmp_path, sc
     assert code == 0, err
     assert lines[0] == "Detected query modality: img" and lines[1].startswith('Caption of "cover.png": ')
     caption = lines[1].split(": ", 1)[1]
-    assert lines[2:4] == ["Detected reference modality: xml", "Top 2 results among 2 candidates:"]
+    assert lines[2:4] == ["Detected reference modality: xml", "Top 1 results among 1 candidates:"]
     # the same ranking as a text query holding the caption
     (tmp_path / "caption.txt").write_text(caption, encoding="utf-8")
     code, text_lines, _ = run(scripts["search"], [tmp_path / "caption.txt", music, *model], capsys)
@@ -483,10 +506,11 @@ def test_features_of_the_original_extractor(tmp_path, scripts, capsys):
     assert code == 0 and "There are 1 unmatched" in lines[0]  # handmade_sysex has no text
     code, lines, _ = run(scripts["search"], [features / "txt" / "multi.npy", features / "audio", *CLAMP2], capsys)
     q = torch.tensor(np.load(features / "txt" / "multi.npy")[0]).unsqueeze(0)
-    files = sorted((features / "audio").glob("*.npy"))
-    sims = torch.cosine_similarity(q, torch.tensor(np.array([np.load(f).squeeze() for f in files]))).tolist()
-    best = sorted(zip(sims, [f.name.split(".")[0] for f in files]), key=lambda x: (-x[0], x[1]))
-    assert lines == ["Top 3 results among 3 candidates:"] + [f"{key} {round(s, 4)}" for s, key in best]
+    # the reference's get_info: a dict by key over sorted(os.listdir()), so bwv26.6_44k1… replaces bwv26.6_16k…
+    features_of = {f.split(".")[0]: np.load(features / "audio" / f)[0] for f in sorted(os.listdir(features / "audio"))}
+    sims = torch.cosine_similarity(q, torch.tensor(np.array(list(features_of.values())))).tolist()
+    best = sorted(zip(sims, list(features_of)), key=lambda x: (-x[0], x[1]))
+    assert lines == ["Top 2 results among 2 candidates:"] + [f"{key} {round(s, 4)}" for s, key in best]
 
 
 # -- CLaMP 3 itself (the tiny reference checkpoint and MERT) -------------------------------------------

@@ -23,7 +23,6 @@ import math
 import os
 import sys
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -412,9 +411,16 @@ def evaluate(queries: Side, references: Side, output_dir: Path, *, device="cpu",
 
 # -- clamp3_search ----------------------------------------------------------------------------------
 
-def search(query: np.ndarray, references: Side, top_k: int, *, device="cpu") -> Tuple[List[Tuple[str, str, float]], List[str]]:
+def search(query: np.ndarray, references: Side, top_k: int, *,
+           device="cpu") -> Tuple[List[Tuple[str, str, float]], List[str], int]:
     """The ``top_k`` (capped) references most similar to ``query`` [D]: ``(key, relative path, score)``
-    best first (ties by key, then path), and warnings about keys shared by several references."""
+    best first (ties by key), warnings about keys shared by several references, and the number of
+    candidates.
+
+    One reference per key, as the reference's dict of features: of the files sharing a key, the last
+    in path order is ranked (in a flat folder, the last of ``sorted(os.listdir())``, the one the
+    reference keeps) and the others are reported.
+    """
     from .retrieval import top_k as best
 
     _need_rows(references, "reference")
@@ -422,13 +428,18 @@ def search(query: np.ndarray, references: Side, top_k: int, *, device="cpu") -> 
         raise CommandError(f"Error: the query has dimension {query.shape[0]}, the references "
                            f"{references.matrix.shape[1]}")
     keys = references.name_keys
-    # Rows ordered by (key, path): the searcher breaks ties by key, then by row.
-    order = sorted(range(len(keys)), key=lambda i: (keys[i], references.relative[i]))
+    files_of: Dict[str, List[int]] = {}
+    for i in sorted(range(len(keys)), key=lambda i: references.relative[i]):
+        files_of.setdefault(keys[i], []).append(i)
+    # Rows ordered by key: the searcher breaks ties by key.
+    order = [files_of[key][-1] for key in sorted(files_of)]
     labels = [f"{keys[i]}\0{references.relative[i]}" for i in order]
     hits = best(query[None], labels, references.matrix[order], top_k, device=device)[0]
-    warnings = [f"warning: {count} references share the key {key!r} (keys are file names up to the first '.')"
-                for key, count in sorted(Counter(keys).items()) if count > 1]
-    return [(label.split("\0")[0], label.split("\0")[1], score) for label, score in hits], warnings
+    warnings = [f"warning: {len(rows)} references share the key {key!r} (keys are file names up to the first "
+                f"'.'): {references.path(rows[-1])} is ranked, "
+                f"{', '.join(references.path(i) for i in rows[:-1])} left out"
+                for key, rows in sorted(files_of.items()) if len(rows) > 1]
+    return [(label.split("\0")[0], label.split("\0")[1], score) for label, score in hits], warnings, len(order)
 
 
 def search_lines(hits: Sequence[Tuple[str, str, float]], candidates: int) -> List[str]:
