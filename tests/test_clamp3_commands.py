@@ -194,6 +194,17 @@ def test_eval_equals_the_reference(feature_folders, tmp_path, scripts, capsys):
     assert any(r["rank"] > 1 for r in ranks) and lines[3] != "MRR: 1.0"  # the test data is not trivial
 
 
+def test_one_dimensional_features_read_as_their_vector(feature_folders, tmp_path, scripts, capsys):
+    # The original's CLaMP 3 tools load with np.load(f).squeeze(): a [D] file is the vector of a [1, D] one.
+    queries, references = feature_folders
+    expected, ranks = reference_metrics(queries, references)
+    for path in list(queries.rglob("*.npy"))[::3] + list(references.rglob("*.npy"))[::4]:
+        np.save(path, np.load(path)[0])
+    code, lines, err = run(scripts["eval"], [queries, references, "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 0, err
+    assert lines[:-1] == expected
+
+
 def test_eval_is_strict(feature_folders, tmp_path, scripts, capsys):
     queries, references = feature_folders
     np.save(references / "extra.npy", np.ones((1, 16), np.float32))

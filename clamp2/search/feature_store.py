@@ -147,7 +147,8 @@ class NpyRowReader:
         self._layouts: dict[bytes, tuple] = {}
 
     def read(self, path: str | os.PathLike) -> np.ndarray:
-        """``np.load(path)[0]`` for a ``[k, D]`` floating-point file, else ``BadFeatureFile``."""
+        """``np.load(path)[0]`` for a ``[k, D]`` floating-point file (the vector of a ``[D]`` one), else
+        ``BadFeatureFile``."""
         try:
             with open(path, "rb", buffering=0) as f:
                 data = f.read(_FIRST_READ)
@@ -195,6 +196,8 @@ def _parse_header(header: bytes, header_len: int):
         return f"unreadable .npy header ({' '.join(str(error).split())})"
     if dtype.hasobject or dtype.kind != "f":
         return f"dtype {dtype}: features must be floating-point"
+    if len(shape) == 1 and shape[0] > 0:
+        shape = (1, shape[0])  # one vector [D], as CLaMP 3's tools read it (np.load(f).squeeze())
     if len(shape) == 3:
         return (f"shape {shape} holds per-position features; search needs global features [1, D] "
                 f"(extract with --normalize)")
