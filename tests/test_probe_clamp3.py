@@ -75,6 +75,69 @@ def test_clamp3_probe_learns_global_features(tmp_path, train_cls, inference_cls,
     assert len(json.loads((tmp_path / "pred.json").read_text())) == 91
 
 
+def reference_probe_weights(train_folder, eval_split, epochs, learning_rate, balanced):
+    """The reference's classification/train_cls.py, restated for one CPU process (no AMP, batch 1),
+    on a folder that lists in sorted order: its fc weights after ``epochs`` epochs."""
+    import math
+    import os
+    import random
+
+    random.seed(42)
+    torch.manual_seed(42)
+    train_files = sorted(os.path.join(root, f) for root, _, files in os.walk(train_folder) for f in files
+                         if f.endswith(".npy"))
+    random.shuffle(train_files)
+    train_files = train_files[math.ceil(len(train_files) * eval_split):]
+    label2idx, label2files = {}, {}
+    for f in train_files:
+        label = os.path.basename(f).split("_")[0]
+        label2idx.setdefault(label, len(label2idx))
+        label2files.setdefault(label, []).append(f)
+
+    def epoch_files():  # BalancedTensorDataset._update_epoch_filenames
+        fewest = min(len(files) for files in label2files.values())
+        drawn = [f for files in label2files.values() for f in random.sample(files, fewest)]
+        random.shuffle(drawn)
+        return drawn
+
+    files = epoch_files() if balanced else train_files
+    fc = torch.nn.Linear(np.load(train_files[0]).squeeze().shape[0], len(label2idx))
+    optimizer = torch.optim.AdamW(fc.parameters(), lr=learning_rate)
+    for epoch in range(1, epochs + 1):
+        generator = torch.Generator()
+        generator.manual_seed(0 + epoch)  # DistributedSampler(seed=0).set_epoch(epoch)
+        for index in torch.randperm(len(files), generator=generator).tolist():
+            x = torch.from_numpy(np.load(files[index]))[None]
+            target = torch.tensor([label2idx[os.path.basename(files[index]).split("_")[0]]])
+            probabilities = torch.softmax(fc(x.squeeze().unsqueeze(0)), dim=1)
+            torch.nn.CrossEntropyLoss()(probabilities, target).backward()
+            optimizer.step()
+            fc.zero_grad(set_to_none=True)
+        if balanced:
+            files = epoch_files()  # on_epoch_end
+    return label2idx, {f"fc.{key}": value for key, value in fc.state_dict().items()}
+
+
+@pytest.mark.parametrize("balanced", [False, True], ids=["plain", "balanced"])
+def test_training_follows_the_reference_step_for_step(tmp_path, train_cls, capsys, balanced):
+    # Same files, same split, same class numbering, same order of steps: the same weights.
+    means = class_means(LABELS, dim=8, separation=0.5, seed=3)
+    write_features(tmp_path / "train", means, 14, seed=1, per_position=False)
+    for extra in (tmp_path / "train").glob("folk_001?.npy"):
+        extra.unlink()  # 10 folk, 14 jazz, 14 rock: balancing draws
+    weights = tmp_path / "probe.pth"
+    args = ["--train_folder", tmp_path / "train", "--weights", weights, "--num_epochs", "3", "--probe", "clamp3",
+            "--learning_rate", "3e-3", "--no_progress"] + (["--balanced_training"] if balanced else [])
+    code, out, err = run(train_cls, args, capsys)
+    assert code == 0, err
+    labels, expected = reference_probe_weights(tmp_path / "train", 0.2, 3, 3e-3, balanced)
+    latest = read_checkpoint(weights.with_name("latest_" + weights.name))
+    assert latest["labels"] == labels and latest["epoch"] == 3
+    assert set(latest["model"]) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(latest["model"][key], expected[key], rtol=0, atol=1e-7)
+
+
 def test_balanced_training_draws_the_rarest_label_count(tmp_path):
     from clamp2.probe.data import EpochSampler
 

@@ -140,10 +140,14 @@ def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
     eval_indices = [i for i, path in enumerate(features.paths) if path in eval_set]
     if not train_indices:
         raise ProbeUsageError("no usable training file (reasons listed above)")
+    drawn_before = 0  # files the hold-out split shuffled, with the generator balanced epochs draw from next
     if not eval_paths:
         # min_train=0 keeps the reference's plain ceil(n · EVAL_SPLIT), with no floor for training.
-        split = split_eval(train_indices, args.eval_split, settings.seed, min_train=0)
-        train_indices, eval_indices = sorted(split.train), sorted(split.eval)
+        split = split_eval(train_indices, args.eval_split, settings.seed, min_train=0, round_up=True)
+        # the training files stay in the split's shuffled order: the reference's epoch order and class
+        # numbering are drawn over that order
+        train_indices, eval_indices = split.train, sorted(split.eval)
+        drawn_before = len(split.train) + len(split.eval)
         if not train_indices:
             raise ProbeUsageError(f"{len(eval_indices)} usable file(s) leave none for training after the "
                                   f"{args.eval_split:g} eval split: add files or give --eval_folders")
@@ -157,7 +161,7 @@ def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
     if not eval_indices:
         raise ProbeUsageError("no eval file left to select the best epoch with (reasons listed above)")
 
-    result = train_probe(features, train_indices, eval_indices, classes, settings, dist_info)
+    result = train_probe(features, train_indices, eval_indices, classes, settings, dist_info, drawn_before=drawn_before)
     names = list(classes)
     targets = [classes[features.labels[i]] for i in eval_indices]
     if dist_info.is_main:
@@ -210,7 +214,7 @@ def run_cross_validation(folds: int, features: FeatureSet, skipped: Skipped, set
 
     labels = list(features.labels)
     check_classes(labels, "the training set")
-    classes = label_map(labels)
+    classes = label_map(sorted(set(labels)))
     too_few = [f"'{label}' ({count})" for label, count in sorted(Counter(labels).items()) if count < folds]
     if too_few:
         raise ProbeUsageError(f"--folds {folds} needs at least {folds} files of every label; too few: "

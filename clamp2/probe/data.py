@@ -195,8 +195,12 @@ def scan_features(paths: Sequence[Path], need_labels: bool, expected_dim: Option
 
 
 def label_map(labels: Sequence[str]) -> Dict[str, int]:
-    """Class index of each label, in sorted order (stable whatever the order files are found in)."""
-    return {label: index for index, label in enumerate(sorted(set(labels)))}
+    """Class index of each label, in the order first found, as the reference numbers them (its
+    ``label2idx`` over the training files)."""
+    classes: Dict[str, int] = {}
+    for label in labels:
+        classes.setdefault(label, len(classes))
+    return classes
 
 
 def check_classes(labels: Sequence[str], what: str) -> None:
@@ -249,41 +253,73 @@ def collate_batch(samples):
     return features, mask, torch.tensor(targets, dtype=torch.long), torch.tensor(items, dtype=torch.long)
 
 
-class EpochSampler(Sampler[int]):
-    """This process's share of one epoch's order of a subset, identical on every rank.
+REFERENCE_SEED = 42  # the reference's seed; its DistributedSampler's own seed is 0
 
-    The order comes from a generator seeded by (seed, epoch) alone, so a resumed run sees exactly
-    the orders an uninterrupted one would. ``balanced`` draws, every epoch, as many files of each
-    class as the rarest class has (the reference's BALANCED_TRAINING), then shuffles; ``shuffle``
-    off keeps ``order`` (e.g. by length, so evaluation batches pad little). The order is padded by
-    repeating its start to a multiple of the number of processes, like DistributedSampler.
+
+class EpochSampler(Sampler[int]):
+    """This process's share of one epoch's order of a subset, identical on every rank: the reference's.
+
+    The reference wraps its training files in torch's ``DistributedSampler`` (seed 0, ``set_epoch(epoch)``):
+    each epoch visits them in ``torch.randperm(n)`` order, the generator seeded 0 + epoch, over the
+    files in the order its data set holds them (``order``; the hold-out split's shuffled order). Here
+    the generator is seeded ``seed - 42 + epoch``, so the default seed gives the reference's order and
+    another ``--seed`` another one; it depends on (seed, epoch) alone, so a resumed run sees exactly
+    the orders an uninterrupted one would.
+
+    ``balanced`` is the reference's BalancedTensorDataset: every epoch, as many files of each class
+    as the rarest class has (``random.sample`` per class, classes in the order first found, then
+    ``random.shuffle``), drawn from Python's generator seeded ``seed``, which first shuffled the
+    ``drawn_before`` files of the hold-out split (0: no split); epoch e visits the e-th draw in the
+    randperm order above. ``shuffle`` off keeps ``order`` (e.g. by length, so evaluation batches pad
+    little). The order is padded by repeating its start to a multiple of the number of processes,
+    and each rank takes every ``world_size``-th item, like DistributedSampler.
     """
 
-    def __init__(self, targets: Sequence[int], *, shuffle: bool, balanced: bool = False, seed: int = 42,
-                 rank: int = 0, world_size: int = 1, order: Optional[Sequence[int]] = None):
+    def __init__(self, targets: Sequence[int], *, shuffle: bool, balanced: bool = False, seed: int = REFERENCE_SEED,
+                 rank: int = 0, world_size: int = 1, order: Optional[Sequence[int]] = None, drawn_before: int = 0):
         self.targets = list(targets)
         self.shuffle, self.balanced, self.seed = shuffle, balanced, seed
         self.rank, self.world_size = rank, world_size
         self.order = list(order) if order is not None else list(range(len(self.targets)))
+        self.drawn_before = drawn_before
         self.epoch = 0
+        self._stream: Optional[random.Random] = None
+        self._drawn: Tuple[int, List[int]] = (0, [])  # (epoch, that epoch's balanced list)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _permutation(self, size: int) -> List[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed - REFERENCE_SEED + self.epoch)
+        return torch.randperm(size, generator=generator).tolist()
+
+    def balanced_list(self, epoch: int) -> List[int]:
+        """The reference's balanced file list of ``epoch`` (1-based): the stream's ``epoch``-th draw."""
+        if self._stream is None or self._drawn[0] >= epoch:
+            self._stream = random.Random(self.seed)
+            if self.drawn_before:
+                self._stream.shuffle(list(range(self.drawn_before)))  # what the hold-out split drew
+            self._drawn = (0, [])
+        by_class: Dict[int, List[int]] = {}
+        for item, target in enumerate(self.targets):
+            by_class.setdefault(target, []).append(item)
+        fewest = min(len(items) for items in by_class.values())
+        drawn_epoch, drawn = self._drawn
+        while drawn_epoch < max(epoch, 1):
+            drawn = [item for items in by_class.values() for item in self._stream.sample(items, fewest)]
+            self._stream.shuffle(drawn)
+            drawn_epoch += 1
+        self._drawn = (drawn_epoch, drawn)
+        return list(drawn)
+
     def epoch_order(self) -> List[int]:
-        rng = random.Random(f"{self.seed}:probe:{self.epoch}")
         if self.balanced:
-            by_class: Dict[int, List[int]] = {}
-            for item, target in enumerate(self.targets):
-                by_class.setdefault(target, []).append(item)
-            fewest = min(len(items) for items in by_class.values())
-            order = [item for target in sorted(by_class) for item in rng.sample(by_class[target], fewest)]
-            rng.shuffle(order)
-            return order
-        order = list(self.order)
-        if self.shuffle:
-            rng.shuffle(order)
-        return order
+            drawn = self.balanced_list(self.epoch)
+            return [drawn[i] for i in self._permutation(len(drawn))]
+        if not self.shuffle:
+            return list(self.order)
+        return [self.order[i] for i in self._permutation(len(self.order))]
 
     def __iter__(self) -> Iterator[int]:
         order = self.epoch_order()

@@ -249,8 +249,11 @@ def copy_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices: Sequence[int],
                 classes: Mapping[str, int], settings: ProbeSettings, dist_info: DistInfo,
-                name: str = "probe") -> ProbeResult:
-    """Train a probe on ``train_indices`` of ``features``, select the best epoch on ``eval_indices``."""
+                name: str = "probe", drawn_before: int = 0) -> ProbeResult:
+    """Train a probe on ``train_indices`` of ``features``, select the best epoch on ``eval_indices``.
+
+    ``train_indices`` in the reference's order of its training files (the epoch order is drawn over it);
+    ``drawn_before``: the number of files the hold-out split shuffled (see :class:`EpochSampler`)."""
     device = dist_info.device
     train_set = ProbeDataset(features, train_indices, [classes[features.labels[i]] for i in train_indices])
     eval_set = ProbeDataset(features, eval_indices, [classes[features.labels[i]] for i in eval_indices])
@@ -273,7 +276,7 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
                if dist_info.is_distributed else model)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=settings.learning_rate)
     sampler = EpochSampler(train_set.targets, shuffle=True, balanced=settings.balanced, seed=settings.seed,
-                           rank=dist_info.rank, world_size=dist_info.world_size)
+                           rank=dist_info.rank, world_size=dist_info.world_size, drawn_before=drawn_before)
     loader = make_loader(train_set, sampler, settings.batch_size, settings.num_workers, device)
     warmup_steps = len(loader) if settings.warmup_steps == ONE_EPOCH else settings.warmup_steps
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(warmup_steps))

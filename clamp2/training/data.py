@@ -68,27 +68,30 @@ class EvalSplit:
     reason: str
 
 
-def split_eval(items: Sequence, fraction: float, seed: int, min_train: int = 1, min_eval: int = 1) -> EvalSplit:
-    """Hold out ceil(fraction · n) items, after a seeded shuffle, for evaluation, within limits.
+def split_eval(items: Sequence, fraction: float, seed: int, min_train: int = 1, min_eval: int = 1,
+               round_up: bool = False) -> EvalSplit:
+    """Hold out int(fraction · n) items (ceil with ``round_up``), after a seeded shuffle, for evaluation,
+    within limits.
 
-    The count is raised to ``min_eval`` (CLaMP 2 passes 2: one pair has nothing to contrast with)
-    and lowered so that ``min_train`` items (one global batch) stay for training. When fewer than
-    ``min_eval`` items can be spared, nothing is held out and the training items are evaluated
-    too, so a small data set can always train. The seed is the base seed, not base + rank, so
-    every rank holds the same split (the reference shuffles after seeding 42 + rank, so its
-    ranks disagree on the split).
+    The reference's training scripts hold out ``int(len(data) * eval_ratio)`` items, its linear probe
+    ``math.ceil``. The count is raised to ``min_eval`` (CLaMP 2 passes 2: one pair has nothing to
+    contrast with; the reference divides by zero on an empty eval set) and lowered so that
+    ``min_train`` items (one global batch) stay for training. When fewer than ``min_eval`` items can
+    be spared, nothing is held out and the training items are evaluated too, so a small data set can
+    always train. The seed is the base seed, not base + rank, so every rank holds the same split (the
+    reference shuffles after seeding 42 + rank, so its ranks disagree on the split).
     """
     shuffled = list(items)
     random.Random(seed).shuffle(shuffled)
     total = len(shuffled)
-    wanted = math.ceil(total * fraction)
+    wanted = math.ceil(total * fraction) if round_up else int(total * fraction)
     count = min(max(wanted, min_eval), total - min_train)
     if count < min_eval:
         return EvalSplit(shuffled, shuffled,
                          f"no item held out for evaluation: of {total} items {min_train} are needed to fill one "
                          f"global batch and an eval set needs {min_eval}; the eval loss is computed on the training "
                          "items (give an eval set for a held-out loss)")
-    why = f"EVAL_SPLIT {fraction:g} of {total}, rounded up"
+    why = f"EVAL_SPLIT {fraction:g} of {total}, rounded {'up' if round_up else 'down'}"
     if count > wanted:
         why = f"EVAL_SPLIT {fraction:g} of {total} gives {wanted}, raised to the minimum of {min_eval}"
     elif count < wanted:
