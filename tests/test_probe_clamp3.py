@@ -147,6 +147,27 @@ def test_balanced_training_draws_the_rarest_label_count(tmp_path):
     assert sorted(np.bincount([([0] * 20 + [1] * 5 + [2] * 9)[i] for i in order]).tolist()) == [5, 5, 5]
 
 
+def test_without_probe_the_feature_shape_chooses(tmp_path, train_cls, capsys):
+    # CLaMP 3's README: train_cls.py --train_folder <global features> trains its linear probe.
+    means = class_means(LABELS, dim=8, separation=0.5, seed=3)
+    write_features(tmp_path / "global", means, 6, seed=1, per_position=False)
+    write_features(tmp_path / "positions", means, 6, seed=1, per_position=True)
+    common = ["--num_epochs", "1", "--learning_rate", "1e-1", "--no_progress"]
+    code, out, err = run(train_cls, ["--train_folder", tmp_path / "global", "--weights", tmp_path / "g.pth", *common],
+                         capsys)
+    assert code == 0, err
+    assert "training CLaMP 3's probe (one linear layer); give --probe clamp2 for CLaMP 2's" in out
+    assert sorted(read_checkpoint(tmp_path / "g.pth")["model"]) == ["fc.bias", "fc.weight"]
+    code, out, err = run(train_cls, ["--train_folder", tmp_path / "positions", "--weights", tmp_path / "p.pth", *common],
+                         capsys)
+    assert code == 0, err
+    assert "CLaMP 3" not in out and "fc1.weight" in read_checkpoint(tmp_path / "p.pth")["model"]
+    code, out, err = run(train_cls, ["--train_folder", tmp_path / "global", "--weights", tmp_path / "g2.pth",
+                                     "--probe", "clamp2", *common], capsys)
+    assert code == 0, err
+    assert "fc1.weight" in read_checkpoint(tmp_path / "g2.pth")["model"]
+
+
 def test_per_position_files_are_rejected_with_a_message(tmp_path, train_cls, capsys):
     means = class_means(LABELS, dim=8, separation=0.5, seed=3)
     write_features(tmp_path / "train", means, 10, seed=1, per_position=True)

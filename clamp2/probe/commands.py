@@ -98,7 +98,30 @@ def skipped_record(skipped: Skipped) -> List[Dict[str, str]]:
 
 # -- train_cls.py ----------------------------------------------------------------------------------
 
+def detect_probe(train_folders: Sequence[str]) -> Tuple[str, Optional[str]]:
+    """The probe for features given without ``--probe``, and a line saying so: CLaMP 3's (one linear
+    layer) when the first readable training file is a global feature ``[1, D]`` / ``[D]``, as CLaMP 3's
+    ``classification/train_cls.py --train_folder ...`` trains on them; CLaMP 2's otherwise."""
+    try:
+        paths = discover(train_folders, "training")
+    except ProbeUsageError:
+        return "clamp2", None  # reported by the run itself
+    for path in paths:
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError, EOFError):
+            continue  # unreadable: the scan lists it
+        if len(shape) <= 2:
+            return "clamp3", (f"{path.name} holds a global feature {list(shape)}: training CLaMP 3's probe "
+                              "(one linear layer); give --probe clamp2 for CLaMP 2's")
+        return "clamp2", None
+    return "clamp2", None
+
+
 def train_command(args) -> int:
+    note = None
+    if args.probe is None:
+        args.probe, note = detect_probe(args.train_folders)
     problem = usage_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -107,6 +130,8 @@ def train_command(args) -> int:
     # The reference's settings; the probe's kernels (linear layers, sums) are deterministic anyway.
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     with distributed_context(args.local_rank, args.device) as dist_info:
+        if note:
+            say(dist_info, note)
         try:
             return run_training(args, settings, dist_info)
         except ProbeUsageError as exc:
