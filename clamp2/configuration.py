@@ -182,12 +182,12 @@ def epoch_weights_path(weights_path: str, epoch: int) -> str:
 
 
 def derived_log_path(weights_path: str) -> str:
-    """The log file of a weights file: ``weights``→``logs`` and ``.pth``→``.txt`` in the file name."""
+    """The log file of a weights file: every ``weights``→``logs``, then every ``pth``→``txt`` in the
+    file name, as the reference's ``WEIGHTS_PATH.replace("weights", "logs").replace("pth", "txt")``
+    (the folders are left alone; a name neither changes gets ``.txt`` added, never the weights' own name)."""
     folder, name = os.path.split(weights_path)
-    name = name.replace("weights", "logs", 1)
-    if name.endswith(".pth"):
-        name = name[: -len(".pth")] + ".txt"
-    return os.path.join(folder, name)
+    logs = name.replace("weights", "logs").replace("pth", "txt")
+    return os.path.join(folder, logs if logs != name else f"{name}.txt")
 
 
 # What each kind of setting must be; a name matches the first rule whose pattern it fits.

@@ -93,6 +93,9 @@ def test_parse_value_types():
     assert parse_value("X", "1,2", [3]) == [1, 2]
     assert parse_value("X", "", []) == []
     assert derived_log_path("a/weights_x.pth") == "a/logs_x.txt"
+    # the reference replaces every occurrence in the name (a text model path holding "weights" or "pth")
+    assert derived_log_path("weights/weights_t_model__data_weights_depth.pth") == "weights/logs_t_model__data_logs_detxt.txt"
+    assert derived_log_path("model.pt") == "model.pt.txt"
 
 
 def test_other_tools_reserved_names_only_warn(clean_env, capsys):
