@@ -225,6 +225,17 @@ def test_line_parsing_rules():
     assert line_to_message("marker [1, 2] 0").text == "[1, 2]"
 
 
+def test_extra_values_and_bare_types_read_as_the_reference_reads_them():
+    # The reference reads the fields' values by position: a trailing space or a stray value is
+    # ignored, and a bare type (no value at all) is mido's default message.
+    assert line_to_message("set_tempo 500000 0 ") == MetaMessage("set_tempo", tempo=500000, time=0)
+    assert line_to_message("note_on 0 0 60 64 99") == Message("note_on", note=60, velocity=64)
+    assert line_to_message("sysex 0 [1, 2, 3] 5").data == (1, 2, 3)
+    assert line_to_message("end_of_track") == MetaMessage("end_of_track", time=0)
+    with pytest.raises(ValueError, match="text has 2 fields"):
+        line_to_message("text")  # the reference fails too (its time would be the word "text")
+
+
 def test_reader_skips_unknown_meta_and_splits_lines():
     midi = mtf_to_midi("ticks_per_beat 96\r\nunknown_meta 8 (65, 66) 0\nset_tempo 400000 0\nend_of_track 0\n")
     assert midi.ticks_per_beat == 96 and midi.type == 1

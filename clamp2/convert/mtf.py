@@ -148,9 +148,12 @@ def line_to_message(line: str):
     message = new_message(message_type)
     fields = [name for name in vars(message) if name != "type"]
     tokens = line_tokens(message_type, rest)
-    if len(tokens) != len(fields):
+    if not tokens and message_type not in TEXT_META_TYPES:
+        return message  # a bare type (``end_of_track``): the reference leaves mido's defaults (time 0)
+    if len(tokens) < len(fields):
         raise ValueError(f"{message_type} has {len(fields)} fields ({', '.join(fields)}), "
                          f"the line has {len(tokens)} values: {line[:200]!r}")
+    # Values past the fields (a trailing space, a stray number) are ignored, as the reference ignores them.
     for name, token in zip(fields, tokens):
         is_text = message_type in TEXT_META_TYPES and name != "time"
         setattr(message, name, token if is_text else parse_value(token, getattr(message, name)))
