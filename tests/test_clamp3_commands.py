@@ -205,6 +205,16 @@ def test_one_dimensional_features_read_as_their_vector(feature_folders, tmp_path
     assert lines[:-1] == expected
 
 
+def test_reference_keys_of_several_files_are_reported(feature_folders, tmp_path, scripts, capsys):
+    queries, references = feature_folders
+    np.save(references / "p03.v2.npy", np.load(references / "p04.npy"))  # the key /p03 twice
+    for script in ("score", "eval"):
+        code, lines, err = run(scripts[script], [queries, references, "--output_dir", tmp_path, *CLAMP2], capsys)
+        assert code == 0, err
+        assert f"warning: 2 reference files share the key '/p03' ({references / 'p03.npy'}, " \
+               f"{references / 'p03.v2.npy'}): {references / 'p03.npy'} is used" in err
+
+
 def test_eval_is_strict(feature_folders, tmp_path, scripts, capsys):
     queries, references = feature_folders
     np.save(references / "extra.npy", np.ones((1, 16), np.float32))

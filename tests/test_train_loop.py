@@ -451,6 +451,23 @@ def test_bad_data_fails_before_training_with_every_problem(tiny_env, tmp_path, c
     assert code == 2 and "data folder not found: " in capsys.readouterr().err
 
 
+def test_a_missing_eval_source_means_the_split(tiny_env, tmp_path, corpus, trainers, capsys):  # noqa: F811
+    # The reference reads a missing eval JSONL or folder (its config templates ship placeholders) as
+    # none: the EVAL_SPLIT split, which the log names.
+    small = corpus / "small.jsonl"
+    small.write_text("".join((corpus / "pairs.jsonl").read_text().splitlines(keepends=True)[:10]))
+    code = trainers["clamp2"].main(["--train_jsonl", str(small), "--eval_jsonl", str(tmp_path / "placeholder.jsonl"),
+                                    "--text_model", TEXT_MODEL, "--batch_size", "8", "--no_progress", "--epochs", "1",
+                                    "--weights", str(tmp_path / "weights_t.pth")])
+    out = capsys.readouterr().out
+    assert code == 0 and f"EVAL_JSONL {tmp_path / 'placeholder.jsonl'} does not exist, so 2 of 10 items held out" in out
+    code = trainers["m3"].main(["--train_folders", str(corpus / "abc"), "--eval_folders", "<YOUR_EVALUATION_DATA_FOLDER>",
+                                "--batch_size", "2", "--no_progress", "--epochs", "1",
+                                "--weights", str(tmp_path / "weights_m3.pth")])
+    out = capsys.readouterr().out
+    assert code == 0 and "eval folder <YOUR_EVALUATION_DATA_FOLDER> not found, so 1 of " in out
+
+
 def test_legacy_launcher_rank_flags(trainers):
     for flags in (["--local_rank", "1"], ["--local-rank=1"]):
         assert trainers["m3"].parse_args(flags).local_rank == 1

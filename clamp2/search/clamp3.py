@@ -308,11 +308,14 @@ def common_keys_line(count: int) -> str:
 
 
 def report_unmatched(matching: Matching, output_dir: Path, strict: bool, say: Callable[[str], None]) -> None:
-    """Write ``unmatched_files.jsonl`` and say so; ``strict`` makes it an error (:class:`CommandError`).
+    """Warn of reference keys held by several files, write ``unmatched_files.jsonl`` and say so;
+    ``strict`` makes unmatched files an error (:class:`CommandError`).
 
     With nothing unmatched, a file of that name left by an earlier run in ``output_dir`` is removed:
     beside this run's results it would describe a matching that no longer holds.
     """
+    for warning in matching.duplicates:  # the reference keeps one of them without a word
+        print(warning, file=sys.stderr)
     path = output_dir / UNMATCHED_FILE
     if not matching.unmatched:
         path.unlink(missing_ok=True)

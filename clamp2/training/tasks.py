@@ -74,16 +74,25 @@ def m3_task(config, train_folders: Sequence[str], eval_folders: Sequence[str] = 
     if not train_folders:
         raise DataError("no training data: pass --train_folders or set TRAIN_FOLDERS in code/config.py")
     train_files = find_music_files(train_folders)
-    eval_files = find_music_files(eval_folders) if eval_folders else []
     if not train_files:
         raise DataError(f"no .abc or .mtf files under {', '.join(map(str, train_folders))}")
-    if eval_folders and not eval_files:
-        raise DataError(f"no .abc or .mtf files under the eval folders {', '.join(map(str, eval_folders))}")
+    # As the reference (whose config templates ship placeholder folders): eval folders that are missing or
+    # hold no piece mean the EVAL_SPLIT split, said in the log, not an error.
+    eval_folders = [folder for folder in eval_folders or [] if str(folder).strip()]  # the template's [""]: none
+    absent = [str(folder) for folder in eval_folders if not Path(folder).is_dir()]
+    eval_files = find_music_files([folder for folder in eval_folders if Path(folder).is_dir()])
     check_music_files(train_files + eval_files)
     notes = []
     if not eval_files:
         split = split_eval(train_files, config.EVAL_SPLIT, BASE_SEED, min_train=global_batch, min_eval=1)
-        train_files, eval_files, notes = split.train, split.eval, [f"no eval folders: {split.reason}"]
+        why = "no eval folders: "
+        if absent:
+            why = f"eval folder{'s' if len(absent) > 1 else ''} {', '.join(absent)} not found, so "
+        elif eval_folders:
+            why = f"no .abc or .mtf files under the eval folders {', '.join(map(str, eval_folders))}, so "
+        train_files, eval_files, notes = split.train, split.eval, [f"{why}{split.reason}"]
+    elif absent:
+        notes.append(f"eval folder{'s' if len(absent) > 1 else ''} {', '.join(absent)} not found: evaluating on the others")
     patchilizer = M3Patchilizer(config.PATCH_SIZE, config.PATCH_LENGTH)
     return TrainTask(
         build_model=functools.partial(M3Model, M3Dims.from_config(config)),
@@ -158,14 +167,16 @@ def clamp2_task(config, train_jsonl: str, eval_jsonl: str = "", global_batch: in
         raise DataError("no training data: pass --train_jsonl or set TRAIN_JSONL in code/config.py")
     train_items = read_pairs(train_jsonl, require_non_english=config.TEXT_DROPOUT)
     notes = []
-    if eval_jsonl:
+    if eval_jsonl and Path(eval_jsonl).is_file():
         eval_items = read_pairs(eval_jsonl, require_non_english=False)
         if len(eval_items) == 1:
             notes.append(f"note: {eval_jsonl} holds 1 pair: its contrastive loss is 0 whatever the model (nothing to "
                          "contrast it with), so the first epoch stays the best")
     else:
+        # As the reference, and as CLaMP 3's trainer: a missing eval JSONL means the EVAL_SPLIT split, said in the log.
         split = split_eval(train_items, config.EVAL_SPLIT, BASE_SEED, min_train=global_batch, min_eval=2)
-        train_items, eval_items, notes = split.train, split.eval, [f"no eval JSONL: {split.reason}"]
+        missing = f"EVAL_JSONL {eval_jsonl} does not exist, so " if eval_jsonl else "no eval JSONL: "
+        train_items, eval_items, notes = split.train, split.eval, [f"{missing}{split.reason}"]
     tokenizer = load_tokenizer(config.TEXT_MODEL_NAME)
     patchilizer = M3Patchilizer(config.PATCH_SIZE, config.PATCH_LENGTH)
     dims = M3Dims.from_config(config)
