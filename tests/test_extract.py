@@ -281,6 +281,21 @@ def test_fp32_batches_run_without_tf32(tiny_env, vectors, tmp_path, extract_m3, 
     assert precision_flags() == before != FP32_FLAGS
 
 
+def test_features_beside_their_inputs(tiny_env, vectors, tmp_path, extract_clamp2, capsys):
+    # The reference takes every input wherever the output folder is: the input folder itself, or one
+    # holding it, gets the features beside the pieces.
+    inp = tmp_path / "in"
+    shutil.copytree(vectors / "extract_in" / "abc", inp / "abc")
+    assert extract_clamp2.main(clamp2_args(vectors, inp / "abc", inp / "abc", "--normalize")) == 0
+    np.testing.assert_allclose(np.load(inp / "abc" / "airds_tune3.npy"),
+                               np.load(vectors / "expected" / "feat_clamp2_global" / "abc" / "airds_tune3.npy"), atol=1e-5)
+    assert extract_clamp2.main(clamp2_args(vectors, inp / "abc", inp, "--normalize")) == 0
+    assert sorted(p.name for p in inp.glob("*.npy")) == ["airds_tune3.npy", "bwv10.7.npy"]
+    capsys.readouterr()
+    assert extract_clamp2.main(clamp2_args(vectors, inp / "abc", inp / "abc", "--normalize")) == 0  # a re-run skips
+    assert "extracted 0, skipped 2 existing, failed 0" in capsys.readouterr().err
+
+
 def test_bad_inputs_are_reported_and_skipped(tiny_env, vectors, tmp_path, extract_clamp2, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
     shutil.copytree(vectors / "extract_in", inp)

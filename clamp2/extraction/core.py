@@ -235,8 +235,10 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
               kinds: Optional[Dict[str, str]] = None) -> Plan:
     """Inputs → output paths (mirrored folders, ``.npy``); collisions are failures, existing outputs skipped.
 
-    ``kinds`` maps extensions to runner kinds (default: music, and text when ``text``). An output
-    folder inside the input folder is not searched (its ``.npy`` files are outputs, not inputs).
+    ``kinds`` maps extensions to runner kinds (default: music, and text when ``text``). When ``.npy``
+    files are inputs (CLaMP 3's MERT features), an output folder inside the input folder is not
+    searched: its ``.npy`` files are outputs, not inputs. Other inputs are taken wherever they are,
+    as the reference takes them (the output folder may be the input folder or hold it).
     Under several processes call it with ``overwrite=True`` (a plan that depends only on the file
     listing, identical in every process), shard ``jobs``, then :func:`skip_existing` per process:
     outputs written meanwhile by a faster process must not shift the shards.
@@ -245,8 +247,9 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
     # As strings: a Path's .parents per input cost more than the rest of the plan together.
     outputs_prefix = os.path.join(os.path.abspath(output_dir), "")
     unsearchable: List[Tuple[Path, str]] = []
-    inputs = [path for path in find_files(input_dir, kinds, unsearchable)
-              if not os.path.abspath(path).startswith(outputs_prefix)]
+    inputs = find_files(input_dir, kinds, unsearchable)
+    if any(ext in AUDIO_EXTENSIONS for ext in kinds):
+        inputs = [path for path in inputs if not os.path.abspath(path).startswith(outputs_prefix)]
     outputs, collisions = mirror_outputs(inputs, input_dir, output_dir, ".npy")
     plan = Plan(failures=unsearchable + collisions)
     for path, output in outputs.items():
