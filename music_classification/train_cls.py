@@ -7,18 +7,19 @@
     torchrun --nproc_per_node=4 music_classification/train_cls.py --train_folders feats --weights probe.pth
     python music_classification/train_cls.py --probe clamp3 --train_folder clamp3_global_feats --balanced_training
 
-Inputs are the .npy files of code/extract_m3.py or code/extract_clamp2.py: per-position
-[1, L, D] or global [1, D] (D is read from the files). The probe is the reference's: Linear(D→768)
-and ReLU per position, mean over positions, Linear → classes, softmax, cross-entropy on that
-softmax; AdamW at a constant 1e-5; up to 1000 epochs; EVAL_SPLIT 0.2 of the files (seeded) when no
-eval folder is given. Defaults are the reference's (music_classification/config.py there), so a
+Inputs are the .npy files of code/extract_m3.py, code/extract_clamp2.py or code/extract_clamp3.py:
+per-position [1, L, D] or global [1, D] (D is read from the files). Per-position features (or
+--probe clamp2, or --hidden_size) train CLaMP 2's probe, the reference's: Linear(D→768) and ReLU per
+position, mean over positions, Linear → classes, softmax, cross-entropy on that softmax; global
+features train CLaMP 3's (below) unless --probe clamp2 is given. Both take AdamW at a constant 1e-5; up to 1000 epochs; EVAL_SPLIT 0.2 of the files (seeded) when no
+eval folder is given (or the eval folders are missing or empty, as in the reference). Defaults are the reference's (music_classification/config.py there), so a
 plain run reproduces its numbers; --batch_size pads and masks positions, so any batch size gives
 every file the output it gets alone (training steps differ: fewer, larger ones).
 
 Writes the best probe by eval accuracy (with its label map) to --weights, latest_<weights> every
 minute and at the end (a re-run resumes from it), the reference's per-epoch log (logs-<name>.txt), and a report
 folder: metrics.json, report.txt (per-class precision/recall/F1), confusion_matrix.png,
-learning_curve.png. --probe clamp3 trains CLaMP 3's probe instead: one Linear(D→classes)
+learning_curve.png. CLaMP 3's probe (--probe clamp3, or global features): one Linear(D→classes)
 and softmax on global features ([1, D] or [D]; per-position files are listed and left out), same
 loss, optimizer, split, balancing and checkpoints (plus input_size); the reference's argument names
 (--train_folder, --eval_folder, --num_epochs, --balanced_training) are accepted. --folds K runs stratified K-fold cross-validation and prints mean ± std.
@@ -58,8 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch_size", type=int, default=None,
                         help="files per evaluation batch (default: --batch_size); results do not depend on it")
     parser.add_argument("--learning_rate", type=float, default=LEARNING_RATE, help=f"AdamW learning rate ({LEARNING_RATE:g})")
-    parser.add_argument("--hidden_size", type=int, default=HIDDEN_SIZE,
-                        help=f"hidden size of the clamp2 probe ({HIDDEN_SIZE}; the clamp3 probe has none)")
+    parser.add_argument("--hidden_size", type=int, default=None,
+                        help=f"hidden size of the clamp2 probe ({HIDDEN_SIZE}; the clamp3 probe has none); "
+                             "giving it chooses the clamp2 probe")
     parser.add_argument("--warmup", action="store_true",
                         help="warm the learning rate up linearly over the first epoch (the reference meant to, but "
                              "its warm-up never applies; default: constant)")

@@ -1,6 +1,7 @@
 """The linear probe (clamp2.probe, music_classification/*.py): numbers, batching, K-fold, resume, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from clamp2.checkpoint import latest_path, read_checkpoint
 from clamp2.probe.data import EpochSampler, FeatureSet, ProbeDataset, collate_batch, label_of, scan_features
 from clamp2.probe.model import LinearProbe, probe_loss
 from clamp2.probe.report import macro_f1
-from clamp2.probe.train import predict
+from clamp2.probe.train import logs_path_for, predict
 from clamp2.distributed import DistInfo
 from conftest import REPO_ROOT, VECTORS, load_script
 from probe_features import class_means, oracle_accuracy, write_features
@@ -338,9 +339,36 @@ def weights_of(path):
     return read_checkpoint(path)["model"]
 
 
-def test_resume_continues_exactly(tmp_path, train_cls, data, capsys):
+def test_missing_eval_folder_means_the_split_and_old_checkpoints_say_why_they_stop(tmp_path, train_cls, data, capsys):
     folder, _ = data
-    common = ["--train_folders", folder / "train", *FAST]
+    args = ["--train_folders", folder / "train", "--eval_folders", tmp_path / "<YOUR_EVALUATION_DATA_FOLDER>",
+            "--weights", tmp_path / "p.pth", "--epochs", "1", *FAST]
+    code, out, err = run(train_cls, args, capsys)
+    assert code == 0, err
+    assert "holds no .npy file: holding out --eval_split of the training files instead" in out
+    metrics = json.loads((tmp_path / "p_report" / "metrics.json").read_text())
+    assert metrics["files"]["eval"] == math.ceil(0.2 * (metrics["files"]["train"] + metrics["files"]["eval"]))
+    # a latest_ checkpoint of the version before the reference's epoch order cannot continue this run
+    latest = read_checkpoint(latest_path(tmp_path / "p.pth"))
+    del latest["epoch_order"]
+    torch.save(latest, latest_path(tmp_path / "p.pth"))
+    code, _, err = run(train_cls, args[:-len(FAST) - 2] + ["--epochs", "2", *FAST], capsys)
+    assert code == 2 and "written by an earlier version of this tool" in err and "--no_resume" in err
+
+
+def test_log_name_pairs_with_the_weights_name():
+    # the reference: weights-<training folder>.pth beside logs-<training folder>.txt, whatever the folder's name
+    assert logs_path_for(Path("weights-in_depth_weights.pth")) == Path("logs-in_depth_weights.txt")
+    assert logs_path_for(Path("out/weights-feats.pth")) == Path("out/logs-feats.txt")
+    assert logs_path_for(Path("probe.pth")) == Path("logs-probe.txt")
+
+
+@pytest.mark.parametrize("balanced", [[], ["--balanced"]], ids=["plain", "balanced"])
+def test_resume_continues_exactly(tmp_path, train_cls, data, capsys, balanced):
+    # With --balanced the draws continue one Python generator (after the hold-out split's shuffle):
+    # a resumed run replays the epochs it skips.
+    folder, _ = data
+    common = ["--train_folders", folder / "train", *FAST, *balanced]
     assert run(train_cls, common + ["--weights", tmp_path / "full.pth", "--epochs", "6"], capsys)[0] == 0
     assert run(train_cls, common + ["--weights", tmp_path / "part.pth", "--epochs", "3"], capsys)[0] == 0
     code, out, _ = run(train_cls, common + ["--weights", tmp_path / "part.pth", "--epochs", "6"], capsys)

@@ -168,6 +168,31 @@ def test_without_probe_the_feature_shape_chooses(tmp_path, train_cls, capsys):
     assert "fc1.weight" in read_checkpoint(tmp_path / "g2.pth")["model"]
 
 
+def test_balanced_draws_do_not_depend_on_resuming_or_processes():
+    from clamp2.probe.data import EpochSampler
+
+    targets = [0] * 9 + [1] * 4 + [2] * 6
+    stepped = EpochSampler(targets, shuffle=True, balanced=True, drawn_before=23)
+    orders = []
+    for epoch in range(1, 6):
+        stepped.set_epoch(epoch)
+        orders.append(list(stepped))
+    assert orders[0] != orders[1]  # a new draw every epoch
+    fresh = EpochSampler(targets, shuffle=True, balanced=True, drawn_before=23)
+    fresh.set_epoch(5)  # a run resumed at epoch 5
+    assert list(fresh) == orders[4] and list(fresh) == orders[4]
+    fresh.set_epoch(3)
+    assert list(fresh) == orders[2]
+    # two processes: their shares of an epoch are the one draw (padded to an even length as DistributedSampler), interleaved
+    shares = []
+    for rank in (0, 1):
+        sampler = EpochSampler(targets, shuffle=True, balanced=True, drawn_before=23, rank=rank, world_size=2)
+        sampler.set_epoch(4)
+        shares.append(list(sampler))
+    whole = orders[3] + orders[3][:len(orders[3]) % 2]
+    assert shares == [whole[0::2], whole[1::2]]
+
+
 def test_per_position_files_are_rejected_with_a_message(tmp_path, train_cls, capsys):
     means = class_means(LABELS, dim=8, separation=0.5, seed=3)
     write_features(tmp_path / "train", means, 10, seed=1, per_position=True)

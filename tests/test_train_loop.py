@@ -461,6 +461,12 @@ def test_a_missing_eval_source_means_the_split(tiny_env, tmp_path, corpus, train
                                     "--weights", str(tmp_path / "weights_t.pth")])
     out = capsys.readouterr().out
     assert code == 0 and f"EVAL_JSONL {tmp_path / 'placeholder.jsonl'} does not exist, so 2 of 10 items held out" in out
+    (tmp_path / "empty.jsonl").write_text("\n \n")
+    code = trainers["clamp2"].main(["--train_jsonl", str(small), "--eval_jsonl", str(tmp_path / "empty.jsonl"),
+                                    "--text_model", TEXT_MODEL, "--batch_size", "8", "--no_progress", "--epochs", "1",
+                                    "--weights", str(tmp_path / "weights_e.pth")])
+    out = capsys.readouterr().out
+    assert code == 0 and f"EVAL_JSONL {tmp_path / 'empty.jsonl'} is empty, so 2 of 10 items held out" in out
     code = trainers["m3"].main(["--train_folders", str(corpus / "abc"), "--eval_folders", "<YOUR_EVALUATION_DATA_FOLDER>",
                                 "--batch_size", "2", "--no_progress", "--epochs", "1",
                                 "--weights", str(tmp_path / "weights_m3.pth")])

@@ -24,7 +24,7 @@ from ..training.data import split_eval
 from .data import (FeatureError, FeatureSet, ProbeUsageError, check_classes, discover, label_map, label_of,
                    scan_features)
 from .infer import load_probe, predict_features
-from .model import LinearClassifier
+from .model import HIDDEN_SIZE, LinearClassifier
 from .report import class_table, mean_std, scores, write_report
 from .train import ONE_EPOCH, ProbeResult, ProbeSettings, logs_path_for, say, train_probe
 
@@ -59,7 +59,7 @@ def usage_problem(args) -> Optional[str]:
         return "--folds splits the training folders itself: drop --eval_folders (or drop --folds)"
     if args.warmup_steps is not None and args.warmup_steps < 0:
         return "--warmup_steps must be 0 or more"
-    if args.hidden_size < 1 and args.probe == "clamp2":
+    if args.hidden_size is not None and args.hidden_size < 1 and args.probe == "clamp2":
         return "--hidden_size must be at least 1"
     return None
 
@@ -76,7 +76,8 @@ def settings_from_args(args) -> ProbeSettings:
     return ProbeSettings(weights_path=weights, logs_path=Path(args.logs) if args.logs else logs_path_for(weights),
                          epochs=args.epochs, batch_size=args.batch_size,
                          eval_batch_size=args.eval_batch_size or args.batch_size, learning_rate=args.learning_rate,
-                         hidden_size=args.hidden_size if args.probe == "clamp2" else 0, warmup_steps=warmup, balanced=args.balanced,
+                         hidden_size=(args.hidden_size or HIDDEN_SIZE) if args.probe == "clamp2" else 0,
+                         warmup_steps=warmup, balanced=args.balanced,
                          patience=args.patience, seed=args.seed, precision=args.precision,
                          resume=not args.no_resume, progress=not args.no_progress, num_workers=args.num_workers,
                          checkpoint_interval=args.checkpoint_interval)
@@ -120,8 +121,8 @@ def detect_probe(train_folders: Sequence[str]) -> Tuple[str, Optional[str]]:
 
 def train_command(args) -> int:
     note = None
-    if args.probe is None:
-        args.probe, note = detect_probe(args.train_folders)
+    if args.probe is None:  # --hidden_size is CLaMP 2's probe's; without either, the features choose
+        args.probe, note = ("clamp2", None) if args.hidden_size is not None else detect_probe(args.train_folders)
     problem = usage_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -140,10 +141,29 @@ def train_command(args) -> int:
             return EXIT_USAGE
 
 
+def discover_eval(folders: Sequence[str], dist_info: DistInfo) -> List[Path]:
+    """The eval folders' files. Folders that are missing or hold no feature file count as none, as in
+    the reference and the trainers (whose config templates ship placeholder folders), with a note:
+    the ``--eval_split`` hold-out is used when no file is left."""
+    paths: List[Path] = []
+    empty: List[str] = []
+    for folder in folders:
+        try:
+            paths.extend(discover([folder], "eval"))
+        except ProbeUsageError:
+            empty.append(str(folder))
+    if empty:
+        what = "is missing or holds" if len(empty) == 1 else "are missing or hold"
+        then = "evaluating on the others" if paths else "holding out --eval_split of the training files instead"
+        say(dist_info, f"note: eval folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} {what} no .npy "
+                       f"file: {then}")
+    return paths
+
+
 def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
     progress = dist_info.is_main and settings.progress
     train_paths = discover(args.train_folders, "training")
-    eval_paths = discover(args.eval_folders, "eval") if args.eval_folders else []
+    eval_paths = discover_eval(args.eval_folders, dist_info) if args.eval_folders else []
     shared = sorted(set(p.resolve() for p in train_paths) & set(p.resolve() for p in eval_paths))
     if shared:
         raise ProbeUsageError(f"{len(shared)} file(s) are both in the training and the eval folders, e.g. "

@@ -13,6 +13,7 @@ output does not depend on the batch it is in (:mod:`clamp2.probe.model`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -291,12 +292,19 @@ class EpochSampler(Sampler[int]):
 
     def _permutation(self, size: int) -> List[int]:
         generator = torch.Generator()
-        generator.manual_seed(self.seed - REFERENCE_SEED + self.epoch)
+        if self.seed == REFERENCE_SEED:
+            generator.manual_seed(self.epoch)  # DistributedSampler: its seed 0 + epoch
+        else:  # another seed, other orders (not the default's shifted by an epoch)
+            digest = hashlib.sha256(f"{self.seed}:probe:{self.epoch}".encode()).digest()
+            generator.manual_seed(int.from_bytes(digest[:8], "little"))
         return torch.randperm(size, generator=generator).tolist()
 
     def balanced_list(self, epoch: int) -> List[int]:
         """The reference's balanced file list of ``epoch`` (1-based): the stream's ``epoch``-th draw."""
-        if self._stream is None or self._drawn[0] >= epoch:
+        epoch = max(epoch, 1)
+        if self._stream is not None and self._drawn[0] == epoch:
+            return list(self._drawn[1])
+        if self._stream is None or self._drawn[0] > epoch:
             self._stream = random.Random(self.seed)
             if self.drawn_before:
                 self._stream.shuffle(list(range(self.drawn_before)))  # what the hold-out split drew
@@ -306,7 +314,7 @@ class EpochSampler(Sampler[int]):
             by_class.setdefault(target, []).append(item)
         fewest = min(len(items) for items in by_class.values())
         drawn_epoch, drawn = self._drawn
-        while drawn_epoch < max(epoch, 1):
+        while drawn_epoch < epoch:
             drawn = [item for items in by_class.values() for item in self._stream.sample(items, fewest)]
             self._stream.shuffle(drawn)
             drawn_epoch += 1

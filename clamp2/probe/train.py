@@ -36,7 +36,6 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import (CheckpointError, latest_path, load_state, read_checkpoint, restore_training_state,
                           resume_source, save_checkpoint, state_dict_of, unwrap)
-from ..configuration import derived_log_path
 from ..distributed import DistInfo, barrier, gather_objects, seed_everything
 from ..files import remove_partial_files
 from ..progress import progress_bar, write_line
@@ -99,10 +98,13 @@ class ProbeResult:
 
 
 def logs_path_for(weights_path: Path) -> Path:
-    """``weights-x.pth`` → ``logs-x.txt`` (the reference's pair); any other ``name.pth`` → ``logs-name.txt``."""
-    if "weights" in weights_path.name:
-        return Path(derived_log_path(str(weights_path)))
-    return weights_path.with_name(f"logs-{weights_path.stem}.txt")
+    """``weights-x.pth`` → ``logs-x.txt`` (the reference's pair, ``x`` the training folder's name whatever
+    it holds); any other ``name.pth`` → ``logs-name.txt``."""
+    name = weights_path.name
+    stem = name[: -len(".pth")] if name.endswith(".pth") else name
+    if stem.startswith("weights"):
+        return weights_path.with_name(f"logs{stem[len('weights'):]}.txt")
+    return weights_path.with_name(f"logs-{stem}.txt")
 
 
 def fresh_history() -> Dict[str, List[float]]:
@@ -213,6 +215,15 @@ def append_log(path: Path, epoch: int, train: Mapping[str, float], evaluation: M
 
 # -- resuming --------------------------------------------------------------------------------------
 
+# Probe checkpoints record this: ones written before the epoch order and class numbering became the
+# reference's (epoch orders of another kind) cannot continue a run of this version.
+EPOCH_ORDER = "reference"
+
+
+def probe_kind(hidden_size) -> str:
+    return "CLaMP 3's probe (no hidden layer)" if hidden_size == 0 else f"CLaMP 2's probe of hidden size {hidden_size}"
+
+
 def load_resume_checkpoint(settings: ProbeSettings, classes: Mapping[str, int], input_size: int,
                            fingerprint: str) -> tuple[Optional[dict], Optional[Path]]:
     """The checkpoint to resume from (``latest_``, else the weights file), checked against this run's data."""
@@ -227,12 +238,16 @@ def load_resume_checkpoint(settings: ProbeSettings, classes: Mapping[str, int], 
     problems = []
     if "data_fingerprint" not in checkpoint:
         problems.append("was not written by this tool's training")
+    elif checkpoint.get("epoch_order") != EPOCH_ORDER:
+        problems.append("was written by an earlier version of this tool, whose epoch order and class numbering "
+                        "are not the reference's")
     elif dict(checkpoint.get("labels", {})) != dict(classes):
         problems.append(f"has the classes {sorted(checkpoint.get('labels', {}))}, the data {sorted(classes)}")
     elif checkpoint.get("input_size") != input_size:
         problems.append(f"takes features of size {checkpoint.get('input_size')}, the data has {input_size}")
     elif checkpoint.get("hidden_size") != settings.hidden_size:
-        problems.append(f"has hidden size {checkpoint.get('hidden_size')}, --hidden_size is {settings.hidden_size}")
+        problems.append(f"is {probe_kind(checkpoint.get('hidden_size'))}, this run trains "
+                        f"{probe_kind(settings.hidden_size)} (--probe and --hidden_size choose)")
     elif checkpoint["data_fingerprint"] != fingerprint:
         problems.append("was trained and evaluated on other files (or another split)")
     if problems:
@@ -334,7 +349,7 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
                           min_eval_loss=best_eval_loss, config=settings.record())
             extra = {"max_eval_acc": float(max_eval_acc), "labels": dict(classes), "input_size": input_size,
                      "hidden_size": settings.hidden_size, "feature_kind": features.kinds[0],
-                     "data_fingerprint": fingerprint, "history": history,
+                     "data_fingerprint": fingerprint, "epoch_order": EPOCH_ORDER, "history": history,
                      "world_size": dist_info.world_size}
             if improved:
                 save_checkpoint(settings.weights_path, trained, extra=extra, **fields)

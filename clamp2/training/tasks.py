@@ -65,6 +65,19 @@ def m3_eval_step(model: M3Model, batch: Optional[Dict[str, torch.Tensor]], count
     return loss_sum.item(), float(predicted)
 
 
+def holds_lines(jsonl) -> bool:
+    """Whether ``jsonl`` names a file with a non-blank line. The reference reads a missing or empty eval
+    JSONL as none (and then holds out its EVAL_SPLIT split)."""
+    if not jsonl or not Path(jsonl).is_file():
+        return False
+    with open(jsonl, encoding="utf-8", errors="replace") as handle:
+        return any(line.strip() for line in handle)
+
+
+def absent_or_empty(jsonl) -> str:
+    return "is empty" if Path(jsonl).is_file() else "does not exist"
+
+
 def m3_task(config, train_folders: Sequence[str], eval_folders: Sequence[str] = (), global_batch: int = 1,
             log: Callable[[str], None] = print) -> TrainTask:
     """M3 masked-patch reconstruction on folders of .abc/.mtf files (EVAL_SPLIT of them when no eval folder).
@@ -167,7 +180,7 @@ def clamp2_task(config, train_jsonl: str, eval_jsonl: str = "", global_batch: in
         raise DataError("no training data: pass --train_jsonl or set TRAIN_JSONL in code/config.py")
     train_items = read_pairs(train_jsonl, require_non_english=config.TEXT_DROPOUT)
     notes = []
-    if eval_jsonl and Path(eval_jsonl).is_file():
+    if holds_lines(eval_jsonl):
         eval_items = read_pairs(eval_jsonl, require_non_english=False)
         if len(eval_items) == 1:
             notes.append(f"note: {eval_jsonl} holds 1 pair: its contrastive loss is 0 whatever the model (nothing to "
@@ -175,7 +188,7 @@ def clamp2_task(config, train_jsonl: str, eval_jsonl: str = "", global_batch: in
     else:
         # As the reference, and as CLaMP 3's trainer: a missing eval JSONL means the EVAL_SPLIT split, said in the log.
         split = split_eval(train_items, config.EVAL_SPLIT, BASE_SEED, min_train=global_batch, min_eval=2)
-        missing = f"EVAL_JSONL {eval_jsonl} does not exist, so " if eval_jsonl else "no eval JSONL: "
+        missing = f"EVAL_JSONL {eval_jsonl} {absent_or_empty(eval_jsonl)}, so " if eval_jsonl else "no eval JSONL: "
         train_items, eval_items, notes = split.train, split.eval, [f"{missing}{split.reason}"]
     tokenizer = load_tokenizer(config.TEXT_MODEL_NAME)
     patchilizer = M3Patchilizer(config.PATCH_SIZE, config.PATCH_LENGTH)
@@ -262,7 +275,7 @@ def clamp3_task(config, modality: str, train_jsonl: str, eval_jsonl: str = "", g
     # evaluation needs `analysis` (and training without dropout).
     train_items = read_items(train_jsonl, no_text_problems if config.TEXT_DROPOUT else clamp3_text_problems, music)
     notes = []
-    if eval_jsonl and Path(eval_jsonl).is_file():
+    if holds_lines(eval_jsonl):
         eval_items = read_items(eval_jsonl, clamp3_text_problems, music)
     else:
         # Only lines with an evaluation text can be held out; the others train.
@@ -273,7 +286,7 @@ def clamp3_task(config, modality: str, train_jsonl: str, eval_jsonl: str = "", g
         split = split_eval([item for item in train_items if has_analysis(item.fields)], config.EVAL_SPLIT, BASE_SEED,
                            min_train=max(global_batch - len(unheld), 0), min_eval=2)
         train_items, eval_items = split.train + unheld, split.eval
-        missing = f"CLAMP3_EVAL_JSONL {eval_jsonl} does not exist, so " if eval_jsonl else "no eval JSONL: "
+        missing = f"CLAMP3_EVAL_JSONL {eval_jsonl} {absent_or_empty(eval_jsonl)}, so " if eval_jsonl else "no eval JSONL: "
         notes.append(f"{missing}{split.reason}")
     tokenizer = load_tokenizer(config.TEXT_MODEL_NAME)
     frozen = frozen_modules(modality, config.FREEZE_TEXT)
