@@ -144,6 +144,19 @@ def test_api_features_of_one_file(tiny_model):
         MertFeatureExtractor(tiny_model, "cpu").features(AUDIO_IN / "banish_misfortune_48k_stereo_f32.wav")
 
 
+@pytest.mark.parametrize("rate", [24000, 16000])
+def test_samples_too_large_to_z_score_fail_on_either_path(tiny_model, tmp_path, rate):
+    # numpy's float32 sums (the reference's z-score) overflow: every feature would be NaN. torch's
+    # var_mean does not overflow, so the device path checks the reference's sums itself.
+    soundfile.write(tmp_path / "huge.wav", np.full((3 * rate, 1), 3e38, np.float32), rate, subtype="FLOAT")
+    for on_device in (False, True):
+        extractor = MertFeatureExtractor(tiny_model, "cpu", resample_on_device=on_device)
+        with pytest.raises(AudioError, match="too large to z-score"):
+            extractor.features(tmp_path / "huge.wav")
+    soundfile.write(tmp_path / "loud.wav", np.full((3 * rate, 1), 1e18, np.float32), rate, subtype="FLOAT")
+    assert np.isfinite(MertFeatureExtractor(tiny_model, "cpu", resample_on_device=True).features(tmp_path / "loud.wav")).all()
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     """Real music from music21's corpus, rendered: a chorale and a second piece, several formats."""

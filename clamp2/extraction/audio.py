@@ -193,6 +193,19 @@ def normalize_tensor(wave: torch.Tensor) -> torch.Tensor:
     return (wave - mean) / torch.sqrt(variance + NORM_EPSILON)
 
 
+def z_score_overflows(wave: torch.Tensor) -> bool:
+    """Whether :func:`normalize`'s float32 sums (the reference's) overflow on this wave, making every
+    feature NaN. torch's ``var_mean`` would not overflow there, so :func:`normalize_tensor` alone would
+    hide it."""
+    total = wave.sum()
+    spread = torch.square(wave - total / wave.numel()).sum()
+    return not bool(torch.isfinite(total) & torch.isfinite(spread))
+
+
+def too_large_to_normalize(peak: float) -> str:
+    return f"samples too large to z-score in float32 (up to {peak:.3g}): its features would all be NaN"
+
+
 def load_mono(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
     """``(channel mean [frames] float32, sample rate)`` of an audio file; no samples is an :class:`AudioError`."""
     frames, rate = decode_frames(path)
@@ -216,8 +229,7 @@ def load_wave(path: str | os.PathLike, normalized: bool = True) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):  # reported below as one line, not numpy's warnings
         wave = normalize(wave)
     if not np.isfinite(wave).all():  # finite samples near float32's limit: the mean or variance overflows
-        raise AudioError(f"samples too large to z-score in float32 (up to {float(np.abs(mono).max()):.3g}): "
-                         "its features would all be NaN")
+        raise AudioError(too_large_to_normalize(float(np.abs(mono).max())))
     return wave
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..files import find_files, mirror_outputs
 from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, normalize_tensor,
-                    resample_tensor, track_windows)
+                    resample_tensor, too_large_to_normalize, track_windows, z_score_overflows)
 from .core import (HostCopy, Job, Plan, autocast_context, clear_earlier_run, save_npy, shard, skip_existing,
                    write_failure_log)
 
@@ -116,7 +116,10 @@ class MertFeatureExtractor:
         wave = torch.from_numpy(samples)
         if self.device.type == "cuda":
             wave = wave.pin_memory()
-        wave = normalize_tensor(resample_tensor(wave.to(self.device, non_blocking=True), rate))
+        wave = resample_tensor(wave.to(self.device, non_blocking=True), rate)
+        if z_score_overflows(wave):  # as load_wave: samples near float32's limit, NaN features in the reference
+            raise AudioError(too_large_to_normalize(float(np.abs(samples).max())))
+        wave = normalize_tensor(wave)
         return wave, track_windows(len(wave))
 
     def features(self, path) -> np.ndarray:
