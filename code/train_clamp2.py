@@ -39,7 +39,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--train_jsonl", default=None, help="training pairs (config TRAIN_JSONL)")
     parser.add_argument("--eval_jsonl", default=None,
-                        help="evaluation pairs (config EVAL_JSONL; none: EVAL_SPLIT of the training pairs)")
+                        help="evaluation pairs (config EVAL_JSONL; none, missing or empty: EVAL_SPLIT of the training pairs)")
     parser.add_argument("--text_model", default=None,
                         help="hub id or local folder of the text encoder (config TEXT_MODEL_NAME; part of the "
                              "weights file name)")

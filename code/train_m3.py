@@ -36,7 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--train_folders", nargs="+", default=None,
                         help="folders searched recursively for .abc/.mtf files (config TRAIN_FOLDERS)")
     parser.add_argument("--eval_folders", nargs="+", default=None,
-                        help="evaluation folders (config EVAL_FOLDERS; none: EVAL_SPLIT of the training files)")
+                        help="evaluation folders (config EVAL_FOLDERS; none, missing or without pieces: EVAL_SPLIT of the training "
+                             "files)")
     add_training_arguments(parser)
     return parser.parse_args(argv)
 

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--probe", choices=("clamp2", "clamp3"), default=None,
                         help="clamp2: the CLaMP 2 probe (hidden layer, mean over positions; any features); clamp3: "
                              "CLaMP 3's single linear layer on global [1, D] / [D] features (per-position files "
-                             "are rejected). Default: clamp3 when the training features are global, clamp2 when "
+                             "are listed and left out). Default: clamp3 when the training features are global, clamp2 when "
                              "they are per-position [1, L, D]")
     parser.add_argument("--train_folders", "--train_folder", nargs="+", required=True,
                         help="folders searched recursively for .npy features named <label>_<anything>.npy")

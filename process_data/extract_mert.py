@@ -15,7 +15,8 @@ hub id resolved in the local cache only (default m-a-p/MERT-v1-95M; fetch it onc
 `hf download m-a-p/MERT-v1-95M`). MERT-v1-95M is licensed CC-BY-NC-4.0.
 
 Output: <output_dir>/<relative folder>/<stem>.npy; existing outputs are skipped (a re-run resumes).
-Failures (undecodable, empty, shorter than 1 s, two inputs for one output) are listed in
+Failures (undecodable, empty, shorter than 1 s, NaN or infinite samples, samples too large to z-score
+in float32, two inputs for one output) are listed in
 <output_dir>/failed_extract_mert.log (failed_extract_mert_<process>.log per process under a
 multi-process launch). Exit status: 0 all extracted, 1 some failed, 2 usage or model error.
 """

@@ -139,6 +139,12 @@ def test_bad_inputs_are_reported_and_get_no_output(tiny_env, tmp_path, extract_c
     assert extract_clamp3.main(clamp3_args(inp, nested, "--get_global")) == 1
     assert "extracted 0, skipped 11 existing, failed 5" in capsys.readouterr().err
     assert not (nested / "features").exists()
+    # The reference takes every input when the output folder holds the input folder, and writes
+    # features beside sheet music and texts when it is the input folder (no .npy input to overwrite).
+    assert extract_clamp3.main(clamp3_args(inp / "audio", tmp_path, "--get_global")) == 1
+    assert "extracted 3, skipped 0 existing, failed 4" in capsys.readouterr().err
+    assert extract_clamp3.main(clamp3_args(inp / "abc", inp / "abc", "--get_global")) == 1
+    assert "extracted 2, skipped 0 existing, failed 1" in capsys.readouterr().err
 
 
 def test_weights_names_messages_and_usage(tiny_env, tmp_path, extract_clamp3, capsys, monkeypatch):

@@ -235,10 +235,11 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
               kinds: Optional[Dict[str, str]] = None) -> Plan:
     """Inputs → output paths (mirrored folders, ``.npy``); collisions are failures, existing outputs skipped.
 
-    ``kinds`` maps extensions to runner kinds (default: music, and text when ``text``). When ``.npy``
-    files are inputs (CLaMP 3's MERT features), an output folder inside the input folder is not
-    searched: its ``.npy`` files are outputs, not inputs. Other inputs are taken wherever they are,
-    as the reference takes them (the output folder may be the input folder or hold it).
+    ``kinds`` maps extensions to runner kinds (default: music, and text when ``text``). ``.npy`` inputs
+    (CLaMP 3's MERT features) in an output folder inside the input folder are left out: they are
+    outputs, not inputs.
+    Other inputs are taken wherever they are, as the reference takes them (the output folder may be
+    the input folder, hold it, or lie inside it).
     Under several processes call it with ``overwrite=True`` (a plan that depends only on the file
     listing, identical in every process), shard ``jobs``, then :func:`skip_existing` per process:
     outputs written meanwhile by a faster process must not shift the shards.
@@ -248,8 +249,10 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
     outputs_prefix = os.path.join(os.path.abspath(output_dir), "")
     unsearchable: List[Tuple[Path, str]] = []
     inputs = find_files(input_dir, kinds, unsearchable)
-    if any(ext in AUDIO_EXTENSIONS for ext in kinds):
-        inputs = [path for path in inputs if not os.path.abspath(path).startswith(outputs_prefix)]
+    inputs_prefix = os.path.join(os.path.abspath(input_dir), "")
+    if outputs_prefix != inputs_prefix and outputs_prefix.startswith(inputs_prefix):  # output inside the input folder
+        inputs = [path for path in inputs
+                  if not (path.suffix.lower() in AUDIO_EXTENSIONS and os.path.abspath(path).startswith(outputs_prefix))]
     outputs, collisions = mirror_outputs(inputs, input_dir, output_dir, ".npy")
     plan = Plan(failures=unsearchable + collisions)
     for path, output in outputs.items():
@@ -979,12 +982,12 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     if not args.input_dir.is_dir():
         print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
         return 2
-    if any(ext in AUDIO_EXTENSIONS for ext in kinds) and \
-            os.path.abspath(args.input_dir) == os.path.abspath(args.output_dir):
+    plan = plan_jobs(args.input_dir, args.output_dir, overwrite=True, kinds=kinds)
+    if os.path.abspath(args.input_dir) == os.path.abspath(args.output_dir) and \
+            any(job.path.suffix.lower() in AUDIO_EXTENSIONS for job in plan.jobs):
         print("error: the output folder is the input folder: its .npy inputs would be overwritten by their "
               "features; choose another output folder", file=sys.stderr)
         return 2
-    plan = plan_jobs(args.input_dir, args.output_dir, overwrite=True, kinds=kinds)
     if not plan.jobs and not plan.failures:
         wanted = ", ".join(sorted(kinds))
         print(f"error: no input files ({wanted}) under {args.input_dir}", file=sys.stderr)
