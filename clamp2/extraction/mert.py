@@ -116,10 +116,7 @@ class MertFeatureExtractor:
         wave = torch.from_numpy(samples)
         if self.device.type == "cuda":
             wave = wave.pin_memory()
-        wave = resample_tensor(wave.to(self.device, non_blocking=True), rate)
-        if z_score_overflows(wave):  # as load_wave: samples near float32's limit, NaN features in the reference
-            raise AudioError(too_large_to_normalize(float(np.abs(samples).max())))
-        wave = normalize_tensor(wave)
+        wave = normalize_tensor(resample_tensor(wave.to(self.device, non_blocking=True), rate))
         return wave, track_windows(len(wave))
 
     def features(self, path) -> np.ndarray:
@@ -215,7 +212,12 @@ def read_samples(path, decode_only: bool = False) -> Tuple[np.ndarray, Optional[
     """The host's share of a file's MERT input: ``(normalized 24 kHz wave, None)``, or with ``decode_only``
     ``(channel mean, its sample rate)`` for the device to resample and z-score."""
     if decode_only:
-        return load_mono(path)
+        mono, rate = load_mono(path)
+        # Checked here, not on the device: a device-side check would wait for the queued batches. The
+        # sums of the decoded wave stand in for the resampled one's (the same at 24 kHz).
+        if z_score_overflows(mono):
+            raise AudioError(too_large_to_normalize(float(np.abs(mono).max())))
+        return mono, rate
     return load_wave(path), None
 
 
