@@ -262,10 +262,10 @@ class EpochSampler(Sampler[int]):
 
     The reference wraps its training files in torch's ``DistributedSampler`` (seed 0, ``set_epoch(epoch)``):
     each epoch visits them in ``torch.randperm(n)`` order, the generator seeded 0 + epoch, over the
-    files in the order its data set holds them (``order``; the hold-out split's shuffled order). Here
-    the generator is seeded ``seed - 42 + epoch``, so the default seed gives the reference's order and
-    another ``--seed`` another one; it depends on (seed, epoch) alone, so a resumed run sees exactly
-    the orders an uninterrupted one would.
+    files in the order its data set holds them (``order``; the hold-out split's shuffled order). The
+    default seed (42) gives that order; another ``--seed`` seeds the generator from a hash of (seed,
+    epoch). It depends on (seed, epoch) alone, so a resumed run sees exactly the orders an
+    uninterrupted one would.
 
     ``balanced`` is the reference's BalancedTensorDataset: every epoch, as many files of each class
     as the rarest class has (``random.sample`` per class, classes in the order first found, then
