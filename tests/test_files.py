@@ -74,7 +74,7 @@ def test_mirror_path_folds_case_where_paths_do(monkeypatch):
     assert mirror_path("Data/sub/x.abc", "data", "out", ".npy") == Path("out/sub/x.npy")
 
 
-def test_plan_skips_an_output_folder_inside_the_input_folder(tmp_path, monkeypatch):
+def test_plan_skips_npy_inputs_in_an_output_folder_inside_the_input_folder(tmp_path, monkeypatch):
     from clamp2.extraction.core import plan_jobs
 
     monkeypatch.chdir(tmp_path)
@@ -82,9 +82,11 @@ def test_plan_skips_an_output_folder_inside_the_input_folder(tmp_path, monkeypat
         Path(rel).parent.mkdir(parents=True, exist_ok=True)
         Path(rel).write_text("x")
     kinds = {".abc": "music", ".npy": "audio"}
+    # feats/b.npy is an output read back; feats/sub/c.abc is a piece, taken as the reference takes it.
     # "feats_2" merely starts with the output folder's name: it is an input folder like any other.
     plan = plan_jobs(Path("."), Path("feats"), kinds=kinds)
     assert [(str(j.path), str(j.output)) for j in plan.jobs] == [("a.abc", "feats/a.npy"),
+                                                                ("feats/sub/c.abc", "feats/feats/sub/c.npy"),
                                                                 ("feats_2/d.npy", "feats/feats_2/d.npy")]
     assert [str(j.path) for j in plan_jobs(Path("."), Path("./feats/../elsewhere"), kinds=kinds).jobs] == [
         "a.abc", "feats/b.npy", "feats/sub/c.abc", "feats_2/d.npy"]
