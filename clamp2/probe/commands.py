@@ -99,14 +99,10 @@ def skipped_record(skipped: Skipped) -> List[Dict[str, str]]:
 
 # -- train_cls.py ----------------------------------------------------------------------------------
 
-def detect_probe(train_folders: Sequence[str]) -> Tuple[str, Optional[str]]:
-    """The probe for features given without ``--probe``, and a line saying so: CLaMP 3's (one linear
-    layer) when the first readable training file is a global feature ``[1, D]`` / ``[D]``, as CLaMP 3's
+def detect_probe(paths: Sequence[Path]) -> Tuple[str, Optional[str]]:
+    """The probe for training files given without ``--probe``, and a line saying so: CLaMP 3's (one
+    linear layer) when the first readable one is a global feature ``[1, D]`` / ``[D]``, as CLaMP 3's
     ``classification/train_cls.py --train_folder ...`` trains on them; CLaMP 2's otherwise."""
-    try:
-        paths = discover(train_folders, "training")
-    except ProbeUsageError:
-        return "clamp2", None  # reported by the run itself
     for path in paths:
         try:
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
@@ -120,9 +116,8 @@ def detect_probe(train_folders: Sequence[str]) -> Tuple[str, Optional[str]]:
 
 
 def train_command(args) -> int:
-    note = None
-    if args.probe is None:  # --hidden_size is CLaMP 2's probe's; without either, the features choose
-        args.probe, note = ("clamp2", None) if args.hidden_size is not None else detect_probe(args.train_folders)
+    if args.probe is None and args.hidden_size is not None:  # --hidden_size is CLaMP 2's probe's
+        args.probe = "clamp2"
     problem = usage_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -131,8 +126,6 @@ def train_command(args) -> int:
     # The reference's settings; the probe's kernels (linear layers, sums) are deterministic anyway.
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     with distributed_context(args.local_rank, args.device) as dist_info:
-        if note:
-            say(dist_info, note)
         try:
             return run_training(args, settings, dist_info)
         except ProbeUsageError as exc:
@@ -163,6 +156,11 @@ def discover_eval(folders: Sequence[str], dist_info: DistInfo) -> List[Path]:
 def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
     progress = dist_info.is_main and settings.progress
     train_paths = discover(args.train_folders, "training")
+    if args.probe is None:  # neither --probe nor --hidden_size: the training features choose
+        args.probe, note = detect_probe(train_paths)
+        settings = replace(settings, hidden_size=HIDDEN_SIZE if args.probe == "clamp2" else 0)
+        if note:
+            say(dist_info, note)
     eval_paths = discover_eval(args.eval_folders, dist_info) if args.eval_folders else []
     shared = sorted(set(p.resolve() for p in train_paths) & set(p.resolve() for p in eval_paths))
     if shared:
