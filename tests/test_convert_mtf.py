@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+from pathlib import Path
 
 import mido
 import pytest
@@ -201,6 +204,32 @@ def test_keep_all_round_trip_gives_the_same_messages(handmade_midi, corpus_midis
         assert list(reread.merged_track) == without_unknown_meta(original.merged_track)
         assert midi_file_to_mtf(reread, m3_compatible=False) == "\n".join(
             line for line in text.split("\n") if "unknown_meta" not in line)
+
+
+THIRD_PARTY_REFERENCE = Path(__file__).parent / "data" / "midi_testprimitive_reference.json"
+
+
+def test_third_party_midi_matches_the_originals_bytes_in_every_mode():
+    """music21's own MIDI test files (made by other sequencers) give the original scripts' bytes.
+
+    The hashes were taken from the original batch_midi2mtf.py / batch_mtf2midi.py run on these files
+    (tests/data/README.md); the MIDI written back is compared for the MTF of each mode.
+    """
+    from music21 import midi as music21_midi
+
+    folder = Path(music21_midi.__file__).parent / "testPrimitive"
+    reference = json.loads(THIRD_PARTY_REFERENCE.read_text(encoding="utf-8"))["files"]
+    assert sorted(p.name for p in folder.glob("*.mid")) == sorted(reference), "music21's test files changed"
+    mismatches = []
+    for name, modes in sorted(reference.items()):
+        assert sorted(modes) == ["all", "clamp3", "m3"]
+        for mode, want in modes.items():
+            text = midi_to_mtf(folder / name, mode=mode)
+            if hashlib.sha256(text.encode("utf-8")).hexdigest() != want["mtf_sha256"]:
+                mismatches.append(f"{name} {mode} mtf")
+            elif hashlib.sha256(midi_to_bytes(mtf_to_midi(text))).hexdigest() != want["midi_sha256"]:
+                mismatches.append(f"{name} {mode} midi")
+    assert not mismatches
 
 
 def test_mtf_to_midi_is_type_1_with_mido_header(vectors):
