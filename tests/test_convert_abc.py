@@ -138,6 +138,29 @@ def test_in_process_xml2abc_equals_command_line_after_other_files(corpus_scores,
         assert xml_to_abc(corpus_scores[kind]) == cli_xml2abc(corpus_scores[kind])
 
 
+@pytest.mark.parametrize("variant", ["utf-8 bom", "crlf", "latin-1 declared"])
+def test_plain_xml_with_a_bom_crlf_or_another_declared_encoding_gives_the_same_abc(variant, tmp_path, vectors):
+    """Files as other editors save them convert as the command line (the reference's call) converts them."""
+    score = read_musicxml(vectors / "inputs" / "xml" / "bwv10.7.mxl")
+    if isinstance(score, str):
+        score = score.encode("utf-8")
+    assert score.startswith(b"<?xml") and b"\r\n" not in score and b'encoding="utf-8"' in score[:100]
+    if variant == "utf-8 bom":
+        data = b"\xef\xbb\xbf" + score
+    elif variant == "crlf":
+        data = score.replace(b"\n", b"\r\n")
+    else:
+        data = score.replace(b'encoding="utf-8"', b'encoding="ISO-8859-1"', 1)
+    path = tmp_path / "bwv10.7.xml"
+    path.write_bytes(data)
+    abc = xml_to_abc(path)
+    assert abc == cli_xml2abc(path)
+    vector = read_exact(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc")
+    # The lyrics hold UTF-8 bytes (’, ©): read as Latin-1 they change, as in the command line; all else stays.
+    assert (abc != vector) == (variant == "latin-1 declared")
+    assert abc.count("\n") == vector.count("\n")
+
+
 def test_mxl_with_musicxml_score_reads_container(corpus_scores, tmp_path):
     path = corpus_scores["chorale_musicxml_inside"]
     with zipfile.ZipFile(path) as archive:
