@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -82,7 +83,52 @@ def check_max_text_length(name_or_path: str, max_length: int, setting: str = "MA
 
 
 def load_tokenizer(name_or_path: str):
-    return _from_pretrained(AutoTokenizer.from_pretrained, name_or_path)
+    """The tokenizer of a hub id or local folder, tokenizing as its ``tokenizer.json`` says (see below)."""
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path)
+    saved = saved_tokenizer_file(name_or_path)
+    if saved is not None:
+        follow_saved_pipeline(tokenizer, saved)
+    return tokenizer
+
+
+def saved_tokenizer_file(name_or_path: str) -> Optional[Path]:
+    """``tokenizer.json`` of a local folder or of a hub id in the local cache (where loading put it); else None."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        return folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(str(name_or_path), "tokenizer.json")
+    except ValueError:  # not a repository id
+        return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def follow_saved_pipeline(tokenizer, tokenizer_file: str | os.PathLike) -> None:
+    """Give ``tokenizer`` the normalizer, pre-tokenizer, post-processor and decoder of ``tokenizer_file``.
+
+    The original CLaMP code ran transformers 4, whose fast tokenizers load ``tokenizer.json`` as it
+    is. transformers 5 rebuilds an XLM-R tokenizer from the file's vocabulary alone: it keeps a
+    SentencePiece ``Precompiled`` normalizer but drops every other one (the ``Nmt``/``NFKC`` of
+    the tiny vectors' model, the published model's collapse of repeated spaces) and splits words
+    with ``WhitespaceSplit`` before ``Metaspace``. Text then tokenizes differently wherever those
+    matter: a space before a line's end or before ``</s>`` (CLaMP joins lines with it), a ``\\r``
+    of a CRLF file, full-width letters and punctuation, ligatures, decomposed accents, control and
+    zero-width characters (``tests/test_text_model.py``). The vocabulary and model are the same, so
+    taking these four parts from the file gives transformers 4's ids.
+    """
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: nothing rebuilt
+        return
+    saved = Tokenizer.from_file(os.fspath(tokenizer_file))
+    backend.normalizer = saved.normalizer
+    backend.pre_tokenizer = saved.pre_tokenizer
+    if saved.post_processor is not None:
+        backend.post_processor = saved.post_processor
+    backend.decoder = saved.decoder
 
 
 def load_text_model(name_or_path: str, pretrained: bool = True):

@@ -67,3 +67,69 @@ def test_text_model_loads_in_float32_whatever_the_saved_dtype(tmp_path, vectors)
     for pretrained in (True, False):
         model = load_text_model(str(copy), pretrained=pretrained)
         assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+# Texts on which transformers 5's rebuilt XLM-R tokenizer and the saved tokenizer.json (what the
+# original's transformers 4 loaded) disagree, and plain ones that must not change.
+PIPELINE_TEXTS = [
+    "A cheerful folk tune",
+    "A cheerful folk tune ",            # a space before the end
+    "first line </s>second line",       # a space before the separator CLaMP joins lines with
+    "first line\r",                     # a CRLF file's line
+    "ＡＢＣ，全角の句読点：（例）",        # full-width letters and punctuation (NFKC)
+    "ﬁne ﬂute",                         # ligatures
+    "cafe\u0301 decomposed",            # a combining accent
+    "Ⅻ variations",
+    "ctrl\x07char and zero\u200bwidth",
+    "two  spaces\tand a tab",
+    " leading space",
+]
+
+
+def saved_ids(tokenizer_json, text):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_json)).encode(text).ids
+
+
+def test_tokenizer_follows_its_saved_tokenizer_json(vectors):
+    """The reference's tiny text model was saved by transformers 4 (Nmt + NFKC normalizers, Metaspace split)."""
+    folder = vectors / "tiny_text_model"
+    tokenizer = load_tokenizer(str(folder))
+    for text in PIPELINE_TEXTS:
+        assert tokenizer(text)["input_ids"] == saved_ids(folder / "tokenizer.json", text), repr(text)
+    assert tokenizer.sep_token == "</s>" and tokenizer.pad_token_id == 1
+    assert tokenizer.decode(tokenizer("hello world")["input_ids"], skip_special_tokens=True) == "hello world"
+
+
+def test_tokenizers_saved_by_transformers_5_keep_their_pipeline(tmp_path):
+    tokenizer, _ = build_small_text_model(tmp_path / "small", ["a cheerful folk tune", "a sad song"],
+                                          hidden_size=8, num_layers=1, num_heads=1)
+    reloaded = load_tokenizer(str(tmp_path / "small"))
+    for text in PIPELINE_TEXTS:
+        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"] == \
+            saved_ids(tmp_path / "small" / "tokenizer.json", text), repr(text)
+
+
+def test_hub_id_tokenizer_follows_the_cached_tokenizer_json(tmp_path, vectors):
+    import shutil
+
+    folder = vectors / "tiny_text_model"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-xlmr"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in os.listdir(folder):
+        shutil.copy(folder / name, snapshot / name)
+    code = ("import json, sys\nfrom clamp2.text_model import load_tokenizer\n"
+            "tokenizer = load_tokenizer('someone/tiny-xlmr')\n"
+            "print(json.dumps([tokenizer(t)['input_ids'] for t in json.loads(sys.argv[1])]))\n")
+    import json
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(PIPELINE_TEXTS)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [saved_ids(folder / "tokenizer.json", text) for text in PIPELINE_TEXTS]
