@@ -450,9 +450,9 @@ def write_image(path: Path, seed: int) -> None:
     Image.fromarray((rng.random((40, 50, 3)) * 255).astype("uint8")).save(path)
 
 
-# The reference call below uses BLIP's own generation settings, as the original does (no max_length).
-@pytest.mark.filterwarnings("ignore:Using the model-agnostic default:UserWarning")
 def test_caption_is_the_blip_pipeline(tiny_blip, tmp_path):
+    """The original's call (``generate`` without arguments) under its transformers 4 stops at 20 tokens in all,
+    the start token included; transformers 5 alone would generate 20 after it."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     from clamp2.search.captions import Captioner, caption_images, write_caption
@@ -463,7 +463,8 @@ def test_caption_is_the_blip_pipeline(tiny_blip, tmp_path):
     model = BlipForConditionalGeneration.from_pretrained(tiny_blip).eval()
     from PIL import Image
 
-    output = model.generate(**processor(Image.open(image).convert("RGB"), return_tensors="pt"))
+    output = model.generate(**processor(Image.open(image).convert("RGB"), return_tensors="pt"), max_length=20)
+    assert output.shape[1] == 20  # this random BLIP runs to the cap: the case where the length matters
     expected = processor.decode(output[0], skip_special_tokens=True)
     assert expected and Captioner.from_pretrained(tiny_blip).caption(image) == expected
     from clamp2.cache import FeatureCache
@@ -475,6 +476,32 @@ def test_caption_is_the_blip_pipeline(tiny_blip, tmp_path):
     assert second[0].text == expected and second[0].cached  # no BLIP the second time
     write_caption(expected, tmp_path / "photo.txt")
     assert (tmp_path / "photo.txt").read_bytes() == expected.encode("utf-8")  # no trailing newline
+
+
+def test_caption_length_follows_the_text_config(tiny_blip, tmp_path):
+    import json
+    import shutil
+
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from clamp2.search.captions import Captioner, caption_max_length
+
+    assert caption_max_length(tiny_blip) == 20  # not in config.json: transformers 4's default
+    folder = tmp_path / "blip12"
+    shutil.copytree(tiny_blip, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_length"] = 12  # a transformers 4 config.json carries it; transformers 4 obeyed it
+    (folder / "config.json").write_text(json.dumps(config))
+    assert caption_max_length(folder) == 12
+    image = tmp_path / "photo.png"
+    write_image(image, 2)
+    processor = BlipProcessor.from_pretrained(folder)
+    model = BlipForConditionalGeneration.from_pretrained(folder).eval()
+    from PIL import Image
+
+    output = model.generate(**processor(Image.open(image).convert("RGB"), return_tensors="pt"), max_length=12)
+    assert output.shape[1] == 12
+    assert Captioner.from_pretrained(folder).caption(image) == processor.decode(output[0], skip_special_tokens=True)
 
 
 def test_captioner_not_downloaded_is_a_clear_error(tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
 ``Salesforce/blip-image-captioning-base`` through transformers' ``BlipProcessor`` and
 ``BlipForConditionalGeneration``, loaded from a local folder or from the Hugging Face cache only
 (nothing is downloaded here). Each image is opened and converted to RGB, given to the processor
-without a text prompt (unconditional captioning) and to ``generate`` with the model's own
-generation settings; the output is decoded with ``skip_special_tokens=True``.
+without a text prompt (unconditional captioning) and to ``generate`` with the generation settings
+the original's transformers 4 took by default (greedy, at most 20 tokens in all; see
+:func:`caption_max_length`); the output is decoded with ``skip_special_tokens=True``.
 
 Captions are cached like features (keyed on the image's bytes and the captioner's files), so a
 second run on the same images runs no BLIP either.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -24,6 +24,9 @@ import numpy as np
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CAPTION_KIND = "image-caption"
+# Part of the caption cache's key: bump it when captions of the same files change.
+CAPTION_FORMAT = 2  # 2: at most 20 tokens in all, as under transformers 4 (1 took transformers 5's 20 new ones)
+DEFAULT_MAX_LENGTH = 20  # transformers 4's PretrainedConfig.max_length, which BLIP's text decoder generated with
 
 
 class CaptionerError(OSError):
@@ -64,6 +67,25 @@ def captioner_folder(name: str | os.PathLike = BLIP_MODEL) -> Path:
     return cached
 
 
+def caption_max_length(folder: Path) -> int:
+    """The total length (start token included) at which the original's BLIP call stopped.
+
+    The original calls ``generate`` without arguments under transformers 4, where BLIP's text decoder
+    took ``max_length`` from its text config (20 unless ``config.json`` says otherwise) as the length
+    of the whole output. transformers 5 ignores that config value and by default generates 20 *new*
+    tokens after the start token, one more word on captions that reach the cap.
+    """
+    import json
+
+    try:
+        with open(folder / "config.json", encoding="utf-8") as f:
+            text_config = json.load(f).get("text_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_MAX_LENGTH
+    length = text_config.get("max_length") if isinstance(text_config, dict) else None
+    return int(length) if isinstance(length, int) and length > 0 else DEFAULT_MAX_LENGTH
+
+
 class Captioner:
     """A BLIP captioning model and its processor: ``caption(image path) -> str``."""
 
@@ -74,6 +96,7 @@ class Captioner:
         self.model = model.eval().to(self.device)
         self.processor = processor
         self.folder = Path(folder)
+        self.max_length = caption_max_length(self.folder)
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike = BLIP_MODEL, device=None) -> "Captioner":
@@ -82,24 +105,24 @@ class Captioner:
 
         folder = captioner_folder(name)
         try:
-            processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
+            # PIL's image processor, as transformers 4's BlipProcessor: transformers 5 takes torchvision's
+            # where it is installed, whose pixels differ by a level or two.
+            processor = BlipProcessor.from_pretrained(folder, local_files_only=True, backend="pil")
             model = BlipForConditionalGeneration.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise CaptionerError(f"cannot load a BLIP captioner from {folder}: {' '.join(str(exc).split())}") from None
         return cls(model, processor, folder, device)
 
     def caption(self, image_path: str | os.PathLike) -> str:
-        """The unconditional caption of one image (greedy, the model's default generation settings)."""
+        """The unconditional caption of one image (greedy, at most :attr:`max_length` tokens in all)."""
         import torch
         from PIL import Image
 
         with Image.open(image_path) as opened:
             image = opened.convert("RGB")
         inputs = self.processor(image, return_tensors="pt").to(self.device)
-        with torch.no_grad(), warnings.catch_warnings():
-            # The published generation config sets no max_length; transformers warns about its fallback.
-            warnings.simplefilter("ignore", UserWarning)
-            output = self.model.generate(**inputs)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, max_length=self.max_length)
         return self.processor.decode(output[0], skip_special_tokens=True)
 
 
@@ -136,7 +159,8 @@ def caption_images(images: Sequence[Path], captioner: str | os.PathLike = BLIP_M
     failures: List[Tuple[Path, str]] = []
     namespace = None
     if cache is not None:
-        namespace = cache.namespace({"model": CAPTION_KIND, "captioner": _folder_fingerprint(folder, cache.root)},
+        namespace = cache.namespace({"model": CAPTION_KIND, "captioner": _folder_fingerprint(folder, cache.root),
+                                     "caption_format": CAPTION_FORMAT},
                                     {"weights": str(folder)})
     bar = progress_bar(total=len(images), desc="captioning", unit="image", enabled=progress)
     try:
