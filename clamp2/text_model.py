@@ -29,6 +29,10 @@ def _unavailable(name: str, exc: Exception | str) -> TextModelUnavailable:
             detail = "it is a file, not a folder"
         elif not (Path(name) / "config.json").is_file():
             detail = "it has no config.json"
+        elif not (Path(name) / "tokenizer.json").is_file():
+            # e.g. only sentencepiece.bpe.model: transformers 5 then asks for tiktoken or sentencepiece, and
+            # would not tokenize as the original did anyway (load_tokenizer follows tokenizer.json)
+            detail = f"it has no tokenizer.json ({detail})"
         return TextModelUnavailable(f"cannot load the text model/tokenizer from the folder {name}: {detail}; pass a "
                                     f"folder saved by `hf download <hub id> --local-dir DIR` (config.json, tokenizer "
                                     f"files, weights)")

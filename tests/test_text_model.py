@@ -133,3 +133,14 @@ def test_hub_id_tokenizer_follows_the_cached_tokenizer_json(tmp_path, vectors):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [saved_ids(folder / "tokenizer.json", text) for text in PIPELINE_TEXTS]
+
+
+def test_folder_without_tokenizer_json_says_so(tmp_path, vectors):
+    import shutil
+
+    folder = tmp_path / "spm_only"
+    folder.mkdir()
+    shutil.copy(vectors / "tiny_text_model" / "config.json", folder)
+    (folder / "sentencepiece.bpe.model").write_bytes(b"not read")
+    with pytest.raises(TextModelUnavailable, match="no tokenizer.json"):
+        load_tokenizer(str(folder))
