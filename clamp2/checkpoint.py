@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping, Optional
 
@@ -299,12 +300,34 @@ def loaded_message(checkpoint: Mapping[str, Any], family: str = "CLaMP 3") -> st
             f"with loss {checkpoint.get('min_eval_loss', '?')}")
 
 
+def in_published_order(state: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+    """``state`` with each ``…embeddings.position_embeddings.weight`` right after its word embeddings.
+
+    The published checkpoints were saved under transformers 4, whose XLM-R registered the position
+    embeddings second; transformers 5 registers them after the embeddings' LayerNorm. Same keys and
+    values; this keeps a trained checkpoint's key order the published one (``tests/data/*_state_dict.tsv``).
+    """
+    suffix = "embeddings.position_embeddings.weight"
+    moved = {key for key in state if key.endswith(suffix)
+             and key[:-len(suffix)] + "embeddings.word_embeddings.weight" in state}
+    ordered: "OrderedDict[str, Any]" = OrderedDict()
+    for key, value in state.items():
+        if key in moved:
+            continue
+        ordered[key] = value
+        if key.endswith("embeddings.word_embeddings.weight"):
+            position = key[:-len("word_embeddings.weight")] + "position_embeddings.weight"
+            if position in moved:
+                ordered[position] = state[position]
+    return ordered
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None, lr_sched=None, scaler=None,
                     epoch: int = 0, best_epoch: int = 0, min_eval_loss: float = float("inf"),
                     config: Optional[Mapping[str, Any]] = None, extra: Optional[Mapping[str, Any]] = None) -> None:
     """Write a published-format checkpoint atomically (temporary file in the same folder, then rename)."""
     payload: MutableMapping[str, Any] = {
-        "model": unwrap(model).state_dict(),
+        "model": in_published_order(unwrap(model).state_dict()),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "lr_sched": lr_sched.state_dict() if lr_sched is not None else None,
         "epoch": int(epoch),

@@ -205,3 +205,22 @@ def test_rng_state_round_trip_covers_numpy():
     want = (random.random(), np.random.random(), torch.rand(1).item())
     restore_rng_state(state)
     assert (random.random(), np.random.random(), torch.rand(1).item()) == want
+
+
+def test_saved_xlmr_keys_follow_the_published_order_and_load_back(tmp_path):
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from clamp2.models.clamp2 import CLaMP2Model
+
+    text = XLMRobertaModel(XLMRobertaConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=16, max_position_embeddings=20, type_vocab_size=1,
+                                            pad_token_id=1))
+    model = CLaMP2Model(text, M3Dims(patch_length=8, patch_num_layers=1, token_num_layers=1, hidden_size=64),
+                        hidden_size=8)
+    save_checkpoint(tmp_path / "w.pth", model, epoch=1)
+    keys = list(read_checkpoint(tmp_path / "w.pth")["model"])
+    assert keys[:5] == ["text_model.embeddings." + name for name in (
+        "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
+        "LayerNorm.weight", "LayerNorm.bias")]  # transformers 4's order, as the published files
+    assert sorted(keys) == sorted(model.state_dict())
+    load_model_weights(model, tmp_path / "w.pth")  # strict, by key

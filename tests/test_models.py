@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, XLMRobertaConfig
 
-from clamp2.checkpoint import load_model_weights
+from clamp2.checkpoint import in_published_order, load_model_weights
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.m3 import M3Dims, M3Model, M3PatchEncoder, one_hot_patches
 from clamp2.models.common import masked_mean
@@ -46,6 +46,9 @@ def test_default_clamp2_keys_and_shapes_equal_published():
                             bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
     model = CLaMP2Model(AutoModel.from_config(base), M3Dims(), hidden_size=768)
     same_keys(model, "clamp2_state_dict.tsv")
+    # ... and checkpoints are written in the published order, key for key.
+    state = in_published_order(model.state_dict())
+    assert [(k, list(v.shape), str(v.dtype)) for k, v in state.items()] == read_key_list("clamp2_state_dict.tsv")
 
 
 def test_reference_tiny_m3_loads_strict_and_gives_reference_features(vectors):

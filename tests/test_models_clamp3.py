@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, XLMRobertaConfig
 
+from clamp2.checkpoint import in_published_order
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.clamp3 import AudioDims, CLaMP3Model, audio_encoder_config, clamp2_state_as_clamp3, infer_audio_dims
 from clamp2.models.m3 import M3Dims, infer_m3_dims
@@ -40,6 +41,8 @@ def test_default_clamp3_keys_and_shapes_equal_published():
     assert list(dict.fromkeys(prefixes)) == ["text_model", "text_proj", "symbolic_model", "symbolic_proj",
                                              "audio_model", "audio_proj"]
     assert sum(int(np.prod(s)) for _, s, _ in ours) == 457_896_960
+    state = in_published_order(model.state_dict())  # what save_checkpoint writes
+    assert [(k, list(v.shape), str(v.dtype)) for k, v in state.items()] == theirs
 
 
 def test_audio_encoder_is_bert_defaults_with_hidden_over_64_heads():
