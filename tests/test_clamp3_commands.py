@@ -71,14 +71,18 @@ def test_no_modality_and_mixed_modalities_are_errors(tmp_path, scripts, capsys):
 
 # -- features: keys, score, eval, search ----------------------------------------------------------------
 
-def reference_get_features(path: Path):
-    """The original's get_features, keyed relative to the folder (what its [3:] slice means for ../cache/<name>)."""
+def reference_get_features(path: Path, walk=os.walk):
+    """The original's get_features (os.walk's order), keyed relative to the folder (what its [3:] slice means
+    for ../cache/<name>)."""
     features, filenames = {}, {}
-    for file in sorted(path.rglob("*.npy")):
-        rel = file.relative_to(path)
-        key = "/".join(rel.parent.parts) + "/" + file.name.split(".")[0]
-        features.setdefault(key, []).append(np.load(file).squeeze())
-        filenames.setdefault(key, []).append(str(file))
+    for root, _, files in walk(path):
+        for name in files:
+            if name.endswith(".npy"):
+                file = Path(root) / name
+                rel = file.relative_to(path)
+                key = "/".join(rel.parent.parts) + "/" + file.name.split(".")[0]
+                features.setdefault(key, []).append(np.load(file).squeeze())
+                filenames.setdefault(key, []).append(str(file))
     return features, filenames
 
 
@@ -161,9 +165,9 @@ def test_score_group_equals_the_reference(feature_folders, scripts, capsys):
                      f"Group similarity: {round(sim.item(), 4)}"]
 
 
-def reference_metrics(queries: Path, references: Path):
-    q_feats, q_names = reference_get_features(queries)
-    r_feats, r_names = reference_get_features(references)
+def reference_metrics(queries: Path, references: Path, walk=os.walk):
+    q_feats, q_names = reference_get_features(queries, walk)
+    r_feats, r_names = reference_get_features(references, walk)
     common = sorted(set(q_feats) & set(r_feats))
     ref_matrix = torch.tensor(np.array([r_feats[k][0] for k in common]))
     mrr = hit1 = hit10 = hit100 = total = 0
@@ -205,14 +209,31 @@ def test_one_dimensional_features_read_as_their_vector(feature_folders, tmp_path
     assert lines[:-1] == expected
 
 
-def test_reference_keys_of_several_files_are_reported(feature_folders, tmp_path, scripts, capsys):
+@pytest.mark.parametrize("listing", ["sorted", "reversed"])
+def test_reference_keys_of_several_files_are_reported(feature_folders, tmp_path, scripts, capsys, monkeypatch,
+                                                      listing):
+    """The reference keeps the file its os.walk lists first: the file system's order, which need not be sorted."""
+    import os
+
+    real_walk = os.walk
+
+    def walk(top, *args, **kwargs):  # a file system listing in the given order
+        for folder, folders, files in real_walk(top, *args, **kwargs):
+            yield folder, folders, sorted(files, reverse=listing == "reversed")
+
+    monkeypatch.setattr(os, "walk", walk)
     queries, references = feature_folders
     np.save(references / "p03.v2.npy", np.load(references / "p04.npy"))  # the key /p03 twice
+    kept, other = ("p03.npy", "p03.v2.npy") if listing == "sorted" else ("p03.v2.npy", "p03.npy")
+    scores = []
     for script in ("score", "eval"):
         code, lines, err = run(scripts[script], [queries, references, "--output_dir", tmp_path, *CLAMP2], capsys)
         assert code == 0, err
-        assert f"warning: 2 reference files share the key '/p03' ({references / 'p03.npy'}, " \
-               f"{references / 'p03.v2.npy'}): {references / 'p03.npy'} is used" in err
+        assert f"warning: 2 reference files share the key '/p03' ({references / kept}, " \
+               f"{references / other}): {references / kept} is used" in err
+        scores.append(lines)
+    expected, _ = reference_metrics(queries, references, walk=walk)
+    assert scores[1][:len(expected)] == expected
 
 
 def test_eval_is_strict(feature_folders, tmp_path, scripts, capsys):

@@ -280,14 +280,43 @@ class Matching:
 
     common: List[str]  # sorted
     query_rows: Dict[str, List[int]]
-    reference_row: Dict[str, int]  # one file per reference key (the first in path order)
+    reference_row: Dict[str, int]  # one file per reference key (the reference's choice: kept_first)
     unmatched: List[dict]  # the unmatched_files.jsonl records
     duplicates: List[str]  # warnings: reference keys of several files
 
 
+def walk_positions(root: Path) -> Dict[str, int]:
+    """Each ``.npy`` file under ``root`` (relative POSIX path) by its place in ``os.walk``'s own order.
+
+    That is the file system's listing order (hash order on ext4, not sorted): the order in which the
+    reference's eval and score list a feature folder, keeping a shared key's first file.
+    """
+    positions: Dict[str, int] = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if name.endswith(".npy"):
+                positions.setdefault(Path(os.path.relpath(os.path.join(folder, name), root)).as_posix(), len(positions))
+    return positions
+
+
+def kept_first(side: Side, groups: Dict[str, List[int]]) -> Dict[str, List[int]]:
+    """``groups`` with the row the reference keeps for each shared key put first: the first its walk lists
+    (feature folders), else the first in path order (inputs encoded here have no folder listing of features)."""
+    shared = [key for key, rows in groups.items() if len(rows) > 1]
+    if not shared or side.modality != FEATURES or not side.root.is_dir():
+        return groups
+    positions = walk_positions(side.root)
+    ordered = dict(groups)
+    for key in shared:
+        rows = groups[key]
+        kept = min(rows, key=lambda row: (positions.get(side.relative[row], len(positions)), row))
+        ordered[key] = [kept] + [row for row in rows if row != kept]
+    return ordered
+
+
 def match_keys(queries: Side, references: Side) -> Matching:
     query_rows = _groups(queries.pair_keys)
-    ref_rows = _groups(references.pair_keys)
+    ref_rows = kept_first(references, _groups(references.pair_keys))
     common = sorted(set(query_rows) & set(ref_rows))
     unmatched = [{"unmatched_query": [queries.path(i) for i in query_rows[k]]} for k in sorted(query_rows)
                  if k not in ref_rows]
