@@ -100,6 +100,15 @@ def test_tokenizer_follows_its_saved_tokenizer_json(vectors):
         assert tokenizer(text)["input_ids"] == saved_ids(folder / "tokenizer.json", text), repr(text)
     assert tokenizer.sep_token == "</s>" and tokenizer.pad_token_id == 1
     assert tokenizer.decode(tokenizer("hello world")["input_ids"], skip_special_tokens=True) == "hello world"
+    # The ids transformers 4.46.3 (the reference's environment) gives for this model, file and all.
+    assert tokenizer("A cheerful folk tune ")["input_ids"] == [0, 4, 32, 4, 2377, 5, 3930, 11, 3185, 2985, 4, 10,
+                                                               2335, 5, 4, 2]
+    assert tokenizer("first line </s>second line")["input_ids"] == [0, 3185, 2629, 2324, 4, 3057, 5, 4, 2, 4, 2358,
+                                                                    22, 14, 2223, 4, 3057, 5, 2]
+    assert tokenizer("ＡＢＣ，全角の句読点：（例）")["input_ids"] == [0, 4, 3526, 36, 12, 3, 84, 52, 3, 51, 2]
+    assert tokenizer("cafe\u0301 decomposed")["input_ids"] == [0, 4, 22, 2696, 92, 4, 2245, 22, 2408, 23, 2666,
+                                                                 2231, 2]
+    assert tokenizer("first line\r")["input_ids"] == [0, 3185, 2629, 2324, 4, 3057, 5, 4, 2]
 
 
 def test_tokenizers_saved_by_transformers_5_keep_their_pipeline(tmp_path):
