@@ -121,17 +121,10 @@ def test_tokenizers_saved_by_transformers_5_keep_their_pipeline(tmp_path):
 
 
 def test_hub_id_tokenizer_follows_the_cached_tokenizer_json(tmp_path, vectors):
-    import shutil
+    from test_api import fake_hub_cache
 
     folder = vectors / "tiny_text_model"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--tiny-xlmr"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    for name in os.listdir(folder):
-        shutil.copy(folder / name, snapshot / name)
+    fake_hub_cache(tmp_path / "hub", "someone/tiny-xlmr", {name: folder / name for name in os.listdir(folder)})
     code = ("import json, sys\nfrom clamp2.text_model import load_tokenizer\n"
             "tokenizer = load_tokenizer('someone/tiny-xlmr')\n"
             "print(json.dumps([tokenizer(t)['input_ids'] for t in json.loads(sys.argv[1])]))\n")
