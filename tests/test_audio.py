@@ -1,5 +1,6 @@
 """Decoding, the 24 kHz resampler, the z-score and the windows (SPEC §16), and the audio renderer."""
 
+import json
 import math
 from pathlib import Path
 
@@ -179,6 +180,28 @@ def test_mp3_decodes_close_to_the_wav_of_the_same_audio(chorale_midi, tmp_path):
     mp3 = audio.load_wave(tmp_path / "x.mp3", normalized=False)
     assert mp3.shape == wav.shape  # libsndfile trims the encoder delay: no shift
     assert np.sqrt(((wav - mp3) ** 2).mean()) < 0.05 * np.sqrt((wav ** 2).mean())
+
+
+FFMPEG_DECODES = Path(__file__).parent / "data" / "ffmpeg_decodes"
+
+
+@pytest.mark.parametrize("name", sorted(json.loads((FFMPEG_DECODES / "reference.json").read_text())["files"]))
+def test_compressed_audio_decodes_to_ffmpegs_samples(name):
+    # The reference decodes with torchaudio, i.e. FFmpeg's decoders; libsndfile's (mpg123, libvorbis) must give
+    # the same frames: same count (encoder delay and padding trimmed alike, or not at all without a Xing header),
+    # same alignment, values within decoder rounding (measured: MP3 1.3e-6, Vorbis 1.5e-7).
+    about = json.loads((FFMPEG_DECODES / "reference.json").read_text())
+    expected = about["files"][name]
+    reference = np.load(FFMPEG_DECODES / "reference.npz")
+    samples, rate = audio.decode(FFMPEG_DECODES / name)
+    assert (rate, samples.shape) == (expected["rate"], (expected["channels"], expected["frames"]))
+    edge, block = about["edge_frames"], about["block_frames"]
+    tolerance = 3e-6 if name.endswith(".mp3") else 1e-6
+    assert np.abs(samples[:, :edge] - reference[f"{name}/head"]).max() < tolerance
+    assert np.abs(samples[:, -edge:] - reference[f"{name}/tail"]).max() < tolerance
+    whole = samples.shape[1] // block * block
+    means = samples[:, :whole].reshape(samples.shape[0], -1, block).mean(axis=2, dtype=np.float64)
+    assert np.abs(means - reference[f"{name}/block_means"]).max() < tolerance
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 6])
