@@ -61,6 +61,24 @@ def test_mert_arrays_and_bytes_equal_their_files(tiny3):
     np.testing.assert_allclose(tiny3.encode_music([path.read_bytes()]), from_file, atol=1e-6)
 
 
+def test_audio_bytes_of_every_mp3_frame_layout_equal_their_files(tmp_path):
+    # An MP3 without an ID3 tag starts with a frame header: MPEG-1 (0xFFFB, with CRC 0xFFFA), MPEG-2 (0xFFF3)
+    # and MPEG-2.5 (0xFFE3) must all be read as audio, as their files are.
+    from clamp2 import CLaMP3
+    from clamp2.extraction.model_inputs import audio_suffix
+
+    model = CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, max_text_length=16,
+                                   mert=VECTORS3 / "tiny_mert")
+    files = sorted((DATA_DIR / "ffmpeg_decodes").glob("*.mp3"))
+    assert {path.read_bytes()[:2] for path in files} >= {b"\xff\xfb", b"\xff\xf3", b"\xff\xe3", b"ID"}
+    for head in (b"\xff\xfa", b"\xff\xf2", b"\xff\xe2"):
+        assert audio_suffix(head + b"\x90\x00") == ".mp3"
+    assert audio_suffix(b"\xff\xfd\x90\x00") is None  # layer II
+    from_files = model.encode_audio(files)
+    from_bytes = model.encode_audio([path.read_bytes() for path in files])
+    np.testing.assert_allclose(from_bytes, from_files, atol=1e-6)
+
+
 def test_bad_inputs_are_named_with_their_reason(tiny3, tmp_path):
     from clamp2 import EncodeError
 

@@ -56,8 +56,7 @@ CLAMP3_CONVERTER_SETTINGS = {**CONVERTER_SETTINGS, "midi2mtf": "clamp3"}
 
 _FIELD_LINE = re.compile(r"^[A-Za-z]:")
 _MIDI_MAGIC, _ZIP_MAGIC, _NPY_MAGIC = b"MThd", b"PK\x03\x04", b"\x93NUMPY"
-_AUDIO_MAGIC = {b"RIFF": ".wav", b"fLaC": ".flac", b"OggS": ".ogg", b"ID3": ".mp3", b"\xff\xfb": ".mp3",
-                b"\xff\xf3": ".mp3", b"\xff\xf2": ".mp3"}
+_AUDIO_MAGIC = {b"RIFF": ".wav", b"fLaC": ".flac", b"OggS": ".ogg", b"ID3": ".mp3"}
 NO_AUDIO = "audio needs CLaMP 3 (clamp2.CLaMP3): CLaMP 2 and M3 read symbolic music only"
 
 
@@ -105,6 +104,11 @@ def audio_suffix(data: bytes) -> Optional[str]:
     for magic, suffix in _AUDIO_MAGIC.items():
         if data.startswith(magic):
             return suffix
+    # An MP3 without an ID3 tag starts with a frame header: 11 sync bits, an MPEG version (1, 2 or 2.5),
+    # layer III; with or without CRC.
+    if len(data) >= 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0 and data[1] & 0x18 != 0x08 \
+            and data[1] & 0x06 == 0x02:
+        return ".mp3"
     return None
 
 
