@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seed of the per-file language choice (default 0)")
     parser.add_argument("--languages", default=None,
                         help="file of languages, one per line (default: the 100 CLaMP 2 languages)")
+    parser.add_argument("--prompt", default=None,
+                        help='JSON file with the system prompt and few-shot exchanges to send instead of this '
+                             'project\'s: {"system": "...", "examples": [{"user": "<text or metadata object>", '
+                             '"assistant": "..."}]} (README, "LLM summaries")')
     parser.add_argument("--max_retries", type=int, default=5,
                         help="re-sends per file after rate limits, 5xx, timeouts (default 5)")
     parser.add_argument("--timeout", type=float, default=60.0,
@@ -72,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from clamp2.files import find_files
-    from clamp2.convert.summarize import (FAILURE_LOG_NAME, RetryPolicy, load_languages, make_client,
-                                  summarize_folder)
+    from clamp2.convert.summarize import (DEFAULT_PROMPT, FAILURE_LOG_NAME, RetryPolicy, load_languages,
+                                          load_prompt, make_client, summarize_folder)
 
     api_key = os.environ.get(ENV_KEY, "").strip()
     if not api_key:
@@ -97,6 +101,11 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: languages: {error}", file=sys.stderr)
         return 2
+    try:
+        prompt = load_prompt(args.prompt) if args.prompt else DEFAULT_PROMPT
+    except ValueError as error:
+        print(f"error: prompt: {error}", file=sys.stderr)
+        return 2
 
     policy = RetryPolicy(max_retries=args.max_retries, timeout=args.timeout,
                          backoff_base=args.backoff_base, backoff_cap=args.backoff_cap)
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
     try:
         counts = summarize_folder(input_dir, output_dir, client, args.model, languages=languages,
                                   seed=args.seed, workers=args.workers, policy=policy,
-                                  secret=api_key, progress=not args.no_progress)
+                                  secret=api_key, progress=not args.no_progress, prompt=prompt)
     finally:
         client.close()
     if counts.aborted:

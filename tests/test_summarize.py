@@ -12,7 +12,7 @@ import pytest
 
 from clamp2.convert import summarize
 from clamp2.convert.summarize import (AnswerError, RetryPolicy, backoff_delay, build_messages, build_output,
-                              choose_language, load_languages, parse_answer, strip_code_fence)
+                                      choose_language, load_languages, load_prompt, parse_answer, strip_code_fence)
 from conftest import SPEC_DIR, load_script
 
 SECRET = "sk-test-SECRET-123"
@@ -371,6 +371,49 @@ def test_summarize_all_done_exits_zero_and_rerun_sends_nothing(tmp_path, api_env
     assert (outputs / "failed_summaries.log").read_text(encoding="utf-8") == ""
 
 
+def write_prompt(path: Path) -> Path:
+    # A hand-written few-shot text (not valid JSON: some prompts have such) and a metadata object.
+    path.write_text(json.dumps({
+        "system": "Summarise the piece.\nReturn `None` when unsure.\n}\n",
+        "examples": [{"user": '{"title": ""Brejeiro" is a tango", "tags": ["a", "b"]}', "assistant": '{\n  "summary_en": "x"\n}'},
+                     {"user": {"title": "Untitled", "nen_language": "Russian"}, "assistant": "None"}]},
+        ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_prompt_file_is_sent_as_written(tmp_path, api_env, capsys):
+    prompt = load_prompt(write_prompt(tmp_path / "prompt.json"))
+    messages = build_messages({"title": "Été", "composer": None}, "Welsh", prompt)
+    assert [m["content"] for m in messages] == [
+        "Summarise the piece.\nReturn `None` when unsure.\n}\n",
+        '{"title": ""Brejeiro" is a tango", "tags": ["a", "b"]}', '{\n  "summary_en": "x"\n}',
+        '{\n    "title": "Untitled",\n    "nen_language": "Russian"\n}', "None",
+        '{\n    "title": "Été",\n    "nen_language": "Welsh"\n}']
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert build_messages({"title": "x"}, "Welsh") == build_messages({"title": "x"}, "Welsh", summarize.DEFAULT_PROMPT)
+
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs = tmp_path / "in"
+    write_metadata(inputs, "a.json", "good")
+    with ScriptedLLM(SCRIPT) as llm:
+        argv = [str(inputs), str(tmp_path / "out"), "--model", "m", "--base_url", llm.base_url, *FAST]
+        assert script.main(argv + ["--prompt", str(tmp_path / "prompt.json")]) == 0
+        capsys.readouterr()
+        sent = llm.requests[0]["body"]["messages"]
+        assert [m["content"] for m in sent[:5]] == [m["content"] for m in messages[:5]]
+        assert json.loads(sent[5]["content"])["title"] == "good"
+
+        for bad, reason in [("{", "cannot read a JSON prompt file"), ('{"system": ""}', "non-empty system prompt"),
+                            ('{"system": "s", "examples": {}}', "must be a list"),
+                            ('{"system": "s", "examples": [{"user": "u"}]}', "example 1 must be"),
+                            ('{"system": "s", "extra": 1}', "non-empty system prompt")]:
+            (tmp_path / "bad.json").write_text(bad, encoding="utf-8")
+            assert script.main(argv + ["--prompt", str(tmp_path / "bad.json")]) == 2
+            err = capsys.readouterr().err
+            assert "bad.json" in err and reason in err, (bad, err)
+        assert len(llm.requests) == 1  # a bad prompt file sends nothing
+
+
 def test_unauthorized_aborts_run_without_leaking_key(tmp_path, api_env, capsys):
     script = load_script("process_data/gpt4_summarize.py")
     inputs, outputs = tmp_path / "in", tmp_path / "out"
@@ -480,6 +523,6 @@ def test_merge_jsonl_default_root_is_jsonl_folder(tmp_path, capsys):
 
 
 def test_module_has_public_api():
-    for name in ("load_languages", "choose_language", "build_messages", "parse_answer", "make_client",
+    for name in ("load_languages", "choose_language", "load_prompt", "build_messages", "parse_answer", "make_client",
                  "request_summary", "summarize_folder", "merge_summaries", "RetryPolicy"):
         assert hasattr(summarize, name)

@@ -16,7 +16,7 @@ paid for twice:
 - the API key is only ever held by the client; every failure reason is redacted before it is
   logged.
 
-Public API: :func:`load_languages`, :func:`choose_language`, :func:`build_messages`,
+Public API: :func:`load_languages`, :func:`choose_language`, :func:`load_prompt`, :func:`build_messages`,
 :func:`strip_code_fence`, :func:`parse_answer`, :func:`build_output`, :func:`make_client`,
 :func:`request_summary`, :func:`backoff_delay`, :func:`summarize_folder`, :func:`merge_summaries`.
 """
@@ -94,7 +94,8 @@ SYSTEM_PROMPT = (
     "output only the word None."
 )
 
-# One rich example answered in full and one sparse example answered None, as in the reference.
+# This project's wording; the reference's structure: one rich example answered in full and one sparse
+# example answered None. The reference's own wording differs (docs/differences.md); `--prompt` sends any.
 FEW_SHOT_EXAMPLES: list[tuple[dict[str, Any], str]] = [
     (
         {
@@ -133,6 +134,52 @@ FEW_SHOT_EXAMPLES: list[tuple[dict[str, Any], str]] = [
 ]
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """What precedes a piece's metadata: the system prompt, then (user, assistant) exchanges, sent as they are."""
+
+    system: str
+    examples: tuple[tuple[str, str], ...]
+
+
+def _user_content(example: Any) -> str:
+    # Metadata as the reference sends it: indented by 4, non-ASCII as it is; a string is sent unchanged.
+    return example if isinstance(example, str) else json.dumps(example, ensure_ascii=False, indent=4)
+
+
+DEFAULT_PROMPT = Prompt(SYSTEM_PROMPT, tuple((_user_content(example), answer) for example, answer in FEW_SHOT_EXAMPLES))
+
+
+def load_prompt(path: str | os.PathLike) -> Prompt:
+    """A prompt file: ``{"system": str, "examples": [{"user": str or object, "assistant": str}, ...]}``.
+
+    A ``user`` string is sent as written (hand-written few-shot text, as some prompts have); an object is
+    sent as the metadata is, ``json.dumps(indent=4, ensure_ascii=False)``. Raises ValueError naming the
+    file and what is wrong.
+    """
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{where}: cannot read a JSON prompt file ({one_line(str(error))})") from None
+    if not isinstance(data, dict) or set(data) - {"system", "examples"} or not isinstance(data.get("system"), str) \
+            or not data["system"].strip():
+        raise ValueError(f'{where}: expected {{"system": "<system prompt>", "examples": [{{"user": ..., '
+                         f'"assistant": "..."}}, ...]}} with a non-empty system prompt')
+    examples = data.get("examples", [])
+    if not isinstance(examples, list):
+        raise ValueError(f"{where}: \"examples\" must be a list of {{\"user\", \"assistant\"}} objects")
+    exchanges = []
+    for number, example in enumerate(examples, 1):
+        if not isinstance(example, dict) or set(example) != {"user", "assistant"} \
+                or not isinstance(example["assistant"], str) or not isinstance(example["user"], (str, dict)):
+            raise ValueError(f"{where}: example {number} must be {{\"user\": <text or object>, "
+                             f"\"assistant\": <text>}}")
+        exchanges.append((_user_content(example["user"]), example["assistant"]))
+    return Prompt(data["system"], tuple(exchanges))
+
+
 def drop_nulls(metadata: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in metadata.items() if value is not None}
 
@@ -145,15 +192,13 @@ def request_metadata(metadata: dict[str, Any], language: str) -> dict[str, Any]:
     return sent
 
 
-def build_messages(metadata: dict[str, Any], language: str) -> list[dict[str, str]]:
-    """System prompt, the two few-shot exchanges, then this piece's metadata as the user message."""
-    # Metadata as the reference sends it: indented by 4, non-ASCII as it is.
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for example, answer in FEW_SHOT_EXAMPLES:
-        messages.append({"role": "user", "content": json.dumps(example, ensure_ascii=False, indent=4)})
+def build_messages(metadata: dict[str, Any], language: str, prompt: Prompt = DEFAULT_PROMPT) -> list[dict[str, str]]:
+    """System prompt, the few-shot exchanges, then this piece's metadata as the user message."""
+    messages = [{"role": "system", "content": prompt.system}]
+    for user, answer in prompt.examples:
+        messages.append({"role": "user", "content": user})
         messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user",
-                     "content": json.dumps(request_metadata(metadata, language), ensure_ascii=False, indent=4)})
+    messages.append({"role": "user", "content": _user_content(request_metadata(metadata, language))})
     return messages
 
 
@@ -425,7 +470,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
                      client: openai.OpenAI, model: str, *, languages: list[str] | None = None,
                      seed: int = DEFAULT_SEED, workers: int = 8,
                      policy: RetryPolicy = RetryPolicy(), secret: str | None = None,
-                     progress: bool = True,
+                     progress: bool = True, prompt: Prompt = DEFAULT_PROMPT,
                      echo: Callable[[str], None] | None = None) -> SummaryCounts:
     """Summarise every ``.json`` under ``input_dir`` into ``output_dir/<rel folder>/<stem>.json``.
 
@@ -470,7 +515,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
         language = choose_language(seed, relative_path, languages)
         retries = 0
         try:
-            result = request_summary(client, model, build_messages(metadata, language), policy,
+            result = request_summary(client, model, build_messages(metadata, language, prompt), policy,
                                      secret=secret, stop=stop)
             retries = result.retries
             summary_en, summary_nen = parse_answer(result.content, language, result.finish_reason)
