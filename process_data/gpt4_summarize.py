@@ -51,9 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--languages", default=None,
                         help="file of languages, one per line (default: the 100 CLaMP 2 languages)")
     parser.add_argument("--prompt", default=None,
-                        help='JSON file with the system prompt and few-shot exchanges to send instead of this '
-                             'project\'s: {"system": "...", "examples": [{"user": "<text or metadata object>", '
-                             '"assistant": "..."}]} (README, "LLM summaries")')
+                        help='the system prompt and few-shot exchanges to send instead of this project\'s: a JSON '
+                             'file {"system": "...", "examples": [{"user": "<text or metadata object>", '
+                             '"assistant": "..."}]}, or a copy of the reference\'s process_data/gpt4_summarize.py '
+                             '(github.com/sanderwood/clamp2), whose prompt strings are read, not run')
     parser.add_argument("--max_retries", type=int, default=5,
                         help="re-sends per file after rate limits, 5xx, timeouts (default 5)")
     parser.add_argument("--timeout", type=float, default=60.0,

@@ -414,6 +414,26 @@ def test_prompt_file_is_sent_as_written(tmp_path, api_env, capsys):
         assert len(llm.requests) == 1  # a bad prompt file sends nothing
 
 
+def test_prompt_read_from_a_copy_of_the_reference_script(tmp_path):
+    # The reference keeps its prompt in five string variables of its request function (a CRLF checkout):
+    # they are read without running the file, as Python would read them.
+    script = tmp_path / "reference_summarize.py"
+    source = ('import os\nraise SystemExit("never run")\n\ndef process_json(metadata, language):\n'
+              '    system = """Summarise.\nUse JSON.\n"""\n    user1 = """{\n    "title": "A"\n}\n"""\n'
+              '    assistant1 = """{\n    "summary_en": "A."\n}\n"""\n    user2 = "{}"\n    assistant2 = "None"\n'
+              '    system = "a later assignment is not the prompt"\n')
+    script.write_bytes(source.replace("\n", "\r\n").encode("utf-8"))
+    prompt = load_prompt(script)
+    assert prompt == summarize.Prompt("Summarise.\nUse JSON.\n", (('{\n    "title": "A"\n}\n', '{\n    "summary_en": "A."\n}\n'),
+                                                                  ("{}", "None")))
+    script.write_text("system = 'x'\nuser1 = 'y'\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no string assigned to assistant1, user2, assistant2"):
+        load_prompt(script)
+    script.write_text("def (:\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="cannot read it as Python source"):
+        load_prompt(script)
+
+
 def test_unauthorized_aborts_run_without_leaking_key(tmp_path, api_env, capsys):
     script = load_script("process_data/gpt4_summarize.py")
     inputs, outputs = tmp_path / "in", tmp_path / "out"

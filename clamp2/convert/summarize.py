@@ -150,14 +150,48 @@ def _user_content(example: Any) -> str:
 DEFAULT_PROMPT = Prompt(SYSTEM_PROMPT, tuple((_user_content(example), answer) for example, answer in FEW_SHOT_EXAMPLES))
 
 
+# The reference script keeps its prompt in five string variables of its request function.
+REFERENCE_PROMPT_NAMES = ("system", "user1", "assistant1", "user2", "assistant2")
+
+
+def prompt_of_reference_script(path: str | os.PathLike) -> Prompt:
+    """The prompt of the reference's ``process_data/gpt4_summarize.py`` (github.com/sanderwood/clamp2), read
+    from a copy of that file: its string assignments ``system``, ``user1``, ``assistant1``, ``user2``,
+    ``assistant2``, parsed, never run. Read as Python reads source (universal newlines), so a CRLF
+    checkout gives the strings the script itself sends.
+    """
+    import ast
+
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=where)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{where}: cannot read it as Python source ({one_line(str(error))})") from None
+    found: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in REFERENCE_PROMPT_NAMES and isinstance(node.value, ast.Constant) \
+                and isinstance(node.value.value, str):
+            found.setdefault(node.targets[0].id, node.value.value)
+    missing = [name for name in REFERENCE_PROMPT_NAMES if name not in found]
+    if missing:
+        raise ValueError(f"{where}: not the reference's gpt4_summarize.py: no string assigned to "
+                         f"{', '.join(missing)}")
+    return Prompt(found["system"], ((found["user1"], found["assistant1"]), (found["user2"], found["assistant2"])))
+
+
 def load_prompt(path: str | os.PathLike) -> Prompt:
-    """A prompt file: ``{"system": str, "examples": [{"user": str or object, "assistant": str}, ...]}``.
+    """A prompt file: ``{"system": str, "examples": [{"user": str or object, "assistant": str}, ...]}``,
+    or a copy of the reference's ``gpt4_summarize.py`` (a ``.py`` file: :func:`prompt_of_reference_script`).
 
     A ``user`` string is sent as written (hand-written few-shot text, as some prompts have); an object is
     sent as the metadata is, ``json.dumps(indent=4, ensure_ascii=False)``. Raises ValueError naming the
     file and what is wrong.
     """
     where = os.fspath(path)
+    if where.lower().endswith(".py"):
+        return prompt_of_reference_script(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
