@@ -261,8 +261,21 @@ def test_extra_values_and_bare_types_read_as_the_reference_reads_them():
     assert line_to_message("note_on 0 0 60 64 99") == Message("note_on", note=60, velocity=64)
     assert line_to_message("sysex 0 [1, 2, 3] 5").data == (1, 2, 3)
     assert line_to_message("end_of_track") == MetaMessage("end_of_track", time=0)
+    # A text meta with its time alone: the reference joins the no words before it, an empty text.
+    assert line_to_message("marker 0") == MetaMessage("marker", text="", time=0)
+    assert line_to_message("text 5") == MetaMessage("text", text="", time=5)
     with pytest.raises(ValueError, match="text has 2 fields"):
         line_to_message("text")  # the reference fails too (its time would be the word "text")
+
+
+@pytest.mark.parametrize("first_line", ["\ufeffticks_per_beat 480", "ticks_per_beat +480", "ticks_per_beat 4_80",
+                                        "ticks_per_beat 480 extra", "ticks_per_beat  480"])
+def test_first_line_read_as_the_reference_reads_it(first_line):
+    # The reference reads int(line.split(" ")[1]): a sign, underscores and later values pass; a Windows
+    # editor's byte-order mark is ignored; a run of spaces (the reference fails on it) is read here too.
+    midi = mtf_to_midi(first_line + "\nnote_on 0 0 60 64\nnote_off 480 0 60 0\nend_of_track 0")
+    assert midi.ticks_per_beat == 480
+    assert [m.type for m in midi.tracks[0]] == ["note_on", "note_off", "end_of_track"]
 
 
 def test_reader_skips_unknown_meta_and_splits_lines():
@@ -288,6 +301,8 @@ def test_round_trip_of_smpte_timing_and_one_byte_sequencer_data():
     ("note_on 0 0 60 64", "ticks_per_beat"),
     ("ticks_per_beat 40000", "-32768 <= N <= 32767"),
     ("ticks_per_beat 9x", "ticks_per_beat"),
+    ("resolution 480", "ticks_per_beat"),
+    ("ticks_per_beat", "ticks_per_beat"),
     ("ticks_per_beat (67,)", "ticks_per_beat"),
     ("ticks_per_beat 96\nsequencer_specific (1,,) 0", "line 2"),
     ("ticks_per_beat 96\nsequencer_specific (1, 2,) 0", "line 2"),

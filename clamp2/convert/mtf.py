@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 
 import mido
 
@@ -133,7 +132,8 @@ def parse_value(token: str, default):
 def line_tokens(message_type: str, rest: str) -> list[str]:
     if message_type in TEXT_META_TYPES:
         if " " not in rest:
-            return [rest] if rest else []  # no value/time pair: the field count check reports it
+            # "marker 0": the reference joins the no words between type and time, an empty text.
+            return ["", rest] if rest else []  # no time at all: the field count check reports it
         # Splitting on single spaces and re-joining keeps runs of spaces and leading/trailing ones.
         # UTF-8 then unicode_escape, as the reference reads: the exact inverse for the ASCII lines
         # written here, and a hand-typed non-ASCII character becomes its UTF-8 bytes in the file.
@@ -160,19 +160,35 @@ def line_to_message(line: str):
     return message
 
 
+def read_ticks_per_beat(line: str) -> int:
+    """The first line's division. The reference reads ``int(line.split(" ")[1])``: later values are ignored
+    and Python's ``int`` takes a sign or underscores (``+480``, ``4_80``); a byte-order mark before the key
+    (a Windows editor's "UTF-8") is ignored. Runs of spaces are read too (the reference fails on them).
+    Negative: an SMPTE division (frames per second and ticks per frame), which mido reads and writes as
+    the header's signed 16-bit number; the MIDI header holds nothing outside that range.
+    """
+    words = line.lstrip("\ufeff").split(" ")
+    value = None
+    if words[0] == TICKS_PER_BEAT_KEY:
+        for token in ([words[1]] if len(words) > 1 and words[1] else []) + [" ".join(words[1:])]:
+            try:
+                value = int(token)
+                break
+            except ValueError:
+                continue
+    if value is None or not -2 ** 15 <= value < 2 ** 15:
+        raise ValueError(f"first line must be '{TICKS_PER_BEAT_KEY} <N>' with -32768 <= N <= 32767, "
+                         f"got {line[:80]!r}")
+    return value
+
+
 def mtf_to_midi(text: str) -> mido.MidiFile:
     """A type-1, one-track ``mido.MidiFile`` from MTF text; ``unknown_meta`` lines are skipped."""
     lines = text.splitlines()
     if not lines:
         raise ValueError("empty MTF text")
-    key, _, value = lines[0].partition(" ")
-    # Negative: an SMPTE division (frames per second and ticks per frame), which mido reads and writes as
-    # the header's signed 16-bit number; the MIDI header holds nothing outside that range.
-    if key != TICKS_PER_BEAT_KEY or not re.fullmatch(r"\s*-?\d+\s*", value) or \
-            not -2 ** 15 <= int(value) < 2 ** 15:
-        raise ValueError(f"first line must be '{TICKS_PER_BEAT_KEY} <N>' with -32768 <= N <= 32767, "
-                         f"got {lines[0][:80]!r}")
-    midi = mido.MidiFile(ticks_per_beat=int(value))
+    ticks_per_beat = read_ticks_per_beat(lines[0])
+    midi = mido.MidiFile(ticks_per_beat=ticks_per_beat)
     track = mido.MidiTrack()
     midi.tracks.append(track)
     for number, line in enumerate(lines[1:], start=2):
