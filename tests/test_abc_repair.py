@@ -149,6 +149,24 @@ def test_inline_voice_lines_become_voice_blocks():
     assert lines[4] == "[V:1]dGgG   e2eg|[V:2]x4     A2A2|"
 
 
+def test_inline_voices_without_voice_lines_are_one_voice_with_a_warning():
+    # Aird's Airs X:1176 has "[V:1] ..." / "[V:2] ..." body lines and no V: line at all. SPEC §3's fix gives
+    # it what the reference gives with a V:1 line added (checked on the corpus: the same bytes), voice 2's
+    # bars inside voice 1's lines; the warning says so, and what to write to keep the voices apart.
+    tune = corpus_tune("airdsAirs/book6.abc", "1176")
+    text, messages = interleave(tune)
+    assert any(line.startswith("[V:1][V:2] z8|") for line in body(text))
+    assert messages == ["read as one voice (no V: line), but its body names voice [V:2]: those bars run "
+                        "together with voice 1's; declare the voices on header lines before K: (V:1, V:2, …) to keep them apart"]
+    declared = tune.replace("K:D\n", "V:1\nV:2\nK:D\n", 1)  # as the advice says: then the voices are grouped
+    apart, warned = interleave_warned(declared)
+    assert warned[0].startswith("repaired (group_inline_voices, drop_body_comments)")
+    assert not any("read as one voice" in message for message in warned)
+    assert all(re.fullmatch(r"\[V:1\].*[|\]]\[V:2\].*[|\]]", line) for line in body(apart))
+    _, plain = interleave(corpus_tune("airdsAirs/book1.abc", "0162").replace("[G2G,2]", "G2"))
+    assert not any("read as one voice" in message for message in plain)
+
+
 def test_chords_with_lengths_inside_only_skip_the_duration_check():
     # "[G2G,2]" is good ABC that abctoolkit's bar-duration check rejects ("Illegal symbol in []"):
     # the tune needs no text repair, its bars are interleaved as the reference would.

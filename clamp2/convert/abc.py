@@ -281,6 +281,7 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
 
     # StringIO().readlines() splits on "\n" only, as the reference's file.readlines() does.
     abc_lines = [line for line in io.StringIO(abc_text).readlines() if line.strip() != ""]
+    notes = []
     if not has_v1_line(abc_lines):
         # The reference fails on every such file; a tune book would otherwise become one garbled voice
         # (the next tune's header read as notes), so it stays a failure, not an InterleaveError to repair.
@@ -288,6 +289,7 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
         if problem:
             raise ValueError(problem)
         abc_lines = add_v1_line(abc_lines)
+        notes = inline_voices_note(abc_lines)
     abc_lines = remove_information_field(abc_lines=abc_lines, info_fields=INTERLEAVE_REMOVED_FIELDS)
     abc_lines = remove_bar_no_annotations(abc_lines)
     abc_lines = [clean_quotes(line) if is_music_line(line) else line for line in abc_lines]
@@ -324,7 +326,27 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
         messages.insert(0, unchecked)
     elif not bar_durations_equal:
         messages.insert(0, "bar durations differ between voices or cannot be computed")
-    return "".join(interleaved_lines), messages
+    return "".join(interleaved_lines), notes + messages
+
+
+def inline_voices_note(abc_lines: list[str]) -> list[str]:
+    """A warning for a tune the ``V:1`` fix reads as one voice although its body names others ``[V:2] ...``.
+
+    SPEC §3's fix gives such a tune what the reference gives it with a ``V:1`` line added: the voices
+    run together in one. Only the tune's author can say which voices it has, so it is said, not changed.
+    """
+    from clamp2.convert.abc_repair import INLINE_VOICE_RE
+
+    named = []
+    for line in abc_lines:
+        match = INLINE_VOICE_RE.match(line)
+        if match and match.group(1) != "1" and match.group(1) not in named:
+            named.append(match.group(1))
+    if not named:
+        return []
+    return [f"read as one voice (no V: line), but its body names voice{'s' if len(named) > 1 else ''} "
+            f"{', '.join('[V:' + name + ']' for name in named[:4])}: those bars run together with voice 1's; "
+            "declare the voices on header lines before K: (V:1, V:2, …) to keep them apart"]
 
 
 def interleaved_to_xml(abc_text: str) -> str:
