@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seed of the per-file language choice (default 0)")
     parser.add_argument("--languages", default=None,
                         help="file of languages, one per line (default: the 100 CLaMP 2 languages)")
-    parser.add_argument("--prompt", default=None,
+    parser.add_argument("--prompt", default=None, metavar="FILE",
                         help='the system prompt and few-shot exchanges to send instead of this project\'s: a JSON '
                              'file {"system": "...", "examples": [{"user": "<text or metadata object>", '
                              '"assistant": "..."}]}, or a copy of the reference\'s process_data/gpt4_summarize.py '
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         print(f"error: languages: {error}", file=sys.stderr)
         return 2
     try:
-        prompt = load_prompt(args.prompt) if args.prompt else DEFAULT_PROMPT
+        prompt = load_prompt(args.prompt) if args.prompt is not None else DEFAULT_PROMPT
     except ValueError as error:
         print(f"error: prompt: {error}", file=sys.stderr)
         return 2

@@ -156,8 +156,9 @@ def test_inline_voices_without_voice_lines_are_one_voice_with_a_warning():
     tune = corpus_tune("airdsAirs/book6.abc", "1176")
     text, messages = interleave(tune)
     assert any(line.startswith("[V:1][V:2] z8|") for line in body(text))
-    assert messages == ["read as one voice (no V: line), but its body names voice [V:2]: those bars run "
-                        "together with voice 1's; declare the voices on header lines before K: (V:1, V:2, …) to keep them apart"]
+    assert messages == ["read as one voice (no line exactly 'V:1'), but its body names voices [V:1], [V:2]: their bars "
+                        "run together in one voice; declare the voices on header lines before K: (V:1, V:2, …) to keep "
+                        "them apart"]
     declared = tune.replace("K:D\n", "V:1\nV:2\nK:D\n", 1)  # as the advice says: then the voices are grouped
     apart, warned = interleave_warned(declared)
     assert warned[0].startswith("repaired (group_inline_voices, drop_body_comments)")
@@ -165,6 +166,12 @@ def test_inline_voices_without_voice_lines_are_one_voice_with_a_warning():
     assert all(re.fullmatch(r"\[V:1\].*[|\]]\[V:2\].*[|\]]", line) for line in body(apart))
     _, plain = interleave(corpus_tune("airdsAirs/book1.abc", "0162").replace("[G2G,2]", "G2"))
     assert not any("read as one voice" in message for message in plain)
+    # A tune with its V:1 line (the fix does not run: the original's own output, not this project's to
+    # comment on), or one named voice alone: no warning.
+    _, with_v1 = interleave(tune.replace("K:D\n", "K:D\nV:1\n", 1))
+    assert not any("read as one voice" in message for message in with_v1)
+    _, one_named = interleave(tune.replace("[V:2]", "[V:1]"))
+    assert not any("read as one voice" in message for message in one_named)
 
 
 def test_chords_with_lengths_inside_only_skip_the_duration_check():

@@ -74,6 +74,8 @@ def test_audio_bytes_of_every_mp3_frame_layout_equal_their_files(tmp_path):
     for head in (b"\xff\xfa", b"\xff\xf2", b"\xff\xe2"):
         assert audio_suffix(head + b"\x90\x00") == ".mp3"
     assert audio_suffix(b"\xff\xfd\x90\x00") is None  # layer II
+    assert audio_suffix(b"\xff\xeb\x90\x00") is None  # the reserved MPEG version
+    assert audio_suffix(b"\xff") is None and audio_suffix(b"") is None
     from_files = model.encode_audio(files)
     from_bytes = model.encode_audio([path.read_bytes() for path in files])
     np.testing.assert_allclose(from_bytes, from_files, atol=1e-6)

@@ -187,7 +187,7 @@ FFMPEG_DECODES = Path(__file__).parent / "data" / "ffmpeg_decodes"
 
 @pytest.mark.parametrize("name", sorted(json.loads((FFMPEG_DECODES / "reference.json").read_text())["files"]))
 def test_compressed_audio_decodes_to_ffmpegs_samples(name):
-    # The reference decodes with torchaudio, i.e. FFmpeg's decoders; libsndfile's (mpg123, libvorbis) must give
+    # The reference decodes with torchaudio: FFmpeg's decoders where installed; libsndfile's (mpg123, libvorbis) must give
     # the same frames: same count (encoder delay and padding trimmed alike, or not at all without a Xing header),
     # same alignment, values within decoder rounding (measured: MP3 1.3e-6, Vorbis 1.5e-7).
     about = json.loads((FFMPEG_DECODES / "reference.json").read_text())

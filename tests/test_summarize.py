@@ -390,7 +390,8 @@ def test_prompt_file_is_sent_as_written(tmp_path, api_env, capsys):
         '{\n    "title": "Untitled",\n    "nen_language": "Russian"\n}', "None",
         '{\n    "title": "Été",\n    "nen_language": "Welsh"\n}']
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert build_messages({"title": "x"}, "Welsh") == build_messages({"title": "x"}, "Welsh", summarize.DEFAULT_PROMPT)
+    default = build_messages({"title": "x"}, "Welsh")
+    assert default[0]["content"] == summarize.SYSTEM_PROMPT and len(default) == 2 * len(summarize.FEW_SHOT_EXAMPLES) + 2
 
     script = load_script("process_data/gpt4_summarize.py")
     inputs = tmp_path / "in"
@@ -406,27 +407,32 @@ def test_prompt_file_is_sent_as_written(tmp_path, api_env, capsys):
         for bad, reason in [("{", "cannot read a JSON prompt file"), ('{"system": ""}', "non-empty system prompt"),
                             ('{"system": "s", "examples": {}}', "must be a list"),
                             ('{"system": "s", "examples": [{"user": "u"}]}', "example 1 must be"),
-                            ('{"system": "s", "extra": 1}', "non-empty system prompt")]:
+                            ('{"system": "s", "extra": 1}', "unknown key 'extra'"),
+                            ('{"system": "s", "examples": [{"user": "u", "assistant": "a", "x": 1}]}', "example 1 must be"),
+                            ('{"system": "s", "examples": [{"user": ["u"], "assistant": "a"}]}', "example 1 must be"),
+                            ('[]', "expected {")]:
             (tmp_path / "bad.json").write_text(bad, encoding="utf-8")
             assert script.main(argv + ["--prompt", str(tmp_path / "bad.json")]) == 2
             err = capsys.readouterr().err
             assert "bad.json" in err and reason in err, (bad, err)
+        assert script.main(argv + ["--prompt", ""]) == 2  # an empty name is not the default prompt
+        assert "prompt" in capsys.readouterr().err
         assert len(llm.requests) == 1  # a bad prompt file sends nothing
 
 
 def test_prompt_read_from_a_copy_of_the_reference_script(tmp_path):
     # The reference keeps its prompt in five string variables of its request function (a CRLF checkout):
     # they are read without running the file, as Python would read them.
-    script = tmp_path / "reference_summarize.py"
-    source = ('import os\nraise SystemExit("never run")\n\ndef process_json(metadata, language):\n'
+    script = tmp_path / "Reference_Summarize.PY"
+    source = ('# -*- coding: utf-8 -*-\n' 'import os\nraise SystemExit("never run")\n\ndef process_json(metadata, language):\n'
               '    system = """Summarise.\nUse JSON.\n"""\n    user1 = """{\n    "title": "A"\n}\n"""\n'
               '    assistant1 = """{\n    "summary_en": "A."\n}\n"""\n    user2 = "{}"\n    assistant2 = "None"\n'
-              '    system = "a later assignment is not the prompt"\n')
-    script.write_bytes(source.replace("\n", "\r\n").encode("utf-8"))
+              'system = "a later assignment, even outside the function, is not the prompt"\n')
+    script.write_bytes(b"\xef\xbb\xbf" + source.replace("\n", "\r\n").encode("utf-8"))  # a BOM, as Windows editors write
     prompt = load_prompt(script)
     assert prompt == summarize.Prompt("Summarise.\nUse JSON.\n", (('{\n    "title": "A"\n}\n', '{\n    "summary_en": "A."\n}\n'),
                                                                   ("{}", "None")))
-    script.write_text("system = 'x'\nuser1 = 'y'\n", encoding="utf-8")
+    script.write_text("system = 'x'\nuser1 = 'y'\nuser2 = 2\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no string assigned to assistant1, user2, assistant2"):
         load_prompt(script)
     script.write_text("def (:\n", encoding="utf-8")

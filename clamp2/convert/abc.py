@@ -340,13 +340,13 @@ def inline_voices_note(abc_lines: list[str]) -> list[str]:
     named = []
     for line in abc_lines:
         match = INLINE_VOICE_RE.match(line)
-        if match and match.group(1) != "1" and match.group(1) not in named:
+        if match and match.group(1) not in named:
             named.append(match.group(1))
-    if not named:
-        return []
-    return [f"read as one voice (no V: line), but its body names voice{'s' if len(named) > 1 else ''} "
-            f"{', '.join('[V:' + name + ']' for name in named[:4])}: those bars run together with voice 1's; "
-            "declare the voices on header lines before K: (V:1, V:2, …) to keep them apart"]
+    if len(named) < 2:
+        return []  # one named voice is one voice: nothing runs together
+    shown = ", ".join(f"[V:{name}]" for name in named[:4]) + (", …" if len(named) > 4 else "")
+    return [f"read as one voice (no line exactly 'V:1'), but its body names voices {shown}: their bars run "
+            "together in one voice; declare the voices on header lines before K: (V:1, V:2, …) to keep them apart"]
 
 
 def interleaved_to_xml(abc_text: str) -> str:

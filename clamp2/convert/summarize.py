@@ -164,13 +164,14 @@ def prompt_of_reference_script(path: str | os.PathLike) -> Prompt:
 
     where = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), filename=where)
+        # Bytes, as Python reads a script: a byte-order mark or a coding line is honoured.
+        tree = ast.parse(Path(path).read_bytes(), filename=where)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
         raise ValueError(f"{where}: cannot read it as Python source ({one_line(str(error))})") from None
     found: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+    assignments = [node for node in ast.walk(tree) if isinstance(node, ast.Assign)]
+    for node in sorted(assignments, key=lambda node: (node.lineno, node.col_offset)):  # the first in the file
+        if len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
                 and node.targets[0].id in REFERENCE_PROMPT_NAMES and isinstance(node.value, ast.Constant) \
                 and isinstance(node.value.value, str):
             found.setdefault(node.targets[0].id, node.value.value)
@@ -197,10 +198,15 @@ def load_prompt(path: str | os.PathLike) -> Prompt:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"{where}: cannot read a JSON prompt file ({one_line(str(error))})") from None
-    if not isinstance(data, dict) or set(data) - {"system", "examples"} or not isinstance(data.get("system"), str) \
-            or not data["system"].strip():
-        raise ValueError(f'{where}: expected {{"system": "<system prompt>", "examples": [{{"user": ..., '
-                         f'"assistant": "..."}}, ...]}} with a non-empty system prompt')
+    expected = '{"system": "<system prompt>", "examples": [{"user": ..., "assistant": "..."}, ...]}'
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected {expected}")
+    unknown = sorted(set(data) - {"system", "examples"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"expected {expected}")
+    if not isinstance(data.get("system"), str) or not data["system"].strip():
+        raise ValueError(f"{where}: expected {expected} with a non-empty system prompt")
     examples = data.get("examples", [])
     if not isinstance(examples, list):
         raise ValueError(f"{where}: \"examples\" must be a list of {{\"user\", \"assistant\"}} objects")

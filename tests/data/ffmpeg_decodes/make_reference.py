@@ -1,7 +1,8 @@
 """Write this folder's compressed audio files and FFmpeg's decodes of them (``reference.npz``).
 
-The reference pipeline decodes audio with ``torchaudio.load``, i.e. FFmpeg's decoders (through
-torchcodec); this project decodes with libsndfile (``soundfile``). ``tests/test_audio.py`` checks
+The reference pipeline decodes audio with ``torchaudio.load``: FFmpeg's decoders where FFmpeg is
+installed (through torchcodec, as for the CLaMP 3 vectors); this project decodes with libsndfile
+(``soundfile``). ``tests/test_audio.py`` checks
 that the two give the same samples on these files. Needs PyAV (``pip install av``: FFmpeg's
 libraries, the demuxer and decoders torchcodec drives), which is not a dependency of the project;
 run it from the repository root only to regenerate the files:
