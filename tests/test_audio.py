@@ -204,6 +204,26 @@ def test_compressed_audio_decodes_to_ffmpegs_samples(name):
     assert np.abs(means - reference[f"{name}/block_means"]).max() < tolerance
 
 
+def test_damaged_and_truncated_mp3(tmp_path):
+    # A run of zeros inside the frames: libsndfile gives up partway with "Unspecified internal error";
+    # the failure says the data, not the header, is damaged. A cut file decodes up to its last whole frame.
+    source = (FFMPEG_DECODES / "lame_44k1_stereo.mp3").read_bytes()
+    damaged = tmp_path / "damaged.mp3"
+    damaged.write_bytes(source[:len(source) // 2] + b"\0" * 1500 + source[len(source) // 2 + 1500:])
+    with pytest.raises(audio.AudioError, match="its MP3 data is damaged after a valid header"):
+        audio.decode(damaged)
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(source[:len(source) // 2])
+    whole, _ = audio.decode(FFMPEG_DECODES / "lame_44k1_stereo.mp3")
+    part, _ = audio.decode(cut)
+    assert 0.4 * whole.shape[1] < part.shape[1] < 0.6 * whole.shape[1]
+    assert np.abs(part - whole[:, :part.shape[1]]).max() < 1e-6
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt \x02\x00\x00\x00\x01\x00")
+    with pytest.raises(audio.AudioError, match=r"^cannot decode audio \(Error opening"):
+        audio.decode(broken)
+
+
 @pytest.mark.parametrize("channels", [1, 2, 3, 6])
 def test_mono_from_interleaved_frames_has_the_bits_of_torchs_channel_mean(tmp_path, channels):
     # MERT's workers average the channels without transposing first; the result must not move a bit.

@@ -44,19 +44,32 @@ def decode(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
 
 def decode_frames(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
     """:func:`decode` as libsndfile gives it: ``[frames, channels]``, interleaved."""
-    import soundfile
-
     if os.path.getsize(path) == 0:
         raise AudioError("empty file (0 bytes)")
+    data, rate = _read_all(os.fspath(path))
+    if data.shape[0] == 0:
+        patched = wav_read_to_end(path)
+        if patched is not None:
+            data, rate = _read_all(patched)
+    return data, rate
+
+
+def _read_all(source) -> Tuple[np.ndarray, int]:
+    """soundfile.read's float32 frames, with a failure named by where it happened: the header or the data."""
+    import soundfile
+
+    errors = (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError)
     try:
-        data, rate = soundfile.read(os.fspath(path), dtype="float32", always_2d=True)
-        if data.shape[0] == 0:
-            patched = wav_read_to_end(path)
-            if patched is not None:
-                data, rate = soundfile.read(patched, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        sound = soundfile.SoundFile(source)
+    except errors as exc:
         raise AudioError(f"cannot decode audio ({' '.join(str(exc).split())})") from None
-    return data, int(rate)
+    with sound:
+        try:
+            return sound.read(dtype="float32", always_2d=True), int(sound.samplerate)
+        except errors as exc:
+            # libsndfile says only "Unspecified internal error" when an MP3's frames are damaged partway.
+            raise AudioError(f"cannot decode audio: its {sound.format} data is damaged after a valid header "
+                             f"({' '.join(str(exc).split())})") from None
 
 
 def wav_read_to_end(path: str | os.PathLike) -> io.BytesIO | None:
