@@ -284,7 +284,7 @@ def parse_answer(content: str | None, language: str,
     except json.JSONDecodeError as error:
         if finish_reason == "length":
             raise AnswerError("answer truncated (finish_reason=length), invalid JSON") from None
-        raise AnswerError(f"invalid JSON in answer ({error.msg} at char {error.pos})") from None
+        raise AnswerError(f"invalid JSON in answer ({error.msg}: character {error.pos})") from None
     if not isinstance(answer, dict):
         raise AnswerError(f"answer is JSON {type(answer).__name__}, not an object")
     for key in SUMMARY_FIELDS:
