@@ -75,8 +75,9 @@ def _read_all(source) -> Tuple[np.ndarray, int]:
 def wav_read_to_end(path: str | os.PathLike) -> io.BytesIO | None:
     """A WAV whose ``data`` chunk declares 0 bytes, as a copy declaring the rest of the file; else None.
 
-    A recorder killed before it patched its header leaves the size 0. FFmpeg, which the reference
-    decodes through, reads such a ``data`` chunk to the end of the file; libsndfile reads no frame.
+    A recorder killed before it patched its header leaves the size 0. FFmpeg (torchaudio's decoder where
+    it is installed, as for the reference vectors) reads such a ``data`` chunk to the end of the file;
+    libsndfile reads no frame, and a file with no frame has no feature.
     """
     with open(path, "rb") as handle:
         head = handle.read(12)
