@@ -169,13 +169,14 @@ def read_ticks_per_beat(line: str) -> int:
     """
     words = line.lstrip("\ufeff").split(" ")
     value = None
-    if words[0] == TICKS_PER_BEAT_KEY:
-        for token in ([words[1]] if len(words) > 1 and words[1] else []) + [" ".join(words[1:])]:
-            try:
-                value = int(token)
-                break
-            except ValueError:
-                continue
+    # The reference's second word; then the whole rest, for a run of spaces before the number.
+    candidates = [words[1], " ".join(words[1:])] if words[0] == TICKS_PER_BEAT_KEY and len(words) > 1 else []
+    for token in candidates:
+        try:
+            value = int(token)
+            break
+        except ValueError:
+            continue
     if value is None or not -2 ** 15 <= value < 2 ** 15:
         raise ValueError(f"first line must be '{TICKS_PER_BEAT_KEY} <N>' with -32768 <= N <= 32767, "
                          f"got {line[:80]!r}")
