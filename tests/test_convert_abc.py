@@ -136,6 +136,11 @@ def test_in_process_xml2abc_equals_command_line_after_other_files(corpus_scores,
         xml_to_abc(path)
     for kind in ("quartet", "lead_sheet"):
         assert xml_to_abc(corpus_scores[kind]) == cli_xml2abc(corpus_scores[kind])
+    # Voltas (<ending>): the options left at their defaults (-v 0 among them) shape their ABC too.
+    with_voltas = corpus_path("bach/bwv8.6")
+    abc = xml_to_abc(with_voltas)
+    assert "|1 " in abc and ":|2 " in abc
+    assert abc == cli_xml2abc(with_voltas)
 
 
 @pytest.mark.parametrize("variant", ["utf-8 bom", "crlf", "latin-1 declared"])
@@ -323,6 +328,9 @@ def test_quote_quirk():
     assert clean_quotes('"^a|b"cd \\"x\\" "D"ef|\n') == 'cd \\"x\\" "D"ef|\n'
     text, _ = interleave_quietly("M:2/4\nL:1/8\nK:C\nV:1\n\"^x||y\"cdef|gabc|\n")
     assert text.splitlines()[-2:] == ["[V:1]cdef|", "[V:1]gabc|"]
+    # A "%" comment line is not music: its \" stay (the reference's output, byte for byte).
+    text, _ = interleave_quietly('M:2/4\nL:1/8\nK:C\nV:1\n% say \\"x\\" here\n"C"cd \\"y\\" ef|gabc|\n')
+    assert text.splitlines()[-2:] == ['[V:1]% say \\"x\\" here"C"cd y ef|', "[V:1]gabc|"]
 
 
 # -- found by a mutation audit: each fails on a plausible one-line bug the suite missed -----------------

@@ -357,3 +357,24 @@ def test_float_time_survives_mtf_reading():
     from clamp2.convert.mtf import line_to_message
 
     assert line_to_message("note_on 0.5 0 60 64").time == 0.5
+
+
+# -- found by a spec-to-test mutation audit ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("meta_type", ["text", "copyright", "track_name", "instrument_name", "lyrics", "marker",
+                                       "cue_marker", "device_name"])
+def test_every_text_meta_round_trips_a_multi_word_non_ascii_text(meta_type):
+    midi = MidiFile(ticks_per_beat=96)
+    field = "name" if meta_type in ("track_name", "instrument_name", "device_name") else "text"
+    midi.tracks.append(MidiTrack([MetaMessage(meta_type, **{field: "Café  cue\ttwo "}, time=5),
+                                  MetaMessage("end_of_track", time=0)]))
+    mtf = midi_file_to_mtf(midi, mode="all")
+    assert f"{meta_type} Caf\\xe9  cue\\ttwo  5" in mtf.splitlines()
+    assert list(mtf_to_midi(mtf).tracks[0]) == list(midi.tracks[0])
+
+
+def test_a_line_mentioning_unknown_meta_anywhere_is_skipped():
+    # The reference skips every line that contains "unknown_meta", even inside a text.
+    midi = mtf_to_midi("ticks_per_beat 96\ntext has unknown_meta inside 0\nmarker kept 0\nend_of_track 0")
+    assert [m.type for m in midi.tracks[0]] == ["marker", "end_of_track"]

@@ -11,7 +11,7 @@ import torch
 
 from clamp2.extraction.core import (combine_global, combine_positions, plan_batches, text_lines, window_starts,
                                     window_weights)
-from clamp2.extraction.core import MusicEncoder
+from clamp2.extraction.core import MusicEncoder, read_text_file
 from clamp2.patchilizer import M3Patchilizer
 from conftest import FP32_FLAGS, free_port, load_script, precision_flags
 
@@ -381,6 +381,16 @@ def test_window_arithmetic():
 
 def test_text_lines_keep_first_occurrence_order():
     assert text_lines("b\n\na\nb\nc\na\n") == ["b", "a", "c"]
+
+
+def test_text_lines_split_on_newline_only_and_keep_whitespace_lines(tmp_path):
+    # The reference: item.split("\n"), then drops only the lines of length 0. A line of spaces or a
+    # tab is a line (its tokens change the feature); a form feed or U+2028 is not a line break.
+    assert text_lines("a\n  \nb\x0cc\u2028d\x85e\n\t\n\n") == ["a", "  ", "b\x0cc\u2028d\x85e", "\t"]
+    # read_text_file opens in text mode, as the reference's open(..., "r"): CRLF and CR become "\n".
+    text_file = tmp_path / "t.txt"
+    text_file.write_bytes("one\r\ntwo\rthree\r\n \r\n".encode("utf-8"))
+    assert text_lines(read_text_file(text_file)) == ["one", "two", "three", " "]
 
 
 def test_whitespace_music_gets_special_patch_features_and_l18_only_fails(tiny_env, vectors, tmp_path, extract_m3,

@@ -199,6 +199,23 @@ def test_token_decoder_gelu_is_gpt2s_gelu_new():
             block.mlp.act = NewGELUActivation()
         python = model(patches, torch.ones(1, 10), selected, patches)
     assert abs(fused.item() - python.item()) < 1e-6
+    # The function itself, where tanh GELU and erf GELU part (~1e-3 apart near |x| = 2).
+    x = torch.linspace(-6, 6, 1201)
+    for block in M3Model(TINY).decoder.base.transformer.h:
+        assert (block.mlp.act(x) - NewGELUActivation()(x)).abs().max() < 1e-6
+
+
+def test_token_decoder_loss_equals_the_references(vectors):
+    """The reference's M3Model (sanderwood/clamp3 code/utils.py, transformers' GPT-2) with the same weights gives
+    4.701282024383545 on this batch: every third of the chorale's 32 patches replaced by the all-mask patch
+    and reconstructed. The decoder's config (heads, widths) and its inputs all show in this number."""
+    model, patches = tiny_m3_and_chorale_patches(vectors)
+    selected = (torch.arange(32) % 3 == 0).float()[None]
+    corrupted = patches.clone()
+    corrupted[0, ::3] = 3
+    with torch.inference_mode():
+        loss = model.eval()(corrupted, torch.ones(1, 32), selected, patches).item()
+    assert abs(loss - 4.701282024383545) < 5e-6  # measured: 9.5e-7 (the fused tanh GELU's rounding)
 
 
 def test_masked_mean_ignores_padding():

@@ -189,3 +189,23 @@ def test_decode_drops_mask_ids():
 def test_lowercase_field_lines_are_single_patches():
     assert P.patch_strings("w: la | la |\n") == ["w: la | la |\n"]
     assert P.patch_strings("s: !f! | * |\n") == ["s: !f! | * |\n"]
+
+
+# -- found by a spec-to-test mutation audit; expected values are the reference M3Patchilizer's output -----
+
+
+def test_only_newline_splits_lines():
+    # The reference splits with re.findall(r".*?\n|.*$"): "\r" and "\x0c" stay inside a line.
+    assert P.patch_strings("X:1\nab\rc|d\x0ce|\nf|\n") == ["X:1\n", "ab\rc|", "d\x0ce|\n", "f|\n"]
+
+
+def test_two_character_field_line_at_the_end_is_a_patch():
+    assert P.patch_strings("K:C\nabc|\nK:") == ["K:C\n", "abc|\n", "K:"]
+    assert P.patch_strings("w:") == ["w:"]
+
+
+def test_mtf_needs_ticks_per_beat_as_the_whole_first_word():
+    # A first line "ticks_per_beat" alone, or "ticks_per_beatX 3", is ABC (a bar-less music line: no patch).
+    assert P.patch_strings("ticks_per_beat\nK:C\nabc|\n") == ["K:C\n", "abc|\n"]
+    assert P.patch_strings("ticks_per_beatX 3\nK:C\n") == ["K:C\n"]
+    assert P.patch_strings("ticks_per_beat 3\nK:C\n") == ["ticks_per_beat 3\n", "K:C\n"]

@@ -228,6 +228,16 @@ def test_default_is_the_reference_setup(tmp_path, train_cls, data, capsys, monke
     assert "batch 1 per process, fp32, learning rate 1e-05, epochs up to 1" in out
 
 
+def test_hold_out_rounds_up(tmp_path, train_cls, data, capsys):
+    # 0.21 · 120 = 25.2: the reference's math.ceil holds out 26 (int() would hold out 25).
+    folder, _ = data
+    code, _, err = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "w.pth",
+                                   "--epochs", "1", "--eval_split", "0.21", *FAST], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "w_report" / "metrics.json").read_text())
+    assert metrics["files"]["eval"] == 26 and metrics["files"]["train"] == 94
+
+
 def test_warmup_option(tmp_path, train_cls, data, capsys):
     folder, _ = data
     code, _, err = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "w.pth",

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from clamp2.search.feature_store import FeatureError, NpyRowReader, build_index, load_features, read_features, unique_by_key
-from clamp2.search.retrieval import (Searcher, exact_cosine, format_metrics, mean_vector, rank_true_matches,
-                              retrieval_metrics, score_tolerance, top_k)
+from clamp2.search.retrieval import (Searcher, exact_cosine, format_metrics, mean_vector, mean_vector_cosine,
+                                     rank_true_matches, retrieval_metrics, score_tolerance, top_k)
 from conftest import VECTORS, load_script
 
 GLOBAL = VECTORS / "expected" / "feat_clamp2_global"
@@ -277,6 +277,12 @@ def test_mean_vector_is_numpy_mean_of_the_rows():
     for n in (1, 2, 8191, 8192, 20000):
         rows = (rng.normal(size=(n, 16)) * rng.uniform(0.1, 1e4, size=(n, 1))).astype(np.float32)
         assert np.array_equal(mean_vector(rows), np.mean(list(rows), axis=0))
+    # The score is the cosine of those float32 means, as the reference computes it, to the bit.
+    a = (rng.normal(size=(3000, 16)) * rng.uniform(0.1, 1e4, size=(3000, 1))).astype(np.float32)
+    b = (rng.normal(size=(2000, 16)) * rng.uniform(0.1, 1e4, size=(2000, 1))).astype(np.float32)
+    a_mean, b_mean = np.mean(list(a), axis=0), np.mean(list(b), axis=0)
+    expected = np.dot(a_mean, b_mean) / (np.linalg.norm(a_mean) * np.linalg.norm(b_mean))
+    assert mean_vector_cosine(a, b) == expected
 
 
 def test_score_pairwise(tmp_path, capsys):

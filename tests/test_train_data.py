@@ -11,9 +11,9 @@ import torch
 from clamp2.patchilizer import M3Patchilizer
 from clamp2.text_model import load_tokenizer
 from clamp2.training.data import (DataError, EvalBatches, M3Dataset, PairItem, TextMusicCollator, TextMusicDataset,
-                                  TrainBatches, check_music_files, collate_m3, eval_music_path, eval_plan, eval_text,
-                                  metadata_lines, read_music, read_pairs, remove_instrument_info, split_eval,
-                                  training_text)
+                                  SymbolicMusic, TrainBatches, check_music_files, collate_m3, dropout_join,
+                                  eval_music_path, eval_plan, eval_text, metadata_lines, read_music, read_pairs,
+                                  remove_instrument_info, split_eval, training_text)
 from conftest import VECTORS
 from train_corpus import corpus  # noqa: F401  (fixture)
 
@@ -42,6 +42,24 @@ def test_instrument_removal_mtf():
     text = "ticks_per_beat 480\nprogram_change 0 0 41\nnote_on 0 0 60 80\nprogram_change 0 1 73"
     assert remove_instrument_info(text) == ("ticks_per_beat 480\nprogram_change 0 0 0\nnote_on 0 0 60 80\n"
                                             "program_change 0 1 0\n")
+
+
+@pytest.mark.parametrize("clamp3", [False, True])
+def test_instrument_removal_only_in_training_with_p_0_9(tmp_path, clamp3):
+    # SPEC §7: in training, with p 0.9; evaluation always sees the file as written.
+    path = tmp_path / "a.abc"
+    path.write_text('X:1\nL:1/8\nK:G\nV:1 treble nm="Flute"\n[V:1]abc|def|\n')
+    patchilizer = M3Patchilizer()
+    music = SymbolicMusic(patchilizer, clamp3=clamp3)
+    as_written = music.load(path, training=False, rng=random.Random(0))
+    stripped_text = remove_instrument_info(read_music(path)).replace("L:1/8\n", "")
+    stripped = torch.from_numpy(patchilizer.encode_array(stripped_text, add_special_patches=True)).long()
+    assert not torch.equal(as_written, stripped)
+    assert all(torch.equal(music.load(path, training=False, rng=random.Random(seed)), as_written)
+               for seed in range(50))
+    loads = [music.load(path, training=True, rng=random.Random(seed)) for seed in range(1000)]
+    assert all(torch.equal(x, stripped) or torch.equal(x, as_written) for x in loads)
+    assert 870 <= sum(torch.equal(x, stripped) for x in loads) <= 930  # 0.8 or 1.0 would be far outside
 
 
 def test_read_music_drops_unit_length_from_abc_only(tmp_path):
@@ -79,6 +97,14 @@ def test_training_text_draws_and_fallbacks():
             assert parts and all(parts) and set(parts) <= lines  # never an empty line
             kinds["meta"] += 1
     assert 1850 < kinds["meta"] < 2150 and 850 < kinds["en"] < 1150 and 850 < kinds["nen"] < 1150
+
+
+def test_dropout_keeps_each_metadata_line_with_p_0_5():
+    lines = [f"line {i}" for i in range(10)]
+    kept = [len(dropout_join(lines, SEP, random.Random(seed)).split(SEP)) for seed in range(2000)]
+    # Mean 5 (+0.01 from the all-dropped fallback); its standard error here is 0.035; p 0.6 would give 6.
+    assert abs(sum(kept) / len(kept) - 5.0) < 0.15
+    assert set(dropout_join(lines, SEP, random.Random(1)).split(SEP)) <= set(lines)
 
 
 @pytest.mark.parametrize("summary_en,summary_nen", [
