@@ -646,6 +646,22 @@ def test_clamp3_four_commands_on_raw_folders(demo, tmp_path, scripts, capsys):
     assert "0 encoded, 2 from cache" in err
 
 
+def test_abc_and_mtf_beside_one_of_the_originals_modalities_are_ignored(demo, tmp_path, scripts, capsys):
+    # The original's modality table has no .abc or .mtf: x.mid with the x.mtf converted beside it is read as
+    # MIDI (the .mtf never opened); more .abc/.mtf than MIDI files is a folder of symbolic files, an error.
+    midi = demo["midi"]
+    (midi / "bwv26.6.mtf").write_text("not opened")
+    code, lines, err = run(scripts["embd"], [midi, tmp_path / "f", "--get_global", *CLAMP3], capsys)
+    assert code == 0, err
+    assert lines == ["Detected input modality: mid"]
+    assert f"note: {midi}: reading its 2 mid files; 1 .abc/.mtf file beside them ignored" in err
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["banish_misfortune.npy", "bwv26.6.npy"]
+    for name in ("a.abc", "b.mtf"):
+        (midi / name).write_text("X:1\n")
+    code, lines, err = run(scripts["embd"], [midi, tmp_path / "g", "--get_global", *CLAMP3], capsys)
+    assert code == 1 and "holds several input modalities: abc (1 file" in err and "mid (2 files" in err
+
+
 def test_zero_shot_with_clamp3(demo, tmp_path, capsys):
     zero_shot = load_script("semantic_search/zero_shot.py")
     folder = tmp_path / "mixed"

@@ -40,6 +40,9 @@ MODALITY_BY_EXTENSION = {
     ".npy": "npy",
 }
 FEATURES = "npy"
+# The original's own modalities (its get_modality_from_dir); it ignores every other file, .abc and .mtf included.
+REFERENCE_MODALITIES = ("txt", "img", "xml", "mid", "audio")
+SYMBOLIC_AS_THEY_ARE = ("abc", "mtf")
 MUSIC_MODALITIES = ("xml", "mid", "audio", "abc", "mtf")
 UNMATCHED_FILE = "unmatched_files.jsonl"
 PAIRWISE_FILE = "pairwise_similarities.jsonl"
@@ -82,6 +85,16 @@ def detect_modality(path: str | os.PathLike, role: str = "input",
         found = files_by_modality(path) if Path(path).exists() else {}
     if not found:
         raise ModalityError(f'Error: Could not determine {role} modality for "{path}"')
+    beside = [f for m in SYMBOLIC_AS_THEY_ARE for f in found.get(m, [])]
+    own = [m for m in found if m not in SYMBOLIC_AS_THEY_ARE]
+    if beside and len(own) == 1 and own[0] in REFERENCE_MODALITIES and len(beside) <= len(found[own[0]]):
+        # .abc/.mtf beside files of one of the original's modalities, no more of them than of those (x.mid
+        # with the x.mtf converted from it): the original reads the folder as that modality and ignores
+        # the rest, and so does this. More .abc/.mtf than those (ABC with a README.txt) stays an error.
+        print(f"note: {path}: reading its {len(found[own[0]])} {own[0]} files; {len(beside)} .abc/.mtf "
+              f"file{'s' if len(beside) > 1 else ''} beside them ignored, as the original does "
+              f"(e.g. {sorted(beside)[0]})", file=sys.stderr)
+        return own[0], found[own[0]]
     if len(found) > 1:
         listed = ", ".join(f"{m} ({len(files)} file{'s' if len(files) > 1 else ''}, e.g. {files[0]})"
                            for m, files in sorted(found.items()))
