@@ -393,3 +393,29 @@ print(multiprocessing.get_start_method())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "spawn"
+
+
+def test_audio_cache_entries_belong_to_their_mert(tmp_path):
+    """A .wav encoded through one MERT is encoded again, not read from the cache, through another MERT."""
+    import torch
+
+    from clamp2 import CLaMP3
+    from clamp2.cache import FeatureCache
+
+    other_mert = tmp_path / "other_mert"
+    shutil.copytree(VECTORS3 / "tiny_mert", other_mert)
+    state = torch.load(other_mert / "pytorch_model.bin", weights_only=True)
+    name = next(key for key, value in state.items() if value.is_floating_point() and value.dim() == 2)
+    state[name] = state[name] * 1.5
+    torch.save(state, other_mert / "pytorch_model.bin")
+    wav = VECTORS3 / "inputs" / "audio" / "bwv26.6_44k1_stereo_s16.wav"
+    cache = FeatureCache(tmp_path / "cache")
+
+    def encode(mert):
+        model = CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=TEXT_MODEL, max_text_length=16,
+                                       mert=mert, cache=cache)
+        return model.encode_audio([wav], errors="skip")
+
+    first, again, other = encode(VECTORS3 / "tiny_mert"), encode(VECTORS3 / "tiny_mert"), encode(other_mert)
+    assert (first.computed, again.cached, other.computed, other.cached) == (1, 1, 1, 0)
+    assert np.array_equal(first.features, again.features) and not np.allclose(first.features, other.features)

@@ -234,6 +234,35 @@ def test_reference_keys_of_several_files_are_reported(feature_folders, tmp_path,
         scores.append(lines)
     expected, _ = reference_metrics(queries, references, walk=walk)
     assert scores[1][:len(expected)] == expected
+    keys = len(list(references.rglob("*.npy"))) - 1  # the key /p03 counts once
+    assert f"Total reference features: {keys}" in scores[0]
+
+
+def test_tied_records_are_ordered_by_query_path(tmp_path, scripts, capsys):
+    # Keys sort "/z" before "a/b"; paths sort "q/a/b.npy" before "q/z.npy": the JSONL lines of equal
+    # similarity (equal rank) follow the paths.
+    vector = np.ones((1, 16), np.float32)
+    for side in ("q", "r"):
+        (tmp_path / side / "a").mkdir(parents=True)
+        np.save(tmp_path / side / "z.npy", vector)
+        np.save(tmp_path / side / "a" / "b.npy", vector)
+    q, r = tmp_path / "q", tmp_path / "r"
+    for script, name in (("score", "pairwise_similarities.jsonl"), ("eval", "retrieval_ranks.jsonl")):
+        code, _, err = run(scripts[script], [q, r, "--output_dir", tmp_path / script, *CLAMP2], capsys)
+        assert code == 0, err
+        records = [json.loads(line) for line in (tmp_path / script / name).read_text().splitlines()]
+        assert [record["query"] for record in records] == [str(q / "a" / "b.npy"), str(q / "z.npy")], script
+
+
+def test_search_prints_ten_results_by_default(tmp_path, scripts, capsys):
+    references = tmp_path / "r"
+    references.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        np.save(references / f"m{i:02d}.npy", rng.normal(size=(1, 16)).astype(np.float32))
+    code, lines, err = run(scripts["search"], [references / "m00.npy", references, *CLAMP2], capsys)
+    assert code == 0, err
+    assert lines[0] == "Top 10 results among 12 candidates:" and len(lines) == 11
 
 
 def test_eval_is_strict(feature_folders, tmp_path, scripts, capsys):
@@ -497,6 +526,28 @@ def test_caption_is_the_blip_pipeline(tiny_blip, tmp_path):
     assert second[0].text == expected and second[0].cached  # no BLIP the second time
     write_caption(expected, tmp_path / "photo.txt")
     assert (tmp_path / "photo.txt").read_bytes() == expected.encode("utf-8")  # no trailing newline
+
+
+def test_transparent_image_is_converted_to_rgb_as_the_original(tiny_blip, tmp_path):
+    """The original opens every image with .convert("RGB") (alpha dropped); BLIP's processor given the RGBA
+    image itself would composite it, other pixels (sheet music exported as a transparent PNG)."""
+    from PIL import Image
+
+    from clamp2.search.captions import Captioner
+
+    rng = np.random.default_rng(3)
+    image = tmp_path / "score.png"
+    Image.fromarray((rng.random((40, 50, 4)) * 255).astype("uint8"), "RGBA").save(image)
+    captioner = Captioner.from_pretrained(tiny_blip)
+    seen = []
+    generate = captioner.model.generate
+    captioner.model.generate = lambda **inputs: seen.append(inputs["pixel_values"]) or generate(**inputs)
+    captioner.caption(image)
+    with Image.open(image) as opened:
+        as_original = captioner.processor(opened.convert("RGB"), return_tensors="pt")["pixel_values"]
+        as_given = captioner.processor(opened, return_tensors="pt")["pixel_values"]
+    assert not torch.allclose(as_given, as_original, atol=0.1)  # the conversion matters for this image
+    assert len(seen) == 1 and torch.equal(seen[0], as_original)
 
 
 def test_caption_length_follows_the_text_config(tiny_blip, tmp_path):

@@ -17,13 +17,24 @@ SPEC_DEFAULTS = {
     "M3_WANDB_LOG": False, "CLAMP2_WANDB_LOG": False,
 }
 
+# SPEC_CLAMP3 §12.
+SPEC_CLAMP3_DEFAULTS = {
+    "CLAMP3_HIDDEN_SIZE": 768, "AUDIO_HIDDEN_SIZE": 768, "AUDIO_NUM_LAYERS": 12, "MAX_AUDIO_LENGTH": 128,
+    "CLAMP3_NUM_EPOCH": 100, "CLAMP3_LEARNING_RATE": 1e-5, "CLAMP3_BATCH_SIZE": 256, "FREEZE_TEXT": False,
+    "CLAMP3_DETERMINISTIC": True, "CLAMP3_LOAD_M3": True, "CLAMP3_WANDB_LOG": False, "CLAMP3_LOAD_CKPT": True,
+    "SAVE_EVERY": 5, "CLAMP3_VARIANT": "saas",
+}
+PUBLISHED_CLAMP3_SUFFIX = ("_h_size_768_t_model_FacebookAI_xlm-roberta-base_t_length_128_a_size_768_a_layers_12"
+                           "_a_length_128_s_size_768_s_layers_12_p_size_64_p_length_512")
+
 
 @pytest.fixture
 def clean_env(monkeypatch):
     import os
 
     for name in list(os.environ):
-        if name in SPEC_DEFAULTS or name.startswith(("M3_", "CLAMP2_")) or name in ("TRAIN_FOLDERS", "EVAL_FOLDERS"):
+        if name in SPEC_DEFAULTS or name in SPEC_CLAMP3_DEFAULTS or name.startswith(("M3_", "CLAMP2_", "CLAMP3_")) \
+                or name in ("TRAIN_FOLDERS", "EVAL_FOLDERS"):
             monkeypatch.delenv(name)
     return monkeypatch
 
@@ -41,6 +52,16 @@ def test_defaults_and_published_file_names(clean_env):
     assert cfg._OVERRIDES == {}
     for name in ("TRAIN_FOLDERS", "EVAL_FOLDERS", "TRAIN_JSONL", "EVAL_JSONL"):
         assert hasattr(cfg, name)
+
+
+def test_clamp3_defaults_give_the_published_file_names(clean_env):
+    cfg = load_config(CONFIG, report=False)
+    for name, value in SPEC_CLAMP3_DEFAULTS.items():
+        assert getattr(cfg, name) == value and type(getattr(cfg, name)) is type(value), name
+    assert cfg.CLAMP3_WEIGHTS_PATH == "weights_clamp3_saas" + PUBLISHED_CLAMP3_SUFFIX + ".pth"
+    assert cfg.CLAMP3_LOGS_PATH == "logs_clamp3_saas" + PUBLISHED_CLAMP3_SUFFIX + ".txt"
+    clean_env.setenv("CLAMP3_VARIANT", "c2")
+    assert load_config(CONFIG, report=False).CLAMP3_WEIGHTS_PATH == "weights_clamp3_c2" + PUBLISHED_CLAMP3_SUFFIX + ".pth"
 
 
 def test_env_overrides_are_typed_and_derived_paths_follow(clean_env, capsys):

@@ -92,6 +92,25 @@ def test_symbolic_patches_remove_every_unit_length_line():
     assert m3.encode_text(mtf).shape[0] > encode.encode_text(mtf).shape[0]
 
 
+def test_script_and_api_remove_unit_length_lines_from_mtf_too(tiny_env, tmp_path, extract_clamp3):
+    """SPEC_CLAMP3 §13 as wired into code/extract_clamp3.py and the CLaMP3 API, not only the encoder."""
+    from clamp2 import CLaMP3
+
+    source = sorted((VECTORS3 / "extract_in" / "mtf").iterdir())[0]
+    lines = source.read_text(encoding="utf-8").split("\n")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "as_written.mtf").write_text("\n".join(lines), encoding="utf-8")
+    (inp / "with_unit_length.mtf").write_text("\n".join(lines[:1] + ["L:1/8"] + lines[1:3] + ["L:1/8"] + lines[3:]),
+                                              encoding="utf-8")
+    out = tmp_path / "out"
+    assert extract_clamp3.main(clamp3_args(inp, out, "--get_global")) == 0
+    assert np.array_equal(np.load(out / "as_written.npy"), np.load(out / "with_unit_length.npy"))
+    model = CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=str(TEXT_MODEL), max_text_length=16)
+    features = model.encode_music([inp / "as_written.mtf", inp / "with_unit_length.mtf"])
+    assert np.array_equal(features[0], features[1])
+
+
 def test_audio_rows_and_bad_arrays():
     encode = AudioEncoder(64)
     segments = np.load(VECTORS3 / "extract_in" / "audio" / "banish_misfortune_22k05_mono_s16.npy")

@@ -88,6 +88,32 @@ def test_training_text_translations_or_every_other_field():
     assert clamp3_text_problems({"analysis": " "}) and not clamp3_text_problems(item)
 
 
+def test_translation_branch_is_taken_with_p_0_5():
+    item = {"analysis": "A reel.", "translations": {"language": "German", "German": "Ein Reel."}}
+    share = sum(clamp3_training_text(item, SEP, random.Random(seed)) == "Ein Reel." for seed in range(2000)) / 2000
+    assert 0.45 < share < 0.55  # standard error 0.011
+
+
+def test_audio_stage_evaluates_the_first_file_of_a_line(tmp_path):
+    from clamp2.text_model import load_tokenizer
+    from clamp2.training.data import PairItem, TextMusicDataset
+
+    paths = [tmp_path / "first.npy", tmp_path / "second.npy"]
+    for value, path in enumerate(paths, start=1):
+        np.save(path, np.full((1, 2, 64), value, np.float32))
+    item = PairItem({"analysis": "A reel."}, paths)
+    dataset = TextMusicDataset([item], load_tokenizer(TEXT_MODEL), AudioMusic(64, 8), 16, training=False,
+                               eval_text=lambda fields: fields["analysis"])
+    assert dataset[0]["music_patches"][1:-1, 0].tolist() == [1.0, 1.0]
+    training = TextMusicDataset([item], load_tokenizer(TEXT_MODEL), AudioMusic(64, 8), 16, training=True,
+                                train_text=clamp3_training_text)
+    drawn = set()
+    for epoch in range(20):
+        training.set_epoch(epoch)
+        drawn.add(training[0]["music_patches"][1, 0].item())
+    assert drawn == {1.0, 2.0}  # training draws either file
+
+
 def test_symbolic_stage_removes_unit_length_everywhere_after_the_instrument_removal(tmp_path):
     """SPEC_CLAMP3 §13: every "L:1/8\\n", ABC and MTF alike, in the patchilizer, after the instrument removal;
     CLaMP 2 removes it from .abc files as read (both as their references do)."""
@@ -217,6 +243,26 @@ def test_each_stage_freezes_the_other_modality_and_optionally_the_text():
         model.train()  # frozen modules still run in training mode (dropout), as the reference
         assert all(module.training for module in model.modules())
     assert frozen_modules("symbolic", True) == ("audio_model", "audio_proj", "text_model", "text_proj")
+
+
+def test_frozen_modules_run_in_training_mode_in_the_loop(tiny_env, tmp_path, corpus3, trainers, monkeypatch):  # noqa: F811
+    """The reference calls model.train() on the whole model: a frozen text encoder still drops out."""
+    from clamp2.training import loop
+
+    modes = []
+    train_step = loop.train_step
+
+    def recording_step(model, *args, **kwargs):
+        modes.append({name: module.training for name, module in model.named_modules()})
+        return train_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    monkeypatch.setenv("FREEZE_TEXT", "true")
+    args = args_for("audio", corpus3, "--batch_size", "8", "--max_steps_per_epoch", "2", "--epochs", "1",
+                    "--weights", str(tmp_path / "w.pth"))
+    assert trainers["audio"].main(args) == 0
+    assert len(modes) == 2 and all(all(step.values()) for step in modes)
+    assert {"text_model", "text_proj", "symbolic_model"} <= set(modes[0])
 
 
 def test_symbolic_encoder_starts_from_an_m3_file_published_name_first(tmp_path, monkeypatch):
