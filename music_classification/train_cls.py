@@ -86,6 +86,11 @@ def parse_args(argv=None):
                         help="seconds between writes of latest_<weights> (60; 0: every epoch); the best probe is "
                              "written whenever it improves, latest_ always at the end")
     parser.add_argument("--no_resume", action="store_true", help="start afresh even if latest_<weights> exists")
+    parser.add_argument("--wandb_log", action="store_true",
+                        help="log each epoch's metrics to Weights & Biases (pip install wandb; the key from "
+                             "WANDB_API_KEY in the environment)")
+    parser.add_argument("--wandb_key", default=None,
+                        help="not taken: a key on the command line is visible to every user; set WANDB_API_KEY")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     # The legacy launcher passes --local-rank=N or --local_rank=N; torchrun sets LOCAL_RANK.

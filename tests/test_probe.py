@@ -238,6 +238,35 @@ def test_hold_out_rounds_up(tmp_path, train_cls, data, capsys):
     assert metrics["files"]["eval"] == 26 and metrics["files"]["train"] == 94
 
 
+def test_wandb_log_logs_every_epoch_and_the_key_is_refused(tmp_path, train_cls, data, capsys, monkeypatch):
+    import sys
+    import types
+
+    folder, _ = data
+    args = ["--train_folders", folder / "train", "--weights", tmp_path / "w.pth", "--epochs", "2", *FAST]
+    code, _, err = run(train_cls, args + ["--wandb_key", "secret-123"], capsys)
+    assert code == 2 and "WANDB_API_KEY" in err and "secret-123" not in err
+    # wandb is an optional extra (not installed here): asked for, a note, and the probe trains all the same.
+    code, _, err = run(train_cls, args + ["--wandb_log", "--no_resume"], capsys)
+    assert code == 0 and "`wandb` is not installed" in err
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", step, sorted(values)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs["project"], kwargs["name"])) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    code, _, err = run(train_cls, args + ["--wandb_log", "--no_resume"], capsys)
+    assert code == 0, err
+    metrics = ["eval_acc", "eval_f1_macro", "eval_loss", "learning_rate", "train_acc", "train_f1_macro", "train_loss"]
+    assert calls == [("init", "clamp2-probe", "w"), ("log", 1, metrics), ("log", 2, metrics), ("finish",)]
+
+
 def test_warmup_option(tmp_path, train_cls, data, capsys):
     folder, _ = data
     code, _, err = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "w.pth",

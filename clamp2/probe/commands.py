@@ -43,6 +43,9 @@ def usage_problem(args) -> Optional[str]:
     """The first flag combination that cannot run, if any."""
     if cuda_problem(args.device):
         return cuda_problem(args.device)
+    if getattr(args, "wandb_key", None):
+        return ("--wandb_key: give the W&B key in the environment instead (export WANDB_API_KEY=...); on the "
+                "command line it is visible to every user of the machine and stays in the shell's history")
     if args.batch_size < 1 or args.eval_batch_size is not None and args.eval_batch_size < 1:
         return "--batch_size and --eval_batch_size must be at least 1"
     if args.epochs < 1:
@@ -80,7 +83,7 @@ def settings_from_args(args) -> ProbeSettings:
                          warmup_steps=warmup, balanced=args.balanced,
                          patience=args.patience, seed=args.seed, precision=args.precision,
                          resume=not args.no_resume, progress=not args.no_progress, num_workers=args.num_workers,
-                         checkpoint_interval=args.checkpoint_interval)
+                         checkpoint_interval=args.checkpoint_interval, wandb=args.wandb_log)
 
 
 def report_dir_for(args, weights: Path) -> Path:

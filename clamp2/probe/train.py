@@ -39,7 +39,7 @@ from ..checkpoint import (CheckpointError, latest_path, load_state, read_checkpo
 from ..distributed import DistInfo, barrier, gather_objects, seed_everything
 from ..files import remove_partial_files
 from ..progress import progress_bar, write_line
-from ..training.loop import Precision, optimizer_step
+from ..training.loop import Precision, optimizer_step, start_wandb_run
 from .data import EpochSampler, FeatureSet, ProbeDataset, ProbeUsageError, collate_batch
 from .model import HIDDEN_SIZE, build_probe, probe_loss
 from .report import HISTORY_FIELDS, macro_f1, scores
@@ -71,6 +71,7 @@ class ProbeSettings:
     # Seconds between writes of latest_ (the last epoch always writes it): with batches on a GPU an
     # epoch can take less time than writing the optimizer state.
     checkpoint_interval: float = 60.0
+    wandb: bool = False  # log each epoch's metrics to Weights & Biases (the reference's --wandb_log)
 
     def record(self) -> Dict[str, Any]:
         """What is stored in checkpoints and metrics.json."""
@@ -320,6 +321,8 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
                    f"{f', early stopping after {settings.patience}' if settings.patience else ''}")
     stopped_early = should_stop(start_epoch)
     last_epoch, last_saved = start_epoch, time.monotonic()
+    wandb_run = start_wandb_run(settings.wandb, dist_info, "clamp2-probe", settings.weights_path.stem,
+                                settings.record())
     bar = progress_bar(total=settings.epochs, initial=min(start_epoch, settings.epochs), desc=name, unit="epoch",
                        enabled=dist_info.is_main and settings.progress)
     for epoch in range(start_epoch + 1, settings.epochs + 1):
@@ -357,6 +360,10 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
                     or time.monotonic() - last_saved >= settings.checkpoint_interval):
                 save_checkpoint(latest, trained, extra={**extra, "best_model": best_state}, **fields)
                 last_saved = time.monotonic()
+            if wandb_run is not None:
+                wandb_run.log({key: history[key][-1] for key in ("train_loss", "train_acc", "train_f1_macro",
+                                                                 "eval_loss", "eval_acc", "eval_f1_macro",
+                                                                 "learning_rate")}, step=epoch)
             bar.update(1)
             write_line(f"{name} epoch {epoch}: train loss {train['loss']:.4f} acc {train['accuracy']:.4f} "
                        f"F1 {train['macro_f1']:.4f} | eval loss {evaluation['loss']:.4f} "
@@ -364,6 +371,8 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
                        f"{' (best)' if improved else ''} [{seconds:.2f} s]", stream=sys.stdout)
         barrier()
     bar.close()
+    if wandb_run is not None:
+        wandb_run.finish()
     if stopped_early and last_epoch > start_epoch:
         say(dist_info, f"{name}: stopped early: no better eval accuracy in {settings.patience} epochs "
                        f"since epoch {best_epoch}")

@@ -585,9 +585,12 @@ def check_in_sync(model: nn.Module, dist_info: DistInfo) -> str:
     return digests[0]
 
 
-def start_wandb(settings: TrainSettings, dist_info: DistInfo):
-    """A W&B run on rank 0 when asked for; the key comes from the environment (WANDB_API_KEY)."""
-    if not (settings.wandb and dist_info.is_main):
+def start_wandb_run(enabled: bool, dist_info: DistInfo, project: str, name: str, config: Dict[str, Any]):
+    """A W&B run on rank 0 when asked for, else None; the key comes from the environment (WANDB_API_KEY).
+
+    wandb is imported only here: it is an optional extra, and a missing one is a note, not an error.
+    """
+    if not (enabled and dist_info.is_main):
         return None
     try:
         import wandb
@@ -595,8 +598,12 @@ def start_wandb(settings: TrainSettings, dist_info: DistInfo):
         print("note: W&B logging was asked for but `wandb` is not installed (pip install wandb); "
               "training goes on without it", file=sys.stderr)
         return None
-    return wandb.init(project=f"clamp2-{settings.name}", name=settings.weights_path.stem, config=settings.config,
-                      resume="allow")
+    return wandb.init(project=project, name=name, config=config, resume="allow")
+
+
+def start_wandb(settings: TrainSettings, dist_info: DistInfo):
+    return start_wandb_run(settings.wandb, dist_info, f"clamp2-{settings.name}", settings.weights_path.stem,
+                           settings.config)
 
 
 def training_record(settings: TrainSettings, dist_info: DistInfo, precision: Precision) -> Dict[str, Any]:
