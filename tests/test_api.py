@@ -147,6 +147,9 @@ def test_content_strings_and_bytes_equal_their_files(tiny, raw_folder, tmp_path)
                 interleaved.read_text(encoding="utf-8").replace("\n", "\r\n"), mtf.read_text(encoding="utf-8"),
                 midi.read_bytes()]
     np.testing.assert_allclose(tiny.encode_music(contents), tiny.encode_music(files), atol=1e-5)
+    # Text read with encoding="utf-8" keeps a byte-order mark; old Mac files end lines with "\r" alone.
+    marked = ["\ufeff" + contents[1], "\ufeff" + contents[4], contents[4].replace("\n", "\r")]
+    np.testing.assert_allclose(tiny.encode_music(marked), tiny.encode_music([plain_xml, mtf, mtf]), atol=1e-5)
     # A standard tune forced to be read as interleaved is not interleaved first: different features.
     forced = tiny.encode_music([abc], abc_format="interleaved")
     assert not np.allclose(forced, tiny.encode_music([abc]), atol=1e-3)
@@ -183,6 +186,18 @@ def test_inputs_that_cannot_be_converted_are_named_with_their_reason(tiny, raw_f
         tiny.encode_music(VECTORS / "inputs/txt/short.txt")
     with pytest.raises(ValueError, match="errors must be"):
         tiny.encode_music([good], errors="ignore")
+    # encode_files raises by default; encode_folder lists failures by default and raises when asked.
+    with pytest.raises(EncodeError, match="missing.mid: file not found"):
+        tiny.encode_files([good, tmp_path / "missing.mid"], progress=False)
+    assert tiny.encode_files([good, tmp_path / "missing.mid"], errors="skip", progress=False).failed_names
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(good, folder)
+    (folder / "empty.abc").write_text("")
+    listed = tiny.encode_folder(folder, progress=False)
+    assert listed.names == ["handmade.mtf"] and listed.failed_names == ["empty.abc"]
+    with pytest.raises(EncodeError, match="empty.abc"):
+        tiny.encode_folder(folder, errors="raise", progress=False)
 
 
 def test_encode_folder_takes_music_and_text(tiny, tmp_path):

@@ -181,6 +181,7 @@ def test_every_half_precision_context_keeps_sdpa_off_cudnn():
     cuda = torch.device("cuda")
     contexts = [autocast_context(cuda, "bf16"), autocast_context(cuda, "fp16"),
                 Precision.choose(cuda, "bf16").autocast(), Precision.choose(cuda, "fp16").autocast()]
+    assert [context.dtype for context in contexts] == [torch.bfloat16, torch.float16] * 2  # as asked for
     for context in contexts:
         for _ in range(2):  # one object guards every batch of a run
             with context:

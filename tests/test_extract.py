@@ -604,6 +604,9 @@ def test_torchrun_a_failed_file_in_one_process_does_not_stop_the_other(vectors, 
     for index in range(10):
         (music / f"p{2 * index:02d}.abc").write_text(long_piece, encoding="utf-8")
         (music / f"p{2 * index + 1:02d}.abc").write_text("")
+    # Two inputs for one output: found while planning, before sharding, and reported by process 0 alone.
+    (music / "q.abc").write_text(long_piece, encoding="utf-8")
+    (music / "q.mtf").write_text("ticks_per_beat 480\n", encoding="utf-8")
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", **TINY_ENV)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
@@ -611,9 +614,15 @@ def test_torchrun_a_failed_file_in_one_process_does_not_stop_the_other(vectors, 
            "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0", "--no_progress", "--batch_size", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "extract_m3 (process 0/2): extracted 10, skipped 0 existing, failed 0" in proc.stderr, proc.stderr[-3000:]
+    assert "extract_m3 (process 0/2): extracted 10, skipped 0 existing, failed 2" in proc.stderr, proc.stderr[-3000:]
     assert "extract_m3 (process 1/2): extracted 0, skipped 0 existing, failed 10" in proc.stderr, proc.stderr[-3000:]
-    assert len(list((tmp_path / "out").glob("*.npy"))) == 10
+    out = tmp_path / "out"
+    assert len(list(out.glob("*.npy"))) == 10
+    # One failure log per process, each with its own files.
+    assert sorted(p.name for p in out.glob("failed_*")) == ["failed_extract_m3_0.log", "failed_extract_m3_1.log"]
+    logged = {index: [line.split("\t")[0] for line in (out / f"failed_extract_m3_{index}.log").read_text().splitlines()]
+              for index in (0, 1)}
+    assert logged == {0: ["q.abc", "q.mtf"], 1: [f"p{2 * index + 1:02d}.abc" for index in range(10)]}
 
 
 def test_file_feature_is_the_combination_to_the_bit():
@@ -659,3 +668,26 @@ def test_npy_bytes_equal_np_save_for_two_dtypes_of_one_shape():
         buffer = io.BytesIO()
         np.save(buffer, array)
         assert npy_bytes(array) == buffer.getvalue()
+
+
+def test_writer_groups_save_every_file_and_blame_only_the_one_that_cannot_be_written(tiny_env, vectors, tmp_path,
+                                                                                    extract_m3, monkeypatch, capsys):
+    # Groups of 2 files per writer task (16 in real runs) over 11 files: full groups handed to the writers
+    # while the next fills, a short last one; one output whose folder is a file cannot be written.
+    import clamp2.extraction.core as core
+
+    monkeypatch.setattr(core, "SAVE_GROUP", 2)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for n in range(10):
+        shutil.copytree(vectors / "extract_in" / ("abc" if n % 2 else "mtf"), inp / f"part{n}")
+    (inp / "blocked").mkdir()
+    shutil.copy(vectors / "extract_in" / "abc" / "bwv10.7.abc", inp / "blocked")
+    out.mkdir()
+    (out / "blocked").write_text("a file where the output folder would be")
+    assert extract_m3.main([str(inp), str(out), "--weights", str(vectors / "tiny_m3.pth"), "--batch_size", "3",
+                            "--num_workers", "0", "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert "extracted 20, skipped 0 existing, failed 1" in err
+    assert len(list(out.rglob("*.npy"))) == 20
+    log = (out / "failed_extract_m3.log").read_text().splitlines()
+    assert len(log) == 1 and log[0].startswith("blocked/bwv10.7.abc\t")

@@ -249,6 +249,33 @@ def test_search_ties_are_broken_by_key_and_k_is_capped(tmp_path, capsys):
     assert [line.split()[0] for line in out[1:8]] == copies and len({line.split()[1] for line in out[1:8]}) == 1
 
 
+def test_searcher_over_many_blocks_equals_one_block(monkeypatch):
+    # Blocks of 64 rows over 400 (the real size is >= 8192 rows): best rows in later blocks, copies and
+    # near-ties across block boundaries, single queries (the NumPy path) and batches (the matmul path).
+    import clamp2.search.retrieval as retrieval
+
+    keys, queries, refs = tie_data(n=400, dim=32)
+    features = dict(zip(keys, refs))
+    expected = [oracle_top(q, features, 12) for q in queries[:40]]
+    monkeypatch.setattr(retrieval, "BLOCK_ROWS", 64)
+    searcher = Searcher(keys, refs, memory_mb=0.0001)
+    assert searcher.top_k(queries[:40], 12) == expected
+    assert [searcher.top_k(q, 12) for q in queries[:40]] == expected
+    assert searcher.top_k(refs[399], 3) == oracle_top(refs[399], features, 3)
+    # Scaled copies of the query in every block: exact cosines tie at 1.0 (ordered by key, the smallest keys in
+    # the later blocks) while their fast float32 scores differ by rounding: a later block must keep rows within
+    # the tolerance below the k-th best fast score, or an exact tie is lost.
+    rng = np.random.default_rng(5)
+    refs = rng.normal(size=(400, 32)).astype(np.float32)
+    query = rng.normal(size=32).astype(np.float32)
+    refs[np.linspace(5, 395, 40).astype(int)] = query * rng.uniform(0.01, 100, size=(40, 1)).astype(np.float32)
+    keys = [f"k{399 - i:04d}" for i in range(400)]
+    exact = exact_cosine(np.repeat(query[None], 400, axis=0), refs)
+    expected = [(keys[i], float(exact[i])) for i in sorted(range(400), key=lambda i: (-exact[i], keys[i]))[:5]]
+    searcher = Searcher(keys, refs, memory_mb=0.0001)
+    assert searcher.top_k(query, 5) == expected and searcher.top_k(query[None], 5) == [expected]
+
+
 def test_searcher_batches_equal_single_queries_and_faiss(tmp_path):
     keys, queries, refs = tie_data(n=400, dim=32)
     searcher = Searcher(keys, refs, memory_mb=0.05)
