@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import itertools
 import os
 import secrets
@@ -176,10 +177,30 @@ _new_process_token()
 os.register_at_fork(after_in_child=_new_process_token)
 
 
+# File names hold at most 255 bytes (NAME_MAX on Linux, macOS and Windows file systems). The temporary
+# name adds ~20 to the output's, so a long output name gets a shorter stand-in in its temporary name.
+LONGEST_TEMPORARY_STEM = 200
+_STEM_PREFIX_BYTES = LONGEST_TEMPORARY_STEM - 17  # the prefix, "~" and 16 hex digits of the name's hash
+
+
+def temporary_stem(name: str) -> str:
+    """What a temporary file of output ``name`` is named after: the name itself, or for a name over
+    LONGEST_TEMPORARY_STEM bytes its start, ``~`` and a hash of the whole name (the same for every writer
+    of that output, so a later run finds and removes what a killed one left)."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= LONGEST_TEMPORARY_STEM:
+        return name
+    prefix = os.fsdecode(encoded[:_STEM_PREFIX_BYTES])
+    while len(os.fsencode(prefix)) > _STEM_PREFIX_BYTES:  # a cut inside a multi-byte character
+        prefix = prefix[:-1]
+    return f"{prefix}~{hashlib.sha256(encoded).hexdigest()[:16]}"
+
+
 def _temporary_name(name: str) -> str:
     """``.<name>.<process token><counter>.partial``: unique per process and call without a random-number
-    system call per file (extraction writes thousands a second); O_EXCL still guards the rare clash."""
-    return f".{name}.{_PROCESS_TOKEN}{next(_TEMPORARY_COUNTER):x}{TMP_SUFFIX}"
+    system call per file (extraction writes thousands a second); O_EXCL still guards the rare clash.
+    A name too long for that is stood in for by :func:`temporary_stem`."""
+    return f".{temporary_stem(name)}.{_PROCESS_TOKEN}{next(_TEMPORARY_COUNTER):x}{TMP_SUFFIX}"
 
 
 def _open_temporary(path: str) -> tuple[int, str]:
@@ -240,7 +261,7 @@ def remove_partial_files(path: str | os.PathLike) -> int:
     """Delete temporary files that a killed writer of ``path`` left behind; return how many."""
     path = Path(path)
     removed = 0
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+    for leftover in path.parent.glob(f".{glob.escape(temporary_stem(path.name))}.*{TMP_SUFFIX}"):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
             removed += 1
@@ -256,7 +277,7 @@ def remove_partial_files_of(paths: Iterable[str | os.PathLike]) -> int:
     by_folder: Dict[str, set] = {}
     for path in paths:
         folder, name = os.path.split(os.fspath(path))
-        by_folder.setdefault(folder, set()).add(name)
+        by_folder.setdefault(folder, set()).add(temporary_stem(name))
     removed = 0
     for folder, names in by_folder.items():
         try:

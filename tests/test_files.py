@@ -168,3 +168,21 @@ def test_temporary_names_differ_in_a_forked_child_and_a_clash_takes_another(tmp_
     big = os.urandom(3 << 20)  # several os.write calls where the kernel takes less at a time
     atomic_write_bytes(str(tmp_path / "new" / "big.npy"), big)
     assert (tmp_path / "new" / "big.npy").read_bytes() == big and os.listdir(tmp_path / "new") == ["big.npy"]
+
+
+@pytest.mark.parametrize("name", ["t" * 240 + ".npy", "é" * 120 + ".mtf", "x" * 255])
+def test_outputs_with_names_near_the_longest_are_written_and_their_leftovers_found(tmp_path, name):
+    # A file name holds at most 255 bytes; the temporary name of a long one stands in a hash for its end.
+    from clamp2.files import atomic_write_bytes, remove_partial_files, remove_partial_files_of, temporary_stem
+
+    target = tmp_path / name
+    atomic_write_bytes(target, b"abc")
+    assert target.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == [name]
+    other = "t" * 239 + "u.npy"  # the same start: its temporary files are not target's
+    assert temporary_stem(name) != temporary_stem(other) and len(os.fsencode(temporary_stem(name))) <= 200
+    for number, remove in enumerate((lambda: remove_partial_files(target), lambda: remove_partial_files_of([target]))):
+        leftover = tmp_path / f".{temporary_stem(name)}.dead{number}.partial"
+        kept = tmp_path / f".{temporary_stem(other)}.dead{number}.partial"
+        leftover.write_bytes(b"")
+        kept.write_bytes(b"")
+        assert remove() == 1 and not leftover.exists() and kept.exists()
