@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import mido
+import time
+
 import pytest
 
 from clamp2.convert import batch_runner
@@ -280,6 +282,35 @@ def test_a_dying_worker_fails_only_its_file(tmp_path):
     assert result.converted == 6
     assert output_files(tmp_path / "out") == {f"ok{i}.out" for i in range(6)}
     assert read_exact(tmp_path / "out" / "ok3.out") == "piece 3"
+
+
+def slow_with_a_partial_file_or_crash(path: Path) -> str:
+    """A conversion that is mid-write for a while (its partial output on disk), or that kills its worker."""
+    if "crash" in path.name:
+        time.sleep(0.2)  # the other worker is busy with a good file by then
+        os._exit(3)
+    partial = path.parent.parent / "out" / f".{path.stem}.out.worker{os.getpid()}.partial"
+    partial.write_text("half")
+    time.sleep(0.6)
+    partial.unlink()
+    return path.read_text()
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
+                    reason="the test's conversion function must be importable in spawned workers")
+def test_files_in_flight_when_a_worker_dies_are_retried_and_their_partial_files_removed(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (tmp_path / "out").mkdir()
+    for index in range(3):
+        (inputs / f"ok{index}.txt").write_text(f"piece {index}")
+    (inputs / "crash.txt").write_text("boom")
+    jobs, _ = batch_runner.plan_jobs(inputs, tmp_path / "out", [".txt"], ".out")
+    result = batch_runner.run_batch(jobs, slow_with_a_partial_file_or_crash, output_dir=tmp_path / "out", tool="test",
+                                    workers=2, progress=False)
+    assert result.failures == [("crash.txt", batch_runner.WORKER_DIED)] and result.converted == 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["failed_test.log", "ok0.out", "ok1.out", "ok2.out",
+                                                                  "warnings_test.log"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -81,10 +81,21 @@ class Payload:
         return (os.system, ("echo pwned",))
 
 
-def test_untrusted_pickle_is_refused(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_untrusted_pickle_is_refused(tmp_path, capfd, legacy, mmap):
+    # The legacy (non-zip) format cannot be memory-mapped: it takes a second torch.load, weights-only too.
     path = tmp_path / "evil.pth"
-    torch.save({"model": Payload()}, path)  # what a malicious checkpoint looks like
+    torch.save({"model": Payload()}, path, _use_new_zipfile_serialization=not legacy)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(path, mmap=mmap)
+    assert "pwned" not in capfd.readouterr().out
+
+
+def test_a_checkpoint_that_is_not_a_dict_is_named(tmp_path):
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match="holds a Tensor, not a dict"):
         read_checkpoint(path)
 
 

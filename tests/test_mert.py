@@ -92,6 +92,22 @@ def test_mert_only_features_are_refused():
     assert "auto_map" not in mert.hubert_config(tiny_values()).to_dict()
 
 
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_a_weights_file_holding_code_is_refused_not_run(tmp_path, capfd):
+    folder = tmp_path / "evil_mert"
+    shutil.copytree(TINY, folder)
+    torch.save({"feature_projection.projection.weight": _Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors"):
+        mert.load_mert(folder)
+    assert "pwned" not in capfd.readouterr().out
+
+
 def test_missing_model_is_one_line_naming_the_download(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
