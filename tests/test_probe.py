@@ -267,6 +267,26 @@ def test_wandb_log_logs_every_epoch_and_the_key_is_refused(tmp_path, train_cls, 
     assert calls == [("init", "clamp2-probe", "w"), ("log", 1, metrics), ("log", 2, metrics), ("finish",)]
 
 
+def test_a_resume_logs_each_epoch_once(tmp_path, train_cls, data, capsys):
+    # latest_ is written every --checkpoint_interval seconds, the log every epoch: a killed run may have
+    # logged epochs 3 and 4 after its latest_ of epoch 2. The resume trains them again and logs them once.
+    import re
+
+    folder, _ = data
+    args = ["--train_folders", folder / "train", "--weights", tmp_path / "w.pth", *FAST]
+    log = tmp_path / "logs-w.txt"
+    log.write_text("Epoch 1\ntrain_acc: 0.1\neval_acc: 0.1\neval_f1_macro: 0.1\ntime: then\n\n")  # an earlier run
+    assert run(train_cls, args + ["--epochs", "2"], capsys)[0] == 0
+    written = log.read_text()
+    log.write_text(written + "Epoch 3\ntrain_acc: 0.5\neval_acc: 0.5\neval_f1_macro: 0.5\ntime: x\n\nBest Epoch so far!\n\n\n"
+                   "Epoch 4\ntrain_acc: 0.5\neval_acc: 0.5\neval_f1_macro: 0.5\ntime: x\n\n")
+    code, out, err = run(train_cls, args + ["--epochs", "4"], capsys)
+    assert code == 0, err
+    assert "2 log entries after epoch 2 removed" in out + err
+    text = log.read_text()
+    assert re.findall(r"^Epoch (\d+)$", text, re.M) == ["1", "1", "2", "3", "4"] and text.startswith(written)
+
+
 def test_warmup_option(tmp_path, train_cls, data, capsys):
     folder, _ = data
     code, _, err = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "w.pth",

@@ -23,6 +23,7 @@ evaluation always runs in fp32, as in the reference.
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import (CheckpointError, latest_path, load_state, read_checkpoint, restore_training_state,
                           resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..distributed import DistInfo, barrier, gather_objects, seed_everything
-from ..files import remove_partial_files
+from ..files import atomic_write_text, remove_partial_files
 from ..progress import progress_bar, write_line
 from ..training.loop import Precision, optimizer_step, start_wandb_run
 from .data import EpochSampler, FeatureSet, ProbeDataset, ProbeUsageError, collate_batch
@@ -216,6 +217,25 @@ def append_log(path: Path, epoch: int, train: Mapping[str, float], evaluation: M
 
 # -- resuming --------------------------------------------------------------------------------------
 
+def drop_log_entries_after(path: Path, epoch: int) -> int:
+    """Remove the log entries that follow epoch ``epoch``'s last entry; return how many.
+
+    ``latest_`` is written every ``checkpoint_interval`` seconds but the log every epoch, so a killed run
+    logged epochs that its resume redoes: without this they would be logged twice. Entries of earlier
+    runs (the log is appended to, as the reference's) come before and stay.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return 0
+    headers = list(re.finditer(r"^Epoch (\d+)$", text, re.M))
+    ours = [i for i, header in enumerate(headers) if int(header.group(1)) == epoch]
+    if not ours or ours[-1] == len(headers) - 1:
+        return 0
+    atomic_write_text(path, text[:headers[ours[-1] + 1].start()])
+    return len(headers) - 1 - ours[-1]
+
+
 # Probe checkpoints record this: ones written before the epoch order and class numbering became the
 # reference's (epoch orders of another kind) cannot continue a run of this version.
 EPOCH_ORDER = "reference"
@@ -307,6 +327,11 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
         best_state = dict(checkpoint.get("best_model") or state_dict_of(checkpoint))
         say(dist_info, f"{name}: resuming from {source}: epoch {start_epoch} done, best epoch {best_epoch} "
                        f"(eval accuracy {max_eval_acc:.4f})")
+        if dist_info.is_main:
+            dropped = drop_log_entries_after(settings.logs_path, start_epoch)
+            if dropped:
+                say(dist_info, f"{name}: {dropped} log entr{'ies' if dropped > 1 else 'y'} after epoch {start_epoch} "
+                               f"removed from {settings.logs_path}: those epochs are trained again")
         del checkpoint
 
     def should_stop(epoch: int) -> bool:
