@@ -326,6 +326,11 @@ def test_hub_ids_resolve_from_the_hub_cache_offline(tmp_path, monkeypatch):
     local.mkdir()
     shutil.copy(VECTORS / "tiny_m3.pth", local / PUBLISHED_M3_WEIGHTS)
     assert M3.from_pretrained(local).weights_path == local / PUBLISHED_M3_WEIGHTS
+    # A folder without it names the file and the command that puts it there.
+    with pytest.raises(WeightsNotFound) as info:
+        CLaMP2.from_pretrained(local)
+    assert str(info.value) == (f"no {PUBLISHED_CLAMP2_WEIGHTS} in folder {local}; download it with `hf download "
+                               f"sander-wood/clamp2 {PUBLISHED_CLAMP2_WEIGHTS} --local-dir {local}` or pass the file itself")
 
 
 def test_import_is_lazy():

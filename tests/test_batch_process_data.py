@@ -313,6 +313,25 @@ def test_files_in_flight_when_a_worker_dies_are_retried_and_their_partial_files_
                                                                   "warnings_test.log"]
 
 
+def interrupted_on_the_second_file(path: Path) -> str:
+    if path.name == "b.txt":
+        raise KeyboardInterrupt
+    return path.read_text()
+
+
+def test_ctrl_c_exits_130_keeping_what_was_written(tmp_path, capsys):
+    # 130 (128 + SIGINT), not 0: a "convert && extract" chain must stop after an interrupt.
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (inputs / name).write_text(name)
+    code = batch_runner.convert_folder(inputs, tmp_path / "out", convert=interrupted_on_the_second_file,
+                                       extensions=[".txt"], output_suffix=".out", tool="test", workers=1,
+                                       progress=False)
+    assert code == 130 and "run the same command again" in capsys.readouterr().err
+    assert read_exact(tmp_path / "out" / "a.out") == "a.txt" and not list((tmp_path / "out").rglob("*.partial"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Skipping, overwriting, usage errors, command line
 

@@ -723,3 +723,16 @@ def test_zero_shot_with_clamp3(demo, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert sorted(json.loads((tmp_path / "z.json").read_text())) == ["banish_misfortune.mid", "bwv26.6.mid",
                                                                       "bwv26.6_44k1_stereo_s16.wav"]
+
+
+def test_a_file_that_cannot_be_encoded_makes_the_exit_status_1(tmp_path, scripts, capsys, monkeypatch):
+    # The results of the other files are printed; the status says that one was left out.
+    for key, value in TINY3_ENV.items():
+        monkeypatch.setenv(key, value)
+    references = tmp_path / "abc"
+    shutil.copytree(VECTORS3 / "extract_in" / "abc", references)
+    (references / "broken.abc").write_bytes(b"\xff\xfe not UTF-8")
+    query = VECTORS3 / "extract_in" / "txt" / "bwv26.6.txt"
+    code, lines, err = run(scripts["search"], [query, references, "--no_cache", *CLAMP3], capsys)
+    assert code == 1 and "Top 2 results among 2 candidates:" in lines
+    assert f"failed: {references / 'broken.abc'}: not UTF-8" in err

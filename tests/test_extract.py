@@ -294,6 +294,11 @@ def test_features_beside_their_inputs(tiny_env, vectors, tmp_path, extract_clamp
     capsys.readouterr()
     assert extract_clamp2.main(clamp2_args(vectors, inp / "abc", inp / "abc", "--normalize")) == 0  # a re-run skips
     assert "extracted 0, skipped 2 existing, failed 0" in capsys.readouterr().err
+    np.save(inp / "abc" / "bwv10.7.npy", np.zeros((1, 48), np.float32))  # --overwrite extracts again
+    assert extract_clamp2.main(clamp2_args(vectors, inp / "abc", inp / "abc", "--normalize", "--overwrite")) == 0
+    assert "extracted 2, skipped 0 existing, failed 0" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(inp / "abc" / "bwv10.7.npy"),
+                               np.load(vectors / "expected" / "feat_clamp2_global" / "abc" / "bwv10.7.npy"), atol=1e-5)
 
 
 def test_bad_inputs_are_reported_and_skipped(tiny_env, vectors, tmp_path, extract_clamp2, capsys):
@@ -346,6 +351,12 @@ def test_bad_inputs_are_reported_and_skipped(tiny_env, vectors, tmp_path, extrac
     assert sorted(p.name for p in out.glob("failed_*")) == ["failed_extract_clamp2.log"]
     np.testing.assert_allclose(np.load(out / "mtf/handmade.npy"),
                                np.load(vectors / "expected/feat_clamp2_global/mtf/handmade.npy"), atol=1e-5)
+    # Once every file is fixed (here: removed), a re-run leaves no failure log listing them.
+    for name in ("abc/empty.abc", "txt/blank.txt", "txt/latin1.txt"):
+        (inp / name).unlink()
+    assert extract_clamp2.main(clamp2_args(vectors, inp, out, "--normalize")) == 0
+    assert "extracted 0, skipped 7 existing, failed 0" in capsys.readouterr().err
+    assert not list(out.glob("failed_*"))
 
 
 def test_usage_errors(tiny_env, vectors, tmp_path, extract_clamp2, extract_m3, capsys):

@@ -186,3 +186,14 @@ def test_outputs_with_names_near_the_longest_are_written_and_their_leftovers_fou
         leftover.write_bytes(b"")
         kept.write_bytes(b"")
         assert remove() == 1 and not leftover.exists() and kept.exists()
+
+
+def test_a_write_the_kernel_takes_in_parts_is_written_whole(tmp_path, monkeypatch):
+    # writev may take fewer bytes than asked (over 2 GiB at once, signals, some network file systems).
+    from clamp2.files import atomic_write_bytes
+
+    writev = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, views: writev(fd, [bytes(memoryview(views[0]))[:100]]))
+    header, body = b"h" * 128, bytes(range(256)) * 16
+    atomic_write_bytes(tmp_path / "x.npy", header, body)
+    assert (tmp_path / "x.npy").read_bytes() == header + body

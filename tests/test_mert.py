@@ -353,6 +353,11 @@ def test_script_on_a_mixed_folder(tiny_model, mixed_folder, tmp_path, capsys):
     assert script.main(argv) == 1
     assert "extracted 0, skipped 6 existing, failed 3" in capsys.readouterr().err
     assert (out / "long.npy").stat().st_mtime_ns == stamp
+    # --overwrite extracts everything again, to the same features.
+    before = np.load(out / "long.npy")
+    assert script.main(argv + ["--overwrite"]) == 1
+    assert "extracted 6, skipped 0 existing, failed 3" in capsys.readouterr().err
+    assert (out / "long.npy").stat().st_mtime_ns != stamp and np.array_equal(np.load(out / "long.npy"), before)
 
     all_out = tmp_path / "all"
     assert script.main(argv[:1] + [str(all_out)] + argv[2:] + ["--all_layers"]) == 1
@@ -414,3 +419,34 @@ def test_torchrun_two_cpu_processes_split_the_files(tmp_path):
     assert (out / "failed_extract_mert_1.log").read_text().startswith("banish_misfortune_48k_stereo_f32.wav\t")
     for expected in sorted((EXPECTED / "mert_mean").iterdir()):
         assert np.abs(np.load(out / expected.name) - np.load(expected)).max() < FEATURE_TOLERANCE
+
+
+def test_an_unexpected_decode_or_write_error_fails_only_its_file(tmp_path, capsys, monkeypatch):
+    # Errors no one foresaw (a decoder's RuntimeError, a full disk) are one file's failure, not the batch's.
+    import errno
+
+    from clamp2.extraction import mert as extraction
+
+    folder = tmp_path / "in"
+    shutil.copytree(VECTORS / "inputs" / "audio", folder)
+    read_samples, save_npy = extraction.read_samples, extraction.save_npy
+
+    def failing_read(path, *args, **kwargs):
+        if "16k" in str(path):
+            raise RuntimeError("the decoder gave up")
+        return read_samples(path, *args, **kwargs)
+
+    def failing_save(path, array):
+        if "22k05" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_npy(path, array)
+
+    monkeypatch.setattr(extraction, "read_samples", failing_read)
+    monkeypatch.setattr(extraction, "save_npy", failing_save)
+    out = tmp_path / "out"
+    assert load_script().main([str(folder), str(out), "--model", str(TINY), "--num_workers", "0", "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert "extracted 1, skipped 0 existing, failed 3" in err  # the 0.5 s file has no window, as ever
+    assert "bwv26.6_16k_stereo_s16.flac: RuntimeError: the decoder gave up" in err
+    assert "banish_misfortune_22k05_mono_s16.wav" in err and "No space left on device" in err
+    assert sorted(p.name for p in out.glob("*.npy")) == ["bwv26.6_44k1_stereo_s16.npy"]

@@ -359,9 +359,11 @@ def test_batched_training_reaches_batch_1_accuracy(tmp_path, train_cls, data, ca
 
 def test_k_fold_prints_mean_and_std(tmp_path, train_cls, data, capsys):
     folder, _ = data
+    np.save(folder / "train" / "nolabel.npy", np.zeros((1, 4, 8), np.float32))  # no "_": listed and left out
     code, out, err = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "cv.pth",
                                      "--folds", "3", "--epochs", "4", "--patience", "2", *FAST], capsys)
-    assert code == 0, err
+    assert code == 1, err  # done, but a file was left out
+    assert "nolabel.npy" in err
     metrics = json.loads((tmp_path / "cv_report" / "metrics.json").read_text())
     accuracies = [fold["accuracy"] for fold in metrics["folds"]]
     assert len(accuracies) == 3 and [fold["eval"] for fold in metrics["folds"]] == [40, 40, 40]
@@ -378,7 +380,7 @@ def test_k_fold_prints_mean_and_std(tmp_path, train_cls, data, capsys):
     # A re-run finds every fold done and gives the same summary.
     code, again, _ = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "cv.pth",
                                      "--folds", "3", "--epochs", "4", "--patience", "2", *FAST], capsys)
-    assert code == 0 and line in again and "resuming from" in again
+    assert code == 1 and line in again and "resuming from" in again
 
 
 def test_early_stopping(tmp_path, train_cls, data, capsys):
@@ -635,3 +637,26 @@ def test_cuda_amp_training_and_inference(tmp_path, train_cls, inference_cls, dat
     probe = load_probe(tmp_path / "p.pth", torch.device("cuda"))
     for batch_size in (1, 64):
         assert np.abs(predict_features(probe, features, batch_size, torch.device("cuda")) - cpu).max() < 1e-5
+
+# -- found by a mutation audit of the training machinery: each fails on a plausible one-line bug --------
+
+@pytest.mark.parametrize("accuracies", [[0.5, 0.5, 0.5], [0.0, 0.0, 0.0]], ids=["tie", "zero"])
+def test_the_first_of_equal_eval_accuracies_is_the_best_epoch(tmp_path, train_cls, data, capsys, monkeypatch,
+                                                              accuracies):
+    import clamp2.probe.train as probe_train
+    real, seen = probe_train.scores, iter(accuracies)
+    monkeypatch.setattr(probe_train, "scores", lambda *a: {**real(*a), "accuracy": next(seen)})
+    folder, _ = data
+    code, _, err = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "p.pth",
+                                   "--epochs", "3", *FAST], capsys)
+    assert code == 0, err
+    assert read_checkpoint(tmp_path / "p.pth")["epoch"] == 1
+    assert read_checkpoint(tmp_path / "latest_p.pth")["best_epoch"] == 1
+
+
+def test_the_first_warm_up_step_runs_at_one_over_w_of_the_rate(tmp_path, train_cls, data, capsys):
+    folder, _ = data
+    code, _, err = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "w.pth",
+                                   "--epochs", "1", "--warmup", *FAST], capsys)
+    assert code == 0, err
+    assert read_checkpoint(tmp_path / "w.pth")["history"]["learning_rate"][0] == pytest.approx(3e-3 / 12)

@@ -92,6 +92,8 @@ class ScriptedLLM:
             content = "None"
         elif step == "invalid":
             content = '{"summary_en": "cut off'
+        elif step == "echo_key":  # an answer quoting the key where the failure reason quotes the answer
+            content = json.dumps({"summary_en": "x", "summary_nen": {"language": f"key {SECRET}", "summary": "y"}})
         elif step == "wrong_language":
             other = "Welsh" if language != "Welsh" else "Basque"
             content = valid_answer(other, title)
@@ -347,6 +349,42 @@ def test_summarize_end_to_end_failures_retries_and_resume(tmp_path, api_env, cap
         assert len((outputs / "failed_summaries.log").read_text(encoding="utf-8").splitlines()) == 7
 
     assert_secret_absent(tmp_path, first.out, first.err, second.out, second.err)
+
+
+def test_collisions_odd_errors_and_echoed_keys_fail_one_file_each(tmp_path, api_env, capsys, monkeypatch):
+    # x.json and x.JSON would write one x.json: one request, the other named as a collision. A write that
+    # fails in an unforeseen way, and an answer quoting the key, fail their own file; the key is never shown.
+    import errno
+
+    import clamp2.convert.summarize as summarize
+
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs, outputs = tmp_path / "metadata", tmp_path / "summaries"
+    write_metadata(inputs, "tune.json", "tune")
+    write_metadata(inputs, "tune.JSON", "tune upper")
+    write_metadata(inputs, "disk.json", "disk")
+    write_metadata(inputs, "echo.json", "echo")
+    write_metadata(inputs, "good.json", "good")
+    real_write = summarize.atomic_write_text
+
+    def write(path, text, *args, **kwargs):
+        if Path(path).name == "disk.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(summarize, "atomic_write_text", write)
+    script_steps = {"tune": ["ok"], "tune upper": ["ok"], "disk": ["ok"], "echo": ["echo_key"], "good": ["ok"]}
+    with ScriptedLLM(script_steps) as llm:
+        assert script.main([str(inputs), str(outputs), "--base_url", llm.base_url, "--model", "test-model",
+                            "--workers", "1", *FAST]) == 1
+        assert llm.titles_requested() == ["disk", "echo", "good", "tune upper"]  # the JSON sorts first
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == "done 2, skipped 0, failed 3, retries 0"
+    reasons = dict(line.split("\t") for line in (outputs / "failed_summaries.log").read_text().splitlines())
+    assert sorted(reasons) == ["disk.json", "echo.json", "tune.json"]
+    assert "tune.JSON" in reasons["tune.json"] and "No space left on device" in reasons["disk.json"]
+    assert sorted(p.name for p in outputs.glob("*.json")) == ["good.json", "tune.json"]
+    assert_secret_absent(tmp_path, out, err)
 
 
 def test_summarize_all_done_exits_zero_and_rerun_sends_nothing(tmp_path, api_env, capsys):

@@ -490,3 +490,25 @@ def test_a_small_run_learns_held_out_pairs(stage, tiny_env, tmp_path, corpus3, t
     _, held_out = log_losses(tmp_path / "logs_t.txt")
     assert held_out[0] > 0.85 * math.log(8)
     assert min(held_out) < 0.85 * math.log(8)  # ln 8 = 2.08: chance for eval batches of 8
+
+# -- found by a mutation audit of the training machinery: each fails on a plausible one-line bug --------
+
+def test_a_stage_starts_from_the_best_epoch_of_the_previous_one(tiny_env, tmp_path, corpus3, trainers,  # noqa: F811
+                                                                 monkeypatch):
+    from clamp2.training import loop
+    weights = tmp_path / "weights_t.pth"
+    losses = iter([1.0, 2.0])  # symbolic epoch 2 is worse: its best file holds epoch 1
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: next(losses))
+    common = ["--batch_size", "8", "--learning_rate", "1e-3", "--max_steps_per_epoch", "2", "--weights", str(weights)]
+    assert trainers["symbolic"].main(args_for("symbolic", corpus3, *common, "--epochs", "2", "--save_every", "0")) == 0
+    best = read_checkpoint(weights)
+    assert best["epoch"] == 1
+    monkeypatch.setattr(loop, "evaluate", real)
+    audio = args_for("audio", corpus3, "--batch_size", "8", "--learning_rate", "0", "--max_steps_per_epoch", "1",
+                     "--weights", str(weights), "--epochs", "1", "--save_every", "0")
+    assert trainers["audio"].main(audio) == 0
+    started = read_checkpoint(weights.with_name("latest_weights_t.pth"))
+    assert started["modality"] == "audio"
+    for key in ("text_proj.weight", "symbolic_proj.weight"):  # untouched by the audio stage at rate 0
+        assert torch.equal(started["model"][key], best["model"][key]), key

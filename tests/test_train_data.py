@@ -297,3 +297,27 @@ def test_m3_dataset_and_batch_padding(corpus):
         n = len(sample["target_patches"])
         assert batch["input_masks"][row].tolist() == [1] * n + [0] * (longest - n)
         assert torch.all(batch["target_patches"][row, n:] == 0) and torch.all(batch["selected_indices"][row, n:] == 0)
+
+# -- found by a mutation audit of the training machinery: each fails on a plausible one-line bug --------
+
+def test_m3_training_samples_change_with_the_epoch(corpus):  # noqa: F811
+    files = sorted((corpus / "abc").glob("*.abc"))[:4]
+    dataset = M3Dataset(files, M3Patchilizer(64, 32), 0.45, training=True)
+    draws = []
+    for epoch in (1, 2, 3):
+        dataset.set_epoch(epoch)
+        draws.append([dataset[i]["selected_indices"].tolist() for i in range(len(files))])
+    assert draws[0] != draws[1] != draws[2]
+
+
+def test_eval_music_path_takes_the_second_entry_as_the_reference():
+    from pathlib import Path
+
+    assert eval_music_path([Path("a.mtf"), Path("b.abc"), Path("c.abc")]) == Path("b.abc")
+
+
+def test_dropout_join_keeps_every_line_when_none_survives():
+    class NoneKept(random.Random):
+        def random(self):
+            return 0.9
+    assert sorted(dropout_join(["a", "b", "c"], "|", NoneKept(0)).split("|")) == ["a", "b", "c"]

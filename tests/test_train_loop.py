@@ -717,3 +717,125 @@ def test_loader_workers_default_to_some_on_cuda_and_none_on_the_cpu(monkeypatch)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert training_workers(settings, cuda) == 1
     assert training_workers(dataclasses.replace(settings, num_workers=3), cpu) == 3
+
+# -- found by a mutation audit of the training machinery: each fails on a plausible one-line bug --------
+
+def _run_with_losses(loop, monkeypatch, trainers, corpus, weights, losses, epochs, extra=()):  # noqa: F811
+    """M3 runs of one step per epoch whose eval losses are ``losses``."""
+    it = iter(losses)
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: next(it))
+    args = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--weights", str(weights),
+                                      "--epochs", str(epochs), "--max_steps_per_epoch", "1", *extra]
+    assert trainers["m3"].main(args) == 0
+
+
+def test_a_tie_keeps_the_earlier_best_epoch(tiny_env, tmp_path, corpus, trainers, monkeypatch):  # noqa: F811
+    from clamp2.training import loop
+    weights = tmp_path / "weights_t.pth"
+    _run_with_losses(loop, monkeypatch, trainers, corpus, weights, [1.0, 1.0], 2)
+    assert read_checkpoint(weights)["epoch"] == 1
+
+
+def test_latest_records_the_best_not_the_last_epoch_and_a_resume_keeps_it(tiny_env, tmp_path, corpus, trainers,  # noqa: F811
+                                                                           monkeypatch):
+    from clamp2.training import loop
+    weights = tmp_path / "weights_t.pth"
+    _run_with_losses(loop, monkeypatch, trainers, corpus, weights, [1.0, 3.0], 2)
+    latest = read_checkpoint(weights.with_name("latest_weights_t.pth"))
+    assert latest["best_epoch"] == 1 and latest["min_eval_loss"] == 1.0
+    _run_with_losses(loop, monkeypatch, trainers, corpus, weights, [2.0], 3)  # resumed: 2.0 is no better than 1.0
+    assert read_checkpoint(weights)["epoch"] == 1
+
+
+def test_step_k_of_the_warm_up_uses_k_over_w_and_then_the_full_rate(tiny_env, tmp_path, corpus, trainers,  # noqa: F811
+                                                                    monkeypatch):
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    args = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--weights", str(tmp_path / "w.pth"),
+                                      "--epochs", "1", "--max_steps_per_epoch", "4", "--warmup_steps", "2",
+                                      "--learning_rate", "1e-3"]
+    assert trainers["m3"].main(args) == 0
+    assert rates == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_log_entries_are_the_references_exactly(tiny_env, tmp_path, corpus, trainers):  # noqa: F811
+    weights = tmp_path / "weights_t.pth"
+    args = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--weights", str(weights),
+                                      "--epochs", "2", "--max_steps_per_epoch", "1"]
+    assert trainers["m3"].main(args) == 0
+    text = weights.with_name("logs_t.txt").read_text()
+    assert re.fullmatch(r"(Epoch \d+\ntrain_loss: \S+\neval_loss: \S+\ntime: [^\n]+\n\n){2}", text)
+
+
+def test_clamp2_eval_loss_weights_each_global_batch_by_its_pairs(tiny_env, tmp_path, corpus, trainers,  # noqa: F811
+                                                                 monkeypatch):
+    # 6 eval pairs, batch 4: global batches of 4 and 2; eval loss = (4 L4 + 2 L2) / 6.
+    from clamp2.training import tasks
+    seen = []
+    real = tasks.contrastive_loss
+
+    def recording(text, music, scale=1.0):
+        loss = real(text, music, scale)
+        if not torch.is_grad_enabled():
+            seen.append((len(text), loss.item()))
+        return loss
+
+    monkeypatch.setattr(tasks, "contrastive_loss", recording)
+    train, held_out = split_jsonl(corpus, eval_count=6)
+    weights = tmp_path / "weights_t.pth"
+    args = ["--train_jsonl", str(train), "--eval_jsonl", str(held_out), "--text_model", TEXT_MODEL, "--batch_size",
+            "4", "--no_progress", "--weights", str(weights), "--epochs", "1", "--max_steps_per_epoch", "1"]
+    assert trainers["clamp2"].main(args) == 0
+    assert [n for n, _ in seen] == [4, 2]
+    expected = sum(n * loss for n, loss in seen) / 6
+    assert read_checkpoint(weights)["min_eval_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+class Indices(torch.utils.data.Dataset):
+    def __len__(self):
+        return 23
+
+    def __getitem__(self, index):
+        return index
+
+
+def test_two_ranks_take_the_halves_of_one_process_global_batches():
+    from pathlib import Path
+
+    from clamp2.distributed import DistInfo
+    from clamp2.training.loop import TrainSettings, TrainTask, make_loaders, set_epoch
+
+    task = TrainTask(build_model=None, train_set=Indices(), eval_set=Indices(), collate_fn=list,
+                     compute_loss=None, eval_step=None)
+
+    def batches(batch_size, world_size, rank):
+        settings = TrainSettings(name="t", weights_path=Path("w.pth"), logs_path=Path("l.txt"), num_epochs=1,
+                                 batch_size=batch_size, learning_rate=0.0, num_workers=0)
+        train, _ = make_loaders(task, settings, DistInfo(rank=rank, world_size=world_size), seed=42)
+        set_epoch(train, 2)
+        return list(train)
+
+    one = batches(6, 1, 0)
+    ranks = [batches(3, 2, rank) for rank in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == one
+
+
+def test_no_secret_of_the_environment_reaches_a_checkpoint_or_log(tiny_env, tmp_path, corpus, trainers, monkeypatch,  # noqa: F811
+                                                                   capsys):
+    # Checkpoints store the run's settings and environment-derived config: never a key.
+    secret = "sk-SECRET-wandb-1234567890"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    args = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--weights", str(tmp_path / "w.pth"),
+                                      "--epochs", "1", "--max_steps_per_epoch", "1"]
+    assert trainers["m3"].main(args) == 0
+    out, err = capsys.readouterr()
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".pth" for path in written)  # torch's zip stores the pickle uncompressed
+    assert all(secret.encode() not in path.read_bytes() for path in written) and secret not in out + err
