@@ -190,10 +190,16 @@ def temporary_stem(name: str) -> str:
     encoded = os.fsencode(name)
     if len(encoded) <= LONGEST_TEMPORARY_STEM:
         return name
-    prefix = os.fsdecode(encoded[:_STEM_PREFIX_BYTES])
-    while len(os.fsencode(prefix)) > _STEM_PREFIX_BYTES:  # a cut inside a multi-byte character
-        prefix = prefix[:-1]
-    return f"{prefix}~{hashlib.sha256(encoded).hexdigest()[:16]}"
+    cut = _STEM_PREFIX_BYTES
+    while cut and (encoded[cut] & 0xC0) == 0x80:  # not inside a UTF-8 character (some file systems refuse that)
+        cut -= 1
+    return f"{os.fsdecode(encoded[:cut])}~{hashlib.sha256(encoded).hexdigest()[:16]}"
+
+
+def _temporary_stems(name: str) -> set:
+    """The stems a leftover of ``name`` may have: :func:`temporary_stem`, and the whole name (earlier versions
+    named every temporary file after it)."""
+    return {name, temporary_stem(name)}
 
 
 def _temporary_name(name: str) -> str:
@@ -261,10 +267,11 @@ def remove_partial_files(path: str | os.PathLike) -> int:
     """Delete temporary files that a killed writer of ``path`` left behind; return how many."""
     path = Path(path)
     removed = 0
-    for leftover in path.parent.glob(f".{glob.escape(temporary_stem(path.name))}.*{TMP_SUFFIX}"):
-        with contextlib.suppress(FileNotFoundError):
-            leftover.unlink()
-            removed += 1
+    for stem in _temporary_stems(path.name):
+        for leftover in path.parent.glob(f".{glob.escape(stem)}.*{TMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+                removed += 1
     return removed
 
 
@@ -277,7 +284,7 @@ def remove_partial_files_of(paths: Iterable[str | os.PathLike]) -> int:
     by_folder: Dict[str, set] = {}
     for path in paths:
         folder, name = os.path.split(os.fspath(path))
-        by_folder.setdefault(folder, set()).add(temporary_stem(name))
+        by_folder.setdefault(folder, set()).update(_temporary_stems(name))
     removed = 0
     for folder, names in by_folder.items():
         try:

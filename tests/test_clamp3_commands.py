@@ -707,10 +707,13 @@ def test_abc_and_mtf_beside_one_of_the_originals_modalities_are_ignored(demo, tm
     assert lines == ["Detected input modality: mid"]
     assert f"note: {midi}: reading its 2 mid files; 1 .abc/.mtf file beside them ignored" in err
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["banish_misfortune.npy", "bwv26.6.npy"]
-    for name in ("a.abc", "b.mtf"):
+    (midi / "bwv26.6.abc").write_text("X:1\n")  # an .abc and an .mtf per MIDI file at most: still MIDI
+    code, lines, err = run(scripts["embd"], [midi, tmp_path / "f", "--get_global", *CLAMP3], capsys)
+    assert code == 0 and "2 .abc/.mtf files beside them ignored" in err
+    for name in ("a.abc", "b.abc"):
         (midi / name).write_text("X:1\n")
     code, lines, err = run(scripts["embd"], [midi, tmp_path / "g", "--get_global", *CLAMP3], capsys)
-    assert code == 1 and "holds several input modalities: abc (1 file" in err and "mid (2 files" in err
+    assert code == 1 and "holds several input modalities: abc (3 files" in err and "mid (2 files" in err
 
 
 def test_zero_shot_with_clamp3(demo, tmp_path, capsys):

@@ -247,6 +247,7 @@ def test_wandb_log_logs_every_epoch_and_the_key_is_refused(tmp_path, train_cls, 
     code, _, err = run(train_cls, args + ["--wandb_key", "secret-123"], capsys)
     assert code == 2 and "WANDB_API_KEY" in err and "secret-123" not in err
     # wandb is an optional extra (not installed here): asked for, a note, and the probe trains all the same.
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as when the optional extra is not installed
     code, _, err = run(train_cls, args + ["--wandb_log", "--no_resume"], capsys)
     assert code == 0 and "`wandb` is not installed" in err
     calls = []
@@ -285,6 +286,41 @@ def test_a_resume_logs_each_epoch_once(tmp_path, train_cls, data, capsys):
     assert "2 log entries after epoch 2 removed" in out + err
     text = log.read_text()
     assert re.findall(r"^Epoch (\d+)$", text, re.M) == ["1", "1", "2", "3", "4"] and text.startswith(written)
+
+
+
+def test_log_trimming_keeps_earlier_runs_and_line_endings(tmp_path):
+    from clamp2.probe.train import drop_log_entries_after
+
+    def entries(epochs, newline):
+        return "".join(f"Epoch {e}{newline}train_acc: 0.5{newline}eval_acc: 0.5{newline}eval_f1_macro: 0.5{newline}"
+                       f"time: x{newline}{newline}" + (f"Best Epoch so far!{newline}" * 3 if e == 2 else "")
+                       for e in epochs)
+
+    for newline in ("\n", "\r\n"):
+        log = tmp_path / "log.txt"
+        log.write_bytes((entries(range(1, 6), newline) + entries(range(1, 5), newline)).encode())
+        assert drop_log_entries_after(log, 2) == 2  # the current run's 3 and 4; the earlier run's 3..5 stay
+        assert log.read_bytes() == (entries(range(1, 6), newline) + entries(range(1, 3), newline)).encode()
+        assert drop_log_entries_after(log, 7) == 0 and drop_log_entries_after(tmp_path / "none.txt", 1) == 0
+
+
+def test_no_resume_replaces_the_old_runs_latest_from_the_start(tmp_path, train_cls, data, capsys, monkeypatch):
+    # A --no_resume run killed before its first latest_ must not leave the old run's latest_ to be resumed.
+    import clamp2.probe.train as probe_train
+
+    folder, _ = data
+    args = ["--train_folders", folder / "train", "--weights", tmp_path / "w.pth", *FAST]
+    assert run(train_cls, args + ["--epochs", "3"], capsys)[0] == 0
+    assert (tmp_path / "latest_w.pth").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe_train, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(train_cls, args + ["--epochs", "3", "--no_resume"], capsys)
+    assert not (tmp_path / "latest_w.pth").exists()
 
 
 def test_warmup_option(tmp_path, train_cls, data, capsys):

@@ -228,7 +228,10 @@ def test_nothing_left_to_do_after_the_last_epoch(tiny_env, tmp_path, corpus, tra
 
 def test_m3_learns_with_the_default_settings(tiny_env, tmp_path, corpus, trainers, monkeypatch, capsys):  # noqa: F811
     # config.py's learning rate and schedule (constant 1e-4 from the first step), a small model.
+    import sys
+
     monkeypatch.setenv("M3_HIDDEN_SIZE", "128")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as when the optional extra is not installed
     args = data_args("m3", corpus) + ["--batch_size", "2", "--no_progress", "--epochs", "3", "--wandb"]
     assert trainers["m3"].main(args) == 0
     out, err = capsys.readouterr()

@@ -225,10 +225,11 @@ def drop_log_entries_after(path: Path, epoch: int) -> int:
     runs (the log is appended to, as the reference's) come before and stay.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as handle:  # line endings kept as written (CRLF on Windows)
+            text = handle.read()
     except (FileNotFoundError, UnicodeDecodeError):
         return 0
-    headers = list(re.finditer(r"^Epoch (\d+)$", text, re.M))
+    headers = list(re.finditer(r"^Epoch (\d+)\r?$", text, re.M))
     ours = [i for i, header in enumerate(headers) if int(header.group(1)) == epoch]
     if not ours or ours[-1] == len(headers) - 1:
         return 0
@@ -298,6 +299,9 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
     if dist_info.is_main:
         for path in (settings.weights_path, latest):  # what a writer killed mid-save left behind
             remove_partial_files(path)
+        if not settings.resume:
+            # Afresh: a kill before this run's first latest_ must not leave the old run's to be resumed.
+            latest.unlink(missing_ok=True)
     barrier()
     checkpoint, source = load_resume_checkpoint(settings, classes, input_size, fingerprint)
     precision = Precision.choose(device, settings.precision)
@@ -331,7 +335,8 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
             dropped = drop_log_entries_after(settings.logs_path, start_epoch)
             if dropped:
                 say(dist_info, f"{name}: {dropped} log entr{'ies' if dropped > 1 else 'y'} after epoch {start_epoch} "
-                               f"removed from {settings.logs_path}: those epochs are trained again")
+                               f"removed from {settings.logs_path}: the run that wrote them stopped before saving "
+                               "those epochs")
         del checkpoint
 
     def should_stop(epoch: int) -> bool:
@@ -346,8 +351,8 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
                    f"{f', early stopping after {settings.patience}' if settings.patience else ''}")
     stopped_early = should_stop(start_epoch)
     last_epoch, last_saved = start_epoch, time.monotonic()
-    wandb_run = start_wandb_run(settings.wandb, dist_info, "clamp2-probe", settings.weights_path.stem,
-                                settings.record())
+    wandb_run = start_wandb_run(settings.wandb and start_epoch < settings.epochs, dist_info, "clamp2-probe",
+                                settings.weights_path.stem, settings.record())
     bar = progress_bar(total=settings.epochs, initial=min(start_epoch, settings.epochs), desc=name, unit="epoch",
                        enabled=dist_info.is_main and settings.progress)
     for epoch in range(start_epoch + 1, settings.epochs + 1):

@@ -87,13 +87,16 @@ def detect_modality(path: str | os.PathLike, role: str = "input",
         raise ModalityError(f'Error: Could not determine {role} modality for "{path}"')
     beside = [f for m in SYMBOLIC_AS_THEY_ARE for f in found.get(m, [])]
     own = [m for m in found if m not in SYMBOLIC_AS_THEY_ARE]
-    if beside and len(own) == 1 and own[0] in REFERENCE_MODALITIES and len(beside) <= len(found[own[0]]):
-        # .abc/.mtf beside files of one of the original's modalities, no more of them than of those (x.mid
-        # with the x.mtf converted from it): the original reads the folder as that modality and ignores
-        # the rest, and so does this. More .abc/.mtf than those (ABC with a README.txt) stays an error.
-        print(f"note: {path}: reading its {len(found[own[0]])} {own[0]} files; {len(beside)} .abc/.mtf "
-              f"file{'s' if len(beside) > 1 else ''} beside them ignored, as the original does "
-              f"(e.g. {sorted(beside)[0]})", file=sys.stderr)
+    if beside and len(own) == 1 and own[0] in REFERENCE_MODALITIES and \
+            all(len(found.get(m, [])) <= len(found[own[0]]) for m in SYMBOLIC_AS_THEY_ARE):
+        # .abc/.mtf beside files of one of the original's modalities, no more of each than of those (x.mid
+        # with the x.mtf and x.abc made from it): the original reads the folder as that modality and
+        # ignores the rest, and so does this. More .abc (or .mtf) than those (ABC tunes with a README)
+        # stays an error: that is a folder of symbolic files.
+        kept = len(found[own[0]])
+        print(f"note: {path}: reading its {kept} {own[0]} file{'s' if kept > 1 else ''}; {len(beside)} .abc/.mtf "
+              f"file{'s' if len(beside) > 1 else ''} beside {'them' if kept > 1 else 'it'} ignored, as the "
+              f"original does (e.g. {sorted(beside)[0]})", file=sys.stderr)
         return own[0], found[own[0]]
     if len(found) > 1:
         listed = ", ".join(f"{m} ({len(files)} file{'s' if len(files) > 1 else ''}, e.g. {files[0]})"
