@@ -739,3 +739,25 @@ def test_a_file_that_cannot_be_encoded_makes_the_exit_status_1(tmp_path, scripts
     code, lines, err = run(scripts["search"], [query, references, "--no_cache", *CLAMP3], capsys)
     assert code == 1 and "Top 2 results among 2 candidates:" in lines
     assert f"failed: {references / 'broken.abc'}: not UTF-8" in err
+
+
+def test_embd_never_leaves_a_half_written_feature(demo, tmp_path, scripts, capsys, monkeypatch):
+    # A save that dies halfway (a full disk) leaves no .npy under the output's name: a re-run, which skips
+    # existing outputs, writes it whole.
+    real_save = np.save
+
+    def dying_save(file, array, *args, **kwargs):
+        if "bwv26.6" in getattr(file, "name", ""):
+            file.write(b"\x93NUMPY half")
+            raise OSError(28, "No space left on device")
+        return real_save(file, array, *args, **kwargs)
+
+    out = tmp_path / "f"
+    monkeypatch.setattr(np, "save", dying_save)
+    code, _, err = run(scripts["embd"], [demo["midi"], out, "--get_global", *CLAMP3], capsys)
+    assert code != 0 and "No space left on device" in err
+    assert not (out / "bwv26.6.npy").exists() and not list(out.rglob("*.partial"))
+    monkeypatch.setattr(np, "save", real_save)
+    code, _, err = run(scripts["embd"], [demo["midi"], out, "--get_global", *CLAMP3], capsys)
+    assert code == 0, err
+    assert np.load(out / "bwv26.6.npy").shape == (1, 48)
