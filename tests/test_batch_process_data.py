@@ -267,17 +267,22 @@ def crash_on_marked_files(path: Path) -> str:
     return path.read_text()
 
 
+def run_with_a_crashing_file(tmp_path: Path, good_files: int, convert) -> batch_runner.BatchResult:
+    """``ok0.txt`` … and ``crash.txt`` in ``tmp_path/in``, converted by ``convert`` in 2 workers into ``tmp_path/out``."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (tmp_path / "out").mkdir()
+    for index in range(good_files):
+        (inputs / f"ok{index}.txt").write_text(f"piece {index}")
+    (inputs / "crash.txt").write_text("boom")
+    jobs, _ = batch_runner.plan_jobs(inputs, tmp_path / "out", [".txt"], ".out")
+    return batch_runner.run_batch(jobs, convert, output_dir=tmp_path / "out", tool="test", workers=2, progress=False)
+
+
 @pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
                     reason="the test's conversion function must be importable in spawned workers")
 def test_a_dying_worker_fails_only_its_file(tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for index in range(6):
-        (inputs / f"ok{index}.txt").write_text(f"piece {index}")
-    (inputs / "crash.txt").write_text("boom")
-    jobs, rejected = batch_runner.plan_jobs(inputs, tmp_path / "out", [".txt"], ".out")
-    result = batch_runner.run_batch(jobs, crash_on_marked_files, output_dir=tmp_path / "out", tool="test",
-                             workers=2, progress=False)
+    result = run_with_a_crashing_file(tmp_path, 6, crash_on_marked_files)
     assert result.failures == [("crash.txt", batch_runner.WORKER_DIED)]
     assert result.converted == 6
     assert output_files(tmp_path / "out") == {f"ok{i}.out" for i in range(6)}
@@ -299,15 +304,7 @@ def slow_with_a_partial_file_or_crash(path: Path) -> str:
 @pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
                     reason="the test's conversion function must be importable in spawned workers")
 def test_files_in_flight_when_a_worker_dies_are_retried_and_their_partial_files_removed(tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    (tmp_path / "out").mkdir()
-    for index in range(3):
-        (inputs / f"ok{index}.txt").write_text(f"piece {index}")
-    (inputs / "crash.txt").write_text("boom")
-    jobs, _ = batch_runner.plan_jobs(inputs, tmp_path / "out", [".txt"], ".out")
-    result = batch_runner.run_batch(jobs, slow_with_a_partial_file_or_crash, output_dir=tmp_path / "out", tool="test",
-                                    workers=2, progress=False)
+    result = run_with_a_crashing_file(tmp_path, 3, slow_with_a_partial_file_or_crash)
     assert result.failures == [("crash.txt", batch_runner.WORKER_DIED)] and result.converted == 3
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["failed_test.log", "ok0.out", "ok1.out", "ok2.out",
                                                                   "warnings_test.log"]
