@@ -50,3 +50,14 @@ def test_rerun_resumes_and_other_settings_are_refused(tiny_run):
     assert again.stdout.count("done in an earlier run") == 8  # every step but the report
     other = run_quickstart(out, "--clamp2_epochs", "3")
     assert other.returncode != 0 and "holds a run with other settings (clamp2_epochs)" in other.stderr
+
+
+def test_report_collection_table_bolds_the_closest_cell_of_each_row():
+    from clamp2.quickstart.report import _collection_table
+
+    table = {"A": {"A": 1.0, "B": 3.0}, "B": {"A": None, "B": 2.5}, "C": {"A": None, "B": None}}
+    fmd = _collection_table({k: dict(v, C=None) for k, v in table.items()}, digits=2, lower_is_closer=True)
+    assert fmd[0] == "| held out \\ train | A | B | C |" and fmd[1] == "| --- | --- | --- | --- |"
+    assert fmd[2:] == ["| A | **1.00** | 3.00 | n/a |", "| B | n/a | **2.50** | n/a |", "| C | n/a | n/a | n/a |", ""]
+    score = _collection_table({"A": {"A": 0.25, "B": 0.75}, "B": {"A": 0.5, "B": 0.5}}, digits=3, lower_is_closer=False)
+    assert score[2:] == ["| A | 0.250 | **0.750** |", "| B | **0.500** | 0.500 |", ""]  # a tie: the first column

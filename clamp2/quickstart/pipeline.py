@@ -439,25 +439,34 @@ class Quickstart:
                     os.link(npy, target)
         return groups
 
-    def fmd(self) -> None:
-        """FMD between each collection's held-out music and each collection's training music (ABC)."""
+    def collection_table(self, kind: str, name: str, min_pieces: int,
+                         measure: Callable[[Path, Path], float]) -> Dict[str, Dict[str, Optional[float]]]:
+        """``table[held-out collection][training collection] = measure(held_out_folder, training_folder)``
+        over the ``<kind>`` features; None where either side has fewer than ``min_pieces`` of them."""
         from .demo_corpus import COLLECTIONS
 
-        groups = self.group_by_collection("abc", "by_collection")
+        groups = self.group_by_collection(kind, name)
         labels = [c.label for c in COLLECTIONS]
         table: Dict[str, Dict[str, Optional[float]]] = {}
         for test in labels:
             table[test] = {}
             for train in labels:
-                sides = (groups / "train" / train, groups / "test" / test)
-                if any(len(list(side.glob("*.npy"))) < 2 for side in sides):
-                    table[test][train] = None  # a covariance needs two pieces or more
-                    continue
-                printed = run_script("semantic_search/clamp2_fmd.py", [groups / "train" / train, groups / "test" / test],
-                                     capture=True, ok=(0, 1))
-                match = re.search(r":\s*(-?[0-9.]+(?:e[-+]?\d+)?)\s*$", printed.strip())
-                table[test][train] = float(match.group(1)) if match else float("nan")
-        self.metrics["fmd_test_vs_train"] = table
+                held_out, training = groups / "test" / test, groups / "train" / train
+                if any(len(list(side.glob("*.npy"))) < min_pieces for side in (held_out, training)):
+                    table[test][train] = None
+                else:
+                    table[test][train] = measure(held_out, training)
+        return table
+
+    def fmd(self) -> None:
+        """FMD between each collection's held-out music and each collection's training music (ABC)."""
+        def fmd_of(held_out: Path, training: Path) -> float:
+            printed = run_script("semantic_search/clamp2_fmd.py", [training, held_out], capture=True, ok=(0, 1))
+            match = re.search(r":\s*(-?[0-9.]+(?:e[-+]?\d+)?)\s*$", printed.strip())
+            return float(match.group(1)) if match else float("nan")
+
+        # a covariance needs two pieces or more on each side
+        self.metrics["fmd_test_vs_train"] = self.collection_table("abc", "by_collection", 2, fmd_of)
 
     def save_metrics(self) -> None:
         from ..files import atomic_write_text
@@ -715,23 +724,14 @@ class Quickstart3(Quickstart):
 
     def score_table(self) -> None:
         """clamp3_score --group: each collection's held-out audio against each collection's training audio."""
-        from .demo_corpus import COLLECTIONS
+        def group_score(held_out: Path, training: Path) -> float:
+            printed = run_script("semantic_search/clamp3_score.py", [held_out, training, "--group", "--no_progress"],
+                                 capture=True, ok=(0, 1))
+            match = re.search(r"^Group similarity: (-?[0-9.]+)", printed, flags=re.M)
+            return float(match.group(1)) if match else float("nan")
 
-        groups = self.group_by_collection("audio", "audio_by_collection")
-        labels = [c.label for c in COLLECTIONS]
-        table: Dict[str, Dict[str, Optional[float]]] = {}
-        for test in labels:
-            table[test] = {}
-            for train in labels:
-                sides = (groups / "test" / test, groups / "train" / train)
-                if any(not list(side.glob("*.npy")) for side in sides):
-                    table[test][train] = None
-                    continue
-                printed = run_script("semantic_search/clamp3_score.py", [*sides, "--group", "--no_progress"],
-                                     capture=True, ok=(0, 1))
-                match = re.search(r"^Group similarity: (-?[0-9.]+)", printed, flags=re.M)
-                table[test][train] = float(match.group(1)) if match else float("nan")
-        self.metrics["clamp3_score_test_vs_train"] = table
+        self.metrics["clamp3_score_test_vs_train"] = self.collection_table("audio", "audio_by_collection", 1,
+                                                                           group_score)
 
     # 12 ------------------------------------------------------------------------------------------
     def step_report(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -167,6 +167,34 @@ def _retrieval_table(m: dict, n: int, chance: float) -> List[str]:
     return lines + [_mrr_line(name, values, chance) for name, values in m.get("retrieval", {}).items()]
 
 
+def _collection_table(table: Dict[str, Dict[str, Optional[float]]], digits: int, lower_is_closer: bool) -> List[str]:
+    """A held-out × training collection table; the closest cell of each row in bold, n/a where not computed."""
+    labels = list(table)
+    lines = ["| held out \\ train | " + " | ".join(labels) + " |", "|" + " --- |" * (len(labels) + 1)]
+    for row in labels:
+        values = [table[row].get(col) for col in labels]
+        if any(v is not None for v in values):
+            closeness = [(-v if lower_is_closer else v) if v is not None else -np.inf for v in values]
+            best = int(np.argmax(closeness))
+        else:
+            best = -1
+        cells = ["n/a" if v is None else f"**{v:.{digits}f}**" if i == best else f"{v:.{digits}f}"
+                 for i, v in enumerate(values)]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _plots_and_timings(captions: Dict[str, str], made: Dict[str, bool], timings: Dict[str, float]) -> List[str]:
+    """The report's closing sections: the plots that were made, with captions, then each step's time."""
+    lines = ["## Plots", ""]
+    for name, caption in captions.items():
+        if made.get(name):
+            lines += [f"![{caption}](plots/{name})", f"*{caption}*", ""]
+    lines += ["## Time", "", "| step | seconds |", "| --- | --- |"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
+    return lines + ["", "All numbers are also in `metrics.json`."]
+
+
 def _mrr_line(name: str, values: Dict[str, float], chance: float) -> str:
     mrr = values.get("MRR", float("nan"))
     hits = ", ".join(f"{k} {v:.2f}" for k, v in values.items() if k != "MRR")
@@ -212,30 +240,15 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
             lines += [f"![probe confusion matrix]({probe_png.relative_to(run.out).as_posix()})", ""]
     fmd = m.get("fmd_test_vs_train", {})
     if fmd:
-        labels = list(fmd)
         lines += ["## Fréchet Music Distance between collections", "",
                   "FMD of each collection's held-out music (rows) to each collection's training music "
                   "(columns); lower is closer, so the diagonal should be the smallest in each row. With so few "
-                  "pieces per collection the covariances are rough: compare within a row.", "",
-                  "| held out \\ train | " + " | ".join(labels) + " |", "|" + " --- |" * (len(labels) + 1)]
-        for row in labels:
-            values = [fmd[row].get(col) for col in labels]
-            finite = [v if v is not None else np.inf for v in values]
-            best = int(np.argmin(finite)) if any(v is not None for v in values) else -1
-            cells = ["n/a" if v is None else f"**{v:.2f}**" if i == best else f"{v:.2f}" for i, v in enumerate(values)]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Plots", ""]
+                  "pieces per collection the covariances are rough: compare within a row.", ""]
+        lines += _collection_table(fmd, digits=2, lower_is_closer=True)
     captions = {"training_curves.png": "training curves (loss per epoch; M3's chance is ln 128)",
                 "similarity_matrix.png": "held-out text × music cosine similarity, grouped by collection",
                 "feature_map.png": "PCA map of the training music features, coloured by collection"}
-    for name, caption in captions.items():
-        if made.get(name):
-            lines += [f"![{caption}](plots/{name})", f"*{caption}*", ""]
-    lines += ["## Time", "", "| step | seconds |", "| --- | --- |"]
-    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in run.timings.items()]
-    lines += ["", "All numbers are also in `metrics.json`."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _plots_and_timings(captions, made, run.timings)) + "\n"
 
 
 def write_report_clamp3(run) -> None:
@@ -313,28 +326,13 @@ def write_report_clamp3(run) -> None:
             lines += [f"![probe confusion matrix]({probe_png.relative_to(out).as_posix()})", ""]
     table = m.get("clamp3_score_test_vs_train", {})
     if table:
-        labels = list(table)
         lines += ["## CLaMP 3 score between collections (audio)", "",
                   "`semantic_search/clamp3_score.py --group`: cosine of the mean CLaMP 3 feature of each collection's "
                   "held-out audio (rows) and that of each collection's training audio (columns); higher is closer, "
-                  "so the diagonal should be the largest in each row.", "",
-                  "| held out \\ train | " + " | ".join(labels) + " |", "|" + " --- |" * (len(labels) + 1)]
-        for row in labels:
-            values = [table[row].get(col) for col in labels]
-            finite = [v if v is not None else -np.inf for v in values]
-            best = int(np.argmax(finite)) if any(v is not None for v in values) else -1
-            cells = ["n/a" if v is None else f"**{v:.3f}**" if i == best else f"{v:.3f}" for i, v in enumerate(values)]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Plots", ""]
+                  "so the diagonal should be the largest in each row.", ""]
+        lines += _collection_table(table, digits=3, lower_is_closer=False)
     captions = {"training_curves.png": "training curves (loss per epoch): M3, the symbolic and the audio stage",
                 "similarity_matrix.png": "held-out text × audio cosine similarity, grouped by collection",
                 "feature_map.png": "PCA map of the CLaMP 3 audio features, coloured by collection",
                 "mert_map.png": "PCA map of the MERT features CLaMP 3 reads, coloured by collection"}
-    for name, caption in captions.items():
-        if made.get(name):
-            lines += [f"![{caption}](plots/{name})", f"*{caption}*", ""]
-    lines += ["## Time", "", "| step | seconds |", "| --- | --- |"]
-    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in run.timings.items()]
-    lines += ["", "All numbers are also in `metrics.json`."]
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines + _plots_and_timings(captions, made, run.timings)) + "\n")
