@@ -285,3 +285,11 @@ def test_corpus_benchmark_runs_on_a_sample(capsys):
     out = capsys.readouterr().out
     assert "converted 40 / 40 tunes (100.00%)" in out and "failures: 0" in out
     assert re.search(r"the original pipeline converts \d+; [1-9]\d* more after a repair", out)
+
+
+def test_an_empty_assumed_voice_is_named_as_assumed_not_as_a_line_of_the_file():
+    # abcjs grand-staff style: voices "V:1 clef=..." in the body and no line exactly "V:1". The one-voice
+    # fix adds V:1 after K: (line 5); the message must not send the user looking for a V:1 line there.
+    tune = "X:1\nT:two hands\nM:4/4\nL:1/4\nK:C\nV:1 clef=treble\nCDEF|GABc|\nV:2 clef=bass\nC,D,E,F,|G,A,B,C|\n"
+    assert locate_bar_problem(numbered_lines(tune)) == (
+        "voice V:1, which the one-voice fix assumes after K: (line 5), has no music")

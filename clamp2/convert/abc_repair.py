@@ -60,6 +60,7 @@ THICK_OR_DOUBLE = ("||", "|]", "[|")
 class Line(NamedTuple):
     number: int  # 1-based, in the tune as given
     text: str
+    assumed: bool = False  # not in the tune: the V:1 line the one-voice fix adds after K: (line ``number``)
 
 
 Lines = list[Line]
@@ -383,7 +384,7 @@ def abctoolkit_voices(lines: Lines) -> dict[str, Lines]:
         start = body_start(lines)
         if start is None:
             return {}
-        lines = lines[:start] + [Line(lines[start - 1].number, "V:1\n")] + lines[start:]
+        lines = lines[:start] + [Line(lines[start - 1].number, "V:1\n", assumed=True)] + lines[start:]
     lines = [line for line in lines if not line.text.startswith(INFORMATION_FIELDS)]
     first = max(index for index, line in enumerate(lines) if line.text.strip() == "V:1")
     voices: dict[str, Lines] = {}
@@ -426,6 +427,8 @@ def shortened(text: str) -> str:
 def split_problem(name: str, voice: Lines) -> str:
     elements = bar_elements(voice)
     if not elements:
+        if voice[0].assumed:  # the file has no V:1 line to look for
+            return f"voice {name}, which the one-voice fix assumes after K: (line {voice[0].number}), has no music"
         return f"voice {name} (line {voice[0].number}) has no music"
     if not any(element.is_barline for element in elements):
         return f"voice {name} has no barline (line {elements[0].number})"
