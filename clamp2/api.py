@@ -307,7 +307,9 @@ class _Extractor:
 
     def _entry_kind(self, raw) -> str:
         """What besides the input's bytes and the namespace its cached feature depends on (its kind)."""
-        return raw.kind
+        from .extraction.model_inputs import effective_kind
+
+        return effective_kind(raw)
 
     def _prepare(self, raws: Dict[int, Any], failures: Dict[int, str]) -> None:
         """Last step before the model, in this process: CLaMP 3 turns audio files into MERT features here."""
@@ -701,7 +703,7 @@ class CLaMP3(_JointSpace):
         from .extraction.model_inputs import AUDIO
 
         if raw.kind != AUDIO:
-            return raw.kind
+            return super()._entry_kind(raw)
         # An audio file's feature depends on MERT too: its key holds MERT's identity.
         try:
             return f"{raw.kind}:{self.mert_identity()}"

@@ -171,3 +171,23 @@ def test_default_folder_and_command_line(tmp_path, monkeypatch, capsys, music):
     with pytest.raises(SystemExit) as info:
         cache.main(["purge"])
     assert info.value.code == 2
+
+
+def test_an_abc_entry_is_keyed_on_the_format_it_is_read_as(music, tmp_path):
+    # The feature of an .abc file depends on whether it is read as interleaved or standard, not on how that
+    # was decided: auto-detected and forced readings share entries, and a file the auto rule reads
+    # differently is never served the other reading's feature.
+    from clamp2.extraction.model_inputs import ABC, ABC_AUTO, INTERLEAVED, RawInput, effective_kind
+
+    standard, interleaved = music / "abc_airds_tune3.abc", music / "abc_bwv10.7.abc"
+    assert effective_kind(RawInput(ABC_AUTO, path=standard)) == ABC
+    assert effective_kind(RawInput(ABC_AUTO, path=interleaved)) == INTERLEAVED
+    model = tiny_model(tmp_path / "cache")
+    first = model.encode_files([standard, interleaved], progress=False)
+    assert (first.computed, first.cached) == (2, 0)
+    forced = [model.encode_files([standard], progress=False, abc_format="standard"),
+              model.encode_files([interleaved], progress=False, abc_format="interleaved")]
+    assert [(run.computed, run.cached) for run in forced] == [(0, 1), (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([run.features for run in forced]), first.features)
+    misread = model.encode_files([standard], progress=False, abc_format="interleaved")
+    assert (misread.computed, misread.cached) == (1, 0)
