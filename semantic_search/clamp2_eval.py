@@ -33,7 +33,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from clamp2.search.raw_files import duplicate_keys, lazy_model, load_collection
+    from clamp2.search.raw_files import lazy_model, load_collection, one_per_key
     from clamp2.search.retrieval import format_metrics, rank_true_matches
 
     args = parse_args(argv)
@@ -51,11 +51,10 @@ def main(argv=None) -> int:
     failures = [item for side in sides for item in side.failures]
     for name, reason in failures:
         print(f"failed: {name}: {reason}", file=sys.stderr)
+    sides = [one_per_key(side, folder) for folder, side in zip((args.query_folder, args.reference_folder), sides)]
     for folder, side in zip((args.query_folder, args.reference_folder), sides):
-        repeated = duplicate_keys(side.keys)
-        if repeated:
-            fail_usage(f"two files of {folder} share the key {repeated!r} (keys are file names up to the first '.'): "
-                       f"keep one per key")
+        for warning in side.warnings:
+            print(warning, file=sys.stderr)
         if not side.keys:
             fail_usage(f"no usable file in {folder}")
     queries, references = sides

@@ -95,13 +95,22 @@ def test_eval_from_raw_files_equals_the_metrics_script_on_extracted_features(tin
     assert capsys.readouterr().out.splitlines() == raw_lines
 
 
-def test_eval_refuses_two_files_with_one_key(tiny_env, raw, tmp_path, capsys):
+def test_eval_keeps_the_last_file_of_a_shared_key_and_names_them(tiny_env, raw, tmp_path, capsys):
+    # The same piece as MusicXML and as MIDI (the README's xml/ + midi/ layout) share the key "bwv10": as a
+    # feature folder's keys are kept, the last file in sorted path order is used, with a warning naming both.
     music, texts = raw
-    shutil.copy(VECTORS / "extract_in" / "abc" / "airds_tune3.abc", music / "sub_copy.abc")
-    (music / "sub").mkdir()
-    shutil.copy(VECTORS / "extract_in" / "abc" / "airds_tune3.abc", music / "sub" / "airds_tune3.abc")
+    (music / "midi").mkdir()
+    shutil.copy(VECTORS / "inputs" / "midi" / "bwv10.7.mid", music / "midi" / "bwv10.7.mid")
     evaluate = load_script("semantic_search/clamp2_eval.py")
-    with pytest.raises(SystemExit) as exit_:
-        evaluate.main([str(texts), str(music), "--no_cache", *MODEL])
-    assert exit_.value.code == 2
-    assert "share the key 'airds_tune3'" in capsys.readouterr().err
+    assert evaluate.main([str(texts), str(music), "--no_cache", "--ranks", str(tmp_path / "both.jsonl"), *MODEL]) == 0
+    both = capsys.readouterr()
+    assert (f"warning: 2 files of {music} share the key 'bwv10' (bwv10.7.mxl, midi/bwv10.7.mid): "
+            "midi/bwv10.7.mid is used") in both.err
+    assert "2 common keys (4 queries, 3 references)" in both.err
+    (music / "bwv10.7.mxl").unlink()
+    assert evaluate.main([str(texts), str(music), "--no_cache", "--ranks", str(tmp_path / "midi.jsonl"), *MODEL]) == 0
+    midi_only = capsys.readouterr()
+    assert "share the key" not in midi_only.err
+    # The metrics and scores of the file that was kept (the scores tell the MIDI's feature from the MusicXML's).
+    assert both.out == midi_only.out
+    assert (tmp_path / "both.jsonl").read_text() == (tmp_path / "midi.jsonl").read_text()

@@ -4,7 +4,7 @@ abctoolkit splits each voice into bars with one regular expression and needs bar
 texts to alternate, the voice to start with music or a barline and end with a barline, and every
 voice to be a ``V:n`` block. Folk-tune collections break these rules in ways ABC allows, and the
 original pipeline then loses the tune (``IndexError``, ``Unequal bar elements``).
-:mod:`clamp2.convert.abc` calls :func:`repair_tune` only for a tune whose normal conversion
+:mod:`clamp2.convert.abc` calls :func:`repair_lines` only for a tune whose normal conversion
 failed, so every tune the original converts keeps its bytes.
 
 Each repair maps the tune's lines to new lines and changes only the body (the lines after the
@@ -355,6 +355,7 @@ def repair_lines(lines: Lines) -> tuple[Lines, list[str]]:
 
 
 def repair_tune(abc_text: str) -> tuple[str, list[str]]:
+    """:func:`repair_lines` on a whole tune: the repaired text and the repairs applied (for inspection)."""
     lines, applied = repair_lines(numbered_lines(abc_text))
     return "".join(line.text for line in lines), applied
 

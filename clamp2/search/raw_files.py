@@ -9,9 +9,9 @@ or a sentence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 
@@ -26,6 +26,7 @@ class Collection:
     failures: List[Tuple[str, str]]  # (name, reason) of inputs that could not be used
     computed: int = 0
     cached: int = 0
+    warnings: List[str] = field(default_factory=list)  # keys several files share (feature folders)
 
 
 def holds_features(path: Path) -> bool:
@@ -42,9 +43,10 @@ def load_collection(path: Path, model_factory: Callable[[], object], *, include_
         from .feature_store import read_features, unique_by_key
 
         features = read_features(path, progress=progress)
-        unique, _ = unique_by_key(features)
+        unique, warnings = unique_by_key(features)
         failures = [(str(s.path), s.reason) for s in features.skipped]
-        return Collection(list(unique.keys), list(unique.keys), np.asarray(unique.matrix, dtype=np.float32), failures)
+        return Collection(list(unique.keys), list(unique.keys), np.asarray(unique.matrix, dtype=np.float32), failures,
+                          warnings=warnings)
     encoded = model_factory().encode_folder(path, include_text=include_text, progress=progress)
     failures = [(name, " ".join(reason.split())) for name, (_, reason) in zip(encoded.failed_names, encoded.failures)]
     matrix = np.asarray(encoded.features, dtype=np.float32) if len(encoded) else np.zeros((0, 0), np.float32)
@@ -83,10 +85,18 @@ def lazy_model(make: Callable[[], object]) -> Callable[[], object]:
     return get
 
 
-def duplicate_keys(keys: List[str]) -> Optional[str]:
-    seen = set()
-    for key in keys:
-        if key in seen:
-            return key
-        seen.add(key)
-    return None
+def one_per_key(collection: Collection, source: Path) -> Collection:
+    """One row per key, for pairing by key: the last file of a shared key wins, in the collection's
+    order (sorted paths), with a warning naming them, as a feature folder's keys are kept
+    (``feature_store.unique_by_key``: the reference's dict of features)."""
+    rows: dict = {}
+    for row, key in enumerate(collection.keys):
+        rows.setdefault(key, []).append(row)
+    if len(rows) == len(collection.keys):
+        return collection
+    warnings = [f"warning: {len(shared)} files of {source} share the key {key!r} "
+                f"({', '.join(collection.names[r] for r in shared)}): {collection.names[shared[-1]]} is used"
+                for key, shared in rows.items() if len(shared) > 1]
+    kept = [shared[-1] for shared in rows.values()]  # first occurrence's place, last file's row
+    return Collection([collection.names[r] for r in kept], [collection.keys[r] for r in kept], collection.matrix[kept],
+                      collection.failures, collection.computed, collection.cached, collection.warnings + warnings)
