@@ -35,10 +35,10 @@ class CheckpointNotFound(FileNotFoundError):
 
 def missing_weights_message(path: str | os.PathLike, what: str = "weights", repo: str = HUB_REPO,
                             settings: str = "M3_WEIGHTS_PATH / CLAMP2_WEIGHTS_PATH") -> str:
-    name = os.path.basename(str(path))
+    from .hub import where_to_get
+
     # The name may be a typo or a run's own file: the download is offered as one case, not as the fix.
-    return (f"{what} file not found: {path}; check the path, or, if it is a file of the Hugging Face repo {repo} "
-            f"(https://huggingface.co/{repo}/tree/main), download it with `hf download {repo} {name} --local-dir .`, "
+    return (f"{what} file not found: {path}; check the path{where_to_get(repo, os.path.basename(str(path)))}; "
             f"then pass its path with --weights or put it where config.py expects it (or set {settings})")
 
 

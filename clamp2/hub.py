@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import HUB_REPO
+from .checkpoint import CLAMP3_HUB_REPO, HUB_REPO
 
 # The published files (SPEC: "Published artefacts"); config.py's default names give the same.
 PUBLISHED_CLAMP2_WEIGHTS = ("weights_clamp2_h_size_768_lr_5e-05_batch_128_scale_1_t_length_128_t_model_"
@@ -29,6 +29,9 @@ _CLAMP3_SUFFIX = ("_h_size_768_t_model_FacebookAI_xlm-roberta-base_t_length_128_
                   "_s_size_768_s_layers_12_p_size_64_p_length_512.pth")
 PUBLISHED_CLAMP3_WEIGHTS = {"saas": "weights_clamp3_saas" + _CLAMP3_SUFFIX,  # best for audio (the default)
                             "c2": "weights_clamp3_c2" + _CLAMP3_SUFFIX}  # best for sheet music and MIDI
+PUBLISHED_WEIGHTS = {HUB_REPO: {"CLaMP 2": PUBLISHED_CLAMP2_WEIGHTS, "M3": PUBLISHED_M3_WEIGHTS},
+                     CLAMP3_HUB_REPO: {"CLaMP 3 SAAS": PUBLISHED_CLAMP3_WEIGHTS["saas"],
+                                       "CLaMP 3 C2": PUBLISHED_CLAMP3_WEIGHTS["c2"]}}
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TRUE = {"1", "true", "yes", "on"}
@@ -88,6 +91,21 @@ def download_command(repo_id: str, filename: str) -> str:
     return f"hf download {repo_id} {filename}"
 
 
+def where_to_get(repo: str, name: str, local_dir: str = ".") -> str:
+    """What follows "check the path" for a missing weights file ``name`` of ``repo``: its download
+    command when ``repo`` publishes it; otherwise the files ``repo`` does publish, since a download of
+    ``name`` would only fail (a typo, a run's own file, or the name config.py derives after a size
+    override)."""
+    published = PUBLISHED_WEIGHTS.get(repo)
+    hub = f"the Hugging Face repo {repo} (https://huggingface.co/{repo})"
+    if not published or name in published.values():
+        return f", or download it from {hub}: `{download_command(repo, name)} --local-dir {local_dir}`"
+    listing = "; ".join(f"{what}: `{download_command(repo, file)} --local-dir {local_dir}`"
+                        for what, file in published.items())
+    return (f"; {name} is not a published file of {hub} (a config size override changes the name config.py "
+            f"derives); the published weights are {listing}")
+
+
 def resolve_weights(weights: str | os.PathLike, filename: str, *, local_files_only: Optional[bool] = None,
                     revision: Optional[str] = None, cache_dir: str | os.PathLike | None = None,
                     repo: str = HUB_REPO) -> Path:
@@ -108,9 +126,8 @@ def resolve_weights(weights: str | os.PathLike, filename: str, *, local_files_on
     text = os.fspath(weights)
     if not is_hub_id(text):
         # As checkpoint.missing_weights_message: a typo is likelier than an undownloaded file.
-        raise WeightsNotFound(f"weights file not found: {text}; check the path, or, if it is a file of {repo}, "
-                              f"download it with `{download_command(repo, path.name)} --local-dir .`, or pass a "
-                              f"hub id such as {repo}")
+        raise WeightsNotFound(f"weights file not found: {text}; check the path{where_to_get(repo, path.name)}; "
+                              f"or pass a hub id such as {repo}")
     return _hub_file(text, filename, local_files_only=hub_offline() if local_files_only is None else local_files_only,
                      revision=revision, cache_dir=cache_dir)
 

@@ -319,8 +319,12 @@ def test_hub_ids_resolve_from_the_hub_cache_offline(tmp_path, monkeypatch):
     message = str(info.value)
     assert "\n" not in message and PUBLISHED_M3_WEIGHTS in message
     assert f"hf download sander-wood/clamp2 {PUBLISHED_M3_WEIGHTS}" in message
-    with pytest.raises(WeightsNotFound, match="hf download sander-wood/clamp2 weights_x.pth"):
+    # A name the hub does not hold gets the published names' commands, not a download that would fail.
+    with pytest.raises(WeightsNotFound, match="weights_x.pth is not a published file of the Hugging Face repo "
+                                              "sander-wood/clamp2") as info:
         CLaMP2.from_pretrained(tmp_path / "weights_x.pth")
+    assert f"`hf download sander-wood/clamp2 {PUBLISHED_CLAMP2_WEIGHTS} --local-dir .`" in str(info.value)
+    assert "hf download sander-wood/clamp2 weights_x.pth" not in str(info.value)
     # A folder holding the published file name (hf download --local-dir) works as well.
     local = tmp_path / "local"
     local.mkdir()
@@ -356,3 +360,16 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "xml/bwv10.7.mxl" in out and "(7, 48) []" in out
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 7
+
+
+def test_a_missing_published_file_gets_its_download_command():
+    from clamp2.checkpoint import missing_weights_message
+    from clamp2.hub import PUBLISHED_CLAMP2_WEIGHTS, PUBLISHED_M3_WEIGHTS
+
+    for name in (PUBLISHED_CLAMP2_WEIGHTS, PUBLISHED_M3_WEIGHTS):
+        message = missing_weights_message(f"weights/{name}")
+        assert f"`hf download sander-wood/clamp2 {name} --local-dir .`" in message
+        assert "not a published file" not in message and message.count("hf download") == 1
+    other = missing_weights_message("weights/weights_clamp2_h_size_768_t_length_16.pth")
+    assert "weights_clamp2_h_size_768_t_length_16.pth is not a published file" in other
+    assert other.count("hf download") == 2 and "hf download sander-wood/clamp2 weights_clamp2_h_size_768_t_length" not in other

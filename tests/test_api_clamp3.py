@@ -163,8 +163,11 @@ def test_published_names_and_hub_messages_offline(tmp_path, monkeypatch):
     with pytest.raises(WeightsNotFound) as info:
         CLaMP3.from_pretrained("sander-wood/clamp3", variant="c2", text_model=TEXT_MODEL, hub_cache_dir=hub)
     assert f"hf download sander-wood/clamp3 {PUBLISHED_CLAMP3_WEIGHTS['c2']}" in str(info.value)
-    with pytest.raises(WeightsNotFound, match="hf download sander-wood/clamp3 weights_y.pth"):
+    with pytest.raises(WeightsNotFound, match="weights_y.pth is not a published file of the Hugging Face repo "
+                                              "sander-wood/clamp3") as info:
         CLaMP3.from_pretrained(tmp_path / "weights_y.pth")
+    assert all(f"hf download sander-wood/clamp3 {name} --local-dir ." in str(info.value)
+               for name in PUBLISHED_CLAMP3_WEIGHTS.values())
 
 
 def test_mixed_raw_folder_equals_the_script_pipeline(tmp_path, monkeypatch):

@@ -79,7 +79,7 @@ CASES = [
     case(X3, IN, "{tmp}/o", C2W, says="is a CLaMP 2 checkpoint; this script needs an M3 checkpoint", env=TINY),
     case(X3, IN, "{tmp}/o", "--weights={probe}", says="is a linear probe checkpoint; this script needs an M3", env=TINY),
     case(X3, IN, "{tmp}/o", "--weights={tmp}", says="is a folder", env=TINY),
-    case(X3, IN, "{tmp}/o", "--weights={tmp}/weights_m3.pth", says="hf download sander-wood/clamp2 weights_m3.pth", env=TINY),
+    case(X3, IN, "{tmp}/o", "--weights={tmp}/weights_m3.pth", says="weights_m3.pth is not a published file of the Hugging Face repo sander-wood/clamp2", env=TINY),
     case(X3, IN, "{tmp}/o", M3W, says="M3_HIDDEN_SIZE", env=dict(TINY, M3_HIDDEN_SIZE="128")),
     case(XC2, IN, "{tmp}/o", M3W, TEXT, says="is an M3 checkpoint; this script needs a CLaMP 2 checkpoint", env=TINY),
     case(XC2, IN, "{tmp}/o", "--weights={text_file}", TEXT, says="it is a text file", env=TINY),

@@ -188,7 +188,8 @@ def test_missing_weights_is_one_line_with_the_download_command(script, labelled_
             "--text_model", str(tiny_text_dir), "--no_cache", "--no_progress", "--output", str(tmp_path / "p.json")]
     assert script.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: weights file not found") and "hf download sander-wood/clamp2 weights_x.pth" in err[-1]
+    assert err[-1].startswith("error: weights file not found") and "weights_x.pth is not a published file" in err[-1]
+    assert "`hf download sander-wood/clamp2 weights_clamp2_h_size_768_lr_5e-05" in err[-1]
     assert not (tmp_path / "p.json").exists()
 
 
