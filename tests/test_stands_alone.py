@@ -71,3 +71,38 @@ def test_reference_data_is_inside_the_repository():
     for name in ("m3_state_dict.tsv", "clamp2_state_dict.tsv", "languages.txt", "vectors/tiny_m3.pth",
                  "vectors/tiny_clamp2.pth", "vectors/tiny_text_model/tokenizer.json"):
         assert (data / name).is_file(), name
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub makes of a page's headings: lower case, punctuation dropped (letters, digits,
+    "-" and "_" kept), spaces to "-", a repeated heading numbered."""
+    anchors: set[str] = set()
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        heading = None if in_code else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            anchor, n = slug, 0
+            while anchor in anchors:
+                n += 1
+                anchor = f"{slug}-{n}"
+            anchors.add(anchor)
+    return anchors
+
+
+def test_markdown_anchors_name_headings_that_exist():
+    offenders = []
+    for path in tracked_files():
+        if path.suffix != ".md":
+            continue
+        for target in re.findall(r"\]\(([^)\s]*#[^)\s]+)\)", path.read_text(encoding="utf-8")):
+            if "://" in target:
+                continue
+            page, anchor = target.split("#", 1)
+            page_path = (path.parent / page) if page else path
+            if page_path.suffix == ".md" and page_path.is_file():
+                if anchor not in github_anchors(page_path.read_text(encoding="utf-8")):
+                    offenders.append(f"{path.relative_to(REPO_ROOT)} -> {target}")
+    assert not offenders, "markdown links to headings that do not exist:\n" + "\n".join(offenders)
