@@ -165,7 +165,7 @@ def checkpoint_family(state: Mapping[str, Any] | Any) -> Optional[str]:
 
 
 def family_mismatch(state: Mapping[str, Any] | Any, needed: str, source: str) -> Optional[str]:
-    """``"<source> is an M3 checkpoint; this script needs a CLaMP 2 checkpoint (...)"``, or None when it fits.
+    """``"<source> is an M3 checkpoint; expected a CLaMP 2 checkpoint (...)"``, or None when it fits.
 
     A state of no known family gets a line too (``is not a CLaMP 2 checkpoint``); an empty
     ``needed`` family is never checked.
@@ -177,9 +177,9 @@ def family_mismatch(state: Mapping[str, Any] | Any, needed: str, source: str) ->
     if found is None:
         keys = [k for k in (state.get("model", state) if isinstance(state, Mapping) else state)][:3]
         sample = f" (its keys start {', '.join(map(repr, keys))})" if keys else " (it holds no weights)"
-        return f"{source} is not {need.split(' (')[0]}{sample}; this script needs {need}"
+        return f"{source} is not {need.split(' (')[0]}{sample}; expected {need}"
     loader = f"; {found} checkpoints load with {_LOADERS[found]}" if found in _LOADERS else ""
-    return f"{source} is {_ARTICLE.get(found, 'a')} {found} checkpoint; this script needs {need}{loader}"
+    return f"{source} is {_ARTICLE.get(found, 'a')} {found} checkpoint; expected {need}{loader}"
 
 
 def check_family(state: Mapping[str, Any] | Any, needed: str, source: str) -> None:

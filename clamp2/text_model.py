@@ -34,8 +34,8 @@ def _unavailable(name: str, exc: Exception | str) -> TextModelUnavailable:
             # would not tokenize as the original did anyway (load_tokenizer follows tokenizer.json)
             detail = f"it has no tokenizer.json ({detail})"
         return TextModelUnavailable(f"cannot load the text model/tokenizer from the folder {name}: {detail}; pass a "
-                                    f"folder saved by `hf download <hub id> --local-dir DIR` (config.json, tokenizer "
-                                    f"files, weights)")
+                                    f"folder saved by `hf download <hub id> --local-dir DIR` (config.json and the "
+                                    f"tokenizer files; the weights too for training)")
     why = "downloads are off (HF_HUB_OFFLINE is set)" if hub_offline() else (
         exc if isinstance(exc, str) else "it could not be loaded (" + " ".join(str(exc).split())[:300] + ")")
     return TextModelUnavailable(

@@ -369,7 +369,7 @@ def test_usage_errors(tiny_env, vectors, tmp_path, extract_clamp2, extract_m3, c
     assert "weights_m3.pth" in err and "sander-wood/clamp2" in err
     # A CLaMP 2 checkpoint is not an M3 checkpoint: the mismatch is named, nothing is written.
     assert extract_m3.main([str(vectors / "extract_in"), str(tmp_path / "out"), "--weights", str(vectors / "tiny_clamp2.pth")]) == 2
-    assert "is a CLaMP 2 checkpoint; this script needs an M3 checkpoint" in capsys.readouterr().err
+    assert "is a CLaMP 2 checkpoint; expected an M3 checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as info:
         extract_clamp2.main(["--help"])

@@ -613,7 +613,7 @@ def test_inference_bad_input(tmp_path, train_cls, inference_cls, data, capsys):
                            "--epochs", "2", *FAST], capsys)[0] == 0
     out_file = tmp_path / "out.json"
     for weights, expected in ((tmp_path / "none.pth", "probe weights not found"),
-                              (VECTORS / "tiny_m3.pth", "is an M3 checkpoint; this script needs a linear probe")):
+                              (VECTORS / "tiny_m3.pth", "is an M3 checkpoint; expected a linear probe")):
         code, _, err = run(inference_cls, [folder / "eval", out_file, "--weights", weights], capsys)
         assert code == 2 and expected in one_line_error(err)
     code, _, err = run(inference_cls, [tmp_path / "nothing", out_file, "--weights", tmp_path / "p.pth"], capsys)

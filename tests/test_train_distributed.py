@@ -132,6 +132,7 @@ def test_clamp2_on_two_ranks_with_an_eval_set_smaller_than_a_batch(tmp_path, cor
             "--batch_size", "4", "--max_steps_per_epoch", "3", "--no_progress"]
     proc = launch("torchrun", "code/train_clamp2.py", args, tmp_path)
     assert "4 eval samples in 1 global batch" in proc.stdout
+    assert "Loading weights" not in proc.stderr  # --no_progress silences transformers' bars too
     keys = published_keys("clamp2_state_dict.tsv", {"text_model.encoder.layer.": 2,
                                                      "music_model.base.encoder.layer.": 1})
     state = check_outputs(tmp_path, CLAMP2_NAME, keys, proc)

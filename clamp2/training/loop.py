@@ -818,6 +818,10 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     device = dist_info.device
     if not dist_info.is_main:
         quiet_libraries()
+    elif not settings.progress:  # --no_progress silences transformers' loading bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     for note in task.notes:
         say(dist_info, note)
     check_data_sizes(task, settings, dist_info.world_size)
