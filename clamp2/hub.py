@@ -16,22 +16,15 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import CLAMP3_HUB_REPO, HUB_REPO
+from . import checkpoint as _checkpoint
+from .checkpoint import HUB_REPO, download_command, where_to_get
 
-# The published files (SPEC: "Published artefacts"); config.py's default names give the same.
-PUBLISHED_CLAMP2_WEIGHTS = ("weights_clamp2_h_size_768_lr_5e-05_batch_128_scale_1_t_length_128_t_model_"
-                            "FacebookAI_xlm-roberta-base_t_dropout_True_m3_True.pth")
-PUBLISHED_M3_WEIGHTS = ("weights_m3_p_size_64_p_length_512_t_layers_3_p_layers_12_h_size_768_lr_0.0001"
-                        "_batch_16_mask_0.45.pth")
-DEFAULT_TEXT_MODEL = "FacebookAI/xlm-roberta-base"
-# CLaMP 3 (SPEC_CLAMP3, "Published artefacts"): one layout, two trainings, in sander-wood/clamp3.
-_CLAMP3_SUFFIX = ("_h_size_768_t_model_FacebookAI_xlm-roberta-base_t_length_128_a_size_768_a_layers_12_a_length_128"
-                  "_s_size_768_s_layers_12_p_size_64_p_length_512.pth")
-PUBLISHED_CLAMP3_WEIGHTS = {"saas": "weights_clamp3_saas" + _CLAMP3_SUFFIX,  # best for audio (the default)
-                            "c2": "weights_clamp3_c2" + _CLAMP3_SUFFIX}  # best for sheet music and MIDI
-PUBLISHED_WEIGHTS = {HUB_REPO: {"CLaMP 2": PUBLISHED_CLAMP2_WEIGHTS, "M3": PUBLISHED_M3_WEIGHTS},
-                     CLAMP3_HUB_REPO: {"CLaMP 3 SAAS": PUBLISHED_CLAMP3_WEIGHTS["saas"],
-                                       "CLaMP 3 C2": PUBLISHED_CLAMP3_WEIGHTS["c2"]}}
+# The published names live in checkpoint.py (its messages name them); here too, where callers look.
+PUBLISHED_CLAMP2_WEIGHTS = _checkpoint.PUBLISHED_CLAMP2_WEIGHTS
+PUBLISHED_M3_WEIGHTS = _checkpoint.PUBLISHED_M3_WEIGHTS
+PUBLISHED_CLAMP3_WEIGHTS = _checkpoint.PUBLISHED_CLAMP3_WEIGHTS
+PUBLISHED_WEIGHTS = _checkpoint.PUBLISHED_WEIGHTS
+DEFAULT_TEXT_MODEL = _checkpoint.DEFAULT_TEXT_MODEL
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TRUE = {"1", "true", "yes", "on"}
@@ -85,25 +78,6 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:
     thread.join(timeout + 0.5)
     _reachable[address] = bool(answer and answer[0])
     return _reachable[address]
-
-
-def download_command(repo_id: str, filename: str) -> str:
-    return f"hf download {repo_id} {filename}"
-
-
-def where_to_get(repo: str, name: str, local_dir: str = ".") -> str:
-    """What follows "check the path" for a missing weights file ``name`` of ``repo``: its download
-    command when ``repo`` publishes it; otherwise the files ``repo`` does publish, since a download of
-    ``name`` would only fail (a typo, a run's own file, or the name config.py derives after a size
-    override)."""
-    published = PUBLISHED_WEIGHTS.get(repo)
-    hub = f"the Hugging Face repo {repo} (https://huggingface.co/{repo})"
-    if not published or name in published.values():
-        return f", or download it from {hub}: `{download_command(repo, name)} --local-dir {local_dir}`"
-    listing = "; ".join(f"{what}: `{download_command(repo, file)} --local-dir {local_dir}`"
-                        for what, file in published.items())
-    return (f"; {name} is not a published file of {hub} (a config size override changes the name config.py "
-            f"derives); the published weights are {listing}")
 
 
 def resolve_weights(weights: str | os.PathLike, filename: str, *, local_files_only: Optional[bool] = None,

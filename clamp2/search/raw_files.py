@@ -26,7 +26,7 @@ class Collection:
     failures: List[Tuple[str, str]]  # (name, reason) of inputs that could not be used
     computed: int = 0
     cached: int = 0
-    warnings: List[str] = field(default_factory=list)  # keys several files share (feature folders)
+    warnings: List[str] = field(default_factory=list)  # one line per key that several files share
 
 
 def holds_features(path: Path) -> bool:
