@@ -57,9 +57,13 @@ def test_standard_tunes_are_interleaved_first():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("X:1\nL:1/8\nK:C\n[V:1]cdef|\n[V:1]gabc|\n", True),  # one voice: both readings agree
-    ("X:1\nL:1/8\nK:C\nV:1\nV:2\n[V:1]cd|[V:2]CD|\nef|\n[V:1]ga|[V:2]GA|\n", True),  # a stray bar, most prefixed
-    ("X:1\nL:1/8\nK:C\nV:1\nV:2\n[V:1]cd|[V:2]CD|\nef|\ngab|\n", False),  # most not prefixed
+    ("L:1/8\nK:C\n[V:1]cdef|\n[V:1]gabc|\n", True),  # one voice, as the interleaving step writes it
+    # The same bars with X: (the interleaving step removes it): a standard tune with [V:1] on every line.
+    ("X:1\nT:Jig\nL:1/8\nK:C\n[V:1]cdef|\n[V:1]gabc|\n", False),
+    ("L:1/8\nK:C\nV:1\nV:2\n[V:1]cd|[V:2]CD|\nef|\n[V:1]ga|[V:2]GA|\n", True),  # a stray bar, most prefixed
+    ("L:1/8\nK:C\nV:1\nV:2\n[V:1]ab|[V:2]AB|\n[V:1]|\n[V:1]ef|[V:2]EF|\n", True),  # a one-voice stray line
+    ("L:1/8\nK:C\nV:1\nV:2\n[V:1]cd|[V:2]CD|\nef|\n", False),  # half prefixed: not most
+    ("L:1/8\nK:C\nV:1\nV:2\n[V:1]cd|[V:2]CD|\nef|\ngab|\n", False),  # most not prefixed
     ("X:1\nL:1/8\nK:C\n", False),  # no music
 ])
 def test_the_rule_on_small_cases(text, expected):

@@ -95,6 +95,15 @@ def test_eval_from_raw_files_equals_the_metrics_script_on_extracted_features(tin
     assert capsys.readouterr().out.splitlines() == raw_lines
 
 
+def same_ranks(a, b) -> bool:
+    """Two --ranks files agree: keys, ranks and top lists, scores to float32 rounding (the features were
+    computed in other batches)."""
+    left, right = ([json.loads(line) for line in path.read_text().splitlines()] for path in (a, b))
+    return [(x["key"], x["rank"], [k for k, _ in x["top"]]) for x in left] == \
+        [(x["key"], x["rank"], [k for k, _ in x["top"]]) for x in right] and \
+        all(abs(s - t) < 1e-5 for x, y in zip(left, right) for (_, s), (_, t) in zip(x["top"], y["top"]))
+
+
 def test_eval_keeps_the_last_file_of_a_shared_key_and_names_them(tiny_env, raw, tmp_path, capsys):
     # The same piece as MusicXML and as MIDI (the README's xml/ + midi/ layout) share the key "bwv10": as a
     # feature folder's keys are kept, the last file in sorted path order is used, with a warning naming both.
@@ -113,4 +122,20 @@ def test_eval_keeps_the_last_file_of_a_shared_key_and_names_them(tiny_env, raw, 
     assert "share the key" not in midi_only.err
     # The metrics and scores of the file that was kept (the scores tell the MIDI's feature from the MusicXML's).
     assert both.out == midi_only.out
-    assert (tmp_path / "both.jsonl").read_text() == (tmp_path / "midi.jsonl").read_text()
+    assert same_ranks(tmp_path / "both.jsonl", tmp_path / "midi.jsonl")
+
+
+def test_eval_keeps_the_file_the_pipelines_feature_folder_keeps(tiny_env, raw, tmp_path, capsys):
+    # bwv10.7.abc and bwv10.7.live.mid share the key "bwv10". Raw names sort the .mid last, but their
+    # features bwv10.7.npy and bwv10.7.live.npy sort the .abc's last, and a feature folder keeps the last:
+    # so the pipeline (extract, then evaluate the features) uses the ABC, and so must the raw run.
+    music, texts = raw
+    (music / "bwv10.7.mxl").unlink()
+    shutil.copy(VECTORS / "extract_in" / "abc" / "bwv10.7.abc", music / "bwv10.7.abc")
+    shutil.copy(VECTORS / "inputs" / "midi" / "bwv10.7.mid", music / "bwv10.7.live.mid")
+    evaluate = load_script("semantic_search/clamp2_eval.py")
+    assert evaluate.main([str(texts), str(music), "--no_cache", "--ranks", str(tmp_path / "raw.jsonl"), *MODEL]) == 0
+    assert "bwv10.7.abc is used" in capsys.readouterr().err
+    (music / "bwv10.7.live.mid").unlink()
+    assert evaluate.main([str(texts), str(music), "--no_cache", "--ranks", str(tmp_path / "abc.jsonl"), *MODEL]) == 0
+    assert same_ranks(tmp_path / "raw.jsonl", tmp_path / "abc.jsonl")

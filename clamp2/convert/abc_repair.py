@@ -363,7 +363,7 @@ def repair_tune(abc_text: str) -> tuple[str, list[str]]:
 # ------------------------------------------------------------------------------------------------
 # Where abctoolkit breaks
 
-INFORMATION_FIELDS = ("X:", "T:", "C:", "W:", "w:", "Z:", "%%MIDI")
+INFORMATION_FIELDS = ("X:", "T:", "C:", "W:", "w:", "Z:", "%%MIDI")  # abc.INTERLEAVE_REMOVED_FIELDS
 BAR_NUMBER_RE = re.compile(r"%\d+\n$")
 ELLIPSIS_AT = 30
 

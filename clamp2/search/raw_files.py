@@ -10,7 +10,7 @@ or a sentence.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, List, Tuple
 
 import numpy as np
@@ -85,18 +85,25 @@ def lazy_model(make: Callable[[], object]) -> Callable[[], object]:
     return get
 
 
+def feature_file_name(name: str) -> str:
+    """The feature file extraction writes for the raw file ``name`` (a path relative to its folder)."""
+    return PurePosixPath(name).with_suffix(".npy").as_posix()
+
+
 def one_per_key(collection: Collection, source: Path) -> Collection:
-    """One row per key, for pairing by key: the last file of a shared key wins, in the collection's
-    order (sorted paths), with a warning naming them, as a feature folder's keys are kept
-    (``feature_store.unique_by_key``: the reference's dict of features)."""
+    """One row per key, for pairing by key, as the batch pipeline would give it: of files that share a
+    key, the one whose feature file (:func:`feature_file_name`) sorts last wins, as in a feature
+    folder (``feature_store.unique_by_key``: the reference's dict of features), with a warning."""
     rows: dict = {}
     for row, key in enumerate(collection.keys):
         rows.setdefault(key, []).append(row)
     if len(rows) == len(collection.keys):
         return collection
+    winner = {key: max(shared, key=lambda r: (feature_file_name(collection.names[r]), collection.names[r]))
+              for key, shared in rows.items()}
     warnings = [f"warning: {len(shared)} files of {source} share the key {key!r} "
-                f"({', '.join(collection.names[r] for r in shared)}): {collection.names[shared[-1]]} is used"
+                f"({', '.join(collection.names[r] for r in shared)}): {collection.names[winner[key]]} is used"
                 for key, shared in rows.items() if len(shared) > 1]
-    kept = [shared[-1] for shared in rows.values()]  # first occurrence's place, last file's row
+    kept = [winner[key] for key in rows]  # first occurrence's place, the winner's row
     return Collection([collection.names[r] for r in kept], [collection.keys[r] for r in kept], collection.matrix[kept],
                       collection.failures, collection.computed, collection.cached, collection.warnings + warnings)
