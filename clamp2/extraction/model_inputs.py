@@ -92,7 +92,10 @@ def describe(item: Any, limit: int = 40) -> str:
         text = item if isinstance(item, str) else repr(item[:limit])
         head = " ".join(text.split())
         return f"<content {head[:limit]!r}{'...' if len(head) > limit else ''}>"
-    return os.fspath(item)
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    shape = getattr(item, "shape", None)  # a NumPy array of MERT features, or what was passed by mistake
+    return f"<{type(item).__name__} of shape {tuple(shape)}>" if shape is not None else f"<{type(item).__name__}>"
 
 
 def is_path_like(item: Any) -> bool:

@@ -264,7 +264,11 @@ def load_resume_checkpoint(settings: ProbeSettings, classes: Mapping[str, int], 
         problems.append("was written by an earlier version of this tool, whose epoch order and class numbering "
                         "are not the reference's")
     elif dict(checkpoint.get("labels", {})) != dict(classes):
-        problems.append(f"has the classes {sorted(checkpoint.get('labels', {}))}, the data {sorted(classes)}")
+        saved = dict(checkpoint.get("labels", {}))
+        if sorted(saved) != sorted(classes):
+            problems.append(f"has the classes {sorted(saved)}, the data {sorted(classes)}")
+        else:  # the same names, numbered otherwise (the data's first files changed)
+            problems.append(f"numbers the classes {saved}, the data {dict(classes)}")
     elif checkpoint.get("input_size") != input_size:
         problems.append(f"takes features of size {checkpoint.get('input_size')}, the data has {input_size}")
     elif checkpoint.get("hidden_size") != settings.hidden_size:
