@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -864,13 +864,6 @@ def autocast_context(device: torch.device, dtype: str):
     if device.type != "cuda":
         raise ValueError(f"--dtype {dtype} needs a CUDA device; on {device.type} use fp32")
     return Autocast("cuda", torch.bfloat16 if dtype == "bf16" else torch.float16)
-
-
-def describe_inputs(paths: Iterable[Path]) -> str:
-    counts: Dict[str, int] = {}
-    for p in paths:
-        counts[p.suffix.lower()] = counts.get(p.suffix.lower(), 0) + 1
-    return ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
 
 
 def default_workers() -> int:

@@ -64,10 +64,6 @@ class MertFeatureExtractor:
             # Mean per state rather than one stacked [B, L+1, T, D] tensor: 13x less memory at batch 64.
             return torch.stack([state.float().mean(dim=1) for state in out.hidden_states], dim=1)
 
-    def window_states(self, windows: torch.Tensor) -> torch.Tensor:
-        """:meth:`launch_states`, fetched to the CPU."""
-        return HostCopy(self.launch_states(windows)).wait()
-
     def file_array(self, window_states: torch.Tensor) -> np.ndarray:
         """[n, L+1, D] of a file's windows → what is saved: [1, n, D] layer mean, or [L+1, n, D]."""
         states = window_states.transpose(0, 1)  # [L+1, n, D]
@@ -99,11 +95,6 @@ class MertFeatureExtractor:
     def _run_groups(self, windows: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """States of windows of any lengths, input order kept."""
         return self._fetch_groups(self._launch_groups(windows), len(windows))
-
-    def wave_array(self, wave: np.ndarray, bounds: Sequence[Tuple[int, int]]) -> np.ndarray:
-        """The saved array of one normalized 24 kHz track."""
-        tensor = torch.from_numpy(wave)
-        return self.file_array(torch.stack(self._run_groups([tensor[s:e] for s, e in bounds])))
 
     def _track(self, path) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """(normalized 24 kHz wave, window bounds) of a file, resampled where ``resample_on_device`` says."""

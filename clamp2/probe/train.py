@@ -91,13 +91,6 @@ class ProbeResult:
     history: Dict[str, List[float]] = field(default_factory=dict)
     eval_probabilities: Optional[np.ndarray] = None  # of the best probe, eval files in subset order
 
-    @property
-    def best_scores(self) -> Dict[str, float]:
-        """Eval loss, accuracy and macro-F1 of the best epoch, as logged."""
-        row = self.history["epoch"].index(self.best_epoch)
-        return {"loss": self.history["eval_loss"][row], "accuracy": self.history["eval_acc"][row],
-                "macro_f1": self.history["eval_f1_macro"][row]}
-
 
 def logs_path_for(weights_path: Path) -> Path:
     """``weights-x.pth`` → ``logs-x.txt`` (the reference's pair, ``x`` the training folder's name whatever
