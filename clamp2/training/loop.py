@@ -639,12 +639,19 @@ def append_log(path: Path, epoch: int, train_loss: float, eval_loss: float) -> N
         handle.write(f"Epoch {epoch}\ntrain_loss: {train_loss}\neval_loss: {eval_loss}\ntime: {time.asctime()}\n\n")
 
 
+def hide_library_bars() -> None:
+    """No transformers loading bars (``--no_progress``, and ranks other than 0)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def quiet_libraries() -> None:
     """Silence transformers' notices and loading bars (called on ranks other than 0: one copy is enough)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hide_library_bars()
 
 
 def report_error(exc: Exception, dist_info: DistInfo, every_rank: bool = False) -> int:
@@ -819,9 +826,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     if not dist_info.is_main:
         quiet_libraries()
     elif not settings.progress:  # --no_progress silences transformers' loading bars too
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        hide_library_bars()
     for note in task.notes:
         say(dist_info, note)
     check_data_sizes(task, settings, dist_info.world_size)
