@@ -89,6 +89,11 @@ def progress_bar(total: Optional[int] = None, desc: str = "", unit: str = "it", 
                 mininterval=log_interval, maxinterval=log_interval, miniters=1, **kwargs)
 
 
+def plural(count: int, noun: str, suffix: str = "s") -> str:
+    """``plural(1, "epoch")`` is "1 epoch", ``plural(2, "process", "es")`` is "2 processes"."""
+    return f"{count} {noun}{suffix if count != 1 else ''}"
+
+
 def write_line(message: str, stream: Optional[IO[str]] = None) -> None:
     """Print a message without breaking a live progress bar (tqdm.write), on stderr by default.
 

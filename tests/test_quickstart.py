@@ -41,6 +41,7 @@ def test_artefacts_and_numbers(tiny_run):
     assert "text→music (ABC) MRR" in result.stdout and "(chance 0.26" in result.stdout
     report = (out / "report.md").read_text()
     assert "| text→music (ABC) |" in report and "## Fréchet Music Distance between collections" in report
+    assert "2 layers, 1 epoch)" in report and "1 epochs" not in report  # --tiny trains M3 for one epoch
 
 
 def test_rerun_resumes_and_other_settings_are_refused(tiny_run):

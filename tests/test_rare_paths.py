@@ -545,3 +545,12 @@ def test_summaries_ctrl_c_cancels_the_queued_requests_and_no_choices_is_a_failur
         path.write_text(json.dumps(metadata))
         with pytest.raises(ValueError, match="input has no filepaths list of file names"):
             read_metadata(path)
+
+
+def test_plural_counts_read_as_english():
+    """Summaries read "1 common key" and "1 epoch" (the --tiny quick start trains single epochs)."""
+    from clamp2.progress import plural
+    assert plural(1, "common key") == "1 common key"
+    assert plural(0, "epoch") == "0 epochs"
+    assert plural(2, "process", "es") == "2 processes"
+    assert plural(1, "process", "es") == "1 process"

@@ -62,7 +62,7 @@ from ..files import remove_partial_files_of
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            env_int, gather_objects, seed_everything)
 from ..models.common import compile_transformers, count_parameters
-from ..progress import progress_bar
+from ..progress import plural, progress_bar
 from .data import DataError, EvalBatches, TrainBatches
 
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -664,10 +664,6 @@ def report_error(exc: Exception, dist_info: DistInfo, every_rank: bool = False) 
         where = f" (rank {dist_info.rank})" if every_rank and dist_info.is_distributed else ""
         print(f"error{where}: {exc}", file=sys.stderr, flush=True)
     return 2
-
-
-def plural(count: int, noun: str, suffix: str = "s") -> str:
-    return f"{count} {noun}{suffix if count != 1 else ''}"
 
 
 def say(dist_info: DistInfo, message: str) -> None:
