@@ -163,7 +163,7 @@ def test_api_features_of_one_file(tiny_model):
 @pytest.mark.parametrize("rate", [24000, 16000])
 def test_samples_too_large_to_z_score_fail_on_either_path(tiny_model, tmp_path, rate):
     # numpy's float32 sums (the reference's z-score) overflow: every feature would be NaN. torch's
-    # var_mean does not overflow, so the device path checks the reference's sums itself.
+    # var_mean does not overflow, so the device path z-scores such a file on the host, as the reference does.
     soundfile.write(tmp_path / "huge.wav", np.full((3 * rate, 1), 3e38, np.float32), rate, subtype="FLOAT")
     for on_device in (False, True):
         extractor = MertFeatureExtractor(tiny_model, "cpu", resample_on_device=on_device)
@@ -171,6 +171,20 @@ def test_samples_too_large_to_z_score_fail_on_either_path(tiny_model, tmp_path, 
             extractor.features(tmp_path / "huge.wav")
     soundfile.write(tmp_path / "loud.wav", np.full((3 * rate, 1), 1e18, np.float32), rate, subtype="FLOAT")
     assert np.isfinite(MertFeatureExtractor(tiny_model, "cpu", resample_on_device=True).features(tmp_path / "loud.wav")).all()
+
+
+def test_an_overflowing_variance_with_a_finite_mean_gives_the_references_features_on_either_path(tiny_model, tmp_path):
+    # ±1e20 alternating: numpy's float32 mean is 0 but its variance overflows, so the reference's z-score
+    # (Wav2Vec2FeatureExtractor: numpy's sums) is all zeros and its features are finite. The device path
+    # must give the same, not refuse the file as NaN.
+    samples = np.where(np.arange(3 * 24000) % 2 == 0, 1e20, -1e20).astype(np.float32)
+    soundfile.write(tmp_path / "wild.wav", samples[:, None], 24000, subtype="FLOAT")
+    soundfile.write(tmp_path / "silence.wav", np.zeros((3 * 24000, 1), np.float32), 24000, subtype="FLOAT")
+    expected = MertFeatureExtractor(tiny_model, "cpu").features(tmp_path / "silence.wav")  # z-score of zeros: zeros
+    for on_device in (False, True):
+        features = MertFeatureExtractor(tiny_model, "cpu", resample_on_device=on_device).features(tmp_path / "wild.wav")
+        assert features.shape == (1, 64) and np.isfinite(features).all()
+        np.testing.assert_array_equal(features, expected)
 
 
 @pytest.fixture(scope="module")

@@ -208,8 +208,8 @@ def normalize_tensor(wave: torch.Tensor) -> torch.Tensor:
 
 
 def z_score_overflows(wave: np.ndarray) -> bool:
-    """Whether :func:`normalize`'s float32 mean or variance (the reference's sums) overflow on this wave,
-    making every feature NaN. torch's ``var_mean`` (:func:`normalize_tensor`) would not overflow there."""
+    """Whether :func:`normalize`'s float32 mean or variance (the reference's sums) overflow on this wave.
+    torch's ``var_mean`` (:func:`normalize_tensor`) may not overflow there, and so may give other values."""
     with np.errstate(over="ignore", invalid="ignore"):
         return not (np.isfinite(wave.mean()) and np.isfinite(wave.var()))
 
@@ -235,9 +235,12 @@ def load_mono(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
 def load_wave(path: str | os.PathLike, normalized: bool = True) -> np.ndarray:
     """A file's MERT input: decoded, channels averaged, resampled to 24 kHz, z-scored ([N] float32)."""
     mono, rate = load_mono(path)
+    return mert_input(mono, rate) if normalized else resample(mono, rate)
+
+
+def mert_input(mono: np.ndarray, rate: int) -> np.ndarray:
+    """:func:`load_wave` of a decoded channel mean: resampled to 24 kHz and z-scored ([N] float32)."""
     wave = resample(mono, rate)
-    if not normalized:
-        return wave
     with np.errstate(over="ignore", invalid="ignore"):  # reported below as one line, not numpy's warnings
         wave = normalize(wave)
     if not np.isfinite(wave).all():  # finite samples near float32's limit: the mean or variance overflows
