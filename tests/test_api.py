@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, VECTORS, load_script
+from conftest import DATA_DIR, REPO_ROOT, VECTORS, load_script
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
             "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
@@ -373,3 +373,61 @@ def test_a_missing_published_file_gets_its_download_command():
     other = missing_weights_message("weights/weights_clamp2_h_size_768_t_length_16.pth")
     assert "weights_clamp2_h_size_768_t_length_16.pth is not a published file" in other
     assert other.count("hf download") == 2 and "hf download sander-wood/clamp2 weights_clamp2_h_size_768_t_length" not in other
+
+
+# -- edge cases from a code-driven mutation audit of the API ----------------------------------------------
+
+# one path given as a str is one input, not a list of its characters.
+def test_one_str_path_is_one_input(tiny):
+    path = VECTORS / "inputs" / "abc" / "airds_tune3.abc"
+    one = tiny.encode_music(str(path))
+    assert one.shape == (1, tiny.dim)
+    np.testing.assert_array_equal(one, tiny.encode_music([path]))
+    encoded = tiny.encode_files(str(path), errors="skip", progress=False)
+    assert encoded.items == [str(path)] and not encoded.failures
+
+
+# when no input could be encoded, the features are [0, dim], not [0, 0] (stackable with other results).
+def test_nothing_encoded_is_zero_rows_of_the_model_width(tiny, tmp_path):
+    encoded = tiny.encode_music([tmp_path / "missing.mid"], errors="skip")
+    assert encoded.features.shape == (0, tiny.dim) and len(encoded.failures) == 1
+    encoded = tiny.encode_files([tmp_path / "missing.txt"], errors="skip", progress=False)
+    assert encoded.features.shape == (0, tiny.dim)
+
+
+# CLaMP 2's encode_folder leaves audio files out (CLaMP 2 takes none); they are not failures.
+def test_clamp2_encode_folder_leaves_audio_out(tiny, tmp_path):
+    shutil.copy(VECTORS / "inputs" / "abc" / "airds_tune3.abc", tmp_path / "a.abc")
+    shutil.copy(DATA_DIR / "vectors_clamp3" / "inputs" / "audio" / "bwv26.6_44k1_stereo_s16.wav", tmp_path / "b.wav")
+    encoded = tiny.encode_folder(tmp_path, progress=False, errors="raise")
+    assert encoded.names == ["a.abc"] and not encoded.failures
+
+
+# a checkpoint's saved MAX_TEXT_LENGTH is capped at what the text model takes (XLM-R: positions - pad - 1).
+def test_saved_max_text_length_is_capped_at_the_text_model(tmp_path):
+    import torch
+
+    from clamp2 import CLaMP2
+    from clamp2.checkpoint import save_checkpoint
+    from clamp2.models.clamp2 import CLaMP2Model
+    from clamp2.models.m3 import M3Dims
+    from clamp2.text_model import load_text_model
+
+    text_dir = str(VECTORS / "tiny_text_model")
+    torch.manual_seed(0)
+    model = CLaMP2Model(load_text_model(text_dir), M3Dims(16, 8, 1, 1, 64), hidden_size=24)
+    save_checkpoint(tmp_path / "own.pth", model, config={"TEXT_MODEL_NAME": text_dir, "MAX_TEXT_LENGTH": 128})
+    loaded = CLaMP2.from_pretrained(tmp_path / "own.pth")
+    assert loaded.max_text_length == 20 - 1 - 1
+    assert loaded.encode_text(" ".join(["a long text"] * 100)).shape == (1, 24)
+
+
+# an explicit max_text_length equal to what the text model takes is allowed; one more is refused.
+def test_explicit_max_text_length_up_to_the_text_model_limit():
+    from clamp2 import CLaMP2
+
+    text_dir = str(VECTORS / "tiny_text_model")
+    model = CLaMP2.from_pretrained(VECTORS / "tiny_clamp2.pth", text_model=text_dir, max_text_length=18)
+    assert model.max_text_length == 18
+    with pytest.raises(ValueError, match="MAX_TEXT_LENGTH=19 is more than"):
+        CLaMP2.from_pretrained(VECTORS / "tiny_clamp2.pth", text_model=text_dir, max_text_length=19)

@@ -422,3 +422,17 @@ def test_audio_cache_entries_belong_to_their_mert(tmp_path):
     first, again, other = encode(VECTORS3 / "tiny_mert"), encode(VECTORS3 / "tiny_mert"), encode(other_mert)
     assert (first.computed, again.cached, other.computed, other.cached) == (1, 1, 1, 0)
     assert np.array_equal(first.features, again.features) and not np.allclose(first.features, other.features)
+
+
+# an audio file MERT cannot use fails with the decoder's own reason (no exception class name in front).
+def test_audio_failures_keep_their_reason(tmp_path):
+    from clamp2 import CLaMP3
+
+    model = CLaMP3.from_pretrained(VECTORS3 / "tiny_clamp3.pth", text_model=str(VECTORS / "tiny_text_model"),
+                                   max_text_length=16, mert=str(VECTORS3 / "tiny_mert"))
+    short = VECTORS3 / "inputs" / "audio" / "banish_misfortune_48k_stereo_f32.wav"
+    (tmp_path / "bad.wav").write_bytes(b"RIFF garbage")
+    encoded = model.encode_audio([short, tmp_path / "bad.wav"], errors="skip")
+    reasons = [reason for _, reason in encoded.failures]
+    assert reasons[0] == "shorter than 1 s (12000 samples at 24 kHz, a window needs 24000): no MERT window"
+    assert reasons[1].startswith("cannot decode audio (")

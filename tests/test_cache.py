@@ -100,6 +100,19 @@ def test_settings_and_weights_have_their_own_entries(music, tmp_path):
     assert len(groups) == 4 and sum(g["entries"] for g in groups) == 16
 
 
+def test_each_precision_has_its_own_entries(tmp_path):
+    # bf16 features differ from fp32 ones (~1e-2 relative): a cache a bf16 run filled on a GPU must never
+    # serve an fp32 run. bf16 runs only on CUDA, so the precision is set as from_pretrained(dtype=) sets it.
+    from clamp2.cache import FeatureCache
+
+    cache = FeatureCache(tmp_path / "cache")
+    fp32, bf16 = tiny_model(cache), tiny_model(cache)
+    bf16.dtype = "bf16"
+    folders = {model.dtype: model._cache_namespace(False).folder for model in (fp32, bf16)}
+    assert folders["fp32"] != folders["bf16"]
+    assert bf16._cache_namespace(False).settings["dtype"] == "bf16"
+
+
 def test_an_unreadable_entry_is_encoded_again(music, tmp_path):
     model = tiny_model(tmp_path / "cache")
     first = model.encode_folder(music, progress=False)

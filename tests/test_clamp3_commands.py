@@ -761,3 +761,163 @@ def test_embd_never_leaves_a_half_written_feature(demo, tmp_path, scripts, capsy
     code, _, err = run(scripts["embd"], [demo["midi"], out, "--get_global", *CLAMP3], capsys)
     assert code == 0, err
     assert np.load(out / "bwv26.6.npy").shape == (1, 48)
+
+
+# -- edge cases from a code-driven mutation audit of the clamp3_* commands --------------------------------
+
+def _npy(path, vector):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asarray(vector, dtype=np.float32)[None])
+
+
+# a feature folder with music files beside the .npy files is a folder of several modalities,
+# not features (only a README .txt or a cover image beside features is ignored).
+@pytest.mark.parametrize("other", ["c.mid", "c.abc", "c.wav"])
+def test_music_beside_features_is_several_modalities(tmp_path, other):
+    for name in ("a.npy", "b.npy"):
+        _npy(tmp_path / name, [1.0, 0.0, 0.0])
+    (tmp_path / other).write_bytes(b"")
+    with pytest.raises(clamp3.ModalityError, match="several reference modalities"):
+        clamp3.load_side(tmp_path, "reference", None)
+
+
+def test_a_readme_beside_features_is_ignored(tmp_path, capsys):
+    for name in ("a.npy", "b.npy"):
+        _npy(tmp_path / name, [1.0, 0.0, 0.0])
+    (tmp_path / "README.txt").write_text("about")
+    side = clamp3.load_side(tmp_path, "reference", None)
+    assert side.modality == "npy" and side.relative == ["a.npy", "b.npy"]
+
+
+# a failure reason spread over lines is printed as one line (stderr "failed: name: reason").
+def test_failure_reasons_are_one_line(tmp_path):
+    from clamp2.api import Encoded
+
+    encoded = Encoded(items=[], features=np.zeros((0, 4), np.float32), indices=[],
+                      failures=[(tmp_path / "x.mid", "cannot convert:\n  bad   header\n")])
+    side = clamp3._side_of(tmp_path, "mid", encoded, True)
+    assert side.failures == [(str(tmp_path / "x.mid"), "cannot convert: bad header")]
+
+
+# clamp3_search breaks equal scores by key, also when references sit in sub-folders
+# (path order "b.npy" < "sub/a.npy" is not key order "a" < "b").
+def test_search_ties_by_key_across_sub_folders(tmp_path):
+    _npy(tmp_path / "b.npy", [1.0, 0.0, 0.0])
+    _npy(tmp_path / "sub" / "a.npy", [1.0, 0.0, 0.0])
+    _npy(tmp_path / "c.npy", [0.0, 1.0, 0.0])
+    side = clamp3.load_side(tmp_path, "reference", None)
+    hits, warnings, candidates = clamp3.search(np.array([1.0, 0.0, 0.0], np.float32), side, 3)
+    assert [key for key, _, _ in hits] == ["a", "b", "c"] and candidates == 3 and not warnings
+    assert [relative for _, relative, _ in hits] == ["sub/a.npy", "b.npy", "c.npy"]
+
+
+# the average pairwise similarity is printed rounded to 4 places, as the original's round(x, 4).
+def test_pairwise_average_is_rounded_to_four_places(tmp_path):
+    q, r = tmp_path / "q", tmp_path / "r"
+    angle = np.arccos(0.123456)
+    _npy(q / "a.npy", [1.0, 0.0])
+    _npy(r / "a.npy", [np.cos(angle), np.sin(angle)])
+    queries = clamp3.load_side(q, "query", None)
+    references = clamp3.load_side(r, "reference", None)
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = clamp3.pairwise_score(queries, references, out, say=lambda line: None)
+    assert lines[3] == "Avg. pairwise similarity: 0.1235"
+
+
+# a query of another dimension than the references is §18's "Error: ..." (exit 1), not a matmul error.
+def test_search_query_of_another_dimension_is_a_command_error(tmp_path):
+    _npy(tmp_path / "a.npy", [1.0, 0.0, 0.0])
+    side = clamp3.load_side(tmp_path, "reference", None)
+    with pytest.raises(clamp3.CommandError, match="the query has dimension 2, the references 3"):
+        clamp3.search(np.array([1.0, 0.0], np.float32), side, 3)
+
+
+# -- the scripts, edge cases ---------------------------------------------------------------------------------------
+
+# clamp3_embd on a folder of .npy features says so (exit 1), before any model is built.
+def test_embd_refuses_a_feature_folder_with_its_own_message(tmp_path, scripts, capsys):
+    _npy(tmp_path / "feats" / "a.npy", [1.0, 0.0])
+    code, lines, err = run(scripts["embd"], [tmp_path / "feats", tmp_path / "out", "--model", "clamp2",
+                                             "--weights", tmp_path / "missing.pth", "--no_progress"], capsys)
+    assert code == 1 and err.strip() == f"Error: {tmp_path / 'feats'} holds .npy features already, not raw inputs"
+    assert not (tmp_path / "out").exists()
+
+
+# clamp3_search --json prints JSON alone on stdout (no "Detected ... modality" lines), raw query or not.
+def test_search_json_of_a_raw_query_is_json_alone(tiny_env, raw, tmp_path, scripts, capsys):
+    music, texts = raw
+    code, lines, err = run(scripts["search"], [texts / "multi.txt", music, "--json", "--no_cache", *CLAMP2], capsys)
+    assert code == 0, err
+    result = json.loads("\n".join(lines))
+    assert [(r["rank"], r["key"]) for r in result] == [(1, "bwv10")]
+    assert result[0]["path"] == str(music / "sub" / "bwv10.7.mxl")
+
+
+# for an image query, --json holds the caption beside the results.
+def test_search_json_of_an_image_query_holds_its_caption(tiny_env, tiny_blip, raw, tmp_path, scripts, capsys):
+    music, _ = raw
+    write_image(tmp_path / "cover.png", 2)
+    model = ["--captioner", tiny_blip, "--cache", tmp_path / "cache", *CLAMP2]
+    code, lines, err = run(scripts["search"], [tmp_path / "cover.png", music, *model], capsys)
+    assert code == 0, err
+    caption = lines[1].split(": ", 1)[1]
+    code, lines, err = run(scripts["search"], [tmp_path / "cover.png", music, "--json", *model], capsys)
+    assert code == 0, err
+    result = json.loads("\n".join(lines))
+    assert result["caption"] == caption and [r["key"] for r in result["results"]] == ["bwv10"]
+
+
+# clamp3_score, clamp3_eval and clamp3_search: an unusable file on either side is named and makes the status 1, the
+# results of the others still printed.
+@pytest.mark.parametrize("name", ["score", "eval", "search"])
+def test_an_unusable_feature_file_makes_the_exit_status_1(tmp_path, scripts, capsys, name):
+    q, r = tmp_path / "q", tmp_path / "r"
+    for folder in (q, r):
+        _npy(folder / "a.npy", [1.0, 0.0, 0.0])
+        _npy(folder / "b.npy", [0.0, 1.0, 0.0])
+    _npy(r / "zero.npy", [0.0, 0.0, 0.0])  # all zeros: skipped
+    _npy(q / "zero.npy", [0.0, 0.0, 0.0])
+    query = q / "a.npy" if name == "search" else q
+    code, lines, err = run(scripts[name], [query, r, "--model", "clamp2", "--weights", tmp_path / "missing.pth",
+                                           "--no_progress", *([] if name == "search" else ["--output_dir", tmp_path])],
+                           capsys)
+    assert code == 1, err
+    assert f"failed: {r / 'zero.npy'}" in err
+    if name == "score":
+        assert "Avg. pairwise similarity: 1.0" in lines and "Total query features: 2" in lines
+    elif name == "eval":
+        assert "Total query features: 2" in lines
+    else:
+        assert lines[:2] == ["Top 2 results among 2 candidates:", "a 1.0"]
+
+
+# -- captions, edge cases ------------------------------------------------------------------------------------------
+
+# captions are cached per captioner: another captioner's files give a fresh caption, not the cached one.
+def test_caption_cache_is_keyed_on_the_captioner(tiny_blip, tmp_path):
+    from clamp2.cache import FeatureCache
+    from clamp2.search.captions import caption_images
+
+    write_image(tmp_path / "a.png", 3)
+    other = tmp_path / "other_blip"
+    shutil.copytree(tiny_blip, other)
+    config = json.loads((other / "config.json").read_text())
+    config["text_config"]["max_length"] = 5
+    (other / "config.json").write_text(json.dumps(config))
+    cache = FeatureCache(tmp_path / "cache")
+    first, _ = caption_images([tmp_path / "a.png"], tiny_blip, cache=cache)
+    again, _ = caption_images([tmp_path / "a.png"], tiny_blip, cache=cache)
+    second, _ = caption_images([tmp_path / "a.png"], other, cache=cache)
+    assert [c.cached for c in first + again + second] == [False, True, False]
+
+
+# an image PIL cannot read is a failure named with its reason; the other images are captioned.
+def test_an_unreadable_image_is_a_failure_not_a_crash(tiny_blip, tmp_path):
+    from clamp2.search.captions import caption_images
+
+    write_image(tmp_path / "a.png", 3)
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    captions, failures = caption_images([tmp_path / "a.png", tmp_path / "b.png"], tiny_blip)
+    assert [c.image.name for c in captions] == ["a.png"]
+    assert [(p.name, reason.split(":")[0]) for p, reason in failures] == [("b.png", "cannot caption")]
