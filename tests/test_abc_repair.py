@@ -293,3 +293,52 @@ def test_an_empty_assumed_voice_is_named_as_assumed_not_as_a_line_of_the_file():
     tune = "X:1\nT:two hands\nM:4/4\nL:1/4\nK:C\nV:1 clef=treble\nCDEF|GABc|\nV:2 clef=bass\nC,D,E,F,|G,A,B,C|\n"
     assert locate_bar_problem(numbered_lines(tune)) == (
         "voice V:1, which the one-voice fix assumes after K: (line 5), has no music")
+
+
+# -- edge cases from a code-driven mutation audit ------------------------------------------------------
+
+REPAIR_HEAD = "X:1\nL:1/8\nM:4/4\nK:C\n"
+
+
+def test_escaped_percent_is_no_comment():
+    """COMMENT_RE's (?<!\\\\) lookbehind: ``\\%`` is a literal percent sign, not a comment start."""
+    repaired, applied = repair_tune(REPAIR_HEAD + '"50\\% off"abcd efga|abcd efga % comment\n')
+    assert repaired == REPAIR_HEAD + '"50\\% off"abcd efga|abcd efga |]\n'
+    assert applied == ["drop_body_comments", "close_final_bar"]
+
+
+def test_part_field_line_becomes_an_inline_field():
+    """INLINE_FIELDS holds P: a body ``P:B`` line moves inline, it is not dropped as descriptive."""
+    repaired, _ = repair_tune(REPAIR_HEAD + "P:A\nabcd efga|abcd efga|\nP:B\nabcd efga|abcd efga|]\n")
+    assert repaired == REPAIR_HEAD + "[P:A]abcd efga|abcd efga|\n[P:B]abcd efga|abcd efga|]\n"
+
+
+def test_a_voice_starting_with_music_may_end_without_a_barline():
+    """split_problem: abctoolkit splits ``abc|def`` (it drops the trailing text) without failing, so only a voice
+    that starts with a barline is reported for a missing closing barline."""
+    from abctoolkit.utils import split_into_bars_and_barlines
+
+    split_into_bars_and_barlines("abc|def\n")  # no exception
+    assert locate_bar_problem(numbered_lines("X:1\nL:1/8\nM:3/8\nK:C\nabc|def\n")) == ""
+    assert locate_bar_problem(numbered_lines("X:1\nL:1/8\nM:3/8\nK:C\n|abc|def\n")) == (
+        "line 5: the last bar 'def' of voice V:1 has no closing barline")
+
+
+def test_repeated_equal_barlines_are_not_two_barlines_in_a_row():
+    """bar_elements drops a repeated element as abctoolkit does (``| |`` splits fine)."""
+    assert locate_bar_problem(numbered_lines("X:1\nL:1/8\nM:3/8\nK:C\nabc| |def|\n")) == ""
+    assert "two barlines in a row" in locate_bar_problem(numbered_lines("X:1\nL:1/8\nM:3/8\nK:C\nabc|:|]def|\n"))
+
+
+def test_voices_with_equal_bar_counts_have_no_bar_count_problem():
+    """bar_count_problem reports only when the voices' bar counts differ."""
+    tune = "X:1\nL:1/8\nM:3/8\nK:C\nV:1\nabc|def|\nV:2\nAB|DEF|\n"
+    assert locate_bar_problem(numbered_lines(tune)) == ""
+    tune = "X:1\nL:1/8\nM:3/8\nK:C\nV:1\nabc|def|\nV:2\nABC|\n"
+    assert locate_bar_problem(numbered_lines(tune)).startswith("bars per voice: V:1 2, V:2 1")
+
+
+def test_key_change_after_a_continued_line_stays_where_it_was():
+    # Inlined where the joined lines meet: before the joined line it took effect bars early (F became F#).
+    repaired, _ = repair_tune("X:1\nL:1/8\nM:3/8\nK:C\nabc|\\\nK:G\ndef|\n")
+    assert repaired == "X:1\nL:1/8\nM:3/8\nK:C\nabc| [K:G]def|\n"

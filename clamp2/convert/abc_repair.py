@@ -183,7 +183,14 @@ def join_line_continuations(lines: Lines) -> Lines:
             line = Line(pending.number, pending.text + line.text.lstrip())
             pending = None
         elif pending is not None:
-            result.append(line)  # ABC 2.1 lets a field or a comment line sit between the two
+            # ABC 2.1 lets a field or a comment line sit between the two. A field that changes the music
+            # (K:, M:, L:, ...) takes effect there, mid-line once the two are joined: inlined in place, not
+            # before the joined line (inline_body_fields' place for it), which would move it bars early.
+            text = line.text
+            if FIELD_LINE_RE.match(text) and text[0] in INLINE_FIELDS and not text.startswith(KEPT_FIELD_LINES):
+                pending = Line(pending.number, pending.text + "[" + text.strip() + "]")
+            else:
+                result.append(line)
             continue
         if is_music_line(line.text) and CONTINUATION_RE.search(line.text):
             pending = Line(line.number, CONTINUATION_RE.sub("", line.text).rstrip() + " ")
