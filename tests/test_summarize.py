@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 
 from clamp2.convert import summarize
 from clamp2.convert.summarize import (AnswerError, RetryPolicy, backoff_delay, build_messages, build_output,
-                                      choose_language, load_languages, load_prompt, parse_answer, strip_code_fence)
+                                      choose_language, load_languages, load_prompt, make_client, parse_answer,
+                                      request_summary, strip_code_fence)
 from conftest import SPEC_DIR, load_script
 
 SECRET = "sk-test-SECRET-123"
@@ -38,10 +40,11 @@ class ScriptedLLM:
     or an HTTP status code to fail with.
     """
 
-    def __init__(self, script: dict[str, list], slow_seconds: float = 3.0):
+    def __init__(self, script: dict[str, list], slow_seconds: float = 3.0, retry_after: str = "0"):
         self.script = script
         self.slow_seconds = slow_seconds
-        self.requests: list[dict] = []  # {"title", "language", "authorization", "body"}
+        self.retry_after = retry_after  # the Retry-After header of a 429
+        self.requests: list[dict] = []  # {"title", "language", "authorization", "body", "path", "time"}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         llm = self
@@ -70,7 +73,7 @@ class ScriptedLLM:
         with self.lock:
             attempt = sum(1 for request in self.requests if request["title"] == title)
             self.requests.append({"title": title, "language": language, "body": body,
-                                  "path": handler.path,
+                                  "path": handler.path, "time": time.monotonic(),
                                   "authorization": handler.headers.get("Authorization")})
         steps = self.script[title]
         step = steps[min(attempt, len(steps) - 1)]
@@ -79,7 +82,7 @@ class ScriptedLLM:
             if step == 401:  # a careless server echoing the key: it must still never be logged
                 message = f"Incorrect API key provided: {SECRET}"
             return self.reply(handler, step, {"error": {"message": message, "type": "test"}},
-                              {"Retry-After": "0"} if step == 429 else {})
+                              {"Retry-After": self.retry_after} if step == 429 else {})
         if step == "slow":
             if self.stopping.wait(self.slow_seconds):
                 return
@@ -590,3 +593,160 @@ def test_module_has_public_api():
     for name in ("load_languages", "choose_language", "load_prompt", "build_messages", "parse_answer", "make_client",
                  "request_summary", "summarize_folder", "merge_summaries", "RetryPolicy"):
         assert hasattr(summarize, name)
+
+
+# -- edge cases from a code-driven mutation audit ------------------------------------------------------
+
+def test_earlier_summaries_are_not_sent():
+    metadata = {"title": "T", "summary_en": "old", "summary_nen": {"language": "Welsh", "summary": "hen"},
+                "filepaths": ["abc/t.abc"]}
+    sent = json.loads(build_messages(metadata, "Basque")[-1]["content"])
+    assert sent == {"title": "T", "nen_language": "Basque"}
+
+
+def test_empty_filepaths_entry_fails_before_any_request(tmp_path, api_env, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.json").write_text(json.dumps({"title": "good", "filepaths": ["", "abc/a.abc"]}), encoding="utf-8")
+    with ScriptedLLM({"good": ["ok"]}) as llm:
+        assert script.main([str(inputs), str(tmp_path / "out"), "--model", "m", "--base_url", llm.base_url, *FAST]) == 1
+        assert llm.requests == []
+    log = (tmp_path / "out" / "failed_summaries.log").read_text(encoding="utf-8")
+    assert log.startswith("a.json\t") and log.endswith("\n") and log.count("\n") == 1 and "filepaths" in log
+
+
+def test_retry_after_gap(api_env):
+    # The server's Retry-After (1 s) is waited even when the client's own backoff would retry at once.
+    with ScriptedLLM({"t": [429, "ok"]}, retry_after="1") as llm:
+        client = make_client(SECRET, llm.base_url, 5.0)
+        try:
+            policy = RetryPolicy(max_retries=2, timeout=5.0, backoff_base=0.0, backoff_cap=5.0)
+            request_summary(client, "m", build_messages({"title": "t"}, "Welsh"), policy)
+        finally:
+            client.close()
+    times = [request["time"] for request in llm.requests]
+    assert len(times) == 2 and times[1] - times[0] >= 0.9
+
+
+def test_not_found_and_forbidden_abort_the_run(tmp_path, api_env, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    for status in (404, 403):
+        inputs = tmp_path / f"in{status}"
+        for i in range(4):
+            write_metadata(inputs, f"{i}.json", "refused")
+        with ScriptedLLM({"refused": [status]}) as llm:
+            code = script.main([str(inputs), str(tmp_path / f"out{status}"), "--model", "m",
+                                "--base_url", llm.base_url, "--workers", "1", *FAST])
+            assert code == 2 and len(llm.requests) == 1, status
+        assert "aborted" in capsys.readouterr().err
+
+
+def test_language_drawn_from_relative_path_with_default_seed(tmp_path, api_env, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    languages = load_languages()
+    # a nested file whose language differs by path-vs-name and by seed 0 vs 1
+    name = next(f"n{i}.json" for i in range(1000)
+                if len({choose_language(0, f"deep/{f'n{i}.json'}", languages),
+                        choose_language(0, f"n{i}.json", languages),
+                        choose_language(1, f"deep/{f'n{i}.json'}", languages)}) == 3)
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    write_metadata(inputs, f"deep/{name}", "good")
+    with ScriptedLLM({"good": ["ok"]}) as llm:
+        assert script.main([str(inputs), str(outputs), "--model", "m", "--base_url", llm.base_url, *FAST]) == 0
+        assert [r["language"] for r in llm.requests] == [choose_language(0, f"deep/{name}", languages)]
+
+
+def test_output_bytes(tmp_path, api_env, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    (inputs / "x.json").write_text(json.dumps({"title": "good", "composer": None, "lyrics": "Ça ira",
+                                               "genres": ["Folk"], "filepaths": ["abc/x.abc"]}), encoding="utf-8")
+    with ScriptedLLM({"good": ["ok"]}) as llm:
+        assert script.main([str(inputs), str(outputs), "--model", "m", "--base_url", llm.base_url,
+                            "--seed", "0", *FAST]) == 0
+    language = choose_language(0, "x.json", load_languages())
+    expected = json.dumps({"title": "good", "lyrics": "Ça ira", "genres": ["Folk"], "summary_en": "A summary of good.",
+                           "summary_nen": {"language": language, "summary": f"[{language}] good"},
+                           "filepaths": ["abc/x.abc"]}, indent=4, ensure_ascii=False)
+    assert (outputs / "x.json").read_bytes() == expected.encode("utf-8")  # no trailing newline, input key order
+
+
+def test_cli_defaults():
+    args = load_script("process_data/gpt4_summarize.py").parse_args(["in", "out", "--model", "m"])
+    assert (args.seed, args.max_retries, args.timeout, args.workers, args.backoff_base, args.backoff_cap) == \
+        (0, 5, 60.0, 8, 1.0, 60.0)
+
+
+def test_key_with_surrounding_whitespace_is_trimmed(tmp_path, api_env, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", f"  {SECRET}\n")
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs = tmp_path / "in"
+    write_metadata(inputs, "a.json", "good")
+    with ScriptedLLM({"good": ["ok"]}) as llm:
+        assert script.main([str(inputs), str(tmp_path / "out"), "--model", "m", "--base_url", llm.base_url, *FAST]) == 0
+        assert [r["authorization"] for r in llm.requests] == [f"Bearer {SECRET}"]
+
+
+def test_failure_count_on_stderr_and_log_sorted_with_collisions(tmp_path, api_env, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    write_metadata(inputs, "a.json", "none")
+    write_metadata(inputs, "b.json", "good")
+    write_metadata(inputs, "b.JSON", "good upper")
+    with ScriptedLLM({"none": ["none"], "good": ["ok"], "good upper": ["ok"]}) as llm:
+        assert script.main([str(inputs), str(outputs), "--model", "m", "--base_url", llm.base_url,
+                            "--workers", "1", *FAST]) == 1
+    err = capsys.readouterr().err
+    assert f"2 failed, listed in {outputs / 'failed_summaries.log'}" in err
+    log = (outputs / "failed_summaries.log").read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[0] for line in log] == ["a.json", "b.json"]  # the collision is found first, logged sorted
+
+
+def test_reason_is_bounded():
+    assert len(summarize.one_line("x" * 1000)) == 300
+
+
+# -- merge ---------------------------------------------------------------------------------------
+
+
+def _data(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x", encoding="utf-8")
+
+
+def test_merge_bytes_order_and_key_order(tmp_path, capsys):
+    script = load_script("process_data/merge_jsonl.py")
+    _data(tmp_path, "abc/1.abc", "abc/2.abc")
+    summaries = tmp_path / "summaries"
+    (summaries / "a").mkdir(parents=True)
+    first = {"filepaths": ["abc/1.abc"], "title": "Ünï", "summary_en": "E.",
+             "summary_nen": {"language": "Welsh", "summary": "W."}}
+    (summaries / "a-b.json").write_text(json.dumps(first), encoding="utf-8")
+    second = dict(first, filepaths=["abc/2.abc"], title="two")
+    (summaries / "a" / "b.json").write_text(json.dumps(second), encoding="utf-8")
+    out = tmp_path / "train.jsonl"
+    assert script.main([str(summaries), str(out)]) == 0
+    # ordered by the relative POSIX path string ("a-b.json" < "a/b.json"); keys kept in the file's order
+    assert out.read_bytes() == (json.dumps(first, ensure_ascii=False) + "\n"
+                                + json.dumps(second, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def test_merge_refuses_empty_and_incomplete_records(tmp_path, capsys):
+    script = load_script("process_data/merge_jsonl.py")
+    _data(tmp_path, "abc/a.abc")
+    (tmp_path / "adir").mkdir()
+    summaries = tmp_path / "summaries"
+    write_summary(summaries, "empty_en.json", ["abc/a.abc"], summary_en=[])
+    write_summary(summaries, "no_lang.json", ["abc/a.abc"], summary_nen={"summary": "W."})
+    write_summary(summaries, "no_files.json", [])
+    write_summary(summaries, "dir.json", ["adir"])
+    write_summary(summaries, "ok.json", ["abc/a.abc"])
+    out = tmp_path / "train.jsonl"
+    assert script.main([str(summaries), str(out)]) == 1
+    err = capsys.readouterr().err
+    for name in ("empty_en.json", "no_lang.json", "no_files.json", "dir.json"):
+        assert f"skipped: {name}" in err
+    assert [json.loads(line)["title"] for line in out.read_text(encoding="utf-8").splitlines()] == ["ok"]
