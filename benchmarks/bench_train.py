@@ -51,7 +51,8 @@ counted from the shapes of each batch as padded: a linear layer of n_in → n_ou
 adds 4·B·L²·h (scores and weighted sum); training is 3× forward (backward = 2×), except the M3 patch
 embedding, whose one-hot input needs no gradient (2×); the lookup the trainers use counts one
 addition per looked-up value instead of the one-hot matmul (the reference variants count the
-matmul). Per transformer layer of width h and MLP 4h that is 24·N·h² + 4·B·L²·h forward. M3: the
+matmul), forward and, in fp32, backward; under bf16/fp16 autocast its weight gradient is the
+one-hot GEMM (as the reference's), counted as such. Per transformer layer of width h and MLP 4h that is 24·N·h² + 4·B·L²·h forward. M3: the
 patch embedding (128·PATCH_SIZE → h) and the encoder over B × L patches, the decoder over each
 picked patch at the length it is decoded at (its length group's; PATCH_SIZE for the reference) plus
 its 128-way head. CLaMP 2: the text encoder over B × T tokens, the music encoder over B × L patches
@@ -220,6 +221,20 @@ def patch_embedding_flops(batch: int, length: int, dims: M3Dims, lookup: bool = 
     return 2.0 * batch * length * NUM_CLASSES * dims.patch_size * dims.hidden_size
 
 
+def patch_embedding_train_flops(batch: int, length: int, dims: M3Dims, lookup: bool = True,
+                                autocast: bool = False) -> float:
+    """Forward and backward FLOPs of the patch embedding, as computed (its one-hot input needs no gradient).
+
+    The one-hot Linear: its matmul, then the weight gradient's matmul of the same size. The lookup: its
+    additions forward; backward, embedding_bag's additions in fp32, but under autocast (bf16/fp16)
+    LookupSum's weight gradient, the one-hot GEMM the reference computes too (clamp2/models/m3.py).
+    """
+    forward = patch_embedding_flops(batch, length, dims, lookup)
+    if lookup and autocast:
+        return forward + patch_embedding_flops(batch, length, dims, lookup=False)
+    return 2 * forward
+
+
 def embed_as_reference(model) -> None:
     """Train with the one-hot Linear patch embedding, as the reference does (not the column lookup)."""
     for module in model.modules():
@@ -237,18 +252,19 @@ def decoded_lengths(batch: dict, dims: M3Dims, grouped: bool) -> torch.Tensor:
     return ((last + DECODE_LENGTH_STEP - 1) // DECODE_LENGTH_STEP * DECODE_LENGTH_STEP).clamp(max=dims.patch_size)
 
 
-def m3_train_flops(batch: dict, dims: M3Dims, grouped: bool, lookup: bool = True) -> float:
+def m3_train_flops(batch: dict, dims: M3Dims, grouped: bool, lookup: bool = True, autocast: bool = False) -> float:
     b, n = batch["input_masks"].shape
     h = dims.hidden_size
     decoder = sum(encoder_flops(1, int(length), h, dims.token_num_layers) + 2.0 * int(length) * h * NUM_CLASSES
                   for length in decoded_lengths(batch, dims, grouped))
     forward = encoder_flops(b, n, h, dims.patch_num_layers) + decoder
-    return 3 * forward + 2 * patch_embedding_flops(b, n, dims, lookup)
+    return 3 * forward + patch_embedding_train_flops(b, n, dims, lookup, autocast)
 
 
-def clamp3_train_flops(batch: dict, config: BenchConfig, modality: str, lookup: bool = True) -> float:
+def clamp3_train_flops(batch: dict, config: BenchConfig, modality: str, lookup: bool = True,
+                       autocast: bool = False) -> float:
     if modality == "symbolic":
-        return clamp2_train_flops(batch, config, lookup)
+        return clamp2_train_flops(batch, config, lookup, autocast)
     b, t = batch["text_masks"].shape
     n = batch["music_masks"].shape[1]
     audio = config.audio
@@ -258,14 +274,14 @@ def clamp3_train_flops(batch: dict, config: BenchConfig, modality: str, lookup: 
     return 3 * forward
 
 
-def clamp2_train_flops(batch: dict, config: BenchConfig, lookup: bool = True) -> float:
+def clamp2_train_flops(batch: dict, config: BenchConfig, lookup: bool = True, autocast: bool = False) -> float:
     b, t = batch["text_masks"].shape
     n = batch["music_masks"].shape[1]
     dims = config.dims
     forward = (encoder_flops(b, t, config.text_hidden, config.text_layers)
                + encoder_flops(b, n, dims.hidden_size, dims.patch_num_layers)
                + 2.0 * b * (config.text_hidden + dims.hidden_size) * config.clamp2_hidden)
-    return 3 * forward + 2 * patch_embedding_flops(b, n, dims, lookup)
+    return 3 * forward + patch_embedding_train_flops(b, n, dims, lookup, autocast)
 
 
 # -- measuring -------------------------------------------------------------------------------------------
@@ -330,6 +346,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
     count = args.warmup + args.steps
     patchilizer = M3Patchilizer(config.dims.patch_size, config.dims.patch_length)
     lookup = "-" not in variant  # the reference variants embed patches through the one-hot Linear
+    autocast = precision.dtype is not None
     torch.manual_seed(0)
     if task == "m3":
         batch_size = args.m3_batch or (config.m3_batch_cuda if cuda else config.m3_batch)
@@ -340,7 +357,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
             decode_full_length(model.decoder)
         elif args.m3_decode_groups:
             model.decoder.decode_groups_on_gpu = True
-        flops = [m3_train_flops(b, config.dims, grouped="-" not in variant, lookup=lookup) for b in batches]
+        flops = [m3_train_flops(b, config.dims, grouped="-" not in variant, lookup=lookup, autocast=autocast) for b in batches]
     elif task in MODALITY:
         modality = MODALITY[task]
         batch_size = args.clamp2_batch or (config.clamp2_batch_cuda if cuda else config.clamp2_batch)
@@ -361,7 +378,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
         for module in frozen_modules(modality, False):
             getattr(model, module).requires_grad_(False)
         loss_fn = ContrastiveStep(1.0, modality)
-        flops = [clamp3_train_flops(b, config, modality, lookup) for b in batches]
+        flops = [clamp3_train_flops(b, config, modality, lookup, autocast) for b in batches]
     else:
         batch_size = args.clamp2_batch or (config.clamp2_batch_cuda if cuda else config.clamp2_batch)
         tokenizer = data["tokenizer"]
@@ -371,7 +388,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
                                     config.dims.patch_size, pad_to_longest="-" not in variant)
         batches, load_seconds = batches_of(dataset, collate, batch_size, count)
         model, loss_fn = CLaMP2Model(text_encoder(config), config.dims, config.clamp2_hidden), ContrastiveStep(1.0)
-        flops = [clamp2_train_flops(b, config, lookup) for b in batches]
+        flops = [clamp2_train_flops(b, config, lookup, autocast) for b in batches]
     if not lookup:
         embed_as_reference(model)
     label = f"{variant:20s} {name:8s} {device.type:4s} {str(precision):28s} batch {batch_size:4d}"

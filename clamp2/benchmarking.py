@@ -11,8 +11,13 @@ from typing import Iterable, Optional, Tuple
 import numpy as np
 import torch
 
-# Dense tensor-core peaks in TFLOP/s by device name (bf16/fp16), and fp32 without TF32.
+# Dense tensor-core peaks in TFLOP/s by device name (bf16/fp16), and fp32 without TF32; NVIDIA's
+# datasheets, whose bf16 figures are with sparsity (twice these). The first key found in the device's
+# name wins, so the PCIe and NVL cards (lower clocks and power) come before the SXM ones.
 PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
+    "H200 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
