@@ -9,7 +9,6 @@ folder, then ``os.replace``).
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import itertools
 import os
@@ -264,15 +263,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_partial_files(path: str | os.PathLike) -> int:
-    """Delete temporary files that a killed writer of ``path`` left behind; return how many."""
-    path = Path(path)
-    removed = 0
-    for stem in _temporary_stems(path.name):
-        for leftover in path.parent.glob(f".{glob.escape(stem)}.*{TMP_SUFFIX}"):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-                removed += 1
-    return removed
+    """Delete temporary files that a killed writer of ``path`` left behind; return how many.
+
+    Only ``path``'s own: a glob ``.x.npy.*.partial`` would also match ``.x.npy.npy.<token>.partial``,
+    the temporary file of another output (``x.npy.npy``, from an input ``x.npy.abc``).
+    """
+    return remove_partial_files_of([path])
 
 
 def remove_partial_files_of(paths: Iterable[str | os.PathLike]) -> int:

@@ -1,0 +1,170 @@
+"""File discovery, atomic writes, the feature cache, the CLI and progress lines: paths a code-driven mutation audit
+found untested."""
+
+import io
+import os
+import stat
+
+import numpy as np
+import pytest
+
+
+def test_a_single_file_root_is_found_only_with_a_wanted_suffix(tmp_path):
+    # A file given where a folder is expected (clamp3_embd/clamp3_search take one file) is taken only when
+    # its suffix is wanted: "query.docx" is "Could not determine modality", never a file of modality None.
+    from clamp2.files import find_files
+    from clamp2.search.clamp3 import files_by_modality
+
+    other, tune = tmp_path / "query.docx", tmp_path / "tune.ABC"
+    other.write_text("x")
+    tune.write_text("x")
+    assert find_files(other, ["abc"]) == []
+    assert find_files(tune, ["abc"]) == [tune]
+    assert files_by_modality(other) == {}
+
+
+def test_a_file_log_keeps_one_files_lines_in_their_order(tmp_path):
+    from clamp2.files import write_file_log
+
+    write_file_log(tmp_path / "log", [("b.abc", "z: second step"), ("a.abc", "only"), ("b.abc", "a: third step")])
+    assert (tmp_path / "log").read_text() == "a.abc\tonly\nb.abc\tz: second step\nb.abc\ta: third step\n"
+
+
+def test_ctrl_c_during_a_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from clamp2.files import atomic_write_bytes
+
+    def interrupted(fd, views):
+        os.write(fd, b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "writev", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(tmp_path / "x.npy", b"header", b"body")
+    assert os.listdir(tmp_path) == []
+
+
+def test_leftovers_of_one_output_are_not_those_of_a_longer_name(tmp_path):
+    # "x.npy" and "x.npy.npy" (from x.npy.abc) may be written in one folder at once; a worker's death
+    # clears the first one's leftovers, never the second's file in progress.
+    from clamp2.files import remove_partial_files
+
+    mine, theirs = tmp_path / ".x.npy.dead0.partial", tmp_path / ".x.npy.npy.live0.partial"
+    mine.write_bytes(b"")
+    theirs.write_bytes(b"")
+    assert remove_partial_files(tmp_path / "x.npy") == 1
+    assert not mine.exists() and theirs.exists()
+
+
+def test_outputs_follow_a_group_writable_umask(tmp_path):
+    from clamp2.files import atomic_write_bytes, atomic_write_text
+
+    old = os.umask(0o002)
+    try:
+        atomic_write_bytes(tmp_path / "a.npy", b"x")
+        atomic_write_text(tmp_path / "b.txt", "x")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(os.stat(tmp_path / n).st_mode) for n in ("a.npy", "b.txt")} == {0o664}
+
+
+def test_an_empty_cache_entry_is_missing_not_an_error(tmp_path):
+    # No fsync: after a power cut a renamed entry can be empty; it is encoded again, never a crash.
+    from clamp2.cache import FeatureCache
+
+    namespace = FeatureCache(tmp_path).namespace({"model": "test"})
+    key = "ab" * 32
+    namespace.put(key, np.ones((1, 4), np.float32))
+    np.testing.assert_array_equal(namespace.get(key), np.ones((1, 4), np.float32))
+    namespace.path(key).write_bytes(b"")
+    assert namespace.get(key) is None
+
+
+def test_a_damaged_weights_memo_is_not_taken_as_the_hash(tmp_path):
+    from clamp2 import cache
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x" * 100)
+    right = cache.weights_fingerprint(weights, tmp_path / "cache")
+    (memo,) = (tmp_path / "cache" / "weights").iterdir()
+    memo.write_text(right[:20])  # cut short
+    cache._weights_hashes.clear()
+    assert cache.weights_fingerprint(weights, tmp_path / "cache") == right
+
+
+def test_clear_removes_the_weights_memos_too(tmp_path, capsys):
+    from clamp2 import cache
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x" * 100)
+    cache.weights_fingerprint(weights, tmp_path / "cache")
+    cache.FeatureCache(tmp_path / "cache").namespace({"model": "t"}).put("cd" * 32, np.zeros((1, 2), np.float32))
+    assert cache.main(["clear", "--cache", str(tmp_path / "cache")]) == 0
+    assert "removed 1 cached features" in capsys.readouterr().out
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_default_log_interval_throttles(tmp_path):
+    from clamp2.progress import progress_bar
+
+    path = tmp_path / "log.txt"
+    with open(path, "w") as stream:
+        with progress_bar(total=500, desc="work", stream=stream) as bar:
+            for _ in range(500):
+                bar.update(1)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and "500/500" in lines[1]
+    assert all(line.isascii() for line in lines)  # a log gets an ASCII bar, not block characters
+
+
+def test_write_line_prints_a_non_utf8_name_on_a_strict_stream(tmp_path):
+    from clamp2.progress import write_line
+
+    with open(tmp_path / "log", "w", encoding="utf-8", errors="strict") as stream:
+        write_line(f"failed: {os.fsdecode(b'caf' + bytes([0xe9]) + b'.abc')}", stream=stream)
+    assert (tmp_path / "log").read_text() == "failed: caf\\xe9.abc\n"
+
+
+def test_help_keeps_the_description_lines(capsys):
+    from clamp2 import cache
+
+    with pytest.raises(SystemExit):
+        cache.parse_args(["--help"])
+    assert "\n    clamp2-cache info [--cache DIR]\n    clamp2-cache clear [--cache DIR]\n" in capsys.readouterr().out
+
+
+def test_no_cache_flag_gives_no_cache(tmp_path):
+    from clamp2.cache import add_cache_arguments, cache_from_args
+    from clamp2.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="t")
+    add_cache_arguments(parser)
+    assert cache_from_args(parser.parse_args(["--no_cache"])) is None
+    assert cache_from_args(parser.parse_args(["--cache", str(tmp_path)])).root == tmp_path
+
+
+def test_cache_info_lists_namespaces_in_folder_order(tmp_path):
+    from clamp2.cache import FeatureCache
+
+    cache = FeatureCache(tmp_path)
+    for model in "abcdefgh":
+        cache.namespace({"model": model}).put("ef" * 32, np.zeros((1, 2), np.float32))
+    folders = [entry["folder"] for entry in cache.info()]
+    assert folders == sorted(folders) and len(folders) == 8
+
+
+def test_a_slow_stage_after_a_burst_still_gets_its_lines(tmp_path):
+    # tqdm's dynamic miniters, learnt in a fast burst, would skip the log lines of a slow stage after it.
+    import time
+
+    from clamp2.progress import progress_bar
+
+    stream = io.StringIO()
+    with progress_bar(total=12, desc="w", stream=stream, log_interval=0.2) as bar:
+        bar.update(10)
+        for _ in range(10):
+            bar.update(0)
+        for _ in range(2):
+            time.sleep(0.5)
+            bar.update(1)
+    lines = stream.getvalue().splitlines()
+    assert any("11/12" in line for line in lines) and "12/12" in lines[-1], lines
