@@ -173,6 +173,7 @@ def test_loaded_message_is_the_reference_line():
 
 
 # a checkpoint of a torch.compile'd model holds the model's own keys (no "_orig_mod." prefix).
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own import of torch.jit
 def test_a_compiled_model_saves_its_own_keys(tmp_path):
     import torch
 
