@@ -28,6 +28,13 @@ def load_script(relative_path: str):
     return module
 
 
+def run_main(script, args, capsys):
+    """A loaded script's ``main`` on ``args`` (made strings): ``(exit status, stdout, stderr)``."""
+    code = script.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def free_port() -> int:
     """A TCP port free on this machine now, for a test's torchrun or process group."""
     with socket.socket() as sock:

@@ -21,6 +21,7 @@ from clamp2.probe.report import macro_f1
 from clamp2.probe.train import logs_path_for, predict
 from clamp2.distributed import DistInfo
 from conftest import REPO_ROOT, VECTORS, load_script
+from conftest import run_main as run
 from probe_features import class_means, oracle_accuracy, write_features
 
 LABELS = ["folk", "jazz", "rock"]
@@ -45,12 +46,6 @@ def data(tmp_path):
     write_features(tmp_path / "train", means, 40, seed=1)
     write_features(tmp_path / "eval", means, 20, seed=2, start=100)
     return tmp_path, means
-
-
-def run(script, args, capsys):
-    code = script.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(err):

@@ -9,6 +9,7 @@ import torch
 from clamp2.checkpoint import read_checkpoint
 from clamp2.probe.model import LinearClassifier, probe_from_state, probe_loss
 from conftest import load_script
+from conftest import run_main as run
 from probe_features import class_means, oracle_accuracy, write_features
 
 LABELS = ["folk", "jazz", "rock"]
@@ -23,12 +24,6 @@ def train_cls():
 @pytest.fixture(scope="module")
 def inference_cls():
     return load_script("music_classification/inference_cls.py")
-
-
-def run(script, args, capsys):
-    code = script.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_model_is_one_linear_layer_and_softmax_as_the_reference():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import run_main as _run
+
 
 def test_confusion_matrix_rows_are_the_true_classes():
     """report.class_table: rows truth, columns prediction (as its docstring and the PNG's axes say)."""
@@ -78,12 +80,6 @@ def test_train_loss_is_the_mean_over_files_whatever_the_batches():
 # -- train_cls.py / inference_cls.py end to end (tiny data, one epoch) ------------------------------
 
 FAST = ["--hidden_size", "16", "--learning_rate", "3e-3", "--batch_size", "8", "--no_progress"]
-
-
-def _run(script, args, capsys):
-    code = script.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

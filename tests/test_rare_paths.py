@@ -13,14 +13,9 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, VECTORS, load_script
+from conftest import run_main as _run
 
 VECTORS3 = VECTORS.parent / "vectors_clamp3"
-
-
-def _run(script, args, capsys):
-    code = script.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- clamp2/api.py: M3's folder, skip and cache paths; the models' repr --------------------------------

@@ -130,13 +130,14 @@ def test_eval_music_choice(tmp_path):
 
 def test_split_eval_is_seeded_and_rounds_as_the_reference():
     # the reference's training: random.seed(42); random.shuffle(data); data[:int(len(data) * 0.01)]
-    items = list(range(1050))
+    # (1070 · 0.01 = 10.7: int() gives 10 where round() would give 11)
+    items = list(range(1070))
     reference = list(items)
     random.Random(42).shuffle(reference)
     split = split_eval(items, 0.01, 42)
     assert split.eval == reference[:10] and split.train == reference[10:]
     assert split_eval(items, 0.01, 42) == split
-    assert "10 of 1050 items held out" in split.reason and "rounded down" in split.reason
+    assert "10 of 1070 items held out" in split.reason and "rounded down" in split.reason
     # its linear probe rounds up: math.ceil(len(files) * 0.2)
     split = split_eval(list(range(11)), 0.2, 42, min_train=0, round_up=True)
     assert len(split.eval) == 3 and "rounded up" in split.reason

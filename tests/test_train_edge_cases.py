@@ -7,19 +7,10 @@ import random
 
 import pytest
 
-from clamp2.training.data import dropout_join, read_music, split_eval
+from clamp2.training.data import dropout_join, read_music
 from conftest import REPO_ROOT, VECTORS
 
 SEP = "</s>"
-
-
-def test_split_eval_rounds_down_not_to_nearest():
-    # Not: round() for int(). The reference: split_idx = int(len(data) * eval_ratio); 1070 * 0.01 = 10.7.
-    items = list(range(1070))
-    reference = list(items)
-    random.Random(42).shuffle(reference)
-    split = split_eval(items, 0.01, 42)
-    assert split.eval == reference[:10] and split.train == reference[10:]
 
 
 def test_unit_length_is_dropped_from_upper_case_abc_too(tmp_path):
