@@ -342,3 +342,13 @@ def test_key_change_after_a_continued_line_stays_where_it_was():
     # Inlined where the joined lines meet: before the joined line it took effect bars early (F became F#).
     repaired, _ = repair_tune("X:1\nL:1/8\nM:3/8\nK:C\nabc|\\\nK:G\ndef|\n")
     assert repaired == "X:1\nL:1/8\nM:3/8\nK:C\nabc| [K:G]def|\n"
+
+
+def test_a_field_between_two_barlines_of_a_continuation_joins_the_bar_after_them():
+    # "cdef|gabc'|\" / "K:G" / "|d'c'ba:|": the field goes after the next line's leading barline, so the two
+    # barlines still merge into one and no empty bar "[K:G]" is made; V:2's key change is in its bar 3 too.
+    tune = ("X:1\nT:mv\nM:2/4\nL:1/8\nK:C\nV:1\ncdef|gabc'|\\\nK:G\n|d'c'ba:|\n|:gfed|cBAG:|\n"
+            "V:2\nCDEF|GABc|\nK:G\ndcBA:|\n|:GFED|CB,A,G,:|\n")
+    lines = assert_repaired(tune, ["join_line_continuations", "inline_body_fields", "merge_adjacent_barlines"])
+    assert lines == ["[V:1]cdef|[V:2]CDEF|", "[V:1]gabc'|[V:2]GABc|", "[V:1][K:G]d'c'ba::[V:2][K:G]dcBA::",
+                     "[V:1]gfed|[V:2]GFED|", "[V:1]cBAG:|[V:2]CB,A,G,:|"]

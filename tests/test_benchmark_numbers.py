@@ -225,6 +225,25 @@ def test_patch_embedding_training_flops_follow_what_each_precision_computes(auto
     assert ours == pytest.approx(counted(step), rel=1e-2)
 
 
+def test_train_flops_of_a_bf16_run_count_the_lookups_gradient_gemm(train_bench, monkeypatch, capsys):
+    # bench_train.run passes the precision's autocast on to the FLOP count: a bf16 step computes the one-hot
+    # GEMM for the lookup's weight gradient, an fp32 step embedding_bag's additions.
+    bench, data, folder = train_bench
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    measured = (1.0, 1.0, 0.25, 1.0)
+    fp32, _ = run_recording(bench, data, folder, monkeypatch, "m3", device="cuda", precision="fp32", measured=measured)
+    bf16, _ = run_recording(bench, data, folder, monkeypatch, "m3", device="cuda", precision="bf16", measured=measured)
+    dims = bench.CONFIGS["small"].dims
+    # per embedded patch position: the GEMM's 2·128·P·h multiply-adds in place of the lookup's P·h additions
+    per_position = dims.patch_size * dims.hidden_size * (2 * NUM_CLASSES - 1)
+    assert len(fp32) == len(bf16) == 2
+    for plain, autocast in zip(fp32, bf16):
+        positions = (autocast - plain) / per_position
+        assert positions == round(positions) and 0 < positions <= bench.CONFIGS["small"].m3_batch_cuda * dims.patch_length
+    capsys.readouterr()
+
+
 def test_train_line_rates_and_mfu_on_cuda(train_bench, monkeypatch, capsys):
     bench, data, folder = train_bench
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")

@@ -185,6 +185,13 @@ def test_an_overflowing_variance_with_a_finite_mean_gives_the_references_feature
         features = MertFeatureExtractor(tiny_model, "cpu", resample_on_device=on_device).features(tmp_path / "wild.wav")
         assert features.shape == (1, 64) and np.isfinite(features).all()
         np.testing.assert_array_equal(features, expected)
+    # At 16 kHz a ±7.5e16 square wave's float32 sums are finite, but not once resampled to 24 kHz (1.5× the
+    # samples, and the resampler's overshoot): the reference's z-score is zeros there too.
+    square = np.where((np.arange(3 * 16000) // 80) % 2 == 0, 7.5e16, -7.5e16).astype(np.float32)
+    soundfile.write(tmp_path / "square.wav", square[:, None], 16000, subtype="FLOAT")
+    for on_device in (False, True):
+        features = MertFeatureExtractor(tiny_model, "cpu", resample_on_device=on_device).features(tmp_path / "square.wav")
+        np.testing.assert_array_equal(features, expected)
 
 
 @pytest.fixture(scope="module")

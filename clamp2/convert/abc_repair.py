@@ -178,17 +178,18 @@ def join_line_continuations(lines: Lines) -> Lines:
         return lines
     result = lines[:start]
     pending: Line | None = None
+    fields: list[str] = []  # inline fields met between a continued line and the next music line
     for line in lines[start:]:
         if pending is not None and is_music_line(line.text):
-            line = Line(pending.number, pending.text + line.text.lstrip())
-            pending = None
+            line = Line(pending.number, pending.text + after_leading_barline(line.text.lstrip(), "".join(fields)))
+            pending, fields = None, []
         elif pending is not None:
             # ABC 2.1 lets a field or a comment line sit between the two. A field that changes the music
             # (K:, M:, L:, ...) takes effect there, mid-line once the two are joined: inlined in place, not
             # before the joined line (inline_body_fields' place for it), which would move it bars early.
             text = line.text
             if FIELD_LINE_RE.match(text) and text[0] in INLINE_FIELDS and not text.startswith(KEPT_FIELD_LINES):
-                pending = Line(pending.number, pending.text + "[" + text.strip() + "]")
+                fields.append("[" + text.strip() + "]")
             else:
                 result.append(line)
             continue
@@ -197,8 +198,21 @@ def join_line_continuations(lines: Lines) -> Lines:
             continue
         result.append(line)
     if pending is not None:
-        result.append(Line(pending.number, pending.text.rstrip() + "\n"))
+        result.append(Line(pending.number, pending.text.rstrip() + "\n"))  # fields after the music: dropped
     return result
+
+
+def after_leading_barline(text: str, fields: str) -> str:
+    """``fields`` inserted at the start of the music of ``text``: after its leading barline if it has one
+    (``|[K:G] d2``, not ``[K:G]| d2``, a bar of its own), else before its first character."""
+    if not fields:
+        return text
+    spans = barline_spans(text)
+    if spans and not text[:spans[0][0]].strip():
+        at = spans[0][1]
+    else:
+        at = len(text) - len(text.lstrip())
+    return text[:at] + fields + text[at:]
 
 
 def inline_body_fields(lines: Lines) -> Lines:
@@ -214,12 +228,7 @@ def inline_body_fields(lines: Lines) -> Lines:
                 waiting.append("[" + text.strip() + "]")
             continue  # the others (B:, N:, O:, ...) describe the tune: nothing sounds different
         if waiting and is_music_line(text):
-            spans = barline_spans(text)
-            if spans and not text[:spans[0][0]].strip():
-                at = spans[0][1]
-            else:
-                at = len(text) - len(text.lstrip())
-            line = Line(line.number, text[:at] + "".join(waiting) + text[at:])
+            line = Line(line.number, after_leading_barline(text, "".join(waiting)))
             waiting = []
         result.append(line)
     # Fields after the last music line of the tune change nothing that sounds: they are dropped.

@@ -25,7 +25,7 @@ import torch
 
 from ..files import find_files, mirror_outputs
 from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, mert_input,
-                    normalize_tensor, resample_tensor, track_windows, z_score_overflows)
+                    normalize_tensor, resample_tensor, track_windows, z_score_may_overflow)
 from .core import (HostCopy, Job, Plan, autocast_context, clear_earlier_run, save_npy, shard, skip_existing,
                    write_failure_log)
 
@@ -204,11 +204,11 @@ def read_samples(path, decode_only: bool = False) -> Tuple[np.ndarray, Optional[
     ``(channel mean, its sample rate)`` for the device to resample and z-score."""
     if decode_only:
         mono, rate = load_mono(path)
-        # Checked here, not on the device: a device-side check would wait for the queued batches. The
-        # sums of the decoded wave stand in for the resampled one's (the same at 24 kHz). Where numpy's
-        # sums overflow, the reference's z-score is all zeros (a finite mean, an infinite variance) or
-        # NaN, and torch's sums need not agree: such a file is z-scored here, as without the flag.
-        if z_score_overflows(mono):
+        # Checked here, not on the device: a device-side check would wait for the queued batches. Where
+        # numpy's sums may overflow, the reference's z-score is all zeros (a finite mean, an infinite
+        # variance) or NaN, and torch's sums need not agree: such a file is z-scored here, as without
+        # the flag (which also fails it when its z-score is not finite).
+        if z_score_may_overflow(mono, rate):
             return mert_input(mono, rate), None
         return mono, rate
     return load_wave(path), None
