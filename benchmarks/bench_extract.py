@@ -19,7 +19,7 @@ Each line: files/s, windows/s, the share of computed positions that are padding,
 TFLOP/s counted from the real (unpadded) window lengths (the M3 patch embedding, a lookup's
 additions under bf16/fp16, the encoder's 24·L·h² + 4·L²·h per layer, the projection; padding is
 not useful work) and on CUDA the MFU against
---peak_tflops (default by device name: H100/H200 989 bf16, 67 fp32), and the exactness check: the
+--peak_tflops (default by device name: H100/H200 SXM 989 bf16, 67 fp32; PCIe/NVL less), and the exactness check: the
 largest difference and the smallest cosine of every file's feature against the first fp32 run of
 that path (the per-window batches of --batch_sizes' first value).
 

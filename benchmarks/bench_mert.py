@@ -19,7 +19,7 @@ included):
 The model is MERT-form with random weights (speed does not depend on the values): MERT-v1-95M's
 sizes (--size full) or the test vectors' tiny sizes. MFU = model FLOPs (conv front end +
 transformer, clamp2.models.mert.forward_flops) per second / --peak_tflops (default by device name,
-clamp2.benchmarking: H100/H200 dense bf16 989, fp32 67; none on CPU, where only TFLOP/s is printed).
+clamp2.benchmarking: H100/H200 SXM dense bf16 989, fp32 67, PCIe/NVL less; none on CPU, where only TFLOP/s is printed).
 Each batched line after the first compares its features with the first (fp32, plain) run's.
 """
 

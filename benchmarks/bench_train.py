@@ -45,20 +45,21 @@ hidden 128, MAX_TEXT_LENGTH 64, CLaMP 2 hidden 128; batches of 8. ``default`` = 
 config.py's batches on CUDA (16 M3, 128 CLaMP 2) and 4 / 8 on CPU (--m3_batch/--clamp2_batch).
 
 MFU = model FLOPs per second / the device's peak at --precision (``--peak_tflops``; known for
-H100/H200 989 bf16/fp16 dense, 67 fp32; A100 312 and 19.5: ``clamp2.benchmarking``). Model FLOPs are
-counted from the shapes of each batch as padded: a linear layer of n_in → n_out over N positions is
-2·N·n_in·n_out FLOPs forward; an attention layer over sequences of length L (B of them, width h)
-adds 4·B·L²·h (scores and weighted sum); training is 3× forward (backward = 2×), except the M3 patch
-embedding, whose one-hot input needs no gradient (2×); the lookup the trainers use counts one
-addition per looked-up value instead of the one-hot matmul (the reference variants count the
-matmul), forward and, in fp32, backward; under bf16/fp16 autocast its weight gradient is the
-one-hot GEMM (as the reference's), counted as such. Per transformer layer of width h and MLP 4h that is 24·N·h² + 4·B·L²·h forward. M3: the
-patch embedding (128·PATCH_SIZE → h) and the encoder over B × L patches, the decoder over each
-picked patch at the length it is decoded at (its length group's; PATCH_SIZE for the reference) plus
-its 128-way head. CLaMP 2: the text encoder over B × T tokens, the music encoder over B × L patches
-and both projections (the contrastive loss is negligible). CLaMP 3: the same with the stage's
-encoder (M3 over patches, or the audio BERT over B × L rows of AUDIO_HIDDEN_SIZE); the frozen
-encoder of the other modality does not run.
+H100/H200 SXM 989 bf16/fp16 dense, 67 fp32, PCIe/NVL cards less; A100 312 and 19.5:
+``clamp2.benchmarking``). Model FLOPs are counted from the shapes of each batch as padded: a linear
+layer of n_in → n_out over N positions is 2·N·n_in·n_out FLOPs forward; an attention layer over
+sequences of length L (B of them, width h) adds 4·B·L²·h (scores and weighted sum); training is 3×
+forward (backward = 2×), except the M3 patch embedding, whose one-hot input needs no gradient (2×);
+the lookup the trainers use counts one addition per looked-up value instead of the one-hot matmul
+(the reference variants count the matmul), forward and, in fp32, backward; under bf16/fp16 autocast
+its weight gradient is the one-hot GEMM (as the reference's), counted as such. Per transformer layer
+of width h and MLP 4h that is 24·N·h² + 4·B·L²·h forward. M3: the patch embedding (128·PATCH_SIZE →
+h) and the encoder over B × L patches, the decoder over each picked patch at the length it is
+decoded at (its length group's; PATCH_SIZE for the reference) plus its 128-way head. CLaMP 2: the
+text encoder over B × T tokens, the music encoder over B × L patches and both projections (the
+contrastive loss is negligible). CLaMP 3: the same with the stage's encoder (M3 over patches, or the
+audio BERT over B × L rows of AUDIO_HIDDEN_SIZE); the frozen encoder of the other modality does not
+run.
 """
 
 from __future__ import annotations
@@ -357,7 +358,8 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
             decode_full_length(model.decoder)
         elif args.m3_decode_groups:
             model.decoder.decode_groups_on_gpu = True
-        flops = [m3_train_flops(b, config.dims, grouped="-" not in variant, lookup=lookup, autocast=autocast) for b in batches]
+        flops = [m3_train_flops(b, config.dims, grouped="-" not in variant, lookup=lookup, autocast=autocast)
+                 for b in batches]
     elif task in MODALITY:
         modality = MODALITY[task]
         batch_size = args.clamp2_batch or (config.clamp2_batch_cuda if cuda else config.clamp2_batch)

@@ -70,7 +70,8 @@ def main(argv=None) -> int:
         lines = [json.dumps({"key": key, "rank": int(rank), "top": [[k, float(s)] for k, s in top]}, ensure_ascii=False)
                  for key, rank, top in zip(result.keys, result.ranks, result.top)]
         atomic_write_text(args.ranks, "\n".join(lines) + "\n")
-    print(f"clamp2_eval: {plural(len(result.keys), 'common key')} ({len(queries.keys)} queries, {len(references.keys)} references), "
+    print(f"clamp2_eval: {plural(len(result.keys), 'common key')} ({len(queries.keys)} queries, "
+          f"{len(references.keys)} references), "
           f"{sum(s.computed for s in sides)} encoded, {sum(s.cached for s in sides)} from cache, {len(failures)} failed",
           file=sys.stderr)
     return 1 if failures else 0

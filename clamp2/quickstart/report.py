@@ -209,8 +209,9 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
     n = m.get("held_out_pieces", 0)
     lines = ["# CLaMP 2 quick start report", ""]
     trained = "the published CLaMP 2" if s.weights else (
-        f"a small M3 (hidden {s.m3_hidden}, {s.layers} layers, {plural(s.m3_epochs, 'epoch')}) and a small CLaMP 2 "
-        f"(text encoder hidden {s.text_hidden}, {plural(s.clamp2_epochs, 'epoch')}, {plural(s.nproc, 'process', 'es')}) trained here, "
+        f"a small M3 (hidden {s.m3_hidden}, {s.layers} layers, {plural(s.m3_epochs, 'epoch')}) and a small "
+        f"CLaMP 2 (text encoder hidden {s.text_hidden}, {plural(s.clamp2_epochs, 'epoch')}, "
+        f"{plural(s.nproc, 'process', 'es')}) trained here, "
         f"evaluated with its last epoch's weights (`{run.evaluated_weights.relative_to(run.out).as_posix()}`: "
         "the training run's own eval split, 1% of the training pairs, is too small to choose an epoch by)")
     lines += [f"Music from music21's corpus: {s.per_collection} pieces from each of six collections, "
@@ -291,11 +292,12 @@ def write_report_clamp3(run) -> None:
                   "what random convolutions over the waveform keep (loudness, spectrum, timbre, some pitch and "
                   "rhythm), averaged over each 5-s window, but none of what MERT learned. `--mert PATH` runs the "
                   "same pipeline on the published MERT-v1-95M.", ""]
-    lines += [f"Model: the small M3 (hidden {s.m3_hidden}, {s.layers} layers, {plural(s.m3_epochs, 'epoch')}) of the CLaMP 2 "
-              f"quick start, then a small CLaMP 3 (text encoder hidden {s.text_hidden}, audio encoder "
+    lines += [f"Model: the small M3 (hidden {s.m3_hidden}, {s.layers} layers, {plural(s.m3_epochs, 'epoch')}) "
+              f"of the CLaMP 2 quick start, then a small CLaMP 3 (text encoder hidden {s.text_hidden}, audio encoder "
               f"{s.audio_layers} layers, joint space {s.clamp2_hidden}) trained in two stages under torchrun with "
-              f"{plural(s.nproc, 'process', 'es')}: `code/train_clamp3_symbolic.py` ({plural(s.symbolic_epochs, 'epoch')}, text ↔ ABC/MTF), "
-              f"then `code/train_clamp3_audio.py` ({plural(s.audio_epochs, 'epoch')}, text ↔ MERT features, starting from "
+              f"{plural(s.nproc, 'process', 'es')}: `code/train_clamp3_symbolic.py` "
+              f"({plural(s.symbolic_epochs, 'epoch')}, text ↔ ABC/MTF), then `code/train_clamp3_audio.py` "
+              f"({plural(s.audio_epochs, 'epoch')}, text ↔ MERT features, starting from "
               "the symbolic stage's last epoch"
               + (", text encoder frozen so that audio joins the space the scores are in" if s.freeze_text_audio else "")
               + "). Evaluated with the audio stage's last epoch "
