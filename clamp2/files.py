@@ -1,9 +1,9 @@
 """File discovery, output-path mirroring and atomic writes: the one place batch scripts share.
 
 Every batch tool in this project walks an input folder recursively, writes one output per input
-under the same relative folder of an output folder, skips outputs that already exist (so a
-re-run resumes), and never leaves a truncated file behind (write to a temporary name in the same
-folder, then ``os.replace``).
+under the same relative folder of an output folder, skips outputs that already exist and are not
+empty (so a re-run resumes), and never leaves a truncated file behind (write to a temporary name
+in the same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -260,6 +260,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     with _temporary_next_to(os.fspath(path)) as (fd, tmp):
         os.close(fd)
         yield Path(tmp)
+
+
+def finished_output(path: str | os.PathLike) -> bool:
+    """Whether a re-run may skip ``path``: it exists and is not empty.
+
+    Outputs are renamed into place only once written, but without an ``fsync`` (costly for the
+    thousands of small files a batch writes on cluster file systems) a power cut can leave a renamed
+    file with no data. No tool here writes an empty output, so an empty one is redone, not skipped.
+    """
+    try:
+        return os.stat(path).st_size > 0
+    except OSError:  # missing (or unreadable: then writing it reports why)
+        return False
 
 
 def remove_partial_files(path: str | os.PathLike) -> int:

@@ -340,6 +340,11 @@ def test_skip_existing_and_overwrite(vectors, tmp_path, capsys):
     assert run("batch_midi2mtf", vectors / "inputs" / "midi", out) == 0
     assert last_line(capsys.readouterr().out) == "converted 0, skipped 2, failed 0"
     assert read_exact(out / "handmade.mtf") == "stale"
+    (out / "handmade.mtf").write_bytes(b"")  # renamed into place but emptied by a power cut: converted again
+    assert run("batch_midi2mtf", vectors / "inputs" / "midi", out) == 0
+    assert last_line(capsys.readouterr().out) == "converted 1, skipped 1, failed 0"
+    assert read_exact(out / "handmade.mtf") == read_exact(vectors / "expected" / "mtf" / "handmade.mtf")
+    (out / "handmade.mtf").write_text("stale")
     assert run("batch_midi2mtf", vectors / "inputs" / "midi", out, "--overwrite") == 0
     assert last_line(capsys.readouterr().out) == "converted 2, skipped 0, failed 0"
     assert read_exact(out / "handmade.mtf") == read_exact(vectors / "expected" / "mtf" / "handmade.mtf")

@@ -294,6 +294,10 @@ def test_features_beside_their_inputs(tiny_env, vectors, tmp_path, extract_clamp
     capsys.readouterr()
     assert extract_clamp2.main(clamp2_args(vectors, inp / "abc", inp / "abc", "--normalize")) == 0  # a re-run skips
     assert "extracted 0, skipped 2 existing, failed 0" in capsys.readouterr().err
+    (inp / "abc" / "bwv10.7.npy").write_bytes(b"")  # renamed into place but emptied by a power cut: redone
+    assert extract_clamp2.main(clamp2_args(vectors, inp / "abc", inp / "abc", "--normalize")) == 0
+    assert "extracted 1, skipped 1 existing, failed 0" in capsys.readouterr().err
+    assert np.load(inp / "abc" / "bwv10.7.npy").shape == (1, 48)
     np.save(inp / "abc" / "bwv10.7.npy", np.zeros((1, 48), np.float32))  # --overwrite extracts again
     assert extract_clamp2.main(clamp2_args(vectors, inp / "abc", inp / "abc", "--normalize", "--overwrite")) == 0
     assert "extracted 2, skipped 0 existing, failed 0" in capsys.readouterr().err

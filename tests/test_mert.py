@@ -374,8 +374,13 @@ def test_script_on_a_mixed_folder(tiny_model, mixed_folder, tmp_path, capsys):
     assert script.main(argv) == 1
     assert "extracted 0, skipped 6 existing, failed 3" in capsys.readouterr().err
     assert (out / "long.npy").stat().st_mtime_ns == stamp
-    # --overwrite extracts everything again, to the same features.
     before = np.load(out / "long.npy")
+    (out / "long.npy").write_bytes(b"")  # an output emptied by a power cut after its rename is extracted again
+    assert script.main(argv) == 1
+    assert "extracted 1, skipped 5 existing, failed 3" in capsys.readouterr().err
+    assert np.abs(np.load(out / "long.npy") - before).max() < FEATURE_TOLERANCE  # alone now, not in a batch
+    stamp = (out / "long.npy").stat().st_mtime_ns
+    # --overwrite extracts everything again, to the same features.
     assert script.main(argv + ["--overwrite"]) == 1
     assert "extracted 6, skipped 0 existing, failed 3" in capsys.readouterr().err
     assert (out / "long.npy").stat().st_mtime_ns != stamp and np.array_equal(np.load(out / "long.npy"), before)

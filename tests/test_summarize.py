@@ -407,6 +407,10 @@ def test_summarize_all_done_exits_zero_and_rerun_sends_nothing(tmp_path, api_env
         out = capsys.readouterr().out
         assert out.strip().endswith("done 0, skipped 2, failed 0, retries 0")
         assert len(llm.requests) == 2
+        (outputs / "a/one.json").write_bytes(b"")  # emptied by a power cut after its rename: asked again
+        assert script.main(argv) == 0
+        assert capsys.readouterr().out.strip().endswith("done 1, skipped 1, failed 0, retries 0")
+        assert len(llm.requests) == 3 and json.loads((outputs / "a/one.json").read_text(encoding="utf-8"))
     record = json.loads((outputs / "b/two.json").read_text(encoding="utf-8"))
     assert record["summary_nen"]["language"] == "Welsh"
     assert (outputs / "failed_summaries.log").read_text(encoding="utf-8") == ""

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
-from clamp2.files import (atomic_write_bytes, atomic_write_text, find_files, mirror_path, remove_partial_files,
-                          write_file_log)
+from clamp2.files import (atomic_write_bytes, atomic_write_text, find_files, finished_output, mirror_path,
+                          remove_partial_files, write_file_log)
 
 Convert = Callable[[Path], "str | bytes"]
 
@@ -264,7 +264,7 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
     result = BatchResult()
     todo = []
     for job in jobs:
-        if not overwrite and job.target.exists():
+        if not overwrite and finished_output(job.target):
             result.skipped += 1
         else:
             todo.append(job)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import openai
 
-from clamp2.files import atomic_write_text, find_files, mirror_path, write_file_log
+from clamp2.files import atomic_write_text, find_files, finished_output, mirror_path, write_file_log
 
 FAILURE_LOG_NAME = "failed_summaries.log"
 DEFAULT_SEED = 0
@@ -540,7 +540,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
             early_failures.append((relative_path, f"same output as {claimed[output_path]}"))
             continue
         claimed[output_path] = relative_path
-        if output_path.exists():
+        if finished_output(output_path):
             counts.skipped += 1
         else:
             jobs.append((relative_path, input_path, output_path))

@@ -26,7 +26,7 @@ from unidecode import unidecode
 
 from ..attention import Autocast, ExactFloat32, add_attention_argument, keep_overrides_eager
 from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
-from ..files import (atomic_write_bytes, find_files, input_problem, mirror_outputs, output_problem,
+from ..files import (atomic_write_bytes, find_files, finished_output, input_problem, mirror_outputs, output_problem,
                      remove_partial_files_of, write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
 
@@ -256,7 +256,7 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
     outputs, collisions = mirror_outputs(inputs, input_dir, output_dir, ".npy")
     plan = Plan(failures=unsearchable + collisions)
     for path, output in outputs.items():
-        if output.exists() and not overwrite:
+        if finished_output(output) and not overwrite:
             plan.skipped.append(path)
             continue
         plan.jobs.append(Job(path, output, kinds[path.suffix.lower()]))
@@ -826,7 +826,7 @@ SAVE_GROUP = 16
 def skip_existing(jobs: Sequence[Job]) -> Tuple[List[Job], List[Path]]:
     todo, skipped = [], []
     for job in jobs:
-        (skipped.append(job.path) if job.output.exists() else todo.append(job))
+        (skipped.append(job.path) if finished_output(job.output) else todo.append(job))
     return todo, skipped
 
 
