@@ -160,7 +160,8 @@ MODES = {
     "lydian": {"en": "Lydian", "de": "Lydisch", "fr": "lydien", "es": "lidio"},
     "aeolian": {"en": "Aeolian", "de": "Äolisch", "fr": "éolien", "es": "eólico"},
 }
-_MODE_PREFIXES = (("maj", "major"), ("min", "minor"), ("m", "minor"), ("dor", "dorian"), ("mix", "mixolydian"),
+# First match wins: "mix" before "m" (bare "m" is ABC's minor; "Amix" is A Mixolydian, not A minor).
+_MODE_PREFIXES = (("maj", "major"), ("min", "minor"), ("mix", "mixolydian"), ("m", "minor"), ("dor", "dorian"),
                   ("phr", "phrygian"), ("lyd", "lydian"), ("aeo", "aeolian"), ("ion", "major"))
 
 

@@ -48,6 +48,13 @@ def chance_mrr(n: int) -> float:
     return sum(1.0 / r for r in range(1, n + 1)) / n if n else 0.0
 
 
+def mrr_summary_line(name: str, values: dict, chance: float) -> str:
+    """The summary's line for one retrieval task; no ratio where chance is 0 (no held-out features)."""
+    mrr = values.get("MRR", float("nan"))
+    ratio = f", {mrr / chance:.1f}x" if chance else ""
+    return f"{name} MRR {mrr:.2f} (chance {chance:.2f}{ratio})"
+
+
 @dataclass
 class Settings:
     # Held-out ABC→MTF MRR / chance, last epoch (README): 60 pieces per collection 3.3× after 30 CLaMP 2 epochs,
@@ -267,7 +274,8 @@ class Quickstart:
         if path.exists():
             previous = json.loads(path.read_text())
             if previous != current:
-                changed = ", ".join(k for k in current if previous.get(k) != current[k])
+                # The union: a CLaMP 3 run's folder differs from CLaMP 2 settings only in its own keys.
+                changed = ", ".join(k for k in {**previous, **current} if previous.get(k) != current.get(k))
                 raise SystemExit(f"error: {self.out} holds a run with other settings ({changed}); "
                                  f"use another --out or delete it")
         else:
@@ -487,8 +495,7 @@ class Quickstart:
         chance = self.metrics.get("chance_mrr")
         for name in ("text→music (ABC)", "ABC→MTF (same piece)"):
             if name in r:
-                mrr = r[name].get("MRR", float("nan"))
-                print(f"{name} MRR {mrr:.2f} (chance {chance:.2f}, {mrr / chance:.1f}x)")
+                print(mrr_summary_line(name, r[name], chance))
         z = self.metrics.get("zero_shot", {})
         if z.get("accuracy") is not None:
             print(f"zero-shot accuracy {z['accuracy']:.2f} (majority class {z['majority_class']:.2f})")
@@ -746,8 +753,7 @@ class Quickstart3(Quickstart):
         front = self.metrics.get("audio_front_end", "random")
         for name in ("text→ABC", "text→audio", "ABC→audio (same piece)", "MTF→audio (same piece)"):
             if name in r:
-                mrr = r[name].get("MRR", float("nan"))
-                print(f"{name} MRR {mrr:.2f} (chance {chance:.2f}, {mrr / chance:.1f}x)")
+                print(mrr_summary_line(name, r[name], chance))
         z = self.metrics.get("zero_shot", {})
         if z.get("accuracy") is not None:
             print(f"zero-shot accuracy on audio {z['accuracy']:.2f} (majority class {z['majority_class']:.2f})")

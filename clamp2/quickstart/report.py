@@ -174,8 +174,10 @@ def _collection_table(table: Dict[str, Dict[str, Optional[float]]], digits: int,
     lines = ["| held out \\ train | " + " | ".join(labels) + " |", "|" + " --- |" * (len(labels) + 1)]
     for row in labels:
         values = [table[row].get(col) for col in labels]
-        if any(v is not None for v in values):
-            closeness = [(-v if lower_is_closer else v) if v is not None else -np.inf for v in values]
+        # A cell whose script printed no number holds NaN: shown, never bolded as the closest.
+        if any(v is not None and not np.isnan(v) for v in values):
+            closeness = [(-v if lower_is_closer else v) if v is not None and not np.isnan(v) else -np.inf
+                         for v in values]
             best = int(np.argmax(closeness))
         else:
             best = -1

@@ -1,0 +1,359 @@
+"""Unit-level checks of the quick starts (clamp2/quickstart/, code/quickstart.py) that the end-to-end
+runs do not look at: the report's numbers and lines, the summary line, the metrics read back from the
+project's scripts, the demo corpus's facts and texts, and the rendered audio. Each is fast: no
+training, scripts replaced by recorded output where the pipeline only parses what they print."""
+
+from __future__ import annotations
+
+import io
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import load_script
+
+from clamp2.quickstart import pipeline, report
+from clamp2.quickstart import demo_corpus as dc
+from clamp2.quickstart.pipeline import Clamp3Settings, Quickstart, Quickstart3, Settings, StepFailed
+
+
+# -- pipeline ---------------------------------------------------------------------------------------
+
+def test_chance_and_metric_lines():
+    assert pipeline.chance_mrr(12) == pytest.approx(sum(1 / r for r in range(1, 13)) / 12)
+    printed = "MRR: 0.31\nHit@1: 0.2\nHit@10: 0.9\nHit@100: 1.0\n"
+    assert pipeline.metric_lines(printed) == {"MRR": 0.31, "Hit@1": 0.2, "Hit@10": 0.9, "Hit@100": 1.0}
+
+
+def test_model_env_batch_is_per_process():
+    env = Quickstart(Path("/nonexistent/x"), Settings(batch_size=16, nproc=2)).model_env()
+    assert env["CLAMP2_BATCH_SIZE"] == "8" and env["M3_BATCH_SIZE"] == "16"
+
+
+def test_a_failed_step_exits_1_and_timings_survive_a_resume(tmp_path, capsys):
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+
+    def fails():
+        raise StepFailed("broken")
+    run.steps = lambda: [("corpus", lambda: None), ("convert", fails)]
+    assert run.run() == 1
+    assert "step 2 (convert) failed" in capsys.readouterr().err
+    # a resumed run keeps the earlier steps' times (the report's Time table)
+    again = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    assert list(again.timings) == ["corpus"]
+
+
+def test_corpus_step_says_train_and_held_out_counts(tmp_path, monkeypatch, capsys):
+    pieces = [types.SimpleNamespace(split=s) for s in ["train"] * 8 + ["test"] * 2]
+    monkeypatch.setattr(dc, "build_demo_corpus", lambda *a, **k: pieces)
+    Quickstart(tmp_path, Settings.tiny(), progress=False).step_corpus()
+    assert ": 8 train, 2 held out" in capsys.readouterr().out
+
+
+def _piece_files(d: Path, split: str, stem: str, en: str, other: str) -> None:
+    for kind in ("abc", "mtf"):
+        (d / kind / split).mkdir(parents=True, exist_ok=True)
+        (d / kind / split / f"{stem}.{kind}").write_text("x\n")
+    (d / "metadata" / split).mkdir(parents=True, exist_ok=True)
+    (d / "metadata" / split / f"{stem}.json").write_text(json.dumps(
+        {"title": stem, "summary_en": en, "summary_nen": {"language": "German", "summary": other}}))
+
+
+def test_pairs_write_the_other_language_queries(tmp_path):
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    _piece_files(run.data, "train", "jig_A", "english a", "deutsch a")
+    _piece_files(run.data, "test", "jig_B", "english b", "deutsch b")
+    run.step_pairs()
+    assert (run.data / "queries_en" / "jig_B.txt").read_text() == "english b"
+    assert (run.data / "queries_nen" / "jig_B.txt").read_text() == "deutsch b"
+    assert not (run.data / "queries_en" / "jig_A.txt").exists()
+
+
+def test_features_and_evaluate_use_the_right_folders(tmp_path, monkeypatch):
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    calls = []
+    run.extract = lambda source, target, normalize=True: calls.append((source.name, target.name, normalize))
+    run.step_features()
+    assert ("train", "abc_train_positions", False) in calls and ("test", "abc_test_positions", False) in calls
+    assert ("train", "abc_train", True) in calls and ("test", "mtf_test", True) in calls
+
+    (run.features / "abc_test").mkdir(parents=True)
+    for i in range(12):
+        np.save(run.features / "abc_test" / f"jig_{i}.npy", np.zeros((1, 4), np.float32))
+    searched = []
+
+    def fake_run_script(relative, args, env=None, ok=(0,), capture=False):
+        searched.append((Path(args[0]).name, Path(args[1]).name))
+        return "MRR: 0.5\nHit@1: 0.25\nHit@10: 1.0\n"
+    monkeypatch.setattr(pipeline, "run_script", fake_run_script)
+    run.zero_shot = run.probe = run.fmd = lambda: None
+    run.step_evaluate()
+    assert searched == [("text_en", "abc_test"), ("text_en", "mtf_test"), ("text_nen", "abc_test"),
+                        ("abc_test", "mtf_test")]
+    assert run.metrics["chance_mrr"] == round(pipeline.chance_mrr(12), 4) == 0.2586
+    assert run.metrics["retrieval"]["text→music (ABC)"] == {"MRR": 0.5, "Hit@1": 0.25, "Hit@10": 1.0}
+
+
+def test_zero_shot_and_probe_numbers(tmp_path, monkeypatch):
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    run.out.mkdir(parents=True, exist_ok=True)
+    predictions = {f"{label}_{i}.abc": label for label, n in (("jig", 3), ("reel", 1)) for i in range(n)}
+
+    def fake_run_script(relative, args, env=None, ok=(0,), capture=False):
+        if "zero_shot" in relative:
+            (run.out / "zero_shot.json").write_text(json.dumps(predictions))
+            return "zero-shot: accuracy 0.75, macro-F1 0.40\n"
+        (run.out / "probe").mkdir(exist_ok=True)
+        (run.out / "probe" / "metrics.json").write_text(json.dumps(
+            {"eval": {"accuracy": 0.8, "macro_f1": 0.6}, "best_epoch": 7, "files": {"train": 40, "eval": 5}}))
+        return ""
+    monkeypatch.setattr(pipeline, "run_script", fake_run_script)
+    run.zero_shot()
+    z = run.metrics["zero_shot"]
+    assert (z["accuracy"], z["macro_f1"], z["majority_class"]) == (0.75, 0.4, 0.75)
+    folder = run.features / "abc_test_positions"
+    folder.mkdir(parents=True)
+    for name in ("jig_1", "jig_2", "jig_3", "reel_1", "hornpipe_1"):
+        np.save(folder / f"{name}.npy", np.zeros((1, 4), np.float32))
+    run.probe()
+    assert run.metrics["probe"] == {"accuracy": 0.8, "macro_f1": 0.6, "best_epoch": 7, "train_files": 40,
+                                    "eval_files": 5, "majority_class": 0.6}
+
+
+def test_collection_table_cells(tmp_path):
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    counts = {"train": {"jig": 3, "reel": 3}, "test": {"jig": 2, "reel": 1}}
+    for split, by_label in counts.items():
+        (run.features / f"abc_{split}").mkdir(parents=True, exist_ok=True)
+        for label, n in by_label.items():
+            for i in range(n):
+                np.save(run.features / f"abc_{split}" / f"{label}_{i}.npy", np.zeros((1, 4), np.float32))
+    seen = []
+
+    def measure(held_out, training):
+        seen.append((held_out.name, training.name))
+        return float(len(seen))
+    table = run.collection_table("abc", "by_collection", 2, measure)
+    assert seen == [("jig", "jig"), ("jig", "reel")]  # reel has one held-out piece: too few
+    assert table["jig"] == {"chorale": None, "germanfolk": None, "chinesefolk": None, "jig": 1.0, "reel": 2.0,
+                            "hornpipe": None}
+    assert all(v is None for v in table["reel"].values())
+
+
+def test_summary_line_ratio(tmp_path, capsys):
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    run.metrics = {"retrieval": {"text→music (ABC)": {"MRR": 0.5}}, "chance_mrr": 0.25,
+                   "zero_shot": {"accuracy": 0.5, "majority_class": 0.2}, "probe": {"accuracy": 0.7, "macro_f1": 0.6}}
+    run.print_summary(60)
+    out = capsys.readouterr().out
+    assert "text→music (ABC) MRR 0.50 (chance 0.25, 2.0x)" in out
+    assert "zero-shot accuracy 0.50 (majority class 0.20)" in out
+
+
+# -- the CLaMP 3 mode -------------------------------------------------------------------------------
+
+def test_clamp3_record_translation_is_keyed_by_language():
+    record = pipeline.clamp3_record({"title": "t", "summary_en": "e", "summary_nen": {"language": "French",
+                                     "summary": "f"}, "filepaths": ["abc/x.abc"]})
+    assert record == {"title": "t", "analysis": "e", "translations": {"language": "French", "French": "f"},
+                      "filepaths": ["abc/x.abc"]}
+
+
+def test_audio_jobs_render_mono_24k(monkeypatch):
+    from clamp2.quickstart import audio_render
+
+    seen = {}
+    monkeypatch.setattr(audio_render, "render_midi", lambda *a, **k: seen.update(k))
+    assert pipeline._render_one(("a.mid", "a.wav", 10.0, 40)) is None
+    assert seen == {"sample_rate": 24000, "seconds": 10.0, "program": 40, "channels": 1}
+
+
+def test_mert_pairs_only_pieces_with_features(tmp_path, monkeypatch):
+    run = Quickstart3(tmp_path, Clamp3Settings.tiny(), progress=False)
+    run.s.mert = "published"
+    d = run.data
+    d.mkdir(parents=True)
+    for split in ("train", "test"):
+        lines = [json.dumps({"analysis": "a", "filepaths": [f"abc/{split}/jig_{i}.abc"]}) + "\n" for i in range(2)]
+        (d / f"clamp3_symbolic_{split}.jsonl").write_text("".join(lines))
+        (d / "mert" / split).mkdir(parents=True)
+        np.save(d / "mert" / split / "jig_0.npy", np.zeros((1, 1, 4), np.float32))
+    monkeypatch.setattr(pipeline, "run_script", lambda *a, **k: "")
+    run.step_mert()
+    records = [json.loads(line) for line in (d / "clamp3_audio_train.jsonl").read_text().splitlines()]
+    assert [r["filepaths"] for r in records] == [["mert/train/jig_0.npy"]]
+
+
+def test_report_numbers_and_lines(tmp_path):
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    run.metrics = {"retrieval": {"text→music (ABC)": {"MRR": 0.5, "Hit@1": 0.25, "Hit@10": 1.0}},
+                   "held_out_pieces": 12, "chance_mrr": 0.25}
+    run.timings = {"corpus": 3.0}
+    text = report.report_text(run, {}, {"training_curves.png": True, "similarity_matrix.png": False},
+                              tmp_path / "none.png")
+    assert "| text→music (ABC) | 0.500 | 0.250 | 2.0× | Hit@1 0.25, Hit@10 1.00 |" in text
+    assert "10 pieces from each of six collections, 12 held out" in text
+    assert "(hidden 64, 2 layers, 1 epoch) and a small CLaMP 2 (text encoder hidden 64, 10 epochs" in text
+    assert "plots/training_curves.png" in text and "plots/similarity_matrix.png" not in text
+    assert "plots/feature_map.png" not in text and "| corpus | 3 |" in text
+
+
+def test_report_plots_read_the_right_features(tmp_path, monkeypatch):
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    maps = []
+    monkeypatch.setattr(report, "plot_feature_map", lambda folders, path, *a: maps.append(folders) or False)
+    report.write_report(run)
+    assert maps == [{"ABC": run.features / "abc_train", "MTF": run.features / "mtf_train"}]
+
+
+def test_clamp3_report_names_gm_programs_one_based(tmp_path):
+    run = Quickstart3(tmp_path, Clamp3Settings.tiny(), progress=False)
+    report.write_report_clamp3(run)
+    text = (tmp_path / "report.md").read_text()
+    assert "chorale: church organ (GM program 20)" in text and "jig: violin (fiddle) (GM program 41)" in text
+
+
+def test_read_log_and_mert_rows(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("epoch: 1\ntrain_loss: 2.5\neval_loss: 3.0\nepoch: 2\ntrain_loss: 2.0\neval_loss: 2.75\n")
+    assert report.read_log(log) == {"train_loss": [2.5, 2.0], "eval_loss": [3.0, 2.75]}
+    np.save(tmp_path / "a.npy", np.array([[[1.0, 0.0], [3.0, 2.0]]], np.float32))  # MERT: [1, rows, D]
+    keys, rows = report.load_folder(tmp_path)
+    assert keys == ["a"] and rows.tolist() == [[2.0, 1.0]]
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+def test_cli_limits_and_seed(tmp_path, monkeypatch, capsys):
+    script = load_script("code/quickstart.py")
+    seen = []
+    monkeypatch.setattr(Quickstart, "run", lambda self: seen.append(self.s) or 0)  # no pipeline run
+    assert script.main(["--out", str(tmp_path / "a"), "--per_collection", "4"]) == 2
+    assert script.main(["--clamp3", "--out", str(tmp_path / "b"), "--audio_seconds", "4"]) == 2
+    assert not seen
+    assert script.main(["--out", str(tmp_path / "c"), "--tiny", "--seed", "3"]) == 0
+    assert seen[0].seed == 3
+
+
+# -- the demo corpus ----------------------------------------------------------------------------------
+
+def test_keys_and_facts():
+    assert dc.parse_abc_key("Gmaj") == ("G", "", "major") and dc.parse_abc_key("Ador") == ("A", "", "dorian")
+    assert dc.key_name(("A", "", "minor"), "de") == "a-Moll" and dc.key_name(("B", "b", "major"), "de") == "B-Dur"
+    from music21 import converter
+
+    tune = "X:1\nT:Test\nO:Europa, Deutschland, Hessen\nM:3/4\nK:G\nG2 A2 B2 | d6 |]\n"
+    piece = dc.Piece("germanfolk_x", dc.COLLECTIONS[1], Path("x.abc"), tune)
+    piece.facts = dc.piece_facts(piece, converter.parse(tune, format="abc"), tune)
+    assert piece.facts["range"] == ("G4", "D5") and piece.facts["origin"] == "Hessen"
+    record = dc.piece_record(piece, seed=0)
+    assert record["tags"] == ["Hessen", "3/4"]
+
+
+def test_seed_changes_the_draw_and_the_wording():
+    jigs = dc.COLLECTIONS[3]
+    assert [p.name for p in dc.shuffled_candidates(jigs, 0)] != [p.name for p in dc.shuffled_candidates(jigs, 1)]
+    pieces = dc.shuffled_candidates(jigs, 0)[:20]
+    for p in pieces:
+        p.facts = {"title": "T", "key": ("D", "", "major"), "meter": "6/8", "voices": 1}
+    assert [dc.piece_record(p, 0) for p in pieces] != [dc.piece_record(p, 1) for p in pieces]
+
+
+def test_essen_collections_keep_only_their_country_and_name_tunes_from_one(tmp_path):
+    german = dc.collection_pieces(dc.COLLECTIONS[1])  # essenFolksong/*.abc holds the Chinese books too
+    assert german and all("Deutschland" in (dc.abc_field(p.abc_text, "O") or "") for p in german)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "two.abc").write_text("X:1\nT:a\nK:C\nC4|]\n\nX:2\nT:b\nK:C\nD4|]\n", encoding="latin-1")
+    names = [p.name for p in dc.collection_pieces(dc.Collection("s", str(folder), "*.abc", "abc", {}))]
+    assert names == ["s_two-1", "s_two-2"]
+
+
+# -- rendered audio -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_midi(tmp_path_factory):
+    """Two notes on a piano (program 0), 1 s in all at 120 bpm."""
+    import mido
+
+    midi = mido.MidiFile(ticks_per_beat=480)
+    track = mido.MidiTrack()
+    midi.tracks.append(track)
+    track.append(mido.Message("program_change", channel=0, program=0, time=0))
+    for note in (60, 67):
+        track.append(mido.Message("note_on", channel=0, note=note, velocity=90, time=0))
+        track.append(mido.Message("note_off", channel=0, note=note, velocity=0, time=480))
+    path = tmp_path_factory.mktemp("midi") / "short.mid"
+    midi.save(str(path))
+    return path
+
+
+def test_render_tail_program_crop_and_mono(short_midi, tmp_path):
+    import mido
+    import soundfile
+
+    from clamp2.quickstart import audio_render
+
+    rate = 8000
+    full = audio_render.synthesize_midi(short_midi, rate)
+    assert full.shape == (int(round((mido.MidiFile(str(short_midi)).length + 1.0) * rate)), 2)  # a second of release
+    assert audio_render.synthesize_midi(short_midi, rate, max_seconds=0.5).shape == (rate // 2, 2)
+    switched = mido.MidiFile(file=io.BytesIO(audio_render._midi_bytes(short_midi, 40)))
+    programs = [m.program for t in switched.tracks for m in t if m.type == "program_change"]
+    assert programs and set(programs) == {40}
+    stereo = audio_render.render_midi(short_midi, tmp_path / "s.wav", sample_rate=rate, seconds=1.0, program=40)
+    mono = audio_render.render_midi(short_midi, tmp_path / "m.wav", sample_rate=rate, seconds=1.0, program=40,
+                                    channels=1)
+    s, _ = soundfile.read(str(stereo), dtype="float64")
+    m, _ = soundfile.read(str(mono), dtype="float64")
+    assert m.shape == (rate,) and np.abs(m - s.mean(axis=1)).max() <= 2 / 32768
+
+
+def test_a_rebuild_restores_a_deleted_midi(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "one.abc").write_text("X:1\nT:a\nM:2/4\nL:1/8\nK:C\nCDEF|G4|]\n", encoding="latin-1")
+    songs = dc.Collection("s", str(folder), "*.abc", "abc", {"en": "a song", "de": "ein Lied", "fr": "une chanson",
+                                                               "es": "una canción"})
+    first = dc.build_demo_corpus(tmp_path / "out", 1, progress=False, collections=(songs,), workers=1)
+    midi = tmp_path / "out" / "midi" / "train" / f"{first[0].name}.mid"
+    data = midi.read_bytes()
+    midi.unlink()
+    dc.build_demo_corpus(tmp_path / "out", 1, progress=False, collections=(songs,), workers=1)
+    assert midi.read_bytes() == data
+
+
+# -- defects the audit found (each test fails on the code before the fix) ------------------------------
+
+def test_mixolydian_is_not_read_as_minor():
+    # "m" (ABC's minor) must not swallow "mix": 23 of Ryan's Mammoth tunes are K:…mix.
+    assert dc.parse_abc_key("Amix") == ("A", "", "mixolydian")
+    assert dc.parse_abc_key("Dmixolydian") == ("D", "", "mixolydian")
+    assert dc.parse_abc_key("Em") == dc.parse_abc_key("Emin") == dc.parse_abc_key("E minor") == ("E", "", "minor")
+    assert dc.key_name(dc.parse_abc_key("Gmix"), "de") == "G-Mixolydisch"
+
+
+def test_a_cell_without_a_number_is_never_the_closest():
+    lines = report._collection_table({"jig": {"jig": 1.5, "reel": float("nan")},
+                                      "reel": {"jig": None, "reel": float("nan")}}, 2, True)
+    assert lines[2] == "| jig | **1.50** | nan |"
+    assert lines[3] == "| reel | n/a | nan |"
+
+
+def test_the_summary_has_no_ratio_when_chance_is_zero(tmp_path, capsys):
+    for run in (Quickstart(tmp_path / "2", Settings.tiny(), progress=False),
+                Quickstart3(tmp_path / "3", Clamp3Settings.tiny(), progress=False)):
+        run.metrics = {"retrieval": {"text→music (ABC)": {"MRR": 0.0}, "text→ABC": {"MRR": 0.0}}, "chance_mrr": 0.0}
+        run.print_summary(60)
+    out = capsys.readouterr().out
+    assert "text→music (ABC) MRR 0.00 (chance 0.00)\n" in out and "text→ABC MRR 0.00 (chance 0.00)\n" in out
+
+
+def test_another_modes_folder_names_the_settings_that_differ(tmp_path):
+    Quickstart3(tmp_path, Clamp3Settings.tiny(), progress=False).check_settings()
+    with pytest.raises(SystemExit, match=r"other settings \(\S.*\); use another --out") as error:
+        Quickstart(tmp_path, Settings.tiny(), progress=False).check_settings()
+    assert "()" not in str(error.value)
