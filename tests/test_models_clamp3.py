@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModel, XLMRobertaConfig
 
 from clamp2.checkpoint import in_published_order
+from clamp2.loss import contrastive_loss
 from clamp2.models.clamp2 import CLaMP2Model
 from clamp2.models.clamp3 import AudioDims, CLaMP3Model, audio_encoder_config, clamp2_state_as_clamp3, infer_audio_dims
 from clamp2.models.m3 import M3Dims, infer_m3_dims
@@ -113,3 +114,36 @@ def test_clamp2_checkpoint_maps_onto_the_symbolic_side(tiny_text_dir):
     with torch.inference_mode():
         torch.testing.assert_close(clamp3.eval().symbolic_global(ids, torch.ones(1, 5)),
                                    clamp2.eval().music_global(ids, torch.ones(1, 5)))
+
+
+def _text_batch():
+    return torch.tensor([[0, 10, 11, 2], [0, 12, 2, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+
+
+def test_clamp3_training_loss_is_the_contrastive_loss_of_each_modalitys_globals():
+    """CLaMP3Model.forward(modality) must route to that modality's global feature unchanged (SPEC_CLAMP3 §13)."""
+    model = tiny_reference_model()
+    text_ids, text_masks = _text_batch()
+    torch.manual_seed(0)
+    rows, row_masks = torch.randn(2, 4, 64), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    patches, patch_masks = torch.randint(4, 128, (2, 3, 64)), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with torch.no_grad():
+        text = model.text_global(text_ids, text_masks)
+        for modality, music, inputs, masks in (("audio", model.audio_global(rows, row_masks), rows, row_masks),
+                                               ("symbolic", model.symbolic_global(patches, patch_masks), patches,
+                                                patch_masks)):
+            expected = contrastive_loss(text, music, 3.0)
+            got = model(text_ids, text_masks, inputs, masks, modality, logit_scale=3.0)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_audio_rows_are_read_in_the_models_dtype():
+    """float64 (or float16) MERT rows handed to the model directly give the float32 rows' feature, in float32."""
+    model = tiny_reference_model()
+    torch.manual_seed(1)
+    rows, masks = torch.randn(1, 3, 64), torch.ones(1, 3)
+    with torch.inference_mode():
+        expected = model.audio_global(rows, masks)
+        got = model.audio_global(rows.double(), masks)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -209,3 +209,33 @@ def test_mtf_needs_ticks_per_beat_as_the_whole_first_word():
     assert P.patch_strings("ticks_per_beat\nK:C\nabc|\n") == ["K:C\n", "abc|\n"]
     assert P.patch_strings("ticks_per_beatX 3\nK:C\n") == ["K:C\n"]
     assert P.patch_strings("ticks_per_beat 3\nK:C\n") == ["ticks_per_beat 3\n", "K:C\n"]
+
+
+def test_mtf_messages_join_only_while_bos_and_eos_fit():
+    """Joined length patch + values ≤ PATCH_SIZE - 2 (SPEC §4): at PATCH_SIZE - 1 the eos would be cut."""
+    first = "note_on " + "x" * 40 + "\n"  # 49 characters
+    text = "ticks_per_beat 480\n" + first + "note_on " + "y" * 13 + "\n"  # values "y"*13 + "\n": 49 + 14 = 63
+    assert M3Patchilizer().patch_strings(text) == ["ticks_per_beat 480\n", first, "note_on " + "y" * 13 + "\n"]
+    joinable = "ticks_per_beat 480\n" + first + "note_on " + "y" * 12 + "\n"  # 49 + 13 = 62: joined
+    assert M3Patchilizer().patch_strings(joinable)[1:] == ["note_on " + "x" * 40 + "\t" + "y" * 12 + "\n"]
+
+
+def test_mtf_join_drops_only_the_newline_of_the_patch_so_far():
+    """The reference joins with patch[:-1]: a CR of a CRLF line stays, as do trailing spaces."""
+    text = "ticks_per_beat 480\nnote_on 0 60 64 \r\nnote_on 0 62 64\r\n"
+    assert M3Patchilizer().patch_strings(text) == ["ticks_per_beat 480\n", "note_on 0 60 64 \r\t0 62 64\r\n"]
+
+
+def test_mtf_without_a_final_newline_keeps_it_absent():
+    text = "ticks_per_beat 480\nnote_on 0 60 64\nnote_on 0 62 64"
+    assert M3Patchilizer().patch_strings(text) == ["ticks_per_beat 480\n", "note_on 0 60 64\t0 62 64"]
+
+
+def test_truncation_draw_only_when_there_are_more_patches_than_patch_length():
+    """The reference draws head/tail/middle only for len(patches) > PATCH_LENGTH: exactly PATCH_LENGTH draws nothing."""
+    patchilizer = M3Patchilizer(patch_length=4)
+    text = "X:1\nL:1/8\nK:C\nCD|\n"  # 4 patches
+    assert len(patchilizer.encode(text)) == 4
+    rng = random.Random(7)
+    patchilizer.encode(text, truncate_patches=True, random_truncate=True, rng=rng)
+    assert rng.getstate() == random.Random(7).getstate()

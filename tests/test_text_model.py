@@ -6,8 +6,10 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoConfig
 
-from clamp2.text_model import TextModelUnavailable, build_small_text_model, load_text_model, load_tokenizer
+from clamp2.text_model import (TextModelUnavailable, build_small_text_model, load_text_model, load_tokenizer,
+                               max_text_length)
 
 
 def test_local_folder_loads_pretrained_and_config_only(tiny_text_dir):
@@ -146,3 +148,10 @@ def test_folder_without_tokenizer_json_says_so(tmp_path, vectors):
     (folder / "sentencepiece.bpe.model").write_bytes(b"not read")
     with pytest.raises(TextModelUnavailable, match="no tokenizer.json"):
         load_tokenizer(str(folder))
+
+
+def test_max_text_length_is_the_position_table_less_padding_id_plus_one(tiny_text_dir):
+    """XLM-R numbers positions from padding_idx + 1: 40 positions with pad id 1 take 38 tokens."""
+    config = AutoConfig.from_pretrained(tiny_text_dir)
+    assert (config.max_position_embeddings, config.pad_token_id) == (40, 1)
+    assert max_text_length(str(tiny_text_dir)) == 38
