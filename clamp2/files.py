@@ -267,7 +267,8 @@ def finished_output(path: str | os.PathLike) -> bool:
 
     Outputs are renamed into place only once written, but without an ``fsync`` (costly for the
     thousands of small files a batch writes on cluster file systems) a power cut can leave a renamed
-    file with no data. No tool here writes an empty output, so an empty one is redone, not skipped.
+    file with no data. So an empty output is redone, not skipped: at worst a conversion that truly
+    gives nothing is run again and gives nothing again.
     """
     try:
         return os.stat(path).st_size > 0
