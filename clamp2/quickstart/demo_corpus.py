@@ -22,6 +22,7 @@ import json
 import random
 import re
 import string
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -392,7 +393,12 @@ class _RenderAhead:
         for piece in pieces:
             on_disk = any(all(p.exists() for p in piece_paths(piece, self.out_dir, split)) for split in ("train", "test"))
             if piece.name not in self.futures and not on_disk:
-                self.futures[piece.name] = self.pool.submit(render_piece, piece)
+                try:
+                    self.futures[piece.name] = self.pool.submit(render_piece, piece)
+                except BrokenProcessPool:  # a worker died: render the rest here (result() does so without a future)
+                    self.pool.shutdown(wait=False)
+                    self.pool = None
+                    return
 
     def result(self, piece: Piece):
         """A callable giving the piece's render (from its worker, else done here), for :func:`_write_piece`."""
@@ -401,8 +407,6 @@ class _RenderAhead:
             return lambda: render_piece(piece)
 
         def from_worker():
-            from concurrent.futures.process import BrokenProcessPool
-
             try:
                 return future.result()
             except BrokenProcessPool:  # a worker died (e.g. out of memory): render it here instead

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -372,22 +372,37 @@ class Quickstart:
     def step_evaluate(self) -> None:
         f = self.features
         n_test = len(list((f / "abc_test").glob("*.npy")))
-        retrieval = {}
-        for name, query, reference in [("text→music (ABC)", "text_en", "abc_test"),
-                                       ("text→music (MTF)", "text_en", "mtf_test"),
-                                       ("other-language text→music (ABC)", "text_nen", "abc_test"),
-                                       ("ABC→MTF (same piece)", "abc_test", "mtf_test")]:
-            print(f"-- {name}: semantic_search_metrics.py {f / query} {f / reference}")
-            printed = run_script("semantic_search/semantic_search_metrics.py", [f / query, f / reference],
-                                 capture=True, ok=(0, 1))
-            retrieval[name] = metric_lines(printed)
-        self.metrics["retrieval"] = retrieval
+        self.evaluate_retrieval([("text→music (ABC)", "text_en", "abc_test"),
+                                 ("text→music (MTF)", "text_en", "mtf_test"),
+                                 ("other-language text→music (ABC)", "text_nen", "abc_test"),
+                                 ("ABC→MTF (same piece)", "abc_test", "mtf_test")])
         self.metrics["held_out_pieces"] = n_test
         self.metrics["chance_mrr"] = round(chance_mrr(n_test), 4)
         self.zero_shot()
         self.probe()
         self.fmd()
         self.save_metrics()
+
+    def evaluate_retrieval(self, tasks: List[Tuple[str, str, str]]) -> None:
+        """semantic_search_metrics.py per (name, query folder, reference folder) of the features.
+
+        Each task's chance is that of its own candidates: a piece that failed to convert or render is
+        missing from one folder only, so the folders' counts can differ.
+        """
+        f = self.features
+        retrieval, chances = {}, {}
+        for name, query, reference in tasks:
+            print(f"-- {name}: semantic_search_metrics.py {f / query} {f / reference}")
+            printed = run_script("semantic_search/semantic_search_metrics.py", [f / query, f / reference],
+                                 capture=True, ok=(0, 1))
+            retrieval[name] = metric_lines(printed)
+            chances[name] = round(chance_mrr(len(list((f / reference).glob("*.npy")))), 4)
+        self.metrics["retrieval"] = retrieval
+        self.metrics["chance_mrr_by_task"] = chances
+
+    def task_chance(self, name: str) -> float:
+        """The chance MRR of one retrieval task (runs before ``chance_mrr_by_task`` have only ``chance_mrr``)."""
+        return self.metrics.get("chance_mrr_by_task", {}).get(name, self.metrics.get("chance_mrr"))
 
     def zero_shot(self) -> None:
         self.run_zero_shot(self.data / "abc" / "test", [], env={} if self.s.weights else self.model_env())
@@ -492,10 +507,9 @@ class Quickstart:
 
     def print_summary(self, seconds: float) -> None:
         r = self.metrics.get("retrieval", {})
-        chance = self.metrics.get("chance_mrr")
         for name in ("text→music (ABC)", "ABC→MTF (same piece)"):
             if name in r:
-                print(mrr_summary_line(name, r[name], chance))
+                print(mrr_summary_line(name, r[name], self.task_chance(name)))
         z = self.metrics.get("zero_shot", {})
         if z.get("accuracy") is not None:
             print(f"zero-shot accuracy {z['accuracy']:.2f} (majority class {z['majority_class']:.2f})")
@@ -703,15 +717,9 @@ class Quickstart3(Quickstart):
     def step_evaluate(self) -> None:
         f = self.features
         n_test = len(list((f / "audio_test").glob("*.npy")))
-        retrieval = {}
-        for name, query, reference in [("text→ABC", "text_en", "abc_test"), ("text→audio", "text_en", "audio_test"),
-                                       ("ABC→audio (same piece)", "abc_test", "audio_test"),
-                                       ("MTF→audio (same piece)", "mtf_test", "audio_test")]:
-            print(f"-- {name}: semantic_search_metrics.py {f / query} {f / reference}")
-            printed = run_script("semantic_search/semantic_search_metrics.py", [f / query, f / reference],
-                                 capture=True, ok=(0, 1))
-            retrieval[name] = metric_lines(printed)
-        self.metrics["retrieval"] = retrieval
+        self.evaluate_retrieval([("text→ABC", "text_en", "abc_test"), ("text→audio", "text_en", "audio_test"),
+                                 ("ABC→audio (same piece)", "abc_test", "audio_test"),
+                                 ("MTF→audio (same piece)", "mtf_test", "audio_test")])
         self.metrics["held_out_pieces"] = n_test
         self.metrics["chance_mrr"] = round(chance_mrr(n_test), 4)
         self.metrics["audio_front_end"] = ("published MERT " + self.s.mert) if self.s.mert else "random"
@@ -749,11 +757,10 @@ class Quickstart3(Quickstart):
 
     def print_summary(self, seconds: float) -> None:
         r = self.metrics.get("retrieval", {})
-        chance = self.metrics.get("chance_mrr")
         front = self.metrics.get("audio_front_end", "random")
         for name in ("text→ABC", "text→audio", "ABC→audio (same piece)", "MTF→audio (same piece)"):
             if name in r:
-                print(mrr_summary_line(name, r[name], chance))
+                print(mrr_summary_line(name, r[name], self.task_chance(name)))
         z = self.metrics.get("zero_shot", {})
         if z.get("accuracy") is not None:
             print(f"zero-shot accuracy on audio {z['accuracy']:.2f} (majority class {z['majority_class']:.2f})")

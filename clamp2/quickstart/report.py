@@ -165,7 +165,9 @@ def _retrieval_table(m: dict, n: int, chance: float) -> List[str]:
              "Each query must find its own piece among all held-out pieces; chance is the MRR of a random "
              f"ranking of {n} candidates.", "",
              "| task | MRR | chance | × chance | Hit@K |", "| --- | --- | --- | --- | --- |"]
-    return lines + [_mrr_line(name, values, chance) for name, values in m.get("retrieval", {}).items()]
+    by_task = m.get("chance_mrr_by_task", {})
+    return lines + [_mrr_line(name, values, by_task.get(name, chance))
+                    for name, values in m.get("retrieval", {}).items()]
 
 
 def _collection_table(table: Dict[str, Dict[str, Optional[float]]], digits: int, lower_is_closer: bool) -> List[str]:
@@ -211,7 +213,7 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
     n = m.get("held_out_pieces", 0)
     lines = ["# CLaMP 2 quick start report", ""]
     trained = "the published CLaMP 2" if s.weights else (
-        f"a small M3 (hidden {s.m3_hidden}, {s.layers} layers, {plural(s.m3_epochs, 'epoch')}) and a small "
+        f"a small M3 (hidden {s.m3_hidden}, {plural(s.layers, 'layer')}, {plural(s.m3_epochs, 'epoch')}) and a small "
         f"CLaMP 2 (text encoder hidden {s.text_hidden}, {plural(s.clamp2_epochs, 'epoch')}, "
         f"{plural(s.nproc, 'process', 'es')}) trained here, "
         f"evaluated with its last epoch's weights (`{run.evaluated_weights.relative_to(run.out).as_posix()}`: "
@@ -289,15 +291,16 @@ def write_report_clamp3(run) -> None:
     else:
         lines += [f"**Audio front end: a MERT with random weights.** The published MERT-v1-95M cannot be downloaded "
                   "here (the quick start runs offline), so `process_data/extract_mert.py` reads a MERT-architecture "
-                  f"model built locally with random, untrained weights (hidden {s.mert_hidden}, {s.mert_layers} "
-                  f"layers, convolution width {s.mert_conv_dim}; `models/mert_small`). Its features still carry "
-                  "what random convolutions over the waveform keep (loudness, spectrum, timbre, some pitch and "
-                  "rhythm), averaged over each 5-s window, but none of what MERT learned. `--mert PATH` runs the "
-                  "same pipeline on the published MERT-v1-95M.", ""]
-    lines += [f"Model: the small M3 (hidden {s.m3_hidden}, {s.layers} layers, {plural(s.m3_epochs, 'epoch')}) "
-              f"of the CLaMP 2 quick start, then a small CLaMP 3 (text encoder hidden {s.text_hidden}, audio encoder "
-              f"{s.audio_layers} layers, joint space {s.clamp2_hidden}) trained in two stages under torchrun with "
-              f"{plural(s.nproc, 'process', 'es')}: `code/train_clamp3_symbolic.py` "
+                  f"model built locally with random, untrained weights (hidden {s.mert_hidden}, "
+                  f"{plural(s.mert_layers, 'layer')}, convolution width {s.mert_conv_dim}; `models/mert_small`). "
+                  "Its features still carry what random convolutions over the waveform keep (loudness, spectrum, "
+                  "timbre, some pitch and rhythm), averaged over each 5-s window, but none of what MERT learned. "
+                  "`--mert PATH` runs the same pipeline on the published MERT-v1-95M.", ""]
+    lines += [f"Model: the small M3 (hidden {s.m3_hidden}, {plural(s.layers, 'layer')}, "
+              f"{plural(s.m3_epochs, 'epoch')}) of the CLaMP 2 quick start, then a small CLaMP 3 (text encoder "
+              f"hidden {s.text_hidden}, audio encoder {plural(s.audio_layers, 'layer')}, joint space "
+              f"{s.clamp2_hidden}) trained in two stages under torchrun with {plural(s.nproc, 'process', 'es')}: "
+              "`code/train_clamp3_symbolic.py` "
               f"({plural(s.symbolic_epochs, 'epoch')}, text ↔ ABC/MTF), then `code/train_clamp3_audio.py` "
               f"({plural(s.audio_epochs, 'epoch')}, text ↔ MERT features, starting from "
               "the symbolic stage's last epoch"
