@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/performance.md in one run (about 6 minutes on an H200: docs/performance.md).
+# The GPU rows of docs/performance.md in one run (about 8 minutes on an H200, kit included: docs/performance.md).
 #
 #   bash benchmarks/gpu_table.sh [LOG]        # LOG: default gpu_table.log; every bench's lines go there
 #

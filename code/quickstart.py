@@ -1,9 +1,9 @@
 """Quick start: real corpus music → a trained CLaMP 2 → retrieval, zero-shot, probe and FMD, with a report.
 
-    python code/quickstart.py --out quickstart_run                 # 10–13 min of pipeline on 2 CPU cores (README)
-    python code/quickstart.py --out qs_tiny --tiny                 # a smoke run of a minute or two
+    python code/quickstart.py --out quickstart_run                 # 6–12 min of pipeline on 2 CPU cores (README)
+    python code/quickstart.py --out qs_tiny --tiny                 # a smoke run of about a minute
     python code/quickstart.py --out qs_published --weights weights_clamp2_....pth --text_model xlm-roberta-base
-    python code/quickstart.py --clamp3 --out quickstart_clamp3     # CLaMP 3 on audio, about 10 min of pipeline (README)
+    python code/quickstart.py --clamp3 --out quickstart_clamp3     # CLaMP 3 on audio, 5–10 min of pipeline (README)
     python code/quickstart.py --clamp3 --out qs3_tiny --tiny       # its smoke run
     python code/quickstart.py --clamp3 --out qs3_mert --mert MERT-v1-95M   # with the published MERT
 
