@@ -16,13 +16,14 @@ import pytest
 from clamp2.quickstart import pipeline, report
 from clamp2.quickstart import demo_corpus as dc
 from clamp2.quickstart.pipeline import Clamp3Settings, Quickstart, Quickstart3, Settings, StepFailed
+from test_quickstart_parts import recorded_zero_shot_and_probe
 
 
 class _InlinePool:
     """ProcessPoolExecutor stand-in: map runs here, in order (a patched function cannot be pickled)."""
 
-    def __init__(self, *args, **kwargs):
-        pass
+    def __init__(self, max_workers=None, **kwargs):
+        self.max_workers = max_workers
 
     def __enter__(self):
         return self
@@ -160,18 +161,9 @@ def test_clamp3_evaluate_searches_the_right_folders(tmp_path, monkeypatch):
 def test_clamp3_zero_shot_probe_and_extract_arguments(tmp_path, monkeypatch):
     run = Quickstart3(tmp_path, Clamp3Settings.tiny(), progress=False)
     calls = {}
-
-    def fake_run_script(relative, args, env=None, ok=(0,), capture=False):
-        calls[relative] = [str(a) for a in args]
-        if "zero_shot" in relative:
-            (run.out / "zero_shot.json").write_text(json.dumps({"jig_1.wav": "jig"}))
-            return "accuracy 1.0, macro-F1 1.0\n"
-        if "train_cls" in relative:
-            (run.out / "probe").mkdir(exist_ok=True)
-            (run.out / "probe" / "metrics.json").write_text(json.dumps(
-                {"eval": {"accuracy": 0.5, "macro_f1": 0.4}, "best_epoch": 2, "files": {"train": 8, "eval": 2}}))
-        return ""
-    monkeypatch.setattr(pipeline, "run_script", fake_run_script)
+    monkeypatch.setattr(pipeline, "run_script", recorded_zero_shot_and_probe(
+        run, {"jig_1.wav": "jig"}, "accuracy 1.0, macro-F1 1.0\n",
+        {"eval": {"accuracy": 0.5, "macro_f1": 0.4}, "best_epoch": 2, "files": {"train": 8, "eval": 2}}, calls))
     run.zero_shot()
     z = calls["semantic_search/zero_shot.py"]
     assert z[0] == str(run.data / "audio" / "test")

@@ -97,20 +97,30 @@ def test_features_and_evaluate_use_the_right_folders(tmp_path, monkeypatch):
     assert run.metrics["retrieval"]["text→music (ABC)"] == {"MRR": 0.5, "Hit@1": 0.25, "Hit@10": 1.0}
 
 
+def recorded_zero_shot_and_probe(run, predictions: dict, printed: str, probe_metrics: dict, calls=None):
+    """A ``pipeline.run_script`` stand-in: zero_shot.py writes ``predictions`` and prints ``printed``;
+    train_cls.py writes the probe's metrics.json; each call's arguments go to ``calls`` by script."""
+    def fake_run_script(relative, args, env=None, ok=(0,), capture=False):
+        if calls is not None:
+            calls[relative] = [str(a) for a in args]
+        if "zero_shot" in relative:
+            (run.out / "zero_shot.json").write_text(json.dumps(predictions))
+            return printed
+        if "train_cls" in relative:
+            (run.out / "probe").mkdir(exist_ok=True)
+            (run.out / "probe" / "metrics.json").write_text(json.dumps(probe_metrics))
+        return ""
+    return fake_run_script
+
+
 def test_zero_shot_and_probe_numbers(tmp_path, monkeypatch):
     run = Quickstart(tmp_path, Settings.tiny(), progress=False)
     run.out.mkdir(parents=True, exist_ok=True)
     predictions = {f"{label}_{i}.abc": label for label, n in (("jig", 3), ("reel", 1)) for i in range(n)}
 
-    def fake_run_script(relative, args, env=None, ok=(0,), capture=False):
-        if "zero_shot" in relative:
-            (run.out / "zero_shot.json").write_text(json.dumps(predictions))
-            return "zero-shot: accuracy 0.75, macro-F1 0.40\n"
-        (run.out / "probe").mkdir(exist_ok=True)
-        (run.out / "probe" / "metrics.json").write_text(json.dumps(
-            {"eval": {"accuracy": 0.8, "macro_f1": 0.6}, "best_epoch": 7, "files": {"train": 40, "eval": 5}}))
-        return ""
-    monkeypatch.setattr(pipeline, "run_script", fake_run_script)
+    monkeypatch.setattr(pipeline, "run_script", recorded_zero_shot_and_probe(
+        run, predictions, "zero-shot: accuracy 0.75, macro-F1 0.40\n",
+        {"eval": {"accuracy": 0.8, "macro_f1": 0.6}, "best_epoch": 7, "files": {"train": 40, "eval": 5}}))
     run.zero_shot()
     z = run.metrics["zero_shot"]
     assert (z["accuracy"], z["macro_f1"], z["majority_class"]) == (0.75, 0.4, 0.75)
