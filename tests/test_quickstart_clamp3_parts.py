@@ -259,6 +259,17 @@ def test_feature_map_normalizes_and_labels_by_folder(tmp_path, figures):
     np.testing.assert_allclose(jig_train[0], jig_train[1], atol=1e-6)  # same direction, other length: one point
 
 
+def test_an_all_zero_feature_is_drawn_not_nan(tmp_path, figures):
+    for key, row in {"jig_a": [1, 0, 0], "jig_b": [0, 0, 0], "reel_a": [0, 1, 0]}.items():
+        _npy(tmp_path / "train", key, row)
+        _npy(tmp_path / "text", key, row)
+    assert report.plot_feature_map({"train": tmp_path / "train"}, tmp_path / "f.png")
+    points = np.concatenate([c.get_offsets() for c in figures[0].axes[0].collections])
+    assert points.shape == (3, 2) and np.isfinite(points).all()
+    assert report.plot_similarity(tmp_path / "text", tmp_path / "train", tmp_path / "s.png")
+    np.testing.assert_allclose(figures[1].axes[0].images[0].get_array(), np.diag([1.0, 0.0, 1.0]), atol=1e-6)
+
+
 # -- report.py: the CLaMP 3 report ------------------------------------------------------------------
 
 def test_clamp3_report_plots_read_audio_and_both_mert_splits(tmp_path, monkeypatch):

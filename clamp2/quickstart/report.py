@@ -70,10 +70,14 @@ def load_folder(folder: Path) -> Tuple[List[str], np.ndarray]:
     return [f.stem for f in files], np.stack([r.mean(axis=0) if r.ndim > 1 else r for r in rows]) if files else np.zeros((0, 0))
 
 
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1; an all-zero row stays zero (similarity 0) instead of becoming NaN."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1.0)
+
+
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return a @ b.T
+    return unit_rows(a) @ unit_rows(b).T
 
 
 def plot_similarity(text_dir: Path, music_dir: Path, path: Path, music_name: str = "held-out music (ABC)") -> bool:
@@ -116,7 +120,7 @@ def plot_feature_map(folders: Dict[str, Path], path: Path, title: str = "CLaMP 2
         keys, features = load_folder(folder)
         if not keys:
             continue
-        features = features / np.linalg.norm(features, axis=1, keepdims=True)
+        features = unit_rows(features)
         rows.append(features)
         labels += [k.split("_", 1)[0] for k in keys]
         kinds += [kind] * len(keys)
