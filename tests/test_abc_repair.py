@@ -344,6 +344,17 @@ def test_key_change_after_a_continued_line_stays_where_it_was():
     assert repaired == "X:1\nL:1/8\nM:3/8\nK:C\nabc| [K:G]def|\n"
 
 
+def test_a_continued_line_before_another_voice_ends_in_its_own_voice():
+    # V:1's last line ends with "\" and V:2 follows: joined across the V: line, V:1's bars became V:2's
+    # ("V:1 / V:2 / d'c'ba|gfed| CDEF|..."); the line now ends where the voice does. The key change after
+    # V:1's last bar changes nothing that sounds: dropped, not moved to the start of V:2 (F# from bar 1).
+    tune = "X:1\nM:2/4\nL:1/8\nK:C\nV:1\ncdef|gabc'|\\\n|d'c'ba|gfed|\\\nK:G\nV:2\nCDEF|GABc|\ndcBA|GFED|\n"
+    assert repair_tune(tune)[0].endswith("V:1\ncdef|gabc'| |d'c'ba|gfed|\nV:2\nCDEF|GABc|\ndcBA|GFED|\n")
+    lines = assert_repaired(tune, ["join_line_continuations", "inline_body_fields"])
+    assert lines == ["[V:1]cdef|[V:2]CDEF|", "[V:1]gabc'|[V:2]GABc|", "[V:1]d'c'ba|[V:2]dcBA|",
+                     "[V:1]gfed|[V:2]GFED|"]
+
+
 def test_a_field_between_two_barlines_of_a_continuation_joins_the_bar_after_them():
     # "cdef|gabc'|\" / "K:G" / "|d'c'ba:|": the field goes after the next line's leading barline, so the two
     # barlines still merge into one and no empty bar "[K:G]" is made; V:2's key change is in its bar 3 too.

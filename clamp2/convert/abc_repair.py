@@ -179,10 +179,17 @@ def join_line_continuations(lines: Lines) -> Lines:
     result = lines[:start]
     pending: Line | None = None
     fields: list[str] = []  # inline fields met between a continued line and the next music line
+    field_lines: Lines = []  # the same fields as the lines they came from
     for line in lines[start:]:
         if pending is not None and is_music_line(line.text):
             line = Line(pending.number, pending.text + after_leading_barline(line.text.lstrip(), "".join(fields)))
-            pending, fields = None, []
+            pending, fields, field_lines = None, [], []
+        elif pending is not None and VOICE_LINE_RE.match(line.text):
+            # The next music belongs to another voice: joining would move this voice's bars into it. The
+            # line ends here, as without its "\", and the fields after it stay lines of their own.
+            result += [Line(pending.number, pending.text.rstrip() + "\n"), *field_lines, line]
+            pending, fields, field_lines = None, [], []
+            continue
         elif pending is not None:
             # ABC 2.1 lets a field or a comment line sit between the two. A field that changes the music
             # (K:, M:, L:, ...) takes effect there, mid-line once the two are joined: inlined in place, not
@@ -190,6 +197,7 @@ def join_line_continuations(lines: Lines) -> Lines:
             text = line.text
             if FIELD_LINE_RE.match(text) and text[0] in INLINE_FIELDS and not text.startswith(KEPT_FIELD_LINES):
                 fields.append("[" + text.strip() + "]")
+                field_lines.append(line)
             else:
                 result.append(line)
             continue
@@ -229,6 +237,10 @@ def inline_body_fields(lines: Lines) -> Lines:
             continue  # the others (B:, N:, O:, ...) describe the tune: nothing sounds different
         if waiting and is_music_line(text):
             line = Line(line.number, after_leading_barline(text, "".join(waiting)))
+            waiting = []
+        elif VOICE_LINE_RE.match(text):
+            # Fields after a voice's last music line change nothing that sounds (abctoolkit reads one block
+            # per voice, so the voice has no later music); the next voice's music starts at the tune's start.
             waiting = []
         result.append(line)
     # Fields after the last music line of the tune change nothing that sounds: they are dropped.
