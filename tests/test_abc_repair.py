@@ -355,6 +355,21 @@ def test_a_continued_line_before_another_voice_ends_in_its_own_voice():
                      "[V:1]gfed|[V:2]GFED|"]
 
 
+@pytest.mark.parametrize("header", [
+    "L:1/16\n",  # a field between K: and V:1: for both voices
+    'V:1 treble nm="Flute"\nV:2 bass nm="Cello"\nK:G\n',  # xml2abc's voice definitions, K: of V:2's
+])
+def test_fields_before_abctoolkits_body_stay_in_its_header(header):
+    # abctoolkit's body starts at the last "V:1" line; the lines before it are its header. The repaired tune
+    # gives what the original gives on the same tune written without the "\" (inlined into the first bar,
+    # the fields held for V:1 only).
+    tune = f"X:1\nL:1/8\nM:2/4\nK:C\n{header}V:1\nabcd abcd|\\\n|abcd abcd|\nV:2\nABCD ABCD|\nABCD ABCD|\n"
+    assert_repaired(tune, ["join_line_continuations"])
+    text, _ = interleave_warned(tune)
+    assert text == interleave(tune.replace("|\\\n|", "|\n"))[0]
+    assert text.startswith(f"L:1/8\nM:2/4\nK:C\n{header}[V:1]abcd abcd|[V:2]ABCD ABCD|\n")
+
+
 def test_a_field_between_two_barlines_of_a_continuation_joins_the_bar_after_them():
     # "cdef|gabc'|\" / "K:G" / "|d'c'ba:|": the field goes after the next line's leading barline, so the two
     # barlines still merge into one and no empty bar "[K:G]" is made; V:2's key change is in its bar 3 too.
