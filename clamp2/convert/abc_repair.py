@@ -227,14 +227,14 @@ def inline_body_fields(lines: Lines) -> Lines:
     start = body_start(lines)
     if start is None:
         return lines
-    first_v1 = next((index for index in range(len(lines) - 1, start - 1, -1) if lines[index].text.strip() == "V:1"),
+    body_v1 = next((index for index in range(len(lines) - 1, start - 1, -1) if lines[index].text.strip() == "V:1"),
                     None)
-    if first_v1 is not None and not any(is_music_line(line.text) for line in lines[start:first_v1]):
+    if body_v1 is not None and not any(is_music_line(line.text) for line in lines[start:body_v1]):
         # abctoolkit's body starts at the last "V:1" line (abctoolkit_voices): the lines before it are its
         # header, where a field holds for every voice (K:, M:, L:) or for the V: definition above it
         # (xml2abc's "V:2 ... / K:none / I:percmap ..."). The original keeps them there, and so do we:
         # inlined into the first bar, they held for the first voice only.
-        start = first_v1
+        start = body_v1
     result = lines[:start]
     waiting: list[str] = []
     for line in lines[start:]:
