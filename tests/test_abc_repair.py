@@ -378,3 +378,50 @@ def test_a_field_between_two_barlines_of_a_continuation_joins_the_bar_after_them
     lines = assert_repaired(tune, ["join_line_continuations", "inline_body_fields", "merge_adjacent_barlines"])
     assert lines == ["[V:1]cdef|[V:2]CDEF|", "[V:1]gabc'|[V:2]GABc|", "[V:1][K:G]d'c'ba::[V:2][K:G]dcBA::",
                      "[V:1]gfed|[V:2]GFED|", "[V:1]cBAG:|[V:2]CB,A,G,:|"]
+
+
+# ------------------------------------------------------------------------------------------------
+# A repaired tune gives what the original gives on the same music written the way abctoolkit reads it
+
+TUNE_HEAD = "X:1\nT:t\nM:4/4\nL:1/8\nK:G\n"
+
+
+def assert_repaired_like(broken: str, clean: str, repairs: list[str]) -> None:
+    """``broken`` fails in the reference, is repaired with ``repairs``, and then interleaves as ``clean`` does."""
+    lines = assert_repaired(TUNE_HEAD + broken, repairs)
+    assert lines == body(interleave(TUNE_HEAD + clean)[0])
+
+
+@pytest.mark.parametrize("broken, clean", [
+    ("|:GABc d2d2\nK:D\n|1 cBAG G4:|2 cBAG F4\n", "|:GABc d2d2|1[K:D] cBAG G4:|2 cBAG F4|]\n"),
+    ("|:GABc d2d2|1 cBAG G4\nK:D\n:|2 cBAG F4\n", "|:GABc d2d2|1 cBAG G4:|2[K:D] cBAG F4|]\n"),
+    ("|:GABc d2d2|1 cBAG G4 \\\nP:B\n:|2 cBAG F4\n", "|:GABc d2d2|1 cBAG G4 :|2[P:B] cBAG F4|]\n"),
+])
+def test_a_field_before_a_repeat_ending_goes_after_the_ending(broken, clean):
+    # Right after the barline (":|[K:D]2 cBAG"), the field parted the ending from its barline: the second
+    # ending was lost and "2" became music.
+    first = "join_line_continuations" if "\\" in broken else "inline_body_fields"
+    assert_repaired_like(broken, clean, [first, "close_final_bar"])
+
+
+def test_a_full_bar_with_a_roll_gets_its_barline():
+    # abctoolkit cannot count "~FD" (O'Neill's X:1443 writes "EFGE (~FD) D2"): the bar was glued to the next.
+    assert_repaired_like("|D2FA d2AF|EFGE (~FD) D2\nd2fd ecAc|dBAG FD D2\n",
+                         "|D2FA d2AF|EFGE (~FD) D2 |\nd2fd ecAc|dBAG FD D2 |]\n", ["bar_full_line_ends", "close_final_bar"])
+    assert_repaired_like("|D2FA d2AF|EFGE HF+trill+D LD2\nd2fd ecAc|dBAG FD D2\n",
+                         "|D2FA d2AF|EFGE HF+trill+D LD2 |\nd2fd ecAc|dBAG FD D2 |]\n",
+                         ["bar_full_line_ends", "close_final_bar"])
+
+
+def test_a_field_continuation_line_joins_its_field():
+    # ABC 2.1's "+:" continues the field above it; alone, it was glued into the bar as music.
+    assert_repaired_like("|GABc d2d2|\nN:note\n+:more note\ncBAG G4\n", "|GABc d2d2|cBAG G4|]\n",
+                         ["join_field_continuations", "inline_body_fields", "close_final_bar"])
+    assert_repaired_like("|GABc d2d2|\nK:D\n+:clef=treble\ncBAG G4\n", "|GABc d2d2|[K:D clef=treble]cBAG G4|]\n",
+                         ["join_field_continuations", "inline_body_fields", "close_final_bar"])
+
+
+def test_a_trailing_comment_leaves_the_blank_before_it():
+    # "d2 % c" / "d2|": the blank parts the two notes (beaming), as in "d2 " / "d2|".
+    assert_repaired_like("|GABc d2 % c\nd2|cBAG G4\n", "|GABc d2 \nd2|cBAG G4|]\n",
+                         ["drop_body_comments", "close_final_bar"])

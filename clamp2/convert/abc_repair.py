@@ -11,6 +11,8 @@ Each repair maps the tune's lines to new lines and changes only the body (the li
 first ``K:`` line); a line keeps the number it has in the tune as given, so that what still fails
 is reported where the user can find it. In order:
 
+- :func:`join_field_continuations`: a ``+:`` line (ABC 2.1's field continuation) is appended to
+  the field line above it (alone, abctoolkit glues it into a bar as music).
 - :func:`group_inline_voices`: a body written as ``[V:1] ...`` / ``[V:2] ...`` lines becomes a
   ``V:1`` block, then a ``V:2`` block (abctoolkit only knows ``V:`` lines).
 - :func:`drop_body_comments`: ``%`` comment lines and trailing ``% comments`` leave the body
@@ -48,6 +50,12 @@ INLINE_VOICE_RE = re.compile(r"^\s*\[V:\s*([^\]\s]+)[^\]]*\]")
 ANNOTATION_RE = re.compile(r'"[^"\n]*"|![^!\n]*!')
 COMMENT_RE = re.compile(r"(?<!\\)%.*$")
 CONTINUATION_RE = re.compile(r"\\\s*$")
+FIELD_CONTINUATION = "+:"
+# What abctoolkit's bar-length count cannot read, and which has no length: inline fields, +decorations+,
+# and the decoration shortcuts ~ (roll), H (fermata), L (accent) and the spacer y.
+NO_LENGTH_RE = re.compile(r"\[[A-Za-z]:[^\]\n]*\]|\+[^+\n]*\+|[~HLy]")
+# A repeat ending after a barline (``|1``, ``:|2``, ``|1,3``): abctoolkit's bar split keeps it with the barline.
+ENDING_RE = re.compile(r"\s*[0-9][0-9,.\-]*")
 # Fields ABC 2.1 allows inline that change how the music sounds or is cut into parts.
 INLINE_FIELDS = "IKLMPQUm"
 # Field lines the repairs leave where they are: voices, and what the pipeline drops anyway.
@@ -131,6 +139,20 @@ def voice_blocks(lines: Lines) -> list[list[int]]:
 # The repairs, each a no-op on a tune that does not need it
 
 
+def join_field_continuations(lines: Lines) -> Lines:
+    start = body_start(lines)
+    if start is None:
+        return lines
+    result = lines[:start]
+    for line in lines[start:]:
+        if line.text.startswith(FIELD_CONTINUATION) and len(result) > start and FIELD_LINE_RE.match(result[-1].text):
+            field = result[-1]
+            result[-1] = Line(field.number, field.text.rstrip() + " " + line.text[2:].strip() + "\n", field.assumed)
+        else:
+            result.append(line)
+    return result
+
+
 def group_inline_voices(lines: Lines) -> Lines:
     start = body_start(lines)
     if start is None or not any(INLINE_VOICE_RE.match(line.text) for line in lines[start:]):
@@ -163,10 +185,10 @@ def drop_body_comments(lines: Lines) -> Lines:
             continue
         if is_music_line(line.text):
             content = line.text.rstrip("\n")
-            uncommented = COMMENT_RE.sub("", content).rstrip()
+            uncommented = COMMENT_RE.sub("", content)  # the blanks before the % stay: they part notes
             if not uncommented.strip():
                 continue
-            if uncommented != content.rstrip():
+            if uncommented != content:
                 line = Line(line.number, uncommented + "\n")
         body.append(line)
     return lines[:start] + body
@@ -211,13 +233,17 @@ def join_line_continuations(lines: Lines) -> Lines:
 
 
 def after_leading_barline(text: str, fields: str) -> str:
-    """``fields`` inserted at the start of the music of ``text``: after its leading barline if it has one
-    (``|[K:G] d2``, not ``[K:G]| d2``, a bar of its own), else before its first character."""
+    """``fields`` inserted at the start of the music of ``text``: after its leading barline and the repeat
+    ending on it if it has one (``|[K:G] d2``, not ``[K:G]| d2``, a bar of its own; ``:|2[K:G] d2``, not
+    ``:|[K:G]2 d2``, which loses the ending), else before its first character."""
     if not fields:
         return text
     spans = barline_spans(text)
     if spans and not text[:spans[0][0]].strip():
         at = spans[0][1]
+        ending = ENDING_RE.match(text, at)
+        if ending:
+            at = ending.end()
     else:
         at = len(text) - len(text.lstrip())
     return text[:at] + fields + text[at:]
@@ -323,7 +349,7 @@ def written_length(bar_text: str) -> Fraction | None:
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot read
         try:
-            return calculate_bartext_duration(bar_text)
+            return calculate_bartext_duration(NO_LENGTH_RE.sub("", masked(bar_text)))
         except Exception:  # noqa: BLE001 - e.g. chords written [D2F2]: then nothing is known
             return None
 
@@ -374,7 +400,7 @@ def close_final_bar(lines: Lines) -> Lines:
 
 
 REPAIRS: tuple[Callable[[Lines], Lines], ...] = (
-    group_inline_voices, drop_body_comments, join_line_continuations, inline_body_fields,
+    join_field_continuations, group_inline_voices, drop_body_comments, join_line_continuations, inline_body_fields,
     merge_adjacent_barlines, bar_full_line_ends, bar_unbarred_lines, close_final_bar,
 )
 
