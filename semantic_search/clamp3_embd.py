@@ -36,7 +36,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import numpy as np
 
-    from clamp2.files import atomic_path, mirror_outputs
+    from clamp2.files import atomic_path, finished_output, mirror_outputs
     from clamp2.search import clamp3
 
     args = parse_args(argv)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         outputs, collisions = mirror_outputs(files, root, args.output_dir, ".npy")
         for file, reason in collisions:
             print(f"failed: {file.relative_to(root)}: {reason}", file=sys.stderr)
-        todo = [file for file, output in outputs.items() if not output.exists()]
+        todo = [file for file, output in outputs.items() if not finished_output(output)]  # an empty one is redone
         side = family.encode(todo, args.input_dir, modality, normalize=args.get_global,
                              progress=not args.no_progress) if todo else None
         written = 0
