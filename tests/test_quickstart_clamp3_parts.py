@@ -51,6 +51,8 @@ def test_audio_step_jobs_folders_instruments_and_failures(tmp_path, monkeypatch,
             (d / "midi" / split / f"{stem}.mid").write_bytes(b"MThd")
     (d / "audio" / "train").mkdir(parents=True)
     (d / "audio" / "train" / "hornpipe_c.wav").write_bytes(b"RIFF")  # rendered in an earlier run: kept
+    (d / "audio" / "test").mkdir(parents=True)
+    (d / "audio" / "test" / "chorale_d.wav").write_bytes(b"")  # renamed into place, its data lost: rendered again
     jobs = []
 
     def render(job):

@@ -17,6 +17,7 @@ from conftest import load_script
 
 from clamp2.quickstart import pipeline, report
 from clamp2.quickstart import demo_corpus as dc
+from clamp2.quickstart import music21_corpus
 from clamp2.quickstart.pipeline import Clamp3Settings, Quickstart, Quickstart3, Settings, StepFailed
 
 
@@ -367,3 +368,15 @@ def test_another_modes_folder_names_the_settings_that_differ(tmp_path):
     with pytest.raises(SystemExit, match=r"other settings \(\S.*\); use another --out") as error:
         Quickstart(tmp_path, Settings.tiny(), progress=False).check_settings()
     assert "()" not in str(error.value)
+
+
+def test_corpus_files_keep_finished_ones_and_redo_empty_ones(tmp_path):
+    scores = music21_corpus.corpus_musicxml_paths(per_composer=None)[:2]
+    names = [music21_corpus.piece_name(score) for score in scores]
+    (tmp_path / "abc").mkdir()
+    (tmp_path / "abc" / f"{names[0]}.abc").write_text("kept\n")
+    (tmp_path / "abc" / f"{names[1]}.abc").write_text("")  # renamed into place, its data lost: converted again
+    written = music21_corpus.build_music_files(tmp_path, scores, kinds=("abc",), progress=False)
+    assert written == [tmp_path / "abc" / f"{name}.abc" for name in names]
+    assert written[0].read_text() == "kept\n"
+    assert "\n[V:1]" in written[1].read_text()  # interleaved ABC

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, finished_output
 
 DEFAULT_COMPOSERS = ("bach", "mozart", "beethoven", "haydn", "handel", "schumann", "schubert", "monteverdi",
                      "palestrina", "josquin", "chopin", "joplin")
@@ -70,7 +70,7 @@ def build_music_files(out_dir: str | os.PathLike, scores: Sequence[Path], kinds:
         for score in progress_bar(iterable=scores, total=len(scores), desc="corpus", unit="score", enabled=progress):
             for kind in kinds:
                 target = out_dir / kind / f"{piece_name(score)}.{kind}"
-                if not target.exists():
+                if not finished_output(target):
                     try:
                         text = musicxml_to_interleaved(score) if kind == "abc" else musicxml_to_mtf(score, Path(tmp))
                     except Exception:  # noqa: BLE001 - a corpus piece a converter cannot handle is just left out

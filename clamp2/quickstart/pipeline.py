@@ -630,6 +630,7 @@ class Quickstart3(Quickstart):
         """Each piece's MIDI → mono 24 kHz WAV of its first ``audio_seconds``, on its collection's instrument."""
         from concurrent.futures import ProcessPoolExecutor
 
+        from ..files import finished_output
         from ..progress import progress_bar
         from .demo_corpus import INSTRUMENTS
 
@@ -637,7 +638,7 @@ class Quickstart3(Quickstart):
         for split in ("train", "test"):
             for midi in sorted((self.data / "midi" / split).glob("*.mid")):
                 wav = self.data / "audio" / split / f"{midi.stem}.wav"
-                if not wav.exists():
+                if not finished_output(wav):
                     jobs.append((str(midi), str(wav), self.s.audio_seconds, INSTRUMENTS[midi.stem.split("_", 1)[0]][0]))
         workers = min(len(jobs), os.cpu_count() or 1)
         failures = []
