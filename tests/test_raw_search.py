@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from conftest import VECTORS, load_script
@@ -67,6 +68,22 @@ def test_search_with_a_music_query_and_on_features(tiny_env, raw, tmp_path, caps
     # A music file as the query: its own conversion is found first among the raw files.
     assert search.main([str(music / "airds_tune3.abc"), str(music), "--no_cache", *MODEL]) == 0
     assert capsys.readouterr().out.splitlines()[0].split()[2] == "airds_tune3.abc"
+
+
+def test_a_feature_file_among_raw_music_is_refused_not_read_as_the_whole_folder(tiny_env, raw, tmp_path, capsys):
+    # One stray .npy made the folder a feature folder: the music beside it was left out, exit 0.
+    music, texts = raw
+    search, evaluate = load_script("semantic_search/clamp2_search.py"), load_script("semantic_search/clamp2_eval.py")
+    np.save(music / ".hidden.npy", np.ones((1, 48), np.float32))  # hidden: ignored, as every hidden file
+    assert search.main(["a chorale", str(music), "--json", "--no_cache", *MODEL]) == 0
+    assert sorted(r["path"] for r in json.loads(capsys.readouterr().out)) == [
+        "airds_tune3.abc", "bwv10.7.mxl", "handmade.mid"]
+    np.save(music / "stray.npy", np.ones((1, 48), np.float32))
+    assert search.main(["a chorale", str(music), "--no_cache", *MODEL]) == 2
+    err = capsys.readouterr().err
+    assert "holds .npy features (1, e.g. stray.npy) and raw music or text files (3, e.g. airds_tune3.abc)" in err
+    assert evaluate.main([str(texts), str(music), "--no_cache", *MODEL]) == 2
+    assert "give a folder of one kind" in capsys.readouterr().err
 
 
 def test_eval_from_raw_files_equals_the_metrics_script_on_extracted_features(tiny_env, raw, tmp_path, capsys):

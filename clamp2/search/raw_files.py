@@ -30,10 +30,27 @@ class Collection:
 
 
 def holds_features(path: Path) -> bool:
-    """An index, or a folder with ``.npy`` files directly in it (the original's feature folders)."""
+    """An index, or a folder with ``.npy`` files directly in it (the original's feature folders).
+
+    A folder holding raw music or text files as well is a ``ValueError`` naming both (read as
+    features, its music would be left out without a word); a hidden ``.npy`` beside them is ignored,
+    as every hidden file is.
+    """
+    from clamp2.files import find_files
+
     from .feature_store import is_index
 
-    return is_index(path) or (path.is_dir() and any(p.suffix == ".npy" for p in path.iterdir()))
+    if is_index(path):
+        return True
+    npy = sorted(p.name for p in path.iterdir() if p.suffix == ".npy") if path.is_dir() else []
+    if not npy:
+        return False
+    raw = find_files(path, MUSIC_SUFFIXES + (".txt",))
+    visible = [name for name in npy if not name.startswith(".")]
+    if raw and visible:
+        raise ValueError(f"{path} holds .npy features ({len(visible)}, e.g. {visible[0]}) and raw music or text "
+                         f"files ({len(raw)}, e.g. {raw[0].relative_to(path)}): give a folder of one kind")
+    return not raw
 
 
 def load_collection(path: Path, model_factory: Callable[[], object], *, include_text: bool = True,
