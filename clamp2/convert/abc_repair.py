@@ -54,8 +54,9 @@ FIELD_CONTINUATION = "+:"
 # What abctoolkit's bar-length count cannot read, and which has no length: inline fields, +decorations+,
 # and the decoration shortcuts ~ (roll), H (fermata), L (accent) and the spacer y.
 NO_LENGTH_RE = re.compile(r"\[[A-Za-z]:[^\]\n]*\]|\+[^+\n]*\+|[~HLy]")
-# A repeat ending after a barline (``|1``, ``:|2``, ``|1,3``): abctoolkit's bar split keeps it with the barline.
-ENDING_RE = re.compile(r"\s*[0-9][0-9,.\-]*")
+# What abctoolkit's bar split keeps with the barline before it: a repeat ending (``|1``, ``:|2``, ``|1,3``) or
+# the ``:`` of a ``:|:`` (its own set of characters), and the blanks after it.
+ENDING_RE = re.compile(r"\s*[0-9:][0-9,.\-:]*\s*")
 # Fields ABC 2.1 allows inline that change how the music sounds or is cut into parts.
 INLINE_FIELDS = "IKLMPQUm"
 # Field lines the repairs leave where they are: voices, and what the pipeline drops anyway.
@@ -85,6 +86,29 @@ def body_start(lines: Lines) -> int | None:
         if line.text.startswith("K:"):
             return index + 1
     return None
+
+
+def toolkit_body_start(lines: Lines) -> int | None:
+    """Index where abctoolkit's body starts: its last ``V:1`` line when only fields, directives and comments
+    come between the first ``K:`` and it (xml2abc's voice definitions), else :func:`body_start`.
+
+    The lines before it are abctoolkit's header, which the original keeps as written: a field there holds
+    for every voice (``K:``, ``L:``) or for the ``V:`` definition above it (``K:none``, ``I:percmap``).
+    """
+    start = body_start(lines)
+    if start is None:
+        return None
+    last_v1 = next((index for index in range(len(lines) - 1, start - 1, -1) if lines[index].text.strip() == "V:1"),
+                   None)
+    if last_v1 is not None and not any(is_music_line(line.text) for line in lines[start:last_v1]):
+        return last_v1
+    return start
+
+
+def inline_field(text: str) -> str:
+    """A field line as an inline field: ``K:D % modulates`` → ``[K:D]`` (inside ``[...]``, a ``%`` would
+    comment out the rest of the interleaved line: every other voice's bar on it)."""
+    return "[" + COMMENT_RE.sub("", text).strip() + "]"
 
 
 def is_music_line(text: str) -> bool:
@@ -147,7 +171,8 @@ def join_field_continuations(lines: Lines) -> Lines:
     for line in lines[start:]:
         if line.text.startswith(FIELD_CONTINUATION) and len(result) > start and FIELD_LINE_RE.match(result[-1].text):
             field = result[-1]
-            result[-1] = Line(field.number, field.text.rstrip() + " " + line.text[2:].strip() + "\n", field.assumed)
+            text = COMMENT_RE.sub("", field.text.rstrip("\n")).rstrip()  # "N:a % c" + "+:b": "N:a b", b no comment
+            result[-1] = Line(field.number, text + " " + line.text[2:].strip() + "\n", field.assumed)
         else:
             result.append(line)
     return result
@@ -176,7 +201,7 @@ def group_inline_voices(lines: Lines) -> Lines:
 
 
 def drop_body_comments(lines: Lines) -> Lines:
-    start = body_start(lines)
+    start = toolkit_body_start(lines)  # comments in abctoolkit's header stay there, as the original keeps them
     if start is None:
         return lines
     body = []
@@ -185,7 +210,8 @@ def drop_body_comments(lines: Lines) -> Lines:
             continue
         if is_music_line(line.text):
             content = line.text.rstrip("\n")
-            uncommented = COMMENT_RE.sub("", content)  # the blanks before the % stay: they part notes
+            at = COMMENT_RE.search(masked(content))  # a % inside an annotation ("^50% more") is text
+            uncommented = content[:at.start()] if at else content  # the blanks before the % stay: they part notes
             if not uncommented.strip():
                 continue
             if uncommented != content:
@@ -218,7 +244,7 @@ def join_line_continuations(lines: Lines) -> Lines:
             # before the joined line (inline_body_fields' place for it), which would move it bars early.
             text = line.text
             if FIELD_LINE_RE.match(text) and text[0] in INLINE_FIELDS and not text.startswith(KEPT_FIELD_LINES):
-                fields.append("[" + text.strip() + "]")
+                fields.append(inline_field(text))
                 field_lines.append(line)
             else:
                 result.append(line)
@@ -233,9 +259,9 @@ def join_line_continuations(lines: Lines) -> Lines:
 
 
 def after_leading_barline(text: str, fields: str) -> str:
-    """``fields`` inserted at the start of the music of ``text``: after its leading barline and the repeat
-    ending on it if it has one (``|[K:G] d2``, not ``[K:G]| d2``, a bar of its own; ``:|2[K:G] d2``, not
-    ``:|[K:G]2 d2``, which loses the ending), else before its first character."""
+    """``fields`` inserted at the start of the music of ``text``: after its leading barline and what abctoolkit
+    keeps with it, a repeat ending or a ``:`` (``|[K:G] d2``, not ``[K:G]| d2``, a bar of its own; ``:|2 [K:G]d2``
+    and ``:|:[K:G]d2``, not ``:|[K:G]2 d2``, which loses the ending), else before its first character."""
     if not fields:
         return text
     spans = barline_spans(text)
@@ -250,24 +276,18 @@ def after_leading_barline(text: str, fields: str) -> str:
 
 
 def inline_body_fields(lines: Lines) -> Lines:
-    start = body_start(lines)
+    # Fields in abctoolkit's header stay there for every voice; inlined into the first bar, they held for the
+    # first voice only.
+    start = toolkit_body_start(lines)
     if start is None:
         return lines
-    body_v1 = next((index for index in range(len(lines) - 1, start - 1, -1) if lines[index].text.strip() == "V:1"),
-                    None)
-    if body_v1 is not None and not any(is_music_line(line.text) for line in lines[start:body_v1]):
-        # abctoolkit's body starts at the last "V:1" line (abctoolkit_voices): the lines before it are its
-        # header, where a field holds for every voice (K:, M:, L:) or for the V: definition above it
-        # (xml2abc's "V:2 ... / K:none / I:percmap ..."). The original keeps them there, and so do we:
-        # inlined into the first bar, they held for the first voice only.
-        start = body_v1
     result = lines[:start]
     waiting: list[str] = []
     for line in lines[start:]:
         text = line.text
         if FIELD_LINE_RE.match(text) and not text.startswith(KEPT_FIELD_LINES):
             if text[0] in INLINE_FIELDS:
-                waiting.append("[" + text.strip() + "]")
+                waiting.append(inline_field(text))
             continue  # the others (B:, N:, O:, ...) describe the tune: nothing sounds different
         if waiting and is_music_line(text):
             line = Line(line.number, after_leading_barline(text, "".join(waiting)))
@@ -323,7 +343,7 @@ def merge_adjacent_barlines(lines: Lines) -> Lines:
 
 def header_value(lines: Lines, field: str) -> str | None:
     start = body_start(lines) or len(lines)
-    values = [line.text[2:].strip() for line in lines[:start] if line.text.startswith(field)]
+    values = [COMMENT_RE.sub("", line.text[2:]).strip() for line in lines[:start] if line.text.startswith(field)]
     return values[-1] if values else None
 
 
@@ -336,6 +356,9 @@ def bar_length(lines: Lines) -> Fraction | None:
     meter, unit = header_value(lines, "M:"), header_value(lines, "L:")
     meter = {"C": "4/4", "C|": "2/2"}.get(meter, meter)
     meter_match = re.fullmatch(r"(\d+(?:\+\d+)*)\s*/\s*(\d+)", meter or "")
+    if meter_match and unit is None:  # ABC 2.1: 1/16 below a metre of 3/4, else 1/8
+        beats0 = sum(int(part) for part in meter_match.group(1).split("+"))
+        unit = "1/16" if Fraction(beats0, int(meter_match.group(2))) < Fraction(3, 4) else "1/8"
     unit_match = re.fullmatch(r"(\d+)\s*/\s*(\d+)", unit or "")
     if not meter_match or not unit_match or int(unit_match.group(1)) == 0:
         return None
@@ -349,7 +372,10 @@ def written_length(bar_text: str) -> Fraction | None:
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot read
         try:
-            return calculate_bartext_duration(NO_LENGTH_RE.sub("", masked(bar_text)))
+            text = NO_LENGTH_RE.sub("", masked(bar_text)).replace("`", "")
+            text = re.sub(r"/{2,}", lambda m: "/" + str(2 ** len(m.group())), text)
+            text = re.sub(r"\((\d+):(\d+)(?![:\d])", r"(\1:\2:\1", text)
+            return calculate_bartext_duration(text)
         except Exception:  # noqa: BLE001 - e.g. chords written [D2F2]: then nothing is known
             return None
 
