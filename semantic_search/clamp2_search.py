@@ -9,8 +9,8 @@ QUERY is a sentence, a .txt file, a music file (MusicXML, MIDI, standard or inte
 a .npy feature. TARGET is a folder of raw music/text files (searched recursively, converted as the
 batch pipeline converts them and encoded through the feature cache: the first run extracts with a
 progress bar, a second run on the same files does no model work), a folder of [1, D] .npy features
-(not both in one folder), or an index from build_index.py. Prints rank, cosine similarity and path (the key, for features or
-an index), best first (equal scores ordered by path; --json for machines). --weights/--text_model as
+(not both in one folder), or an index from build_index.py. Prints rank, cosine similarity and path
+(the key, for features or an index), best first (equal scores ordered by path; --json for machines). --weights/--text_model as
 code/extract_clamp2.py (defaults from code/config.py; --weights also takes a hub id). Exit status: 0
 ok, 1 some target files could not be used (listed), 2 usage or model error.
 """

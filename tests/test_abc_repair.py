@@ -408,7 +408,8 @@ def test_a_field_before_a_repeat_ending_goes_after_the_ending(broken, clean):
 def test_a_full_bar_with_a_roll_gets_its_barline():
     # abctoolkit cannot count "~FD" (O'Neill's X:1443 writes "EFGE (~FD) D2"): the bar was glued to the next.
     assert_repaired_like("|D2FA d2AF|EFGE (~FD) D2\nd2fd ecAc|dBAG FD D2\n",
-                         "|D2FA d2AF|EFGE (~FD) D2 |\nd2fd ecAc|dBAG FD D2 |]\n", ["bar_full_line_ends", "close_final_bar"])
+                         "|D2FA d2AF|EFGE (~FD) D2 |\nd2fd ecAc|dBAG FD D2 |]\n",
+                         ["bar_full_line_ends", "close_final_bar"])
     assert_repaired_like("|D2FA d2AF|EFGE HF+trill+D LD2\nd2fd ecAc|dBAG FD D2\n",
                          "|D2FA d2AF|EFGE HF+trill+D LD2 |\nd2fd ecAc|dBAG FD D2 |]\n",
                          ["bar_full_line_ends", "close_final_bar"])
@@ -462,5 +463,5 @@ def test_comments_in_abctoolkits_header_stay_there():
 ])
 def test_full_bars_abctoolkit_cannot_count_get_their_barline(head, line):
     # Left unbarred, the line's last bar was glued to the next line's first.
-    assert_repaired_like(f"{line}\nd2c2 B2A2|G8\n", f"{line} |\nd2c2 B2A2|G8 |]\n", ["bar_full_line_ends", "close_final_bar"],
-                         head=head)
+    assert_repaired_like(f"{line}\nd2c2 B2A2|G8\n", f"{line} |\nd2c2 B2A2|G8 |]\n",
+                         ["bar_full_line_ends", "close_final_bar"], head=head)
