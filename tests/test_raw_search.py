@@ -84,6 +84,9 @@ def test_a_feature_file_among_raw_music_is_refused_not_read_as_the_whole_folder(
     assert "holds .npy features (1, e.g. stray.npy) and raw music or text files (3, e.g. airds_tune3.abc)" in err
     assert evaluate.main([str(texts), str(music), "--no_cache", *MODEL]) == 2
     assert "give a folder of one kind" in capsys.readouterr().err
+    np.save(texts / "stray.npy", np.ones((1, 48), np.float32))  # 4 texts beside 1 feature: refused too
+    assert evaluate.main([str(texts), str(texts), "--no_cache", *MODEL]) == 2
+    assert "(1, e.g. stray.npy) and raw music or text files (4, e.g. bwv10.7.txt)" in capsys.readouterr().err
 
 
 def test_eval_from_raw_files_equals_the_metrics_script_on_extracted_features(tiny_env, raw, tmp_path, capsys):

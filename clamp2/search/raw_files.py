@@ -32,9 +32,10 @@ class Collection:
 def holds_features(path: Path) -> bool:
     """An index, or a folder with ``.npy`` files directly in it (the original's feature folders).
 
-    A folder holding raw music or text files as well is a ``ValueError`` naming both (read as
-    features, its music would be left out without a word); a hidden ``.npy`` beside them is ignored,
-    as every hidden file is.
+    A folder holding raw music files as well, or more ``.txt`` files than ``.npy`` ones (a README
+    beside features is fine), is a ``ValueError`` naming both: read as features, its music or texts
+    would be left out without a word. A hidden ``.npy`` beside raw files is ignored, as every hidden
+    file is.
     """
     from clamp2.files import find_files
 
@@ -47,10 +48,13 @@ def holds_features(path: Path) -> bool:
         return False
     raw = find_files(path, MUSIC_SUFFIXES + (".txt",))
     visible = [name for name in npy if not name.startswith(".")]
-    if raw and visible:
+    texts = sum(p.suffix.lower() == ".txt" for p in raw)
+    if not visible:
+        return not raw
+    if len(raw) > texts or texts > len(visible):
         raise ValueError(f"{path} holds .npy features ({len(visible)}, e.g. {visible[0]}) and raw music or text "
                          f"files ({len(raw)}, e.g. {raw[0].relative_to(path)}): give a folder of one kind")
-    return not raw
+    return True
 
 
 def load_collection(path: Path, model_factory: Callable[[], object], *, include_text: bool = True,
