@@ -465,3 +465,12 @@ def test_full_bars_abctoolkit_cannot_count_get_their_barline(head, line):
     # Left unbarred, the line's last bar was glued to the next line's first.
     assert_repaired_like(f"{line}\nd2c2 B2A2|G8\n", f"{line} |\nd2c2 B2A2|G8 |]\n",
                          ["bar_full_line_ends", "close_final_bar"], head=head)
+
+
+@pytest.mark.parametrize("header_area", ["Q:1/4=90\n", "% a comment\n", "V:1\n|GABc d2d2| \\\ncBAG G4|\nV:2\n|G,4 D,4|\n"])
+def test_repeated_voice_blocks_before_the_last_v1_stay_as_written(header_area):
+    # A block per system (V:1, V:2, V:1, V:2): abctoolkit's body starts at the last V:1 and the original keeps
+    # what comes before it as written; the repairs dropped its Q: and comment lines and joined its "\".
+    head = "X:1\nT:t\nM:4/4\nL:1/8\nV:1\nV:2\nK:G\n"
+    blocks = header_area + "V:1\n|GABc d2d2|\nV:2\n|G,4 D,4|\nV:1\ncBAG G4|dcBA G4{end}\nV:2\n|G,8|B,8{end}\n"
+    assert_repaired_like(blocks.format(end=""), blocks.format(end="|]"), ["close_final_bar"], head=head)

@@ -89,20 +89,20 @@ def body_start(lines: Lines) -> int | None:
 
 
 def toolkit_body_start(lines: Lines) -> int | None:
-    """Index where abctoolkit's body starts: its last ``V:1`` line when only fields, directives and comments
-    come between the first ``K:`` and it (xml2abc's voice definitions), else :func:`body_start`.
+    """Index where abctoolkit's body starts: its last ``V:1`` line, else (one voice, no ``V:1``: the
+    one-voice fix adds it after ``K:``) :func:`body_start`.
 
-    The lines before it are abctoolkit's header, which the original keeps as written: a field there holds
-    for every voice (``K:``, ``L:``) or for the ``V:`` definition above it (``K:none``, ``I:percmap``).
+    The lines before it are abctoolkit's header, which the original keeps as written, and so do the
+    repairs: a field there holds for every voice (``K:``, ``L:``) or for the ``V:`` definition above it
+    (xml2abc's ``K:none``, ``I:percmap``); in a tune whose ``V:1``/``V:2`` blocks repeat (a block per
+    system), the earlier blocks are header text too.
     """
     start = body_start(lines)
     if start is None:
         return None
     last_v1 = next((index for index in range(len(lines) - 1, start - 1, -1) if lines[index].text.strip() == "V:1"),
                    None)
-    if last_v1 is not None and not any(is_music_line(line.text) for line in lines[start:last_v1]):
-        return last_v1
-    return start
+    return start if last_v1 is None else last_v1
 
 
 def inline_field(text: str) -> str:
@@ -147,7 +147,7 @@ def starts_with_barline(text: str) -> bool:
 
 def voice_blocks(lines: Lines) -> list[list[int]]:
     """Indices of the music lines of each voice of the body (a ``V:`` line starts a new voice)."""
-    start = body_start(lines)
+    start = toolkit_body_start(lines)
     if start is None:
         return []
     blocks: list[list[int]] = [[]]
@@ -221,7 +221,7 @@ def drop_body_comments(lines: Lines) -> Lines:
 
 
 def join_line_continuations(lines: Lines) -> Lines:
-    start = body_start(lines)
+    start = toolkit_body_start(lines)
     if start is None:
         return lines
     result = lines[:start]
