@@ -356,15 +356,15 @@ def bar_length(lines: Lines) -> Fraction | None:
     meter, unit = header_value(lines, "M:"), header_value(lines, "L:")
     meter = {"C": "4/4", "C|": "2/2"}.get(meter, meter)
     meter_match = re.fullmatch(r"(\d+(?:\+\d+)*)\s*/\s*(\d+)", meter or "")
-    if meter_match and unit is None:  # ABC 2.1: 1/16 below a metre of 3/4, else 1/8
-        beats0 = sum(int(part) for part in meter_match.group(1).split("+"))
-        unit = "1/16" if Fraction(beats0, int(meter_match.group(2))) < Fraction(3, 4) else "1/8"
-    unit_match = re.fullmatch(r"(\d+)\s*/\s*(\d+)", unit or "")
-    if not meter_match or not unit_match or int(unit_match.group(1)) == 0:
+    if not meter_match:
         return None
-    beats = sum(int(part) for part in meter_match.group(1).split("+"))
-    length = Fraction(beats, int(meter_match.group(2))) / Fraction(int(unit_match.group(1)), int(unit_match.group(2)))
-    return length or None
+    bar = Fraction(sum(int(part) for part in meter_match.group(1).split("+")), int(meter_match.group(2)))
+    if unit is None:  # ABC 2.1's default unit: 1/16 below a metre of 3/4, else 1/8
+        unit = "1/16" if bar < Fraction(3, 4) else "1/8"
+    unit_match = re.fullmatch(r"(\d+)\s*/\s*(\d+)", unit)
+    if not unit_match or int(unit_match.group(1)) == 0:
+        return None
+    return bar / Fraction(int(unit_match.group(1)), int(unit_match.group(2))) or None
 
 
 def written_length(bar_text: str) -> Fraction | None:
@@ -372,6 +372,8 @@ def written_length(bar_text: str) -> Fraction | None:
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot read
         try:
+            # What it cannot read, as ABC 2.1 reads it: back-quotes (beaming only) out, A// = A/4,
+            # (p:q = (p:q:p.
             text = NO_LENGTH_RE.sub("", masked(bar_text)).replace("`", "")
             text = re.sub(r"/{2,}", lambda m: "/" + str(2 ** len(m.group())), text)
             text = re.sub(r"\((\d+):(\d+)(?![:\d])", r"(\1:\2:\1", text)
