@@ -10,9 +10,10 @@ a .npy feature. TARGET is a folder of raw music/text files (searched recursively
 batch pipeline converts them and encoded through the feature cache: the first run extracts with a
 progress bar, a second run on the same files does no model work), a folder of [1, D] .npy features
 (not both in one folder), or an index from build_index.py. Prints rank, cosine similarity and path
-(the key, for features or an index), best first (equal scores ordered by path; --json for machines). --weights/--text_model as
-code/extract_clamp2.py (defaults from code/config.py; --weights also takes a hub id). Exit status: 0
-ok, 1 some target files could not be used (listed), 2 usage or model error.
+(the key, for features or an index), best first (equal scores ordered by path; --json for
+machines). --weights/--text_model as code/extract_clamp2.py (defaults from code/config.py; --weights
+also takes a hub id). Exit status: 0 ok, 1 some target files could not be used (listed), 2 usage or
+model error.
 """
 
 from __future__ import annotations
