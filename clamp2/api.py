@@ -272,14 +272,15 @@ class _Extractor:
         raise NotImplementedError
 
     def _cache_namespace(self, per_position: bool):
-        from .cache import weights_fingerprint
+        from .cache import code_fingerprint, weights_fingerprint
         from .extraction.model_inputs import CONVERTER_SETTINGS
 
         identity = (str(self.cache.root), per_position)
         if identity not in self._namespaces:
             settings = {"model": self.model_kind, "weights_sha256": weights_fingerprint(self.weights_path, self.cache.root),
                         "per_position": per_position, "dtype": self.dtype, "converters": CONVERTER_SETTINGS,
-                        "versions": _package_versions(), **self._settings(per_position)}
+                        "versions": _package_versions(), "code_sha256": code_fingerprint(),
+                        **self._settings(per_position)}
             about = {"weights": self.weights_path.name}
             self._namespaces[identity] = self.cache.namespace(settings, about)
         return self._namespaces[identity]

@@ -4,9 +4,10 @@ An entry's key is the sha256 of the input's bytes (and its kind: the same bytes 
 ``.txt`` are different inputs); entries live in a *namespace* per model and settings, whose name is
 the sha256 of: the weights file's sha256, the model kind, global vs per-position features, the
 compute precision, the window lengths, the text model's tokenizer and configuration, the converter
-settings and versions, and :data:`FEATURE_FORMAT` (bump it when features change meaning). Editing a
-file changes its key, so it is re-encoded; nothing ever has to be invalidated by hand (CLaMP 3's
-cache, keyed by file name, silently serves stale features).
+settings and versions, this package's own code that turns a file into a feature (:func:`code_fingerprint`:
+a new version of, say, the ABC repairs must not be served the features of the old one), and
+:data:`FEATURE_FORMAT`. Editing a file changes its key, so it is re-encoded; nothing ever has to be
+invalidated by hand (CLaMP 3's cache, keyed by file name, silently serves stale features).
 
 Layout under the cache folder (default: the user cache folder, ``~/.cache/clamp2`` on Linux)::
 
@@ -23,6 +24,7 @@ an unreadable entry is treated as missing and rewritten.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +37,9 @@ from .files import atomic_path, atomic_write_text
 
 FEATURE_FORMAT = 1
 APP_NAME = "clamp2"
+# The package's modules between a file's bytes and its feature: conversion, model inputs, models, weights loading.
+FEATURE_CODE = ("convert/abc.py", "convert/abc_repair.py", "convert/mtf.py", "extraction/*.py", "models/*.py",
+                "patchilizer.py", "text_model.py", "attention.py", "checkpoint.py")
 
 _weights_hashes: Dict[tuple, str] = {}
 
@@ -56,6 +61,21 @@ def sha256_of_file(path: str | os.PathLike) -> str:
 
 def sha256_of_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 of the source of :data:`FEATURE_CODE` (any edit there, even a comment, starts new entries:
+    a re-encode is cheap next to a stale feature); read once per process."""
+    return source_fingerprint(Path(__file__).parent)
+
+
+def source_fingerprint(package: Path) -> str:
+    sha = hashlib.sha256()
+    for pattern in FEATURE_CODE:
+        for path in sorted(package.glob(pattern)):
+            sha.update(path.relative_to(package).as_posix().encode("utf-8") + b"\0" + path.read_bytes())
+    return sha.hexdigest()
 
 
 def weights_fingerprint(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:

@@ -2,6 +2,7 @@
 
 import multiprocessing
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,28 @@ def test_settings_and_weights_have_their_own_entries(music, tmp_path):
     assert tiny_model(cache, max_text_length=8).encode_folder(music, progress=False).computed == 4
     groups = cache.info()
     assert len(groups) == 4 and sum(g["entries"] for g in groups) == 16
+
+
+def test_the_code_that_makes_features_has_its_own_entries(music, tmp_path, monkeypatch):
+    # A new version of the converters (e.g. the ABC repairs) or of the models must not be served features
+    # the old one cached.
+    from clamp2 import cache as cache_module
+
+    package = tmp_path / "package"
+    for pattern in cache_module.FEATURE_CODE:
+        for source in Path(cache_module.__file__).parent.glob(pattern):
+            target = package / source.relative_to(Path(cache_module.__file__).parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+    assert cache_module.source_fingerprint(package) == cache_module.code_fingerprint()
+    (package / "convert" / "abc_repair.py").write_text("# a repair changed\n", encoding="utf-8")
+    changed = cache_module.source_fingerprint(package)
+    assert changed != cache_module.code_fingerprint()
+    model = tiny_model(tmp_path / "cache")
+    assert model._cache_namespace(False).settings["code_sha256"] == cache_module.code_fingerprint()
+    assert model.encode_folder(music, progress=False).computed == 4
+    monkeypatch.setattr(cache_module, "code_fingerprint", lambda: changed)
+    assert tiny_model(tmp_path / "cache").encode_folder(music, progress=False).computed == 4
 
 
 def test_each_precision_has_its_own_entries(tmp_path):
