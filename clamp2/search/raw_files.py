@@ -43,14 +43,14 @@ def holds_features(path: Path) -> bool:
 
     if is_index(path):
         return True
-    npy = sorted(p.name for p in path.iterdir() if p.suffix == ".npy") if path.is_dir() else []
-    if not npy:
+    if not path.is_dir():
         return False
-    raw = find_files(path, MUSIC_SUFFIXES + (".txt",))
-    visible = [name for name in npy if not name.startswith(".")]
+    found = find_files(path, MUSIC_SUFFIXES + (".txt", ".npy"))  # one listing for both kinds; hidden names left out
+    visible = [p.name for p in found if p.parent == path and p.name.endswith(".npy")]
+    raw = [p for p in found if p.suffix.lower() != ".npy"]
     texts = sum(p.suffix.lower() == ".txt" for p in raw)
-    if not visible:
-        return not raw
+    if not visible:  # only hidden .npy files, if any: features when nothing else is there
+        return not raw and any(p.name.endswith(".npy") for p in path.iterdir())
     if len(raw) > texts or texts > len(visible):
         raise ValueError(f"{path} holds .npy features ({len(visible)}, e.g. {visible[0]}) and raw music or text "
                          f"files ({len(raw)}, e.g. {raw[0].relative_to(path)}): give a folder of one kind")
