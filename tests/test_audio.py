@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from clamp2.extraction import audio
 from clamp2.quickstart import audio_render
@@ -238,3 +239,18 @@ def test_mono_from_interleaved_frames_has_the_bits_of_torchs_channel_mean(tmp_pa
     for real in sorted(AUDIO_IN.iterdir()):  # the reference vectors' files: mono and stereo, integer and float
         samples, _ = audio.decode(real)
         assert np.array_equal(audio.load_mono(real)[0], audio.to_mono(samples)), real.name
+
+
+@pytest.mark.parametrize("channels", [3, 5, 6, 7, 8])
+def test_channel_mean_has_the_bits_of_the_references_mean_over_torchaudios_transposed_frames(tmp_path, channels):
+    # torchaudio.load (soundfile and FFmpeg backends) returns the transpose of the decoded [frames, channels]
+    # buffer, and the reference averages that view: torch sums each frame's contiguous channels. Summed over a
+    # contiguous [channels, frames] copy, 5-7 channels were one float32 rounding off for about half the samples.
+    rng = np.random.default_rng(channels)
+    data = rng.uniform(-1, 1, (48000, channels)).astype(np.float32)
+    path = tmp_path / "x.wav"
+    soundfile.write(path, data, 16000, subtype="FLOAT")
+    frames, _ = soundfile.read(path, dtype="float32", always_2d=True)
+    reference = torch.mean(torch.from_numpy(frames).t(), dim=0, keepdim=True)[0].numpy()
+    assert np.array_equal(audio.load_mono(path)[0], reference)
+    assert np.array_equal(audio.to_mono(audio.decode(path)[0]), reference)

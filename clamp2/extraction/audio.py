@@ -110,20 +110,24 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
     """[channels, frames] → [frames]: the arithmetic mean of the channels (float32, as torch's mean)."""
     if samples.shape[0] == 1:
         return samples[0]
-    return torch.from_numpy(samples).mean(dim=0).numpy()
+    return frames_to_mono(np.ascontiguousarray(samples.T))
 
 
 def frames_to_mono(frames: np.ndarray) -> np.ndarray:
     """:func:`to_mono` of ``[frames, channels]`` without transposing first (hot in MERT's workers).
 
     One or two channels (nearly all audio): the same bits as torch's mean, whose sum of two float32
-    values is one rounding and whose halving is exact; three or more keep torch's order of sums.
+    values is one rounding and whose halving is exact; three or more keep torch's order of sums over
+    the reference's layout: torchaudio.load (soundfile and FFmpeg backends alike) returns the transpose
+    of the decoder's [frames, channels] buffer, so its channel mean sums each frame's contiguous
+    channels. Summed over a contiguous [channels, frames] copy instead, 5, 6 and 7 channels come out
+    one float32 rounding off for about half the samples.
     """
     if frames.shape[1] == 1:
         return np.ascontiguousarray(frames[:, 0])
     if frames.shape[1] == 2:
         return (frames[:, 0] + frames[:, 1]) / np.float32(2)
-    return to_mono(np.ascontiguousarray(frames.T))
+    return torch.from_numpy(np.ascontiguousarray(frames)).t().mean(dim=0).numpy()
 
 
 @lru_cache(maxsize=32)
