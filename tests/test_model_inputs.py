@@ -68,3 +68,14 @@ def test_standard_tunes_are_interleaved_first():
 ])
 def test_the_rule_on_small_cases(text, expected):
     assert is_interleaved(text) is expected
+
+
+@pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"])
+def test_line_separators_other_than_newline_stay_inside_their_line(separator):
+    # Files are read with universal newlines, so "\n" is the only line break left; the patchilizer, the
+    # reference's extraction and abctoolkit split lines on it alone. str.splitlines() also breaks at these
+    # characters (a form feed, NEL or U+2028 in an annotation): the bars then read as unprefixed lines and an
+    # interleaved file was interleaved a second time ("[V:1][V:1]...", other patches) or failed.
+    text = f'L:1/8\nK:C\nV:1\nV:2\n[V:1]"^x{separator}y"cd|[V:2]CD|\n[V:1]e{separator}f|[V:2]EF|\n'
+    assert is_interleaved(text)
+    assert auto_model_text(text) == text

@@ -194,7 +194,8 @@ def is_interleaved(abc_text: str) -> bool:
     """
     from ..convert.abc import INTERLEAVE_REMOVED_FIELDS
 
-    lines = abc_text.splitlines()
+    # "\n" only, as the patchilizer splits: splitlines() also breaks at \x0b, \x0c, \x85, U+2028, ... inside a bar.
+    lines = abc_text.split("\n")
     if any(line.startswith(tuple(INTERLEAVE_REMOVED_FIELDS)) for line in lines):  # interleaving removes them
         return False
     first = next((index for index, line in enumerate(lines) if line.startswith("[V:")), None)
