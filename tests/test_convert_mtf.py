@@ -378,3 +378,36 @@ def test_a_line_mentioning_unknown_meta_anywhere_is_skipped():
     # The reference skips every line that contains "unknown_meta", even inside a text.
     midi = mtf_to_midi("ticks_per_beat 96\ntext has unknown_meta inside 0\nmarker kept 0\nend_of_track 0")
     assert [m.type for m in midi.tracks[0]] == ["marker", "end_of_track"]
+
+
+def test_runs_of_spaces_on_a_line_with_a_byte_sequence_read_as_the_reference_reads_them():
+    # The reference cuts a line holding "[" or "(" around the bracket and drops the empty words, so a run of
+    # spaces there counts as one: "sysex 0  (1, 2)" is the sysex (1, 2), not an empty sysex (its data lost).
+    assert line_to_message("sysex 0  (1, 2)") == Message("sysex", data=(1, 2))
+    assert line_to_message("sysex  0 (1, 2)") == Message("sysex", data=(1, 2))
+    assert line_to_message("sequencer_specific  [1, 2] 0") == MetaMessage("sequencer_specific", data=[1, 2])
+    assert line_to_message("sequencer_specific [1, 2]  5") == MetaMessage("sequencer_specific", data=[1, 2], time=5)
+    data = midi_to_bytes(mtf_to_midi("ticks_per_beat 480\nsysex 0  (1, 2)\nend_of_track 0"))
+    assert b"\xf0\x03\x01\x02\xf7" in data  # the reference's bytes: the sysex kept
+
+
+@pytest.mark.parametrize("line", ["end_of_track ", "note_on ", "set_tempo ", "sysex "])
+def test_a_type_then_a_space_and_no_value_is_an_error_as_in_the_reference(line):
+    # The reference reads "end_of_track " as the type and one empty value (its time): float('') fails.
+    # Only a type with no space after it is mido's default message.
+    with pytest.raises(ValueError, match="the line has 0 values"):
+        line_to_message(line)
+    with pytest.raises(ValueError, match="line 2"):
+        mtf_to_midi("ticks_per_beat 480\n" + line)
+
+
+@pytest.mark.parametrize("event", [b"\x00\xff\x58\x01\x04", b"\x00\xff\x51\x02\x07\xa1", b"\x00\xff\x59\x00",
+                                   b"\x00\xff\x54\x05\xe0\x00\x00\x00\x00"])
+def test_undecodable_meta_event_is_a_readable_error(tmp_path, event):
+    # A time_signature with one byte, a set_tempo with two, an empty key_signature, an SMPTE rate code of 7:
+    # the reference fails too, but mido's bare IndexError / KeyError ("7") says nothing in failed_midi2mtf.log.
+    track = event + b"\x00\xff\x2f\x00"
+    path = tmp_path / "bad_meta.mid"
+    path.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x00\x60MTrk" + len(track).to_bytes(4, "big") + track)
+    with pytest.raises(ValueError, match="meta event mido cannot decode"):
+        midi_to_mtf(path)

@@ -67,12 +67,17 @@ def midi_file_to_mtf(midi: mido.MidiFile, m3_compatible: bool = True, *, mode: s
 
 
 def read_midi(path: str | os.PathLike) -> mido.MidiFile:
-    """``mido.MidiFile(path)``, with mido's bare ``EOFError`` turned into a readable reason."""
+    """``mido.MidiFile(path)``, with mido's bare ``EOFError``, ``IndexError`` and ``KeyError`` made readable."""
     try:
         return mido.MidiFile(path)
     except EOFError as error:
         detail = f": {error}" if str(error) else ""
         raise ValueError(f"not a complete MIDI file (unexpected end of data{detail})") from error
+    except (IndexError, KeyError) as error:
+        # mido decodes a meta event's bytes by position and table look-up: a set_tempo with two bytes, a
+        # time_signature with one, an SMPTE rate code above 3 fail as a bare "list index out of range" / "7".
+        raise ValueError(f"a meta event mido cannot decode (too short, or a value out of range): "
+                         f"{type(error).__name__}: {error}") from error
 
 
 def midi_to_mtf(path: str | os.PathLike, m3_compatible: bool = True, *, mode: str | None = None) -> str:
@@ -139,17 +144,25 @@ def line_tokens(message_type: str, rest: str) -> list[str]:
         # written here, and a hand-typed non-ASCII character becomes its UTF-8 bytes in the file.
         *value, time = rest.split(" ")
         return [" ".join(value).encode("utf-8").decode("unicode_escape"), time]
-    return split_tokens(rest) if rest else []
+    if not rest:
+        return []
+    tokens = split_tokens(rest)
+    if "[" in rest or "(" in rest:
+        # The reference cuts such a line around its bracket and drops the empty words: a run of spaces is one.
+        tokens = [token for token in tokens if token]
+    return tokens
 
 
 def line_to_message(line: str):
     """Parse one MTF message line back into a mido message (SPEC §2)."""
-    message_type, _, rest = line.partition(" ")
+    message_type, space, rest = line.partition(" ")
     message = new_message(message_type)
     fields = [name for name in vars(message) if name != "type"]
     tokens = line_tokens(message_type, rest)
-    if not tokens and message_type not in TEXT_META_TYPES:
-        return message  # a bare type (``end_of_track``): the reference leaves mido's defaults (time 0)
+    if not space and message_type not in TEXT_META_TYPES:
+        # A bare type (``end_of_track``): the reference leaves mido's defaults (time 0). With a space after
+        # it (``end_of_track ``) the reference reads one empty value and fails: the count check below.
+        return message
     if len(tokens) < len(fields):
         raise ValueError(f"{message_type} has {len(fields)} fields ({', '.join(fields)}), "
                          f"the line has {len(tokens)} values: {line[:200]!r}")
