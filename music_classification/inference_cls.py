@@ -5,8 +5,9 @@
     python music_classification/inference_cls.py probe.pth features/ predictions.json   # CLaMP 3's argument order
 
 FEATURES is a folder (searched recursively for .npy) or one .npy file: per-position [1, L, D] or
-global [1, D] features of the size the probe was trained on. Files are classified in padded,
-masked batches (--batch_size), which give exactly the labels of one-by-one classification.
+global [1, D] features of the size the probe was trained on. Files are classified one at a time, as
+the reference does; --batch_size N classifies padded, masked batches, whose probabilities agree with
+one-by-one classification to float32 rounding.
 --evaluate also reads each file's true label from its name (up to the first `_`) and writes
 accuracy, macro-F1, per-class scores and a confusion matrix to --report_dir; files whose label the
 probe never saw are listed and not scored. Exit status: 0 done, 1 some files skipped or not
@@ -30,7 +31,9 @@ def parse_args(argv=None):
                              "file for {feature_path: label}; the CLaMP 3 reference's order WEIGHTS FEATURES "
                              "OUTPUT_FILE (no --weights) is accepted too")
     parser.add_argument("--weights", default=None, help="probe checkpoint written by train_cls.py")
-    parser.add_argument("--batch_size", type=int, default=16, help="files per batch (16); labels do not depend on it")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="files per batch (1: the reference's labels exactly); larger batches are faster and agree "
+                             "to float32 rounding (a label can differ only where two classes are that close)")
     parser.add_argument("--evaluate", action="store_true",
                         help="score the predictions against the labels in the file names and write a report")
     parser.add_argument("--report_dir", default=None, help="report folder of --evaluate (default: <output>_report)")

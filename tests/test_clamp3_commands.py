@@ -924,3 +924,16 @@ def test_an_unreadable_image_is_a_failure_not_a_crash(tiny_blip, tmp_path):
     captions, failures = caption_images([tmp_path / "a.png", tmp_path / "b.png"], tiny_blip)
     assert [c.image.name for c in captions] == ["a.png"]
     assert [(p.name, reason.split(":")[0]) for p, reason in failures] == [("b.png", "cannot caption")]
+
+
+# The original's text pipeline runs code/extract_clamp3.py on the folder itself, which encodes every .txt, .abc,
+# .mtf (and .npy) file in it: a tune.abc beside a README.txt is encoded as music beside the text, silently mixing
+# two modalities. Unlike .abc/.mtf beside MIDI, MusicXML, audio or images (whose converters never open them),
+# this is an error that names the files, not a note that they are ignored.
+@pytest.mark.parametrize("symbolic", ["tune.abc", "tune.mtf"])
+def test_abc_or_mtf_beside_text_is_several_modalities(tmp_path, symbolic):
+    (tmp_path / "README.txt").write_text("about the tune")
+    (tmp_path / symbolic).write_text("X:1\nK:C\nC|\n")
+    with pytest.raises(clamp3.ModalityError, match="several input modalities") as error:
+        clamp3.detect_modality(tmp_path, "input")
+    assert symbolic in str(error.value) and "README.txt" in str(error.value)

@@ -691,3 +691,27 @@ def test_the_first_warm_up_step_runs_at_one_over_w_of_the_rate(tmp_path, train_c
                                    "--epochs", "1", "--warmup", *FAST], capsys)
     assert code == 0, err
     assert read_checkpoint(tmp_path / "w.pth")["history"]["learning_rate"][0] == pytest.approx(3e-3 / 12)
+
+
+def test_default_inference_batch_gives_the_reference_labels_even_on_near_ties(inference_cls):
+    # Batches of files of several lengths are masked and packed: probabilities agree with one-by-one
+    # classification to about one float32 rounding, so where two classes are within that of each other the
+    # label can differ. The default batch size must give the reference's labels exactly (its loop: one file at
+    # a time); found by differential fuzzing (two classes whose weights differ by 1e-6).
+    from clamp2.probe.infer import TrainedProbe, predict_features
+
+    batch_size = inference_cls.parse_args(["feats", "out.json", "--weights", "w.pth"]).batch_size
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        model = LinearProbe(8, 2, hidden_size=32).eval()
+        with torch.no_grad():
+            model.fc2.weight[1] = model.fc2.weight[0]
+            model.fc2.bias[1] = model.fc2.bias[0]
+            model.fc2.weight[1, 0] += 1e-6
+        features = random_files(16, 8, (1, 60), seed=int(rng.integers(1 << 30)))
+        with torch.no_grad():
+            alone = torch.cat([model(features.features(i)[None]) for i in range(len(features))]).argmax(dim=1)
+        probe = TrainedProbe(model, ["a", "b"], 1, 0.5)
+        labels = predict_features(probe, features, batch_size, torch.device("cpu")).argmax(axis=1)
+        assert labels.tolist() == alone.tolist(), f"trial {trial}"

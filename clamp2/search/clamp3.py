@@ -87,7 +87,8 @@ def detect_modality(path: str | os.PathLike, role: str = "input",
         raise ModalityError(f'Error: Could not determine {role} modality for "{path}"')
     beside = [f for m in SYMBOLIC_AS_THEY_ARE for f in found.get(m, [])]
     own = [m for m in found if m not in SYMBOLIC_AS_THEY_ARE]
-    if beside and len(own) == 1 and own[0] in REFERENCE_MODALITIES and \
+    # Not beside text: the original's text pipeline (code/extract_clamp3.py on the folder) encodes .abc/.mtf too.
+    if beside and len(own) == 1 and own[0] in REFERENCE_MODALITIES and own[0] != "txt" and \
             all(len(found.get(m, [])) <= len(found[own[0]]) for m in SYMBOLIC_AS_THEY_ARE):
         # .abc/.mtf beside files of one of the original's modalities, no more of each than of those (x.mid
         # with the x.mtf and x.abc made from it): the original reads the folder as that modality and
