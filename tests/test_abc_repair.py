@@ -474,3 +474,35 @@ def test_repeated_voice_blocks_before_the_last_v1_stay_as_written(header_area):
     head = "X:1\nT:t\nM:4/4\nL:1/8\nV:1\nV:2\nK:G\n"
     blocks = header_area + "V:1\n|GABc d2d2|\nV:2\n|G,4 D,4|\nV:1\ncBAG G4|dcBA G4{end}\nV:2\n|G,8|B,8{end}\n"
     assert_repaired_like(blocks.format(end=""), blocks.format(end="|]"), ["close_final_bar"], head=head)
+
+
+# abctoolkit loses bars of some tunes without an error; the original's outputs lose them too, and so do these
+# (SPEC §3: a tune the reference converts keeps its bytes, and the V:1 fix gives what it gives with V:1 added).
+# Found by differential fuzzing: the loss is named in a warning instead of being silent.
+@pytest.mark.parametrize("voice_line", ["", "V:1\n"])
+@pytest.mark.parametrize("music, pair", [("C3/2|D3/2|\n|:E3/2|F3/2:|\n", "'|' then '|:'"),
+                                         ("C3/2|D3/2| |:E3/2|F3/2:|\n", "'|' then '|:'"),
+                                         ("C3/2|D3/2:|\n|:E3/2|F3/2:|\n", "':|' then '|:'"),
+                                         ("C3/2|D3/2|]\n[|E3/2|F3/2|]\n", "'|]' then '[|'")])
+def test_bars_lost_after_two_barlines_in_a_row_are_named(voice_line, music, pair):
+    tune = "X:1\nM:3/8\nL:1/4\nK:C\n" + voice_line + music
+    text, warned = interleave_warned(tune)
+    assert text == interleave(tune)[0] and body(text) == ["[V:1]C3/2|"]  # the original's output: 1 bar of 4
+    assert len(warned) == 1 and "bars lost" in warned[0] and f"two barlines in a row, {pair}" in warned[0]
+    assert "after the bar 'D3/2'" in warned[0]
+
+
+@pytest.mark.parametrize("tune", ["X:1\nM:2/4\nL:1/4\nK:C\nC2|D2|E2\n", "X:1\nM:2/4\nL:1/4\nK:C\n[K:C]|C2|D2|E2\n",
+                                  "X:1\nM:2/4\nL:1/4\nK:C\nV:1\nC2|D2|E2\nV:2\nC,2|D,2|E,2\n"])
+def test_a_last_bar_without_a_closing_barline_is_named(tune):
+    text, warned = interleave_warned(tune)
+    assert text == interleave(tune)[0] and len(body(text)) == 2  # "E2" is not in the original's output
+    assert len(warned) == 1 and "the last bar 'E2' has no closing barline" in warned[0]
+
+
+@pytest.mark.parametrize("music", ["C2|D2|E2|]\n", "C2|D2|E2|] % the end\n", "C2|D2|E2|z2\n", "C2|D2|\n|E2|]\n",
+                                   "C2|D2|E2|]\nw: a b c\n", "[K:D]|C2|D2|E2|]\n"])
+def test_tunes_that_lose_no_bars_get_no_warning(music):
+    # A closed last bar; a comment, a rest-only bar or lyrics after it (abctoolkit strips rest-only end
+    # bars anyway); the same barline twice (abctoolkit drops a repeated piece); a field before the first bar.
+    assert interleave_warned("X:1\nM:2/4\nL:1/4\nK:C\n" + music)[1] == []
