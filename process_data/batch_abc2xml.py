@@ -3,8 +3,9 @@
     python process_data/batch_abc2xml.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
 
 Each ``.abc`` becomes ``<output_dir>/<same relative folder>/<stem>.xml``: the first tune of the
-file, the same bytes ``python -m abctoolkit.abc2xml -o DIR FILE`` writes (input read as UTF-8,
-else Latin-1), converted in-process. Existing outputs are skipped unless ``--overwrite``; failures
+file, the same bytes ``python -m abctoolkit.abc2xml FILE`` prints, as the original's script saves
+them (``-o DIR`` writes them without the last newline; input read as UTF-8, else Latin-1),
+converted in-process. Existing outputs are skipped unless ``--overwrite``; failures
 go to ``<output_dir>/failed_abc2xml.log`` and stderr. Exit status: 0 all converted, 1 some file
 failed, 2 usage error.
 """
