@@ -343,3 +343,24 @@ def test_tune_end_words_W_are_removed_by_interleaving():
         warnings.simplefilter("ignore")
         text = abc_to_interleaved("X:1\nT:t\nW:words in the header\nM:2/4\nL:1/8\nK:C\nV:1\ncdef|gabc|\n")
     assert text == "M:2/4\nL:1/8\nK:C\n[V:1]cdef|\n[V:1]gabc|\n"
+
+
+TWO_VOICE_HEAD = "X:1\nL:1/4\nM:2/4\nK:C\nV:1\nV:2\n"
+
+
+def test_a_percent_sign_inside_a_quoted_text_is_named_as_music_abc2xml_drops():
+    # Found by differential fuzzing: xml2abc writes a text "50%" as "^50%", and abc2xml (abctoolkit's and the
+    # original's) reads the % as a comment: the whole interleaved line, one bar of every voice, is lost.
+    text = TWO_VOICE_HEAD + '[V:1]"^50%"C2|[V:2]E2|\n[V:1]D2|][V:2]F2|]\n'
+    with pytest.warns(AbcWarning, match=r"music lost.*quoted text \(line 7\)"):
+        xml_text = interleaved_to_xml(text)
+    pitches = [note.findtext("pitch/step") for note in ElementTree.fromstring(xml_text.split("\n", 2)[2]).iter("note")]
+    assert pitches == ["D", "F"]  # what the warning is about: C and E are gone
+
+
+@pytest.mark.parametrize("text", [TWO_VOICE_HEAD + '[V:1]"^50"C2|[V:2]E2| % a comment "x%"\n[V:1]D2|][V:2]F2|]\n',
+                                  "X:1\nT:50% off\nL:1/4\nM:2/4\nK:C\nC2|D2|]\n"])
+def test_a_percent_sign_in_a_comment_or_a_field_is_no_loss(text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AbcWarning)
+        interleaved_to_xml(text)

@@ -419,7 +419,34 @@ def interleaved_to_xml(abc_text: str) -> str:
     if not scores:
         reason = last_message(diagnostics.getvalue()) or "no tune"
         raise ValueError(f"abc2xml produced no score ({reason})")
+    lost = percent_in_quotes(abc_text)
+    if lost:
+        warnings.warn(f"music lost, as with the original's abc2xml: {lost}", AbcWarning, stacklevel=2)
     return abc2xml.fixDoctype(scores[0]) + "\n"
+
+
+def percent_in_quotes(abc_text: str) -> str:
+    """Music lines with a ``%`` inside a quoted string (``"^50%"``, which xml2abc writes for such a
+    text): abc2xml takes it for a comment and drops the whole line, in interleaved ABC one bar of
+    every voice (a music line abctoolkit does not read as a comment elsewhere)."""
+    found = []
+    for number, line in enumerate(abc_text.split("\n"), start=1):
+        if not is_music_line(line) or "%" not in line:
+            continue
+        quoted = False
+        for index, char in enumerate(line):
+            if char == '"' and (index == 0 or line[index - 1] != "\\"):
+                quoted = not quoted
+            elif char == "%" and not quoted:
+                break
+            elif char == "%":
+                found.append(f"line {number}")
+                break
+    if not found:
+        return ""
+    shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+    return (f"a '%' inside a quoted text ({shown}), which abc2xml reads as a comment: the rest of the line is "
+            "dropped (remove the '%' from the text to keep that music)")
 
 
 def split_tunes(abc_text: str) -> list[str]:
