@@ -506,3 +506,11 @@ def test_tunes_that_lose_no_bars_get_no_warning(music):
     # A closed last bar; a comment, a rest-only bar or lyrics after it (abctoolkit strips rest-only end
     # bars anyway); the same barline twice (abctoolkit drops a repeated piece); a field before the first bar.
     assert interleave_warned("X:1\nM:2/4\nL:1/4\nK:C\n" + music)[1] == []
+
+
+def test_a_continued_line_keeps_the_escaped_quotes_of_its_parts_out_of_the_music():
+    # The pipeline drops a line's \" escapes unless a quoted string of that line holds a barline ("^a|b"). Joined
+    # to a continuation line holding one, a line kept them, and abc2xml read "^\"x\"" as "^\", a rest x and junk:
+    # the bar grew by a rest (found by the musical check of the grammar fuzz, tune a00340).
+    assert_repaired_like('|"^\\"x\\""GABc d2d2|cB \\\n"^a|b"AG G4\n', '|"^\\"x\\""GABc d2d2|\ncB "^a|b"AG G4 |]\n',
+                         ["join_line_continuations", "close_final_bar"])

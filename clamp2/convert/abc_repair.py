@@ -230,7 +230,8 @@ def join_line_continuations(lines: Lines) -> Lines:
     field_lines: Lines = []  # the same fields as the lines they came from
     for line in lines[start:]:
         if pending is not None and is_music_line(line.text):
-            line = Line(pending.number, pending.text + after_leading_barline(line.text.lstrip(), "".join(fields)))
+            line = Line(pending.number,
+                        pending.text + after_leading_barline(escapes_dropped(line.text).lstrip(), "".join(fields)))
             pending, fields, field_lines = None, [], []
         elif pending is not None and VOICE_LINE_RE.match(line.text):
             # The next music belongs to another voice: joining would move this voice's bars into it. The
@@ -250,12 +251,22 @@ def join_line_continuations(lines: Lines) -> Lines:
                 result.append(line)
             continue
         if is_music_line(line.text) and CONTINUATION_RE.search(line.text):
-            pending = Line(line.number, CONTINUATION_RE.sub("", line.text).rstrip() + " ")
+            pending = Line(line.number, CONTINUATION_RE.sub("", escapes_dropped(line.text)).rstrip() + " ")
             continue
         result.append(line)
     if pending is not None:
         result.append(Line(pending.number, pending.text.rstrip() + "\n"))  # fields after the music: dropped
     return result
+
+
+def escapes_dropped(text: str) -> str:
+    """The line without its ``\\"`` escapes where the pipeline's ``clean_quotes`` drops them from it, as a line on
+    its own (none of its quoted strings holds a barline). Joined with a line whose quoted string holds one, they
+    would stay, and abc2xml reads ``"^\\"x\\""`` as an annotation, a rest ``x`` and junk: a longer bar."""
+    from clamp2.convert.abc import clean_quotes
+
+    cleaned = text.replace('\\"', "")
+    return cleaned if clean_quotes(text) == cleaned else text
 
 
 def after_leading_barline(text: str, fields: str) -> str:
