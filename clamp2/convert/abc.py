@@ -33,6 +33,9 @@ import zipfile
 from optparse import Values
 from pathlib import Path
 
+from clamp2.convert.abc_repair import (INLINE_VOICE_RE, clean_quotes, locate_bar_problem, numbered_lines, repair_lines,
+                                       shortened)
+
 MUSICXML_EXTENSIONS = (".xml", ".mxl", ".musicxml")
 XML2ABC_UNIT_LENGTH = 8
 
@@ -173,21 +176,6 @@ def add_v1_line(abc_lines: list[str]) -> list[str]:
     raise ValueError("not an ABC tune: no K: line")
 
 
-def clean_quotes(line: str) -> str:
-    """SPEC §3 quirk, kept because it changes bytes: a music line loses its ``\\"`` escapes, unless a
-    quoted string of the original line holds a barline, in which case those quoted strings are
-    removed from the original line instead (its ``\\"`` kept)."""
-    from abctoolkit.utils import Barlines, Quote_re
-
-    cleaned = line.replace(r"\"", "")
-    current = line
-    for quoted in re.findall(Quote_re, line):
-        if any(barline in quoted for barline in Barlines):
-            current = current.replace(quoted, "")
-            cleaned = current
-    return cleaned
-
-
 def is_music_line(line: str) -> bool:
     return not (FIELD_LINE_RE.match(line) or line.startswith("%"))
 
@@ -226,8 +214,6 @@ def abc_to_interleaved(abc_text: str) -> str:
 
 def interleave_repaired(abc_text: str, error: InterleaveError) -> tuple[str, list[str]]:
     """The second try, on the repaired tune; a failure names the line where abctoolkit breaks."""
-    from clamp2.convert.abc_repair import locate_bar_problem, numbered_lines, repair_lines
-
     lines, applied = repair_lines(numbered_lines(abc_text))
     try:
         text, messages = interleave("".join(line.text for line in lines), duration_check_fatal=False)
@@ -343,8 +329,6 @@ def misread_bars(abc_lines: list[str]) -> str:
     """
     from abctoolkit.utils import Barline_regexPattern, Barlines, extract_metadata_and_parts
 
-    from clamp2.convert.abc_repair import shortened
-
     def shown(piece: str) -> str:
         return repr(shortened(" ".join(piece.split())))
 
@@ -387,8 +371,6 @@ def inline_voices_note(abc_lines: list[str]) -> list[str]:
     SPEC §3's fix gives such a tune what the reference gives it with a ``V:1`` line added: the voices
     run together in one. Only the tune's author can say which voices it has, so it is said, not changed.
     """
-    from clamp2.convert.abc_repair import INLINE_VOICE_RE
-
     named = []
     for line in abc_lines:
         match = INLINE_VOICE_RE.match(line)

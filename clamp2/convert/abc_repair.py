@@ -259,12 +259,25 @@ def join_line_continuations(lines: Lines) -> Lines:
     return result
 
 
+def clean_quotes(line: str) -> str:
+    """SPEC §3 quirk, kept because it changes bytes: a music line loses its ``\\"`` escapes, unless a
+    quoted string of the original line holds a barline, in which case those quoted strings are
+    removed from the original line instead (its ``\\"`` kept)."""
+    from abctoolkit.utils import Barlines, Quote_re
+
+    cleaned = line.replace(r"\"", "")
+    current = line
+    for quoted in re.findall(Quote_re, line):
+        if any(barline in quoted for barline in Barlines):
+            current = current.replace(quoted, "")
+            cleaned = current
+    return cleaned
+
+
 def escapes_dropped(text: str) -> str:
     """The line without its ``\\"`` escapes where the pipeline's ``clean_quotes`` drops them from it, as a line on
     its own (none of its quoted strings holds a barline). Joined with a line whose quoted string holds one, they
     would stay, and abc2xml reads ``"^\\"x\\""`` as an annotation, a rest ``x`` and junk: a longer bar."""
-    from clamp2.convert.abc import clean_quotes
-
     cleaned = text.replace('\\"', "")
     return cleaned if clean_quotes(text) == cleaned else text
 
