@@ -153,16 +153,45 @@ def test_score_unmatched_keys_continue_or_stop(feature_folders, tmp_path, script
     assert not unmatched.exists()
 
 
+def reference_group_lines(queries: Path, references: Path, walk=os.walk):
+    """The original's --group: get_features' dict of lists flattened (files grouped by key, os.walk's order)."""
+    q = [feat for feats in reference_get_features(queries, walk)[0].values() for feat in feats]
+    r = [feat for feats in reference_get_features(references, walk)[0].values() for feat in feats]
+    sim = torch.nn.functional.cosine_similarity(torch.tensor(np.mean(q, axis=0)), torch.tensor(np.mean(r, axis=0)),
+                                                dim=0)
+    return [f"Total query features: {len(q)}", f"Total reference features: {len(r)}",
+            f"Group similarity: {round(sim.item(), 4)}"]
+
+
 def test_score_group_equals_the_reference(feature_folders, scripts, capsys):
     queries, references = feature_folders
     code, lines, err = run(scripts["score"], [queries, references, "--group", *CLAMP2], capsys)
     assert code == 0, err
-    q = [np.load(f).squeeze() for f in sorted(queries.rglob("*.npy"))]
-    r = [np.load(f).squeeze() for f in sorted(references.rglob("*.npy"))]
-    sim = torch.nn.functional.cosine_similarity(torch.tensor(np.mean(q, axis=0)), torch.tensor(np.mean(r, axis=0)),
-                                                dim=0)
-    assert lines == [f"Total query features: {len(q)}", f"Total reference features: {len(r)}",
-                     f"Group similarity: {round(sim.item(), 4)}"]
+    assert lines == reference_group_lines(queries, references)
+
+
+@pytest.mark.parametrize("listing", ["sorted", "reversed"])
+def test_score_group_sums_in_the_references_order(tmp_path, scripts, capsys, monkeypatch, listing):
+    """float32 means depend on the order of the sum: the reference's is os.walk's, grouped by key (fuzzing found
+    'Group similarity: 0.0562' printed as 0.0561 with random features; here a cancellation makes it plain)."""
+    real_walk = os.walk
+
+    def walk(top, *args, **kwargs):  # a file system listing in the given order
+        for folder, folders, files in real_walk(top, *args, **kwargs):
+            yield folder, folders, sorted(files, reverse=listing == "reversed")
+
+    monkeypatch.setattr(os, "walk", walk)
+    queries, references = tmp_path / "q", tmp_path / "r"
+    queries.mkdir(), references.mkdir()
+    # sorted: a, b.0, b.1 -> (1 + 1e8) - 1e8 = 0 in float32; reversed and grouped by key: b.1, b.0, a -> 1
+    for name, vector in (("a.npy", [1, 1]), ("b.0.npy", [1e8, 1]), ("b.1.npy", [-1e8, 1])):
+        np.save(queries / name, np.array([vector], np.float32))
+    np.save(references / "a.npy", np.array([[1, 0]], np.float32))
+    code, lines, err = run(scripts["score"], [queries, references, "--group", *CLAMP2], capsys)
+    assert code == 0, err
+    expected = reference_group_lines(queries, references, walk=walk)
+    assert expected[-1] == ("Group similarity: 0.0" if listing == "sorted" else "Group similarity: 0.3162")
+    assert lines == expected
 
 
 def reference_metrics(queries: Path, references: Path, walk=os.walk):

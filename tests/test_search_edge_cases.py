@@ -322,3 +322,22 @@ def test_an_unmatched_reference_key_lists_the_one_file_kept(tmp_path):
     references = Side(tmp_path / "r", "abc", ["a.1.abc", "a.2.abc", "b.abc"], zeros, given="r")
     matching = match_keys(queries, references)
     assert matching.unmatched == [{"unmatched_reference": ["r/a.1.abc"]}]
+
+
+def test_large_finite_vectors_keep_the_original_cosine(tmp_path):
+    """torch's float32 cosine, the original's, is exact until the sum of squares overflows (norm ~1.8e19):
+    a vector of norm 4.3e18 is ranked with that score, not skipped as too large (fuzzing against the original)."""
+    import torch
+
+    from clamp2.search.feature_store import read_features
+
+    big = np.arange(1, 9, dtype=np.float32)[None] * np.float32(3e17)  # norm 4.28e18
+    other = np.array([[1, 0, 2, 0, 3, 0, 4, 0]], np.float32)
+    _save(tmp_path / "big.npy", big)
+    _save(tmp_path / "other.npy", other)
+    features = read_features(tmp_path, progress=False)
+    assert features.keys == ["big", "other"] and not features.skipped
+    query = np.ones(8, np.float32)
+    expected = torch.cosine_similarity(torch.tensor(query)[None], torch.tensor(np.concatenate([big, other]))).tolist()
+    assert Searcher(features.keys, features.matrix).top_k(query, 2) == sorted(zip(features.keys, expected),
+                                                                              key=lambda t: -t[1])

@@ -415,8 +415,28 @@ def pairwise_score(queries: Side, references: Side, output_dir: Path, *, strict:
             f"Pairwise similarity scores saved in '{path}'."]
 
 
+def group_order(side: Side) -> List[int]:
+    """Rows in the order the reference's ``--group`` averages them (a float32 sum depends on it).
+
+    Its ``get_features`` walks the folder (``os.walk``'s own order: the file system's, not sorted) into a
+    dict of lists by key, and ``--group`` flattens that dict: the files of a key together, keys in the order
+    of their first file. Inputs encoded here (no feature folder to walk) are taken in path order, grouped alike.
+    """
+    if side.modality == FEATURES and side.root.is_dir():
+        positions = walk_positions(side.root)
+        walked = sorted(range(len(side)), key=lambda row: (positions.get(side.relative[row], len(positions)), row))
+    else:
+        walked = list(range(len(side)))
+    keys = side.pair_keys
+    by_key: Dict[str, List[int]] = {}
+    for row in walked:
+        by_key.setdefault(keys[row], []).append(row)
+    return [row for rows in by_key.values() for row in rows]
+
+
 def group_score(queries: Side, references: Side) -> List[str]:
-    """Group mode: cosine (float32, eps 1e-8) of the mean query and the mean reference feature."""
+    """Group mode: cosine (float32, eps 1e-8) of the mean query and the mean reference feature, each mean summed
+    in the reference's order (:func:`group_order`)."""
     import torch
 
     from .retrieval import mean_vector
@@ -424,8 +444,8 @@ def group_score(queries: Side, references: Side) -> List[str]:
     _need_rows(queries, "query")
     _need_rows(references, "reference")
     _check_dims(queries, references)
-    similarity = torch.nn.functional.cosine_similarity(torch.from_numpy(mean_vector(queries.matrix)),
-                                                       torch.from_numpy(mean_vector(references.matrix)), dim=0)
+    means = [torch.from_numpy(mean_vector(side.matrix[group_order(side)])) for side in (queries, references)]
+    similarity = torch.nn.functional.cosine_similarity(*means, dim=0)
     return [f"Total query features: {len(queries)}", f"Total reference features: {len(references)}",
             f"Group similarity: {round(similarity.item(), 4)}"]
 
