@@ -409,8 +409,8 @@ def interleaved_to_xml(abc_text: str) -> str:
 
 def percent_in_quotes(abc_text: str) -> str:
     """Music lines with a ``%`` inside a quoted string (``"^50%"``, which xml2abc writes for such a
-    text): abc2xml takes it for a comment and drops the whole line, in interleaved ABC one bar of
-    every voice (a music line abctoolkit does not read as a comment elsewhere)."""
+    text): abc2xml takes it for a comment and drops the line from the quoted text on, in interleaved
+    ABC the bars of every later voice too; the original's abc2xml does the same."""
     found = []
     for number, line in enumerate(abc_text.split("\n"), start=1):
         if not is_music_line(line) or "%" not in line:
