@@ -422,3 +422,126 @@ def test_midi2mtf_clamp3_mode_reproduces_the_clamp3_vectors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run("batch_midi2mtf", vectors3 / "inputs" / "midi", tmp_path / "o", "--clamp3", "--keep_all")
     assert exit_info.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# A run killed from outside (SIGTERM, SIGKILL): a re-run leaves nothing of it behind
+
+
+def test_a_rerun_removes_the_temporary_files_a_killed_run_left(tmp_path, capsys):
+    from clamp2.files import _open_temporary
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    (inputs / "sub").mkdir(parents=True)
+    (inputs / "a.txt").write_text("a")
+    (inputs / "sub" / "b.txt").write_text("b")
+    out.mkdir()
+    (out / "a.out").write_text("a")  # finished before the kill: skipped
+    # What a run killed while writing sub/b.out (SIGKILL, or SIGTERM's default action) and a.out (an
+    # --overwrite run) left: their temporary files, as the writer names them.
+    for target in (out / "sub" / "b.out", out / "a.out"):
+        fd, _ = _open_temporary(str(target))
+        os.write(fd, b"hal")
+        os.close(fd)
+    assert batch_runner.convert_folder(inputs, out, convert=lambda path: path.read_text(), extensions=[".txt"],
+                                       output_suffix=".out", tool="test", workers=1, progress=False) == 0
+    assert last_line(capsys.readouterr().out) == "converted 1, skipped 1, failed 0"
+    assert read_exact(out / "sub" / "b.out") == "b"
+    assert_no_partial_files(out)
+
+
+def slow_and_telling_its_pid(path: Path) -> str:
+    (path.parent.parent / "pids" / str(os.getpid())).touch()
+    time.sleep(0.5)
+    return path.read_text()
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork" or not sys.platform.startswith("linux"),
+                    reason="the test's conversion function must be importable in spawned workers; /proc")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_workers_do_not_outlive_a_killed_run(tmp_path, signal_name):
+    import signal
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "pids").mkdir()
+    for index in range(40):
+        (tmp_path / "in" / f"{index}.txt").write_text(str(index))
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+            "import test_batch_process_data as t\n"
+            "from clamp2.convert import batch_runner\n"
+            "batch_runner.convert_folder(sys.argv[3] + '/in', sys.argv[3] + '/out', convert=t.slow_and_telling_its_pid,"
+            " extensions=['.txt'], output_suffix='.out', tool='test', workers=2, progress=False)\n")
+    batch = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(REPO_ROOT), str(tmp_path)])
+    try:
+        deadline = time.time() + 30
+        while len(list((tmp_path / "pids").iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        workers = [int(p.name) for p in (tmp_path / "pids").iterdir()]
+        assert workers
+    finally:
+        batch.send_signal(getattr(signal, signal_name))
+        batch.wait()
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                 and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"]
+    for pid in alive:  # do not leave them running when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"worker processes {alive} outlived the killed run"
+
+
+def warn_and_copy(path: Path) -> str:
+    import warnings
+
+    warnings.warn(f"unequal bars in {path.stem}")
+    return path.read_text()
+
+
+def test_a_rerun_keeps_the_warnings_of_the_files_it_skips(tmp_path, capsys):
+    # A resumed run (or the same command run twice) converts only what is missing; the warnings of the files
+    # converted before must stay in the log, as after one uninterrupted run.
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    (inputs / "sub").mkdir(parents=True)
+    for name in ("a.txt", "sub/b.txt", "c.txt"):
+        (inputs / name).write_text(name)
+
+    def convert() -> int:
+        return batch_runner.convert_folder(inputs, out, convert=warn_and_copy, extensions=[".txt"],
+                                           output_suffix=".out", tool="test", workers=1, progress=False)
+
+    assert convert() == 0
+    complete = read_exact(out / "warnings_test.log")
+    assert complete == "a.txt\tunequal bars in a\nc.txt\tunequal bars in c\nsub/b.txt\tunequal bars in b\n"
+    (out / "sub" / "b.out").unlink()  # as if the run had been killed before it
+    assert convert() == 0
+    assert last_line(capsys.readouterr().out) == "converted 1, skipped 2, failed 0"
+    assert read_exact(out / "warnings_test.log") == complete
+    assert convert() == 0  # nothing left to do: the log stays whole
+    assert read_exact(out / "warnings_test.log") == complete
+
+
+def fail_or_warn(path: Path) -> str:
+    import warnings
+
+    if path.stem.startswith("bad"):
+        raise ValueError("not a score")
+    warnings.warn("unequal bars")
+    return path.read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a file name that is not UTF-8 needs Linux")
+def test_file_names_that_are_not_utf8_are_logged_as_the_file_system_has_them(tmp_path, capsys):
+    # Latin-1 names (old archives): the run went on logging per file and raised UnicodeEncodeError on the first one.
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for raw in (b"bad caf\xe9.txt", b"ok caf\xe9.txt", b"ok2.txt"):
+        (inputs / os.fsdecode(raw)).write_text("x")
+    assert batch_runner.convert_folder(inputs, out, convert=fail_or_warn, extensions=[".txt"], output_suffix=".out",
+                                       tool="test", workers=1, progress=False) == 1
+    assert last_line(capsys.readouterr().out) == "converted 2, skipped 0, failed 1"
+    assert (out / "failed_test.log").read_bytes() == b"bad caf\xe9.txt\tValueError: not a score\n"
+    assert (out / "warnings_test.log").read_bytes() == b"ok caf\xe9.txt\tunequal bars\nok2.txt\tunequal bars\n"
+    assert sorted(os.listdir(os.fsencode(out))) == [b"failed_test.log", b"ok caf\xe9.out", b"ok2.out",
+                                                    b"warnings_test.log"]

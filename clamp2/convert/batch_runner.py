@@ -14,7 +14,10 @@ Users convert tens of thousands of files at once, so a run must survive any sing
   flushed per line); a worker process that dies (crash, out-of-memory kill) fails only the file
   it was converting: the files in flight beside it are retried one by one;
 - ``UserWarning``\\ s a conversion issues (e.g. unaligned bars) go to
-  ``<output_dir>/warnings_<tool>.log`` in the same format, and the file still counts as converted;
+  ``<output_dir>/warnings_<tool>.log`` in the same format, and the file still counts as converted (a re-run keeps
+  the lines of the files it skips, so a resumed run's log is an uninterrupted run's);
+- a run killed from outside (SIGTERM, SIGKILL) leaves at most temporary files, which the re-run removes, and
+  its worker processes exit with it;
 - the run ends with one line ``converted N, skipped N, failed N``; the exit status is 0 when
   nothing failed, 1 when a file failed, 2 for a usage error (no input folder, no matching files,
   an output folder that would overwrite the inputs).
@@ -33,6 +36,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
+import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -42,7 +47,7 @@ from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
 from clamp2.files import (atomic_write_bytes, atomic_write_text, find_files, finished_output, mirror_path,
-                          remove_partial_files, write_file_log)
+                          remove_partial_files, remove_partial_files_of, write_file_log)
 
 Convert = Callable[[Path], "str | bytes"]
 
@@ -196,11 +201,28 @@ def convert_file(convert: Convert, source: Path, target: Path) -> FileOutcome:
     return FileOutcome(True, warnings=notes)
 
 
+def exit_with_parent() -> None:
+    """Worker initializer: end the worker once the batch process is gone (killed by SIGKILL, or by SIGTERM's
+    default action), instead of waiting forever, reparented, for work that never comes."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def new_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, initializer=exit_with_parent)
+
+
 WORKER_DIED = "worker process died while converting this file (crash or out of memory)"
 
 
 def convert_in_own_process(convert: Convert, job: Job) -> FileOutcome:
-    with ProcessPoolExecutor(max_workers=1) as executor:
+    with new_pool(1) as executor:
         try:
             return executor.submit(convert_file, convert, job.source, job.target).result()
         except BrokenProcessPool:
@@ -210,7 +232,7 @@ def convert_in_own_process(convert: Convert, job: Job) -> FileOutcome:
 def run_in_pool(convert: Convert, jobs: list[Job], workers: int,
                 on_outcome: Callable[[Job, FileOutcome], None]) -> None:
     queue = iter(jobs)
-    executor = ProcessPoolExecutor(max_workers=workers)
+    executor = new_pool(workers)
     in_flight: dict = {}
     try:
         while True:
@@ -243,7 +265,7 @@ def run_in_pool(convert: Convert, jobs: list[Job], workers: int,
                     # The pool's teardown kills the other workers too, maybe mid-write.
                     remove_partial_files(job.target)
                     on_outcome(job, convert_in_own_process(convert, job))
-                executor = ProcessPoolExecutor(max_workers=workers)
+                executor = new_pool(workers)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 
@@ -270,8 +292,17 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
             todo.append(job)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / f"failed_{tool}.log", "w", encoding="utf-8", newline="\n") as failure_log, \
-            open(output_dir / f"warnings_{tool}.log", "w", encoding="utf-8", newline="\n") as warning_log, \
+    logs = (output_dir / f"failed_{tool}.log", output_dir / f"warnings_{tool}.log")
+    # What a run killed mid-write (SIGKILL, SIGTERM) left: the temporary files of this run's outputs and logs.
+    remove_partial_files_of([job.target for job in jobs] + list(logs))
+    # The warnings of the files skipped (converted by an earlier, maybe killed, run) stay in the rewritten log.
+    skipped_names = {job.name for job in jobs} - {job.name for job in todo}
+    kept_warnings = [entry for entry in read_file_log(logs[1]) if entry[0] in skipped_names] if skipped_names else []
+    # surrogateescape: a file name that is not UTF-8 is logged as its bytes (strict encoding raised mid-run).
+    with open(output_dir / f"failed_{tool}.log", "w", encoding="utf-8", errors="surrogateescape", newline="\n") \
+            as failure_log, \
+            open(output_dir / f"warnings_{tool}.log", "w", encoding="utf-8", errors="surrogateescape", newline="\n") \
+            as warning_log, \
             progress_bar(total=len(todo), desc=tool, unit="file", enabled=progress) as bar:
 
         def fail(name: str, reason: str) -> None:
@@ -291,6 +322,10 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
                 fail(job.name, outcome.reason)
             bar.update(1)
 
+        for name, reason in kept_warnings:
+            result.warnings.append((name, reason))
+            warning_log.write(f"{name}\t{reason}\n")
+        warning_log.flush()
         for name, reason in rejected:
             fail(name, reason)
         if workers == 1 or len(todo) <= 1:
@@ -305,6 +340,16 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
         if len(entries) > 1:
             write_file_log(output_dir / name, entries)
     return result
+
+
+def read_file_log(path: Path) -> list[tuple[str, str]]:
+    """``(name, reason)`` of the ``name<TAB>reason`` lines of a log an earlier run wrote (none if it has none)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return []
+    return [tuple(line.split("\t", 1)) for line in lines if "\t" in line]
 
 
 def convert_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, convert: Convert,
