@@ -139,6 +139,16 @@ def write_file_log(path: str | os.PathLike, entries: Iterable[Tuple[str, str]]) 
                       errors="surrogateescape")
 
 
+def read_file_log(path: str | os.PathLike) -> List[Tuple[str, str]]:
+    """``(name, reason)`` of the lines of a log :func:`write_file_log` wrote (none if there is no such file)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return []
+    return [tuple(line.split("\t", 1)) for line in lines if "\t" in line]
+
+
 def output_problem(path: str | os.PathLike, folder: bool, what: str = "output") -> Optional[str]:
     """Why ``path`` cannot be written (a folder that is a file, a file that is a folder, a parent that is a
     file, no write permission), as one line, or None when it can."""

@@ -33,8 +33,8 @@ import zipfile
 from optparse import Values
 from pathlib import Path
 
-from clamp2.convert.abc_repair import (INLINE_VOICE_RE, clean_quotes, locate_bar_problem, numbered_lines, repair_lines,
-                                       shortened)
+from clamp2.convert.abc_repair import (COMMENT_RE, INLINE_VOICE_RE, clean_quotes, locate_bar_problem, masked,
+                                       numbered_lines, repair_lines, shortened)
 
 MUSICXML_EXTENSIONS = (".xml", ".mxl", ".musicxml")
 XML2ABC_UNIT_LENGTH = 8
@@ -413,17 +413,10 @@ def percent_in_quotes(abc_text: str) -> str:
     ABC the bars of every later voice too; the original's abc2xml does the same."""
     found = []
     for number, line in enumerate(abc_text.split("\n"), start=1):
-        if not is_music_line(line) or "%" not in line:
-            continue
-        quoted = False
-        for index, char in enumerate(line):
-            if char == '"' and (index == 0 or line[index - 1] != "\\"):
-                quoted = not quoted
-            elif char == "%" and not quoted:
-                break
-            elif char == "%":
+        if "%" in line and is_music_line(line):
+            comment = COMMENT_RE.search(masked(line))  # the line's own comment: a % outside quoted texts
+            if "%" in line[:comment.start() if comment else len(line)]:
                 found.append(f"line {number}")
-                break
     if not found:
         return ""
     shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")

@@ -47,7 +47,7 @@ from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
 from clamp2.files import (atomic_write_bytes, atomic_write_text, find_files, finished_output, mirror_path,
-                          remove_partial_files, remove_partial_files_of, write_file_log)
+                          read_file_log, remove_partial_files, remove_partial_files_of, write_file_log)
 
 Convert = Callable[[Path], "str | bytes"]
 
@@ -340,16 +340,6 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
         if len(entries) > 1:
             write_file_log(output_dir / name, entries)
     return result
-
-
-def read_file_log(path: Path) -> list[tuple[str, str]]:
-    """``(name, reason)`` of the ``name<TAB>reason`` lines of a log an earlier run wrote (none if it has none)."""
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-            lines = f.read().split("\n")
-    except OSError:
-        return []
-    return [tuple(line.split("\t", 1)) for line in lines if "\t" in line]
 
 
 def convert_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, convert: Convert,
