@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -754,3 +755,68 @@ def test_merge_refuses_empty_and_incomplete_records(tmp_path, capsys):
     for name in ("empty_en.json", "no_lang.json", "no_files.json", "dir.json"):
         assert f"skipped: {name}" in err
     assert [json.loads(line)["title"] for line in out.read_text(encoding="utf-8").splitlines()] == ["ok"]
+
+
+def test_non_utf8_file_names_are_summarised_and_logged(tmp_path, api_env, capsys):
+    # A Latin-1 name reaches Python as lone surrogates: the language draw and the failure log encoded it strictly,
+    # and the UnicodeEncodeError ended the whole run (no summary line, later files never sent).
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name, text in ((b"bad_caf\xe9.json", b"{not json"), (b"caf\xe9.json", b'{"title": "latin", "filepaths": ["abc/x.abc"]}')):
+        with open(os.path.join(os.fsencode(inputs), name), "wb") as f:
+            f.write(text)
+    write_metadata(inputs, "z.json", "good")
+    with ScriptedLLM({"latin": ["ok"], "good": ["ok"]}) as llm:
+        code = script.main([str(inputs), str(outputs), "--model", "m", "--base_url", llm.base_url, *FAST])
+        assert code == 1 and llm.titles_requested() == ["good", "latin"]
+        name = "caf" + b"\xe9".decode("utf-8", "surrogateescape") + ".json"
+        assert llm.requests[[r["title"] for r in llm.requests].index("latin")]["language"] \
+            == random.Random(b"0:caf\xe9.json").choice(load_languages())  # seeded with the name's bytes
+    assert choose_language(0, "é/x.json", load_languages()) == random.Random("0:é/x.json").choice(load_languages())
+    assert (outputs / name).is_file() and (outputs / "z.json").is_file()
+    assert (outputs / "failed_summaries.log").read_bytes().startswith(b"bad_caf\xe9.json\tinput is not valid JSON")
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == "done 2, skipped 0, failed 1, retries 0"
+    assert "failed: bad_caf\\xe9.json" in captured.err
+
+
+def test_merge_jsonl_from_a_linked_folder_is_read_by_training(tmp_path, capsys):
+    # The JSONL's folder reached through a link: training reads filepaths from its real folder
+    # (jsonl.resolve().parent), as the file system resolves ``..``; lexical ``..`` from the link named other files.
+    from clamp2.training.data import read_pairs
+    script = load_script("process_data/merge_jsonl.py")
+    data = tmp_path / "data"
+    (data / "abc").mkdir(parents=True)
+    (data / "abc" / "a.abc").write_text("X:1\n", encoding="utf-8")
+    write_summary(tmp_path / "summaries", "a.json", ["abc/a.abc"])
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep", target_is_directory=True)
+    out = tmp_path / "link" / "train.jsonl"
+    assert script.main([str(tmp_path / "summaries"), str(out), "--data_root", str(data)]) == 0
+    record = json.loads(out.read_text(encoding="utf-8"))
+    assert record["filepaths"] == ["../../data/abc/a.abc"]
+    assert [[p.resolve() for p in item.music_paths] for item in read_pairs(out, True)] == [[(data / "abc" / "a.abc").resolve()]]
+    # without ``..`` the path stays as it was (a plain descent is the same from the link and from its target)
+    out = tmp_path / "link" / "in_place.jsonl"
+    (tmp_path / "real" / "deep" / "abc").mkdir()
+    (tmp_path / "real" / "deep" / "abc" / "a.abc").write_text("X:1\n", encoding="utf-8")
+    assert script.main([str(tmp_path / "summaries"), str(out)]) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["filepaths"] == ["abc/a.abc"]
+
+
+def test_merge_leaves_out_a_record_with_a_lone_surrogate(tmp_path, capsys):
+    # "\ud800" is valid JSON (json.load gives a lone surrogate) but no UTF-8 text: the JSONL's write raised at the
+    # end, so one such file (an ASCII-escaped hand-made or foreign summary) lost the whole merge.
+    script = load_script("process_data/merge_jsonl.py")
+    (tmp_path / "a.abc").write_text("x", encoding="utf-8")
+    write_summary(tmp_path / "summaries", "good.json", ["a.abc"])
+    (tmp_path / "summaries" / "lone.json").write_text(
+        '{"summary_en": "bad \\ud800", "summary_nen": {"language": "Welsh", "summary": "y"}, "filepaths": ["a.abc"]}',
+        encoding="ascii")
+    out = tmp_path / "train.jsonl"
+    assert script.main([str(tmp_path / "summaries"), str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "skipped: lone.json: text that is not valid Unicode" in captured.err
+    assert "wrote 1 records" in captured.out
+    assert [json.loads(line)["title"] for line in out.read_text(encoding="utf-8").splitlines()] == ["good"]

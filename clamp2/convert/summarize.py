@@ -70,14 +70,18 @@ def load_languages(path: str | os.PathLike | None = None) -> list[str]:
 
 
 def choose_language(seed: int, relative_path: str, languages: list[str]) -> str:
-    """The language of one file: ``random.Random(f"{seed}:{relative_path}").choice(languages)``.
+    """The language of one file: ``random.Random(f"{seed}:{relative_path}").choice(languages)`` (for a name that
+    is not UTF-8, seeded with its bytes).
 
     Seeding from the file's own relative path (POSIX form) instead of drawing from one shared
     generator makes the choice independent of worker scheduling and of which files a resumed run
     skips; a string seed is hashed with SHA-512 by ``random``, so it is stable across processes
     and Python's hash randomisation.
     """
-    return random.Random(f"{seed}:{relative_path}").choice(languages)
+    # Seeded with the UTF-8 bytes (what a str seed hashes); surrogateescape: a file name that is not UTF-8 reaches
+    # Python as lone surrogates, which strict encoding refused (the exception ended the whole run), so it seeds with
+    # its bytes as the file system has them. Every UTF-8 name draws the language it drew before.
+    return random.Random(f"{seed}:{relative_path}".encode("utf-8", "surrogateescape")).choice(languages)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +332,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise ValueError(f"input is not UTF-8 ({error.reason})") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"input is not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise ValueError(f"input is not valid JSON ({error})") from None  # json names line and column
     if not isinstance(metadata, dict):
         raise ValueError(f"input is JSON {type(metadata).__name__}, not an object")
     filepaths = metadata.get("filepaths")
@@ -576,7 +580,8 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
         return _Outcome(relative_path, "done", retries=retries)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / FAILURE_LOG_NAME, "w", encoding="utf-8", newline="\n") as log, \
+    # surrogateescape: a file name that is not UTF-8 is logged as its bytes (strict encoding raised mid-run).
+    with open(output_dir / FAILURE_LOG_NAME, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as log, \
             progress_bar(total=len(jobs), desc="summaries", unit="file", enabled=progress) as bar:
 
         def record(outcome: _Outcome) -> None:
@@ -665,7 +670,12 @@ def resolve_filepath(entry: Any, data_root: str | os.PathLike, jsonl_dir: str | 
         raise ValueError(f"filepaths entry {entry!r} is outside the data root {root}")
     if not os.path.isfile(candidate):
         raise ValueError(f"filepaths entry {entry!r} does not exist under the data root {root}")
-    return Path(os.path.relpath(candidate, os.path.abspath(jsonl_dir))).as_posix()
+    relative = os.path.relpath(candidate, os.path.abspath(jsonl_dir))
+    if relative == ".." or relative.startswith(".." + os.sep):
+        # ``..`` leaves the JSONL's folder as the file system does, from its real folder (training reads from
+        # jsonl.resolve().parent): from a folder reached through a link, the lexical ``..`` named other files.
+        relative = os.path.relpath(os.path.realpath(candidate), os.path.realpath(jsonl_dir))
+    return Path(relative).as_posix()
 
 
 def merge_summaries(summaries_dir: str | os.PathLike, jsonl_path: str | os.PathLike,
@@ -703,11 +713,16 @@ def merge_summaries(summaries_dir: str | os.PathLike, jsonl_path: str | os.PathL
             if not isinstance(filepaths, list) or not filepaths:
                 raise ValueError("no filepaths list")
             record["filepaths"] = [resolve_filepath(entry, data_root, jsonl_dir) for entry in filepaths]
+            line = json.dumps(record, ensure_ascii=False) + "\n"
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a "\ud800" escape: valid JSON, not text; the JSONL's write raised at the end
+                raise ValueError("text that is not valid Unicode (a lone surrogate escape such as \\ud800)") from None
         except ValueError as error:
             result.skipped.append((relative_path, one_line(str(error))))
             echo(f"skipped: {relative_path}: {one_line(str(error))}")
             continue
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        lines.append(line)
     atomic_write_text(jsonl_path, "".join(lines))
     result.written = len(lines)
     return result
