@@ -9,7 +9,8 @@ images (.png/.jpg/.jpeg, captioned by BLIP, each caption printed), sheet music (
 MIDI (.mid/.midi), audio (.wav/.mp3/.flac/.ogg, through MERT), ABC or MTF. Each file becomes
 OUTPUT_DIR/<same sub-folder>/<name without its extension>.npy: [1, D] with --get_global, else the
 per-position states [1, L, H]; inputs that would write the same .npy (a.mid and a.midi) fail, named.
-Existing outputs are kept and their inputs skipped (a re-run resumes);
+Existing outputs are kept and their inputs skipped (a re-run resumes; .npy files in an
+OUTPUT_DIR inside INPUT_DIR, or equal to it, are outputs, never read as inputs);
 features come through the content-hash cache, so inputs seen before (by any command) cost no model
 work. Exit status: 0 ok, 1 some files could not be encoded (listed) or no modality, 2 usage or model error.
 """
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 
     def work() -> int:
-        modality, files = clamp3.detect_modality(args.input_dir, "input")
+        found = clamp3.embedding_inputs_by_modality(args.input_dir, args.output_dir)
+        modality, files = clamp3.detect_modality(args.input_dir, "input", found)
         if modality == clamp3.FEATURES:
             raise clamp3.CommandError(f"Error: {args.input_dir} holds .npy features already, not raw inputs")
         print(f"Detected input modality: {modality}")

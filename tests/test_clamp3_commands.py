@@ -966,3 +966,21 @@ def test_abc_or_mtf_beside_text_is_several_modalities(tmp_path, symbolic):
     with pytest.raises(clamp3.ModalityError, match="several input modalities") as error:
         clamp3.detect_modality(tmp_path, "input")
     assert symbolic in str(error.value) and "README.txt" in str(error.value)
+
+
+@pytest.mark.parametrize("inside", ["features", "."])
+def test_embd_resumes_with_its_output_folder_inside_the_input_folder(tiny_env, raw, tmp_path, scripts, capsys, inside):
+    # The original's re-run skips (its output folder exists); here a re-run resumes. The .npy files this
+    # command wrote into a folder inside the input folder (or into the input folder itself) are its
+    # outputs, not inputs: a re-run must not read them as a second modality.
+    _, texts = raw
+    output = texts / inside
+    args = [texts, output, "--get_global", "--no_cache", *CLAMP2]
+    code, lines, err = run(scripts["embd"], args, capsys)
+    assert code == 0, err
+    assert "3 features written" in err
+    (output / "multi.npy").unlink()
+    code, lines, err = run(scripts["embd"], args, capsys)
+    assert code == 0, err
+    assert lines == ["Detected input modality: txt"]
+    assert "1 features written" in err and "2 already there" in err

@@ -74,6 +74,25 @@ def files_by_modality(path: str | os.PathLike) -> Dict[str, List[Path]]:
     return found
 
 
+def embedding_inputs_by_modality(input_dir: str | os.PathLike,
+                                 output_dir: str | os.PathLike) -> Dict[str, List[Path]]:
+    """:func:`files_by_modality` of clamp3_embd's input folder, less the ``.npy`` files of its output folder.
+
+    When the output folder is the input folder or lies inside it, its ``.npy`` files are this command's
+    outputs: read as inputs they were a second modality and every re-run failed instead of resuming.
+    A folder holding only ``.npy`` files keeps them (the caller refuses features as inputs, by name).
+    """
+    found = files_by_modality(input_dir)
+    if FEATURES in found and len(found) > 1:
+        outputs = Path(os.path.abspath(output_dir))
+        inputs = [file for file in found[FEATURES] if outputs not in Path(os.path.abspath(file)).parents]
+        if inputs:
+            found[FEATURES] = inputs
+        else:
+            del found[FEATURES]
+    return found
+
+
 def detect_modality(path: str | os.PathLike, role: str = "input",
                     found: Optional[Dict[str, List[Path]]] = None) -> Tuple[str, List[Path]]:
     """``(modality, files)`` of a folder or file; :class:`ModalityError` when none or several.
