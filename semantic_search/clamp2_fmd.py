@@ -8,7 +8,8 @@ Each side is a folder of [1, D] .npy features or an index from build_index.py; e
 counts (at least 2 per side). Each set becomes a Gaussian (float64 mean and covariance by the chosen
 estimator: np.cov for mle, scikit-learn's LedoitWolf/OAS/ShrunkCovariance(0.1), or the average over
 1,000 seeded bootstrap resamples) and the Fréchet distance with scipy.linalg.sqrtm is printed as
-``FMD (<estimator>) between '<ref>' and '<test>': x.xxxx``.
+``FMD (<estimator>) between '<ref>' and '<test>': x.xxxx`` (a value below 0, which only rounding
+gives, prints as 0.0000).
 
 --inf prints FMD-inf: FMD of --steps test samples (drawn with replacement, sizes --min_n .. N) fitted
 linearly against 1/n; the intercept, slope and R^2. --per_file FILE writes one JSON line per test
@@ -69,8 +70,10 @@ def main(argv=None) -> int:
             check_inf_arguments(args.steps, args.min_n, len(test))
         ref_gaussian = estimate_gaussian(reference.matrix, args.estimator, seed=args.seed)
         test_gaussian = estimate_gaussian(test.matrix, args.estimator, seed=args.seed)
+        distance = frechet_distance(ref_gaussian, test_gaussian, on_singular=warn)
+        # A squared distance: below 0 only by rounding (identical sets give -1e-5 .. -1e-12), printed as 0.
         lines = [f"FMD ({args.estimator}) between '{args.reference}' and '{args.test}': "
-                 f"{frechet_distance(ref_gaussian, test_gaussian, on_singular=warn):.4f}"]
+                 f"{distance if distance > 0 else 0.0:.4f}"]
         if args.inf:
             with progress_bar(total=args.steps, desc="FMD-inf", unit="sample", enabled=not args.no_progress) as bar:
                 result = fmd_inf(ref_gaussian, test.matrix, steps=args.steps, min_n=args.min_n, seed=args.seed,

@@ -127,12 +127,33 @@ def test_bootstrap_in_closed_form_equals_the_resampling_loop():
     assert np.array_equal(again.cov, got.cov)  # seeded
 
 
-def test_singular_product_adds_the_offset_to_both_diagonals():
+def test_a_constant_dimension_adds_no_offset_as_in_the_published_fmd():
+    """SciPy warns that the product is singular but its root is finite: the published FMD, which tests only
+    that the root is finite, adds nothing (3.8311 here; with the offset 3.8301), whichever set is first."""
     ref, test = sets(n_ref=50, n_test=60, dim=10)
     ref[:, 3] = 1.0  # a constant dimension: the covariance product is singular
     messages = []
     got = fmd(ref, test, on_singular=messages.append)
-    assert messages and "singular" in messages[0]
+    assert not messages
+    expected = independent_fmd(*mle(ref), *mle(test))
+    assert got == pytest.approx(expected, rel=RTOL)
+    assert fmd(test, ref) == pytest.approx(expected, rel=RTOL)
+
+
+def test_a_non_finite_root_adds_the_offset_to_both_diagonals(monkeypatch):
+    import scipy.linalg
+
+    real_sqrtm, calls = scipy.linalg.sqrtm, []
+
+    def sqrtm(matrix):  # the first root is not finite, as SciPy gives for some singular products
+        calls.append(matrix)
+        return np.full_like(matrix, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm)
+    ref, test = sets(n_ref=50, n_test=60, dim=10)
+    messages = []
+    got = fmd(ref, test, on_singular=messages.append)
+    assert len(calls) == 2 and messages and "singular" in messages[0]
     expected = independent_fmd(*mle(ref), *mle(test), offset=1e-6)
     assert got == pytest.approx(expected, rel=RTOL)
 
@@ -203,3 +224,14 @@ def test_script_prints_fmd_inf_and_per_file(tmp_path, capsys):
     # Too few vectors for FMD-inf's sample sizes is a usage error.
     assert script.main([str(rdir), str(tdir), "--inf", "--no_progress"]) == 2
     assert "--min_n" in capsys.readouterr().err
+
+
+def test_script_prints_no_negative_distance_for_identical_sets(tmp_path, capsys):
+    """Identical sets give -1e-5 from sqrtm's rounding: printed as 0.0000, never -0.0000, whatever the file order."""
+    features = np.random.default_rng(0).normal(size=(10, 100)).astype(np.float32)
+    assert fmd(features, features) < 0  # the rounding this is about
+    rdir, tdir = write_folder(tmp_path / "r", features), write_folder(tmp_path / "t", features[::-1], prefix="t")
+    script = load_script("semantic_search/clamp2_fmd.py")
+    for first, second in ((rdir, tdir), (tdir, rdir), (rdir, rdir)):
+        assert script.main([str(first), str(second), "--no_progress"]) == 0
+        assert capsys.readouterr().out == f"FMD (mle) between '{first}' and '{second}': 0.0000\n"

@@ -220,3 +220,22 @@ def test_macro_f1_ignores_labels_that_never_occur():
     pred = ["jig", "reel", "reel", "waltz"]
     scores = zero_shot.evaluate(true, pred, labels)
     assert scores.macro_f1 == pytest.approx(f1_score(true, pred, average="macro", zero_division=0))
+
+
+def test_labels_that_would_tie_or_share_a_file_name_prefix_are_refused(tmp_path):
+    """Two labels with one prompt have one text feature (the later could never be predicted); "slow air" and
+    "slow_air" both claim slow_air_1.mid as their truth. An exact tie of distinct prompts goes to the first label."""
+    from clamp2.search import zero_shot
+
+    with pytest.raises(ValueError, match="twice"):
+        zero_shot.parse_labels("slow air,slow_air,reel")
+    path = tmp_path / "labels.txt"
+    path.write_text("jig = a dance tune\nreel = a dance tune\n", encoding="utf-8")
+    labels, own = zero_shot.read_label_prompts(path)
+    with pytest.raises(ValueError, match="same prompt"):
+        zero_shot.prompts(labels, "{}", own)
+    with pytest.raises(ValueError, match="same prompt"):
+        zero_shot.prompts(["jig", "reel"], "{}", {"jig": "reel"})
+    same = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]], dtype=np.float32)  # labels 0 and 1: the same direction
+    assert zero_shot.predict(np.array([[1.0, 0.1]], dtype=np.float32), same)[0].tolist() == [0]
+    assert zero_shot.predict(np.array([[1.0, 0.1]], dtype=np.float32), same[[1, 0, 2]])[0].tolist() == [0]

@@ -50,9 +50,11 @@ def check_labels(labels: List[str]) -> List[str]:
         raise ValueError(f"zero-shot classification needs at least two labels, got {len(labels)}")
     seen = set()
     for label in labels:
-        if label.lower() in seen:
-            raise ValueError(f"label {label!r} is given twice")
-        seen.add(label.lower())
+        # As file names carry them (case-insensitive, spaces as _): "slow air" and "slow_air" would both be
+        # the truth of slow_air_1.mid, whichever came first.
+        if _name_key(label) in seen:
+            raise ValueError(f"label {label!r} is given twice (ignoring case, a space and _ being the same)")
+        seen.add(_name_key(label))
     return labels
 
 
@@ -61,7 +63,11 @@ def prompts(labels: Sequence[str], template: str = "{}", own: Optional[Dict[str,
     if template.count("{}") != 1:
         raise ValueError(f"the prompt template must hold exactly one {{}} (where the label goes), got {template!r}")
     own = own or {}
-    return [own.get(label, template.replace("{}", label)) for label in labels]
+    texts = [own.get(label, template.replace("{}", label)) for label in labels]
+    for i, text in enumerate(texts):
+        if text in texts[:i]:  # the same text feature: the later label could never be predicted
+            raise ValueError(f"labels {labels[texts.index(text)]!r} and {labels[i]!r} have the same prompt {text!r}")
+    return texts
 
 
 def predict(music: np.ndarray, label_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
