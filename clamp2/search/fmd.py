@@ -6,10 +6,9 @@ Each set is summarised by a Gaussian (mean, covariance) in float64, then
 
 with ``scipy.linalg.sqrtm``. When the root is not finite (the published FMD's only test of a singular
 product; SciPy's "singular" warning alone is not one) 1e-6 is added to both diagonals and the root
-recomputed; a
-complex root whose diagonal's imaginary part is negligible (``allclose(imag, 0, atol=1e-3)``) is
-replaced by its real part, any other is an error. Covariance estimators (``ESTIMATORS``): ``mle`` (``np.cov(rowvar=False)``, the default),
-``ledoit_wolf``, ``oas``, ``shrinkage`` (scikit-learn's ``LedoitWolf``, ``OAS``,
+recomputed; a complex root whose diagonal's imaginary part is negligible (``allclose(imag, 0,
+atol=1e-3)``) is replaced by its real part, any other is an error. Covariance estimators
+(``ESTIMATORS``): ``mle`` (``np.cov(rowvar=False)``, the default), ``ledoit_wolf``, ``oas``, ``shrinkage`` (scikit-learn's ``LedoitWolf``, ``OAS``,
 ``ShrunkCovariance(shrinkage=0.1)``, all with ``assume_centered=False``) and ``bootstrap`` (the
 averages of the mean and ``np.cov`` over 1,000 seeded resamples with replacement, computed in
 closed form from the resample counts: one weighted product instead of 1,000 covariances).
