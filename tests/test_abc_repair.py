@@ -514,3 +514,67 @@ def test_a_continued_line_keeps_the_escaped_quotes_of_its_parts_out_of_the_music
     # the bar grew by a rest (found by the musical check of the grammar fuzz, tune a00340).
     assert_repaired_like('|"^\\"x\\""GABc d2d2|cB \\\n"^a|b"AG G4\n', '|"^\\"x\\""GABc d2d2|\ncB "^a|b"AG G4 |]\n',
                          ["join_line_continuations", "close_final_bar"])
+
+
+# A tune written a block per system (V:1, V:2, V:1, V:2, ...): abctoolkit's body starts at the *last* bare V:1
+# line, so the earlier systems stay in the output's header as written (not interleaved), and only the last system
+# is interleaved. The original's outputs do this too, and so do these (SPEC §3): the loss is named in a warning.
+SYSTEMS_HEAD = "X:1\nT:t\nM:2/4\nL:1/4\nV:1\nV:2\nK:C\n"
+
+
+def blocks_warning(tune: str) -> str:
+    text, warned = interleave_warned(tune)
+    assert text == interleave(tune)[0]  # the original pipeline's output, unchanged
+    named = [message for message in warned if "voice blocks misread, as in the original pipeline" in message]
+    assert len(named) == 1
+    return named[0]
+
+
+def test_a_real_tune_written_a_block_per_system_keeps_four_of_its_twenty_bars_interleaved():
+    # americanfifeopus X:8, five systems of two voices: 16 bars of each voice stay in the header.
+    tune = corpus_tune("miscFolk/americanfifeopus.abc", "8")
+    text = interleave(tune)[0]
+    assert len(body(text)) == 4 and "\nV:1\nD2 D>D F2 F>F| A>FA>F D2 A2" in text
+    assert ("the bars written before it (a block per system, or a voice before V:1) stay in the header as written, "
+            "not interleaved: V:1 16 bars ('D2 D>D F2 F>F' … 'e2e>e e2z2'), V:2 16 bars ('D2 D>D F2 F>F' … "
+            "'A2A>A A2z2')") in blocks_warning(tune)
+
+
+@pytest.mark.parametrize("music, named", [
+    # Two systems: the first one's bars stay in the header; a rest opening the last system in every voice is
+    # dropped as if it opened the piece.
+    ("V:1\nC D|E F|\nV:2\nC, D,|E, F,|\nV:1\nz2|G A|B c|]\nV:2\nz2|G, A,|B, C|]\n",
+     ["V:1 2 bars ('C D' … 'E F'), V:2 2 bars ('C, D,' … 'E, F,')",
+      "the 1 bar ('z2') of V:1 opening the last system, rests in every voice, is dropped"]),
+    # Voice by voice, but V:2 first: all of V:2 is header text, and the interleaved lines have V:1 only.
+    ("V:2\nC, D,|E, F,|]\nV:1\nC D|E F|]\n",
+     ["V:2 2 bars ('C, D,' … 'E, F,')", "V:2 has no block after that line: left out of the interleaved lines"]),
+    # V:2's block repeated after the last V:1: abctoolkit keeps the last one, V:1's bars 1-2 go with V:2's 3-4.
+    ("V:1\nC D|E F|]\nV:2\nC, D,|E, F,|\nV:2\nG, A,|B, C|]\n",
+     ["voice V:2 has 2 blocks after the last 'V:1' line: abctoolkit keeps the last one only, and the 2 bars "
+      "('C, D,' … 'E, F,') of the earlier ones are lost"]),
+    # An inline [V:2] line inside V:1's block: V:2's bars become V:1's bars 3-4, and there is one voice.
+    ("V:1\nC D|E F|\n[V:2] C, D,|E, F,|]\n",
+     ["the line '[V:2] C, D,|E, F,|]' in voice V:1's block: abctoolkit reads its bars as V:1's, not V:2's"]),
+])
+def test_voice_blocks_abctoolkit_misreads_are_named(music, named):
+    message = blocks_warning(SYSTEMS_HEAD + music)
+    assert all(part in message for part in named), message
+    assert message.endswith("write each voice's bars together: all of V:1, then all of V:2, …")
+
+
+@pytest.mark.parametrize("music", [
+    "V:1\nC D|E F|]\nV:2\nC, D,|E, F,|]\n",  # voice by voice
+    "V:1\nz2|C D|E F|]\nV:2\nz2|C, D,|E, F,|]\n",  # rests opening the piece: abctoolkit strips them by design
+    "% arranged 2006\n%%score (1 2)\nV:1\nC D|E F|]\nw: a b c d\nV:2\n[V:2] C, D,|E, F,|]\n",  # same voice inline
+    "V:1\n[P:A]\nC D|E F|]\nV:2\nC, D,|E, F,|]\n",  # a field, no bar, before the first bar
+])
+def test_tunes_whose_voice_blocks_abctoolkit_reads_get_no_block_warning(music):
+    _, warned = interleave_warned(SYSTEMS_HEAD + music)
+    assert not any("voice blocks misread" in message for message in warned), warned
+
+
+def test_inline_voices_read_as_one_voice_are_named_once():
+    # No bare V:1 line: the one-voice fix reads [V:1]/[V:2] lines as one voice, which inline_voices_note names.
+    _, warned = interleave_warned("X:1\nM:2/4\nL:1/4\nK:C\n[V:1] C D|E F|]\n[V:2] C, D,|E, F,|]\n")
+    assert len(warned) == 1 and warned[0].startswith("read as one voice") and "voice blocks" not in warned[0]

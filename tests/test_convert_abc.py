@@ -293,6 +293,13 @@ def test_quartet_and_chorales_keep_their_voices(corpus_scores):
         assert first_bar.count("[V:") == expected_voices
 
 
+def test_xml2abc_scores_written_voice_by_voice_get_no_block_warning(corpus_scores):
+    # xml2abc writes each voice once after its V: definitions: nothing stays in abctoolkit's header.
+    for kind in ("chorale", "chorale_musicxml_inside", "quartet", "song"):
+        _, warned = interleave_quietly(xml_to_abc(corpus_scores[kind]))
+        assert not any("voice blocks misread" in message for message in warned), (kind, warned)
+
+
 # ------------------------------------------------------------------------------------------------
 # Interleaving rules and failures
 

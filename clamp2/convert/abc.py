@@ -268,7 +268,8 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
     # StringIO().readlines() splits on "\n" only, as the reference's file.readlines() does.
     abc_lines = [line for line in io.StringIO(abc_text).readlines() if line.strip() != ""]
     notes = []
-    if not has_v1_line(abc_lines):
+    one_voice_fix = not has_v1_line(abc_lines)
+    if one_voice_fix:
         # The reference fails on every such file; a tune book would otherwise become one garbled voice
         # (the next tune's header read as notes), so it stays a failure, not an InterleaveError to repair.
         problem = several_tunes_problem(abc_text)
@@ -292,6 +293,10 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
     misread = misread_bars(abc_lines)
     if misread:
         messages.append(f"bars lost, as in the original pipeline: {misread}")
+    # The one-voice fix's V:1 line: inline_voices_note has named the voices that run together in it.
+    blocks = "" if one_voice_fix else voice_blocks_misread(abc_lines)
+    if blocks:
+        messages.append(f"voice blocks misread, as in the original pipeline: {blocks}")
 
     printed = io.StringIO()
     unchecked = None
@@ -351,6 +356,97 @@ def misread_bars(abc_lines: list[str]) -> str:
         elif first == 0 and len(pieces) % 2 == 1 and holds_notes(pieces[-1]):
             reasons.append(f"voice {name}: the last bar {shown(pieces[-1])} has no closing barline "
                            "(end it with '|]')")
+    return "; ".join(reasons)
+
+
+def voice_blocks_misread(abc_lines: list[str]) -> str:
+    """Where abctoolkit's voice split misreads a tune written a block per system (``V:1``, ``V:2``, ``V:1``,
+    ``V:2``, …) without an error ("" where it misreads nothing).
+
+    ``extract_metadata_and_tunebody`` starts the body at the *last* line exactly ``V:1``: the music written
+    after the first ``K:`` line and before it stays in the output's header as written, one voice after the
+    other, not interleaved (abc2xml still reads it; the model sees it as header lines), and a voice with no
+    block after that line is left out of the interleaved lines. After it, ``extract_metadata_and_parts``
+    keeps one block per ``V:`` line text: a voice's earlier blocks are replaced by its last one (their bars
+    lost, the voices then misaligned), and a ``[V:2] …`` line inside ``V:1``'s block is read as ``V:1``'s
+    bars. And ``strip_empty_bars``, meant for the rests that open a piece, drops the bars that open the
+    last system when every voice rests there. The original's outputs do all this too, and so do the ones
+    here (SPEC §3); this says so.
+    """
+    from abctoolkit.utils import (Barline_regexPattern, Barlines, extract_barline_and_bartext_dict,
+                                  find_valid_bar_index, remove_square_bracket_information_field)
+
+    key_line = next((index for index, line in enumerate(abc_lines) if line.startswith("K:")), None)
+    body = next((index for index in range(len(abc_lines) - 1, -1, -1) if abc_lines[index].strip() == "V:1"), None)
+    if key_line is None or body is None or body < key_line:
+        return ""  # no V:1 (the one-voice fix adds it after K:), or V:1 only before K:: nothing written before
+
+    def bars_of(lines: list[str]) -> list[str]:
+        text = "".join(INLINE_VOICE_RE.sub("", line, count=1) for line in lines if is_music_line(line))
+        # A bar holds a note or a rest: not only fields ([P:A]), annotations, decorations or a volta number.
+        return [piece for piece in re.split(Barline_regexPattern, text) if piece not in Barlines and re.search(
+            "[A-Ga-gzZxX]", remove_square_bracket_information_field(re.sub(r'"[^"]*"|![^!]*!', "", piece)))]
+
+    def counted(bars: list[str]) -> str:
+        shown = " … ".join(repr(shortened(" ".join(bar.split()))) for bar in dict.fromkeys([bars[0], bars[-1]]))
+        return f"{len(bars)} bar{'s' if len(bars) != 1 else ''} ({shown})"
+
+    def inline_voice(line: str) -> str | None:
+        match = INLINE_VOICE_RE.match(line)
+        return f"V:{match.group(1)}" if match else None
+
+    # Before the body: the music lines between K: and the last V:1 line, by the voice they are written under.
+    before: dict[str, list[str]] = {}
+    voice = "before any voice line"
+    for line in abc_lines[key_line + 1:body]:
+        voice = line.strip() if line.startswith("V:") else inline_voice(line) or voice
+        before.setdefault(voice, []).extend(bars_of([line]))
+    before = {name: bars for name, bars in before.items() if bars}
+    # After it: abctoolkit's blocks, one per V: line (a repeated V: line text replaces the earlier block).
+    blocks: list[tuple[str, list[str]]] = []
+    for line in abc_lines[body:]:
+        if line.startswith("V:"):
+            blocks.append((line.strip(), []))
+        else:
+            blocks[-1][1].append(line)
+    names = [name for name, _ in blocks]
+
+    reasons = []
+    if before:
+        shown = ", ".join(f"{name} {counted(bars)}" for name, bars in before.items())
+        reasons.append("abctoolkit's body starts at the last 'V:1' line, and the bars written before it (a block per "
+                       f"system, or a voice before V:1) stay in the header as written, not interleaved: {shown}")
+        missing = [name for name in before if name.startswith("V:") and name not in names]
+        if missing:
+            reasons.append(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no block after that line: "
+                           "left out of the interleaved lines")
+    for name in dict.fromkeys(names):
+        if names.count(name) > 1:
+            last = len(names) - 1 - names[::-1].index(name)
+            replaced = [bar for block, lines in blocks[:last] if block == name for bar in bars_of(lines)]
+            reasons.append(f"voice {name} has {names.count(name)} blocks after the last 'V:1' line: abctoolkit keeps "
+                           f"the last one only, and the {counted(replaced) if replaced else 'no bars'} of the "
+                           "earlier ones are lost")
+    inlined: dict[tuple[str, str], list[str]] = {}
+    for name, lines in blocks:
+        for line in lines:
+            other = inline_voice(line)
+            if other and other != name:
+                inlined.setdefault((name, other), []).append(line)
+    for (name, other), lines in inlined.items():
+        shown = (f"the line {shortened(lines[0].strip())!r} in voice {name}'s block: abctoolkit reads its bars"
+                 if len(lines) == 1 else f"{len(lines)} lines starting [{other}] in voice {name}'s block "
+                 f"({shortened(lines[0].strip())!r}, …): abctoolkit reads their bars")
+        reasons.append(f"{shown} as {name}'s, not {other}'s (write '{other}' on a line of its own)")
+    if before:
+        bar_texts = extract_barline_and_bartext_dict(abc_lines)[3]
+        first = min(find_valid_bar_index(texts)[0] for texts in bar_texts.values())
+        if 0 < first < len(bar_texts["V:1"]):
+            reasons.append(f"the {counted(bar_texts['V:1'][:first])} of V:1 opening the last system, rests in "
+                           f"every voice, {'is' if first == 1 else 'are'} dropped with the other voices' as empty "
+                           "leading bars")
+    if reasons:
+        reasons.append("write each voice's bars together: all of V:1, then all of V:2, …")
     return "; ".join(reasons)
 
 
