@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import os
 import secrets
 from pathlib import Path
@@ -130,12 +131,23 @@ def mirror_outputs(paths: Iterable[Path], input_root: str | os.PathLike, output_
 TMP_SUFFIX = ".partial"
 
 
+def log_line(name: str, reason: str) -> str:
+    """One line of a batch tool's failure or warning log: ``relative/path<TAB>reason``.
+
+    A name holding a tab or a line break (legal in a POSIX file name), or starting with ``"``, is written as a
+    JSON string so that the line reads back as written (:func:`read_file_log`); every other name as it is.
+    """
+    if name.startswith('"') or any(character in name for character in "\t\n\r"):
+        name = json.dumps(name, ensure_ascii=False)
+    return f"{name}\t{reason}\n"
+
+
 def write_file_log(path: str | os.PathLike, entries: Iterable[Tuple[str, str]]) -> None:
-    """``relative/path<TAB>reason`` lines, atomically: the format of every batch tool's failure and warning
-    logs, sorted by file so that the same inputs give the same log (a file's own lines in their order)."""
+    """:func:`log_line` lines, atomically: the format of every batch tool's failure and warning logs, sorted by
+    file so that the same inputs give the same log (a file's own lines in their order)."""
     # surrogateescape: a file name that is not UTF-8 (os gives its bytes as lone surrogates) is written as those
     # bytes, as the file system has it; strict encoding raised at the end of the run and lost the whole log.
-    atomic_write_text(path, "".join(f"{name}\t{reason}\n" for name, reason in sorted(entries, key=lambda e: e[0])),
+    atomic_write_text(path, "".join(log_line(name, reason) for name, reason in sorted(entries, key=lambda e: e[0])),
                       errors="surrogateescape")
 
 
@@ -146,7 +158,15 @@ def read_file_log(path: str | os.PathLike) -> List[Tuple[str, str]]:
             lines = f.read().split("\n")
     except OSError:
         return []
-    return [tuple(line.split("\t", 1)) for line in lines if "\t" in line]
+    entries = []
+    for line in lines:
+        if "\t" in line:
+            name, reason = line.split("\t", 1)
+            if name.startswith('"'):  # log_line's form of a name holding a tab or a line break
+                with contextlib.suppress(ValueError):
+                    name = json.loads(name)
+            entries.append((name, reason))
+    return entries
 
 
 def output_problem(path: str | os.PathLike, folder: bool, what: str = "output") -> Optional[str]:

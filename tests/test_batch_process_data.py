@@ -545,3 +545,27 @@ def test_file_names_that_are_not_utf8_are_logged_as_the_file_system_has_them(tmp
     assert (out / "warnings_test.log").read_bytes() == b"ok caf\xe9.txt\tunequal bars\nok2.txt\tunequal bars\n"
     assert sorted(os.listdir(os.fsencode(out))) == [b"failed_test.log", b"ok caf\xe9.out", b"ok2.out",
                                                     b"warnings_test.log"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a tab or a line break in a file name needs a POSIX file system")
+def test_names_with_a_tab_or_a_line_break_read_back_from_the_logs(tmp_path, capsys):
+    # Logs are name<TAB>reason lines: such a name was written raw, so a resumed run read "b" as a line of its own
+    # and lost the warnings of "a<LF>b.txt"; the name is written as a JSON string, every other name as it is.
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("a\nb.txt", "c\td.txt", '"q.txt', "plain.txt", "bad\n.txt"):
+        (inputs / name).write_text("x")
+
+    def convert() -> int:
+        return batch_runner.convert_folder(inputs, out, convert=fail_or_warn, extensions=[".txt"],
+                                           output_suffix=".out", tool="test", workers=1, progress=False)
+
+    assert convert() == 1
+    complete = read_exact(out / "warnings_test.log")
+    assert complete == ('"\\"q.txt"\tunequal bars\n"a\\nb.txt"\tunequal bars\n"c\\td.txt"\tunequal bars\n'
+                        "plain.txt\tunequal bars\n")
+    assert read_exact(out / "failed_test.log") == '"bad\\n.txt"\tValueError: not a score\n'
+    (out / "plain.out").unlink()
+    assert convert() == 1
+    assert last_line(capsys.readouterr().out) == "converted 1, skipped 3, failed 1"  # the failed file again
+    assert read_exact(out / "warnings_test.log") == complete

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
-from clamp2.files import (atomic_write_bytes, atomic_write_text, find_files, finished_output, mirror_path,
+from clamp2.files import (atomic_write_bytes, atomic_write_text, find_files, finished_output, log_line, mirror_path,
                           read_file_log, remove_partial_files, remove_partial_files_of, write_file_log)
 
 Convert = Callable[[Path], "str | bytes"]
@@ -307,7 +307,7 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
 
         def fail(name: str, reason: str) -> None:
             result.failures.append((name, reason))
-            failure_log.write(f"{name}\t{reason}\n")
+            failure_log.write(log_line(name, reason))
             failure_log.flush()
             write_line(f"failed: {name}: {reason}")
 
@@ -316,7 +316,7 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
                 result.converted += 1
                 for note in outcome.warnings:
                     result.warnings.append((job.name, note))
-                    warning_log.write(f"{job.name}\t{note}\n")
+                    warning_log.write(log_line(job.name, note))
                 warning_log.flush()
             else:
                 fail(job.name, outcome.reason)
@@ -324,7 +324,7 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
 
         for name, reason in kept_warnings:
             result.warnings.append((name, reason))
-            warning_log.write(f"{name}\t{reason}\n")
+            warning_log.write(log_line(name, reason))
         warning_log.flush()
         for name, reason in rejected:
             fail(name, reason)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import openai
 
-from clamp2.files import atomic_write_text, find_files, finished_output, mirror_path, write_file_log
+from clamp2.files import atomic_write_text, find_files, finished_output, log_line, mirror_path, write_file_log
 
 FAILURE_LOG_NAME = "failed_summaries.log"
 DEFAULT_SEED = 0
@@ -597,7 +597,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
         def fail(relative_path: str, reason: str) -> None:
             counts.failed += 1
             counts.failures.append((relative_path, reason))
-            log.write(f"{relative_path}\t{reason}\n")
+            log.write(log_line(relative_path, reason))
             log.flush()
             echo(f"failed: {relative_path}: {reason}")
 
