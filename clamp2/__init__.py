@@ -20,6 +20,7 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
         loss           symmetric contrastive loss with gather-with-gradient across processes
         data/          package data (the 100 summary languages)
         benchmarking   what benchmarks/ shares: devices' peaks for MFU, the exactness line of a fast path
+        workers        worker processes (pools, DataLoader workers) that end with their parent
     models/        one module per model family: common (text tower, pooling), m3, clamp2, clamp3, mert, clamp3
     convert/       process_data/: MusicXML/ABC/interleaved ABC, MIDI/MTF, their parallel batch
                    runner (batch_runner), LLM summaries (summarize)

@@ -65,6 +65,27 @@ def spawn_ranks(worker, args: tuple, nprocs: int = 2, timeout: float = 180.0) ->
             pytest.fail(f"ranks {stuck} of {nprocs} still running after {timeout:.0f} s: hung")
 
 
+def processes_left_running(pids, timeout: float) -> list:
+    """Those of ``pids`` still running (not zombies) after up to ``timeout`` s; killed, so a failing test leaves
+    none behind (Linux: reads /proc)."""
+    import signal
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + timeout
+    alive = [pid for pid in pids if running(pid)]
+    while alive and time.time() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    return alive
+
+
 @pytest.fixture
 def vectors() -> Path:
     if not VECTORS.is_dir():

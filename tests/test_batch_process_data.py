@@ -18,7 +18,7 @@ import pytest
 from clamp2.convert import batch_runner
 from clamp2.convert.abc import abc_to_interleaved, interleaved_to_xml, xml_to_abc
 from clamp2.files import TMP_SUFFIX
-from conftest import REPO_ROOT, load_script
+from conftest import REPO_ROOT, load_script, processes_left_running
 
 
 def read_exact(path) -> str:
@@ -481,14 +481,7 @@ def test_workers_do_not_outlive_a_killed_run(tmp_path, signal_name):
     finally:
         batch.send_signal(getattr(signal, signal_name))
         batch.wait()
-    deadline = time.time() + 10
-    alive = workers
-    while alive and time.time() < deadline:
-        time.sleep(0.1)
-        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
-                 and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"]
-    for pid in alive:  # do not leave them running when the test fails
-        os.kill(pid, signal.SIGKILL)
+    alive = processes_left_running(workers, 10)
     assert not alive, f"worker processes {alive} outlived the killed run"
 
 

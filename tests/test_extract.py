@@ -13,7 +13,7 @@ from clamp2.extraction.core import (combine_global, combine_positions, plan_batc
                                     window_weights)
 from clamp2.extraction.core import MusicEncoder, read_text_file
 from clamp2.patchilizer import M3Patchilizer
-from conftest import FP32_FLAGS, free_port, load_script, precision_flags
+from conftest import FP32_FLAGS, free_port, load_script, precision_flags, processes_left_running
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
             "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
@@ -706,3 +706,57 @@ def test_writer_groups_save_every_file_and_blame_only_the_one_that_cannot_be_wri
     assert len(list(out.rglob("*.npy"))) == 20
     log = (out / "failed_extract_m3.log").read_text().splitlines()
     assert len(log) == 1 and log[0].startswith("blocked/bwv10.7.abc\t")
+
+
+# ------------------------------------------------------------------------------------------------
+# A run killed from outside: its tokenizing workers must not outlive it
+
+
+def big_ids_telling_its_pid(folder):
+    """An encoder whose ids fill the pipe to the main process (so a worker's queue blocks), telling its pid."""
+    import pathlib
+
+    (pathlib.Path(folder) / str(os.getpid())).touch()
+    return torch.zeros((1 << 16, 8), dtype=torch.uint8)
+
+
+def slow_forward(ids, masks):
+    import time
+
+    time.sleep(60)
+    return torch.zeros((len(ids), 4))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_tokenizing_workers_do_not_outlive_a_killed_extraction(tmp_path, signal_name):
+    # A killed extraction (SIGKILL, or SIGTERM's default action) left its DataLoader workers running forever,
+    # reparented: their prefetched tasks filled the pipe, and a worker's exit waits for its queue to flush.
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from conftest import REPO_ROOT
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+            "import torch, test_extract as t\n"
+            "from clamp2.extraction.core import KindRunner, iter_features\n"
+            "runner = KindRunner(t.big_ids_telling_its_pid, t.slow_forward, 32, 0)\n"
+            "for _ in iter_features([('music', sys.argv[3])] * 64, {'music': runner}, torch.device('cpu'), False,"
+            " files_per_chunk=4, num_workers=2): pass\n")
+    run = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(REPO_ROOT), str(pids)])
+    try:
+        deadline = time.time() + 60
+        while len(list(pids.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(2)  # the workers' prefetched tasks fill the pipe while the model is busy
+        workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2
+    finally:
+        run.send_signal(getattr(signal, signal_name))
+        run.wait()
+    alive = processes_left_running(workers, 15)
+    assert not alive, f"tokenizing workers {alive} outlived the killed extraction"

@@ -121,3 +121,45 @@ def test_the_api_z_scores_on_the_host_by_default(tiny_model):
     # The host path is the reference's numpy z-score bit for bit; the device path's torch sums differ by
     # ~1e-7 relative, so it is opt-in (--resample_on_device).
     assert MertFeatureExtractor(tiny_model, "cpu").resample_on_device is False
+
+
+@pytest.mark.skipif(not Path("/proc/thread-self/children").exists(), reason="needs /proc/PID/task/TID/children")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_decoding_workers_do_not_outlive_a_killed_extraction(tmp_path, signal_name):
+    # A killed MERT extraction (SIGKILL, or SIGTERM's default action) left its DataLoader workers running forever,
+    # reparented: decoded tracks filled the pipe, and a worker's exit waits for its queue to flush.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import soundfile
+
+    from conftest import processes_left_running
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    noise = (0.1 * np.random.default_rng(0).standard_normal(44100 * 20)).astype(np.float32)
+    for index in range(24):
+        soundfile.write(folder / f"{index}.wav", noise, 44100)
+    code = ("import sys\n"
+            "from clamp2.extraction.mert import MertFeatureExtractor, extract_folder\n"
+            "from pathlib import Path\n"
+            "from clamp2.models import mert\n"
+            "extractor = MertFeatureExtractor(mert.load_mert(sys.argv[1]), 'cpu')\n"
+            "extract_folder(extractor, Path(sys.argv[2]), Path(sys.argv[3]), num_workers=2, progress=False)\n")
+    run = subprocess.Popen([sys.executable, "-c", code, str(TINY), str(folder), str(tmp_path / "out")])
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while len(workers) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+            workers = [int(pid) for task in Path(f"/proc/{run.pid}/task").iterdir()
+                       for pid in (task / "children").read_text().split()]
+        time.sleep(1)  # the workers' decoded tracks fill the pipe (while tracks remain to decode)
+        assert len(workers) == 2
+    finally:
+        run.send_signal(getattr(signal, signal_name))
+        run.wait()
+    alive = processes_left_running(workers, 15)
+    assert not alive, f"decoding workers {alive} outlived the killed extraction"

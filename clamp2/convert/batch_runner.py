@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
-import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -48,6 +46,7 @@ from typing import Callable, Iterable
 from clamp2.cli import ArgumentParser
 from clamp2.files import (atomic_write_bytes, atomic_write_text, find_files, finished_output, log_line, mirror_path,
                           read_file_log, remove_partial_files, remove_partial_files_of, write_file_log)
+from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
 
@@ -199,19 +198,6 @@ def convert_file(convert: Convert, source: Path, target: Path) -> FileOutcome:
         return FileOutcome(False, describe_error(error))
     notes = tuple(one_line(str(w.message)) for w in caught if is_about_the_file(w.category))
     return FileOutcome(True, warnings=notes)
-
-
-def exit_with_parent() -> None:
-    """Worker initializer: end the worker once the batch process is gone (killed by SIGKILL, or by SIGTERM's
-    default action), instead of waiting forever, reparented, for work that never comes."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def new_pool(workers: int) -> ProcessPoolExecutor:

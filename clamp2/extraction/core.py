@@ -29,6 +29,7 @@ from ..distributed import before_process_group, env_int, prepare_end_barrier, wa
 from ..files import (atomic_write_bytes, find_files, finished_output, input_problem, mirror_outputs, output_problem,
                      remove_partial_files_of, write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
+from ..workers import exit_with_parent
 
 TEXT_EXTENSIONS = (".txt",)
 MUSIC_EXTENSIONS = (".abc", ".mtf")
@@ -697,6 +698,7 @@ def iter_features(sources: Sequence, runners: Dict[str, KindRunner], device: tor
     loader = torch.utils.data.DataLoader(dataset, batch_size=piece, shuffle=False,
                                          num_workers=num_workers, collate_fn=_pack_task if num_workers else _identity,
                                          persistent_workers=False, prefetch_factor=2 if num_workers else None,
+                                         worker_init_fn=exit_with_parent if num_workers else None,
                                          generator=torch.Generator())
     times = times if times is not None else HostTimes()
     stream = WindowStream(runners, device, per_position, batch_size, batch_tokens, times)

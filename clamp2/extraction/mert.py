@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..files import find_files, mirror_outputs
+from ..workers import exit_with_parent
 from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, mert_input,
                     normalize_tensor, resample_tensor, track_windows, z_score_may_overflow)
 from .core import (HostCopy, Job, Plan, autocast_context, clear_earlier_run, save_npy, shard, skip_existing,
@@ -131,7 +132,8 @@ class MertFeatureExtractor:
         loader = torch.utils.data.DataLoader(
             _WaveDataset(paths, decode_only=self.resample_on_device), batch_size=1, shuffle=False,
             num_workers=num_workers, collate_fn=_identity,
-            prefetch_factor=max(1, prefetch_files // max(num_workers, 1)) if num_workers else None)
+            prefetch_factor=max(1, prefetch_files // max(num_workers, 1)) if num_workers else None,
+            worker_init_fn=exit_with_parent if num_workers else None)
         pending: Dict[int, List[Optional[torch.Tensor]]] = {}
         full: List[Tuple[int, int, torch.Tensor]] = []
         short: List[Tuple[int, int, torch.Tensor]] = []

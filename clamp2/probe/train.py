@@ -41,6 +41,7 @@ from ..distributed import DistInfo, barrier, gather_objects, seed_everything
 from ..files import atomic_write_text, remove_partial_files
 from ..progress import progress_bar, write_line
 from ..training.loop import Precision, optimizer_step, start_wandb_run
+from ..workers import exit_with_parent
 from .data import EpochSampler, FeatureSet, ProbeDataset, ProbeUsageError, collate_batch
 from .model import HIDDEN_SIZE, build_probe, probe_loss
 from .report import HISTORY_FIELDS, macro_f1, scores
@@ -135,7 +136,8 @@ def make_loader(dataset: ProbeDataset, sampler: EpochSampler, batch_size: int, n
     """Batches of ``dataset`` in ``sampler``'s order; features already on the device are batched in place."""
     resident = dataset.features.resident is not None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batch,
-                      num_workers=0 if resident else num_workers, pin_memory=device.type == "cuda" and not resident)
+                      num_workers=0 if resident else num_workers, pin_memory=device.type == "cuda" and not resident,
+                      worker_init_fn=exit_with_parent if num_workers and not resident else None)
 
 
 @torch.no_grad()

@@ -63,6 +63,7 @@ from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, b
                            env_int, gather_objects, seed_everything)
 from ..models.common import compile_transformers, count_parameters
 from ..progress import plural, progress_bar
+from ..workers import exit_with_parent
 from .data import DataError, EvalBatches, TrainBatches
 
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -482,7 +483,7 @@ def loader_options(settings: TrainSettings, dist_info: DistInfo) -> Dict[str, An
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # Persistent workers keep their copy of the data set: the epoch reaches it with each index
         # (EpochIndexedBatches), not through set_epoch in this process.
-        options.update(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES)
+        options.update(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES, worker_init_fn=exit_with_parent)
     return options
 
 
