@@ -217,7 +217,7 @@ def _load_state(path: Path):
     from .checkpoint import read_checkpoint, state_dict_of
 
     checkpoint = read_checkpoint(path, mmap=True)
-    return checkpoint, state_dict_of(checkpoint)
+    return checkpoint, state_dict_of(checkpoint, str(path))
 
 
 def _infer_dims(state, encoder_prefix: str, decoder_prefix: Optional[str], path: Path):
@@ -824,7 +824,7 @@ class M3(_Extractor):
                         local_files_only: Optional[bool] = None, revision: Optional[str] = None,
                         hub_cache_dir: str | os.PathLike | None = None) -> "M3":
         """Load the M3 encoder from an M3 checkpoint (a ``.pth`` file, a folder or a hub id); sizes from its shapes."""
-        from .checkpoint import CheckpointError, load_state, sub_state_dict, without_random_init
+        from .checkpoint import M3 as M3_FAMILY, check_family, load_state, sub_state_dict, without_random_init
         from .hub import PUBLISHED_M3_WEIGHTS, resolve_weights
         from .models.m3 import M3PatchEncoder
 
@@ -832,8 +832,7 @@ class M3(_Extractor):
         path = resolve_weights(weights, filename or PUBLISHED_M3_WEIGHTS, local_files_only=local_files_only,
                                revision=revision, cache_dir=hub_cache_dir)
         _, state = _load_state(path)
-        if "encoder.patch_embedding.weight" not in state and "music_model.patch_embedding.weight" in state:
-            raise CheckpointError(f"{path} is a CLaMP 2 checkpoint: load it with CLaMP2.from_pretrained")
+        check_family(state, M3_FAMILY, str(path))  # a CLaMP 2 / CLaMP 3 / probe file is named as such
         dims = _infer_dims(state, "encoder.", "decoder.", path)
         with without_random_init():  # the strict load below fills every weight
             encoder = M3PatchEncoder(dims)

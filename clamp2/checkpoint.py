@@ -138,15 +138,32 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     return dict(obj)
 
 
-def state_dict_of(checkpoint: Mapping[str, Any]) -> dict:
-    """The model state dict of a published-format checkpoint or of a bare state dict."""
-    state = checkpoint["model"] if "model" in checkpoint and isinstance(checkpoint["model"], Mapping) else checkpoint
-    return strip_prefix(state, "module.")
+def state_dict_of(checkpoint: Mapping[str, Any], source: str = "checkpoint") -> dict:
+    """The model state dict of a published-format checkpoint or of a bare state dict.
+
+    A ``model`` entry that is not a state dict (``None``, a list) is a :class:`CheckpointError`, as is a
+    key present both with and without DDP's ``module.`` prefix (the reference's strict load refuses it).
+    """
+    if "model" in checkpoint and not isinstance(checkpoint["model"], Mapping):
+        raise CheckpointError(f"{source}: its 'model' entry is a {type(checkpoint['model']).__name__}, not a state "
+                              "dict; pass a model weights file (.pth)")
+    state = checkpoint["model"] if "model" in checkpoint else checkpoint
+    return strip_prefix(state, "module.", source)
 
 
-def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict:
-    """Remove ``prefix`` (e.g. DDP's ``module.``) from every key that has it."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+def strip_prefix(state: Mapping[str, Any], prefix: str, source: str = "checkpoint") -> dict:
+    """Remove ``prefix`` (e.g. DDP's ``module.``) from every key that has it.
+
+    A key held both with and without ``prefix`` is a :class:`CheckpointError`: either entry would
+    silently replace the other."""
+    stripped: dict = {}
+    for key, value in state.items():
+        name = key[len(prefix):] if isinstance(key, str) and key.startswith(prefix) else key
+        if name in stripped:
+            raise CheckpointError(f"{source} holds both {name!r} and {prefix + name!r}: one model's weights under "
+                                  f"two names; keep one of them (a state dict without the {prefix!r} prefix loads)")
+        stripped[name] = value
+    return stripped
 
 
 def sub_state_dict(state: Mapping[str, Any], prefix: str) -> dict:
@@ -208,7 +225,8 @@ def family_mismatch(state: Mapping[str, Any] | Any, needed: str, source: str) ->
         return None
     need = f"{_ARTICLE.get(needed, 'a')} {needed} checkpoint ({_WHERE.get(needed, '--weights')})"
     if found is None:
-        keys = [k for k in (state.get("model", state) if isinstance(state, Mapping) else state)][:3]
+        model = state.get("model") if isinstance(state, Mapping) else None
+        keys = [k for k in (model if isinstance(model, Mapping) else state)][:3]
         sample = f" (its keys start {', '.join(map(repr, keys))})" if keys else " (it holds no weights)"
         return f"{source} is not {need.split(' (')[0]}{sample}; expected {need}"
     loader = f"; {found} checkpoints load with {_LOADERS[found]}" if found in _LOADERS else ""
@@ -229,7 +247,9 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, Any], limit: int = 3
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if not (missing or unexpected or shapes):
+    not_tensors = [f"{k} ({type(state[k]).__name__})" for k in expected
+                   if k in state and not isinstance(state[k], torch.Tensor)]
+    if not (missing or unexpected or shapes or not_tensors):
         return None
 
     def fmt(title, items):
@@ -243,6 +263,8 @@ def describe_mismatch(model: nn.Module, state: Mapping[str, Any], limit: int = 3
         parts.append(fmt("unexpected keys", unexpected))
     if shapes:
         parts.append(fmt("shape mismatches", shapes))
+    if not_tensors:
+        parts.append(fmt("not tensors", not_tensors))
     return "; ".join(parts)
 
 
@@ -304,7 +326,7 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, prefix: str = 
     from an M3 checkpoint.
     """
     checkpoint = read_checkpoint(path, mmap=True)
-    state = state_dict_of(checkpoint)
+    state = state_dict_of(checkpoint, f"checkpoint {path}")
     expected = {prefix + key: None for key in model.state_dict()}
     check_family(state, checkpoint_family(expected) or "", f"checkpoint {path}")
     if prefix:
@@ -321,15 +343,16 @@ def load_clamp3_weights(model: nn.Module, path: str | os.PathLike, missing_messa
     """
     checkpoint = read_checkpoint(path, mmap=True, missing_message=missing_message or missing_weights_message(
         path, repo=CLAMP3_HUB_REPO, settings="CLAMP3_VARIANT / CLAMP3_WEIGHTS_PATH"))
-    state = state_dict_of(checkpoint)
+    state = state_dict_of(checkpoint, f"checkpoint {path}")
     check_family(state, CLAMP3, f"checkpoint {path}")
     load_state(model, state, source=f"checkpoint {path}", config_hint=CLAMP3_CONFIG_HINT)
     return checkpoint
 
 
 def loaded_message(checkpoint: Mapping[str, Any], family: str = "CLaMP 3") -> str:
-    """The reference's line after loading: ``Successfully Loaded CLaMP 3 Checkpoint from Epoch 1 with loss 1.0``."""
-    return (f"Successfully Loaded {family} Checkpoint from Epoch {checkpoint.get('epoch', '?')} "
+    """The reference's line after loading: ``Successfully Loaded CLaMP 3 Checkpoint from Epoch 1 with loss 1.0``
+    (its extract_m3.py names no family: ``family=""`` gives ``Successfully Loaded Checkpoint from ...``)."""
+    return (f"Successfully Loaded {family + ' ' if family else ''}Checkpoint from Epoch {checkpoint.get('epoch', '?')} "
             f"with loss {checkpoint.get('min_eval_loss', '?')}")
 
 

@@ -114,6 +114,12 @@ def _hub_file(repo_id: str, filename: str, *, local_files_only: bool, revision: 
 
     command = download_command(repo_id, filename)
     where = cache_dir or constants.HF_HUB_CACHE
+    # A published file asked of the other published repo (CLaMP 3's weights of sander-wood/clamp2) and not
+    # found there: the repo that publishes it, not a download command that would fail.
+    home = next((repo for repo, files in PUBLISHED_WEIGHTS.items() if repo_id in PUBLISHED_WEIGHTS
+                 and repo != repo_id and filename in files.values()), None)
+    elsewhere = (f"{filename} is published in the Hugging Face repo {home}, not in {repo_id}: pass the hub id {home} "
+                 f"(download: `{download_command(home, filename)}`)") if home else None
     try:
         if not local_files_only:
             try:  # a file cached once is used as is: no network round trip, none needed
@@ -125,6 +131,8 @@ def _hub_file(repo_id: str, filename: str, *, local_files_only: bool, revision: 
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                     local_files_only=local_files_only))
     except LocalEntryNotFoundError:
+        if elsewhere:
+            raise WeightsNotFound(elsewhere) from None
         why = "downloads are off (offline)" if local_files_only else "the hub cannot be reached"
         raise WeightsNotFound(f"{filename} of {repo_id} is not in the Hugging Face cache ({where}) and {why}; "
                               f"download it where there is network with `{command}`") from None
@@ -133,6 +141,8 @@ def _hub_file(repo_id: str, filename: str, *, local_files_only: bool, revision: 
     except RevisionNotFoundError:
         raise WeightsNotFound(f"{repo_id} has no revision {revision!r}") from None
     except EntryNotFoundError:
+        if elsewhere:
+            raise WeightsNotFound(elsewhere) from None
         raise WeightsNotFound(f"the Hugging Face repository {repo_id} has no file {filename}; "
                               "pass the file name that it holds") from None
     except (HfHubHTTPError, OSError) as exc:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from clamp2.attention import set_attention
-from clamp2.checkpoint import load_model_weights, without_random_init
+from clamp2.checkpoint import load_model_weights, loaded_message, without_random_init
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.extraction.core import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
                                     check_extraction_arguments, folders_problem, process_state, run_extraction)
@@ -45,14 +45,15 @@ def parse_args(argv=None):
 
 
 def build_clamp2(cfg, weights: Path, text_model_name: str, device: torch.device):
-    """CLaMP 2 with its weights; the text model is built from its config (the checkpoint holds its weights)."""
+    """CLaMP 2 with its weights, its tokenizer and the checkpoint dict; the text model is built from its config
+    (the checkpoint holds its weights)."""
     check_max_text_length(text_model_name, cfg.MAX_TEXT_LENGTH)
     tokenizer = load_tokenizer(text_model_name)
     with without_random_init():  # the strict load below fills every weight
         model = CLaMP2Model(load_text_model(text_model_name, pretrained=False), M3Dims.from_config(cfg),
                             hidden_size=cfg.CLAMP2_HIDDEN_SIZE)
-    load_model_weights(model, weights)
-    return model.eval().to(device), tokenizer
+    checkpoint = load_model_weights(model, weights)
+    return model.eval().to(device), tokenizer, checkpoint
 
 
 def main(argv=None) -> int:
@@ -65,12 +66,14 @@ def main(argv=None) -> int:
     weights = args.weights or Path(cfg.CLAMP2_WEIGHTS_PATH)
     try:
         state, device = process_state(args.device)
-        model, tokenizer = build_clamp2(cfg, weights, args.text_model or cfg.TEXT_MODEL_NAME, device)
+        model, tokenizer, checkpoint = build_clamp2(cfg, weights, args.text_model or cfg.TEXT_MODEL_NAME, device)
         set_attention(model, args.attention)
         precision = autocast_context(device, args.dtype)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if state.process_index == 0:  # the reference's line (it prints it before the strict load)
+        print(loaded_message(checkpoint, "CLaMP 2"), flush=True)
 
     def forward(states, global_):
         def run(ids, masks):

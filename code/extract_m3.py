@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from clamp2.attention import set_attention
-from clamp2.checkpoint import load_model_weights, without_random_init
+from clamp2.checkpoint import load_model_weights, loaded_message, without_random_init
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.extraction.core import (KindRunner, MusicEncoder, add_common_arguments, autocast_context,
                                     check_extraction_arguments, folders_problem, process_state, run_extraction)
@@ -36,12 +36,13 @@ def parse_args(argv=None):
     return args
 
 
-def build_m3_encoder(cfg, weights: Path, device: torch.device) -> M3PatchEncoder:
-    """The M3 patch encoder, loaded strictly from the ``encoder.*`` entries of an M3 checkpoint."""
+def build_m3_encoder(cfg, weights: Path, device: torch.device):
+    """The M3 patch encoder, loaded strictly from the ``encoder.*`` entries of an M3 checkpoint, and the
+    checkpoint dict."""
     with without_random_init():  # the strict load below fills every weight
         encoder = M3PatchEncoder(M3Dims.from_config(cfg))
-    load_model_weights(encoder, weights, prefix="encoder.")
-    return encoder.eval().to(device)
+    checkpoint = load_model_weights(encoder, weights, prefix="encoder.")
+    return encoder.eval().to(device), checkpoint
 
 
 def main(argv=None) -> int:
@@ -53,12 +54,14 @@ def main(argv=None) -> int:
     cfg = load_script_config(__file__)
     try:
         state, device = process_state(args.device)
-        encoder = build_m3_encoder(cfg, args.weights or Path(cfg.M3_WEIGHTS_PATH), device)
+        encoder, checkpoint = build_m3_encoder(cfg, args.weights or Path(cfg.M3_WEIGHTS_PATH), device)
         set_attention(encoder, args.attention)
         precision = autocast_context(device, args.dtype)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if state.process_index == 0:  # the reference's line (its extract_m3.py names no family)
+        print(loaded_message(checkpoint, ""), flush=True)
 
     def forward(ids, masks):
         with precision:

@@ -431,3 +431,31 @@ def test_explicit_max_text_length_up_to_the_text_model_limit():
     assert model.max_text_length == 18
     with pytest.raises(ValueError, match="MAX_TEXT_LENGTH=19 is more than"):
         CLaMP2.from_pretrained(VECTORS / "tiny_clamp2.pth", text_model=text_dir, max_text_length=19)
+
+
+# M3.from_pretrained names the family of a file that is not M3, as CLaMP2/CLaMP3.from_pretrained do
+# (before: "is not a M3 checkpoint (no entry 'encoder.patch_embedding.weight')" for a CLaMP 3 file).
+def test_m3_from_pretrained_names_the_family_of_another_checkpoint():
+    from clamp2 import M3
+    from clamp2.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"tiny_clamp3.pth is a CLaMP 3 checkpoint; expected an M3 checkpoint "
+                                              r".*CLaMP 3 checkpoints load with clamp2.CLaMP3.from_pretrained"):
+        M3.from_pretrained(DATA_DIR / "vectors_clamp3" / "tiny_clamp3.pth", device="cpu")
+    with pytest.raises(CheckpointError, match=r"tiny_clamp2.pth is a CLaMP 2 checkpoint; expected an M3 checkpoint"):
+        M3.from_pretrained(VECTORS / "tiny_clamp2.pth", device="cpu")
+
+
+# a published file asked of the other published repo names the repo that publishes it, not a download
+# command that would fail (`hf download sander-wood/clamp2 weights_clamp3_saas_...`).
+def test_a_published_file_asked_of_the_other_repo_names_its_repo(tmp_path):
+    from clamp2 import CLaMP2, CLaMP3
+    from clamp2.hub import WeightsNotFound
+
+    hub = fake_hub_cache(tmp_path / "hub", "sander-wood/clamp2", {"other.pth": VECTORS / "tiny_m3.pth"})
+    with pytest.raises(WeightsNotFound, match=r"weights_clamp3_saas_.*is published in the Hugging Face repo "
+                       r"sander-wood/clamp3, not in sander-wood/clamp2: pass the hub id sander-wood/clamp3"):
+        CLaMP3.from_pretrained("sander-wood/clamp2", hub_cache_dir=hub, local_files_only=True)
+    with pytest.raises(WeightsNotFound,
+                       match=r"weights_clamp2_.*is published in the Hugging Face repo sander-wood/clamp2"):
+        CLaMP2.from_pretrained("sander-wood/clamp3", hub_cache_dir=hub, local_files_only=True)

@@ -235,3 +235,36 @@ def test_saved_xlmr_keys_follow_the_published_order_and_load_back(tmp_path):
         "LayerNorm.weight", "LayerNorm.bias")]  # transformers 4's order, as the published files
     assert sorted(keys) == sorted(model.state_dict())
     load_model_weights(model, tmp_path / "w.pth")  # strict, by key
+
+
+# a state dict holding both "k" and "module.k" (the reference's strict load: unexpected key) is refused,
+# never loaded with whichever of the two comes last.
+@pytest.mark.parametrize("extra_first", [False, True])
+def test_a_key_with_and_without_the_ddp_prefix_is_refused(tmp_path, extra_first):
+    src = fresh(0)
+    state = src.state_dict()
+    clash = {"module.encoder.patch_embedding.bias": torch.full_like(state["encoder.patch_embedding.bias"], 7.0)}
+    state = {**clash, **state} if extra_first else {**state, **clash}
+    torch.save({"model": state, "epoch": 1, "min_eval_loss": 1.0}, tmp_path / "both.pth")
+    with pytest.raises(CheckpointError,
+                       match=r"both.pth.*encoder.patch_embedding.bias.*module.encoder.patch_embedding.bias"):
+        load_model_weights(fresh(1), tmp_path / "both.pth")
+
+
+# a published-format dict whose "model" entry is not a state dict (None) is one CheckpointError naming the
+# file, not a TypeError from the family check (the scripts caught neither and printed a traceback).
+@pytest.mark.parametrize("model", [None, "weights", [1, 2]])
+def test_a_model_entry_that_is_not_a_state_dict_is_named(tmp_path, model):
+    torch.save({"model": model, "epoch": 1, "min_eval_loss": 1.0}, tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match=r"none.pth"):
+        load_model_weights(fresh(1), tmp_path / "none.pth")
+
+
+# a state dict entry that is not a tensor is named with the file, not left to torch's multi-line error.
+def test_a_value_that_is_not_a_tensor_is_named(tmp_path):
+    state = fresh(0).state_dict()
+    state["encoder.patch_embedding.bias"] = 3
+    torch.save({"model": state, "epoch": 1, "min_eval_loss": 1.0}, tmp_path / "int.pth")
+    with pytest.raises(CheckpointError, match=r"int.pth does not fit the model: .*not tensors \(1\): "
+                                              r"encoder.patch_embedding.bias \(int\)"):
+        load_model_weights(fresh(1), tmp_path / "int.pth")

@@ -760,3 +760,13 @@ def test_tokenizing_workers_do_not_outlive_a_killed_extraction(tmp_path, signal_
         run.wait()
     alive = processes_left_running(workers, 15)
     assert not alive, f"tokenizing workers {alive} outlived the killed extraction"
+
+
+# the reference's line after loading (sanderwood/clamp2 code/extract_clamp2.py and code/extract_m3.py), on stdout.
+def test_clamp2_and_m3_print_the_reference_loaded_line(tiny_env, vectors, tmp_path, extract_clamp2, extract_m3, capsys):
+    assert extract_clamp2.main(clamp2_args(vectors, vectors / "extract_in" / "txt", tmp_path / "c2")) == 0
+    assert "Successfully Loaded CLaMP 2 Checkpoint from Epoch 1 with loss 1.0\n" in capsys.readouterr().out
+    args = [str(vectors / "extract_in" / "abc"), str(tmp_path / "m3"), "--weights", str(vectors / "tiny_m3.pth"),
+            "--num_workers", "0", "--no_progress"]
+    assert extract_m3.main(args) == 0
+    assert "Successfully Loaded Checkpoint from Epoch 1 with loss 1.0\n" in capsys.readouterr().out

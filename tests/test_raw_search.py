@@ -59,6 +59,8 @@ def test_search_with_a_music_query_and_on_features(tiny_env, raw, tmp_path, caps
     assert extract.main([str(VECTORS / "extract_in" / "abc"), str(features), "--normalize",
                          "--weights", str(VECTORS / "tiny_clamp2.pth"), "--text_model", str(VECTORS / "tiny_text_model"),
                          "--no_progress"]) == 0
+    # The extraction's own line, read here so that the search's output below is the search's alone.
+    assert "Successfully Loaded CLaMP 2 Checkpoint" in capsys.readouterr().out
     search = load_script("semantic_search/clamp2_search.py")
     query = features / "airds_tune3.npy"
     assert search.main([str(query), str(features), "--no_cache", *MODEL]) == 0
