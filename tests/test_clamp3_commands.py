@@ -582,6 +582,59 @@ def test_transparent_image_is_converted_to_rgb_as_the_original(tiny_blip, tmp_pa
     assert len(seen) == 1 and torch.equal(seen[0], as_original)
 
 
+def bomb_png(path: Path, width: int = 20000, height: int = 20000) -> None:
+    """A 60-byte PNG whose header claims width x height pixels: PIL refuses to open it (DecompressionBombError)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_one_failure_not_the_end_of_the_batch(tiny_env, tiny_blip, tmp_path, scripts, capsys):
+    """PIL's DecompressionBombError is not an OSError: one such image stopped caption_images, and clamp3_embd
+    ended in a traceback with no feature written for the good images."""
+    from clamp2.search.captions import caption_images
+
+    (tmp_path / "photos").mkdir()
+    write_image(tmp_path / "photos" / "good.png", 1)
+    bomb_png(tmp_path / "photos" / "huge.png")
+    captions, failed = caption_images([tmp_path / "photos" / "good.png", tmp_path / "photos" / "huge.png"], tiny_blip)
+    assert [c.image.name for c in captions] == ["good.png"]
+    assert len(failed) == 1 and failed[0][0].name == "huge.png" and "decompression bomb" in failed[0][1]
+    model = ["--captioner", tiny_blip, "--cache", tmp_path / "cache", *CLAMP2]
+    code, lines, err = run(scripts["embd"], [tmp_path / "photos", tmp_path / "feats", "--get_global", *model], capsys)
+    assert code == 1 and lines[0] == "Detected input modality: img" and lines[1].startswith('Caption of "good.png": ')
+    assert [line for line in err.splitlines() if line.startswith("failed:")] == \
+        [f"failed: {tmp_path / 'photos' / 'huge.png'}: {failed[0][1]}"]
+    assert sorted(p.name for p in (tmp_path / "feats").iterdir()) == ["good.npy"]
+
+
+def test_empty_caption_is_named_as_the_other_image_failures(tiny_env, tiny_blip, tmp_path, scripts, capsys,
+                                                            monkeypatch):
+    """An empty caption fails as an empty text file does (docs/differences.md); the failure names the image by its
+    path as walked, as an image that cannot be captioned is named, not by its path relative to the folder."""
+    from clamp2.search import captions
+
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    write_image(tmp_path / "photos" / "sub" / "blank.png", 1)
+    (tmp_path / "photos" / "sub" / "broken.png").write_bytes(b"not an image")
+    caption = captions.Captioner.caption
+    monkeypatch.setattr(captions.Captioner, "caption",
+                        lambda self, path: "" if Path(path).name == "blank.png" else caption(self, path))
+    model = ["--captioner", tiny_blip, "--cache", tmp_path / "cache", *CLAMP2]
+    code, lines, err = run(scripts["embd"], [tmp_path / "photos", tmp_path / "feats", "--get_global", *model], capsys)
+    assert code == 1 and lines == ["Detected input modality: img", 'Caption of "sub/blank.png": ']
+    failed = sorted(line for line in err.splitlines() if line.startswith("failed:"))
+    sub = tmp_path / "photos" / "sub"
+    assert len(failed) == 2 and failed[0].startswith(f"failed: {sub / 'blank.png'}: no non-empty line of text")
+    assert failed[1].startswith(f"failed: {sub / 'broken.png'}: cannot caption: cannot identify image file")
+    assert not (tmp_path / "feats").exists() or not any((tmp_path / "feats").rglob("*.npy"))
+
+
 def test_caption_length_follows_the_text_config(tiny_blip, tmp_path):
     import json
     import shutil

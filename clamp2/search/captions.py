@@ -151,6 +151,8 @@ def caption_images(images: Sequence[Path], captioner: str | os.PathLike = BLIP_M
     and the captioner's files, and the model is loaded only when some image is not cached yet.
     Returns the captions and ``(image, reason)`` of the images that could not be captioned.
     """
+    from PIL.Image import DecompressionBombError
+
     from clamp2.progress import progress_bar
 
     folder = captioner_folder(captioner)
@@ -182,7 +184,9 @@ def caption_images(images: Sequence[Path], captioner: str | os.PathLike = BLIP_M
                 model.append(Captioner.from_pretrained(folder, device))
             try:
                 text = model[0].caption(path)
-            except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            # PIL's UnidentifiedImageError is an OSError; its DecompressionBombError (an image whose header
+            # claims more than twice Image.MAX_IMAGE_PIXELS) is neither, and stopped the whole batch
+            except (OSError, ValueError, DecompressionBombError) as exc:
                 failures.append((path, f"cannot caption: {' '.join(str(exc).split())}"))
                 continue
             captions.append(Caption(path, text, False))

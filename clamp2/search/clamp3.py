@@ -270,7 +270,9 @@ class ModelFamily:
                 if texts else None
             images = {_caption_path(temp, c.image, base): c.image for c in captions}
             side = _side_of(root, "img", encoded, normalize, rename=lambda item: images[Path(item)].relative_to(base))
-        side.failures = [(str(path), reason) for path, reason in failed] + side.failures
+        # every image failure by the image's path as walked, as the caption failures and other modalities' are
+        side.failures = [(str(path), reason) for path, reason in failed] + \
+            [(os.fspath(base / name), reason) for name, reason in side.failures]
         side.captions = [(c.image.relative_to(base).as_posix(), c.text) for c in captions]
         return side
 
