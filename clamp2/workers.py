@@ -9,8 +9,10 @@ comes, or on a pipe full of results nobody reads, holding memory and a slot unti
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+from typing import List
 
 
 def exit_with_parent(*_worker_id: int) -> None:
@@ -23,3 +25,17 @@ def exit_with_parent(*_worker_id: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def ending_with_this_process(command: List[str]) -> List[str]:
+    """``command`` (a program and its arguments, the program a path) made to get SIGTERM when this process dies.
+
+    On Linux it starts through a small Python launcher that sets PR_SET_PDEATHSIG, which survives the exec
+    (and exits at once if this process is already gone); torchrun ends its workers on the SIGTERM it gets.
+    Elsewhere the command is returned as it is.
+    """
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    launcher = ("import ctypes, os, signal, sys; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
+                "os.getppid() == int(sys.argv[1]) or sys.exit(143); os.execv(sys.argv[2], sys.argv[2:])")
+    return [sys.executable, "-c", launcher, str(os.getpid())] + list(command)

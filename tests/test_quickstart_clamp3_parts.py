@@ -366,3 +366,39 @@ def test_each_retrieval_row_has_the_chance_of_its_own_candidates(tmp_path, monke
     text = (tmp_path / "report.md").read_text()
     assert "| text→ABC | 0.500 | 0.259 | 1.9× |" in text and "| text→audio | 0.500 | 0.275 | 1.8× |" in text
 
+
+def test_render_pools_end_with_a_killed_quickstart(tmp_path, monkeypatch):
+    """The corpus and audio steps' worker pools exit once the quick start is gone (SIGKILL, SIGTERM): without
+    the exit_with_parent initializer they stayed, idle and reparented, after the re-run ended."""
+    from clamp2.workers import exit_with_parent
+
+    made = []
+
+    class Recording(_InlinePool):
+        def __init__(self, max_workers=None, **kwargs):
+            made.append(kwargs.get("initializer"))
+            super().__init__(max_workers)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Recording)
+    run = Quickstart3(tmp_path, Clamp3Settings.tiny(), progress=False)
+    (run.data / "midi" / "train").mkdir(parents=True)
+    (run.data / "midi" / "train" / "jig_a.mid").write_bytes(b"MThd")
+    monkeypatch.setattr(pipeline, "_render_one", lambda job: None)
+    run.step_audio()
+    dc._RenderAhead(tmp_path, 2)
+    assert made == [exit_with_parent, exit_with_parent]
+
+
+def test_audio_step_removes_the_temporary_file_of_a_killed_render(tmp_path, monkeypatch):
+    from clamp2.files import _temporary_name
+
+    run = Quickstart3(tmp_path, Clamp3Settings.tiny(), progress=False)
+    (run.data / "midi" / "train").mkdir(parents=True)
+    (run.data / "midi" / "train" / "jig_a.mid").write_bytes(b"MThd")
+    (run.data / "audio" / "train").mkdir(parents=True)
+    left = run.data / "audio" / "train" / _temporary_name("jig_a.wav")  # a render killed mid-write
+    left.write_bytes(b"RIFF")
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _InlinePool)
+    monkeypatch.setattr(pipeline, "_render_one", lambda job: None)
+    run.step_audio()
+    assert not left.exists()

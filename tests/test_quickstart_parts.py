@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import load_script
+from conftest import load_script, processes_left_running
 
 from clamp2.quickstart import pipeline, report
 from clamp2.quickstart import demo_corpus as dc
@@ -380,3 +381,50 @@ def test_corpus_files_keep_finished_ones_and_redo_empty_ones(tmp_path):
     assert written == [tmp_path / "abc" / f"{name}.abc" for name in names]
     assert written[0].read_text() == "kept\n"
     assert "\n[V:1]" in written[1].read_text()  # interleaved ABC
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_training_processes_end_with_a_killed_quickstart(tmp_path, nproc):
+    """A quick start killed during a torchrun step (SIGKILL, or SIGTERM: Python then runs no cleanup) takes the
+    training with it; left running, it would train on beside the re-run's own training (epochs logged twice)."""
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, pathlib, sys, time\n"
+                      f"pathlib.Path({str(tmp_path)!r}, 'pid_' + os.environ.get('RANK', '0'))"
+                      ".write_text(str(os.getpid()))\n"
+                      "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", "from clamp2.quickstart.pipeline import run_distributed; "
+                               f"run_distributed({str(script)!r}, [], {nproc}, {{}})"])
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("pid_*"))) < nproc and time.time() < deadline:
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in tmp_path.glob("pid_*")]
+    assert len(pids) == nproc
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    assert not processes_left_running(pids, 30)
+
+
+def test_report_says_how_to_rerun_extraction_with_the_small_models_sizes(tmp_path):
+    """code/extract_clamp2.py / extract_clamp3.py read the sizes from config.py: the README's command fails on the
+    quick start's small models unless the report gives the overrides the quick start used."""
+    import shlex
+
+    run = Quickstart(tmp_path / "out dir", Settings.tiny(), progress=False)
+    text = report.report_text(run, {}, {}, tmp_path / "none.png")
+    line = next(l for l in text.splitlines() if "code/extract_clamp2.py" in l and l.startswith("PATCH_LENGTH="))
+    words = shlex.split(line)
+    env = dict(w.split("=", 1) for w in words[:words.index("python")])
+    assert env == {k: run.model_env()[k] for k in env} and {"PATCH_LENGTH", "M3_HIDDEN_SIZE", "CLAMP2_HIDDEN_SIZE",
+                                                           "PATCH_NUM_LAYERS", "TOKEN_NUM_LAYERS"} <= set(env)
+    assert words[words.index("--weights") + 1] == str(run.evaluated_weights)
+    assert words[words.index("--text_model") + 1] == run.text_model and str(run.data / "abc" / "test") in words
+    run3 = Quickstart3(tmp_path / "three", Clamp3Settings.tiny(), progress=False)
+    report.write_report_clamp3(run3)
+    line = next(l for l in (run3.out / "report.md").read_text().splitlines() if "code/extract_clamp3.py" in l
+                and l.startswith("PATCH_LENGTH="))
+    assert "AUDIO_HIDDEN_SIZE=64" in line and "CLAMP3_HIDDEN_SIZE=64" in line and "--get_global" in line

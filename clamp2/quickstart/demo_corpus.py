@@ -384,7 +384,10 @@ class _RenderAhead:
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(max_workers=workers)
+            from ..workers import exit_with_parent
+
+            # exit_with_parent: a quick start killed by SIGKILL (or SIGTERM) must not leave idle workers behind
+            self.pool = ProcessPoolExecutor(max_workers=workers, initializer=exit_with_parent)
         self.futures: Dict[str, object] = {}
 
     def submit(self, pieces: Sequence[Piece]) -> None:

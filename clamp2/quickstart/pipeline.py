@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ..workers import ending_with_this_process
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Held-out text→music chance level for N candidates: E[1/rank] for a uniformly random rank.
@@ -150,7 +152,8 @@ def run_distributed(relative: str, args: List[str], nproc: int, env: Dict[str, s
                    f"--master_port={free_port()}", str(REPO / relative)]
     else:
         command = [sys.executable, str(REPO / relative)]
-    status = subprocess.run(command + [str(a) for a in args], env=environ).returncode
+    # Left running after a kill, the training would go on beside a re-run's own, on the same weights and log.
+    status = subprocess.run(ending_with_this_process(command + [str(a) for a in args]), env=environ).returncode
     if status != 0:
         raise StepFailed(f"{relative} exited with status {status} (see its messages above)")
 
@@ -630,7 +633,8 @@ class Quickstart3(Quickstart):
         """Each piece's MIDI → mono 24 kHz WAV of its first ``audio_seconds``, on its collection's instrument."""
         from concurrent.futures import ProcessPoolExecutor
 
-        from ..files import finished_output
+        from ..workers import exit_with_parent
+        from ..files import finished_output, remove_partial_files_of
         from ..progress import progress_bar
         from .demo_corpus import INSTRUMENTS
 
@@ -638,12 +642,13 @@ class Quickstart3(Quickstart):
         for split in ("train", "test"):
             for midi in sorted((self.data / "midi" / split).glob("*.mid")):
                 wav = self.data / "audio" / split / f"{midi.stem}.wav"
+                remove_partial_files_of([wav])  # a render killed mid-write (the run killed) left its temporary file
                 if not finished_output(wav):
                     jobs.append((str(midi), str(wav), self.s.audio_seconds, INSTRUMENTS[midi.stem.split("_", 1)[0]][0]))
         workers = min(len(jobs), os.cpu_count() or 1)
         failures = []
         bar = progress_bar(total=len(jobs), desc="audio", unit="piece", enabled=self.progress)
-        with ProcessPoolExecutor(max(1, workers)) as pool:
+        with ProcessPoolExecutor(max(1, workers), initializer=exit_with_parent) as pool:  # none left if killed
             for problem in pool.map(_render_one, jobs, chunksize=8):
                 bar.update(1)
                 if problem:

@@ -146,6 +146,25 @@ def plot_feature_map(folders: Dict[str, Path], path: Path, title: str = "CLaMP 2
     return True
 
 
+SIZE_NAMES = ("PATCH_LENGTH", "PATCH_NUM_LAYERS", "TOKEN_NUM_LAYERS", "M3_HIDDEN_SIZE", "CLAMP2_HIDDEN_SIZE",
+              "MAX_TEXT_LENGTH", "CLAMP3_HIDDEN_SIZE", "AUDIO_HIDDEN_SIZE", "AUDIO_NUM_LAYERS", "MAX_AUDIO_LENGTH")
+
+
+def _by_hand(run, script: str, source: str, target: str, flag: str) -> List[str]:
+    """How to re-run the extraction by hand: the scripts read the model's sizes from config.py, so the small
+    models trained here need the quick start's overrides (without them the checkpoint does not load)."""
+    import shlex
+
+    env = {} if run.s.weights else run.model_env()
+    sizes = " ".join(f"{k}={env[k]}" for k in SIZE_NAMES if k in env)
+    command = " ".join(shlex.quote(str(a)) for a in ["python", script, run.data / source, run.out / "by_hand" / target,
+                                                      flag, "--weights", run.evaluated_weights,
+                                                      "--text_model", run.text_model])
+    return ["To re-run a number by hand, run the scripts from the repository folder with the model's sizes as "
+            "environment overrides (code/config.py's defaults are the published sizes), e.g.:", "", "```bash",
+            (sizes + " " if sizes else "") + command, "```", ""]
+
+
 def write_report(run) -> None:
     """Plots and ``report.md`` for a finished :class:`clamp2.quickstart.pipeline.Quickstart` run."""
     out = run.out
@@ -225,6 +244,7 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
     lines += [f"Music from music21's corpus: {s.per_collection} pieces from each of six collections, "
               f"{n} held out (never seen in training). Model: {trained}. Every number below comes from "
               "the project's own scripts, run on the held-out pieces.", ""]
+    lines += _by_hand(run, "code/extract_clamp2.py", "abc/test", "abc_test", "--normalize")
     lines += _retrieval_table(m, n, chance)
     lines += ["", "*text→music*: an English description written from the piece's metadata (title, collection, "
               "key, meter, voices, range) finds the piece's interleaved ABC (or MTF). *other-language*: the same "
@@ -312,6 +332,7 @@ def write_report_clamp3(run) -> None:
               + "). Evaluated with the audio stage's last epoch "
               f"(`{run.evaluated_weights.relative_to(run.out).as_posix()}`). Every number below comes from the "
               "project's own scripts, run on the held-out pieces.", ""]
+    lines += _by_hand(run, "code/extract_clamp3.py", "mert/test", "audio_test", "--get_global")
     lines += _retrieval_table(m, n, chance)
     lines += ["", "*text→*: an English description written from the piece's metadata (title, collection, key, meter, "
               "voices, range) finds the piece's interleaved ABC, or its audio. *ABC→audio*, *MTF→audio*: a piece's "
