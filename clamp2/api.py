@@ -252,6 +252,14 @@ class _Extractor:
             cache = FeatureCache(cache)
         self.cache = cache or None
         self._namespaces: Dict[tuple, Any] = {}
+        # The weights' hash is taken now, next to the loading: weights replaced later (a training run
+        # saving to the same path) must not name the namespace of features this model computes.
+        self._weights_sha256 = self._weights_hash() if self.cache is not None else None
+
+    def _weights_hash(self) -> str:
+        from .cache import weights_fingerprint
+
+        return weights_fingerprint(self.weights_path, self.cache.root)
 
     def _precision(self):
         from .extraction.core import autocast_context
@@ -272,12 +280,14 @@ class _Extractor:
         raise NotImplementedError
 
     def _cache_namespace(self, per_position: bool):
-        from .cache import code_fingerprint, weights_fingerprint
+        from .cache import code_fingerprint
         from .extraction.model_inputs import CONVERTER_SETTINGS
 
         identity = (str(self.cache.root), per_position)
         if identity not in self._namespaces:
-            settings = {"model": self.model_kind, "weights_sha256": weights_fingerprint(self.weights_path, self.cache.root),
+            if self._weights_sha256 is None:  # the cache was set after construction
+                self._weights_sha256 = self._weights_hash()
+            settings = {"model": self.model_kind, "weights_sha256": self._weights_sha256,
                         "per_position": per_position, "dtype": self.dtype, "converters": CONVERTER_SETTINGS,
                         "versions": _package_versions(), "code_sha256": code_fingerprint(),
                         **self._settings(per_position)}

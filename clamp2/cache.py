@@ -12,11 +12,12 @@ invalidated by hand (CLaMP 3's cache, keyed by file name, silently serves stale 
 Layout under the cache folder (default: the user cache folder, ``~/.cache/clamp2`` on Linux)::
 
     features/<namespace>/settings.json           what the namespace holds (for ``info``)
-    features/<namespace>/<key[:2]>/<key>.npy     one feature, as extraction saves it
+    features/<namespace>/<key[:2]>/<key>.npy     one feature, as extraction saves it, then the sha256 of those bytes
     weights/<path, size and mtime hash>.sha256   memoized weights hashes (a 3 GB file is hashed once)
 
 Every write is a temporary file and a rename, so several processes can fill one cache at once;
-an unreadable entry is treated as missing and rewritten.
+an unreadable entry, or one whose bytes do not match the sha256 that ends it, is treated as missing
+and rewritten.
 
     clamp2-cache info [--cache DIR]      python -m clamp2.cache info
     clamp2-cache clear [--cache DIR]     python -m clamp2.cache clear
@@ -35,13 +36,15 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from .files import atomic_path, atomic_write_text
 
-FEATURE_FORMAT = 1
+# 2: each entry ends with the sha256 of its .npy bytes (a damaged entry is encoded again, never served).
+FEATURE_FORMAT = 2
 APP_NAME = "clamp2"
 # The package's modules between a file's bytes and its feature: conversion, model inputs, models, weights loading.
 FEATURE_CODE = ("convert/abc.py", "convert/abc_repair.py", "convert/mtf.py", "extraction/*.py", "models/*.py",
                 "patchilizer.py", "text_model.py", "attention.py", "checkpoint.py")
 
 _weights_hashes: Dict[tuple, str] = {}
+_DIGEST_SIZE = 32  # the sha256 at the end of each entry
 
 
 def default_cache_dir() -> Path:
@@ -79,10 +82,12 @@ def source_fingerprint(package: Path) -> str:
 
 
 def weights_fingerprint(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
-    """sha256 of a weights file, memoized by (real path, size, mtime) in memory and under ``cache_dir``."""
+    """sha256 of a weights file, memoized by (real path, size, mtime, change time, inode) in memory and
+    under ``cache_dir``: other weights copied over the file with the same size and modification time
+    (``cp -p``, ``os.utime``) still have another change time or inode, so they are hashed again."""
     real = os.path.realpath(path)
     stat = os.stat(real)
-    identity = (real, stat.st_size, stat.st_mtime_ns)
+    identity = (real, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     if identity in _weights_hashes:
         return _weights_hashes[identity]
     memo = None
@@ -156,22 +161,38 @@ class CacheNamespace:
         return self.folder / key[:2] / f"{key}.npy"
 
     def get(self, key: str):
-        """The cached feature, or None (absent, or unreadable: it will be rewritten)."""
+        """The cached feature, or None (absent, unreadable, or its bytes do not match their sha256:
+        it will be rewritten)."""
+        import io
+
         import numpy as np
 
         try:
-            return np.load(self.path(key), allow_pickle=False)
+            data = self.path(key).read_bytes()
+        except OSError:
+            return None
+        body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
+        if len(data) <= _DIGEST_SIZE or hashlib.sha256(body).digest() != digest:
+            return None
+        try:
+            return np.load(io.BytesIO(body), allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
 
     def put(self, key: str, feature) -> None:
+        """Store ``feature``: its ``.npy`` bytes followed by their sha256."""
+        import io
+
         import numpy as np
 
         if not self._described:
             self._describe()
+        buffer = io.BytesIO()
+        np.save(buffer, feature)
+        body = buffer.getvalue()
         with atomic_path(self.path(key)) as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, feature)
+                f.write(body + hashlib.sha256(body).digest())
 
     def _describe(self) -> None:
         target = self.folder / "settings.json"

@@ -227,3 +227,77 @@ def test_an_abc_entry_is_keyed_on_the_format_it_is_read_as(music, tmp_path):
     np.testing.assert_array_equal(np.concatenate([run.features for run in forced]), first.features)
     misread = model.encode_files([standard], progress=False, abc_format="interleaved")
     assert (misread.computed, misread.cached) == (1, 0)
+
+
+def _other_weights_same_size(source, target):
+    """``source`` with music_proj.bias + 1 written in place of its bytes (torch's zip stores tensors as
+    they are): other weights of exactly the same size."""
+    import torch
+
+    data = bytearray(Path(source).read_bytes())
+    bias = torch.load(source, weights_only=True)["model"]["music_proj.bias"].numpy()
+    at = data.find(bias.tobytes())
+    assert at > 0 and data.find(bias.tobytes(), at + 1) < 0
+    data[at:at + bias.nbytes] = (bias + 1).astype(bias.dtype).tobytes()
+    Path(target).write_bytes(bytes(data))
+
+
+def test_other_weights_with_the_same_size_and_mtime_have_their_own_entries(music, tmp_path):
+    # Weights copied over the file with the same size and modification time (cp -p, rsync -t, os.utime)
+    # were given the old weights' memoized hash, in the process and on disk: the old features were served.
+    import os
+
+    from clamp2 import cache as cache_module
+
+    weights = tmp_path / "w.pth"
+    shutil.copy(VECTORS / "tiny_clamp2.pth", weights)
+    first = tiny_model(tmp_path / "cache", weights=weights).encode_folder(music, progress=False)
+    before = os.stat(weights)
+    _other_weights_same_size(VECTORS / "tiny_clamp2.pth", weights)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(weights).st_size == before.st_size
+    fresh = tiny_model(None, weights=weights).encode_folder(music, progress=False)
+    assert not np.array_equal(fresh.features, first.features)
+    again = tiny_model(tmp_path / "cache", weights=weights).encode_folder(music, progress=False)
+    assert again.computed == 4
+    np.testing.assert_array_equal(again.features, fresh.features)
+    cache_module._weights_hashes.clear()  # a new process: the memo on disk answers
+    _other_weights_same_size(weights, weights)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    third = tiny_model(tmp_path / "cache", weights=weights).encode_folder(music, progress=False)
+    assert third.computed == 4
+    fresh = tiny_model(None, weights=weights).encode_folder(music, progress=False)
+    np.testing.assert_array_equal(third.features, fresh.features)
+
+
+def test_weights_replaced_after_loading_do_not_name_the_features_of_the_loaded_ones(music, tmp_path):
+    # The hash was taken at the first encode: weights saved over the file after loading (a training run)
+    # named the namespace of features the old model computed, served to every later run of the new weights.
+    weights = tmp_path / "w.pth"
+    shutil.copy(VECTORS / "tiny_clamp2.pth", weights)
+    loaded = tiny_model(tmp_path / "cache", weights=weights)
+    _other_weights_same_size(VECTORS / "tiny_clamp2.pth", tmp_path / "next.pth")
+    (tmp_path / "next.pth").replace(weights)
+    loaded.encode_folder(music, progress=False)
+    later = tiny_model(tmp_path / "cache", weights=weights).encode_folder(music, progress=False)
+    assert later.computed == 4
+    np.testing.assert_array_equal(later.features,
+                                  tiny_model(None, weights=weights).encode_folder(music, progress=False).features)
+
+
+def test_a_damaged_entry_is_encoded_again_never_served(music, tmp_path):
+    # An entry whose data bytes were damaged (one flipped byte: a value of 2e36), or a readable .npy of
+    # another shape (encode_folder raised "all input arrays must have the same shape"), is not served:
+    # each entry ends with the sha256 of its bytes.
+    model = tiny_model(tmp_path / "cache")
+    first = model.encode_folder(music, progress=False)
+    entries = sorted((tmp_path / "cache" / "features").rglob("*/*.npy"))
+    assert len(entries) == 4
+    data = bytearray(entries[0].read_bytes())
+    data[-40] ^= 0x40  # in the feature's values
+    entries[0].write_bytes(bytes(data))
+    np.save(entries[1], np.zeros((1, 5), np.float32))
+    again = model.encode_folder(music, progress=False)
+    assert (again.computed, again.cached) == (2, 2)
+    np.testing.assert_allclose(again.features, first.features, atol=1e-6)
+    assert (model.encode_folder(music, progress=False).cached, len(entries)) == (4, 4)

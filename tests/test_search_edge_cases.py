@@ -150,6 +150,153 @@ def test_a_fixed_bad_file_is_read_again_by_the_index(tmp_path):
     assert open_index(index).keys == ["a", "b"]
 
 
+def _fresh_and_updated(folder, index, tmp_path):
+    """(updated index, fresh build) of ``folder`` as (names, matrix, skipped names)."""
+    import shutil
+
+    from clamp2.search.feature_store import build_index, open_index
+
+    def view(path, update):
+        features = open_index(path)
+        return features.names, np.asarray(features.matrix).tolist(), [s.path.rsplit("/", 1)[1] for s in update.skipped]
+
+    updated = view(index, build_index(folder, index, progress=False))
+    shutil.rmtree(tmp_path / "fresh", ignore_errors=True)
+    return updated, view(tmp_path / "fresh", build_index(folder, tmp_path / "fresh", progress=False))
+
+
+def test_a_file_rewritten_with_the_same_size_and_mtime_is_read_again_by_the_index(tmp_path):
+    """Other values of the same size under the same modification time (``cp -p``, ``os.utime``, a rename
+    over a file written in the same clock tick) are a change: the index compares the change time and inode
+    too, so it never keeps the old row."""
+    import os
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    _save(folder / "a.npy", np.ones((1, 4), np.float32))
+    _save(folder / "b.npy", np.full((1, 4), 2, np.float32))
+    _save(folder / "c.npy", np.full((1, 4), 3, np.float32))
+    _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    before = os.stat(folder / "a.npy")
+    _save(folder / "a.npy", np.arange(1, 5, dtype=np.float32)[None])
+    os.utime(folder / "a.npy", ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.utime(folder / "c.npy", ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.utime(folder / "b.npy", ns=(before.st_atime_ns, before.st_mtime_ns))
+    _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    os.replace(folder / "c.npy", folder / "b.npy")  # same size, same mtime: b now holds c's values
+    updated, fresh = _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    assert updated == fresh
+    assert updated[1] == [[1, 2, 3, 4], [3, 3, 3, 3]]
+
+
+def test_an_index_update_finds_the_dimension_a_fresh_build_finds(tmp_path):
+    """The dimension is the one most usable files have, counting the rows kept from the old index: an
+    update does not keep the old dimension once most files have another (a fresh build, and the search
+    tools reading the folder, would use the other)."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    _save(folder / "a.npy", np.ones((1, 8), np.float32))
+    _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    for name in "bcd":
+        _save(folder / f"{name}.npy", np.ones((1, 4), np.float32))
+    updated, fresh = _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    assert updated == fresh and updated[0] == ["b.npy", "c.npy", "d.npy"] and updated[2] == ["a.npy"]
+
+
+def test_a_file_skipped_for_its_dimension_is_read_again_when_the_others_change(tmp_path):
+    """'dimension 4 differs from the 8 of the other features' depends on the other files: once those are
+    deleted the file is usable, not remembered as unusable (the update raised 'none of its .npy files is
+    usable'). An unchanged folder still writes nothing."""
+    import os
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    _save(folder / "a.npy", np.ones((1, 8), np.float32))
+    _save(folder / "b.npy", np.ones((1, 8), np.float32))
+    _save(folder / "c.npy", np.ones((1, 4), np.float32))
+    updated, _ = _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    assert updated[2] == ["c.npy"]
+    files = sorted(os.listdir(tmp_path / "i"))
+    updated, _ = _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    assert updated[2] == ["c.npy"] and sorted(os.listdir(tmp_path / "i")) == files
+    (folder / "a.npy").unlink()
+    (folder / "b.npy").unlink()
+    updated, fresh = _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    assert updated == fresh and updated[0] == ["c.npy"]
+
+
+def test_unusable_files_play_no_part_in_the_choice_of_dimension(tmp_path):
+    """A tie between dimensions goes to the one whose first usable file comes first: an unusable file
+    (NaN) that an update does not read again cannot tip it, so the update equals a fresh build."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    _save(folder / "b.npy", np.ones((1, 8), np.float32))
+    _save(folder / "c.npy", np.full((1, 8), np.nan, np.float32))
+    _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    _save(folder / "a.npy", np.ones((1, 4), np.float32))
+    updated, fresh = _fresh_and_updated(folder, tmp_path / "i", tmp_path)
+    assert updated == fresh and updated[0] == ["a.npy"]
+
+
+def test_the_record_of_a_deleted_unusable_file_is_dropped(tmp_path):
+    """skipped.<gen>.tsv of an update equals a fresh build's: a deleted unusable file leaves no record."""
+    import json
+
+    folder, index = tmp_path / "f", tmp_path / "i"
+    folder.mkdir()
+    _save(folder / "a.npy", np.ones((1, 4), np.float32))
+    (folder / "b.npy").write_bytes(b"not numpy")
+    _fresh_and_updated(folder, index, tmp_path)
+    (folder / "b.npy").unlink()
+    _fresh_and_updated(folder, index, tmp_path)
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert (index / manifest["skipped"]).read_text() == ""
+
+
+def test_a_header_that_breaks_the_tokenizer_is_an_unusable_file(tmp_path):
+    """A damaged header on which NumPy's header parser raises tokenize.TokenError (not a ValueError) is
+    skipped with its reason, not a traceback of every search tool."""
+    import io
+
+    from clamp2.search.feature_store import FeatureError, read_features, read_query
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones((1, 4), np.float32))
+    data = bytearray(buffer.getvalue())
+    data[10] ^= 0xFF  # the header's "{"
+    (tmp_path / "bad.npy").write_bytes(bytes(data))
+    _save(tmp_path / "good.npy", np.ones((1, 4), np.float32))
+    features = read_features(tmp_path, progress=False)
+    assert features.keys == ["good"] and features.skipped[0].reason.startswith("unreadable .npy header")
+    with pytest.raises(FeatureError, match="unreadable .npy header"):
+        read_query(tmp_path / "bad.npy")
+
+
+def test_a_reader_opens_the_next_generation_when_a_builder_deletes_the_one_it_read(tmp_path, monkeypatch):
+    """A reader that read the manifest just before a builder switched it and deleted the old generation
+    opens the new generation (it reported a damaged index and said to rebuild it)."""
+    from clamp2.search import feature_store
+    from clamp2.search.feature_store import build_index, open_index
+
+    folder, index = tmp_path / "f", tmp_path / "i"
+    folder.mkdir()
+    _save(folder / "a.npy", np.ones((1, 4), np.float32))
+    build_index(folder, index, progress=False)
+    _save(folder / "b.npy", np.full((1, 4), 2, np.float32))
+    original = np.load
+    raced = []
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith("norms.1.npy") and not raced:
+            raced.append(path)
+            build_index(folder, index, progress=False)  # another process finishes an update now
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(feature_store.np, "load", load)
+    features = open_index(index)
+    assert raced and features.names == ["a.npy", "b.npy"] and len(features.norms) == 2
+
+
 def test_read_tree_keys_are_file_names(tmp_path):
     """read_tree keys are file names up to the first dot, not relative paths (its documented contract)."""
     from clamp2.search.feature_store import read_tree

@@ -13,12 +13,12 @@ collection of 10^6 features opens instantly and is searched without loading it::
     INDEX_DIR/vectors.<gen>.npy    float32 [count, dim], rows in sorted file-name order
     INDEX_DIR/norms.<gen>.npy      float64 [count], the L2 norm of each row
     INDEX_DIR/keys.<gen>.txt       one key per row
-    INDEX_DIR/files.<gen>.tsv      name, size, mtime_ns per row (what a re-run compares)
-    INDEX_DIR/skipped.<gen>.tsv    name, size, mtime_ns, reason of each unusable file
+    INDEX_DIR/files.<gen>.tsv      name, size, mtime_ns, ctime_ns, inode per row (what a re-run compares)
+    INDEX_DIR/skipped.<gen>.tsv    name, size, mtime_ns, ctime_ns, inode, reason of each unusable file
 
-A re-run reads only new or changed files (size or modification time differs), drops rows of deleted
-files, writes the next generation and switches ``manifest.json`` atomically, so a reader never sees
-a half-written index.
+A re-run reads only new or changed files (size, modification time, change time or inode differs),
+drops rows of deleted files, writes the next generation and switches ``manifest.json`` atomically, so
+a reader never sees a half-written index.
 
 A file that cannot be used (unreadable, not ``[1, D]``, another dimension than most of the first
 1,000 usable files, NaN/inf, an all-zero vector) is skipped and reported with its reason; it never becomes a
@@ -31,6 +31,7 @@ import contextlib
 import io
 import json
 import os
+import tokenize
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ NPY_SUFFIX = ".npy"
 INDEX_FORMAT = "clamp2-feature-index"
 INDEX_VERSION = 1
 MANIFEST = "manifest.json"
+# Tries to open an index whose generation a builder switches meanwhile.
+OPEN_ATTEMPTS = 5
 # Below this norm torch.cosine_similarity clamps the norm (eps=1e-8), so the "cosine" it returns is
 # not a cosine; above the upper bound the float32 sum of squares nears its overflow (norm ~1.8e19, where
 # the reference's torch cosine turns to 0 or NaN); below it the reference's cosine is exact.
@@ -57,6 +60,9 @@ PROGRESS_MIN_ITEMS = 50_000
 DIMENSION_SAMPLE = 1000
 # Files are read by this many threads, each taking this many files at a time.
 READ_THREADS, READ_SLICE = 8, 256
+# The reason of a file skipped for its dimension: it depends on the other files, so an update that reads
+# any file reads it again.
+DIMENSION_REASON = "dimension "
 _FIRST_READ = 1 << 16
 _MAGIC = b"\x93NUMPY"
 
@@ -193,7 +199,7 @@ def _parse_header(header: bytes, header_len: int):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-    except (ValueError, SyntaxError, UnicodeDecodeError) as error:
+    except (ValueError, SyntaxError, UnicodeDecodeError, tokenize.TokenError) as error:
         return f"unreadable .npy header ({' '.join(str(error).split())})"
     if dtype.hasobject or dtype.kind != "f":
         return f"dtype {dtype}: features must be floating-point"
@@ -259,6 +265,7 @@ def _stream_rows(folder: Path, names: list[str], *, dim: Optional[int] = None,
     reader = NpyRowReader()
     paths = [os.path.join(os.fspath(folder), name) for name in names]  # str paths: pathlib costs at 10^5 files
     early: dict[int, np.ndarray | str] = {}  # rows read to find the dimension, used once more below
+    sample: list[np.ndarray | str] = []  # the rows (read or reused) the dimension is found from, in name order
     pool = ThreadPoolExecutor(READ_THREADS) if len(names) > READ_SLICE else None
 
     def read(i: int) -> np.ndarray | str:
@@ -279,10 +286,13 @@ def _stream_rows(folder: Path, names: list[str], *, dim: Optional[int] = None,
     try:
         if dim is None:
             for first in range(0, len(names), DIMENSION_SAMPLE):
-                fresh = [i for i in range(first, min(first + DIMENSION_SAMPLE, len(names)))
-                         if reuse is None or reuse(i) is None]
+                chunk = range(first, min(first + DIMENSION_SAMPLE, len(names)))
+                reused = {i: reuse(i) for i in chunk} if reuse is not None else {}
+                fresh = [i for i in chunk if reused.get(i) is None]
                 early.update(zip(fresh, read_many(fresh)))
-                dim = _common_dimension([r for r in early.values() if not isinstance(r, str)])
+                # Rows kept from an index count as if read again: an update finds the dimension a fresh build finds.
+                sample.extend(early[i] if reused.get(i) is None else reused[i] for i in chunk)
+                dim = _common_dimension([r for r in sample if not isinstance(r, str)])
                 if dim is not None:
                     break
         yield from _checked_blocks(names, paths, dim, reuse, read_many, skipped, progress, desc)
@@ -313,7 +323,7 @@ def _checked_blocks(names: list[str], paths: list[str], dim: Optional[int],
                 elif dim is None:  # no file has a cosine: say why for each
                     skipped.append(SkippedFile(paths[i], check_rows(np.asarray(row, dtype=np.float32)[None])[1][0]))
                 elif row.shape[0] != dim:
-                    skipped.append(SkippedFile(paths[i], f"dimension {row.shape[0]} differs from the {dim} "
+                    skipped.append(SkippedFile(paths[i], f"{DIMENSION_REASON}{row.shape[0]} differs from the {dim} "
                                                          f"of the other features"))
                 else:
                     rows.append(row)
@@ -339,15 +349,18 @@ def _checked_blocks(names: list[str], paths: list[str], dim: Optional[int],
 
 
 def _common_dimension(rows: list[np.ndarray]) -> Optional[int]:
-    """The dimension most of these rows have, counting only rows with a cosine (ties: the first seen)."""
+    """The dimension most of these rows have, counting only rows with a cosine (ties: the one whose first
+    such row comes first; rows without a cosine play no part, so an update that does not read the
+    unusable files again finds the dimension a fresh build finds)."""
     counts: dict[int, int] = {}
-    for row in rows:
-        counts.setdefault(row.shape[0], 0)
-    for dim in counts:
-        group = np.stack([np.asarray(r, dtype=np.float32) for r in rows if r.shape[0] == dim])
-        counts[dim] = len(group) - len(check_rows(group)[1])
-    best = max(counts, key=counts.__getitem__) if counts else None
-    return best if best is not None and counts[best] > 0 else None
+    first: dict[int, int] = {}
+    for dim in dict.fromkeys(row.shape[0] for row in rows):
+        at = [i for i, r in enumerate(rows) if r.shape[0] == dim]
+        _, bad = check_rows(np.stack([np.asarray(rows[i], dtype=np.float32) for i in at]))
+        usable = [i for j, i in enumerate(at) if j not in bad]
+        if usable:
+            counts[dim], first[dim] = len(usable), usable[0]
+    return max(counts, key=lambda dim: (counts[dim], -first[dim])) if counts else None
 
 
 def read_folder(folder: str | os.PathLike, *, sort: bool = True, progress: bool = True) -> FeatureSet:
@@ -474,16 +487,25 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _open_index(index_dir: Path) -> tuple[FeatureSet, dict, list[list[str]], list[list[str]]]:
-    """The index as a ``FeatureSet`` plus its manifest, its per-row file records and skipped records."""
-    manifest = _read_manifest(index_dir)
-    try:
-        matrix = np.load(index_dir / manifest["vectors"], mmap_mode="r")
-        norms = np.load(index_dir / manifest["norms"])
-        keys = _read_lines(index_dir / manifest["keys"])
-        files = [line.split("\t") for line in _read_lines(index_dir / manifest["files"])]
-        bad = [line.split("\t", 3) for line in _read_lines(index_dir / manifest["skipped"])]
-    except (OSError, ValueError, KeyError) as error:
-        raise FeatureError(f"{index_dir}: damaged index ({error}); rebuild it with build_index.py") from None
+    """The index as a ``FeatureSet`` plus its manifest, its per-row file records and skipped records.
+
+    A builder deletes the previous generation just after switching the manifest: a reader that read the
+    old manifest and then misses one of its files reads the new manifest and opens that generation.
+    """
+    for attempt in range(OPEN_ATTEMPTS):
+        manifest = _read_manifest(index_dir)
+        try:
+            matrix = np.load(index_dir / manifest["vectors"], mmap_mode="r")
+            norms = np.load(index_dir / manifest["norms"])
+            keys = _read_lines(index_dir / manifest["keys"])
+            files = [line.split("\t") for line in _read_lines(index_dir / manifest["files"])]
+            bad = [line.split("\t") for line in _read_lines(index_dir / manifest["skipped"])]
+            break
+        except (OSError, ValueError, KeyError) as error:
+            switched = _read_manifest(index_dir).get("generation") != manifest.get("generation")
+            if attempt + 1 < OPEN_ATTEMPTS and switched:
+                continue  # a builder switched generations meanwhile
+            raise FeatureError(f"{index_dir}: damaged index ({error}); rebuild it with build_index.py") from None
     count, dim = manifest["count"], manifest["dim"]
     if (matrix.dtype != np.float32 or matrix.shape != (count, dim) or norms.shape != (count,)
             or len(keys) != count or len(files) != count):
@@ -497,12 +519,22 @@ def open_index(index_dir: str | os.PathLike) -> FeatureSet:
     return _open_index(Path(index_dir))[0]
 
 
-def _stat(path: Path) -> Optional[tuple[int, int]]:
+def _stat(path: Path) -> Optional[tuple[int, ...]]:
+    """What a re-run compares: size, modification time, change time and inode. The change time cannot
+    be set back (``os.utime`` sets it to now) and a rename or a replacement changes it or the inode, so
+    a file rewritten with the same size and the same modification time is read again."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _identity(fields: list[str]) -> Optional[tuple[int, ...]]:
+    try:
+        return tuple(int(f) for f in fields)
+    except ValueError:
+        return None
 
 
 def _set_npy_rows(path: Path, rows: int, dim: int) -> None:
@@ -547,19 +579,22 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
     if not names:
         raise FeatureError(f"{features_dir}: no .npy files in the folder")
     old = None
-    old_rows: dict[str, tuple[tuple[int, int], int]] = {}
-    old_bad: dict[str, tuple[tuple[int, int], str]] = {}
+    old_rows: dict[str, tuple[Optional[tuple[int, ...]], int]] = {}
+    old_bad: dict[str, tuple[Optional[tuple[int, ...]], str]] = {}
     manifest: dict = {}
     if is_index(index_dir):
         old, manifest, files, bad = _open_index(index_dir)
-        old_rows = {f[0]: ((int(f[1]), int(f[2])), row) for row, f in enumerate(files)}
-        old_bad = {b[0]: ((int(b[1]), int(b[2])), b[3]) for b in bad}
+        # Records of an index written before the change time and inode were kept have two numbers:
+        # they never match, so such an index is read again once.
+        old_rows = {f[0]: (_identity(f[1:]), row) for row, f in enumerate(files)}
+        old_bad = {b[0]: (_identity(b[1:-1]), b[-1]) for b in bad}
 
     skipped: list[SkippedFile] = []
     bad_records: list[str] = []
+    recheck: dict[str, SkippedFile] = {}
     to_store: list[str] = []
     reuse_rows: list[int] = []
-    stats: dict[str, tuple[int, int]] = {}
+    stats: dict[str, tuple[int, ...]] = {}
     unchanged = changed = 0
     for name in names:
         path = features_dir / name
@@ -572,16 +607,22 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
             continue
         stats[name] = stat
         if name in old_bad and old_bad[name][0] == stat:
-            skipped.append(SkippedFile(str(path), old_bad[name][1]))
-            bad_records.append(f"{name}\t{stat[0]}\t{stat[1]}\t{old_bad[name][1]}")
-            continue
+            if not old_bad[name][1].startswith(DIMENSION_REASON):
+                skipped.append(SkippedFile(str(path), old_bad[name][1]))
+                bad_records.append("\t".join([name, *map(str, stat), old_bad[name][1]]))
+                continue
+            # Skipped for its dimension: that depends on the other files, so it is read again when they change.
+            recheck[name] = SkippedFile(str(path), old_bad[name][1])
         row = old_rows[name][1] if name in old_rows and old_rows[name][0] == stat else -1
         unchanged += row >= 0
-        changed += row < 0 and (name in old_rows or name in old_bad)
+        changed += row < 0 and (name in old_rows or name in old_bad) and name not in recheck
         to_store.append(name)
         reuse_rows.append(row)
     removed = sum(1 for n in old_rows if n not in stats)
-    if old is not None and removed == 0 and all(r >= 0 for r in reuse_rows) and len(to_store) == len(old):
+    gone_bad = any(n not in stats for n in old_bad)  # the record of a deleted unusable file is dropped too
+    nothing_new = all(r >= 0 or n in recheck for n, r in zip(to_store, reuse_rows))
+    if old is not None and removed == 0 and not gone_bad and nothing_new and len(to_store) - len(recheck) == len(old):
+        skipped = sorted(skipped + list(recheck.values()), key=lambda s: s.path)
         return IndexUpdate(len(old), old.dim, unchanged=unchanged, skipped=skipped)
     if not to_store:
         first = skipped[0]
@@ -598,11 +639,10 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
     kept_names: list[str] = []
     norm_blocks: list[np.ndarray] = []
     fresh_skipped: list[SkippedFile] = []
-    dim = old.dim if old is not None and unchanged else None
     with atomic_path(index_dir / files_now["vectors"]) as tmp:
         out = None
         count = 0
-        for block in _stream_rows(features_dir, to_store, dim=dim, reuse=reuse,
+        for block in _stream_rows(features_dir, to_store, reuse=reuse,
                                   skipped=fresh_skipped, progress=progress, desc="indexing features"):
             if out is None:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
@@ -622,14 +662,14 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
             _set_npy_rows(tmp, count, dim)
     for item in fresh_skipped:
         name = Path(item.path).name
-        bad_records.append(f"{name}\t{stats[name][0]}\t{stats[name][1]}\t{' '.join(item.reason.split())}")
+        bad_records.append("\t".join([name, *map(str, stats[name]), ' '.join(item.reason.split())]))
     skipped.extend(fresh_skipped)
     norms = np.concatenate(norm_blocks)
     with atomic_path(index_dir / files_now["norms"]) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, norms)
     _write_lines(index_dir / files_now["keys"], (feature_key(n) for n in kept_names))
-    _write_lines(index_dir / files_now["files"], (f"{n}\t{stats[n][0]}\t{stats[n][1]}" for n in kept_names))
+    _write_lines(index_dir / files_now["files"], ("\t".join([n, *map(str, stats[n])]) for n in kept_names))
     _write_lines(index_dir / files_now["skipped"], sorted(bad_records))
     new_manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "generation": generation,
                     "dim": dim, "count": count, "dtype": "float32",
