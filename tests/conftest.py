@@ -86,6 +86,28 @@ def processes_left_running(pids, timeout: float) -> list:
     return alive
 
 
+def workers_outliving_a_kill(command: list, signal_name: str, workers_of, count: int = 2, settle: float = 0.0,
+                             timeout: float = 60.0) -> list:
+    """Start ``command``; once ``workers_of(process)`` names ``count`` worker pids and they have worked ``settle``
+    s, kill it with ``signal_name`` (SIGTERM, SIGKILL). The workers still running 15 s later (then killed)."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command)
+    workers: list = []
+    try:
+        deadline = time.time() + timeout
+        while len(workers) < count and time.time() < deadline:
+            time.sleep(0.05)
+            workers = workers_of(process)
+        time.sleep(settle)
+        assert len(workers) == count, f"expected {count} workers, found {workers}"
+    finally:
+        process.send_signal(getattr(signal, signal_name))
+        process.wait()
+    return processes_left_running(workers, 15)
+
+
 @pytest.fixture
 def vectors() -> Path:
     if not VECTORS.is_dir():

@@ -18,7 +18,7 @@ import pytest
 from clamp2.convert import batch_runner
 from clamp2.convert.abc import abc_to_interleaved, interleaved_to_xml, xml_to_abc
 from clamp2.files import TMP_SUFFIX
-from conftest import REPO_ROOT, load_script, processes_left_running
+from conftest import REPO_ROOT, load_script, workers_outliving_a_kill
 
 
 def read_exact(path) -> str:
@@ -460,8 +460,6 @@ def slow_and_telling_its_pid(path: Path) -> str:
                     reason="the test's conversion function must be importable in spawned workers; /proc")
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 def test_workers_do_not_outlive_a_killed_run(tmp_path, signal_name):
-    import signal
-
     (tmp_path / "in").mkdir()
     (tmp_path / "pids").mkdir()
     for index in range(40):
@@ -471,17 +469,9 @@ def test_workers_do_not_outlive_a_killed_run(tmp_path, signal_name):
             "from clamp2.convert import batch_runner\n"
             "batch_runner.convert_folder(sys.argv[3] + '/in', sys.argv[3] + '/out', convert=t.slow_and_telling_its_pid,"
             " extensions=['.txt'], output_suffix='.out', tool='test', workers=2, progress=False)\n")
-    batch = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(REPO_ROOT), str(tmp_path)])
-    try:
-        deadline = time.time() + 30
-        while len(list((tmp_path / "pids").iterdir())) < 2 and time.time() < deadline:
-            time.sleep(0.05)
-        workers = [int(p.name) for p in (tmp_path / "pids").iterdir()]
-        assert workers
-    finally:
-        batch.send_signal(getattr(signal, signal_name))
-        batch.wait()
-    alive = processes_left_running(workers, 10)
+    alive = workers_outliving_a_kill([sys.executable, "-c", code, str(Path(__file__).parent), str(REPO_ROOT),
+                                      str(tmp_path)], signal_name,
+                                     lambda batch: [int(p.name) for p in (tmp_path / "pids").iterdir()])
     assert not alive, f"worker processes {alive} outlived the killed run"
 
 

@@ -13,7 +13,7 @@ from clamp2.extraction.core import (combine_global, combine_positions, plan_batc
                                     window_weights)
 from clamp2.extraction.core import MusicEncoder, read_text_file
 from clamp2.patchilizer import M3Patchilizer
-from conftest import FP32_FLAGS, free_port, load_script, precision_flags, processes_left_running
+from conftest import FP32_FLAGS, free_port, load_script, precision_flags, workers_outliving_a_kill
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
             "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
@@ -732,9 +732,6 @@ def slow_forward(ids, masks):
 def test_tokenizing_workers_do_not_outlive_a_killed_extraction(tmp_path, signal_name):
     # A killed extraction (SIGKILL, or SIGTERM's default action) left its DataLoader workers running forever,
     # reparented: their prefetched tasks filled the pipe, and a worker's exit waits for its queue to flush.
-    import signal
-    import subprocess
-    import time
     from pathlib import Path
 
     from conftest import REPO_ROOT
@@ -747,18 +744,9 @@ def test_tokenizing_workers_do_not_outlive_a_killed_extraction(tmp_path, signal_
             "runner = KindRunner(t.big_ids_telling_its_pid, t.slow_forward, 32, 0)\n"
             "for _ in iter_features([('music', sys.argv[3])] * 64, {'music': runner}, torch.device('cpu'), False,"
             " files_per_chunk=4, num_workers=2): pass\n")
-    run = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(REPO_ROOT), str(pids)])
-    try:
-        deadline = time.time() + 60
-        while len(list(pids.iterdir())) < 2 and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(2)  # the workers' prefetched tasks fill the pipe while the model is busy
-        workers = [int(p.name) for p in pids.iterdir()]
-        assert len(workers) == 2
-    finally:
-        run.send_signal(getattr(signal, signal_name))
-        run.wait()
-    alive = processes_left_running(workers, 15)
+    # settle: the workers' prefetched tasks fill the pipe while the model is busy
+    command = [sys.executable, "-c", code, str(Path(__file__).parent), str(REPO_ROOT), str(pids)]
+    alive = workers_outliving_a_kill(command, signal_name, lambda run: [int(p.name) for p in pids.iterdir()], settle=2)
     assert not alive, f"tokenizing workers {alive} outlived the killed extraction"
 
 

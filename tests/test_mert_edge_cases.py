@@ -128,14 +128,11 @@ def test_the_api_z_scores_on_the_host_by_default(tiny_model):
 def test_decoding_workers_do_not_outlive_a_killed_extraction(tmp_path, signal_name):
     # A killed MERT extraction (SIGKILL, or SIGTERM's default action) left its DataLoader workers running forever,
     # reparented: decoded tracks filled the pipe, and a worker's exit waits for its queue to flush.
-    import signal
-    import subprocess
     import sys
-    import time
 
     import soundfile
 
-    from conftest import processes_left_running
+    from conftest import workers_outliving_a_kill
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -148,18 +145,12 @@ def test_decoding_workers_do_not_outlive_a_killed_extraction(tmp_path, signal_na
             "from clamp2.models import mert\n"
             "extractor = MertFeatureExtractor(mert.load_mert(sys.argv[1]), 'cpu')\n"
             "extract_folder(extractor, Path(sys.argv[2]), Path(sys.argv[3]), num_workers=2, progress=False)\n")
-    run = subprocess.Popen([sys.executable, "-c", code, str(TINY), str(folder), str(tmp_path / "out")])
-    workers = []
-    try:
-        deadline = time.time() + 60
-        while len(workers) < 2 and time.time() < deadline:
-            time.sleep(0.1)
-            workers = [int(pid) for task in Path(f"/proc/{run.pid}/task").iterdir()
-                       for pid in (task / "children").read_text().split()]
-        time.sleep(1)  # the workers' decoded tracks fill the pipe (while tracks remain to decode)
-        assert len(workers) == 2
-    finally:
-        run.send_signal(getattr(signal, signal_name))
-        run.wait()
-    alive = processes_left_running(workers, 15)
+
+    def children(run):
+        return [int(pid) for task in Path(f"/proc/{run.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+
+    # settle: the workers' decoded tracks fill the pipe (while tracks remain to decode)
+    alive = workers_outliving_a_kill([sys.executable, "-c", code, str(TINY), str(folder), str(tmp_path / "out")],
+                                     signal_name, children, settle=1)
     assert not alive, f"decoding workers {alive} outlived the killed extraction"
