@@ -2,8 +2,10 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +20,7 @@ def run_quickstart(out, *extra):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quickstart")
+    out = tmp_path_factory.mktemp("quick start")  # a space: every printed command must still paste
     result = run_quickstart(out)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
@@ -39,6 +41,12 @@ def test_artefacts_and_numbers(tiny_run):
                                          "ABC→MTF (same piece)"}
     assert 0 <= metrics["zero_shot"]["accuracy"] <= 1 and 0 <= metrics["probe"]["accuracy"] <= 1
     assert "text→music (ABC) MRR" in result.stdout and "(chance 0.26" in result.stdout
+    commands = [line.split(": ", 1)[1] for line in result.stdout.splitlines()
+                if line.startswith("-- ") and "semantic_search_metrics.py" in line]
+    assert len(commands) == 4
+    for words in map(shlex.split, commands):  # each metrics command as printed, runnable from the repository
+        assert words[:2] == ["python", "semantic_search/semantic_search_metrics.py"] and len(words) == 4
+        assert all(Path(folder).is_dir() for folder in words[2:]), words
     report = (out / "report.md").read_text()
     assert "| text→music (ABC) |" in report and "## Fréchet Music Distance between collections" in report
     assert "2 layers, 1 epoch)" in report and "1 epochs" not in report  # --tiny trains M3 for one epoch

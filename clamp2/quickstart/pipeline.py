@@ -31,6 +31,7 @@ import io
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ..progress import plural
 from ..workers import ending_with_this_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -228,7 +230,8 @@ class Quickstart:
         for number, (name, function) in enumerate(steps, 1):
             marker = self.out / ".done" / name.replace(" ", "_")
             if only_missing and marker.exists() and name != "report":
-                print(f"== {number}. {name}: done in an earlier run (delete {marker} to redo it)", flush=True)
+                print(f"== {number}. {name}: done in an earlier run (delete {shlex.quote(str(marker))} to redo it)",
+                      flush=True)
                 continue
             print(f"\n== {number}. {name}", flush=True)
             t0 = time.perf_counter()
@@ -335,7 +338,7 @@ class Quickstart:
         heads = max(1, self.s.text_hidden // 64)
         build_small_text_model(self.text_model, texts, hidden_size=self.s.text_hidden, num_layers=self.s.layers,
                                num_heads=heads, max_positions=130, max_words=4000, seed=self.s.seed)
-        print(f"text encoder: XLM-R architecture, hidden {self.s.text_hidden}, {self.s.layers} layers, "
+        print(f"text encoder: XLM-R architecture, hidden {self.s.text_hidden}, {plural(self.s.layers, 'layer')}, "
               f"vocabulary from {len(texts)} training texts -> {self.text_model}")
 
     # 5 -------------------------------------------------------------------------------------------
@@ -395,7 +398,8 @@ class Quickstart:
         f = self.features
         retrieval, chances = {}, {}
         for name, query, reference in tasks:
-            print(f"-- {name}: semantic_search_metrics.py {f / query} {f / reference}")
+            print(f"-- {name}: python semantic_search/semantic_search_metrics.py "
+                  f"{shlex.quote(str(f / query))} {shlex.quote(str(f / reference))}")
             printed = run_script("semantic_search/semantic_search_metrics.py", [f / query, f / reference],
                                  capture=True, ok=(0, 1))
             retrieval[name] = metric_lines(printed)
@@ -669,7 +673,8 @@ class Quickstart3(Quickstart):
 
             build_small_mert(self.mert_model, hidden_size=self.s.mert_hidden, num_layers=self.s.mert_layers,
                              conv_dim=self.s.mert_conv_dim, seed=self.s.seed)
-            print(f"MERT architecture with RANDOM weights (hidden {self.s.mert_hidden}, {self.s.mert_layers} layers, "
+            print(f"MERT architecture with RANDOM weights (hidden {self.s.mert_hidden}, "
+                  f"{plural(self.s.mert_layers, 'layer')}, "
                   f"conv width {self.s.mert_conv_dim}) -> {self.mert_model}")
         run_script("process_data/extract_mert.py", [self.data / "audio", self.data / "mert", "--model", self.mert_model,
                                                     *self.no_progress()], ok=(0, 1))
