@@ -106,6 +106,18 @@ def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
     return CheckpointError(f"cannot read checkpoint {path}: {why}; pass a model weights file (.pth)")
 
 
+# The advice _unreadable gives for a weights file one was given; a run's own resume file needs other advice.
+FILE_ADVICE = ("; download or copy it again", "; pass a model weights file (.pth)")
+
+
+def without_file_advice(exc: BaseException) -> str:
+    """The one line of an unreadable checkpoint without the advice meant for a downloaded weights file."""
+    text = _one_line(exc)
+    for advice in FILE_ADVICE:
+        text = text.removesuffix(advice)
+    return text
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,
                     missing_message: Optional[str] = None) -> dict:
     """Load a checkpoint file safely (``weights_only=True``); a missing file says where to get it.

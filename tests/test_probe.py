@@ -515,6 +515,7 @@ def test_unreadable_latest_checkpoint_is_one_line(tmp_path, train_cls, data, cap
     code, _, err = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "p.pth",
                                    "--epochs", "1", *FAST], capsys)
     assert code == 2 and str(latest_path(tmp_path / "p.pth")) in one_line_error(err) and "--no_resume" in err
+    assert "download" not in err  # the advice for a downloaded weights file, not for a run's own resume file
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -715,3 +716,42 @@ def test_default_inference_batch_gives_the_reference_labels_even_on_near_ties(in
         probe = TrainedProbe(model, ["a", "b"], 1, 0.5)
         labels = predict_features(probe, features, batch_size, torch.device("cpu")).argmax(axis=1)
         assert labels.tolist() == alone.tolist(), f"trial {trial}"
+
+
+class Killed(BaseException):
+    """What a SIGKILL leaves: the process stops where it is, nothing after runs."""
+
+
+def test_a_run_killed_around_its_saves_logs_each_epoch_once(tmp_path, train_cls, data, capsys, monkeypatch):
+    # A run killed in its first epoch after its log entry but before its first checkpoint left that entry, and
+    # its re-run (nothing to resume from) logged epoch 1 again. The log is written after the saves now; a run
+    # killed between them gets the entry from its resume.
+    import re
+
+    from clamp2.probe import train as probe_train
+
+    folder, _ = data
+    common = ["--train_folders", folder / "train", *FAST, "--epochs", "3", "--checkpoint_interval", "0"]
+
+    def entries(path):
+        return re.sub(r"^time: .*$", "", path.read_text(), flags=re.M)
+
+    assert run(train_cls, common + ["--weights", tmp_path / "whole.pth"], capsys)[0] == 0
+    save, log = probe_train.save_checkpoint, probe_train.append_log
+    for killed_in, epoch in (("save_checkpoint", 1), ("append_log", 2)):
+        weights = tmp_path / f"{killed_in}.pth"
+        original = save if killed_in == "save_checkpoint" else log
+        calls = []
+
+        def kill_at(*args, original=original, epoch=epoch, **kwargs):
+            calls.append(1)
+            if len(calls) == (1 if original is save else epoch):
+                raise Killed
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(probe_train, killed_in, kill_at)
+        with pytest.raises(Killed):
+            run(train_cls, common + ["--weights", weights], capsys)
+        monkeypatch.setattr(probe_train, killed_in, original)
+        assert run(train_cls, common + ["--weights", weights], capsys)[0] == 0
+        assert entries(logs_path_for(weights)) == entries(tmp_path / "logs-whole.txt"), killed_in

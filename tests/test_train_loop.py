@@ -842,3 +842,42 @@ def test_no_secret_of_the_environment_reaches_a_checkpoint_or_log(tiny_env, tmp_
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any(path.suffix == ".pth" for path in written)  # torch's zip stores the pickle uncompressed
     assert all(secret.encode() not in path.read_bytes() for path in written) and secret not in out + err
+
+
+def test_an_unreadable_latest_names_the_best_file_and_no_resume(tiny_env, tmp_path, corpus, trainers,  # noqa: F811
+                                                                capsys):
+    # A latest_ cut short (a full disk) was answered with the advice for a downloaded file ("download or copy it
+    # again"); it is the run's own resume file: delete it to resume from the best file, or --no_resume.
+    main = trainers["m3"].main
+    common = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--weights", str(tmp_path / "w.pth")]
+    assert main(common + ["--epochs", "1"]) == 0
+    latest = tmp_path / "latest_w.pth"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(common + ["--epochs", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and str(latest) in err[0]
+    err = err[0]
+    assert f"delete it to resume from {tmp_path / 'w.pth'}" in err and "--no_resume" in err and "download" not in err
+
+
+def test_a_resume_on_other_data_says_so(tiny_env, tmp_path, corpus, trainers, capsys):  # noqa: F811
+    # A training or eval set changed between runs resumed without a word: the run is not the uninterrupted one,
+    # and the best epoch is chosen by comparing eval losses of two eval sets.
+    import shutil
+
+    data = tmp_path / "data"
+    for kind in ("abc", "mtf"):
+        shutil.copytree(corpus / kind, data / kind)
+    main = trainers["m3"].main
+    common = ["--train_folders", str(data / "abc"), str(data / "mtf"), "--eval_folders", str(data / "mtf"),
+              "--batch_size", "4", "--no_progress", "--weights", str(tmp_path / "w.pth")]
+    assert main(common + ["--epochs", "1"]) == 0
+    assert main(common + ["--epochs", "2"]) == 0
+    assert "other data" not in capsys.readouterr().out
+    for path in sorted((data / "abc").glob("*.abc"))[:8]:
+        path.unlink()
+    assert main(common + ["--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'latest_w.pth'} was trained on other data (train 36 samples there, 28 here)" in out
+    assert "--no_resume" in out

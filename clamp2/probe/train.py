@@ -36,9 +36,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..checkpoint import (CheckpointError, latest_path, load_state, read_checkpoint, restore_training_state,
-                          resume_source, save_checkpoint, state_dict_of, unwrap)
+                          resume_source, save_checkpoint, state_dict_of, unwrap, without_file_advice)
 from ..distributed import DistInfo, barrier, gather_objects, seed_everything
-from ..files import atomic_write_text, remove_partial_files
+from ..files import atomic_write_bytes, atomic_write_text, remove_partial_files
 from ..progress import progress_bar, write_line
 from ..training.loop import Precision, optimizer_step, start_wandb_run
 from ..workers import exit_with_parent
@@ -232,6 +232,38 @@ def drop_log_entries_after(path: Path, epoch: int) -> int:
     return len(headers) - 1 - ours[-1]
 
 
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def relog_epoch(path: Path, offset: int, epoch: int, best_epoch: int, history: Mapping[str, List[float]]) -> int:
+    """Make the log end with the entry of ``epoch``, the one a resume continues after; return how many entries were
+    removed. ``offset`` is the log's size before that entry, as the checkpoint recorded: what follows the entry came
+    from epochs a killed run did not save (its resume redoes them); a run killed between its save and its log entry
+    left the entry out, and it is written now from the checkpoint's history."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        text = b""
+    kept, tail = text[:offset], text[offset:]
+    headers = [m.start() for m in re.finditer(rb"^Epoch \d+\r?$", tail, re.M)]
+    if headers[:1] == [0] and re.match(rb"Epoch %d\r?\n" % epoch, tail):
+        if len(headers) == 1:
+            return 0  # the log ends with the entry: nothing to do
+        atomic_write_bytes(path, kept + tail[:headers[1]])
+        return len(headers) - 1
+    index = list(history["epoch"]).index(epoch)
+    atomic_write_bytes(path, kept)
+    append_log(path, epoch, {"accuracy": history["train_acc"][index]},
+               {"accuracy": history["eval_acc"][index], "macro_f1": history["eval_f1_macro"][index]},
+               best_epoch == epoch)
+    return len(headers)
+
+
 # Probe checkpoints record this: ones written before the epoch order and class numbering became the
 # reference's (epoch orders of another kind) cannot continue a run of this version.
 EPOCH_ORDER = "reference"
@@ -251,7 +283,7 @@ def load_resume_checkpoint(settings: ProbeSettings, classes: Mapping[str, int], 
     try:
         checkpoint = read_checkpoint(source)
     except CheckpointError as exc:
-        raise ProbeUsageError(f"{' '.join(str(exc).split())}; delete it or {fix}") from None
+        raise ProbeUsageError(f"{without_file_advice(exc)}; delete it or {fix}") from None
     problems = []
     if "data_fingerprint" not in checkpoint:
         problems.append("was not written by this tool's training")
@@ -331,7 +363,8 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
         say(dist_info, f"{name}: resuming from {source}: epoch {start_epoch} done, best epoch {best_epoch} "
                        f"(eval accuracy {max_eval_acc:.4f})")
         if dist_info.is_main:
-            dropped = drop_log_entries_after(settings.logs_path, start_epoch)
+            dropped = (relog_epoch(settings.logs_path, int(checkpoint["log_offset"]), start_epoch, best_epoch, history)
+                       if "log_offset" in checkpoint else drop_log_entries_after(settings.logs_path, start_epoch))
             if dropped:
                 say(dist_info, f"{name}: {dropped} log entr{'ies' if dropped > 1 else 'y'} after epoch {start_epoch} "
                                f"removed from {settings.logs_path}: the run that wrote them stopped before saving "
@@ -375,20 +408,22 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
         last_epoch = epoch
         stopped_early = should_stop(epoch)
         if dist_info.is_main:
-            append_log(settings.logs_path, epoch, train, evaluation, improved)
             best_eval_loss = history["eval_loss"][history["epoch"].index(best_epoch)]
             fields = dict(optimizer=optimizer, lr_sched=lr_sched, scaler=scaler, epoch=epoch, best_epoch=best_epoch,
                           min_eval_loss=best_eval_loss, config=settings.record())
             extra = {"max_eval_acc": float(max_eval_acc), "labels": dict(classes), "input_size": input_size,
                      "hidden_size": settings.hidden_size, "feature_kind": features.kinds[0],
                      "data_fingerprint": fingerprint, "epoch_order": EPOCH_ORDER, "history": history,
-                     "world_size": dist_info.world_size}
+                     "world_size": dist_info.world_size, "log_offset": log_size(settings.logs_path)}
             if improved:
                 save_checkpoint(settings.weights_path, trained, extra=extra, **fields)
             if (stopped_early or epoch == settings.epochs
                     or time.monotonic() - last_saved >= settings.checkpoint_interval):
                 save_checkpoint(latest, trained, extra={**extra, "best_model": best_state}, **fields)
                 last_saved = time.monotonic()
+            # After the saves: a run killed before them leaves no entry of an epoch its resume redoes (a run killed
+            # in its first epoch has no checkpoint to say which entries were its own).
+            append_log(settings.logs_path, epoch, train, evaluation, improved)
             if wandb_run is not None:
                 wandb_run.log({key: history[key][-1] for key in ("train_loss", "train_acc", "train_f1_macro",
                                                                  "eval_loss", "eval_acc", "eval_f1_macro",

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..attention import Autocast
 from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capture_rng_state, copy_checkpoint,
                           latest_path, load_state, read_checkpoint, restore_rng_state, restore_training_state,
-                          resume_source, save_checkpoint, state_dict_of, unwrap)
+                          resume_source, save_checkpoint, state_dict_of, unwrap, without_file_advice)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
 from ..files import remove_partial_files_of
@@ -616,6 +616,41 @@ def training_record(settings: TrainSettings, dist_info: DistInfo, precision: Pre
             "save_every": settings.save_every}
 
 
+def sample_names(dataset: Dataset) -> Iterator[str]:
+    """What names each sample of a training data set: its music files (names, not folders: data moved elsewhere is
+    the same data) and, for JSONL pairs, the line."""
+    for path in getattr(dataset, "paths", None) or ():
+        yield Path(path).name
+    for item in getattr(dataset, "items", None) or ():
+        yield f"{item.line_number}\t" + "\t".join(Path(path).name for path in item.music_paths)
+
+
+def data_record(task: TrainTask) -> Dict[str, Any]:
+    """Sample counts and a digest of which samples train and evaluate (stored in checkpoints as ``data``)."""
+    record = {}
+    for part, dataset in (("train", task.train_set), ("eval", task.eval_set)):
+        digest = hashlib.sha256()
+        for name in sample_names(dataset):
+            digest.update(name.encode("utf-8", "surrogateescape") + b"\n")
+        record[part] = {"samples": len(dataset), "digest": digest.hexdigest()[:16]}
+    return record
+
+
+def data_change(checkpoint: Mapping[str, Any], source: Path, data: Mapping[str, Any]) -> Optional[str]:
+    """A note when a resume trains or evaluates on other samples than the checkpoint's run did (none for checkpoints
+    written before the record existed): the run is not the uninterrupted one, and the best epoch is chosen by
+    comparing eval losses of two eval sets."""
+    saved = checkpoint.get("data")
+    if not isinstance(saved, Mapping) or dict(saved) == dict(data):
+        return None
+    changed = [f"{part} {saved[part].get('samples')} samples there, {data[part]['samples']} here"
+               + ("" if saved[part].get("samples") != data[part]["samples"] else " (other files)")
+               for part in ("train", "eval") if isinstance(saved.get(part), Mapping) and saved[part] != data[part]]
+    return (f"note: {source} was trained on other data ({'; '.join(changed)}): this run does not continue it as an "
+            "uninterrupted run would, and a changed eval set makes its eval losses incomparable with the best "
+            f"epoch's; pass --no_resume to train afresh, or give this run its own --weights")
+
+
 def restore_random_state(rng: Optional[Dict[str, Any]], seed: int, epoch: int, dist_info: DistInfo) -> int:
     """Restore this rank's generators from a checkpoint's ``rng`` entry; returns the data seed to use.
 
@@ -696,6 +731,20 @@ def restore_state_of(checkpoint: Mapping[str, Any], source: Path, settings: Trai
         raise CheckpointError(f"the training state in {source} does not fit this run's trained parameters "
                               f"({' '.join(str(exc).split())[:160]}){why}; resume with the settings it was written "
                               "with, or give this run its own --weights") from exc
+
+
+def read_resume_checkpoint(source: Path, settings: TrainSettings) -> Dict[str, Any]:
+    """:func:`read_checkpoint` of the file a run resumes from; one that cannot be read (cut short by a full disk
+    or a copy, damaged) is named with this run's ways on, not with those of a downloaded weights file."""
+    try:
+        return read_checkpoint(source)
+    except CheckpointError as exc:
+        text = without_file_advice(exc)
+        best = Path(settings.weights_path)
+        way = (f"delete it to resume from {best}" if Path(source) != best and best.is_file()
+               else "move it away")
+        raise CheckpointError(f"{text}; it is the file this run resumes from: {way}, or pass --no_resume to train "
+                              f"afresh (replacing {best} and {latest_path(best)})") from None
 
 
 def stage_switch(weights_path: Path, source: Path, checkpoint: Dict[str, Any], stage: str):
@@ -847,7 +896,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     if dist_info.is_main:
         remove_killed_saves(settings)
     source = resume_source(settings.weights_path) if settings.load_ckpt else None
-    checkpoint = read_checkpoint(source) if source is not None else None
+    checkpoint = read_resume_checkpoint(source, settings) if source is not None else None
     same_checkpoint_everywhere(source, checkpoint, dist_info)
     new_stage = None
     if checkpoint is not None and task.stage is not None and checkpoint.get("modality") != task.stage:
@@ -872,6 +921,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
 
     counters = {"epoch": 0, "best_epoch": 0, "min_eval_loss": float("inf")}
+    data = data_record(task)
     data_seed = seed
     schedule = describe_schedule(lr_sched) + (" from the first step" if not settings.warmup_steps else "")
     if new_stage is not None:
@@ -888,6 +938,9 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         data_seed = restore_random_state(checkpoint.get("rng"), seed, counters["epoch"], dist_info)
         say(dist_info, f"resuming from {source}: epoch {counters['epoch']} done, best epoch {counters['best_epoch']} "
                        f"(eval loss {counters['min_eval_loss']:.6g})")
+        moved = data_change(checkpoint, source, data)
+        if moved:
+            say(dist_info, moved)
         changed = settings_that_differ(checkpoint, settings.config)
         if changed:  # the weights' shapes catch size changes; these (mask ratio, logit scale, ...) they cannot
             say(dist_info, f"note: this run's settings differ from those {source} was trained with: "
@@ -931,7 +984,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
                           extra={"rng": {"world_size": dist_info.world_size, "data_seed": data_seed,
                                          "ranks": rng_states},
                                  "training": training_record(settings, dist_info, precision),
-                                 "losses": {"train": float(train_loss), "eval": float(eval_loss)},
+                                 "losses": {"train": float(train_loss), "eval": float(eval_loss)}, "data": data,
                                  **({"modality": task.stage} if task.stage else {})})
             # latest_ first: it is what a resume reads, and it says which of the epoch's other files (best, epoch
             # copy, log entry) a run killed after it still owes; a resume writes those (catch_up_epoch_files).
