@@ -154,3 +154,35 @@ def test_decoding_workers_do_not_outlive_a_killed_extraction(tmp_path, signal_na
     alive = workers_outliving_a_kill([sys.executable, "-c", code, str(TINY), str(folder), str(tmp_path / "out")],
                                      signal_name, children, settle=1)
     assert not alive, f"decoding workers {alive} outlived the killed extraction"
+
+
+@pytest.mark.skipif(not Path("/proc/thread-self/children").exists(), reason="needs /proc/PID/task/TID/children")
+def test_torchrun_processes_do_not_outlive_a_killed_launcher(tmp_path):
+    # SIGKILL of torchrun (the agent) reparented its extraction processes, each in its own session: they went on
+    # to the end of the folder (hours on a real one, holding the GPUs) while a re-run was started beside them.
+    import os
+    import sys
+
+    import soundfile
+
+    from conftest import free_port, workers_outliving_a_kill
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    noise = (0.1 * np.random.default_rng(0).standard_normal(44100 * 20)).astype(np.float32)
+    soundfile.write(folder / "0.wav", noise, 44100)
+    for index in range(1, 600):  # well over the 15 s the helper waits: hard links, no disk
+        os.link(folder / "0.wav", folder / f"{index}.wav")
+    script = Path(__file__).resolve().parents[1] / "process_data" / "extract_mert.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(script), str(folder), str(tmp_path / "out"), "--model", str(TINY), "--num_workers", "0",
+               "--no_progress"]
+
+    def extracting(run):  # the launcher's children, once both have written a feature
+        if len(list((tmp_path / "out").glob("*.npy"))) < 2:
+            return []
+        return [int(pid) for task in Path(f"/proc/{run.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+
+    alive = workers_outliving_a_kill(command, "SIGKILL", extracting, timeout=120)
+    assert not alive, f"extraction processes {alive} outlived the killed torchrun"

@@ -5,7 +5,8 @@ go through the model together; a short last window is never padded (the first co
 GroupNorm normalises over the whole window, padding included, so padding would change the
 numbers) but runs with other short windows of exactly its length, or alone. Files are decoded and
 resampled in DataLoader workers while the model runs. A file's feature does not depend on which
-files share its batches (tests check this).
+files share its batches beyond float32 rounding (tests check 1e-5): full windows come out the same
+to the bit; short windows batched with others of their length have moved by up to ~1.2e-6.
 
 Per window the 13 hidden states (the encoder input after the positional convolution and
 LayerNorm, then the 12 layer outputs) are averaged over their frames; the file's array is the
