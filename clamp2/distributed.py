@@ -24,6 +24,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from .workers import exit_with_parent
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -48,7 +50,8 @@ def env_int(name: str, default: int) -> int:
 
 
 def before_process_group(free_at_exit: bool = False) -> None:
-    """Call before a process group is made (here or by accelerate), so that teardown can free it.
+    """Call before a process group is made (here or by accelerate), so that teardown can free it, and so that
+    this process ends with its launcher.
 
     ``free_at_exit``: run :func:`teardown` at interpreter exit, for callers without
     :func:`distributed_context` (the extraction scripts return from main() with the group up).
@@ -59,8 +62,12 @@ def before_process_group(free_at_exit: bool = False) -> None:
     still freeing a finished collective's Python tensors, aborted the process now and then
     ("terminate called without an active exception", SIGABRT: a failed run after all the work was
     done). Imported first, it never sees the group. Costs about a second, once per process.
+
+    torchrun starts each process in its own session: a SIGKILLed launcher left them running on, reparented
+    (an extraction to the end of its folder, a training beside a re-run's), so each exits once its parent is gone.
     """
     importlib.import_module("torch._dynamo")
+    exit_with_parent()
     if free_at_exit:
         atexit.register(teardown)  # atexit runs while the interpreter is whole, before its shutdown
 

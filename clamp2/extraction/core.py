@@ -850,9 +850,6 @@ def process_state(device_arg: Optional[str]):
     world_size = env_int("WORLD_SIZE", 1)
     if world_size > 1:
         before_process_group(free_at_exit=True)
-        # torchrun starts each process in its own session: a SIGKILLed launcher (agent) would leave them
-        # extracting on, reparented, to the end of the folder.
-        exit_with_parent()
     state = PartialState(cpu=use_cpu)
     if world_size > 1 and state.num_processes == 1:
         raise RuntimeError(f"launched with WORLD_SIZE={world_size} but accelerate set up a single process; "
