@@ -13,7 +13,7 @@ Layout under the cache folder (default: the user cache folder, ``~/.cache/clamp2
 
     features/<namespace>/settings.json           what the namespace holds (for ``info``)
     features/<namespace>/<key[:2]>/<key>.npy     one feature, as extraction saves it, then the sha256 of those bytes
-    weights/<path, size and mtime hash>.sha256   memoized weights hashes (a 3 GB file is hashed once)
+    weights/<path, size, times, inode hash>.sha256   memoized weights hashes (a 3 GB file is hashed once)
 
 Every write is a temporary file and a rename, so several processes can fill one cache at once;
 an unreadable entry, or one whose bytes do not match the sha256 that ends it, is treated as missing
