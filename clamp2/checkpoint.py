@@ -61,7 +61,14 @@ def where_to_get(repo: str, name: str, local_dir: str = ".") -> str:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing or does not fit the model."""
+    """A checkpoint that is missing or does not fit the model.
+
+    ``problem``: the message without its advice, for callers whose file needs other advice (a run's own
+    resume file is deleted or skipped, not downloaded again)."""
+
+    def __init__(self, message: str, problem: Optional[str] = None):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -99,23 +106,13 @@ def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
         why = ("it holds Python objects other than tensors and plain values, which are not loaded from "
                "untrusted files" + (f" ({first[:160]})" if first else ""))
     elif head.startswith(b"PK"):
-        return CheckpointError(f"cannot read checkpoint {path}: the file is damaged or incomplete "
-                               f"({_one_line(exc).split('.')[0]}); download or copy it again")
+        problem = (f"cannot read checkpoint {path}: the file is damaged or incomplete "
+                   f"({_one_line(exc).split('.')[0]})")
+        return CheckpointError(f"{problem}; download or copy it again", problem)
     else:
         why = f"not a PyTorch checkpoint ({_one_line(exc)[:200]})"
-    return CheckpointError(f"cannot read checkpoint {path}: {why}; pass a model weights file (.pth)")
-
-
-# The advice _unreadable gives for a weights file one was given; a run's own resume file needs other advice.
-FILE_ADVICE = ("; download or copy it again", "; pass a model weights file (.pth)")
-
-
-def without_file_advice(exc: BaseException) -> str:
-    """The one line of an unreadable checkpoint without the advice meant for a downloaded weights file."""
-    text = _one_line(exc)
-    for advice in FILE_ADVICE:
-        text = text.removesuffix(advice)
-    return text
+    problem = f"cannot read checkpoint {path}: {why}"
+    return CheckpointError(f"{problem}; pass a model weights file (.pth)", problem)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False,

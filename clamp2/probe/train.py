@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..checkpoint import (CheckpointError, latest_path, load_state, read_checkpoint, restore_training_state,
-                          resume_source, save_checkpoint, state_dict_of, unwrap, without_file_advice)
+                          resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..distributed import DistInfo, barrier, gather_objects, seed_everything
 from ..files import atomic_write_bytes, atomic_write_text, remove_partial_files
 from ..progress import progress_bar, write_line
@@ -283,7 +283,7 @@ def load_resume_checkpoint(settings: ProbeSettings, classes: Mapping[str, int], 
     try:
         checkpoint = read_checkpoint(source)
     except CheckpointError as exc:
-        raise ProbeUsageError(f"{without_file_advice(exc)}; delete it or {fix}") from None
+        raise ProbeUsageError(f"{exc.problem}; delete it or {fix}") from None
     problems = []
     if "data_fingerprint" not in checkpoint:
         problems.append("was not written by this tool's training")

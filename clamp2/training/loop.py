@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..attention import Autocast
 from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capture_rng_state, copy_checkpoint,
                           latest_path, load_state, read_checkpoint, restore_rng_state, restore_training_state,
-                          resume_source, save_checkpoint, state_dict_of, unwrap, without_file_advice)
+                          resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
 from ..files import remove_partial_files_of
@@ -739,7 +739,7 @@ def read_resume_checkpoint(source: Path, settings: TrainSettings) -> Dict[str, A
     try:
         return read_checkpoint(source)
     except CheckpointError as exc:
-        text = without_file_advice(exc)
+        text = exc.problem
         best = Path(settings.weights_path)
         way = (f"delete it to resume from {best}" if Path(source) != best and best.is_file()
                else "move it away")
