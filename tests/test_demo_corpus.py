@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 from clamp2.convert.abc import split_tunes
+from clamp2.files import TMP_SUFFIX, _temporary_name
 from clamp2.quickstart.demo_corpus import COLLECTIONS, Collection, build_demo_corpus, corpus_root
 
 
@@ -46,3 +47,17 @@ def test_a_rerun_keeps_the_files_and_renders_nothing(tmp_path):
     assert [p.name for p in again] == [p.name for p in first]
     assert [p.split for p in first].count("test") == 1
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_rerun_removes_what_a_killed_write_left(tmp_path):
+    collections = (COLLECTIONS[3],)
+    first = build_demo_corpus(tmp_path, 2, progress=False, collections=collections, workers=1)
+    piece = first[0]
+    written = [p for p in tmp_path.rglob(f"{piece.name}.*") if p.is_file()]
+    assert len(written) == 3  # metadata, MIDI, music
+    for path in written:  # the run killed while writing this piece's files
+        path.unlink()
+        (path.parent / _temporary_name(path.name)).write_bytes(b"half")
+    build_demo_corpus(tmp_path, 2, progress=False, collections=collections, workers=1)
+    assert all(path.stat().st_size > 4 for path in written)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(TMP_SUFFIX)]

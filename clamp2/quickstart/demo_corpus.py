@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..convert.abc import split_tunes
-from ..files import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text, remove_partial_files_of
 
 
 @dataclass(frozen=True)
@@ -439,6 +439,7 @@ def _write_piece(piece: Piece, out_dir: Path, seed: int, report, render) -> bool
     meta_path, midi_path, music_path = piece_paths(piece, out_dir, piece.split)
     if meta_path.exists() and midi_path.exists() and music_path.exists():
         return True
+    remove_partial_files_of([meta_path, midi_path, music_path])  # a run killed while writing them left these
     try:
         piece.facts, midi = render()
     except Exception as error:  # noqa: BLE001 - a piece music21 cannot render is left out

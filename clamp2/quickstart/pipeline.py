@@ -642,13 +642,11 @@ class Quickstart3(Quickstart):
         from ..progress import progress_bar
         from .demo_corpus import INSTRUMENTS
 
-        jobs = []
-        for split in ("train", "test"):
-            for midi in sorted((self.data / "midi" / split).glob("*.mid")):
-                wav = self.data / "audio" / split / f"{midi.stem}.wav"
-                remove_partial_files_of([wav])  # a render killed mid-write (the run killed) left its temporary file
-                if not finished_output(wav):
-                    jobs.append((str(midi), str(wav), self.s.audio_seconds, INSTRUMENTS[midi.stem.split("_", 1)[0]][0]))
+        pairs = [(midi, self.data / "audio" / split / f"{midi.stem}.wav")
+                 for split in ("train", "test") for midi in sorted((self.data / "midi" / split).glob("*.mid"))]
+        remove_partial_files_of([wav for _, wav in pairs])  # renders killed mid-write (the run killed) left these
+        jobs = [(str(midi), str(wav), self.s.audio_seconds, INSTRUMENTS[midi.stem.split("_", 1)[0]][0])
+                for midi, wav in pairs if not finished_output(wav)]
         workers = min(len(jobs), os.cpu_count() or 1)
         failures = []
         bar = progress_bar(total=len(jobs), desc="audio", unit="piece", enabled=self.progress)
