@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +256,80 @@ def test_channel_mean_has_the_bits_of_the_references_mean_over_torchaudios_trans
     reference = torch.mean(torch.from_numpy(frames).t(), dim=0, keepdim=True)[0].numpy()
     assert np.array_equal(audio.load_mono(path)[0], reference)
     assert np.array_equal(audio.to_mono(audio.decode(path)[0]), reference)
+
+
+def _filter_never_built_for(monkeypatch, rate):
+    """sinc_kernel that fails as the real one did for ``rate`` (out of memory), without taking the memory."""
+    real = audio.sinc_kernel
+
+    def guarded(orig_rate, new_rate):
+        if orig_rate == rate:
+            raise MemoryError(f"the {orig_rate} Hz filter was built: {audio.filter_elements(orig_rate, new_rate)} elements")
+        return real(orig_rate, new_rate)
+
+    monkeypatch.setattr(audio, "sinc_kernel", guarded)
+
+
+def test_a_rate_whose_resampling_filter_would_take_gigabytes_is_an_audio_error(tmp_path, monkeypatch):
+    # 44,101 Hz shares no factor with 24,000: torchaudio's filter is 24,000 phases x 44,127 taps, 7.9 GiB per
+    # float64 temporary. Building it got a decoding worker killed for memory (ending the batch); resampled on the
+    # device it ended the run with a traceback. A header byte flipped in a rate field makes such rates (47,873 Hz).
+    _filter_never_built_for(monkeypatch, 44101)
+    path = tmp_path / "odd_rate.wav"
+    soundfile.write(path, np.full(44101, 0.1, np.float32), 44101)
+    with pytest.raises(audio.AudioError, match=r"sample rate 44101 Hz cannot be resampled to 24000 Hz.*7\.9 GiB"):
+        audio.load_windows(path)
+    with pytest.raises(audio.AudioError, match="sample rate 44101 Hz"):
+        audio.resample_tensor(torch.zeros(44101), 44101)
+    for rate in (8000, 11025, 11127, 12000, 16000, 22050, 22254, 32000, 37800, 44056, 44100, 48000, 64000, 88200,
+                 96000, 176400, 192000, 352800, 384000):  # usual rates, and old odd ones with a common factor
+        audio.check_resampling(rate)
+
+
+def test_a_cut_flac_decodes_up_to_its_cut_and_one_damaged_inside_still_fails(tmp_path):
+    # An interrupted download or copy: libsndfile failed the whole read ("flac decoder lost sync", "Internal
+    # psf_fseek() failed") even for a file missing only its last byte, where it reads a cut MP3, WAV or Ogg up to the
+    # cut, and FFmpeg decodes every whole FLAC frame. Every frame kept has passed libFLAC's CRC check.
+    rng = np.random.default_rng(0)
+    whole = tmp_path / "whole.flac"
+    soundfile.write(whole, (rng.standard_normal((44100 * 3, 2)) * 0.1).astype(np.float32), 44100, subtype="PCM_16")
+    data = whole.read_bytes()
+    clean, rate = audio.decode(whole)
+    for keep in (len(data) - 1, len(data) // 2):
+        (tmp_path / "cut.flac").write_bytes(data[:keep])
+        part, part_rate = audio.decode(tmp_path / "cut.flac")
+        assert part_rate == rate and 0 < part.shape[1] < clean.shape[1]
+        assert np.array_equal(part, clean[:, :part.shape[1]])
+    damaged = bytearray(data)
+    damaged[len(data) // 2:len(data) // 2 + 300] = bytes(300)  # frames after the damage remain: not a cut
+    (tmp_path / "damaged.flac").write_bytes(bytes(damaged))
+    with pytest.raises(audio.AudioError, match="its FLAC data is damaged after a valid header"):
+        audio.decode(tmp_path / "damaged.flac")
+
+
+def test_a_file_named_mp3_without_audio_is_not_said_to_be_missing(tmp_path):
+    # A saved error page, or a download cut inside its first frame: libsndfile says "File does not exist or is not a
+    # regular file (possibly a pipe?)" of a file that is there.
+    page = tmp_path / "song.mp3"
+    page.write_text("<html><body>404 Not Found</body></html>\n" * 50)
+    with pytest.raises(audio.AudioError, match=r"^cannot decode audio \(Error opening .*song\.mp3': no audio frame found"):
+        audio.decode(page)
+
+
+@pytest.mark.skipif(sys.platform == "win32" or sys.getfilesystemencoding().lower() != "utf-8",
+                    reason="a file name that is not UTF-8 needs a POSIX file system decoded as UTF-8")
+def test_an_audio_file_whose_name_is_not_utf8_is_decoded(tmp_path):
+    # A Latin-1 name from an old archive ("Café" as b"Caf\xe9"): Python holds it as "Caf\udce9", which soundfile
+    # encodes strictly: "cannot decode audio ('utf-8' codec can't encode character '\udce9' ...)" of a good file.
+    good = tmp_path / "good.wav"
+    soundfile.write(good, np.full((24000, 2), 0.25, np.float32), 24000, subtype="FLOAT")
+    latin = os.path.join(os.fsencode(tmp_path), b"Caf\xe9 au lait.wav")
+    os.rename(os.fsencode(good), latin)
+    path = tmp_path / os.fsdecode(b"Caf\xe9 au lait.wav")
+    samples, rate = audio.decode(path)
+    assert rate == 24000 and samples.shape == (2, 24000) and np.all(samples == 0.25)
+    flac = tmp_path / "whole.flac"  # the cut-FLAC path opens the file again
+    soundfile.write(flac, np.random.default_rng(0).uniform(-0.5, 0.5, (44100, 1)).astype(np.float32), 44100)
+    cut = tmp_path / os.fsdecode(b"cut \xe9.flac")
+    cut.write_bytes(flac.read_bytes()[:-1])
+    assert 0 < audio.decode(cut)[0].shape[1] < 44100

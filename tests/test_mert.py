@@ -476,3 +476,22 @@ def test_an_unexpected_decode_or_write_error_fails_only_its_file(tmp_path, capsy
     assert "bwv26.6_16k_stereo_s16.flac: RuntimeError: the decoder gave up" in err
     assert "banish_misfortune_22k05_mono_s16.wav" in err and "No space left on device" in err
     assert sorted(p.name for p in out.glob("*.npy")) == ["bwv26.6_44k1_stereo_s16.npy"]
+
+
+def test_a_rate_whose_resampling_filter_would_take_gigabytes_is_one_failure_on_either_path(tiny_model, tmp_path,
+                                                                                           monkeypatch):
+    # With --resample_on_device the filter was built in the main process: its allocation error ended the run with a
+    # traceback (and without a memory limit the process was killed). It must be the file's failure, the batch going on.
+    from clamp2.extraction import audio
+
+    real = audio.sinc_kernel
+    monkeypatch.setattr(audio, "sinc_kernel", lambda o, n: (_ for _ in ()).throw(MemoryError("filter built"))
+                        if o == 47873 else real(o, n))
+    soundfile.write(tmp_path / "a_odd.wav", np.full((47873 * 2, 1), 0.1, np.float32), 47873)
+    shutil.copy(AUDIO_IN / "bwv26.6_16k_stereo_s16.flac", tmp_path / "b.flac")
+    for on_device in (False, True):
+        extractor = MertFeatureExtractor(tiny_model, "cpu", resample_on_device=on_device)
+        results = {i: (array, error) for i, array, error in extractor.iter_files([tmp_path / "a_odd.wav",
+                                                                                  tmp_path / "b.flac"])}
+        assert results[0][0] is None and results[0][1].startswith("sample rate 47873 Hz cannot be resampled")
+        assert results[1][1] is None and results[1][0].shape[0] == 1

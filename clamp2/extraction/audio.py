@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+import sys
 from functools import lru_cache
 from typing import List, Tuple
 
@@ -26,6 +28,11 @@ NORM_EPSILON = 1e-7  # Wav2Vec2FeatureExtractor's zero-mean unit-variance epsilo
 # torchaudio.transforms.Resample defaults (sinc_interp_hann).
 LOWPASS_FILTER_WIDTH = 6
 ROLLOFF = 0.99
+# The largest resampling filter built (n phases x taps): 2^26 elements is 256 MiB in float32, 512 MiB per float64
+# temporary. Every usual rate needs under 52,000 (8-384 kHz: at most 11,025 Hz's 51,520); a rate sharing almost no
+# factor with 24,000 (44,101 Hz, 47,999 Hz, or a corrupt header's 47,873 Hz) needs over 10^9: 4-9 GiB per
+# temporary, which got the process killed for memory (a worker's death stops the whole batch).
+MAX_FILTER_ELEMENTS = 1 << 26
 
 
 class AudioError(ValueError):
@@ -54,22 +61,80 @@ def decode_frames(path: str | os.PathLike) -> Tuple[np.ndarray, int]:
     return data, rate
 
 
+NOT_A_FILE = "File does not exist or is not a regular file"
+
+
+def _openable(source):
+    """What soundfile can open: a path whose name is not valid UTF-8 (a Latin-1 name from an old archive, which
+    Python holds with surrogate escapes) as its bytes; soundfile encodes a str path strictly and failed on it."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if isinstance(path, str):
+            try:
+                path.encode(sys.getfilesystemencoding())
+            except UnicodeEncodeError:
+                return os.fsencode(path)
+        return path
+    return source
+
+
 def _read_all(source) -> Tuple[np.ndarray, int]:
     """soundfile.read's float32 frames, with a failure named by where it happened: the header or the data."""
     import soundfile
 
     errors = (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError)
     try:
-        sound = soundfile.SoundFile(source)
+        sound = soundfile.SoundFile(_openable(source))
     except errors as exc:
-        raise AudioError(f"cannot decode audio ({' '.join(str(exc).split())})") from None
+        message = ' '.join(str(exc).split())
+        if NOT_A_FILE in message and isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
+            # libsndfile's words for a file it took for MP3 by its name but found no MPEG frame in (a saved
+            # error page, a download cut in its first frame): the file is there.
+            message = re.sub(re.escape(NOT_A_FILE) + r"[^.]*\.?",
+                             f"no audio frame found (libsndfile reports it as '{NOT_A_FILE}')", message)
+        raise AudioError(f"cannot decode audio ({message})") from None
     with sound:
         try:
             return sound.read(dtype="float32", always_2d=True), int(sound.samplerate)
         except errors as exc:
+            if sound.format == "FLAC":
+                cut = flac_before_cut(source)
+                if cut is not None:
+                    return cut, int(sound.samplerate)
             # libsndfile says only "Unspecified internal error" when an MP3's frames are damaged partway.
             raise AudioError(f"cannot decode audio: its {sound.format} data is damaged after a valid header "
                              f"({' '.join(str(exc).split())})") from None
+
+
+def flac_before_cut(source) -> np.ndarray | None:
+    """The frames of a FLAC cut short (an interrupted download or copy) before its cut, else None.
+
+    libsndfile fails the whole read at the cut frame ("flac decoder lost sync", "Internal psf_fseek()
+    failed"), where FFmpeg decodes every whole frame before it, as libsndfile itself does for a cut MP3,
+    WAV or Ogg file. Every frame returned has passed libFLAC's CRC check. A stream that goes on after
+    the damage (libFLAC can still seek to its last frame) gives None: damage in the middle stays a failure.
+    """
+    import soundfile
+
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    with soundfile.SoundFile(_openable(source)) as sound:
+        frames = np.zeros((max(sound.frames, 0), sound.channels), np.float32)
+        try:
+            # libsndfile's own read, which returns how many frames it decoded before the error (soundfile's
+            # read raises without saying); soundfile's private handles, so another soundfile version may lack them.
+            decoded = soundfile._snd.sf_readf_float(sound._file, soundfile._ffi.cast("float *", frames.ctypes.data),
+                                                    len(frames))
+        except AttributeError:
+            return None
+    with soundfile.SoundFile(_openable(source)) as sound:
+        try:
+            sound.seek(sound.frames - 1)
+            if len(sound.read(1, dtype="float32")) == 1:
+                return None  # the stream goes on after the damage: not a cut
+        except (soundfile.LibsndfileError, RuntimeError, ValueError):
+            pass
+    return frames[:decoded] if decoded > 0 else None
 
 
 def wav_read_to_end(path: str | os.PathLike) -> io.BytesIO | None:
@@ -130,6 +195,23 @@ def frames_to_mono(frames: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(frames)).t().mean(dim=0).numpy()
 
 
+def filter_elements(orig_rate: int, new_rate: int = MERT_SAMPLE_RATE) -> int:
+    """Elements of :func:`sinc_kernel`'s filter for this pair of rates (n phases x (2·width + o) taps)."""
+    g = math.gcd(int(orig_rate), int(new_rate))
+    o, n = int(orig_rate) // g, int(new_rate) // g
+    return n * (2 * math.ceil(LOWPASS_FILTER_WIDTH * o / (min(o, n) * ROLLOFF)) + o)
+
+
+def check_resampling(orig_rate: int, new_rate: int = MERT_SAMPLE_RATE) -> None:
+    """An :class:`AudioError` for a rate whose resampling filter would exceed :data:`MAX_FILTER_ELEMENTS`."""
+    if int(orig_rate) <= 0:
+        raise AudioError(f"sample rate {orig_rate} Hz: not a rate")
+    elements = filter_elements(orig_rate, new_rate)
+    if elements > MAX_FILTER_ELEMENTS:
+        raise AudioError(f"sample rate {orig_rate} Hz cannot be resampled to {new_rate} Hz: the rates share no large "
+                         f"common factor, and torchaudio's filter for them would take {elements * 8 / 2 ** 30:.1f} GiB")
+
+
 @lru_cache(maxsize=32)
 def sinc_kernel(orig_rate: int, new_rate: int) -> Tuple[torch.Tensor, int, int, int]:
     """``(kernel [n, 1, 2·width + o] float32, width, o, n)`` of torchaudio's default resampler.
@@ -183,6 +265,7 @@ def resample_tensor(wave: torch.Tensor, orig_rate: int, new_rate: int = MERT_SAM
     """
     if int(orig_rate) == int(new_rate):
         return wave
+    check_resampling(orig_rate, new_rate)
     kernel, width, o, n = sinc_kernel(int(orig_rate), int(new_rate))
     length = wave.shape[-1]
     x = torch.nn.functional.pad(wave.view(1, 1, -1), (width, width + o))
