@@ -53,7 +53,7 @@ def parse_args(argv=None):
     padding.add_argument("--fixed_padding", action="store_const", const=False, dest="pad_to_longest",
                          help="pad every batch to MAX_TEXT_LENGTH and PATCH_LENGTH, as the reference "
                               "(CLAMP2_PAD_TO_LONGEST=0)")
-    add_training_arguments(parser)
+    add_training_arguments(parser, "CLAMP2_")
     return parser.parse_args(argv)
 
 

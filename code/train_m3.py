@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_folders", nargs="+", default=None,
                         help="evaluation folders (config EVAL_FOLDERS; none, missing or without pieces: EVAL_SPLIT of the training "
                              "files)")
-    add_training_arguments(parser)
+    add_training_arguments(parser, "M3_")
     return parser.parse_args(argv)
 
 

@@ -44,7 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--all_layers", action="store_true",
                         help="write [13, n, 768] (every hidden state) instead of the layer mean; CLaMP 3 cannot read it")
     parser.add_argument("--num_workers", type=int, default=default_workers(),
-                        help="processes that decode and resample files ahead of the model (0: in the main process)")
+                        help="processes that decode and resample files ahead of the model (default: min(4, CPU "
+                             "cores - 1); 0: in the main process)")
     parser.add_argument("--resample_on_device", action="store_true",
                         help="workers only decode; resampling to 24 kHz and the z-score run on --device (for a GPU "
                              "whose host cannot decode and resample fast enough; same features up to ~1e-6)")

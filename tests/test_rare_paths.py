@@ -271,7 +271,7 @@ def test_no_resume_flag_sets_load_ckpt_off():
     from clamp2.training.loop import add_training_arguments, flag_overrides
 
     parser = argparse.ArgumentParser()
-    add_training_arguments(parser)
+    add_training_arguments(parser, "M3_")
     assert flag_overrides(parser.parse_args(["--no_resume"]), "M3_")["M3_LOAD_CKPT"] is False
     assert "CLAMP2_LOAD_CKPT" not in flag_overrides(parser.parse_args([]), "CLAMP2_")
 

@@ -910,9 +910,10 @@ def add_common_arguments(parser) -> None:
                         help="run the encoders through torch.compile (the first batches pay tens of seconds of "
                              "compilation; for long GPU runs). Same features up to rounding")
     parser.add_argument("--num_workers", type=int, default=default_workers(),
-                        help="processes that read and tokenize files ahead of the model (0: in the main process)")
+                        help="processes that read and tokenize files ahead of the model (default: min(4, CPU "
+                             "cores - 1); 0: in the main process)")
     parser.add_argument("--files_per_chunk", type=int, default=256,
-                        help="files whose windows are pooled and grouped by length at a time")
+                        help="files whose windows are pooled and grouped by length at a time (default 256)")
     parser.add_argument("--overwrite", action="store_true", help="recompute features that already exist")
     parser.add_argument("--device", default=None, help="torch device (default: the accelerate process's device)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")

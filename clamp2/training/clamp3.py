@@ -45,7 +45,7 @@ def parse_args(modality: str, description: str, argv=None):
     parser.add_argument("--fixed_padding", action="store_true",
                         help="pad every batch to MAX_TEXT_LENGTH and the music maximum, as the reference (default: "
                              "to the batch's longest sample; same losses, less compute)")
-    add_training_arguments(parser)
+    add_training_arguments(parser, "CLAMP3_")
     return parser.parse_args(argv)
 
 

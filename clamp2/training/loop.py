@@ -136,21 +136,26 @@ class TrainResult:
 
 # -- settings from config.py and the command line --------------------------------------------------
 
-def add_training_arguments(parser) -> None:
-    """The flags both trainers share; those that set a config constant act exactly as its override."""
-    parser.add_argument("--epochs", type=int, default=None, help="number of epochs (config NUM_EPOCH)")
+def add_training_arguments(parser, prefix: str) -> None:
+    """The flags every trainer shares; those that set a config constant act exactly as its override.
+
+    ``prefix`` (``M3_``, ``CLAMP2_``, ``CLAMP3_``) is the one :func:`flag_overrides` is given, so the help
+    names the constants a flag sets as they are spelt in code/config.py and in the environment.
+    """
+    p = prefix
+    parser.add_argument("--epochs", type=int, default=None, help=f"number of epochs (config {p}NUM_EPOCH)")
     parser.add_argument("--batch_size", type=int, default=None,
-                        help="batch size per process (config BATCH_SIZE; part of the weights file name)")
+                        help=f"batch size per process (config {p}BATCH_SIZE; part of the weights file name)")
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help="learning rate (config LEARNING_RATE; part of the weights file name)")
+                        help=f"learning rate (config {p}LEARNING_RATE; part of the weights file name)")
     parser.add_argument("--warmup_steps", type=int, default=None,
-                        help="linear LR warm-up steps, then constant (config WARMUP_STEPS, default 0: constant "
+                        help=f"linear LR warm-up steps, then constant (config {p}WARMUP_STEPS, default 0: constant "
                              "from the first step; a non-zero value is part of the weights file name)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="best-checkpoint path; latest_<name> and the log file go beside it "
-                             "(config WEIGHTS_PATH, LOGS_PATH derived from it)")
-    parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (config WANDB_LOG=1)")
-    parser.add_argument("--no_resume", action="store_true", help="start afresh (config LOAD_CKPT=0)")
+                             f"(config {p}WEIGHTS_PATH, {p}LOGS_PATH derived from it)")
+    parser.add_argument("--wandb", action="store_true", help=f"log to Weights & Biases (config {p}WANDB_LOG=1)")
+    parser.add_argument("--no_resume", action="store_true", help=f"start afresh (config {p}LOAD_CKPT=0)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16",
                         help="on CUDA: fp16 = AMP with gradient scaling (default, the reference), bf16 autocast, "
                              "or fp32; the CPU always trains in fp32")
