@@ -179,6 +179,14 @@ def _check_errors(errors: str) -> None:
         raise ValueError(f"errors must be 'raise' or 'skip', not {errors!r}")
 
 
+def _check_sizes(batch_size, num_workers, max_text_length=None) -> None:
+    """One clear line for sizes no run can use (batch_size=-1 used to encode nothing without a failure)."""
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                               ("max_text_length", max_text_length, 1)):
+        if value is not None and int(value) < least:
+            raise ValueError(f"{name} must be at least {least}, not {value}")
+
+
 def _default_device():
     import torch
 
@@ -197,7 +205,20 @@ def _device_and_dtype(device, dtype: str):
 
     device = torch.device(device) if device is not None else _default_device()
     autocast_context(device, dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but CUDA is not available here (torch.cuda.is_available() is "
+                         "False); pass device='cpu', or leave device=None to use CUDA where there is one")
     return device
+
+
+def _file_identity(path: Path):
+    """:func:`clamp2.cache.file_identity` (what the weights hash memo is keyed on), None if unreadable."""
+    from .cache import file_identity
+
+    try:
+        return file_identity(path)
+    except OSError:
+        return None
 
 
 def _package_versions() -> Dict[str, str]:
@@ -241,6 +262,7 @@ class _Extractor:
         from .cache import FeatureCache
 
         self.weights_path = Path(weights_path)
+        _check_sizes(batch_size, num_workers)
         self.device = _device_and_dtype(device, dtype)
         self.dtype = dtype
         self.batch_size = int(batch_size)
@@ -255,6 +277,10 @@ class _Extractor:
         # The weights' hash is taken now, next to the loading: weights replaced later (a training run
         # saving to the same path) must not name the namespace of features this model computes.
         self._weights_sha256 = self._weights_hash() if self.cache is not None else None
+        # Without a cache the (slow) hash waits for one being set; the file's identity says then whether the
+        # file still holds the weights this model loaded.
+        self._weights_identity = _file_identity(self.weights_path)
+        self._weights_changed_warned = False
 
     def _weights_hash(self) -> str:
         from .cache import weights_fingerprint
@@ -286,6 +312,15 @@ class _Extractor:
         identity = (str(self.cache.root), per_position)
         if identity not in self._namespaces:
             if self._weights_sha256 is None:  # the cache was set after construction
+                if _file_identity(self.weights_path) != self._weights_identity:
+                    # Its hash would name other weights' namespace: features of these would be served to those.
+                    if not self._weights_changed_warned:
+                        from .progress import write_line
+
+                        write_line(f"warning: {self.weights_path} changed since this model loaded it; its features "
+                                   "are not cached (load the model again to cache them)")
+                        self._weights_changed_warned = True
+                    return None
                 self._weights_sha256 = self._weights_hash()
             settings = {"model": self.model_kind, "weights_sha256": self._weights_sha256,
                         "per_position": per_position, "dtype": self.dtype, "converters": CONVERTER_SETTINGS,
@@ -402,15 +437,30 @@ class _Extractor:
         return self._encode(items, raws, failures, per_position, use_cache=True, progress=progress,
                             desc=self.model_kind, root=root, width=width)
 
-    def _folder_files(self, folder, include_text: bool) -> List[Path]:
+    def _folder_files(self, folder, include_text: bool) -> Tuple[List[Path], List[Tuple[Path, str]]]:
+        """(the input files under ``folder``, [(path, reason)] for what could not be searched or read:
+        a folder that cannot be listed, a FIFO, socket or device named like an input), as the scripts list them."""
         from .files import find_files
         from .extraction.model_inputs import AUDIO_INPUT_EXTENSIONS, MUSIC_INPUT_EXTENSIONS, TEXT_INPUT_EXTENSIONS
 
         folder = Path(folder)
         if not folder.exists():
             raise FileNotFoundError(f"folder not found: {folder}")
-        return find_files(folder, MUSIC_INPUT_EXTENSIONS + (AUDIO_INPUT_EXTENSIONS if self.accepts_audio else ())
-                          + (TEXT_INPUT_EXTENSIONS if include_text else ()))
+        problems: List[Tuple[Path, str]] = []
+        files = find_files(folder, MUSIC_INPUT_EXTENSIONS + (AUDIO_INPUT_EXTENSIONS if self.accepts_audio else ())
+                           + (TEXT_INPUT_EXTENSIONS if include_text else ()), problems)
+        return files, problems
+
+    def _encode_folder(self, folder, per_position: bool, *, include_text: bool, errors: str, progress: bool,
+                       abc_format: str, width: Optional[int] = None) -> Encoded:
+        _check_errors(errors)
+        files, problems = self._folder_files(folder, include_text)
+        encoded = self._encode_items(files, per_position, allow_text=include_text, abc_format=abc_format,
+                                     progress=progress, root=Path(folder), width=width)
+        encoded.failures = encoded.failures + problems
+        if errors == "raise":
+            encoded.raise_for_failures()
+        return encoded
 
     similarity = staticmethod(cosine_similarity)
 
@@ -533,9 +583,8 @@ class _JointSpace(_Extractor):
         The result's ``names`` are paths relative to ``folder``; failures are listed, not raised,
         unless ``errors="raise"``.
         """
-        files = self._folder_files(folder, include_text)
-        return self.encode_files(files, normalize, errors=errors, progress=progress, abc_format=abc_format,
-                                 root=folder)
+        return self._encode_folder(folder, not normalize, include_text=include_text, errors=errors,
+                                   progress=progress, abc_format=abc_format, width=self.dim)
 
 
 class CLaMP2(_JointSpace):
@@ -568,6 +617,7 @@ class CLaMP2(_JointSpace):
         from .hub import PUBLISHED_CLAMP2_WEIGHTS, resolve_weights
         from .models.clamp2 import CLaMP2Model
 
+        _check_sizes(batch_size, num_workers, max_text_length)
         _device_and_dtype(device, dtype)  # refused before a download or a build
         path = resolve_weights(weights, filename or PUBLISHED_CLAMP2_WEIGHTS, local_files_only=local_files_only,
                                revision=revision, cache_dir=hub_cache_dir)
@@ -650,6 +700,7 @@ class CLaMP3(_JointSpace):
 
         if variant is not None:
             check_choice("variant", variant, CLAMP3_VARIANTS)
+        _check_sizes(batch_size, num_workers, max_text_length)
         _device_and_dtype(device, dtype)  # refused before a download or a build
         path = resolve_weights(weights, filename or PUBLISHED_CLAMP3_WEIGHTS[variant or "saas"],
                                local_files_only=local_files_only, revision=revision, cache_dir=hub_cache_dir,
@@ -798,7 +849,10 @@ class CLaMP3(_JointSpace):
         from .extraction.model_inputs import AUDIO, MERT
 
         _check_errors(errors)
-        items = _as_list(items) if not (type(items).__module__ == "numpy" and hasattr(items, "shape")) else [items]
+        from .extraction.model_inputs import is_array
+
+        # One array of MERT features is one input; an array of paths (NumPy strings) is a list of them.
+        items = [items] if is_array(items) and items.dtype.kind not in "US" else _as_list(items)
         raws, failures = self._resolve(items, allow_text=False, abc_format="auto")
         for i, raw in enumerate(raws):
             if raw is not None and raw.kind not in (AUDIO, MERT):
@@ -838,6 +892,7 @@ class M3(_Extractor):
         from .hub import PUBLISHED_M3_WEIGHTS, resolve_weights
         from .models.m3 import M3PatchEncoder
 
+        _check_sizes(batch_size, num_workers)
         _device_and_dtype(device, dtype)  # refused before a download or a build
         path = resolve_weights(weights, filename or PUBLISHED_M3_WEIGHTS, local_files_only=local_files_only,
                                revision=revision, cache_dir=hub_cache_dir)
@@ -882,13 +937,8 @@ class M3(_Extractor):
 
     def encode_folder(self, folder: str | os.PathLike, *, errors: str = "skip", progress: bool = True,
                       abc_format: str = "auto") -> Encoded:
-        _check_errors(errors)
-        files = self._folder_files(folder, include_text=False)
-        encoded = self._encode_items(files, True, allow_text=False, abc_format=abc_format, progress=progress,
-                                     root=Path(folder))
-        if errors == "raise":
-            encoded.raise_for_failures()
-        return encoded
+        return self._encode_folder(folder, True, include_text=False, errors=errors, progress=progress,
+                                   abc_format=abc_format)
 
 
 # -- command-line options shared by the scripts that load CLaMP 2 ------------------------------------

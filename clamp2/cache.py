@@ -12,7 +12,7 @@ invalidated by hand (CLaMP 3's cache, keyed by file name, silently serves stale 
 Layout under the cache folder (default: the user cache folder, ``~/.cache/clamp2`` on Linux)::
 
     features/<namespace>/settings.json           what the namespace holds (for ``info``)
-    features/<namespace>/<key[:2]>/<key>.npy     one feature, as extraction saves it, then the sha256 of those bytes
+    features/<namespace>/<key[:2]>/<key>.npy     one feature, as extraction saves it, then the sha256 of its name and bytes
     weights/<path, size, times, inode hash>.sha256   memoized weights hashes (a 3 GB file is hashed once)
 
 Every write is a temporary file and a rename, so several processes can fill one cache at once;
@@ -37,7 +37,8 @@ from typing import Any, Dict, List, Mapping, Optional
 from .files import atomic_path, atomic_write_text
 
 # 2: each entry ends with the sha256 of its .npy bytes (a damaged entry is encoded again, never served).
-FEATURE_FORMAT = 2
+# 3: that sha256 also covers the entry's namespace and key (an intact entry under another name is not served).
+FEATURE_FORMAT = 3
 APP_NAME = "clamp2"
 # The package's modules between a file's bytes and its feature: conversion, model inputs, models, weights loading.
 FEATURE_CODE = ("convert/abc.py", "convert/abc_repair.py", "convert/mtf.py", "extraction/*.py", "models/*.py",
@@ -81,13 +82,20 @@ def source_fingerprint(package: Path) -> str:
     return sha.hexdigest()
 
 
+def file_identity(path: str | os.PathLike) -> tuple:
+    """(real path, size, mtime, change time, inode): what tells that a file was replaced, even by a copy
+    with the same size and modification time. Raises ``OSError`` when the file cannot be read."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    return real, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
 def weights_fingerprint(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
     """sha256 of a weights file, memoized by (real path, size, mtime, change time, inode) in memory and
     under ``cache_dir``: other weights copied over the file with the same size and modification time
     (``cp -p``, ``os.utime``) still have another change time or inode, so they are hashed again."""
-    real = os.path.realpath(path)
-    stat = os.stat(real)
-    identity = (real, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    identity = file_identity(path)
+    real = identity[0]
     if identity in _weights_hashes:
         return _weights_hashes[identity]
     memo = None
@@ -172,7 +180,7 @@ class CacheNamespace:
         except OSError:
             return None
         body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
-        if len(data) <= _DIGEST_SIZE or hashlib.sha256(body).digest() != digest:
+        if len(data) <= _DIGEST_SIZE or self._digest(key, body) != digest:
             return None
         try:
             return np.load(io.BytesIO(body), allow_pickle=False)
@@ -192,7 +200,12 @@ class CacheNamespace:
         body = buffer.getvalue()
         with atomic_path(self.path(key)) as tmp:
             with open(tmp, "wb") as f:
-                f.write(body + hashlib.sha256(body).digest())
+                f.write(body + self._digest(key, body))
+
+    def _digest(self, key: str, body: bytes) -> bytes:
+        """sha256 of an entry's name (namespace, key) and bytes: a valid entry copied or renamed under another
+        key (another file's feature, another shape) does not match and is encoded again."""
+        return hashlib.sha256(f"{self.folder.name}/{key}\0".encode("utf-8") + body).digest()
 
     def _describe(self) -> None:
         target = self.folder / "settings.json"

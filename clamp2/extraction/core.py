@@ -861,6 +861,8 @@ def process_state(device_arg: Optional[str]):
 
 def autocast_context(device: torch.device, dtype: str):
     """fp32 is exact and the default (TF32 off: :class:`ExactFloat32`); bf16/fp16 autocast only on CUDA."""
+    if dtype not in ("fp32", "bf16", "fp16"):  # anything else ran fp16 on CUDA
+        raise ValueError(f"dtype must be 'fp32', 'bf16' or 'fp16', not {dtype!r}")
     if dtype == "fp32":
         return ExactFloat32()
     if device.type != "cuda":

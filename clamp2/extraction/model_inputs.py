@@ -103,6 +103,11 @@ def is_path_like(item: Any) -> bool:
     return isinstance(item, os.PathLike) or (isinstance(item, str) and "\n" not in item and "\r" not in item)
 
 
+def is_array(item: Any) -> bool:
+    """A NumPy array (of MERT features), not a NumPy string (``np.str_``/``np.bytes_``: a path or content)."""
+    return type(item).__module__ == "numpy" and hasattr(item, "shape") and not isinstance(item, (str, bytes))
+
+
 def audio_suffix(data: bytes) -> Optional[str]:
     """The extension of audio file bytes by their magic number, or None."""
     for magic, suffix in _AUDIO_MAGIC.items():
@@ -123,14 +128,19 @@ def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False, allow
     """
     if abc_format not in ABC_FORMATS:
         raise ValueError(f"abc_format must be one of {', '.join(ABC_FORMATS)}, not {abc_format!r}")
-    if type(item).__module__ == "numpy" and hasattr(item, "shape"):
+    if is_array(item):
         if not allow_audio:
             raise InputError(NO_AUDIO)
         import numpy as np
 
         buffer = io.BytesIO()
-        np.save(buffer, item, allow_pickle=False)
+        try:
+            np.save(buffer, item, allow_pickle=False)
+        except ValueError as exc:  # an object array: not MERT features
+            raise InputError(f"not a numeric array of MERT features ({exc})") from None
         return RawInput(MERT, data=buffer.getvalue())
+    if isinstance(item, str) and item == "":  # Path("") is ".": "a folder, not a file: ."
+        raise InputError("an empty string: neither a file name nor content")
     if is_path_like(item):
         path = Path(item).expanduser()
         if path.is_dir():
