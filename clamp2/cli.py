@@ -1,7 +1,9 @@
 """What every command-line script shares: one-line usage errors and loading ``code/config.py``.
 
 Scripts exit 0 on success, 1 when some inputs failed (listed), 2 for a usage or configuration
-error, which is always one line on stderr (``<script>: error: ...``), never a traceback.
+error, which is always one line on stderr (``<script>: error: ...``), never a traceback. Ctrl-C
+(SIGINT) is one line too (:func:`interrupt_in_one_line`), and the process still ends by SIGINT, so a
+shell sees status 130.
 """
 
 from __future__ import annotations
@@ -14,6 +16,30 @@ from types import ModuleType
 from typing import NoReturn
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def interrupt_in_one_line() -> None:
+    """Make an uncaught KeyboardInterrupt (Ctrl-C) print one line instead of a traceback.
+
+    Each script calls it first, before importing torch, so a Ctrl-C while torch loads is covered too.
+    Only the printing changes: ``finally`` blocks and context managers have already run, and Python
+    still ends the process by SIGINT (a shell's ``$?`` is 130, a parent's ``returncode`` -2). Outputs
+    are written atomically and a re-run skips or resumes what is done, which the line says.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "one_line_interrupt", False):
+        return
+
+    def hook(kind, value, traceback):
+        if issubclass(kind, KeyboardInterrupt):
+            name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+            print(f"{name}: interrupted; run the same command again to resume (finished outputs are kept)",
+                  file=sys.stderr, flush=True)
+            return
+        previous(kind, value, traceback)
+
+    hook.one_line_interrupt = True
+    sys.excepthook = hook
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -26,6 +26,10 @@ text model loads), 2 for a usage or model error (a missing text model included).
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 from pathlib import Path
 

@@ -14,6 +14,10 @@ launch); exit status 0 when every file succeeded, 1 when some failed, 2 for a us
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 from pathlib import Path
 

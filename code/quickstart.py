@@ -34,6 +34,10 @@ and why), 2 usage error.
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 from pathlib import Path
 

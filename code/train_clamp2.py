@@ -22,6 +22,10 @@ run resumes from latest_ exactly. Exit status: 0 done, 2 bad data, model or conf
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import functools
 import sys
 

@@ -21,6 +21,10 @@ Exit status: 0 done, 2 bad data, model, checkpoint or configuration.
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 
 from clamp2.training import clamp3

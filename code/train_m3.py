@@ -19,6 +19,10 @@ on CPU; AMP on CUDA only (see --precision). Exit status: 0 done, 2 bad data or c
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import functools
 import sys
 

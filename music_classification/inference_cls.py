@@ -16,6 +16,10 @@ scored (listed with reasons), 2 usage error (no files, missing or foreign weight
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 
 from clamp2.cli import ArgumentParser

@@ -29,6 +29,10 @@ gloo on CPU, NCCL on CUDA; AMP on CUDA only. Exit status: 0 done, 1 done but fil
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import argparse
 import sys
 

@@ -15,6 +15,10 @@ Exit status: 0 all converted, 1 some file failed, 2 usage error.
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import argparse
 import sys
 

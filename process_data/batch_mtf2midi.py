@@ -11,6 +11,10 @@ track holding the messages of the text (``unknown_meta`` lines are skipped). MTF
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import argparse
 import sys
 

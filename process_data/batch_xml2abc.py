@@ -12,6 +12,10 @@ in-process. An ``.mxl`` whose score is a ``.musicxml`` is read through its
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import argparse
 import sys
 

@@ -23,6 +23,10 @@ multi-process launch). Exit status: 0 all extracted, 1 some failed, 2 usage or m
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 from pathlib import Path
 

@@ -26,6 +26,10 @@ The last stdout line is ``done N, skipped N, failed N, retries N``. Exit status:
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import argparse
 import os
 import sys

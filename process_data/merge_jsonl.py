@@ -15,6 +15,10 @@ list) are kept in the shape they have. Exit status: 0 all merged, 1 some records
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import argparse
 import sys
 from pathlib import Path

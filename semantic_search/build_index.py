@@ -11,6 +11,10 @@ re-run reads only new or changed files and drops deleted ones; files that cannot
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 
 from clamp2.cli import ArgumentParser

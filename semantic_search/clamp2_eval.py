@@ -14,6 +14,10 @@ semantic_search_metrics.py ranks them, and the metrics are printed the same way 
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import json
 import sys
 from pathlib import Path

@@ -20,6 +20,10 @@ covariance with no real square root are one-line errors (exit 2).
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import json
 import sys
 

@@ -13,6 +13,10 @@ and listed (exit 1); a dimension mismatch or a missing folder is a one-line erro
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 
 from clamp2.cli import ArgumentParser

@@ -18,6 +18,10 @@ model error.
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import json
 import sys
 from pathlib import Path

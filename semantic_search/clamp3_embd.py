@@ -17,6 +17,10 @@ work. Exit status: 0 ok, 1 some files could not be encoded (listed) or no modali
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 from pathlib import Path
 

@@ -17,6 +17,10 @@ Exit status: 0 ok, 1 no result or some files could not be used (listed), 2 usage
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import json
 import sys
 from pathlib import Path

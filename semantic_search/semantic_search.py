@@ -11,6 +11,10 @@ stderr (exit status 1); a bad query, folder or option is a one-line error (exit 
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import sys
 
 from clamp2.cli import ArgumentParser

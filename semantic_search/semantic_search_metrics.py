@@ -16,6 +16,10 @@ no common key, a dimension mismatch or a bad option is a one-line error (exit 2)
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import json
 import sys
 

@@ -21,6 +21,10 @@ be converted are listed with their reasons. Exit status: 0 all files classified,
 
 from __future__ import annotations
 
+from clamp2.cli import interrupt_in_one_line
+
+interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
+
 import json
 import sys
 from collections import Counter

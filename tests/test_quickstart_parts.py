@@ -385,9 +385,12 @@ def test_corpus_files_keep_finished_ones_and_redo_empty_ones(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_training_processes_end_with_a_killed_quickstart(tmp_path, nproc):
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_training_processes_end_with_a_killed_quickstart(tmp_path, nproc, signal_name):
     """A quick start killed during a torchrun step (SIGKILL, or SIGTERM: Python then runs no cleanup) takes the
-    training with it; left running, it would train on beside the re-run's own training (epochs logged twice)."""
+    training with it; left running, it would train on beside the re-run's own training (epochs logged twice).
+    So does a Ctrl-C sent to the quick start alone (``kill -INT``): subprocess.run would SIGKILL torchrun, which
+    then cannot end its ranks."""
     import signal
     import subprocess
     import time
@@ -404,7 +407,7 @@ def test_training_processes_end_with_a_killed_quickstart(tmp_path, nproc):
         time.sleep(0.1)
     pids = [int(p.read_text()) for p in tmp_path.glob("pid_*")]
     assert len(pids) == nproc
-    parent.send_signal(signal.SIGKILL)
+    parent.send_signal(getattr(signal, signal_name))
     parent.wait()
     assert not processes_left_running(pids, 30)
 

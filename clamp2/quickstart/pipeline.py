@@ -155,7 +155,18 @@ def run_distributed(relative: str, args: List[str], nproc: int, env: Dict[str, s
     else:
         command = [sys.executable, str(REPO / relative)]
     # Left running after a kill, the training would go on beside a re-run's own, on the same weights and log.
-    status = subprocess.run(ending_with_this_process(command + [str(a) for a in args]), env=environ).returncode
+    process = subprocess.Popen(ending_with_this_process(command + [str(a) for a in args]), env=environ)
+    try:
+        status = process.wait()
+    except BaseException:
+        # Ctrl-C sent to this process alone: SIGTERM, which torchrun passes on to its ranks before it ends
+        # (subprocess.run would SIGKILL it, and its ranks would wait on each other for good).
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
     if status != 0:
         raise StepFailed(f"{relative} exited with status {status} (see its messages above)")
 

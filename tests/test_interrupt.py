@@ -1,0 +1,82 @@
+"""Ctrl-C (SIGINT) on any script: one line on stderr, never a traceback; the process still ends by SIGINT
+(a shell's status 130); nothing partial is left and a re-run finishes the work."""
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+SCRIPTS = sorted(str(p.relative_to(REPO_ROOT)) for folder in ("process_data", "code", "semantic_search",
+                                                               "music_classification")
+                 for p in (REPO_ROOT / folder).glob("*.py") if p.name != "config.py")
+ONE_LINE = "interrupted; run the same command again to resume (finished outputs are kept)"
+
+
+def test_an_uncaught_ctrl_c_is_one_line_and_still_ends_the_process_by_sigint():
+    code = ("import os, signal, sys, time\n"
+            "from clamp2.cli import interrupt_in_one_line\n"
+            "interrupt_in_one_line()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(30)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGINT
+    assert result.stderr.splitlines() == [f"-c: {ONE_LINE}"]
+
+
+def test_other_errors_keep_their_traceback():
+    code = "from clamp2.cli import interrupt_in_one_line\ninterrupt_in_one_line()\nraise ValueError('x')\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "ValueError: x" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_turns_ctrl_c_into_one_line_before_it_imports_anything_slow(script):
+    # Loading torch takes seconds: a Ctrl-C then must not print a traceback either, so the call comes first.
+    body = ast.parse((REPO_ROOT / script).read_text(encoding="utf-8")).body
+    body = [node for node in body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+    body = [node for node in body if not (isinstance(node, ast.ImportFrom) and node.module == "__future__")]
+    first, second = body[:2]
+    assert isinstance(first, ast.ImportFrom) and first.module == "clamp2.cli", script
+    assert [alias.name for alias in first.names] == ["interrupt_in_one_line"], script
+    assert (isinstance(second, ast.Expr) and isinstance(second.value, ast.Call)
+            and getattr(second.value.func, "id", None) == "interrupt_in_one_line"), script
+
+
+def test_extraction_interrupted_mid_run_is_one_line_and_a_rerun_finishes_it(vectors, tmp_path):
+    from test_extract import TINY_ENV, compare_tree
+
+    out = tmp_path / "out"
+    # Ctrl-C as the first feature is saved (one file per save, so the rest are still to come).
+    wrapper = ("import os, runpy, signal, sys\n"
+               "import clamp2.extraction.core as core\n"
+               "core.SAVE_GROUP = 1\n"
+               "save = core._save_group\n"
+               "sent = []\n"
+               "def save_then_ctrl_c(group):\n"
+               "    errors = save(group)\n"
+               "    if not sent:  # one Ctrl-C\n"
+               "        sent.append(os.kill(os.getpid(), signal.SIGINT))\n"
+               "    return errors\n"
+               "core._save_group = save_then_ctrl_c\n"
+               "sys.argv = sys.argv[1:]\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    args = [str(REPO_ROOT / "code/extract_m3.py"), str(vectors / "extract_in"), str(out),
+            "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0", "--no_progress", "--batch_size", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **TINY_ENV)
+    result = subprocess.run([sys.executable, "-c", wrapper, *args], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == f"extract_m3.py: {ONE_LINE}"
+    assert [p.name for p in out.rglob("*") if p.is_file() and p.suffix != ".npy"] == []  # no partial file
+    for path in out.rglob("*.npy"):
+        np.load(path)
+    rerun = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    compare_tree(vectors / "expected" / "feat_m3", out)
