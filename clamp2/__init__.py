@@ -37,6 +37,12 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
     quickstart/    code/quickstart.py: the pipeline, the demo corpus from music21, audio rendering, the report
 """
 
+import os as _os
+
+# (this process, the process that started it), read before anything slow is imported (the scripts import clamp2
+# first): a launcher killed while its ranks still import torch has orphaned them before distributed.setup watches it.
+STARTED_BY = (_os.getpid(), _os.getppid())
+
 __version__ = "0.1.0"
 
 # Loaded on first use so that `import clamp2` stays fast (torch and transformers take seconds).

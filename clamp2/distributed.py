@@ -67,7 +67,12 @@ def before_process_group(free_at_exit: bool = False) -> None:
     (an extraction to the end of its folder, a training beside a re-run's), so each exits once its parent is gone.
     """
     importlib.import_module("torch._dynamo")
-    exit_with_parent()
+    # The launcher as it was when the package was imported: one killed during this process's imports is gone already.
+    # Only in the process that imported it: a child forked after the import has another parent.
+    from . import STARTED_BY
+
+    pid, launcher = STARTED_BY
+    exit_with_parent(parent=launcher if pid == os.getpid() else None)
     if free_at_exit:
         atexit.register(teardown)  # atexit runs while the interpreter is whole, before its shutdown
 

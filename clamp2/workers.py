@@ -12,12 +12,14 @@ import os
 import sys
 import threading
 import time
-from typing import List
+from typing import List, Optional
 
 
-def exit_with_parent(*_worker_id: int) -> None:
-    """Pool initializer or DataLoader ``worker_init_fn``: end this worker once its parent is gone."""
-    parent = os.getppid()
+def exit_with_parent(*_worker_id: int, parent: Optional[int] = None) -> None:
+    """Pool initializer or DataLoader ``worker_init_fn``: end this worker once its parent is gone.
+
+    ``parent``: the PID this process was started by, when known from earlier (at once if it is gone already)."""
+    parent = os.getppid() if parent is None else parent
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -512,3 +512,62 @@ def test_a_stage_starts_from_the_best_epoch_of_the_previous_one(tiny_env, tmp_pa
     assert started["modality"] == "audio"
     for key in ("text_proj.weight", "symbolic_proj.weight"):  # untouched by the audio stage at rate 0
         assert torch.equal(started["model"][key], best["model"][key]), key
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_an_unreadable_best_file_of_the_earlier_stage_says_rerun_or_delete(damage, tiny_env, tmp_path, corpus3,  # noqa: F811
+                                                                            trainers, monkeypatch, capsys):
+    # The symbolic stage's last epoch is not its best: the audio stage reads the best file, which is damaged. Its
+    # line told to "download or copy it again" (or to "pass a model weights file"), for a file no hub has.
+    from clamp2.training import loop
+    weights = tmp_path / "weights_t.pth"
+    losses = iter([1.0, 2.0])
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: next(losses))
+    common = ["--batch_size", "8", "--max_steps_per_epoch", "1", "--weights", str(weights), "--epochs", "2",
+              "--save_every", "0"]
+    assert trainers["symbolic"].main(args_for("symbolic", corpus3, *common)) == 0
+    monkeypatch.setattr(loop, "evaluate", real)
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2] if damage == "truncated" else b"")
+    capsys.readouterr()
+    assert trainers["audio"].main(args_for("audio", corpus3, *common)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and str(weights) in errors[0], errors
+    assert "download" not in errors[0] and "pass a model weights file" not in errors[0]
+    assert "symbolic stage's best file (epoch 1)" in errors[0] and "re-run the symbolic stage" in errors[0]
+    assert f"delete it to start from {weights.with_name('latest_weights_t.pth')} (epoch 2" in errors[0]
+
+
+def test_a_resume_from_the_best_file_drops_the_log_entries_it_redoes(tiny_env, tmp_path, corpus3, trainers,  # noqa: F811
+                                                                      monkeypatch):
+    # latest_ deleted by hand: the run resumes from the best file (epoch 2 of 3) and redoes epoch 3. Its log kept
+    # the first run's epoch 3 too (Epoch 1, 2, 3, 3); the probe's log was trimmed, the trainers' was not.
+    from clamp2.training import loop
+    weights = tmp_path / "weights_t.pth"
+    losses = iter([1.0, 0.5, 0.7, 0.7])
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: next(losses))
+    common = ["--batch_size", "8", "--max_steps_per_epoch", "1", "--weights", str(weights), "--epochs", "3",
+              "--save_every", "0"]
+    assert trainers["symbolic"].main(args_for("symbolic", corpus3, *common)) == 0
+    whole = (tmp_path / "logs_t.txt").read_text()
+    weights.with_name("latest_weights_t.pth").unlink()
+    assert trainers["symbolic"].main(args_for("symbolic", corpus3, *common)) == 0
+    entries = re.findall(r"^Epoch (\d+)$", (tmp_path / "logs_t.txt").read_text(), re.M)
+    assert entries == ["1", "2", "3"]
+    # the best file holds epoch 2's whole state: the redone epoch 3 is the first run's, bit for bit
+    assert log_losses(tmp_path / "logs_t.txt") == (
+        [float(x) for x in re.findall(r"^train_loss: (\S+)$", whole, re.M)],
+        [float(x) for x in re.findall(r"^eval_loss: (\S+)$", whole, re.M)])
+
+
+def test_epoch_copy_temporaries_above_a_lowered_epoch_count_are_removed(tiny_env, tmp_path, corpus3, trainers):  # noqa: F811
+    # A run with --epochs 3 killed while writing weights_t_3.pth's temporary, re-run with --epochs 2: the cleanup
+    # looked for epoch copies 1..2 only, and the temporary (as large as a checkpoint) stayed.
+    from clamp2.files import _temporary_name
+    weights = tmp_path / "weights_t.pth"
+    common = ["--batch_size", "8", "--max_steps_per_epoch", "1", "--weights", str(weights), "--save_every", "1"]
+    assert trainers["symbolic"].main(args_for("symbolic", corpus3, *common, "--epochs", "3")) == 0
+    left = tmp_path / os.path.basename(_temporary_name("weights_t_3.pth"))
+    left.write_bytes(weights.read_bytes()[:100])
+    assert trainers["symbolic"].main(args_for("symbolic", corpus3, *common, "--epochs", "2")) == 0
+    assert not left.exists()

@@ -155,3 +155,67 @@ def test_clamp2_eval_loss_is_the_same_on_one_and_two_processes(tmp_path, corpus)
     one = log_losses(next((tmp_path / "one").glob("logs_clamp2_*.txt")))[1]
     assert len(one) == len(two) == 1 and one[0] == pytest.approx(two[0], abs=1e-5)
     assert 0.5 < one[0] < 2 * math.log(8)
+
+
+def test_ranks_end_when_the_launcher_is_killed_while_they_start(tmp_path, corpus):  # noqa: F811
+    # The launcher SIGKILLed as soon as its ranks exist (they are still importing torch): they used to note their
+    # parent only after the imports, by then PID 1, and waited on the dead launcher's store for minutes.
+    import signal
+    import time
+
+    train, held_out = split_jsonl(corpus, eval_count=4)
+    weights = tmp_path / "orphans.pth"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(TINY_ENV, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO_ROOT / "code/train_clamp2.py"), "--train_jsonl", str(train), "--eval_jsonl", str(held_out),
+           "--text_model", TEXT_MODEL, "--batch_size", "4", "--no_progress", "--weights", str(weights)]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    def ranks():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                line = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if str(weights) in line and int(pid) != launcher.pid:
+                found.append(int(pid))
+        return found
+
+    def loading_torch(pid):  # the scripts import clamp2 first, then torch: a rank mapping torch's library is past it
+        try:
+            return "libtorch" in open(f"/proc/{pid}/maps").read()
+        except OSError:
+            return False
+
+    deadline = time.time() + 60
+    while not (len(ranks()) == 2 and all(map(loading_torch, ranks()))) and time.time() < deadline:
+        time.sleep(0.02)
+    started = ranks()
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 20
+    while ranks() and time.time() < deadline:
+        time.sleep(0.2)
+    left = ranks()
+    for pid in left:  # this test's own processes, by id
+        os.kill(pid, signal.SIGKILL)
+    assert len(started) == 2 and left == [], (started, left)
+
+
+def test_a_process_forked_after_the_import_watches_its_own_parent():
+    # clamp2 notes the launcher when imported; a child forked later (its parent is the importing process) must watch
+    # that parent, not the launcher above it, or it would end at once.
+    code = ("import os, time\n"
+            "from clamp2 import distributed\n"
+            "child = os.fork()\n"
+            "if child == 0:\n"
+            "    distributed.before_process_group()\n"
+            "    time.sleep(1.5)\n"
+            "    os._exit(7)\n"
+            "print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["7"], result.stderr

@@ -58,7 +58,7 @@ from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capt
                           resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
-from ..files import remove_partial_files_of
+from ..files import atomic_write_text, remove_partial_files_of
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            env_int, gather_objects, seed_everything)
 from ..models.common import compile_transformers, count_parameters
@@ -757,13 +757,27 @@ def stage_switch(weights_path: Path, source: Path, checkpoint: Dict[str, Any], s
     latest when there is no best file) start ``stage`` afresh."""
     best = Path(weights_path)
     if Path(source) != best and best.is_file():
-        source, checkpoint = best, read_checkpoint(best)
+        try:
+            source, checkpoint = best, read_checkpoint(best)
+        except CheckpointError as exc:  # the earlier stage's own file: written again or deleted, not downloaded
+            raise CheckpointError(unreadable_stage_file(exc.problem, best, source, checkpoint, stage)) from None
     previous = checkpoint.get("modality")
     written = (f"written by the {previous} stage" if previous
                else "without a 'modality' entry (not written by a CLaMP 3 stage)")
     return source, checkpoint, (f"new {stage} stage: {source} was {written}, epoch {checkpoint.get('epoch', '?')}; "
                                 f"its weights start the {stage} stage at epoch 1 (fresh optimizer, schedule, best "
                                 "loss)")
+
+
+def unreadable_stage_file(problem: str, best: Path, latest: Path, checkpoint: Mapping[str, Any], stage: str) -> str:
+    """The line for an earlier stage's best file that cannot be read (``latest``'s ``checkpoint`` points to it)."""
+    previous = checkpoint.get("modality") or "earlier"
+    best_epoch, last = checkpoint.get("best_epoch", "?"), checkpoint.get("epoch", "?")
+    copy = Path(epoch_weights_path(str(best), best_epoch)) if isinstance(best_epoch, int) else None
+    restore = f"copy {copy} (that epoch's copy) over it, " if copy is not None and copy.is_file() else ""
+    return (f"{problem}; it is the {previous} stage's best file (epoch {best_epoch}), which this {stage} stage starts "
+            f"from: {restore}re-run the {previous} stage (--no_resume trains it again), or delete it to start from "
+            f"{latest} (epoch {last}, that stage's last epoch)")
 
 
 def refuse_overwriting_epoch_files(settings: TrainSettings) -> None:
@@ -789,20 +803,45 @@ def epoch_files_owed(settings: TrainSettings, epoch: int, best: bool, save_every
     return owed
 
 
+LOG_ENTRY = re.compile(r"^Epoch (\S+)\ntrain_loss: (\S+)\neval_loss: (\S+)$", re.M)  # one epoch's entry in a log
+
+
 def logged_entries(path: Path) -> List[Tuple[str, str, str]]:
     """(epoch, train_loss, eval_loss) as written in each entry of a log file (none when it is missing)."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
-    return re.findall(r"^Epoch (\S+)\ntrain_loss: (\S+)\neval_loss: (\S+)$", text, re.M)
+    return LOG_ENTRY.findall(text)
 
 
-def remove_killed_saves(settings: TrainSettings) -> int:
-    """Delete the temporary files that killed saves of this run's checkpoints left (each as large as one)."""
+def drop_log_entries_after(path: Path, checkpoint: Mapping[str, Any]) -> int:
+    """Remove the log entries after the checkpoint's own epoch entry (its epoch and losses); return how many.
+
+    A resume from the best file (``latest_`` deleted) redoes the epochs after it, whose entries the log holds.
+    Entries before it (an earlier stage's, in CLaMP 3's shared log) stay; a log without the entry is left alone."""
+    losses = checkpoint.get("losses")
+    if not isinstance(losses, Mapping):
+        return 0
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return 0
+    entries = list(LOG_ENTRY.finditer(text))
+    own = (str(checkpoint.get("epoch")), str(losses.get("train")), str(losses.get("eval")))
+    found = [index for index, entry in enumerate(entries) if entry.groups() == own]
+    if not found or found[-1] == len(entries) - 1:
+        return 0
+    atomic_write_text(path, text[:entries[found[-1] + 1].start()])
+    return len(entries) - 1 - found[-1]
+
+
+def remove_killed_saves(settings: TrainSettings, epochs: int = 0) -> int:
+    """Delete the temporary files that killed saves of this run's checkpoints left (each as large as one); epoch
+    copies up to ``epochs`` too, when more than this run's (a killed run with a higher --epochs)."""
     weights = Path(settings.weights_path)
     paths = [weights, latest_path(weights)] + [Path(epoch_weights_path(str(weights), epoch))
-                                               for epoch in range(1, settings.num_epochs + 1)]
+                                               for epoch in range(1, max(settings.num_epochs, epochs) + 1)]
     return remove_partial_files_of(paths)  # one listing of the folder, not one per epoch copy
 
 
@@ -902,6 +941,9 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         remove_killed_saves(settings)
     source = resume_source(settings.weights_path) if settings.load_ckpt else None
     checkpoint = read_resume_checkpoint(source, settings) if source is not None else None
+    record = checkpoint.get("training") if checkpoint is not None else None
+    if dist_info.is_main and isinstance(record, Mapping) and int(record.get("num_epochs") or 0) > settings.num_epochs:
+        remove_killed_saves(settings, int(record["num_epochs"]))  # the epoch copies a longer run was writing
     same_checkpoint_everywhere(source, checkpoint, dist_info)
     new_stage = None
     if checkpoint is not None and task.stage is not None and checkpoint.get("modality") != task.stage:
@@ -952,6 +994,10 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
                            f"{'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''}")
         if dist_info.is_main:
             catch_up_epoch_files(settings, source, checkpoint, task.stage, dist_info)
+            dropped = drop_log_entries_after(settings.logs_path, checkpoint)
+            if dropped:
+                say(dist_info, f"{dropped} log entr{'y' if dropped == 1 else 'ies'} after epoch {counters['epoch']} removed "
+                               f"from {settings.logs_path}: this run redoes those epochs from {source}")
     del checkpoint  # optimizer state included, it can hold gigabytes of host memory per rank
 
     for dataset in (task.train_set, task.eval_set):
