@@ -45,9 +45,11 @@ import torch
 from clamp2.benchmarking import device_peak_tflops, deviation
 from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths
-from clamp2.attention import ATTN_IMPLEMENTATIONS, set_attention
-from clamp2.extraction.core import (KindRunner, MusicEncoder, autocast_context, compile_runners, default_workers,
-                                    extract_jobs, plan_batches, plan_jobs, window_starts)
+from clamp2.attention import set_attention
+from clamp2.attention_arguments import ATTN_IMPLEMENTATIONS
+from clamp2.extraction.arguments import default_workers
+from clamp2.extraction.core import (KindRunner, MusicEncoder, autocast_context, compile_runners, extract_jobs,
+                                    plan_batches, plan_jobs, window_starts)
 from clamp2.models.m3 import M3Dims, M3PatchEncoder
 from clamp2.models.common import masked_mean, transformer_flops
 from clamp2.patchilizer import NUM_CLASSES, M3Patchilizer

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     from clamp2.extraction.mert import MertFeatureExtractor
     from clamp2.models.mert import build_mert, forward_flops
 
-    from clamp2.extraction.core import default_workers
+    from clamp2.extraction.arguments import default_workers
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -74,7 +74,7 @@ from pathlib import Path
 
 import torch
 
-from clamp2.attention import ATTN_IMPLEMENTATION
+from clamp2.attention_arguments import ATTN_IMPLEMENTATION
 from clamp2.benchmarking import device_peak_tflops
 from clamp2.cli import ArgumentParser
 from clamp2.quickstart.music21_corpus import build_music_files, corpus_musicxml_paths, piece_name

@@ -14,6 +14,7 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
         distributed    torch.distributed setup, rank/device info, teardown
         checkpoint     strict, weights_only loading and atomic saving of checkpoints
         hub            weights from a local file or folder or a Hugging Face hub id
+        attention_arguments  the attention choices and the --attention flag, without torch (a fast --help)
         attention      the attention kernel (sdpa or eager) of every transformer the package builds
         patchilizer    M3 patch tokenizer (bars / MIDI messages as 64-character patches)
         text_model     the XLM-R text encoder/tokenizer from a hub id or a local folder
@@ -25,15 +26,17 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
     convert/       process_data/: MusicXML/ABC/interleaved ABC, MIDI/MTF, their parallel batch
                    runner (batch_runner), LLM summaries (summarize)
     extraction/    code/extract_*.py, process_data/extract_mert.py: windows and the batched driver
-                   (core); raw files → model inputs (model_inputs); audio decoding and resampling
+                   (core); the scripts' flags, without torch (arguments); raw files → model inputs (model_inputs); audio decoding and resampling
                    (audio); batched MERT features (mert)
     training/      code/train_*.py: data, M3 corruption, the one training loop, the tasks, CLaMP 3's
-                   shared command line (clamp3)
+                   shared command line (clamp3); the trainers' flags, without torch (arguments)
     cache          content-hash feature cache (``clamp2-cache info|clear``)
     api            CLaMP2 / CLaMP3 / M3: raw music, audio and text in, features out (importing clamp2 loads no torch)
     search/        semantic_search/: feature store and index, retrieval and metrics, FMD,
-                   zero-shot, search from raw files, CLaMP 3's one-command tools, BLIP captions
-    probe/         music_classification/: the linear probes (CLaMP 2's and CLaMP 3's)
+                   zero-shot, search from raw files, CLaMP 3's one-command tools, BLIP captions;
+                   the search tools' shared flags, without torch (arguments)
+    probe/         music_classification/: the linear probes (CLaMP 2's and CLaMP 3's); their defaults,
+                   without torch (defaults)
     quickstart/    code/quickstart.py: the pipeline, the demo corpus from music21, audio rendering, the report
 """
 

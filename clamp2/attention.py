@@ -24,9 +24,8 @@ import threading
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-# What every constructor and loader of the package passes to transformers.
-ATTN_IMPLEMENTATION = "sdpa"
+# The choices and the --attention flag live in a module without torch, so that --help is fast.
+from .attention_arguments import check_attention
 
 
 # The SDPA kernels allowed under CUDA autocast, in PyTorch's own order of preference (flash when there
@@ -238,19 +237,6 @@ class ExactFloat32:
         if not hasattr(self._local, "open"):
             self._local.open = []
         return self._local.open
-
-
-def check_attention(implementation: str) -> str:
-    if implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-    return implementation
-
-
-def add_attention_argument(parser) -> None:
-    """``--attention sdpa|eager`` of the extraction scripts (applied with :func:`set_attention`)."""
-    parser.add_argument("--attention", choices=ATTN_IMPLEMENTATIONS, default=ATTN_IMPLEMENTATION,
-                        help="attention kernel: sdpa (PyTorch's fused kernels, default) or eager (the original's "
-                             "written-out softmax; same features in fp32 up to ~5e-7)")
 
 
 def set_attention(model, implementation: str):

@@ -13,7 +13,7 @@ from typing import Optional
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from .attention import ATTN_IMPLEMENTATION
+from .attention_arguments import ATTN_IMPLEMENTATION
 
 
 class TextModelUnavailable(OSError):
@@ -136,7 +136,7 @@ def follow_saved_pipeline(tokenizer, tokenizer_file: str | os.PathLike) -> None:
 
 
 def load_text_model(name_or_path: str, pretrained: bool = True):
-    """The text encoder with its pooler, in float32, attention by :data:`~clamp2.attention.ATTN_IMPLEMENTATION`;
+    """The text encoder with its pooler, in float32, attention by :data:`~clamp2.attention_arguments.ATTN_IMPLEMENTATION`;
     ``pretrained=False`` builds it from the config alone.
 
     float32 explicitly: transformers 5 otherwise takes the dtype of the saved config (a bf16 copy

@@ -22,18 +22,29 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from clamp2.attention import set_attention
-from clamp2.checkpoint import load_model_weights, loaded_message, without_random_init
 from clamp2.cli import ArgumentParser, load_script_config
-from clamp2.extraction.core import (KindRunner, MusicEncoder, TextEncoder, add_common_arguments, autocast_context,
-                                    check_extraction_arguments, folders_problem, process_state, run_extraction)
-from clamp2.models.clamp2 import CLaMP2Model
-from clamp2.models.m3 import M3Dims
-from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
-from clamp2.text_model import check_max_text_length, load_text_model, load_tokenizer
+from clamp2.extraction.arguments import add_common_arguments, check_extraction_arguments, folders_problem
+
+if TYPE_CHECKING:  # annotations only: torch loads once the arguments are parsed
+    import torch
+
+
+# torch and transformers load only once the arguments are parsed (a fast --help); these two are module names so
+# that tests can replace them.
+def set_attention(model, implementation: str):
+    """:func:`clamp2.attention.set_attention`."""
+    from clamp2.attention import set_attention as set_kernel
+
+    return set_kernel(model, implementation)
+
+
+def process_state(device_arg):
+    """:func:`clamp2.extraction.core.process_state`."""
+    from clamp2.extraction.core import process_state as state_and_device
+
+    return state_and_device(device_arg)
 
 
 def parse_args(argv=None):
@@ -51,6 +62,11 @@ def parse_args(argv=None):
 def build_clamp2(cfg, weights: Path, text_model_name: str, device: torch.device):
     """CLaMP 2 with its weights, its tokenizer and the checkpoint dict; the text model is built from its config
     (the checkpoint holds its weights)."""
+    from clamp2.checkpoint import load_model_weights, without_random_init
+    from clamp2.models.clamp2 import CLaMP2Model
+    from clamp2.models.m3 import M3Dims
+    from clamp2.text_model import check_max_text_length, load_text_model, load_tokenizer
+
     check_max_text_length(text_model_name, cfg.MAX_TEXT_LENGTH)
     tokenizer = load_tokenizer(text_model_name)
     with without_random_init():  # the strict load below fills every weight
@@ -66,6 +82,10 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    from clamp2.checkpoint import loaded_message
+    from clamp2.extraction.core import KindRunner, MusicEncoder, TextEncoder, autocast_context, run_extraction
+    from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
+
     cfg = load_script_config(__file__)
     weights = args.weights or Path(cfg.CLAMP2_WEIGHTS_PATH)
     try:

@@ -32,23 +32,38 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from clamp2.attention import set_attention
-from clamp2.checkpoint import CheckpointNotFound, load_clamp3_weights, loaded_message, without_random_init
 from clamp2.cli import ArgumentParser, load_script_config
 from clamp2.configuration import CLAMP3_VARIANTS, clamp3_weights_name, epoch_weights_path
-from clamp2.extraction.core import (AUDIO_EXTENSIONS, AudioEncoder, KindRunner, MUSIC_EXTENSIONS, MusicEncoder,
-                                    TEXT_EXTENSIONS, TextEncoder, add_common_arguments, autocast_context,
-                                    check_extraction_arguments, folders_problem, process_state, run_extraction)
-from clamp2.models.clamp3 import AudioDims, CLaMP3Model
-from clamp2.models.m3 import M3Dims
-from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
-from clamp2.text_model import load_text_model, load_tokenizer
+from clamp2.extraction.arguments import add_common_arguments, check_extraction_arguments, folders_problem
 
-KINDS = {**{ext: "text" for ext in TEXT_EXTENSIONS}, **{ext: "symbolic" for ext in MUSIC_EXTENSIONS},
-         **{ext: "audio" for ext in AUDIO_EXTENSIONS}}
+if TYPE_CHECKING:  # annotations only: torch loads once the arguments are parsed
+    import torch
+
+
+# torch and transformers load only once the arguments are parsed (a fast --help); these two are module names so
+# that tests can replace them.
+def set_attention(model, implementation: str):
+    """:func:`clamp2.attention.set_attention`."""
+    from clamp2.attention import set_attention as set_kernel
+
+    return set_kernel(model, implementation)
+
+
+def process_state(device_arg):
+    """:func:`clamp2.extraction.core.process_state`."""
+    from clamp2.extraction.core import process_state as state_and_device
+
+    return state_and_device(device_arg)
+
+
+def kinds():
+    """{extension: runner}: text, symbolic or audio."""
+    from clamp2.extraction.core import AUDIO_EXTENSIONS, MUSIC_EXTENSIONS, TEXT_EXTENSIONS
+
+    return {**{ext: "text" for ext in TEXT_EXTENSIONS}, **{ext: "symbolic" for ext in MUSIC_EXTENSIONS},
+            **{ext: "audio" for ext in AUDIO_EXTENSIONS}}
 
 
 def parse_args(argv=None):
@@ -88,6 +103,11 @@ def missing_epoch_message(path: Path) -> str:
 
 def build_clamp3(cfg, weights: Path, text_model_name: str, device: torch.device, epoch=None):
     """CLaMP 3 at config.py's sizes with its weights (the text model is built from its config alone)."""
+    from clamp2.checkpoint import load_clamp3_weights, without_random_init
+    from clamp2.models.clamp3 import AudioDims, CLaMP3Model
+    from clamp2.models.m3 import M3Dims
+    from clamp2.text_model import load_text_model, load_tokenizer
+
     tokenizer = load_tokenizer(text_model_name)
     with without_random_init():  # the strict load below fills every weight
         model = CLaMP3Model(load_text_model(text_model_name, pretrained=False), M3Dims.from_config(cfg),
@@ -102,6 +122,13 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    import torch
+
+    from clamp2.checkpoint import CheckpointNotFound, loaded_message
+    from clamp2.extraction.core import (AudioEncoder, KindRunner, MusicEncoder, TextEncoder, autocast_context,
+                                        run_extraction)
+    from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
+
     cfg = load_script_config(__file__)
     weights = weights_path(cfg, args)
     try:
@@ -137,7 +164,7 @@ def main(argv=None) -> int:
     }
     return run_extraction(args, runners, per_position=not args.get_global, include_text=True, device=device,
                           process_index=state.process_index, num_processes=state.num_processes, tool="extract_clamp3",
-                          kinds=KINDS)
+                          kinds=kinds())
 
 
 if __name__ == "__main__":

@@ -20,16 +20,29 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from clamp2.attention import set_attention
-from clamp2.checkpoint import load_model_weights, loaded_message, without_random_init
 from clamp2.cli import ArgumentParser, load_script_config
-from clamp2.extraction.core import (KindRunner, MusicEncoder, add_common_arguments, autocast_context,
-                                    check_extraction_arguments, folders_problem, process_state, run_extraction)
-from clamp2.models.m3 import M3Dims, M3PatchEncoder
-from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
+from clamp2.extraction.arguments import add_common_arguments, check_extraction_arguments, folders_problem
+
+if TYPE_CHECKING:  # annotations only: torch loads once the arguments are parsed
+    import torch
+
+
+# torch and transformers load only once the arguments are parsed (a fast --help); these two are module names so
+# that tests can replace them.
+def set_attention(model, implementation: str):
+    """:func:`clamp2.attention.set_attention`."""
+    from clamp2.attention import set_attention as set_kernel
+
+    return set_kernel(model, implementation)
+
+
+def process_state(device_arg):
+    """:func:`clamp2.extraction.core.process_state`."""
+    from clamp2.extraction.core import process_state as state_and_device
+
+    return state_and_device(device_arg)
 
 
 def parse_args(argv=None):
@@ -43,6 +56,9 @@ def parse_args(argv=None):
 def build_m3_encoder(cfg, weights: Path, device: torch.device):
     """The M3 patch encoder, loaded strictly from the ``encoder.*`` entries of an M3 checkpoint, and the
     checkpoint dict."""
+    from clamp2.checkpoint import load_model_weights, without_random_init
+    from clamp2.models.m3 import M3Dims, M3PatchEncoder
+
     with without_random_init():  # the strict load below fills every weight
         encoder = M3PatchEncoder(M3Dims.from_config(cfg))
     checkpoint = load_model_weights(encoder, weights, prefix="encoder.")
@@ -55,6 +71,10 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    from clamp2.checkpoint import loaded_message
+    from clamp2.extraction.core import KindRunner, MusicEncoder, autocast_context, run_extraction
+    from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
+
     cfg = load_script_config(__file__)
     try:
         state, device = process_state(args.device)

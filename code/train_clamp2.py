@@ -29,14 +29,8 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 import functools
 import sys
 
-from clamp2.checkpoint import CheckpointError
 from clamp2.cli import ArgumentParser
-from clamp2.distributed import distributed_context
-from clamp2.text_model import TextModelUnavailable, check_max_text_length
-from clamp2.training.data import DataError
-from clamp2.training.loop import (add_training_arguments, flag_overrides, load_training_config, report_error,
-                                  run_training, say, settings_from)
-from clamp2.training.tasks import clamp2_task
+from clamp2.training.arguments import add_training_arguments
 
 
 def parse_args(argv=None):
@@ -63,6 +57,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # torch and transformers load only once the arguments are parsed: --help and usage errors answer at once.
+    from clamp2.checkpoint import CheckpointError
+    from clamp2.distributed import distributed_context
+    from clamp2.text_model import TextModelUnavailable, check_max_text_length
+    from clamp2.training.data import DataError
+    from clamp2.training.loop import flag_overrides, load_training_config, report_error, run_training, say, settings_from
+    from clamp2.training.tasks import clamp2_task
+
     with distributed_context(args.local_rank, args.device) as dist_info:
         overrides = flag_overrides(args, "CLAMP2_", {
             "TRAIN_JSONL": args.train_jsonl, "EVAL_JSONL": args.eval_jsonl, "TEXT_MODEL_NAME": args.text_model,

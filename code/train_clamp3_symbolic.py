@@ -27,17 +27,20 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 
 import sys
 
-from clamp2.training import clamp3
+from clamp2.training.arguments import parse_clamp3_args
 
 MODALITY = "symbolic"
 
 
 def parse_args(argv=None):
-    return clamp3.parse_args(MODALITY, __doc__, argv)
+    return parse_clamp3_args(MODALITY, __doc__, argv)
 
 
 def main(argv=None) -> int:
-    return clamp3.main(MODALITY, __file__, parse_args(argv))
+    args = parse_args(argv)
+    from clamp2.training import clamp3  # torch loads only once the arguments are parsed (a fast --help)
+
+    return clamp3.main(MODALITY, __file__, args)
 
 
 if __name__ == "__main__":

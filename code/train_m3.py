@@ -26,13 +26,8 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 import functools
 import sys
 
-from clamp2.checkpoint import CheckpointError
 from clamp2.cli import ArgumentParser
-from clamp2.distributed import distributed_context
-from clamp2.training.data import DataError
-from clamp2.training.loop import (add_training_arguments, flag_overrides, load_training_config, report_error,
-                                  run_training, say, settings_from)
-from clamp2.training.tasks import m3_task
+from clamp2.training.arguments import add_training_arguments
 
 
 def parse_args(argv=None):
@@ -48,6 +43,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # torch loads only once the arguments are parsed: --help and usage errors answer at once.
+    from clamp2.checkpoint import CheckpointError
+    from clamp2.distributed import distributed_context
+    from clamp2.training.data import DataError
+    from clamp2.training.loop import flag_overrides, load_training_config, report_error, run_training, say, settings_from
+    from clamp2.training.tasks import m3_task
+
     with distributed_context(args.local_rank, args.device) as dist_info:
         overrides = flag_overrides(args, "M3_", {"TRAIN_FOLDERS": args.train_folders, "EVAL_FOLDERS": args.eval_folders})
         config = load_training_config(__file__, overrides, dist_info)

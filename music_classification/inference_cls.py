@@ -23,7 +23,6 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 import sys
 
 from clamp2.cli import ArgumentParser
-from clamp2.probe.commands import inference_command
 
 
 def parse_args(argv=None):
@@ -56,7 +55,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    return inference_command(parse_args(argv))
+    args = parse_args(argv)
+    from clamp2.probe.commands import inference_command  # torch loads only once the arguments are parsed
+
+    return inference_command(args)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,7 @@ import argparse
 import sys
 
 from clamp2.cli import ArgumentParser
-from clamp2.probe.commands import train_command
-from clamp2.probe.model import HIDDEN_SIZE
-from clamp2.probe.train import BASE_SEED, EVAL_SPLIT, LEARNING_RATE, NUM_EPOCHS
+from clamp2.probe.defaults import BASE_SEED, EVAL_SPLIT, HIDDEN_SIZE, LEARNING_RATE, NUM_EPOCHS
 
 
 def parse_args(argv=None):
@@ -104,7 +102,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    return train_command(parse_args(argv))
+    args = parse_args(argv)
+    from clamp2.probe.commands import train_command  # torch loads only once the arguments are parsed
+
+    return train_command(args)
 
 
 if __name__ == "__main__":

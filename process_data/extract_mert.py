@@ -32,9 +32,9 @@ from pathlib import Path
 
 
 def parse_args(argv=None):
-    from clamp2.attention import add_attention_argument
+    from clamp2.attention_arguments import add_attention_argument
     from clamp2.cli import ArgumentParser
-    from clamp2.extraction.core import check_extraction_arguments, default_workers
+    from clamp2.extraction.arguments import check_extraction_arguments, default_workers
 
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("input_dir", type=Path, help="folder searched recursively for audio files")
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     from clamp2.checkpoint import CheckpointError
     from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
     from clamp2.distributed import wait_for_all_processes
-    from clamp2.extraction.core import folders_problem, process_state
+    from clamp2.extraction.arguments import folders_problem
+    from clamp2.extraction.core import process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
     from clamp2.models.mert import load_mert
 

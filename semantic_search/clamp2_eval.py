@@ -38,10 +38,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
+    # torch loads only once the arguments are parsed: --help and usage errors answer at once.
     from clamp2.search.raw_files import lazy_model, load_collection, one_per_key
     from clamp2.search.retrieval import format_metrics, rank_true_matches
 
-    args = parse_args(argv)
     for folder in (args.query_folder, args.reference_folder):
         if not folder.exists():
             fail_usage(f"folder not found: {folder}")

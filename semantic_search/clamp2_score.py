@@ -21,7 +21,6 @@ import sys
 
 from clamp2.cli import ArgumentParser
 from clamp2.search.feature_store import FeatureError, read_features, report_problems, unique_by_key
-from clamp2.search.retrieval import format_pairwise, format_score, mean_vector_cosine, pairwise_scores
 
 LOWEST_KEYS = 5
 
@@ -38,6 +37,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # torch loads only once the arguments are parsed: --help and usage errors answer at once.
+    from clamp2.search.retrieval import format_pairwise, format_score, mean_vector_cosine, pairwise_scores
+
     warnings: list[str] = []
     try:
         # The reference averages in os.listdir order; float32 sums depend on it.

@@ -42,10 +42,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
+    # torch loads only once the arguments are parsed: --help and usage errors answer at once.
     from clamp2.search.raw_files import encode_query, lazy_model, load_collection
     from clamp2.search.retrieval import top_k
 
-    args = parse_args(argv)
     if args.top_k < 1:
         fail_usage(f"--top_k must be at least 1, got {args.top_k}")
     if not args.target.exists():

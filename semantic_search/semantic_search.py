@@ -19,7 +19,7 @@ import sys
 
 from clamp2.cli import ArgumentParser
 from clamp2.search.feature_store import FeatureError, read_features, read_query, report_problems, unique_by_key
-from clamp2.search.retrieval import Searcher, add_compute_arguments, format_search
+from clamp2.search.arguments import add_compute_arguments, resolve_compute_arguments
 
 
 def parse_args(argv=None):
@@ -33,11 +33,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.top_k < 0:
         parser.error(f"--top_k must be 0 or more, got {args.top_k}")
-    return args
+    return resolve_compute_arguments(args)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from clamp2.search.retrieval import Searcher, format_search  # torch: only once the arguments are parsed
+
     try:
         query = read_query(args.query_file)
         features = read_features(args.features_folder, progress=not args.no_progress)

@@ -26,7 +26,7 @@ import sys
 from clamp2.cli import ArgumentParser
 from clamp2.search.feature_store import FeatureError, read_features, report_problems, unique_by_key
 from clamp2.files import atomic_write_text
-from clamp2.search.retrieval import add_compute_arguments, format_metrics, rank_true_matches
+from clamp2.search.arguments import add_compute_arguments, resolve_compute_arguments
 
 TOP_IN_RANKS_FILE = 10
 
@@ -38,11 +38,13 @@ def parse_args(argv=None):
     parser.add_argument("--ranks", default=None, metavar="FILE",
                         help="write each query's key, true-match rank and top-10 references (JSON lines)")
     add_compute_arguments(parser)
-    return parser.parse_args(argv)
+    return resolve_compute_arguments(parser.parse_args(argv))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from clamp2.search.retrieval import format_metrics, rank_true_matches  # torch: only once the arguments are parsed
+
     progress = not args.no_progress
     try:
         queries = read_features(args.query_folder, progress=progress)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clamp2.attention import ATTN_IMPLEMENTATION, attention_of, set_attention
+from clamp2.attention import attention_of, set_attention
+from clamp2.attention_arguments import ATTN_IMPLEMENTATION
 from clamp2.checkpoint import load_model_weights, read_checkpoint, state_dict_of
 from clamp2.extraction.core import AudioEncoder, MusicEncoder, TextEncoder, pad_batch
 from clamp2.models.clamp2 import CLaMP2Model

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clamp2"
 
 # Top to bottom of the docstring's map: a module may import from its own layer or the layers before it.
 LAYERS = [
-    {"configuration", "cli", "progress", "files", "distributed", "checkpoint", "hub", "attention", "patchilizer",
+    {"configuration", "cli", "progress", "files", "distributed", "checkpoint", "hub", "attention_arguments", "attention",
+     "patchilizer",
      "text_model", "loss", "data", "benchmarking", "workers"},
     {"models"},
     {"convert"},

@@ -268,7 +268,8 @@ def test_no_resume_flag_sets_load_ckpt_off():
     """loop.py (docs/training.md: --no_resume = M3_LOAD_CKPT=0 / CLAMP2_LOAD_CKPT=0)."""
     import argparse
 
-    from clamp2.training.loop import add_training_arguments, flag_overrides
+    from clamp2.training.arguments import add_training_arguments
+    from clamp2.training.loop import flag_overrides
 
     parser = argparse.ArgumentParser()
     add_training_arguments(parser, "M3_")

@@ -185,6 +185,7 @@ def test_clamp3_a_data_error_mid_training_is_said_by_the_rank_that_hit_it(tmp_pa
 
     from clamp2.distributed import DistInfo
     from clamp2.training import clamp3
+    from clamp2.training.arguments import parse_clamp3_args
     from clamp2.training.data import DataError
 
     _config(monkeypatch)
@@ -201,7 +202,7 @@ def test_clamp3_a_data_error_mid_training_is_said_by_the_rank_that_hit_it(tmp_pa
     monkeypatch.setattr(clamp3, "clamp3_task", lambda *args, **kwargs: None)
     monkeypatch.setattr(clamp3, "check_data_sizes", lambda *args, **kwargs: None)
     monkeypatch.setattr(clamp3, "run_training", fail)
-    args = clamp3.parse_args("audio", "test", ["--train_jsonl", "t.jsonl", "--no_progress"])
+    args = parse_clamp3_args("audio", "test", ["--train_jsonl", "t.jsonl", "--no_progress"])
     assert clamp3.main("audio", str(REPO_ROOT / "code" / "train_clamp3_audio.py"), args) == 2
     assert "error (rank 1): x.npy: NaN in the features" in capsys.readouterr().err
 
@@ -316,6 +317,7 @@ def test_clamp3_without_any_analysis_and_no_eval_file_fails_the_launch(tmp_path,
 def test_clamp3_freeze_text_of_the_environment_holds_without_the_flag(tmp_path, monkeypatch):
     # Not: --freeze_text defaulting to False: the flag's absence would override FREEZE_TEXT=1.
     from clamp2.training import clamp3
+    from clamp2.training.arguments import parse_clamp3_args
     from clamp2.training.data import DataError
 
     _config(monkeypatch, FREEZE_TEXT="1")
@@ -327,7 +329,7 @@ def test_clamp3_freeze_text_of_the_environment_holds_without_the_flag(tmp_path, 
         raise DataError("stop here")
 
     monkeypatch.setattr(clamp3, "clamp3_task", capture)
-    args = clamp3.parse_args("symbolic", "test", ["--train_jsonl", "t.jsonl", "--no_progress"])
+    args = parse_clamp3_args("symbolic", "test", ["--train_jsonl", "t.jsonl", "--no_progress"])
     assert clamp3.main("symbolic", str(REPO_ROOT / "code" / "train_clamp3_symbolic.py"), args) == 2
     assert seen == {"FREEZE_TEXT": True}
 

@@ -704,7 +704,8 @@ def test_loader_workers_default_to_some_on_cuda_and_none_on_the_cpu(monkeypatch)
     import dataclasses
 
     from clamp2.distributed import DistInfo
-    from clamp2.training.loop import CUDA_LOADER_WORKERS, TrainSettings, training_workers
+    from clamp2.training.arguments import CUDA_LOADER_WORKERS
+    from clamp2.training.loop import TrainSettings, training_workers
 
     fields = {f.name: None for f in dataclasses.fields(TrainSettings) if f.default is dataclasses.MISSING
               and f.default_factory is dataclasses.MISSING}

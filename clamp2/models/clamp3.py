@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from ..attention import ATTN_IMPLEMENTATION
+from ..attention_arguments import ATTN_IMPLEMENTATION
 from .common import JointSpaceModel, count_layers
 from .m3 import M3Dims, M3PatchEncoder
 

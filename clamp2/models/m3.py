@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-from ..attention import ATTN_IMPLEMENTATION, set_attention
+from ..attention import set_attention
+from ..attention_arguments import ATTN_IMPLEMENTATION
 from ..patchilizer import NUM_CLASSES, PAD_TOKEN_ID
 from .common import count_layers
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from ..attention import ATTN_IMPLEMENTATION
+from ..attention_arguments import ATTN_IMPLEMENTATION
 from ..checkpoint import CheckpointError, describe_mismatch, read_checkpoint, without_random_init
 from ..hub import WeightsNotFound, is_hub_id, resolve_weights
 

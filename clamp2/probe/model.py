@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-HIDDEN_SIZE = 768  # the reference's HIDDEN_SIZE
+from .defaults import HIDDEN_SIZE  # the reference's HIDDEN_SIZE, in a module without torch (fast --help)
 
 
 class LinearProbe(nn.Module):

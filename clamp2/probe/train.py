@@ -45,11 +45,9 @@ from ..workers import exit_with_parent
 from .data import EpochSampler, FeatureSet, ProbeDataset, ProbeUsageError, collate_batch
 from .model import HIDDEN_SIZE, build_probe, probe_loss
 from .report import HISTORY_FIELDS, macro_f1, scores
+# The defaults train_cls.py shows in its help, in a module without torch (fast --help).
+from .defaults import BASE_SEED, LEARNING_RATE, NUM_EPOCHS
 
-BASE_SEED = 42
-NUM_EPOCHS = 1000  # the reference's NUM_EPOCHS
-LEARNING_RATE = 1e-5  # the reference's LEARNING_RATE
-EVAL_SPLIT = 0.2  # the reference's EVAL_SPLIT (music_classification/config.py)
 ONE_EPOCH = -1  # warmup_steps value: one epoch of steps, the warm-up the reference meant to have
 
 

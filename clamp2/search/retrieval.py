@@ -37,6 +37,8 @@ import torch
 
 from clamp2.attention import ExactFloat32
 from clamp2.search.feature_store import BLOCK_ROWS, load_features
+# The search tools' flags, in a module without torch (fast --help); default_device stays importable from here.
+from clamp2.search.arguments import add_compute_arguments as add_flags, default_device
 
 __all__ = ["load_features", "score_tolerance", "exact_cosine", "Searcher", "top_k", "RankResult", "rank_true_matches", "rank_queries",
            "metrics_from_ranks", "retrieval_metrics", "mean_vector", "mean_vector_cosine", "pairwise_scores",
@@ -618,16 +620,8 @@ def format_pairwise(keys: Sequence[str], scores: np.ndarray, lowest: int = 5) ->
             "Lowest: " + ", ".join(f"{keys[i]} {float(scores[i]):.4f}" for i in order)]
 
 
-def default_device() -> str:
-    """``cuda`` when a GPU is usable, else ``cpu`` (the numbers are the same on both)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def add_compute_arguments(parser) -> None:
-    """``--device``, ``--memory_mb`` and ``--no_progress``, shared by the search tools."""
-    parser.add_argument("--device", default=default_device(),
-                        help="where the matrix products run: cpu or cuda (default: cuda when available); "
-                             "results are identical")
-    parser.add_argument("--memory_mb", type=float, default=None,
-                        help="memory for one block of scores (default: 256 on CPU, 4096 on CUDA)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar (shown only for long runs)")
+    """``--device``, ``--memory_mb`` and ``--no_progress``, shared by the search tools (``--device`` defaults to
+    :func:`default_device`; the scripts use :mod:`clamp2.search.arguments`, which picks it after parsing)."""
+    add_flags(parser)
+    parser.set_defaults(device=default_device())

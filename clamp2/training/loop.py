@@ -32,7 +32,6 @@ AMP (fp16 autocast + gradient scaling) or bf16 autocast apply on CUDA only; the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import itertools
@@ -65,12 +64,10 @@ from ..models.common import compile_transformers, count_parameters
 from ..progress import plural, progress_bar
 from ..workers import exit_with_parent
 from .data import DataError, EvalBatches, TrainBatches
+# The trainers' flags live in a module without torch (fast --help).
+from .arguments import CUDA_LOADER_WORKERS, PREFETCH_BATCHES
 
-PRECISIONS = ("fp16", "bf16", "fp32")
 BASE_SEED = 42
-# Batches each data-loader worker prepares ahead (torch's default is 2): a slow batch (long texts to
-# tokenize, long pieces to patch) must not leave the GPU waiting.
-PREFETCH_BATCHES = 4
 
 # (flag, constant after the M3_/CLAMP2_ prefix): flags that set a config.py constant. They are
 # applied as that constant's environment override, so file names follow them the same way.
@@ -135,45 +132,6 @@ class TrainResult:
 
 
 # -- settings from config.py and the command line --------------------------------------------------
-
-def add_training_arguments(parser, prefix: str) -> None:
-    """The flags every trainer shares; those that set a config constant act exactly as its override.
-
-    ``prefix`` (``M3_``, ``CLAMP2_``, ``CLAMP3_``) is the one :func:`flag_overrides` is given, so the help
-    names the constants a flag sets as they are spelt in code/config.py and in the environment.
-    """
-    p = prefix
-    parser.add_argument("--epochs", type=int, default=None, help=f"number of epochs (config {p}NUM_EPOCH)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help=f"batch size per process (config {p}BATCH_SIZE; part of the weights file name)")
-    parser.add_argument("--learning_rate", type=float, default=None,
-                        help=f"learning rate (config {p}LEARNING_RATE; part of the weights file name)")
-    parser.add_argument("--warmup_steps", type=int, default=None,
-                        help=f"linear LR warm-up steps, then constant (config {p}WARMUP_STEPS, default 0: constant "
-                             "from the first step; a non-zero value is part of the weights file name)")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="best-checkpoint path; latest_<name> and the log file go beside it "
-                             f"(config {p}WEIGHTS_PATH, {p}LOGS_PATH derived from it)")
-    parser.add_argument("--wandb", action="store_true", help=f"log to Weights & Biases (config {p}WANDB_LOG=1)")
-    parser.add_argument("--no_resume", action="store_true", help=f"start afresh (config {p}LOAD_CKPT=0)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp16",
-                        help="on CUDA: fp16 = AMP with gradient scaling (default, the reference), bf16 autocast, "
-                             "or fp32; the CPU always trains in fp32")
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="data-loader worker processes per rank; they stay up across epochs and keep "
-                             f"{PREFETCH_BATCHES} batches each ready (default: up to {CUDA_LOADER_WORKERS} on CUDA, as "
-                             "the node's cores allow; 0 on the CPU). Same training with any number")
-    parser.add_argument("--compile", action="store_true",
-                        help="run the encoders and decoders through torch.compile (the first steps pay the "
-                             "compilation; for long GPU runs). Same training up to rounding")
-    parser.add_argument("--max_steps_per_epoch", type=int, default=0,
-                        help="end each epoch after this many optimizer steps (0 = whole epochs; for smoke runs)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    # The legacy launcher passes --local-rank=N (torch >= 2.0) or --local_rank=N; torchrun sets LOCAL_RANK.
-    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
-                        help=argparse.SUPPRESS)
-
 
 def flag_overrides(args, prefix: str, extra: Mapping[str, Any] = ()) -> Dict[str, Any]:
     """``{constant: value}`` for the flags given: the shared ones under ``prefix``, plus ``extra``."""
@@ -461,11 +419,6 @@ def check_data_sizes(task: TrainTask, settings: TrainSettings, world_size: int) 
         hint = f"use at most {samples} processes with --batch_size 1"
     raise DataError(f"the training set has {samples} samples, fewer than one global batch of {global_batch} "
                     f"({settings.batch_size} per process × {plural(world_size, 'process', 'es')}): {hint}")
-
-
-# Loader workers per rank on CUDA by default: one worker makes ~300 samples/s of CLaMP 2 or M3 at
-# config.py's sizes (benchmarks/bench_train.py's data column), and an H200 trains ~1,000 a second.
-CUDA_LOADER_WORKERS = 4
 
 
 def training_workers(settings: TrainSettings, dist_info: DistInfo) -> int:
