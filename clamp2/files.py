@@ -176,7 +176,8 @@ def output_problem(path: str | os.PathLike, folder: bool, what: str = "output") 
     kind = "folder" if folder else "file"
     if path.exists() and path.is_dir() != folder:
         return f"{what} {kind} {path} is a {'file' if folder else 'folder'}; pass a {kind} path"
-    existing = path if path.exists() else path.parent
+    # An existing output file is replaced (atomically, in its folder): its folder is what must be writable.
+    existing = path if path.exists() and folder else path.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():

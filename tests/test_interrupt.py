@@ -29,6 +29,35 @@ def test_an_uncaught_ctrl_c_is_one_line_and_still_ends_the_process_by_sigint():
     assert result.stderr.splitlines() == [f"-c: {ONE_LINE}"]
 
 
+def test_after_the_line_the_process_ends_without_the_slow_interpreter_teardown(tmp_path):
+    # The line came at once, but the process then spent 2-13 s (once over 30 s) in the interpreter's teardown
+    # (a full garbage collection of torch's objects) before it ended: seen on extract_clamp3/extract_mert
+    # with --num_workers 2. Here a slow __del__ stands for that teardown. What must still happen first: the
+    # interpreter's join of non-daemon threads (pending writes), every atexit callback, buffered output.
+    code = ("import atexit, os, signal, sys, threading, time\n"
+            "from clamp2.cli import interrupt_in_one_line\n"
+            "interrupt_in_one_line()\n"
+            "out = sys.argv[1]\n"
+            "class SlowTeardown:\n"
+            "    def __del__(self):\n"
+            "        time.sleep(60)\n"
+            "slow = SlowTeardown()\n"
+            "atexit.register(lambda: open(os.path.join(out, 'atexit'), 'w').close())\n"
+            "threading.Thread(target=lambda: (time.sleep(0.5), open(os.path.join(out, 'thread'), 'w').close())).start()\n"
+            "print('buffered output')\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(60)\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                                timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process was still tearing the interpreter down 20 s after the Ctrl-C")
+    assert result.returncode == -signal.SIGINT
+    assert result.stderr.splitlines() == [f"-c: {ONE_LINE}"]
+    assert result.stdout == "buffered output\n"
+    assert (tmp_path / "thread").exists() and (tmp_path / "atexit").exists()
+
+
 def test_other_errors_keep_their_traceback():
     code = "from clamp2.cli import interrupt_in_one_line\ninterrupt_in_one_line()\nraise ValueError('x')\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

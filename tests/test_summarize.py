@@ -580,6 +580,21 @@ def test_merge_jsonl(tmp_path, capsys):
         assert all((out.parent / p).is_file() for p in record["filepaths"])
 
 
+def test_merge_jsonl_runs_again_over_its_own_output(tmp_path, capsys):
+    # A re-run (after a Ctrl-C, or to add summaries) stopped at "cannot create output file X: X is a file".
+    script = load_script("process_data/merge_jsonl.py")
+    (tmp_path / "abc").mkdir()
+    (tmp_path / "abc" / "a.abc").write_text("x", encoding="utf-8")
+    write_summary(tmp_path / "summaries", "a.json", ["abc/a.abc"])
+    out = tmp_path / "train.jsonl"
+    argv = [str(tmp_path / "summaries"), str(out), "--data_root", str(tmp_path)]
+    assert script.main(argv) == 0
+    first = out.read_bytes()
+    write_summary(tmp_path / "summaries", "b.json", ["abc/a.abc"])
+    assert script.main(argv) == 0, capsys.readouterr().err
+    assert out.read_bytes().startswith(first) and len(out.read_bytes().splitlines()) == 2
+
+
 def test_merge_jsonl_default_root_is_jsonl_folder(tmp_path, capsys):
     script = load_script("process_data/merge_jsonl.py")
     (tmp_path / "abc").mkdir()
