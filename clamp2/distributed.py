@@ -67,14 +67,27 @@ def before_process_group(free_at_exit: bool = False) -> None:
     (an extraction to the end of its folder, a training beside a re-run's), so each exits once its parent is gone.
     """
     importlib.import_module("torch._dynamo")
-    # The launcher as it was when the package was imported: one killed during this process's imports is gone already.
-    # Only in the process that imported it: a child forked after the import has another parent.
+    end_with_launcher()
+    if free_at_exit:
+        atexit.register(teardown)  # atexit runs while the interpreter is whole, before its shutdown
+
+
+def launched_by_a_launcher() -> bool:
+    """Whether torchrun (any number of processes) or ``accelerate launch`` (its one-process launcher too) started
+    this process: the variables each sets in every process it starts."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" in os.environ
+
+
+def end_with_launcher() -> None:
+    """End this process once the process that started it is gone (a launcher killed, or interrupted alone: accelerate
+    exits on SIGINT without stopping its child, which then worked on to the end of its folder beside a re-run).
+
+    The launcher is the parent noted when the package was imported: one killed during this process's imports is
+    gone already. Only in the process that imported it: a child forked after the import has another parent."""
     from . import STARTED_BY
 
     pid, launcher = STARTED_BY
     exit_with_parent(parent=launcher if pid == os.getpid() else None)
-    if free_at_exit:
-        atexit.register(teardown)  # atexit runs while the interpreter is whole, before its shutdown
 
 
 def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, timeout_minutes: int = 30) -> DistInfo:
@@ -95,6 +108,8 @@ def setup(local_rank_arg: Optional[int] = None, device: Optional[str] = None, ti
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(minutes=timeout_minutes))
+    elif launched_by_a_launcher():
+        end_with_launcher()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device, backend=backend)
 
 

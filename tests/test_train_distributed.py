@@ -3,8 +3,10 @@
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -219,3 +221,34 @@ def test_a_process_forked_after_the_import_watches_its_own_parent():
             "print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["7"], result.stderr
+
+
+@pytest.mark.parametrize("launcher_variable", ["ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID"])
+def test_one_process_started_by_a_launcher_ends_with_it(launcher_variable, tmp_path):
+    # accelerate exits on a Ctrl-C sent to it alone without stopping its one child: the extraction went on to the
+    # end of its folder, beside a re-run. Here the launcher exits as soon as its child has set up.
+    ready = tmp_path / "ready"
+    child = ("import pathlib, sys, time\n"
+             "from clamp2.extraction.core import process_state\n"
+             "process_state('cpu')\n"
+             f"pathlib.Path({str(ready)!r}).write_text('x')\n"
+             "time.sleep(60)\n")
+    launcher = ("import os, pathlib, subprocess, sys, time\n"
+                "child = subprocess.Popen([sys.executable, '-c', sys.argv[1]], stdout=subprocess.DEVNULL,\n"
+                "                         stderr=subprocess.DEVNULL)\n"
+                "print(child.pid, flush=True)\n"
+                f"while not pathlib.Path({str(ready)!r}).exists() and child.poll() is None:\n"
+                "    time.sleep(0.05)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env[launcher_variable] = "1" if launcher_variable.startswith("ACCELERATE") else "run"
+    result = subprocess.run([sys.executable, "-c", launcher, child], capture_output=True, text=True, env=env,
+                            timeout=120)
+    pid = int(result.stdout.split()[0])
+    assert ready.exists(), result.stderr
+    deadline = time.time() + 10
+    while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+        time.sleep(0.1)
+    alive = os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive

@@ -25,7 +25,8 @@ import torch
 from unidecode import unidecode
 
 from ..attention import Autocast, ExactFloat32, keep_overrides_eager
-from ..distributed import before_process_group, env_int, prepare_end_barrier, wait_for_all_processes
+from ..distributed import (before_process_group, end_with_launcher, env_int, launched_by_a_launcher, prepare_end_barrier,
+                           wait_for_all_processes)
 from ..files import (atomic_write_bytes, find_files, finished_output, mirror_outputs,
                      remove_partial_files_of, write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
@@ -850,6 +851,8 @@ def process_state(device_arg: Optional[str]):
     world_size = env_int("WORLD_SIZE", 1)
     if world_size > 1:
         before_process_group(free_at_exit=True)
+    elif launched_by_a_launcher():
+        end_with_launcher()
     state = PartialState(cpu=use_cpu)
     if world_size > 1 and state.num_processes == 1:
         raise RuntimeError(f"launched with WORLD_SIZE={world_size} but accelerate set up a single process; "
