@@ -233,3 +233,46 @@ def test_reference_checkpoint_loads_for_inference(tmp_path, inference_cls, capsy
             inference_cls.main([str(a) for a in wrong])
         assert info.value.code == 2
     assert "give FEATURES OUTPUT_FILE --weights WEIGHTS, or WEIGHTS FEATURES OUTPUT_FILE" in capsys.readouterr().err
+
+
+class Killed(BaseException):
+    """What a SIGKILL leaves: the process stops where it is, nothing after runs."""
+
+
+@pytest.mark.parametrize("folds", [0, 2], ids=["hold-out", "2-fold"])
+def test_a_run_killed_between_its_last_best_file_and_latest_writes_latest_on_resume(tmp_path, train_cls, capsys,
+                                                                                     monkeypatch, folds):
+    # The last epoch improved: its best file is saved, then latest_; a kill between the two left no latest_, and
+    # the re-run resumed from the best file with no epoch left to train, so latest_ (and its best_model) never came.
+    from clamp2.probe import train as probe_train
+
+    means = class_means(LABELS, dim=8, separation=0.5, seed=3)
+    write_features(tmp_path / "train", means, 12, seed=1, per_position=False)
+    common = ["--train_folder", tmp_path / "train", "--num_epochs", "1", "--balanced_training", "--warmup",
+              *FAST] + (["--folds", str(folds)] if folds else [])
+    assert run(train_cls, common + ["--weights", tmp_path / "whole.pth"], capsys)[0] == 0
+    save = probe_train.save_checkpoint
+
+    def kill_at_latest(path, *args, **kwargs):
+        if path.name.startswith("latest_"):
+            raise Killed
+        return save(path, *args, **kwargs)
+
+    monkeypatch.setattr(probe_train, "save_checkpoint", kill_at_latest)
+    with pytest.raises(Killed):
+        run(train_cls, common + ["--weights", tmp_path / "part.pth"], capsys)
+    monkeypatch.setattr(probe_train, "save_checkpoint", save)
+    code, out, err = run(train_cls, common + ["--weights", tmp_path / "part.pth"], capsys)
+    assert code == 0, err
+    for name in ["_fold1"] if folds else [""]:  # the killed fold (a later one never started, and trains now)
+        whole = read_checkpoint(tmp_path / f"latest_whole{name}.pth")
+        part = read_checkpoint(tmp_path / f"latest_part{name}.pth")
+        assert "stopped before its last latest_; written now" in out
+        assert (part["epoch"], part["best_epoch"], part["history"]["eval_acc"]) == (
+            whole["epoch"], whole["best_epoch"], whole["history"]["eval_acc"])
+        for key in ("model", "best_model"):
+            assert all(torch.equal(value, whole[key][k]) for k, value in part[key].items())
+        assert part["optimizer"]["state"].keys() == whole["optimizer"]["state"].keys()
+        assert all(torch.equal(part["optimizer"]["state"][i]["exp_avg"], whole["optimizer"]["state"][i]["exp_avg"])
+                   for i in whole["optimizer"]["state"])
+        assert part["lr_sched"] == whole["lr_sched"]

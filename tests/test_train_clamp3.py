@@ -571,3 +571,42 @@ def test_epoch_copy_temporaries_above_a_lowered_epoch_count_are_removed(tiny_env
     left.write_bytes(weights.read_bytes()[:100])
     assert trainers["symbolic"].main(args_for("symbolic", corpus3, *common, "--epochs", "2")) == 0
     assert not left.exists()
+
+
+def test_another_familys_latest_file_is_refused_before_anything_is_written(tiny_env, tmp_path, corpus3,  # noqa: F811
+                                                                          trainers, capsys):
+    # A CLaMP 2 checkpoint as latest_ (no best file): the stage switch's catch-up copied it to the best-file path and
+    # said "the run that wrote it stopped before the rest of its epoch's files; written now: weights_t.pth" before
+    # the family error: a false line, and a second foreign file left. Only a stage's own file can owe stage files.
+    weights = tmp_path / "weights_t.pth"
+    latest = weights.with_name("latest_weights_t.pth")
+    latest.write_bytes((VECTORS / "tiny_clamp2.pth").read_bytes())
+    capsys.readouterr()
+    args = args_for("audio", corpus3, "--batch_size", "8", "--max_steps_per_epoch", "1", "--epochs", "1",
+                    "--weights", str(weights))
+    assert trainers["audio"].main(args) == 2
+    captured = capsys.readouterr()
+    assert "written now" not in captured.out + captured.err
+    assert len([line for line in captured.err.splitlines() if line.startswith("error")]) == 1, captured.err
+    assert sorted(path.name for path in tmp_path.iterdir() if path.suffix == ".pth") == ["latest_weights_t.pth"]
+
+
+def test_an_audio_stage_without_any_checkpoint_says_it_starts_from_initial_weights(tiny_env, tmp_path, corpus3,  # noqa: F811
+                                                                                 trainers, capsys):
+    # No symbolic stage's file at --weights: the audio stage trains from initial weights (the reference does too),
+    # its frozen symbolic encoder never trained. It said nothing; now one note line names it and the recipe.
+    weights = tmp_path / "weights_t.pth"
+    args = args_for("audio", corpus3, "--batch_size", "8", "--max_steps_per_epoch", "1", "--epochs", "1",
+                    "--weights", str(weights))
+    assert trainers["audio"].main(args) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "symbolic stage" in line and "note:" in line]
+    assert len(notes) == 1 and "initial weights" in notes[0] and str(weights) in notes[0], notes
+    assert read_checkpoint(weights.with_name("latest_weights_t.pth"))["modality"] == "audio"
+    # a symbolic stage (no earlier stage to start from) and a resumed audio stage say nothing of the kind
+    assert trainers["audio"].main(args + ["--epochs", "2"]) == 0
+    assert "initial weights" not in capsys.readouterr().out
+    symbolic = args_for("symbolic", corpus3, "--batch_size", "8", "--max_steps_per_epoch", "1", "--epochs", "1",
+                        "--weights", str(tmp_path / "s" / "weights_t.pth"))
+    (tmp_path / "s").mkdir()
+    assert trainers["symbolic"].main(symbolic) == 0
+    assert "initial weights" not in capsys.readouterr().out

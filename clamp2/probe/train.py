@@ -367,6 +367,14 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
                 say(dist_info, f"{name}: {dropped} log entr{'ies' if dropped > 1 else 'y'} after epoch {start_epoch} "
                                f"removed from {settings.logs_path}: the run that wrote them stopped before saving "
                                "those epochs")
+        last_of_its_run = int(dict(checkpoint.get("config") or {}).get("epochs", -1)) == start_epoch
+        if dist_info.is_main and source != latest and last_of_its_run and start_epoch >= settings.epochs:
+            # Killed between its last epoch's best file and latest_ (written after it): the best file is that epoch's
+            # whole state, and no epoch is left to write latest_, so it is written now, as the run would have.
+            save_checkpoint(latest, model, epoch=start_epoch, best_epoch=best_epoch,
+                            extra={**checkpoint, "best_model": best_state})
+            say(dist_info, f"{name}: the run that wrote {source} stopped before its last latest_; "
+                           f"written now: {latest}")
         del checkpoint
 
     def should_stop(epoch: int) -> bool:

@@ -902,7 +902,9 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     if checkpoint is not None and task.stage is not None and checkpoint.get("modality") != task.stage:
         # The earlier stage's last epoch may have been killed after its latest_: write the best file (and the
         # rest) it owed first, or the switch would start from the best file of the epoch before.
-        if dist_info.is_main and Path(source) == latest_path(settings.weights_path):
+        # Only a stage's own file can owe its stage's files: another family's (or a file without 'modality') is
+        # not copied to the best-file path before load_state refuses it or the switch takes its weights.
+        if dist_info.is_main and Path(source) == latest_path(settings.weights_path) and checkpoint.get("modality"):
             catch_up_epoch_files(settings, source, checkpoint, checkpoint.get("modality"), dist_info)
         barrier()  # the other ranks read the best file next
         source, checkpoint, new_stage = stage_switch(settings.weights_path, source, checkpoint, task.stage)
@@ -911,6 +913,12 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
                    config_hint=CLAMP3_CONFIG_HINT if task.stage is not None else CONFIG_HINT)
     if checkpoint is None or new_stage is not None:
         refuse_overwriting_epoch_files(settings)
+    if checkpoint is None and task.stage == "audio":
+        why = (f"no checkpoint at {settings.weights_path} or its latest_" if settings.load_ckpt
+               else f"{settings.prefix}LOAD_CKPT is off (--no_resume)")
+        say(dist_info, f"note: {why}: the audio stage starts from initial weights and keeps its symbolic encoder "
+                       "frozen as initialised; the staged recipe runs the symbolic stage with the same --weights "
+                       "first (docs/training.md)")
 
     if dist_info.is_distributed:
         # Both text encoders' poolers are outside the loss: DDP must not wait for their gradients.
