@@ -42,22 +42,6 @@ if TYPE_CHECKING:  # annotations only: torch loads once the arguments are parsed
     import torch
 
 
-# torch and transformers load only once the arguments are parsed (a fast --help); these two are module names so
-# that tests can replace them.
-def set_attention(model, implementation: str):
-    """:func:`clamp2.attention.set_attention`."""
-    from clamp2.attention import set_attention as set_kernel
-
-    return set_kernel(model, implementation)
-
-
-def process_state(device_arg):
-    """:func:`clamp2.extraction.core.process_state`."""
-    from clamp2.extraction.core import process_state as state_and_device
-
-    return state_and_device(device_arg)
-
-
 def kinds():
     """{extension: runner}: text, symbolic or audio."""
     from clamp2.extraction.core import AUDIO_EXTENSIONS, MUSIC_EXTENSIONS, TEXT_EXTENSIONS
@@ -124,7 +108,9 @@ def main(argv=None) -> int:
         return 2
     import torch
 
+    from clamp2 import attention
     from clamp2.checkpoint import CheckpointNotFound, loaded_message
+    from clamp2.extraction import core
     from clamp2.extraction.core import (AudioEncoder, KindRunner, MusicEncoder, TextEncoder, autocast_context,
                                         run_extraction)
     from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
@@ -132,10 +118,10 @@ def main(argv=None) -> int:
     cfg = load_script_config(__file__)
     weights = weights_path(cfg, args)
     try:
-        state, device = process_state(args.device)
+        state, device = core.process_state(args.device)
         model, tokenizer, checkpoint = build_clamp3(cfg, weights, args.text_model or cfg.TEXT_MODEL_NAME, device,
                                                     args.epoch)
-        set_attention(model, args.attention)
+        attention.set_attention(model, args.attention)
         precision = autocast_context(device, args.dtype)
     except CheckpointNotFound as exc:  # as CLaMP 3's reference: a missing CLaMP 3 checkpoint is exit status 1
         print(f"error: {exc}", file=sys.stderr)

@@ -29,22 +29,6 @@ if TYPE_CHECKING:  # annotations only: torch loads once the arguments are parsed
     import torch
 
 
-# torch and transformers load only once the arguments are parsed (a fast --help); these two are module names so
-# that tests can replace them.
-def set_attention(model, implementation: str):
-    """:func:`clamp2.attention.set_attention`."""
-    from clamp2.attention import set_attention as set_kernel
-
-    return set_kernel(model, implementation)
-
-
-def process_state(device_arg):
-    """:func:`clamp2.extraction.core.process_state`."""
-    from clamp2.extraction.core import process_state as state_and_device
-
-    return state_and_device(device_arg)
-
-
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     add_common_arguments(parser)
@@ -72,14 +56,16 @@ def main(argv=None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from clamp2.checkpoint import loaded_message
+    from clamp2 import attention
+    from clamp2.extraction import core
     from clamp2.extraction.core import KindRunner, MusicEncoder, autocast_context, run_extraction
     from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
     cfg = load_script_config(__file__)
     try:
-        state, device = process_state(args.device)
+        state, device = core.process_state(args.device)
         encoder, checkpoint = build_m3_encoder(cfg, args.weights or Path(cfg.M3_WEIGHTS_PATH), device)
-        set_attention(encoder, args.attention)
+        attention.set_attention(encoder, args.attention)
         precision = autocast_context(device, args.dtype)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -81,7 +81,7 @@ def test_eager_attention_flag_gives_the_reference_features(tiny_env, vectors, tm
         kernels.append(attention_of(set_attention(model, implementation)))
         return model
 
-    monkeypatch.setattr(module, "set_attention", spy)
+    monkeypatch.setattr("clamp2.attention.set_attention", spy)
     out = tmp_path / "out"
     if script == "m3":
         args = [str(vectors / "extract_in"), str(out), "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0",
@@ -260,17 +260,18 @@ def test_compile_flag_compiles_every_runner_and_keeps_the_features(tiny_env, vec
 def test_fp32_batches_run_without_tf32(tiny_env, vectors, tmp_path, extract_m3, extract_clamp2, monkeypatch,
                                        tf32_allowed, cuda_machine, script):
     # A caller (or a library it imported) let TF32 in: --dtype fp32 still computes in fp32, and the flags come back.
-    module = extract_m3 if script == "m3" else extract_clamp2
     before = precision_flags()
     seen = []
-    original = module.set_attention
+    from clamp2 import attention
+
+    original = attention.set_attention
 
     def recording(model, implementation):  # every submodule's forward pass records the flags it runs under
         for submodule in model.modules():
             submodule.register_forward_pre_hook(lambda *_: seen.append(precision_flags()))
         return original(model, implementation)
 
-    monkeypatch.setattr(module, "set_attention", recording)
+    monkeypatch.setattr(attention, "set_attention", recording)
     out = tmp_path / "out"
     if script == "m3":
         assert extract_m3.main([str(vectors / "extract_in"), str(out), "--weights", str(vectors / "tiny_m3.pth"),
@@ -576,7 +577,7 @@ def test_process_shards_do_not_shift_when_another_process_finished_first(tiny_en
     args = [str(vectors / "extract_in"), str(out), "--weights", str(vectors / "tiny_m3.pth"), "--num_workers", "0",
             "--no_progress"]
     for index in (first, 1 - first):
-        monkeypatch.setattr(extract_m3, "process_state", lambda device: (FakeState(index, 2), torch.device("cpu")))
+        monkeypatch.setattr("clamp2.extraction.core.process_state", lambda device: (FakeState(index, 2), torch.device("cpu")))
         assert extract_m3.main(args) == 0
     assert len(list(out.rglob("*.npy"))) == 4
     compare_tree(vectors / "expected" / "feat_m3", out)
