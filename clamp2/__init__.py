@@ -26,7 +26,8 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
     convert/       process_data/: MusicXML/ABC/interleaved ABC, MIDI/MTF, their parallel batch
                    runner (batch_runner), LLM summaries (summarize)
     extraction/    code/extract_*.py, process_data/extract_mert.py: windows and the batched driver
-                   (core); the scripts' flags, without torch (arguments); raw files → model inputs (model_inputs); audio decoding and resampling
+                   (core); the scripts' flags, without torch (arguments); raw files → model inputs
+                   (model_inputs); audio decoding and resampling
                    (audio); batched MERT features (mert)
     training/      code/train_*.py: data, M3 corruption, the one training loop, the tasks, CLaMP 3's
                    shared command line (clamp3); the trainers' flags, without torch (arguments)

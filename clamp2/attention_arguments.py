@@ -13,7 +13,8 @@ ATTN_IMPLEMENTATION = "sdpa"
 
 def check_attention(implementation: str) -> str:
     if implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        raise ValueError(f"attention implementation {implementation!r}: expected one of "
+                         f"{', '.join(ATTN_IMPLEMENTATIONS)}")
     return implementation
 
 

@@ -12,7 +12,8 @@ invalidated by hand (CLaMP 3's cache, keyed by file name, silently serves stale 
 Layout under the cache folder (default: the user cache folder, ``~/.cache/clamp2`` on Linux)::
 
     features/<namespace>/settings.json           what the namespace holds (for ``info``)
-    features/<namespace>/<key[:2]>/<key>.npy     one feature, as extraction saves it, then the sha256 of its name and bytes
+    features/<namespace>/<key[:2]>/<key>.npy     one feature, as extraction saves it, then the sha256 of its
+                                                 name and bytes
     weights/<path, size, times, inode hash>.sha256   memoized weights hashes (a 3 GB file is hashed once)
 
 Every write is a temporary file and a rename, so several processes can fill one cache at once;

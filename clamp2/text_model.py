@@ -136,8 +136,8 @@ def follow_saved_pipeline(tokenizer, tokenizer_file: str | os.PathLike) -> None:
 
 
 def load_text_model(name_or_path: str, pretrained: bool = True):
-    """The text encoder with its pooler, in float32, attention by :data:`~clamp2.attention_arguments.ATTN_IMPLEMENTATION`;
-    ``pretrained=False`` builds it from the config alone.
+    """The text encoder with its pooler, in float32, attention by
+    :data:`~clamp2.attention_arguments.ATTN_IMPLEMENTATION`; ``pretrained=False`` builds it from the config alone.
 
     float32 explicitly: transformers 5 otherwise takes the dtype of the saved config (a bf16 copy
     would give bf16 features or clash with the float32 projection).

@@ -45,7 +45,8 @@ def folders_problem(input_dir, output_dir) -> Optional[str]:
 def add_common_arguments(parser) -> None:
     parser.add_argument("input_dir", type=Path, help="folder searched recursively for input files")
     parser.add_argument("output_dir", type=Path, help="features are written here as <relative folder>/<stem>.npy")
-    parser.add_argument("--weights", type=Path, default=None, help="checkpoint file (default: config.py's weights path)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="checkpoint file (default: config.py's weights path)")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass (default 16)")
     parser.add_argument("--batch_tokens", type=int, default=0,
                         help="size batches by padded positions (windows × longest window) instead of --batch_size: "

@@ -25,8 +25,8 @@ import torch
 from unidecode import unidecode
 
 from ..attention import Autocast, ExactFloat32, keep_overrides_eager
-from ..distributed import (before_process_group, end_with_launcher, env_int, launched_by_a_launcher, prepare_end_barrier,
-                           wait_for_all_processes)
+from ..distributed import (before_process_group, end_with_launcher, env_int, launched_by_a_launcher,
+                           prepare_end_barrier, wait_for_all_processes)
 from ..files import (atomic_write_bytes, find_files, finished_output, mirror_outputs,
                      remove_partial_files_of, write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines

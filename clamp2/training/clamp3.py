@@ -19,7 +19,8 @@ from .tasks import clamp3_task
 
 
 def main(modality: str, script_file: str, args) -> int:
-    """Train the ``modality`` stage as ``args`` (from :func:`~clamp2.training.arguments.parse_clamp3_args`) and code/config.py say; exit status."""
+    """Train the ``modality`` stage as ``args`` (from :func:`~clamp2.training.arguments.parse_clamp3_args`) and
+    code/config.py say; exit status."""
     with distributed_context(args.local_rank, args.device) as dist_info:
         overrides = flag_overrides(args, "CLAMP3_", {
             "CLAMP3_TRAIN_JSONL": args.train_jsonl, "CLAMP3_EVAL_JSONL": args.eval_jsonl,

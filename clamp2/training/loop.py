@@ -957,8 +957,9 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
             catch_up_epoch_files(settings, source, checkpoint, task.stage, dist_info)
             dropped = drop_log_entries_after(settings.logs_path, checkpoint)
             if dropped:
-                say(dist_info, f"{dropped} log entr{'y' if dropped == 1 else 'ies'} after epoch {counters['epoch']} removed "
-                               f"from {settings.logs_path}: this run redoes those epochs from {source}")
+                entries = "entry" if dropped == 1 else "entries"
+                say(dist_info, f"{dropped} log {entries} after epoch {counters['epoch']} removed from "
+                               f"{settings.logs_path}: this run redoes those epochs from {source}")
     del checkpoint  # optimizer state included, it can hold gigabytes of host memory per rank
 
     for dataset in (task.train_set, task.eval_set):
