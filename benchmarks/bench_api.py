@@ -30,9 +30,9 @@ def parse_args(argv=None):
     parser.add_argument("--files", type=int, default=24, help="number of MusicXML scores")
     parser.add_argument("--weights", default=None, help="a CLaMP 2 checkpoint (default: random, published size)")
     parser.add_argument("--text_model", default=str(TINY_TEXT_MODEL), help="text model folder or hub id")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (the latter two on CUDA)")
+    parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass (16)")
     parser.add_argument("--num_workers", type=int, default=0, help="conversion worker processes")
     return parser.parse_args(argv)
 

@@ -63,16 +63,18 @@ def parse_args(argv=None):
     parser.add_argument("--music_dir", type=Path, default=None,
                         help="time the .abc/.mtf files under this folder instead of the corpus-derived set (e.g. "
                              "the interleaved tunes of bench_abc_corpus.py --out DIR: DIR/interleaved)")
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16],
+                        help="windows per forward pass, each timed (1 16)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], help="fp32, bf16, fp16 (the latter two on CUDA)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available)")
     parser.add_argument("--reference_files", type=int, default=20,
                         help="files timed with the reference scheme (it is slow); 0 to skip")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--batch_tokens", type=int, nargs="*", default=[],
                         help="also time batches sized by padded positions (extract_*.py --batch_tokens)")
     parser.add_argument("--compile", action="store_true", help="also time each configuration with --compile")
-    parser.add_argument("--attention", choices=ATTN_IMPLEMENTATIONS, default="sdpa")
+    parser.add_argument("--attention", choices=ATTN_IMPLEMENTATIONS, default="sdpa", help="attention kernel (sdpa)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     parser.add_argument("--num_workers", type=int, default=default_workers(),
                         help="tokenizing processes, as extract_*.py --num_workers (default: theirs)")

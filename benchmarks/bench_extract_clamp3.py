@@ -39,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=Path, default=Path("/tmp/clamp2_bench_music"), help="cache of corpus-derived files")
     parser.add_argument("--symbolic_files", type=int, default=40, help="ABC + MTF files (half each)")
     parser.add_argument("--audio_files", type=int, default=40, help="MERT feature arrays (30 s to 10 min of audio)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16, help="windows per forward pass (16)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--global_only", action="store_true", help="time --get_global only")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -46,19 +46,21 @@ CHORALES = ("bach/bwv66.6", "bach/bwv26.6", "bach/bwv10.7", "bach/bwv101.7", "ba
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("/tmp/clamp2_bench_audio"), help="cache of rendered WAV files")
-    parser.add_argument("--size", choices=("full", "tiny"), default="full")
-    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--size", choices=("full", "tiny"), default="full",
+                        help="MERT-v1-95M's sizes (random weights) or the tests' tiny config")
+    parser.add_argument("--files", type=int, default=4, help="number of audio files (4)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each file (pieces are looped)")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8, help="MERT windows per forward pass (8)")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="decoding processes (default: process_data/extract_mert.py's default)")
     parser.add_argument("--resample_on_device", action="store_true",
                         help="also time the driver with resampling and the z-score on --device (workers only decode)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], help="fp32, bf16, fp16 (the latter two on CUDA)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="peak of the device for MFU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--skip_reference", action="store_true")
+    parser.add_argument("--skip_reference", action="store_true", help="do not time the reference's one-file scheme")
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                         help="attention kernel (clamp2.attention; default sdpa, as extraction uses)")
     parser.add_argument("--audio", choices=("chorales", "synthetic"), default="chorales",

@@ -95,7 +95,7 @@ def parse_args(argv=None):
     parser.add_argument("--length", type=int, default=100, help="mean positions per file (100)")
     parser.add_argument("--dim", type=int, default=768, help="feature size D (768)")
     parser.add_argument("--hidden", type=int, default=768, help="probe hidden size (768)")
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed (1 64)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per setting (median; 2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "fp16", "bf16"), default=["fp32"],

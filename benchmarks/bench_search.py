@@ -37,11 +37,12 @@ NOISE = 6.0
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("/tmp/clamp2_bench_search"), help="cache of generated files")
-    parser.add_argument("--metrics_sizes", type=int, nargs="*", default=[2000, 50000])
+    parser.add_argument("--metrics_sizes", type=int, nargs="*", default=[2000, 50000],
+                        help="N of the N x N retrieval-metrics runs (2000 50000)")
     parser.add_argument("--index_rows", type=int, default=1_000_000, help="rows of the search matrix (0: skip)")
     parser.add_argument("--batch", type=int, default=1000, help="queries of the batched search (1: skip it)")
-    parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--dim", type=int, default=768, help="feature size D (768)")
+    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda when available)")
     parser.add_argument("--check", action="store_true", help="compare the metrics with a float64 brute force")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the search figures (best kept)")
     parser.add_argument("--metrics_repeats", type=int, default=2, help="timed repeats of the metrics (best kept)")

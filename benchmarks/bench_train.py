@@ -430,7 +430,7 @@ def run(variant: str, name: str, config: BenchConfig, device: torch.device, prec
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (cpu)")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None,
                         help="default: small on CPU, default on CUDA")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
@@ -440,8 +440,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--m3_batch", type=int, default=None)
-    parser.add_argument("--clamp2_batch", type=int, default=None)
+    parser.add_argument("--m3_batch", type=int, default=None, help="M3 batch size (default: 16 on CUDA, 4 on CPU)")
+    parser.add_argument("--clamp2_batch", type=int, default=None,
+                        help="CLaMP 2 batch size (default: 128 on CUDA, 8 on CPU)")
     parser.add_argument("--scores", type=int, default=36, help="corpus scores (each gives an ABC and an MTF file)")
     parser.add_argument("--data", type=Path, default=Path("/tmp/clamp2_bench_train"), help="cache of the data")
     parser.add_argument("--profile", action="store_true",
