@@ -115,7 +115,7 @@ def test_a_cache_set_after_the_weights_changed_is_not_filled(tmp_path):
     weights = tmp_path / "model.pth"
     shutil.copy(VECTORS / "tiny_clamp2.pth", weights)
     model = CLaMP2.from_pretrained(weights, text_model=TEXT_MODEL, max_text_length=16)
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     checkpoint["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
     torch.save(checkpoint, weights)
     model.cache = FeatureCache(tmp_path / "cache")
