@@ -8,11 +8,16 @@ may add ``scaler`` and ``rng``; loading accepts that dict or a bare state dict, 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
+import socket
+import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, MutableMapping, Optional
+from typing import Any, Iterator, Mapping, MutableMapping, Optional
 
 import torch
 from torch import nn
@@ -438,6 +443,92 @@ def latest_path(weights_path: str | os.PathLike) -> Path:
     """``latest_`` + the weights file name, in the same folder (the reference prefixes the whole path)."""
     path = Path(weights_path)
     return path.with_name("latest_" + path.name)
+
+
+def run_lock_path(weights_path: str | os.PathLike) -> Path:
+    """``<weights name>.lock`` beside the weights: held by the training run that writes them."""
+    path = Path(weights_path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def exclusive_run(weights_path: str | os.PathLike, is_main: bool = True) -> Iterator[None]:
+    """Hold the weights' run lock for the ``with`` block (on rank 0, ``is_main``), or raise :class:`CheckpointError`
+    naming the run that holds it (on every rank: a refusal found by rank 0 stops them all).
+
+    Two runs given the same weights path (two shells, a job restarted while the first still runs on another node)
+    would overwrite each other's ``latest_``, best and epoch files and interleave their log entries. The lock is a
+    POSIX record lock (``fcntl.lockf``) on the lock file: the kernel (or the NFS lock manager) drops it when its
+    process ends, killed or not, so a dead run never blocks the next. The file holds the holder's pid and host (for
+    the message) and is removed when the run ends; a killed run's stays, unlocked, and the next run takes it. Where
+    ``fcntl`` is missing (Windows) nothing is locked.
+    """
+    from .distributed import broadcast_object
+
+    with contextlib.ExitStack() as held:
+        refused = None
+        if is_main:
+            try:
+                held.enter_context(_run_lock(weights_path))
+            except CheckpointError as exc:
+                refused = str(exc)
+        refused = broadcast_object(refused)
+        if refused:
+            raise CheckpointError(refused)
+        yield
+
+
+@contextlib.contextmanager
+def _run_lock(weights_path: str | os.PathLike) -> Iterator[None]:
+    lock = run_lock_path(weights_path)
+    fd = _lock_file(lock, weights_path)
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.asctime()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while still held: a run starting now locks a new file (the inode check below)
+        os.close(fd)  # releases the lock
+
+
+def _lock_file(lock: Path, weights_path: str | os.PathLike) -> Optional[int]:
+    """A descriptor of ``lock`` holding its record lock; None where there are no such locks; CheckpointError
+    naming the holder when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:  # on rank 0 alone: raised as CheckpointError, the refusal every rank gets
+            raise CheckpointError(f"cannot write beside {weights_path}: {exc.strerror or exc} ({lock})") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise CheckpointError(f"another training run writes {weights_path} ({holder}, lock {lock}); wait "
+                                      "for it to end, or give this run its own --weights") from None
+            # A file system without record locks (Lustre mounted without flock, some FUSE mounts: ENOSYS, ENOLCK,
+            # EOPNOTSUPP): run unguarded, as before the lock existed, rather than refuse every run there.
+            print(f"note: {lock.parent} does not support file locks ({exc.strerror}); nothing stops a second run "
+                  f"from writing {Path(weights_path).name} at the same time", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            return None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file the previous holder removed as it ended: lock the one now there
 
 
 # -- resuming training ---------------------------------------------------------------------------

@@ -13,7 +13,10 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import secrets
+import socket
+import time
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -197,9 +200,28 @@ def input_problem(path: str | os.PathLike, what: str = "input folder") -> Option
     return None
 
 
+def _machine_id() -> str:
+    """6 hex digits naming this machine (host name and boot): whose process ids a temporary name's pid is."""
+    boot = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    return hashlib.sha256(f"{socket.gethostname()}\n{boot}".encode()).hexdigest()[:6]
+
+
+_MACHINE = _machine_id()
+# A temporary name's token: random, then the writer's machine and pid, so that a run cleaning up what a killed
+# writer left can tell a live writer's file (another process on the same outputs: two shells, a restarted job)
+# from a dead one's.
+_OWNER = re.compile(r"[0-9a-f]{8}h([0-9a-f]{6})p([0-9a-f]+)c[0-9a-f]+")
+# A temporary file of another machine's writer is left alone until it has not changed for this long.
+STALE_SECONDS = 3600
+
+
 def _new_process_token() -> None:
     global _PROCESS_TOKEN, _TEMPORARY_COUNTER
-    _PROCESS_TOKEN, _TEMPORARY_COUNTER = secrets.token_hex(4), itertools.count()
+    _PROCESS_TOKEN = f"{secrets.token_hex(4)}h{_MACHINE}p{os.getpid():x}c"
+    _TEMPORARY_COUNTER = itertools.count()
 
 
 _new_process_token()
@@ -208,7 +230,8 @@ os.register_at_fork(after_in_child=_new_process_token)
 
 
 # File names hold at most 255 bytes (NAME_MAX on Linux, macOS and Windows file systems). The temporary
-# name adds ~20 to the output's, so a long output name gets a shorter stand-in in its temporary name.
+# name adds ~35 to the output's (dots, a token naming the writer's machine and pid, a counter, the suffix), so a
+# long output name gets a shorter stand-in in its temporary name.
 LONGEST_TEMPORARY_STEM = 200
 _STEM_PREFIX_BYTES = LONGEST_TEMPORARY_STEM - 17  # the prefix, "~" and 16 hex digits of the name's hash
 
@@ -320,7 +343,8 @@ def remove_partial_files_of(paths: Iterable[str | os.PathLike]) -> int:
     """:func:`remove_partial_files` for many outputs at once: one listing per folder, not one per file.
 
     For a batch that resumes after a kill: only the temporary files of ``paths`` are removed (those
-    of other processes' outputs in the same folders are theirs, and may be being written).
+    of other processes' outputs in the same folders are theirs, and may be being written). Nor those of a
+    live process writing the same outputs (a second run of the same command): only a dead writer's files go.
     """
     by_folder: Dict[str, set] = {}
     for path in paths:
@@ -333,12 +357,37 @@ def remove_partial_files_of(paths: Iterable[str | os.PathLike]) -> int:
         except OSError:  # not made yet: nothing left there
             continue
         for entry in entries:
-            if entry.startswith(".") and entry.endswith(TMP_SUFFIX) and \
-                    entry[1:-len(TMP_SUFFIX)].rpartition(".")[0] in names:
+            stem, _, token = entry[1:-len(TMP_SUFFIX)].rpartition(".")
+            if entry.startswith(".") and entry.endswith(TMP_SUFFIX) and stem in names and \
+                    not _writer_may_be_alive(token, os.path.join(folder, entry)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(folder, entry))
                     removed += 1
     return removed
+
+
+def _writer_may_be_alive(token: str, path: str) -> bool:
+    """Whether the process that named a temporary file ``token`` may still be writing it: a live pid on this
+    machine, or a file of another machine's writer changed within STALE_SECONDS. Names without an owner (earlier
+    versions, tests) and this process's own are a dead writer's."""
+    owner = _OWNER.fullmatch(token)
+    if owner is None:
+        return False
+    machine, pid = owner.group(1), int(owner.group(2), 16)
+    if machine != _MACHINE or os.name == "nt":  # on Windows os.kill(pid, 0) would send CTRL_C_EVENT
+        try:
+            return time.time() - os.stat(path).st_mtime < STALE_SECONDS
+        except OSError:
+            return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8", errors: str = "strict") -> None:

@@ -268,3 +268,43 @@ def test_a_value_that_is_not_a_tensor_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"int.pth does not fit the model: .*not tensors \(1\): "
                                               r"encoder.patch_embedding.bias \(int\)"):
         load_model_weights(fresh(1), tmp_path / "int.pth")
+
+
+def test_the_run_lock_is_skipped_with_a_note_where_the_file_system_has_no_locks(tmp_path, monkeypatch, capsys):
+    # Lustre mounted without flock answers ENOSYS: every run there would be refused as if another held the lock.
+    import errno
+
+    fcntl = pytest.importorskip("fcntl")
+    from clamp2.checkpoint import exclusive_run
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with exclusive_run(tmp_path / "w.pth"):
+        pass
+    assert "does not support file locks (Function not implemented)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_held_run_lock_and_an_unwritable_folder_are_checkpoint_errors(tmp_path):
+    pytest.importorskip("fcntl")
+    from clamp2.checkpoint import exclusive_run, run_lock_path
+
+    weights = tmp_path / "w.pth"
+    with exclusive_run(weights):
+        # Record locks belong to the process (and closing any descriptor of the file in it drops them: the lock
+        # file is not read here), so the refusal is shown by a child.
+        import subprocess
+        import sys
+
+        code = ("import sys; from clamp2.checkpoint import exclusive_run, CheckpointError\n"
+                "try:\n    exclusive_run(sys.argv[1]).__enter__()\nexcept CheckpointError as e:\n    print(e)")
+        done = subprocess.run([sys.executable, "-c", code, str(weights)], capture_output=True, text=True)
+        out = done.stdout + done.stderr
+        assert f"another training run writes {weights} (pid {os.getpid()} on " in out
+    assert not run_lock_path(weights).exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="cannot write beside"):
+        with exclusive_run(tmp_path / "file" / "w.pth"):
+            pass

@@ -168,3 +168,59 @@ def test_a_slow_stage_after_a_burst_still_gets_its_lines(tmp_path):
             bar.update(1)
     lines = stream.getvalue().splitlines()
     assert any("11/12" in line for line in lines) and "12/12" in lines[-1], lines
+
+
+def _writer(target, stay: bool):
+    """A process that opened a temporary file of ``target`` (as atomic_write_bytes does) and is still writing it
+    (``stay``) or was killed then; (process, the temporary file)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO_ROOT
+
+    code = ("import os, sys, time; from clamp2 import files; fd, tmp = files._open_temporary(sys.argv[1]); "
+            "print(tmp, flush=True); time.sleep(60) if sys.argv[2] == '1' else os._exit(0)")
+
+    process = subprocess.Popen([sys.executable, "-c", code, str(target), "1" if stay else "0"], stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    return process, Path(process.stdout.readline().strip())
+
+
+def test_a_second_run_keeps_a_live_writers_temporary_files_and_removes_a_dead_ones(tmp_path):
+    # Two runs of one command on one output folder (two shells, a job restarted while the first still runs): the
+    # second's clean-up of what a killed run left deleted the first's file in progress, whose rename then failed
+    # ("failed: ...: FileNotFoundError: .x.mid.<token>.partial -> x.mid") though nothing was wrong with the input.
+    from clamp2.files import remove_partial_files, remove_partial_files_of
+
+    target = tmp_path / "x.npy"
+    live, theirs = _writer(target, stay=True)
+    dead, killed = _writer(target, stay=False)
+    dead.wait()
+    try:
+        assert theirs.exists() and killed.exists()
+        assert remove_partial_files_of([target]) == 1
+        assert theirs.exists() and not killed.exists()
+        live.kill()
+        live.wait()
+        assert remove_partial_files(target) == 1 and not theirs.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_another_machines_temporary_file_is_removed_only_once_stale(tmp_path):
+    # A folder shared over NFS: a writer on another node cannot be asked whether it lives; its file is left alone
+    # until it has not changed for STALE_SECONDS.
+    import time
+
+    from clamp2 import files
+
+    other = "fffff0" if files._MACHINE != "fffff0" else "fffff1"
+    busy = tmp_path / f".x.npy.0123abcdh{other}p1c0.partial"
+    stale = tmp_path / f".x.npy.0123abcdh{other}p2c0.partial"
+    for path in (busy, stale):
+        path.write_bytes(b"half")
+    old = time.time() - 2 * files.STALE_SECONDS
+    os.utime(stale, (old, old))
+    assert files.remove_partial_files(tmp_path / "x.npy") == 1 and busy.exists() and not stale.exists()

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..checkpoint import CheckpointError, exclusive_run
 from ..cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from ..distributed import DistInfo, distributed_context
 from ..files import atomic_write_text
@@ -130,8 +131,9 @@ def train_command(args) -> int:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     with distributed_context(args.local_rank, args.device) as dist_info:
         try:
-            return run_training(args, settings, dist_info)
-        except ProbeUsageError as exc:
+            with exclusive_run(settings.weights_path, dist_info.is_main):
+                return run_training(args, settings, dist_info)
+        except (ProbeUsageError, CheckpointError) as exc:  # CheckpointError: another run holds these weights
             if dist_info.is_main:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_USAGE

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..attention import Autocast
 from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capture_rng_state, copy_checkpoint,
                           latest_path, load_state, read_checkpoint, restore_rng_state, restore_training_state,
-                          resume_source, save_checkpoint, state_dict_of, unwrap)
+                          exclusive_run, resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
 from ..files import atomic_write_text, remove_partial_files_of
@@ -860,7 +860,7 @@ def catch_up_epoch_files(settings: TrainSettings, source: Path, checkpoint: Mapp
 
 def run_training(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> TrainResult:
     """Train ``task`` as configured by ``settings`` on this process; see the module docstring."""
-    with deterministic_mode(settings.deterministic):
+    with deterministic_mode(settings.deterministic), exclusive_run(settings.weights_path, dist_info.is_main):
         return _run(task, settings, dist_info)
 
 
