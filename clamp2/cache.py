@@ -123,6 +123,10 @@ class FeatureCache:
     """A cache folder; :meth:`namespace` gives the entries of one model and settings."""
 
     def __init__(self, root: str | os.PathLike | None = None):
+        if root is not None and not os.fspath(root):
+            # Path("") is the current folder: an unset variable (os.environ.get("CACHE", "")) would fill it.
+            raise ValueError("the feature cache path is empty; give a folder, True for the default cache "
+                             f"({default_cache_dir()}), or None for no cache")
         self.root = Path(root) if root is not None else default_cache_dir()
 
     def __repr__(self) -> str:

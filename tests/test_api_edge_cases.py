@@ -152,3 +152,17 @@ def test_an_empty_string_is_named_as_such(tiny):
     encoded = tiny.encode_music(["", str(ABC), ""], errors="skip")
     assert encoded.indices == [1]
     assert [reason for _, reason in encoded.failures] == ["an empty string: neither a file name nor content"] * 2
+
+
+def test_an_empty_cache_path_is_refused_not_the_current_folder(tmp_path, monkeypatch):
+    # cache=os.environ.get("CLAMP_CACHE", "") with the variable unset filled the current folder with features/.
+    from clamp2 import CLaMP2
+    from clamp2.cache import FeatureCache
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="feature cache path is empty"):
+        CLaMP2.from_pretrained(VECTORS / "tiny_clamp2.pth", text_model=TEXT_MODEL, cache="")
+    with pytest.raises(ValueError, match="feature cache path is empty"):
+        FeatureCache("")
+    assert list(tmp_path.iterdir()) == []
+    assert str(FeatureCache(".").root) == "."  # asked for by name: kept
