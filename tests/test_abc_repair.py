@@ -578,3 +578,35 @@ def test_inline_voices_read_as_one_voice_are_named_once():
     # No bare V:1 line: the one-voice fix reads [V:1]/[V:2] lines as one voice, which inline_voices_note names.
     _, warned = interleave_warned("X:1\nM:2/4\nL:1/4\nK:C\n[V:1] C D|E F|]\n[V:2] C, D,|E, F,|]\n")
     assert len(warned) == 1 and warned[0].startswith("read as one voice") and "voice blocks" not in warned[0]
+
+
+def test_a_long_chain_of_continued_lines_is_joined_in_linear_work(monkeypatch):
+    # A tune written as one 2,000-line music line ("\" at every line end): each join re-read the whole
+    # text joined so far (escapes_dropped, the "\" test and its removal), work quadratic in the chain's
+    # length (a 20,000-line tune: 9 s in repair_lines alone). Counted, not timed: the characters those
+    # steps read stay within a few times the tune's size.
+    from clamp2.convert import abc_repair
+
+    read = [0]
+    escapes_dropped, continuation = abc_repair.escapes_dropped, abc_repair.CONTINUATION_RE
+
+    class CountingPattern:
+        def search(self, text):
+            read[0] += len(text)
+            return continuation.search(text)
+
+        def sub(self, replacement, text):
+            read[0] += len(text)
+            return continuation.sub(replacement, text)
+
+    def counting_escapes_dropped(text):
+        read[0] += len(text)
+        return escapes_dropped(text)
+
+    monkeypatch.setattr(abc_repair, "escapes_dropped", counting_escapes_dropped)
+    monkeypatch.setattr(abc_repair, "CONTINUATION_RE", CountingPattern())
+    bars = [f'"^\\"{i}\\"" A2 B2 c2 d2 |' for i in range(2000)]  # \" escapes, dropped as the pipeline drops them
+    tune = "X:1\nM:4/4\nL:1/8\nK:C\n" + "".join(bar + " \\\n" for bar in bars[:-1]) + bars[-1] + "\n"
+    lines = abc_repair.join_line_continuations(numbered_lines(tune))
+    assert [line.text for line in lines[4:]] == [" ".join(bar.replace('\\"', "") for bar in bars) + "\n"]
+    assert read[0] < 5 * len(tune)

@@ -515,3 +515,59 @@ def test_duplicate_keys_keep_the_last_file_as_the_reference(tmp_path, capsys):
     assert "share the key 'k0001'" in err and "k0001.v2.npy is used" in err
     keyed, _ = unique_by_key(read_features(folder))
     assert np.array_equal(keyed.matrix[keyed.keys.index("k0001")], refs[20])
+
+
+def test_mean_vector_of_rows_is_the_mean_of_the_indexed_matrix():
+    rng = np.random.default_rng(5)
+    matrix = rng.standard_normal((20_000, 16)).astype(np.float32)  # over two blocks of BLOCK_ROWS
+    rows = list(rng.permutation(len(matrix))[:17_000])
+    assert np.array_equal(mean_vector(matrix, rows), mean_vector(matrix[rows]))
+    assert np.array_equal(mean_vector(matrix, rows), np.mean(list(matrix[rows]), axis=0))
+
+
+def test_group_score_does_not_copy_the_collection():
+    # clamp3_score --group indexed each side's whole matrix into the reference's order before averaging:
+    # a second copy of the collection (200,000 x 768 features: +614 MB peak). tracemalloc sees NumPy's buffers.
+    import tracemalloc
+    from pathlib import Path
+
+    from clamp2.search.clamp3 import FEATURES, Side, group_score
+
+    rng = np.random.default_rng(6)
+    sides = [Side(Path("/nonexistent/side"), FEATURES, [f"k{i % 100}.{i}.npy" for i in range(n)],
+                  rng.standard_normal((n, 128)).astype(np.float32)) for n in (60_000, 40_000)]
+    tracemalloc.start()
+    try:
+        lines = group_score(*sides)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines[-1].startswith("Group similarity: ")
+    assert peak < sides[0].matrix.nbytes / 2
+
+
+def test_read_tree_fills_one_matrix_in_place(tmp_path, monkeypatch):
+    # read_tree (clamp3_score, clamp3_eval, clamp3_search on feature folders) kept every block, then
+    # concatenated them: two copies of the collection at once (200,000 x 768: +614 MB peak).
+    import gc
+    import tracemalloc
+
+    from clamp2.search import feature_store
+
+    monkeypatch.setattr(feature_store, "BLOCK_ROWS", 256)
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((8000, 512)).astype(np.float32)
+    for i, row in enumerate(rows):
+        folder = tmp_path / f"part{i % 3}"
+        folder.mkdir(exist_ok=True)
+        np.save(folder / f"k{i:05d}.npy", row[None])
+    gc.collect()
+    tracemalloc.start()
+    try:
+        features = feature_store.read_tree(tmp_path, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    order = [int(name.split("/k")[1][:5]) for name in features.names]
+    assert np.array_equal(features.matrix, rows[order]) and len(order) == len(rows)
+    assert peak < 1.8 * rows.nbytes, peak / rows.nbytes  # 1.35 here; 2.09 when every block was kept

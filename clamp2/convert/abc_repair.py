@@ -225,21 +225,41 @@ def join_line_continuations(lines: Lines) -> Lines:
     if start is None:
         return lines
     result = lines[:start]
-    pending: Line | None = None
+    pending: list[str] = []  # a continued line's text so far, in pieces: joined once, where its chain ends
+    number = 0  # the continued line's number
+    escaped = False  # a piece holds a \" (escapes_dropped may then change the whole text at the next join)
     fields: list[str] = []  # inline fields met between a continued line and the next music line
     field_lines: Lines = []  # the same fields as the lines they came from
     for line in lines[start:]:
-        if pending is not None and is_music_line(line.text):
-            line = Line(pending.number,
-                        pending.text + after_leading_barline(escapes_dropped(line.text).lstrip(), "".join(fields)))
-            pending, fields, field_lines = None, [], []
-        elif pending is not None and VOICE_LINE_RE.match(line.text):
+        if pending and is_music_line(line.text):
+            piece = after_leading_barline(escapes_dropped(line.text).lstrip(), "".join(fields))
+            fields, field_lines = [], []
+            # Without \" and with the piece not blank, each step touches the piece alone: the continuation
+            # "\" and the blanks after it lie in it, escapes_dropped leaves the text as it is (a \" cannot form
+            # where two pieces meet: the text before ends with a space), and the joined line's first two
+            # characters, which decide whether it is music, are the first piece's. Re-reading the whole
+            # text at each join made a chain of n continued lines take time quadratic in n.
+            if not escaped and '\\"' not in piece and piece.strip():
+                head = pending[0]
+                if (CONTINUATION_RE.search(piece) and not FIELD_LINE_RE.match(head)
+                        and not head.startswith("%")):
+                    rest = CONTINUATION_RE.sub("", piece).rstrip()
+                    if rest.strip():
+                        pending.append(rest + " ")
+                        continue
+                else:
+                    result.append(Line(number, "".join(pending) + piece))
+                    pending = []
+                    continue
+            line = Line(number, "".join(pending) + piece)
+            pending = []
+        elif pending and VOICE_LINE_RE.match(line.text):
             # The next music belongs to another voice: joining would move this voice's bars into it. The
             # line ends here, as without its "\", and the fields after it stay lines of their own.
-            result += [Line(pending.number, pending.text.rstrip() + "\n"), *field_lines, line]
-            pending, fields, field_lines = None, [], []
+            result += [Line(number, "".join(pending).rstrip() + "\n"), *field_lines, line]
+            pending, fields, field_lines = [], [], []
             continue
-        elif pending is not None:
+        elif pending:
             # ABC 2.1 lets a field or a comment line sit between the two. A field that changes the music
             # (K:, M:, L:, ...) takes effect there, mid-line once the two are joined: inlined in place, not
             # before the joined line (inline_body_fields' place for it), which would move it bars early.
@@ -251,11 +271,13 @@ def join_line_continuations(lines: Lines) -> Lines:
                 result.append(line)
             continue
         if is_music_line(line.text) and CONTINUATION_RE.search(line.text):
-            pending = Line(line.number, CONTINUATION_RE.sub("", escapes_dropped(line.text)).rstrip() + " ")
+            number = line.number
+            pending = [CONTINUATION_RE.sub("", escapes_dropped(line.text)).rstrip() + " "]
+            escaped = '\\"' in pending[0]
             continue
         result.append(line)
-    if pending is not None:
-        result.append(Line(pending.number, pending.text.rstrip() + "\n"))  # fields after the music: dropped
+    if pending:
+        result.append(Line(number, "".join(pending).rstrip() + "\n"))  # fields after the music: dropped
     return result
 
 

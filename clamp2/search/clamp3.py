@@ -465,7 +465,8 @@ def group_score(queries: Side, references: Side) -> List[str]:
     _need_rows(queries, "query")
     _need_rows(references, "reference")
     _check_dims(queries, references)
-    means = [torch.from_numpy(mean_vector(side.matrix[group_order(side)])) for side in (queries, references)]
+    # The rows in the reference's order, a block at a time: indexing the whole matrix first copied the collection.
+    means = [torch.from_numpy(mean_vector(side.matrix, group_order(side))) for side in (queries, references)]
     similarity = torch.nn.functional.cosine_similarity(*means, dim=0)
     return [f"Total query features: {len(queries)}", f"Total reference features: {len(references)}",
             f"Group similarity: {round(similarity.item(), 4)}"]

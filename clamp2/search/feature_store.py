@@ -295,6 +295,7 @@ def _stream_rows(folder: Path, names: list[str], *, dim: Optional[int] = None,
                 dim = _common_dimension([r for r in sample if not isinstance(r, str)])
                 if dim is not None:
                     break
+            sample.clear()  # its rows are in `early` until read once more: not held to the end
         yield from _checked_blocks(names, paths, dim, reuse, read_many, skipped, progress, desc)
     finally:
         if pool is not None:
@@ -400,11 +401,17 @@ def read_tree(folder: str | os.PathLike, *, progress: bool = True) -> FeatureSet
     if not names:
         raise FeatureError(f"{folder}: no .npy files in the folder or its sub-folders")
     skipped: list[SkippedFile] = []
-    blocks = list(_stream_rows(root, names, skipped=skipped, progress=progress))
-    kept = [name for block in blocks for name in block.names]
-    dim = blocks[0].matrix.shape[1] if blocks else 0
-    matrix = np.concatenate([b.matrix for b in blocks]) if blocks else np.zeros((0, dim), np.float32)
-    norms = np.concatenate([b.norms for b in blocks]) if blocks else np.zeros(0)
+    matrix: Optional[np.ndarray] = None  # filled in place, as read_folder does: no second copy of the collection
+    kept: list[str] = []
+    norms: list[np.ndarray] = []
+    for block in _stream_rows(root, names, skipped=skipped, progress=progress):
+        if matrix is None:
+            matrix = np.empty((len(names), block.matrix.shape[1]), dtype=np.float32)
+        matrix[len(kept):len(kept) + len(block.names)] = block.matrix
+        kept.extend(block.names)
+        norms.append(block.norms)
+    matrix = matrix[:len(kept)] if matrix is not None else np.zeros((0, 0), np.float32)
+    norms = np.concatenate(norms) if norms else np.zeros(0)
     skipped.sort(key=lambda s: s.path)
     return FeatureSet(str(folder), kept, matrix, norms, skipped, [feature_key(Path(n).name) for n in kept])
 

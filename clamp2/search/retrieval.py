@@ -563,17 +563,21 @@ def retrieval_metrics(query_keys: Sequence[str], query_matrix: np.ndarray, ref_k
 # Mean-vector score and same-key pairs
 
 
-def mean_vector(matrix: np.ndarray) -> np.ndarray:
+def mean_vector(matrix: np.ndarray, rows: Optional[Sequence[int]] = None) -> np.ndarray:
     """``np.mean(list_of_rows, axis=0)`` in float32, as the reference, without stacking all rows.
 
     NumPy adds the rows of an axis-0 reduction one after another in float32, so the blocked sum
-    below (each block reduced after the running total) is the same number.
+    below (each block reduced after the running total) is the same number. ``rows``: the mean of
+    ``matrix[rows]`` (in that order), without that copy of the whole matrix.
     """
+    count = len(matrix) if rows is None else len(rows)
     total = np.zeros(matrix.shape[1], dtype=np.float32)
-    for start in range(0, len(matrix), BLOCK_ROWS):
-        block = np.asarray(matrix[start:start + BLOCK_ROWS], dtype=np.float32)
+    for start in range(0, count, BLOCK_ROWS):
+        part = matrix[start:start + BLOCK_ROWS] if rows is None else matrix[np.asarray(rows[start:start + BLOCK_ROWS],
+                                                                                        dtype=np.intp)]
+        block = np.asarray(part, dtype=np.float32)
         total = np.add.reduce(np.concatenate([total[None], block]), axis=0)
-    return np.true_divide(total, np.intp(len(matrix)), out=total, casting="unsafe")
+    return np.true_divide(total, np.intp(count), out=total, casting="unsafe")
 
 
 def mean_vector_cosine(ref_matrix: np.ndarray, test_matrix: np.ndarray) -> np.float32:
