@@ -281,6 +281,7 @@ class _Extractor:
         # file still holds the weights this model loaded.
         self._weights_identity = _file_identity(self.weights_path)
         self._weights_changed_warned = False
+        self._cache_write_warned = False  # an unwritable cache is said once per model, not on every call
 
     def _weights_hash(self) -> str:
         from .cache import weights_fingerprint
@@ -399,7 +400,6 @@ class _Extractor:
                 bar.update(1)
             todo = [i for i in todo if i not in failures]
             sources = [(self._runner_kind(ready[i]), ready[i]) for i in todo]
-            cache_warned = False
             for j, feature, error in iter_features(sources, runners, self.device, per_position,
                                                    batch_size=self.batch_size, files_per_chunk=self.files_per_chunk,
                                                    num_workers=self.num_workers if len(sources) > 1 else 0):
@@ -413,9 +413,10 @@ class _Extractor:
                         try:
                             namespace.put(keys[i], feature)
                         except OSError as exc:
-                            if not cache_warned:
-                                write_line(f"warning: cannot write to the feature cache {self.cache.root}: {exc}")
-                                cache_warned = True
+                            if not self._cache_write_warned:
+                                write_line(f"warning: cannot write to the feature cache {self.cache.root}: {exc} "
+                                           "(features are computed, not cached; said once)")
+                                self._cache_write_warned = True
                 bar.update(1)
         finally:
             bar.close()
@@ -669,6 +670,7 @@ class CLaMP3(_JointSpace):
         self.mert_batch_size = int(mert_batch_size)
         self._mert = None
         self._mert_identity: Optional[str] = None
+        self._mert_loading = threading.Lock()  # two threads' first audio files load MERT once
 
     def __repr__(self) -> str:
         dims = self.model.symbolic_model.dims
@@ -743,12 +745,13 @@ class CLaMP3(_JointSpace):
     @_float32_default
     def mert_extractor(self):
         """The MERT feature extractor (:class:`~clamp2.extraction.mert.MertFeatureExtractor`), loaded on first use."""
-        if self._mert is None:
-            from .extraction.mert import MertFeatureExtractor
-            from .models.mert import load_mert
+        with self._mert_loading:
+            if self._mert is None:
+                from .extraction.mert import MertFeatureExtractor
+                from .models.mert import load_mert
 
-            self._mert = MertFeatureExtractor(load_mert(self._mert_folder()), self.device, self.dtype,
-                                              batch_size=self.mert_batch_size)
+                self._mert = MertFeatureExtractor(load_mert(self._mert_folder()), self.device, self.dtype,
+                                                  batch_size=self.mert_batch_size)
         return self._mert
 
     def _audio_unavailable(self) -> Optional[str]:

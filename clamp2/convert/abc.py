@@ -23,7 +23,6 @@ command at import.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from clamp2.convert.abc_repair import (COMMENT_RE, INLINE_VOICE_RE, clean_quotes, locate_bar_problem, masked,
                                        numbered_lines, repair_lines, shortened)
+from clamp2.convert.captured import captured, one_conversion
 
 MUSICXML_EXTENSIONS = (".xml", ".mxl", ".musicxml")
 XML2ABC_UNIT_LENGTH = 8
@@ -96,8 +96,8 @@ def read_musicxml(path: str | os.PathLike) -> bytes:
         raise ValueError(f"not an .mxl (zip) archive: {error}") from error
 
 
-def last_message(captured: str) -> str:
-    lines = [line.strip() for line in captured.splitlines() if line.strip()]
+def last_message(printed: str) -> str:
+    lines = [line.strip() for line in printed.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
@@ -141,7 +141,7 @@ def musicxml_bytes_to_abc(data: bytes, path: str | os.PathLike) -> str:
     options = xml2abc_options()
     abc_text = io.StringIO()
     diagnostics = io.StringIO()
-    with contextlib.redirect_stderr(diagnostics):
+    with captured("stderr", diagnostics):
         # xml2abc's Parser writes through the module-global ``abcOut``; a fresh one per call is
         # exactly what its command line does per file (tune number X:1, as for a single file).
         output = xml2abc.ABCoutput(os.path.splitext(os.fspath(path))[0] + ".abc", "", 0, options)
@@ -180,8 +180,8 @@ def is_music_line(line: str) -> bool:
     return not (FIELD_LINE_RE.match(line) or line.startswith("%"))
 
 
-def printed_lines(captured: str) -> list[str]:
-    return [line.strip() for line in captured.splitlines() if line.strip()]
+def printed_lines(printed: str) -> list[str]:
+    return [line.strip() for line in printed.splitlines() if line.strip()]
 
 
 class InterleaveError(ValueError):
@@ -197,16 +197,17 @@ def abc_to_interleaved(abc_text: str) -> str:
     written is repaired (:mod:`clamp2.convert.abc_repair`) and tried again; the repairs applied
     are named in an ``AbcWarning``. A tune the normal path converts is never repaired.
     """
-    try:
-        text, messages = interleave(abc_text)
-    except InterleaveError as error:
+    with one_conversion():
         try:
-            text, messages = interleave_repaired(abc_text, error)
-        except InterleaveError as second:
-            hint = voice_naming_hint(abc_text)
-            if hint:
-                raise InterleaveError(f"{second}; {hint}") from error
-            raise
+            text, messages = interleave(abc_text)
+        except InterleaveError as error:
+            try:
+                text, messages = interleave_repaired(abc_text, error)
+            except InterleaveError as second:
+                hint = voice_naming_hint(abc_text)
+                if hint:
+                    raise InterleaveError(f"{second}; {hint}") from error
+                raise
     if messages:
         warnings.warn("; ".join(messages), AbcWarning, stacklevel=2)
     return text
@@ -283,7 +284,7 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
 
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed):
+        with captured("stdout", printed):
             stripped_lines, _ = strip_empty_bars(abc_lines)
     except Exception as error:
         raise InterleaveError(f"cannot split the voices into bars: {type(error).__name__}: {error}") from error
@@ -301,7 +302,7 @@ def interleave(abc_text: str, duration_check_fatal: bool = True) -> tuple[str, l
     printed = io.StringIO()
     unchecked = None
     try:
-        with contextlib.redirect_stdout(printed):
+        with captured("stdout", printed):
             try:
                 _, bar_numbers_equal, bar_durations_equal = check_alignment_unrotated(stripped_lines)
             except Exception as error:
@@ -489,10 +490,10 @@ def interleaved_to_xml(abc_text: str) -> str:
 
     # What a fresh process would start with: abc2xml keeps its parser instance and the position
     # of the previous note (used to detect beam breaks) at module level.
-    abc2xml.prevloc = 0
-    abc2xml.mxm = abc2xml.MusicXml()
     diagnostics = io.StringIO()
-    with contextlib.redirect_stderr(diagnostics):
+    with captured("stderr", diagnostics):
+        abc2xml.prevloc = 0
+        abc2xml.mxm = abc2xml.MusicXml()
         scores = abc2xml.getXmlDocs(abc_text, 0, 1, False, False, False)
     if not scores:
         reason = last_message(diagnostics.getvalue()) or "no tune"

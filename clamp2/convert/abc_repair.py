@@ -36,12 +36,13 @@ is reported where the user can find it. In order:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import re
 from fractions import Fraction
 from typing import Callable, NamedTuple
+
+from clamp2.convert.captured import captured
 
 FIELD_LINE_RE = re.compile(r"^[A-Za-z]:")
 VOICE_LINE_RE = re.compile(r"^V:")
@@ -416,7 +417,7 @@ def bar_length(lines: Lines) -> Fraction | None:
 def written_length(bar_text: str) -> Fraction | None:
     from abctoolkit.duration import calculate_bartext_duration
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot read
+    with captured("stdout", io.StringIO()):  # it prints what it cannot read
         try:
             # What it cannot read, as ABC 2.1 reads it: back-quotes (beaming only) out, A// = A/4,
             # (p:q = (p:q:p.
@@ -597,7 +598,7 @@ def bar_count_problem(voices: dict[str, Lines]) -> str:
     for index in range(min(counts.values())):
         lengths = {}
         for name, texts in bars.items():
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot compute
+            with captured("stdout", io.StringIO()):  # it prints what it cannot compute
                 try:
                     lengths[name] = calculate_bartext_duration(texts[index])
                 except Exception:  # noqa: BLE001 - a bar it cannot read proves nothing

@@ -258,9 +258,11 @@ def effective_kind(raw: RawInput) -> str:
 
 def interleave(abc_text: str) -> str:
     from ..convert.abc import AbcWarning, abc_to_interleaved
+    from ..convert.captured import one_conversion
 
-    # Unequal bar durations are only warnings in the batch pipeline too (the file is converted).
-    with warnings.catch_warnings():
+    # Unequal bar durations are only warnings in the batch pipeline too (the file is converted). The filters are
+    # process-wide: under the converters' lock, two threads cannot leave one's "ignore" behind for good.
+    with one_conversion(), warnings.catch_warnings():
         warnings.simplefilter("ignore", AbcWarning)
         return written_then_read(abc_to_interleaved(abc_text))
 
