@@ -38,6 +38,7 @@ from clamp2.cli import interrupt_in_one_line
 
 interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
 
+import math
 import sys
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         given = [f"--{name}" for name in clamp3_only if getattr(args, name) is not None]
         print(f"quickstart.py: error: {', '.join(given)} go with --clamp3", file=sys.stderr)
         return 2
-    if args.clamp3 and (args.weights or args.text_model or args.clamp2_epochs or args.text_dropout):
+    if args.clamp3 and (args.weights or args.text_model or args.clamp2_epochs is not None or args.text_dropout):
         print("quickstart.py: error: --weights, --text_model, --clamp2_epochs and --text_dropout are CLaMP 2 options; "
               "--clamp3 trains its own model", file=sys.stderr)
         return 2
@@ -107,8 +108,9 @@ def main(argv=None) -> int:
         print("quickstart.py: error: --weights needs --text_model (XLM-R's tokenizer and config, e.g. a folder from "
               "`hf download FacebookAI/xlm-roberta-base --local-dir xlm-roberta-base`)", file=sys.stderr)
         return 2
-    if args.clamp3 and settings.audio_seconds < 5:
-        print("quickstart.py: error: --audio_seconds must be at least 5 (one MERT window)", file=sys.stderr)
+    if args.clamp3 and not (math.isfinite(settings.audio_seconds) and settings.audio_seconds >= 5):
+        print(f"quickstart.py: error: --audio_seconds must be a number of seconds, at least 5 (one MERT window), "
+              f"got {settings.audio_seconds:g}", file=sys.stderr)
         return 2
     pipeline = Quickstart3 if args.clamp3 else Quickstart
     return pipeline(args.out.resolve(), settings, progress=not args.no_progress).run()

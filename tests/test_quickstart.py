@@ -58,7 +58,8 @@ def test_rerun_resumes_and_other_settings_are_refused(tiny_run):
     assert again.returncode == 0
     assert again.stdout.count("done in an earlier run") == 8  # every step but the report
     other = run_quickstart(out, "--clamp2_epochs", "3")
-    assert other.returncode != 0 and "holds a run with other settings (clamp2_epochs)" in other.stderr
+    assert other.returncode == 2 and "quickstart: error: " in other.stderr
+    assert "holds a run with other settings (clamp2_epochs)" in other.stderr
 
 
 def test_report_collection_table_bolds_the_closest_cell_of_each_row():

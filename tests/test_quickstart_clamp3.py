@@ -56,7 +56,7 @@ def test_rerun_resumes_and_options_are_checked(tiny_run):
     assert again.returncode == 0
     assert again.stdout.count("done in an earlier run") == 11  # every step but the report
     other = run_quickstart(out, "--audio_epochs", "3")
-    assert other.returncode != 0 and "holds a run with other settings (audio_epochs)" in other.stderr
+    assert other.returncode == 2 and "holds a run with other settings (audio_epochs)" in other.stderr
     mixed = subprocess.run([sys.executable, str(REPO_ROOT / "code" / "quickstart.py"), "--out", str(out / "x"),
                             "--mert", "somewhere"], capture_output=True, text=True)
     assert mixed.returncode == 2 and "--mert go with --clamp3" in mixed.stderr

@@ -402,3 +402,13 @@ def test_audio_step_removes_the_temporary_file_of_a_killed_render(tmp_path, monk
     monkeypatch.setattr(pipeline, "_render_one", lambda job: None)
     run.step_audio()
     assert not left.exists()
+
+
+def test_an_audio_step_that_renders_nothing_fails_and_is_not_marked_done(tmp_path, monkeypatch, capsys):
+    run = Quickstart3(tmp_path, Clamp3Settings.tiny(), progress=False)
+    (run.data / "midi" / "train").mkdir(parents=True)
+    (run.data / "midi" / "train" / "jig_a.mid").write_bytes(b"MThd")
+    monkeypatch.setattr(pipeline, "_render_one", lambda job: "jig_a.mid: cannot convert float NaN to integer")
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _InlinePool)
+    with pytest.raises(StepFailed, match="no piece could be rendered"):
+        run.step_audio()

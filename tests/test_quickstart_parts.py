@@ -364,13 +364,6 @@ def test_the_summary_has_no_ratio_when_chance_is_zero(tmp_path, capsys):
     assert "text→music (ABC) MRR 0.00 (chance 0.00)\n" in out and "text→ABC MRR 0.00 (chance 0.00)\n" in out
 
 
-def test_another_modes_folder_names_the_settings_that_differ(tmp_path):
-    Quickstart3(tmp_path, Clamp3Settings.tiny(), progress=False).check_settings()
-    with pytest.raises(SystemExit, match=r"other settings \(\S.*\); use another --out") as error:
-        Quickstart(tmp_path, Settings.tiny(), progress=False).check_settings()
-    assert "()" not in str(error.value)
-
-
 def test_corpus_files_keep_finished_ones_and_redo_empty_ones(tmp_path):
     scores = music21_corpus.corpus_musicxml_paths(per_composer=None)[:2]
     names = [music21_corpus.piece_name(score) for score in scores]
@@ -431,3 +424,72 @@ def test_report_says_how_to_rerun_extraction_with_the_small_models_sizes(tmp_pat
     line = next(l for l in (run3.out / "report.md").read_text().splitlines() if "code/extract_clamp3.py" in l
                 and l.startswith("PATCH_LENGTH="))
     assert "AUDIO_HIDDEN_SIZE=64" in line and "CLAMP3_HIDDEN_SIZE=64" in line and "--get_global" in line
+
+
+def test_an_out_that_cannot_be_a_writable_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "run"):  # an existing file; a path under a file
+        assert Quickstart(out, Settings.tiny(), progress=False).run() == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"quickstart: error: --out {out}: ") and err.count("\n") == 1
+
+    def read_only(self, *args, **kwargs):  # a read-only folder (root, as the tests may run, can write anywhere)
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert Quickstart(tmp_path / "ro" / "run", Settings.tiny(), progress=False).run() == 2
+    assert capsys.readouterr().err.endswith("run: Permission denied\n")
+
+
+def test_cli_refuses_audio_seconds_that_are_not_a_number_and_clamp2_epochs_with_clamp3(tmp_path, monkeypatch, capsys):
+    script = load_script("code/quickstart.py")
+    seen = []
+    monkeypatch.setattr(Quickstart, "run", lambda self: seen.append(self.s) or 0)  # no pipeline run
+    for value in ("nan", "inf"):  # both passed `< 5`: every render then failed, and the MERT step after it
+        assert script.main(["--clamp3", "--tiny", "--out", str(tmp_path / value), "--audio_seconds", value]) == 2
+        assert "--audio_seconds must be" in capsys.readouterr().err
+    assert script.main(["--clamp3", "--tiny", "--out", str(tmp_path / "e"), "--clamp2_epochs", "0"]) == 2
+    assert "are CLaMP 2 options" in capsys.readouterr().err  # not "--clamp2_epochs must be at least 1"
+    assert not seen
+
+
+def test_report_says_why_fmd_cells_are_n_a(tmp_path):
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    run.metrics = {"held_out_pieces": 6, "chance_mrr": 0.41,
+                   "fmd_test_vs_train": {"jig": {"jig": None, "reel": None}, "reel": {"jig": None, "reel": None}}}
+    text = report.report_text(run, {}, {}, tmp_path / "none.png")
+    assert "| jig | n/a | n/a |" in text and "`--per_collection 10` or more" in text
+    run.metrics["fmd_test_vs_train"] = {"jig": {"jig": 1.0}}
+    assert "`--per_collection 10`" not in report.report_text(run, {}, {}, tmp_path / "none.png")
+
+
+def test_an_out_holding_another_run_is_a_usage_error_naming_the_generation(tmp_path, capsys):
+    # It was SystemExit("error: ..."): exit 1 (a failed step's status) without the script's name; a CLaMP 2 --out
+    # given to --clamp3 listed CLaMP 3's nine own settings as "changed".
+    Quickstart3(tmp_path, Clamp3Settings.tiny(), progress=False).check_settings()
+    assert Quickstart(tmp_path, Settings.tiny(), progress=False).run() == 2
+    assert capsys.readouterr().err == f"quickstart: error: {tmp_path} holds a CLaMP 3 run; use another --out or " \
+                                      "delete it\n"
+    other = tmp_path / "other"
+    other.mkdir()
+    Quickstart(other, Settings.tiny(), progress=False).check_settings()
+    assert Quickstart3(other, Clamp3Settings.tiny(), progress=False).run() == 2
+    assert "holds a CLaMP 2 run" in capsys.readouterr().err
+    tiny = Settings.tiny()
+    tiny.seed += 1
+    assert Quickstart(other, tiny, progress=False).run() == 2
+    assert "holds a run with other settings (seed)" in capsys.readouterr().err
+
+
+def test_report_says_whether_text_dropout_was_on(tmp_path):
+    # The report said the other-language descriptions were never trained on, and named no dropout, for a run
+    # with --text_dropout too.
+    def text(dropout):
+        settings = Settings.tiny()
+        settings.text_dropout = dropout
+        run = Quickstart(tmp_path, settings, progress=False)
+        run.metrics = {"held_out_pieces": 6, "chance_mrr": 0.41}
+        return report.report_text(run, {}, {}, tmp_path / "none.png")
+
+    assert "text dropout on" in text(True) and "this run used `--text_dropout`" in text(True)
+    assert "text dropout on" not in text(False) and "never trained on" in text(False)

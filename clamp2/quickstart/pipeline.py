@@ -93,6 +93,10 @@ class StepFailed(RuntimeError):
     pass
 
 
+class SettingsMismatch(ValueError):
+    """--out holds a run made with other settings (a usage error: nothing there is reused)."""
+
+
 # -- running the project's scripts ----------------------------------------------------------------
 
 def load_script(relative: str):
@@ -234,8 +238,15 @@ class Quickstart:
         if problem:  # before minutes of corpus work, not at the features step
             print(f"quickstart: error: {problem}", file=sys.stderr)
             return 2
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.check_settings()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.check_settings()
+        except OSError as exc:  # --out is a file, lies under a file, or cannot be written
+            print(f"quickstart: error: --out {self.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except SettingsMismatch as exc:
+            print(f"quickstart: error: {exc}", file=sys.stderr)
+            return 2
         steps = self.steps()
         started = time.perf_counter()
         for number, (name, function) in enumerate(steps, 1):
@@ -292,9 +303,12 @@ class Quickstart:
             previous = json.loads(path.read_text())
             if previous != current:
                 # The union: a CLaMP 3 run's folder differs from CLaMP 2 settings only in its own keys.
+                if set(previous) != set(current):  # Clamp3Settings has keys of its own
+                    other = "CLaMP 3" if set(previous) > set(current) else "CLaMP 2"
+                    raise SettingsMismatch(f"{self.out} holds a {other} run; use another --out or delete it")
                 changed = ", ".join(k for k in {**previous, **current} if previous.get(k) != current.get(k))
-                raise SystemExit(f"error: {self.out} holds a run with other settings ({changed}); "
-                                 f"use another --out or delete it")
+                raise SettingsMismatch(f"{self.out} holds a run with other settings ({changed}); "
+                                       f"use another --out or delete it")
         else:
             path.write_text(json.dumps(current, indent=1))
 
@@ -670,6 +684,8 @@ class Quickstart3(Quickstart):
         for problem in failures:
             print(f"not rendered: {problem}", file=sys.stderr)
         rendered = sum(1 for _ in (self.data / "audio").rglob("*.wav"))
+        if failures and not rendered:  # e.g. --audio_seconds that is no number: the MERT step would fail next
+            raise StepFailed("no piece could be rendered to audio (see the lines above)")
         print(f"{rendered} pieces rendered (first {self.s.audio_seconds:g} s, mono 24 kHz, TinySoundFont with "
               f"pretty_midi's General MIDI SoundFont) -> {self.data / 'audio'}")
 

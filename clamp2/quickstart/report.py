@@ -238,7 +238,7 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
     trained = "the published CLaMP 2" if s.weights else (
         f"a small M3 (hidden {s.m3_hidden}, {plural(s.layers, 'layer')}, {plural(s.m3_epochs, 'epoch')}) and a small "
         f"CLaMP 2 (text encoder hidden {s.text_hidden}, {plural(s.clamp2_epochs, 'epoch')}, "
-        f"{plural(s.nproc, 'process', 'es')}) trained here, "
+        f"{plural(s.nproc, 'process', 'es')}{', text dropout on' if s.text_dropout else ''}) trained here, "
         f"evaluated with its last epoch's weights (`{run.evaluated_weights.relative_to(run.out).as_posix()}`: "
         "the training run's own eval split, 1% of the training pairs, is too small to choose an epoch by)")
     lines += [f"Music from music21's corpus: {s.per_collection} pieces from each of six collections, "
@@ -246,12 +246,14 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
               "the project's own scripts, run on the held-out pieces.", ""]
     lines += _by_hand(run, "code/extract_clamp2.py", "abc/test", "abc_test", "--normalize")
     lines += _retrieval_table(m, n, chance)
+    languages = ("trained on too: this run used `--text_dropout`, which draws the training text from all of them"
+                 if s.text_dropout else
+                 "never trained on: with text dropout off, training sees only the English descriptions, so these "
+                 "match through shared names, keys and numbers; `--text_dropout` trains on them")
     lines += ["", "*text→music*: an English description written from the piece's metadata (title, collection, "
               "key, meter, voices, range) finds the piece's interleaved ABC (or MTF). *other-language*: the same "
-              "with the German, French or Spanish description (by default these are never trained on: with "
-              "text dropout off, training sees only the English descriptions, so these match through shared names, "
-              "keys and numbers; `--text_dropout` trains on them). *ABC→MTF*: a piece's ABC finds the MTF rendered "
-              "from the same piece: the two formats share one embedding space.", ""]
+              f"with the German, French or Spanish description ({languages}). *ABC→MTF*: a piece's ABC finds the "
+              "MTF rendered from the same piece: the two formats share one embedding space.", ""]
     z = m.get("zero_shot", {})
     if z:
         lines += ["## Zero-shot classification by prompt", "",
@@ -275,6 +277,9 @@ def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
                   "(columns); lower is closer, so the diagonal should be the smallest in each row. With so few "
                   "pieces per collection the covariances are rough: compare within a row.", ""]
         lines += _collection_table(fmd, digits=2, lower_is_closer=True)
+        if any(v is None for row in fmd.values() for v in row.values()):
+            lines += ["n/a: fewer than two pieces on one side (a covariance needs two); one piece in five is held "
+                      "out, so `--per_collection 10` or more holds out two of each collection.", ""]
     captions = {"training_curves.png": "training curves (loss per epoch; M3's chance is ln 128)",
                 "similarity_matrix.png": "held-out text × music cosine similarity, grouped by collection",
                 "feature_map.png": "PCA map of the training music features, coloured by collection"}
