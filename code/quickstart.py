@@ -112,6 +112,11 @@ def main(argv=None) -> int:
         print(f"quickstart.py: error: --audio_seconds must be a number of seconds, at least 5 (one MERT window), "
               f"got {settings.audio_seconds:g}", file=sys.stderr)
         return 2
+    if not settings.weights and settings.batch_size % settings.nproc:
+        per_process = max(1, settings.batch_size // settings.nproc)
+        print(f"quickstart.py: note: the batch of {settings.batch_size} does not split into {settings.nproc} "
+              f"processes: each takes {per_process}, a global batch of {per_process * settings.nproc} "
+              "(the contrastive negatives); results differ from a run whose --nproc divides the batch", file=sys.stderr)
     pipeline = Quickstart3 if args.clamp3 else Quickstart
     return pipeline(args.out.resolve(), settings, progress=not args.no_progress).run()
 

@@ -493,3 +493,13 @@ def test_report_says_whether_text_dropout_was_on(tmp_path):
 
     assert "text dropout on" in text(True) and "this run used `--text_dropout`" in text(True)
     assert "text dropout on" not in text(False) and "never trained on" in text(False)
+
+
+def test_cli_notes_a_global_batch_that_nproc_changes(tmp_path, monkeypatch, capsys):
+    # CLAMP2_BATCH_SIZE = batch // nproc: --tiny's 6 with --nproc 4 trained on global batches of 4, silently.
+    script = load_script("code/quickstart.py")
+    monkeypatch.setattr(Quickstart, "run", lambda self: 0)  # no pipeline run
+    assert script.main(["--tiny", "--out", str(tmp_path / "a"), "--nproc", "4"]) == 0
+    assert "each takes 1, a global batch of 4" in capsys.readouterr().err
+    assert script.main(["--tiny", "--out", str(tmp_path / "b"), "--nproc", "3"]) == 0
+    assert "global batch" not in capsys.readouterr().err

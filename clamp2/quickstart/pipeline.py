@@ -203,7 +203,8 @@ class Quickstart:
         return {"PATCH_LENGTH": str(s.patch_length), "PATCH_NUM_LAYERS": str(s.layers), "TOKEN_NUM_LAYERS": "1",
                 "M3_HIDDEN_SIZE": str(s.m3_hidden), "CLAMP2_HIDDEN_SIZE": str(s.clamp2_hidden),
                 "MAX_TEXT_LENGTH": "128", "M3_BATCH_SIZE": str(s.batch_size),
-                # CLAMP2_BATCH_SIZE is per process: the global batch (the contrastive negatives) stays the same.
+                # CLAMP2_BATCH_SIZE is per process: the global batch (the contrastive negatives) stays the same
+                # where --nproc divides it (code/quickstart.py notes when it does not).
                 "CLAMP2_BATCH_SIZE": str(max(1, s.batch_size // max(1, s.nproc))), "M3_NUM_EPOCH": str(s.m3_epochs),
                 "CLAMP2_NUM_EPOCH": str(s.clamp2_epochs), "TEXT_DROPOUT": "1" if s.text_dropout else "0"}
 
