@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
-from clamp2.files import (atomic_write_bytes, atomic_write_text, find_files, finished_output, log_line, mirror_path,
-                          read_file_log, remove_partial_files, remove_partial_files_of, write_file_log)
+from clamp2.files import (atomic_path, atomic_write_bytes, atomic_write_text, find_files, finished_output, log_line,
+                          mirror_path, read_file_log, remove_partial_files, remove_partial_files_of, write_file_log)
 from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
@@ -92,6 +92,10 @@ class FileOutcome:
     ok: bool
     reason: str = ""
     warnings: tuple[str, ...] = ()
+    # The output of a conversion with warnings: the main process writes it once their lines are logged, so a run
+    # killed in between (SIGTERM, SIGKILL; a worker outlives its parent by up to half a second) cannot leave an
+    # output that a re-run skips without its warnings.
+    data: "str | bytes | None" = None
 
 
 def positive_int(text: str) -> int:
@@ -188,16 +192,23 @@ def convert_file(convert: Convert, source: Path, target: Path) -> FileOutcome:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             data = convert(source)
-        if isinstance(data, str):
-            atomic_write_text(target, data)
-        elif isinstance(data, (bytes, bytearray)):
-            atomic_write_bytes(target, bytes(data))
-        else:
+        if not isinstance(data, (str, bytes, bytearray)):
             raise TypeError(f"conversion returned {type(data).__name__}, not str or bytes")
+        data = data if isinstance(data, str) else bytes(data)
+        notes = tuple(one_line(str(w.message)) for w in caught if is_about_the_file(w.category))
+        if notes:
+            return FileOutcome(True, warnings=notes, data=data)
+        write_output(target, data)
     except Exception as error:  # noqa: BLE001 - one bad file must never cost the batch
         return FileOutcome(False, describe_error(error))
-    notes = tuple(one_line(str(w.message)) for w in caught if is_about_the_file(w.category))
-    return FileOutcome(True, warnings=notes)
+    return FileOutcome(True)
+
+
+def write_output(target: Path, data: "str | bytes") -> None:
+    if isinstance(data, str):
+        atomic_write_text(target, data)
+    else:
+        atomic_write_bytes(target, data)
 
 
 def new_pool(workers: int) -> ProcessPoolExecutor:
@@ -297,13 +308,25 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
             failure_log.flush()
             write_line(f"failed: {name}: {reason}")
 
+        def log_warnings(job: Job, outcome: FileOutcome) -> None:
+            for note in outcome.warnings:
+                warning_log.write(log_line(job.name, note))
+            warning_log.flush()
+
         def record(job: Job, outcome: FileOutcome) -> None:
+            if outcome.ok and outcome.data is not None:
+                try:  # the warnings' lines first, then the output renamed into place
+                    with atomic_path(job.target) as tmp:
+                        with open(tmp, "wb") as f:
+                            f.write(outcome.data.encode("utf-8") if isinstance(outcome.data, str) else outcome.data)
+                        log_warnings(job, outcome)
+                except Exception as error:  # noqa: BLE001 - as a failed write in a worker
+                    outcome = FileOutcome(False, describe_error(error))
+            elif outcome.ok:
+                log_warnings(job, outcome)
             if outcome.ok:
                 result.converted += 1
-                for note in outcome.warnings:
-                    result.warnings.append((job.name, note))
-                    warning_log.write(log_line(job.name, note))
-                warning_log.flush()
+                result.warnings.extend((job.name, note) for note in outcome.warnings)
             else:
                 fail(job.name, outcome.reason)
             bar.update(1)

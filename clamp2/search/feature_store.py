@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from clamp2.files import atomic_path, atomic_write_text
+from clamp2.files import atomic_path, atomic_write_text, remove_partial_files_of
 
 NPY_SUFFIX = ".npy"
 INDEX_FORMAT = "clamp2-feature-index"
@@ -643,6 +643,9 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
     files_now = {kind: f"{kind}.{generation}.{ext}" for kind, ext in
                  (("vectors", "npy"), ("norms", "npy"), ("keys", "txt"), ("files", "tsv"), ("skipped", "tsv"))}
     index_dir.mkdir(parents=True, exist_ok=True)
+    # What a run killed mid-write (SIGTERM, SIGKILL, a cluster's time limit) left: its temporary files (the vectors'
+    # is as large as the index), which nothing else would ever remove.
+    remove_partial_files_of([index_dir / name for name in files_now.values()] + [index_dir / MANIFEST])
     kept_names: list[str] = []
     norm_blocks: list[np.ndarray] = []
     fresh_skipped: list[SkippedFile] = []
