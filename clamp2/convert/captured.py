@@ -26,7 +26,6 @@ def _new_lock_after_fork() -> None:
     # lock held by a thread it does not have, and wait for it forever.
     global _LOCK
     _LOCK = threading.RLock()
-_RETIRED: collections.deque = collections.deque(maxlen=64)
 
 
 os.register_at_fork(after_in_child=_new_lock_after_fork)
