@@ -451,6 +451,11 @@ def run_lock_path(weights_path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+class StartRefused(CheckpointError):
+    """A run refused before it starts, found by rank 0 for every rank (said once): another run holds the weights'
+    lock, or a new stage would overwrite another stage's files."""
+
+
 @contextlib.contextmanager
 def exclusive_run(weights_path: str | os.PathLike, is_main: bool = True) -> Iterator[None]:
     """Hold the weights' run lock for the ``with`` block (on rank 0, ``is_main``), or raise :class:`CheckpointError`
@@ -474,7 +479,7 @@ def exclusive_run(weights_path: str | os.PathLike, is_main: bool = True) -> Iter
                 refused = str(exc)
         refused = broadcast_object(refused)
         if refused:
-            raise CheckpointError(refused)
+            raise StartRefused(refused)  # every rank raises it: the trainers say it once (rank 0)
         yield
 
 

@@ -41,7 +41,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import numpy as np
 
-    from clamp2.files import atomic_path, finished_output, mirror_outputs
+    from clamp2.files import atomic_path, finished_output, mirror_outputs, remove_partial_files_of
     from clamp2.search import clamp3
 
     args = parse_args(argv)
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         print(f"Detected input modality: {modality}")
         root = args.input_dir if args.input_dir.is_dir() else args.input_dir.parent
         outputs, collisions = mirror_outputs(files, root, args.output_dir, ".npy")
+        remove_partial_files_of(outputs.values())  # a killed run's temporary files (a live writer's stay)
         for file, reason in collisions:
             print(f"failed: {file.relative_to(root)}: {reason}", file=sys.stderr)
         todo = [file for file, output in outputs.items() if not finished_output(output)]  # an empty one is redone

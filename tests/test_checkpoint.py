@@ -308,3 +308,29 @@ def test_a_held_run_lock_and_an_unwritable_folder_are_checkpoint_errors(tmp_path
     with pytest.raises(CheckpointError, match="cannot write beside"):
         with exclusive_run(tmp_path / "file" / "w.pth"):
             pass
+
+
+def test_a_held_run_lock_is_a_start_refusal_said_once():
+    # Under torchrun every rank raises the refusal rank 0 found; the trainers printed CheckpointErrors on every rank
+    # ("error (rank 0): another training run ...", "error (rank 1): ..."). A StartRefused they say once.
+    pytest.importorskip("fcntl")
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from clamp2.checkpoint import StartRefused, exclusive_run
+
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "w.pth"
+        hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.lockf(fd, "
+                "fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+        holder = subprocess.Popen([sys.executable, "-c", hold, f"{weights}.lock"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(StartRefused, match="another training run writes"):
+                with exclusive_run(weights):
+                    pass
+        finally:
+            holder.kill()
+            holder.wait()

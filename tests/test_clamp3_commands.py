@@ -482,6 +482,20 @@ def test_raw_folders_score_and_eval(tiny_env, raw, tmp_path, scripts, capsys):
     assert code == 0 and lines[2] == "There are 2 common keys between query and reference features."
 
 
+def test_embd_rerun_removes_a_killed_runs_temporary_files(tiny_env, raw, tmp_path, scripts, capsys):
+    # A run killed while writing its features left .<name>.npy.<token>.partial beside them; the re-run wrote every
+    # feature but left the dead writer's temporary file in the output folder for good.
+    _, texts = raw
+    out = tmp_path / "f"
+    (out / "sub").mkdir(parents=True)
+    (out / ".multi.npy.0123abcd.partial").write_bytes(b"\x93NUMPY half")  # no owner: an earlier version's, dead
+    (out / "sub" / ".bwv10.npy.4567cdef.partial").write_bytes(b"")
+    code, _, err = run(scripts["embd"], [texts, out, "--get_global", "--no_cache", *CLAMP2], capsys)
+    assert code == 0, err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["bwv10.7.npy", "multi.npy", "sub",
+                                                                            "sub/bwv10.npy"]
+
+
 def test_raw_query_search(tiny_env, raw, tmp_path, scripts, capsys):
     music, texts = raw
     code, lines, err = run(scripts["search"], [texts / "multi.txt", music, "--no_cache", *CLAMP2], capsys)

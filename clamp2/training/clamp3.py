@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, StartRefused
 from ..distributed import distributed_context
 from ..text_model import TextModelUnavailable
 from .data import DataError
-from .loop import (StartRefused, check_data_sizes, flag_overrides, load_training_config, report_error,
-                   run_training, say, settings_from)
+from .loop import (check_data_sizes, flag_overrides, load_training_config, report_error, run_training, say,
+                   settings_from)
 from .tasks import clamp3_task
 
 

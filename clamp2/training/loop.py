@@ -52,9 +52,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from ..attention import Autocast
-from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, capture_rng_state, copy_checkpoint,
-                          latest_path, load_state, read_checkpoint, restore_rng_state, restore_training_state,
-                          exclusive_run, resume_source, save_checkpoint, state_dict_of, unwrap)
+from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, StartRefused, capture_rng_state,
+                          copy_checkpoint, exclusive_run, latest_path, load_state, read_checkpoint, restore_rng_state,
+                          restore_training_state, resume_source, save_checkpoint, state_dict_of, unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
 from ..files import atomic_write_text, remove_partial_files_of
@@ -663,10 +663,6 @@ def report_error(exc: Exception, dist_info: DistInfo, every_rank: bool = False) 
 def say(dist_info: DistInfo, message: str) -> None:
     if dist_info.is_main:
         print(message, flush=True)
-
-
-class StartRefused(CheckpointError):
-    """A run that would overwrite files of another stage (found by rank 0, raised on every rank)."""
 
 
 def settings_that_differ(checkpoint: Mapping[str, Any], config: Mapping[str, Any]) -> List[str]:
