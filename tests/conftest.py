@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -63,6 +64,27 @@ def spawn_ranks(worker, args: tuple, nprocs: int = 2, timeout: float = 180.0) ->
                 process.kill()
                 process.join(10)
             pytest.fail(f"ranks {stuck} of {nprocs} still running after {timeout:.0f} s: hung")
+
+
+@contextlib.contextmanager
+def run_lock_held(weights):
+    """Another process holding the run lock of ``weights`` (a live training run), as a Popen; killed at the end.
+    It writes ``pid N on node7`` into the lock file, the holder a refusal names."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fcntl")
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.lockf(fd, "
+            "fcntl.LOCK_EX); os.write(fd, b'pid %d on node7' % os.getpid()); print('locked', flush=True); "
+            "time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, f"{weights}.lock"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
 
 
 def processes_left_running(pids, timeout: float) -> list:

@@ -310,27 +310,18 @@ def test_a_held_run_lock_and_an_unwritable_folder_are_checkpoint_errors(tmp_path
             pass
 
 
-def test_a_held_run_lock_is_a_start_refusal_said_once():
+def test_a_held_run_lock_is_a_start_refusal_said_once(tmp_path):
     # Under torchrun every rank raises the refusal rank 0 found; the trainers printed CheckpointErrors on every rank
     # ("error (rank 0): another training run ...", "error (rank 1): ..."). A StartRefused they say once.
-    pytest.importorskip("fcntl")
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
+    import re
+
+    from conftest import run_lock_held
 
     from clamp2.checkpoint import StartRefused, exclusive_run
 
-    with tempfile.TemporaryDirectory() as folder:
-        weights = Path(folder) / "w.pth"
-        hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.lockf(fd, "
-                "fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
-        holder = subprocess.Popen([sys.executable, "-c", hold, f"{weights}.lock"], stdout=subprocess.PIPE, text=True)
-        try:
-            assert holder.stdout.readline().strip() == "locked"
-            with pytest.raises(StartRefused, match="another training run writes"):
-                with exclusive_run(weights):
-                    pass
-        finally:
-            holder.kill()
-            holder.wait()
+    weights = tmp_path / "w.pth"
+    with run_lock_held(weights) as holder:
+        refusal = re.escape(f"another training run writes {weights} (pid {holder.pid} on")
+        with pytest.raises(StartRefused, match=refusal):
+            with exclusive_run(weights):
+                pass

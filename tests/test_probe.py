@@ -759,20 +759,13 @@ def test_a_run_killed_around_its_saves_logs_each_epoch_once(tmp_path, train_cls,
 
 def test_a_second_run_on_the_same_weights_is_refused_while_the_first_runs(tmp_path, train_cls, data, capsys):
     # Two runs on one --weights overwrote each other's files and wrote every epoch twice in logs-<name>.txt.
-    pytest.importorskip("fcntl")
+    from conftest import run_lock_held
+
     folder, _ = data
     weights = tmp_path / "w.pth"
-    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.lockf(fd, "
-            "fcntl.LOCK_EX); os.write(fd, b'pid %d on node7' % os.getpid()); print('locked', flush=True); "
-            "time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, f"{weights}.lock"], stdout=subprocess.PIPE, text=True)
     args = ["--train_folders", folder / "train", "--weights", weights, "--epochs", "1", *FAST]
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with run_lock_held(weights) as holder:
         code, _, err = run(train_cls, args, capsys)
         assert code == 2 and f"pid {holder.pid} on node7" in one_line_error(err)
         assert not weights.exists() and not latest_path(weights).exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert run(train_cls, args, capsys)[0] == 0 and weights.is_file() and not (tmp_path / "w.pth.lock").exists()

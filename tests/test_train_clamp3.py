@@ -477,20 +477,13 @@ def test_two_processes_symbolic_then_audio(tiny_env, tmp_path, corpus3, trainers
 
 def test_two_processes_refused_by_the_run_lock_say_it_once(tiny_env, tmp_path, corpus3):  # noqa: F811
     # A second 2-process run on weights another run holds: the refusal rank 0 found was printed by every rank.
-    pytest.importorskip("fcntl")
+    from conftest import run_lock_held
+
     weights = tmp_path / "w.pth"
-    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.lockf(fd, "
-            "fcntl.LOCK_EX); os.write(fd, b'pid %d on node7' % os.getpid()); print('locked', flush=True); "
-            "time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, f"{weights}.lock"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        args = args_for("symbolic", corpus3, "--batch_size", "4", "--epochs", "1", "--max_steps_per_epoch", "1",
-                        "--weights", str(weights), eval_set=False)
+    args = args_for("symbolic", corpus3, "--batch_size", "4", "--epochs", "1", "--max_steps_per_epoch", "1",
+                    "--weights", str(weights), eval_set=False)
+    with run_lock_held(weights):
         proc = launch("code/train_clamp3_symbolic.py", args, tmp_path, expect=1)  # torchrun's 1
-    finally:
-        holder.kill()
-        holder.wait()
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: another training run writes"), errors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth.lock"]

@@ -889,25 +889,15 @@ def test_a_second_run_on_the_same_weights_is_refused_while_the_first_runs(tiny_e
     # Two runs given one weights path (two shells, a job restarted while the first still runs) overwrote each other's
     # latest_ and best files and wrote every epoch's log entry twice, both exiting 0. The first run holds a POSIX
     # record lock on <weights>.lock: the second is refused, naming it; a killed holder's lock is gone with it.
-    import subprocess
-    import sys
+    from conftest import run_lock_held
 
-    pytest.importorskip("fcntl")
     weights = tmp_path / "w.pth"
-    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.lockf(fd, "
-            "fcntl.LOCK_EX); os.write(fd, b'pid %d on node7' % os.getpid()); print('locked', flush=True); "
-            "time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, f"{weights}.lock"], stdout=subprocess.PIPE, text=True)
     args = data_args("m3", corpus) + ["--batch_size", "4", "--no_progress", "--epochs", "1", "--weights", str(weights)]
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with run_lock_held(weights) as holder:
         assert trainers["m3"].main(args) == 2
         err = capsys.readouterr().err
         assert "another training run writes" in err and f"pid {holder.pid} on node7" in err, err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth.lock"]
-    finally:
-        holder.kill()
-        holder.wait()
     assert trainers["m3"].main(args) == 0  # the killed run's lock does not block the next run
     assert weights.is_file() and len(log_losses(tmp_path / "w.txt")[0]) == 1
     assert not (tmp_path / "w.pth.lock").exists()  # removed as the run ended
