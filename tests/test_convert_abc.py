@@ -210,6 +210,70 @@ def test_mxl_whose_first_xml_member_is_not_the_score_converts_the_container_scor
         xml_to_abc(tmp_path / "layout_only.mxl")
 
 
+def test_a_timewise_score_converts_as_its_partwise_form(tmp_path, vectors):
+    """score-timewise is valid MusicXML (each measure holds its parts); xml2abc reads only score-partwise and
+    writes nothing ("has no notes"), the reference's failure. Here it becomes the partwise score's ABC."""
+    score = ElementTree.fromstring(read_musicxml(vectors / "inputs" / "xml" / "bwv10.7.mxl"))
+    timewise = ElementTree.Element("score-timewise", score.attrib)
+    timewise.extend(child for child in score if child.tag != "part")
+    parts = score.findall("part")
+    for index, first in enumerate(parts[0].findall("measure")):
+        measure = ElementTree.SubElement(timewise, "measure", first.attrib)
+        for part in parts:
+            ElementTree.SubElement(measure, "part", part.attrib).extend(part.findall("measure")[index])
+    path = tmp_path / "bwv10.7.xml"
+    path.write_bytes(ElementTree.tostring(timewise, encoding="utf-8"))
+    assert cli_xml2abc(path) == ""
+    assert xml_to_abc(path) == read_exact(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc")
+
+
+def test_a_lyric_number_xml2abc_cannot_read_becomes_the_next_verse(tmp_path):
+    """MusicXML allows any token as a lyric number and Sibelius writes number="chorus" (music21's
+    schubert/Lindenbaum.xml): xml2abc's int() raises and the reference loses the file. Here each such
+    name is one further verse throughout, as if the file had numbered it, with a warning."""
+    def score(chorus: str) -> str:
+        notes = "".join(
+            f'<note><pitch><step>{step}</step><octave>5</octave></pitch><duration>4</duration><type>whole</type>'
+            + "".join(f'<lyric number="{number}"><syllabic>single</syllabic><text>{text}</text></lyric>'
+                      for number, text in lyrics) + "</note>"
+            for step, lyrics in (("C", (("1", "la"), (chorus, "lo"))), ("D", ((chorus, "li"), ("verse1", "le")))))
+        return ('<?xml version="1.0" encoding="UTF-8"?><score-partwise version="3.0"><part-list><score-part id="P1">'
+                '<part-name>V</part-name></score-part></part-list><part id="P1"><measure number="1"><attributes>'
+                '<divisions>1</divisions><time><beats>8</beats><beat-type>4</beat-type></time></attributes>'
+                f'{notes}</measure></part></score-partwise>')
+
+    numbered, named = tmp_path / "numbered.xml", tmp_path / "named.xml"
+    numbered.write_text(score("2"), encoding="utf-8")
+    named.write_text(score("chorus"), encoding="utf-8")
+    assert cli_xml2abc(named) == ""
+    with pytest.warns(AbcWarning, match="lyric numbers"):
+        abc = xml_to_abc(named)
+    assert abc == xml_to_abc(numbered).replace("numbered", "named")
+    assert "w: la le|\nw: lo li|" in abc
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "latin-1"])
+def test_musicxml_content_in_another_encoding_converts_as_the_file(encoding, tmp_path):
+    """The API's content route: a MusicXML file's bytes in UTF-16 (Finale, older Sibelius) or Latin-1, or that
+    file read into a str, give the file's interleaved ABC (they were refused as not UTF-8, or misread)."""
+    from clamp2.extraction.model_inputs import model_text, resolve
+
+    name = {"utf-16": "UTF-16", "utf-16-be": "UTF-16", "latin-1": "ISO-8859-1"}[encoding]
+    text = (f'<?xml version="1.0" encoding="{name}"?>\n<score-partwise version="4.0"><part-list>'
+            '<score-part id="P1"><part-name>Flöte à bec</part-name></score-part></part-list><part id="P1">'
+            '<measure number="1"><attributes><divisions>1</divisions><time><beats>4</beats><beat-type>4</beat-type>'
+            '</time></attributes><direction><direction-type><words>très doux</words></direction-type></direction>'
+            '<note><pitch><step>C</step><octave>5</octave></pitch><duration>4</duration><type>whole</type></note>'
+            '</measure></part></score-partwise>\n')
+    data = (b"\xfe\xff" if encoding == "utf-16-be" else b"") + text.encode(encoding)
+    path = tmp_path / "score.xml"
+    path.write_bytes(data)
+    expected = model_text(resolve(path))
+    assert 'nm="Flöte à bec"' in expected and '"^très doux"' in expected
+    assert model_text(resolve(data)) == expected
+    assert model_text(resolve(data.decode(encoding))) == expected
+
+
 def test_in_process_abc2xml_equals_command_line_after_other_files(corpus_scores, tmp_path):
     interleaved = {}
     for kind in ("chorale", "lead_sheet"):

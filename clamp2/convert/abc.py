@@ -140,6 +140,7 @@ def musicxml_bytes_to_abc(data: bytes, path: str | os.PathLike) -> str:
 
     options = xml2abc_options()
     abc_text = io.StringIO()
+    renumbered = None
     diagnostics = io.StringIO()
     with captured("stderr", diagnostics):
         # xml2abc's Parser writes through the module-global ``abcOut``; a fresh one per call is
@@ -150,14 +151,73 @@ def musicxml_bytes_to_abc(data: bytes, path: str | os.PathLike) -> str:
         try:
             xml2abc.Parser(options).parse(io.BytesIO(data))
         except Exception as error:
-            raise ValueError(f"xml2abc failed: {type(error).__name__}: {error}") from error
+            renumbered = numbered_lyrics(data) if isinstance(error, ValueError) else None
+            if renumbered is None:
+                raise ValueError(f"xml2abc failed: {type(error).__name__}: {error}") from error
         finally:
             xml2abc.abcOut = None
+    if renumbered is not None:  # *fix*: the reference loses the file
+        warnings.warn("lyric numbers xml2abc cannot read (e.g. Sibelius's number=\"chorus\") converted as "
+                      "further verses", AbcWarning, stacklevel=2)
+        return musicxml_bytes_to_abc(renumbered, path)
     text = abc_text.getvalue()
     if not text:
+        partwise = timewise_to_partwise(data)
+        if partwise is not None:  # *fix*: xml2abc reads only score-partwise and finds no part in a timewise score
+            return musicxml_bytes_to_abc(partwise, path)
         reason = last_message(diagnostics.getvalue()) or "no output"
         raise ValueError(f"xml2abc wrote no ABC ({reason})")
     return text
+
+
+_VERSE_PREFIX = re.compile(r"^.*verse")  # xml2abc's own: "verse2", "part1verse2" are verse 2
+
+
+def numbered_lyrics(data: bytes) -> bytes | None:
+    """``data`` with each lyric ``number`` xml2abc cannot read as a verse (MusicXML allows any token, and
+    Sibelius writes ``number="chorus"``; xml2abc's ``int()`` raises) made a verse after the piece's last
+    numbered one, the same name the same verse throughout; ``None`` when there is none (the error is another)."""
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        return None
+    lyrics = list(root.iter("lyric"))
+    verses, unreadable = [], []
+    for lyric in lyrics:
+        try:
+            verses.append(int(_VERSE_PREFIX.sub("", lyric.get("number", "1"))))
+        except ValueError:
+            unreadable.append(lyric)
+    if not unreadable:
+        return None
+    names: dict[str, int] = {}
+    for lyric in unreadable:
+        lyric.set("number", str(names.setdefault(lyric.get("number"), max(verses, default=0) + len(names) + 1)))
+    return ElementTree.tostring(root, encoding="utf-8")
+
+
+def timewise_to_partwise(data: bytes) -> bytes | None:
+    """A ``score-timewise`` document (MusicXML's other layout: each measure holds its parts) as the
+    ``score-partwise`` one xml2abc reads (each part holds its measures), as MusicXML's own XSLT maps it;
+    ``None`` for any other document."""
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        return None
+    if root.tag != "score-timewise":
+        return None
+    partwise = ElementTree.Element("score-partwise", root.attrib)
+    parts: dict[str, ElementTree.Element] = {}
+    for child in root:
+        if child.tag != "measure":
+            partwise.append(child)  # the header: work, identification, defaults, credits, part-list
+            continue
+        for part in child.findall("part"):
+            measure = ElementTree.SubElement(parts.setdefault(part.get("id"), ElementTree.Element("part", part.attrib)),
+                                             "measure", child.attrib)
+            measure.extend(list(part))
+    partwise.extend(parts.values())
+    return ElementTree.tostring(partwise, encoding="utf-8")
 
 
 def has_v1_line(abc_lines: list[str]) -> bool:

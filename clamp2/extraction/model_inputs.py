@@ -121,6 +121,25 @@ def audio_suffix(data: bytes) -> Optional[str]:
     return None
 
 
+_XML_DECLARATION = re.compile(r"""^(\ufeff?\s*<\?xml\b[^>]*?\bencoding\s*=\s*)(["'])[^"']*\2""")
+
+
+def is_xml_bytes(data: bytes) -> bool:
+    """XML in any encoding a MusicXML writer uses: UTF-16 with its byte-order mark, or a ``<?xml`` declaration."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data[2:200].decode("utf-16-le" if data[0] == 0xFF else "utf-16-be", "ignore").lstrip().startswith("<")
+    return data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<?xml")
+
+
+def xml_text_as_utf8(text: str) -> Union[str, bytes]:
+    """MusicXML given as ``str``: its UTF-8 bytes, the declaration saying so (a declared ``ISO-8859-1`` or
+    ``UTF-16`` would make the parser misread them); unchanged where it declares no other encoding."""
+    declared = _XML_DECLARATION.match(text)
+    if declared is None or text[declared.end(1) + 1:declared.end() - 1].lower().replace("_", "-") in ("utf-8", "utf8"):
+        return text
+    return _XML_DECLARATION.sub(lambda m: m.group(1) + m.group(2) + "UTF-8" + m.group(2), text, count=1).encode("utf-8")
+
+
 def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False, allow_audio: bool = False) -> RawInput:
     """What ``item`` is (raises :class:`InputError` for a missing file or an unsupported kind).
 
@@ -162,8 +181,8 @@ def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False, allow
     if isinstance(item, bytes):
         if item.startswith(_MIDI_MAGIC):
             return RawInput(MIDI, data=item)
-        if item.startswith(_ZIP_MAGIC):
-            return RawInput(MUSICXML, data=item)
+        if item.startswith(_ZIP_MAGIC) or is_xml_bytes(item):
+            return RawInput(MUSICXML, data=item)  # as a file's bytes: the XML declaration names the encoding
         if item.startswith(_NPY_MAGIC) or audio_suffix(item):
             if not allow_audio:
                 raise InputError(NO_AUDIO)
@@ -177,7 +196,7 @@ def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False, allow
         if head.startswith("ticks_per_beat"):
             return RawInput(MTF, data=item)
         if head.startswith("<"):
-            return RawInput(MUSICXML, data=item)
+            return RawInput(MUSICXML, data=xml_text_as_utf8(item))
         return RawInput(_ABC_KIND[abc_format], data=item)
     raise InputError(f"cannot encode a {type(item).__name__}: pass paths, or str/bytes content")
 
