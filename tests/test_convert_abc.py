@@ -227,6 +227,16 @@ def test_a_timewise_score_converts_as_its_partwise_form(tmp_path, vectors):
     assert xml_to_abc(path) == read_exact(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc")
 
 
+def test_uncompressed_musicxml_saved_as_mxl_converts_as_the_xml(tmp_path, vectors):
+    """Some sites and exporters save plain MusicXML under .mxl; the reference fails (not a zip)."""
+    score = read_musicxml(vectors / "inputs" / "xml" / "bwv10.7.mxl")
+    (tmp_path / "bwv10.7.mxl").write_bytes(score)
+    assert xml_to_abc(tmp_path / "bwv10.7.mxl") == read_exact(vectors / "expected" / "abc_from_xml" / "bwv10.7.abc")
+    (tmp_path / "noise.mxl").write_bytes(b"neither zip nor XML")
+    with pytest.raises(ValueError, match="not an .mxl"):
+        xml_to_abc(tmp_path / "noise.mxl")
+
+
 def test_a_lyric_number_xml2abc_cannot_read_becomes_the_next_verse(tmp_path):
     """MusicXML allows any token as a lyric number and Sibelius writes number="chorus" (music21's
     schubert/Lindenbaum.xml): xml2abc's int() raises and the reference loses the file. Here each such

@@ -85,6 +85,14 @@ def score_name_in_mxl(archive: zipfile.ZipFile) -> str:
     return rootfile
 
 
+def is_xml_bytes(data: bytes, declared: bool = False) -> bool:
+    """XML in any encoding a MusicXML writer uses: UTF-16 with its byte-order mark, or text starting ``<``
+    (``<?xml``, its declaration, with ``declared``)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data[2:200].decode("utf-16-le" if data[0] == 0xFF else "utf-16-be", "ignore").lstrip().startswith("<")
+    return data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<?xml" if declared else b"<")
+
+
 def read_musicxml(path: str | os.PathLike) -> bytes:
     path = Path(path)
     if path.suffix.lower() != ".mxl":
@@ -93,6 +101,9 @@ def read_musicxml(path: str | os.PathLike) -> bytes:
         with zipfile.ZipFile(path) as archive:
             return archive.read(score_name_in_mxl(archive))
     except zipfile.BadZipFile as error:
+        data = path.read_bytes()
+        if is_xml_bytes(data):  # *fix*: uncompressed MusicXML saved as .mxl (the reference fails: not a zip)
+            return data
         raise ValueError(f"not an .mxl (zip) archive: {error}") from error
 
 

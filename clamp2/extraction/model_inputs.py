@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from clamp2.convert.abc import is_xml_bytes
+
 from .core import InputError, read_text_file
 
 MUSICXML = "musicxml"
@@ -124,13 +126,6 @@ def audio_suffix(data: bytes) -> Optional[str]:
 _XML_DECLARATION = re.compile(r"""^(\ufeff?\s*<\?xml\b[^>]*?\bencoding\s*=\s*)(["'])[^"']*\2""")
 
 
-def is_xml_bytes(data: bytes) -> bool:
-    """XML in any encoding a MusicXML writer uses: UTF-16 with its byte-order mark, or a ``<?xml`` declaration."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data[2:200].decode("utf-16-le" if data[0] == 0xFF else "utf-16-be", "ignore").lstrip().startswith("<")
-    return data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<?xml")
-
-
 def xml_text_as_utf8(text: str) -> Union[str, bytes]:
     """MusicXML given as ``str``: its UTF-8 bytes, the declaration saying so (a declared ``ISO-8859-1`` or
     ``UTF-16`` would make the parser misread them); unchanged where it declares no other encoding."""
@@ -181,7 +176,7 @@ def resolve(item: Any, abc_format: str = "auto", allow_text: bool = False, allow
     if isinstance(item, bytes):
         if item.startswith(_MIDI_MAGIC):
             return RawInput(MIDI, data=item)
-        if item.startswith(_ZIP_MAGIC) or is_xml_bytes(item):
+        if item.startswith(_ZIP_MAGIC) or is_xml_bytes(item, declared=True):
             return RawInput(MUSICXML, data=item)  # as a file's bytes: the XML declaration names the encoding
         if item.startswith(_NPY_MAGIC) or audio_suffix(item):
             if not allow_audio:
