@@ -322,3 +322,13 @@ def test_dropout_join_keeps_every_line_when_none_survives():
         def random(self):
             return 0.9
     assert sorted(dropout_join(["a", "b", "c"], "|", NoneKept(0)).split("|")) == ["a", "b", "c"]
+
+
+def test_read_pairs_of_a_jsonl_that_is_not_utf8(tmp_path):
+    # A JSONL in another encoding gave a UnicodeDecodeError traceback, not a DataError
+    # (train_clamp2.py and train_clamp3_*.py turn only DataError into their one-line message).
+    (tmp_path / "a.abc").write_text("K:G\nabc|\n")
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_bytes(b'{"summary_en": "caf\xe9", "filepaths": ["a.abc"]}\n')
+    with pytest.raises(DataError, match="pairs.jsonl is not UTF-8 text"):
+        read_pairs(jsonl, require_non_english=False)

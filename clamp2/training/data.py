@@ -361,6 +361,18 @@ def read_pairs(jsonl: str | os.PathLike, require_non_english: bool) -> List[Pair
     return read_items(jsonl, lambda fields: clamp2_text_problems(fields, require_non_english), SymbolicMusic)
 
 
+def jsonl_lines(jsonl: Path) -> Iterator[str]:
+    """The lines of a JSONL file; one that cannot be read or is not UTF-8 is a :class:`DataError` naming it
+    (the trainers print that as their one-line error; a ``UnicodeDecodeError`` was a traceback)."""
+    try:
+        with open(jsonl, encoding="utf-8") as handle:
+            yield from handle  # the caller's own errors are raised in its frame, not here
+    except UnicodeDecodeError as exc:  # decoded a block at a time: the line is unknown
+        raise DataError(f"{jsonl} is not UTF-8 text ({exc.reason}); re-save it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {jsonl}: {exc.strerror or exc}") from None
+
+
 def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]], List[str]], music) -> List[PairItem]:
     """Parse and check a whole JSONL; every problem (bad line, unsafe, missing or bad file) is reported at once.
 
@@ -376,42 +388,41 @@ def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]
     items: List[PairItem] = []
     problems: List[str] = []
     missing: List[str] = []
-    with open(jsonl, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{jsonl}:{number}"
-            try:
-                fields = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{where}: not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(fields, dict):
-                problems.append(f"{where}: not a JSON object")
-                continue
-            filepaths = fields.get("filepaths")
-            if isinstance(filepaths, str):
-                filepaths = [filepaths]
-            if not isinstance(filepaths, list) or not filepaths:
-                problems.append(f"{where}: no 'filepaths'")
-                continue
-            problems.extend(f"{where}: {problem}" for problem in text_problems(fields))
-            paths = []
-            for relative in filepaths:
-                path = resolve_relative(root, relative) if isinstance(relative, str) else None
-                if path is None:
-                    problems.append(f"{where}: file path {relative!r} is not a path relative to the JSONL's "
-                                    f"folder {root}")
-                elif path.suffix.lower() not in music.extensions:
-                    problems.append(f"{where}: {relative!r} is not {music.kind}")
-                elif not path.is_file():
-                    missing.append(f"{path} ({where})")
-                else:
-                    problem = music.check(path)
-                    if problem:
-                        problems.append(f"{where}: {problem}")
-                    paths.append(path)
-            items.append(PairItem(fields, paths, number, str(jsonl)))
+    for number, line in enumerate(jsonl_lines(jsonl), start=1):
+        if not line.strip():
+            continue
+        where = f"{jsonl}:{number}"
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where}: not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(fields, dict):
+            problems.append(f"{where}: not a JSON object")
+            continue
+        filepaths = fields.get("filepaths")
+        if isinstance(filepaths, str):
+            filepaths = [filepaths]
+        if not isinstance(filepaths, list) or not filepaths:
+            problems.append(f"{where}: no 'filepaths'")
+            continue
+        problems.extend(f"{where}: {problem}" for problem in text_problems(fields))
+        paths = []
+        for relative in filepaths:
+            path = resolve_relative(root, relative) if isinstance(relative, str) else None
+            if path is None:
+                problems.append(f"{where}: file path {relative!r} is not a path relative to the JSONL's "
+                                f"folder {root}")
+            elif path.suffix.lower() not in music.extensions:
+                problems.append(f"{where}: {relative!r} is not {music.kind}")
+            elif not path.is_file():
+                missing.append(f"{path} ({where})")
+            else:
+                problem = music.check(path)
+                if problem:
+                    problems.append(f"{where}: {problem}")
+                paths.append(path)
+        items.append(PairItem(fields, paths, number, str(jsonl)))
     if len(problems) + len(missing) == 1:
         raise DataError(problems[0] if problems else f"missing file {missing[0]}")
     if missing:
