@@ -552,3 +552,48 @@ def test_names_with_a_tab_or_a_line_break_read_back_from_the_logs(tmp_path, caps
     assert convert() == 1
     assert last_line(capsys.readouterr().out) == "converted 1, skipped 3, failed 1"  # the failed file again
     assert read_exact(out / "warnings_test.log") == complete
+
+
+def test_an_rmid_file_named_mid_converts_with_a_warning(tmp_path, capsys):
+    # The reference logs "MThd not found. Probably not a MIDI file" and writes nothing for a RIFF RMID file.
+    midi = mido.MidiFile(ticks_per_beat=96)
+    midi.tracks.append(mido.MidiTrack([mido.Message("note_on", note=60, velocity=80),
+                                       mido.Message("note_off", note=60, time=96)]))
+    plain = tmp_path / "plain.mid"
+    midi.save(plain)
+    smf = plain.read_bytes()
+    body = b"RMID" + b"data" + len(smf).to_bytes(4, "little") + smf + b"\0" * (len(smf) % 2)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    (inputs / "song.mid").write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)
+    assert run("batch_midi2mtf", inputs, out, "--workers", 1, "--no_progress") == 0
+    assert last_line(capsys.readouterr().out) == "converted 1, skipped 0, failed 0"
+    from clamp2.convert.mtf import midi_file_to_mtf
+    assert read_exact(out / "song.mtf") == midi_file_to_mtf(mido.MidiFile(plain))
+    assert "read without its RIFF RMID wrapper" in read_exact(out / "warnings_midi2mtf.log")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs as on POSIX")
+def test_what_cannot_be_searched_or_read_is_a_failure_not_left_out(tmp_path, monkeypatch, capsys):
+    # The reference's os.walk skips a folder it cannot list without a word and waits forever on a FIFO named
+    # x.mid; the batch converters left both out silently (exit 0), as extraction no longer does (test_files.py).
+    midi = mido.MidiFile()
+    midi.tracks.append(mido.MidiTrack([mido.Message("note_on", note=60, velocity=80)]))
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for rel in ("ok/a.mid", "locked/b.mid"):
+        (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
+        midi.save(inputs / rel)
+    os.mkfifo(inputs / "ok" / "pipe.mid")
+    scandir = os.scandir
+
+    def locked(path="."):  # root can read any folder: refuse one as a permission would
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    assert run("batch_midi2mtf", inputs, out, "--workers", 1, "--no_progress") == 1
+    assert last_line(capsys.readouterr().out) == "converted 1, skipped 0, failed 2"
+    failures = failure_log(out, "midi2mtf")
+    assert set(failures) == {"locked", "ok/pipe.mid"}
+    assert "cannot list this folder" in failures["locked"] and "not a regular file" in failures["ok/pipe.mid"]

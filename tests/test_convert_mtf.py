@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import mido
@@ -411,3 +412,72 @@ def test_undecodable_meta_event_is_a_readable_error(tmp_path, event):
     path.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x00\x60MTrk" + len(track).to_bytes(4, "big") + track)
     with pytest.raises(ValueError, match="meta event mido cannot decode"):
         midi_to_mtf(path)
+
+
+def two_track_midi_bytes() -> bytes:
+    midi = MidiFile(ticks_per_beat=96)
+    midi.tracks.append(MidiTrack([MetaMessage("set_tempo", tempo=600000), MetaMessage("track_name", name="Lead"),
+                                  Message("note_on", note=60, velocity=80), Message("note_off", note=60, time=96)]))
+    midi.tracks.append(MidiTrack([Message("note_on", channel=9, note=36, velocity=100, time=48),
+                                  Message("note_on", channel=9, note=36, velocity=0, time=48)]))
+    return midi_to_bytes(midi)
+
+
+def chunk(name: bytes, payload: bytes) -> bytes:
+    return name + len(payload).to_bytes(4, "big") + payload
+
+
+def rmid(smf: bytes) -> bytes:
+    body = b"RMID" + b"data" + len(smf).to_bytes(4, "little") + smf + b"\0" * (len(smf) % 2)
+    return b"RIFF" + len(body).to_bytes(4, "little") + body + b"LIST" + (4).to_bytes(4, "little") + b"INFO"
+
+
+def test_rmid_wrapper_and_chunks_other_than_mtrk_are_read_as_the_midi_file_inside(tmp_path):
+    # Old GM collections hold RIFF RMID files (.rmi, often renamed .mid); Yamaha XF files have XFIH/XFKM chunks.
+    # mido stops at both ("MThd not found", "no MTrk header at start of track"), so the reference loses the file;
+    # SMF 1.0 says to skip unknown chunks. The MTF is the reference's MTF of the plain file, with a warning.
+    smf = two_track_midi_bytes()
+    header, first = smf[:14], smf[14:14 + 8 + int.from_bytes(smf[18:22], "big")]
+    second = smf[14 + len(first):]
+    xfih, xfkm = chunk(b"XFIH", b"\x00\xff\x01\x02XF\x00\xff\x2f\x00"), chunk(b"XFKM", b"\x00\xff\x2f\x00")
+    plain = tmp_path / "plain.mid"
+    plain.write_bytes(smf)
+    variants = {"rmid.mid": (rmid(smf), "RIFF RMID wrapper"),
+                "xf_before.mid": (header + xfih + first + second, r"1 chunk other than MTrk \(XFIH\)"),
+                "xf_between.mid": (header + first + xfih + xfkm + second, r"2 chunks other than MTrk \(XFIH, XFKM\)"),
+                "rmid_xf.rmi": (rmid(header + xfkm + first + second), "RIFF RMID wrapper and 1 chunk")}
+    for name, (data, said) in variants.items():
+        (tmp_path / name).write_bytes(data)
+        for mode in ("m3", "clamp3", "all"):
+            with pytest.warns(UserWarning, match=said):
+                assert midi_to_mtf(tmp_path / name, mode=mode) == midi_to_mtf(plain, mode=mode), name
+    # What mido reads is read as mido reads it, without a word; what is not MIDI at all stays an error.
+    (tmp_path / "xf_after.mid").write_bytes(smf + xfih + xfkm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert midi_to_mtf(tmp_path / "xf_after.mid") == midi_to_mtf(plain)
+    (tmp_path / "wave.mid").write_bytes(b"RIFF" + (4).to_bytes(4, "little") + b"WAVE")
+    with pytest.raises(OSError, match="MThd not found"):
+        midi_to_mtf(tmp_path / "wave.mid")
+    (tmp_path / "cut.mid").write_bytes(rmid(smf)[:40])  # an RMID cut short: the error is the inner file's
+    with pytest.raises(ValueError, match="not a complete MIDI file"):
+        midi_to_mtf(tmp_path / "cut.mid")
+
+
+@pytest.mark.parametrize("event", [b"\x00\xf7\x01\xfa", b"\x00\xf7\x03\x90\x3c\x40", b"\x00\xf0\x03\x43\x80\xf7"])
+def test_sysex_or_escape_event_with_a_byte_above_127_is_a_readable_error(tmp_path, event):
+    # An F7 escape carrying a real-time or status byte is legal MIDI; mido reads it as a sysex message, which holds
+    # 7-bit bytes only, and fails as a bare "data byte must be in range 0..127" (the reference fails the file too).
+    track = event + b"\x00\x90\x3c\x40\x00\xff\x2f\x00"
+    path = tmp_path / "escape.mid"
+    path.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x00\x60" + chunk(b"MTrk", track))
+    with pytest.raises(ValueError, match=r"sysex \(F0\) or escape \(F7\) event holds a byte above 127"):
+        midi_to_mtf(path)
+
+
+@pytest.mark.parametrize("line", ["clock 10", "tune_request 0", "start 0"])
+def test_a_real_time_message_is_an_error_naming_its_line(line):
+    # mido reads an F8 (clock) or F6 (tune_request, which mido counts as real-time) byte from a track, so --keep_all
+    # MTF can hold it, but refuses to write it ("realtime messages are not allowed in MIDI files", no line).
+    with pytest.raises(ValueError, match=f"line 3: {line.split()[0]} is a real-time message"):
+        mtf_to_midi("ticks_per_beat 96\nnote_on 0 0 60 64\n" + line)

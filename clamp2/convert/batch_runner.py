@@ -157,15 +157,19 @@ def plan_jobs(input_dir: str | os.PathLike, output_dir: str | os.PathLike, exten
     if output_dir.exists() and not output_dir.is_dir():
         raise BatchUsageError(f"output folder {output_dir} is a file")
     resolved_output = output_dir.resolve()
-    sources = find_files(input_dir, extensions)
+    # A folder that cannot be listed, a FIFO or device with a wanted suffix: failures, not silently left out.
+    problems: list[tuple[Path, str]] = []
+    sources = find_files(input_dir, extensions, problems)
     if input_dir.is_dir() and resolved_output != input_dir.resolve():
         # An output folder inside the input folder must not feed its outputs back in as inputs.
         sources = [s for s in sources if not is_within(s.resolve(), resolved_output)]
-    if not sources:
+    if not sources and not problems:
         raise BatchUsageError(f"no {'/'.join(extensions)} files under {input_dir}")
 
     jobs: list[Job] = []
-    rejected: list[tuple[str, str]] = []
+    rejected: list[tuple[str, str]] = [
+        (path.relative_to(input_dir).as_posix() if is_within(path, input_dir) else str(path), reason)
+        for path, reason in problems]
     claimed: dict[Path, str] = {}
     for source in sources:
         name = source.relative_to(input_dir).as_posix() if input_dir.is_dir() else source.name

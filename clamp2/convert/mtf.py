@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import mido
 
@@ -66,10 +67,71 @@ def midi_file_to_mtf(midi: mido.MidiFile, m3_compatible: bool = True, *, mode: s
     return "\n".join(lines)
 
 
+def standard_midi_bytes(data: bytes) -> tuple[bytes, list[str]]:
+    """``data`` without what mido cannot read but the standard says to skip, and what was removed.
+
+    A RIFF RMID file (``.rmi``, often renamed ``.mid``) holds a standard MIDI file in its ``data`` chunk; a
+    chunk other than ``MTrk`` after the header (Yamaha XF's ``XFIH``/``XFKM``) is to be skipped, SMF 1.0
+    says ("expect alien chunks and treat them as if they weren't there"), where mido stops ("no MTrk header").
+    """
+    removed = []
+    if data[:4] == b"RIFF" and data[8:12] == b"RMID":
+        position = 12
+        while position + 8 <= len(data):
+            size = int.from_bytes(data[position + 4:position + 8], "little")
+            if data[position:position + 4] == b"data":
+                data = data[position + 8:position + 8 + size]
+                removed.append("its RIFF RMID wrapper")
+                break
+            position += 8 + size + (size & 1)
+    if data[:4] != b"MThd" or len(data) < 8:
+        return data, removed
+    position = 8 + int.from_bytes(data[4:8], "big")
+    kept, alien = bytearray(data[:position]), []
+    while position + 8 <= len(data):
+        name, size = data[position:position + 4], int.from_bytes(data[position + 4:position + 8], "big")
+        if name == b"MTrk":
+            kept += data[position:position + 8 + size]
+        elif all(32 <= byte < 127 for byte in name):
+            alien.append(name.decode("ascii"))
+        else:
+            break  # not a chunk header: the rest is left as it is, for mido to say what is wrong
+        position += 8 + size
+    kept += data[position:]
+    if alien:
+        removed.append(f"{len(alien)} chunk{'s' if len(alien) > 1 else ''} other than MTrk "
+                       f"({', '.join(sorted(set(alien)))})")
+    return bytes(kept), removed
+
+
 def read_midi(path: str | os.PathLike) -> mido.MidiFile:
-    """``mido.MidiFile(path)``, with mido's bare ``EOFError``, ``IndexError`` and ``KeyError`` made readable."""
+    """``mido.MidiFile(path)``, with mido's bare ``EOFError``, ``IndexError`` and ``KeyError`` made readable.
+
+    A file mido reads is read exactly as mido reads it (as the reference does). One mido cannot read only
+    because of a RIFF RMID wrapper or chunks other than ``MTrk`` is read as the standard MIDI file inside
+    (:func:`standard_midi_bytes`), with a ``UserWarning`` saying what was left out.
+    """
     try:
-        return mido.MidiFile(path)
+        return _read_midi(path)
+    except OSError as error:
+        if type(error) is not OSError:  # FileNotFoundError, PermissionError, ...: not about the contents
+            raise
+        with open(path, "rb") as f:
+            if f.read(4) not in (b"RIFF", b"MThd"):  # not MIDI at all (and maybe large): nothing to repair
+                raise
+            f.seek(0)
+            data, removed = standard_midi_bytes(f.read())
+        if not removed:
+            raise
+        midi = _read_midi(io.BytesIO(data))  # its error, if any, is about the file inside
+        warnings.warn(f"read without {' and '.join(removed)}, where mido stops ({error})", UserWarning,
+                      stacklevel=2)
+        return midi
+
+
+def _read_midi(source) -> mido.MidiFile:
+    try:
+        return mido.MidiFile(file=source) if isinstance(source, io.BytesIO) else mido.MidiFile(source)
     except EOFError as error:
         detail = f": {error}" if str(error) else ""
         raise ValueError(f"not a complete MIDI file (unexpected end of data{detail})") from error
@@ -78,6 +140,13 @@ def read_midi(path: str | os.PathLike) -> mido.MidiFile:
         # time_signature with one, an SMPTE rate code above 3 fail as a bare "list index out of range" / "7".
         raise ValueError(f"a meta event mido cannot decode (too short, or a value out of range): "
                          f"{type(error).__name__}: {error}") from error
+    except ValueError as error:
+        if "data byte must be in range" not in str(error):
+            raise
+        # mido reads an F0 (sysex) and an F7 (escape) event alike, as a sysex message, which holds 7-bit bytes only:
+        # an escape carrying a status or real-time byte (F7 01 FA), legal MIDI, fails as a bare "data byte ...".
+        raise ValueError(f"a sysex (F0) or escape (F7) event holds a byte above 127, which mido cannot read: "
+                         f"{error}") from error
 
 
 def midi_to_mtf(path: str | os.PathLike, m3_compatible: bool = True, *, mode: str | None = None) -> str:
@@ -209,7 +278,12 @@ def mtf_to_midi(text: str) -> mido.MidiFile:
         if "unknown_meta" in line:
             continue
         try:
-            track.append(line_to_message(line))
+            message = line_to_message(line)
+            if message.is_realtime:
+                # mido reads these from a track (an F8 byte, or F6, which mido counts as real-time) but refuses
+                # to write them to a file, with no line: the reference fails the same file.
+                raise ValueError(f"{message.type} is a real-time message, which mido cannot write to a MIDI file")
+            track.append(message)
         except (ValueError, TypeError, LookupError) as error:
             raise ValueError(f"line {number}: {error}") from error
     return midi
