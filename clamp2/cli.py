@@ -87,9 +87,14 @@ def load_script_config(script_file: str | os.PathLike, report: bool = True) -> M
     """
     from clamp2.configuration import ConfigError, load_config
 
-    path = Path(script_file).resolve().with_name("config.py")
-    if not path.is_file():
-        path = repository_config_path()
+    script = Path(script_file).resolve()
+    # Beside the script (code/), the script's own checkout (semantic_search/ of a clone whose clamp2 is installed
+    # from a wheel, not editable), then the checkout the package sits in.
+    candidates = [script.with_name("config.py"), script.parent.parent / "code" / "config.py", repository_config_path()]
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        fail_usage(f"code/config.py not found beside {script.name} nor in its repository ({script.parent.parent}): "
+                   "run the script from a clone of the repository, or put a copy of code/config.py beside it")
     try:
         return load_config(path, report=report)
     except (ConfigError, FileNotFoundError) as error:

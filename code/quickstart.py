@@ -76,7 +76,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from clamp2.quickstart import pipeline
     from clamp2.quickstart.pipeline import Clamp3Settings, Quickstart, Quickstart3, Settings
+
+    pipeline.REPO = Path(__file__).resolve().parents[1]  # this checkout's scripts, wherever clamp2 is installed
 
     args = parse_args(argv)
     kind = Clamp3Settings if args.clamp3 else Settings

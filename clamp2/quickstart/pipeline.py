@@ -43,6 +43,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ..progress import plural
 from ..workers import ending_with_this_process
 
+# The checkout whose scripts the steps run: the one the package sits in (editable install); code/quickstart.py
+# sets its own (a clone whose clamp2 is installed from a wheel).
 REPO = Path(__file__).resolve().parents[2]
 
 # Held-out text→music chance level for N candidates: E[1/rank] for a uniformly random rank.
@@ -235,6 +237,11 @@ class Quickstart:
 
     # ---------------------------------------------------------------------------------------------
     def run(self, only_missing: bool = True) -> int:
+        if not (REPO / "code" / "train_m3.py").is_file():
+            print(f"quickstart: error: the quick start runs the repository's scripts (code/, process_data/, "
+                  f"semantic_search/, music_classification/), which are not in {REPO}: run code/quickstart.py "
+                  "of a clone of the repository", file=sys.stderr)
+            return 2
         problem = self.models_problem()
         if problem:  # before minutes of corpus work, not at the features step
             print(f"quickstart: error: {problem}", file=sys.stderr)
