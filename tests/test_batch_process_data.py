@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
 import shutil
@@ -279,8 +278,6 @@ def run_with_a_crashing_file(tmp_path: Path, good_files: int, convert) -> batch_
     return batch_runner.run_batch(jobs, convert, output_dir=tmp_path / "out", tool="test", workers=2, progress=False)
 
 
-@pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
-                    reason="the test's conversion function must be importable in spawned workers")
 def test_a_dying_worker_fails_only_its_file(tmp_path):
     result = run_with_a_crashing_file(tmp_path, 6, crash_on_marked_files)
     assert result.failures == [("crash.txt", batch_runner.WORKER_DIED)]
@@ -301,8 +298,6 @@ def slow_with_a_partial_file_or_crash(path: Path) -> str:
     return path.read_text()
 
 
-@pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
-                    reason="the test's conversion function must be importable in spawned workers")
 def test_files_in_flight_when_a_worker_dies_are_retried_and_their_partial_files_removed(tmp_path):
     result = run_with_a_crashing_file(tmp_path, 3, slow_with_a_partial_file_or_crash)
     assert result.failures == [("crash.txt", batch_runner.WORKER_DIED)] and result.converted == 3
@@ -456,7 +451,7 @@ def slow_and_telling_its_pid(path: Path) -> str:
     return path.read_text()
 
 
-@pytest.mark.skipif(multiprocessing.get_start_method() != "fork" or not sys.platform.startswith("linux"),
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="the test's conversion function must be importable in spawned workers; /proc")
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
 def test_workers_do_not_outlive_a_killed_run(tmp_path, signal_name):

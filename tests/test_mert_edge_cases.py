@@ -146,9 +146,27 @@ def test_decoding_workers_do_not_outlive_a_killed_extraction(tmp_path, signal_na
             "extractor = MertFeatureExtractor(mert.load_mert(sys.argv[1]), 'cpu')\n"
             "extract_folder(extractor, Path(sys.argv[2]), Path(sys.argv[3]), num_workers=2, progress=False)\n")
 
+    def children_of(pid):
+        try:
+            return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for child in (task / "children").read_text().split()]
+        except OSError:  # gone meanwhile
+            return []
+
     def children(run):
-        return [int(pid) for task in Path(f"/proc/{run.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
+        # The loader's workers: under "spawn" the resource tracker is a child too, under "forkserver" the workers
+        # are the fork server's children.
+        found = []
+        for pid in children_of(run.pid):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"multiprocessing.forkserver" in command:
+                found += children_of(pid)  # forked by the server: they have its command line
+            elif b"resource_tracker" not in command:
+                found.append(pid)
+        return sorted(found)
 
     # settle: the workers' decoded tracks fill the pipe (while tracks remain to decode)
     alive = workers_outliving_a_kill([sys.executable, "-c", code, str(TINY), str(folder), str(tmp_path / "out")],
