@@ -210,6 +210,7 @@ def test_keep_all_round_trip_gives_the_same_messages(handmade_midi, corpus_midis
 THIRD_PARTY_REFERENCE = Path(__file__).parent / "data" / "midi_testprimitive_reference.json"
 
 
+@pytest.mark.filterwarnings("ignore:the header says 18 tracks:UserWarning")  # test04.mid: a 19th, blank track
 def test_third_party_midi_matches_the_originals_bytes_in_every_mode():
     """music21's own MIDI test files (made by other sequencers) give the original scripts' bytes.
 
@@ -481,3 +482,19 @@ def test_a_real_time_message_is_an_error_naming_its_line(line):
     # MTF can hold it, but refuses to write it ("realtime messages are not allowed in MIDI files", no line).
     with pytest.raises(ValueError, match=f"line 3: {line.split()[0]} is a real-time message"):
         mtf_to_midi("ticks_per_beat 96\nnote_on 0 0 60 64\n" + line)
+
+
+def test_tracks_beyond_the_headers_count_are_not_read_as_in_the_reference_and_said(tmp_path):
+    # mido reads as many MTrk chunks as the header names: a header that says 1 of 2 loses the second track's notes
+    # in the reference without a word. The MTF stays the reference's; the loss is a warning.
+    smf = two_track_midi_bytes()
+    (tmp_path / "full.mid").write_bytes(smf)
+    short = smf[:10] + (1).to_bytes(2, "big") + smf[12:]
+    (tmp_path / "short.mid").write_bytes(short)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = midi_to_mtf(tmp_path / "full.mid")
+    with pytest.warns(UserWarning, match="the header says 1 track but the file holds 2: the last 1 not read"):
+        text = midi_to_mtf(tmp_path / "short.mid")
+    assert text == midi_file_to_mtf(mido.MidiFile(tmp_path / "short.mid")) and text != full
+    assert "note_on 48 9 36 100" not in text and "note_on 48 9 36 100" in full

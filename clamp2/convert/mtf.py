@@ -112,7 +112,7 @@ def read_midi(path: str | os.PathLike) -> mido.MidiFile:
     (:func:`standard_midi_bytes`), with a ``UserWarning`` saying what was left out.
     """
     try:
-        return _read_midi(path)
+        midi = _read_midi(path)
     except OSError as error:
         if type(error) is not OSError:  # FileNotFoundError, PermissionError, ...: not about the contents
             raise
@@ -127,6 +127,28 @@ def read_midi(path: str | os.PathLike) -> mido.MidiFile:
         warnings.warn(f"read without {' and '.join(removed)}, where mido stops ({error})", UserWarning,
                       stacklevel=2)
         return midi
+    unread = track_chunks(path) - len(midi.tracks)
+    if unread > 0:  # mido reads as many tracks as the header says, as the reference does: said, not changed
+        warnings.warn(f"the header says {len(midi.tracks)} track{'s' if len(midi.tracks) != 1 else ''} but the file "
+                      f"holds {len(midi.tracks) + unread}: the last {unread} not read", UserWarning, stacklevel=2)
+    return midi
+
+
+def track_chunks(path: str | os.PathLike) -> int:
+    """How many ``MTrk`` chunks a standard MIDI file holds (chunk headers only; other chunks skipped)."""
+    count = 0
+    with open(path, "rb") as f:
+        header = f.read(8)
+        if header[:4] != b"MThd":
+            return 0
+        f.seek(int.from_bytes(header[4:8], "big"), os.SEEK_CUR)
+        while len(chunk := f.read(8)) == 8:
+            if chunk[:4] == b"MTrk":
+                count += 1
+            elif not all(32 <= byte < 127 for byte in chunk[:4]):
+                break  # not a chunk header: trailing bytes
+            f.seek(int.from_bytes(chunk[4:8], "big"), os.SEEK_CUR)
+    return count
 
 
 def _read_midi(source) -> mido.MidiFile:
