@@ -9,6 +9,7 @@ in the same folder, then ``os.replace``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -177,6 +178,9 @@ def output_problem(path: str | os.PathLike, folder: bool, what: str = "output") 
     file, no write permission), as one line, or None when it can."""
     path = Path(path)
     kind = "folder" if folder else "file"
+    problem = unreachable(path, what)
+    if problem:
+        return problem
     if path.exists() and path.is_dir() != folder:
         return f"{what} {kind} {path} is a {'file' if folder else 'folder'}; pass a {kind} path"
     # An existing output file is replaced (atomically, in its folder): its folder is what must be writable.
@@ -193,11 +197,40 @@ def output_problem(path: str | os.PathLike, folder: bool, what: str = "output") 
 def input_problem(path: str | os.PathLike, what: str = "input folder") -> Optional[str]:
     """Why ``path`` cannot be read as a folder (missing, a file), as one line, or None."""
     path = Path(path)
+    problem = unreachable(path, what)
+    if problem:
+        return problem
     if not path.exists():
         return f"{what} not found: {path}"
     if not path.is_dir():
         return f"{what} {path} is a file, not a folder; pass the folder that holds it"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return f"cannot read {what} {path}: permission denied (it cannot be listed); fix its permissions"
     return None
+
+
+def unreachable(path: str | os.PathLike, what: str = "path") -> Optional[str]:
+    """Why whether ``path`` exists cannot even be known (a folder above it may not be searched: ``stat`` says
+    EACCES), as one line, or None. Before Python 3.14 ``Path.exists``/``is_dir``/``is_file`` raise that
+    PermissionError instead of answering, and the scripts ended in a traceback."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return f"cannot reach {what} {path}: {error.strerror} (a folder above it cannot be searched)"
+    return None
+
+
+def find_all_files(root: str | os.PathLike, extensions: Iterable[str], error: type = OSError) -> list[Path]:
+    """:func:`find_files` for callers with no failure log (trainers, the probe): a folder under ``root`` that
+    cannot be listed raises ``error`` naming it, instead of its files being left out without a word."""
+    problems: List[Tuple[Path, str]] = []
+    found = find_files(root, extensions, problems)
+    if problems:
+        raise error("; ".join(f"{path}: {reason}" for path, reason in problems))
+    return found
 
 
 def _machine_id() -> str:

@@ -45,7 +45,8 @@ from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
 from clamp2.files import (atomic_path, atomic_write_bytes, atomic_write_text, find_files, finished_output, log_line,
-                          mirror_path, read_file_log, remove_partial_files, remove_partial_files_of, write_file_log)
+                          mirror_path, read_file_log, remove_partial_files, remove_partial_files_of, unreachable,
+                          write_file_log)
 from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
@@ -152,6 +153,9 @@ def plan_jobs(input_dir: str | os.PathLike, output_dir: str | os.PathLike, exten
     an output would be written over its own input.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    problem = unreachable(input_dir, "input folder") or unreachable(output_dir, "output folder")
+    if problem:
+        raise BatchUsageError(problem)
     if not input_dir.exists():
         raise BatchUsageError(f"input folder {input_dir} does not exist")
     if output_dir.exists() and not output_dir.is_dir():

@@ -535,8 +535,10 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
 
     jobs: list[tuple[str, Path, Path]] = []
     claimed: dict[Path, str] = {}
-    early_failures: list[tuple[str, str]] = []
-    for input_path in find_files(input_dir, [".json"]):
+    problems: list[tuple[Path, str]] = []  # a sub-folder that cannot be listed: a failure, not left out
+    sources = find_files(input_dir, [".json"], problems)
+    early_failures = [(_relative_posix(path, input_dir), reason) for path, reason in problems]
+    for input_path in sources:
         relative_path = _relative_posix(input_path, input_dir)
         output_path = mirror_path(input_path, input_dir, output_dir, ".json")
         # a.json and a.JSON in one folder would share an output: never overwrite silently.
@@ -696,8 +698,13 @@ def merge_summaries(summaries_dir: str | os.PathLike, jsonl_path: str | os.PathL
     echo = echo or (lambda line: print(line, file=sys.stderr))
     result = MergeResult()
     lines = []
-    paths = sorted(find_files(summaries_dir, [".json"]),
+    problems: list[tuple[Path, str]] = []
+    paths = sorted(find_files(summaries_dir, [".json"], problems),
                    key=lambda path: _relative_posix(path, summaries_dir))
+    for path, reason in problems:  # a sub-folder that cannot be listed: reported, not left out silently
+        relative_path = _relative_posix(path, summaries_dir)
+        echo(f"skipped: {relative_path}: {reason}")
+        result.skipped.append((relative_path, reason))
     for path in paths:
         relative_path = _relative_posix(path, summaries_dir)
         try:

@@ -87,6 +87,11 @@ def _read_all(source) -> Tuple[np.ndarray, int]:
         sound = soundfile.SoundFile(_openable(source))
     except errors as exc:
         message = ' '.join(str(exc).split())
+        if isinstance(source, (str, os.PathLike)):
+            try:  # libsndfile says only "System error." for a file the user may not read
+                open(source, "rb").close()
+            except OSError as error:
+                raise AudioError(f"cannot read the file: {error.strerror or error}") from None
         if NOT_A_FILE in message and isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
             # libsndfile's words for a file it took for MP3 by its name but found no MPEG frame in (a saved
             # error page, a download cut in its first frame): the file is there.

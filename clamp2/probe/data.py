@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..files import find_files
+from ..files import find_all_files, unreachable
 from ..progress import progress_bar
 
 FEATURE_EXTENSIONS = (".npy",)
@@ -83,12 +83,16 @@ def read_feature(path: str | os.PathLike) -> Tuple[np.ndarray, str]:
 
 def discover(folders: Sequence[str | os.PathLike], what: str) -> List[Path]:
     """All .npy files under ``folders``; a missing folder or no file at all is a usage error."""
+    problem = next(filter(None, (unreachable(folder, f"{what} folder") for folder in folders)), None)
+    if problem:
+        raise ProbeUsageError(problem)
     missing = [str(folder) for folder in folders if not Path(folder).exists()]
     if missing:
         raise ProbeUsageError(f"{what} folder not found: {', '.join(missing)}")
     paths: List[Path] = []
     for folder in folders:
-        found = find_files(folder, FEATURE_EXTENSIONS)
+        # A sub-folder that cannot be listed is refused by name: its files were left out without a word.
+        found = find_all_files(folder, FEATURE_EXTENSIONS, ProbeUsageError)
         if not found:
             raise ProbeUsageError(f"no .npy feature files under the {what} folder {folder} "
                                   "(extract features first, e.g. code/extract_m3.py)")

@@ -66,10 +66,11 @@ def modality_of(path: str | os.PathLike) -> Optional[str]:
 
 def files_by_modality(path: str | os.PathLike) -> Dict[str, List[Path]]:
     """``{modality: sorted files}`` under ``path`` (a folder, searched recursively, or one file)."""
-    from clamp2.files import find_files
+    from clamp2.files import find_all_files
 
     found: Dict[str, List[Path]] = {}
-    for file in find_files(path, tuple(MODALITY_BY_EXTENSION)):
+    # A sub-folder that cannot be listed is an error naming it (its files were left out without a word).
+    for file in find_all_files(path, tuple(MODALITY_BY_EXTENSION)):
         found.setdefault(modality_of(file), []).append(file)
     return found
 

@@ -392,12 +392,12 @@ def read_tree(folder: str | os.PathLike, *, progress: bool = True) -> FeatureSet
     ``names`` are the paths relative to ``folder`` (POSIX, sorted); ``keys`` stay the file names up
     to their first ``.``. A folder without any ``.npy`` file is a ``FeatureError``.
     """
-    from clamp2.files import find_files
+    from clamp2.files import find_all_files
 
     root = Path(folder)
     if not root.is_dir():
         raise FeatureError(f"{folder}: no such folder")
-    names = [path.relative_to(root).as_posix() for path in find_files(root, (NPY_SUFFIX,))]
+    names = [path.relative_to(root).as_posix() for path in find_all_files(root, (NPY_SUFFIX,), FeatureError)]
     if not names:
         raise FeatureError(f"{folder}: no .npy files in the folder or its sub-folders")
     skipped: list[SkippedFile] = []
@@ -417,7 +417,11 @@ def read_tree(folder: str | os.PathLike, *, progress: bool = True) -> FeatureSet
 
 
 def is_index(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    try:
+        return (Path(path) / MANIFEST).is_file()
+    except PermissionError as error:  # a folder that cannot be searched (chmod 000); Python 3.14 answers False
+        raise FeatureError(f"cannot reach feature folder or index {path}: {error.strerror} (fix its "
+                           "permissions)") from None
 
 
 def read_features(path: str | os.PathLike, *, sort: bool = True, progress: bool = True) -> FeatureSet:

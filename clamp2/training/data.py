@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 
 from ..extraction.core import mert_array_problem, mert_values_problem
-from ..files import find_files, input_problem
+from ..files import find_all_files, input_problem, unreachable
 from ..patchilizer import PAD_TOKEN_ID, TRUNCATE_MODES, M3Patchilizer, split_lines, truncate
 from .corruption import corrupt_patches
 
@@ -143,7 +143,7 @@ def find_music_files(folders: Sequence[str | os.PathLike]) -> List[Path]:
         raise DataError(problems[0] if len(problems) == 1 else listing("data folders that cannot be read", problems))
     files: List[Path] = []
     for folder in folders:
-        files.extend(find_files(folder, MUSIC_EXTENSIONS))
+        files.extend(find_all_files(folder, MUSIC_EXTENSIONS, DataError))
     return files
 
 
@@ -415,6 +415,8 @@ def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]
                                 f"folder {root}")
             elif path.suffix.lower() not in music.extensions:
                 problems.append(f"{where}: {relative!r} is not {music.kind}")
+            elif problem := unreachable(path, "music file"):
+                problems.append(f"{where}: {problem}")
             elif not path.is_file():
                 missing.append(f"{path} ({where})")
             else:

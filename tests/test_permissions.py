@@ -1,0 +1,169 @@
+"""Permissions as a non-root user meets them, faked so that the suite also checks them when run as root."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from clamp2.files import input_problem, output_problem
+
+
+def refuse_under(monkeypatch, folder: Path, call: str = "stat"):
+    """``os.<call>`` raises EACCES for every path under ``folder`` (not ``folder`` itself): a folder the user may
+    not search (chmod 000 or 600), which root can always search."""
+    real = getattr(os, call)
+    inside = os.fspath(folder) + os.sep
+
+    def refusing(path, *args, **kwargs):
+        if os.fspath(path).startswith(inside):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, call, refusing)
+
+
+def unlistable(monkeypatch, name: str):
+    """``os.scandir`` of a folder called ``name`` raises EACCES: a sub-folder the user may not list (chmod 000)."""
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith(name):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+
+
+def test_paths_under_an_unsearchable_folder_are_one_line_not_a_traceback(tmp_path, monkeypatch):
+    # Path.exists/is_dir/is_file raise PermissionError (before Python 3.14) for such a path: every script that
+    # checked its folders that way ended in a traceback (extract_*.py, batch_*.py, the trainers, the searches).
+    from clamp2.convert.batch_runner import BatchUsageError, plan_jobs
+
+    locked = tmp_path / "locked"
+    (locked / "in").mkdir(parents=True)
+    (locked / "in" / "a.abc").write_text("X:1\n")
+    refuse_under(monkeypatch, locked)
+    for problem in (input_problem(locked / "in"), output_problem(locked / "out", folder=True)):
+        assert problem and "cannot reach" in problem and "Permission denied" in problem and "locked" in problem
+    with pytest.raises(BatchUsageError, match="cannot reach input folder .*Permission denied"):
+        plan_jobs(locked / "in", tmp_path / "out", [".abc"], ".abc")
+    with pytest.raises(BatchUsageError, match="cannot reach output folder .*Permission denied"):
+        plan_jobs(tmp_path, locked / "out", [".abc"], ".abc")
+
+
+def test_an_input_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    # chmod 000 on the input folder: the trainers used it as an empty folder (the run went on without its files).
+    folder = tmp_path / "in"
+    folder.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder else access(path, mode, **kw))
+    assert "cannot read input folder" in input_problem(folder)
+
+
+def test_trainer_data_folders_with_an_unlistable_sub_folder_are_refused(tmp_path, monkeypatch):
+    # train_m3.py left the files of a chmod 000 sub-folder out of training without a word (exit status 0).
+    from clamp2.training.data import DataError, find_music_files
+
+    for rel in ("a/x.abc", "locked/y.abc"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("X:1\nK:C\nC\n")
+    unlistable(monkeypatch, "locked")
+    with pytest.raises(DataError, match="locked: cannot list this folder: Permission denied"):
+        find_music_files([tmp_path])
+
+
+def test_jsonl_music_under_an_unsearchable_folder_is_a_data_error(tmp_path, monkeypatch):
+    # train_clamp2.py ended in a PermissionError traceback (Path.is_file) for such a file.
+    from clamp2.training.data import DataError, read_pairs
+
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "a.abc").write_text("X:1\nK:C\nC\n")
+    item = {"summary_en": "a tune", "summary_nen": {"language": "German", "summary": "ein Lied"},
+            "filepaths": ["locked/a.abc"]}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(item) + "\n", encoding="utf-8")
+    refuse_under(monkeypatch, tmp_path / "locked")
+    with pytest.raises(DataError, match="cannot reach music file .*a.abc: Permission denied"):
+        read_pairs(tmp_path / "pairs.jsonl", require_non_english=False)
+
+
+def test_a_feature_folder_that_cannot_be_searched_is_a_feature_error(tmp_path, monkeypatch):
+    # semantic_search.py FEATURES (chmod 000) ended in a PermissionError traceback from is_index (Path.is_file).
+    from clamp2.search.feature_store import FeatureError, read_features
+
+    folder = tmp_path / "features"
+    folder.mkdir()
+    refuse_under(monkeypatch, folder)
+    with pytest.raises(FeatureError, match="cannot reach .*features: Permission denied"):
+        read_features(folder)
+
+
+def test_probe_feature_folders_with_an_unlistable_sub_folder_are_refused(tmp_path, monkeypatch):
+    # train_cls.py and inference_cls.py left a chmod 000 sub-folder's features out without a word (exit status 0).
+    import numpy as np
+
+    from clamp2.probe.data import ProbeUsageError, discover
+
+    for rel in ("jazz_1.npy", "locked/folk_1.npy"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / rel, np.zeros((1, 4), np.float32))
+    unlistable(monkeypatch, "locked")
+    with pytest.raises(ProbeUsageError, match="locked: cannot list this folder: Permission denied"):
+        discover([tmp_path], "training")
+
+
+def test_an_unreadable_audio_file_says_so(tmp_path, monkeypatch):
+    # extract_mert.py logged a chmod 000 file as "cannot decode audio (Error opening '...': System error.)".
+    import soundfile
+
+    from clamp2.extraction import audio
+
+    path = tmp_path / "a.wav"
+    soundfile.write(path, [[0.0]] * 1600, 16000)
+
+    def refusing(name, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", os.fspath(name))
+
+    def libsndfile(name, *args, **kwargs):  # what libsndfile raises for a file it may not open
+        raise RuntimeError(f"Error opening {os.fspath(name)!r}: System error.")
+
+    monkeypatch.setattr(soundfile, "SoundFile", libsndfile)
+    monkeypatch.setattr(audio, "open", refusing, raising=False)
+    with pytest.raises(audio.AudioError, match="cannot read the file: Permission denied"):
+        audio._read_all(path)
+
+
+def test_clamp3_inputs_with_an_unlistable_sub_folder_are_refused(tmp_path, monkeypatch):
+    # clamp3_embd / clamp3_search left a chmod 000 sub-folder's files out without a word.
+    from clamp2.search.clamp3 import files_by_modality
+
+    for rel in ("a.mid", "locked/b.mid"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"MThd")
+    assert [p.name for p in files_by_modality(tmp_path)["mid"]] == ["a.mid", "b.mid"]
+    unlistable(monkeypatch, "locked")
+    with pytest.raises(OSError, match="locked: cannot list this folder: Permission denied"):
+        files_by_modality(tmp_path)
+
+
+def test_summaries_under_an_unlistable_sub_folder_are_reported(tmp_path, monkeypatch):
+    # gpt4_summarize.py and merge_jsonl.py left them out without a word.
+    import openai
+
+    from clamp2.convert.summarize import merge_summaries, summarize_folder
+
+    record = {"summary_en": "a tune", "summary_nen": {"language": "German", "summary": "ein Lied"},
+              "filepaths": ["a.abc"]}
+    for rel in ("one.json", "locked/two.json"):
+        (tmp_path / "s" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "s" / rel).write_text(json.dumps(record), encoding="utf-8")
+    (tmp_path / "a.abc").write_text("X:1\nK:C\nC\n")
+    unlistable(monkeypatch, "locked")
+    said = []
+    result = merge_summaries(tmp_path / "s", tmp_path / "all.jsonl", echo=said.append)
+    assert result.written == 1 and [name for name, _ in result.skipped] == ["locked"]
+    assert len(said) == 1 and said[0].startswith("skipped: locked: cannot list this folder: Permission denied")
+    (tmp_path / "s" / "one.json").unlink()  # only the locked folder: no request is sent
+    client = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")
+    counts = summarize_folder(tmp_path / "s", tmp_path / "out", client, "model", progress=False, echo=said.append)
+    assert counts.failed == 1 and [name for name, _ in counts.failures] == ["locked"]
