@@ -294,6 +294,26 @@ def test_search_prints_ten_results_by_default(tmp_path, scripts, capsys):
     assert lines[0] == "Top 10 results among 12 candidates:" and len(lines) == 11
 
 
+def test_an_index_is_refused_naming_the_folder_it_indexes(tmp_path, scripts, capsys):
+    # The CLaMP 2 tools take an index wherever a folder goes; the clamp3_* commands read its vectors and norms
+    # files as two features ("dimension 16 differs from the 5 of the other features").
+    from clamp2.search.feature_store import build_index
+
+    references = tmp_path / "r"
+    references.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        np.save(references / f"m{i}.npy", rng.normal(size=(1, 16)).astype(np.float32))
+    build_index(references, tmp_path / "index", progress=False)
+    for script, args in (("search", [references / "m0.npy", tmp_path / "index"]),
+                         ("score", [tmp_path / "index", references])):
+        code, lines, err = run(scripts[script], [*args, *CLAMP2], capsys)
+        assert code == 1 and not lines
+        assert err.strip() == (f"Error: {tmp_path / 'index'} is a feature index (build_index.py); the clamp3_* "
+                               f"commands read feature folders, sub-folders included: give the folder it indexes "
+                               f"({references})")
+
+
 def test_eval_is_strict(feature_folders, tmp_path, scripts, capsys):
     queries, references = feature_folders
     np.save(references / "extra.npy", np.ones((1, 16), np.float32))

@@ -194,9 +194,27 @@ def read_feature_side(root: Path, progress: bool = False) -> Side:
     return Side(root, FEATURES, list(features.names), np.asarray(features.matrix, dtype=np.float32), failures)
 
 
+def refuse_index(root: Path) -> None:
+    """A feature index (``build_index.py``) holds the top level of one folder, named as there: the clamp3_*
+    commands read feature folders with their sub-folders and name each file by its path, so the folder it
+    indexes is what they take (its own .npy files read as features gave nonsense)."""
+    from .feature_store import FeatureError, is_index, read_manifest
+
+    try:
+        if not is_index(root):
+            return
+        source = read_manifest(root).get("source")
+    except FeatureError as exc:
+        raise CommandError(f"Error: {exc}") from None
+    raise CommandError(f"Error: {root} is a feature index (build_index.py); the clamp3_* commands read feature "
+                       f"folders, sub-folders included: give the folder it indexes"
+                       + (f" ({source})" if source else ""))
+
+
 def load_side(path: str | os.PathLike, role: str, family: Optional["ModelFamily"], *, progress: bool = False) -> Side:
     """The features of a query/reference: ``.npy`` features as they are, raw files through ``family``."""
     root = Path(path)
+    refuse_index(root)
     found = files_by_modality(root) if root.exists() else {}
     others = sorted(f for modality, files in found.items() if modality != FEATURES for f in files)
     if FEATURES in found and others and set(found) <= {FEATURES, "txt", "img"} and \

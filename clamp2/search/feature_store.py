@@ -479,7 +479,7 @@ class IndexUpdate:
                 f"removed {self.removed}, unchanged {self.unchanged}, skipped {len(self.skipped)}")
 
 
-def _read_manifest(index_dir: Path) -> dict:
+def read_manifest(index_dir: Path) -> dict:
     try:
         manifest = json.loads((index_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -504,7 +504,7 @@ def _open_index(index_dir: Path) -> tuple[FeatureSet, dict, list[list[str]], lis
     old manifest and then misses one of its files reads the new manifest and opens that generation.
     """
     for attempt in range(OPEN_ATTEMPTS):
-        manifest = _read_manifest(index_dir)
+        manifest = read_manifest(index_dir)
         try:
             matrix = np.load(index_dir / manifest["vectors"], mmap_mode="r")
             norms = np.load(index_dir / manifest["norms"])
@@ -513,7 +513,7 @@ def _open_index(index_dir: Path) -> tuple[FeatureSet, dict, list[list[str]], lis
             bad = [line.split("\t") for line in _read_lines(index_dir / manifest["skipped"])]
             break
         except (OSError, ValueError, KeyError) as error:
-            switched = _read_manifest(index_dir).get("generation") != manifest.get("generation")
+            switched = read_manifest(index_dir).get("generation") != manifest.get("generation")
             if attempt + 1 < OPEN_ATTEMPTS and switched:
                 continue  # a builder switched generations meanwhile
             raise FeatureError(f"{index_dir}: damaged index ({error}); rebuild it with build_index.py") from None
