@@ -167,3 +167,18 @@ def test_summaries_under_an_unlistable_sub_folder_are_reported(tmp_path, monkeyp
     client = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")
     counts = summarize_folder(tmp_path / "s", tmp_path / "out", client, "model", progress=False, echo=said.append)
     assert counts.failed == 1 and [name for name, _ in counts.failures] == ["locked"]
+
+
+def test_an_unreadable_training_file_is_refused_before_training(tmp_path, monkeypatch):
+    # train_m3.py met a chmod 000 file only when a batch drew it, mid-training.
+    from clamp2.training.data import DataError, check_music_files
+
+    paths = [tmp_path / "a.abc", tmp_path / "b.abc"]
+    for path in paths:
+        path.write_text("X:1\nK:C\nC\n")
+    check_music_files(paths)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path).name == "b.abc"
+                        else access(path, mode, **kw))
+    with pytest.raises(DataError, match="files this user may not read .*b.abc"):
+        check_music_files(paths)

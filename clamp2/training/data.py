@@ -148,8 +148,9 @@ def find_music_files(folders: Sequence[str | os.PathLike]) -> List[Path]:
 
 
 def check_music_files(paths: Sequence[Path]) -> None:
-    """Fail listing every file that is missing or empty (an empty file is not a piece)."""
-    missing, empty = [], []
+    """Fail listing every file that is missing, unreadable or empty (an empty file is not a piece): before
+    training, not when a batch first draws it."""
+    missing, unreadable, empty = [], [], []
     for path in paths:
         try:
             size = path.stat().st_size
@@ -158,9 +159,13 @@ def check_music_files(paths: Sequence[Path]) -> None:
             continue
         if size == 0:
             empty.append(str(path))
+        elif not os.access(path, os.R_OK):
+            unreadable.append(str(path))
     problems = []
     if missing:
         problems.append(listing("missing files", missing))
+    if unreadable:
+        problems.append(listing("files this user may not read (permission denied)", unreadable))
     if empty:
         problems.append(listing("empty files", empty))
     if problems:
