@@ -182,3 +182,26 @@ def test_an_unreadable_training_file_is_refused_before_training(tmp_path, monkey
                         else access(path, mode, **kw))
     with pytest.raises(DataError, match="files this user may not read .*b.abc"):
         check_music_files(paths)
+
+
+def test_an_index_file_that_cannot_be_read_is_not_called_damaged(tmp_path, monkeypatch):
+    # "damaged index (...Permission denied...); rebuild it with build_index.py": a rebuild would not help.
+    import numpy as np
+
+    from clamp2.search.feature_store import FeatureError, build_index, open_index
+
+    (tmp_path / "f").mkdir()
+    np.save(tmp_path / "f" / "a.npy", np.ones((1, 4), np.float32))
+    build_index(tmp_path / "f", tmp_path / "index", progress=False)
+    assert len(open_index(tmp_path / "index").names) == 1
+    load = np.load
+
+    def refusing(path, *args, **kwargs):
+        if Path(path).name.startswith("vectors."):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", refusing)
+    with pytest.raises(FeatureError, match=r"cannot read the index's vectors\.1\.npy \(Permission denied\); fix its "
+                                           "permissions"):
+        open_index(tmp_path / "index")

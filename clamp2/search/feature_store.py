@@ -516,6 +516,9 @@ def _open_index(index_dir: Path) -> tuple[FeatureSet, dict, list[list[str]], lis
             switched = read_manifest(index_dir).get("generation") != manifest.get("generation")
             if attempt + 1 < OPEN_ATTEMPTS and switched:
                 continue  # a builder switched generations meanwhile
+            if isinstance(error, PermissionError):  # not damage: a rebuild would not help
+                raise FeatureError(f"{index_dir}: cannot read the index's {Path(error.filename or '').name or 'files'}"
+                                   f" ({error.strerror}); fix its permissions") from None
             raise FeatureError(f"{index_dir}: damaged index ({error}); rebuild it with build_index.py") from None
     count, dim = manifest["count"], manifest["dim"]
     if (matrix.dtype != np.float32 or matrix.shape != (count, dim) or norms.shape != (count,)
