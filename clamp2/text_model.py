@@ -25,14 +25,19 @@ def _unavailable(name: str, exc: Exception | str) -> TextModelUnavailable:
 
     if Path(name).exists():
         detail = " ".join(str(exc).split())[:300]
-        if Path(name).is_file():
-            detail = "it is a file, not a folder"
-        elif not (Path(name) / "config.json").is_file():
-            detail = "it has no config.json"
-        elif not (Path(name) / "tokenizer.json").is_file():
-            # e.g. only sentencepiece.bpe.model: transformers 5 then asks for tiktoken or sentencepiece, and
-            # would not tokenize as the original did anyway (load_tokenizer follows tokenizer.json)
-            detail = f"it has no tokenizer.json ({detail})"
+        try:
+            if isinstance(exc, PermissionError):
+                detail = f"this user may not read it ({exc.strerror}: {exc.filename}); fix its permissions"
+            elif Path(name).is_file():
+                detail = "it is a file, not a folder"
+            elif not (Path(name) / "config.json").is_file():
+                detail = "it has no config.json"
+            elif not (Path(name) / "tokenizer.json").is_file():
+                # e.g. only sentencepiece.bpe.model: transformers 5 then asks for tiktoken or sentencepiece, and
+                # would not tokenize as the original did anyway (load_tokenizer follows tokenizer.json)
+                detail = f"it has no tokenizer.json ({detail})"
+        except PermissionError as error:  # a folder that cannot be searched: Path.is_file raises (Python < 3.14)
+            detail = f"this user may not read it ({error.strerror}); fix its permissions"
         return TextModelUnavailable(f"cannot load the text model/tokenizer from the folder {name}: {detail}; pass a "
                                     f"folder saved by `hf download <hub id> --local-dir DIR` (config.json and the "
                                     f"tokenizer files; the weights too for training)")

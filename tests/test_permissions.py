@@ -205,3 +205,17 @@ def test_an_index_file_that_cannot_be_read_is_not_called_damaged(tmp_path, monke
     with pytest.raises(FeatureError, match=r"cannot read the index's vectors\.1\.npy \(Permission denied\); fix its "
                                            "permissions"):
         open_index(tmp_path / "index")
+
+
+def test_a_text_model_folder_that_cannot_be_read_says_so_with_what_to_do(tmp_path, monkeypatch):
+    # A chmod 000 text model folder gave a bare "error: [Errno 13] Permission denied: '.../config.json'".
+    from clamp2.text_model import TextModelUnavailable, load_tokenizer
+
+    folder = tmp_path / "text_model"
+    folder.mkdir()
+    refuse_under(monkeypatch, folder)
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", os.fspath(path))))
+    with pytest.raises(TextModelUnavailable, match="cannot load the text model/tokenizer from the folder .*"
+                                                   "this user may not read it .*Permission denied.*fix its permissions"):
+        load_tokenizer(str(folder))
