@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, MutableMapping, Optional
 import torch
 from torch import nn
 
-from .files import atomic_path
+from .files import atomic_path, disk_full_error, error_chain
 
 FORMAT_VERSION = 1
 HUB_REPO = "sander-wood/clamp2"
@@ -412,16 +412,34 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None
         payload["config"] = dict(config)
     if extra:
         payload.update(extra)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with _written_or_said(path), atomic_path(path) as tmp:
+        # Through a Python file: a failed write (ENOSPC) then raises an OSError that says so; torch's own C++ file
+        # writer only says "unexpected pos".
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
         _on_disk(tmp)
 
 
 def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
     """Copy a checkpoint file atomically and durably (the best file and epoch copies are copies of ``latest_``)."""
-    with atomic_path(path) as tmp:
+    with _written_or_said(path), atomic_path(path) as tmp:
         shutil.copyfile(source, tmp)
         _on_disk(tmp)
+
+
+@contextlib.contextmanager
+def _written_or_said(path: str | os.PathLike) -> Iterator[None]:
+    """A checkpoint that cannot be written is a CheckpointError naming it and the cause (one line), not torch's
+    C++ writer's "unexpected pos" traceback; the file it would replace is left as it was."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        cause = disk_full_error(exc) or next((e for e in error_chain(exc) if isinstance(e, OSError)), None)
+        if cause is None:
+            raise
+        cause = cause.strerror or cause
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause}; the previous checkpoint is kept: free "
+                              "space and run the same command again to resume") from exc
 
 
 def _on_disk(path: Path) -> None:

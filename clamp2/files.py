@@ -134,6 +134,34 @@ def mirror_outputs(paths: Iterable[Path], input_root: str | os.PathLike, output_
 
 TMP_SUFFIX = ".partial"
 
+# A full disk or an exhausted quota: every later write to the same place fails too.
+DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+class DiskFull(OSError):
+    """An output could not be written because its file system is full (or the quota is spent): a batch stops."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def error_chain(error: Optional[BaseException]) -> Iterator[BaseException]:
+    """``error`` and what it was raised from or while handling, innermost last."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def disk_full_error(error: Optional[BaseException]) -> Optional[OSError]:
+    """The ENOSPC/EDQUOT OSError that ``error`` is or was raised while handling (C++ writers such as
+    ``torch.save`` turn it into a RuntimeError), or None."""
+    return next((e for e in error_chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS), None)
+
 
 def log_line(name: str, reason: str) -> str:
     """One line of a batch tool's failure or warning log: ``relative/path<TAB>reason``.

@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
-from clamp2.files import (atomic_path, atomic_write_bytes, atomic_write_text, find_files, finished_output, log_line,
-                          mirror_path, read_file_log, remove_partial_files, remove_partial_files_of, unreachable,
-                          write_file_log)
+from clamp2.files import (DiskFull, atomic_path, atomic_write_bytes, atomic_write_text, disk_full_error, find_files,
+                          finished_output, log_line, mirror_path, read_file_log, remove_partial_files,
+                          remove_partial_files_of, unreachable, write_file_log)
 from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
@@ -97,6 +97,8 @@ class FileOutcome:
     # killed in between (SIGTERM, SIGKILL; a worker outlives its parent by up to half a second) cannot leave an
     # output that a re-run skips without its warnings.
     data: "str | bytes | None" = None
+    # The output's file system is full: every later file would fail the same way, so the batch stops.
+    disk_full: bool = False
 
 
 def positive_int(text: str) -> int:
@@ -208,6 +210,9 @@ def convert_file(convert: Convert, source: Path, target: Path) -> FileOutcome:
             return FileOutcome(True, warnings=notes, data=data)
         write_output(target, data)
     except Exception as error:  # noqa: BLE001 - one bad file must never cost the batch
+        full = disk_full_error(error)
+        if full is not None:
+            return FileOutcome(False, f"cannot write {target}: {full.strerror}", disk_full=True)
         return FileOutcome(False, describe_error(error))
     return FileOutcome(True)
 
@@ -329,12 +334,16 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
                             f.write(outcome.data.encode("utf-8") if isinstance(outcome.data, str) else outcome.data)
                         log_warnings(job, outcome)
                 except Exception as error:  # noqa: BLE001 - as a failed write in a worker
-                    outcome = FileOutcome(False, describe_error(error))
+                    full = disk_full_error(error)
+                    outcome = FileOutcome(False, f"cannot write {job.target}: {full.strerror}" if full
+                                          else describe_error(error), disk_full=full is not None)
             elif outcome.ok:
                 log_warnings(job, outcome)
             if outcome.ok:
                 result.converted += 1
                 result.warnings.extend((job.name, note) for note in outcome.warnings)
+            elif outcome.disk_full:
+                raise DiskFull(outcome.reason)
             else:
                 fail(job.name, outcome.reason)
             bar.update(1)
@@ -376,6 +385,16 @@ def convert_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, 
         # Outputs written so far are complete files; a re-run converts only the rest.
         print("interrupted: run the same command again to convert the remaining files", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as error:
+        # A full disk fails every later file too: one line and stop, not a failure per file (or a traceback
+        # when the failure log itself can no longer be written).
+        full = disk_full_error(error)
+        if full is None:
+            raise
+        where = "" if isinstance(full, DiskFull) else f" writing in {output_dir}"
+        print(f"error: {full.strerror}{where}; stopped: free space and run the same command again to convert "
+              "the remaining files", file=sys.stderr)
+        return EXIT_FAILURES
     output_dir = Path(output_dir)
     if result.failures:
         print(f"{result.failed} failed files listed in {output_dir / f'failed_{tool}.log'}", file=sys.stderr)

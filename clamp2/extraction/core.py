@@ -27,7 +27,7 @@ from unidecode import unidecode
 from ..attention import Autocast, ExactFloat32, keep_overrides_eager
 from ..distributed import (before_process_group, end_with_launcher, env_int, launched_by_a_launcher,
                            prepare_end_barrier, wait_for_all_processes)
-from ..files import (atomic_write_bytes, find_files, finished_output, mirror_outputs,
+from ..files import (DiskFull, atomic_write_bytes, disk_full_error, find_files, finished_output, mirror_outputs,
                      remove_partial_files_of, write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
 from ..workers import exit_with_parent
@@ -735,6 +735,8 @@ def _save_group(group: Sequence[Tuple[Job, np.ndarray]]) -> List[Optional[str]]:
             save_npy(job.output, feature)
             errors.append(None)
         except OSError as exc:
+            if disk_full_error(exc) is not None:  # every later file would fail too: the run stops
+                raise DiskFull(f"cannot write {job.output}: {exc.strerror}") from exc
             errors.append(f"cannot write {job.output}: {exc}")
     return errors
 
@@ -966,8 +968,17 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
         result = extract_jobs(jobs, runners, device, per_position, batch_size=args.batch_size,
                               files_per_chunk=args.files_per_chunk, num_workers=args.num_workers, on_file_done=on_done,
                               batch_tokens=getattr(args, "batch_tokens", 0))
+    except DiskFull as error:
+        full: Optional[DiskFull] = error
+    else:
+        full = None
     finally:
         bar.close()
+    if full is not None:  # not one failure per remaining file, nor a traceback writing the log on the full disk
+        print(f"error: {full}; stopped: free space and run the same command again to extract the remaining files",
+              file=sys.stderr)
+        wait_for_all_processes()
+        return 1
     failures += result.failures
     suffix = f"_{process_index}" if num_processes > 1 else ""
     log = write_failure_log(args.output_dir, f"failed_{tool}{suffix}.log", failures, args.input_dir)
