@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     from clamp2.extraction.arguments import folders_problem
     from clamp2.extraction.core import process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
+    from clamp2.files import DiskFull
     from clamp2.models.mert import load_mert
 
     problem = folders_problem(args.input_dir, args.output_dir)
@@ -88,9 +89,15 @@ def main(argv=None) -> int:
     except (OSError, RuntimeError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    run = extract_folder(extractor, args.input_dir, args.output_dir, overwrite=args.overwrite,
-                         num_workers=args.num_workers, process_index=state.process_index,
-                         num_processes=state.num_processes, progress=not args.no_progress)
+    try:
+        run = extract_folder(extractor, args.input_dir, args.output_dir, overwrite=args.overwrite,
+                             num_workers=args.num_workers, process_index=state.process_index,
+                             num_processes=state.num_processes, progress=not args.no_progress)
+    except DiskFull as full:  # not one failure per remaining file
+        print(f"error: {full}; stopped: free space and run the same command again to extract the remaining files",
+              file=sys.stderr)
+        wait_for_all_processes()
+        return EXIT_SOME_FAILED
     print_summary(run, process_index=state.process_index, num_processes=state.num_processes)
     wait_for_all_processes()  # a process that exits 1 first must not make torchrun stop the others
     return EXIT_SOME_FAILED if run.failures else EXIT_OK

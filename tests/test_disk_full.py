@@ -117,3 +117,39 @@ def test_extraction_stops_at_the_first_full_disk_with_one_line_and_a_rerun_resum
     for expected in (VECTORS / "expected" / "feat_m3").rglob("*.npy"):  # the reference's features, all four
         np.testing.assert_allclose(np.load(out / expected.relative_to(VECTORS / "expected" / "feat_m3")),
                                    np.load(expected), atol=1e-5)
+
+
+def test_mert_extraction_stops_at_the_first_full_disk_with_one_line(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import shutil
+
+    from clamp2.extraction import mert
+    from conftest import REPO_ROOT
+
+    audio = REPO_ROOT / "tests" / "data" / "vectors_clamp3" / "inputs" / "audio"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("banish_misfortune_22k05_mono_s16.wav", "bwv26.6_16k_stereo_s16.flac",
+                 "bwv26.6_44k1_stereo_s16.wav"):
+        shutil.copy(audio / name, folder / name)
+    spec = importlib.util.spec_from_file_location("extract_mert_script", REPO_ROOT / "process_data" / "extract_mert.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    real, calls = mert.save_npy, []
+
+    def fills_up(path, array):  # the disk is full from the second feature on
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, array)
+
+    monkeypatch.setattr(mert, "save_npy", fills_up)
+    argv = [str(folder), str(tmp_path / "out"), "--model", str(REPO_ROOT / "tests" / "data" / "vectors_clamp3" /
+                                                                "tiny_mert"), "--num_workers", "0", "--no_progress"]
+    assert script.main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(calls) == 2 and err.count("No space left on device") == 1 and "failed:" not in err
+    assert err.strip().splitlines()[-1].startswith("error: cannot write ") and "stopped: free space" in err
+    monkeypatch.setattr(mert, "save_npy", real)
+    assert script.main(argv) == 0
+    assert "extracted 2, skipped 1 existing, failed 0" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..files import find_files, mirror_outputs
+from ..files import DiskFull, disk_full_error, find_files, mirror_outputs
 from ..workers import exit_with_parent
 from .audio import (AUDIO_EXTENSIONS, WINDOW_SAMPLES, AudioError, load_mono, load_wave, mert_input,
                     normalize_tensor, resample_tensor, track_windows, z_score_may_overflow)
@@ -245,6 +245,8 @@ def extract_folder(extractor: MertFeatureExtractor, input_dir: Path, output_dir:
                    tool: str = "extract_mert") -> FolderRun:
     """Every audio file under ``input_dir`` → ``output_dir/<relative folder>/<stem>.npy``; failures logged.
 
+    Raises :class:`clamp2.files.DiskFull` at the first output a full disk (or quota) refuses.
+
     The plan depends on the file listing only, so every process of an ``accelerate launch`` shards
     the same list; existing outputs are skipped per process afterwards.
     """
@@ -269,6 +271,8 @@ def extract_folder(extractor: MertFeatureExtractor, input_dir: Path, output_dir:
                     save_npy(job.output, array)
                     written += 1
                 except OSError as exc:
+                    if disk_full_error(exc) is not None:  # every later file would fail too: the run stops
+                        raise DiskFull(f"cannot write {job.output}: {exc.strerror}") from exc
                     error = f"cannot write {job.output}: {exc}"
             if error is not None:
                 failures.append((job.path, error))
