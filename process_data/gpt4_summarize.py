@@ -124,12 +124,15 @@ def main(argv=None) -> int:
     if counts.aborted:
         print(f"error: aborted, the API refused the run ({counts.aborted}); check {ENV_KEY}, "
               "--model and --base_url", file=sys.stderr)
+    if counts.disk_full:
+        print(f"error: {counts.disk_full}; stopped: free space and run the same command again to summarize the "
+              "remaining files", file=sys.stderr)
     if counts.failed:
         print(f"{counts.failed} failed, listed in {output_dir / FAILURE_LOG_NAME}", file=sys.stderr)
     print(counts.summary_line())
     if counts.aborted:
         return 2
-    return 1 if counts.failed else 0
+    return 1 if counts.failed or counts.disk_full else 0
 
 
 if __name__ == "__main__":

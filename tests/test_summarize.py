@@ -373,7 +373,7 @@ def test_collisions_odd_errors_and_echoed_keys_fail_one_file_each(tmp_path, api_
 
     def write(path, text, *args, **kwargs):
         if Path(path).name == "disk.json":
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(errno.EIO, "Input/output error")
         return real_write(path, text, *args, **kwargs)
 
     monkeypatch.setattr(summarize, "atomic_write_text", write)
@@ -386,9 +386,42 @@ def test_collisions_odd_errors_and_echoed_keys_fail_one_file_each(tmp_path, api_
     assert out.strip().splitlines()[-1] == "done 2, skipped 0, failed 3, retries 0"
     reasons = dict(line.split("\t") for line in (outputs / "failed_summaries.log").read_text().splitlines())
     assert sorted(reasons) == ["disk.json", "echo.json", "tune.json"]
-    assert "tune.JSON" in reasons["tune.json"] and "No space left on device" in reasons["disk.json"]
+    assert "tune.JSON" in reasons["tune.json"] and "Input/output error" in reasons["disk.json"]
     assert sorted(p.name for p in outputs.glob("*.json")) == ["good.json", "tune.json"]
     assert_secret_absent(tmp_path, out, err)
+
+
+def test_a_full_disk_stops_the_paid_requests_with_one_line(tmp_path, api_env, capsys, monkeypatch):
+    # Each later answer would be paid for and then lost to the same full disk: the run stops at the first.
+    import errno
+
+    import clamp2.convert.summarize as summarize
+
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs, outputs = tmp_path / "metadata", tmp_path / "summaries"
+    for title in ("a", "b", "c", "d"):
+        write_metadata(inputs, f"{title}.json", title)
+    real_write = summarize.atomic_write_text
+
+    def write(path, text, *args, **kwargs):
+        if Path(path).name == "b.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(summarize, "atomic_write_text", write)
+    with ScriptedLLM({title: ["ok"] for title in ("a", "b", "c", "d")}) as llm:
+        assert script.main([str(inputs), str(outputs), "--base_url", llm.base_url, "--model", "test-model",
+                            "--workers", "1", *FAST]) == 1
+        assert llm.titles_requested() == ["a", "b"]
+    out, err = capsys.readouterr()
+    assert err.count("No space left on device") == 1 and "failed:" not in err
+    assert f"error: cannot write {outputs / 'b.json'}: No space left on device; stopped: free space" in err
+    assert sorted(p.name for p in outputs.glob("*.json")) == ["a.json"]
+    monkeypatch.setattr(summarize, "atomic_write_text", real_write)
+    with ScriptedLLM({title: ["ok"] for title in ("b", "c", "d")}) as llm:
+        assert script.main([str(inputs), str(outputs), "--base_url", llm.base_url, "--model", "test-model",
+                            "--workers", "1", *FAST]) == 0
+        assert llm.titles_requested() == ["b", "c", "d"]
 
 
 def test_summarize_all_done_exits_zero_and_rerun_sends_nothing(tmp_path, api_env, capsys):

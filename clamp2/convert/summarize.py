@@ -37,7 +37,8 @@ from typing import Any, Callable
 
 import openai
 
-from clamp2.files import atomic_write_text, find_files, finished_output, log_line, mirror_path, write_file_log
+from clamp2.files import (atomic_write_text, disk_full_error, find_files, finished_output, log_line, mirror_path,
+                          write_file_log)
 
 FAILURE_LOG_NAME = "failed_summaries.log"
 DEFAULT_SEED = 0
@@ -493,6 +494,7 @@ class SummaryCounts:
     retries: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     aborted: str | None = None  # the fatal error's reason when the run stopped early
+    disk_full: str | None = None  # the output that a full disk (or quota) refused, when the run stopped at it
 
     def summary_line(self) -> str:
         return f"done {self.done}, skipped {self.skipped}, failed {self.failed}, retries {self.retries}"
@@ -578,6 +580,10 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
         except AnswerError as error:
             return _Outcome(relative_path, "failed", one_line(redact(str(error), secret)), retries)
         except Exception as error:  # noqa: BLE001 - one odd file must not end a paid-for batch
+            full = disk_full_error(error)
+            if full is not None:  # every later answer would be paid for and lost too: the run stops
+                stop.set()
+                return _Outcome(relative_path, "disk_full", f"cannot write {output_path}: {full.strerror}", retries)
             return _Outcome(relative_path, "failed", describe_error(error, secret), retries)
         return _Outcome(relative_path, "done", retries=retries)
 
@@ -594,6 +600,8 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
                 fail(outcome.relative_path, outcome.reason)
             elif outcome.status == "fatal" and counts.aborted is None:
                 counts.aborted = outcome.reason
+            elif outcome.status == "disk_full" and counts.disk_full is None:
+                counts.disk_full = outcome.reason
             bar.update(1)
 
         def fail(relative_path: str, reason: str) -> None:
@@ -627,7 +635,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
                 for future in futures:
                     if future not in handled and not future.cancelled():
                         record(future.result())
-    if len(counts.failures) > 1:  # written as answers came; a finished run leaves it sorted by file
+    if len(counts.failures) > 1 and counts.disk_full is None:  # written as answers came; sorted at the end
         write_file_log(output_dir / FAILURE_LOG_NAME, counts.failures)
     return counts
 
