@@ -170,6 +170,25 @@ def wait_for_all_processes() -> None:
         dist.barrier(group=_END_GROUP)
 
 
+@contextlib.contextmanager
+def others_finish_first(what: str = "this process") -> Iterator[None]:
+    """Around one process's share of a batch tool's work: an unexpected error in it (not an interrupt) is
+    announced at once, and the error propagates only after every process has reached
+    :func:`wait_for_all_processes`: torchrun stops every process as soon as one exits non-zero, so one
+    process's error (a file that runs the device out of memory) stopped the others mid-share. No-op
+    without :func:`prepare_end_barrier`."""
+    try:
+        yield
+    except Exception as exc:
+        if _END_GROUP is not None:
+            import sys
+
+            print(f"error: {what} stopped: {type(exc).__name__}: {exc}; the other processes finish their "
+                  "share first", file=sys.stderr, flush=True)
+            wait_for_all_processes()
+        raise
+
+
 def all_reduce_mean(value: float, device: torch.device) -> float:
     """The mean of a Python number over all processes (itself when undistributed)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     from clamp2.attention import set_attention
     from clamp2.checkpoint import CheckpointError
     from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
-    from clamp2.distributed import wait_for_all_processes
+    from clamp2.distributed import others_finish_first, wait_for_all_processes
     from clamp2.extraction.arguments import folders_problem
     from clamp2.extraction.core import process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
@@ -89,11 +89,16 @@ def main(argv=None) -> int:
     except (OSError, RuntimeError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        run = extract_folder(extractor, args.input_dir, args.output_dir, overwrite=args.overwrite,
-                             num_workers=args.num_workers, process_index=state.process_index,
-                             num_processes=state.num_processes, progress=not args.no_progress)
-    except DiskFull as full:  # not one failure per remaining file
+    full = None
+    # An unexpected error of this process waits for the others' shares (torchrun would stop them).
+    with others_finish_first(f"extract_mert (process {state.process_index}/{state.num_processes})"):
+        try:
+            run = extract_folder(extractor, args.input_dir, args.output_dir, overwrite=args.overwrite,
+                                 num_workers=args.num_workers, process_index=state.process_index,
+                                 num_processes=state.num_processes, progress=not args.no_progress)
+        except DiskFull as error:
+            full = error
+    if full is not None:  # not one failure per remaining file
         print(f"error: {full}; stopped: free space and run the same command again to extract the remaining files",
               file=sys.stderr)
         wait_for_all_processes()

@@ -26,7 +26,7 @@ from unidecode import unidecode
 
 from ..attention import Autocast, ExactFloat32, keep_overrides_eager
 from ..distributed import (before_process_group, end_with_launcher, env_int, launched_by_a_launcher,
-                           prepare_end_barrier, wait_for_all_processes)
+                           others_finish_first, prepare_end_barrier, wait_for_all_processes)
 from ..files import (DiskFull, atomic_write_bytes, disk_full_error, find_files, finished_output, mirror_outputs,
                      remove_partial_files_of, write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
@@ -964,14 +964,17 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
         write_line(f"failed: {path}: {reason}")
     if getattr(args, "compile", False):
         runners = compile_runners(runners)
+    full: Optional[DiskFull] = None
     try:
-        result = extract_jobs(jobs, runners, device, per_position, batch_size=args.batch_size,
-                              files_per_chunk=args.files_per_chunk, num_workers=args.num_workers, on_file_done=on_done,
-                              batch_tokens=getattr(args, "batch_tokens", 0))
-    except DiskFull as error:
-        full: Optional[DiskFull] = error
-    else:
-        full = None
+        # An unexpected error of this process waits for the others' shares (torchrun would stop them); a full
+        # disk is the run's end, said below.
+        with others_finish_first(f"{tool} (process {process_index}/{num_processes})"):
+            try:
+                result = extract_jobs(jobs, runners, device, per_position, batch_size=args.batch_size,
+                                      files_per_chunk=args.files_per_chunk, num_workers=args.num_workers,
+                                      on_file_done=on_done, batch_tokens=getattr(args, "batch_tokens", 0))
+            except DiskFull as error:
+                full = error
     finally:
         bar.close()
     if full is not None:  # not one failure per remaining file, nor a traceback writing the log on the full disk
