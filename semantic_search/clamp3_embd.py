@@ -68,9 +68,15 @@ def main(argv=None) -> int:
             clamp3.say_captions(side)
             clamp3.say_failures(side)
             for relative, feature in zip(side.relative, side.matrix):
-                with atomic_path(outputs[root / relative]) as tmp:
-                    with open(tmp, "wb") as f:
-                        np.save(f, np.asarray(feature, dtype=np.float32)[None])
+                output = outputs[root / relative]
+                try:
+                    with atomic_path(output) as tmp:
+                        with open(tmp, "wb") as f:
+                            np.save(f, np.asarray(feature, dtype=np.float32)[None])
+                except OSError as exc:  # a full disk: every later file would fail too
+                    raise clamp3.CommandError(f"Error: cannot write {output}: {exc.strerror or exc}; the features "
+                                              "written are kept: free space and run the same command again to "
+                                              "resume") from None
                 written += 1
         failures = collisions + (side.failures if side is not None else [])
         source = f" ({side.computed} encoded, {side.cached} from cache)" if side is not None else ""
