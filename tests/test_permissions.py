@@ -57,7 +57,8 @@ def test_an_input_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
     access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder else access(path, mode, **kw))
+    monkeypatch.setattr(os, "access",
+                        lambda path, mode, **kw: False if Path(path) == folder else access(path, mode, **kw))
     assert "cannot read input folder" in input_problem(folder)
 
 
@@ -216,6 +217,6 @@ def test_a_text_model_folder_that_cannot_be_read_says_so_with_what_to_do(tmp_pat
     refuse_under(monkeypatch, folder)
     monkeypatch.setattr(os, "open", lambda path, *a, **k: (_ for _ in ()).throw(
         PermissionError(13, "Permission denied", os.fspath(path))))
-    with pytest.raises(TextModelUnavailable, match="cannot load the text model/tokenizer from the folder .*"
-                                                   "this user may not read it .*Permission denied.*fix its permissions"):
+    with pytest.raises(TextModelUnavailable, match="cannot load the text model/tokenizer from the folder .*this "
+                                                   "user may not read it .*Permission denied.*fix its permissions"):
         load_tokenizer(str(folder))
