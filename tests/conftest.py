@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import os
 import socket
@@ -231,3 +232,34 @@ def tf32_allowed(precision_restored):
     torch.backends.cudnn.allow_tf32 = True
     torch.set_float32_matmul_precision("medium")
     yield
+
+
+def unlistable(monkeypatch, name: str) -> None:
+    """``os.scandir`` of a folder called ``name`` raises EACCES: a folder this user may not list (chmod 000),
+    which root (these tests' user here) can always list."""
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith(name):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+
+
+class DiskFullAfter:
+    """``owner.attribute`` (a write function taking the path first) succeeds ``writes`` times, then raises
+    ENOSPC as a full disk does, until :meth:`free`; ``calls`` lists the paths it was given."""
+
+    def __init__(self, monkeypatch, owner, attribute: str, writes: int):
+        self.real, self.calls, self.writes = getattr(owner, attribute), [], writes
+        monkeypatch.setattr(owner, attribute, self.write)
+
+    def write(self, path, *args, **kwargs):
+        self.calls.append(path)
+        if self.writes is not None and len(self.calls) > self.writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real(path, *args, **kwargs)
+
+    def free(self) -> None:
+        self.writes = None

@@ -17,7 +17,7 @@ import pytest
 from clamp2.convert import batch_runner
 from clamp2.convert.abc import abc_to_interleaved, interleaved_to_xml, xml_to_abc
 from clamp2.files import TMP_SUFFIX
-from conftest import REPO_ROOT, load_script, workers_outliving_a_kill
+from conftest import REPO_ROOT, load_script, unlistable, workers_outliving_a_kill
 
 
 def read_exact(path) -> str:
@@ -579,14 +579,7 @@ def test_what_cannot_be_searched_or_read_is_a_failure_not_left_out(tmp_path, mon
         (inputs / rel).parent.mkdir(parents=True, exist_ok=True)
         midi.save(inputs / rel)
     os.mkfifo(inputs / "ok" / "pipe.mid")
-    scandir = os.scandir
-
-    def locked(path="."):  # root can read any folder: refuse one as a permission would
-        if os.fspath(path).endswith("locked"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", locked)
+    unlistable(monkeypatch, "locked")  # root can list any folder: refuse one as a permission would
     assert run("batch_midi2mtf", inputs, out, "--workers", 1, "--no_progress") == 1
     assert last_line(capsys.readouterr().out) == "converted 1, skipped 0, failed 2"
     failures = failure_log(out, "midi2mtf")

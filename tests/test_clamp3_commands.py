@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from clamp2.search import clamp3
-from conftest import VECTORS, load_script
+from conftest import VECTORS, DiskFullAfter, load_script
 
 TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
             "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
@@ -446,25 +446,15 @@ def raw(tmp_path):
 
 def test_embd_on_a_full_disk_names_the_feature_and_resumes(tiny_env, raw, tmp_path, scripts, capsys, monkeypatch):
     # It ended with "error: [Errno 28] No space left on device", naming no file.
-    import errno
-
     _, texts = raw
-    real, calls = np.save, []
-
-    def fills_up(file, array, *args, **kwargs):  # the disk is full from the second feature on
-        calls.append(file)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(file, array, *args, **kwargs)
-
-    monkeypatch.setattr(np, "save", fills_up)
+    full = DiskFullAfter(monkeypatch, np, "save", 1)  # full from the second feature on
     args = [texts, tmp_path / "f", "--get_global", "--no_cache", *CLAMP2]
     code, lines, err = run(scripts["embd"], args, capsys)
-    assert code == 1 and len(calls) == 2
+    assert code == 1 and len(full.calls) == 2
     assert err.strip().startswith(f"Error: cannot write {tmp_path / 'f'}") and err.strip().endswith(
         "No space left on device; the features written are kept: free space and run the same command again to resume")
     assert len(list((tmp_path / "f").rglob("*.npy"))) == 1 and not list((tmp_path / "f").rglob("*.partial"))
-    monkeypatch.setattr(np, "save", real)
+    full.free()
     code, lines, err = run(scripts["embd"], args, capsys)
     assert code == 0 and "2 features written" in err and "1 already there" in err
 

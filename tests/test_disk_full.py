@@ -9,6 +9,7 @@ import torch
 
 from clamp2.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from clamp2.convert import batch_runner
+from conftest import DiskFullAfter
 
 
 def upper(path):
@@ -20,26 +21,18 @@ def test_a_batch_stops_at_the_first_full_disk_with_one_line_and_a_rerun_resumes(
     inputs.mkdir()
     for i in range(6):
         (inputs / f"t{i}.txt").write_text(f"tune {i}")
-    real, calls = batch_runner.atomic_write_text, []
-
-    def fills_up(path, text):  # the disk is full from the third output on
-        calls.append(path)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, text)
-
-    monkeypatch.setattr(batch_runner, "atomic_write_text", fills_up)
+    full = DiskFullAfter(monkeypatch, batch_runner, "atomic_write_text", 2)  # full from the third output on
     code = batch_runner.convert_folder(inputs, out, convert=upper, extensions=[".txt"], output_suffix=".up",
                                        tool="up", workers=1, progress=False)
     err = capsys.readouterr().err
     assert code == 1
-    assert len(calls) == 3  # stopped at the first ENOSPC: no attempt per remaining file
+    assert len(full.calls) == 3  # stopped at the first ENOSPC: no attempt per remaining file
     assert "failed:" not in err and "Traceback" not in err
     assert err.count("No space left on device") == 1 and f"cannot write {out / 't2.up'}" in err
     assert sorted(p.name for p in out.glob("*.up")) == ["t0.up", "t1.up"]
     assert not list(out.glob(".*.partial"))
 
-    monkeypatch.setattr(batch_runner, "atomic_write_text", real)
+    full.free()
     assert batch_runner.convert_folder(inputs, out, convert=upper, extensions=[".txt"], output_suffix=".up",
                                        tool="up", workers=1, progress=False) == 0
     assert capsys.readouterr().out.strip().endswith("converted 4, skipped 2, failed 0")
@@ -95,23 +88,15 @@ def test_extraction_stops_at_the_first_full_disk_with_one_line_and_a_rerun_resum
     out = tmp_path / "out"
     args = [str(VECTORS / "extract_in"), str(out), "--weights", str(VECTORS / "tiny_m3.pth"), "--num_workers", "0",
             "--no_progress", "--batch_size", "1"]
-    real, calls = core.save_npy, []
-
-    def fills_up(path, array):  # the disk is full from the third feature on
-        calls.append(path)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, array)
-
-    monkeypatch.setattr(core, "save_npy", fills_up)
+    full = DiskFullAfter(monkeypatch, core, "save_npy", 2)  # full from the third feature on
     monkeypatch.setattr(core, "SAVE_GROUP", 1)
     assert extract_m3.main(args) == 1
     err = capsys.readouterr().err
     assert err.count("No space left on device") == 1 and "failed:" not in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: cannot write ") and "stopped: free space" in err
-    assert len(calls) <= 3 + 4  # the saves already queued to the writer threads, no more
+    assert len(full.calls) <= 3 + 4  # the saves already queued to the writer threads, no more
     assert len(list(out.rglob("*.npy"))) == 2 and not list(out.rglob("*.partial"))
-    monkeypatch.setattr(core, "save_npy", real)
+    full.free()
     assert extract_m3.main(args) == 0
     assert "extracted 2, skipped 2 existing, failed 0" in capsys.readouterr().err
     for expected in (VECTORS / "expected" / "feat_m3").rglob("*.npy"):  # the reference's features, all four
@@ -135,21 +120,13 @@ def test_mert_extraction_stops_at_the_first_full_disk_with_one_line(tmp_path, mo
     spec = importlib.util.spec_from_file_location("extract_mert_script", REPO_ROOT / "process_data" / "extract_mert.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    real, calls = mert.save_npy, []
-
-    def fills_up(path, array):  # the disk is full from the second feature on
-        calls.append(path)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, array)
-
-    monkeypatch.setattr(mert, "save_npy", fills_up)
+    full = DiskFullAfter(monkeypatch, mert, "save_npy", 1)  # full from the second feature on
     argv = [str(folder), str(tmp_path / "out"), "--model", str(REPO_ROOT / "tests" / "data" / "vectors_clamp3" /
                                                                 "tiny_mert"), "--num_workers", "0", "--no_progress"]
     assert script.main(argv) == 1
     err = capsys.readouterr().err
-    assert len(calls) == 2 and err.count("No space left on device") == 1 and "failed:" not in err
+    assert len(full.calls) == 2 and err.count("No space left on device") == 1 and "failed:" not in err
     assert err.strip().splitlines()[-1].startswith("error: cannot write ") and "stopped: free space" in err
-    monkeypatch.setattr(mert, "save_npy", real)
+    full.free()
     assert script.main(argv) == 0
     assert "extracted 2, skipped 1 existing, failed 0" in capsys.readouterr().err

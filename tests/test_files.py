@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from clamp2.files import atomic_write_text, find_files, mirror_path
+from conftest import unlistable
 
 
 def test_find_files_is_recursive_sorted_and_case_insensitive(tmp_path):
@@ -28,14 +29,7 @@ def test_find_files_reports_what_it_cannot_search_or_read(tmp_path, monkeypatch)
     (tmp_path / "b" / "gone.abc").symlink_to(tmp_path / "missing.abc")  # listed: reading it says what is wrong
     (tmp_path / "b" / "also.abc").symlink_to(tmp_path / "a" / "x.abc")  # a link to a file: listed
     (tmp_path / "b" / "into_a").symlink_to(tmp_path / "a", target_is_directory=True)  # a link to a folder: not followed
-    scandir = os.scandir
-
-    def locked(path="."):  # root can read any folder: refuse one as a permission would
-        if os.fspath(path).endswith("locked"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", locked)
+    unlistable(monkeypatch, "locked")  # root can list any folder: refuse one as a permission would
     problems = []
     found = find_files(tmp_path, ["abc"], problems)
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/x.abc", "b/also.abc", "b/gone.abc", "b/z.abc"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from clamp2.files import input_problem, output_problem
+from conftest import unlistable
 
 
 def refuse_under(monkeypatch, folder: Path, call: str = "stat"):
@@ -21,18 +22,6 @@ def refuse_under(monkeypatch, folder: Path, call: str = "stat"):
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(os, call, refusing)
-
-
-def unlistable(monkeypatch, name: str):
-    """``os.scandir`` of a folder called ``name`` raises EACCES: a sub-folder the user may not list (chmod 000)."""
-    scandir = os.scandir
-
-    def refusing(path="."):
-        if os.fspath(path).endswith(name):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refusing)
 
 
 def test_paths_under_an_unsearchable_folder_are_one_line_not_a_traceback(tmp_path, monkeypatch):

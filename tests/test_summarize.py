@@ -16,7 +16,7 @@ from clamp2.convert import summarize
 from clamp2.convert.summarize import (AnswerError, RetryPolicy, backoff_delay, build_messages, build_output,
                                       choose_language, load_languages, load_prompt, make_client, parse_answer,
                                       request_summary, strip_code_fence)
-from conftest import SPEC_DIR, load_script
+from conftest import SPEC_DIR, DiskFullAfter, load_script
 
 SECRET = "sk-test-SECRET-123"
 FAST = ["--timeout", "1.0", "--backoff_base", "0.01", "--backoff_cap", "0.05", "--max_retries", "3",
@@ -393,22 +393,13 @@ def test_collisions_odd_errors_and_echoed_keys_fail_one_file_each(tmp_path, api_
 
 def test_a_full_disk_stops_the_paid_requests_with_one_line(tmp_path, api_env, capsys, monkeypatch):
     # Each later answer would be paid for and then lost to the same full disk: the run stops at the first.
-    import errno
-
     import clamp2.convert.summarize as summarize
 
     script = load_script("process_data/gpt4_summarize.py")
     inputs, outputs = tmp_path / "metadata", tmp_path / "summaries"
     for title in ("a", "b", "c", "d"):
         write_metadata(inputs, f"{title}.json", title)
-    real_write = summarize.atomic_write_text
-
-    def write(path, text, *args, **kwargs):
-        if Path(path).name == "b.json":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(path, text, *args, **kwargs)
-
-    monkeypatch.setattr(summarize, "atomic_write_text", write)
+    full = DiskFullAfter(monkeypatch, summarize, "atomic_write_text", 1)  # b.json, the second, does not fit
     with ScriptedLLM({title: ["ok"] for title in ("a", "b", "c", "d")}) as llm:
         assert script.main([str(inputs), str(outputs), "--base_url", llm.base_url, "--model", "test-model",
                             "--workers", "1", *FAST]) == 1
@@ -417,7 +408,7 @@ def test_a_full_disk_stops_the_paid_requests_with_one_line(tmp_path, api_env, ca
     assert err.count("No space left on device") == 1 and "failed:" not in err
     assert f"error: cannot write {outputs / 'b.json'}: No space left on device; stopped: free space" in err
     assert sorted(p.name for p in outputs.glob("*.json")) == ["a.json"]
-    monkeypatch.setattr(summarize, "atomic_write_text", real_write)
+    full.free()
     with ScriptedLLM({title: ["ok"] for title in ("b", "c", "d")}) as llm:
         assert script.main([str(inputs), str(outputs), "--base_url", llm.base_url, "--model", "test-model",
                             "--workers", "1", *FAST]) == 0
