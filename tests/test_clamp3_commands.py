@@ -283,12 +283,17 @@ def test_tied_records_are_ordered_by_query_path(tmp_path, scripts, capsys):
         assert [record["query"] for record in records] == [str(q / "a" / "b.npy"), str(q / "z.npy")], script
 
 
-def test_search_prints_ten_results_by_default(tmp_path, scripts, capsys):
-    references = tmp_path / "r"
-    references.mkdir()
+def random_features(folder: Path, count: int) -> Path:
+    """``count`` random 16-d features ``m00.npy``, ``m01.npy``, … in ``folder``."""
+    folder.mkdir()
     rng = np.random.default_rng(1)
-    for i in range(12):
-        np.save(references / f"m{i:02d}.npy", rng.normal(size=(1, 16)).astype(np.float32))
+    for i in range(count):
+        np.save(folder / f"m{i:02d}.npy", rng.normal(size=(1, 16)).astype(np.float32))
+    return folder
+
+
+def test_search_prints_ten_results_by_default(tmp_path, scripts, capsys):
+    references = random_features(tmp_path / "r", 12)
     code, lines, err = run(scripts["search"], [references / "m00.npy", references, *CLAMP2], capsys)
     assert code == 0, err
     assert lines[0] == "Top 10 results among 12 candidates:" and len(lines) == 11
@@ -299,13 +304,9 @@ def test_an_index_is_refused_naming_the_folder_it_indexes(tmp_path, scripts, cap
     # files as two features ("dimension 16 differs from the 5 of the other features").
     from clamp2.search.feature_store import build_index
 
-    references = tmp_path / "r"
-    references.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(5):
-        np.save(references / f"m{i}.npy", rng.normal(size=(1, 16)).astype(np.float32))
+    references = random_features(tmp_path / "r", 5)
     build_index(references, tmp_path / "index", progress=False)
-    for script, args in (("search", [references / "m0.npy", tmp_path / "index"]),
+    for script, args in (("search", [references / "m00.npy", tmp_path / "index"]),
                          ("score", [tmp_path / "index", references])):
         code, lines, err = run(scripts[script], [*args, *CLAMP2], capsys)
         assert code == 1 and not lines
