@@ -585,3 +585,26 @@ def test_what_cannot_be_searched_or_read_is_a_failure_not_left_out(tmp_path, mon
     failures = failure_log(out, "midi2mtf")
     assert set(failures) == {"locked", "ok/pipe.mid"}
     assert "cannot list this folder" in failures["locked"] and "not a regular file" in failures["ok/pipe.mid"]
+
+
+def test_planning_resolves_links_as_path_resolve_does(tmp_path):
+    # Each folder is resolved once (resolve() per file was most of the planning time); links keep their meaning:
+    # an input link into the output folder is an output fed back, not an input; an output folder that is the
+    # input folder through a link is refused.
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    (inputs / "a.txt").write_text("a")
+    (inputs / "sub" / "b.txt").write_text("b")
+    out = inputs / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "done.txt").write_text("an output of an earlier run")
+    (inputs / "back.txt").symlink_to(out / "done.txt")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.txt").write_text("c")
+    (inputs / "sub" / "c.txt").symlink_to(tmp_path / "elsewhere" / "c.txt")
+    jobs, rejected = batch_runner.plan_jobs(inputs, out, [".txt"], ".txt")
+    assert sorted(job.name for job in jobs) == ["a.txt", "sub/b.txt", "sub/c.txt"] and not rejected
+    assert {job.name: job.target for job in jobs}["sub/c.txt"] == out / "sub" / "c.txt"
+    (tmp_path / "linked").symlink_to(inputs, target_is_directory=True)  # the input folder itself through a link
+    with pytest.raises(batch_runner.BatchUsageError, match="would overwrite its input"):
+        batch_runner.plan_jobs(tmp_path / "linked", inputs, [".txt"], ".txt")

@@ -147,6 +147,22 @@ def is_within(path: Path, folder: Path) -> bool:
     return True
 
 
+def physical_paths() -> Callable[[Path], str]:
+    """``str(path.resolve())`` for many paths, each folder resolved once: ``resolve()`` walks every component of
+    every path, and took nine tenths of planning a batch (9 s per 100,000 files in 100 folders)."""
+    folders: dict[Path, str] = {}
+
+    def physical(path: Path) -> str:
+        if os.path.islink(path):
+            return os.fspath(path.resolve())
+        folder = folders.get(path.parent)
+        if folder is None:
+            folder = folders[path.parent] = os.path.realpath(path.parent)
+        return os.path.join(folder, path.name)
+
+    return physical
+
+
 def plan_jobs(input_dir: str | os.PathLike, output_dir: str | os.PathLike, extensions: Iterable[str],
               output_suffix: str) -> tuple[list[Job], list[tuple[str, str]]]:
     """Jobs for every matching input, and ``(name, reason)`` for inputs that cannot have one.
@@ -162,13 +178,15 @@ def plan_jobs(input_dir: str | os.PathLike, output_dir: str | os.PathLike, exten
         raise BatchUsageError(f"input folder {input_dir} does not exist")
     if output_dir.exists() and not output_dir.is_dir():
         raise BatchUsageError(f"output folder {output_dir} is a file")
-    resolved_output = output_dir.resolve()
+    resolved_output = os.fspath(output_dir.resolve())
     # A folder that cannot be listed, a FIFO or device with a wanted suffix: failures, not silently left out.
     problems: list[tuple[Path, str]] = []
     sources = find_files(input_dir, extensions, problems)
-    if input_dir.is_dir() and resolved_output != input_dir.resolve():
+    physical = physical_paths()
+    if input_dir.is_dir() and resolved_output != os.fspath(input_dir.resolve()):
         # An output folder inside the input folder must not feed its outputs back in as inputs.
-        sources = [s for s in sources if not is_within(s.resolve(), resolved_output)]
+        inside = resolved_output + os.sep
+        sources = [s for s in sources if not physical(s).startswith(inside)]
     if not sources and not problems:
         raise BatchUsageError(f"no {'/'.join(extensions)} files under {input_dir}")
 
@@ -180,7 +198,7 @@ def plan_jobs(input_dir: str | os.PathLike, output_dir: str | os.PathLike, exten
     for source in sources:
         name = source.relative_to(input_dir).as_posix() if input_dir.is_dir() else source.name
         target = mirror_path(source, input_dir, output_dir, output_suffix)
-        if target.resolve() == source.resolve():
+        if physical(target) == physical(source):
             raise BatchUsageError(f"output {target} would overwrite its input: choose another output folder")
         if target in claimed:
             rejected.append((name, f"same output {target.name} as {claimed[target]}"))
