@@ -434,12 +434,13 @@ def _written_or_said(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as exc:
-        cause = disk_full_error(exc) or next((e for e in error_chain(exc) if isinstance(e, OSError)), None)
+        full = disk_full_error(exc)
+        cause = full or next((e for e in error_chain(exc) if isinstance(e, OSError)), None)
         if cause is None:
             raise
-        cause = cause.strerror or cause
-        raise CheckpointError(f"cannot write checkpoint {path}: {cause}; the previous checkpoint is kept: free "
-                              "space and run the same command again to resume") from exc
+        then = ": free space and run the same command again to resume" if full else ""
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}; the previous checkpoint "
+                              f"is kept{then}") from exc
 
 
 def _on_disk(path: Path) -> None:
