@@ -161,7 +161,8 @@ class FeatureCache:
         """Remove every entry and memo; returns the number of features removed."""
         removed = sum(entry["entries"] for entry in self.info())
         for name in ("features", "weights"):
-            shutil.rmtree(self.root / name, ignore_errors=True)
+            if (self.root / name).exists():
+                shutil.rmtree(self.root / name)  # an entry that cannot be removed (a read-only disk) is an OSError
         return removed
 
 
@@ -265,7 +266,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cache = FeatureCache(args.cache)
     if args.command == "clear":
-        removed = cache.clear()
+        try:
+            removed = cache.clear()
+        except OSError as error:
+            left = sum(n["entries"] for n in cache.info())
+            print(f"error: cannot clear the feature cache {cache.root}: {error.strerror or error}; "
+                  f"{left} cached features are left", file=sys.stderr)
+            return 1
         print(f"removed {removed} cached features from {cache.root}")
         return 0
     namespaces = cache.info()

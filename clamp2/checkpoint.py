@@ -510,8 +510,11 @@ def _run_lock(weights_path: str | os.PathLike) -> Iterator[None]:
         yield
         return
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.asctime()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.asctime()}\n".encode(), 0)
+        except OSError as exc:  # a full disk (or quota): said as the lock file's other write problems are
+            raise CheckpointError(f"cannot write beside {weights_path}: {exc.strerror or exc} ({lock})") from None
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
@@ -161,6 +162,23 @@ def disk_full_error(error: Optional[BaseException]) -> Optional[OSError]:
     """The ENOSPC/EDQUOT OSError that ``error`` is or was raised while handling (C++ writers such as
     ``torch.save`` turn it into a RuntimeError), or None."""
     return next((e for e in error_chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS), None)
+
+
+def unwritable(path: str | os.PathLike, error: OSError) -> str:
+    """The one line (without "error: ") for an output that could not be written: a full disk or quota, a read-only
+    file system, a permission. ``f.write`` on a full disk raises an OSError without the file name: this names it."""
+    return f"cannot write {path}: {error.strerror or error}"
+
+
+def write_text_or_say(path: str | os.PathLike, text: str) -> bool:
+    """:func:`atomic_write_text` for a script's result file; a write that fails (a full disk, a read-only file
+    system, a permission) is one line on stderr naming the file, and False (a file there before is kept)."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as error:
+        print(f"error: {unwritable(path, error)}", file=sys.stderr)
+        return False
+    return True
 
 
 def log_line(name: str, reason: str) -> str:

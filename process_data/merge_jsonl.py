@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.files import find_files, output_problem
+    from clamp2.files import find_files, output_problem, unwritable
     from clamp2.convert.summarize import merge_summaries
 
     summaries_dir = Path(args.summaries_dir)
@@ -54,7 +54,11 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    result = merge_summaries(summaries_dir, args.output_jsonl, args.data_root)
+    try:
+        result = merge_summaries(summaries_dir, args.output_jsonl, args.data_root)
+    except OSError as error:  # the JSONL's write (a summary that cannot be read is skipped, named)
+        print(f"error: {unwritable(args.output_jsonl, error)}", file=sys.stderr)
+        return 2
     print(f"wrote {result.written} records to {args.output_jsonl}, skipped {len(result.skipped)}")
     return 1 if result.skipped else 0
 

@@ -41,6 +41,10 @@ def main(argv=None) -> int:
     except FeatureError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk or quota, a read-only file system: the previous generation is kept
+        print(f"error: cannot write the index in {args.index_dir}: {error.strerror or error}; an earlier index there "
+              "is kept: free space and run the same command again", file=sys.stderr)
+        return 2
     status = report_problems(update.skipped)
     print(update.summary())
     return status

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from clamp2.api import add_model_arguments, clamp2_from_args
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
-from clamp2.files import atomic_write_text
+from clamp2.files import write_text_or_say
 from clamp2.progress import plural
 
 
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     if args.ranks:
         lines = [json.dumps({"key": key, "rank": int(rank), "top": [[k, float(s)] for k, s in top]}, ensure_ascii=False)
                  for key, rank, top in zip(result.keys, result.ranks, result.top)]
-        atomic_write_text(args.ranks, "\n".join(lines) + "\n")
+        if not write_text_or_say(args.ranks, "\n".join(lines) + "\n"):
+            return 2
     print(f"clamp2_eval: {plural(len(result.keys), 'common key')} ({len(queries.keys)} queries, "
           f"{len(references.keys)} references), "
           f"{sum(s.computed for s in sides)} encoded, {sum(s.cached for s in sides)} from cache, {len(failures)} failed",

@@ -29,7 +29,7 @@ import sys
 
 from clamp2.cli import ArgumentParser
 from clamp2.search.feature_store import FeatureError, read_features, report_problems
-from clamp2.files import atomic_write_text
+from clamp2.files import write_text_or_say
 from clamp2.search.fmd import (ESTIMATORS, FMDError, check_inf_arguments, estimate_gaussian, fmd_inf, frechet_distance,
                         per_file_fmd)
 from clamp2.progress import progress_bar
@@ -87,9 +87,10 @@ def main(argv=None) -> int:
                          f"{args.steps} sample sizes from {args.min_n} to {len(test)})")
         if args.per_file:
             distances = per_file_fmd(ref_gaussian, test.matrix, on_singular=warn)
-            atomic_write_text(args.per_file, "".join(
-                json.dumps({"key": key, "file": name, "fmd": float(value)}, ensure_ascii=False) + "\n"
-                for key, name, value in zip(test.keys, test.names, distances)))
+            if not write_text_or_say(args.per_file, "".join(
+                    json.dumps({"key": key, "file": name, "fmd": float(value)}, ensure_ascii=False) + "\n"
+                    for key, name, value in zip(test.keys, test.names, distances))):
+                return 2
     except (FeatureError, FMDError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

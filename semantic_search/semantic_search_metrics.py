@@ -25,7 +25,7 @@ import sys
 
 from clamp2.cli import ArgumentParser
 from clamp2.search.feature_store import FeatureError, read_features, report_problems, unique_by_key
-from clamp2.files import atomic_write_text
+from clamp2.files import write_text_or_say
 from clamp2.search.arguments import add_compute_arguments, resolve_compute_arguments
 
 TOP_IN_RANKS_FILE = 10
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     if args.ranks:
         lines = (json.dumps({"key": key, "rank": int(rank), "top": [[k, s] for k, s in top]}, ensure_ascii=False)
                  for key, rank, top in zip(result.keys, result.ranks, result.top))
-        atomic_write_text(args.ranks, "".join(line + "\n" for line in lines))
+        if not write_text_or_say(args.ranks, "".join(line + "\n" for line in lines)):
+            return 2
     return report_problems(queries.skipped + references.skipped, warnings + more_warnings)
 
 

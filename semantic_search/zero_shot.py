@@ -32,7 +32,7 @@ from pathlib import Path
 
 from clamp2.api import CLAMP2_WEIGHTS_HELP, add_model_arguments, clamp2_from_args
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
-from clamp2.files import atomic_write_text
+from clamp2.files import write_text_or_say
 from clamp2.search.clamp3 import CLAMP3_WEIGHTS_DEFAULT
 
 
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     if len(encoded):
         best, _ = zero_shot.predict(encoded.features, label_features)
         predictions = {name: labels[i] for name, i in zip(encoded.names, best)}
-    atomic_write_text(args.output, json.dumps(predictions, indent=1, ensure_ascii=False) + "\n")
+    if not write_text_or_say(args.output, json.dumps(predictions, indent=1, ensure_ascii=False) + "\n"):
+        return 2
 
     counts = Counter(predictions.values())
     print(f"zero_shot: {len(predictions)} files classified ({encoded.computed} encoded, {encoded.cached} from cache), "

@@ -209,3 +209,26 @@ def test_a_text_model_folder_that_cannot_be_read_says_so_with_what_to_do(tmp_pat
     with pytest.raises(TextModelUnavailable, match="cannot load the text model/tokenizer from the folder .*this "
                                                    "user may not read it .*Permission denied.*fix its permissions"):
         load_tokenizer(str(folder))
+
+
+def test_a_summary_that_cannot_be_read_is_skipped_and_named(tmp_path, monkeypatch):
+    # merge_jsonl.py: a summary this user may not read raised out of the merge, reported as the JSONL's write.
+    import builtins
+
+    import clamp2.convert.summarize as summarize
+
+    record = {"summary_en": "a tune", "summary_nen": {"language": "German", "summary": "ein Lied"},
+              "filepaths": ["a.abc"]}
+    for name in ("one.json", "two.json"):
+        (tmp_path / "s" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "s" / name).write_text(json.dumps(record), encoding="utf-8")
+    (tmp_path / "a.abc").write_text("X:1\nK:C\nC\n")
+
+    def refusing(path, *args, **kwargs):
+        if Path(path).name == "two.json":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(summarize, "open", refusing, raising=False)
+    result = summarize.merge_summaries(tmp_path / "s", tmp_path / "all.jsonl", echo=lambda line: None)
+    assert result.written == 1 and result.skipped == [("two.json", "cannot read it (Permission denied)")]

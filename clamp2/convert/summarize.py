@@ -721,6 +721,8 @@ def merge_summaries(summaries_dir: str | os.PathLike, jsonl_path: str | os.PathL
                     record = json.load(f)
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise ValueError(f"not valid JSON ({error})") from None
+            except OSError as error:  # left out and named, as a bad file (the JSONL's own write is the caller's)
+                raise ValueError(f"cannot read it ({error.strerror or error})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"JSON {type(record).__name__}, not an object")
             _check_summaries(record)

@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import CheckpointError, exclusive_run
 from ..cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from ..distributed import DistInfo, distributed_context
-from ..files import atomic_write_text
+from ..files import write_text_or_say
 from ..training.data import split_eval
 from .data import (FeatureError, FeatureSet, ProbeUsageError, check_classes, discover, label_map, label_of,
                    scan_features)
@@ -332,7 +332,8 @@ def inference_command(args) -> int:
     predictions = probabilities.argmax(axis=1).tolist() if probabilities is not None else []
     results = {as_given(path, args.features): probe.class_names[index]
                for path, index in zip(features.paths, predictions)}
-    atomic_write_text(Path(args.output_file), json.dumps(results))  # the reference's json.dump: one line, ASCII
+    if not write_text_or_say(args.output_file, json.dumps(results)):  # the reference's json.dump: one line, ASCII
+        return EXIT_USAGE
     unscored: Skipped = []
     if args.evaluate:
         unscored = evaluate_predictions(args, probe.class_names, features, probabilities, skipped)

@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from clamp2.files import atomic_path, atomic_write_text, remove_partial_files_of
+from clamp2.files import atomic_path, atomic_write_text, disk_full_error, remove_partial_files_of
 
 NPY_SUFFIX = ".npy"
 INDEX_FORMAT = "clamp2-feature-index"
@@ -571,6 +571,21 @@ def _set_npy_rows(path: Path, rows: int, dim: int) -> None:
     np.save(path, data)
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks before it is filled: a full disk (or quota) is then an OSError here,
+    not a SIGBUS that kills the process without a word at the first page no block is left for."""
+    if not hasattr(os, "posix_fallocate"):  # Windows, macOS
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if disk_full_error(exc) is not None:
+            raise
+    finally:
+        os.close(fd)
+
+
 def _write_lines(path: Path, lines: Iterable[str]) -> None:
     # surrogateescape keeps undecodable file names byte-exact.
     with atomic_path(path) as tmp:
@@ -656,43 +671,57 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
     kept_names: list[str] = []
     norm_blocks: list[np.ndarray] = []
     fresh_skipped: list[SkippedFile] = []
-    with atomic_path(index_dir / files_now["vectors"]) as tmp:
-        out = None
-        count = 0
-        for block in _stream_rows(features_dir, to_store, reuse=reuse,
-                                  skipped=fresh_skipped, progress=progress, desc="indexing features"):
+    try:
+        with atomic_path(index_dir / files_now["vectors"]) as tmp:
+            out = None
+            count = 0
+            for block in _stream_rows(features_dir, to_store, reuse=reuse,
+                                      skipped=fresh_skipped, progress=progress, desc="indexing features"):
+                if out is None:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                                    shape=(len(to_store), block.matrix.shape[1]))
+                    _reserve(tmp)
+                out[count:count + len(block.names)] = block.matrix
+                count += len(block.names)
+                kept_names.extend(block.names)
+                norm_blocks.append(block.norms)
             if out is None:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                                shape=(len(to_store), block.matrix.shape[1]))
-            out[count:count + len(block.names)] = block.matrix
-            count += len(block.names)
-            kept_names.extend(block.names)
-            norm_blocks.append(block.norms)
-        if out is None:
-            first = (skipped + fresh_skipped)[0]
-            raise FeatureError(f"{features_dir}: none of its {len(names)} .npy files is usable "
-                               f"(first: {first.path}: {first.reason})")
-        dim = int(out.shape[1])
-        out.flush()
-        del out
-        if count < len(to_store):
-            _set_npy_rows(tmp, count, dim)
-    for item in fresh_skipped:
-        name = Path(item.path).name
-        bad_records.append("\t".join([name, *map(str, stats[name]), ' '.join(item.reason.split())]))
-    skipped.extend(fresh_skipped)
-    norms = np.concatenate(norm_blocks)
-    with atomic_path(index_dir / files_now["norms"]) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, norms)
-    _write_lines(index_dir / files_now["keys"], (feature_key(n) for n in kept_names))
-    _write_lines(index_dir / files_now["files"], ("\t".join([n, *map(str, stats[n])]) for n in kept_names))
-    _write_lines(index_dir / files_now["skipped"], sorted(bad_records))
-    new_manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "generation": generation,
-                    "dim": dim, "count": count, "dtype": "float32",
-                    "normalized": bool(np.all(np.abs(norms - 1.0) <= NORMALIZED_TOLERANCE)),
-                    "source": str(features_dir.resolve()), **files_now}
-    atomic_write_text(index_dir / MANIFEST, json.dumps(new_manifest, indent=1) + "\n")
+                first = (skipped + fresh_skipped)[0]
+                raise FeatureError(f"{features_dir}: none of its {len(names)} .npy files is usable "
+                                   f"(first: {first.path}: {first.reason})")
+            dim = int(out.shape[1])
+            out.flush()
+            del out
+            if count < len(to_store):
+                _set_npy_rows(tmp, count, dim)
+        for item in fresh_skipped:
+            name = Path(item.path).name
+            bad_records.append("\t".join([name, *map(str, stats[name]), ' '.join(item.reason.split())]))
+        skipped.extend(fresh_skipped)
+        norms = np.concatenate(norm_blocks)
+        with atomic_path(index_dir / files_now["norms"]) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, norms)
+        _write_lines(index_dir / files_now["keys"], (feature_key(n) for n in kept_names))
+        _write_lines(index_dir / files_now["files"], ("\t".join([n, *map(str, stats[n])]) for n in kept_names))
+        _write_lines(index_dir / files_now["skipped"], sorted(bad_records))
+        new_manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "generation": generation,
+                        "dim": dim, "count": count, "dtype": "float32",
+                        "normalized": bool(np.all(np.abs(norms - 1.0) <= NORMALIZED_TOLERANCE)),
+                        "source": str(features_dir.resolve()), **files_now}
+        atomic_write_text(index_dir / MANIFEST, json.dumps(new_manifest, indent=1) + "\n")
+    except BaseException:
+        # Not in the manifest: this generation's files (the vectors as large as the index) would hold the space
+        # a re-run needs, and nothing would ever remove them. The previous generation stays the index.
+        try:
+            switched = read_manifest(index_dir).get("generation") == generation
+        except FeatureError:  # a first index: no manifest yet
+            switched = False
+        if not switched:
+            for name in files_now.values():
+                with contextlib.suppress(OSError):
+                    (index_dir / name).unlink()
+        raise
     if old is not None:
         del old
         for kind in files_now:
