@@ -227,6 +227,17 @@ def test_eval_equals_the_reference(feature_folders, tmp_path, scripts, capsys):
     assert any(r["rank"] > 1 for r in ranks) and lines[3] != "MRR: 1.0"  # the test data is not trivial
 
 
+def test_eval_on_a_full_disk_names_the_ranks_file(feature_folders, tmp_path, scripts, capsys, monkeypatch):
+    # It said "error: [Errno 28] No space left on device", naming no file.
+    import clamp2.files
+
+    queries, references = feature_folders
+    DiskFullAfter(monkeypatch, clamp2.files, "atomic_write_text", 0)
+    code, lines, err = run(scripts["eval"], [queries, references, "--output_dir", tmp_path, *CLAMP2], capsys)
+    assert code == 1
+    assert err.strip() == f"Error: cannot write {tmp_path / 'retrieval_ranks.jsonl'}: No space left on device"
+
+
 def test_one_dimensional_features_read_as_their_vector(feature_folders, tmp_path, scripts, capsys):
     # The original's CLaMP 3 tools load with np.load(f).squeeze(): a [D] file is the vector of a [1, D] one.
     queries, references = feature_folders

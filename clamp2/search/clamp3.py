@@ -319,9 +319,14 @@ def _side_of(root: Path, modality: str, encoded, normalize: bool, rename: Callab
 # -- output files -----------------------------------------------------------------------------------
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    from clamp2.files import atomic_write_text
+    """The records, one JSON line each; a file that cannot be written (a full or read-only disk) is a
+    :class:`CommandError` naming it (``f.write`` names no file)."""
+    from clamp2.files import atomic_write_text, unwritable
 
-    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+    try:
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+    except OSError as error:
+        raise CommandError(f"Error: {unwritable(path, error)}") from None
 
 
 def _groups(keys: Sequence[str]) -> Dict[str, List[int]]:
