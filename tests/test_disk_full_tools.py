@@ -96,7 +96,8 @@ def test_a_results_file_that_cannot_be_written_is_one_line_naming_it(tmp_path, c
 def test_inference_output_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     means = class_means(["a", "b"], dim=8, separation=0.5, seed=3)
     write_features(tmp_path / "train", means, 10, seed=1)
-    train_cls, inference_cls = (load_script(f"music_classification/{name}.py") for name in ("train_cls", "inference_cls"))
+    train_cls, inference_cls = (load_script(f"music_classification/{name}.py")
+                                for name in ("train_cls", "inference_cls"))
     assert run(train_cls, ["--train_folders", tmp_path / "train", "--weights", tmp_path / "p.pth", "--epochs", "1",
                            "--hidden_size", "8", "--no_progress"], capsys)[0] == 0
     (tmp_path / "pred.json").write_text("{}")
