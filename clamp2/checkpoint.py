@@ -470,7 +470,11 @@ def run_lock_path(weights_path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-class StartRefused(CheckpointError):
+class SaidOnce(CheckpointError):
+    """Found by rank 0 for every rank, which all raise it: the trainers say it once (on rank 0), not once per rank."""
+
+
+class StartRefused(SaidOnce):
     """A run refused before it starts, found by rank 0 for every rank (said once): another run holds the weights'
     lock, or a new stage would overwrite another stage's files."""
 

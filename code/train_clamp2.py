@@ -58,7 +58,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     # torch and transformers load only once the arguments are parsed: --help and usage errors answer at once.
-    from clamp2.checkpoint import CheckpointError, StartRefused
+    from clamp2.checkpoint import CheckpointError, SaidOnce
     from clamp2.distributed import distributed_context
     from clamp2.text_model import TextModelUnavailable, check_max_text_length
     from clamp2.training.data import DataError
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             return report_error(exc, dist_info)
         try:
             run_training(task, settings, dist_info)
-        except StartRefused as exc:  # found by rank 0 for all: said once
+        except SaidOnce as exc:  # found by rank 0 for all: said once
             return report_error(exc, dist_info)
         except (DataError, CheckpointError, TextModelUnavailable) as exc:
             return report_error(exc, dist_info, every_rank=True)

@@ -44,7 +44,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     # torch loads only once the arguments are parsed: --help and usage errors answer at once.
-    from clamp2.checkpoint import CheckpointError, StartRefused
+    from clamp2.checkpoint import CheckpointError, SaidOnce
     from clamp2.distributed import distributed_context
     from clamp2.training.data import DataError
     from clamp2.training.loop import flag_overrides, load_training_config, report_error, run_training, say, settings_from
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             return report_error(exc, dist_info)
         try:
             run_training(task, settings, dist_info)
-        except StartRefused as exc:  # found by rank 0 for all: said once
+        except SaidOnce as exc:  # found by rank 0 for all: said once
             return report_error(exc, dist_info)
         except (DataError, CheckpointError) as exc:
             return report_error(exc, dist_info, every_rank=True)

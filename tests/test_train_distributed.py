@@ -252,3 +252,33 @@ def test_one_process_started_by_a_launcher_ends_with_it(launcher_variable, tmp_p
     if alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(tmp_path, corpus):  # noqa: F811
+    # Rank 0 said one line and left; rank 1 met its exit at the next collective: a long "Connection closed by peer"
+    # traceback with gloo (NCCL would wait for its timeout). A full disk at epoch 2's save, as the writer says it.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import clamp2.checkpoint as checkpoint\n"
+        "real = checkpoint.save_checkpoint\n"
+        "def save_checkpoint(path, model, **fields):\n"
+        "    if fields.get('epoch') == 2:\n"
+        "        raise checkpoint.CheckpointError(f'cannot write checkpoint {path}: No space left on device; the '\n"
+        "                                         'previous checkpoint is kept')\n"
+        "    return real(path, model, **fields)\n"
+        "checkpoint.save_checkpoint = save_checkpoint\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(TINY_ENV, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    args = m3_args(corpus) + ["--batch_size", "2", "--max_steps_per_epoch", "2"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(REPO_ROOT / "code" / "train_m3.py"), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if "No space left on device" in line]
+    assert len(said) == 1 and "cannot write checkpoint" in said[0], proc.stderr[-3000:]
+    # Both ranks end with the trainers' status for a checkpoint error; the only traceback is torchrun's own report.
+    assert proc.stderr.count("exitcode  : 2") == 2 and proc.stderr.count("Traceback") == 1, proc.stderr[-3000:]
+    assert "ChildFailedError" in proc.stderr and "Connection closed by peer" not in proc.stderr
+    assert read_checkpoint(tmp_path / ("latest_" + M3_NAME))["epoch"] == 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from ..checkpoint import CheckpointError, StartRefused
+from ..checkpoint import CheckpointError, SaidOnce
 from ..distributed import distributed_context
 from ..text_model import TextModelUnavailable
 from .data import DataError
@@ -40,7 +40,7 @@ def main(modality: str, script_file: str, args) -> int:
             return report_error(exc, dist_info)
         try:
             run_training(task, settings, dist_info)
-        except StartRefused as exc:
+        except SaidOnce as exc:
             return report_error(exc, dist_info)  # found by rank 0 for all: said once
         except (DataError, CheckpointError, TextModelUnavailable) as exc:
             return report_error(exc, dist_info, every_rank=True)

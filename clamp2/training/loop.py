@@ -52,9 +52,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from ..attention import Autocast
-from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, StartRefused, capture_rng_state,
-                          copy_checkpoint, exclusive_run, latest_path, load_state, read_checkpoint, restore_rng_state,
-                          restore_training_state, resume_source, save_checkpoint, state_dict_of, unwrap)
+from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, SaidOnce, StartRefused,
+                          capture_rng_state, copy_checkpoint, exclusive_run, latest_path, load_state, read_checkpoint,
+                          restore_rng_state, restore_training_state, resume_source, save_checkpoint, state_dict_of,
+                          unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
 from ..files import atomic_write_text, remove_partial_files_of
@@ -987,6 +988,7 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         result.eval_losses.append(eval_loss)
         # Every rank's generators, so a resumed run continues each rank's streams exactly.
         rng_states = gather_objects(capture_rng_state())
+        unsaved: Optional[str] = None  # why rank 0 could not save this epoch
         if dist_info.is_main:
             fields = dict(optimizer=optimizer, lr_sched=lr_sched, scaler=scaler, epoch=epoch,
                           best_epoch=result.best_epoch, min_eval_loss=result.min_eval_loss, config=settings.config,
@@ -997,9 +999,18 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
                                  **({"modality": task.stage} if task.stage else {})})
             # latest_ first: it is what a resume reads, and it says which of the epoch's other files (best, epoch
             # copy, log entry) a run killed after it still owes; a resume writes those (catch_up_epoch_files).
-            save_checkpoint(latest, model, **fields)
-            for owed in epoch_files_owed(settings, epoch, improved):
-                copy_checkpoint(latest, owed)
+            try:
+                save_checkpoint(latest, model, **fields)
+                for owed in epoch_files_owed(settings, epoch, improved):
+                    copy_checkpoint(latest, owed)
+            except CheckpointError as exc:  # a full disk: every rank stops with it, below
+                unsaved = str(exc)
+        # The other ranks would meet rank 0's exit at their next collective (a traceback each with gloo; NCCL
+        # waits for its timeout): they hear of a failed save and stop with it, said once.
+        unsaved = broadcast_object(unsaved)
+        if unsaved is not None:
+            raise SaidOnce(unsaved)
+        if dist_info.is_main:
             append_log(settings.logs_path, epoch, train_loss, eval_loss)
             if wandb_run is not None:
                 wandb_run.log({"epoch": epoch, "epoch_train_loss": train_loss, "eval_loss": eval_loss})
