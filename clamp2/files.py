@@ -164,6 +164,12 @@ def disk_full_error(error: Optional[BaseException]) -> Optional[OSError]:
     return next((e for e in error_chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS), None)
 
 
+def say_disk_full(reason: str, remaining: str) -> None:
+    """The one line a batch tool ends with when a full disk (or quota) stopped it: ``reason`` names the output,
+    ``remaining`` what a re-run does ("convert the remaining files")."""
+    print(f"error: {reason}; stopped: free space and run the same command again to {remaining}", file=sys.stderr)
+
+
 def unwritable(path: str | os.PathLike, error: OSError) -> str:
     """The one line (without "error: ") for an output that could not be written: a full disk or quota, a read-only
     file system, a permission. ``f.write`` on a full disk raises an OSError without the file name: this names it."""

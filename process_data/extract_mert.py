@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from clamp2.extraction.arguments import folders_problem
     from clamp2.extraction.core import process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
-    from clamp2.files import DiskFull
+    from clamp2.files import DiskFull, say_disk_full
     from clamp2.models.mert import load_mert
 
     problem = folders_problem(args.input_dir, args.output_dir)
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
         except DiskFull as error:
             full = error
     if full is not None:  # not one failure per remaining file
-        print(f"error: {full}; stopped: free space and run the same command again to extract the remaining files",
-              file=sys.stderr)
+        say_disk_full(str(full), "extract the remaining files")
         wait_for_all_processes()
         return EXIT_SOME_FAILED
     print_summary(run, process_index=state.process_index, num_processes=state.num_processes)

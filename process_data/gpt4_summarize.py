@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.files import find_files
+    from clamp2.files import find_files, say_disk_full
     from clamp2.convert.summarize import (DEFAULT_PROMPT, FAILURE_LOG_NAME, RetryPolicy, load_languages,
                                           load_prompt, make_client, summarize_folder)
 
@@ -125,8 +125,7 @@ def main(argv=None) -> int:
         print(f"error: aborted, the API refused the run ({counts.aborted}); check {ENV_KEY}, "
               "--model and --base_url", file=sys.stderr)
     if counts.disk_full:
-        print(f"error: {counts.disk_full}; stopped: free space and run the same command again to summarize the "
-              "remaining files", file=sys.stderr)
+        say_disk_full(counts.disk_full, "summarize the remaining files")
     if counts.failed:
         print(f"{counts.failed} failed, listed in {output_dir / FAILURE_LOG_NAME}", file=sys.stderr)
     print(counts.summary_line())

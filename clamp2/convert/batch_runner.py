@@ -46,7 +46,7 @@ from typing import Callable, Iterable
 from clamp2.cli import ArgumentParser
 from clamp2.files import (DiskFull, atomic_path, atomic_write_bytes, atomic_write_text, disk_full_error, find_files,
                           finished_output, log_line, mirror_path, read_file_log, remove_partial_files,
-                          remove_partial_files_of, unreachable, write_file_log)
+                          remove_partial_files_of, say_disk_full, unreachable, write_file_log)
 from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
@@ -410,8 +410,7 @@ def convert_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, 
         if full is None:
             raise
         where = "" if isinstance(full, DiskFull) else f" writing in {output_dir}"
-        print(f"error: {full.strerror}{where}; stopped: free space and run the same command again to convert "
-              "the remaining files", file=sys.stderr)
+        say_disk_full(f"{full.strerror}{where}", "convert the remaining files")
         return EXIT_FAILURES
     output_dir = Path(output_dir)
     if result.failures:

@@ -28,7 +28,7 @@ from ..attention import Autocast, ExactFloat32, keep_overrides_eager
 from ..distributed import (before_process_group, end_with_launcher, env_int, launched_by_a_launcher,
                            others_finish_first, prepare_end_barrier, wait_for_all_processes)
 from ..files import (DiskFull, atomic_write_bytes, disk_full_error, find_files, finished_output, mirror_outputs,
-                     remove_partial_files_of, write_file_log)
+                     remove_partial_files_of, say_disk_full, write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
 from ..workers import exit_with_parent
 
@@ -978,8 +978,7 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     finally:
         bar.close()
     if full is not None:  # not one failure per remaining file, nor a traceback writing the log on the full disk
-        print(f"error: {full}; stopped: free space and run the same command again to extract the remaining files",
-              file=sys.stderr)
+        say_disk_full(str(full), "extract the remaining files")
         wait_for_all_processes()
         return 1
     failures += result.failures
