@@ -19,6 +19,7 @@ import secrets
 import socket
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -122,15 +123,76 @@ def mirror_outputs(paths: Iterable[Path], input_root: str | os.PathLike, output_
     by_output: Dict[Path, List[Path]] = {}
     for path in paths:
         by_output.setdefault(mirror_path(path, input_root, output_root, new_suffix), []).append(path)
+    folded = set()
+    for output, same in output_aliases(list(by_output)).items():  # Song.npy and song.npy on macOS or Windows
+        by_output[same].extend(by_output.pop(output))
+        folded.add(same)
     outputs: Dict[Path, Path] = {}
     collisions: List[Tuple[Path, str]] = []
     for output, group in by_output.items():
         if len(group) > 1:
             names = ", ".join(p.name for p in group)
-            collisions.extend((p, f"{names} would all write {output}; rename all but one") for p in group)
+            why = f" ({ONE_FILE_THERE})" if output in folded else ""
+            collisions.extend((p, f"{names} would all write {output}{why}; rename all but one") for p in group)
         else:
             outputs[group[0]] = output
     return outputs, collisions
+
+
+ONE_FILE_THERE = "the output folder's file system takes names differing only in case or accents' encoding as one"
+
+
+def name_key(name: str | os.PathLike) -> str:
+    """``name`` as a case- and normalization-insensitive file system (macOS APFS and HFS+, Windows NTFS, ext4 with
+    casefold) compares it: NFC, case-folded. ``Song.mid`` and ``song.mid``, ``Für`` in NFC and in NFD, have one key."""
+    return unicodedata.normalize("NFC", os.fspath(name)).casefold()
+
+
+def name_folding(folder: str | os.PathLike) -> Tuple[bool, bool]:
+    """``(case, normalization)``: whether the file system of ``folder`` (or of its nearest existing folder above)
+    takes names differing only in case, or only in Unicode normalization (NFC/NFD), as one. Found by creating a
+    temporary file and looking it up under another case and another normalization; (False, False) when that
+    cannot be done (a read-only folder: nothing will be written there either)."""
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    probe = os.path.join(folder, _temporary_name("A\u0308"))  # "Ä" in NFD, upper case
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError:
+        return False, False
+    try:
+        name = os.path.basename(probe)
+        return (os.path.lexists(os.path.join(folder, name.lower())),
+                os.path.lexists(os.path.join(folder, unicodedata.normalize("NFC", name))))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+def output_aliases(outputs: Iterable[Path]) -> Dict[Path, Path]:
+    """``{output: the earlier output it would overwrite}``: outputs whose paths differ only in case or Unicode
+    normalization, where the output folder's file system takes them as one file (macOS, Windows; never on a
+    usual Linux one, where they are two files, as the reference writes them). The file system is probed
+    (:func:`name_folding`) only when such paths occur, once per folder."""
+    first: Dict[str, Path] = {}
+    folding: Dict[Path, Tuple[bool, bool]] = {}
+    aliases: Dict[Path, Path] = {}
+    for output in outputs:
+        other = first.setdefault(name_key(output), output)
+        if other == output:
+            continue
+        if output.parent not in folding:
+            folding[output.parent] = name_folding(output.parent)
+        case, normalization = folding[output.parent]
+
+        def fold(path: Path) -> str:
+            text = unicodedata.normalize("NFC", os.fspath(path)) if normalization else os.fspath(path)
+            return text.casefold() if case else text
+
+        if fold(output) == fold(other):
+            aliases[output] = other
+    return aliases
 
 
 TMP_SUFFIX = ".partial"
@@ -178,9 +240,11 @@ def unwritable(path: str | os.PathLike, error: OSError) -> str:
 
 def write_text_or_say(path: str | os.PathLike, text: str) -> bool:
     """:func:`atomic_write_text` for a script's result file; a write that fails (a full disk, a read-only file
-    system, a permission) is one line on stderr naming the file, and False (a file there before is kept)."""
+    system, a permission) is one line on stderr naming the file, and False (a file there before is kept).
+    surrogateescape, as :func:`write_file_log`: the file names these results hold may not be UTF-8 (a file named
+    b"\\xff.mid" is written as those bytes); strict encoding raised once the whole run was done, and lost it."""
     try:
-        atomic_write_text(path, text)
+        atomic_write_text(path, text, errors="surrogateescape")
     except OSError as error:
         print(f"error: {unwritable(path, error)}", file=sys.stderr)
         return False

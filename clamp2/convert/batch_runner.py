@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
-from clamp2.files import (DiskFull, atomic_path, atomic_write_bytes, atomic_write_text, disk_full_error, find_files,
-                          finished_output, log_line, mirror_path, read_file_log, remove_partial_files,
-                          remove_partial_files_of, say_disk_full, unreachable, write_file_log)
+from clamp2.files import (ONE_FILE_THERE, DiskFull, atomic_path, atomic_write_bytes, atomic_write_text,
+                          disk_full_error, find_files, finished_output, log_line, mirror_path, output_aliases,
+                          read_file_log, remove_partial_files, remove_partial_files_of, say_disk_full, unreachable,
+                          write_file_log)
 from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
@@ -205,7 +206,10 @@ def plan_jobs(input_dir: str | os.PathLike, output_dir: str | os.PathLike, exten
             continue
         claimed[target] = name
         jobs.append(Job(source, target, name))
-    return jobs, rejected
+    aliases = output_aliases(job.target for job in jobs)  # Song.mtf and song.mtf on macOS or Windows
+    rejected += [(job.name, f"same output {job.target.name} as {claimed[aliases[job.target]]} ({ONE_FILE_THERE})")
+                 for job in jobs if job.target in aliases]
+    return [job for job in jobs if job.target not in aliases], rejected
 
 
 def is_about_the_file(category: type[Warning]) -> bool:

@@ -243,6 +243,10 @@ def list_feature_names(folder: str | os.PathLike, sort: bool = True) -> list[str
         raise FeatureError(f"{folder}: not a folder of .npy features or an index built by build_index.py") from None
     except OSError as error:
         raise FeatureError(f"{folder}: cannot list the folder ({error.strerror or error})") from None
+    # ._x.npy beside x.npy: the AppleDouble file macOS writes beside every file it copies to a USB drive, a network
+    # share or a zip; not a feature (it was "skipped: not a .npy file", and the exit status 1, once per feature).
+    present = set(names)
+    names = [n for n in names if not (n.startswith("._") and n[2:] in present)]
     return sorted(names) if sort else names
 
 

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..files import name_key
+
 
 def parse_labels(text: str) -> List[str]:
     """``"jig, reel,waltz"`` → ``["jig", "reel", "waltz"]``; empty pieces dropped, duplicates refused."""
@@ -79,12 +81,13 @@ def predict(music: np.ndarray, label_features: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _name_key(label: str) -> str:
-    return label.lower().replace(" ", "_")
+    # name_key: case-folded and NFC, so that a label typed in NFC finds a file name a Mac wrote in NFD.
+    return name_key(label).replace(" ", "_")
 
 
 def label_in_name(path: str | os.PathLike, labels: Sequence[str]) -> Optional[str]:
     """The label a file name starts with (``<label>_...``, case-insensitive, spaces as ``_``); the longest wins."""
-    name = Path(path).name.lower()
+    name = name_key(Path(path).name)
     matches = [label for label in labels if name.startswith(_name_key(label) + "_")]
     return max(matches, key=len) if matches else None
 

@@ -1,0 +1,109 @@
+"""File names as macOS and Windows folders hold them: case- and normalization-insensitive output folders.
+
+Tests cannot mount a case-insensitive file system: :func:`clamp2.files.name_folding` (the probe that finds one)
+is checked on the test's own folder, and stood in for where an output folder must fold names.
+"""
+
+import os
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from clamp2 import files
+from clamp2.convert import batch_runner
+from clamp2.extraction.core import plan_jobs as plan_extraction
+
+NFC = unicodedata.normalize("NFC", "F\u00fcr Elise")
+NFD = unicodedata.normalize("NFD", "F\u00fcr Elise")
+
+
+def _folds_here(tmp_path: Path) -> tuple:
+    (tmp_path / "Probe").write_text("x")
+    (tmp_path / NFD).write_text("x")
+    try:
+        return (tmp_path / "probe").exists(), (tmp_path / NFC).exists()
+    finally:
+        (tmp_path / "Probe").unlink()
+        (tmp_path / NFD).unlink()
+
+
+def test_name_folding_says_what_the_file_system_does_and_leaves_nothing(tmp_path):
+    (tmp_path / "out").mkdir()
+    assert files.name_folding(tmp_path / "out" / "not" / "made") == _folds_here(tmp_path)
+    assert os.listdir(tmp_path / "out") == []
+    assert not (tmp_path / "out" / "not").exists()
+
+
+def inputs_differing_in_case_and_normalization(root: Path, suffix: str) -> None:
+    root.mkdir()
+    for stem in ("Song", "song", NFC, NFD):
+        (root / (stem + suffix)).write_text(f"X:1\nT:{stem}\nK:C\nC|\n")
+
+
+@pytest.mark.parametrize("folds", [(True, True), (False, False)])
+def test_batch_plan_rejects_outputs_one_file_on_a_folding_output_folder(tmp_path, monkeypatch, folds):
+    # Song.abc and song.abc (Für in NFC and NFD) on macOS or Windows: the second output overwrote the first
+    # without a word, and a re-run skipped both.
+    if _folds_here(tmp_path) != (False, False):
+        pytest.skip("the test folder's file system folds names itself")
+    monkeypatch.setattr(files, "name_folding", lambda folder: folds, raising=False)
+    inputs_differing_in_case_and_normalization(tmp_path / "in", ".abc")
+    jobs, rejected = batch_runner.plan_jobs(tmp_path / "in", tmp_path / "out", [".abc"], ".xml")
+    if folds == (False, False):  # a Linux output folder: four files, as the reference writes them
+        assert (len(jobs), rejected) == (4, [])
+        return
+    # The first in file order is converted (NFD sorts before NFC), the other is a failure naming it.
+    assert {job.name for job in jobs} == {"Song.abc", NFD + ".abc"}
+    assert {name for name, _ in rejected} == {"song.abc", NFC + ".abc"}
+    assert all(files.ONE_FILE_THERE in reason for _, reason in rejected)
+
+
+def test_extraction_plan_fails_every_input_of_outputs_one_file_on_a_folding_output_folder(tmp_path, monkeypatch):
+    if _folds_here(tmp_path) != (False, False):
+        pytest.skip("the test folder's file system folds names itself")
+    monkeypatch.setattr(files, "name_folding", lambda folder: (True, False), raising=False)  # Windows: case only
+    inputs_differing_in_case_and_normalization(tmp_path / "in", ".abc")
+    plan = plan_extraction(tmp_path / "in", tmp_path / "out")
+    assert sorted(job.path.name for job in plan.jobs) == sorted([NFC + ".abc", NFD + ".abc"])
+    assert sorted(path.name for path, _ in plan.failures) == ["Song.abc", "song.abc"]
+    assert all(files.ONE_FILE_THERE in reason for _, reason in plan.failures)
+
+
+def test_result_files_keep_names_that_are_not_utf8(tmp_path):
+    # zero_shot.py --output, clamp2_eval.py / semantic_search_metrics.py --ranks, clamp2_fmd.py --per_file: a file
+    # named b"\xff.mid" (legal on Linux) raised UnicodeEncodeError once the whole run was done, and lost the results.
+    import json
+
+    name = os.fsdecode(b"\xff.mid")
+    assert files.write_text_or_say(tmp_path / "p.json", json.dumps({name: "jig"}, ensure_ascii=False))
+    assert (tmp_path / "p.json").read_bytes() == b'{"\xff.mid": "jig"}'
+    assert json.loads((tmp_path / "p.json").read_text(errors="surrogateescape")) == {name: "jig"}
+
+
+def test_zero_shot_truth_labels_match_names_in_either_normalization():
+    # A label typed in NFC and a file name a Mac wrote in NFD (or the reverse): the file had no truth label and was
+    # left out of the accuracy without a word.
+    from clamp2.search.zero_shot import label_in_name
+
+    nfc, nfd = (unicodedata.normalize(form, "L\u00e4ndler") for form in ("NFC", "NFD"))
+    assert label_in_name(f"{nfd}_01.mid", [nfc, "jig"]) == nfc
+    assert label_in_name(f"{nfc.lower()}_01.mid", [nfd, "jig"]) == nfd
+    assert label_in_name("reel_01.mid", [nfc, "jig"]) is None
+
+
+def test_feature_folders_leave_out_the_appledouble_files_a_mac_writes(tmp_path):
+    # A feature folder copied by a Mac to a USB drive or share has ._x.npy beside each x.npy: each was read, "skipped:
+    # not a .npy file", and every search exited 1. (CLaMP 3's tools, reading sub-folders, already skip hidden files.)
+    import numpy as np
+
+    from clamp2.search.feature_store import build_index, read_features
+
+    folder = tmp_path / "features"
+    folder.mkdir()
+    for name in ("a", "b"):
+        np.save(folder / f"{name}.npy", np.ones((1, 4), np.float32))
+        (folder / f"._{name}.npy").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64))
+    features = read_features(folder, progress=False)
+    assert (features.names, features.skipped) == (["a.npy", "b.npy"], [])
+    assert build_index(folder, tmp_path / "index").skipped == []
