@@ -18,7 +18,6 @@ needed. Nothing heavy is imported until a model is loaded.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -521,14 +520,9 @@ class _JointSpace(_Extractor):
     def text_fingerprint(self) -> str:
         """sha256 of the tokenizer and of the text encoder's configuration (what text features depend on)."""
         if self._text_fingerprint is None:
-            from .cache import sha256_of_json
+            from .cache import text_fingerprint
 
-            backend = getattr(self.tokenizer, "backend_tokenizer", None)
-            vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
-            ignored = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
-            config = {k: v for k, v in self.model.text_model.config.to_dict().items()
-                      if not k.startswith("_") and k not in ignored}
-            self._text_fingerprint = sha256_of_json([vocabulary, config])
+            self._text_fingerprint = text_fingerprint(self.tokenizer, self.model.text_model.config)
         return self._text_fingerprint
 
     def encode_text(self, texts, normalize: bool = True):

@@ -83,6 +83,39 @@ def source_fingerprint(package: Path) -> str:
     return sha.hexdigest()
 
 
+def user_weights_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a weights file, memoized in the user cache folder (a 3 GB file is hashed once, not every run)."""
+    try:
+        cache_dir = default_cache_dir()
+    except Exception:  # no home folder: hash every run
+        cache_dir = None
+    return weights_fingerprint(path, cache_dir)
+
+
+def text_fingerprint(tokenizer, config) -> str:
+    """sha256 of a tokenizer and of the text encoder's configuration (what text features depend on besides weights).
+
+    Independent of where they were loaded from: a hub id and a local copy of it give the same identity."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    ignored = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
+    values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in ignored}
+    return sha256_of_json([vocabulary, values])
+
+
+def extraction_settings(tool: str, weights: str | os.PathLike, global_features: bool, dtype: str, windows: list,
+                        tokenizer=None, text_config=None, **more: Any) -> Dict[str, Any]:
+    """What an extraction script's features depend on, for its output folder's record
+    (:mod:`clamp2.extraction.record`): tool, weights, global or per-position, precision, window lengths, and the
+    text model when it encodes text."""
+    settings = {"tool": tool, "weights_sha256": user_weights_fingerprint(weights),
+                "features": "global" if global_features else "per-position", "dtype": dtype, "windows": list(windows)}
+    if tokenizer is not None:
+        settings["text_sha256"] = text_fingerprint(tokenizer, text_config)
+    settings.update(more)
+    return settings
+
+
 def file_identity(path: str | os.PathLike) -> tuple:
     """(real path, size, mtime, change time, inode): what tells that a file was replaced, even by a copy
     with the same size and modification time. Raises ``OSError`` when the file cannot be read."""

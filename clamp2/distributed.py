@@ -164,10 +164,15 @@ def prepare_end_barrier() -> None:
         _END_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=END_BARRIER_HOURS))
 
 
-def wait_for_all_processes() -> None:
-    """Return once every process has reached this point (no-op without :func:`prepare_end_barrier`)."""
-    if _END_GROUP is not None:
-        dist.barrier(group=_END_GROUP)
+def wait_for_all_processes(done: bool = True) -> bool:
+    """Return once every process has reached this point: whether every one of them passed ``done`` (this
+    process's own ``done`` without :func:`prepare_end_barrier`). Every caller reduces, never a plain barrier:
+    one process's ``barrier`` met by another's ``all_reduce`` is a collective mismatch."""
+    if _END_GROUP is None:
+        return done
+    flag = torch.tensor([int(done)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_END_GROUP)
+    return bool(flag.item())
 
 
 @contextlib.contextmanager
@@ -185,7 +190,7 @@ def others_finish_first(what: str = "this process") -> Iterator[None]:
 
             print(f"error: {what} stopped: {type(exc).__name__}: {exc}; the other processes finish their "
                   "share first", file=sys.stderr, flush=True)
-            wait_for_all_processes()
+            wait_for_all_processes(done=False)
         raise
 
 

@@ -9,7 +9,8 @@ With --normalize each file gets its global feature, shape [1, CLAMP2_HIDDEN_SIZE
 of its windows' projected features; not L2-normalised: use cosine similarity). Without it, the
 per-position last hidden states [1, L, hidden] of the text or music encoder (docs/extraction.md).
 The weights default to config.py's CLAMP2_WEIGHTS_PATH (download it from the Hugging Face repo
-sander-wood/clamp2). Existing outputs are skipped; failures are listed in
+sander-wood/clamp2). Existing outputs are skipped (a re-run with other weights or flags is refused,
+naming the difference: <output_dir>/extraction_settings.json, docs/extraction.md); failures are listed in
 <output_dir>/failed_extract_clamp2.log (failed_extract_clamp2_<process>.log per process under a multi-process
 launch); exit status 0 when every file succeeded, 1 when some failed, 2 for a usage or model error.
 """
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     from clamp2 import attention
     from clamp2.extraction import core
     from clamp2.extraction.core import KindRunner, MusicEncoder, TextEncoder, autocast_context, run_extraction
+    from clamp2.cache import extraction_settings
     from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
     cfg = load_script_config(__file__)
@@ -97,8 +99,14 @@ def main(argv=None) -> int:
         "music": KindRunner(MusicEncoder(M3Patchilizer(cfg.PATCH_SIZE, cfg.PATCH_LENGTH)),
                             forward(model.music_states, model.music_global), cfg.PATCH_LENGTH, PAD_TOKEN_ID),
     }
+    def settings():
+        return extraction_settings("extract_clamp2", weights, args.normalize, args.dtype,
+                                   [cfg.PATCH_SIZE, cfg.PATCH_LENGTH, cfg.MAX_TEXT_LENGTH], tokenizer,
+                                   model.text_model.config)
+
     return run_extraction(args, runners, per_position=not args.normalize, include_text=True, device=device,
-                          process_index=state.process_index, num_processes=state.num_processes, tool="extract_clamp2")
+                          process_index=state.process_index, num_processes=state.num_processes, tool="extract_clamp2",
+                          record_settings=settings)
 
 
 if __name__ == "__main__":

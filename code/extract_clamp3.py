@@ -18,10 +18,11 @@ default; c2: best for sheet music and MIDI), or its epoch-E copy with --epoch E.
 never downloaded (the text model is fetched from the hub when missing and online): get the
 published files with
     hf download sander-wood/clamp3 <file name> --local-dir .
-Existing outputs are skipped; failures are listed in <output_dir>/failed_extract_clamp3.log
-(failed_extract_clamp3_<process>.log per process under a multi-process launch); exit status 0 when
-every file succeeded, 1 when some failed or the CLaMP 3 weights file is missing (checked after the
-text model loads), 2 for a usage or model error (a missing text model included).
+Existing outputs are skipped (a re-run with other weights or flags is refused, naming the difference:
+<output_dir>/extraction_settings.json, docs/extraction.md); failures are listed in
+<output_dir>/failed_extract_clamp3.log (failed_extract_clamp3_<process>.log per process under a multi-process
+launch); exit status 0 when every file succeeded, 1 when some failed or the CLaMP 3 weights file is missing
+(checked after the text model loads), 2 for a usage or model error (a missing text model included).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     from clamp2.extraction import core
     from clamp2.extraction.core import (AudioEncoder, KindRunner, MusicEncoder, TextEncoder, autocast_context,
                                         run_extraction)
+    from clamp2.cache import extraction_settings
     from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
     cfg = load_script_config(__file__)
@@ -148,9 +150,14 @@ def main(argv=None) -> int:
         "audio": KindRunner(AudioEncoder(cfg.AUDIO_HIDDEN_SIZE), forward(model.audio_states, model.audio_global),
                             cfg.MAX_AUDIO_LENGTH, 0.0, dtype=torch.float32),
     }
+    def settings():
+        return extraction_settings("extract_clamp3", weights, args.get_global, args.dtype,
+                                   [cfg.PATCH_SIZE, cfg.PATCH_LENGTH, cfg.MAX_TEXT_LENGTH, cfg.MAX_AUDIO_LENGTH],
+                                   tokenizer, model.text_model.config)
+
     return run_extraction(args, runners, per_position=not args.get_global, include_text=True, device=device,
                           process_index=state.process_index, num_processes=state.num_processes, tool="extract_clamp3",
-                          kinds=kinds())
+                          kinds=kinds(), record_settings=settings)
 
 
 if __name__ == "__main__":

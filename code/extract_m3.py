@@ -7,7 +7,8 @@
 Each file gets the last hidden states of the M3 patch encoder, shape [1, L, M3_HIDDEN_SIZE], one row
 per patch (special patches included; `L:1/8` lines are removed from ABC first, as the reference
 does). The weights default to config.py's M3_WEIGHTS_PATH (download it from the Hugging Face repo
-sander-wood/clamp2). Existing outputs are skipped; failures are listed in
+sander-wood/clamp2). Existing outputs are skipped (a re-run with other weights or flags is refused,
+naming the difference: <output_dir>/extraction_settings.json, docs/extraction.md); failures are listed in
 <output_dir>/failed_extract_m3.log (failed_extract_m3_<process>.log per process under a multi-process
 launch); exit status 0 when every file succeeded, 1 when some failed, 2 for a usage or model error.
 """
@@ -59,12 +60,14 @@ def main(argv=None) -> int:
     from clamp2 import attention
     from clamp2.extraction import core
     from clamp2.extraction.core import KindRunner, MusicEncoder, autocast_context, run_extraction
+    from clamp2.cache import extraction_settings
     from clamp2.patchilizer import PAD_TOKEN_ID, M3Patchilizer
 
     cfg = load_script_config(__file__)
     try:
         state, device = core.process_state(args.device)
-        encoder, checkpoint = build_m3_encoder(cfg, args.weights or Path(cfg.M3_WEIGHTS_PATH), device)
+        weights = args.weights or Path(cfg.M3_WEIGHTS_PATH)
+        encoder, checkpoint = build_m3_encoder(cfg, weights, device)
         attention.set_attention(encoder, args.attention)
         precision = autocast_context(device, args.dtype)
     except (OSError, RuntimeError, ValueError) as exc:
@@ -80,8 +83,12 @@ def main(argv=None) -> int:
     patchilizer = M3Patchilizer(cfg.PATCH_SIZE, cfg.PATCH_LENGTH)
     runners = {"music": KindRunner(MusicEncoder(patchilizer, remove_unit_length=True), forward,
                                    cfg.PATCH_LENGTH, PAD_TOKEN_ID)}
+    def settings():
+        return extraction_settings("extract_m3", weights, False, args.dtype, [cfg.PATCH_SIZE, cfg.PATCH_LENGTH])
+
     return run_extraction(args, runners, per_position=True, include_text=False, device=device,
-                          process_index=state.process_index, num_processes=state.num_processes, tool="extract_m3")
+                          process_index=state.process_index, num_processes=state.num_processes, tool="extract_m3",
+                          record_settings=settings)
 
 
 if __name__ == "__main__":

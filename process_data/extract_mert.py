@@ -14,7 +14,8 @@ other uses: CLaMP 3 cannot read that form.
 hub id resolved in the local cache only (default m-a-p/MERT-v1-95M; fetch it once with
 `hf download m-a-p/MERT-v1-95M`). MERT-v1-95M is licensed CC-BY-NC-4.0.
 
-Output: <output_dir>/<relative folder>/<stem>.npy; existing outputs are skipped (a re-run resumes).
+Output: <output_dir>/<relative folder>/<stem>.npy; existing outputs are skipped (a re-run resumes;
+a re-run with other weights, --all_layers or --dtype is refused: <output_dir>/extraction_settings.json).
 Failures (undecodable, empty, shorter than 1 s, NaN or infinite samples, samples too large to z-score
 in float32, two inputs for one output) are listed in
 <output_dir>/failed_extract_mert.log (failed_extract_mert_<process>.log per process under a
@@ -66,12 +67,14 @@ def main(argv=None) -> int:
     from clamp2.attention import set_attention
     from clamp2.checkpoint import CheckpointError
     from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
-    from clamp2.distributed import others_finish_first, wait_for_all_processes
+    from clamp2.distributed import wait_for_all_processes
     from clamp2.extraction.arguments import folders_problem
-    from clamp2.extraction.core import process_state
+    from clamp2.extraction.core import extract_share, process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
-    from clamp2.files import DiskFull, say_disk_full
-    from clamp2.models.mert import load_mert
+    from clamp2.cache import user_weights_fingerprint
+    from clamp2.extraction.record import RECORD_NAME, begin_record, drop_stale_features, finish_record
+    from clamp2.files import finished_output
+    from clamp2.models.mert import load_mert, resolve_mert_folder, weights_file
 
     problem = folders_problem(args.input_dir, args.output_dir)
     if problem:
@@ -89,21 +92,35 @@ def main(argv=None) -> int:
     except (OSError, RuntimeError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    full = None
-    # An unexpected error of this process waits for the others' shares (torchrun would stop them).
-    with others_finish_first(f"extract_mert (process {state.process_index}/{state.num_processes})"):
-        try:
-            run = extract_folder(extractor, args.input_dir, args.output_dir, overwrite=args.overwrite,
-                                 num_workers=args.num_workers, process_index=state.process_index,
-                                 num_processes=state.num_processes, progress=not args.no_progress)
-        except DiskFull as error:
-            full = error
-    if full is not None:  # not one failure per remaining file
-        say_disk_full(str(full), "extract the remaining files")
-        wait_for_all_processes()
+    def settings():  # what the features depend on (--resample_on_device: the same up to ~1e-6)
+        weights = weights_file(resolve_mert_folder(args.model))
+        return {"tool": "extract_mert", "weights_sha256": user_weights_fingerprint(weights),
+                "features": "every layer" if args.all_layers else "layer mean", "dtype": args.dtype}
+
+    record = begin_record(args.output_dir, settings, args.overwrite,
+                          lambda: any(finished_output(job.output) for job in plan.jobs), state.process_index)
+    if record.problem:
+        if state.process_index == 0:
+            print(f"error: {record.problem}", file=sys.stderr)
+        return EXIT_USAGE
+    run = extract_share(lambda: extract_folder(extractor, args.input_dir, args.output_dir, overwrite=args.overwrite,
+                                               num_workers=args.num_workers, process_index=state.process_index,
+                                               num_processes=state.num_processes, progress=not args.no_progress,
+                                               plan=plan),
+                        "extract_mert", state.process_index, state.num_processes)
+    if run is None:  # a full disk, said
+        wait_for_all_processes(done=False)
         return EXIT_SOME_FAILED
+    outputs = {job.path: job.output for job in plan.jobs}
+    drop_stale_features(record, (outputs[path] for path, _ in run.failures if path in outputs))
     print_summary(run, process_index=state.process_index, num_processes=state.num_processes)
-    wait_for_all_processes()  # a process that exits 1 first must not make torchrun stop the others
+    # A process that exits 1 first must not make torchrun stop the others.
+    every_share_done = wait_for_all_processes()
+    try:
+        finish_record(record, args.output_dir, every_share_done, state.process_index)
+    except OSError as exc:
+        print(f"error: cannot write {args.output_dir / RECORD_NAME}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
     return EXIT_SOME_FAILED if run.failures else EXIT_OK
 
 

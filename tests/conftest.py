@@ -14,6 +14,21 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _private_user_cache() -> None:
+    """The scripts keep memos (weights hashes) and the API its features in the user cache folder: the suite's,
+    and those of the scripts it starts, go to a temporary folder, never the user's (nor is one read there)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="clamp2-tests-cache-")
+    os.environ["XDG_CACHE_HOME"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+_private_user_cache()
 # Reference data copied into the repository (tests/data/README.md says what each file is).
 DATA_DIR = REPO_ROOT / "tests" / "data"
 SPEC_DIR = DATA_DIR  # state-dict key lists and the language list

@@ -921,13 +921,31 @@ def remove_other_failure_logs(output_dir: Path, tool: str, num_processes: int) -
             (output_dir / name).unlink(missing_ok=True)
 
 
+def extract_share(work: Callable[[], Any], tool: str, process_index: int, num_processes: int) -> Optional[Any]:
+    """This process's share of an extraction: ``work()``'s result, or ``None`` after a full disk (said in one
+    line: not one failure per remaining file, nor a traceback writing the log on the full disk). An unexpected
+    error waits for the other processes' shares, then propagates (torchrun would stop them)."""
+    full: Optional[DiskFull] = None
+    with others_finish_first(f"{tool} (process {process_index}/{num_processes})"):
+        try:
+            return work()
+        except DiskFull as error:
+            full = error
+    say_disk_full(str(full), "extract the remaining files")
+    return None
+
+
 def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, include_text: bool, device: torch.device,
                    process_index: int = 0, num_processes: int = 1, tool: str = "extract",
-                   kinds: Optional[Dict[str, str]] = None) -> int:
+                   kinds: Optional[Dict[str, str]] = None,
+                   record_settings: Optional[Callable[[], Dict[str, Any]]] = None) -> int:
     """Plan, shard across processes, extract, report. Returns the exit status (0 ok, 1 some failed, 2 usage).
 
     ``kinds`` (extension → runner kind) defaults to music, and text when ``include_text``.
+    ``record_settings`` gives what the features depend on, checked against and kept in the output folder's
+    :mod:`record <clamp2.extraction.record>` (rank 0 calls it).
     """
+    from .record import RECORD_NAME, begin_record, drop_stale_features, finish_record
     import sys
 
     from clamp2.progress import progress_bar, write_line
@@ -946,6 +964,14 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
         wanted = ", ".join(sorted(kinds))
         print(f"error: no input files ({wanted}) under {args.input_dir}", file=sys.stderr)
         return 2
+    record = None
+    if record_settings is not None:
+        record = begin_record(args.output_dir, record_settings, args.overwrite,
+                              lambda: any(finished_output(job.output) for job in plan.jobs), process_index)
+        if record.problem:
+            if process_index == 0:
+                print(f"error: {record.problem}", file=sys.stderr)
+            return 2
     jobs = shard(plan.jobs, process_index, num_processes)
     skipped: List[Path] = []
     if not args.overwrite:
@@ -964,28 +990,33 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
         write_line(f"failed: {path}: {reason}")
     if getattr(args, "compile", False):
         runners = compile_runners(runners)
-    full: Optional[DiskFull] = None
     try:
-        # An unexpected error of this process waits for the others' shares (torchrun would stop them); a full
-        # disk is the run's end, said below.
-        with others_finish_first(f"{tool} (process {process_index}/{num_processes})"):
-            try:
-                result = extract_jobs(jobs, runners, device, per_position, batch_size=args.batch_size,
-                                      files_per_chunk=args.files_per_chunk, num_workers=args.num_workers,
-                                      on_file_done=on_done, batch_tokens=getattr(args, "batch_tokens", 0))
-            except DiskFull as error:
-                full = error
+        def work():
+            return extract_jobs(jobs, runners, device, per_position, batch_size=args.batch_size,
+                                files_per_chunk=args.files_per_chunk, num_workers=args.num_workers,
+                                on_file_done=on_done, batch_tokens=getattr(args, "batch_tokens", 0))
+
+        result = extract_share(work, tool, process_index, num_processes)
     finally:
         bar.close()
-    if full is not None:  # not one failure per remaining file, nor a traceback writing the log on the full disk
-        say_disk_full(str(full), "extract the remaining files")
-        wait_for_all_processes()
+    if result is None:  # a full disk, said
+        wait_for_all_processes(done=False)
         return 1
     failures += result.failures
+    if record is not None:
+        outputs = {job.path: job.output for job in jobs}
+        drop_stale_features(record, (outputs[path] for path, _ in result.failures if path in outputs))
     suffix = f"_{process_index}" if num_processes > 1 else ""
     log = write_failure_log(args.output_dir, f"failed_{tool}{suffix}.log", failures, args.input_dir)
     where = f" (process {process_index}/{num_processes})" if num_processes > 1 else ""
     print(f"{tool}{where}: extracted {result.written}, skipped {len(skipped)} existing, failed {len(failures)}"
           + (f" (see {log})" if log else ""), file=sys.stderr)
-    wait_for_all_processes()  # a process that exits 1 first must not make torchrun stop the others
+    # A process that exits 1 first must not make torchrun stop the others.
+    every_share_done = wait_for_all_processes()
+    if record is not None:
+        try:
+            finish_record(record, args.output_dir, every_share_done, process_index)
+        except OSError as exc:
+            print(f"error: cannot write {args.output_dir / RECORD_NAME}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     return 1 if failures else 0

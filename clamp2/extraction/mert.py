@@ -242,17 +242,18 @@ class FolderRun:
 
 def extract_folder(extractor: MertFeatureExtractor, input_dir: Path, output_dir: Path, *, overwrite: bool = False,
                    num_workers: int = 0, process_index: int = 0, num_processes: int = 1, progress: bool = True,
-                   tool: str = "extract_mert") -> FolderRun:
+                   tool: str = "extract_mert", plan: Optional[Plan] = None) -> FolderRun:
     """Every audio file under ``input_dir`` → ``output_dir/<relative folder>/<stem>.npy``; failures logged.
 
     Raises :class:`clamp2.files.DiskFull` at the first output a full disk (or quota) refuses.
 
     The plan depends on the file listing only, so every process of an ``accelerate launch`` shards
-    the same list; existing outputs are skipped per process afterwards.
+    the same list; existing outputs are skipped per process afterwards. ``plan``: the caller's
+    :func:`plan_audio_jobs` of the same folders (not listed twice).
     """
     from ..progress import progress_bar, write_line
 
-    plan = plan_audio_jobs(input_dir, output_dir)
+    plan = plan if plan is not None else plan_audio_jobs(input_dir, output_dir)
     jobs = shard(plan.jobs, process_index, num_processes)
     skipped: List[Path] = []
     if not overwrite:
