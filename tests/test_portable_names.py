@@ -107,3 +107,22 @@ def test_feature_folders_leave_out_the_appledouble_files_a_mac_writes(tmp_path):
     features = read_features(folder, progress=False)
     assert (features.names, features.skipped) == (["a.npy", "b.npy"], [])
     assert build_index(folder, tmp_path / "index").skipped == []
+
+
+def test_summaries_of_inputs_one_file_on_a_folding_output_folder_are_failures(tmp_path, monkeypatch):
+    # The summaries' own collision rule (a.json beside a.JSON) is the same as the converters' on macOS or Windows.
+    from clamp2.convert.summarize import summarize_folder
+
+    if _folds_here(tmp_path) != (False, False):
+        pytest.skip("the test folder's file system folds names itself")
+    monkeypatch.setattr(files, "name_folding", lambda folder: (True, True), raising=False)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    for name in ("Song.json", "song.json"):
+        (tmp_path / "in" / name).write_text('{"title": "x"}', encoding="utf-8")
+    (tmp_path / "out" / "Song.json").write_text('{"done": true}', encoding="utf-8")  # no request needed
+    failed = []
+    counts = summarize_folder(tmp_path / "in", tmp_path / "out", client=None, model="m", progress=False,
+                              echo=failed.append)
+    assert counts.skipped == 1
+    assert len(failed) == 1 and "song.json" in failed[0] and files.ONE_FILE_THERE in failed[0]

@@ -37,8 +37,8 @@ from typing import Any, Callable
 
 import openai
 
-from clamp2.files import (atomic_write_text, disk_full_error, find_files, finished_output, log_line, mirror_path,
-                          write_file_log)
+from clamp2.files import (ONE_FILE_THERE, atomic_write_text, disk_full_error, find_files, finished_output, log_line,
+                          mirror_path, output_aliases, write_file_log)
 
 FAILURE_LOG_NAME = "failed_summaries.log"
 DEFAULT_SEED = 0
@@ -540,6 +540,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     problems: list[tuple[Path, str]] = []  # a sub-folder that cannot be listed: a failure, not left out
     sources = find_files(input_dir, [".json"], problems)
     early_failures = [(_relative_posix(path, input_dir), reason) for path, reason in problems]
+    planned: list[tuple[str, Path, Path]] = []
     for input_path in sources:
         relative_path = _relative_posix(input_path, input_dir)
         output_path = mirror_path(input_path, input_dir, output_dir, ".json")
@@ -548,7 +549,12 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
             early_failures.append((relative_path, f"same output as {claimed[output_path]}"))
             continue
         claimed[output_path] = relative_path
-        if finished_output(output_path):
+        planned.append((relative_path, input_path, output_path))
+    aliases = output_aliases(output for _, _, output in planned)  # Song.json and song.json on macOS or Windows
+    for relative_path, input_path, output_path in planned:
+        if output_path in aliases:
+            early_failures.append((relative_path, f"same output as {claimed[aliases[output_path]]} ({ONE_FILE_THERE})"))
+        elif finished_output(output_path):
             counts.skipped += 1
         else:
             jobs.append((relative_path, input_path, output_path))
