@@ -305,6 +305,16 @@ class _Extractor:
     def _settings(self, per_position: bool) -> Dict[str, Any]:
         raise NotImplementedError
 
+    def feature_settings(self, per_position: bool) -> Dict[str, Any]:
+        """What this model's features depend on: the cache namespace's settings without this package's version and
+        code (an output folder's record, :mod:`clamp2.extraction.record`, outlives an upgrade)."""
+        from .cache import user_weights_fingerprint
+
+        sha256 = self._weights_sha256 or (self._weights_hash() if self.cache is not None
+                                          else user_weights_fingerprint(self.weights_path))
+        return {"model": self.model_kind, "weights_sha256": sha256, "per_position": per_position, "dtype": self.dtype,
+                **self._settings(per_position)}
+
     def _cache_namespace(self, per_position: bool):
         from .cache import code_fingerprint
         from .extraction.model_inputs import CONVERTER_SETTINGS

@@ -9,8 +9,9 @@ images (.png/.jpg/.jpeg, captioned by BLIP, each caption printed), sheet music (
 MIDI (.mid/.midi), audio (.wav/.mp3/.flac/.ogg, through MERT), ABC or MTF. Each file becomes
 OUTPUT_DIR/<same sub-folder>/<name without its extension>.npy: [1, D] with --get_global, else the
 per-position states [1, L, H]; inputs that would write the same .npy (a.mid and a.midi) fail, named.
-Existing outputs are kept and their inputs skipped (a re-run resumes; .npy files in an
-OUTPUT_DIR inside INPUT_DIR, or equal to it, are outputs, never read as inputs);
+Existing outputs are kept and their inputs skipped (a re-run resumes; one with other weights or flags is
+refused, naming the difference: OUTPUT_DIR/extraction_settings.json; --overwrite encodes everything again;
+.npy files in an OUTPUT_DIR inside INPUT_DIR, or equal to it, are outputs, never read as inputs);
 features come through the content-hash cache, so inputs seen before (by any command) cost no model
 work. Exit status: 0 ok, 1 some files could not be encoded (listed) or no modality, 2 usage or model error.
 """
@@ -34,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("output_dir", type=Path, help="folder for the .npy features (mirrors input_dir)")
     parser.add_argument("--get_global", action="store_true",
                         help="one global [1, D] feature per file (else per-position [1, L, H])")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="encode every file again, also those with a feature in OUTPUT_DIR (needed to replace "
+                             "features of other weights or flags)")
     add_arguments(parser, outputs=False)
     return parser.parse_args(argv)
 
@@ -41,6 +45,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import numpy as np
 
+    from clamp2.extraction.record import begin_record, drop_stale_features, finish_record
     from clamp2.files import atomic_path, finished_output, mirror_outputs, remove_partial_files_of
     from clamp2.search import clamp3
 
@@ -60,7 +65,16 @@ def main(argv=None) -> int:
         remove_partial_files_of(outputs.values())  # a killed run's temporary files (a live writer's stay)
         for file, reason in collisions:
             print(f"failed: {file.relative_to(root)}: {reason}", file=sys.stderr)
-        todo = [file for file, output in outputs.items() if not finished_output(output)]  # an empty one is redone
+
+        def settings():  # of the model only: one folder may hold the features of several modalities
+            return {"tool": "clamp3_embd", **family.model().feature_settings(per_position=not args.get_global)}
+
+        record = begin_record(args.output_dir, settings, args.overwrite,
+                              lambda: any(finished_output(output) for output in outputs.values()))
+        if record.problem:
+            raise ValueError(record.problem)
+        # An empty output is redone.
+        todo = [file for file, output in outputs.items() if args.overwrite or not finished_output(output)]
         side = family.encode(todo, args.input_dir, modality, normalize=args.get_global,
                              progress=not args.no_progress) if todo else None
         written = 0
@@ -79,6 +93,8 @@ def main(argv=None) -> int:
                                               "resume") from None
                 written += 1
         failures = collisions + (side.failures if side is not None else [])
+        drop_stale_features(record, (outputs[root / name] for name, _ in failures if root / name in outputs))
+        finish_record(record, args.output_dir, every_share_done=True)
         source = f" ({side.computed} encoded, {side.cached} from cache)" if side is not None else ""
         print(f"clamp3_embd: {written} features written to {args.output_dir}{source}, {len(outputs) - len(todo)} "
               f"already there, {len(failures)} failed", file=sys.stderr)

@@ -494,6 +494,28 @@ def test_embd_mirrors_folders_skips_existing_and_uses_the_cache(tiny_env, raw, t
     assert code == 0 and np.load(tmp_path / "pp" / "multi.npy").ndim == 3  # per-position without --get_global
 
 
+def test_embd_refuses_a_folder_of_features_from_other_flags_and_overwrite_replaces_them(tiny_env, raw, tmp_path,
+                                                                                       scripts, capsys):
+    # clamp3_embd then clamp3_embd --get_global into one folder: "0 features written, 3 already there", per-position
+    # features kept under the name of global ones.
+    from clamp2.extraction.record import RECORD_NAME
+
+    _, texts = raw
+    out = tmp_path / "f"
+    code, _, err = run(scripts["embd"], [texts, out, "--no_cache", *CLAMP2], capsys)
+    assert code == 0, err
+    per_position = np.load(out / "multi.npy")
+    code, _, err = run(scripts["embd"], [texts, out, "--get_global", "--no_cache", *CLAMP2], capsys)
+    assert code == 2 and "per_position: true then, false now" in err and "--overwrite" in err
+    assert np.array_equal(np.load(out / "multi.npy"), per_position)
+    code, _, err = run(scripts["embd"], [texts, out, "--get_global", "--overwrite", "--no_cache", *CLAMP2], capsys)
+    assert code == 0 and "3 features written" in err
+    assert np.load(out / "multi.npy").shape == (1, 48)
+    assert json.loads((out / RECORD_NAME).read_text())["settings"]["per_position"] is False
+    code, _, err = run(scripts["embd"], [texts, out, "--get_global", "--no_cache", *CLAMP2], capsys)
+    assert code == 0 and "3 already there" in err
+
+
 def test_embd_reports_inputs_that_would_write_the_same_feature(tiny_env, raw, tmp_path, scripts, capsys):
     # a.txt and a.TXT (as a.mid and a.midi, a.wav and a.flac) would both write a.npy: both fail, named;
     # the other files are written, and the exit status says some failed.
@@ -539,8 +561,8 @@ def test_embd_rerun_removes_a_killed_runs_temporary_files(tiny_env, raw, tmp_pat
     (out / "sub" / ".bwv10.npy.4567cdef.partial").write_bytes(b"")
     code, _, err = run(scripts["embd"], [texts, out, "--get_global", "--no_cache", *CLAMP2], capsys)
     assert code == 0, err
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["bwv10.7.npy", "multi.npy", "sub",
-                                                                            "sub/bwv10.npy"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["bwv10.7.npy", "extraction_settings.json",
+                                                                            "multi.npy", "sub", "sub/bwv10.npy"]
 
 
 def test_raw_query_search(tiny_env, raw, tmp_path, scripts, capsys):
@@ -671,7 +693,7 @@ def test_decompression_bomb_is_one_failure_not_the_end_of_the_batch(tiny_env, ti
     assert code == 1 and lines[0] == "Detected input modality: img" and lines[1].startswith('Caption of "good.png": ')
     assert [line for line in err.splitlines() if line.startswith("failed:")] == \
         [f"failed: {tmp_path / 'photos' / 'huge.png'}: {failed[0][1]}"]
-    assert sorted(p.name for p in (tmp_path / "feats").iterdir()) == ["good.npy"]
+    assert sorted(p.name for p in (tmp_path / "feats").glob("*.npy")) == ["good.npy"]
 
 
 def test_empty_caption_is_named_as_the_other_image_failures(tiny_env, tiny_blip, tmp_path, scripts, capsys,
@@ -852,7 +874,7 @@ def test_abc_and_mtf_beside_one_of_the_originals_modalities_are_ignored(demo, tm
     assert code == 0, err
     assert lines == ["Detected input modality: mid"]
     assert f"note: {midi}: reading its 2 mid files; 1 .abc/.mtf file beside them ignored" in err
-    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["banish_misfortune.npy", "bwv26.6.npy"]
+    assert sorted(p.name for p in (tmp_path / "f").glob("*.npy")) == ["banish_misfortune.npy", "bwv26.6.npy"]
     (midi / "bwv26.6.abc").write_text("X:1\n")  # an .abc and an .mtf per MIDI file at most: still MIDI
     code, lines, err = run(scripts["embd"], [midi, tmp_path / "f", "--get_global", *CLAMP3], capsys)
     assert code == 0 and "2 .abc/.mtf files beside them ignored" in err
