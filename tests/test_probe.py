@@ -351,6 +351,23 @@ def test_inference_labels_do_not_depend_on_batch_size(tmp_path, train_cls, infer
     assert np.abs(one - many).max() < 1e-5
 
 
+def test_inference_under_torchrun_runs_in_process_0_alone(tmp_path, train_cls, inference_cls, data, capsys,
+                                                          monkeypatch):
+    # Every process classified every file and wrote the same output file.
+    folder, _ = data
+    assert run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "p.pth", "--epochs", "1",
+                           *FAST], capsys)[0] == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        out_file = tmp_path / f"pred{rank}.json"
+        code, out, err = run(inference_cls, [folder / "eval", out_file, "--weights", tmp_path / "p.pth",
+                                             "--no_progress"], capsys)
+        assert code == 0, err
+        assert out_file.exists() == (rank == "0") and ("classified 60 file(s)" in out) == (rank == "0")
+    assert "process 0 classifies every file" in err
+
+
 def test_inference_keys_spell_the_folder_as_given(tmp_path, train_cls, inference_cls, data, capsys, monkeypatch):
     # The reference's keys are os.path.join(root, file) from os.walk(folder as typed): ./f/a.npy stays so.
     import os

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import CheckpointError, exclusive_run
 from ..cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
-from ..distributed import DistInfo, distributed_context
+from ..distributed import DistInfo, distributed_context, env_int
 from ..files import write_text_or_say
 from ..training.data import split_eval
 from .data import (FeatureError, FeatureSet, ProbeUsageError, check_classes, discover, label_map, label_of,
@@ -309,6 +309,14 @@ def run_cross_validation(folds: int, features: FeatureSet, skipped: Skipped, set
 # -- inference_cls.py ------------------------------------------------------------------------------
 
 def inference_command(args) -> int:
+    world_size, rank = env_int("WORLD_SIZE", 1), env_int("RANK", 0)
+    if world_size > 1:
+        # Under torchrun every process classified every file and wrote the same output: the features are
+        # precomputed and a linear probe over them takes seconds, so process 0 does it alone.
+        if rank != 0:
+            return EXIT_OK
+        print(f"note: launched with WORLD_SIZE={world_size}: process 0 classifies every file, the others stop "
+              "(one process is enough for precomputed features)", file=sys.stderr)
     problem = cuda_problem(args.device) or ("--batch_size must be at least 1" if args.batch_size < 1 else None)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
