@@ -126,3 +126,28 @@ def test_summaries_of_inputs_one_file_on_a_folding_output_folder_are_failures(tm
                               echo=failed.append)
     assert counts.skipped == 1
     assert len(failed) == 1 and "song.json" in failed[0] and files.ONE_FILE_THERE in failed[0]
+
+
+def test_search_warns_of_keys_that_differ_only_in_normalization(tmp_path, capsys):
+    # Features written from NFC inputs, then the input folder re-synced from a Mac (NFD names) and the extraction
+    # run again: two features of one piece, shown as two results that look the same, without a word.
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import REPO_ROOT
+
+    folder = tmp_path / "features"
+    folder.mkdir()
+    for stem in (NFC, NFD, "Song", "song"):
+        np.save(folder / f"{stem}.npy", np.ones((1, 4), np.float32))
+    np.save(tmp_path / "query.npy", np.ones((1, 4), np.float32))
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "semantic_search" / "semantic_search.py"),
+                           str(tmp_path / "query.npy"), str(folder), "--top_k", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "differ only in Unicode normalization" in warnings[0]  # Song/song: two pieces
+    assert ascii(NFC) in warnings[0] and ascii(NFD) in warnings[0]
+    assert len(done.stdout.strip().splitlines()) >= 4  # both kept

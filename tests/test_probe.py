@@ -351,6 +351,29 @@ def test_inference_labels_do_not_depend_on_batch_size(tmp_path, train_cls, infer
     assert np.abs(one - many).max() < 1e-5
 
 
+def test_classes_differing_only_in_case_or_normalization_are_trained_apart_with_a_warning(tmp_path, train_cls, data,
+                                                                                        capsys):
+    # As in the reference, the label is the file name up to the first "_": Folk_… and folk_… (or a label a Mac wrote
+    # in NFD beside the same one typed in NFC) were two classes without a word.
+    import unicodedata
+
+    folder, _ = data
+    for index, path in enumerate(sorted((folder / "train").glob("folk_*.npy"))):
+        if index % 2:
+            path.rename(path.with_name("Folk" + path.name[len("folk"):]))
+    for path in sorted((folder / "train").glob("jazz_*.npy"))[:20]:
+        path.rename(path.with_name(unicodedata.normalize("NFD", "jäzz") + path.name[len("jazz"):]))
+    for path in sorted((folder / "train").glob("jazz_*.npy")):
+        path.rename(path.with_name(unicodedata.normalize("NFC", "jäzz") + path.name[len("jazz"):]))
+    code, out, err = run(train_cls, ["--train_folders", folder / "train", "--weights", tmp_path / "p.pth",
+                                     "--epochs", "1", *FAST], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: the classes")]
+    assert len(warnings) == 2, err
+    assert "'Folk', 'folk'" in warnings[0] and "'j\\xe4zz'" in warnings[1] and "'ja\\u0308zz'" in warnings[1]
+    assert len(read_checkpoint(tmp_path / "p.pth")["labels"]) == 5  # still five classes, as in the reference
+
+
 def test_inference_under_torchrun_runs_in_process_0_alone(tmp_path, train_cls, inference_cls, data, capsys,
                                                           monkeypatch):
     # Every process classified every file and wrote the same output file.

@@ -97,6 +97,12 @@ def list_skipped(dist_info: DistInfo, skipped: Skipped, what: str = "skipped") -
             print(f"{what}: {path}: {reason}", file=sys.stderr, flush=True)
 
 
+def say_warnings(dist_info: DistInfo, lines: Sequence[str]) -> None:
+    if dist_info.is_main:
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
+
+
 def skipped_record(skipped: Skipped) -> List[Dict[str, str]]:
     return [{"path": str(path), "reason": reason} for path, reason in skipped]
 
@@ -199,7 +205,7 @@ def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
         if not train_indices:
             raise ProbeUsageError(f"{len(eval_indices)} usable file(s) leave none for training after the "
                                   f"{args.eval_split:g} eval split: add files or give --eval_folders")
-    check_classes([features.labels[i] for i in train_indices], "the training set")
+    say_warnings(dist_info, check_classes([features.labels[i] for i in train_indices], "the training set"))
     classes = label_map(features.labels[i] for i in train_indices)
     unseen = [(features.paths[i], f"label '{features.labels[i]}' has no training file, so the probe cannot "
                                   "predict it") for i in eval_indices if features.labels[i] not in classes]
@@ -261,7 +267,7 @@ def run_cross_validation(folds: int, features: FeatureSet, skipped: Skipped, set
     from sklearn.model_selection import StratifiedKFold
 
     labels = list(features.labels)
-    check_classes(labels, "the training set")
+    say_warnings(dist_info, check_classes(labels, "the training set"))
     classes = label_map(sorted(set(labels)))
     too_few = [f"'{label}' ({count})" for label, count in sorted(Counter(labels).items()) if count < folds]
     if too_few:

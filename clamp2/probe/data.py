@@ -208,12 +208,23 @@ def label_map(labels: Sequence[str]) -> Dict[str, int]:
     return classes
 
 
-def check_classes(labels: Sequence[str], what: str) -> None:
+def check_classes(labels: Sequence[str], what: str) -> List[str]:
+    """Raises when ``labels`` name fewer than two classes; returns a warning line per group of classes whose
+    names differ only in case or Unicode normalization (``Jig``/``jig``; ``Ländler`` as a Mac writes it, NFD, and
+    as typed, NFC): they stay apart, as in the reference, but are likely one class."""
+    from ..files import name_key
+
     classes = sorted(set(labels))
     if len(classes) < 2:
         found = f"only the class '{classes[0]}'" if classes else "no class"
         raise ProbeUsageError(f"{what} has {found}: a classifier needs files of at least two labels "
                               f"(the label is the file name up to the first '{LABEL_SEPARATOR}')")
+    alike: Dict[str, List[str]] = {}
+    for label in classes:
+        alike.setdefault(name_key(label), []).append(label)
+    return [f"warning: the classes {', '.join(ascii(label) for label in group)} of {what} differ only in case or "
+            "Unicode normalization: they are trained as different classes (rename the files if they are one)"
+            for group in alike.values() if len(group) > 1]
 
 
 # -- batches -------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def unique_by_key(features: FeatureSet) -> tuple[FeatureSet, list[str]]:
     for row, key in enumerate(features.keys):
         position[key] = row
     if len(position) == len(features.keys):
-        return features, []
+        return features, normalization_twins(position, features.source)
     seen: dict[str, list[str]] = {}
     for name, key in zip(features.names, features.keys):
         seen.setdefault(key, []).append(name)
@@ -144,7 +144,22 @@ def unique_by_key(features: FeatureSet) -> tuple[FeatureSet, list[str]]:
                 for key, names in seen.items() if len(names) > 1]
     # Order of first occurrence (a dict keeps the first insertion's place), value of the last.
     rows = np.fromiter(position.values(), dtype=np.int64, count=len(position))
-    return features.take(rows), warnings
+    return features.take(rows), warnings + normalization_twins(position, features.source)
+
+
+def normalization_twins(keys, source) -> list[str]:
+    """A warning line per group of keys that differ only in Unicode normalization (``Für`` as typed, NFC, and as a
+    Mac writes file names, NFD): one piece whose feature was written twice when its input folder came back from a
+    Mac, shown as two results that look the same. Both are kept (they are two files, as in the reference)."""
+    import unicodedata
+
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        if not key.isascii():  # ASCII has one normal form: the usual corpus costs one check per key
+            groups.setdefault(unicodedata.normalize("NFC", key), []).append(key)
+    return [f"warning: the keys {', '.join(ascii(key) for key in group)} of {source} differ only in Unicode "
+            "normalization (the same name as typed and as a Mac writes it): both are kept; remove one if they are "
+            "one piece" for group in groups.values() if len(group) > 1]
 
 
 class NpyRowReader:
