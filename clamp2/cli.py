@@ -20,6 +20,19 @@ from typing import NoReturn
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def print_names_as_bytes() -> None:
+    """stdout writes a file name that is not UTF-8 (``b"\\xff.mid"``, legal on Linux) as its bytes, as ``ls`` does.
+
+    Under a usual ``LANG=en_US.UTF-8`` stdout encodes strictly: a search listing such a file, or a script naming
+    it, died with UnicodeEncodeError after its work was done (stderr already escapes them)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") == "utf8":
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # a stream that cannot change its error handler: left as it is
+            pass
+
+
 def interrupt_in_one_line() -> None:
     """Make an uncaught KeyboardInterrupt (Ctrl-C) print one line instead of a traceback.
 
@@ -27,7 +40,9 @@ def interrupt_in_one_line() -> None:
     Only the printing changes: ``finally`` blocks and context managers have already run, and Python
     still ends the process by SIGINT (a shell's ``$?`` is 130, a parent's ``returncode`` -2). Outputs
     are written atomically and a re-run skips or resumes what is done, which the line says.
+    Being every script's first call, it also makes any file name printable (:func:`print_names_as_bytes`).
     """
+    print_names_as_bytes()
     previous = sys.excepthook
     if getattr(previous, "one_line_interrupt", False):
         return

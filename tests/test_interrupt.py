@@ -103,7 +103,8 @@ def test_extraction_interrupted_mid_run_is_one_line_and_a_rerun_finishes_it(vect
     assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1] == f"extract_m3.py: {ONE_LINE}"
-    assert [p.name for p in out.rglob("*") if p.is_file() and p.suffix != ".npy"] == []  # no partial file
+    # No partial file; the settings record is written before the first feature.
+    assert [p.name for p in out.rglob("*") if p.is_file() and p.suffix != ".npy"] == ["extraction_settings.json"]
     for path in out.rglob("*.npy"):
         np.load(path)
     rerun = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)

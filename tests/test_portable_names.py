@@ -151,3 +151,23 @@ def test_search_warns_of_keys_that_differ_only_in_normalization(tmp_path, capsys
     assert len(warnings) == 1 and "differ only in Unicode normalization" in warnings[0]  # Song/song: two pieces
     assert ascii(NFC) in warnings[0] and ascii(NFD) in warnings[0]
     assert len(done.stdout.strip().splitlines()) >= 4  # both kept
+
+
+def test_scripts_print_names_that_are_not_utf8_under_a_strict_utf8_stdout(tmp_path):
+    # LANG=en_US.UTF-8 makes stdout strict: a search listing b"\xff.npy" ended in a UnicodeEncodeError traceback.
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import REPO_ROOT
+
+    folder = tmp_path / "features"
+    folder.mkdir()
+    np.save(folder / os.fsdecode(b"\xff.npy"), np.ones((1, 4), np.float32))
+    np.save(tmp_path / "query.npy", np.ones((1, 4), np.float32))
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "semantic_search" / "semantic_search.py"),
+                           str(tmp_path / "query.npy"), str(folder)], capture_output=True, timeout=120,
+                          env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"))
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"\xff" in done.stdout and b"Traceback" not in done.stderr
