@@ -52,7 +52,9 @@ def test_m3_encode_folder_skips_and_raises_as_documented(m3, tmp_path):
                            + [p.name for p in folder.glob("*.abc") if p.name != "empty.abc"])
     assert [Path(item).name for item, _ in encoded.failures] == ["empty.abc"]  # the .txt is not music: not taken
     for item, feature in zip(encoded.items, encoded.features):
-        np.testing.assert_allclose(feature, m3.encode(item)[0], atol=1e-6)
+        # A file in a batch against the same file alone: other GEMM shapes, other rounding. The states are of
+        # size ~3 (float32 steps of 2.4e-7 to 4.8e-7): 1e-6 was 2 to 4 steps. 1e-5, as every other batch check.
+        np.testing.assert_allclose(feature, m3.encode(item)[0], atol=1e-5)
         want = np.load(VECTORS / "expected" / "feat_m3" / Path(item).suffix[1:] / (Path(item).stem + ".npy"))[0]
         np.testing.assert_allclose(feature, want, atol=1e-5)
     assert len(good) == len(encoded.features)
