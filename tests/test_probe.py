@@ -374,6 +374,35 @@ def test_classes_differing_only_in_case_or_normalization_are_trained_apart_with_
     assert len(read_checkpoint(tmp_path / "p.pth")["labels"]) == 5  # still five classes, as in the reference
 
 
+def test_a_report_that_cannot_be_written_is_one_line_and_a_rerun_writes_it(tmp_path, train_cls, inference_cls, data,
+                                                                          capsys, monkeypatch):
+    # A full disk at the report's plots: a traceback once the probe was trained and saved.
+    import errno
+
+    from clamp2.probe import report
+
+    folder, _ = data
+    plot = report.plot_confusion_matrix
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_confusion_matrix", full)
+    args = ["--train_folders", folder / "train", "--weights", tmp_path / "p.pth", "--epochs", "1", *FAST]
+    code, out, err = run(train_cls, args, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"error: cannot write the report in {tmp_path / 'p_report'}: No space left "
+                                            f"on device; the weights {tmp_path / 'p.pth'} are saved: free space and run "
+                                            "the same command again to write it")
+    code, out, err = run(inference_cls, [folder / "eval", tmp_path / "o.json", "--weights", tmp_path / "p.pth",
+                                         "--evaluate", "--no_progress"], capsys)
+    assert code == 1 and "Traceback" not in err and (tmp_path / "o.json").exists()
+    assert f"the predictions {tmp_path / 'o.json'} are written" in err
+    monkeypatch.setattr(report, "plot_confusion_matrix", plot)
+    assert run(train_cls, args, capsys)[0] == 0
+    assert (tmp_path / "p_report" / "confusion_matrix.png").exists()
+
+
 def test_inference_under_torchrun_runs_in_process_0_alone(tmp_path, train_cls, inference_cls, data, capsys,
                                                           monkeypatch):
     # Every process classified every file and wrote the same output file.

@@ -97,6 +97,18 @@ def list_skipped(dist_info: DistInfo, skipped: Skipped, what: str = "skipped") -
             print(f"{what}: {path}: {reason}", file=sys.stderr, flush=True)
 
 
+def report_written(report_dir: Path, kept: str, *args, **kwargs) -> bool:
+    """:func:`write_report`; a report that cannot be written (a full disk, a read-only folder) is one line naming the
+    folder and what is kept, and False (it was a traceback after the work it reports on was done and saved)."""
+    try:
+        write_report(report_dir, *args, **kwargs)
+    except OSError as error:
+        print(f"error: cannot write the report in {report_dir}: {error.strerror or error}; {kept}", file=sys.stderr,
+              flush=True)
+        return False
+    return True
+
+
 def say_warnings(dist_info: DistInfo, lines: Sequence[str]) -> None:
     if dist_info.is_main:
         for line in lines:
@@ -232,8 +244,10 @@ def run_training(args, settings: ProbeSettings, dist_info: DistInfo) -> int:
         }
         title = (f"hold-out evaluation of {settings.weights_path.name}, best epoch {result.best_epoch} "
                  f"({len(eval_indices)} eval files)")
-        write_report(report_dir, metrics, names, targets, predictions, [("", result.history, result.best_epoch)],
-                     title=title)
+        if not report_written(report_dir, f"the weights {settings.weights_path} are saved: free space and run the "
+                              "same command again to write it", metrics, names, targets, predictions,
+                              [("", result.history, result.best_epoch)], title=title):
+            return EXIT_SOME_FAILED
         best = metrics["eval"]
         say(dist_info, f"Best Eval Epoch : {result.best_epoch}\nMax Eval Accuracy : {result.max_eval_acc}")
         say(dist_info, f"probe training done: {ran(result, settings)}, best epoch {result.best_epoch}: eval accuracy "
@@ -306,8 +320,10 @@ def run_cross_validation(folds: int, features: FeatureSet, skipped: Skipped, set
             "settings": settings.record(), "world_size": dist_info.world_size,
             "histories": {name: history for name, history, _ in histories}, "skipped": skipped_record(skipped),
         }
-        write_report(report_dir, metrics, names, targets.tolist(), predictions, histories,
-                     title=f"{summary}\nper-class scores of the out-of-fold predictions")
+        if not report_written(report_dir, "the folds' weights are saved: free space and run the same command again "
+                              "to write it", metrics, names, targets.tolist(), predictions, histories,
+                              title=f"{summary}\nper-class scores of the out-of-fold predictions"):
+            return EXIT_SOME_FAILED
         say(dist_info, f"{summary}; report {report_dir}{skipped_note(skipped)}")
     return EXIT_SOME_FAILED if skipped else EXIT_OK
 
@@ -349,13 +365,14 @@ def inference_command(args) -> int:
     if not write_text_or_say(args.output_file, json.dumps(results)):  # the reference's json.dump: one line, ASCII
         return EXIT_USAGE
     unscored: Skipped = []
+    reported = True
     if args.evaluate:
-        unscored = evaluate_predictions(args, probe.class_names, features, probabilities, skipped)
+        unscored, reported = evaluate_predictions(args, probe.class_names, features, probabilities, skipped)
     problems = len(skipped) + len(unscored)
     print(f"classified {len(results)} file(s) into {args.output_file}"
           f"{f'; {len(skipped)} skipped' if skipped else ''}"
           f"{f', {len(unscored)} not scored' if unscored else ''}{' (listed above)' if problems else ''}", flush=True)
-    return EXIT_SOME_FAILED if problems else EXIT_OK
+    return EXIT_SOME_FAILED if problems or not reported else EXIT_OK
 
 
 def as_given(path: Path, given: str | os.PathLike) -> str:
@@ -371,8 +388,9 @@ def as_given(path: Path, given: str | os.PathLike) -> str:
 
 
 def evaluate_predictions(args, class_names: Sequence[str], features: FeatureSet, probabilities: Optional[np.ndarray],
-                         skipped: Skipped) -> Skipped:
-    """Score predictions against the labels in the file names; returns the files that could not be scored."""
+                         skipped: Skipped) -> Tuple[Skipped, bool]:
+    """Score predictions against the labels in the file names; returns the files that could not be scored, and
+    whether the report (if any) was written."""
     classes = {name: index for index, name in enumerate(class_names)}
     scored, targets, unscored = [], [], []
     for row, path in enumerate(features.paths):
@@ -392,15 +410,16 @@ def evaluate_predictions(args, class_names: Sequence[str], features: FeatureSet,
     if not scored:
         print("note: no file could be scored against its label (reasons listed above); no report written",
               file=sys.stderr)
-        return unscored
+        return unscored, True
     predictions = probabilities[scored].argmax(axis=1).tolist()
     metrics = {"mode": "inference", "weights": str(args.weights), "classes": list(class_names),
                "files": {"scored": len(scored), "not_scored": len(unscored), "skipped": len(skipped)},
                "eval": {"loss": scores(probabilities[scored], targets)["loss"],
                         **class_table(targets, predictions, class_names)},
                "skipped": skipped_record(skipped), "not_scored": skipped_record(unscored)}
-    write_report(report_dir, metrics, class_names, targets, predictions, [],
-                 title=f"{Path(args.weights).name} on {args.features} ({len(scored)} files)")
+    if not report_written(report_dir, f"the predictions {args.output_file} are written", metrics, class_names, targets,
+                          predictions, [], title=f"{Path(args.weights).name} on {args.features} ({len(scored)} files)"):
+        return unscored, False
     print(f"accuracy {metrics['eval']['accuracy']:.4f}, macro-F1 {metrics['eval']['macro_f1']:.4f} on "
           f"{len(scored)} file(s); report {report_dir}", flush=True)
-    return unscored
+    return unscored, True
