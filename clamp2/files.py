@@ -220,10 +220,23 @@ def error_chain(error: Optional[BaseException]) -> Iterator[BaseException]:
         error = error.__cause__ or error.__context__
 
 
+# How Rust writers (safetensors, tokenizers: transformers' save_pretrained) word ENOSPC/EDQUOT in errors that are not
+# OSErrors: "I/O error: No space left on device (os error 28)".
+_RUST_DISK_FULL = re.compile(r"\(os error (%s)\)" % "|".join(str(e) for e in sorted(DISK_FULL_ERRNOS)))
+
+
 def disk_full_error(error: Optional[BaseException]) -> Optional[OSError]:
     """The ENOSPC/EDQUOT OSError that ``error`` is or was raised while handling (C++ writers such as
-    ``torch.save`` turn it into a RuntimeError), or None."""
-    return next((e for e in error_chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS), None)
+    ``torch.save`` turn it into a RuntimeError; Rust writers say ``(os error 28)`` in their own error type), or
+    None."""
+    for cause in error_chain(error):
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+            return cause
+        found = _RUST_DISK_FULL.search(str(cause)) if not isinstance(cause, OSError) else None
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+    return None
 
 
 def say_disk_full(reason: str, remaining: str) -> None:

@@ -48,6 +48,30 @@ def test_a_failed_step_exits_1_and_timings_survive_a_resume(tmp_path, capsys):
     assert list(again.timings) == ["corpus"]
 
 
+def test_a_step_stopped_by_a_full_disk_in_a_library_writer_is_one_line(tmp_path, capsys):
+    # transformers' save_pretrained writes through safetensors, whose full-disk error is no OSError: a 30-line
+    # traceback at step 4 of a quick start on a small disk.
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+
+    class SafetensorError(Exception):
+        pass
+
+    def full():
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def broken():
+        raise SafetensorError("Error while serializing: header too large")
+
+    run.steps = lambda: [("corpus", lambda: None), ("text model", full)]
+    assert run.run() == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"quickstart: step 2 (text model) failed: No space left on device in {tmp_path}; free "
+                           "space and run the same command again: finished steps are kept")
+    run.steps = lambda: [("text model", broken)]
+    with pytest.raises(SafetensorError):  # anything else is not said to be a full disk
+        run.run()
+
+
 def test_corpus_step_says_train_and_held_out_counts(tmp_path, monkeypatch, capsys):
     pieces = [types.SimpleNamespace(split=s) for s in ["train"] * 8 + ["test"] * 2]
     monkeypatch.setattr(dc, "build_demo_corpus", lambda *a, **k: pieces)

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ..files import disk_full_error
 from ..progress import plural
 from ..workers import ending_with_this_process
 
@@ -269,6 +270,13 @@ class Quickstart:
                 function()
             except StepFailed as error:
                 print(f"quickstart: step {number} ({name}) failed: {error}", file=sys.stderr)
+                return 1
+            except Exception as error:  # a step's own writes (the text model's save_pretrained) on a full disk
+                full = disk_full_error(error)
+                if full is None:
+                    raise
+                print(f"quickstart: step {number} ({name}) failed: {full.strerror} in {self.out}; free space and run "
+                      "the same command again: finished steps are kept", file=sys.stderr)
                 return 1
             self.timings[name] = round(time.perf_counter() - t0, 1)
             print(f"-- {name}: {self.timings[name]:.0f} s", flush=True)
