@@ -33,6 +33,9 @@ _private_user_cache()
 DATA_DIR = REPO_ROOT / "tests" / "data"
 SPEC_DIR = DATA_DIR  # state-dict key lists and the language list
 VECTORS = DATA_DIR / "vectors"
+# The config of the tiny models in tests/data/vectors (tiny_m3.pth, tiny_clamp2.pth), as scripts read it.
+TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
+            "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
 
 
 def load_script(relative_path: str):
@@ -278,3 +281,20 @@ class DiskFullAfter:
 
     def free(self) -> None:
         self.writes = None
+
+
+@pytest.fixture
+def tiny_env(monkeypatch):
+    """The scripts' config set to :data:`TINY_ENV` for this test."""
+    for key, value in TINY_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="module")
+def extract_clamp2():
+    return load_script("code/extract_clamp2.py")
+
+
+@pytest.fixture(scope="module")
+def extract_m3():
+    return load_script("code/extract_m3.py")

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from clamp2.search import clamp3
-from conftest import VECTORS, DiskFullAfter, load_script
+from conftest import TINY_ENV, VECTORS, DiskFullAfter, load_script
 
-TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
-            "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
 CLAMP2 = ["--model", "clamp2", "--weights", str(VECTORS / "tiny_clamp2.pth"), "--text_model",
           str(VECTORS / "tiny_text_model"), "--num_workers", "0", "--no_progress"]
 
@@ -435,12 +433,6 @@ def test_rank_queries_equals_rank_true_matches_and_allows_shared_references():
 
 
 # -- raw files through a model family and the cache ------------------------------------------------------
-
-@pytest.fixture
-def tiny_env(monkeypatch):
-    for key, value in TINY_ENV.items():
-        monkeypatch.setenv(key, value)
-
 
 @pytest.fixture
 def raw(tmp_path):

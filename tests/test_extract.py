@@ -13,26 +13,8 @@ from clamp2.extraction.core import (combine_global, combine_positions, plan_batc
                                     window_weights)
 from clamp2.extraction.core import MusicEncoder, read_text_file
 from clamp2.patchilizer import M3Patchilizer
-from conftest import FP32_FLAGS, free_port, load_script, precision_flags, workers_outliving_a_kill
+from conftest import FP32_FLAGS, TINY_ENV, free_port, precision_flags, workers_outliving_a_kill
 
-TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
-            "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
-
-
-@pytest.fixture
-def tiny_env(monkeypatch):
-    for k, v in TINY_ENV.items():
-        monkeypatch.setenv(k, v)
-
-
-@pytest.fixture(scope="module")
-def extract_clamp2():
-    return load_script("code/extract_clamp2.py")
-
-
-@pytest.fixture(scope="module")
-def extract_m3():
-    return load_script("code/extract_m3.py")
 
 
 def clamp2_args(vectors, inp, out, *extra):

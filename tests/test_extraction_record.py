@@ -11,33 +11,13 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from clamp2.extraction import core
 from clamp2.extraction.record import RECORD_NAME, plan_record
-from conftest import REPO_ROOT, VECTORS, DiskFullAfter, free_port, load_script
+from conftest import REPO_ROOT, TINY_ENV, VECTORS, DiskFullAfter, free_port
 
-TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
-            "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
 EXPECTED = VECTORS / "expected"
-
-
-@pytest.fixture
-def tiny_env(monkeypatch, tmp_path):
-    for name, value in TINY_ENV.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))  # the weights hashes' memo
-
-
-@pytest.fixture(scope="module")
-def extract_clamp2():
-    return load_script("code/extract_clamp2.py")
-
-
-@pytest.fixture(scope="module")
-def extract_m3():
-    return load_script("code/extract_m3.py")
 
 
 def clamp2_args(out, *extra, weights=VECTORS / "tiny_clamp2.pth", inputs=VECTORS / "extract_in"):

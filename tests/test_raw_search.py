@@ -8,16 +8,8 @@ import pytest
 
 from conftest import VECTORS, load_script
 
-TINY_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
-            "CLAMP2_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16"}
 MODEL = ["--weights", str(VECTORS / "tiny_clamp2.pth"), "--text_model", str(VECTORS / "tiny_text_model"),
          "--num_workers", "0", "--no_progress"]
-
-
-@pytest.fixture
-def tiny_env(monkeypatch):
-    for key, value in TINY_ENV.items():
-        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture
