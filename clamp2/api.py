@@ -312,8 +312,9 @@ class _Extractor:
 
         sha256 = self._weights_sha256 or (self._weights_hash() if self.cache is not None
                                           else user_weights_fingerprint(self.weights_path))
+        # The variant is a name for weights: the same weights (sha256) under another file name are the same features.
         return {"model": self.model_kind, "weights_sha256": sha256, "per_position": per_position, "dtype": self.dtype,
-                **self._settings(per_position)}
+                **{k: v for k, v in self._settings(per_position).items() if k != "variant"}}
 
     def _cache_namespace(self, per_position: bool):
         from .cache import code_fingerprint

@@ -92,14 +92,20 @@ def user_weights_fingerprint(path: str | os.PathLike) -> str:
     return weights_fingerprint(path, cache_dir)
 
 
+TEXT_ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                          "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
+                          "layer_norm_eps", "pad_token_id", "position_embedding_type")
+
+
 def text_fingerprint(tokenizer, config) -> str:
     """sha256 of a tokenizer and of the text encoder's configuration (what text features depend on besides weights).
 
     Independent of where they were loaded from: a hub id and a local copy of it give the same identity."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    ignored = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
-    values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in ignored}
+    # The architecture alone: the generic keys every transformers version adds or drops (use_bfloat16, torchscript,
+    # return_dict, generation defaults...) would make an upgrade refuse every recorded output folder.
+    values = {k: v for k, v in config.to_dict().items() if k in TEXT_ARCHITECTURE_KEYS}
     return sha256_of_json([vocabulary, values])
 
 

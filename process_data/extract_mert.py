@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
     from clamp2.distributed import wait_for_all_processes
     from clamp2.extraction.arguments import folders_problem
-    from clamp2.extraction.core import extract_share, process_state
+    from clamp2.extraction.core import extract_share, planned_outputs_of, process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
     from clamp2.cache import user_weights_fingerprint
     from clamp2.extraction.record import RECORD_NAME, begin_record, drop_stale_features, finish_record
@@ -113,6 +113,8 @@ def main(argv=None) -> int:
         return EXIT_SOME_FAILED
     outputs = {job.path: job.output for job in plan.jobs}
     drop_stale_features(record, (outputs[path] for path, _ in run.failures if path in outputs))
+    if state.process_index == 0:  # inputs sharing one output: its feature is of the old settings
+        drop_stale_features(record, planned_outputs_of(plan.failures, args.input_dir, args.output_dir))
     print_summary(run, process_index=state.process_index, num_processes=state.num_processes)
     # A process that exits 1 first must not make torchrun stop the others.
     every_share_done = wait_for_all_processes()

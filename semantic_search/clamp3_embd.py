@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from clamp2.extraction.record import begin_record, drop_stale_features, finish_record
-    from clamp2.files import atomic_path, finished_output, mirror_outputs, remove_partial_files_of
+    from clamp2.files import atomic_path, finished_output, mirror_outputs, mirror_path, remove_partial_files_of
     from clamp2.search import clamp3
 
     args = parse_args(argv)
@@ -67,7 +67,19 @@ def main(argv=None) -> int:
             print(f"failed: {file.relative_to(root)}: {reason}", file=sys.stderr)
 
         def settings():  # of the model only: one folder may hold the features of several modalities
-            return {"tool": "clamp3_embd", **family.model().feature_settings(per_position=not args.get_global)}
+            model = family.model()
+            found = {"tool": "clamp3_embd", **model.feature_settings(per_position=not args.get_global)}
+            try:  # what only this modality's features depend on (record.OPTIONAL_KEYS)
+                if modality == "audio" and hasattr(model, "mert_identity"):
+                    found["mert_sha256"] = model.mert_identity()
+                elif modality == "img":
+                    from clamp2.search.captions import BLIP_MODEL, folder_fingerprint, captioner_folder
+
+                    found["captioner_sha256"] = folder_fingerprint(captioner_folder(args.captioner or BLIP_MODEL),
+                                                                    None)
+            except (ImportError, OSError, ValueError):
+                pass  # not loadable: every such input fails, named, and nothing is written for it
+            return found
 
         record = begin_record(args.output_dir, settings, args.overwrite,
                               lambda: any(finished_output(output) for output in outputs.values()))
@@ -93,7 +105,9 @@ def main(argv=None) -> int:
                                               "resume") from None
                 written += 1
         failures = collisions + (side.failures if side is not None else [])
-        drop_stale_features(record, (outputs[root / name] for name, _ in failures if root / name in outputs))
+        drop_stale_features(record, (outputs[root / name] if root / name in outputs
+                                     else mirror_path(root / name, root, args.output_dir, ".npy")
+                                     for name, _ in failures))
         finish_record(record, args.output_dir, every_share_done=True)
         source = f" ({side.computed} encoded, {side.cached} from cache)" if side is not None else ""
         print(f"clamp3_embd: {written} features written to {args.output_dir}{source}, {len(outputs) - len(todo)} "

@@ -28,7 +28,7 @@ from ..attention import Autocast, ExactFloat32, keep_overrides_eager
 from ..distributed import (before_process_group, end_with_launcher, env_int, launched_by_a_launcher,
                            others_finish_first, prepare_end_barrier, wait_for_all_processes)
 from ..files import (DiskFull, atomic_write_bytes, disk_full_error, find_files, finished_output, mirror_outputs,
-                     remove_partial_files_of, say_disk_full, write_file_log)
+                     mirror_path, remove_partial_files_of, say_disk_full, write_file_log)
 from ..patchilizer import MTF_FIRST_WORD, M3Patchilizer, split_lines
 from ..workers import exit_with_parent
 
@@ -921,6 +921,17 @@ def remove_other_failure_logs(output_dir: Path, tool: str, num_processes: int) -
             (output_dir / name).unlink(missing_ok=True)
 
 
+def planned_outputs_of(failures, input_dir: Path, output_dir: Path) -> List[Path]:
+    """The outputs that the plan's failed inputs (inputs sharing one output) would have written."""
+    found = []
+    for path, _ in failures:
+        try:
+            found.append(mirror_path(path, input_dir, output_dir, ".npy"))
+        except ValueError:  # not under the input folder
+            pass
+    return found
+
+
 def extract_share(work: Callable[[], Any], tool: str, process_index: int, num_processes: int) -> Optional[Any]:
     """This process's share of an extraction: ``work()``'s result, or ``None`` after a full disk (said in one
     line: not one failure per remaining file, nor a traceback writing the log on the full disk). An unexpected
@@ -1006,6 +1017,8 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     if record is not None:
         outputs = {job.path: job.output for job in jobs}
         drop_stale_features(record, (outputs[path] for path, _ in result.failures if path in outputs))
+        if process_index == 0:  # inputs that share one output (a.abc and a.txt): its feature is of the old settings
+            drop_stale_features(record, planned_outputs_of(plan.failures, args.input_dir, args.output_dir))
     suffix = f"_{process_index}" if num_processes > 1 else ""
     log = write_failure_log(args.output_dir, f"failed_{tool}{suffix}.log", failures, args.input_dir)
     where = f" (process {process_index}/{num_processes})" if num_processes > 1 else ""

@@ -27,9 +27,14 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 RECORD_NAME = "extraction_settings.json"
 RECORD_FORMAT = 1
+# What only some inputs' features depend on (clamp3_embd: MERT for audio files, the captioner for images): the
+# first run that uses it adds it to the record; a run without it (another modality into the same folder) is not
+# refused for it.
+OPTIONAL_KEYS = ("mert_sha256", "captioner_sha256")
 # How a setting is named in the refusal; keys not listed are shown as they are.
 LABELS = {"tool": "tool", "weights_sha256": "weights (sha256)", "features": "features", "dtype": "precision",
-          "text_sha256": "text model (sha256)", "windows": "window lengths", "layers": "MERT layers"}
+          "text_sha256": "text model (sha256)", "windows": "window lengths", "mert_sha256": "MERT (sha256)",
+          "captioner_sha256": "image captioner (sha256)"}
 
 
 @dataclass
@@ -85,8 +90,13 @@ def plan_record(output_dir: str | os.PathLike, settings: Dict[str, Any], overwri
             return RecordPlan(replacing=True, settings=settings)
         return RecordPlan(problem=f"{exc}; it records what the features there were extracted with: {fix} "
                                   "(or remove it if you know they match this run's settings)")
+    if recorded is not None:  # a run without an optional key keeps the recorded one
+        settings = {**{key: value for key, value in recorded.items() if key in OPTIONAL_KEYS}, **settings}
     if recorded == settings:
         return RecordPlan(settings=settings)
+    if recorded is not None and set(settings) - set(recorded) <= set(OPTIONAL_KEYS) and \
+            all(recorded[key] == settings[key] for key in recorded):
+        return RecordPlan(write_first=True, settings=settings)  # the first run whose inputs depend on one adds it
     if recorded is None:
         note = None
         if not overwrite and outputs_exist():

@@ -43,7 +43,7 @@ def _hub_folder(name: str) -> Optional[Path]:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def _folder_fingerprint(folder: Path, cache_dir: Optional[Path]) -> str:
+def folder_fingerprint(folder: Path, cache_dir: Optional[Path]) -> str:
     """sha256 over the folder's files (large weight files hashed once, memoized like checkpoints)."""
     from clamp2.cache import weights_fingerprint
 
@@ -161,7 +161,7 @@ def caption_images(images: Sequence[Path], captioner: str | os.PathLike = BLIP_M
     failures: List[Tuple[Path, str]] = []
     namespace = None
     if cache is not None:
-        namespace = cache.namespace({"model": CAPTION_KIND, "captioner": _folder_fingerprint(folder, cache.root),
+        namespace = cache.namespace({"model": CAPTION_KIND, "captioner": folder_fingerprint(folder, cache.root),
                                      "caption_format": CAPTION_FORMAT},
                                     {"weights": str(folder)})
     bar = progress_bar(total=len(images), desc="captioning", unit="image", enabled=progress)
