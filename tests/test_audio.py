@@ -51,7 +51,7 @@ def test_resampler_kernel_taps_are_the_float64_formula_rounded():
     assert (o, n, width) == (147, 80, math.ceil(6 * 147 / (80 * 0.99)))
     assert kernel.shape == (n, 1, 2 * width + o)
     k = np.arange(-width, width + o) / o
-    t = np.clip((k - 3 / np.float32(80)) * 80 * 0.99, -6, 6)  # phase j = 3
+    t = np.clip((k - np.float32(3) / np.float32(80)) * 80 * 0.99, -6, 6)  # phase j = 3, -j/n in float32
     expected = np.sinc(t) * np.cos(np.pi * t / 12) ** 2 * 80 * 0.99 / o
     assert np.abs(kernel[3, 0].double().numpy() - expected).max() < 1e-8
 

@@ -488,3 +488,23 @@ def test_large_finite_vectors_keep_the_original_cosine(tmp_path):
     expected = torch.cosine_similarity(torch.tensor(query)[None], torch.tensor(np.concatenate([big, other]))).tolist()
     assert Searcher(features.keys, features.matrix).top_k(query, 2) == sorted(zip(features.keys, expected),
                                                                               key=lambda t: -t[1])
+
+
+def test_a_non_finite_covariance_is_an_error_with_a_scipy_that_refuses_it(monkeypatch):
+    """SciPy before 1.16 raises ValueError for a non-finite matrix in sqrtm (1.16+ returns a non-finite root):
+    the FMD must still be an FMDError, never a bare ValueError."""
+    import scipy.linalg
+
+    from clamp2.search.fmd import FMDError, Gaussian, frechet_distance
+
+    real_sqrtm = scipy.linalg.sqrtm
+
+    def old_sqrtm(matrix, *args, **kwargs):  # scipy<1.16: np.asarray_chkfinite first
+        return real_sqrtm(np.asarray_chkfinite(matrix), *args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", old_sqrtm)
+    good = Gaussian(np.zeros(2), np.eye(2))
+    bad = Gaussian(np.zeros(2), np.array([[np.inf, 0.0], [0.0, 1.0]]))
+    with pytest.raises(FMDError):
+        frechet_distance(good, bad)
+    assert frechet_distance(good, good) == pytest.approx(0.0, abs=1e-12)

@@ -120,6 +120,10 @@ def _sqrtm(matrix: np.ndarray) -> tuple[np.ndarray, bool]:
     silenced, not acted on: a constant dimension must not move the distance."""
     import scipy.linalg
 
+    if not np.all(np.isfinite(matrix)):
+        # SciPy before 1.16 refuses a non-finite matrix (ValueError "array must not contain infs or NaNs");
+        # 1.16 and later return a non-finite root. Either way it is the non-finite root the caller acts on.
+        return matrix, True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         root = scipy.linalg.sqrtm(matrix)
