@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from clamp2.extraction.arguments import folders_problem
     from clamp2.extraction.core import extract_share, planned_outputs_of, process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
-    from clamp2.cache import user_weights_fingerprint
+    from clamp2.cache import sha256_of_file, user_weights_fingerprint
     from clamp2.extraction.record import RECORD_NAME, begin_record, drop_stale_features, finish_record
     from clamp2.files import finished_output
     from clamp2.models.mert import load_mert, resolve_mert_folder, weights_file
@@ -93,8 +93,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     def settings():  # what the features depend on (--resample_on_device: the same up to ~1e-6)
-        weights = weights_file(resolve_mert_folder(args.model))
-        return {"tool": "extract_mert", "weights_sha256": user_weights_fingerprint(weights),
+        folder = resolve_mert_folder(args.model)
+        return {"tool": "extract_mert", "weights_sha256": user_weights_fingerprint(weights_file(folder)),
+                "config_sha256": sha256_of_file(folder / "config.json"),
                 "features": "every layer" if args.all_layers else "layer mean", "dtype": args.dtype}
 
     record = begin_record(args.output_dir, settings, args.overwrite,

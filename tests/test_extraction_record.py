@@ -96,6 +96,23 @@ def test_features_without_a_record_are_kept_and_the_run_is_recorded(tiny_env, tm
     assert "no record" not in capsys.readouterr().err
 
 
+def test_an_overwrite_of_unrecorded_features_stopped_half_way_is_refused_not_resumed(tiny_env, tmp_path, extract_clamp2,
+                                                                                      monkeypatch, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(EXPECTED / "feat_clamp2_global", out)  # global features from before the folder had a record
+    full = DiskFullAfter(monkeypatch, core, "save_npy", 2)
+    monkeypatch.setattr(core, "SAVE_GROUP", 1)
+    assert extract_clamp2.main(clamp2_args(out, "--overwrite", "--batch_size", "1")) == 1  # per-position, stopped
+    full.free()
+    capsys.readouterr()
+    assert extract_clamp2.main(clamp2_args(out)) == 2  # two per-position features among five global ones
+    assert "features: unknown (extracted before the folder had a record) then, per-position now" in \
+        capsys.readouterr().err
+    assert extract_clamp2.main(clamp2_args(out, "--overwrite")) == 0
+    assert_reference(out, "feat_clamp2_raw")
+    assert recorded(out)["features"] == "per-position"
+
+
 def test_an_unreadable_record_is_named_and_overwrite_replaces_it(tiny_env, tmp_path, extract_m3, capsys):
     out = tmp_path / "out"
     args = [str(VECTORS / "extract_in"), str(out), "--weights", str(VECTORS / "tiny_m3.pth"), "--num_workers", "0",

@@ -32,9 +32,11 @@ RECORD_FORMAT = 1
 # refused for it.
 OPTIONAL_KEYS = ("mert_sha256", "captioner_sha256")
 # How a setting is named in the refusal; keys not listed are shown as they are.
+# Recorded while --overwrite replaces features that had no record: a run stopped half-way is refused, not resumed.
+UNKNOWN = {"features": "unknown (extracted before the folder had a record)"}
 LABELS = {"tool": "tool", "weights_sha256": "weights (sha256)", "features": "features", "dtype": "precision",
           "text_sha256": "text model (sha256)", "windows": "window lengths", "mert_sha256": "MERT (sha256)",
-          "captioner_sha256": "image captioner (sha256)"}
+          "captioner_sha256": "image captioner (sha256)", "config_sha256": "model configuration (sha256)"}
 
 
 @dataclass
@@ -44,6 +46,7 @@ class RecordPlan:
     note: Optional[str] = None      # said once, then the run goes on
     write_first: bool = False       # no record yet: written before extracting
     replacing: bool = False         # other settings under --overwrite: written once every share is done
+    unknown_first: bool = False     # --overwrite over unrecorded features: UNKNOWN recorded until then
     settings: Optional[Dict[str, Any]] = None
 
 
@@ -99,6 +102,8 @@ def plan_record(output_dir: str | os.PathLike, settings: Dict[str, Any], overwri
         return RecordPlan(write_first=True, settings=settings)  # the first run whose inputs depend on one adds it
     if recorded is None:
         note = None
+        if overwrite and outputs_exist():  # until every share is done, the folder holds features of unknown settings
+            return RecordPlan(replacing=True, unknown_first=True, settings=settings)
         if not overwrite and outputs_exist():
             note = (f"note: the features already in {output_dir} have no record of the settings they were extracted "
                     f"with; they are kept (--overwrite extracts them again), and {RECORD_NAME} records this run's")
@@ -134,9 +139,9 @@ def begin_record(output_dir: Path, settings: Callable[[], Dict[str, Any]], overw
     if process_index == 0 or not told:
         plan = plan_record(output_dir, settings(), overwrite, outputs_exist)
     if process_index == 0:
-        if plan.write_first and not plan.problem:
+        if (plan.write_first or plan.unknown_first) and not plan.problem:
             try:
-                write_record(output_dir, plan.settings)
+                write_record(output_dir, UNKNOWN if plan.unknown_first else plan.settings)
             except OSError as exc:
                 plan.problem = f"cannot write {Path(output_dir) / RECORD_NAME}: {exc.strerror or exc}"
         if plan.note and not plan.problem:
