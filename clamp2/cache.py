@@ -321,8 +321,13 @@ def main(argv=None) -> int:
     for n in namespaces:
         settings, about = n["settings"], n["about"]
         shape = "global" if settings.get("per_position") is False else "per-position"
+        # An older version's groups (another format, other code between a file and its feature) are never read
+        # again; they look the same as this version's otherwise.
+        stale = (settings.get("feature_format") != FEATURE_FORMAT
+                 or settings.get("code_sha256", code_fingerprint()) != code_fingerprint())
         print(f"  {n['folder'].name}  {settings.get('model', '?')} {about.get('weights', '?')}  {shape} "
-              f"{settings.get('dtype', '?')}  {n['entries']} features, {_megabytes(n['bytes'])}")
+              f"{settings.get('dtype', '?')}  {n['entries']} features, {_megabytes(n['bytes'])}"
+              + ("  (another version's: never read by this one; `clear` removes it)" if stale else ""))
     return 0
 
 

@@ -1,5 +1,6 @@
 """clamp2.cache: a changed file is re-encoded, an unchanged one never; keys follow weights and settings."""
 
+import json
 import multiprocessing
 import shutil
 from pathlib import Path
@@ -301,3 +302,20 @@ def test_a_damaged_entry_is_encoded_again_never_served(music, tmp_path):
     assert (again.computed, again.cached) == (2, 2)
     np.testing.assert_allclose(again.features, first.features, atol=1e-6)
     assert (model.encode_folder(music, progress=False).cached, len(entries)) == (4, 4)
+
+
+def test_info_marks_the_groups_an_older_version_wrote(tmp_path, capsys):
+    from clamp2.cache import FeatureCache, code_fingerprint, main
+
+    cache = FeatureCache(tmp_path)
+    settings = {"model": "clamp2", "per_position": False, "dtype": "fp32"}
+    cache.namespace({**settings, "code_sha256": code_fingerprint()}).put("a" * 64, np.zeros((1, 4), np.float32))
+    cache.namespace({**settings, "code_sha256": "0" * 64}).put("a" * 64, np.zeros((1, 4), np.float32))
+    old = tmp_path / "features" / "oldformat"  # format 1 (no code_sha256, no digest after the bytes)
+    (old / "aa").mkdir(parents=True)
+    (old / "settings.json").write_text(json.dumps({"settings": {**settings, "feature_format": 1}, "about": {}}))
+    np.save(old / "aa" / ("a" * 64 + ".npy"), np.zeros((1, 4), np.float32))
+    assert main(["info", "--cache", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 3 and sum("another version's" in line for line in lines) == 2
+    assert "another version's" in next(line for line in lines if "oldformat" in line)

@@ -113,6 +113,30 @@ def test_an_overwrite_of_unrecorded_features_stopped_half_way_is_refused_not_res
     assert recorded(out)["features"] == "per-position"
 
 
+def test_features_without_a_record_of_the_other_kind_are_refused(tiny_env, tmp_path, extract_clamp2, capsys):
+    # an older version wrote global features (--normalize) and left no record: a per-position re-run skipped them all
+    # and recorded the folder as per-position
+    out = tmp_path / "out"
+    shutil.copytree(EXPECTED / "feat_clamp2_global", out)
+    assert extract_clamp2.main(clamp2_args(out)) == 2
+    err = capsys.readouterr().err
+    assert "no record of the settings" in err and "global [1, D]" in err and "--overwrite" in err
+    assert not (out / RECORD_NAME).exists()
+    assert_reference(out, "feat_clamp2_global")
+    assert extract_clamp2.main(clamp2_args(out, "--normalize")) == 0  # the same kind: kept, and recorded
+    assert recorded(out)["features"] == "global"
+
+
+def test_plan_record_compares_the_kind_of_an_unrecorded_feature(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((1, 4), np.float32))
+    per_position = plan_record(tmp_path, {"tool": "t", "features": "per-position"}, False, lambda: tmp_path / "a.npy")
+    assert "a.npy there is global [1, D] [1, 4] while this run extracts per-position" in per_position.problem
+    same = plan_record(tmp_path, {"tool": "t", "features": "global"}, False, lambda: tmp_path / "a.npy")
+    assert same.note and same.write_first and not same.problem
+    overwrite = plan_record(tmp_path, {"tool": "t", "features": "per-position"}, True, lambda: tmp_path / "a.npy")
+    assert overwrite.replacing and overwrite.unknown_first and not overwrite.problem
+
+
 def test_an_unreadable_record_is_named_and_overwrite_replaces_it(tiny_env, tmp_path, extract_m3, capsys):
     out = tmp_path / "out"
     args = [str(VECTORS / "extract_in"), str(out), "--weights", str(VECTORS / "tiny_m3.pth"), "--num_workers", "0",

@@ -72,6 +72,21 @@ def test_a_step_stopped_by_a_full_disk_in_a_library_writer_is_one_line(tmp_path,
         run.run()
 
 
+def test_steps_an_older_version_did_are_said(tmp_path, capsys):
+    # markers of an older version are empty files: its numbers (FMD changed in 7801419) were reported as this one's
+    (tmp_path / ".done").mkdir()
+    (tmp_path / ".done" / "corpus").touch()
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    run.print_summary = lambda total: None
+    run.steps = lambda: [("corpus", lambda: None), ("convert", lambda: None)]
+    assert run.run() == 0
+    assert "done by another version of this package" in capsys.readouterr().err
+    assert (tmp_path / ".done" / "convert").read_text().strip() == pipeline.code_version()
+    (tmp_path / ".done" / "corpus").write_text(pipeline.code_version())
+    assert run.run() == 0
+    assert "another version" not in capsys.readouterr().err
+
+
 def test_corpus_step_says_train_and_held_out_counts(tmp_path, monkeypatch, capsys):
     pieces = [types.SimpleNamespace(split=s) for s in ["train"] * 8 + ["test"] * 2]
     monkeypatch.setattr(dc, "build_demo_corpus", lambda *a, **k: pieces)

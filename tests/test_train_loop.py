@@ -151,6 +151,19 @@ def test_resuming_with_other_settings_names_them_and_a_folder_in_the_way_is_refu
     assert "latest_x.pth is a folder, where this run writes a checkpoint file" in capsys.readouterr().err
 
 
+def test_a_config_record_from_before_flags_is_not_compared():
+    # checkpoints of the first week recorded code/config.py's values without the flags: no training data, the
+    # default batch size; the run's own values were in "training"
+    from clamp2.training.loop import settings_that_differ
+
+    early = {"config": {"TRAIN_FOLDERS": [], "TRAIN_JSONL": "", "M3_BATCH_SIZE": 16},
+             "training": {"batch_size": 4}}
+    assert settings_that_differ(early, {"TRAIN_FOLDERS": ["abc"], "TRAIN_JSONL": "", "M3_BATCH_SIZE": 4}) == []
+    later = {"config": {"TRAIN_FOLDERS": ["abc"], "TRAIN_JSONL": "", "M3_BATCH_SIZE": 16}}
+    assert settings_that_differ(later, {"TRAIN_FOLDERS": ["abc"], "TRAIN_JSONL": "", "M3_BATCH_SIZE": 4}) == [
+        "M3_BATCH_SIZE 16 there, 4 here"]
+
+
 def test_ranks_that_see_different_checkpoints_refuse_to_start(monkeypatch, tmp_path):
     # Nodes without a shared weights folder: each rank reads its own latest_ (or none) and they would train apart.
     from clamp2.checkpoint import CheckpointError

@@ -978,7 +978,8 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     record = None
     if record_settings is not None:
         record = begin_record(args.output_dir, record_settings, args.overwrite,
-                              lambda: any(finished_output(job.output) for job in plan.jobs), process_index)
+                              lambda: next((job.output for job in plan.jobs if finished_output(job.output)), None),
+                              process_index)
         if record.problem:
             if process_index == 0:
                 print(f"error: {record.problem}", file=sys.stderr)

@@ -8,11 +8,13 @@ and a later run with other settings stops, naming what differs, unless ``--overw
 
 - no record, no features yet: the record is written, then the run extracts;
 - no record, features there (an older version of this package, or the reference, wrote them): they are kept,
-  said once; this run's settings are recorded from now on;
+  said once; this run's settings are recorded from now on; unless one of them (``outputs_exist`` returns it) is
+  global ``[1, D]`` and this run per-position ``[1, L, D]`` or the reverse: refused as other settings are;
 - the same settings: the run resumes;
 - other settings: refused (exit 2), or with ``--overwrite`` every file is extracted again, and the record is
   replaced only once every process has finished its share (a run killed half-way leaves the old record, so the
-  next run is refused again, not mixed). An input that fails under the new settings loses its old feature.
+  next run is refused again, not mixed; over features that had no record, "unknown" is recorded meanwhile). An
+  input that fails under the new settings loses its old feature.
 
 What does not change a feature is not recorded: batch sizes, workers, attention kernel, ``--compile``.
 """
@@ -82,7 +84,7 @@ def differences(recorded: Dict[str, Any], settings: Dict[str, Any]) -> str:
 
 
 def plan_record(output_dir: str | os.PathLike, settings: Dict[str, Any], overwrite: bool,
-                outputs_exist: Callable[[], bool]) -> RecordPlan:
+                outputs_exist: Callable[[], Any]) -> RecordPlan:
     """Compare this run's ``settings`` with ``output_dir``'s record (see the module's docstring)."""
     output_dir = Path(output_dir)
     fix = "pass --overwrite to extract every file again with this run's settings, or choose another output folder"
@@ -102,9 +104,14 @@ def plan_record(output_dir: str | os.PathLike, settings: Dict[str, Any], overwri
         return RecordPlan(write_first=True, settings=settings)  # the first run whose inputs depend on one adds it
     if recorded is None:
         note = None
-        if overwrite and outputs_exist():  # until every share is done, the folder holds features of unknown settings
+        existing = outputs_exist()
+        if existing and overwrite:  # until every share is done, the folder holds features of unknown settings
             return RecordPlan(replacing=True, unknown_first=True, settings=settings)
-        if not overwrite and outputs_exist():
+        clash = _shape_clash(existing, settings) if existing else None
+        if clash:
+            return RecordPlan(problem=f"{output_dir} holds features with no record of the settings they were extracted "
+                                      f"with, and {clash}; a re-run would mix the two: {fix}", settings=settings)
+        if existing:
             note = (f"note: the features already in {output_dir} have no record of the settings they were extracted "
                     f"with; they are kept (--overwrite extracts them again), and {RECORD_NAME} records this run's")
         return RecordPlan(note=note, write_first=True, settings=settings)
@@ -112,6 +119,30 @@ def plan_record(output_dir: str | os.PathLike, settings: Dict[str, Any], overwri
         return RecordPlan(replacing=True, settings=settings)
     return RecordPlan(problem=f"{output_dir} holds features extracted with other settings "
                               f"({differences(recorded, settings)}); a re-run would mix the two: {fix}", settings=settings)
+
+
+# The number of dimensions each kind of feature file has ([1, D] and [1, L, D]).
+_NDIM = {"global": 2, "per-position": 3}
+
+
+def _shape_clash(existing: Any, settings: Dict[str, Any]) -> Optional[str]:
+    """Why a feature found in a folder without a record cannot be of this run's kind, or None (also when it cannot
+    tell): a folder an older version filled with global features, re-run per-position, would be recorded as
+    per-position and mix the two."""
+    expected = _NDIM.get(settings.get("features"))
+    if expected is None or not isinstance(existing, (str, os.PathLike)):
+        return None
+    import numpy as np
+
+    try:
+        shape = np.load(existing, mmap_mode="r").shape
+    except (OSError, ValueError):
+        return None
+    if len(shape) == expected:
+        return None
+    kind = {2: "global [1, D]", 3: "per-position [1, L, D]"}.get(len(shape), f"of shape {list(shape)}")
+    return (f"{Path(existing).name} there is {kind} {list(shape)} while this run extracts "
+            f"{settings['features']} features")
 
 
 def write_record(output_dir: str | os.PathLike, settings: Dict[str, Any]) -> None:
@@ -125,7 +156,7 @@ def write_record(output_dir: str | os.PathLike, settings: Dict[str, Any]) -> Non
 
 
 def begin_record(output_dir: Path, settings: Callable[[], Dict[str, Any]], overwrite: bool,
-                 outputs_exist: Callable[[], bool], process_index: int = 0) -> RecordPlan:
+                 outputs_exist: Callable[[], Any], process_index: int = 0) -> RecordPlan:
     """Every process: rank 0 computes the settings (hashing the weights once), decides and tells the others;
     writes a missing record and says the note. ``OSError`` when the record cannot be written."""
     import sys

@@ -48,6 +48,26 @@ from ..workers import ending_with_this_process
 # sets its own (a clone whose clamp2 is installed from a wheel).
 REPO = Path(__file__).resolve().parents[2]
 
+
+def code_version() -> str:
+    """sha256 of this package's Python source (the version number stays 0.1.0 from commit to commit): a step's
+    marker holds it, so a re-run can say which steps another version did."""
+    import hashlib
+
+    package = Path(__file__).resolve().parents[1]
+    sha = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        sha.update(path.relative_to(package).as_posix().encode("utf-8") + b"\0" + path.read_bytes())
+    return sha.hexdigest()
+
+
+def _marker_code(marker: Path) -> str:
+    try:
+        return marker.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 # Held-out text→music chance level for N candidates: E[1/rank] for a uniformly random rank.
 
 
@@ -258,11 +278,14 @@ class Quickstart:
             return 2
         steps = self.steps()
         started = time.perf_counter()
+        code = code_version()
+        other_version = False
         for number, (name, function) in enumerate(steps, 1):
             marker = self.out / ".done" / name.replace(" ", "_")
             if only_missing and marker.exists() and name != "report":
                 print(f"== {number}. {name}: done in an earlier run (delete {shlex.quote(str(marker))} to redo it)",
                       flush=True)
+                other_version = other_version or _marker_code(marker) != code
                 continue
             print(f"\n== {number}. {name}", flush=True)
             t0 = time.perf_counter()
@@ -282,7 +305,11 @@ class Quickstart:
             print(f"-- {name}: {self.timings[name]:.0f} s", flush=True)
             self.save_metrics()  # the step times so far survive a later failure
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+            marker.write_text(code + "\n", encoding="ascii")
+        if other_version:
+            print(f"note: steps done in an earlier run were done by another version of this package: their numbers "
+                  f"may differ from a fresh run's; delete {shlex.quote(str(self.out / '.done'))} to redo them all",
+                  file=sys.stderr, flush=True)
         total = time.perf_counter() - started
         self.print_summary(total)
         return 0

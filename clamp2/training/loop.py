@@ -670,6 +670,11 @@ def settings_that_differ(checkpoint: Mapping[str, Any], config: Mapping[str, Any
     """``"KEY old there, new here"`` for each config value this run changes against the checkpoint's record
     (paths and epoch counts left out: those change between runs by design)."""
     saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
+    sources = [value for key, value in saved.items() if "TRAIN_" in key and key.endswith(("FOLDERS", "JSONL"))]
+    if sources and not any(sources):
+        # Written before flags entered the record (to 2026-11-30): it holds code/config.py's values, not the run's
+        # (no training data at all): comparing it named settings the run never had ("BATCH_SIZE 16 there").
+        return []
     return [f"{key} {saved[key]!r} there, {value!r} here" for key, value in config.items()
             if key in saved and saved[key] != value and not key.endswith("_PATH") and "EPOCH" not in key]
 
