@@ -145,7 +145,10 @@ ONE_FILE_THERE = "the output folder's file system takes names differing only in 
 def name_key(name: str | os.PathLike) -> str:
     """``name`` as a case- and normalization-insensitive file system (macOS APFS and HFS+, Windows NTFS, ext4 with
     casefold) compares it: NFC, case-folded. ``Song.mid`` and ``song.mid``, ``Für`` in NFC and in NFD, have one key."""
-    return unicodedata.normalize("NFC", os.fspath(name)).casefold()
+    text = os.fspath(name)
+    if text.isascii():  # one normal form, and casefold is lower: the usual corpus's paths cost a lower() each
+        return text.lower()
+    return unicodedata.normalize("NFC", text).casefold()
 
 
 def name_folding(folder: str | os.PathLike) -> Tuple[bool, bool]:
@@ -180,7 +183,7 @@ def output_aliases(outputs: Iterable[Path]) -> Dict[Path, Path]:
     aliases: Dict[Path, Path] = {}
     for output in outputs:
         other = first.setdefault(name_key(output), output)
-        if other == output:
+        if other is output or other == output:  # "is" first: a Path's == costs more than the rest of the loop
             continue
         if output.parent not in folding:
             folding[output.parent] = name_folding(output.parent)
