@@ -118,7 +118,8 @@ def plan_record(output_dir: str | os.PathLike, settings: Dict[str, Any], overwri
     if overwrite:
         return RecordPlan(replacing=True, settings=settings)
     return RecordPlan(problem=f"{output_dir} holds features extracted with other settings "
-                              f"({differences(recorded, settings)}); a re-run would mix the two: {fix}", settings=settings)
+                              f"({differences(recorded, settings)}); a re-run would mix the two: {fix}",
+                      settings=settings)
 
 
 # The number of dimensions each kind of feature file has ([1, D] and [1, L, D]).
