@@ -251,3 +251,19 @@ def test_torchrun_two_processes_refuse_together_and_record_once(tmp_path):
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert recorded(out)["features"] == "per-position"
     assert_reference(out, "feat_clamp2_raw")
+
+
+def test_a_folder_that_cannot_be_listed_takes_no_feature_along_under_overwrite(tiny_env, tmp_path, extract_clamp2,
+                                                                             monkeypatch, capsys):
+    # An unlistable folder sub/ is one of the plan's failures, but sub.npy (of sub.abc) is no output of it.
+    from conftest import unlistable
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(VECTORS / "extract_in" / "abc", inputs)
+    shutil.copy(inputs / "bwv10.7.abc", inputs / "sub.abc")
+    (inputs / "sub").mkdir()
+    shutil.copy(inputs / "bwv10.7.abc", inputs / "sub" / "x.abc")
+    assert extract_clamp2.main(clamp2_args(out, "--normalize", inputs=inputs)) == 0
+    unlistable(monkeypatch, "sub")
+    assert extract_clamp2.main(clamp2_args(out, "--overwrite", inputs=inputs)) == 1  # sub/ reported
+    assert np.load(out / "sub.npy").ndim == 3  # extracted again per-position, and kept

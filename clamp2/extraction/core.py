@@ -922,12 +922,14 @@ def remove_other_failure_logs(output_dir: Path, tool: str, num_processes: int) -
 
 
 def planned_outputs_of(failures, input_dir: Path, output_dir: Path) -> List[Path]:
-    """The outputs that the plan's failed inputs (inputs sharing one output) would have written."""
+    """The outputs that the plan's failed inputs (inputs sharing one output, a FIFO named like one) would have
+    written; not a folder that could not be listed (``sub/`` is no input of ``sub.npy``)."""
     found = []
     for path, _ in failures:
         try:
-            found.append(mirror_path(path, input_dir, output_dir, ".npy"))
-        except ValueError:  # not under the input folder
+            if not os.path.isdir(path):
+                found.append(mirror_path(path, input_dir, output_dir, ".npy"))
+        except (ValueError, OSError):  # not under the input folder
             pass
     return found
 
