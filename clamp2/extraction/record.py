@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional
@@ -159,9 +160,7 @@ def write_record(output_dir: str | os.PathLike, settings: Dict[str, Any]) -> Non
 def begin_record(output_dir: Path, settings: Callable[[], Dict[str, Any]], overwrite: bool,
                  outputs_exist: Callable[[], Any], process_index: int = 0) -> RecordPlan:
     """Every process: rank 0 computes the settings (hashing the weights once), decides and tells the others;
-    writes a missing record and says the note. ``OSError`` when the record cannot be written."""
-    import sys
-
+    writes a missing record and says the note; a record that cannot be written is the plan's problem."""
     import torch.distributed as dist
 
     from ..distributed import broadcast_object
@@ -186,7 +185,11 @@ def drop_stale_features(plan: RecordPlan, failed_outputs: Iterable[Path]) -> Non
     process its own files, before the end barrier)."""
     if plan.replacing:
         for output in failed_outputs:
-            Path(output).unlink(missing_ok=True)
+            try:
+                Path(output).unlink(missing_ok=True)
+            except OSError as exc:
+                print(f"warning: cannot remove {output} (a feature of the earlier settings whose input failed now): "
+                      f"{exc.strerror or exc}; remove it by hand", file=sys.stderr)
 
 
 def finish_record(plan: RecordPlan, output_dir: Path, every_share_done: bool, process_index: int = 0) -> None:
