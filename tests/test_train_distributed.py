@@ -279,6 +279,9 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(tmp_pat
     said = [line for line in proc.stderr.splitlines() if "No space left on device" in line]
     assert len(said) == 1 and "cannot write checkpoint" in said[0], proc.stderr[-3000:]
     # Both ranks end with the trainers' status for a checkpoint error; the only traceback is torchrun's own report.
-    assert proc.stderr.count("exitcode  : 2") == 2 and proc.stderr.count("Traceback") == 1, proc.stderr[-3000:]
+    # Under load torchrun may end the slower rank (SIGTERM, -15) once the faster one has exited: after the line.
+    ends = [line.split(":")[1].split()[0] for line in proc.stderr.splitlines() if line.strip().startswith("exitcode")]
+    assert "2" in ends and set(ends) <= {"2", "-15"}, proc.stderr[-3000:]
+    assert proc.stderr.count("Traceback") == 1, proc.stderr[-3000:]
     assert "ChildFailedError" in proc.stderr and "Connection closed by peer" not in proc.stderr
     assert read_checkpoint(tmp_path / ("latest_" + M3_NAME))["epoch"] == 1
