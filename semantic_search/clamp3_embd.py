@@ -105,9 +105,14 @@ def main(argv=None) -> int:
                                               "resume") from None
                 written += 1
         failures = collisions + (side.failures if side is not None else [])
-        drop_stale_features(record, (outputs[root / name] if root / name in outputs
-                                     else mirror_path(root / name, root, args.output_dir, ".npy")
-                                     for name, _ in failures))
+        if record.replacing:  # the failed inputs' features of the earlier settings
+            stale = []
+            for name, _ in failures:
+                try:
+                    stale.append(outputs.get(root / name) or mirror_path(root / name, root, args.output_dir, ".npy"))
+                except ValueError:  # not under the input folder: it has no feature here
+                    pass
+            drop_stale_features(record, stale)
         finish_record(record, args.output_dir, every_share_done=True)
         source = f" ({side.computed} encoded, {side.cached} from cache)" if side is not None else ""
         print(f"clamp3_embd: {written} features written to {args.output_dir}{source}, {len(outputs) - len(todo)} "
