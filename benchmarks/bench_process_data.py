@@ -91,7 +91,19 @@ def main(argv=None) -> int:
                 elapsed, converted = time_batch(input_dir, output_dir, extensions, suffix, convert, workers)
                 print(f"{name:15s} workers={workers:2d}: {converted} files in {elapsed:6.2f} s = "
                       f"{converted / elapsed:8.1f} files/s")
+    long_sysex_line()
     return 0
+
+
+def long_sysex_line(size: int = 2_000_000) -> None:
+    """MTF -> MIDI of one sample-dump-sized sysex line (2 M bytes): linear in the line (it once took minutes)."""
+    from clamp2.convert.mtf import mtf_to_midi
+
+    text = "ticks_per_beat 480\nsysex 0 (" + ", ".join(["1"] * size) + ")\n"
+    started = time.perf_counter()
+    mtf_to_midi(text)
+    elapsed = time.perf_counter() - started
+    print(f"{'mtf->midi':15s} one sysex of {size:,} bytes: {elapsed:6.2f} s = {len(text) / elapsed / 1e6:6.1f} MB/s")
 
 
 if __name__ == "__main__":

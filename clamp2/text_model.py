@@ -57,6 +57,9 @@ def _from_pretrained(load, name_or_path: str, **kwargs):
     """
     from .hub import hub_offline, hub_reachable
 
+    # A downloaded folder whose config names its own code (auto_map) is refused, never run: without this,
+    # transformers asks on the terminal whether to run it (and reads the answer from a piped stdin).
+    kwargs.setdefault("trust_remote_code", False)
     try:
         if Path(name_or_path).exists():
             return load(name_or_path, **kwargs)

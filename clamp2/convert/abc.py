@@ -38,6 +38,9 @@ from clamp2.convert.captured import captured, one_conversion
 
 MUSICXML_EXTENSIONS = (".xml", ".mxl", ".musicxml")
 XML2ABC_UNIT_LENGTH = 8
+# The most an .mxl member may expand to: a few-MB archive can hold gigabytes of zeros (a zip bomb), read whole
+# into memory here, where xml2abc itself streams it. The largest real scores are tens of MB.
+MAX_MXL_MEMBER_BYTES = 512 << 20
 
 # Dropped from standard ABC before interleaving: titles, composers, lyrics, notes and MIDI hints
 # carry no music the model should see (SPEC §3).
@@ -60,7 +63,7 @@ def xml2abc_options() -> Values:
 
 def container_rootfile(archive: zipfile.ZipFile) -> str | None:
     try:
-        container = ElementTree.fromstring(archive.read("META-INF/container.xml"))
+        container = ElementTree.fromstring(read_member(archive, "META-INF/container.xml"))
     except (KeyError, ElementTree.ParseError):
         return None
     for element in container.iter():
@@ -85,6 +88,19 @@ def score_name_in_mxl(archive: zipfile.ZipFile) -> str:
     return rootfile
 
 
+def read_member(archive: zipfile.ZipFile, name: str) -> bytes:
+    """``archive.read(name)``, refused past :data:`MAX_MXL_MEMBER_BYTES` (declared or actual size)."""
+    too_big = ValueError(f"{name!r} in the .mxl archive expands to more than {MAX_MXL_MEMBER_BYTES >> 20} MiB "
+                         "(a zip bomb?); not read")
+    if archive.getinfo(name).file_size > MAX_MXL_MEMBER_BYTES:
+        raise too_big
+    with archive.open(name) as member:
+        data = member.read(MAX_MXL_MEMBER_BYTES + 1)
+    if len(data) > MAX_MXL_MEMBER_BYTES:
+        raise too_big
+    return data
+
+
 def is_xml_bytes(data: bytes, declared: bool = False) -> bool:
     """XML in any encoding a MusicXML writer uses: UTF-16 with its byte-order mark, or text starting ``<``
     (``<?xml``, its declaration, with ``declared``)."""
@@ -99,7 +115,7 @@ def read_musicxml(path: str | os.PathLike) -> bytes:
         return path.read_bytes()
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.read(score_name_in_mxl(archive))
+            return read_member(archive, score_name_in_mxl(archive))
     except zipfile.BadZipFile as error:
         data = path.read_bytes()
         if is_xml_bytes(data):  # *fix*: uncompressed MusicXML saved as .mxl (the reference fails: not a zip)
@@ -121,7 +137,7 @@ def container_score(path: str | os.PathLike) -> bytes | None:
             rootfile = container_rootfile(archive)
             if rootfile is None or rootfile == score_name_in_mxl(archive) or rootfile not in archive.namelist():
                 return None
-            return archive.read(rootfile)
+            return read_member(archive, rootfile)
     except (zipfile.BadZipFile, ValueError):
         return None
 

@@ -200,9 +200,10 @@ def split_tokens(rest: str) -> list[str]:
         piece = pieces[index]
         if piece[:1] in ("[", "("):
             closing = "]" if piece[0] == "[" else ")"
-            while not piece.endswith(closing) and index + 1 < len(pieces):
+            start = index
+            while not pieces[index].endswith(closing) and index + 1 < len(pieces):
                 index += 1
-                piece += " " + pieces[index]
+            piece = " ".join(pieces[start:index + 1])  # joined once: growing a string per piece is quadratic
         tokens.append(piece)
         index += 1
     return tokens

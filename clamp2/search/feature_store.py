@@ -498,6 +498,9 @@ class IndexUpdate:
                 f"removed {self.removed}, unchanged {self.unchanged}, skipped {len(self.skipped)}")
 
 
+INDEX_FILE_KINDS = ("vectors", "norms", "keys", "files", "skipped")
+
+
 def read_manifest(index_dir: Path) -> dict:
     try:
         manifest = json.loads((index_dir / MANIFEST).read_text(encoding="utf-8"))
@@ -508,6 +511,11 @@ def read_manifest(index_dir: Path) -> dict:
     if manifest.get("version") != INDEX_VERSION:
         raise FeatureError(f"{index_dir}: index format version {manifest.get('version')} is not supported "
                            f"(this code reads version {INDEX_VERSION}); rebuild it with build_index.py")
+    for kind in INDEX_FILE_KINDS:  # an update deletes the old generation's files: never one outside the index
+        name = manifest.get(kind)
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+            raise FeatureError(f"{index_dir / MANIFEST}: its {kind} entry {name!r} is not a file name in the index "
+                               "folder; rebuild the index with build_index.py")
     return manifest
 
 
