@@ -391,9 +391,9 @@ def test_a_report_that_cannot_be_written_is_one_line_and_a_rerun_writes_it(tmp_p
     args = ["--train_folders", folder / "train", "--weights", tmp_path / "p.pth", "--epochs", "1", *FAST]
     code, out, err = run(train_cls, args, capsys)
     assert code == 1 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"error: cannot write the report in {tmp_path / 'p_report'}: No space left "
-                                            f"on device; the weights {tmp_path / 'p.pth'} are saved: free space and run "
-                                            "the same command again to write it")
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot write the report in {tmp_path / 'p_report'}: No space left on device; the weights "
+        f"{tmp_path / 'p.pth'} are saved: free space and run the same command again to write it")
     code, out, err = run(inference_cls, [folder / "eval", tmp_path / "o.json", "--weights", tmp_path / "p.pth",
                                          "--evaluate", "--no_progress"], capsys)
     assert code == 1 and "Traceback" not in err and (tmp_path / "o.json").exists()
