@@ -75,9 +75,10 @@ def code_fingerprint() -> str:
     return source_fingerprint(Path(__file__).parent)
 
 
-def source_fingerprint(package: Path) -> str:
+def source_fingerprint(package: Path, patterns=FEATURE_CODE) -> str:
+    """sha256 of the files of ``package`` that ``patterns`` match, names and bytes."""
     sha = hashlib.sha256()
-    for pattern in FEATURE_CODE:
+    for pattern in patterns:
         for path in sorted(package.glob(pattern)):
             sha.update(path.relative_to(package).as_posix().encode("utf-8") + b"\0" + path.read_bytes())
     return sha.hexdigest()

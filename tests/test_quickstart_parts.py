@@ -54,7 +54,7 @@ def test_a_step_stopped_by_a_full_disk_in_a_library_writer_is_one_line(tmp_path,
     run = Quickstart(tmp_path, Settings.tiny(), progress=False)
 
     class SafetensorError(Exception):
-        pass
+        """safetensors' own error type (not an OSError)."""
 
     def full():
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

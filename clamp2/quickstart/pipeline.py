@@ -52,13 +52,9 @@ REPO = Path(__file__).resolve().parents[2]
 def code_version() -> str:
     """sha256 of this package's Python source (the version number stays 0.1.0 from commit to commit): a step's
     marker holds it, so a re-run can say which steps another version did."""
-    import hashlib
+    from ..cache import source_fingerprint
 
-    package = Path(__file__).resolve().parents[1]
-    sha = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        sha.update(path.relative_to(package).as_posix().encode("utf-8") + b"\0" + path.read_bytes())
-    return sha.hexdigest()
+    return source_fingerprint(Path(__file__).resolve().parents[1], ("**/*.py",))
 
 
 def _marker_code(marker: Path) -> str:
