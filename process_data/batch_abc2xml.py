@@ -1,6 +1,7 @@
 """Convert (interleaved) ABC back to MusicXML with abctoolkit's abc2xml (docs/formats.md).
 
-    python process_data/batch_abc2xml.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
+    python process_data/batch_abc2xml.py <input_dir> <output_dir> [--workers N] [--overwrite]
+        [--file_timeout SECONDS] [--no_progress]
 
 Each ``.abc`` becomes ``<output_dir>/<same relative folder>/<stem>.xml``: the first tune of the
 file, the same bytes ``python -m abctoolkit.abc2xml FILE`` prints, as the original's script saves
@@ -30,13 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.convert.batch_runner import convert_folder
+    from clamp2.convert.batch_runner import batch_options, convert_folder
     from clamp2.convert.abc import interleaved_file_to_xml
 
     return convert_folder(args.input_dir, args.output_dir, convert=interleaved_file_to_xml,
                           extensions=[".abc"], output_suffix=".xml", tool="abc2xml",
-                          workers=args.workers, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+                          **batch_options(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Turn standard ABC into interleaved ABC, one bar of every voice per line (docs/formats.md).
 
-    python process_data/batch_interleaved_abc.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
+    python process_data/batch_interleaved_abc.py <input_dir> <output_dir> [--workers N] [--overwrite]
+        [--file_timeout SECONDS] [--no_progress]
 
 Each ``.abc`` (read as UTF-8) becomes ``<output_dir>/<same relative folder>/<stem>.abc`` through
 the CLaMP 2 abctoolkit pipeline: information fields and bar numbers removed, empty bars stripped,
@@ -35,13 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.convert.batch_runner import convert_folder
+    from clamp2.convert.batch_runner import batch_options, convert_folder
     from clamp2.convert.abc import abc_file_to_interleaved
 
     return convert_folder(args.input_dir, args.output_dir, convert=abc_file_to_interleaved,
                           extensions=[".abc"], output_suffix=".abc", tool="interleaved_abc",
-                          workers=args.workers, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+                          **batch_options(args))
 
 
 if __name__ == "__main__":

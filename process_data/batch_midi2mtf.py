@@ -1,6 +1,7 @@
 """Convert MIDI (.mid, .midi) to MIDI Text Format (docs/formats.md).
 
-    python process_data/batch_midi2mtf.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
+    python process_data/batch_midi2mtf.py <input_dir> <output_dir> [--workers N] [--overwrite]
+        [--file_timeout SECONDS] [--no_progress]
     python process_data/batch_midi2mtf.py <input_dir> <output_dir> --clamp3      # for CLaMP 3
     python process_data/batch_midi2mtf.py <input_dir> <output_dir> --keep_all
 
@@ -43,14 +44,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import functools
 
-    from clamp2.convert.batch_runner import convert_folder
+    from clamp2.convert.batch_runner import batch_options, convert_folder
     from clamp2.convert.mtf import MIDI_EXTENSIONS, midi_to_mtf
 
     return convert_folder(args.input_dir, args.output_dir,
                           convert=functools.partial(midi_to_mtf, mode=args.mode),
                           extensions=MIDI_EXTENSIONS, output_suffix=".mtf", tool="midi2mtf",
-                          workers=args.workers, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+                          **batch_options(args))
 
 
 if __name__ == "__main__":

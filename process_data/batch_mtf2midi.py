@@ -1,6 +1,7 @@
 """Convert MIDI Text Format (.mtf) back to MIDI (docs/formats.md).
 
-    python process_data/batch_mtf2midi.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
+    python process_data/batch_mtf2midi.py <input_dir> <output_dir> [--workers N] [--overwrite]
+        [--file_timeout SECONDS] [--no_progress]
 
 Each ``.mtf`` becomes ``<output_dir>/<same relative folder>/<stem>.mid``: a type-1 file with one
 track holding the messages of the text (``unknown_meta`` lines are skipped). MTF written with
@@ -29,13 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.convert.batch_runner import convert_folder
+    from clamp2.convert.batch_runner import batch_options, convert_folder
     from clamp2.convert.mtf import mtf_file_to_midi_bytes
 
     return convert_folder(args.input_dir, args.output_dir, convert=mtf_file_to_midi_bytes,
                           extensions=[".mtf"], output_suffix=".mid", tool="mtf2midi",
-                          workers=args.workers, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+                          **batch_options(args))
 
 
 if __name__ == "__main__":

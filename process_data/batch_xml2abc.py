@@ -1,6 +1,7 @@
 """Convert MusicXML (.xml, .mxl, .musicxml) to standard ABC with abctoolkit's xml2abc (docs/formats.md).
 
-    python process_data/batch_xml2abc.py <input_dir> <output_dir> [--workers N] [--overwrite] [--no_progress]
+    python process_data/batch_xml2abc.py <input_dir> <output_dir> [--workers N] [--overwrite]
+        [--file_timeout SECONDS] [--no_progress]
 
 Each score becomes ``<output_dir>/<same relative folder>/<stem>.abc``, byte for byte what
 ``python -m abctoolkit.xml2abc -d 8 -x FILE`` prints (unit length 1/8, no line breaks), converted
@@ -30,13 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.convert.batch_runner import convert_folder
+    from clamp2.convert.batch_runner import batch_options, convert_folder
     from clamp2.convert.abc import MUSICXML_EXTENSIONS, xml_to_abc
 
     return convert_folder(args.input_dir, args.output_dir, convert=xml_to_abc,
                           extensions=MUSICXML_EXTENSIONS, output_suffix=".abc", tool="xml2abc",
-                          workers=args.workers, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+                          **batch_options(args))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ Users convert tens of thousands of files at once, so a run must survive any sing
   ``relative/path<TAB>reason`` in ``<output_dir>/failed_<tool>.log`` (rewritten by every run,
   flushed per line); a worker process that dies (crash, out-of-memory kill) fails only the file
   it was converting: the files in flight beside it are retried one by one;
+- with ``file_timeout`` (``--file_timeout SECONDS``), a conversion still running after that long is stopped and
+  its file fails (a crafted MIDI of a few MB keeps mido reading for hours; abc2xml on a tune of 100,000 bars
+  for many minutes): Python code is interrupted where it is; code that does not come back to Python (a C call)
+  has its worker process ended a little later, and the files beside it are retried, as after a crash;
 - ``UserWarning``\\ s a conversion issues (e.g. unaligned bars) go to
   ``<output_dir>/warnings_<tool>.log`` in the same format, and the file still counts as converted (a re-run keeps
   the lines of the files it skips, so a resumed run's log is an uninterrupted run's);
@@ -26,16 +30,20 @@ A conversion is any picklable callable ``convert(input_path) -> str | bytes`` (a
 function or a ``functools.partial`` of one); ``str`` is written as UTF-8 with no newline
 translation.
 
-Public API: :func:`add_batch_arguments`, :func:`batch_argument_parser`, :func:`positive_int`,
-:func:`plan_jobs`, :func:`run_batch`, :func:`convert_folder`, :class:`Job`, :class:`BatchResult`,
+Public API: :func:`add_batch_arguments`, :func:`batch_argument_parser`, :func:`batch_options`,
+:func:`positive_int`, :func:`positive_seconds`, :func:`plan_jobs`, :func:`run_batch`, :func:`convert_folder`, :class:`Job`, :class:`BatchResult`,
 :class:`BatchUsageError`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import sys
+import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -112,8 +120,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def add_batch_arguments(parser: argparse.ArgumentParser, input_kind: str, output_kind: str) -> None:
-    """The arguments every batch converter shares: input_dir output_dir [--workers N] [--overwrite] [--no_progress]."""
+    """The arguments every batch converter shares: input_dir output_dir [--workers N] [--overwrite]
+    [--file_timeout SECONDS] [--no_progress] (:func:`batch_options` passes them on to :func:`convert_folder`)."""
     parser.add_argument("input_dir", help=f"folder of {input_kind} files (searched recursively)")
     parser.add_argument("output_dir",
                         help=f"folder for the {output_kind} files, mirroring input_dir's sub-folders")
@@ -121,7 +140,16 @@ def add_batch_arguments(parser: argparse.ArgumentParser, input_kind: str, output
                         help="worker processes (default: all cores, os.cpu_count())")
     parser.add_argument("--overwrite", action="store_true",
                         help="convert again files whose output exists (default: skip them)")
+    parser.add_argument("--file_timeout", type=positive_seconds, default=None, metavar="SECONDS",
+                        help="stop a file's conversion after this many seconds and count it as failed, so that "
+                             "one pathological file cannot hold up the batch (default: no limit, as the original)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def batch_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`convert_folder` that :func:`add_batch_arguments` parsed."""
+    return dict(workers=args.workers, overwrite=args.overwrite, file_timeout=args.file_timeout,
+                progress=not args.no_progress)
 
 
 def batch_argument_parser(description: str, input_kind: str, output_kind: str) -> argparse.ArgumentParser:
@@ -218,12 +246,68 @@ def is_about_the_file(category: type[Warning]) -> bool:
             and not issubclass(category, (DeprecationWarning, PendingDeprecationWarning)))
 
 
-def convert_file(convert: Convert, source: Path, target: Path) -> FileOutcome:
+class FileTimeout(BaseException):
+    """A conversion ran past its time limit. A BaseException, as KeyboardInterrupt: a converter's own
+    ``except Exception`` (a fallback parser, a retry) must not take it for a bad file and go on."""
+
+
+# A conversion that the alarm cannot interrupt (inside a C call that never returns to Python) gets this much longer,
+# then its worker process is ended from a watchdog thread.
+def hard_limit(seconds: float) -> float:
+    return seconds + max(2.0, seconds / 2)
+
+
+_watchdog_output = None
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise :class:`FileTimeout` in the code run inside after ``seconds`` (None: no limit); end the process
+    after :func:`hard_limit` seconds if that code never comes back to Python. For worker processes only (the
+    second part exits the process), run in their main thread (signals)."""
+    if seconds is None:
+        yield
+        return
+    import faulthandler
+
+    global _watchdog_output
+
+    def stop(signum, frame):
+        raise FileTimeout
+
+    if _watchdog_output is None:
+        # faulthandler writes the stuck stack before it exits: not into the user's terminal.
+        _watchdog_output = open(os.devnull, "w")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    faulthandler.dump_traceback_later(hard_limit(seconds), exit=True, file=_watchdog_output)
+    try:
+        yield
+    finally:
+        # Nested: an alarm due just now raises in here (once: the timer does not repeat), and every step still runs.
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            try:
+                faulthandler.cancel_dump_traceback_later()
+            finally:
+                signal.signal(signal.SIGALRM, previous)
+
+
+def timed_out(seconds: float) -> str:
+    return f"conversion stopped after {seconds:g} s (--file_timeout); a larger limit may convert it"
+
+
+def convert_file(convert: Convert, source: Path, target: Path, file_timeout: float | None = None) -> FileOutcome:
     """Convert one file and write its output atomically; never raises for a bad file."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            data = convert(source)
+            try:
+                with time_limit(file_timeout):
+                    data = convert(source)
+            except FileTimeout:
+                return FileOutcome(False, timed_out(file_timeout))
         if not isinstance(data, (str, bytes, bytearray)):
             raise TypeError(f"conversion returned {type(data).__name__}, not str or bytes")
         data = data if isinstance(data, str) else bytes(data)
@@ -253,16 +337,19 @@ def new_pool(workers: int) -> ProcessPoolExecutor:
 WORKER_DIED = "worker process died while converting this file (crash or out of memory)"
 
 
-def convert_in_own_process(convert: Convert, job: Job) -> FileOutcome:
+def convert_in_own_process(convert: Convert, job: Job, file_timeout: float | None = None) -> FileOutcome:
     with new_pool(1) as executor:
+        started = time.monotonic()
         try:
-            return executor.submit(convert_file, convert, job.source, job.target).result()
+            return executor.submit(convert_file, convert, job.source, job.target, file_timeout).result()
         except BrokenProcessPool:
+            if file_timeout is not None and time.monotonic() - started >= hard_limit(file_timeout):
+                return FileOutcome(False, timed_out(file_timeout))  # the watchdog ended it
             return FileOutcome(False, WORKER_DIED)
 
 
 def run_in_pool(convert: Convert, jobs: list[Job], workers: int,
-                on_outcome: Callable[[Job, FileOutcome], None]) -> None:
+                on_outcome: Callable[[Job, FileOutcome], None], file_timeout: float | None = None) -> None:
     queue = iter(jobs)
     executor = new_pool(workers)
     in_flight: dict = {}
@@ -272,7 +359,7 @@ def run_in_pool(convert: Convert, jobs: list[Job], workers: int,
                 job = next(queue, None)
                 if job is None:
                     break
-                in_flight[executor.submit(convert_file, convert, job.source, job.target)] = job
+                in_flight[executor.submit(convert_file, convert, job.source, job.target, file_timeout)] = job
             if not in_flight:
                 break
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
@@ -296,7 +383,7 @@ def run_in_pool(convert: Convert, jobs: list[Job], workers: int,
                 for job in suspects:
                     # The pool's teardown kills the other workers too, maybe mid-write.
                     remove_partial_files(job.target)
-                    on_outcome(job, convert_in_own_process(convert, job))
+                    on_outcome(job, convert_in_own_process(convert, job, file_timeout))
                 executor = new_pool(workers)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
@@ -304,13 +391,17 @@ def run_in_pool(convert: Convert, jobs: list[Job], workers: int,
 
 def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLike, tool: str,
               workers: int | None = None, overwrite: bool = False,
-              rejected: Iterable[tuple[str, str]] = (), progress: bool = True) -> BatchResult:
+              rejected: Iterable[tuple[str, str]] = (), progress: bool = True,
+              file_timeout: float | None = None) -> BatchResult:
     """Run ``convert`` over ``jobs`` (see the module docstring for what happens to each file).
 
     Failures and warnings are logged in ``output_dir/failed_<tool>.log`` and
     ``output_dir/warnings_<tool>.log``; ``rejected`` are ``(name, reason)`` failures known before
-    the run (see :func:`plan_jobs`). ``workers`` defaults to ``os.cpu_count()``.
+    the run (see :func:`plan_jobs`). ``workers`` defaults to ``os.cpu_count()``. ``file_timeout``: seconds
+    a file's conversion may take (None: no limit); conversions then run in worker processes, even with one worker.
     """
+    if file_timeout is not None and not hasattr(signal, "setitimer"):
+        raise BatchUsageError("--file_timeout needs a POSIX system (Linux, macOS): leave it out here")
     from clamp2.progress import progress_bar, write_line
 
     output_dir = Path(output_dir)
@@ -376,12 +467,13 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
         warning_log.flush()
         for name, reason in rejected:
             fail(name, reason)
-        if workers == 1 or len(todo) <= 1:
-            # In-process: no start-up cost, and the converters reset their libraries' state per call.
+        if (workers == 1 or len(todo) <= 1) and file_timeout is None:
+            # In-process: no start-up cost, and the converters reset their libraries' state per call. A time limit
+            # needs a worker process: it may end the process that runs the conversion.
             for job in todo:
                 record(job, convert_file(convert, job.source, job.target))
-        else:
-            run_in_pool(convert, todo, min(workers, len(todo)), record)
+        elif todo:
+            run_in_pool(convert, todo, min(workers, len(todo)), record, file_timeout)
     # The logs were written as files finished (a killed run keeps them); workers finish in any order, so
     # a complete run rewrites them sorted by file: the same inputs give the same logs, run after run.
     for name, entries in ((f"failed_{tool}.log", result.failures), (f"warnings_{tool}.log", result.warnings)):
@@ -392,17 +484,19 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
 
 def convert_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, convert: Convert,
                    extensions: Iterable[str], output_suffix: str, tool: str, workers: int | None = None,
-                   overwrite: bool = False, progress: bool = True) -> int:
+                   overwrite: bool = False, progress: bool = True, file_timeout: float | None = None) -> int:
     """The whole command line of a batch converter; returns its exit status (0, 1, 2; 130 on Ctrl-C)."""
     extensions = tuple(extensions)
     try:
         jobs, rejected = plan_jobs(input_dir, output_dir, extensions, output_suffix)
+        if file_timeout is not None and not hasattr(signal, "setitimer"):
+            raise BatchUsageError("--file_timeout needs a POSIX system (Linux, macOS): leave it out here")
     except BatchUsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
         result = run_batch(jobs, convert, output_dir=output_dir, tool=tool, workers=workers,
-                           overwrite=overwrite, rejected=rejected, progress=progress)
+                           overwrite=overwrite, rejected=rejected, progress=progress, file_timeout=file_timeout)
     except KeyboardInterrupt:
         # Outputs written so far are complete files; a re-run converts only the rest.
         print("interrupted: run the same command again to convert the remaining files", file=sys.stderr)
