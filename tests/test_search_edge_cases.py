@@ -508,3 +508,41 @@ def test_a_non_finite_covariance_is_an_error_with_a_scipy_that_refuses_it(monkey
     with pytest.raises(FMDError):
         frechet_distance(good, bad)
     assert frechet_distance(good, good) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_an_index_built_by_an_older_reader_is_read_again_in_full(tmp_path):
+    """An index keeps its skipped records while a file is unchanged. A file an older version could not read (1-D
+    features, before they were taken) is usable now: an update of such an index (no ``reader`` in its manifest)
+    reads every file again, and until then search names what it leaves out instead of missing it silently."""
+    import json
+
+    from clamp2.search import feature_store
+    from clamp2.search.feature_store import build_index, open_index, read_features
+
+    folder, index = tmp_path / "f", tmp_path / "i"
+    folder.mkdir()
+    _save(folder / "a.npy", np.ones((1, 4), np.float32))
+    build_index(folder, index, progress=False)
+    # What an older version left: b.npy (1-D) recorded as unusable, a manifest without a reader number.
+    _save(folder / "b.npy", np.full(4, 2, np.float32))
+    manifest = json.loads((index / "manifest.json").read_text())
+    stat = feature_store._stat(folder / "b.npy")
+    with open(index / manifest["skipped"], "a") as skipped:
+        skipped.write("\t".join(["b.npy", *map(str, stat), "expected [1, D] or [D], got shape (4,)"]) + "\n")
+    assert build_index(folder, index, progress=False).count == 1  # same rules: the record stands
+    manifest = json.loads((index / "manifest.json").read_text())
+    with open(index / manifest["skipped"], "w") as skipped:
+        skipped.write("\t".join(["b.npy", *map(str, stat), "expected [1, D] or [D], got shape (4,)"]) + "\n")
+    del manifest["reader"]
+    (index / "manifest.json").write_text(json.dumps(manifest))
+
+    seen = read_features(index)
+    assert seen.keys == ["a"] and [s.path for s in seen.skipped] == [str(index / "b.npy")]
+    assert "run build_index.py again" in seen.skipped[0].reason
+    update = build_index(folder, index, progress=False)
+    assert (update.count, update.reread, update.changed, update.added, len(update.skipped)) == (2, 2, 0, 0, 0)
+    assert "read again 2 (indexed by an older version)" in update.summary()
+    assert open_index(index).keys == ["a", "b"] and not read_features(index).skipped
+    assert np.asarray(open_index(index).matrix).tolist() == [[1, 1, 1, 1], [2, 2, 2, 2]]
+    again = build_index(folder, index, progress=False)
+    assert (again.unchanged, again.reread) == (2, 0) and "read again" not in again.summary()

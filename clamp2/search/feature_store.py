@@ -44,6 +44,10 @@ from clamp2.files import atomic_path, atomic_write_text, disk_full_error, remove
 NPY_SUFFIX = ".npy"
 INDEX_FORMAT = "clamp2-feature-index"
 INDEX_VERSION = 1
+# What counts as a usable feature and how it becomes a row. An index keeps its rows and skipped records from run to
+# run, so when these rules change (bump this), an index built under older rules is read again in full on its next
+# update: 1-D features, once skipped, would otherwise stay out of it for good. Manifests without it: 1.
+INDEX_READER = 2
 MANIFEST = "manifest.json"
 # Tries to open an index whose generation a builder switches meanwhile.
 OPEN_ATTEMPTS = 5
@@ -492,13 +496,20 @@ class IndexUpdate:
     removed: int = 0
     unchanged: int = 0
     skipped: list[SkippedFile] = field(default_factory=list)
+    reread: int = 0  # unchanged files read again: the index was built by an older version's reader
 
     def summary(self) -> str:
+        reread = f", read again {self.reread} (indexed by an older version)" if self.reread else ""
         return (f"index of {self.count} features (dim {self.dim}): added {self.added}, changed {self.changed}, "
-                f"removed {self.removed}, unchanged {self.unchanged}, skipped {len(self.skipped)}")
+                f"removed {self.removed}, unchanged {self.unchanged}{reread}, skipped {len(self.skipped)}")
 
 
 INDEX_FILE_KINDS = ("vectors", "norms", "keys", "files", "skipped")
+
+
+def built_by_older_reader(manifest: dict) -> bool:
+    reader = manifest.get("reader", 1)
+    return not isinstance(reader, int) or reader < INDEX_READER
 
 
 def read_manifest(index_dir: Path) -> dict:
@@ -552,7 +563,11 @@ def _open_index(index_dir: Path) -> tuple[FeatureSet, dict, list[list[str]], lis
             or len(keys) != count or len(files) != count):
         raise FeatureError(f"{index_dir}: damaged index (the manifest says {count} x {dim}, the files disagree); "
                            f"rebuild it with build_index.py")
-    return FeatureSet(str(index_dir), [f[0] for f in files], matrix, norms, [], keys), manifest, files, bad
+    # Files an older version's reader left out may be usable now: said where the index is used, not silently missing.
+    stale = [SkippedFile(str(index_dir / b[0]), f"left out of the index by an older version ({b[-1]}); run "
+                         "build_index.py again to read it with this one") for b in bad] \
+        if built_by_older_reader(manifest) else []
+    return FeatureSet(str(index_dir), [f[0] for f in files], matrix, norms, stale, keys), manifest, files, bad
 
 
 def open_index(index_dir: str | os.PathLike) -> FeatureSet:
@@ -638,8 +653,10 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
     old_rows: dict[str, tuple[Optional[tuple[int, ...]], int]] = {}
     old_bad: dict[str, tuple[Optional[tuple[int, ...]], str]] = {}
     manifest: dict = {}
+    reread_all = False
     if is_index(index_dir):
         old, manifest, files, bad = _open_index(index_dir)
+        reread_all = built_by_older_reader(manifest)
         # Records of an index written before the change time and inode were kept have two numbers:
         # they never match, so such an index is read again once.
         old_rows = {f[0]: (_identity(f[1:]), row) for row, f in enumerate(files)}
@@ -651,7 +668,7 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
     to_store: list[str] = []
     reuse_rows: list[int] = []
     stats: dict[str, tuple[int, ...]] = {}
-    unchanged = changed = 0
+    unchanged = changed = reread = 0
     for name in names:
         path = features_dir / name
         stat = _stat(path)
@@ -662,6 +679,13 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
             skipped.append(SkippedFile(str(path), "cannot read its size and modification time"))
             continue
         stats[name] = stat
+        if reread_all:
+            same = (name in old_rows and old_rows[name][0] == stat) or (name in old_bad and old_bad[name][0] == stat)
+            reread += same
+            changed += not same and (name in old_rows or name in old_bad)
+            to_store.append(name)
+            reuse_rows.append(-1)
+            continue
         if name in old_bad and old_bad[name][0] == stat:
             if not old_bad[name][1].startswith(DIMENSION_REASON):
                 skipped.append(SkippedFile(str(path), old_bad[name][1]))
@@ -734,6 +758,7 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
         _write_lines(index_dir / files_now["skipped"], sorted(bad_records))
         new_manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "generation": generation,
                         "dim": dim, "count": count, "dtype": "float32",
+                        "reader": INDEX_READER,
                         "normalized": bool(np.all(np.abs(norms - 1.0) <= NORMALIZED_TOLERANCE)),
                         "source": str(features_dir.resolve()), **files_now}
         atomic_write_text(index_dir / MANIFEST, json.dumps(new_manifest, indent=1) + "\n")
@@ -759,7 +784,7 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
     added = sum(1 for n in kept_names if n not in old_rows and n not in old_bad)
     skipped.sort(key=lambda s: s.path)
     return IndexUpdate(count, dim, added=added, changed=changed, removed=removed, unchanged=unchanged,
-                       skipped=skipped)
+                       skipped=skipped, reread=reread)
 
 
 def report_problems(skipped: Iterable[SkippedFile], warnings: Iterable[str] = ()) -> int:
