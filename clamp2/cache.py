@@ -84,6 +84,20 @@ def source_fingerprint(package: Path, patterns=FEATURE_CODE) -> str:
     return sha.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """sha256 of this package's Python source: the version number stays 0.1.0 from commit to commit, so what a
+    file was written by (a quick-start step, an extraction record, an index) is told by this."""
+    return source_fingerprint(Path(__file__).resolve().parent, ("**/*.py",))
+
+
+def written_by() -> str:
+    """``clamp2 0.1.0 (code <12 hex digits>)``: the package that wrote a record, told apart from commit to commit."""
+    from . import __version__
+
+    return f"clamp2 {__version__} (code {code_version()[:12]})"
+
+
 def user_weights_fingerprint(path: str | os.PathLike) -> str:
     """sha256 of a weights file, memoized in the user cache folder (a 3 GB file is hashed once, not every run)."""
     try:

@@ -546,3 +546,9 @@ def test_an_index_built_by_an_older_reader_is_read_again_in_full(tmp_path):
     assert np.asarray(open_index(index).matrix).tolist() == [[1, 1, 1, 1], [2, 2, 2, 2]]
     again = build_index(folder, index, progress=False)
     assert (again.unchanged, again.reread) == (2, 0) and "read again" not in again.summary()
+    # Which code wrote it, told apart from commit to commit (the version number stays 0.1.0).
+    import re
+
+    from clamp2.cache import code_version
+    written_by = json.loads((index / "manifest.json").read_text())["written_by"]
+    assert re.fullmatch(r"clamp2 \S+ \(code [0-9a-f]{12}\)", written_by) and code_version()[:12] in written_by

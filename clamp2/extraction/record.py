@@ -148,12 +148,12 @@ def _shape_clash(existing: Any, settings: Dict[str, Any]) -> Optional[str]:
 
 
 def write_record(output_dir: str | os.PathLike, settings: Dict[str, Any]) -> None:
-    from .. import __version__
+    from ..cache import written_by
     from ..files import atomic_write_text
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    record = {"format": RECORD_FORMAT, "settings": settings, "written_by": f"clamp2 {__version__}"}
+    record = {"format": RECORD_FORMAT, "settings": settings, "written_by": written_by()}
     atomic_write_text(output_dir / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 

@@ -50,11 +50,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def code_version() -> str:
-    """sha256 of this package's Python source (the version number stays 0.1.0 from commit to commit): a step's
-    marker holds it, so a re-run can say which steps another version did."""
-    from ..cache import source_fingerprint
+    """A step's marker holds it, so a re-run can say which steps another version did."""
+    from ..cache import code_version
 
-    return source_fingerprint(Path(__file__).resolve().parents[1], ("**/*.py",))
+    return code_version()
 
 
 def _marker_code(marker: Path) -> str:

@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from clamp2.cache import written_by
 from clamp2.files import atomic_path, atomic_write_text, disk_full_error, remove_partial_files_of
 
 NPY_SUFFIX = ".npy"
@@ -758,7 +759,7 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
         _write_lines(index_dir / files_now["skipped"], sorted(bad_records))
         new_manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "generation": generation,
                         "dim": dim, "count": count, "dtype": "float32",
-                        "reader": INDEX_READER,
+                        "reader": INDEX_READER, "written_by": written_by(),
                         "normalized": bool(np.all(np.abs(norms - 1.0) <= NORMALIZED_TOLERANCE)),
                         "source": str(features_dir.resolve()), **files_now}
         atomic_write_text(index_dir / MANIFEST, json.dumps(new_manifest, indent=1) + "\n")
