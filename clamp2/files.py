@@ -457,12 +457,30 @@ def _replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         raise IsADirectoryError(f"{path} is a folder; pass a file path") from None
 
 
+def _keep_mode(path: str, tmp: str) -> None:
+    """Give ``tmp`` the permission bits of the file ``path`` it is to replace, if there is one (``--overwrite``).
+
+    The new file would have the umask's mode (0644): a chmod 444 output lost its protection, a 600 one became
+    readable by all. ``sed -i`` and vim's ``:w!`` keep the mode as well. A link at ``path`` is replaced, not
+    followed (as before): the new file has the umask's mode.
+    """
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # a new output
+        return
+    if stat.S_ISREG(mode):
+        os.chmod(tmp, stat.S_IMODE(mode) & 0o777)
+
+
 @contextlib.contextmanager
 def _temporary_next_to(path: str) -> Iterator[tuple[int, str]]:
     """(descriptor, path) of a new temporary file; renamed to ``path`` on success, deleted on failure."""
     fd, tmp = _open_temporary(path)
     try:
         yield fd, tmp
+        _keep_mode(path, tmp)
         _replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

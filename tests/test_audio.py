@@ -307,6 +307,49 @@ def test_a_cut_flac_decodes_up_to_its_cut_and_one_damaged_inside_still_fails(tmp
         audio.decode(tmp_path / "damaged.flac")
 
 
+def declare_flac_frames(path: Path, total: int) -> None:
+    """Set the total-samples field (36 bits) of a FLAC's STREAMINFO, the first metadata block."""
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0
+    field = int.from_bytes(data[18:26], "big")
+    data[18:26] = (field & ~((1 << 36) - 1) | total).to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("declared", [1 << 30, (1 << 36) - 1])
+def test_a_flac_declaring_more_frames_than_it_holds_decodes_its_frames_in_bounded_memory(tmp_path, declared):
+    # soundfile allocates the whole read from the header's frame count: a 75 KB FLAC saying 2^36 frames asked for
+    # 512 GiB ("MemoryError: Unable to allocate 512. GiB"), 2^30 frames for 8 GiB. Past MAX_PREALLOCATED_SAMPLES
+    # the file is read in blocks, to its real end; a cut one as well (flac_before_cut).
+    rng = np.random.default_rng(0)
+    whole = tmp_path / "whole.flac"
+    soundfile.write(whole, (rng.standard_normal((22050, 2)) * 0.1).astype(np.float32), 44100, subtype="PCM_16")
+    clean, rate = audio.decode_frames(whole)
+    data = whole.read_bytes()
+    for name, body in (("lying.flac", data), ("lying_cut.flac", data[:len(data) * 2 // 3])):
+        path = tmp_path / name
+        path.write_bytes(body)
+        declare_flac_frames(path, declared)
+        assert soundfile.info(path).frames == declared
+        frames, frames_rate = audio.decode_frames(path)
+        assert frames_rate == rate and 0 < len(frames) <= len(clean)
+        assert np.array_equal(frames, clean[:len(frames)]) and (len(frames) == len(clean)) == (body == data)
+        assert (frames if frames.base is None else frames.base).nbytes == frames.nbytes  # no 8 GiB buffer behind it
+
+
+def test_reading_in_blocks_gives_the_whole_reads_samples(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((30000, 3)) * 0.1).astype(np.float32)
+    for name, subtype in (("a.wav", "PCM_24"), ("a.flac", "PCM_16"), ("a.ogg", "VORBIS")):
+        soundfile.write(tmp_path / name, x, 44100, subtype=subtype)
+        whole, _ = audio.decode_frames(tmp_path / name)
+        with monkeypatch.context() as patch:
+            patch.setattr(audio, "MAX_PREALLOCATED_SAMPLES", 0)
+            patch.setattr(audio, "READ_BLOCK_FRAMES", 4096)
+            blocks, _ = audio.decode_frames(tmp_path / name)
+        assert blocks.dtype == np.float32 and np.array_equal(blocks.view(np.uint32), whole.view(np.uint32))
+
+
 def test_a_file_named_mp3_without_audio_is_not_said_to_be_missing(tmp_path):
     # A saved error page, or a download cut inside its first frame: libsndfile says "File does not exist or is not a
     # regular file (possibly a pipe?)" of a file that is there.

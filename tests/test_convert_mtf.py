@@ -498,3 +498,16 @@ def test_tracks_beyond_the_headers_count_are_not_read_as_in_the_reference_and_sa
         text = midi_to_mtf(tmp_path / "short.mid")
     assert text == midi_file_to_mtf(mido.MidiFile(tmp_path / "short.mid")) and text != full
     assert "note_on 48 9 36 100" not in text and "note_on 48 9 36 100" in full
+
+
+@pytest.mark.parametrize("said, signed", [(65535, -1), (32768, -32768)])
+def test_a_track_count_above_32767_is_said_as_the_header_says_it(tmp_path, said, signed):
+    # SMF's track count is unsigned; mido reads it signed (struct ">hhh"), so 65535 is -1 and no track is read, in
+    # the reference too. The MTF stays the reference's (no note); the warning says the header's count, not 0.
+    smf = two_track_midi_bytes()
+    path = tmp_path / "many.mid"
+    path.write_bytes(smf[:10] + said.to_bytes(2, "big") + smf[12:])
+    with pytest.warns(UserWarning, match=rf"the header says {said} tracks \(which mido reads as {signed}: none "
+                                         r"read\) but the file holds 2: the last 2 not read"):
+        text = midi_to_mtf(path)
+    assert text == midi_file_to_mtf(mido.MidiFile(path)) == "ticks_per_beat 96\nend_of_track 0"

@@ -67,6 +67,33 @@ def test_outputs_follow_a_group_writable_umask(tmp_path):
     assert {stat.S_IMODE(os.stat(tmp_path / n).st_mode) for n in ("a.npy", "b.txt")} == {0o664}
 
 
+def test_an_output_replaced_keeps_its_mode_and_a_link_is_replaced_not_followed(tmp_path):
+    # --overwrite made a fresh file and renamed it over the old one: a chmod 444 output came back 0644 (its
+    # protection lost) and a 600 one readable by all. The mode stays, as with sed -i or vim's :w!.
+    from clamp2.files import atomic_path, atomic_write_bytes, atomic_write_text
+
+    def through_atomic_path(path):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"new")
+
+    writers = (lambda p: atomic_write_bytes(p, b"new"), lambda p: atomic_write_text(p, "new"), through_atomic_path)
+    for number, (write, mode) in enumerate(zip(writers, (0o444, 0o600, 0o640))):
+        path = tmp_path / f"out{number}"
+        path.write_bytes(b"old")
+        os.chmod(path, mode)
+        write(path)
+        assert path.read_bytes() == b"new" and stat.S_IMODE(os.stat(path).st_mode) == mode
+    umask = os.umask(0)
+    os.umask(umask)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("old")
+    os.chmod(target, 0o600)
+    (tmp_path / "link.txt").symlink_to(target)
+    atomic_write_text(tmp_path / "link.txt", "new")  # the link is replaced by a file; what it pointed to stays
+    assert not (tmp_path / "link.txt").is_symlink() and (tmp_path / "link.txt").read_text() == "new"
+    assert target.read_text() == "old" and stat.S_IMODE(os.stat(tmp_path / "link.txt").st_mode) == 0o666 & ~umask
+
+
 def test_an_empty_cache_entry_is_missing_not_an_error(tmp_path):
     # No fsync: after a power cut a renamed entry can be empty; it is encoded again, never a crash.
     from clamp2.cache import FeatureCache

@@ -129,7 +129,10 @@ def read_midi(path: str | os.PathLike) -> mido.MidiFile:
         return midi
     unread = track_chunks(path) - len(midi.tracks)
     if unread > 0:  # mido reads as many tracks as the header says, as the reference does: said, not changed
-        warnings.warn(f"the header says {len(midi.tracks)} track{'s' if len(midi.tracks) != 1 else ''} but the file "
+        with open(path, "rb") as f:
+            said = int.from_bytes(f.read(12)[10:12], "big")  # unsigned, as SMF says; mido reads it signed
+        signed = f" (which mido reads as {said - 65536}: none read)" if said > 32767 else ""
+        warnings.warn(f"the header says {said} track{'s' if said != 1 else ''}{signed} but the file "
                       f"holds {len(midi.tracks) + unread}: the last {unread} not read", UserWarning, stacklevel=2)
     return midi
 

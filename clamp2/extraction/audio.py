@@ -33,6 +33,11 @@ ROLLOFF = 0.99
 # factor with 24,000 (44,101 Hz, 47,999 Hz, or a corrupt header's 47,873 Hz) needs over 10^9: 4-9 GiB per
 # temporary, which got the process killed for memory (a worker's death stops the whole batch).
 MAX_FILTER_ELEMENTS = 1 << 26
+# soundfile allocates a read's whole array from the header's frame count before decoding: a FLAC whose STREAMINFO
+# says 2^36 frames in 75 KB asked for 512 GiB (a MemoryError). Up to 2^27 samples (512 MiB of float32) the header
+# is trusted, as before; past it, the file is read in blocks of READ_BLOCK_FRAMES, to its real end.
+MAX_PREALLOCATED_SAMPLES = 1 << 27
+READ_BLOCK_FRAMES = 1 << 20
 
 
 class AudioError(ValueError):
@@ -100,7 +105,7 @@ def _read_all(source) -> Tuple[np.ndarray, int]:
         raise AudioError(f"cannot decode audio ({message})") from None
     with sound:
         try:
-            return sound.read(dtype="float32", always_2d=True), int(sound.samplerate)
+            return read_frames(sound), int(sound.samplerate)
         except errors as exc:
             if sound.format == "FLAC":
                 cut = flac_before_cut(source)
@@ -109,6 +114,19 @@ def _read_all(source) -> Tuple[np.ndarray, int]:
             # libsndfile says only "Unspecified internal error" when an MP3's frames are damaged partway.
             raise AudioError(f"cannot decode audio: its {sound.format} data is damaged after a valid header "
                              f"({' '.join(str(exc).split())})") from None
+
+
+def read_frames(sound) -> np.ndarray:
+    """``sound.read(dtype="float32", always_2d=True)``, in blocks when the header declares over
+    :data:`MAX_PREALLOCATED_SAMPLES`: memory follows the frames there are, not the frames declared."""
+    if max(sound.frames, 0) * sound.channels <= MAX_PREALLOCATED_SAMPLES:
+        return sound.read(dtype="float32", always_2d=True)
+    blocks = []
+    while len(block := sound.read(READ_BLOCK_FRAMES, dtype="float32", always_2d=True)) > 0:
+        blocks.append(block)
+        if len(block) < READ_BLOCK_FRAMES:
+            break
+    return np.concatenate(blocks) if blocks else np.zeros((0, sound.channels), np.float32)
 
 
 def flac_before_cut(source) -> np.ndarray | None:
@@ -124,14 +142,22 @@ def flac_before_cut(source) -> np.ndarray | None:
     if not isinstance(source, (str, os.PathLike)):
         return None
     with soundfile.SoundFile(_openable(source)) as sound:
-        frames = np.zeros((max(sound.frames, 0), sound.channels), np.float32)
-        try:
-            # libsndfile's own read, which returns how many frames it decoded before the error (soundfile's
-            # read raises without saying); soundfile's private handles, so another soundfile version may lack them.
-            decoded = soundfile._snd.sf_readf_float(sound._file, soundfile._ffi.cast("float *", frames.ctypes.data),
-                                                    len(frames))
-        except AttributeError:
-            return None
+        blocks, decoded = [], 0
+        while True:  # in blocks: the header's frame count may be a lie (read_frames)
+            frames = np.zeros((min(max(sound.frames - decoded, 0), READ_BLOCK_FRAMES), sound.channels), np.float32)
+            try:
+                # libsndfile's own read, which returns how many frames it decoded before the error (soundfile's
+                # read raises without saying); soundfile's private handles, so another soundfile version may lack
+                # them.
+                count = soundfile._snd.sf_readf_float(sound._file, soundfile._ffi.cast("float *", frames.ctypes.data),
+                                                      len(frames))
+            except AttributeError:
+                return None
+            blocks.append(frames[:max(count, 0)])
+            decoded += max(count, 0)
+            if count < len(frames) or len(frames) == 0:
+                break
+        frames = np.concatenate(blocks)
     with soundfile.SoundFile(_openable(source)) as sound:
         try:
             sound.seek(sound.frames - 1)
