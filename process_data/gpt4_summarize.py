@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_retries", type=int, default=5,
                         help="re-sends per file after rate limits, 5xx, timeouts (default 5)")
     parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds allowed per request (default 60)")
+                        help="seconds allowed per request, connection to last byte (default 60)")
     parser.add_argument("--backoff_base", type=float, default=1.0,
                         help="first back-off ceiling in seconds, doubled per retry (default 1)")
     parser.add_argument("--backoff_cap", type=float, default=60.0,
@@ -88,6 +88,11 @@ def main(argv=None) -> int:
     if not api_key:
         print(f"error: {ENV_KEY} is not set; run `export {ENV_KEY}=<your key>` first "
               "(the key is read only from the environment)", file=sys.stderr)
+        return 2
+    # Sent as an HTTP header: a pasted zero-width space, inner newline or accented letter failed every file.
+    if not all(" " < character < "\x7f" for character in api_key):
+        print(f"error: {ENV_KEY} cannot be sent: it has a space, a control character or a non-ASCII character "
+              "(a copy-paste artefact?); set it again", file=sys.stderr)
         return 2
     input_dir, output_dir = Path(args.input_dir), Path(args.output_dir)
     if not input_dir.is_dir():

@@ -859,3 +859,149 @@ def test_merge_leaves_out_a_record_with_a_lone_surrogate(tmp_path, capsys):
     assert "skipped: lone.json: text that is not valid Unicode" in captured.err
     assert "wrote 1 records" in captured.out
     assert [json.loads(line)["title"] for line in out.read_text(encoding="utf-8").splitlines()] == ["good"]
+
+
+# --------------------------------------------------------------------------------------------------
+# A hostile server (audit_summaries): slow or endless answers, huge bodies, a key in the answer
+
+
+class HostileServer:
+    """One raw answer per request on 127.0.0.1: ``mode`` "drip" (a valid answer, one byte per 0.2 s,
+    headers included), "endless" (chunked spaces forever), "huge" (a 40 MiB completion) or "key"
+    (a valid answer whose summaries quote the key)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.requests = 0
+        self.stopping = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                return
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests += 1
+                try:
+                    server.answer(self, body)
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def answer(self, handler, body: dict) -> None:
+        metadata = json.loads(body["messages"][-1]["content"])
+        language = metadata["nen_language"]
+        content = valid_answer(language, metadata["title"])
+        if self.mode == "key":
+            content = json.dumps({"summary_en": f"Your key is {SECRET}.",
+                                  "summary_nen": {"language": language, "summary": SECRET}})
+        completion = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                      "choices": [{"index": 0, "finish_reason": "stop",
+                                   "message": {"role": "assistant", "content": content}}]}
+        data = json.dumps(completion).encode()
+        wfile = handler.wfile
+        if self.mode == "huge":
+            data = data.replace(b"A summary", b"A summary" + b"x" * (40 << 20))
+        if self.mode == "endless":
+            wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while not self.stopping.wait(0.05):
+                wfile.write(b"1000\r\n" + b" " * 0x1000 + b"\r\n")
+                wfile.flush()
+            return
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
+        response = head + data
+        if self.mode == "drip":
+            for i in range(len(response)):
+                if self.stopping.wait(0.2):
+                    return
+                wfile.write(response[i:i + 1])
+                wfile.flush()
+            return
+        wfile.write(response)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("mode", ["drip", "endless"])
+def test_timeout_bounds_the_whole_request(tmp_path, api_env, capsys, mode):
+    # --timeout is per request, not per socket read: a server that trickles bytes (one per 0.2 s) or
+    # streams whitespace forever fails the file after about --timeout, instead of hanging the batch.
+    script = load_script("process_data/gpt4_summarize.py")
+    write_metadata(tmp_path / "in", "a.json", "a")
+    codes = []
+    with HostileServer(mode) as server:
+        argv = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m", "--base_url", server.base_url,
+                "--workers", "1", "--timeout", "1.0", "--max_retries", "1", "--backoff_base", "0.01",
+                "--backoff_cap", "0.05", "--no_progress"]
+        run = threading.Thread(target=lambda: codes.append(script.main(argv)), daemon=True)
+        run.start()
+        run.join(timeout=15)  # a hang fails the test instead of hanging the suite
+        assert not run.is_alive(), "the run hangs on a server that never finishes its answer"
+    captured = capsys.readouterr()
+    assert codes == [1]
+    assert server.requests == 2  # the time-out is retried like any other
+    reason = (tmp_path / "out" / "failed_summaries.log").read_text(encoding="utf-8")
+    assert "gave up after 1 retries" in reason and "Timeout" in reason, reason
+    assert captured.out.strip().endswith("done 0, skipped 0, failed 1, retries 1")
+
+
+def test_a_huge_answer_fails_its_file_without_being_read_whole(tmp_path, api_env, capsys, monkeypatch):
+    # 40 MiB of answer: refused at the cap (lowered here to 1 MiB), not retried, not held in memory.
+    monkeypatch.setattr(summarize, "MAX_RESPONSE_BYTES", 1 << 20, raising=False)
+    script = load_script("process_data/gpt4_summarize.py")
+    write_metadata(tmp_path / "in", "a.json", "a")
+    with HostileServer("huge") as server:
+        code = script.main([str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m", "--base_url",
+                            server.base_url, "--workers", "1", *FAST])
+    capsys.readouterr()
+    assert code == 1 and server.requests == 1
+    reason = (tmp_path / "out" / "failed_summaries.log").read_text(encoding="utf-8")
+    assert "larger than 1 MiB" in reason, reason
+
+
+def test_an_answer_quoting_the_key_is_not_written(tmp_path, api_env, capsys):
+    # The server has the key; a summary quoting it would carry it into the training data.
+    script = load_script("process_data/gpt4_summarize.py")
+    write_metadata(tmp_path / "in", "a.json", "a")
+    with HostileServer("key") as server:
+        code = script.main([str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m", "--base_url",
+                            server.base_url, "--workers", "1", *FAST])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "answer contains the API key" in (tmp_path / "out" / "failed_summaries.log").read_text(encoding="utf-8")
+    assert_secret_absent(tmp_path, captured.out, captured.err)
+
+
+@pytest.mark.parametrize("key", ["sk-test\u200bSECRET", "sk-test\nSECRET", "sk-tést"])
+def test_a_key_that_cannot_be_sent_is_a_usage_error(tmp_path, api_env, capsys, monkeypatch, key):
+    # A pasted zero-width space, an inner newline or a non-ASCII letter failed every file (the newline one as a
+    # "Connection error", retried): one line before any request, naming neither the key nor its characters.
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    script = load_script("process_data/gpt4_summarize.py")
+    write_metadata(tmp_path / "in", "a.json", "a")
+    with ScriptedLLM({"a": ["ok"]}) as llm:
+        code = script.main([str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m", "--base_url",
+                            llm.base_url, *FAST])
+        assert llm.requests == []
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "OPENAI_API_KEY" in captured.err and "cannot be sent" in captured.err
+    assert "SECRET" not in captured.err + captured.out and "sk-t" not in captured.err + captured.out

@@ -23,10 +23,13 @@ Public API: :func:`load_languages`, :func:`choose_language`, :func:`load_prompt`
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import random
 import re
+import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -271,7 +274,7 @@ def _non_empty_string(value: Any) -> bool:
 
 
 def parse_answer(content: str | None, language: str,
-                 finish_reason: str | None = None) -> tuple[str, dict[str, str]]:
+                 finish_reason: str | None = None, secret: str | None = None) -> tuple[str, dict[str, str]]:
     """``(summary_en, summary_nen)`` from the model's answer, or :class:`AnswerError` with the reason.
 
     Failures: no content, ``None`` (too little musical information), invalid JSON (a truncated
@@ -281,6 +284,8 @@ def parse_answer(content: str | None, language: str,
     """
     if content is None or not content.strip():
         raise AnswerError("empty answer")
+    if secret and secret in content:  # the server has the key; a summary must not carry it into the data
+        raise AnswerError("answer contains the API key")
     text = strip_code_fence(content)
     if text.strip("`'\". ").casefold() == "none":
         raise AnswerError("model answered None (too little musical information)")
@@ -305,6 +310,8 @@ def parse_answer(content: str | None, language: str,
     answered = summary_nen.get("language")
     if not isinstance(answered, str) or answered.strip().casefold() != language.casefold():
         raise AnswerError(f"summary_nen.language is {answered!r}, asked for {language!r}")
+    if secret and (secret in summary_en or secret in summary_nen["summary"]):  # quoted with JSON escapes
+        raise AnswerError("answer contains the API key")
     return summary_en.strip(), {"language": language, "summary": summary_nen["summary"].strip()}
 
 
@@ -393,12 +400,103 @@ class RequestResult:
     retries: int
 
 
+# A chat completion with two summaries is a few kB; a server sending more is broken or hostile, and the client
+# would hold all of it (several times over while parsing) in each worker's memory.
+MAX_RESPONSE_BYTES = 16 << 20
+
+
+class ResponseTooLarge(openai.OpenAIError):
+    """The answer passed :data:`MAX_RESPONSE_BYTES`; an OpenAIError, so the client raises it as it is (no retry)."""
+
+
+class _Deadline:
+    """One HTTP request's wall-clock limit: when it passes, the request's socket is shut down.
+
+    The client's ``timeout`` bounds each socket operation, so a server sending a byte every few seconds, or
+    chunks forever, was never timed out. The socket comes from the transport's ``trace`` extension (its
+    ``connect_tcp``/``start_tls`` results), hence a fresh connection per request (no keep-alive).
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = threading.Event()
+        self._sockets: list = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, name: str, info: dict) -> None:
+        stream = info.get("return_value") if name.endswith(".complete") else None
+        sock = stream.get_extra_info("socket") if hasattr(stream, "get_extra_info") else None
+        if sock is not None:
+            with self._lock:
+                self._sockets.append(sock)
+            if self.expired.is_set():
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        self.expired.set()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in another thread, unlike close()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 def make_client(api_key: str, base_url: str | None = None, timeout: float = 60.0) -> openai.OpenAI:
     """The official client with its own retries off: :func:`request_summary` retries and counts.
 
-    ``base_url=None`` keeps the client's default (``OPENAI_BASE_URL`` or api.openai.com).
+    ``base_url=None`` keeps the client's default (``OPENAI_BASE_URL`` or api.openai.com). Each request's
+    ``timeout`` bounds the whole request (connect to last byte), and an answer over
+    :data:`MAX_RESPONSE_BYTES` raises :class:`ResponseTooLarge` as it arrives.
     """
-    return openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+    # httpx (openai 1.x) or httpx2: the HTTP library the client's own default client is built on.
+    httpx = importlib.import_module(next(cls.__module__ for cls in openai.DefaultHttpxClient.__mro__
+                                         if cls.__module__.startswith("httpx")).split(".")[0])
+
+    class BoundedStream(httpx.SyncByteStream):
+        def __init__(self, inner, deadline: _Deadline | None):
+            self.inner, self.deadline = inner, deadline
+
+        def __iter__(self):
+            size = 0
+            for chunk in self.inner:
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    raise ResponseTooLarge(f"response larger than {MAX_RESPONSE_BYTES >> 20} MiB")
+                yield chunk
+
+        def close(self):
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.inner.close()
+
+    def on_request(request) -> None:
+        deadline = _Deadline(float((request.extensions.get("timeout") or {}).get("read") or timeout))
+        request.extensions["trace"] = deadline.trace
+        request.extensions["clamp2_deadline"] = deadline
+
+    def on_response(response) -> None:
+        response.stream = BoundedStream(response.stream, response.request.extensions.get("clamp2_deadline"))
+
+    http_client = openai.DefaultHttpxClient(
+        timeout=timeout, limits=httpx.Limits(max_connections=1000, max_keepalive_connections=0),
+        event_hooks={"request": [on_request], "response": [on_response]})
+    return openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0, http_client=http_client)
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether a connection error is this module's deadline shutting the socket (a time-out, so named)."""
+    deadline = getattr(getattr(error, "request", None), "extensions", {}).get("clamp2_deadline")
+    return deadline is not None and deadline.expired.is_set()
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -414,6 +512,8 @@ def one_line(text: str, limit: int = 300) -> str:
 def describe_error(error: BaseException, secret: str | None = None) -> str:
     if isinstance(error, openai.APIStatusError):
         text = f"HTTP {error.status_code} {type(error).__name__}: {error.message}"
+    elif isinstance(error, openai.APIConnectionError) and _timed_out(error):
+        text = "APITimeoutError: Request timed out."
     else:
         text = f"{type(error).__name__}: {error}"
     return one_line(redact(text, secret))
@@ -465,6 +565,8 @@ def request_summary(client: openai.OpenAI, model: str, messages: list[dict[str, 
         except FATAL_ERRORS as error:
             raise FatalAPIError(describe_error(error, secret), retries) from None
         except RETRYABLE_ERRORS as error:
+            if isinstance(error.__cause__, ResponseTooLarge):  # openai 1.x wraps it as a connection error
+                raise RequestFailed(describe_error(error.__cause__, secret), retries) from None
             if retries >= policy.max_retries:
                 raise RequestFailed(f"gave up after {retries} retries: {describe_error(error, secret)}",
                                     retries) from None
@@ -572,7 +674,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
             result = request_summary(client, model, build_messages(metadata, language, prompt), policy,
                                      secret=secret, stop=stop)
             retries = result.retries
-            summary_en, summary_nen = parse_answer(result.content, language, result.finish_reason)
+            summary_en, summary_nen = parse_answer(result.content, language, result.finish_reason, secret)
             text = json.dumps(build_output(metadata, summary_en, summary_nen), indent=4,
                               ensure_ascii=False)
             atomic_write_text(output_path, text)
