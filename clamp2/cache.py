@@ -157,11 +157,11 @@ def weights_fingerprint(path: str | os.PathLike, cache_dir: str | os.PathLike | 
     if cache_dir is not None:
         memo = Path(cache_dir) / "weights" / (sha256_of_json(list(identity)) + ".sha256")
         try:
-            digest = memo.read_text(encoding="ascii").strip()
+            digest = (_read_regular_file(memo) or b"").decode("ascii").strip()
             if len(digest) == 64:
                 _weights_hashes[identity] = digest
                 return digest
-        except OSError:
+        except UnicodeDecodeError:
             pass
     digest = sha256_of_file(real)
     _weights_hashes[identity] = digest
@@ -235,9 +235,8 @@ class CacheNamespace:
 
         import numpy as np
 
-        try:
-            data = self.path(key).read_bytes()
-        except OSError:
+        data = _read_regular_file(self.path(key))
+        if data is None:
             return None
         body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
         if len(data) <= _DIGEST_SIZE or self._digest(key, body) != digest:
@@ -273,6 +272,26 @@ class CacheNamespace:
             atomic_write_text(target, json.dumps({"settings": self.settings, "about": self.about}, indent=1,
                                                  sort_keys=True, default=str) + "\n")
         self._described = True
+
+
+def _read_regular_file(path: Path) -> Optional[bytes]:
+    """The bytes of ``path`` if it is a regular file (not a link, FIFO or device: entries are only ever written as
+    regular files; reading a link to a FIFO waited forever, one to /dev/zero filled the memory), else None."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def entry_key(kind: str, digest: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, MutableMapping, Optional
 import torch
 from torch import nn
 
-from .files import atomic_path, disk_full_error, error_chain
+from .files import atomic_path, disk_full_error, error_chain, through_link
 
 FORMAT_VERSION = 1
 HUB_REPO = "sander-wood/clamp2"
@@ -412,7 +412,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None
         payload["config"] = dict(config)
     if extra:
         payload.update(extra)
-    with _written_or_said(path), atomic_path(path) as tmp:
+    with _written_or_said(path), atomic_path(through_link(path)) as tmp:
         # Through a Python file: a failed write (ENOSPC) then raises an OSError that says so; torch's own C++ file
         # writer only says "unexpected pos".
         with open(tmp, "wb") as f:
@@ -422,7 +422,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None
 
 def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
     """Copy a checkpoint file atomically and durably (the best file and epoch copies are copies of ``latest_``)."""
-    with _written_or_said(path), atomic_path(path) as tmp:
+    with _written_or_said(path), atomic_path(through_link(path)) as tmp:
         shutil.copyfile(source, tmp)
         _on_disk(tmp)
 

@@ -499,6 +499,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def unlink_if_link(path: str | os.PathLike) -> None:
+    """Remove ``path`` when it is a symbolic link: a log a run rewrites in place (opened for writing, flushed per
+    line) is then a new file beside the outputs, never written through the link (which truncated its target, a
+    file outside the output folder). Outputs, renamed into place, replace their links alike."""
+    if os.path.islink(path):
+        with contextlib.suppress(OSError):  # gone meanwhile, or a read-only folder: then as before, through it
+            os.unlink(path)
+
+
+def through_link(path: str | os.PathLike) -> Path:
+    """``path``, or the file it links to when it is a symbolic link (dangling too): for a file the user names (a
+    checkpoint) and may have linked to another disk. An atomic write there replaces the target and keeps the link,
+    as the reference's ``torch.save`` writes through it; renaming over the link moved the file beside the link and
+    left the target stale. Batch outputs in an output folder do not use it: their links are replaced."""
+    return Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+
+
 def finished_output(path: str | os.PathLike) -> bool:
     """Whether a re-run may skip ``path``: it exists and is not empty.
 

@@ -1005,3 +1005,17 @@ def test_a_key_that_cannot_be_sent_is_a_usage_error(tmp_path, api_env, capsys, m
     assert code == 2
     assert "OPENAI_API_KEY" in captured.err and "cannot be sent" in captured.err
     assert "SECRET" not in captured.err + captured.out and "sk-t" not in captured.err + captured.out
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX links")
+def test_a_failure_log_that_is_a_link_is_replaced_not_written_through(tmp_path, api_env, capsys):
+    script = load_script("process_data/gpt4_summarize.py")
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    write_metadata(inputs, "one.json", "good")
+    outputs.mkdir()
+    (tmp_path / "outside.log").write_text("precious\n", encoding="utf-8")
+    (outputs / "failed_summaries.log").symlink_to(tmp_path / "outside.log")
+    with ScriptedLLM(SCRIPT) as llm:
+        assert script.main([str(inputs), str(outputs), "--model", "m", "--base_url", llm.base_url, *FAST]) == 0
+    assert (tmp_path / "outside.log").read_text(encoding="utf-8") == "precious\n"
+    assert not (outputs / "failed_summaries.log").is_symlink()

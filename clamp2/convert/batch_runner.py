@@ -54,8 +54,8 @@ from typing import Callable, Iterable
 from clamp2.cli import ArgumentParser
 from clamp2.files import (ONE_FILE_THERE, DiskFull, atomic_path, atomic_write_bytes, atomic_write_text,
                           disk_full_error, find_files, finished_output, log_line, mirror_path, output_aliases,
-                          read_file_log, remove_partial_files, remove_partial_files_of, say_disk_full, unreachable,
-                          write_file_log)
+                          read_file_log, remove_partial_files, remove_partial_files_of, say_disk_full, unlink_if_link,
+                          unreachable, write_file_log)
 from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
@@ -421,6 +421,8 @@ def run_batch(jobs: list[Job], convert: Convert, *, output_dir: str | os.PathLik
     # The warnings of the files skipped (converted by an earlier, maybe killed, run) stay in the rewritten log.
     skipped_names = {job.name for job in jobs} - {job.name for job in todo}
     kept_warnings = [entry for entry in read_file_log(logs[1]) if entry[0] in skipped_names] if skipped_names else []
+    for log in logs:  # a log name that is a link is replaced, as outputs are: never written through to its target
+        unlink_if_link(log)
     # surrogateescape: a file name that is not UTF-8 is logged as its bytes (strict encoding raised mid-run).
     with open(output_dir / f"failed_{tool}.log", "w", encoding="utf-8", errors="surrogateescape", newline="\n") \
             as failure_log, \

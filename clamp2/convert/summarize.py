@@ -41,7 +41,7 @@ from typing import Any, Callable
 import openai
 
 from clamp2.files import (ONE_FILE_THERE, atomic_write_text, disk_full_error, find_files, finished_output, log_line,
-                          mirror_path, output_aliases, write_file_log)
+                          mirror_path, output_aliases, unlink_if_link, write_file_log)
 
 FAILURE_LOG_NAME = "failed_summaries.log"
 DEFAULT_SEED = 0
@@ -696,6 +696,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
         return _Outcome(relative_path, "done", retries=retries)
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    unlink_if_link(output_dir / FAILURE_LOG_NAME)  # a link there is replaced, never written through
     # surrogateescape: a file name that is not UTF-8 is logged as its bytes (strict encoding raised mid-run).
     with open(output_dir / FAILURE_LOG_NAME, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as log, \
             progress_bar(total=len(jobs), desc="summaries", unit="file", enabled=progress) as bar:

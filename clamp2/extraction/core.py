@@ -248,13 +248,16 @@ def plan_jobs(input_dir: Path, output_dir: Path, text: bool = True, overwrite: b
     """
     kinds = kinds if kinds is not None else kinds_of_extensions(text)
     # As strings: a Path's .parents per input cost more than the rest of the plan together.
-    outputs_prefix = os.path.join(os.path.abspath(output_dir), "")
+    # Real paths: an input or output folder named through a link (or holding the other through one) is still seen.
+    outputs_prefix = os.path.join(os.path.realpath(output_dir), "")
     unsearchable: List[Tuple[Path, str]] = []
     inputs = find_files(input_dir, kinds, unsearchable)
-    inputs_prefix = os.path.join(os.path.abspath(input_dir), "")
+    inputs_prefix = os.path.join(os.path.realpath(input_dir), "")
     if outputs_prefix != inputs_prefix and outputs_prefix.startswith(inputs_prefix):  # output inside the input folder
+        # find_files follows no folder link, so an input's real folder is the input folder's plus its relative one.
         inputs = [path for path in inputs
-                  if not (path.suffix.lower() in AUDIO_EXTENSIONS and os.path.abspath(path).startswith(outputs_prefix))]
+                  if not (path.suffix.lower() in AUDIO_EXTENSIONS
+                          and os.path.join(inputs_prefix, os.path.relpath(path, input_dir)).startswith(outputs_prefix))]
     outputs, collisions = mirror_outputs(inputs, input_dir, output_dir, ".npy")
     plan = Plan(failures=unsearchable + collisions)
     for path, output in outputs.items():

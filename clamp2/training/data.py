@@ -333,7 +333,12 @@ def resolve_relative(root: Path, relative: str) -> Optional[Path]:
     ``relative`` is empty or absolute (the reference's join would not read an absolute path)."""
     if not relative or os.path.isabs(relative):
         return None
-    return Path(os.path.normpath(root / relative))
+    joined = root / relative
+    if ".." in Path(relative).parts:
+        # The file system takes ``link/..`` to the link target's parent, as the reference's open() does; a lexical
+        # normpath named the folder holding the link instead.
+        return Path(os.path.realpath(joined.parent)) / joined.name
+    return Path(os.path.normpath(joined))
 
 
 def clamp2_text_problems(fields: Dict[str, Any], require_non_english: bool) -> List[str]:
@@ -389,7 +394,9 @@ def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]
     jsonl = Path(jsonl)
     if not jsonl.is_file():
         raise DataError(f"JSONL file not found: {jsonl}")
-    root = Path(os.path.normpath(jsonl.resolve().parent))
+    # The folder the JSONL is in, as named (links in it resolved): a JSONL that is itself a link keeps its files
+    # beside the link, as the reference's os.path.dirname(TRAIN_JSONL) + '/' + path reads them.
+    root = Path(os.path.realpath(jsonl.parent))
     items: List[PairItem] = []
     problems: List[str] = []
     missing: List[str] = []
@@ -463,7 +470,15 @@ class SymbolicMusic:
 
     @staticmethod
     def check(path: Path) -> Optional[str]:
-        return None if path.stat().st_size else f"{path} is empty"
+        if not path.stat().st_size:
+            return f"{path} is empty"
+        try:  # as read_music reads it in training: a file that is not UTF-8 fails the launch, not an epoch
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8"
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror or exc}"
+        return None
 
     @staticmethod
     def eval_path(paths: Sequence[Path]) -> Path:
