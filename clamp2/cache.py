@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from .files import atomic_path, atomic_write_text
+from .provenance import source_fingerprint
 
 # 2: each entry ends with the sha256 of its .npy bytes (a damaged entry is encoded again, never served).
 # 3: that sha256 also covers the entry's namespace and key (an intact entry under another name is not served).
@@ -72,30 +73,7 @@ def sha256_of_json(value: Any) -> str:
 def code_fingerprint() -> str:
     """sha256 of the source of :data:`FEATURE_CODE` (any edit there, even a comment, starts new entries:
     a re-encode is cheap next to a stale feature); read once per process."""
-    return source_fingerprint(Path(__file__).parent)
-
-
-def source_fingerprint(package: Path, patterns=FEATURE_CODE) -> str:
-    """sha256 of the files of ``package`` that ``patterns`` match, names and bytes."""
-    sha = hashlib.sha256()
-    for pattern in patterns:
-        for path in sorted(package.glob(pattern)):
-            sha.update(path.relative_to(package).as_posix().encode("utf-8") + b"\0" + path.read_bytes())
-    return sha.hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
-def code_version() -> str:
-    """sha256 of this package's Python source: the version number stays 0.1.0 from commit to commit, so what a
-    file was written by (a quick-start step, an extraction record, an index) is told by this."""
-    return source_fingerprint(Path(__file__).resolve().parent, ("**/*.py",))
-
-
-def written_by() -> str:
-    """``clamp2 0.1.0 (code <12 hex digits>)``: the package that wrote a record, told apart from commit to commit."""
-    from . import __version__
-
-    return f"clamp2 {__version__} (code {code_version()[:12]})"
+    return source_fingerprint(Path(__file__).parent, FEATURE_CODE)
 
 
 def user_weights_fingerprint(path: str | os.PathLike) -> str:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "clamp2"
 LAYERS = [
     {"configuration", "cli", "progress", "files", "distributed", "checkpoint", "hub", "attention_arguments", "attention",
      "patchilizer",
-     "text_model", "loss", "data", "benchmarking", "workers"},
+     "text_model", "loss", "data", "benchmarking", "workers", "provenance"},
     {"models"},
     {"convert"},
     {"extraction"},

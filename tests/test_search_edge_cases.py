@@ -549,6 +549,6 @@ def test_an_index_built_by_an_older_reader_is_read_again_in_full(tmp_path):
     # Which code wrote it, told apart from commit to commit (the version number stays 0.1.0).
     import re
 
-    from clamp2.cache import code_version
+    from clamp2.provenance import code_version
     written_by = json.loads((index / "manifest.json").read_text())["written_by"]
     assert re.fullmatch(r"clamp2 \S+ \(code [0-9a-f]{12}\)", written_by) and code_version()[:12] in written_by

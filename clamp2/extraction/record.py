@@ -148,7 +148,7 @@ def _shape_clash(existing: Any, settings: Dict[str, Any]) -> Optional[str]:
 
 
 def write_record(output_dir: str | os.PathLike, settings: Dict[str, Any]) -> None:
-    from ..cache import written_by
+    from ..provenance import written_by
     from ..files import atomic_write_text
 
     output_dir = Path(output_dir)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..files import disk_full_error
+from ..provenance import code_version
 from ..progress import plural
 from ..workers import ending_with_this_process
 
@@ -49,11 +50,6 @@ from ..workers import ending_with_this_process
 REPO = Path(__file__).resolve().parents[2]
 
 
-def code_version() -> str:
-    """A step's marker holds it, so a re-run can say which steps another version did."""
-    from ..cache import code_version
-
-    return code_version()
 
 
 def _marker_code(marker: Path) -> str:
@@ -273,7 +269,7 @@ class Quickstart:
             return 2
         steps = self.steps()
         started = time.perf_counter()
-        code = code_version()
+        code = code_version()  # a step's marker: a re-run says which steps another version did
         other_version = False
         for number, (name, function) in enumerate(steps, 1):
             marker = self.out / ".done" / name.replace(" ", "_")

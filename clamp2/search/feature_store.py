@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from clamp2.cache import written_by
+from clamp2.provenance import written_by
 from clamp2.files import atomic_path, atomic_write_text, disk_full_error, remove_partial_files_of
 
 NPY_SUFFIX = ".npy"
