@@ -19,7 +19,8 @@ Failures (bad input, a ``None`` answer, invalid JSON, missing/empty summaries, w
 retries exhausted) go to ``output_dir/failed_summaries.log`` as ``path<TAB>reason`` and to stderr.
 Rate limits, 5xx, timeouts and connection errors are retried (``--max_retries`` re-sends,
 full-jitter exponential back-off between ``--backoff_base`` and ``--backoff_cap`` seconds).
-401/403/404 (wrong key, no access, wrong model or base URL) abort the run at once.
+401/403/404 (wrong key, no access, wrong model or base URL) abort the run at once; a server that
+fails 10 files in a row (or twice ``--workers``), each after its retries, stops it (exit 1; re-run to resume).
 The last stdout line is ``done N, skipped N, failed N, retries N``. Exit status: 0 all done,
 1 some files failed, 2 usage error or aborted run.
 """
@@ -129,6 +130,10 @@ def main(argv=None) -> int:
     if counts.aborted:
         print(f"error: aborted, the API refused the run ({counts.aborted}); check {ENV_KEY}, "
               "--model and --base_url", file=sys.stderr)
+    if counts.server_down:
+        streak, reason = counts.server_down
+        print(f"error: stopped: the server failed the last {streak} files in a row, each after its retries (last: "
+              f"{reason}); run the same command again once it answers (finished summaries are kept)", file=sys.stderr)
     if counts.disk_full:
         say_disk_full(counts.disk_full, "summarize the remaining files")
     if counts.failed:

@@ -1019,3 +1019,38 @@ def test_a_failure_log_that_is_a_link_is_replaced_not_written_through(tmp_path, 
         assert script.main([str(inputs), str(outputs), "--model", "m", "--base_url", llm.base_url, *FAST]) == 0
     assert (tmp_path / "outside.log").read_text(encoding="utf-8") == "precious\n"
     assert not (outputs / "failed_summaries.log").is_symlink()
+
+
+def test_a_server_failing_file_after_file_stops_the_run(tmp_path, api_env, capsys):
+    # 500s forever cost every file 1 + --max_retries requests (~5 h for 10,000 files at the defaults) before the run
+    # ended with all failed. After server_down_streak files in a row fail so, the run stops; a re-run resumes.
+    script = load_script("process_data/gpt4_summarize.py")
+    for index in range(40):
+        write_metadata(tmp_path / "in", f"p{index:02d}.json", f"p{index:02d}")
+    with ScriptedLLM({f"p{index:02d}": [500] for index in range(40)}) as llm:
+        code = script.main([str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m", "--base_url", llm.base_url,
+                            "--workers", "2", *FAST])
+        sent = len(llm.requests)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "failed the last 10 files in a row, each after its retries" in captured.err
+    assert "run the same command again once it answers" in captured.err
+    failed = (tmp_path / "out" / "failed_summaries.log").read_text(encoding="utf-8").splitlines()
+    assert 10 <= len(failed) <= 12 and all("gave up after 3 retries: HTTP 500" in line for line in failed)
+    # The files in flight when it stopped send no further attempt (cancelled: a re-run sends them); none after.
+    assert 4 * len(failed) <= sent < 4 * len(failed) + 4 * 2
+
+
+def test_files_failing_among_answered_ones_do_not_stop_the_run(tmp_path, api_env, capsys):
+    # An answer, even one that fails its file, shows the server up: only failures in a row count.
+    script = load_script("process_data/gpt4_summarize.py")
+    steps = {}
+    for index in range(24):
+        write_metadata(tmp_path / "in", f"p{index:02d}.json", f"p{index:02d}")
+        steps[f"p{index:02d}"] = [500] if index % 8 else ["invalid"]
+    with ScriptedLLM(steps) as llm:
+        code = script.main([str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m", "--base_url", llm.base_url,
+                            "--workers", "1", *FAST])
+    captured = capsys.readouterr()
+    assert code == 1 and "in a row" not in captured.err
+    assert len((tmp_path / "out" / "failed_summaries.log").read_text(encoding="utf-8").splitlines()) == 24

@@ -385,6 +385,10 @@ class RequestFailed(SummaryRequestError):
     """This file failed (non-retryable error, or retries exhausted)."""
 
 
+class ServerUnavailable(RequestFailed):
+    """Retries ran out on rate limits, 5xx answers, time-outs or connection errors: the server, not the file."""
+
+
 class FatalAPIError(SummaryRequestError):
     """The run cannot succeed for any file (wrong key, no access, wrong model or URL)."""
 
@@ -568,8 +572,8 @@ def request_summary(client: openai.OpenAI, model: str, messages: list[dict[str, 
             if isinstance(error.__cause__, ResponseTooLarge):  # openai 1.x wraps it as a connection error
                 raise RequestFailed(describe_error(error.__cause__, secret), retries) from None
             if retries >= policy.max_retries:
-                raise RequestFailed(f"gave up after {retries} retries: {describe_error(error, secret)}",
-                                    retries) from None
+                raise ServerUnavailable(f"gave up after {retries} retries: {describe_error(error, secret)}",
+                                        retries) from None
             delay = backoff_delay(retries, policy, rng, retry_after_seconds(error))
             retries += 1
             if stop.wait(delay):
@@ -596,6 +600,9 @@ class SummaryCounts:
     retries: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     aborted: str | None = None  # the fatal error's reason when the run stopped early
+    # When the run stopped because the server failed this many files in a row (retries exhausted on each): the last
+    # reason. A dead or overloaded endpoint would otherwise cost every remaining file its retries (hours).
+    server_down: tuple[int, str] | None = None
     disk_full: str | None = None  # the output that a full disk (or quota) refused, when the run stopped at it
 
     def summary_line(self) -> str:
@@ -605,13 +612,19 @@ class SummaryCounts:
 @dataclass
 class _Outcome:
     relative_path: str
-    status: str  # "done", "failed", "fatal" or "cancelled"
+    status: str  # "done", "failed", "unavailable" (the server), "unread" (the input), "fatal" or "cancelled"
     reason: str = ""
     retries: int = 0
 
 
 def _relative_posix(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
+
+
+def server_down_streak(workers: int) -> int:
+    """Files failing in a row, each after its retries, that stop a run: twice the files in flight (a short outage
+    fails those at once), at least 10. A re-run resumes, so stopping costs little; going on costs hours."""
+    return max(10, 2 * max(1, workers))
 
 
 def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
@@ -627,7 +640,8 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     every run, flushed per line so it survives a crash) and passed to ``echo`` (default: stderr).
     A file that failed is simply retried by the next run, since it has no output. A fatal API
     error (401/403/404) stops the run: queued files are not sent, in-flight ones give up before
-    their next attempt, and ``counts.aborted`` holds the reason.
+    their next attempt, and ``counts.aborted`` holds the reason. So does a server that fails
+    :func:`server_down_streak` files in a row, each after its retries (``counts.server_down``).
     """
     from clamp2.progress import progress_bar, write_line
 
@@ -667,7 +681,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
         try:
             metadata = read_metadata(input_path)
         except (OSError, ValueError) as error:
-            return _Outcome(relative_path, "failed", one_line(str(error)))
+            return _Outcome(relative_path, "unread", one_line(str(error)))
         language = choose_language(seed, relative_path, languages)
         retries = 0
         try:
@@ -683,6 +697,8 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
             return _Outcome(relative_path, "fatal", error.reason, error.retries)
         except RequestCancelled as error:
             return _Outcome(relative_path, "cancelled", error.reason, error.retries)
+        except ServerUnavailable as error:
+            return _Outcome(relative_path, "unavailable", error.reason, error.retries)
         except RequestFailed as error:
             return _Outcome(relative_path, "failed", error.reason, error.retries)
         except AnswerError as error:
@@ -701,12 +717,24 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     with open(output_dir / FAILURE_LOG_NAME, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as log, \
             progress_bar(total=len(jobs), desc="summaries", unit="file", enabled=progress) as bar:
 
+        streak_limit = server_down_streak(workers)
+        streak = 0
+
         def record(outcome: _Outcome) -> None:
+            nonlocal streak
             counts.retries += outcome.retries
+            # Any answer (even one that fails its file) shows the server up; files cancelled or unread say nothing.
+            if outcome.status == "unavailable":
+                streak += 1
+            elif outcome.status not in ("cancelled", "unread"):
+                streak = 0
             if outcome.status == "done":
                 counts.done += 1
-            elif outcome.status == "failed":
+            elif outcome.status in ("failed", "unavailable", "unread"):
                 fail(outcome.relative_path, outcome.reason)
+                if streak >= streak_limit and counts.server_down is None:
+                    counts.server_down = (streak, outcome.reason)
+                    stop.set()
             elif outcome.status == "fatal" and counts.aborted is None:
                 counts.aborted = outcome.reason
             elif outcome.status == "disk_full" and counts.disk_full is None:
