@@ -908,7 +908,11 @@ class HostileServer:
         completion = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
                       "choices": [{"index": 0, "finish_reason": "stop",
                                    "message": {"role": "assistant", "content": content}}]}
+        if self.mode == "parts":  # content as a list of parts, as some servers send
+            completion["choices"][0]["message"]["content"] = [{"type": "text", "text": content}]
         data = json.dumps(completion).encode()
+        if self.mode in ("html", "html_as_json"):  # a proxy's login or error page with status 200
+            data = b"<html><body>Please sign in</body></html>"
         wfile = handler.wfile
         if self.mode == "huge":
             data = data.replace(b"A summary", b"A summary" + b"x" * (40 << 20))
@@ -918,7 +922,8 @@ class HostileServer:
                 wfile.write(b"1000\r\n" + b" " * 0x1000 + b"\r\n")
                 wfile.flush()
             return
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
+        kind = b"text/html" if self.mode == "html" else b"application/json"
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (kind, len(data))
         response = head + data
         if self.mode == "drip":
             for i in range(len(response)):
@@ -1054,3 +1059,19 @@ def test_files_failing_among_answered_ones_do_not_stop_the_run(tmp_path, api_env
     captured = capsys.readouterr()
     assert code == 1 and "in a row" not in captured.err
     assert len((tmp_path / "out" / "failed_summaries.log").read_text(encoding="utf-8").splitlines()) == 24
+
+
+@pytest.mark.parametrize("mode, reason", [
+    ("html", "response has no choices (the server answered text, not a chat completion)"),
+    ("html_as_json", "response is not JSON (Expecting value: line 1 column 1 (char 0))"),
+    ("parts", "answer content is JSON list, not text")])
+def test_an_answer_of_another_shape_fails_its_file_saying_what_it_is(tmp_path, api_env, capsys, mode, reason):
+    # Was "AttributeError: 'str' object has no attribute 'choices'" / "'list' object has no attribute 'strip'".
+    script = load_script("process_data/gpt4_summarize.py")
+    write_metadata(tmp_path / "in", "a.json", "a")
+    with HostileServer(mode) as server:
+        code = script.main([str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m", "--base_url",
+                            server.base_url, "--workers", "1", *FAST])
+    capsys.readouterr()
+    assert code == 1 and server.requests == 1
+    assert (tmp_path / "out" / "failed_summaries.log").read_text(encoding="utf-8") == f"a.json\t{reason}\n"

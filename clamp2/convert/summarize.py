@@ -581,11 +581,26 @@ def request_summary(client: openai.OpenAI, model: str, messages: list[dict[str, 
             continue
         except openai.OpenAIError as error:
             raise RequestFailed(describe_error(error, secret), retries) from None
-        if not response.choices:
-            raise RequestFailed("response has no choices", retries)
-        choice = response.choices[0]
-        return RequestResult(choice.message.content if choice.message else None,
-                             choice.finish_reason, retries)
+        except json.JSONDecodeError as error:  # a body said to be JSON that is not (a proxy's page)
+            raise RequestFailed(f"response is not JSON ({one_line(redact(str(error), secret))})", retries) from None
+        return RequestResult(*_answer_of(response, retries), retries)
+
+
+def _answer_of(response: Any, retries: int) -> tuple[str | None, str | None]:
+    """``(content, finish_reason)`` of a chat completion; a body of another shape (a proxy's HTML page, a list, a
+    content of parts) fails its file with what it is, not with a Python attribute error."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        what = "text" if isinstance(response, str) else "JSON without choices" if choices is None else \
+            "choices that are not a list" if not isinstance(choices, list) else "an empty list of choices"
+        raise RequestFailed(f"response has no choices (the server answered {what}, not a chat completion)", retries)
+    choice = choices[0]
+    message = getattr(choice, "message", None)
+    content = getattr(message, "content", None)
+    if not isinstance(content, (str, type(None))):
+        raise RequestFailed(f"answer content is JSON {type(content).__name__}, not text", retries)
+    finish_reason = getattr(choice, "finish_reason", None)
+    return content, finish_reason if isinstance(finish_reason, str) else None
 
 
 # --------------------------------------------------------------------------------------------------
