@@ -448,6 +448,8 @@ def _open_temporary(path: str) -> tuple[int, str]:
             # Several writer threads may race to create it: exist_ok, then try once more.
             os.makedirs(folder or ".", exist_ok=True)
             made_parent = True
+        except OSError as error:  # said of the output, not of a temporary name the user never chose
+            raise OSError(error.errno, f"{error.strerror} (cannot create a file in its folder)", path) from None
 
 
 def _replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:

@@ -232,3 +232,24 @@ def test_a_summary_that_cannot_be_read_is_skipped_and_named(tmp_path, monkeypatc
     monkeypatch.setattr(summarize, "open", refusing, raising=False)
     result = summarize.merge_summaries(tmp_path / "s", tmp_path / "all.jsonl", echo=lambda line: None)
     assert result.written == 1 and result.skipped == [("two.json", "cannot read it (Permission denied)")]
+
+
+def test_an_output_that_cannot_be_created_is_named_not_its_temporary_file(tmp_path, monkeypatch, capsys):
+    # A read-only output sub-folder failed each file naming '.b.out.<random>.partial', a name the user never chose.
+    from clamp2.convert.batch_runner import convert_folder
+    from clamp2.files import atomic_write_text
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "sub" / "b.txt").write_text("b")
+    (tmp_path / "in" / "a.txt").write_text("a")
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    refuse_under(monkeypatch, tmp_path / "out" / "sub", "open")
+    with pytest.raises(PermissionError) as raised:
+        atomic_write_text(tmp_path / "out" / "sub" / "c.out", "c")
+    assert raised.value.filename == str(tmp_path / "out" / "sub" / "c.out")
+    assert convert_folder(tmp_path / "in", tmp_path / "out", convert=Path.read_text, extensions=[".txt"],
+                          output_suffix=".out", tool="t", workers=1, progress=False) == 1
+    reason = (tmp_path / "out" / "failed_t.log").read_text()
+    assert reason.startswith("sub/b.txt\tPermissionError: [Errno 13] Permission denied (cannot create a file in its "
+                             "folder): ") and str(tmp_path / "out" / "sub" / "b.out") in reason
+    assert ".partial" not in reason + capsys.readouterr().err and (tmp_path / "out" / "a.out").read_text() == "a"
