@@ -52,6 +52,16 @@ def test_a_music_file_that_is_not_utf8_fails_the_launch_naming_its_line(tmp_path
         read_pairs(jsonl, require_non_english=True)
 
 
+def test_a_folder_named_in_a_jsonl_is_called_a_folder_not_missing(tmp_path):
+    (tmp_path / "ok.abc").write_text("K:G\nabc|\n")
+    (tmp_path / "dir.abc").mkdir()
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text(json.dumps(pair("ok.abc")) + "\n" + json.dumps(pair("dir.abc")) + "\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: .*dir\.abc is a folder, not a file") as raised:
+        read_pairs(jsonl, require_non_english=True)
+    assert "missing" not in str(raised.value)
+
+
 def upper(path):
     text = Path(path).read_text()
     if text == "bad":

@@ -429,6 +429,8 @@ def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]
                 problems.append(f"{where}: {relative!r} is not {music.kind}")
             elif problem := unreachable(path, "music file"):
                 problems.append(f"{where}: {problem}")
+            elif path.is_dir():
+                problems.append(f"{where}: {path} is a folder, not a file")
             elif not path.is_file():
                 missing.append(f"{path} ({where})")
             else:
