@@ -193,8 +193,12 @@ class FeatureCache:
         """Remove every entry and memo; returns the number of features removed."""
         removed = sum(entry["entries"] for entry in self.info())
         for name in ("features", "weights"):
-            if (self.root / name).exists():
-                shutil.rmtree(self.root / name)  # an entry that cannot be removed (a read-only disk) is an OSError
+            folder = self.root / name
+            if folder.is_symlink():  # moved to another disk and linked: its contents go, the link stays
+                for child in folder.iterdir():
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            elif folder.exists():
+                shutil.rmtree(folder)  # an entry that cannot be removed (a read-only disk) is an OSError
         return removed
 
 

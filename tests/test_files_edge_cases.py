@@ -130,6 +130,20 @@ def test_clear_removes_the_weights_memos_too(tmp_path, capsys):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+def test_clear_empties_a_features_folder_linked_to_another_disk_and_keeps_the_link(tmp_path, capsys):
+    # Was "Cannot call rmtree on a symbolic link; N cached features are left", exit 1.
+    from clamp2 import cache
+
+    (tmp_path / "big_disk").mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "features").symlink_to(tmp_path / "big_disk")
+    cache.FeatureCache(tmp_path / "cache").namespace({"model": "t"}).put("cd" * 32, np.zeros((1, 2), np.float32))
+    assert list((tmp_path / "big_disk").iterdir())
+    assert cache.main(["clear", "--cache", str(tmp_path / "cache")]) == 0
+    assert "removed 1 cached features" in capsys.readouterr().out
+    assert (tmp_path / "cache" / "features").is_symlink() and list((tmp_path / "big_disk").iterdir()) == []
+
+
 def test_the_default_log_interval_throttles(tmp_path):
     from clamp2.progress import progress_bar
 
