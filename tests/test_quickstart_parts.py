@@ -429,9 +429,12 @@ def test_training_processes_end_with_a_killed_quickstart(tmp_path, nproc, signal
     import time
 
     script = tmp_path / "sleeper.py"
+    # Written under another name, then renamed: the test's glob must never see an empty pid file (it did under load).
     script.write_text("import os, pathlib, sys, time\n"
-                      f"pathlib.Path({str(tmp_path)!r}, 'pid_' + os.environ.get('RANK', '0'))"
-                      ".write_text(str(os.getpid()))\n"
+                      f"name = pathlib.Path({str(tmp_path)!r}, 'pid_' + os.environ.get('RANK', '0'))\n"
+                      "hidden = name.with_name('.' + name.name)\n"
+                      "hidden.write_text(str(os.getpid()))\n"
+                      "os.replace(hidden, name)\n"
                       "time.sleep(120)\n")
     parent = subprocess.Popen([sys.executable, "-c", "from clamp2.quickstart.pipeline import run_distributed; "
                                f"run_distributed({str(script)!r}, [], {nproc}, {{}})"])
