@@ -4,8 +4,9 @@
 
 Renders ``--pieces`` Bach chorales from music21's corpus to MIDI (music21) and to standard ABC
 (xml2abc), copies each ``--copies`` times so that the batch is large enough to time, then runs
-the same runner the process_data scripts use (``clamp2.convert.batch_runner.run_batch``) with 1 worker and with
-``--workers`` (default: all cores), printing files/s. Outputs go to a temporary folder.
+the same runner the process_data scripts use (``clamp2.convert.batch_runner.run_batch``) with 1 worker, with
+``--workers`` (default: all cores), and with ``--workers`` under a ``--file_timeout`` (the per-file alarm and
+watchdog), printing files/s. Outputs go to a temporary folder.
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ def render_inputs(scores: list[Path], copies: int, midi_dir: Path, abc_dir: Path
             shutil.copy(abc, abc_dir / f"{score_path.stem}_{copy}.abc")
 
 
-def time_batch(input_dir: Path, output_dir: Path, extensions, suffix: str, convert, workers: int) -> tuple[float, int]:
+def time_batch(input_dir: Path, output_dir: Path, extensions, suffix: str, convert, workers: int,
+               file_timeout: float | None = None) -> tuple[float, int]:
     from clamp2.convert.batch_runner import plan_jobs, run_batch
 
     jobs, _ = plan_jobs(input_dir, output_dir, extensions, suffix)
     start = time.perf_counter()
-    result = run_batch(jobs, convert, output_dir=output_dir, tool="bench", workers=workers, progress=False)
+    result = run_batch(jobs, convert, output_dir=output_dir, tool="bench", workers=workers, progress=False,
+                       file_timeout=file_timeout)
     elapsed = time.perf_counter() - start
     if result.failures:
         print(f"warning: {result.failed} files failed, e.g. {result.failures[0]}", file=sys.stderr)
@@ -86,10 +89,13 @@ def main(argv=None) -> int:
             ("interleave abc", abc_dir, [".abc"], ".abc", abc_file_to_interleaved),
         ]
         for name, input_dir, extensions, suffix, convert in tasks:
-            for workers in sorted({1, args.workers}):
-                output_dir = tmp / f"out_{suffix[1:]}_{workers}"
-                elapsed, converted = time_batch(input_dir, output_dir, extensions, suffix, convert, workers)
-                print(f"{name:15s} workers={workers:2d}: {converted} files in {elapsed:6.2f} s = "
+            runs = [(workers, None) for workers in sorted({1, args.workers})] + [(args.workers, 60.0)]
+            for workers, file_timeout in runs:
+                output_dir = tmp / f"out_{suffix[1:]}_{workers}_{file_timeout}"
+                elapsed, converted = time_batch(input_dir, output_dir, extensions, suffix, convert, workers,
+                                                file_timeout)
+                limit = f", file_timeout={file_timeout:g}" if file_timeout else ""
+                print(f"{name:15s} workers={workers:2d}{limit}: {converted} files in {elapsed:6.2f} s = "
                       f"{converted / elapsed:8.1f} files/s")
     long_sysex_line()
     return 0
