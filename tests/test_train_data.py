@@ -235,6 +235,11 @@ def test_check_music_files(tmp_path):
     with pytest.raises(DataError) as info:
         check_music_files([tmp_path / "a.abc", tmp_path / "empty.mtf", tmp_path / "x.abc", tmp_path / "y.abc"])
     assert "missing files (2)" in str(info.value) and "empty files (1)" in str(info.value)
+    # Not UTF-8 (a Latin-1 export): M3 training read it when a batch drew it, then stopped mid-epoch.
+    (tmp_path / "latin1.abc").write_bytes("T:caf\xe9\nK:G\nabc|\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"files that cannot be read as text \(1\): .*latin1\.abc is not UTF-8"):
+        check_music_files([tmp_path / "a.abc", tmp_path / "latin1.abc"])
+    check_music_files([tmp_path / "a.abc"])
 
 
 # -- datasets and batches --------------------------------------------------------------------------

@@ -147,10 +147,22 @@ def find_music_files(folders: Sequence[str | os.PathLike]) -> List[Path]:
     return files
 
 
+def text_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be read as :func:`read_music` reads it in training (UTF-8), or None: checked when a run
+    starts, so that such a file fails the launch, not the epoch that first draws it hours later."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
 def check_music_files(paths: Sequence[Path]) -> None:
-    """Fail listing every file that is missing, unreadable or empty (an empty file is not a piece): before
-    training, not when a batch first draws it."""
-    missing, unreadable, empty = [], [], []
+    """Fail listing every file that is missing, unreadable, empty (an empty file is not a piece) or not UTF-8 text:
+    before training, not when a batch first draws it."""
+    missing, unreadable, empty, not_text = [], [], [], []
     for path in paths:
         try:
             size = path.stat().st_size
@@ -161,6 +173,8 @@ def check_music_files(paths: Sequence[Path]) -> None:
             empty.append(str(path))
         elif not os.access(path, os.R_OK):
             unreadable.append(str(path))
+        elif problem := text_problem(path):
+            not_text.append(problem)
     problems = []
     if missing:
         problems.append(listing("missing files", missing))
@@ -168,6 +182,8 @@ def check_music_files(paths: Sequence[Path]) -> None:
         problems.append(listing("files this user may not read (permission denied)", unreadable))
     if empty:
         problems.append(listing("empty files", empty))
+    if not_text:
+        problems.append(listing("files that cannot be read as text", not_text))
     if problems:
         raise DataError("\n".join(problems))
 
@@ -474,13 +490,7 @@ class SymbolicMusic:
     def check(path: Path) -> Optional[str]:
         if not path.stat().st_size:
             return f"{path} is empty"
-        try:  # as read_music reads it in training: a file that is not UTF-8 fails the launch, not an epoch
-            path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8"
-        except OSError as exc:
-            return f"cannot read {path}: {exc.strerror or exc}"
-        return None
+        return text_problem(path)
 
     @staticmethod
     def eval_path(paths: Sequence[Path]) -> Path:
