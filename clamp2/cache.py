@@ -195,6 +195,8 @@ class FeatureCache:
         for name in ("features", "weights"):
             folder = self.root / name
             if folder.is_symlink():  # moved to another disk and linked: its contents go, the link stays
+                if not folder.is_dir():  # a dangling link (that disk not mounted): nothing here to clear
+                    continue
                 for child in folder.iterdir():
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             elif folder.exists():

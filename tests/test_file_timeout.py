@@ -93,9 +93,33 @@ def test_the_time_limit_leaves_the_alarm_as_it_found_it():
         signal.signal(signal.SIGALRM, original)
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon", "1e10"])
 def test_a_limit_that_is_not_a_positive_number_is_a_usage_error(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as stopped:
         load_script("process_data/batch_abc2xml.py").main([str(tmp_path), str(tmp_path / "out"),
                                                           "--file_timeout", value])
     assert stopped.value.code == 2 and "--file_timeout" in capsys.readouterr().err
+
+
+def test_an_alarm_due_at_once_leaves_no_watchdog_and_no_handler_behind():
+    # A limit that passes before the block starts (tiny, or a worker descheduled meanwhile): the alarm fired before
+    # time_limit's try, so the caller's handler was not restored and the watchdog stayed armed, ending the worker
+    # during its next file. In a child process: a watchdog left armed exits it.
+    import subprocess
+    import sys
+
+    child = """
+import signal, sys, time
+from clamp2.convert import batch_runner
+for seconds in [1e-6, 1e-5, 1e-4] * 300:
+    try:
+        with batch_runner.time_limit(seconds):
+            sum(range(10))
+    except batch_runner.FileTimeout:
+        pass
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL, "the handler was left installed"
+time.sleep(batch_runner.hard_limit(1e-4) + 1)
+print("alive")
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "alive", (done.returncode, done.stderr[-2000:])

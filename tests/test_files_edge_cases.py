@@ -144,6 +144,17 @@ def test_clear_empties_a_features_folder_linked_to_another_disk_and_keeps_the_li
     assert (tmp_path / "cache" / "features").is_symlink() and list((tmp_path / "big_disk").iterdir()) == []
 
 
+def test_clear_with_a_features_link_to_a_disk_not_mounted_clears_the_rest(tmp_path, capsys):
+    # A dangling link (the other disk unmounted): was "cannot clear the feature cache ...: No such file or directory".
+    from clamp2 import cache
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "features").symlink_to(tmp_path / "not_mounted" / "features")
+    assert cache.main(["clear", "--cache", str(tmp_path / "cache")]) == 0
+    assert "removed 0 cached features" in capsys.readouterr().out
+    assert (tmp_path / "cache" / "features").is_symlink()
+
+
 def test_the_default_log_interval_throttles(tmp_path):
     from clamp2.progress import progress_bar
 

@@ -10,6 +10,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import openai
 import pytest
 
 from clamp2.convert import summarize
@@ -1075,3 +1076,27 @@ def test_an_answer_of_another_shape_fails_its_file_saying_what_it_is(tmp_path, a
     capsys.readouterr()
     assert code == 1 and server.requests == 1
     assert (tmp_path / "out" / "failed_summaries.log").read_text(encoding="utf-8") == f"a.json\t{reason}\n"
+
+
+def test_a_request_that_gets_no_answer_leaves_no_timer_thread(tmp_path):
+    # Each request's whole-request deadline is a timer thread, cancelled when its answer is closed; a refused
+    # connection has no answer, and its timer lived on for --timeout seconds: one thread per request.
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    client = summarize.make_client("sk-test", f"http://127.0.0.1:{port}/v1", timeout=60.0)
+    before = threading.active_count()
+    for _ in range(30):
+        with pytest.raises(openai.APIConnectionError):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert threading.active_count() - before < 5, threading.enumerate()
+
+
+@pytest.mark.parametrize("key", ["none", "a", "EMPTY", "ollama"])
+def test_a_dummy_key_of_a_local_server_is_not_looked_for_in_answers(key):
+    # vLLM, Ollama and llama.cpp take any key; "none" or "a" was found in answers using that word, failing them all.
+    answer = json.dumps({"summary_en": "A lively jig in D major, none too fast, for a fiddle and EMPTY stage.",
+                         "summary_nen": {"language": "French", "summary": "Une gigue, ollama."}})
+    assert parse_answer(answer, "French", "stop", key)[0].startswith("A lively jig")

@@ -120,6 +120,9 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_FILE_TIMEOUT = 1e9  # hard_limit() of it, 1.5e9 s, still fits a 32-bit time_t
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -127,6 +130,8 @@ def positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    if value > MAX_FILE_TIMEOUT:  # the alarm and the watchdog take at most about 2^63 ns (2^31 s where time_t is 32-bit)
+        raise argparse.ArgumentTypeError(f"at most {MAX_FILE_TIMEOUT:g} seconds, got {text} (leave it out for no limit)")
     return value
 
 
@@ -279,19 +284,28 @@ def time_limit(seconds: float | None):
         # faulthandler writes the stuck stack before it exits: not into the user's terminal.
         _watchdog_output = open(os.devnull, "w")
     previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    faulthandler.dump_traceback_later(hard_limit(seconds), exit=True, file=_watchdog_output)
     try:
+        # Armed inside the try: an alarm due at once (a tiny limit, a descheduled worker) raises here, and the
+        # finally still cancels the watchdog (left armed, it ended the worker during its next file).
+        faulthandler.dump_traceback_later(hard_limit(seconds), exit=True, file=_watchdog_output)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
         yield
     finally:
-        # Nested: an alarm due just now raises in here (once: the timer does not repeat), and every step still runs.
+        # The alarm may come due in here, even at a function's first line (signal.signal itself runs pending handlers
+        # first, then leaves the old one installed): once, as the timer does not repeat. A second pass then completes.
         try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        finally:
-            try:
-                faulthandler.cancel_dump_traceback_later()
-            finally:
-                signal.signal(signal.SIGALRM, previous)
+            _disarm(previous)
+        except FileTimeout:
+            _disarm(previous)
+            raise
+
+
+def _disarm(previous) -> None:
+    import faulthandler
+
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    faulthandler.cancel_dump_traceback_later()
+    signal.signal(signal.SIGALRM, previous)
 
 
 def timed_out(seconds: float) -> str:

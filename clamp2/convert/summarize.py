@@ -273,6 +273,9 @@ def _non_empty_string(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
+MIN_SECRET_LENGTH = 12  # real API keys are far longer (OpenAI's 51+ characters, Azure's 32)
+
+
 def parse_answer(content: str | None, language: str,
                  finish_reason: str | None = None, secret: str | None = None) -> tuple[str, dict[str, str]]:
     """``(summary_en, summary_nen)`` from the model's answer, or :class:`AnswerError` with the reason.
@@ -284,6 +287,9 @@ def parse_answer(content: str | None, language: str,
     """
     if content is None or not content.strip():
         raise AnswerError("empty answer")
+    # A key as short as the dummies local servers take ("none", "x", "EMPTY", "ollama") is no secret, and
+    # a word of any summary: looking for it failed every answer that used that word.
+    secret = secret if secret and len(secret) >= MIN_SECRET_LENGTH else None
     if secret and secret in content:  # the server has the key; a summary must not carry it into the data
         raise AnswerError("answer contains the API key")
     text = strip_code_fence(content)
@@ -491,7 +497,20 @@ def make_client(api_key: str, base_url: str | None = None, timeout: float = 60.0
     def on_response(response) -> None:
         response.stream = BoundedStream(response.stream, response.request.extensions.get("clamp2_deadline"))
 
-    http_client = openai.DefaultHttpxClient(
+    class DeadlineClient(openai.DefaultHttpxClient):
+        def send(self, request, **kwargs):
+            try:
+                return super().send(request, **kwargs)
+            except BaseException as error:
+                # No response (refused, reset, DNS, TLS): no stream to close, so its timer is cancelled here (each
+                # kept a thread alive for --timeout seconds: hundreds against a server that is down).
+                failed = getattr(error, "_request", None) or request
+                deadline = failed.extensions.get("clamp2_deadline")
+                if deadline is not None:
+                    deadline.cancel()
+                raise
+
+    http_client = DeadlineClient(
         timeout=timeout, limits=httpx.Limits(max_connections=1000, max_keepalive_connections=0),
         event_hooks={"request": [on_request], "response": [on_response]})
     return openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0, http_client=http_client)

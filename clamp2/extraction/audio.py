@@ -34,9 +34,11 @@ ROLLOFF = 0.99
 # temporary, which got the process killed for memory (a worker's death stops the whole batch).
 MAX_FILTER_ELEMENTS = 1 << 26
 # soundfile allocates a read's whole array from the header's frame count before decoding: a FLAC whose STREAMINFO
-# says 2^36 frames in 75 KB asked for 512 GiB (a MemoryError). Up to 2^27 samples (512 MiB of float32) the header
-# is trusted, as before; past it, the file is read in blocks of READ_BLOCK_FRAMES, to its real end.
-MAX_PREALLOCATED_SAMPLES = 1 << 27
+# says 2^36 frames in 75 KB asked for 512 GiB (a MemoryError). Up to 2^31 samples (8 GiB of float32, reserved but
+# only touched as frames are decoded; 6.7 hours of 44.1 kHz stereo) the header is trusted, as before; past it, the
+# file is read in blocks of READ_BLOCK_FRAMES, to its real end. Not lower: an MP3 read in blocks may differ from one
+# read by an ulp after the first block (libsndfile's mpg123 path), and real recordings must decode as the original's.
+MAX_PREALLOCATED_SAMPLES = 1 << 31
 READ_BLOCK_FRAMES = 1 << 20
 
 
