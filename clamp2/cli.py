@@ -76,6 +76,51 @@ def interrupt_in_one_line() -> None:
     hook.one_line_interrupt = True
     sys.excepthook = hook
     atexit.register(end_now)
+    sys.meta_path.insert(0, NumpyBeforeTorch())
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable(info):
+        # A Ctrl-C that lands in a weakref callback or a __del__ (importlib's module-lock callback runs thousands
+        # of times while torch loads) is printed as "Exception ignored in ..." and dropped: the process worked on,
+        # and under torchrun the other rank's exit left it waiting for its peer until the launcher killed it 30 s
+        # later. Deliver it again, to be raised in the code that runs next.
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            # Not from here: signal.raise_signal or _thread.interrupt_main would raise it again inside this hook,
+            # where it is dropped too. A moment later, from a thread, the main thread is back in ordinary code.
+            import _thread
+            import threading
+
+            timer = threading.Timer(0.05, lambda: interrupted or _thread.interrupt_main())
+            timer.daemon = True
+            try:
+                timer.start()
+                return
+            except RuntimeError:  # no new thread at interpreter shutdown: the process is ending anyway
+                pass
+        previous_unraisable(info)
+
+    sys.unraisablehook = unraisable
+
+
+class NumpyBeforeTorch:
+    """An import finder that imports NumPy, from Python, just before torch is first imported.
+
+    Otherwise torch's C extension imports NumPy itself, while ``torch._C`` initialises, and clears any error
+    that import raises (torch 2.13): a Ctrl-C in that second was lost. The process worked on, with NumPy
+    half-imported: depending on the instant, as if nothing had happened, or failing later with
+    "ImportError: cannot load module more than once per process" or a RecursionError in accelerate's
+    ``numpy.__getattr__`` (``error: maximum recursion depth exceeded``). Imported here, a Ctrl-C raises as usual.
+    It finds nothing itself (``find_spec`` returns None): importing is left to the other finders."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "numpy" not in sys.modules:
+            import importlib
+
+            try:
+                importlib.import_module("numpy")
+            except ImportError:  # torch without NumPy: nothing to protect
+                pass
+        return None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -110,3 +110,48 @@ def test_extraction_interrupted_mid_run_is_one_line_and_a_rerun_finishes_it(vect
     rerun = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     compare_tree(vectors / "expected" / "feat_m3", out)
+
+
+def test_ctrl_c_while_torch_loads_numpy_is_not_lost():
+    # torch._C imports NumPy itself as it initialises and clears any error that import raises: a Ctrl-C in that
+    # second was dropped and the process worked on (under torchrun: a rank waiting 30 s for its peer until
+    # killed, or "ImportError: cannot load module more than once per process", or a RecursionError in
+    # accelerate). The Ctrl-C is sent here exactly as NumPy imports one of its modules.
+    code = ("import os, signal, sys\n"
+            "from clamp2.cli import interrupt_in_one_line\n"
+            "interrupt_in_one_line()\n"
+            "sent = []\n"
+            "def at_import(event, args):  # one Ctrl-C (NumPy's modules are imported again after a failure)\n"
+            "    if event == 'import' and args[0].endswith('core.numerictypes') and not sent:  # NumPy 2 or 1\n"
+            "        sent.append(True)\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.addaudithook(at_import)\n"
+            "import torch\n"
+            "print('worked on after the Ctrl-C')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGINT, (result.returncode, result.stdout, result.stderr[-2000:])
+    assert result.stderr.splitlines() == [f"-c: {ONE_LINE}"]
+
+
+def test_ctrl_c_in_a_weakref_callback_is_not_lost():
+    # Python prints a KeyboardInterrupt raised in a weakref callback or __del__ as "Exception ignored in ..." and
+    # drops it. importlib's module-lock callback runs thousands of times while torch loads: a Ctrl-C seen there
+    # was lost (under torchrun the rank then waited for its peer until the launcher killed it, 30 s later).
+    code = ("import os, signal, sys, time, weakref\n"
+            "from clamp2.cli import interrupt_in_one_line\n"
+            "interrupt_in_one_line()\n"
+            "class Thing:\n"
+            "    pass\n"
+            "def callback(ref):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    for _ in range(1000):  # the handler runs inside the callback (at once, or here at the latest)\n"
+            "        pass\n"
+            "thing = Thing()\n"
+            "ref = weakref.ref(thing, callback)\n"
+            "del thing\n"
+            "for _ in range(100):\n"
+            "    time.sleep(0.01)\n"
+            "print('worked on after the Ctrl-C')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGINT, (result.returncode, result.stdout, result.stderr[-2000:])
+    assert result.stderr.splitlines() == [f"-c: {ONE_LINE}"]
