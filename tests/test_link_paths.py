@@ -139,3 +139,47 @@ def test_a_checkpoint_named_by_a_link_is_written_to_the_links_target_and_the_lin
     for name in ("w.pth", "best.pth"):
         assert (tmp_path / "run" / name).is_symlink()
         assert read_checkpoint(tmp_path / "bigdisk" / name)["epoch"] == 2
+
+
+def check_shares_worker(rank, world_size, port, folder):
+    import torch
+
+    from conftest import join_as_rank
+
+    join_as_rank(rank, world_size, port)
+    torch.set_num_threads(1)
+    from clamp2.distributed import distributed_context
+    from clamp2.training import data
+
+    reads = []
+    text_problem = data.text_problem
+
+    def counted(path):
+        reads.append(Path(path).name)
+        return text_problem(path)
+
+    data.text_problem = counted  # which files this process reads
+    with distributed_context(device="cpu"):
+        try:
+            data.check_music_files(sorted(Path(folder).glob("*.abc")))
+            message = ""
+        except DataError as exc:
+            message = str(exc)
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps({"reads": reads, "message": message}))
+
+
+def test_the_launch_check_reads_each_file_once_per_run_and_every_process_says_all_problems(tmp_path):
+    # Every process read every music file at launch (2 M files, 8 processes a node: 80 GB read instead of 10): each
+    # reads its share now, and all get every problem, in order, so they stop alike.
+    from conftest import free_port, spawn_ranks
+
+    for index in range(7):
+        body = "T:caf\xe9\nK:G\nabc|\n".encode("latin-1") if index in (2, 5) else b"K:G\nabc|\n"
+        (tmp_path / f"p{index}.abc").write_bytes(body)
+    spawn_ranks(check_shares_worker, (2, free_port(), str(tmp_path)))
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert sorted(records[0]["reads"] + records[1]["reads"]) == [f"p{index}.abc" for index in range(7)]
+    assert records[0]["reads"] and records[1]["reads"]
+    assert records[0]["message"] == records[1]["message"]
+    assert "files that cannot be read as text (2): " in records[0]["message"]
+    assert records[0]["message"].index("p2.abc") < records[0]["message"].index("p5.abc")
