@@ -609,9 +609,11 @@ def _answer_of(response: Any, retries: int) -> tuple[str | None, str | None]:
     """``(content, finish_reason)`` of a chat completion; a body of another shape (a proxy's HTML page, a list, a
     content of parts) fails its file with what it is, not with a Python attribute error."""
     choices = getattr(response, "choices", None)
-    if not isinstance(choices, list) or not choices:
+    if isinstance(choices, list) and not choices:
+        raise RequestFailed("response has no choices", retries)
+    if not isinstance(choices, list):
         what = "text" if isinstance(response, str) else "JSON without choices" if choices is None else \
-            "choices that are not a list" if not isinstance(choices, list) else "an empty list of choices"
+            "choices that are not a list"
         raise RequestFailed(f"response has no choices (the server answered {what}, not a chat completion)", retries)
     choice = choices[0]
     message = getattr(choice, "message", None)
