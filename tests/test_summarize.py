@@ -34,7 +34,31 @@ def valid_answer(language: str, title: str) -> str:
                       ensure_ascii=False)
 
 
-class ScriptedLLM:
+class LocalServer:
+    """An HTTP server on 127.0.0.1 for one test, serving from a thread while its ``with`` block lasts."""
+
+    def serve(self, handler: type, daemon_threads: bool = False) -> None:
+        self.stopping = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = daemon_threads
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+class ScriptedLLM(LocalServer):
     """``POST /v1/chat/completions`` answering by the requested piece's title.
 
     ``script[title]`` is a list of steps used one per request (the last repeats): "ok", "fenced",
@@ -48,7 +72,6 @@ class ScriptedLLM:
         self.retry_after = retry_after  # the Retry-After header of a 429
         self.requests: list[dict] = []  # {"title", "language", "authorization", "body", "path", "time"}
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
         llm = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,12 +82,7 @@ class ScriptedLLM:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 llm.handle(self, body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.serve(Handler)
 
     def titles_requested(self) -> list[str]:
         return sorted(request["title"] for request in self.requests)
@@ -123,16 +141,6 @@ class ScriptedLLM:
             handler.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client timed out and hung up
             return
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -866,7 +874,7 @@ def test_merge_leaves_out_a_record_with_a_lone_surrogate(tmp_path, capsys):
 # A hostile server (audit_summaries): slow or endless answers, huge bodies, a key in the answer
 
 
-class HostileServer:
+class HostileServer(LocalServer):
     """One raw answer per request on 127.0.0.1: ``mode`` "drip" (a valid answer, one byte per 0.2 s,
     headers included), "endless" (chunked spaces forever), "huge" (a 40 MiB completion) or "key"
     (a valid answer whose summaries quote the key)."""
@@ -874,7 +882,6 @@ class HostileServer:
     def __init__(self, mode: str):
         self.mode = mode
         self.requests = 0
-        self.stopping = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -891,13 +898,7 @@ class HostileServer:
                 except (BrokenPipeError, ConnectionResetError, OSError):
                     return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.serve(Handler, daemon_threads=True)
 
     def answer(self, handler, body: dict) -> None:
         metadata = json.loads(body["messages"][-1]["content"])
@@ -934,16 +935,6 @@ class HostileServer:
                 wfile.flush()
             return
         wfile.write(response)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.mark.parametrize("mode", ["drip", "endless"])
