@@ -160,22 +160,25 @@ def text_problem(path: Path) -> Optional[str]:
 
 
 def checked_in_shares(entries: Sequence, check: Callable[[Any], Optional[str]],
-                      say: Callable[[Any, str], str] = lambda entry, problem: problem) -> List[str]:
-    """``say(entry, problem)`` for each entry ``check`` finds a problem in, in the entries' order, on every process.
+                      say: Callable[[Any, str], str] = lambda entry, problem: problem,
+                      shared: bool = False) -> List[str]:
+    """``say(entry, problem)`` for each entry ``check`` finds a problem in, in the entries' order.
 
-    Under a launch of several processes each checks its share and all get every problem: a launch check that reads
-    every file (the text check, an audio array's header) reads it once per run, not once per process (2 M files,
-    8 processes a node: 80 GB read instead of 10). Every process calls it, with the same entries."""
+    ``shared``, under a launch of several processes: each checks its share and all get every problem, so a launch
+    check that reads every file (the text check, an audio array's header) reads it once per run, not once per process
+    (2 M files, 8 processes a node: 80 GB read instead of 10). Every process must call it then, with the same
+    entries (the trainers do); otherwise (a caller on one process) this process checks them all."""
     from ..distributed import gather_objects
 
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = shared and torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     mine = [(index, say(entries[index], problem)) for index in range(rank, len(entries), world)
             if (problem := check(entries[index]))]
-    return [problem for _, problem in sorted(pair for share in gather_objects(mine) for pair in share)]
+    shares = gather_objects(mine) if distributed else [mine]
+    return [problem for _, problem in sorted(pair for share in shares for pair in share)]
 
 
-def check_music_files(paths: Sequence[Path]) -> None:
+def check_music_files(paths: Sequence[Path], shared: bool = False) -> None:
     """Fail listing every file that is missing, unreadable, empty (an empty file is not a piece) or not UTF-8 text:
     before training, not when a batch first draws it."""
     missing, unreadable, empty, readable = [], [], [], []
@@ -191,7 +194,7 @@ def check_music_files(paths: Sequence[Path]) -> None:
             unreadable.append(str(path))
         else:
             readable.append(path)
-    not_text = checked_in_shares(readable, text_problem)
+    not_text = checked_in_shares(readable, text_problem, shared=shared)
     problems = []
     if missing:
         problems.append(listing("missing files", missing))
@@ -395,13 +398,14 @@ def clamp3_text_problems(fields: Dict[str, Any]) -> List[str]:
     return [] if has_analysis(fields) else ["no 'analysis' text (the evaluation text)"]
 
 
-def read_pairs(jsonl: str | os.PathLike, require_non_english: bool) -> List[PairItem]:
+def read_pairs(jsonl: str | os.PathLike, require_non_english: bool, shared: bool = False) -> List[PairItem]:
     """CLaMP 2's JSONL (SPEC §7), checked whole: see :func:`read_items`.
 
     ``summary_en`` is needed by every line (evaluation text), ``summary_nen`` by training lines
     when TEXT_DROPOUT is on (``require_non_english``).
     """
-    return read_items(jsonl, lambda fields: clamp2_text_problems(fields, require_non_english), SymbolicMusic)
+    return read_items(jsonl, lambda fields: clamp2_text_problems(fields, require_non_english), SymbolicMusic,
+                      shared=shared)
 
 
 def jsonl_lines(jsonl: Path) -> Iterator[str]:
@@ -416,13 +420,15 @@ def jsonl_lines(jsonl: Path) -> Iterator[str]:
         raise DataError(f"cannot read {jsonl}: {exc.strerror or exc}") from None
 
 
-def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]], List[str]], music) -> List[PairItem]:
+def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]], List[str]], music,
+               shared: bool = False) -> List[PairItem]:
     """Parse and check a whole JSONL; every problem (bad line, unsafe, missing or bad file) is reported at once.
 
     ``filepaths`` are relative to the JSONL's folder (``..`` included, as the reference joins them);
     absolute paths are rejected; each must have one of ``music.extensions`` and pass ``music.check`` (e.g. an
     audio array's shape). ``text_problems(fields)`` lists what a line lacks. One problem gives a
-    one-line message.
+    one-line message. ``shared``: every process of the run calls it, and they share the reading of the files
+    (:func:`checked_in_shares`); never from one process alone, which would wait for the others.
     """
     jsonl = Path(jsonl)
     if not jsonl.is_file():
@@ -472,7 +478,7 @@ def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]
                 paths.append(path)
         items.append(PairItem(fields, paths, number, str(jsonl)))
     problems.extend(checked_in_shares(to_check, lambda entry: music.check(entry[1]),
-                                      lambda entry, problem: f"{entry[0]}: {problem}"))
+                                      lambda entry, problem: f"{entry[0]}: {problem}", shared=shared))
     if len(problems) + len(missing) == 1:
         raise DataError(problems[0] if problems else f"missing file {missing[0]}")
     if missing:

@@ -94,7 +94,7 @@ def m3_task(config, train_folders: Sequence[str], eval_folders: Sequence[str] = 
     eval_folders = [folder for folder in eval_folders or [] if str(folder).strip()]  # the template's [""]: none
     absent = [str(folder) for folder in eval_folders if not Path(folder).is_dir()]
     eval_files = find_music_files([folder for folder in eval_folders if Path(folder).is_dir()])
-    check_music_files(train_files + eval_files)
+    check_music_files(train_files + eval_files, shared=True)  # every process, sharing the reading
     notes = []
     if not eval_files:
         split = split_eval(train_files, config.EVAL_SPLIT, BASE_SEED, min_train=global_batch, min_eval=1)
@@ -178,10 +178,10 @@ def clamp2_task(config, train_jsonl: str, eval_jsonl: str = "", global_batch: in
     """
     if not train_jsonl:
         raise DataError("no training data: pass --train_jsonl or set TRAIN_JSONL in code/config.py")
-    train_items = read_pairs(train_jsonl, require_non_english=config.TEXT_DROPOUT)
+    train_items = read_pairs(train_jsonl, require_non_english=config.TEXT_DROPOUT, shared=True)
     notes = []
     if holds_lines(eval_jsonl):
-        eval_items = read_pairs(eval_jsonl, require_non_english=False)
+        eval_items = read_pairs(eval_jsonl, require_non_english=False, shared=True)
         if len(eval_items) == 1:
             notes.append(f"note: {eval_jsonl} holds 1 pair: its contrastive loss is 0 whatever the model (nothing to "
                          "contrast it with), so the first epoch stays the best")
@@ -273,10 +273,11 @@ def clamp3_task(config, modality: str, train_jsonl: str, eval_jsonl: str = "", g
         music_length, position_size = audio_dims.max_length, audio_dims.hidden_size
     # With TEXT_DROPOUT a training line's text comes from all its fields: as in the reference, only
     # evaluation needs `analysis` (and training without dropout).
-    train_items = read_items(train_jsonl, no_text_problems if config.TEXT_DROPOUT else clamp3_text_problems, music)
+    train_items = read_items(train_jsonl, no_text_problems if config.TEXT_DROPOUT else clamp3_text_problems, music,
+                             shared=True)
     notes = []
     if holds_lines(eval_jsonl):
-        eval_items = read_items(eval_jsonl, clamp3_text_problems, music)
+        eval_items = read_items(eval_jsonl, clamp3_text_problems, music, shared=True)
     else:
         # Only lines with an evaluation text can be held out; the others train.
         unheld = [item for item in train_items if not has_analysis(item.fields)]
