@@ -33,6 +33,12 @@ def print_names_as_bytes() -> None:
             pass
 
 
+def launched_with_others() -> bool:
+    """Whether this process is one of several of a launch (WORLD_SIZE > 1), read before torch loads: a problem it
+    finds alone (a node without the input folder) is said once all have met, or the others wait for it."""
+    return (os.environ.get("WORLD_SIZE") or "1").strip() not in ("", "0", "1")
+
+
 def interrupt_in_one_line() -> None:
     """Make an uncaught KeyboardInterrupt (Ctrl-C) print one line instead of a traceback.
 

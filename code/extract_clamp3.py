@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clamp2.cli import ArgumentParser, load_script_config
+from clamp2.cli import ArgumentParser, launched_with_others, load_script_config
 from clamp2.configuration import CLAMP3_VARIANTS, clamp3_weights_name, epoch_weights_path
 from clamp2.extraction.arguments import add_common_arguments, check_extraction_arguments, folders_problem
 
@@ -104,7 +104,7 @@ def build_clamp3(cfg, weights: Path, text_model_name: str, device: torch.device,
 def main(argv=None) -> int:
     args = parse_args(argv)
     problem = folders_problem(args.input_dir, args.output_dir)
-    if problem:
+    if problem and not launched_with_others():  # else said once all the launch's processes have met
         print(f"error: {problem}", file=sys.stderr)
         return 2
     import torch
@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     weights = weights_path(cfg, args)
     try:
         state, device = core.process_state(args.device)
+        problem = core.agreed_problem(problem)  # a node's own folder problem stops every process
+        if problem:
+            raise ValueError(problem)
         model, tokenizer, checkpoint = build_clamp3(cfg, weights, args.text_model or cfg.TEXT_MODEL_NAME, device,
                                                     args.epoch)
         attention.set_attention(model, args.attention)

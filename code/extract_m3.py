@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clamp2.cli import ArgumentParser, load_script_config
+from clamp2.cli import ArgumentParser, launched_with_others, load_script_config
 from clamp2.extraction.arguments import add_common_arguments, check_extraction_arguments, folders_problem
 
 if TYPE_CHECKING:  # annotations only: torch loads once the arguments are parsed
@@ -53,7 +53,7 @@ def build_m3_encoder(cfg, weights: Path, device: torch.device):
 def main(argv=None) -> int:
     args = parse_args(argv)
     problem = folders_problem(args.input_dir, args.output_dir)
-    if problem:
+    if problem and not launched_with_others():  # else said once all the launch's processes have met
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from clamp2.checkpoint import loaded_message
@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     cfg = load_script_config(__file__)
     try:
         state, device = core.process_state(args.device)
+        problem = core.agreed_problem(problem)  # a node's own folder problem stops every process
+        if problem:
+            raise ValueError(problem)
         weights = args.weights or Path(cfg.M3_WEIGHTS_PATH)
         encoder, checkpoint = build_m3_encoder(cfg, weights, device)
         attention.set_attention(encoder, args.attention)

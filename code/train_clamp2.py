@@ -76,8 +76,8 @@ def main(argv=None) -> int:
                                global_batch=settings.batch_size * dist_info.world_size,
                                log=functools.partial(say, dist_info))
             check_max_text_length(config.TEXT_MODEL_NAME, config.MAX_TEXT_LENGTH)
-        except (DataError, TextModelUnavailable) as exc:
-            return report_error(exc, dist_info)
+        except (DataError, TextModelUnavailable) as exc:  # a node's own data may differ: said on each node
+            return report_error(exc, dist_info, each_node=True)
         try:
             run_training(task, settings, dist_info)
         except SaidOnce as exc:  # found by rank 0 for all: said once

@@ -60,8 +60,8 @@ def main(argv=None) -> int:
                            config.EVAL_FOLDERS or config.M3_EVAL_FOLDERS,
                            global_batch=settings.batch_size * dist_info.world_size,
                            log=functools.partial(say, dist_info))
-        except DataError as exc:
-            return report_error(exc, dist_info)
+        except DataError as exc:  # a node's own data folders may differ: said on each node
+            return report_error(exc, dist_info, each_node=True)
         try:
             run_training(task, settings, dist_info)
         except SaidOnce as exc:  # found by rank 0 for all: said once

@@ -66,10 +66,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from clamp2.attention import set_attention
     from clamp2.checkpoint import CheckpointError
-    from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+    from clamp2.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, launched_with_others
     from clamp2.distributed import wait_for_all_processes
     from clamp2.extraction.arguments import folders_problem
-    from clamp2.extraction.core import extract_share, planned_outputs_of, process_state
+    from clamp2.extraction.core import agreed_problem, extract_share, plan_digest, planned_outputs_of, process_state
     from clamp2.extraction.mert import MertFeatureExtractor, extract_folder, plan_audio_jobs, print_summary
     from clamp2.cache import sha256_of_file, user_weights_fingerprint
     from clamp2.extraction.record import RECORD_NAME, begin_record, drop_stale_features, finish_record
@@ -77,15 +77,20 @@ def main(argv=None) -> int:
     from clamp2.models.mert import load_mert, resolve_mert_folder, weights_file
 
     problem = folders_problem(args.input_dir, args.output_dir)
-    if problem:
+    plan = None
+    if not problem:
+        plan = plan_audio_jobs(args.input_dir, args.output_dir)
+        if not plan.jobs and not plan.failures:
+            problem = f"no audio files (.wav, .flac, .ogg, .mp3) under {args.input_dir}"
+    if problem and not launched_with_others():  # else said once all the launch's processes have met
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    plan = plan_audio_jobs(args.input_dir, args.output_dir)
-    if not plan.jobs and not plan.failures:
-        print(f"error: no audio files (.wav, .flac, .ogg, .mp3) under {args.input_dir}", file=sys.stderr)
-        return EXIT_USAGE
     try:
+        # Every process shards its own listing: they must agree on it (and on a problem), or stop together.
         state, device = process_state(args.device)
+        problem = agreed_problem(problem, plan_digest(plan, args.input_dir) if plan else None)
+        if problem:
+            raise ValueError(problem)
         model = set_attention(load_mert(args.model, device), args.attention)
         extractor = MertFeatureExtractor(model, device, args.dtype, args.batch_size, all_layers=args.all_layers,
                                          resample_on_device=args.resample_on_device)

@@ -843,6 +843,49 @@ def shard(items: Sequence, index: int, count: int) -> list:
     return list(items[index::count])
 
 
+def plan_digest(plan: "Plan", input_dir: Path) -> Tuple[int, str]:
+    """(inputs, sha256 of their names relative to ``input_dir``, in the plan's order): what every process of a launch
+    must see alike, since each shards its own listing."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    paths = [job.path for job in plan.jobs] + [path for path, _ in plan.failures]
+    for path in paths:
+        try:
+            name = Path(path).relative_to(input_dir).as_posix()
+        except ValueError:
+            name = str(path)
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\n")
+    return len(paths), digest.hexdigest()[:16]
+
+
+def agreed_problem(problem: Optional[str], inputs: Optional[Tuple[int, str]] = None) -> Optional[str]:
+    """Under a launch of several processes (every process calls it, right after :func:`process_state`; the scripts
+    keep a problem with their folders until then when WORLD_SIZE > 1): the problem that
+    stops the run, the same in every process. A process alone with a problem (a node without the input folder) left
+    at once while the others waited for it at a collective until the group's timeout (30 minutes); processes that
+    list other inputs (nodes with their own copies of the folder, one missing a file) each sharded their own
+    listing, and inputs were extracted twice or never, reported as a success. ``inputs``: :func:`plan_digest`."""
+    from ..distributed import gather_objects
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return problem
+    views = gather_objects((problem, inputs))
+    problems = [(index, seen) for index, (seen, _) in enumerate(views) if seen]
+    if problems:
+        index, first = problems[0]
+        if all(seen == first for _, seen in problems) and len(problems) == len(views):
+            return first
+        return f"process {index} of {len(views)}: {first} (every process stops)"
+    listed = [seen for _, seen in views]
+    if any(seen != listed[0] for seen in listed):
+        counts = ", ".join(f"process {index}: {count} inputs" for index, (count, _) in enumerate(listed))
+        return (f"the processes do not see the same input files ({counts}; or other names): every node needs the "
+                "same input folder (a shared file system, or identical copies), or files would be extracted twice "
+                "or never")
+    return None
+
+
 def process_state(device_arg: Optional[str]):
     """(accelerate state, device) of this process; files are split by the state's process index.
 
@@ -967,18 +1010,21 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
     from clamp2.progress import progress_bar, write_line
 
     kinds = kinds if kinds is not None else kinds_of_extensions(include_text)
+    problem, plan = None, Plan()
     if not args.input_dir.is_dir():
-        print(f"error: input folder not found: {args.input_dir}", file=sys.stderr)
-        return 2
-    plan = plan_jobs(args.input_dir, args.output_dir, overwrite=True, kinds=kinds)
-    if os.path.abspath(args.input_dir) == os.path.abspath(args.output_dir) and \
-            any(job.path.suffix.lower() in AUDIO_EXTENSIONS for job in plan.jobs):
-        print("error: the output folder is the input folder: its .npy inputs would be overwritten by their "
-              "features; choose another output folder", file=sys.stderr)
-        return 2
-    if not plan.jobs and not plan.failures:
-        wanted = ", ".join(sorted(kinds))
-        print(f"error: no input files ({wanted}) under {args.input_dir}", file=sys.stderr)
+        problem = f"input folder not found: {args.input_dir}"
+    else:
+        plan = plan_jobs(args.input_dir, args.output_dir, overwrite=True, kinds=kinds)
+        if os.path.abspath(args.input_dir) == os.path.abspath(args.output_dir) and \
+                any(job.path.suffix.lower() in AUDIO_EXTENSIONS for job in plan.jobs):
+            problem = ("the output folder is the input folder: its .npy inputs would be overwritten by their "
+                       "features; choose another output folder")
+        elif not plan.jobs and not plan.failures:
+            problem = f"no input files ({', '.join(sorted(kinds))}) under {args.input_dir}"
+    # Every process plans alone and shards its own plan: they must agree, or leave together.
+    problem = agreed_problem(problem, plan_digest(plan, args.input_dir))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     record = None
     if record_settings is not None:

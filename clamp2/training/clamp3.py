@@ -36,8 +36,8 @@ def main(modality: str, script_file: str, args) -> int:
                                global_batch=settings.batch_size * dist_info.world_size,
                                pad_to_longest=not args.fixed_padding, log=functools.partial(say, dist_info))
             check_data_sizes(task, settings, dist_info.world_size)
-        except (DataError, TextModelUnavailable) as exc:
-            return report_error(exc, dist_info)
+        except (DataError, TextModelUnavailable) as exc:  # a node's own data may differ: said on each node
+            return report_error(exc, dist_info, each_node=True)
         try:
             run_training(task, settings, dist_info)
         except SaidOnce as exc:

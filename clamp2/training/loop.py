@@ -649,14 +649,17 @@ def quiet_libraries() -> None:
     hide_library_bars()
 
 
-def report_error(exc: Exception, dist_info: DistInfo, every_rank: bool = False) -> int:
+def report_error(exc: Exception, dist_info: DistInfo, every_rank: bool = False, each_node: bool = False) -> int:
     """Print an error once (rank 0) or, for errors that may hit one rank alone, on each rank; returns 2.
 
     Data checks before training give every rank the same error; a file that fails mid-training fails
-    on the rank that reads it, and torchrun then stops the others.
+    on the rank that reads it, and torchrun then stops the others. ``each_node``: also on the first process of
+    every node (LOCAL_RANK 0), for errors of what a node reads (its data folders: a node without the shared file
+    system, or with its own copy, finds an error that rank 0 does not, and nothing said it).
     """
-    if dist_info.is_main or every_rank:
-        where = f" (rank {dist_info.rank})" if every_rank and dist_info.is_distributed else ""
+    if dist_info.is_main or every_rank or (each_node and dist_info.local_rank == 0):
+        where = f" (rank {dist_info.rank})" if (every_rank and dist_info.is_distributed) or \
+            (each_node and not dist_info.is_main) else ""
         print(f"error{where}: {exc}", file=sys.stderr, flush=True)
     return 2
 
@@ -800,6 +803,20 @@ def remove_killed_saves(settings: TrainSettings, epochs: int = 0) -> int:
     return remove_partial_files_of(paths)  # one listing of the folder, not one per epoch copy
 
 
+def same_data_everywhere(data: Mapping[str, Any], dist_info: DistInfo) -> None:
+    """Every rank must train and evaluate on the same samples (:func:`data_record`): nodes with their own copies of
+    the data folders, one missing a file, each drew its own batches from its own list, and a rank with fewer
+    batches waited for the others at a collective until the group's 30-minute timeout."""
+    if not dist_info.is_distributed:
+        return
+    views = gather_objects(dict(data))
+    if any(view != views[0] for view in views):
+        described = "; ".join(f"rank {rank}: {view['train']['samples']} training, {view['eval']['samples']} eval "
+                              f"samples" for rank, view in enumerate(views))
+        raise SaidOnce(f"the ranks do not see the same training data ({described}; or other files): every node "
+                       "needs the same data folders and JSONL files (a shared file system, or identical copies)")
+
+
 def same_checkpoint_everywhere(source: Optional[Path], checkpoint: Optional[Mapping[str, Any]],
                                dist_info: DistInfo) -> None:
     """Every rank must resume from the same checkpoint: ranks on nodes without a shared weights folder would
@@ -874,6 +891,8 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         hide_library_bars()
     for note in task.notes:
         say(dist_info, note)
+    data = data_record(task)
+    same_data_everywhere(data, dist_info)
     check_data_sizes(task, settings, dist_info.world_size)
     precision = Precision.choose(device, settings.precision, task.cudnn_attention)
     # Non-deterministic runs draw a fresh seed (shared by all ranks, so their data stays disjoint).
@@ -931,7 +950,6 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
 
     counters = {"epoch": 0, "best_epoch": 0, "min_eval_loss": float("inf")}
-    data = data_record(task)
     data_seed = seed
     schedule = describe_schedule(lr_sched) + (" from the first step" if not settings.warmup_steps else "")
     if new_stage is not None:
