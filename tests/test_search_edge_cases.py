@@ -546,6 +546,9 @@ def test_an_index_built_by_an_older_reader_is_read_again_in_full(tmp_path):
     assert np.asarray(open_index(index).matrix).tolist() == [[1, 1, 1, 1], [2, 2, 2, 2]]
     again = build_index(folder, index, progress=False)
     assert (again.unchanged, again.reread) == (2, 0) and "read again" not in again.summary()
+    from clamp2.search.feature_store import built_by_older_reader
+    readers = (True, "2", 1, 2, 3)  # JSON true or a string is no reader number
+    assert [built_by_older_reader({"reader": value}) for value in readers] == [True, True, True, False, False]
     # Which code wrote it, told apart from commit to commit (the version number stays 0.1.0).
     import re
 

@@ -510,7 +510,7 @@ INDEX_FILE_KINDS = ("vectors", "norms", "keys", "files", "skipped")
 
 def built_by_older_reader(manifest: dict) -> bool:
     reader = manifest.get("reader", 1)
-    return not isinstance(reader, int) or reader < INDEX_READER
+    return isinstance(reader, bool) or not isinstance(reader, int) or reader < INDEX_READER  # JSON true is no number
 
 
 def read_manifest(index_dir: Path) -> dict:
