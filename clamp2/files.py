@@ -112,6 +112,16 @@ def mirror_path(input_path: str | os.PathLike, input_root: str | os.PathLike,
     return Path(output_root, *folders, input_path.stem + new_suffix)
 
 
+def lower_case_extensions_first(paths: Iterable[Path]) -> List[Path]:
+    """``paths`` with those whose extension is in lower case first, each group in its given order.
+
+    The original converters take lower-case extensions only: of ``song.MID`` and ``song.mid``, which share an
+    output, they convert ``song.mid``. Claiming outputs in this order converts the same one here, where path
+    order alone would pick ``song.MID`` (upper case sorts first).
+    """
+    return sorted(paths, key=lambda path: path.suffix != path.suffix.lower())
+
+
 def mirror_outputs(paths: Iterable[Path], input_root: str | os.PathLike, output_root: str | os.PathLike,
                    new_suffix: str) -> Tuple[Dict[Path, Path], List[Tuple[Path, str]]]:
     """``({input: output}, [(input, why)])``: each input's :func:`mirror_path`, unless inputs share one.

@@ -250,6 +250,17 @@ def test_a_file_that_disappears_mid_run(vectors, tmp_path, monkeypatch, capsys):
     assert_no_partial_files(tmp_path / "out")
 
 
+def test_of_inputs_differing_in_extension_case_the_lower_case_one_is_converted(vectors, tmp_path):
+    # The original takes lower-case extensions only, so it converts song.mid; path order alone puts song.MID first.
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(vectors / "inputs" / "midi" / "bwv10.7.mid", inputs / "song.MID")
+    shutil.copy(vectors / "inputs" / "midi" / "handmade.mid", inputs / "song.mid")
+    assert run("batch_midi2mtf", inputs, tmp_path / "out") == 1
+    assert failure_log(tmp_path / "out", "midi2mtf") == {"song.MID": "same output song.mtf as song.mid"}
+    assert read_exact(tmp_path / "out" / "song.mtf") == read_exact(vectors / "expected" / "mtf" / "handmade.mtf")
+
+
 def test_inputs_sharing_an_output_do_not_overwrite_each_other(vectors, tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()

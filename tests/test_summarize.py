@@ -365,7 +365,8 @@ def test_summarize_end_to_end_failures_retries_and_resume(tmp_path, api_env, cap
 
 
 def test_collisions_odd_errors_and_echoed_keys_fail_one_file_each(tmp_path, api_env, capsys, monkeypatch):
-    # x.json and x.JSON would write one x.json: one request, the other named as a collision. A write that
+    # x.json and x.JSON would write one x.json: one request (for x.json, as the original, which takes lower-case
+    # extensions only), the other named as a collision. A write that
     # fails in an unforeseen way, and an answer quoting the key, fail their own file; the key is never shown.
     import errno
 
@@ -390,12 +391,12 @@ def test_collisions_odd_errors_and_echoed_keys_fail_one_file_each(tmp_path, api_
     with ScriptedLLM(script_steps) as llm:
         assert script.main([str(inputs), str(outputs), "--base_url", llm.base_url, "--model", "test-model",
                             "--workers", "1", *FAST]) == 1
-        assert llm.titles_requested() == ["disk", "echo", "good", "tune upper"]  # the JSON sorts first
+        assert llm.titles_requested() == ["disk", "echo", "good", "tune"]  # not tune.JSON, though it sorts first
     out, err = capsys.readouterr()
     assert out.strip().splitlines()[-1] == "done 2, skipped 0, failed 3, retries 0"
     reasons = dict(line.split("\t") for line in (outputs / "failed_summaries.log").read_text().splitlines())
-    assert sorted(reasons) == ["disk.json", "echo.json", "tune.json"]
-    assert "tune.JSON" in reasons["tune.json"] and "Input/output error" in reasons["disk.json"]
+    assert sorted(reasons) == ["disk.json", "echo.json", "tune.JSON"]
+    assert "tune.json" in reasons["tune.JSON"] and "Input/output error" in reasons["disk.json"]
     assert sorted(p.name for p in outputs.glob("*.json")) == ["good.json", "tune.json"]
     assert_secret_absent(tmp_path, out, err)
 
@@ -754,7 +755,7 @@ def test_failure_count_on_stderr_and_log_sorted_with_collisions(tmp_path, api_en
     err = capsys.readouterr().err
     assert f"2 failed, listed in {outputs / 'failed_summaries.log'}" in err
     log = (outputs / "failed_summaries.log").read_text(encoding="utf-8").splitlines()
-    assert [line.split("\t")[0] for line in log] == ["a.json", "b.json"]  # the collision is found first, logged sorted
+    assert [line.split("\t")[0] for line in log] == ["a.json", "b.JSON"]  # the collision is found first, logged sorted
 
 
 def test_reason_is_bounded():

@@ -53,9 +53,9 @@ from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
 from clamp2.files import (ONE_FILE_THERE, DiskFull, atomic_path, atomic_write_bytes, atomic_write_text,
-                          disk_full_error, find_files, finished_output, log_line, mirror_path, output_aliases,
-                          read_file_log, remove_partial_files, remove_partial_files_of, say_disk_full, unlink_if_link,
-                          unreachable, write_file_log)
+                          disk_full_error, find_files, finished_output, log_line, lower_case_extensions_first,
+                          mirror_path, output_aliases, read_file_log, remove_partial_files, remove_partial_files_of,
+                          say_disk_full, unlink_if_link, unreachable, write_file_log)
 from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
@@ -229,7 +229,7 @@ def plan_jobs(input_dir: str | os.PathLike, output_dir: str | os.PathLike, exten
         (path.relative_to(input_dir).as_posix() if is_within(path, input_dir) else str(path), reason)
         for path, reason in problems]
     claimed: dict[Path, str] = {}
-    for source in sources:
+    for source in lower_case_extensions_first(sources):
         name = source.relative_to(input_dir).as_posix() if input_dir.is_dir() else source.name
         target = mirror_path(source, input_dir, output_dir, output_suffix)
         if physical(target) == physical(source):

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import openai
 
 from clamp2.files import (ONE_FILE_THERE, atomic_write_text, disk_full_error, find_files, finished_output, log_line,
-                          mirror_path, output_aliases, unlink_if_link, write_file_log)
+                          lower_case_extensions_first, mirror_path, output_aliases, unlink_if_link, write_file_log)
 
 FAILURE_LOG_NAME = "failed_summaries.log"
 DEFAULT_SEED = 0
@@ -693,7 +693,7 @@ def summarize_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike
     sources = find_files(input_dir, [".json"], problems)
     early_failures = [(_relative_posix(path, input_dir), reason) for path, reason in problems]
     planned: list[tuple[str, Path, Path]] = []
-    for input_path in sources:
+    for input_path in lower_case_extensions_first(sources):
         relative_path = _relative_posix(input_path, input_dir)
         output_path = mirror_path(input_path, input_dir, output_dir, ".json")
         # a.json and a.JSON in one folder would share an output: never overwrite silently.
