@@ -6,23 +6,32 @@ inputs twice and others never, nor leave one node waiting for the other at a col
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT, TINY_ENV, VECTORS, free_port
 from train_corpus import corpus  # noqa: F401  (fixture)
+from train_corpus3 import corpus3  # noqa: F401  (fixture)
 
+# The CLaMP 3 vectors' tiny config (as tests/test_train_clamp3.py), and their tiny text model.
+TINY_ENV3 = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "2", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
+             "CLAMP3_HIDDEN_SIZE": "48", "MAX_TEXT_LENGTH": "16", "AUDIO_HIDDEN_SIZE": "64", "AUDIO_NUM_LAYERS": "2",
+             "MAX_AUDIO_LENGTH": "4", "CLAMP3_LOAD_M3": "0"}
+TEXT_MODEL3 = VECTORS / "tiny_text_model"
 TRAIN_ENV = {"PATCH_LENGTH": "32", "PATCH_NUM_LAYERS": "1", "TOKEN_NUM_LAYERS": "1", "M3_HIDDEN_SIZE": "64",
              "M3_NUM_EPOCH": "2"}
 
 
 def two_nodes(script, args_of_node, env_update, cwd, timeout=90):
     """``script`` under one torchrun per node, started together: [(exit status or None when it ran past
-    ``timeout``, output)] per node; a node past the timeout is killed with its processes."""
+    ``timeout``, output)] per node; a node past the timeout is killed with its processes. ``cwd``: one folder, or
+    a function of the node (nodes whose working folders are not shared)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(env_update, OMP_NUM_THREADS="1")
@@ -32,8 +41,8 @@ def two_nodes(script, args_of_node, env_update, cwd, timeout=90):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
                str(REPO_ROOT / script), *map(str, args_of_node(node))]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
+        procs.append(subprocess.Popen(cmd, cwd=cwd(node) if callable(cwd) else cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
     results = []
     for proc in procs:
         try:
@@ -46,10 +55,12 @@ def two_nodes(script, args_of_node, env_update, cwd, timeout=90):
     return results
 
 
-def node_copies(source, tmp_path, missing):
-    """``node0/`` and ``node1/`` copies of ``source``; ``missing`` (relative) removed from node 1's."""
+def node_copies(source, tmp_path, missing=None):
+    """``node0/`` and ``node1/`` copies of ``source``; ``missing`` (relative; "": all of it) removed from node 1's."""
     for node in (0, 1):
         shutil.copytree(source, tmp_path / f"node{node}")
+    if missing is None:
+        return
     target = tmp_path / "node1" / missing
     shutil.rmtree(target) if target.is_dir() else target.unlink()
 
@@ -106,3 +117,148 @@ def test_training_on_a_node_without_a_data_folder_says_so_there(tmp_path, corpus
     assert all(status not in (0, None) for status, _ in results)
     assert f"error (rank 1): data folder not found: {tmp_path / 'node1' / 'mtf'}" in results[1][1], \
         results[1][1][-3000:]
+    # ...and node 0, which met rank 1's absence at its next collective as a gloo traceback, says it too.
+    assert f"error: rank 1 of 2 stopped: data folder not found: {tmp_path / 'node1' / 'mtf'}" in results[0][1], \
+        results[0][1][-3000:]
+    assert "Connection closed" not in results[0][1]
+
+
+# -- CLaMP 3 training: both stages ----------------------------------------------------------------------
+
+CLAMP3_ENV = {**TINY_ENV3, "SAVE_EVERY": "0"}
+
+
+def one_node_two_processes(script, args, cwd, timeout=120):
+    """``script`` under one torchrun of 2 processes: (exit status, output)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CLAMP3_ENV, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO_ROOT / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout
+
+
+def clamp3_args(stage, data):
+    return ["--train_jsonl", data / f"{stage}_train.jsonl", "--eval_jsonl", data / f"{stage}_eval.jsonl",
+            "--text_model", TEXT_MODEL3, "--no_progress", "--batch_size", "4", "--epochs", "1",
+            "--max_steps_per_epoch", "2", "--learning_rate", "1e-3", "--weights", "w.pth"]
+
+
+def same_run(one, two):
+    """The two runs' logs hold the same losses, and their weights files the same weights."""
+    from clamp2.checkpoint import read_checkpoint
+
+    logs = [list(folder.glob("*.txt")) for folder in (one, two)]
+    assert all(len(found) == 1 for found in logs), logs
+    losses = [re.findall(r"loss: (\S+)", found[0].read_text()) for found in logs]
+    assert losses[0] == losses[1] and len(losses[0]) == 2, losses
+    first, second = read_checkpoint(one / "w.pth")["model"], read_checkpoint(two / "w.pth")["model"]
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.parametrize("stage", ["symbolic", "audio"])
+def test_clamp3_stage_on_two_nodes_trains_as_two_processes_on_one(stage, tmp_path, corpus3):  # noqa: F811
+    # Each node has its own copy of the data and its own working folder: only global rank 0 writes.
+    script = f"code/train_clamp3_{stage}.py"
+    for folder in ("node0", "node1", "one"):
+        (tmp_path / folder / "run").mkdir(parents=True)
+    for node in (0, 1):
+        shutil.copytree(corpus3, tmp_path / f"node{node}" / "data")
+    results = two_nodes(script, lambda node: clamp3_args(stage, tmp_path / f"node{node}" / "data"), CLAMP3_ENV,
+                        lambda node: tmp_path / f"node{node}" / "run", timeout=120)
+    assert all(status == 0 for status, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    assert not list((tmp_path / "node1" / "run").iterdir())
+    status, output = one_node_two_processes(script, clamp3_args(stage, corpus3), tmp_path / "one" / "run")
+    assert status == 0, output[-3000:]
+    same_run(tmp_path / "node0" / "run", tmp_path / "one" / "run")
+
+
+def clamp3_nodes(tmp_path, corpus3, missing=None):  # noqa: F811
+    """Each node's own copy of the corpus (``missing`` removed from node 1's) and its own working folder."""
+    node_copies(corpus3, tmp_path, missing)
+    for node in (0, 1):
+        (tmp_path / f"run{node}").mkdir()
+    return lambda node: tmp_path / f"run{node}"
+
+
+def test_clamp3_nodes_with_other_data_stop_with_one_error(tmp_path, corpus3):  # noqa: F811
+    # Node 1's JSONL lacks a line: every rank stops before the first step, said once.
+    run = clamp3_nodes(tmp_path, corpus3)
+    jsonl = tmp_path / "node1" / "symbolic_train.jsonl"
+    jsonl.write_text("".join(jsonl.read_text(encoding="utf-8").splitlines(keepends=True)[1:]), encoding="utf-8")
+    results = two_nodes("code/train_clamp3_symbolic.py", lambda node: clamp3_args("symbolic", tmp_path / f"node{node}"),
+                        CLAMP3_ENV, run)
+    outputs = "\n".join(output for _, output in results)
+    assert all(status not in (0, None) for status, _ in results), outputs[-5000:]
+    assert outputs.count("the ranks do not see the same training data") == 1, outputs[-5000:]
+    assert not list(run(0).iterdir()) and not list(run(1).iterdir())
+
+
+def test_clamp3_node_missing_a_file_stops_every_node_saying_it(tmp_path, corpus3):  # noqa: F811
+    # Node 1's copy lacks a file its JSONL names: rank 1 said so and left; rank 0 met its absence at the next
+    # collective, a gloo "Connection closed by peer" traceback, and node 0 never learnt why.
+    run = clamp3_nodes(tmp_path, corpus3, "abc/erk_010.abc")
+    results = two_nodes("code/train_clamp3_symbolic.py", lambda node: clamp3_args("symbolic", tmp_path / f"node{node}"),
+                        CLAMP3_ENV, run)
+    assert all(status not in (0, None) for status, _ in results), results[0][1][-3000:]
+    missing = f"missing file {tmp_path / 'node1' / 'abc' / 'erk_010.abc'}"
+    assert f"error: rank 1 of 2 stopped: {missing}" in results[0][1], results[0][1][-3000:]
+    assert f"error (rank 1): {missing}" in results[1][1], results[1][1][-3000:]
+    assert "Connection closed" not in results[0][1] + results[1][1]
+    assert not list(run(0).iterdir()) and not list(run(1).iterdir())
+
+
+# -- CLaMP 3 and MERT extraction ------------------------------------------------------------------------
+
+VECTORS3 = REPO_ROOT / "tests" / "data" / "vectors_clamp3"
+EXTRACTORS = {
+    "code/extract_clamp3.py": (VECTORS3 / "extract_in", {**TINY_ENV3, "TEXT_MODEL_NAME": "tiny_text_model"},
+                               ["--weights", VECTORS3 / "tiny_clamp3.pth", "--text_model", TEXT_MODEL3,
+                                "--get_global"]),
+    "process_data/extract_mert.py": (VECTORS3 / "inputs" / "audio", {}, ["--model", VECTORS3 / "tiny_mert"]),
+}
+
+
+def extractor_folder(script, tmp_path):
+    """The script's inputs (MERT's without its clip under a second, which fails by design)."""
+    source, _, _ = EXTRACTORS[script]
+    folder = tmp_path / "inputs"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("banish_misfortune_48k_stereo_f32.wav"))
+    return folder
+
+
+def extract_on_two_nodes(script, tmp_path, out_of_node, timeout=120):
+    _, env, extra = EXTRACTORS[script]
+    return two_nodes(script, lambda node: [tmp_path / f"node{node}", out_of_node(node), *extra, "--num_workers", "0",
+                                           "--no_progress"], env, tmp_path, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", EXTRACTORS)
+def test_extraction_on_two_nodes_writes_every_input_once(script, tmp_path):
+    inputs = extractor_folder(script, tmp_path)
+    node_copies(inputs, tmp_path)
+    results = extract_on_two_nodes(script, tmp_path, lambda node: tmp_path / "out")
+    assert all(status == 0 for status, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    written = sorted(path.relative_to(tmp_path / "out").with_suffix("").as_posix()
+                     for path in (tmp_path / "out").rglob("*.npy"))
+    assert written == sorted(path.relative_to(inputs).with_suffix("").as_posix()
+                             for path in inputs.rglob("*") if path.is_file())
+    counts = [int(re.search(r"\(process \d/2\): extracted (\d+)", output).group(1)) for _, output in results]
+    assert sum(counts) == len(written) and all(counts), counts
+
+
+@pytest.mark.parametrize("script", EXTRACTORS)
+@pytest.mark.parametrize("missing", ["one file", "the folder"])
+def test_extraction_on_nodes_with_other_inputs_stops_every_node(script, missing, tmp_path):
+    inputs = extractor_folder(script, tmp_path)
+    victim = next(path for path in sorted(inputs.rglob("*")) if path.is_file())
+    node_copies(inputs, tmp_path, victim.relative_to(inputs) if missing == "one file" else "")
+    results = extract_on_two_nodes(script, tmp_path, lambda node: tmp_path / "out", timeout=90)
+    said = ("do not see the same input files" if missing == "one file"
+            else f"input folder not found: {tmp_path / 'node1'}")
+    for status, output in results:
+        assert status not in (0, None), output[-3000:]
+        assert said in output, output[-3000:]
+    assert not list((tmp_path / "out").rglob("*.npy"))

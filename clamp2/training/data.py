@@ -48,6 +48,39 @@ class DataError(ValueError):
     """A problem with the training data found before training starts."""
 
 
+class StoppedElsewhere(DataError):
+    """Another rank's data error, learnt at a collective of the launch check (:func:`gather_agreeing`): every rank
+    stops with it; rank 0 says it once (the rank that found it says it on its node)."""
+
+
+# What a rank sends to the launch check's collectives: its share, or the data error that stops it.
+_SHARE, _ERROR = "share", "error"
+
+
+def gather_agreeing(obj) -> list:
+    """``obj`` of every rank, in rank order, at one of the collectives that check the data before training (every
+    rank calls them in the same order: :func:`checked_in_shares`, then the trainers' ``same_data_everywhere``).
+
+    Raises :class:`StoppedElsewhere` when a rank sent its data error instead (:func:`announce_data_error`): a node's
+    own copy of the data (no shared file system) may lack a file, and that rank raised and left while the others
+    waited at such a collective; they met its absence as a gloo "Connection closed by peer" traceback, or as a
+    mismatched collective, never the error."""
+    from ..distributed import gather_objects
+
+    views = gather_objects((_SHARE, obj))
+    for rank, (kind, value) in enumerate(views):
+        if kind == _ERROR:
+            raise StoppedElsewhere(f"rank {rank} of {len(views)} stopped: {value} (every rank stops)")
+    return [value for _, value in views]
+
+
+def announce_data_error(message: str) -> None:
+    """The failing rank's side of :func:`gather_agreeing`: one collective, met by the one each other rank is at."""
+    from ..distributed import gather_objects
+
+    gather_objects((_ERROR, message))
+
+
 def sample_rng(seed: int, stream: str, epoch: int, index: int) -> random.Random:
     # A string seed is hashed with SHA-512 by random.Random: stable across processes and runs.
     return random.Random(f"{seed}:{stream}:{epoch}:{index}")
@@ -168,13 +201,11 @@ def checked_in_shares(entries: Sequence, check: Callable[[Any], Optional[str]],
     check that reads every file (the text check, an audio array's header) reads it once per run, not once per process
     (2 M files, 8 processes a node: 80 GB read instead of 10). Every process must call it then, with the same
     entries (the trainers do); otherwise (a caller on one process) this process checks them all."""
-    from ..distributed import gather_objects
-
     distributed = shared and torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     mine = [(index, say(entries[index], problem)) for index in range(rank, len(entries), world)
             if (problem := check(entries[index]))]
-    shares = gather_objects(mine) if distributed else [mine]
+    shares = gather_agreeing(mine) if distributed else [mine]
     return [problem for _, problem in sorted(pair for share in shares for pair in share)]
 
 

@@ -64,7 +64,7 @@ from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, b
 from ..models.common import compile_transformers, count_parameters
 from ..progress import plural, progress_bar
 from ..workers import exit_with_parent
-from .data import DataError, EvalBatches, TrainBatches
+from .data import DataError, EvalBatches, StoppedElsewhere, TrainBatches, announce_data_error, gather_agreeing
 # The trainers' flags live in a module without torch (fast --help).
 from .arguments import CUDA_LOADER_WORKERS, PREFETCH_BATCHES
 
@@ -657,6 +657,12 @@ def report_error(exc: Exception, dist_info: DistInfo, every_rank: bool = False, 
     every node (LOCAL_RANK 0), for errors of what a node reads (its data folders: a node without the shared file
     system, or with its own copy, finds an error that rank 0 does not, and nothing said it).
     """
+    if isinstance(exc, StoppedElsewhere):  # another rank's error, said there (each_node) and here once
+        every_rank = each_node = False
+    elif each_node and dist_info.is_distributed:
+        # The others wait at the launch check's next collective: they learn it there and stop with it, not with a
+        # gloo "Connection closed by peer" traceback once this rank has exited.
+        announce_data_error(str(exc))
     if dist_info.is_main or every_rank or (each_node and dist_info.local_rank == 0):
         where = f" (rank {dist_info.rank})" if (every_rank and dist_info.is_distributed) or \
             (each_node and not dist_info.is_main) else ""
@@ -809,7 +815,7 @@ def same_data_everywhere(data: Mapping[str, Any], dist_info: DistInfo) -> None:
     batches waited for the others at a collective until the group's 30-minute timeout."""
     if not dist_info.is_distributed:
         return
-    views = gather_objects(dict(data))
+    views = gather_agreeing(dict(data))
     if any(view != views[0] for view in views):
         described = "; ".join(f"rank {rank}: {view['train']['samples']} training, {view['eval']['samples']} eval "
                               f"samples" for rank, view in enumerate(views))
@@ -879,6 +885,9 @@ def catch_up_epoch_files(settings: TrainSettings, source: Path, checkpoint: Mapp
 
 def run_training(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> TrainResult:
     """Train ``task`` as configured by ``settings`` on this process; see the module docstring."""
+    # The data check first: it is the launch check's last collective (gather_agreeing), where a rank learns that
+    # another stopped on its data; exclusive_run's broadcast would meet that rank's announcement instead.
+    same_data_everywhere(data_record(task), dist_info)
     with deterministic_mode(settings.deterministic), exclusive_run(settings.weights_path, dist_info.is_main):
         return _run(task, settings, dist_info)
 
@@ -892,7 +901,6 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
     for note in task.notes:
         say(dist_info, note)
     data = data_record(task)
-    same_data_everywhere(data, dist_info)
     check_data_sizes(task, settings, dist_info.world_size)
     precision = Precision.choose(device, settings.precision, task.cudnn_attention)
     # Non-deterministic runs draw a fresh seed (shared by all ranks, so their data stays disjoint).
