@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     try:
         # Every process shards its own listing: they must agree on it (and on a problem), or stop together.
         state, device = process_state(args.device)
-        problem = agreed_problem(problem, plan_digest(plan, args.input_dir) if plan else None)
+        problem = agreed_problem(problem, plan_digest(plan, args.input_dir) if plan else None, args.output_dir)
         if problem:
             raise ValueError(problem)
         model = set_attention(load_mert(args.model, device), args.attention)

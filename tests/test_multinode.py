@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import REPO_ROOT, TINY_ENV, VECTORS, free_port
 from train_corpus import corpus  # noqa: F401  (fixture)
@@ -128,51 +127,10 @@ def test_training_on_a_node_without_a_data_folder_says_so_there(tmp_path, corpus
 CLAMP3_ENV = {**TINY_ENV3, "SAVE_EVERY": "0"}
 
 
-def one_node_two_processes(script, args, cwd, timeout=120):
-    """``script`` under one torchrun of 2 processes: (exit status, output)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(CLAMP3_ENV, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO_ROOT / script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
-    return proc.returncode, proc.stdout
-
-
 def clamp3_args(stage, data):
     return ["--train_jsonl", data / f"{stage}_train.jsonl", "--eval_jsonl", data / f"{stage}_eval.jsonl",
             "--text_model", TEXT_MODEL3, "--no_progress", "--batch_size", "4", "--epochs", "1",
             "--max_steps_per_epoch", "2", "--learning_rate", "1e-3", "--weights", "w.pth"]
-
-
-def same_run(one, two):
-    """The two runs' logs hold the same losses, and their weights files the same weights."""
-    from clamp2.checkpoint import read_checkpoint
-
-    logs = [list(folder.glob("*.txt")) for folder in (one, two)]
-    assert all(len(found) == 1 for found in logs), logs
-    losses = [re.findall(r"loss: (\S+)", found[0].read_text()) for found in logs]
-    assert losses[0] == losses[1] and len(losses[0]) == 2, losses
-    first, second = read_checkpoint(one / "w.pth")["model"], read_checkpoint(two / "w.pth")["model"]
-    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
-
-
-@pytest.mark.parametrize("stage", ["symbolic", "audio"])
-def test_clamp3_stage_on_two_nodes_trains_as_two_processes_on_one(stage, tmp_path, corpus3):  # noqa: F811
-    # Each node has its own copy of the data and its own working folder: only global rank 0 writes.
-    script = f"code/train_clamp3_{stage}.py"
-    for folder in ("node0", "node1", "one"):
-        (tmp_path / folder / "run").mkdir(parents=True)
-    for node in (0, 1):
-        shutil.copytree(corpus3, tmp_path / f"node{node}" / "data")
-    results = two_nodes(script, lambda node: clamp3_args(stage, tmp_path / f"node{node}" / "data"), CLAMP3_ENV,
-                        lambda node: tmp_path / f"node{node}" / "run", timeout=120)
-    assert all(status == 0 for status, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
-    assert not list((tmp_path / "node1" / "run").iterdir())
-    status, output = one_node_two_processes(script, clamp3_args(stage, corpus3), tmp_path / "one" / "run")
-    assert status == 0, output[-3000:]
-    same_run(tmp_path / "node0" / "run", tmp_path / "one" / "run")
 
 
 def clamp3_nodes(tmp_path, corpus3, missing=None):  # noqa: F811
@@ -181,19 +139,6 @@ def clamp3_nodes(tmp_path, corpus3, missing=None):  # noqa: F811
     for node in (0, 1):
         (tmp_path / f"run{node}").mkdir()
     return lambda node: tmp_path / f"run{node}"
-
-
-def test_clamp3_nodes_with_other_data_stop_with_one_error(tmp_path, corpus3):  # noqa: F811
-    # Node 1's JSONL lacks a line: every rank stops before the first step, said once.
-    run = clamp3_nodes(tmp_path, corpus3)
-    jsonl = tmp_path / "node1" / "symbolic_train.jsonl"
-    jsonl.write_text("".join(jsonl.read_text(encoding="utf-8").splitlines(keepends=True)[1:]), encoding="utf-8")
-    results = two_nodes("code/train_clamp3_symbolic.py", lambda node: clamp3_args("symbolic", tmp_path / f"node{node}"),
-                        CLAMP3_ENV, run)
-    outputs = "\n".join(output for _, output in results)
-    assert all(status not in (0, None) for status, _ in results), outputs[-5000:]
-    assert outputs.count("the ranks do not see the same training data") == 1, outputs[-5000:]
-    assert not list(run(0).iterdir()) and not list(run(1).iterdir())
 
 
 def test_clamp3_node_missing_a_file_stops_every_node_saying_it(tmp_path, corpus3):  # noqa: F811
@@ -210,36 +155,26 @@ def test_clamp3_node_missing_a_file_stops_every_node_saying_it(tmp_path, corpus3
     assert not list(run(0).iterdir()) and not list(run(1).iterdir())
 
 
-# -- CLaMP 3 and MERT extraction ------------------------------------------------------------------------
+# -- MERT extraction (its own planning, beside run_extraction's) ----------------------------------------
 
 VECTORS3 = REPO_ROOT / "tests" / "data" / "vectors_clamp3"
-EXTRACTORS = {
-    "code/extract_clamp3.py": (VECTORS3 / "extract_in", {**TINY_ENV3, "TEXT_MODEL_NAME": "tiny_text_model"},
-                               ["--weights", VECTORS3 / "tiny_clamp3.pth", "--text_model", TEXT_MODEL3,
-                                "--get_global"]),
-    "process_data/extract_mert.py": (VECTORS3 / "inputs" / "audio", {}, ["--model", VECTORS3 / "tiny_mert"]),
-}
 
 
-def extractor_folder(script, tmp_path):
-    """The script's inputs (MERT's without its clip under a second, which fails by design)."""
-    source, _, _ = EXTRACTORS[script]
-    folder = tmp_path / "inputs"
-    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("banish_misfortune_48k_stereo_f32.wav"))
-    return folder
+def mert_on_two_nodes(tmp_path, out_of_node, missing=None):
+    """extract_mert.py on two nodes, each with its own copy of the audio inputs (``missing`` removed from node 1's;
+    the clip under a second, which fails by design, left out): (inputs, results)."""
+    inputs = tmp_path / "inputs"
+    shutil.copytree(VECTORS3 / "inputs" / "audio", inputs,
+                    ignore=shutil.ignore_patterns("banish_misfortune_48k_stereo_f32.wav"))
+    node_copies(inputs, tmp_path, missing)
+    return inputs, two_nodes("process_data/extract_mert.py",
+                             lambda node: [tmp_path / f"node{node}", out_of_node(node), "--model",
+                                           VECTORS3 / "tiny_mert", "--num_workers", "0", "--no_progress"],
+                             {}, tmp_path, timeout=120)
 
 
-def extract_on_two_nodes(script, tmp_path, out_of_node, timeout=120):
-    _, env, extra = EXTRACTORS[script]
-    return two_nodes(script, lambda node: [tmp_path / f"node{node}", out_of_node(node), *extra, "--num_workers", "0",
-                                           "--no_progress"], env, tmp_path, timeout=timeout)
-
-
-@pytest.mark.parametrize("script", EXTRACTORS)
-def test_extraction_on_two_nodes_writes_every_input_once(script, tmp_path):
-    inputs = extractor_folder(script, tmp_path)
-    node_copies(inputs, tmp_path)
-    results = extract_on_two_nodes(script, tmp_path, lambda node: tmp_path / "out")
+def test_mert_on_two_nodes_writes_every_input_once(tmp_path):
+    inputs, results = mert_on_two_nodes(tmp_path, lambda node: tmp_path / "out")
     assert all(status == 0 for status, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
     written = sorted(path.relative_to(tmp_path / "out").with_suffix("").as_posix()
                      for path in (tmp_path / "out").rglob("*.npy"))
@@ -249,16 +184,32 @@ def test_extraction_on_two_nodes_writes_every_input_once(script, tmp_path):
     assert sum(counts) == len(written) and all(counts), counts
 
 
-@pytest.mark.parametrize("script", EXTRACTORS)
-@pytest.mark.parametrize("missing", ["one file", "the folder"])
-def test_extraction_on_nodes_with_other_inputs_stops_every_node(script, missing, tmp_path):
-    inputs = extractor_folder(script, tmp_path)
-    victim = next(path for path in sorted(inputs.rglob("*")) if path.is_file())
-    node_copies(inputs, tmp_path, victim.relative_to(inputs) if missing == "one file" else "")
-    results = extract_on_two_nodes(script, tmp_path, lambda node: tmp_path / "out", timeout=90)
-    said = ("do not see the same input files" if missing == "one file"
-            else f"input folder not found: {tmp_path / 'node1'}")
+def test_mert_on_nodes_with_other_inputs_stops_every_node(tmp_path):
+    _, results = mert_on_two_nodes(tmp_path, lambda node: tmp_path / "out", missing="bwv26.6_16k_stereo_s16.flac")
     for status, output in results:
         assert status not in (0, None), output[-3000:]
-        assert said in output, output[-3000:]
+        assert "do not see the same input files" in output, output[-3000:]
     assert not list((tmp_path / "out").rglob("*.npy"))
+
+
+def test_extraction_on_nodes_with_their_own_output_folders_stops_every_node(tmp_path):
+    # Each node's output folder on its own disk (two folders here): each process wrote its share to its own disk,
+    # both said success, and node 0's folder held half of the features and a record of a complete run.
+    node_copies(VECTORS / "extract_in", tmp_path)
+    results = two_nodes("code/extract_m3.py", lambda node: [tmp_path / f"node{node}", tmp_path / f"out{node}",
+                                                            "--weights", VECTORS / "tiny_m3.pth", "--num_workers", "0",
+                                                            "--no_progress"], TINY_ENV, tmp_path)
+    for status, output in results:
+        assert status not in (0, None), output[-3000:]
+        assert "is not one folder for every process: process 1 of 2 cannot see the file process 0 wrote" in output, \
+            output[-3000:]
+    assert not [path for path in tmp_path.glob("out*/**/*") if path.is_file()]  # no feature, record or probe left
+
+
+def test_mert_on_nodes_with_their_own_output_folders_stops_every_node(tmp_path):
+    _, results = mert_on_two_nodes(tmp_path, lambda node: tmp_path / f"out{node}")
+    for status, output in results:
+        assert status not in (0, None), output[-3000:]
+        assert "is not one folder for every process: process 1 of 2 cannot see the file process 0 wrote" in output, \
+            output[-3000:]
+    assert not [path for path in tmp_path.glob("out*/**/*") if path.is_file()]

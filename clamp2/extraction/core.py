@@ -859,13 +859,15 @@ def plan_digest(plan: "Plan", input_dir: Path) -> Tuple[int, str]:
     return len(paths), digest.hexdigest()[:16]
 
 
-def agreed_problem(problem: Optional[str], inputs: Optional[Tuple[int, str]] = None) -> Optional[str]:
+def agreed_problem(problem: Optional[str], inputs: Optional[Tuple[int, str]] = None,
+                   output_dir: Optional[Path] = None) -> Optional[str]:
     """Under a launch of several processes (every process calls it, right after :func:`process_state`; the scripts
     keep a problem with their folders until then when WORLD_SIZE > 1): the problem that
     stops the run, the same in every process. A process alone with a problem (a node without the input folder) left
     at once while the others waited for it at a collective until the group's timeout (30 minutes); processes that
     list other inputs (nodes with their own copies of the folder, one missing a file) each sharded their own
-    listing, and inputs were extracted twice or never, reported as a success. ``inputs``: :func:`plan_digest`."""
+    listing, and inputs were extracted twice or never, reported as a success. ``inputs``: :func:`plan_digest`.
+    With ``output_dir``, every process must also write to the same folder (:func:`unshared_output_problem`)."""
     from ..distributed import gather_objects
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -883,7 +885,56 @@ def agreed_problem(problem: Optional[str], inputs: Optional[Tuple[int, str]] = N
         return (f"the processes do not see the same input files ({counts}; or other names): every node needs the "
                 "same input folder (a shared file system, or identical copies), or files would be extracted twice "
                 "or never")
-    return None
+    return unshared_output_problem(output_dir) if output_dir is not None else None
+
+
+# A file process 0 leaves in the output folder for the others to find (hidden: no tool lists it).
+SHARED_FOLDER_PROBE = ".clamp2_same_folder_"
+
+
+def _appears(path: Path) -> bool:
+    # A network file system may show another node's new file a moment late: look again before saying it is not there.
+    for delay in (0.0, 0.1, 0.3, 0.6, 1.0, 2.0):
+        time.sleep(delay)
+        if path.exists():
+            return True
+    return False
+
+
+def unshared_output_problem(output_dir: Path) -> Optional[str]:
+    """Under a launch of several processes (every process calls it): a problem when some process's ``output_dir`` is
+    not the folder process 0 writes to, as on nodes each with its own disk at that path. Each process writes its
+    share of the features to its own folder, and process 0 records the run as complete: the nodes' disks each held
+    part of the features, and every process reported success. Process 0 leaves a probe file; every process looks
+    for it. A folder process 0 cannot write to is left to the first feature it writes, which says so."""
+    from ..distributed import broadcast_object, gather_objects
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    first = torch.distributed.get_rank() == 0
+    probe = None
+    if first:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            name = f"{SHARED_FOLDER_PROBE}{os.urandom(8).hex()}"
+            os.close(os.open(output_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            probe = name
+        except OSError:
+            pass
+    probe = broadcast_object(probe)
+    seen = gather_objects(probe is None or _appears(output_dir / probe))
+    if first and probe is not None:
+        try:
+            (output_dir / probe).unlink()
+        except OSError:
+            pass
+    blind = [str(index) for index, found in enumerate(seen) if not found]
+    if not blind:
+        return None
+    return (f"the output folder {output_dir} is not one folder for every process: process{'es' * (len(blind) > 1)} "
+            f"{', '.join(blind)} of {len(seen)} cannot see the file process 0 wrote there (nodes with their own "
+            "disks?); give every node the same output folder on a shared file system, or the features would be "
+            "scattered over the nodes' disks")
 
 
 def process_state(device_arg: Optional[str]):
@@ -1022,7 +1073,7 @@ def run_extraction(args, runners: Dict[str, KindRunner], per_position: bool, inc
         elif not plan.jobs and not plan.failures:
             problem = f"no input files ({', '.join(sorted(kinds))}) under {args.input_dir}"
     # Every process plans alone and shards its own plan: they must agree, or leave together.
-    problem = agreed_problem(problem, plan_digest(plan, args.input_dir))
+    problem = agreed_problem(problem, plan_digest(plan, args.input_dir), args.output_dir)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
