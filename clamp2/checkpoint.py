@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, MutableMapping, Optional
 import torch
 from torch import nn
 
-from .files import atomic_path, disk_full_error, error_chain, through_link
+from .files import atomic_path, disk_full_error, error_chain, through_link, unreachable
 
 FORMAT_VERSION = 1
 HUB_REPO = "sander-wood/clamp2"
@@ -129,6 +129,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     replaces the default (CLaMP 2 / M3) message for a missing file. Nothing is ever downloaded.
     """
     path = Path(path)
+    problem = unreachable(path, "checkpoint")
+    if problem:
+        raise CheckpointError(problem)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; pass the weights file (.pth) inside it")
     if not path.is_file():

@@ -21,7 +21,7 @@ import sys
 import time
 import unicodedata
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 
 def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
@@ -363,6 +363,14 @@ def unreachable(path: str | os.PathLike, what: str = "path") -> Optional[str]:
         if error.errno in (errno.EACCES, errno.EPERM):
             return f"cannot reach {what} {path}: {error.strerror} (a folder above it cannot be searched)"
     return None
+
+
+def not_found(path: str | os.PathLike, what: str = "folder", is_there: Callable[[Path], bool] = Path.exists
+              ) -> Optional[str]:
+    """``{what} not found: {path}`` when ``is_there`` (exists, is_dir, is_file) says no, the reason when that cannot
+    even be known (:func:`unreachable`), or None: a script's first check of the paths it is given, one line where
+    ``Path.exists`` alone raised a PermissionError traceback."""
+    return unreachable(path, what) or (None if is_there(Path(path)) else f"{what} not found: {path}")
 
 
 def find_all_files(root: str | os.PathLike, extensions: Iterable[str], error: type = OSError) -> list[Path]:

@@ -120,6 +120,12 @@ def main(argv=None) -> int:
         print(f"quickstart.py: note: the batch of {settings.batch_size} does not split into {settings.nproc} "
               f"processes: each takes {per_process}, a global batch of {per_process * settings.nproc} "
               "(the contrastive negatives); results differ from a run whose --nproc divides the batch", file=sys.stderr)
+    from clamp2.files import output_problem
+
+    problem = output_problem(args.out, folder=True)
+    if problem:
+        print(f"quickstart.py: error: {problem}", file=sys.stderr)
+        return 2
     pipeline = Quickstart3 if args.clamp3 else Quickstart
     return pipeline(args.out.resolve(), settings, progress=not args.no_progress).run()
 

@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.files import find_files, say_disk_full
+    from clamp2.files import find_files, say_disk_full, unreachable
     from clamp2.convert.summarize import (DEFAULT_PROMPT, FAILURE_LOG_NAME, RetryPolicy, load_languages,
                                           load_prompt, make_client, summarize_folder)
 
@@ -96,8 +96,9 @@ def main(argv=None) -> int:
               "(a copy-paste artefact?); set it again", file=sys.stderr)
         return 2
     input_dir, output_dir = Path(args.input_dir), Path(args.output_dir)
-    if not input_dir.is_dir():
-        print(f"error: input folder {input_dir} does not exist", file=sys.stderr)
+    problem = unreachable(input_dir, "input folder") or unreachable(output_dir, "output folder")
+    if problem or not input_dir.is_dir():
+        print(f"error: {problem or f'input folder {input_dir} does not exist'}", file=sys.stderr)
         return 2
     # Outputs are .json too: inside the input folder they would be read as inputs next run.
     if output_dir.resolve().is_relative_to(input_dir.resolve()):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from clamp2.api import add_model_arguments, clamp2_from_args
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
-from clamp2.files import write_text_or_say
+from clamp2.files import not_found, write_text_or_say
 from clamp2.progress import plural
 
 
@@ -44,8 +44,8 @@ def main(argv=None) -> int:
     from clamp2.search.retrieval import format_metrics, rank_true_matches
 
     for folder in (args.query_folder, args.reference_folder):
-        if not folder.exists():
-            fail_usage(f"folder not found: {folder}")
+        if problem := not_found(folder):
+            fail_usage(problem)
     cfg = load_script_config(__file__)
     model = lazy_model(lambda: clamp2_from_args(args, cfg))
     try:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from clamp2.api import add_model_arguments, clamp2_from_args
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
+from clamp2.files import not_found
 
 
 def parse_args(argv=None):
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
 
     if args.top_k < 1:
         fail_usage(f"--top_k must be at least 1, got {args.top_k}")
-    if not args.target.exists():
-        fail_usage(f"target not found: {args.target}")
+    if problem := not_found(args.target, "target"):
+        fail_usage(problem)
     cfg = load_script_config(__file__)
     model = lazy_model(lambda: clamp2_from_args(args, cfg))
     try:

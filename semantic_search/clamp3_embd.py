@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
+from clamp2.files import not_found
 from clamp2.search.clamp3 import add_arguments
 
 
@@ -50,8 +51,8 @@ def main(argv=None) -> int:
     from clamp2.search import clamp3
 
     args = parse_args(argv)
-    if not args.input_dir.exists():
-        fail_usage(f"input folder not found: {args.input_dir}")
+    if problem := not_found(args.input_dir, "input folder"):
+        fail_usage(problem)
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 
     def work() -> int:

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
+from clamp2.files import not_found
 from clamp2.search.clamp3 import add_arguments
 
 
@@ -43,8 +44,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     for folder in (args.query_dir, args.ref_dir):
-        if not Path(folder).exists():
-            fail_usage(f"folder not found: {folder}")
+        if problem := not_found(folder):
+            fail_usage(problem)
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 
     def work() -> int:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
+from clamp2.files import not_found
 from clamp2.search.clamp3 import add_arguments
 
 
@@ -45,10 +46,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.top_k < 0:  # 0 prints the header alone, as the reference and semantic_search.py do
         fail_usage(f"--top_k must be 0 or more, got {args.top_k}")
-    if not Path(args.query_file).is_file():
-        fail_usage(f"query file not found: {args.query_file}")
-    if not Path(args.ref_dir).exists():
-        fail_usage(f"folder not found: {args.ref_dir}")
+    if problem := not_found(args.query_file, "query file", Path.is_file) or not_found(args.ref_dir):
+        fail_usage(problem)
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 
     def work() -> int:

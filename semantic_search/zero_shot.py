@@ -32,7 +32,7 @@ from pathlib import Path
 
 from clamp2.api import CLAMP2_WEIGHTS_HELP, add_model_arguments, clamp2_from_args
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
-from clamp2.files import write_text_or_say
+from clamp2.files import not_found, write_text_or_say
 from clamp2.search.clamp3 import CLAMP3_WEIGHTS_DEFAULT
 
 
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
         prompts = zero_shot.prompts(labels, args.prompt, own_prompts)
     except (OSError, ValueError) as exc:
         fail_usage(str(exc))
-    if not args.folder.is_dir():
-        fail_usage(f"folder not found: {args.folder}")
+    if problem := not_found(args.folder, "folder", Path.is_dir):
+        fail_usage(problem)
     cfg = load_script_config(__file__)
     try:
         model = load_model(args, cfg)

@@ -253,3 +253,47 @@ def test_an_output_that_cannot_be_created_is_named_not_its_temporary_file(tmp_pa
     assert reason.startswith("sub/b.txt\tPermissionError: [Errno 13] Permission denied (cannot create a file in its "
                              "folder): ") and str(tmp_path / "out" / "sub" / "b.out") in reason
     assert ".partial" not in reason + capsys.readouterr().err and (tmp_path / "out" / "a.out").read_text() == "a"
+
+
+# Each script's first look at a path it is given, under a folder this user may not search: Path.exists/is_file/
+# is_dir raised a PermissionError traceback there (checked as a non-root user), and now it is one line.
+FIRST_LOOKS = [
+    ("semantic_search/clamp2_eval.py", lambda locked, free: [locked, free], "folder"),
+    ("semantic_search/clamp2_search.py", lambda locked, free: ["a tune", locked], "target"),
+    ("semantic_search/clamp3_embd.py", lambda locked, free: [locked, free / "out"], "input folder"),
+    ("semantic_search/clamp3_eval.py", lambda locked, free: [free, locked], "folder"),
+    ("semantic_search/clamp3_score.py", lambda locked, free: [locked, free], "folder"),
+    ("semantic_search/clamp3_search.py", lambda locked, free: [locked / "q.abc", free], "query file"),
+    ("semantic_search/clamp3_search.py", lambda locked, free: [free / "q.abc", locked], "folder"),
+    ("semantic_search/zero_shot.py", lambda locked, free: [locked, "--labels", "jig,reel"], "folder"),
+    ("process_data/gpt4_summarize.py", lambda locked, free: [locked, free / "out", "--model", "m"], "input folder"),
+    ("process_data/gpt4_summarize.py", lambda locked, free: [free, locked, "--model", "m"], "output folder"),
+    ("process_data/merge_jsonl.py", lambda locked, free: [locked, free / "o.jsonl"], "summaries folder"),
+    ("process_data/merge_jsonl.py", lambda locked, free: [free, free / "o.jsonl", "--data_root", locked], "data root"),
+    ("code/train_clamp2.py", lambda locked, free: ["--train_jsonl", locked / "a.jsonl"], "JSONL file"),
+    ("code/train_clamp3_audio.py", lambda locked, free: ["--train_jsonl", locked / "a.jsonl"], "JSONL file"),
+    ("code/quickstart.py", lambda locked, free: ["--out", locked], "output"),
+    ("music_classification/inference_cls.py", lambda locked, free: [free, free / "o.jsonl", "--weights",
+                                                                    locked / "w.pth"], "checkpoint"),
+]
+
+
+@pytest.mark.parametrize("script, argv, what", FIRST_LOOKS, ids=[f"{s.split('/')[1]}-{w}" for s, _, w in FIRST_LOOKS])
+def test_a_path_under_an_unsearchable_folder_is_one_line(script, argv, what, tmp_path, monkeypatch, capsys):
+    from conftest import load_script
+
+    locked, free = tmp_path / "locked", tmp_path / "free"
+    (locked / "sub").mkdir(parents=True)
+    free.mkdir()
+    (free / "q.abc").write_text("X:1\nK:C\nC\n")
+    (free / "a.json").write_text("{}")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key-0123456789")
+    main = load_script(script).main
+    refuse_under(monkeypatch, locked)
+    try:
+        status = main([str(arg) for arg in argv(locked / "sub", free)])
+    except SystemExit as exit:
+        status = exit.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach {what} {locked / 'sub'}" in err and "Permission denied" in err, err

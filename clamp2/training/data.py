@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, Sampler
 
 from ..extraction.core import mert_array_problem, mert_values_problem
-from ..files import find_all_files, input_problem, unreachable
+from ..files import find_all_files, input_problem, not_found, unreachable
 from ..patchilizer import PAD_TOKEN_ID, TRUNCATE_MODES, M3Patchilizer, split_lines, truncate
 from .corruption import corrupt_patches
 
@@ -462,8 +462,9 @@ def read_items(jsonl: str | os.PathLike, text_problems: Callable[[Dict[str, Any]
     (:func:`checked_in_shares`); never from one process alone, which would wait for the others.
     """
     jsonl = Path(jsonl)
-    if not jsonl.is_file():
-        raise DataError(f"JSONL file not found: {jsonl}")
+    problem = not_found(jsonl, "JSONL file", Path.is_file)
+    if problem:
+        raise DataError(problem)
     # The folder the JSONL is in, as named (links in it resolved): a JSONL that is itself a link keeps its files
     # beside the link, as the reference's os.path.dirname(TRAIN_JSONL) + '/' + path reads them.
     root = Path(os.path.realpath(jsonl.parent))
