@@ -26,7 +26,6 @@ from .files import atomic_path, disk_full_error, error_chain, through_link, unre
 
 FORMAT_VERSION = 1
 HUB_REPO = "sander-wood/clamp2"
-HUB_URL = f"https://huggingface.co/{HUB_REPO}"
 CLAMP3_HUB_REPO = "sander-wood/clamp3"
 
 

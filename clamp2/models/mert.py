@@ -21,7 +21,6 @@ from ..checkpoint import CheckpointError, describe_mismatch, read_checkpoint, wi
 from ..hub import WeightsNotFound, is_hub_id, resolve_weights
 
 MERT_HUB_ID = "m-a-p/MERT-v1-95M"
-MERT_LICENSE = "CC-BY-NC-4.0"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DOWNLOAD_COMMAND = f"hf download {MERT_HUB_ID}"
 

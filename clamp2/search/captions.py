@@ -22,7 +22,6 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CAPTION_KIND = "image-caption"
 # Part of the caption cache's key: bump it when captions of the same files change.
 CAPTION_FORMAT = 2  # 2: at most 20 tokens in all, as under transformers 4 (1 took transformers 5's 20 new ones)

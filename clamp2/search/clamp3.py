@@ -43,7 +43,6 @@ FEATURES = "npy"
 # The original's own modalities (its get_modality_from_dir); it ignores every other file, .abc and .mtf included.
 REFERENCE_MODALITIES = ("txt", "img", "xml", "mid", "audio")
 SYMBOLIC_AS_THEY_ARE = ("abc", "mtf")
-MUSIC_MODALITIES = ("xml", "mid", "audio", "abc", "mtf")
 UNMATCHED_FILE = "unmatched_files.jsonl"
 PAIRWISE_FILE = "pairwise_similarities.jsonl"
 RANKS_FILE = "retrieval_ranks.jsonl"
