@@ -132,10 +132,3 @@ def corpus_midi(corpus_name: str, midi_path: str | os.PathLike) -> Path:
     with atomic_path(midi_path) as tmp:
         score.write("midi", fp=str(tmp))
     return midi_path
-
-
-def render_corpus_piece(corpus_name: str, audio_path: str | os.PathLike, work_dir: str | os.PathLike,
-                        **render_kwargs) -> Path:
-    """music21 corpus piece → MIDI (in ``work_dir``) → audio file; keyword arguments as :func:`render_midi`."""
-    midi = corpus_midi(corpus_name, Path(work_dir) / (corpus_name.replace("/", "_") + ".mid"))
-    return render_midi(midi, audio_path, **render_kwargs)
