@@ -24,8 +24,8 @@ def default_device() -> str:
 
 
 def resolve_compute_arguments(args):
-    """``args`` with ``--device`` defaulted to :func:`default_device`, as
-    :func:`clamp2.search.retrieval.add_compute_arguments` does; call it once the arguments are parsed."""
+    """``args`` with ``--device`` defaulted to :func:`default_device`; call it once the arguments are parsed
+    (defining the flags needs no torch, choosing the device does)."""
     if args.device is None:
         args.device = default_device()
     return args

@@ -21,7 +21,7 @@ Public API: :func:`exact_cosine`, :func:`score_tolerance`, :class:`Searcher`, :f
 :func:`mean_vector`, :func:`mean_vector_cosine`, :func:`pairwise_scores`, the printing helpers
 :func:`format_search`, :func:`format_metrics`, :func:`format_score`, :func:`format_pairwise`, and
 the building blocks :func:`unit_rows`, :func:`as_cpu_tensor`, :func:`full_float32_matmul`,
-:func:`default_device`, :func:`add_compute_arguments`.
+:func:`default_device`.
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ import torch
 
 from clamp2.attention import ExactFloat32
 from clamp2.search.feature_store import BLOCK_ROWS, load_features
-# The search tools' flags, in a module without torch (fast --help); default_device stays importable from here.
-from clamp2.search.arguments import add_compute_arguments as add_flags, default_device
+# The search tools' flags live in clamp2.search.arguments (no torch: fast --help); default_device stays importable
+# from here.
+from clamp2.search.arguments import default_device
 
 __all__ = ["load_features", "score_tolerance", "exact_cosine", "Searcher", "top_k", "RankResult", "rank_true_matches", "rank_queries",
            "metrics_from_ranks", "retrieval_metrics", "mean_vector", "mean_vector_cosine", "pairwise_scores",
            "format_search", "format_metrics", "format_score", "format_pairwise", "unit_rows", "as_cpu_tensor",
-           "full_float32_matmul", "default_device", "add_compute_arguments"]
+           "full_float32_matmul", "default_device"]
 
 HIT_AT = (1, 10, 100)
 DEFAULT_MEMORY_MB = {"cpu": 256, "cuda": 4096}
@@ -622,10 +623,3 @@ def format_pairwise(keys: Sequence[str], scores: np.ndarray, lowest: int = 5) ->
     order = sorted(range(len(keys)), key=lambda i: (float(scores[i]), keys[i]))[:lowest]
     return [f"Same-key pairs: {len(keys)}, mean {values.mean():.4f}, std {values.std():.4f}, min {values.min():.4f}",
             "Lowest: " + ", ".join(f"{keys[i]} {float(scores[i]):.4f}" for i in order)]
-
-
-def add_compute_arguments(parser) -> None:
-    """``--device``, ``--memory_mb`` and ``--no_progress``, shared by the search tools (``--device`` defaults to
-    :func:`default_device`; the scripts use :mod:`clamp2.search.arguments`, which picks it after parsing)."""
-    add_flags(parser)
-    parser.set_defaults(device=default_device())
