@@ -23,7 +23,6 @@ from clamp2.cli import interrupt_in_one_line
 
 interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
 
-import functools
 import sys
 
 from clamp2.cli import ArgumentParser
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
     from clamp2.checkpoint import CheckpointError, SaidOnce
     from clamp2.distributed import distributed_context
     from clamp2.training.data import DataError
-    from clamp2.training.loop import flag_overrides, load_training_config, report_error, run_training, say, settings_from
+    from clamp2.training.loop import flag_overrides, load_training_config, report_error, run_training, settings_from
     from clamp2.training.tasks import m3_task
 
     with distributed_context(args.local_rank, args.device) as dist_info:
@@ -58,8 +57,7 @@ def main(argv=None) -> int:
             # CLaMP 3's config names the folders M3_TRAIN_FOLDERS / M3_EVAL_FOLDERS: used when CLaMP 2's are empty.
             task = m3_task(config, config.TRAIN_FOLDERS or config.M3_TRAIN_FOLDERS,
                            config.EVAL_FOLDERS or config.M3_EVAL_FOLDERS,
-                           global_batch=settings.batch_size * dist_info.world_size,
-                           log=functools.partial(say, dist_info))
+                           global_batch=settings.batch_size * dist_info.world_size)
         except DataError as exc:  # a node's own data folders may differ: said on each node
             return report_error(exc, dist_info, each_node=True)
         try:

@@ -325,13 +325,12 @@ def test_m3_eval_folders_empty_or_partly_absent_are_notes(tmp_path, monkeypatch)
             (train / f"{copy}_{path.name}").write_bytes(path.read_bytes())
     empty = tmp_path / "empty_eval"
     empty.mkdir()
-    task = m3_task(config, [str(train)], [str(empty)], global_batch=1, log=lambda message: None)
+    task = m3_task(config, [str(train)], [str(empty)], global_batch=1)
     assert any(f"no .abc or .mtf files under the eval folders {empty}, so " in note for note in task.notes)
     held = tmp_path / "eval"
     held.mkdir()
     (held / "x.abc").write_bytes(sorted((VECTORS / "extract_in").rglob("*.abc"))[0].read_bytes())
-    task = m3_task(config, [str(train)], [str(held), str(tmp_path / "absent")], global_batch=1,
-                   log=lambda message: None)
+    task = m3_task(config, [str(train)], [str(held), str(tmp_path / "absent")], global_batch=1)
     assert task.notes == [f"eval folder {tmp_path / 'absent'} not found: evaluating on the others"]
     assert len(task.eval_set) == 1
 

@@ -85,7 +85,7 @@ def test_m3_evaluation_samples_are_not_corrupted(tmp_path, monkeypatch):
     for index in range(4):
         _abc(train, f"{index}.abc")
     _abc(held, "x.abc")
-    task = m3_task(config, [str(train)], [str(held)], global_batch=1, **QUIET)
+    task = m3_task(config, [str(train)], [str(held)], global_batch=1)
     for epoch in (1, 2, 3):
         task.eval_set.set_epoch(epoch)
         sample = task.eval_set[0]
@@ -173,7 +173,7 @@ def test_m3_eval_folders_of_empty_strings_mean_the_split(tmp_path, monkeypatch):
         _abc(train, f"{index}.abc")
     _abc(tmp_path, "stray.abc")  # in the current folder
     monkeypatch.chdir(tmp_path)
-    task = m3_task(config, [str(train)], [""], global_batch=1, **QUIET)
+    task = m3_task(config, [str(train)], [""], global_batch=1)
     assert task.notes and task.notes[0].startswith("no eval folders: ")
     assert {path.name for path in task.eval_set.paths} <= {f"{index}.abc" for index in range(4)}
 
@@ -259,7 +259,7 @@ def test_m3_an_empty_eval_file_fails_the_launch(tmp_path, monkeypatch):
     _abc(train, "0.abc")
     (held / "empty.abc").write_text("")
     with pytest.raises(DataError, match="empty files"):
-        m3_task(config, [str(train)], [str(held)], global_batch=1, **QUIET)
+        m3_task(config, [str(train)], [str(held)], global_batch=1)
 
 
 def test_clamp3_eval_lines_need_analysis(tmp_path, monkeypatch):
@@ -365,7 +365,7 @@ def test_m3_split_is_the_references(tmp_path, monkeypatch):
     train.mkdir()
     for index in range(10):
         _abc(train, f"{index}.abc")
-    task = m3_task(config, [str(train)], [], global_batch=1, **QUIET)
+    task = m3_task(config, [str(train)], [], global_batch=1)
     assert task.eval_set.paths == _reference_held_out(find_music_files([str(train)]), 0.2)
 
 

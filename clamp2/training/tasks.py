@@ -78,8 +78,7 @@ def absent_or_empty(jsonl) -> str:
     return "is empty" if Path(jsonl).is_file() else "does not exist"
 
 
-def m3_task(config, train_folders: Sequence[str], eval_folders: Sequence[str] = (), global_batch: int = 1,
-            log: Callable[[str], None] = print) -> TrainTask:
+def m3_task(config, train_folders: Sequence[str], eval_folders: Sequence[str] = (), global_batch: int = 1) -> TrainTask:
     """M3 masked-patch reconstruction on folders of .abc/.mtf files (EVAL_SPLIT of them when no eval folder).
 
     ``global_batch`` (batch size × processes) is what the default split leaves for training at least.
