@@ -244,7 +244,7 @@ def test_report_numbers_and_lines(tmp_path):
     run.metrics = {"retrieval": {"text→music (ABC)": {"MRR": 0.5, "Hit@1": 0.25, "Hit@10": 1.0}},
                    "held_out_pieces": 12, "chance_mrr": 0.25}
     run.timings = {"corpus": 3.0}
-    text = report.report_text(run, {}, {"training_curves.png": True, "similarity_matrix.png": False},
+    text = report.report_text(run, {"training_curves.png": True, "similarity_matrix.png": False},
                               tmp_path / "none.png")
     assert "| text→music (ABC) | 0.500 | 0.250 | 2.0× | Hit@1 0.25, Hit@10 1.00 |" in text
     assert "10 pieces from each of six collections, 12 held out" in text
@@ -454,7 +454,7 @@ def test_report_says_how_to_rerun_extraction_with_the_small_models_sizes(tmp_pat
     import shlex
 
     run = Quickstart(tmp_path / "out dir", Settings.tiny(), progress=False)
-    text = report.report_text(run, {}, {}, tmp_path / "none.png")
+    text = report.report_text(run, {}, tmp_path / "none.png")
     line = next(l for l in text.splitlines() if "code/extract_clamp2.py" in l and l.startswith("PATCH_LENGTH="))
     words = shlex.split(line)
     env = dict(w.split("=", 1) for w in words[:words.index("python")])
@@ -500,10 +500,10 @@ def test_report_says_why_fmd_cells_are_n_a(tmp_path):
     run = Quickstart(tmp_path, Settings.tiny(), progress=False)
     run.metrics = {"held_out_pieces": 6, "chance_mrr": 0.41,
                    "fmd_test_vs_train": {"jig": {"jig": None, "reel": None}, "reel": {"jig": None, "reel": None}}}
-    text = report.report_text(run, {}, {}, tmp_path / "none.png")
+    text = report.report_text(run, {}, tmp_path / "none.png")
     assert "| jig | n/a | n/a |" in text and "`--per_collection 10` or more" in text
     run.metrics["fmd_test_vs_train"] = {"jig": {"jig": 1.0}}
-    assert "`--per_collection 10`" not in report.report_text(run, {}, {}, tmp_path / "none.png")
+    assert "`--per_collection 10`" not in report.report_text(run, {}, tmp_path / "none.png")
 
 
 def test_an_out_holding_another_run_is_a_usage_error_naming_the_generation(tmp_path, capsys):
@@ -532,7 +532,7 @@ def test_report_says_whether_text_dropout_was_on(tmp_path):
         settings.text_dropout = dropout
         run = Quickstart(tmp_path, settings, progress=False)
         run.metrics = {"held_out_pieces": 6, "chance_mrr": 0.41}
-        return report.report_text(run, {}, {}, tmp_path / "none.png")
+        return report.report_text(run, {}, tmp_path / "none.png")
 
     assert "text dropout on" in text(True) and "this run used `--text_dropout`" in text(True)
     assert "text dropout on" not in text(False) and "never trained on" in text(False)

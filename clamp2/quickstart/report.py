@@ -179,7 +179,7 @@ def write_report(run) -> None:
     made["feature_map.png"] = plot_feature_map({"ABC": run.features / "abc_train", "MTF": run.features / "mtf_train"},
                                                plots / "feature_map.png")
     probe_png = out / "probe" / "confusion_matrix.png"
-    atomic_write_text(out / "report.md", report_text(run, curves, made, probe_png))
+    atomic_write_text(out / "report.md", report_text(run, made, probe_png))
 
 
 def _retrieval_table(m: dict, n: int, chance: float) -> List[str]:
@@ -230,7 +230,7 @@ def _mrr_line(name: str, values: Dict[str, float], chance: float) -> str:
     return f"| {name} | {mrr:.3f} | {chance:.3f} | {ratio:.1f}× | {hits} |"
 
 
-def report_text(run, curves, made: Dict[str, bool], probe_png: Path) -> str:
+def report_text(run, made: Dict[str, bool], probe_png: Path) -> str:
     m, s = run.metrics, run.s
     chance = m.get("chance_mrr", float("nan"))
     n = m.get("held_out_pieces", 0)
