@@ -1,7 +1,7 @@
 """The attention choice of every transformer the package builds and the ``--attention`` flag, without torch.
 
-Scripts define their flags from here so that ``--help`` and usage errors never load torch;
-:mod:`clamp2.attention` re-exports these names and applies the choice (:func:`~clamp2.attention.set_attention`).
+Scripts and models import these names from here so that ``--help`` and usage errors never load torch;
+:mod:`clamp2.attention` applies the choice (:func:`~clamp2.attention.set_attention`).
 """
 
 from __future__ import annotations

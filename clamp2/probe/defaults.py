@@ -1,5 +1,6 @@
 """The probe's defaults, without torch: ``music_classification/train_cls.py`` shows them in its help, so
-``--help`` answers before torch loads. :mod:`clamp2.probe.model` and :mod:`clamp2.probe.train` re-export them.
+``--help`` answers before torch loads. :mod:`clamp2.probe.model` and :mod:`clamp2.probe.train` import the ones
+they use from here; import them from here too.
 """
 
 HIDDEN_SIZE = 768  # the reference's HIDDEN_SIZE

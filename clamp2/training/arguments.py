@@ -1,6 +1,6 @@
 """The trainers' flags, without torch or transformers: ``code/train_*.py`` define their options from
-here, so ``--help`` and usage errors answer before torch loads. :mod:`clamp2.training.loop` and
-:mod:`clamp2.training.clamp3` re-export these names.
+here, so ``--help`` and usage errors answer before torch loads. Import them from here: neither
+:mod:`clamp2.training.loop` nor :mod:`clamp2.training.clamp3` re-exports them.
 """
 
 from __future__ import annotations
