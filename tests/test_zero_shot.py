@@ -201,7 +201,6 @@ def test_labels_file_with_own_prompts(tmp_path):
     labels, own = zero_shot.read_label_prompts(path)
     assert labels == ["jig", "reel", "chorale"]
     assert zero_shot.prompts(labels, "a {} tune", own) == ["a lively jig in 6/8 time", "a reel tune", "a Bach chorale"]
-    assert zero_shot.read_labels_file(path) == labels
     path.write_text("jig =\nreel\n", encoding="utf-8")
     with pytest.raises(ValueError, match="label = prompt"):
         zero_shot.read_label_prompts(path)

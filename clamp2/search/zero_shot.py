@@ -22,11 +22,6 @@ def parse_labels(text: str) -> List[str]:
     return check_labels([part.strip() for part in text.split(",") if part.strip()])
 
 
-def read_labels_file(path: str | os.PathLike) -> List[str]:
-    """One label per line (blank lines and ``#`` comments ignored; see :func:`read_label_prompts`)."""
-    return read_label_prompts(path)[0]
-
-
 def read_label_prompts(path: str | os.PathLike) -> tuple[List[str], Dict[str, str]]:
     """Labels, one per line, each optionally with its own prompt: ``jig = a lively jig in 6/8 time``.
 
