@@ -80,9 +80,9 @@ def run_script(script: str, input_dir: Path, output_dir: Path, workers: int) -> 
 
 
 def read_log(path: Path) -> dict[str, str]:
-    if not path.exists():
-        return {}
-    return dict(line.split("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if "\t" in line)
+    from clamp2.files import read_file_log  # names holding a tab are quoted there
+
+    return dict(read_file_log(path)) if path.exists() else {}
 
 
 def failure_class(reason: str) -> str:

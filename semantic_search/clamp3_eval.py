@@ -19,7 +19,6 @@ from clamp2.cli import interrupt_in_one_line
 interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a traceback
 
 import sys
-from pathlib import Path
 
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
 from clamp2.files import not_found

@@ -153,3 +153,12 @@ def test_eval_keeps_the_file_the_pipelines_feature_folder_keeps(tiny_env, raw, t
     (music / "bwv10.7.live.mid").unlink()
     assert evaluate.main([str(texts), str(music), "--no_cache", "--ranks", str(tmp_path / "abc.jsonl"), *MODEL]) == 0
     assert same_ranks(tmp_path / "raw.jsonl", tmp_path / "abc.jsonl")
+
+
+def test_the_raw_folder_reader_takes_every_music_extension_the_encoder_takes():
+    # raw_files keeps its own torch-free copy of the table: an extension added to the encoder alone would be
+    # neither found in a raw folder nor accepted as a query by clamp2_search/clamp2_eval.
+    from clamp2.extraction.model_inputs import MUSIC_INPUT_EXTENSIONS
+    from clamp2.search.raw_files import MUSIC_SUFFIXES
+
+    assert sorted(MUSIC_SUFFIXES) == sorted(MUSIC_INPUT_EXTENSIONS)

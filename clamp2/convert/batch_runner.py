@@ -3,8 +3,8 @@
 Users convert tens of thousands of files at once, so a run must survive any single file:
 
 - inputs are found recursively and each gets ``<output_dir>/<same relative folder>/<stem><suffix>``;
-  an output that exists is skipped unless ``overwrite`` (so re-running converts only what is
-  missing), and two inputs that would share an output (``a.mid`` and ``a.midi``) are a failure
+  an output that exists and is not empty is skipped unless ``overwrite`` (so re-running converts
+  only what is missing), and two inputs that would share an output (``a.mid`` and ``a.midi``) are a failure
   for the second instead of a silent overwrite;
 - files are converted in worker processes (all cores by default; with one worker, in this
   process), each output is written atomically (``clamp2.files``), so no partial file is ever

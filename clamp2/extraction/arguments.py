@@ -1,7 +1,7 @@
 """The extraction scripts' flags and their checks, without torch or transformers (SPEC §8).
 
 ``code/extract_*.py`` and ``process_data/extract_mert.py`` define their options from here, so
-``--help`` and usage errors answer before torch loads; :mod:`clamp2.extraction.core` re-exports these names.
+``--help`` and usage errors answer before torch loads.
 """
 
 from __future__ import annotations

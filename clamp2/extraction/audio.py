@@ -302,12 +302,12 @@ def resample_tensor(wave: torch.Tensor, orig_rate: int, new_rate: int = MERT_SAM
     kernel, width, o, n = sinc_kernel(int(orig_rate), int(new_rate))
     length = wave.shape[-1]
     x = torch.nn.functional.pad(wave.view(1, 1, -1), (width, width + o))
-    with torch.no_grad(), _full_precision_convolutions(wave.device):
+    with torch.no_grad(), _full_precision_convolutions():
         phases = torch.nn.functional.conv1d(x, kernel.to(wave.device), stride=o)  # [1, n, frames]
     return phases.transpose(1, 2).reshape(-1)[: resampled_length(length, orig_rate, new_rate)]
 
 
-def _full_precision_convolutions(device: torch.device):
+def _full_precision_convolutions():
     """fp32 whatever the caller set: TF32 off (CUDA), and a caller's autocast off on any device (a CPU bf16
     autocast made the samples bf16, and the API's audio failed on them)."""
     from ..attention import ExactFloat32

@@ -15,6 +15,7 @@ from typing import Callable, List, Tuple
 
 import numpy as np
 
+# The encoder's music extensions (extraction.model_inputs, which loads torch; a test keeps them equal).
 MUSIC_SUFFIXES = (".xml", ".mxl", ".musicxml", ".mid", ".midi", ".abc", ".mtf")
 
 
