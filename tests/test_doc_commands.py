@@ -23,9 +23,11 @@ from conftest import REPO_ROOT
 
 SCRIPT = re.compile(r"\b((?:process_data|code|semantic_search|music_classification|benchmarks)/\w+\.py)\b")
 PLACEHOLDERS = {"E": "1", "N": "2", "B": "16", "K": "5"}
-# Flags of other programs that the docs mention (torchrun, accelerate, pip, hf download).
+# Flags of other programs that the docs mention (torchrun, accelerate, pip, hf download, SLURM's sbatch).
 FOREIGN_FLAGS = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port", "--use_env",
-                 "--multi_gpu", "--num_processes", "--cpu", "--no-deps", "--local-dir", "--include"}
+                 "--multi_gpu", "--num_processes", "--cpu", "--no-deps", "--local-dir", "--include",
+                 "--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time",
+                 "--requeue"}
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 
 
@@ -54,6 +56,7 @@ def script_commands(lines):
     """(line, script, argv) of the commands that run a repository script."""
     for number, command in lines:
         command = re.split(r"\s#\s", command)[0].strip()
+        command = re.sub(r"^srun bash -c '(.*)'$", r"\1", command)  # a SLURM batch script's command, one node's
         if command.startswith(("curl", "hf ", "wget")) or command.rstrip().endswith("..."):
             continue
         if not re.match(r"^(\S+=\S+\s+)*(nice -n \d+ )?(\S*/)?(python\S*|torchrun|accelerate)\b", command):
