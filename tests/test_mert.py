@@ -285,7 +285,7 @@ def test_device_resampling_turns_tf32_off_for_its_convolution_only(cuda_machine)
 
     cudnn = torch.backends.cudnn
     before = (cudnn.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic)
-    with _full_precision_convolutions(torch.device("cuda")):
+    with _full_precision_convolutions():
         assert not cudnn.allow_tf32 and (cudnn.enabled, cudnn.benchmark, cudnn.deterministic) == before[1:]
     assert (cudnn.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic) == before
 
