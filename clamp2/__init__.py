@@ -41,11 +41,19 @@ Layout (each layer imports only from the layers above it in this list; ``tests/t
     quickstart/    code/quickstart.py: the pipeline, the demo corpus from music21, audio rendering, the report
 """
 
+import gc as _gc
 import os as _os
+import sys as _sys
 
 # (this process, the process that started it), read before anything slow is imported (the scripts import clamp2
 # first): a launcher killed while its ranks still import torch has orphaned them before distributed.setup watches it.
 STARTED_BY = (_os.getpid(), _os.getppid())
+
+# Objects in the collector's permanent generation that the interpreter put there itself, not a caller's gc.freeze:
+# CPython 3.12 starts with some of its immortal tuples there (375 in 3.12.1; 3.11 and 3.13 start with none), and
+# extraction.core.heap_frozen took them for a caller's, so it never froze the heap on 3.12. Read at import, as
+# STARTED_BY: on 3.12 a caller's objects frozen before clamp2 was imported are counted here too.
+INTERPRETER_FROZEN = _gc.get_freeze_count() if _sys.version_info[:2] == (3, 12) else 0
 
 __version__ = "0.1.0"
 

@@ -753,11 +753,14 @@ def heap_frozen():
     Job (with its paths) per input. On music21's 12,978 tunes that was 0.55-0.85 s of the main
     process's 2.5-7.6 s (``gc.callbacks``, this 2-core VM); with the heap frozen, 0.02-0.06 s. The
     frozen objects are not garbage the run could free. Nothing is changed when the caller froze
-    objects itself (``gc.freeze`` has one permanent generation: leaving the block would unfreeze theirs).
+    objects itself (``gc.freeze`` has one permanent generation: leaving the block would unfreeze theirs);
+    the interpreter's own frozen objects (``clamp2.INTERPRETER_FROZEN``, immortal) are not a caller's.
     """
     import gc
 
-    if gc.get_freeze_count():
+    import clamp2
+
+    if gc.get_freeze_count() > clamp2.INTERPRETER_FROZEN:
         yield
         return
     gc.freeze()
