@@ -297,3 +297,30 @@ def test_a_path_under_an_unsearchable_folder_is_one_line(script, argv, what, tmp
     assert status == 2
     err = capsys.readouterr().err
     assert f"cannot reach {what} {locked / 'sub'}" in err and "Permission denied" in err, err
+
+
+def test_batch_converters_refuse_unreadable_input_and_unwritable_output_folders_before_work(tmp_path, monkeypatch,
+                                                                                             capsys):
+    # batch_*.py as a non-root user: an output folder under a read-only parent ended in a PermissionError traceback
+    # (mkdir, after the listing); a chmod 000 input folder was one failure named "." and exit status 1.
+    from clamp2.convert.batch_runner import convert_folder
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a")
+    (tmp_path / "ro").mkdir()
+    access = os.access
+    refused = {tmp_path / "in", tmp_path / "ro"}
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) in refused
+                        else access(path, mode, **kw))
+
+    def run(input_dir, output_dir):
+        return convert_folder(input_dir, output_dir, convert=Path.read_text, extensions=[".txt"],
+                              output_suffix=".out", tool="t", workers=1, progress=False)
+
+    assert run(tmp_path / "in", tmp_path / "out") == 2
+    assert f"cannot read input folder {tmp_path / 'in'}: permission denied" in capsys.readouterr().err
+    refused.discard(tmp_path / "in")
+    assert run(tmp_path / "in", tmp_path / "ro" / "out") == 2
+    assert f"cannot write output folder {tmp_path / 'ro' / 'out'}: {tmp_path / 'ro'} is not writable" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ro" / "out").exists()

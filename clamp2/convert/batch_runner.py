@@ -54,8 +54,8 @@ from typing import Callable, Iterable
 from clamp2.cli import ArgumentParser
 from clamp2.files import (ONE_FILE_THERE, DiskFull, atomic_path, atomic_write_bytes, atomic_write_text,
                           disk_full_error, find_files, finished_output, log_line, lower_case_extensions_first,
-                          mirror_path, output_aliases, read_file_log, remove_partial_files, remove_partial_files_of,
-                          say_disk_full, unlink_if_link, unreachable, write_file_log)
+                          input_problem, mirror_path, output_aliases, output_problem, read_file_log, remove_partial_files,
+                          remove_partial_files_of, say_disk_full, unlink_if_link, unreachable, write_file_log)
 from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
@@ -212,6 +212,12 @@ def plan_jobs(input_dir: str | os.PathLike, output_dir: str | os.PathLike, exten
         raise BatchUsageError(f"input folder {input_dir} does not exist")
     if output_dir.exists() and not output_dir.is_dir():
         raise BatchUsageError(f"output folder {output_dir} is a file")
+    # Before any work: a folder this user may not list is not "no files" or one failure named ".", and an output
+    # folder it may not create (a read-only parent) is not a PermissionError traceback after the listing.
+    problem = (input_problem(input_dir) if input_dir.is_dir() else None) or output_problem(output_dir, folder=True,
+                                                                                            what="output")
+    if problem:
+        raise BatchUsageError(problem)
     resolved_output = os.fspath(output_dir.resolve())
     # A folder that cannot be listed, a FIFO or device with a wanted suffix: failures, not silently left out.
     problems: list[tuple[Path, str]] = []
