@@ -324,3 +324,26 @@ def test_batch_converters_refuse_unreadable_input_and_unwritable_output_folders_
     assert f"cannot write output folder {tmp_path / 'ro' / 'out'}: {tmp_path / 'ro'} is not writable" in (
         capsys.readouterr().err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "ro" / "out").exists()
+
+
+def test_an_unreadable_mert_feature_file_is_not_called_a_damaged_array(tmp_path, monkeypatch):
+    # extract_clamp3.py logged a chmod 000 .npy as "not a NumPy .npy array ([Errno 13] Permission denied ...)".
+    import builtins
+
+    import numpy as np
+
+    from clamp2.extraction.core import AudioEncoder, InputError
+
+    path = tmp_path / "a.npy"
+    np.save(path, np.zeros((2, 8), np.float32))
+    assert AudioEncoder(8)(path).shape == (4, 8)
+    real_open = builtins.open
+
+    def refusing(file, *args, **kwargs):
+        if os.fspath(file) == os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(InputError, match=r"^cannot read the file: Permission denied$"):
+        AudioEncoder(8)(path)

@@ -193,6 +193,8 @@ class AudioEncoder:
     def __call__(self, source) -> torch.Tensor:
         try:
             array = np.load(source, allow_pickle=False)
+        except PermissionError as exc:  # a file this user may not read (chmod 000) is not a damaged array
+            raise InputError(f"cannot read the file: {exc.strerror or exc}") from None
         except (ValueError, OSError, EOFError) as exc:
             raise InputError(f"not a NumPy .npy array ({' '.join(str(exc).split())})") from None
         return self.encode_array(array)
