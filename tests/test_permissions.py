@@ -347,3 +347,28 @@ def test_an_unreadable_mert_feature_file_is_not_called_a_damaged_array(tmp_path,
     monkeypatch.setattr(builtins, "open", refusing)
     with pytest.raises(InputError, match=r"^cannot read the file: Permission denied$"):
         AudioEncoder(8)(path)
+
+
+def test_a_mert_folder_that_cannot_be_read_says_so_with_what_to_do(tmp_path, monkeypatch):
+    # extract_mert.py --model DIR (chmod 000) said only "error: [Errno 13] Permission denied: 'DIR/config.json'".
+    from clamp2.checkpoint import CheckpointError
+    from clamp2.models.mert import load_mert
+
+    folder = tmp_path / "mert"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    refuse_under(monkeypatch, folder)
+    with pytest.raises(CheckpointError, match=r"cannot reach MERT config .*config.json: Permission denied .*fix its "
+                                              "permissions"):
+        load_mert(folder)
+    monkeypatch.undo()
+    read_text = Path.read_text
+
+    def refusing(self, *args, **kwargs):  # config.json alone chmod 000: its folder can be searched
+        if self == folder / "config.json":
+            raise PermissionError(13, "Permission denied", os.fspath(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refusing)
+    with pytest.raises(CheckpointError, match=r"cannot read MERT config .*config.json: Permission denied; fix its"):
+        load_mert(folder)

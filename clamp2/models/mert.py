@@ -18,6 +18,7 @@ import torch
 
 from ..attention_arguments import ATTN_IMPLEMENTATION
 from ..checkpoint import CheckpointError, describe_mismatch, read_checkpoint, without_random_init
+from ..files import unreachable
 from ..hub import WeightsNotFound, is_hub_id, resolve_weights
 
 MERT_HUB_ID = "m-a-p/MERT-v1-95M"
@@ -134,6 +135,10 @@ def resolve_mert_folder(source: str | os.PathLike = MERT_HUB_ID) -> Path:
     Never downloads: a hub id not in the cache is :class:`MertNotFound` naming ``hf download``.
     """
     path = Path(source)
+    # A folder this user may not search (chmod 000, or one above it): is_dir/is_file raise a bare PermissionError.
+    problem = unreachable(path, "MERT model folder") or unreachable(path / "config.json", "MERT config")
+    if problem:
+        raise CheckpointError(f"{problem}; fix its permissions")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise MertNotFound(f"no config.json in MERT folder {path}; download the model with "
@@ -163,7 +168,11 @@ def weights_file(folder: Path) -> Path:
 def load_mert(source: str | os.PathLike = MERT_HUB_ID, device: Optional[torch.device] = None):
     """MERT from a local folder or a cached hub id: config.json → HubertModel, strict weights, eval mode."""
     folder = resolve_mert_folder(source)
-    values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    try:
+        values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except PermissionError as exc:  # chmod 000 on config.json alone
+        raise CheckpointError(f"cannot read MERT config {folder / 'config.json'}: {exc.strerror}; fix its "
+                              "permissions") from None
     weights = weights_file(folder)
     with without_random_init():  # the strict load below fills every weight
         model = build_mert(values)
