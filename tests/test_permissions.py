@@ -372,3 +372,28 @@ def test_a_mert_folder_that_cannot_be_read_says_so_with_what_to_do(tmp_path, mon
     monkeypatch.setattr(Path, "read_text", refusing)
     with pytest.raises(CheckpointError, match=r"cannot read MERT config .*config.json: Permission denied; fix its"):
         load_mert(folder)
+
+
+def test_a_read_only_training_log_is_refused_before_training(tmp_path, monkeypatch, tiny_env, capsys):
+    # train_m3.py (all trainers) with a read-only log file trained a whole epoch, then ended in a PermissionError
+    # traceback from the log's append.
+    import shutil
+
+    from conftest import VECTORS, load_script
+
+    (tmp_path / "data").mkdir()
+    for index in range(6):
+        shutil.copy(VECTORS / "extract_in" / "abc" / "airds_tune3.abc", tmp_path / "data" / f"t{index}.abc")
+    log = tmp_path / "w.txt"
+    log.write_text("Epoch 1\n")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == log and mode & os.W_OK
+                        else access(path, mode, **kw))
+    monkeypatch.setenv("M3_BATCH_SIZE", "2")
+    monkeypatch.setenv("M3_LOGS_PATH", str(log))
+    status = load_script("code/train_m3.py").main(["--train_folders", str(tmp_path / "data"), "--epochs", "1",
+                                                   "--weights", str(tmp_path / "w.pth"), "--precision", "fp32",
+                                                   "--no_progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and f"cannot write log file {log}: it is read-only; fix its permissions" in err, err
+    assert "Traceback" not in err and log.read_text() == "Epoch 1\n" and not list(tmp_path.glob("*.pth"))

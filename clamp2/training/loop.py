@@ -58,7 +58,7 @@ from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, Said
                           unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
-from ..files import atomic_write_text, remove_partial_files_of
+from ..files import atomic_write_text, output_problem, remove_partial_files_of
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            env_int, gather_objects, seed_everything)
 from ..models.common import compile_transformers, count_parameters
@@ -627,6 +627,14 @@ def restore_random_state(rng: Optional[Dict[str, Any]], seed: int, epoch: int, d
     return int(rng["data_seed"]) if rng else seed
 
 
+def log_problem(path: Path) -> Optional[str]:
+    """Why the per-epoch log cannot be appended to (a read-only file, a folder this user may not write), or None."""
+    problem = output_problem(path, folder=False, what="log")
+    if problem is None and path.is_file() and not os.access(path, os.W_OK):  # appended to, not replaced
+        problem = f"cannot write log file {path}: it is read-only"
+    return f"{problem}; fix its permissions or give the run another log path" if problem else None
+
+
 def append_log(path: Path, epoch: int, train_loss: float, eval_loss: float) -> None:
     """The reference's per-epoch entry."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -919,6 +927,9 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         if path.is_dir():  # found only when the first epoch saves, otherwise
             raise CheckpointError(f"{path} is a folder, where this run writes a checkpoint file; move it away or "
                                   "give the run another --weights")
+    refused = broadcast_object(log_problem(settings.logs_path) if dist_info.is_main else None)
+    if refused:  # found at the first epoch's end otherwise, as a PermissionError traceback after that epoch's work
+        raise StartRefused(refused)
     if dist_info.is_main:
         remove_killed_saves(settings)
     source = resume_source(settings.weights_path) if settings.load_ckpt else None
