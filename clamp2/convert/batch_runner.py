@@ -53,9 +53,10 @@ from typing import Callable, Iterable
 
 from clamp2.cli import ArgumentParser
 from clamp2.files import (ONE_FILE_THERE, DiskFull, atomic_path, atomic_write_bytes, atomic_write_text,
-                          disk_full_error, find_files, finished_output, log_line, lower_case_extensions_first,
-                          input_problem, mirror_path, output_aliases, output_problem, read_file_log, remove_partial_files,
-                          remove_partial_files_of, say_disk_full, unlink_if_link, unreachable, write_file_log)
+                          disk_full_error, find_files, finished_output, input_problem, log_line,
+                          lower_case_extensions_first, mirror_path, output_aliases, output_problem, read_file_log,
+                          remove_partial_files, remove_partial_files_of, say_disk_full, unlink_if_link, unreachable,
+                          write_file_log)
 from clamp2.workers import exit_with_parent
 
 Convert = Callable[[Path], "str | bytes"]
