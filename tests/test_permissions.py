@@ -397,3 +397,23 @@ def test_a_read_only_training_log_is_refused_before_training(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert status == 2 and f"cannot write log file {log}: it is read-only; fix its permissions" in err, err
     assert "Traceback" not in err and log.read_text() == "Epoch 1\n" and not list(tmp_path.glob("*.pth"))
+
+
+def test_a_read_only_probe_log_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    # train_cls.py with a read-only --logs file ended in a PermissionError traceback after the first epoch, its
+    # weights already written (checked as a non-root user).
+    from conftest import load_script
+    from probe_features import class_means, write_features
+
+    write_features(tmp_path / "train", class_means(["folk", "jazz"], dim=8, separation=0.35, seed=3), 10, seed=1)
+    log = tmp_path / "log.txt"
+    log.write_text("earlier\n")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == log and mode & os.W_OK
+                        else access(path, mode, **kw))
+    status = load_script("music_classification/train_cls.py").main(
+        ["--train_folders", str(tmp_path / "train"), "--weights", str(tmp_path / "p.pth"), "--logs", str(log),
+         "--epochs", "1", "--hidden_size", "16", "--no_progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and f"cannot write log file {log}: it is read-only; fix its permissions" in err, err
+    assert "Traceback" not in err and log.read_text() == "earlier\n" and not list(tmp_path.glob("*.pth"))

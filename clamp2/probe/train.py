@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import (CheckpointError, latest_path, load_state, read_checkpoint, restore_training_state,
                           resume_source, save_checkpoint, state_dict_of, unwrap)
-from ..distributed import DistInfo, barrier, gather_objects, seed_everything
+from ..distributed import DistInfo, barrier, broadcast_object, gather_objects, seed_everything
 from ..files import atomic_write_bytes, atomic_write_text, remove_partial_files
 from ..progress import progress_bar, write_line
-from ..training.loop import Precision, optimizer_step, start_wandb_run
+from ..training.loop import Precision, log_problem, optimizer_step, start_wandb_run
 from ..workers import exit_with_parent
 from .data import EpochSampler, FeatureSet, ProbeDataset, ProbeUsageError, collate_batch
 from .model import HIDDEN_SIZE, build_probe, probe_loss
@@ -325,6 +325,10 @@ def train_probe(features: FeatureSet, train_indices: Sequence[int], eval_indices
     input_size, num_classes = features.dim(), len(classes)
     fingerprint = data_fingerprint(features, train_indices, eval_indices)
     latest = latest_path(settings.weights_path)
+    # A log this user may not append to was found at the first epoch's end, a traceback with the weights written.
+    refused = broadcast_object(log_problem(settings.logs_path) if dist_info.is_main else None)
+    if refused:
+        raise ProbeUsageError(refused)
     if dist_info.is_main:
         for path in (settings.weights_path, latest):  # what a writer killed mid-save left behind
             remove_partial_files(path)
