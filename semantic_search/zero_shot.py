@@ -32,7 +32,7 @@ from pathlib import Path
 
 from clamp2.api import CLAMP2_WEIGHTS_HELP, add_model_arguments, clamp2_from_args
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
-from clamp2.files import not_found, write_text_or_say
+from clamp2.files import input_problem, output_problem, write_text_or_say
 from clamp2.search.clamp3 import CLAMP3_WEIGHTS_DEFAULT
 
 
@@ -81,8 +81,14 @@ def main(argv=None) -> int:
         prompts = zero_shot.prompts(labels, args.prompt, own_prompts)
     except (OSError, ValueError) as exc:
         fail_usage(str(exc))
-    if problem := not_found(args.folder, "folder", Path.is_dir):
-        fail_usage(problem)
+    # Before the model loads and every file is encoded: a folder that cannot be listed (chmod 000 or 300) gave an
+    # empty zero_shot.json and exit 1; an output that cannot be written was said only after all the encoding.
+    problems = [input_problem(args.folder, "folder"), output_problem(args.output, folder=False)]
+    if args.confusion_png:
+        problems.append(output_problem(args.confusion_png, folder=False, what="confusion PNG"))
+    for problem in problems:
+        if problem:
+            fail_usage(problem)
     cfg = load_script_config(__file__)
     try:
         model = load_model(args, cfg)

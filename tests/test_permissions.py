@@ -417,3 +417,32 @@ def test_a_read_only_probe_log_is_refused_before_training(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert status == 2 and f"cannot write log file {log}: it is read-only; fix its permissions" in err, err
     assert "Traceback" not in err and log.read_text() == "earlier\n" and not list(tmp_path.glob("*.pth"))
+
+
+def test_zero_shot_checks_its_folder_and_outputs_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    # As a non-root user: a folder at chmod 000 or 300 gave an empty zero_shot.json and exit 1 after the model had
+    # loaded; a --confusion_png in a read-only folder a PermissionError traceback after every file was classified.
+    from conftest import load_script
+
+    music, read_only = tmp_path / "music", tmp_path / "ro"
+    music.mkdir()
+    read_only.mkdir()
+    (music / "jig_a.abc").write_text("X:1\nK:C\nC\n")
+    access = os.access
+    refused = {(music, os.R_OK), (read_only, os.W_OK)}
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if any(
+        Path(path) == folder and mode & bit for folder, bit in refused) else access(path, mode, **kw))
+    main = load_script("semantic_search/zero_shot.py").main
+    missing = tmp_path / "no_weights.pth"  # were the model loaded first, its error would be the one said
+    output = ["--output", str(tmp_path / "z.json")]
+    cases = [([music, *output], f"cannot read folder {music}: permission denied (it cannot be listed); fix its "
+                                "permissions"),
+             ([tmp_path, "--output", read_only / "z.json"], f"cannot write output file {read_only / 'z.json'}"),
+             ([tmp_path, *output, "--confusion_png", read_only / "c.png"],
+              f"cannot write confusion PNG file {read_only / 'c.png'}")]
+    for args, says in cases:
+        with pytest.raises(SystemExit) as exit:
+            main([str(a) for a in args] + ["--labels", "jig,reel", "--weights", str(missing)])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
+    assert not (tmp_path / "z.json").exists() and not list(read_only.iterdir())
