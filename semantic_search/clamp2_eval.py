@@ -24,7 +24,7 @@ from pathlib import Path
 
 from clamp2.api import add_model_arguments, clamp2_from_args
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
-from clamp2.files import not_found, write_text_or_say
+from clamp2.files import not_found, output_problem, write_text_or_say
 from clamp2.progress import plural
 
 
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     for folder in (args.query_folder, args.reference_folder):
         if problem := not_found(folder):
             fail_usage(problem)
+    # Before the model loads and both folders are encoded: a --ranks file that cannot be written was said at the end.
+    if args.ranks and (problem := output_problem(args.ranks, folder=False, what="ranks")):
+        fail_usage(problem)
     cfg = load_script_config(__file__)
     model = lazy_model(lambda: clamp2_from_args(args, cfg))
     try:

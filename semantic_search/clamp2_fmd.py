@@ -27,9 +27,9 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 import json
 import sys
 
-from clamp2.cli import ArgumentParser
+from clamp2.cli import ArgumentParser, fail_usage
 from clamp2.search.feature_store import FeatureError, read_features, report_problems
-from clamp2.files import write_text_or_say
+from clamp2.files import output_problem, write_text_or_say
 from clamp2.search.fmd import (ESTIMATORS, FMDError, check_inf_arguments, estimate_gaussian, fmd_inf, frechet_distance,
                         per_file_fmd)
 from clamp2.progress import progress_bar
@@ -53,6 +53,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
 
+    # Before the features are read and the Gaussians fitted: a --per_file output that cannot be written was said
+    # only at the end.
+    if args.per_file and (problem := output_problem(args.per_file, folder=False, what="per-file FMD")):
+        fail_usage(problem)
     warned: set[str] = set()
 
     def warn(message: str) -> None:

@@ -23,9 +23,9 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 import json
 import sys
 
-from clamp2.cli import ArgumentParser
+from clamp2.cli import ArgumentParser, fail_usage
 from clamp2.search.feature_store import FeatureError, read_features, report_problems, unique_by_key
-from clamp2.files import write_text_or_say
+from clamp2.files import output_problem, write_text_or_say
 from clamp2.search.arguments import add_compute_arguments, resolve_compute_arguments
 
 TOP_IN_RANKS_FILE = 10
@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from clamp2.search.retrieval import format_metrics, rank_true_matches  # torch: only once the arguments are parsed
 
+    # Before the features are read and ranked: a --ranks file that cannot be written was said only at the end.
+    if args.ranks and (problem := output_problem(args.ranks, folder=False, what="ranks")):
+        fail_usage(problem)
     progress = not args.no_progress
     try:
         queries = read_features(args.query_folder, progress=progress)

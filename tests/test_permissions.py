@@ -446,3 +446,32 @@ def test_zero_shot_checks_its_folder_and_outputs_before_the_model_loads(tmp_path
         err = capsys.readouterr().err
         assert exit.value.code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
     assert not (tmp_path / "z.json").exists() and not list(read_only.iterdir())
+
+
+@pytest.mark.parametrize("script, flag", [("semantic_search/clamp2_eval.py", "--ranks"),
+                                          ("semantic_search/semantic_search_metrics.py", "--ranks"),
+                                          ("semantic_search/clamp2_fmd.py", "--per_file")])
+def test_a_results_file_in_a_read_only_folder_is_refused_before_the_work(script, flag, tmp_path, monkeypatch, capsys):
+    # As a non-root user these wrote their results file last: a read-only folder was said only once both sides had
+    # been read (clamp2_eval: encoded from raw files) and the metrics computed.
+    import numpy as np
+
+    from conftest import load_script
+
+    for side, seed in (("q", 1), ("r", 2)):
+        (tmp_path / side).mkdir()
+        for key, row in zip("abc", np.random.default_rng(seed).standard_normal((3, 1, 8), dtype=np.float32)):
+            np.save(tmp_path / side / f"{key}.npy", row)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == read_only and mode & os.W_OK
+                        else access(path, mode, **kw))
+    target = read_only / "out.jsonl"
+    with pytest.raises(SystemExit) as exit:
+        load_script(script).main([str(tmp_path / "q"), str(tmp_path / "r"), flag, str(target), "--no_progress"])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and not out and not target.exists()
+    last = err.splitlines()[-1]
+    assert last.startswith("error: cannot write ") and err.count("error") == 1, err
+    assert last.endswith(f" file {target}: {read_only} is not writable; pass another path"), err
