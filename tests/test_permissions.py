@@ -475,3 +475,20 @@ def test_a_results_file_in_a_read_only_folder_is_refused_before_the_work(script,
     last = err.splitlines()[-1]
     assert last.startswith("error: cannot write ") and err.count("error") == 1, err
     assert last.endswith(f" file {target}: {read_only} is not writable; pass another path"), err
+
+
+def test_a_search_folder_that_can_be_searched_but_not_listed_is_named_with_what_to_do(tmp_path, monkeypatch):
+    # chmod 300 (as a non-root user): clamp2_search.py and clamp2_eval.py said only "[Errno 13] Permission denied:
+    # 'music'", from the iterdir that follows find_files (which leaves the folder's own listing error out).
+    from clamp2.search.raw_files import load_collection
+
+    folder = tmp_path / "music"
+    folder.mkdir()
+    (folder / "a.abc").write_text("X:1\nK:C\nC\n")
+    unlistable(monkeypatch, "music")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder and mode & os.R_OK
+                        else access(path, mode, **kw))
+    with pytest.raises(ValueError, match=f"^cannot read folder {folder}: permission denied \\(it cannot be listed\\); "
+                                         "fix its permissions$"):
+        load_collection(folder, lambda: pytest.fail("the model is not needed to say so"))

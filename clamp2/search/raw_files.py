@@ -38,7 +38,7 @@ def holds_features(path: Path) -> bool:
     would be left out without a word. A hidden ``.npy`` beside raw files is ignored, as every hidden
     file is.
     """
-    from clamp2.files import find_files
+    from clamp2.files import find_files, input_problem
 
     from .feature_store import is_index
 
@@ -46,6 +46,10 @@ def holds_features(path: Path) -> bool:
         return True
     if not path.is_dir():
         return False
+    # A folder that may be searched but not listed (chmod 300): find_files leaves its own listing error out, and
+    # iterdir below raised a bare "[Errno 13] Permission denied: 'music'".
+    if problem := input_problem(path, "folder"):
+        raise ValueError(problem)
     found = find_files(path, MUSIC_SUFFIXES + (".txt", ".npy"))  # one listing for both kinds; hidden names left out
     visible = [p.name for p in found if p.parent == path and p.name.endswith(".npy")]
     raw = [p for p in found if p.suffix.lower() != ".npy"]
