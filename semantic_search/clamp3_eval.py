@@ -21,7 +21,7 @@ interrupt_in_one_line()  # before torch loads: Ctrl-C is one line, never a trace
 import sys
 
 from clamp2.cli import ArgumentParser, fail_usage, load_script_config
-from clamp2.files import not_found
+from clamp2.files import not_found, output_problem
 from clamp2.search.clamp3 import add_arguments
 
 
@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     for folder in (args.query_dir, args.ref_dir):
         if problem := not_found(folder):
             fail_usage(problem)
+    # Before the model loads and both sides are encoded: a read-only --output_dir was said only at the end.
+    if problem := output_problem(args.output_dir, folder=True):
+        fail_usage(problem)
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 
     def work() -> int:

@@ -492,3 +492,28 @@ def test_a_search_folder_that_can_be_searched_but_not_listed_is_named_with_what_
     with pytest.raises(ValueError, match=f"^cannot read folder {folder}: permission denied \\(it cannot be listed\\); "
                                          "fix its permissions$"):
         load_collection(folder, lambda: pytest.fail("the model is not needed to say so"))
+
+
+@pytest.mark.parametrize("script", ["semantic_search/clamp3_eval.py", "semantic_search/clamp3_score.py"])
+def test_a_read_only_clamp3_output_folder_is_refused_before_the_work(script, tmp_path, monkeypatch, capsys):
+    # As a non-root user: "Error: cannot write ro/retrieval_ranks.jsonl: Permission denied", exit 1, once both sides
+    # had been encoded and ranked.
+    import numpy as np
+
+    from conftest import load_script
+
+    for side, seed in (("q", 1), ("r", 2)):
+        (tmp_path / side).mkdir()
+        for key, row in zip("ab", np.random.default_rng(seed).standard_normal((2, 1, 8), dtype=np.float32)):
+            np.save(tmp_path / side / f"{key}.npy", row)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == read_only and mode & os.W_OK
+                        else access(path, mode, **kw))
+    with pytest.raises(SystemExit) as exit:
+        load_script(script).main([str(tmp_path / "q"), str(tmp_path / "r"), "--output_dir", str(read_only),
+                                  "--no_progress"])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and not out and not list(read_only.iterdir())
+    assert err == f"error: cannot write output folder {read_only}: {read_only} is not writable; pass another path\n"
