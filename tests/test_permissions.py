@@ -517,3 +517,37 @@ def test_a_read_only_clamp3_output_folder_is_refused_before_the_work(script, tmp
     out, err = capsys.readouterr()
     assert exit.value.code == 2 and not out and not list(read_only.iterdir())
     assert err == f"error: cannot write output folder {read_only}: {read_only} is not writable; pass another path\n"
+
+
+def test_probe_inference_refuses_a_read_only_output_first_and_names_an_unreadable_feature(tmp_path, monkeypatch,
+                                                                                         capsys):
+    # As a non-root user inference_cls.py said a read-only output folder only once every file was classified, and
+    # called a chmod 000 feature file "cannot read it as a .npy array ([Errno 13] Permission denied: ...)".
+    from conftest import load_script, run_main
+    from probe_features import class_means, write_features
+
+    write_features(tmp_path / "f", class_means(["folk", "jazz"], dim=8, separation=0.35, seed=3), 4, seed=1)
+    assert run_main(load_script("music_classification/train_cls.py"),
+                    ["--train_folders", tmp_path / "f", "--weights", tmp_path / "p.pth", "--epochs", "1",
+                     "--hidden_size", "8", "--no_progress"], capsys)[0] == 0
+    inference = load_script("music_classification/inference_cls.py")
+    read_only, locked = tmp_path / "ro", tmp_path / "f" / "folk_0000.npy"
+    read_only.mkdir()
+    access, real_open = os.access, open
+
+    def refusing_open(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == read_only and mode & os.W_OK
+                        else access(path, mode, **kw))
+    monkeypatch.setattr("builtins.open", refusing_open)
+    code, out, err = run_main(inference, [tmp_path / "f", read_only / "p.json", "--weights", tmp_path / "p.pth",
+                                          "--no_progress"], capsys)
+    assert code == 2 and not out and not list(read_only.iterdir())
+    target = read_only / "p.json"
+    assert err == f"error: cannot write output file {target}: {read_only} is not writable; pass another path\n"
+    code, out, err = run_main(inference, [tmp_path / "f", tmp_path / "p.json", "--weights", tmp_path / "p.pth",
+                                          "--no_progress"], capsys)
+    assert code == 1 and f"{locked}: cannot read the file: Permission denied" in err and "Errno" not in err, err

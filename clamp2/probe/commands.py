@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import CheckpointError, exclusive_run
 from ..cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from ..distributed import DistInfo, distributed_context, env_int
-from ..files import write_text_or_say
+from ..files import output_problem, write_text_or_say
 from ..training.data import split_eval
 from .data import (FeatureError, FeatureSet, ProbeUsageError, check_classes, discover, label_map, label_of,
                    scan_features)
@@ -339,7 +339,9 @@ def inference_command(args) -> int:
             return EXIT_OK
         print(f"note: launched with WORLD_SIZE={world_size}: process 0 classifies every file, the others stop "
               "(one process is enough for precomputed features)", file=sys.stderr)
-    problem = cuda_problem(args.device) or ("--batch_size must be at least 1" if args.batch_size < 1 else None)
+    # The output is checked before every feature is read: a read-only folder was said only once all were classified.
+    problem = cuda_problem(args.device) or ("--batch_size must be at least 1" if args.batch_size < 1 else None) \
+        or output_problem(args.output_file, folder=False)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE

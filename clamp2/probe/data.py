@@ -58,6 +58,8 @@ def read_feature(path: str | os.PathLike) -> Tuple[np.ndarray, str]:
     """``(positions [L, D] float32, kind)`` of one feature file; :class:`FeatureError` says what is wrong."""
     try:
         array = np.load(path, allow_pickle=False)
+    except PermissionError as exc:  # as a non-root user: not a damaged array; the wording extract_mert.py uses
+        raise FeatureError(f"cannot read the file: {exc.strerror}") from None
     except (OSError, ValueError, EOFError) as exc:
         raise FeatureError(f"cannot read it as a .npy array ({' '.join(str(exc).split())})") from None
     if not isinstance(array, np.ndarray):
