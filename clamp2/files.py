@@ -520,10 +520,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def unlink_if_link(path: str | os.PathLike) -> None:
-    """Remove ``path`` when it is a symbolic link: a log a run rewrites in place (opened for writing, flushed per
-    line) is then a new file beside the outputs, never written through the link (which truncated its target, a
-    file outside the output folder). Outputs, renamed into place, replace their links alike."""
-    if os.path.islink(path):
+    """Remove ``path`` when it is a symbolic link, or a file this user may not write: a log a run rewrites in place
+    (opened for writing, flushed per line) is then a new file beside the outputs, never written through the link
+    (which truncated its target, a file outside the output folder). Outputs, renamed into place, replace their links
+    alike, and their read-only files: so do the logs (a read-only one was a PermissionError traceback, as non-root)."""
+    if os.path.islink(path) or (os.path.isfile(path) and not os.access(path, os.W_OK)):
         with contextlib.suppress(OSError):  # gone meanwhile, or a read-only folder: then as before, through it
             os.unlink(path)
 

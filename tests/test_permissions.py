@@ -551,3 +551,44 @@ def test_probe_inference_refuses_a_read_only_output_first_and_names_an_unreadabl
     code, out, err = run_main(inference, [tmp_path / "f", tmp_path / "p.json", "--weights", tmp_path / "p.pth",
                                           "--no_progress"], capsys)
     assert code == 1 and f"{locked}: cannot read the file: Permission denied" in err and "Errno" not in err, err
+
+
+def refuse_writing_when_read_only(monkeypatch, read_only: set):
+    """A file of ``read_only`` (while it exists) may not be opened for writing, nor is it writable to
+    ``os.access``: a chmod 444 file as a non-root user, which root may always write. Removed and created anew, it
+    may be written."""
+    import builtins
+
+    access, real_open = os.access, builtins.open
+
+    def refusing_open(path, mode="r", *args, **kwargs):
+        if Path(path) in read_only and os.path.exists(path) and any(c in mode for c in "wa+"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) in read_only and os.path.exists(
+        path) and mode & os.W_OK else access(path, mode, **kw))
+    monkeypatch.setattr(builtins, "open", refusing_open)
+
+
+def test_read_only_logs_of_an_earlier_run_are_replaced_not_a_traceback(tmp_path, monkeypatch, capsys):
+    # As a non-root user, batch_*.py (--overwrite or not) and gpt4_summarize.py ended in a PermissionError traceback
+    # when the failure or warnings log of an earlier run was read-only (cp -p from an archive); outputs were replaced.
+    from clamp2.convert.batch_runner import convert_folder
+    from clamp2.convert.summarize import summarize_folder
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a")
+    logs = {tmp_path / "out" / f"{kind}_t.log" for kind in ("failed", "warnings")}
+    logs.add(tmp_path / "sums" / "failed_summaries.log")
+    for log in logs:
+        log.parent.mkdir(exist_ok=True)
+        log.write_text("old\tline\n")
+    refuse_writing_when_read_only(monkeypatch, logs)
+    assert convert_folder(tmp_path / "in", tmp_path / "out", convert=Path.read_text, extensions=[".txt"],
+                          output_suffix=".out", tool="t", workers=1, progress=False) == 0
+    assert (tmp_path / "out" / "a.out").read_text() == "a"
+    counts = summarize_folder(tmp_path / "in", tmp_path / "sums", client=None, model="m", languages=["German"],
+                              progress=False)  # no .json inputs: no request is sent, the log is still rewritten
+    assert not counts.failed and "Traceback" not in capsys.readouterr().err
+    assert all(log.read_text() == "" for log in logs)
