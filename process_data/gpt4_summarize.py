@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.files import find_files, say_disk_full, unreachable
+    from clamp2.files import find_files, input_problem, output_problem, say_disk_full, unreachable
     from clamp2.convert.summarize import (DEFAULT_PROMPT, FAILURE_LOG_NAME, RetryPolicy, load_languages,
                                           load_prompt, make_client, summarize_folder)
 
@@ -99,6 +99,11 @@ def main(argv=None) -> int:
     problem = unreachable(input_dir, "input folder") or unreachable(output_dir, "output folder")
     if problem or not input_dir.is_dir():
         print(f"error: {problem or f'input folder {input_dir} does not exist'}", file=sys.stderr)
+        return 2
+    # As a non-root user: an input folder at chmod 000/300 was "no .json files under"; an output folder that cannot be
+    # written a PermissionError traceback (its mkdir, or the failure log) once the requests were set up.
+    if problem := input_problem(input_dir, "input folder") or output_problem(output_dir, folder=True):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     # Outputs are .json too: inside the input folder they would be read as inputs next run.
     if output_dir.resolve().is_relative_to(input_dir.resolve()):

@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from clamp2.files import find_files, output_problem, unreachable, unwritable
+    from clamp2.files import find_files, input_problem, output_problem, unreachable, unwritable
     from clamp2.convert.summarize import merge_summaries
 
     summaries_dir = Path(args.summaries_dir)
@@ -45,6 +45,10 @@ def main(argv=None) -> int:
         args.data_root is not None and unreachable(args.data_root, "data root"))
     if problem or not summaries_dir.is_dir():
         print(f"error: {problem or f'summaries folder {summaries_dir} does not exist'}", file=sys.stderr)
+        return 2
+    # chmod 000 or 300: find_files cannot list it and found nothing, which was said as "no .json files under".
+    if problem := input_problem(summaries_dir, "summaries folder"):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if not find_files(summaries_dir, [".json"]):
         print(f"error: no .json files under {summaries_dir}", file=sys.stderr)

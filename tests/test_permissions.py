@@ -592,3 +592,33 @@ def test_read_only_logs_of_an_earlier_run_are_replaced_not_a_traceback(tmp_path,
                               progress=False)  # no .json inputs: no request is sent, the log is still rewritten
     assert not counts.failed and "Traceback" not in capsys.readouterr().err
     assert all(log.read_text() == "" for log in logs)
+
+
+def test_summary_tools_say_an_unlistable_input_or_unwritable_output_folder_before_any_request(tmp_path, monkeypatch,
+                                                                                               capsys):
+    # As a non-root user: a summaries/input folder at chmod 000 or 300 was "no .json files under" (merge_jsonl.py,
+    # gpt4_summarize.py); gpt4_summarize.py's output folder under a read-only parent a PermissionError traceback.
+    from conftest import load_script
+
+    locked, read_only = tmp_path / "locked", tmp_path / "ro"
+    for folder in (locked, read_only, tmp_path / "free"):
+        folder.mkdir()
+    (locked / "a.json").write_text("{}")
+    (tmp_path / "free" / "a.json").write_text('{"title": "a", "filepaths": ["a.abc"]}')
+    access = os.access
+    refused = {(locked, os.R_OK), (read_only, os.W_OK)}
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if any(
+        Path(path) == folder and mode & bit for folder, bit in refused) else access(path, mode, **kw))
+    unlistable(monkeypatch, "locked")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key-0123456789")
+    merge, summarize = (load_script(f"process_data/{name}.py").main for name in ("merge_jsonl", "gpt4_summarize"))
+    unlisted = f"cannot read {{}} folder {locked}: permission denied (it cannot be listed); fix its permissions"
+    assert merge([str(locked), str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: {unlisted.format('summaries')}\n"
+    assert summarize([str(locked), str(tmp_path / "out"), "--model", "m"]) == 2
+    assert capsys.readouterr().err == f"error: {unlisted.format('input')}\n"
+    assert summarize([str(tmp_path / "free"), str(read_only / "out"), "--model", "m", "--base_url",
+                      "http://127.0.0.1:9/v1"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot write output folder {read_only / 'out'}: {read_only} is not "
+                                       "writable; pass another path\n")
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "out").exists() and not list(read_only.iterdir())
