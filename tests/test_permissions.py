@@ -622,3 +622,21 @@ def test_summary_tools_say_an_unlistable_input_or_unwritable_output_folder_befor
     assert capsys.readouterr().err == (f"error: cannot write output folder {read_only / 'out'}: {read_only} is not "
                                        "writable; pass another path\n")
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "out").exists() and not list(read_only.iterdir())
+
+
+def test_a_quickstart_step_refused_a_write_in_its_working_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    # As a non-root user, a re-run of quickstart.py --tiny whose plots/ folder was read-only (chmod 555) ended in a
+    # PermissionError traceback at its last step (the report's plots).
+    from clamp2.files import atomic_write_bytes
+    from clamp2.quickstart.pipeline import Quickstart, Settings
+
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    run = Quickstart(tmp_path, Settings.tiny(), progress=False)
+    run.steps = lambda: [("corpus", lambda: None), ("report", lambda: atomic_write_bytes(plots / "curves.png", b""))]
+    refuse_under(monkeypatch, plots, "open")
+    assert run.run() == 1
+    err = capsys.readouterr().err
+    assert err == (f"quickstart: step 2 (report) failed: cannot write {plots / 'curves.png'}: Permission denied "
+                   "(cannot create a file in its folder); fix its permissions and run the same command again: finished "
+                   "steps are kept\n"), err

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..files import disk_full_error
+from ..files import disk_full_error, unwritable
 from ..provenance import code_version
 from ..progress import plural
 from ..workers import ending_with_this_process
@@ -287,6 +287,11 @@ class Quickstart:
                 return 1
             except Exception as error:  # a step's own writes (the text model's save_pretrained) on a full disk
                 full = disk_full_error(error)
+                if full is None and isinstance(error, PermissionError) and error.filename:
+                    # A file or folder of --out made read-only (as a non-root user): a traceback at the last step.
+                    print(f"quickstart: step {number} ({name}) failed: {unwritable(error.filename, error)}; fix its "
+                          "permissions and run the same command again: finished steps are kept", file=sys.stderr)
+                    return 1
                 if full is None:
                     raise
                 print(f"quickstart: step {number} ({name}) failed: {full.strerror} in {self.out}; free space and run "
