@@ -107,6 +107,11 @@ def main(argv=None) -> int:
     if settings.per_collection < 5:
         print("quickstart.py: error: --per_collection must be at least 5 (one in five pieces is held out)", file=sys.stderr)
         return 2
+    if settings.text_model and not settings.weights:
+        # Without --weights the run builds its own small text model at this path: it wrote over the folder given.
+        print("quickstart.py: error: --text_model goes with --weights (without them the run trains its own small "
+              f"text model, and would write it over {settings.text_model})", file=sys.stderr)
+        return 2
     if settings.weights and not settings.text_model:
         print("quickstart.py: error: --weights needs --text_model (XLM-R's tokenizer and config, e.g. a folder from "
               "`hf download FacebookAI/xlm-roberta-base --local-dir xlm-roberta-base`)", file=sys.stderr)

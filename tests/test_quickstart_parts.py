@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -546,3 +547,18 @@ def test_cli_notes_a_global_batch_that_nproc_changes(tmp_path, monkeypatch, caps
     assert "each takes 1, a global batch of 4" in capsys.readouterr().err
     assert script.main(["--tiny", "--out", str(tmp_path / "b"), "--nproc", "3"]) == 0
     assert "global batch" not in capsys.readouterr().err
+
+
+def test_text_model_without_weights_is_refused_not_written_over(tmp_path, monkeypatch, capsys):
+    # quickstart.py --tiny --text_model DIR (no --weights) built its own small text model into DIR: the folder given
+    # (a downloaded xlm-roberta-base, say) was written over.
+    from conftest import VECTORS
+
+    text_model = tmp_path / "xlm"
+    shutil.copytree(VECTORS / "tiny_text_model", text_model)
+    before = {path.name: path.read_bytes() for path in text_model.iterdir()}
+    monkeypatch.setattr(pipeline.Quickstart, "run", lambda self: pytest.fail("the run started"))
+    status = load_script("code/quickstart.py").main(["--tiny", "--out", str(tmp_path / "qs"), "--text_model",
+                                                     str(text_model)])
+    assert status == 2 and "--text_model goes with --weights" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in text_model.iterdir()} == before
