@@ -213,3 +213,16 @@ def test_mert_on_nodes_with_their_own_output_folders_stops_every_node(tmp_path):
         assert "is not one folder for every process: process 1 of 2 cannot see the file process 0 wrote" in output, \
             output[-3000:]
     assert not [path for path in tmp_path.glob("out*/**/*") if path.is_file()]
+
+
+def test_clamp3_node_without_the_eval_jsonl_stops_every_node_saying_it(tmp_path, corpus3):  # noqa: F811
+    # Node 1's copy lacks the eval JSONL: node 1 split the training pairs (no collective), node 0 checked the eval
+    # JSONL's files at a collective; node 0's check then met node 1's data record and both ended in tracebacks.
+    run = clamp3_nodes(tmp_path, corpus3, "symbolic_eval.jsonl")
+    results = two_nodes("code/train_clamp3_symbolic.py", lambda node: clamp3_args("symbolic", tmp_path / f"node{node}"),
+                        CLAMP3_ENV, run)
+    assert all(status not in (0, None) for status, _ in results), results[0][1][-3000:]
+    for _, output in results:
+        assert "]: Traceback" not in output, output[-3000:]  # a rank's own; torchrun prints its own for any failure
+    assert "error: the ranks do not see the same training data (rank 0: checking the data files; rank 1: comparing " \
+           "the samples" in results[0][1], results[0][1][-3000:]

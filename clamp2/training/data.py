@@ -57,28 +57,36 @@ class StoppedElsewhere(DataError):
 _SHARE, _ERROR = "share", "error"
 
 
-def gather_agreeing(obj) -> list:
+def gather_agreeing(obj, step: str) -> list:
     """``obj`` of every rank, in rank order, at one of the collectives that check the data before training (every
     rank calls them in the same order: :func:`checked_in_shares`, then the trainers' ``same_data_everywhere``).
+    ``step``: which of them this is, the same words on every node.
 
     Raises :class:`StoppedElsewhere` when a rank sent its data error instead (:func:`announce_data_error`): a node's
     own copy of the data (no shared file system) may lack a file, and that rank raised and left while the others
     waited at such a collective; they met its absence as a gloo "Connection closed by peer" traceback, or as a
-    mismatched collective, never the error."""
+    mismatched collective, never the error. Also when the ranks are at different steps: a node whose copy lacks the
+    eval JSONL splits the training pairs (no collective) while the others check the eval files; one rank's file
+    check met another's data record, a traceback on every node."""
     from ..distributed import gather_objects
 
-    views = gather_objects((_SHARE, obj))
-    for rank, (kind, value) in enumerate(views):
+    views = gather_objects((_SHARE, step, obj))
+    for rank, (kind, _, value) in enumerate(views):
         if kind == _ERROR:
             raise StoppedElsewhere(f"rank {rank} of {len(views)} stopped: {value} (every rank stops)")
-    return [value for _, value in views]
+    if any(seen != step for _, seen, _ in views):
+        described = "; ".join(f"rank {rank}: {seen}" for rank, (_, seen, _) in enumerate(views))
+        raise StoppedElsewhere(f"the ranks do not see the same training data ({described}; a node lacks a file, "
+                               "such as the eval JSONL, that another has): every node needs the same data folders "
+                               "and JSONL files (a shared file system, or identical copies)")
+    return [value for _, _, value in views]
 
 
 def announce_data_error(message: str) -> None:
     """The failing rank's side of :func:`gather_agreeing`: one collective, met by the one each other rank is at."""
     from ..distributed import gather_objects
 
-    gather_objects((_ERROR, message))
+    gather_objects((_ERROR, None, message))
 
 
 def sample_rng(seed: int, stream: str, epoch: int, index: int) -> random.Random:
@@ -205,7 +213,7 @@ def checked_in_shares(entries: Sequence, check: Callable[[Any], Optional[str]],
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     mine = [(index, say(entries[index], problem)) for index in range(rank, len(entries), world)
             if (problem := check(entries[index]))]
-    shares = gather_agreeing(mine) if distributed else [mine]
+    shares = gather_agreeing(mine, "checking the data files") if distributed else [mine]
     return [problem for _, problem in sorted(pair for share in shares for pair in share)]
 
 

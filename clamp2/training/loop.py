@@ -823,7 +823,7 @@ def same_data_everywhere(data: Mapping[str, Any], dist_info: DistInfo) -> None:
     batches waited for the others at a collective until the group's 30-minute timeout."""
     if not dist_info.is_distributed:
         return
-    views = gather_agreeing(dict(data))
+    views = gather_agreeing(dict(data), "comparing the samples")
     if any(view != views[0] for view in views):
         described = "; ".join(f"rank {rank}: {view['train']['samples']} training, {view['eval']['samples']} eval "
                               f"samples" for rank, view in enumerate(views))
