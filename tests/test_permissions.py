@@ -640,3 +640,24 @@ def test_a_quickstart_step_refused_a_write_in_its_working_folder_is_one_line(tmp
     assert err == (f"quickstart: step 2 (report) failed: cannot write {plots / 'curves.png'}: Permission denied "
                    "(cannot create a file in its folder); fix its permissions and run the same command again: finished "
                    "steps are kept\n"), err
+
+
+def test_a_writable_log_in_a_folder_this_user_may_not_write_is_appended_to(tmp_path, monkeypatch):
+    # The log is appended to in place: a log file made beforehand in a folder this user may not write to (or
+    # /dev/null, in /dev) was refused before training, though every epoch's append would have worked.
+    from clamp2.training.loop import append_log, log_problem
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    log = folder / "log.txt"
+    log.write_text("")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder and mode & os.W_OK
+                        else access(path, mode, **kw))
+    assert log_problem(log) is None
+    append_log(log, 1, 0.5, 0.25)
+    assert log.read_text().startswith("Epoch 1\n")
+    # A new log there cannot be made: one line, saying once what to do.
+    assert log_problem(folder / "new.txt") == (f"cannot write log file {folder / 'new.txt'}: {folder} is not "
+                                               "writable; pass another path")
+    assert log_problem(folder) == f"log file {folder} is a folder; pass a file path"

@@ -58,7 +58,7 @@ from ..checkpoint import (CLAMP3_CONFIG_HINT, CONFIG_HINT, CheckpointError, Said
                           unwrap)
 from ..cli import fail_usage, load_script_config
 from ..configuration import config_dict, epoch_weights_path, overrides_of
-from ..files import atomic_write_text, output_problem, remove_partial_files_of
+from ..files import atomic_write_text, output_problem, remove_partial_files_of, unreachable
 from ..distributed import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, deterministic_mode,
                            env_int, gather_objects, seed_everything)
 from ..models.common import compile_transformers, count_parameters
@@ -629,10 +629,15 @@ def restore_random_state(rng: Optional[Dict[str, Any]], seed: int, epoch: int, d
 
 def log_problem(path: Path) -> Optional[str]:
     """Why the per-epoch log cannot be appended to (a read-only file, a folder this user may not write), or None."""
-    problem = output_problem(path, folder=False, what="log")
-    if problem is None and path.is_file() and not os.access(path, os.W_OK):  # appended to, not replaced
-        problem = f"cannot write log file {path}: it is read-only"
-    return f"{problem}; fix its permissions or give the run another log path" if problem else None
+    reached = unreachable(path, "log file")
+    if reached:
+        return f"{reached}; fix its permissions or give the run another log path"
+    if path.exists() and not path.is_dir():
+        # Appended to where it is: its own permission counts, not its folder's (a log made beforehand in a folder
+        # this user may not write to, or /dev/null, were refused).
+        return None if os.access(path, os.W_OK) else (f"cannot write log file {path}: it is read-only; fix its "
+                                                       "permissions or give the run another log path")
+    return output_problem(path, folder=False, what="log")  # a folder, or a folder it would be made in: one line
 
 
 def append_log(path: Path, epoch: int, train_loss: float, eval_loss: float) -> None:
