@@ -56,7 +56,7 @@ def script_commands(lines):
     """(line, script, argv) of the commands that run a repository script."""
     for number, command in lines:
         command = re.split(r"\s#\s", command)[0].strip()
-        command = re.sub(r"^srun bash -c '(.*)'$", r"\1", command)  # a SLURM batch script's command, one node's
+        command = re.sub(r"^srun (?:--\S+ )*bash -c '(.*)'$", r"\1", command)  # a SLURM batch script's, one node's
         if command.startswith(("curl", "hf ", "wget")) or command.rstrip().endswith("..."):
             continue
         if not re.match(r"^(\S+=\S+\s+)*(nice -n \d+ )?(\S*/)?(python\S*|torchrun|accelerate)\b", command):
