@@ -899,10 +899,13 @@ SHARED_FOLDER_PROBE = ".clamp2_same_folder_"
 
 def _appears(path: Path) -> bool:
     # A network file system may show another node's new file a moment late: look again before saying it is not there.
-    for delay in (0.0, 0.1, 0.3, 0.6, 1.0, 2.0):
+    for delay in (0.0, 0.1, 0.3, 0.6, 1.0, 2.0, 4.0):
         time.sleep(delay)
-        if path.exists():
-            return True
+        try:
+            if path.exists():
+                return True
+        except OSError:  # a folder above it this process may not search (EACCES before Python 3.14): not seen
+            return False
     return False
 
 
@@ -917,10 +920,15 @@ def unshared_output_problem(output_dir: Path) -> Optional[str]:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
     first = torch.distributed.get_rank() == 0
+    # Every process makes the folder, not process 0 alone: one that looked for it before it existed (the scripts'
+    # folder checks) may keep that "not there" answer on NFS for up to a minute, and its own mkdir asks the server.
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
     probe = None
     if first:
         try:
-            output_dir.mkdir(parents=True, exist_ok=True)
             name = f"{SHARED_FOLDER_PROBE}{os.urandom(8).hex()}"
             os.close(os.open(output_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
             probe = name
