@@ -368,9 +368,13 @@ def unreachable(path: str | os.PathLike, what: str = "path") -> Optional[str]:
 def not_found(path: str | os.PathLike, what: str = "folder", is_there: Callable[[Path], bool] = Path.exists
               ) -> Optional[str]:
     """``{what} not found: {path}`` when ``is_there`` (exists, is_dir, is_file) says no, the reason when that cannot
-    even be known (:func:`unreachable`), or None: a script's first check of the paths it is given, one line where
-    ``Path.exists`` alone raised a PermissionError traceback."""
-    return unreachable(path, what) or (None if is_there(Path(path)) else f"{what} not found: {path}")
+    even be known (:func:`unreachable`), or when it is a folder this user may not list (as :func:`input_problem`
+    says it), or None: a script's first check of the paths it is given, one line where ``Path.exists`` alone raised
+    a PermissionError traceback, and an unlistable folder failed later, differently for chmod 000 and 300."""
+    problem = unreachable(path, what) or (None if is_there(Path(path)) else f"{what} not found: {path}")
+    if problem is None and Path(path).is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        problem = f"cannot read {what} {path}: permission denied (it cannot be listed); fix its permissions"
+    return problem
 
 
 def find_all_files(root: str | os.PathLike, extensions: Iterable[str], error: type = OSError) -> list[Path]:

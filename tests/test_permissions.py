@@ -661,3 +661,36 @@ def test_a_writable_log_in_a_folder_this_user_may_not_write_is_appended_to(tmp_p
     assert log_problem(folder / "new.txt") == (f"cannot write log file {folder / 'new.txt'}: {folder} is not "
                                                "writable; pass another path")
     assert log_problem(folder) == f"log file {folder} is a folder; pass a file path"
+
+
+UNLISTABLE_FOLDER = [
+    ("semantic_search/clamp3_eval.py", lambda folder, free: [folder, free]),
+    ("semantic_search/clamp3_score.py", lambda folder, free: [free, folder]),
+    ("semantic_search/clamp3_search.py", lambda folder, free: [free / "q.abc", folder]),
+    ("semantic_search/clamp3_embd.py", lambda folder, free: [folder, free / "out"]),
+    ("semantic_search/clamp2_eval.py", lambda folder, free: [folder, free]),
+]
+
+
+@pytest.mark.parametrize("script, argv", UNLISTABLE_FOLDER, ids=[s.split("/")[1] for s, _ in UNLISTABLE_FOLDER])
+def test_a_folder_this_user_may_not_list_is_one_usage_line(script, argv, tmp_path, monkeypatch, capsys):
+    # chmod 000 and chmod 300 on a raw-music folder ended differently (exit 1 calling it a "feature folder or
+    # index", or exit 2), after the model family was set up; now one usage line before any work, for both.
+    from conftest import load_script
+
+    folder, free = tmp_path / "music", tmp_path / "free"
+    folder.mkdir()
+    free.mkdir()
+    (free / "q.abc").write_text("X:1\nK:C\nC\n")
+    main = load_script(script).main
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder and mode & os.R_OK
+                        else access(path, mode, **kw))
+    try:
+        status = main([str(arg) for arg in argv(folder, free)])
+    except SystemExit as exit:
+        status = exit.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert any(f"cannot read {what} {folder}: permission denied (it cannot be listed)" in err
+               for what in ("folder", "input folder")), err
