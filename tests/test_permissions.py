@@ -10,6 +10,24 @@ from clamp2.files import input_problem, output_problem
 from conftest import unlistable
 
 
+def deny_access(monkeypatch, path: Path, bit: int) -> None:
+    """``os.access`` says no to ``bit`` (``os.W_OK``, ``os.R_OK``) for ``path``: a file or folder this user may not
+    write or read, which root always may."""
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda where, mode, **kw: False if Path(where) == path and mode & bit
+                        else access(where, mode, **kw))
+
+
+def write_query_and_reference_features(root: Path, keys: str) -> None:
+    """``root/q`` and ``root/r``: one random [1, 8] feature per key in each."""
+    import numpy as np
+
+    for side, seed in (("q", 1), ("r", 2)):
+        (root / side).mkdir()
+        for key, row in zip(keys, np.random.default_rng(seed).standard_normal((len(keys), 1, 8), dtype=np.float32)):
+            np.save(root / side / f"{key}.npy", row)
+
+
 def refuse_under(monkeypatch, folder: Path, call: str = "stat"):
     """``os.<call>`` raises EACCES for every path under ``folder`` (not ``folder`` itself): a folder the user may
     not search (chmod 000 or 600), which root can always search."""
@@ -386,9 +404,7 @@ def test_a_read_only_training_log_is_refused_before_training(tmp_path, monkeypat
         shutil.copy(VECTORS / "extract_in" / "abc" / "airds_tune3.abc", tmp_path / "data" / f"t{index}.abc")
     log = tmp_path / "w.txt"
     log.write_text("Epoch 1\n")
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == log and mode & os.W_OK
-                        else access(path, mode, **kw))
+    deny_access(monkeypatch, log, os.W_OK)
     monkeypatch.setenv("M3_BATCH_SIZE", "2")
     monkeypatch.setenv("M3_LOGS_PATH", str(log))
     status = load_script("code/train_m3.py").main(["--train_folders", str(tmp_path / "data"), "--epochs", "1",
@@ -408,9 +424,7 @@ def test_a_read_only_probe_log_is_refused_before_training(tmp_path, monkeypatch,
     write_features(tmp_path / "train", class_means(["folk", "jazz"], dim=8, separation=0.35, seed=3), 10, seed=1)
     log = tmp_path / "log.txt"
     log.write_text("earlier\n")
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == log and mode & os.W_OK
-                        else access(path, mode, **kw))
+    deny_access(monkeypatch, log, os.W_OK)
     status = load_script("music_classification/train_cls.py").main(
         ["--train_folders", str(tmp_path / "train"), "--weights", str(tmp_path / "p.pth"), "--logs", str(log),
          "--epochs", "1", "--hidden_size", "16", "--no_progress"])
@@ -454,19 +468,12 @@ def test_zero_shot_checks_its_folder_and_outputs_before_the_model_loads(tmp_path
 def test_a_results_file_in_a_read_only_folder_is_refused_before_the_work(script, flag, tmp_path, monkeypatch, capsys):
     # As a non-root user these wrote their results file last: a read-only folder was said only once both sides had
     # been read (clamp2_eval: encoded from raw files) and the metrics computed.
-    import numpy as np
-
     from conftest import load_script
 
-    for side, seed in (("q", 1), ("r", 2)):
-        (tmp_path / side).mkdir()
-        for key, row in zip("abc", np.random.default_rng(seed).standard_normal((3, 1, 8), dtype=np.float32)):
-            np.save(tmp_path / side / f"{key}.npy", row)
+    write_query_and_reference_features(tmp_path, "abc")
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == read_only and mode & os.W_OK
-                        else access(path, mode, **kw))
+    deny_access(monkeypatch, read_only, os.W_OK)
     target = read_only / "out.jsonl"
     with pytest.raises(SystemExit) as exit:
         load_script(script).main([str(tmp_path / "q"), str(tmp_path / "r"), flag, str(target), "--no_progress"])
@@ -486,9 +493,7 @@ def test_a_search_folder_that_can_be_searched_but_not_listed_is_named_with_what_
     folder.mkdir()
     (folder / "a.abc").write_text("X:1\nK:C\nC\n")
     unlistable(monkeypatch, "music")
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder and mode & os.R_OK
-                        else access(path, mode, **kw))
+    deny_access(monkeypatch, folder, os.R_OK)
     with pytest.raises(ValueError, match=f"^cannot read folder {folder}: permission denied \\(it cannot be listed\\); "
                                          "fix its permissions$"):
         load_collection(folder, lambda: pytest.fail("the model is not needed to say so"))
@@ -498,19 +503,12 @@ def test_a_search_folder_that_can_be_searched_but_not_listed_is_named_with_what_
 def test_a_read_only_clamp3_output_folder_is_refused_before_the_work(script, tmp_path, monkeypatch, capsys):
     # As a non-root user: "Error: cannot write ro/retrieval_ranks.jsonl: Permission denied", exit 1, once both sides
     # had been encoded and ranked.
-    import numpy as np
-
     from conftest import load_script
 
-    for side, seed in (("q", 1), ("r", 2)):
-        (tmp_path / side).mkdir()
-        for key, row in zip("ab", np.random.default_rng(seed).standard_normal((2, 1, 8), dtype=np.float32)):
-            np.save(tmp_path / side / f"{key}.npy", row)
+    write_query_and_reference_features(tmp_path, "ab")
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == read_only and mode & os.W_OK
-                        else access(path, mode, **kw))
+    deny_access(monkeypatch, read_only, os.W_OK)
     with pytest.raises(SystemExit) as exit:
         load_script(script).main([str(tmp_path / "q"), str(tmp_path / "r"), "--output_dir", str(read_only),
                                   "--no_progress"])
@@ -651,9 +649,7 @@ def test_a_writable_log_in_a_folder_this_user_may_not_write_is_appended_to(tmp_p
     folder.mkdir()
     log = folder / "log.txt"
     log.write_text("")
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder and mode & os.W_OK
-                        else access(path, mode, **kw))
+    deny_access(monkeypatch, folder, os.W_OK)
     assert log_problem(log) is None
     append_log(log, 1, 0.5, 0.25)
     assert log.read_text().startswith("Epoch 1\n")
@@ -683,9 +679,7 @@ def test_a_folder_this_user_may_not_list_is_one_usage_line(script, argv, tmp_pat
     free.mkdir()
     (free / "q.abc").write_text("X:1\nK:C\nC\n")
     main = load_script(script).main
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == folder and mode & os.R_OK
-                        else access(path, mode, **kw))
+    deny_access(monkeypatch, folder, os.R_OK)
     try:
         status = main([str(arg) for arg in argv(folder, free)])
     except SystemExit as exit:
