@@ -645,7 +645,7 @@ def test_a_writable_log_in_a_folder_this_user_may_not_write_is_appended_to(tmp_p
     # /dev/null, in /dev) was refused before training, though every epoch's append would have worked.
     from clamp2.training.loop import append_log, log_problem
 
-    folder = tmp_path / "shared"
+    folder = tmp_path / "group_folder"
     folder.mkdir()
     log = folder / "log.txt"
     log.write_text("")

@@ -900,12 +900,13 @@ def run_training(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) 
     """Train ``task`` as configured by ``settings`` on this process; see the module docstring."""
     # The data check first: it is the launch check's last collective (gather_agreeing), where a rank learns that
     # another stopped on its data; exclusive_run's broadcast would meet that rank's announcement instead.
-    same_data_everywhere(data_record(task), dist_info)
+    data = data_record(task)
+    same_data_everywhere(data, dist_info)
     with deterministic_mode(settings.deterministic), exclusive_run(settings.weights_path, dist_info.is_main):
-        return _run(task, settings, dist_info)
+        return _run(task, settings, dist_info, data)
 
 
-def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> TrainResult:
+def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo, data: Mapping[str, Any]) -> TrainResult:
     device = dist_info.device
     if not dist_info.is_main:
         quiet_libraries()
@@ -913,7 +914,6 @@ def _run(task: TrainTask, settings: TrainSettings, dist_info: DistInfo) -> Train
         hide_library_bars()
     for note in task.notes:
         say(dist_info, note)
-    data = data_record(task)
     check_data_sizes(task, settings, dist_info.world_size)
     precision = Precision.choose(device, settings.precision, task.cudnn_attention)
     # Non-deterministic runs draw a fresh seed (shared by all ranks, so their data stays disjoint).
