@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 
     def work() -> int:
-        sides = clamp3.load_sides(family, ((args.query_dir, "query"), (args.ref_dir, "reference")), not args.no_progress)
+        sides = clamp3.load_sides(family, ((args.query_dir, "query"), (args.ref_dir, "reference")), not args.no_progress,
+                                   name_feature_folders=True)
         print("\n".join(clamp3.evaluate(*sides, args.output_dir, device=args.device or "cpu")))
         return clamp3.exit_status(sides)
 

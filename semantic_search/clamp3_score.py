@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     family = clamp3.family_from_args(args, load_script_config(__file__, report=False))
 
     def work() -> int:
-        sides = clamp3.load_sides(family, ((args.query_dir, "query"), (args.ref_dir, "reference")), not args.no_progress)
+        sides = clamp3.load_sides(family, ((args.query_dir, "query"), (args.ref_dir, "reference")), not args.no_progress,
+                                   name_feature_folders=True)
         if args.group:
             lines = clamp3.group_score(*sides)
         else:

@@ -26,9 +26,16 @@ def scripts():
 
 
 def run(script, args, capsys):
+    """The script's exit code, stdout lines and stderr; eval and score on two .npy folders first print the
+    original inference scripts' ``Query folder: …`` and ``Reference folder: …``, checked and left out here
+    (test_feature_folders_are_named_first_as_the_original_names_them checks when they are printed)."""
     code = script.main([str(a) for a in args])
     out, err = capsys.readouterr()
-    return code, out.splitlines(), err
+    lines = out.splitlines()
+    if lines[:1] and lines[0].startswith("Query folder: "):
+        assert lines[:2] == [f"Query folder: {args[0]}", f"Reference folder: {args[1]}"]
+        lines = lines[2:]
+    return code, lines, err
 
 
 # -- modality detection -------------------------------------------------------------------------------
@@ -125,6 +132,18 @@ def test_score_pairwise_equals_the_reference(feature_folders, tmp_path, scripts,
     written = [json.loads(line) for line in pairwise.read_text().splitlines()]
     assert written == sorted(records, key=lambda r: (-r["similarity"], r["query"], r["reference"]))
     assert not (out_dir / "unmatched_files.jsonl").exists()
+
+
+def test_feature_folders_are_named_first_as_the_original_names_them(feature_folders, tmp_path, scripts, capsys):
+    # The original's inference/clamp3_eval.py and clamp3_score.py print both folders as given before anything else.
+    queries, references = feature_folders
+    for script, extra in ((scripts["eval"], []), (scripts["score"], []), (scripts["score"], ["--group"])):
+        code = script.main([str(queries), str(references), "--output_dir", str(tmp_path), *extra, *CLAMP2])
+        lines = capsys.readouterr().out.splitlines()
+        assert code == 0 and lines[:2] == [f"Query folder: {queries}", f"Reference folder: {references}"]
+        assert not any(line.startswith(("Query folder", "Reference folder")) for line in lines[2:])
+    code = scripts["search"].main([str(next(queries.glob("*.npy"))), str(references), *CLAMP2])
+    assert code == 0 and not capsys.readouterr().out.startswith("Query")  # the original's search prints no such line
 
 
 def test_score_unmatched_keys_continue_or_stop(feature_folders, tmp_path, scripts, capsys):

@@ -555,3 +555,28 @@ def test_an_index_built_by_an_older_reader_is_read_again_in_full(tmp_path):
     from clamp2.provenance import code_version
     written_by = json.loads((index / "manifest.json").read_text())["written_by"]
     assert re.fullmatch(r"clamp2 \S+ \(code [0-9a-f]{12}\)", written_by) and code_version()[:12] in written_by
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_features_saved_as_float64_or_float16_are_searched_as_their_float32_values(tmp_path, capsys, dtype):
+    """docs/differences.md: a hand-saved float64 (NumPy's default) or float16 folder gives the float32 folder's
+    printed scores and order, not scores computed in the file's dtype (the original's)."""
+    from conftest import load_script
+
+    script = load_script("semantic_search/semantic_search.py")
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(6, 8)).astype(dtype)
+    query = rng.normal(size=(1, 8)).astype(dtype)
+    outputs = []
+    for saved in (dtype, np.float32):
+        folder = tmp_path / np.dtype(saved).name
+        folder.mkdir()
+        for i, row in enumerate(rows):
+            np.save(folder / f"k{i}.npy", row[None].astype(saved))
+        np.save(tmp_path / f"q_{np.dtype(saved).name}.npy", query.astype(saved))
+        assert script.main([str(tmp_path / f"q_{np.dtype(saved).name}.npy"), str(folder), "--top_k", "6"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) >= 6
+    cosine = float(np.dot(query[0].astype(np.float64), rows[0].astype(np.float64))
+                   / np.linalg.norm(query[0].astype(np.float64)) / np.linalg.norm(rows[0].astype(np.float64)))
+    assert f"k0 {cosine!r}" not in outputs[0]  # not the float64 cosine (every digit printed)

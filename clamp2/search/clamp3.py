@@ -646,9 +646,12 @@ def say_captions(side: Side) -> None:
         print(f'Caption of "{image}": {caption}')
 
 
-def load_sides(family: "ModelFamily", paths_and_roles, progress: bool = True, announce: bool = True) -> List[Side]:
+def load_sides(family: "ModelFamily", paths_and_roles, progress: bool = True, announce: bool = True,
+               name_feature_folders: bool = False) -> List[Side]:
     """Each (path, role) read or encoded, with §18's ``Detected {role} modality`` line and captions
-    (``announce``) and every failed file named on stderr."""
+    (``announce``) and every failed file named on stderr. ``name_feature_folders`` (eval, score): when every side is
+    a folder of .npy features, ``Query folder: …`` and ``Reference folder: …`` as given, the first lines the
+    original's ``inference/clamp3_eval.py`` and ``clamp3_score.py`` print."""
     sides = []
     for path, role in paths_and_roles:
         side = load_side(path, role, family, progress=progress)
@@ -658,6 +661,9 @@ def load_sides(family: "ModelFamily", paths_and_roles, progress: bool = True, an
             say_captions(side)
         say_failures(side)
         sides.append(side)
+    if name_feature_folders and all(side.modality == FEATURES for side in sides):
+        for path, role in paths_and_roles:
+            print(f"{role.capitalize()} folder: {path}")
     return sides
 
 
