@@ -688,3 +688,19 @@ def test_a_folder_this_user_may_not_list_is_one_usage_line(script, argv, tmp_pat
     assert status == 2, err
     assert any(f"cannot read {what} {folder}: permission denied (it cannot be listed)" in err
                for what in ("folder", "input folder")), err
+
+
+def test_build_index_on_a_folder_it_may_list_but_not_search_says_permission_denied(tmp_path, monkeypatch):
+    # chmod 600: the names are listed, every stat fails. It said "cannot read its size and modification time"
+    # without the reason.
+    import numpy as np
+
+    from clamp2.search.feature_store import FeatureError, build_index
+
+    (tmp_path / "f").mkdir()
+    for i in range(2):
+        np.save(tmp_path / "f" / f"k{i}.npy", np.ones((1, 4), np.float32))
+    refuse_under(monkeypatch, tmp_path / "f")
+    with pytest.raises(FeatureError, match=r"none of its 2 \.npy files is usable \(first: .*k0\.npy: cannot read its "
+                                           r"size and modification time: Permission denied\)"):
+        build_index(tmp_path / "f", tmp_path / "index", progress=False)

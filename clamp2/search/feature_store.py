@@ -576,14 +576,15 @@ def open_index(index_dir: str | os.PathLike) -> FeatureSet:
     return _open_index(Path(index_dir))[0]
 
 
-def _stat(path: Path) -> Optional[tuple[int, ...]]:
+def _stat(path: Path) -> tuple[int, ...] | str:
     """What a re-run compares: size, modification time, change time and inode. The change time cannot
     be set back (``os.utime`` sets it to now) and a rename or a replacement changes it or the inode, so
-    a file rewritten with the same size and the same modification time is read again."""
+    a file rewritten with the same size and the same modification time is read again. Or why the file
+    cannot be stat'ed (``Permission denied``: a folder that may be listed but not searched, chmod 600)."""
     try:
         st = os.stat(path)
-    except OSError:
-        return None
+    except OSError as error:
+        return error.strerror or str(error)
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
@@ -676,8 +677,8 @@ def build_index(features_dir: str | os.PathLike, index_dir: str | os.PathLike, *
         if any(c in name for c in "\t\n\r"):
             skipped.append(SkippedFile(str(path), "file name contains a tab or line break"))
             continue
-        if stat is None:
-            skipped.append(SkippedFile(str(path), "cannot read its size and modification time"))
+        if isinstance(stat, str):
+            skipped.append(SkippedFile(str(path), f"cannot read its size and modification time: {stat}"))
             continue
         stats[name] = stat
         if reread_all:
