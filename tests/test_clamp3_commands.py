@@ -1131,3 +1131,32 @@ def test_embd_resumes_with_its_output_folder_inside_the_input_folder(tiny_env, r
     assert code == 0, err
     assert lines == ["Detected input modality: txt"]
     assert "1 features written" in err and "2 already there" in err
+
+
+def test_caption_takes_the_text_configs_generation_settings(tiny_blip, tmp_path):
+    """transformers 4 generated BLIP's captions with every generation setting of its text config (no_repeat_ngram_size,
+    min_length, repetition_penalty ...); transformers 5 reads none of them, so they are passed as arguments."""
+    import json
+    import shutil
+
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from clamp2.search.captions import Captioner
+
+    folder = tmp_path / "blip"
+    shutil.copytree(tiny_blip, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"].update(no_repeat_ngram_size=1, top_k=50)  # top_k at transformers 4's default: not passed
+    (folder / "config.json").write_text(json.dumps(config))
+    image = tmp_path / "photo.png"
+    write_image(image, 1)
+    processor = BlipProcessor.from_pretrained(folder)
+    model = BlipForConditionalGeneration.from_pretrained(folder).eval()
+    inputs = processor(Image.open(image).convert("RGB"), return_tensors="pt")
+    plain = model.generate(**inputs, max_length=20)
+    expected = model.generate(**inputs, max_length=20, no_repeat_ngram_size=1)
+    assert not torch.equal(plain, expected)  # the setting matters for this model
+    captioner = Captioner.from_pretrained(folder)
+    assert captioner.generation_kwargs == {"max_length": 20, "no_repeat_ngram_size": 1}
+    assert captioner.caption(image) == processor.decode(expected[0], skip_special_tokens=True)

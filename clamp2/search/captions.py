@@ -24,7 +24,7 @@ import numpy as np
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"
 CAPTION_KIND = "image-caption"
 # Part of the caption cache's key: bump it when captions of the same files change.
-CAPTION_FORMAT = 2  # 2: at most 20 tokens in all, as under transformers 4 (1 took transformers 5's 20 new ones)
+CAPTION_FORMAT = 3  # 3: the text config's other generation settings too; 2: at most 20 tokens in all, as under transformers 4 (1 took transformers 5's 20 new ones)
 DEFAULT_MAX_LENGTH = 20  # transformers 4's PretrainedConfig.max_length, which BLIP's text decoder generated with
 
 
@@ -85,6 +85,36 @@ def caption_max_length(folder: Path) -> int:
     return int(length) if isinstance(length, int) and length > 0 else DEFAULT_MAX_LENGTH
 
 
+# transformers 4's generation defaults that a model config carried (PretrainedConfig's generation attributes),
+# which BLIP's text decoder generated with; transformers 5 no longer reads them from the text config.
+GENERATION_DEFAULTS = {
+    "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1, "num_beam_groups": 1,
+    "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0,
+    "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+}
+
+
+def caption_generation_kwargs(folder: Path) -> dict:
+    """The arguments of the original's ``generate()`` under transformers 4: ``max_length`` (see
+    :func:`caption_max_length`) and every other generation setting of the text config that is not
+    transformers 4's default (``num_beams``, ``min_length``, ``repetition_penalty`` ...)."""
+    import json
+
+    kwargs = {"max_length": caption_max_length(folder)}
+    try:
+        with open(folder / "config.json", encoding="utf-8") as f:
+            text_config = json.load(f).get("text_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return kwargs
+    if isinstance(text_config, dict):
+        for key, default in GENERATION_DEFAULTS.items():
+            if key in text_config and text_config[key] != default:
+                kwargs[key] = text_config[key]
+    return kwargs
+
+
 class Captioner:
     """A BLIP captioning model and its processor: ``caption(image path) -> str``."""
 
@@ -96,6 +126,7 @@ class Captioner:
         self.processor = processor
         self.folder = Path(folder)
         self.max_length = caption_max_length(self.folder)
+        self.generation_kwargs = caption_generation_kwargs(self.folder)
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike = BLIP_MODEL, device=None) -> "Captioner":
@@ -121,7 +152,7 @@ class Captioner:
             image = opened.convert("RGB")
         inputs = self.processor(image, return_tensors="pt").to(self.device)
         with torch.no_grad():
-            output = self.model.generate(**inputs, max_length=self.max_length)
+            output = self.model.generate(**inputs, **self.generation_kwargs)
         return self.processor.decode(output[0], skip_special_tokens=True)
 
 
