@@ -1142,7 +1142,7 @@ def test_caption_takes_the_text_configs_generation_settings(tiny_blip, tmp_path)
     from PIL import Image
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from clamp2.search.captions import Captioner
+    from clamp2.search.captions import Captioner, CaptionerError
 
     folder = tmp_path / "blip"
     shutil.copytree(tiny_blip, folder)
@@ -1160,3 +1160,8 @@ def test_caption_takes_the_text_configs_generation_settings(tiny_blip, tmp_path)
     captioner = Captioner.from_pretrained(folder)
     assert captioner.generation_kwargs == {"max_length": 20, "no_repeat_ngram_size": 1}
     assert captioner.caption(image) == processor.decode(expected[0], skip_special_tokens=True)
+    # Group beam search: transformers 5 runs it only as downloaded code (a ValueError on the first image).
+    config["text_config"].update(num_beams=2, num_beam_groups=2, diversity_penalty=0.5)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CaptionerError, match="group beam search .*num_beam_groups 2"):
+        Captioner.from_pretrained(folder)

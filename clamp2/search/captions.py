@@ -24,7 +24,9 @@ import numpy as np
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"
 CAPTION_KIND = "image-caption"
 # Part of the caption cache's key: bump it when captions of the same files change.
-CAPTION_FORMAT = 3  # 3: the text config's other generation settings too; 2: at most 20 tokens in all, as under transformers 4 (1 took transformers 5's 20 new ones)
+# 3: the text config's other generation settings too; 2: at most 20 tokens in all, as under transformers 4 (1 took
+# transformers 5's 20 new ones).
+CAPTION_FORMAT = 3
 DEFAULT_MAX_LENGTH = 20  # transformers 4's PretrainedConfig.max_length, which BLIP's text decoder generated with
 
 
@@ -112,6 +114,12 @@ def caption_generation_kwargs(folder: Path) -> dict:
         for key, default in GENERATION_DEFAULTS.items():
             if key in text_config and text_config[key] != default:
                 kwargs[key] = text_config[key]
+    if isinstance(kwargs.get("num_beam_groups"), int) and kwargs["num_beam_groups"] > 1:
+        # transformers 5 moved group beam search to code it downloads and runs (trust_remote_code), which this
+        # project never does: said once here, not as a ValueError on the first image.
+        raise CaptionerError(f"the image captioner {folder} asks for group beam search (num_beam_groups "
+                             f"{kwargs['num_beam_groups']} in config.json's text_config), which transformers 5 runs "
+                             "only as remote code, never run here; set it to 1 (the published captioner's value)")
     return kwargs
 
 
