@@ -126,15 +126,15 @@ def caption_generation_kwargs(folder: Path) -> dict:
 class Captioner:
     """A BLIP captioning model and its processor: ``caption(image path) -> str``."""
 
-    def __init__(self, model, processor, folder: Path, device=None):
+    def __init__(self, model, processor, folder: Path, device=None, generation_kwargs: Optional[dict] = None):
         import torch
 
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = model.eval().to(self.device)
         self.processor = processor
         self.folder = Path(folder)
-        self.max_length = caption_max_length(self.folder)
-        self.generation_kwargs = caption_generation_kwargs(self.folder)
+        self.generation_kwargs = (caption_generation_kwargs(self.folder) if generation_kwargs is None
+                                  else generation_kwargs)
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike = BLIP_MODEL, device=None) -> "Captioner":
@@ -142,6 +142,7 @@ class Captioner:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         folder = captioner_folder(name)
+        generation_kwargs = caption_generation_kwargs(folder)  # a setting refused before the weights load
         try:
             # PIL's image processor, as transformers 4's BlipProcessor: transformers 5 takes torchvision's
             # where it is installed, whose pixels differ by a level or two.
@@ -149,10 +150,11 @@ class Captioner:
             model = BlipForConditionalGeneration.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise CaptionerError(f"cannot load a BLIP captioner from {folder}: {' '.join(str(exc).split())}") from None
-        return cls(model, processor, folder, device)
+        return cls(model, processor, folder, device, generation_kwargs)
 
     def caption(self, image_path: str | os.PathLike) -> str:
-        """The unconditional caption of one image (greedy, at most :attr:`max_length` tokens in all)."""
+        """The unconditional caption of one image (greedy, at most ``max_length`` tokens in all, and
+        the text config's other generation settings: :func:`caption_generation_kwargs`)."""
         import torch
         from PIL import Image
 
