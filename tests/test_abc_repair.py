@@ -610,3 +610,19 @@ def test_a_long_chain_of_continued_lines_is_joined_in_linear_work(monkeypatch):
     lines = abc_repair.join_line_continuations(numbered_lines(tune))
     assert [line.text for line in lines[4:]] == [" ".join(bar.replace('\\"', "") for bar in bars) + "\n"]
     assert read[0] < 5 * len(tune)
+
+
+# The body starts at the last line whose stripped text is V:1; abctoolkit then opens a block at that line whatever
+# its indentation (its later voice lines must start with "V:"). The original converts such tunes; the block
+# diagnosis crashed on them (IndexError), making them failures. Found by oracle_abcwild.
+@pytest.mark.parametrize("tune, expected", [
+    ("X:1\nM:2/4\nL:1/8\nK:C\n\tV:1\nCD EF|G4|]\n", "M:2/4\nL:1/8\nK:C\n[V:1]CD EF|\n[V:1]G4|]\n"),
+    ("X:1\nM:2/4\nL:1/8\nV:1\nV:2\nK:C\n V:1\nCD EF|G4|]\nV:2\nC,4|G,4|]\n",
+     "M:2/4\nL:1/8\nV:1\nV:2\nK:C\n[V:1]CD EF|[V:2]C,4|\n[V:1]G4|][V:2]G,4|]\n"),
+    ("X:1\nM:2/4\nL:1/8\nV:1\nV:2\nK:C\nV:1\nCD EF|\nV:2\nC,4|\n V:1\nG4|]\nV:2\nG,4|]\n",
+     "M:2/4\nL:1/8\nV:1\nV:2\nK:C\nV:1\nCD EF|\nV:2\nC,4|\n[V:1]G4|][V:2]G,4|]\n"),
+])
+def test_an_indented_v1_line_converts_as_in_the_original(tune, expected):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AbcWarning)
+        assert abc_to_interleaved(tune) == expected  # the original pipeline's bytes (abctoolkit 0.0.6)

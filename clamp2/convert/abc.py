@@ -490,10 +490,12 @@ def voice_blocks_misread(abc_lines: list[str]) -> str:
         voice = line.strip() if line.startswith("V:") else inline_voice(line) or voice
         before.setdefault(voice, []).extend(bars_of([line]))
     before = {name: bars for name, bars in before.items() if bars}
-    # After it: abctoolkit's blocks, one per V: line (a repeated V: line text replaces the earlier block).
+    # After it: abctoolkit's blocks, one per V: line (a repeated V: line text replaces the earlier block). As in
+    # extract_metadata_and_parts, the body's first line opens a block even when it is not at the line start
+    # (" V:1 ": the body is found by the stripped text, the later voice lines by startswith).
     blocks: list[tuple[str, list[str]]] = []
-    for line in abc_lines[body:]:
-        if line.startswith("V:"):
+    for offset, line in enumerate(abc_lines[body:]):
+        if offset == 0 or line.startswith("V:"):
             blocks.append((line.strip(), []))
         else:
             blocks[-1][1].append(line)
