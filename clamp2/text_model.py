@@ -141,6 +141,29 @@ def follow_saved_pipeline(tokenizer, tokenizer_file: str | os.PathLike) -> None:
     if saved.post_processor is not None:
         backend.post_processor = saved.post_processor
     backend.decoder = saved.decoder
+    follow_saved_added_token_normalization(backend, saved)
+
+
+def follow_saved_added_token_normalization(backend, saved) -> None:
+    """Match each added token (``<mask>``, ``</s>``, ...) in normalized text or not, as ``tokenizer.json`` says.
+
+    Where ``tokenizer_config.json``'s ``added_tokens_decoder`` says otherwise (files from different saves, or
+    edited), transformers 4 (tokenizers 0.20) showed the config's flag but still matched the token as the file
+    says; transformers 5 matches it as the config says. With a ``normalized`` ``<mask>`` the two then differ on
+    a full-width ``＜mask＞`` (NFKC) or on two spaces before ``<mask>`` (``Replace`` to ``▁``, then ``lstrip``).
+    The other flags (``lstrip``, ``rstrip``, ``single_word``) are the config's under both.
+    """
+    from tokenizers import AddedToken
+
+    loaded = backend.get_added_tokens_decoder()
+    restored = []
+    for token_id, token in saved.get_added_tokens_decoder().items():
+        current = loaded.get(token_id)
+        if current is not None and current.content == token.content and current.normalized != token.normalized:
+            restored.append(AddedToken(current.content, single_word=current.single_word, lstrip=current.lstrip,
+                                       rstrip=current.rstrip, normalized=token.normalized, special=current.special))
+    if restored:
+        backend.add_special_tokens(restored)
 
 
 def load_text_model(name_or_path: str, pretrained: bool = True):

@@ -113,6 +113,29 @@ def test_tokenizer_follows_its_saved_tokenizer_json(vectors):
     assert tokenizer("first line\r")["input_ids"] == [0, 3185, 2629, 2324, 4, 3057, 5, 4, 2]
 
 
+def test_added_tokens_are_normalized_or_not_as_tokenizer_json_says(tmp_path, vectors):
+    """tokenizer.json says <mask> and </s> are matched in normalized text, tokenizer_config.json says not."""
+    import json
+    import shutil
+
+    folder = tmp_path / "flipped"
+    shutil.copytree(vectors / "tiny_text_model", folder)
+    saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    for token in saved["added_tokens"]:
+        if token["content"] in ("<mask>", "</s>"):
+            token["normalized"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(saved, ensure_ascii=False), encoding="utf-8")
+    tokenizer = load_tokenizer(str(folder))
+    # transformers 4.46.3 (tokenizers 0.20.3), the reference's environment, on this folder: NFKC makes the
+    # full-width "＜mask＞" the mask token (4000); with the config's flag it would be 8 pieces.
+    assert tokenizer("＜mask＞")["input_ids"] == [0, 4000, 2]
+    assert tokenizer("x\n＜mask＞ y")["input_ids"] == [0, 3823, 4000, 3329, 2]
+    assert tokenizer("ｂａｃｈ ＜ｍａｓｋ＞")["input_ids"] == [0, 2800, 2735, 4000, 2]
+    assert tokenizer("<mask>")["input_ids"] == [0, 4000, 2]
+    # unchanged where the two files agree
+    assert load_tokenizer(str(vectors / "tiny_text_model"))("＜mask＞")["input_ids"] == [0, 4, 3, 2375, 16, 45, 3, 2]
+
+
 def test_tokenizers_saved_by_transformers_5_keep_their_pipeline(tmp_path):
     tokenizer, _ = build_small_text_model(tmp_path / "small", ["a cheerful folk tune", "a sad song"],
                                           hidden_size=8, num_layers=1, num_heads=1)
