@@ -1,6 +1,8 @@
 """Text encoder loading by local folder or hub id, offline errors, and the small test model."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -115,9 +117,6 @@ def test_tokenizer_follows_its_saved_tokenizer_json(vectors):
 
 def test_added_tokens_are_normalized_or_not_as_tokenizer_json_says(tmp_path, vectors):
     """tokenizer.json says <mask> and </s> are matched in normalized text, tokenizer_config.json says not."""
-    import json
-    import shutil
-
     folder = tmp_path / "flipped"
     shutil.copytree(vectors / "tiny_text_model", folder)
     saved = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
