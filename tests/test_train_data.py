@@ -337,3 +337,23 @@ def test_read_pairs_of_a_jsonl_that_is_not_utf8(tmp_path):
     jsonl.write_bytes(b'{"summary_en": "caf\xe9", "filepaths": ["a.abc"]}\n')
     with pytest.raises(DataError, match="pairs.jsonl is not UTF-8 text"):
         read_pairs(jsonl, require_non_english=False)
+
+
+@pytest.mark.parametrize("clamp3", [False, True])
+def test_music_with_no_patch_trains_on_the_special_patches(tmp_path, clamp3):
+    # docs/differences.md (Training): the reference's encode raises IndexError on these; here they are read.
+    patchilizer = M3Patchilizer(patch_size=64, patch_length=32)
+    music = SymbolicMusic(patchilizer, clamp3=clamp3)
+    special = torch.from_numpy(patchilizer.encode_array("", add_special_patches=True)).long()
+    assert special.shape == (2, 64)
+    for name, text in [("u.abc", "L:1/8\n"), ("e.abc", "\U0001F3B5\U0001F600"), ("b.abc", "\ufeff")]:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        check_music_files([path])  # not refused at launch: the file is not empty
+        for training in (False, True):
+            assert torch.equal(music.load(path, training=training, rng=random.Random(0)), special)
+    path, with_newline = tmp_path / "bar.abc", tmp_path / "bar_nl.abc"
+    path.write_text("X:1\nK:C\nabc|\n|]", encoding="utf-8")
+    with_newline.write_text("X:1\nK:C\nabc|\n|]\n", encoding="utf-8")
+    assert torch.equal(music.load(path, training=False, rng=random.Random(0)),
+                       music.load(with_newline, training=False, rng=random.Random(0)))
