@@ -162,8 +162,9 @@ def follow_saved_added_token_normalization(backend, saved) -> None:
         if current is not None and current.content == token.content and current.normalized != token.normalized:
             restored.append(AddedToken(current.content, single_word=current.single_word, lstrip=current.lstrip,
                                        rstrip=current.rstrip, normalized=token.normalized, special=current.special))
-    if restored:
-        backend.add_special_tokens(restored)
+    # Each kept as it was: add_special_tokens would make a plain added token special (skipped when decoding).
+    backend.add_special_tokens([token for token in restored if token.special])
+    backend.add_tokens([token for token in restored if not token.special])
 
 
 def load_text_model(name_or_path: str, pretrained: bool = True):

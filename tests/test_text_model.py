@@ -8,10 +8,12 @@ import sys
 
 import pytest
 import torch
+from tokenizers import AddedToken, Tokenizer
+from tokenizers.models import WordLevel
 from transformers import AutoConfig
 
-from clamp2.text_model import (TextModelUnavailable, build_small_text_model, load_text_model, load_tokenizer,
-                               max_text_length)
+from clamp2.text_model import (TextModelUnavailable, build_small_text_model, follow_saved_added_token_normalization,
+                               load_text_model, load_tokenizer, max_text_length)
 
 
 def test_local_folder_loads_pretrained_and_config_only(tiny_text_dir):
@@ -133,6 +135,19 @@ def test_added_tokens_are_normalized_or_not_as_tokenizer_json_says(tmp_path, vec
     assert tokenizer("<mask>")["input_ids"] == [0, 4000, 2]
     # unchanged where the two files agree
     assert load_tokenizer(str(vectors / "tiny_text_model"))("＜mask＞")["input_ids"] == [0, 4, 3, 2375, 16, 45, 3, 2]
+
+
+def test_restoring_an_added_tokens_normalization_keeps_it_special_or_plain():
+    def tokenizer(normalized: bool) -> Tokenizer:
+        made = Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+        made.add_special_tokens([AddedToken("<x>", normalized=normalized)])
+        made.add_tokens([AddedToken("yz", normalized=normalized)])
+        return made
+
+    loaded = tokenizer(normalized=False)
+    follow_saved_added_token_normalization(loaded, tokenizer(normalized=True))
+    assert [(token.content, token.normalized, token.special) for token in loaded.get_added_tokens_decoder().values()] \
+        == [("<x>", True, True), ("yz", True, False)]
 
 
 def test_tokenizers_saved_by_transformers_5_keep_their_pipeline(tmp_path):
